@@ -1,0 +1,116 @@
+//! Choosing a backend: one [`Balancer`] trait, one file per algorithm.
+//!
+//! Balancers are built once per pool per configuration snapshot, then called concurrently from
+//! every worker. A pick never blocks and never allocates: per-pick state is atomics only, and
+//! anything expensive (the smooth round-robin order, weight prefix sums) is computed at build time.
+//! Every algorithm skips backends that are not usable and the ones this connection already tried.
+
+mod least_conn;
+mod p2c;
+mod random;
+mod round_robin;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::backend::BackendState;
+use crate::config::BalanceKind;
+
+pub use least_conn::LeastConn;
+pub use p2c::PowerOfTwo;
+pub use random::WeightedRandom;
+pub use round_robin::SmoothRoundRobin;
+
+/// A backend as a balancer sees it: its weight in this snapshot and its live state.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Relative share, 1..=256.
+    pub weight: u32,
+    /// Live counters and the usable flag.
+    pub state: Arc<BackendState>,
+}
+
+/// What a balancer knows about the connection it picks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PickContext<'a> {
+    /// The client's address (after the PROXY protocol, if any); hashing algorithms key on it.
+    pub client: Option<IpAddr>,
+    /// Indexes already tried for this connection; they are skipped.
+    pub tried: &'a [usize],
+}
+
+impl PickContext<'_> {
+    /// Whether `index` may be chosen: usable and not tried yet.
+    #[inline]
+    pub fn eligible(&self, candidates: &[Candidate], index: usize) -> bool {
+        candidates[index].state.is_usable() && !self.tried.contains(&index)
+    }
+}
+
+/// A way of choosing among a pool's backends.
+pub trait Balancer: Send + Sync + std::fmt::Debug {
+    /// The index of the chosen candidate, or `None` when no candidate is eligible.
+    fn pick(&self, candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize>;
+}
+
+/// Builds the balancer of `kind` for these candidates.
+pub fn build(kind: BalanceKind, candidates: &[Candidate]) -> Box<dyn Balancer> {
+    match kind {
+        BalanceKind::RoundRobin => Box::new(SmoothRoundRobin::new(candidates)),
+        BalanceKind::LeastConn => Box::new(LeastConn::new()),
+        BalanceKind::Random => Box::new(WeightedRandom::new(candidates)),
+        BalanceKind::P2c => Box::new(PowerOfTwo::new()),
+    }
+}
+
+/// `a` carries less load per unit of weight than `b` (cross-multiplied, so no division).
+#[inline]
+fn less_loaded(a: &Candidate, b: &Candidate) -> bool {
+    let load_a = a.state.active.load(std::sync::atomic::Ordering::Relaxed);
+    let load_b = b.state.active.load(std::sync::atomic::Ordering::Relaxed);
+    u128::from(load_a) * u128::from(b.weight) < u128::from(load_b) * u128::from(a.weight)
+}
+
+/// The first eligible candidate at or after `start`, wrapping around.
+#[inline]
+fn first_eligible(candidates: &[Candidate], ctx: &PickContext<'_>, start: usize) -> Option<usize> {
+    let n = candidates.len();
+    (0..n)
+        .map(|offset| (start + offset) % n)
+        .find(|&i| ctx.eligible(candidates, i))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// Candidates on fake addresses with the given weights.
+    pub fn candidates(weights: &[u32]) -> Vec<Candidate> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Candidate {
+                weight,
+                state: Arc::new(BackendState::new(
+                    ([127, 0, 0, 1], 10_000 + i as u16).into(),
+                )),
+            })
+            .collect()
+    }
+
+    /// How many of `picks` picks land on each candidate.
+    pub fn distribution(
+        balancer: &dyn Balancer,
+        candidates: &[Candidate],
+        picks: usize,
+    ) -> Vec<usize> {
+        let mut counts = vec![0; candidates.len()];
+        for _ in 0..picks {
+            let i = balancer
+                .pick(candidates, &PickContext::default())
+                .expect("a candidate is eligible");
+            counts[i] += 1;
+        }
+        counts
+    }
+}

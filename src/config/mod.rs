@@ -1,0 +1,278 @@
+//! Configuration: the TOML file in, a validated [`Config`] out.
+//!
+//! Loading happens in two stages. [`raw`] holds serde structs that mirror the file; `validate`
+//! turns them into the runtime types below (`SocketAddr`, `Duration`, enums) and collects *every*
+//! problem it finds, each with the key path that caused it, so one run of `switchyard check`
+//! shows all that is wrong. Only this module knows TOML; everything after it sees typed values.
+
+mod error;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use error::{ConfigError, Problem};
+pub use ipnet::IpNet;
+
+/// How long open connections may run on after a shutdown signal before they are closed.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent connections one listener accepts before it stops accepting.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Idle time after which a forwarded TCP connection is closed (NGINX stream uses 10 minutes).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Idle time after which a UDP session is forgotten.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent UDP sessions (distinct client addresses) one listener keeps.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// Time allowed for a TCP connect to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backends one client connection may try before the proxy gives up on it.
+pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+/// Time a peer has to deliver its PROXY protocol header.
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whether TCP listeners forward with splice(2). Measured on loopback: see bench/README.md.
+pub const DEFAULT_SPLICE: bool = true;
+/// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// A validated configuration: every name resolved, every value typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Process-wide settings.
+    pub global: GlobalConfig,
+    /// Listeners in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Pools by name; every pool a listener or route names is here.
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// `[global]`: settings that belong to the process, not to a listener.
+#[derive(Debug, Clone)]
+pub struct GlobalConfig {
+    /// How long open connections may finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+}
+
+/// One listener: an address, a protocol and where its traffic goes.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and (later) metrics.
+    pub name: String,
+    /// Where to listen. Port 0 asks the kernel for a free port (tests and demos use it).
+    pub bind: SocketAddr,
+    /// Cap on concurrent connections; past it the listener stops accepting until one closes.
+    pub max_connections: usize,
+    /// Whether (and from whom) a PROXY protocol header is expected before the payload.
+    pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// What kind of listener this is, with the settings that only make sense for that kind.
+    pub kind: ListenerKind,
+}
+
+/// The protocol-specific part of a listener.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// Layer 4 TCP: bytes forwarded to one pool.
+    Tcp(TcpSettings),
+    /// Layer 4 UDP: datagrams forwarded per client session to one pool.
+    Udp(UdpSettings),
+    /// Layer 7 HTTP: requests routed by content.
+    Http(HttpSettings),
+}
+
+/// Settings of a `protocol = "tcp"` listener.
+#[derive(Debug, Clone)]
+pub struct TcpSettings {
+    /// The pool every connection goes to.
+    pub pool: String,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Forward with splice(2) (kernel-side, no copy through user space) instead of read/write.
+    pub splice: bool,
+}
+
+/// Settings of a `protocol = "udp"` listener.
+#[derive(Debug, Clone)]
+pub struct UdpSettings {
+    /// The pool every session goes to.
+    pub pool: String,
+    /// A session with no datagram either way for this long is forgotten.
+    pub idle_timeout: Duration,
+    /// Cap on concurrent sessions; datagrams from new clients past it are dropped.
+    pub max_sessions: usize,
+}
+
+/// Settings of a `protocol = "http"` listener.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Routes in file order; the first that matches wins.
+    pub routes: Vec<RouteConfig>,
+    /// Where requests go when no route matches; without it, no match is a 404.
+    pub default_pool: Option<String>,
+}
+
+/// One route of an http listener.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Conditions that must all hold.
+    pub matcher: RouteMatch,
+    /// The pool matching requests go to.
+    pub pool: String,
+}
+
+/// The conditions of a route, parsed once at load time.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// The request path starts with this.
+    pub path_prefix: Option<String>,
+    /// The Host (port ignored, case-insensitive) is this, `*.suffix` or `prefix.*`.
+    pub host: Option<HostPattern>,
+    /// A request header (name lower-cased) has exactly this value.
+    pub header: Option<(String, String)>,
+}
+
+/// A host name pattern, lower-cased at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `admin.example.com`
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`.
+    Suffix(String),
+    /// `admin.*`: stored as `admin.`.
+    Prefix(String),
+}
+
+/// Which PROXY protocol versions a listener takes, and from whom.
+#[derive(Debug, Clone)]
+pub struct ProxyProtocolAccept {
+    /// Versions accepted.
+    pub version: ProxyProtocolVersions,
+    /// Only peers inside these networks may send a header; others are refused.
+    pub trusted: Vec<IpNet>,
+    /// Time the peer has to send the whole header.
+    pub timeout: Duration,
+}
+
+/// The PROXY protocol versions a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersions {
+    /// Only the text form.
+    V1,
+    /// Only the binary form.
+    V2,
+    /// Either, told apart by the signature.
+    Any,
+}
+
+/// A PROXY protocol version to send to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    /// The text form (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary form.
+    V2,
+}
+
+/// A named pool of backends.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The name listeners and routes refer to it by.
+    pub name: String,
+    /// At least one backend.
+    pub backends: Vec<BackendConfig>,
+    /// How a backend is chosen for each connection or request.
+    pub balance: BalanceKind,
+    /// Time allowed for a TCP connect to one backend.
+    pub connect_timeout: Duration,
+    /// How many distinct backends one connection may try (never more than the pool has).
+    pub connect_attempts: usize,
+    /// Prepend a PROXY protocol header to what is sent to each backend.
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+/// One backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Where to connect; host names are resolved once, at load time.
+    pub addr: SocketAddr,
+    /// Relative share of new connections, 1..=[`MAX_WEIGHT`].
+    pub weight: u32,
+}
+
+/// The balancing algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceKind {
+    /// Smooth weighted round robin (the NGINX order).
+    RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConn,
+    /// Weighted random.
+    Random,
+    /// Power of two random choices on active connections.
+    P2c,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `file` is only used to name it in errors.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let text = validate::expand_env(text, file)?;
+        let raw = validate::parse(&text, file)?;
+        validate::validate(raw, file)
+    }
+}
+
+/// Parses a duration written as a number and a unit: `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m or h, e.g. \"5s\")"))?;
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "`{text}` has unknown unit `{unit}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}

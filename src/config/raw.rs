@@ -1,0 +1,144 @@
+//! The file as written: serde structs that mirror the TOML one to one.
+//!
+//! Nothing here is trusted yet. Every field is optional where the file may omit it, strings stay
+//! strings, and `deny_unknown_fields` turns a typo into an error instead of a silently ignored key.
+//! [`super::validate`] turns these into the runtime types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Process-wide settings (drain deadline and the like).
+    #[serde(default)]
+    pub global: RawGlobal,
+    /// Listeners in file order; the order is kept so errors can name `listeners[i]`.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Named pools of backends, shared by any number of listeners.
+    #[serde(default)]
+    pub pools: BTreeMap<String, RawPool>,
+}
+
+/// `[global]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    /// How long open connections may keep running after SIGTERM/SIGINT.
+    pub drain_timeout: Option<String>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<String>,
+    pub bind: Option<String>,
+    pub protocol: Option<String>,
+    /// The one pool of a tcp/udp listener.
+    pub pool: Option<String>,
+    /// http: where requests go when no route matches.
+    pub default_pool: Option<String>,
+    /// http: routes, first match wins.
+    pub routes: Option<Vec<RawRoute>>,
+    pub max_connections: Option<i64>,
+    pub idle_timeout: Option<String>,
+    /// tcp: forward with splice(2) instead of copying through user space.
+    pub splice: Option<bool>,
+    /// udp: upper bound on concurrent client sessions.
+    pub max_sessions: Option<i64>,
+    /// Accept a PROXY protocol header from trusted peers: "v1", "v2" or "any".
+    pub proxy_protocol: Option<String>,
+    /// How long a peer may take to send its PROXY protocol header.
+    pub proxy_protocol_timeout: Option<String>,
+    /// CIDRs allowed to send a PROXY protocol header.
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+/// One `[[listeners.routes]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(rename = "match")]
+    pub match_: Option<RawMatch>,
+    pub pool: Option<String>,
+}
+
+/// The `match` table of a route; every key present must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    pub header: Option<RawHeaderMatch>,
+}
+
+/// `header = { name = "...", value = "..." }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: Option<String>,
+    pub value: Option<String>,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub backends: Option<Vec<RawBackend>>,
+    pub balance: Option<String>,
+    pub connect_timeout: Option<String>,
+    /// How many backends one client connection may try before giving up.
+    pub connect_attempts: Option<i64>,
+    /// Send a PROXY protocol header to each backend: "v1" or "v2".
+    pub send_proxy_protocol: Option<String>,
+}
+
+/// A backend: `"host:port"` or `{ address = "host:port", weight = N }`.
+///
+/// Deserialized by hand rather than with `#[serde(untagged)]` so that a typo inside the table form
+/// is reported as the unknown key it is, not as "matched no variant".
+#[derive(Debug)]
+pub enum RawBackend {
+    Address(String),
+    Table(RawBackendTable),
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#""host:port" or { address = "host:port", weight = N }"#)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Address(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawBackend, A::Error> {
+                RawBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawBackend::Table)
+            }
+        }
+
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}
+
+/// The table form of a backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendTable {
+    pub address: Option<String>,
+    pub weight: Option<i64>,
+}

@@ -1,0 +1,742 @@
+//! From the raw file to a [`Config`]: environment expansion, parsing and validation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::raw::{RawBackend, RawConfig, RawListener, RawPool, RawRoute};
+use super::*;
+
+/// Replaces `${NAME}` and `${NAME:-default}` with environment values, so one file can serve
+/// several deployments (the shared benchmark passes its ports this way). `$${` writes a literal
+/// `${`. An unset variable without a default is an error naming its line.
+pub(super) fn expand_env(text: &str, file: &Path) -> Result<String, ConfigError> {
+    if !text.contains("${") {
+        return Ok(text.to_owned());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        if after.starts_with("$${") {
+            out.push_str("${");
+            rest = &after[3..];
+            continue;
+        }
+        if !after.starts_with("${") {
+            out.push('$');
+            rest = &after[1..];
+            continue;
+        }
+        let offset = text.len() - after.len();
+        let (line, column) = line_column(text, offset);
+        let Some(end) = after.find('}') else {
+            return Err(ConfigError::Syntax {
+                file: file.to_path_buf(),
+                path: String::new(),
+                line,
+                column,
+                reason: "`${` without a closing `}`".into(),
+            });
+        };
+        let inner = &after[2..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        match (std::env::var(name), default) {
+            (Ok(value), _) => out.push_str(&value),
+            (Err(_), Some(default)) => out.push_str(default),
+            (Err(_), None) => {
+                return Err(ConfigError::Syntax {
+                    file: file.to_path_buf(),
+                    path: String::new(),
+                    line,
+                    column,
+                    reason: format!(
+                        "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                    ),
+                });
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses TOML into the raw structs, naming the key path of a shape error.
+pub(super) fn parse(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    let syntax = |error: toml::de::Error, path: String| {
+        let (line, column) = error
+            .span()
+            .map(|span| line_column(text, span.start))
+            .unwrap_or((1, 1));
+        ConfigError::Syntax {
+            file: file.to_path_buf(),
+            path,
+            line,
+            column,
+            reason: error.message().trim().to_owned(),
+        }
+    };
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|error| syntax(error, String::new()))?;
+    let mut track = serde_path_to_error::Track::new();
+    let tracked = serde_path_to_error::Deserializer::new(deserializer, &mut track);
+    RawConfig::deserialize(tracked).map_err(|error| {
+        let path = track.path().to_string();
+        syntax(error, if path == "?" { String::new() } else { path })
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Collects problems so validation can go on after the first one.
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Records the error of `result`, if any, and passes its value on.
+    fn check<T>(&mut self, path: impl Into<String>, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(reason) => {
+                self.push(path, reason);
+                None
+            }
+        }
+    }
+}
+
+/// Turns the raw file into a [`Config`], or lists everything that is wrong with it.
+pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Problems(Vec::new());
+
+    let drain_timeout = optional_duration(
+        &mut problems,
+        "global.drain_timeout",
+        raw.global.drain_timeout.as_deref(),
+        DEFAULT_DRAIN_TIMEOUT,
+    );
+
+    let mut pools = BTreeMap::new();
+    for (name, pool) in raw.pools {
+        if let Some(pool) = validate_pool(&mut problems, &name, pool) {
+            pools.insert(name, pool);
+        }
+    }
+
+    if raw.listeners.is_empty() {
+        problems.push(
+            "listeners",
+            "no listeners: add at least one [[listeners]] table",
+        );
+    }
+    let mut listeners = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut binds: HashMap<(SocketAddr, bool), usize> = HashMap::new();
+    for (index, listener) in raw.listeners.into_iter().enumerate() {
+        let at = format!("listeners[{index}]");
+        if let Some(name) = &listener.name {
+            if let Some(first) = names.insert(name.clone(), index) {
+                problems.push(
+                    format!("{at}.name"),
+                    format!("duplicate listener name `{name}` (also listeners[{first}].name)"),
+                );
+            }
+        }
+        if let Some(listener) = validate_listener(&mut problems, &at, listener, &pools) {
+            let udp = matches!(listener.kind, ListenerKind::Udp(_));
+            // Port 0 asks the kernel for a fresh port each time, so it never collides.
+            if listener.bind.port() != 0 {
+                if let Some(first) = binds.insert((listener.bind, udp), index) {
+                    problems.push(
+                        format!("{at}.bind"),
+                        format!(
+                            "duplicate bind address {} (also listeners[{first}].bind)",
+                            listener.bind
+                        ),
+                    );
+                }
+            }
+            listeners.push(listener);
+        }
+    }
+
+    if problems.0.is_empty() {
+        Ok(Config {
+            global: GlobalConfig { drain_timeout },
+            listeners,
+            pools,
+        })
+    } else {
+        Err(ConfigError::Invalid {
+            file: file.to_path_buf(),
+            problems: problems.0,
+        })
+    }
+}
+
+fn validate_listener(
+    problems: &mut Problems,
+    at: &str,
+    mut raw: RawListener,
+    pools: &BTreeMap<String, PoolConfig>,
+) -> Option<ListenerConfig> {
+    let before = problems.0.len();
+    let name = raw.name.clone().unwrap_or_default();
+    if raw.name.is_none() {
+        problems.push(format!("{at}.name"), "missing: every listener needs a name");
+    } else if name.is_empty() {
+        problems.push(format!("{at}.name"), "must not be empty");
+    }
+    let bind = match &raw.bind {
+        None => {
+            problems.push(
+                format!("{at}.bind"),
+                "missing: e.g. bind = \"127.0.0.1:8080\"",
+            );
+            None
+        }
+        Some(bind) => problems.check(format!("{at}.bind"), parse_address(bind)),
+    };
+    let protocol = raw.protocol.as_deref().unwrap_or("");
+    let max_connections = positive(
+        problems,
+        &format!("{at}.max_connections"),
+        raw.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+    );
+
+    // Keys that belong to one protocol only are rejected on the others, so a misplaced key is
+    // never silently ignored.
+    let only = |problems: &mut Problems, present: bool, key: &str, allowed: &str| {
+        if present {
+            problems.push(
+                format!("{at}.{key}"),
+                format!(
+                    "`{key}` applies only to {allowed} listeners, not to protocol \"{protocol}\""
+                ),
+            );
+        }
+    };
+
+    let kind = match protocol {
+        "tcp" | "udp" => {
+            only(problems, raw.routes.is_some(), "routes", "http");
+            only(problems, raw.default_pool.is_some(), "default_pool", "http");
+            let pool = match &raw.pool {
+                None => {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!("missing: a {protocol} listener names the pool it forwards to"),
+                    );
+                    None
+                }
+                Some(pool) => known_pool(problems, &format!("{at}.pool"), pool, pools),
+            };
+            if protocol == "tcp" {
+                only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
+                let idle_timeout = optional_duration(
+                    problems,
+                    &format!("{at}.idle_timeout"),
+                    raw.idle_timeout.as_deref(),
+                    DEFAULT_TCP_IDLE_TIMEOUT,
+                );
+                pool.map(|pool| {
+                    ListenerKind::Tcp(TcpSettings {
+                        pool,
+                        idle_timeout,
+                        splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
+                    })
+                })
+            } else {
+                only(problems, raw.splice.is_some(), "splice", "tcp");
+                only(
+                    problems,
+                    raw.proxy_protocol.is_some(),
+                    "proxy_protocol",
+                    "tcp",
+                );
+                let idle_timeout = optional_duration(
+                    problems,
+                    &format!("{at}.idle_timeout"),
+                    raw.idle_timeout.as_deref(),
+                    DEFAULT_UDP_IDLE_TIMEOUT,
+                );
+                let max_sessions = positive(
+                    problems,
+                    &format!("{at}.max_sessions"),
+                    raw.max_sessions,
+                    DEFAULT_MAX_SESSIONS,
+                );
+                pool.map(|pool| {
+                    ListenerKind::Udp(UdpSettings {
+                        pool,
+                        idle_timeout,
+                        max_sessions,
+                    })
+                })
+            }
+        }
+        "http" => {
+            only(problems, raw.pool.is_some(), "pool", "tcp and udp");
+            only(problems, raw.splice.is_some(), "splice", "tcp");
+            only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
+            only(
+                problems,
+                raw.idle_timeout.is_some(),
+                "idle_timeout",
+                "tcp and udp",
+            );
+            let routes = raw.routes.take().unwrap_or_default();
+            if routes.is_empty() && raw.default_pool.is_none() {
+                problems.push(
+                    format!("{at}.routes"),
+                    "an http listener needs routes, a default_pool, or both",
+                );
+            }
+            let default_pool = raw
+                .default_pool
+                .as_ref()
+                .and_then(|pool| known_pool(problems, &format!("{at}.default_pool"), pool, pools));
+            let routes: Vec<_> = routes
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, route)| {
+                    validate_route(problems, &format!("{at}.routes[{i}]"), route, pools)
+                })
+                .collect();
+            Some(ListenerKind::Http(HttpSettings {
+                routes,
+                default_pool,
+            }))
+        }
+        "" => {
+            problems.push(
+                format!("{at}.protocol"),
+                "missing: protocol = \"tcp\", \"udp\" or \"http\"",
+            );
+            None
+        }
+        other => {
+            problems.push(
+                format!("{at}.protocol"),
+                format!("unknown protocol `{other}` (expected \"tcp\", \"udp\" or \"http\")"),
+            );
+            None
+        }
+    };
+
+    let proxy_protocol = validate_proxy_accept(problems, at, &raw);
+
+    if problems.0.len() > before {
+        return None;
+    }
+    Some(ListenerConfig {
+        name,
+        bind: bind?,
+        max_connections,
+        proxy_protocol,
+        kind: kind?,
+    })
+}
+
+fn validate_proxy_accept(
+    problems: &mut Problems,
+    at: &str,
+    raw: &RawListener,
+) -> Option<ProxyProtocolAccept> {
+    let trusted: Vec<IpNet> = raw
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, cidr)| {
+            problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
+        })
+        .collect();
+    let timeout = optional_duration(
+        problems,
+        &format!("{at}.proxy_protocol_timeout"),
+        raw.proxy_protocol_timeout.as_deref(),
+        DEFAULT_PROXY_PROTOCOL_TIMEOUT,
+    );
+    let Some(mode) = &raw.proxy_protocol else {
+        if raw.proxy_protocol_timeout.is_some() {
+            problems.push(
+                format!("{at}.proxy_protocol_timeout"),
+                "set without proxy_protocol, so it would have no effect",
+            );
+        }
+        return None;
+    };
+    let version = match mode.as_str() {
+        "v1" => ProxyProtocolVersions::V1,
+        "v2" => ProxyProtocolVersions::V2,
+        "any" => ProxyProtocolVersions::Any,
+        other => {
+            problems.push(
+                format!("{at}.proxy_protocol"),
+                format!("unknown value `{other}` (expected \"v1\", \"v2\" or \"any\")"),
+            );
+            return None;
+        }
+    };
+    if raw.trusted_proxies.as_ref().is_none_or(Vec::is_empty) {
+        problems.push(
+            format!("{at}.trusted_proxies"),
+            "proxy_protocol needs trusted_proxies: the CIDRs allowed to state a client address \
+             (anyone else could forge it)",
+        );
+    }
+    Some(ProxyProtocolAccept {
+        version,
+        trusted,
+        timeout,
+    })
+}
+
+fn validate_route(
+    problems: &mut Problems,
+    at: &str,
+    raw: RawRoute,
+    pools: &BTreeMap<String, PoolConfig>,
+) -> Option<RouteConfig> {
+    let pool = match &raw.pool {
+        None => {
+            problems.push(
+                format!("{at}.pool"),
+                "missing: a route names the pool it sends to",
+            );
+            None
+        }
+        Some(pool) => known_pool(problems, &format!("{at}.pool"), pool, pools),
+    };
+    let Some(raw_match) = raw.match_ else {
+        problems.push(
+            format!("{at}.match"),
+            "missing: e.g. match = { path_prefix = \"/api/\" }",
+        );
+        return None;
+    };
+    let mut matcher = RouteMatch::default();
+    if let Some(prefix) = raw_match.path_prefix {
+        if !prefix.starts_with('/') {
+            problems.push(format!("{at}.match.path_prefix"), "must start with `/`");
+        }
+        matcher.path_prefix = Some(prefix);
+    }
+    if let Some(host) = raw_match.host {
+        matcher.host = problems.check(format!("{at}.match.host"), parse_host_pattern(&host));
+    }
+    if let Some(header) = raw_match.header {
+        match (header.name, header.value) {
+            (Some(name), Some(value)) if valid_header_name(&name) => {
+                matcher.header = Some((name.to_ascii_lowercase(), value));
+            }
+            (Some(name), Some(_)) => problems.push(
+                format!("{at}.match.header.name"),
+                format!("`{name}` is not a valid header name"),
+            ),
+            (None, _) => problems.push(format!("{at}.match.header.name"), "missing"),
+            (_, None) => problems.push(format!("{at}.match.header.value"), "missing"),
+        }
+    }
+    if matcher.path_prefix.is_none() && matcher.host.is_none() && matcher.header.is_none() {
+        problems.push(
+            format!("{at}.match"),
+            "has no conditions; use default_pool for a catch-all",
+        );
+    }
+    Some(RouteConfig {
+        matcher,
+        pool: pool?,
+    })
+}
+
+fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<PoolConfig> {
+    let at = format!("pools.{name}");
+    let before = problems.0.len();
+    let mut backends = Vec::new();
+    match raw.backends {
+        None => problems.push(format!("{at}.backends"), "missing: a pool needs backends"),
+        Some(list) if list.is_empty() => problems.push(
+            format!("{at}.backends"),
+            "empty: a pool needs at least one backend",
+        ),
+        Some(list) => {
+            let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+            for (i, backend) in list.into_iter().enumerate() {
+                let path = format!("{at}.backends[{i}]");
+                let (address, weight) = match backend {
+                    RawBackend::Address(address) => (Some(address), None),
+                    RawBackend::Table(table) => (table.address, table.weight),
+                };
+                let addr = match address {
+                    None => {
+                        problems.push(format!("{path}.address"), "missing");
+                        None
+                    }
+                    Some(address) => problems.check(&path, parse_address(&address)),
+                };
+                let weight = match weight {
+                    None => Some(1),
+                    Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(&w) => Some(w as u32),
+                    Some(w) => {
+                        problems.push(
+                            format!("{path}.weight"),
+                            format!("{w} is out of range: a weight is 1 to {MAX_WEIGHT}"),
+                        );
+                        None
+                    }
+                };
+                if let (Some(addr), Some(weight)) = (addr, weight) {
+                    if let Some(first) = seen.insert(addr, i) {
+                        problems.push(
+                            &path,
+                            format!("duplicate backend {addr} (also {at}.backends[{first}])"),
+                        );
+                    }
+                    backends.push(BackendConfig { addr, weight });
+                }
+            }
+        }
+    }
+    let balance = match raw.balance.as_deref() {
+        None | Some("round_robin") => BalanceKind::RoundRobin,
+        Some("least_conn") => BalanceKind::LeastConn,
+        Some("random") => BalanceKind::Random,
+        Some("p2c") => BalanceKind::P2c,
+        Some(other) => {
+            problems.push(
+                format!("{at}.balance"),
+                format!(
+                    "unknown algorithm `{other}` (expected round_robin, least_conn, random or p2c)"
+                ),
+            );
+            BalanceKind::RoundRobin
+        }
+    };
+    let connect_timeout = optional_duration(
+        problems,
+        &format!("{at}.connect_timeout"),
+        raw.connect_timeout.as_deref(),
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let connect_attempts = positive(
+        problems,
+        &format!("{at}.connect_attempts"),
+        raw.connect_attempts,
+        DEFAULT_CONNECT_ATTEMPTS,
+    );
+    let send_proxy_protocol = match raw.send_proxy_protocol.as_deref() {
+        None => None,
+        Some("v1") => Some(ProxyProtocolVersion::V1),
+        Some("v2") => Some(ProxyProtocolVersion::V2),
+        Some(other) => {
+            problems.push(
+                format!("{at}.send_proxy_protocol"),
+                format!("unknown value `{other}` (expected \"v1\" or \"v2\")"),
+            );
+            None
+        }
+    };
+    if problems.0.len() > before {
+        return None;
+    }
+    Some(PoolConfig {
+        name: name.to_owned(),
+        connect_attempts: connect_attempts.min(backends.len()),
+        backends,
+        balance,
+        connect_timeout,
+        send_proxy_protocol,
+    })
+}
+
+/// Names a pool, or records that the name is unknown. A pool that exists in the file but failed
+/// validation is absent from `pools`, and is not reported again here.
+fn known_pool(
+    problems: &mut Problems,
+    path: &str,
+    name: &str,
+    pools: &BTreeMap<String, PoolConfig>,
+) -> Option<String> {
+    if pools.contains_key(name) {
+        return Some(name.to_owned());
+    }
+    let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+    problems.push(
+        path,
+        if known.is_empty() {
+            format!("unknown pool `{name}` (no pools are defined)")
+        } else {
+            format!("unknown pool `{name}` (defined: {})", known.join(", "))
+        },
+    );
+    None
+}
+
+fn optional_duration(
+    problems: &mut Problems,
+    path: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Duration {
+    match text {
+        None => default,
+        Some(text) => match parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                problems.push(path, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(reason) => {
+                problems.push(path, reason);
+                default
+            }
+        },
+    }
+}
+
+fn positive(problems: &mut Problems, path: &str, value: Option<i64>, default: usize) -> usize {
+    match value {
+        None => default,
+        Some(v) if v >= 1 => usize::try_from(v).unwrap_or(usize::MAX),
+        Some(v) => {
+            problems.push(path, format!("{v} is out of range: must be at least 1"));
+            default
+        }
+    }
+}
+
+/// `ip:port`, `[v6]:port` or `host:port`; a host name is resolved now, once.
+fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("`{text}` is not host:port"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("`{text}` is not host:port"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address")),
+        Err(error) => Err(format!("cannot resolve `{host}`: {error}")),
+    }
+}
+
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{text}` is not an address or CIDR (e.g. \"10.0.0.0/8\")"))
+}
+
+fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
+    let host = text.to_ascii_lowercase();
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
+    if let Some(suffix) = host.strip_prefix("*.") {
+        if valid(suffix) && !suffix.contains('*') {
+            return Ok(HostPattern::Suffix(format!(".{suffix}")));
+        }
+    } else if let Some(prefix) = host.strip_suffix(".*") {
+        if valid(prefix) {
+            return Ok(HostPattern::Prefix(format!("{prefix}.")));
+        }
+    } else if valid(&host) {
+        return Ok(HostPattern::Exact(host));
+    }
+    Err(format!(
+        "`{text}` is not a host name, `*.suffix` or `prefix.*` pattern"
+    ))
+}
+
+/// RFC 9110 token characters.
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion() {
+        let file = Path::new("t.toml");
+        assert_eq!(
+            expand_env("a = \"${SWITCHYARD_TEST_UNSET_VAR:-1.2.3.4:5}\"", file).unwrap(),
+            "a = \"1.2.3.4:5\""
+        );
+        assert_eq!(
+            expand_env("a = \"$${X}\" $x", file).unwrap(),
+            "a = \"${X}\" $x"
+        );
+        let error = expand_env("\n b = \"${SWITCHYARD_TEST_UNSET_VAR}\"", file).unwrap_err();
+        assert!(error.to_string().contains("t.toml:2:7"), "{error}");
+        assert!(expand_env("${OPEN", file).is_err());
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            parse_host_pattern("Admin.Example.com"),
+            Ok(HostPattern::Exact("admin.example.com".into()))
+        );
+        assert_eq!(
+            parse_host_pattern("*.example.com"),
+            Ok(HostPattern::Suffix(".example.com".into()))
+        );
+        assert_eq!(
+            parse_host_pattern("admin.*"),
+            Ok(HostPattern::Prefix("admin.".into()))
+        );
+        assert!(parse_host_pattern("a*b").is_err());
+        assert!(parse_host_pattern("*.*").is_err());
+    }
+
+    #[test]
+    fn addresses_and_cidrs() {
+        assert_eq!(
+            parse_address("127.0.0.1:80"),
+            Ok("127.0.0.1:80".parse().unwrap())
+        );
+        assert!(parse_address("[::1]:80").is_ok());
+        assert!(parse_address("localhost:80").is_ok());
+        assert!(parse_address("127.0.0.1").is_err());
+        assert!(parse_address("127.0.0.1:99999").is_err());
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+}

@@ -1,0 +1,386 @@
+//! Moving bytes both ways between two TCP sockets, with half-close and an idle timeout.
+//!
+//! One future drives both directions of a connection (one task per connection, not two). Each
+//! direction is a [`Half`] that either copies through a per-thread scratch buffer or splices
+//! through a pipe. Neither holds memory while the connection is idle:
+//!
+//! * copy: reads land in a buffer owned by the worker thread and are written straight on; only
+//!   bytes the destination would not take are kept, in a per-connection buffer that is freed as
+//!   soon as the source has nothing more to read;
+//! * splice: bytes move socket → pipe → socket inside the kernel; the pipe is borrowed from a
+//!   per-thread pool when data arrives and given back once it is empty and the source is idle,
+//!   so idle connections hold no pipe (no file descriptors, no pipe pages).
+//!
+//! A direction ends when its source reaches EOF and everything read has been written: the
+//! destination's write side is then shut down (half-close) while the other direction goes on.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::backend::BackendState;
+
+/// Size of the per-thread copy buffer. Larger reads mean fewer system calls per byte; measured
+/// on loopback, see bench/README.md.
+const SCRATCH_SIZE: usize = 256 * 1024;
+/// Capacity requested for each splice pipe (the kernel default is 64 KiB).
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Pipes kept per worker thread for reuse; more are closed when given back.
+const PIPE_POOL_MAX: usize = 64;
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides closed their write side and everything was delivered.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    IdleTimeout,
+}
+
+/// Byte counts of a finished (or failed) connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transferred {
+    /// Client to backend.
+    pub upstream: u64,
+    /// Backend to client.
+    pub downstream: u64,
+}
+
+/// Forwards between `client` and `backend` until both directions end, one fails, or nothing moves
+/// for `idle_timeout`. `initial` is sent to the backend first (payload that arrived together with
+/// a PROXY protocol header). Byte counts are added to `stats` as they move.
+pub async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    initial: Vec<u8>,
+    splice: bool,
+    idle_timeout: Duration,
+    stats: &BackendState,
+) -> (io::Result<Outcome>, Transferred) {
+    let mut up = Half::new(splice, initial);
+    let mut down = Half::new(splice, Vec::new());
+    let mut idle: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle_timeout));
+    let mut last_activity = Instant::now();
+
+    let result = poll_fn(|cx| {
+        let up_before = up.bytes;
+        let down_before = down.bytes;
+        let up_state = up.poll(cx, client, backend);
+        let down_state = down.poll(cx, backend, client);
+        let moved_up = up.bytes - up_before;
+        let moved_down = down.bytes - down_before;
+        if moved_up > 0 {
+            stats
+                .bytes_sent
+                .fetch_add(moved_up, std::sync::atomic::Ordering::Relaxed);
+        }
+        if moved_down > 0 {
+            stats
+                .bytes_received
+                .fetch_add(moved_down, std::sync::atomic::Ordering::Relaxed);
+        }
+        match (up_state, down_state) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(Outcome::Closed)),
+            _ => {}
+        }
+        if moved_up + moved_down > 0 || up.active || down.active {
+            up.active = false;
+            down.active = false;
+            last_activity = Instant::now();
+        }
+        // The timer is re-armed only when it fires, not on every byte: resetting a timer is a
+        // timer-wheel operation, reading the clock is not.
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle_timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(Ok(Outcome::IdleTimeout));
+            }
+            idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+
+    up.release();
+    down.release();
+    let transferred = Transferred {
+        upstream: up.bytes,
+        downstream: down.bytes,
+    };
+    (result, transferred)
+}
+
+/// One direction of a connection.
+struct Half {
+    /// Forward with splice(2) rather than read/write.
+    splice: bool,
+    /// Bytes read but not yet written (copy mode, and the initial bytes in either mode).
+    pending: Vec<u8>,
+    /// How much of `pending` has been written.
+    written: usize,
+    /// The pipe in use (splice mode), borrowed from the thread's pool while data flows.
+    pipe: Option<Pipe>,
+    /// Bytes sitting in `pipe`.
+    in_pipe: usize,
+    /// The source reached EOF.
+    eof: bool,
+    /// EOF was passed on (the destination's write side is shut down): this direction is over.
+    done: bool,
+    /// Bytes delivered to the destination.
+    bytes: u64,
+    /// Something happened that counts as activity without moving bytes (EOF).
+    active: bool,
+}
+
+impl Half {
+    fn new(splice: bool, initial: Vec<u8>) -> Half {
+        Half {
+            splice,
+            pending: initial,
+            written: 0,
+            pipe: None,
+            in_pipe: 0,
+            eof: false,
+            done: false,
+            bytes: 0,
+            active: false,
+        }
+    }
+
+    /// Moves what it can from `src` to `dst`; `Ready(Ok)` once EOF has been passed on.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+    ) -> Poll<io::Result<()>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.poll_flush(cx, dst))?;
+            if self.eof {
+                // Everything read has been written: pass the EOF on, keep the other way open.
+                socket2::SockRef::from(dst)
+                    .shutdown(Shutdown::Write)
+                    .or_else(ignore_not_connected)?;
+                self.done = true;
+                self.release();
+                return Poll::Ready(Ok(()));
+            }
+            ready!(src.poll_read_ready(cx))?;
+            let read = if self.splice {
+                self.splice_in(src)
+            } else {
+                self.copy_through(src, dst)
+            };
+            match read {
+                Ok(0) => {
+                    self.eof = true;
+                    self.active = true;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The source is drained for now: give back what an idle connection should
+                    // not hold, then wait for readiness (the next poll_read_ready registers).
+                    if self.in_pipe == 0 && self.written == self.pending.len() {
+                        self.release();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes pending bytes and pipe contents to `dst` until both are empty.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
+        while self.written < self.pending.len() {
+            ready!(dst.poll_write_ready(cx))?;
+            match dst.try_write(&self.pending[self.written..]) {
+                Ok(n) => {
+                    self.written += n;
+                    self.bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if self.written > 0 {
+            // Keep the allocation for the next partial write while data flows; `release`
+            // frees it when the connection goes idle.
+            self.pending.clear();
+            self.written = 0;
+        }
+        while self.in_pipe > 0 {
+            ready!(dst.poll_write_ready(cx))?;
+            let Some(pipe) = &self.pipe else {
+                return Poll::Ready(Err(io::Error::other("pipe lost with bytes in it")));
+            };
+            let from = pipe.read.as_raw_fd();
+            let len = self.in_pipe;
+            match dst.try_io(Interest::WRITABLE, || splice(from, dst.as_raw_fd(), len)) {
+                Ok(n) => {
+                    self.in_pipe -= n;
+                    self.bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Copy mode: one read into the thread's scratch buffer, written straight on; what `dst`
+    /// does not take is kept in `pending`.
+    fn copy_through(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<usize> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = src.try_read(&mut scratch[..])?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let mut sent = 0;
+            while sent < n {
+                match dst.try_write(&scratch[sent..n]) {
+                    Ok(written) => sent += written,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.bytes += sent as u64;
+            self.pending.extend_from_slice(&scratch[sent..n]);
+            Ok(n)
+        })
+    }
+
+    /// Splice mode: moves what `src` has into the pipe.
+    fn splice_in(&mut self, src: &TcpStream) -> io::Result<usize> {
+        if self.pipe.is_none() {
+            self.pipe = Some(Pipe::take()?);
+        }
+        let Some(pipe) = &self.pipe else {
+            return Err(io::Error::other("no pipe"));
+        };
+        let to = pipe.write.as_raw_fd();
+        let capacity = pipe.capacity;
+        let n = src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), to, capacity))?;
+        self.in_pipe += n;
+        Ok(n)
+    }
+
+    /// Gives back per-connection memory: the pending buffer and an empty pipe.
+    fn release(&mut self) {
+        if self.written == self.pending.len() {
+            self.pending = Vec::new();
+            self.written = 0;
+        }
+        if self.in_pipe == 0 {
+            if let Some(pipe) = self.pipe.take() {
+                pipe.give_back();
+            }
+        }
+    }
+}
+
+/// A shutdown on a socket the peer already reset is not worth failing the other direction for.
+fn ignore_not_connected(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotConnected {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+thread_local! {
+    /// The copy buffer of this worker thread; borrowed only inside one synchronous read+write.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+    /// Empty pipes ready for reuse.
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A kernel pipe used as the splice buffer between two sockets.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes the pipe holds at most, as the kernel reports it.
+    capacity: usize,
+}
+
+impl Pipe {
+    /// An empty pipe from this thread's pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPES.with(|pipes| pipes.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe moves more per splice call. Failing to grow it (the per-user pipe
+        // budget is spent) is fine: the default size still works.
+        // SAFETY: plain fcntl on a descriptor we own.
+        let size = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
+        let capacity = if size > 0 {
+            size as usize
+        } else {
+            // SAFETY: as above.
+            let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if size > 0 { size as usize } else { 64 * 1024 }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Returns an empty pipe to this thread's pool (or closes it when the pool is full).
+    fn give_back(self) {
+        PIPES.with(|pipes| {
+            let mut pipes = pipes.borrow_mut();
+            if pipes.len() < PIPE_POOL_MAX {
+                pipes.push(self);
+            }
+        });
+    }
+}
+
+/// splice(2) between two descriptors, non-blocking, moving pages rather than copying them.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice takes two descriptors and null offsets (both are sockets or pipes); it does
+    // not touch memory of ours.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

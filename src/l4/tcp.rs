@@ -1,0 +1,211 @@
+//! A TCP (layer 4) connection from accept to close.
+//!
+//! The phases, one function each: `accept_proxy_header` (when the listener takes the PROXY
+//! protocol), `connect` (pick a backend, connect, on failure the next one), `announce` (send our
+//! own PROXY protocol header when the pool asks for it), then [`forward`] until both sides close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::forward::{Outcome, forward};
+use crate::backend::ActiveGuard;
+use crate::balance::PickContext;
+use crate::config::{ProxyProtocolAccept, TcpSettings};
+use crate::pool::{Pool, Snapshot};
+use crate::proxy_protocol;
+
+/// The most backends one connection tries, whatever the pool's `connect_attempts` says.
+const MAX_ATTEMPTS: usize = 16;
+
+/// What every connection of one TCP listener shares.
+#[derive(Debug)]
+pub struct TcpProxy {
+    /// Listener name, for logs.
+    pub name: String,
+    /// Pool name; looked up in the current snapshot per connection.
+    pub pool: String,
+    /// Listener settings.
+    pub settings: TcpSettings,
+    /// PROXY protocol expected from peers, if any.
+    pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// The current configuration snapshot.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+/// Why a connection ended without being forwarded.
+#[derive(Debug, thiserror::Error)]
+enum RefuseReason {
+    #[error("PROXY protocol header from untrusted peer {0}")]
+    Untrusted(SocketAddr),
+    #[error(transparent)]
+    ProxyProtocol(#[from] proxy_protocol::ProxyProtocolError),
+    #[error("pool `{0}` is not in the current configuration")]
+    NoPool(String),
+    #[error("no backend of pool `{pool}` accepted a connection ({attempts} tried)")]
+    NoBackend { pool: String, attempts: usize },
+    #[error("sending the PROXY protocol header to {backend}: {source}")]
+    Announce {
+        backend: SocketAddr,
+        source: io::Error,
+    },
+}
+
+impl TcpProxy {
+    /// Serves one accepted connection to its end.
+    pub async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        match self.proxy(&mut client, peer).await {
+            Ok(()) => {}
+            Err(reason) => debug!(listener = %self.name, %peer, %reason, "connection refused"),
+        }
+    }
+
+    async fn proxy(&self, client: &mut TcpStream, peer: SocketAddr) -> Result<(), RefuseReason> {
+        let local = client.local_addr().unwrap_or(peer);
+        let (source, destination, initial) = self.accept_proxy_header(client, peer, local).await?;
+
+        let snapshot = self.snapshot.load_full();
+        let pool = snapshot
+            .pool(&self.pool)
+            .ok_or_else(|| RefuseReason::NoPool(self.pool.clone()))?;
+        let (backend, addr, guard) = connect(pool, source).await?;
+        let _ = backend.set_nodelay(true);
+        announce(pool, &backend, addr, source, destination).await?;
+
+        debug!(listener = %self.name, client = %source, %addr, "forwarding");
+        let (result, moved) = forward(
+            client,
+            &backend,
+            initial,
+            self.settings.splice,
+            self.settings.idle_timeout,
+            guard.state(),
+        )
+        .await;
+        match result {
+            Ok(Outcome::Closed) => debug!(
+                listener = %self.name, client = %source, %addr,
+                up = moved.upstream, down = moved.downstream, "closed"
+            ),
+            Ok(Outcome::IdleTimeout) => debug!(
+                listener = %self.name, client = %source, %addr,
+                up = moved.upstream, down = moved.downstream, "idle timeout"
+            ),
+            Err(error) => debug!(
+                listener = %self.name, client = %source, %addr, %error,
+                up = moved.upstream, down = moved.downstream, "ended with error"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Phase 1: the client address. With the PROXY protocol on, it comes from the header, which
+    /// only trusted peers may send; otherwise it is the peer address.
+    async fn accept_proxy_header(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(SocketAddr, SocketAddr, Vec<u8>), RefuseReason> {
+        let Some(accept) = &self.proxy_protocol else {
+            return Ok((peer, local, Vec::new()));
+        };
+        let peer_ip = peer.ip().to_canonical();
+        if !accept.trusted.iter().any(|net| net.contains(&peer_ip)) {
+            return Err(RefuseReason::Untrusted(peer));
+        }
+        let received = proxy_protocol::read_header(client, accept.version, accept.timeout).await?;
+        Ok((
+            received.source.unwrap_or(peer),
+            received.destination.unwrap_or(local),
+            received.leftover,
+        ))
+    }
+}
+
+/// Phase 2: picks a backend and connects, moving on to the next backend when one fails, up to the
+/// pool's `connect_attempts`. The guard counts the connection as active on that backend.
+async fn connect(
+    pool: &Pool,
+    client: SocketAddr,
+) -> Result<(TcpStream, SocketAddr, ActiveGuard), RefuseReason> {
+    let mut tried = [0usize; MAX_ATTEMPTS];
+    let attempts = pool.connect_attempts.clamp(1, MAX_ATTEMPTS);
+    let mut count = 0;
+    while count < attempts {
+        let ctx = PickContext {
+            client: Some(client.ip()),
+            tried: &tried[..count],
+        };
+        let Some((index, candidate)) = pool.pick(&ctx) else {
+            break;
+        };
+        tried[count] = index;
+        count += 1;
+        let addr = candidate.state.addr;
+        let guard = candidate.state.start();
+        match connect_one(addr, pool.connect_timeout).await {
+            Ok(stream) => return Ok((stream, addr, guard)),
+            Err(error) => {
+                candidate.state.connect_failures.fetch_add(1, Relaxed);
+                debug!(pool = %pool.name, backend = %addr, %error, "connect failed");
+            }
+        }
+    }
+    Err(RefuseReason::NoBackend {
+        pool: pool.name.clone(),
+        attempts: count,
+    })
+}
+
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )),
+    }
+}
+
+/// Phase 3: tells the backend who the client is, when the pool asks for the PROXY protocol.
+async fn announce(
+    pool: &Pool,
+    backend: &TcpStream,
+    addr: SocketAddr,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<(), RefuseReason> {
+    let Some(version) = pool.send_proxy_protocol else {
+        return Ok(());
+    };
+    let header = proxy_protocol::encode(version, source, destination);
+    let mut written = 0;
+    while written < header.len() {
+        backend
+            .writable()
+            .await
+            .map_err(|source| RefuseReason::Announce {
+                backend: addr,
+                source,
+            })?;
+        match backend.try_write(&header[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(source) => {
+                return Err(RefuseReason::Announce {
+                    backend: addr,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}

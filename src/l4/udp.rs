@@ -1,0 +1,251 @@
+//! UDP (layer 4): a session per client address.
+//!
+//! The listener socket receives every client's datagrams. The first datagram from a new client
+//! address opens a session: a backend is picked and a socket of our own is connected to it, so
+//! the backend's replies can be told apart by socket. Replies are sent back to the client from the
+//! listener socket, the address the client wrote to. The receive loop owns the session table and
+//! alone decides expiry (on a periodic sweep), so no reply task races it.
+//!
+//! Memory per session is a socket and a small task: datagrams pass through a per-thread buffer.
+//! UDP promises no delivery, so a datagram that cannot be sent at once (a full socket buffer) is
+//! dropped rather than queued.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::backend::{ActiveGuard, BackendState};
+use crate::balance::PickContext;
+use crate::config::UdpSettings;
+use crate::pool::Snapshot;
+
+/// Largest UDP payload over IPv4 (65,535 minus the IP and UDP headers).
+const MAX_DATAGRAM: usize = 65_507;
+
+/// What the sessions of one UDP listener share.
+#[derive(Debug)]
+pub struct UdpProxy {
+    /// Listener name, for logs.
+    pub name: String,
+    /// Pool name; looked up in the current snapshot for each new session.
+    pub pool: String,
+    /// Listener settings.
+    pub settings: UdpSettings,
+    /// The current configuration snapshot.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+/// One client's session.
+struct Session {
+    /// Connected to the session's backend.
+    upstream: Arc<UdpSocket>,
+    /// Milliseconds since the listener's epoch at the last datagram either way.
+    last_seen: Arc<AtomicU64>,
+    /// The task relaying replies; aborted on expiry.
+    replies: AbortHandle,
+    /// Counts the session as active on its backend.
+    guard: ActiveGuard,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.replies.abort();
+    }
+}
+
+/// Sessions and drops, for tests and logs.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Sessions open now.
+    pub sessions: AtomicU64,
+    /// Datagrams dropped: session cap reached, no backend, or a full socket buffer.
+    pub dropped: AtomicU64,
+}
+
+impl UdpProxy {
+    /// Runs the listener until `shutdown`; after it, existing sessions are served until they
+    /// expire, and new clients are refused.
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: UdpSocket,
+        stats: Arc<UdpStats>,
+        shutdown: CancellationToken,
+    ) {
+        let socket = Arc::new(socket);
+        let epoch = Instant::now();
+        let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
+        let sweep_every = (self.settings.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle_ms = self.settings.idle_timeout.as_millis() as u64;
+        let mut stopping = false;
+
+        loop {
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => {
+                    let (len, client) = match received {
+                        Ok(received) => received,
+                        Err(error) => {
+                            // An ICMP error from an earlier send_to surfaces here; it concerns
+                            // one client, not the listener.
+                            debug!(listener = %self.name, %error, "udp receive error");
+                            continue;
+                        }
+                    };
+                    let now = epoch.elapsed().as_millis() as u64;
+                    let datagram = &buf[..len];
+                    if let Some(session) = sessions.get(&client) {
+                        session.last_seen.store(now, Relaxed);
+                        send_upstream(&session.upstream, datagram, session.guard.state(), &stats);
+                        continue;
+                    }
+                    if stopping || sessions.len() >= self.settings.max_sessions {
+                        stats.dropped.fetch_add(1, Relaxed);
+                        debug!(listener = %self.name, %client, "udp session refused (cap or shutdown)");
+                        continue;
+                    }
+                    match self.open(&socket, client, epoch).await {
+                        Ok(session) => {
+                            send_upstream(&session.upstream, datagram, session.guard.state(), &stats);
+                            sessions.insert(client, session);
+                            stats.sessions.store(sessions.len() as u64, Relaxed);
+                        }
+                        Err(error) => {
+                            stats.dropped.fetch_add(1, Relaxed);
+                            debug!(listener = %self.name, %client, %error, "udp session not opened");
+                        }
+                    }
+                }
+                _ = sweep.tick() => {
+                    let now = epoch.elapsed().as_millis() as u64;
+                    sessions.retain(|_, s| now.saturating_sub(s.last_seen.load(Relaxed)) < idle_ms);
+                    stats.sessions.store(sessions.len() as u64, Relaxed);
+                    if stopping && sessions.is_empty() {
+                        break;
+                    }
+                }
+                _ = shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    info!(listener = %self.name, sessions = sessions.len(), "udp listener draining");
+                }
+            }
+        }
+    }
+
+    /// Opens a session for `client`: picks a backend and connects a socket to it.
+    async fn open(
+        &self,
+        listener: &Arc<UdpSocket>,
+        client: SocketAddr,
+        epoch: Instant,
+    ) -> io::Result<Session> {
+        let snapshot = self.snapshot.load();
+        let pool = snapshot
+            .pool(&self.pool)
+            .ok_or_else(|| io::Error::other(format!("pool `{}` not configured", self.pool)))?;
+        let ctx = PickContext {
+            client: Some(client.ip()),
+            tried: &[],
+        };
+        let (_, candidate) = pool.pick(&ctx).ok_or_else(|| {
+            io::Error::other(format!("no usable backend in pool `{}`", pool.name))
+        })?;
+        let backend = candidate.state.addr;
+        let local: SocketAddr = if backend.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let upstream = UdpSocket::bind(local).await?;
+        upstream.connect(backend).await?;
+        let upstream = Arc::new(upstream);
+        let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+        let guard = candidate.state.start();
+        debug!(listener = %self.name, %client, %backend, "udp session opened");
+        let replies = tokio::spawn(relay_replies(
+            Arc::clone(&upstream),
+            Arc::clone(listener),
+            client,
+            Arc::clone(&last_seen),
+            Arc::clone(&candidate.state),
+            epoch,
+        ))
+        .abort_handle();
+        Ok(Session {
+            upstream,
+            last_seen,
+            replies,
+            guard,
+        })
+    }
+}
+
+/// Sends one client datagram to the session's backend, or drops it if the socket is full.
+fn send_upstream(upstream: &UdpSocket, datagram: &[u8], backend: &BackendState, stats: &UdpStats) {
+    match upstream.try_send(datagram) {
+        Ok(n) => {
+            backend.bytes_sent.fetch_add(n as u64, Relaxed);
+        }
+        Err(_) => {
+            stats.dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// Reply buffer of this worker thread; used only between a receive and the send after it.
+    static REPLY: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// Relays the backend's datagrams to the client until the session is aborted.
+async fn relay_replies(
+    upstream: Arc<UdpSocket>,
+    listener: Arc<UdpSocket>,
+    client: SocketAddr,
+    last_seen: Arc<AtomicU64>,
+    backend: Arc<BackendState>,
+    epoch: Instant,
+) {
+    loop {
+        if upstream.readable().await.is_err() {
+            return;
+        }
+        let relayed = REPLY.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = upstream.try_recv(&mut buf)?;
+            // Like the client side: a reply the listener socket cannot take now is dropped.
+            listener.try_send_to(&buf[..n], client).or_else(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(0)
+                } else {
+                    Err(e)
+                }
+            })
+        });
+        match relayed {
+            Ok(n) => {
+                backend.bytes_received.fetch_add(n as u64, Relaxed);
+                last_seen.store(epoch.elapsed().as_millis() as u64, Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => {
+                // Typically ECONNREFUSED from an ICMP port-unreachable: the backend is not
+                // listening. The session stays until it expires; the client may retry.
+                debug!(%client, backend = %backend.addr, %error, "udp relay error");
+            }
+        }
+    }
+}

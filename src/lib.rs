@@ -1,0 +1,18 @@
+//! Switchyard: a layer 4 and layer 7 load balancer.
+//!
+//! The binary (`main.rs`) only parses flags and calls into this library. See ARCHITECTURE.md for
+//! the map of the modules and the life of a connection.
+
+pub mod backend;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod l4;
+pub mod listener;
+pub mod pool;
+pub mod proxy_protocol;
+pub mod server;
+pub mod sys;
+
+pub use config::Config;
+pub use server::{Server, ServerError};

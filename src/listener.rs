@@ -1,0 +1,101 @@
+//! Listening sockets and the accept loop every TCP-based listener shares.
+//!
+//! The loop is bounded: a semaphore permit is taken *before* `accept`, so at `max_connections`
+//! the listener stops accepting and new clients wait in the kernel's backlog instead of
+//! costing memory here. When the process runs out of descriptors or memory, `accept` fails for
+//! everyone; the loop then backs off (10 ms doubling to 1 s) instead of spinning.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Pending connections the kernel queues for us (capped by net.core.somaxconn).
+const BACKLOG: i32 = 4096;
+/// First pause after an accept failure caused by exhausted resources.
+const BACKOFF_START: Duration = Duration::from_millis(10);
+/// Longest pause between accept attempts while resources stay exhausted.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds a TCP listening socket with SO_REUSEADDR, so a restart does not wait for TIME_WAIT.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds a UDP socket.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Accepts connections until `shutdown`, running `serve` for each in a task tracked by `tasks`.
+/// At most `max_connections` run at once; the permit lives as long as the connection's task.
+pub async fn accept_loop<F, Fut>(
+    name: &str,
+    listener: TcpListener,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
+    let mut backoff = BACKOFF_START;
+    loop {
+        let permit: OwnedSemaphorePermit = tokio::select! {
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_START;
+                let connection = serve(stream, peer);
+                tasks.spawn(async move {
+                    connection.await;
+                    drop(permit);
+                });
+            }
+            Err(error) if is_resource_exhaustion(&error) => {
+                warn!(listener = name, %error, pause = ?backoff, "accept failed, backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            // ECONNABORTED and the like concern one client that already left.
+            Err(error) => debug!(listener = name, %error, "accept failed"),
+        }
+    }
+}
+
+fn is_resource_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -1,0 +1,181 @@
+//! The `switchyard` command: parses flags, sets up logging and the runtime, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard::{Config, Server};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// A layer 4 and layer 7 load balancer.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer with a configuration file.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Validate a configuration file: exit 0 if it is good, else print every problem and exit 1.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start built-in demo backends and listeners, and print what to try.
+    Demo {
+        /// Log level.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run {
+            config,
+            threads,
+            log_level,
+        } => report(run(&config, threads, &log_level)),
+        Command::Demo { log_level } => report(demo(&log_level)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            let http = config
+                .listeners
+                .iter()
+                .filter(|l| matches!(l.kind, switchyard::config::ListenerKind::Http(_)))
+                .count();
+            if http > 0 {
+                eprintln!(
+                    "{}: warning: {http} http listener(s) are valid but this version does not serve protocol \"http\" yet",
+                    path.display()
+                );
+            }
+            println!(
+                "{}: ok ({} listeners, {} pools)",
+                path.display(),
+                config.listeners.len(),
+                config.pools.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::new(env),
+        _ => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("--log-level `{level}`"))?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        // One thread: no work stealing to pay for, and no cross-thread wake-ups.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build().context("starting the runtime")
+}
+
+fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyhow::Result<()> {
+    init_logging(log_level)?;
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    raise_fd_limit();
+    runtime(threads)?.block_on(async {
+        let server = Server::bind(config)?;
+        stop_on_signals(server.shutdown_token())?;
+        info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");
+        let cut = server.run().await;
+        info!(cut_off = cut, "switchyard stopped");
+        Ok(())
+    })
+}
+
+fn demo(log_level: &str) -> anyhow::Result<()> {
+    init_logging(log_level)?;
+    raise_fd_limit();
+    runtime(None)?.block_on(async {
+        let (server, help) = switchyard::demo::start().await?;
+        stop_on_signals(server.shutdown_token())?;
+        println!("{help}");
+        server.run().await;
+        Ok(())
+    })
+}
+
+fn raise_fd_limit() {
+    match switchyard::sys::raise_fd_limit() {
+        Ok(limit) => info!(limit, "open file limit"),
+        Err(error) => warn!(%error, "could not raise the open file limit"),
+    }
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+fn stop_on_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+        shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting without waiting for connections");
+        std::process::exit(1);
+    });
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! The PROXY protocol (v1 text, v2 binary): reading it from trusted peers, writing it to backends.
+//!
+//! Parsing is the `ppp` crate's; this module adds the I/O around it: a bounded read with a
+//! deadline, and the bytes that arrived after the header, which belong to the payload and are
+//! handed back so nothing is lost.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ppp::PartialResult;
+use ppp::v2::{self, Command, Protocol, Version};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::config::{ProxyProtocolVersion, ProxyProtocolVersions};
+
+/// The largest header accepted: the v2 fixed part plus address blocks and TLVs that proxies
+/// commonly send. Anything longer is refused rather than buffered.
+pub const MAX_HEADER_LEN: usize = 1024;
+
+/// Why a PROXY protocol header was refused. Each closes that one connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyProtocolError {
+    /// The peer closed or failed before a whole header arrived.
+    #[error("connection ended inside the PROXY protocol header")]
+    Truncated,
+    /// The header did not arrive within the listener's deadline.
+    #[error("no complete PROXY protocol header within {0:?}")]
+    Timeout(Duration),
+    /// The bytes are not a PROXY protocol header.
+    #[error("malformed PROXY protocol header: {0}")]
+    Malformed(String),
+    /// A valid header of a version the listener does not accept.
+    #[error("PROXY protocol {0} is not accepted on this listener")]
+    WrongVersion(&'static str),
+    /// Longer than [`MAX_HEADER_LEN`].
+    #[error("PROXY protocol header longer than {MAX_HEADER_LEN} bytes")]
+    TooLong,
+    /// A socket error while reading.
+    #[error("reading the PROXY protocol header: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A header as received.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// The original client, when the header names one (not for `UNKNOWN` / `LOCAL`).
+    pub source: Option<SocketAddr>,
+    /// The address the client connected to, when the header names one.
+    pub destination: Option<SocketAddr>,
+    /// Payload bytes that arrived in the same reads as the header; they go to the backend first.
+    pub leftover: Vec<u8>,
+}
+
+/// Reads one PROXY protocol header from `stream`, within `timeout`.
+pub async fn read_header(
+    stream: &mut TcpStream,
+    accept: ProxyProtocolVersions,
+    timeout: Duration,
+) -> Result<Received, ProxyProtocolError> {
+    match tokio::time::timeout(timeout, read_header_inner(stream, accept)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyProtocolError::Timeout(timeout)),
+    }
+}
+
+async fn read_header_inner(
+    stream: &mut TcpStream,
+    accept: ProxyProtocolVersions,
+) -> Result<Received, ProxyProtocolError> {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        if buf.len() >= MAX_HEADER_LEN {
+            return Err(ProxyProtocolError::TooLong);
+        }
+        let mut chunk = [0u8; 256];
+        let want = chunk.len().min(MAX_HEADER_LEN - buf.len());
+        let n = stream.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(ProxyProtocolError::Truncated);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(received) = parse(&buf, accept)? {
+            return Ok(received);
+        }
+    }
+}
+
+/// Parses a header at the start of `buf`: `Ok(None)` when more bytes are needed.
+pub fn parse(
+    buf: &[u8],
+    accept: ProxyProtocolVersions,
+) -> Result<Option<Received>, ProxyProtocolError> {
+    let result = ppp::HeaderResult::parse(buf);
+    if result.is_incomplete() {
+        return Ok(None);
+    }
+    let (version, len, source, destination) = match result {
+        ppp::HeaderResult::V1(Ok(header)) => {
+            let (source, destination) = match header.addresses {
+                ppp::v1::Addresses::Tcp4(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Tcp6(a) => (
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Unknown => (None, None),
+            };
+            (
+                ProxyProtocolVersions::V1,
+                header.header.len(),
+                source,
+                destination,
+            )
+        }
+        ppp::HeaderResult::V2(Ok(header)) => {
+            let addresses = match (header.command, header.addresses) {
+                // LOCAL: the proxy's own connection (a health check); no client to report.
+                (Command::Local, _) => None,
+                (Command::Proxy, v2::Addresses::IPv4(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                (Command::Proxy, v2::Addresses::IPv6(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                (Command::Proxy, _) => None,
+            };
+            (
+                ProxyProtocolVersions::V2,
+                header.len(),
+                addresses.map(|a| a.0),
+                addresses.map(|a| a.1),
+            )
+        }
+        ppp::HeaderResult::V1(Err(error)) => {
+            return Err(ProxyProtocolError::Malformed(error.to_string()));
+        }
+        ppp::HeaderResult::V2(Err(error)) => {
+            return Err(ProxyProtocolError::Malformed(error.to_string()));
+        }
+    };
+    match (accept, version) {
+        (ProxyProtocolVersions::V1, ProxyProtocolVersions::V2) => {
+            return Err(ProxyProtocolError::WrongVersion("v2"));
+        }
+        (ProxyProtocolVersions::V2, ProxyProtocolVersions::V1) => {
+            return Err(ProxyProtocolError::WrongVersion("v1"));
+        }
+        _ => {}
+    }
+    Ok(Some(Received {
+        source,
+        destination,
+        leftover: buf[len..].to_vec(),
+    }))
+}
+
+/// Encodes a header that tells a backend about a client at `source` that connected to
+/// `destination`. Mixed address families (an IPv4 client on an IPv6 listener) are sent as
+/// IPv6, mapping the IPv4 address, so the client address is never dropped.
+pub fn encode(
+    version: ProxyProtocolVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Vec<u8> {
+    let (source, destination) = same_family(source, destination);
+    match version {
+        ProxyProtocolVersion::V1 => {
+            let addresses = ppp::v1::Addresses::from((source, destination));
+            ppp::v1::Header::new("", addresses).to_string().into_bytes()
+        }
+        ProxyProtocolVersion::V2 => {
+            let builder = v2::Builder::with_addresses(
+                Version::Two | Command::Proxy,
+                Protocol::Stream,
+                (source, destination),
+            );
+            // Building into a Vec cannot fail: the only error is a length over u16, and two
+            // addresses without TLVs are at most 36 bytes.
+            builder.build().unwrap_or_default()
+        }
+    }
+}
+
+fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
+    fn v6(addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(a) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+            v6 => v6,
+        }
+    }
+    match (source, destination) {
+        (SocketAddr::V4(_), SocketAddr::V6(_)) => (v6(source), destination),
+        (SocketAddr::V6(_), SocketAddr::V4(_)) => (source, v6(destination)),
+        _ => (source, destination),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn round_trips_both_versions() {
+        for version in [ProxyProtocolVersion::V1, ProxyProtocolVersion::V2] {
+            let mut bytes = encode(version, addr("192.0.2.7:4000"), addr("198.51.100.1:443"));
+            bytes.extend_from_slice(b"payload");
+            let got = parse(&bytes, ProxyProtocolVersions::Any).unwrap().unwrap();
+            assert_eq!(got.source, Some(addr("192.0.2.7:4000")));
+            assert_eq!(got.destination, Some(addr("198.51.100.1:443")));
+            assert_eq!(got.leftover, b"payload");
+        }
+    }
+
+    #[test]
+    fn v1_text_is_standard() {
+        let bytes = encode(
+            ProxyProtocolVersion::V1,
+            addr("10.0.0.1:1234"),
+            addr("10.0.0.2:80"),
+        );
+        assert_eq!(bytes, b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n");
+    }
+
+    #[test]
+    fn partial_then_complete() {
+        let bytes = encode(
+            ProxyProtocolVersion::V2,
+            addr("[2001:db8::1]:1"),
+            addr("[2001:db8::2]:2"),
+        );
+        for cut in 1..bytes.len() {
+            assert!(
+                parse(&bytes[..cut], ProxyProtocolVersions::Any)
+                    .unwrap()
+                    .is_none(),
+                "cut {cut}"
+            );
+        }
+        assert!(parse(&bytes, ProxyProtocolVersions::V2).unwrap().is_some());
+    }
+
+    #[test]
+    fn refuses_garbage_and_wrong_versions() {
+        assert!(parse(b"GET / HTTP/1.1\r\n\r\n", ProxyProtocolVersions::Any).is_err());
+        assert!(
+            parse(
+                b"PROXY TCP4 1.2.3.4 nonsense\r\n",
+                ProxyProtocolVersions::Any
+            )
+            .is_err()
+        );
+        let v1 = encode(
+            ProxyProtocolVersion::V1,
+            addr("10.0.0.1:1"),
+            addr("10.0.0.2:2"),
+        );
+        assert!(matches!(
+            parse(&v1, ProxyProtocolVersions::V2),
+            Err(ProxyProtocolError::WrongVersion("v1"))
+        ));
+        let v2 = encode(
+            ProxyProtocolVersion::V2,
+            addr("10.0.0.1:1"),
+            addr("10.0.0.2:2"),
+        );
+        assert!(matches!(
+            parse(&v2, ProxyProtocolVersions::V1),
+            Err(ProxyProtocolError::WrongVersion("v2"))
+        ));
+    }
+
+    #[test]
+    fn mixed_families_map_to_v6() {
+        let bytes = encode(
+            ProxyProtocolVersion::V2,
+            addr("10.0.0.1:1"),
+            addr("[::1]:2"),
+        );
+        let got = parse(&bytes, ProxyProtocolVersions::Any).unwrap().unwrap();
+        assert_eq!(got.source, Some(addr("[::ffff:10.0.0.1]:1")));
+    }
+}

@@ -1,0 +1,201 @@
+//! The running process: binds every listener, serves them, drains on shutdown.
+//!
+//! [`Server::bind`] does everything that can fail at startup (binding sockets, checking that each
+//! listener's protocol is served) before anything is served, so a bad start fails as a whole.
+//! [`Server::run`] serves until the shutdown token is cancelled, then stops accepting and gives
+//! open connections until the drain deadline to finish.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backend::Registry;
+use crate::config::{Config, ListenerKind};
+use crate::l4::tcp::TcpProxy;
+use crate::l4::udp::{UdpProxy, UdpStats};
+use crate::listener;
+use crate::pool::Snapshot;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener's address could not be bound.
+    #[error("listener `{listener}`: cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The configuration asks for something this build does not serve.
+    #[error("listener `{listener}`: {what}")]
+    Unsupported { listener: String, what: String },
+}
+
+/// A socket bound for one listener.
+enum Bound {
+    Tcp(TcpListener, Arc<TcpProxy>),
+    Udp(UdpSocket, Arc<UdpProxy>, Arc<UdpStats>),
+}
+
+/// A listener bound and ready to serve.
+struct BoundListener {
+    name: String,
+    addr: SocketAddr,
+    max_connections: usize,
+    socket: Bound,
+}
+
+/// A bound, not yet running, load balancer.
+pub struct Server {
+    config: Config,
+    registry: Arc<Registry>,
+    listeners: Vec<BoundListener>,
+    shutdown: CancellationToken,
+    udp_stats: HashMap<String, Arc<UdpStats>>,
+}
+
+impl Server {
+    /// Binds every listener of `config`. Port 0 gets a free port; see [`Server::local_addr`].
+    pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let registry = Arc::new(Registry::default());
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(&config, &registry)));
+        let mut listeners = Vec::new();
+        let mut udp_stats = HashMap::new();
+        for l in &config.listeners {
+            let bind_error = |source| ServerError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            };
+            let socket = match &l.kind {
+                ListenerKind::Tcp(settings) => {
+                    let socket = listener::bind_tcp(l.bind).map_err(bind_error)?;
+                    let proxy = TcpProxy {
+                        name: l.name.clone(),
+                        pool: settings.pool.clone(),
+                        settings: settings.clone(),
+                        proxy_protocol: l.proxy_protocol.clone(),
+                        snapshot: Arc::clone(&snapshot),
+                    };
+                    Bound::Tcp(socket, Arc::new(proxy))
+                }
+                ListenerKind::Udp(settings) => {
+                    let socket = listener::bind_udp(l.bind).map_err(bind_error)?;
+                    let proxy = UdpProxy {
+                        name: l.name.clone(),
+                        pool: settings.pool.clone(),
+                        settings: settings.clone(),
+                        snapshot: Arc::clone(&snapshot),
+                    };
+                    let stats = Arc::new(UdpStats::default());
+                    udp_stats.insert(l.name.clone(), Arc::clone(&stats));
+                    Bound::Udp(socket, Arc::new(proxy), stats)
+                }
+                ListenerKind::Http(_) => {
+                    return Err(ServerError::Unsupported {
+                        listener: l.name.clone(),
+                        what: "protocol \"http\" is validated by `check` but not served by this \
+                               version yet; use \"tcp\" or \"udp\""
+                            .into(),
+                    });
+                }
+            };
+            let addr = match &socket {
+                Bound::Tcp(s, _) => s.local_addr(),
+                Bound::Udp(s, _, _) => s.local_addr(),
+            }
+            .map_err(bind_error)?;
+            listeners.push(BoundListener {
+                name: l.name.clone(),
+                addr,
+                max_connections: l.max_connections,
+                socket,
+            });
+        }
+        Ok(Server {
+            config,
+            registry,
+            listeners,
+            shutdown: CancellationToken::new(),
+            udp_stats,
+        })
+    }
+
+    /// The address listener `name` is bound to (with the real port when the file said 0).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// Live backend state, shared with the data path.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// Session and drop counters of UDP listener `name`.
+    pub fn udp_stats(&self, name: &str) -> Option<Arc<UdpStats>> {
+        self.udp_stats.get(name).cloned()
+    }
+
+    /// Cancelling this token starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: listeners close at once, open
+    /// connections get until `global.drain_timeout` to finish. Returns how many were cut off.
+    pub async fn run(self) -> usize {
+        let tasks = TaskTracker::new();
+        for l in self.listeners {
+            info!(listener = %l.name, addr = %l.addr, "listening");
+            let shutdown = self.shutdown.clone();
+            match l.socket {
+                Bound::Tcp(socket, proxy) => {
+                    let connections = tasks.clone();
+                    tokio::spawn(async move {
+                        listener::accept_loop(
+                            &l.name,
+                            socket,
+                            l.max_connections,
+                            shutdown,
+                            connections,
+                            move |stream, peer| Arc::clone(&proxy).serve(stream, peer),
+                        )
+                        .await;
+                    });
+                }
+                Bound::Udp(socket, proxy, stats) => {
+                    tasks.spawn(proxy.serve(socket, stats, shutdown));
+                }
+            }
+        }
+
+        self.shutdown.cancelled().await;
+        tasks.close();
+        let open = tasks.len();
+        let deadline = self.config.global.drain_timeout;
+        info!(
+            open,
+            ?deadline,
+            "shutting down: no longer accepting, draining"
+        );
+        if tokio::time::timeout(deadline, tasks.wait()).await.is_ok() {
+            info!("drained");
+            0
+        } else {
+            let left = tasks.len();
+            warn!(left, "drain deadline reached, closing what is left");
+            left
+        }
+    }
+}
