@@ -94,6 +94,13 @@ pub fn parse(
 ) -> Result<Option<Received>, ProxyProtocolError> {
     let result = ppp::HeaderResult::parse(buf);
     if result.is_incomplete() {
+        // ppp reports a v1 line with missing fields as "incomplete"; once the line has ended,
+        // no further bytes can complete it.
+        if buf.starts_with(b"PROXY") && buf.windows(2).any(|w| w == b"\r\n") {
+            return Err(ProxyProtocolError::Malformed(
+                "v1 header line is missing fields".into(),
+            ));
+        }
         return Ok(None);
     }
     let (version, len, source, destination) = match result {
@@ -178,7 +185,7 @@ pub fn encode(
     match version {
         ProxyProtocolVersion::V1 => {
             let addresses = ppp::v1::Addresses::from((source, destination));
-            ppp::v1::Header::new("", addresses).to_string().into_bytes()
+            addresses.to_string().into_bytes()
         }
         ProxyProtocolVersion::V2 => {
             let builder = v2::Builder::with_addresses(

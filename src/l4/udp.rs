@@ -117,9 +117,8 @@ impl UdpProxy {
                         debug!(listener = %self.name, %client, "udp session refused (cap or shutdown)");
                         continue;
                     }
-                    match self.open(&socket, client, epoch).await {
+                    match self.open(&socket, client, epoch, datagram).await {
                         Ok(session) => {
-                            send_upstream(&session.upstream, datagram, session.guard.state(), &stats);
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
                         }
@@ -145,12 +144,15 @@ impl UdpProxy {
         }
     }
 
-    /// Opens a session for `client`: picks a backend and connects a socket to it.
+    /// Opens a session for `client`: picks a backend, connects a socket to it and sends the
+    /// client's first datagram. That send waits for the new socket to be writable: a fresh socket
+    /// has no readiness yet, so a `try_send` would drop the datagram.
     async fn open(
         &self,
         listener: &Arc<UdpSocket>,
         client: SocketAddr,
         epoch: Instant,
+        first: &[u8],
     ) -> io::Result<Session> {
         let snapshot = self.snapshot.load();
         let pool = snapshot
@@ -171,6 +173,8 @@ impl UdpProxy {
         };
         let upstream = UdpSocket::bind(local).await?;
         upstream.connect(backend).await?;
+        let sent = upstream.send(first).await?;
+        candidate.state.bytes_sent.fetch_add(sent as u64, Relaxed);
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
         let guard = candidate.state.start();

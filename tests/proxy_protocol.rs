@@ -1,0 +1,234 @@
+//! The PROXY protocol, received from trusted peers and sent to backends, end to end.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A backend that parses the PROXY header it is sent and answers
+/// `"<version> <source> <destination> | <payload>"`, the payload being what followed the header.
+async fn header_reporter() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let reply = match ppp::HeaderResult::parse(&buf) {
+            ppp::HeaderResult::V1(Ok(h)) => {
+                format!(
+                    "v1 {} | {}",
+                    h.addresses_str(),
+                    String::from_utf8_lossy(&buf[h.header.len()..])
+                )
+            }
+            ppp::HeaderResult::V2(Ok(h)) => {
+                let (src, dst) = match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    ppp::v2::Addresses::IPv6(a) => (
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ),
+                    _ => panic!("unexpected address family"),
+                };
+                format!(
+                    "v2 {src} {dst} | {}",
+                    String::from_utf8_lossy(&buf[h.len()..])
+                )
+            }
+            _ => format!("none | {}", String::from_utf8_lossy(&buf)),
+        };
+        let _ = stream.write_all(reply.as_bytes()).await;
+    })
+    .await
+}
+
+async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream.write_all(bytes).await?;
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut back))
+        .await
+        .expect("answer or close in time")?;
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
+fn config(accept: &str, trusted: &str, send: &str, backend: SocketAddr) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+proxy_protocol = "{accept}"
+trusted_proxies = [{trusted}]
+proxy_protocol_timeout = "300ms"
+
+[pools.p]
+backends = ["{backend}"]
+send_proxy_protocol = "{send}"
+"#
+    )
+}
+
+const V1_HEADER: &[u8] = b"PROXY TCP4 203.0.113.9 198.51.100.1 5555 443\r\n";
+
+fn v2_header() -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "[2001:db8::9]:6666".parse::<SocketAddr>().expect("addr"),
+            "[2001:db8::1]:443".parse::<SocketAddr>().expect("addr"),
+        ),
+    )
+    .build()
+    .expect("header")
+}
+
+#[tokio::test]
+async fn v1_and_v2_from_a_trusted_peer_carry_the_client_to_the_backend() {
+    let backend = header_reporter().await;
+    for send in ["v1", "v2"] {
+        let proxy = Proxy::start(&config("any", "\"127.0.0.0/8\"", send, backend.addr));
+        let addr = proxy.addr("edge");
+
+        let mut v1 = V1_HEADER.to_vec();
+        v1.extend_from_slice(b"hello");
+        let reply = exchange(addr, &v1).await.expect("served");
+        let expected = if send == "v1" {
+            "v1 203.0.113.9 198.51.100.1 5555 443 | hello"
+        } else {
+            "v2 203.0.113.9:5555 198.51.100.1:443 | hello"
+        };
+        assert_eq!(reply, expected);
+
+        let mut v2 = v2_header();
+        v2.extend_from_slice(b"world");
+        let reply = exchange(addr, &v2).await.expect("served");
+        let expected = if send == "v1" {
+            "v1 2001:db8::9 2001:db8::1 6666 443 | world"
+        } else {
+            "v2 [2001:db8::9]:6666 [2001:db8::1]:443 | world"
+        };
+        assert_eq!(reply, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_listener_takes_only_the_versions_it_names() {
+    let backend = header_reporter().await;
+    let proxy = Proxy::start(&config("v2", "\"127.0.0.1\"", "v2", backend.addr));
+    let addr = proxy.addr("edge");
+    let refused = exchange(addr, V1_HEADER).await.unwrap_or_default();
+    assert_eq!(refused, "");
+    let served = exchange(addr, &v2_header()).await.expect("served");
+    assert!(served.starts_with("v2 [2001:db8::9]:6666"), "{served}");
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_is_refused() {
+    let backend = header_reporter().await;
+    let proxy = Proxy::start(&config("any", "\"10.0.0.0/8\"", "v2", backend.addr));
+    let reply = exchange(proxy.addr("edge"), V1_HEADER)
+        .await
+        .unwrap_or_default();
+    assert_eq!(reply, "");
+    assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
+async fn without_a_header_the_peer_address_is_sent() {
+    let backend = header_reporter().await;
+    for send in ["v1", "v2"] {
+        let proxy = Proxy::start(&format!(
+            r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+
+[pools.p]
+backends = ["{}"]
+send_proxy_protocol = "{send}"
+"#,
+            backend.addr
+        ));
+        let addr = proxy.addr("edge");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let me = client.local_addr().expect("addr");
+        client.write_all(b"hi").await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let mut back = String::new();
+        client.read_to_string(&mut back).await.expect("read");
+        let expected = if send == "v1" {
+            format!(
+                "v1 {} {} {} {} | hi",
+                me.ip(),
+                addr.ip(),
+                me.port(),
+                addr.port()
+            )
+        } else {
+            format!("v2 {me} {addr} | hi")
+        };
+        assert_eq!(back, expected);
+    }
+}
+
+#[tokio::test]
+async fn garbage_truncated_and_slow_headers_close_only_that_connection() {
+    let backend = header_reporter().await;
+    let proxy = Proxy::start(&config("any", "\"127.0.0.1/32\"", "v1", backend.addr));
+    let addr = proxy.addr("edge");
+    // A good client stays connected throughout.
+    let mut good = TcpStream::connect(addr).await.expect("connect");
+    good.write_all(V1_HEADER).await.expect("write");
+
+    let garbage = exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap_or_default();
+    assert_eq!(garbage, "");
+    let truncated = exchange(addr, b"PROXY TCP4 203.0.113")
+        .await
+        .unwrap_or_default();
+    assert_eq!(truncated, "");
+    let mut signature_only = v2_header();
+    signature_only.truncate(14);
+    assert_eq!(
+        exchange(addr, &signature_only).await.unwrap_or_default(),
+        ""
+    );
+    let too_long = vec![b'P'; 2000];
+    assert_eq!(exchange(addr, &too_long).await.unwrap_or_default(), "");
+
+    // A client that sends half a header and stalls is cut off by proxy_protocol_timeout.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"PROXY TCP4 ").await.expect("write");
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(PATIENCE, slow.read(&mut buf))
+        .await
+        .expect("cut off in time");
+    assert!(matches!(closed, Ok(0) | Err(_)));
+
+    good.write_all(b"still here").await.expect("write");
+    good.shutdown().await.expect("shutdown");
+    let mut back = String::new();
+    good.read_to_string(&mut back).await.expect("read");
+    assert_eq!(back, "v1 203.0.113.9 198.51.100.1 5555 443 | still here");
+    assert_eq!(backend.accepted(), 1);
+}

@@ -1,0 +1,383 @@
+//! Layer 4 TCP through the real proxy and real backends on loopback.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn tcp_config(pool: &str, listener_extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+{listener_extra}
+
+[pools.p]
+{pool}
+"#
+    )
+}
+
+/// Sends `data` through, half-closes, and returns everything that comes back.
+async fn round_trip(proxy: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
+    let stream = TcpStream::connect(proxy).await.expect("connect");
+    let (mut r, mut w) = stream.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(PATIENCE, r.read_to_end(&mut back))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    writer.await.expect("writer");
+    back
+}
+
+/// Like [`round_trip`], but a reset or a failed write is an answer too: `Err`.
+async fn try_round_trip(proxy: std::net::SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(proxy).await?;
+    let _ = stream.write_all(data).await;
+    let _ = stream.shutdown().await;
+    let mut back = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut back))
+        .await
+        .expect("answer in time")?;
+    Ok(back)
+}
+
+#[tokio::test]
+async fn one_mebibyte_each_way_arrives_intact_with_splice_and_copy() {
+    let backend = Backend::echo().await;
+    let data: Vec<u8> = (0..1024 * 1024).map(|_| fastrand::u8(..)).collect();
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}"),
+        ));
+        let back = round_trip(proxy.addr("l4"), &data).await;
+        assert_eq!(back.len(), data.len(), "splice = {splice}");
+        assert!(back == data, "bytes differ with splice = {splice}");
+        let state = proxy.registry.get("p", backend.addr).expect("state");
+        eventually("byte counters", || {
+            state.bytes_sent.load(Ordering::Relaxed) == data.len() as u64
+                && state.bytes_received.load(Ordering::Relaxed) == data.len() as u64
+        })
+        .await;
+    }
+}
+
+async fn distribution(proxy: std::net::SocketAddr, connections: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..connections {
+        *counts.entry(first_line(proxy).await).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\", \"{}\"]", a.addr, b.addr),
+        "",
+    ));
+    let counts = distribution(proxy.addr("l4"), 20).await;
+    assert_eq!(counts.get("a"), Some(&10));
+    assert_eq!(counts.get("b"), Some(&10));
+}
+
+#[tokio::test]
+async fn weights_three_to_one() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!(
+            "backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]",
+            a.addr, b.addr
+        ),
+        "",
+    ));
+    let counts = distribution(proxy.addr("l4"), 20).await;
+    assert_eq!(counts.get("a"), Some(&15));
+    assert_eq!(counts.get("b"), Some(&5));
+}
+
+#[tokio::test]
+async fn least_conn_prefers_the_idle_backend() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!(
+            "balance = \"least_conn\"\nbackends = [\"{}\", \"{}\"]",
+            a.addr, b.addr
+        ),
+        "",
+    ));
+    let addr = proxy.addr("l4");
+    // Hold one connection open; its backend is busy from now on.
+    let mut held = TcpStream::connect(addr).await.expect("connect");
+    let mut first = [0u8; 2];
+    held.read_exact(&mut first).await.expect("greeting");
+    let busy = String::from_utf8_lossy(&first[..1]).into_owned();
+    let states = [
+        proxy.registry.get("p", a.addr).expect("state"),
+        proxy.registry.get("p", b.addr).expect("state"),
+    ];
+    let active = || -> u64 {
+        states
+            .iter()
+            .map(|s| s.active.load(Ordering::Relaxed))
+            .sum()
+    };
+    let mut counts = HashMap::new();
+    for _ in 0..6 {
+        *counts.entry(first_line(addr).await).or_insert(0) += 1;
+        // Only the held connection remains before the next pick.
+        eventually("previous connection closed", || active() == 1).await;
+    }
+    assert_eq!(counts.get(&busy), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 6);
+}
+
+#[tokio::test]
+async fn dead_backend_is_skipped_without_the_client_noticing() {
+    let dead = dead_addr().await;
+    let live = Backend::named("live").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{dead}\", \"{}\"]", live.addr),
+        "",
+    ));
+    let counts = distribution(proxy.addr("l4"), 10).await;
+    assert_eq!(counts.get("live"), Some(&10));
+    let dead_state = proxy.registry.get("p", dead).expect("state");
+    assert!(dead_state.connect_failures.load(Ordering::Relaxed) >= 5);
+}
+
+#[tokio::test]
+async fn no_backend_left_closes_the_client() {
+    let dead = dead_addr().await;
+    let proxy = Proxy::start(&tcp_config(&format!("backends = [\"{dead}\"]"), ""));
+    let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_flowing() {
+    // Reads everything until EOF, then answers with how much it got.
+    let backend = Backend::start(|mut stream| async move {
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got).await;
+        let reply = format!("got {} bytes", got.len()).repeat(1000);
+        let _ = stream.write_all(reply.as_bytes()).await;
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}"),
+        ));
+        let back = round_trip(proxy.addr("l4"), &[7u8; 100_000]).await;
+        assert_eq!(
+            back,
+            "got 100000 bytes".repeat(1000).as_bytes(),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\"]", backend.addr),
+        "idle_timeout = \"200ms\"",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+    // Activity keeps it open...
+    for _ in 0..3 {
+        stream.write_all(b"x").await.expect("write");
+        let mut one = [0u8; 1];
+        stream.read_exact(&mut one).await.expect("echo");
+    }
+    // ...silence closes it.
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("closed by the idle timeout");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    eventually("active back to 0", || {
+        state.active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_connections_holds_new_clients_until_one_leaves() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\"]", backend.addr),
+        "max_connections = 2",
+    ));
+    let addr = proxy.addr("l4");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"a").await.expect("write");
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.expect("echo");
+        held.push(s);
+    }
+    // The third connects (the kernel queues it) but is not served while two are open.
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(b"b").await.expect("write");
+    let mut one = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut one)).await;
+    assert!(
+        early.is_err(),
+        "third connection served past max_connections"
+    );
+    assert_eq!(backend.accepted(), 2);
+    drop(held.pop());
+    tokio::time::timeout(PATIENCE, third.read_exact(&mut one))
+        .await
+        .expect("served once a slot frees")
+        .expect("echo");
+    assert_eq!(&one, b"b");
+}
+
+#[tokio::test]
+async fn silent_clients_and_hanging_backends_do_not_affect_others() {
+    // A backend that accepts and never answers (and never reads).
+    let hang = Backend::start(|stream| async move {
+        tokio::time::sleep(PATIENCE * 2).await;
+        drop(stream);
+    })
+    .await;
+    let echo = Backend::echo().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "hang"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "hang"
+
+[[listeners]]
+name = "echo"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "echo"
+
+[pools.hang]
+backends = ["{}"]
+
+[pools.echo]
+backends = ["{}"]
+"#,
+        hang.addr, echo.addr
+    ));
+    // Silent clients on both listeners, and a client stuck on the hanging backend.
+    let _silent: Vec<_> = futures_connect(proxy.addr("echo"), 50).await;
+    let mut stuck = TcpStream::connect(proxy.addr("hang"))
+        .await
+        .expect("connect");
+    stuck.write_all(b"anyone?").await.expect("write");
+    // Everyone else is served normally.
+    for _ in 0..20 {
+        assert_eq!(round_trip(proxy.addr("echo"), b"hello").await, b"hello");
+    }
+}
+
+async fn futures_connect(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    streams
+}
+
+#[tokio::test]
+async fn a_resetting_backend_closes_only_its_connection() {
+    let reset = Backend::start(|stream| async move {
+        // SO_LINGER 0 turns close into a reset.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    let echo = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!(
+            "balance = \"round_robin\"\nbackends = [\"{}\", \"{}\"]",
+            reset.addr, echo.addr
+        ),
+        "",
+    ));
+    let addr = proxy.addr("l4");
+    let mut echoed = 0;
+    for _ in 0..10 {
+        match try_round_trip(addr, b"ping").await {
+            Ok(back) if back == b"ping" => echoed += 1,
+            Ok(back) => assert!(back.is_empty(), "{back:?}"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(echoed, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_connections_at_once_then_back_to_baseline() {
+    let _ = switchyard::sys::raise_fd_limit();
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\"]", backend.addr),
+        "",
+    ));
+    let addr = proxy.addr("l4");
+    let clients: Vec<_> = (0..2000u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&i.to_be_bytes()).await?;
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back).await?;
+                assert_eq!(back, i.to_be_bytes());
+                Ok::<_, std::io::Error>(s)
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for c in clients {
+        open.push(
+            tokio::time::timeout(PATIENCE * 3, c)
+                .await
+                .expect("in time")
+                .expect("task")
+                .expect("echo"),
+        );
+    }
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    assert_eq!(state.active.load(Ordering::Relaxed), 2000);
+    drop(open);
+    eventually("every connection closed", || {
+        state.active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(state.total.load(Ordering::Relaxed), 2000);
+}

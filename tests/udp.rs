@@ -1,0 +1,118 @@
+//! Layer 4 UDP through the real proxy and real backends on loopback.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use common::*;
+use tokio::net::UdpSocket;
+
+async fn ask(socket: &UdpSocket, proxy: std::net::SocketAddr, message: &[u8]) -> String {
+    socket.send_to(message, proxy).await.expect("send");
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buf))
+        .await
+        .expect("reply in time")
+        .expect("recv");
+    assert_eq!(
+        from, proxy,
+        "the reply comes from the address the client wrote to"
+    );
+    String::from_utf8(buf[..n].to_vec()).expect("utf-8")
+}
+
+fn udp_config(backends: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[[listeners]]
+name = "dns"
+bind = "127.0.0.1:0"
+protocol = "udp"
+pool = "p"
+{extra}
+
+[pools.p]
+backends = [{}]
+"#,
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn datagrams_go_both_ways_over_two_backends() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let proxy = Proxy::start(&udp_config(&[a, b], ""));
+    let addr = proxy.addr("dns");
+    let mut seen = HashMap::new();
+    for i in 0..10 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // Several datagrams of one client stay in its session, on one backend.
+        let first = ask(&client, addr, format!("q{i}").as_bytes()).await;
+        let (name, rest) = first.split_once(": ").expect("name: payload");
+        assert_eq!(rest, format!("q{i}"));
+        for j in 0..3 {
+            let again = ask(&client, addr, format!("r{j}").as_bytes()).await;
+            assert_eq!(again, format!("{name}: r{j}"));
+        }
+        *seen.entry(name.to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5));
+    assert_eq!(seen.get("b"), Some(&5));
+    let state = proxy.registry.get("p", a).expect("state");
+    assert_eq!(state.total.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn sessions_expire_when_idle() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&udp_config(&[a], "idle_timeout = \"100ms\""));
+    let addr = proxy.addr("dns");
+    let stats = proxy.udp("dns");
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    ask(&client, addr, b"hello").await;
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 1);
+    let state = proxy.registry.get("p", a).expect("state");
+    eventually("session expired", || {
+        stats.sessions.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    // The same client is welcome again, in a new session.
+    assert_eq!(ask(&client, addr, b"again").await, "a: again");
+    assert_eq!(state.total.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&udp_config(
+        &[a],
+        "idle_timeout = \"200ms\"\nmax_sessions = 50",
+    ));
+    let addr = proxy.addr("dns");
+    let stats = proxy.udp("dns");
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        client.send_to(b"flood", addr).await.expect("send");
+        clients.push(client);
+    }
+    eventually("all 300 datagrams handled", || {
+        stats.sessions.load(Ordering::Relaxed) + stats.dropped.load(Ordering::Relaxed) >= 300
+    })
+    .await;
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 50);
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 250);
+    eventually("sessions expired", || {
+        stats.sessions.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let state = proxy.registry.get("p", a).expect("state");
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    // Service is back for a new client.
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&client, addr, b"ok?").await, "a: ok?");
+}
