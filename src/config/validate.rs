@@ -22,9 +22,9 @@ pub(super) fn expand_env(text: &str, file: &Path) -> Result<String, ConfigError>
     while let Some(start) = rest.find('$') {
         out.push_str(&rest[..start]);
         let after = &rest[start..];
-        if after.starts_with("$${") {
+        if let Some(escaped) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = escaped;
             continue;
         }
         if !after.starts_with("${") {
@@ -136,12 +136,17 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         DEFAULT_DRAIN_TIMEOUT,
     );
 
+    let declared = raw.pools.keys().cloned().collect();
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
         if let Some(pool) = validate_pool(&mut problems, &name, pool) {
             pools.insert(name, pool);
         }
     }
+    let pool_names = PoolNames {
+        valid: &pools,
+        declared,
+    };
 
     if raw.listeners.is_empty() {
         problems.push(
@@ -154,27 +159,27 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let mut binds: HashMap<(SocketAddr, bool), usize> = HashMap::new();
     for (index, listener) in raw.listeners.into_iter().enumerate() {
         let at = format!("listeners[{index}]");
-        if let Some(name) = &listener.name {
-            if let Some(first) = names.insert(name.clone(), index) {
-                problems.push(
-                    format!("{at}.name"),
-                    format!("duplicate listener name `{name}` (also listeners[{first}].name)"),
-                );
-            }
+        if let Some(name) = &listener.name
+            && let Some(first) = names.insert(name.clone(), index)
+        {
+            problems.push(
+                format!("{at}.name"),
+                format!("duplicate listener name `{name}` (also listeners[{first}].name)"),
+            );
         }
-        if let Some(listener) = validate_listener(&mut problems, &at, listener, &pools) {
+        if let Some(listener) = validate_listener(&mut problems, &at, listener, &pool_names) {
             let udp = matches!(listener.kind, ListenerKind::Udp(_));
             // Port 0 asks the kernel for a fresh port each time, so it never collides.
-            if listener.bind.port() != 0 {
-                if let Some(first) = binds.insert((listener.bind, udp), index) {
-                    problems.push(
-                        format!("{at}.bind"),
-                        format!(
-                            "duplicate bind address {} (also listeners[{first}].bind)",
-                            listener.bind
-                        ),
-                    );
-                }
+            if listener.bind.port() != 0
+                && let Some(first) = binds.insert((listener.bind, udp), index)
+            {
+                problems.push(
+                    format!("{at}.bind"),
+                    format!(
+                        "duplicate bind address {} (also listeners[{first}].bind)",
+                        listener.bind
+                    ),
+                );
             }
             listeners.push(listener);
         }
@@ -198,7 +203,7 @@ fn validate_listener(
     problems: &mut Problems,
     at: &str,
     mut raw: RawListener,
-    pools: &BTreeMap<String, PoolConfig>,
+    pools: &PoolNames,
 ) -> Option<ListenerConfig> {
     let before = problems.0.len();
     let name = raw.name.clone().unwrap_or_default();
@@ -418,7 +423,7 @@ fn validate_route(
     problems: &mut Problems,
     at: &str,
     raw: RawRoute,
-    pools: &BTreeMap<String, PoolConfig>,
+    pools: &PoolNames,
 ) -> Option<RouteConfig> {
     let pool = match &raw.pool {
         None => {
@@ -572,18 +577,29 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
     })
 }
 
-/// Names a pool, or records that the name is unknown. A pool that exists in the file but failed
-/// validation is absent from `pools`, and is not reported again here.
+/// The pools a listener or route may name.
+struct PoolNames<'a> {
+    /// Pools that passed validation.
+    valid: &'a BTreeMap<String, PoolConfig>,
+    /// Every pool the file declares, valid or not.
+    declared: std::collections::BTreeSet<String>,
+}
+
+/// Names a pool, or records that the name is unknown. A pool that the file declares but that
+/// failed validation has its own problems reported already; naming it is not one more.
 fn known_pool(
     problems: &mut Problems,
     path: &str,
     name: &str,
-    pools: &BTreeMap<String, PoolConfig>,
+    pools: &PoolNames,
 ) -> Option<String> {
-    if pools.contains_key(name) {
+    if pools.valid.contains_key(name) {
         return Some(name.to_owned());
     }
-    let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+    if pools.declared.contains(name) {
+        return None;
+    }
+    let known: Vec<&str> = pools.declared.iter().map(String::as_str).collect();
     problems.push(
         path,
         if known.is_empty() {

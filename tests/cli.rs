@@ -1,0 +1,335 @@
+//! The compiled `switchyard` binary: `check` exit codes, examples, signals and draining.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Writes `text` to a file of its own in the temp directory.
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-test-{}-{name}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("write temp config");
+    path
+}
+
+#[test]
+fn check_exits_zero_on_a_good_file_and_one_with_every_problem() {
+    let good = temp_config(
+        "good",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = temp_config(
+        "bad",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"nope\"\n[pools.p]\nbackends = []\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listeners[0].pool: unknown pool `nope`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pools.p.backends: empty"), "{stderr}");
+    assert!(stderr.contains(&*bad.to_string_lossy()), "{stderr}");
+
+    let missing = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/switchyard.toml"])
+        .output()
+        .expect("runs");
+    assert_eq!(missing.status.code(), Some(1));
+    let _ = std::fs::remove_file(good);
+    let _ = std::fs::remove_file(bad);
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for dir in [dir, PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let out = Command::new(BIN)
+                    .args(["check", "--config"])
+                    .arg(&path)
+                    .output()
+                    .expect("runs");
+                assert!(
+                    out.status.success(),
+                    "{} fails check:\n{}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0, "no example configs found");
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().expect("runs");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(BIN).arg("--help").output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for command in ["run", "check", "demo"] {
+        assert!(help.contains(command), "{help}");
+    }
+}
+
+/// A running `switchyard run` process and the address its listener got.
+struct Running {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    config: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+async fn run_binary(name: &str, backend: std::net::SocketAddr, drain: &str) -> Running {
+    let config = temp_config(
+        name,
+        &format!(
+            "[global]\ndrain_timeout = \"{drain}\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{backend}\"]\n"
+        ),
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--threads", "2", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    // The "listening" log line names the bound address.
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if line.contains("listening") {
+                let addr = line.split("addr=").nth(1).expect("addr field");
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("socket addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Running {
+        child,
+        addr,
+        config,
+    }
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running") as libc::pid_t;
+    // SAFETY: kill(2) with a pid we started and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_connection_finish_then_exits_zero() {
+    let backend = Backend::echo().await;
+    let mut running = run_binary("drain", backend.addr, "30s").await;
+    let mut open = TcpStream::connect(running.addr).await.expect("connect");
+    open.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.expect("echo");
+
+    sigterm(&running.child);
+    // New connections are refused once the listener has closed.
+    let addr = running.addr;
+    eventually_async("listener closed", || async move {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    // The open connection still works, in both directions, until it closes.
+    open.write_all(b"after!")
+        .await
+        .expect("write after SIGTERM");
+    open.read_exact(&mut buf).await.expect("echo after SIGTERM");
+    assert_eq!(&buf, b"after!");
+    assert!(
+        running.child.try_wait().expect("status").is_none(),
+        "exited while a connection was open"
+    );
+    open.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.expect("eof");
+    let status = tokio::time::timeout(PATIENCE, running.child.wait())
+        .await
+        .expect("exits once drained")
+        .expect("status");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn the_drain_deadline_closes_what_is_left_and_exits_zero() {
+    let backend = Backend::echo().await;
+    let mut running = run_binary("deadline", backend.addr, "300ms").await;
+    let mut open = TcpStream::connect(running.addr).await.expect("connect");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.expect("echo");
+    sigterm(&running.child);
+    let status = tokio::time::timeout(PATIENCE, running.child.wait())
+        .await
+        .expect("exits at the deadline")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    let n = tokio::time::timeout(PATIENCE, open.read(&mut one))
+        .await
+        .expect("closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+async fn eventually_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_descriptors_backs_off_and_recovers() {
+    let backend = Backend::echo().await;
+    let config = temp_config(
+        "emfile",
+        &format!(
+            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    // A hard limit of 48 descriptors: a few connections exhaust it.
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {BIN} run --threads 1 --config {}",
+            config.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("log") {
+            if line.contains("listening") {
+                let addr = line.split("addr=").nth(1).expect("addr");
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    let (saw_tx, saw_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut saw_tx = Some(saw_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("backing off")
+                && let Some(tx) = saw_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(
+            TcpStream::connect(addr)
+                .await
+                .expect("the kernel queues the connection"),
+        );
+    }
+    tokio::time::timeout(PATIENCE, saw_rx)
+        .await
+        .expect("accept backs off")
+        .expect("log line");
+    drop(held);
+    // Once descriptors are free again, service resumes.
+    let addr_copy = addr;
+    eventually_async("served again", || async move {
+        let Ok(mut s) = TcpStream::connect(addr_copy).await else {
+            return false;
+        };
+        if s.write_all(b"ok").await.is_err() {
+            return false;
+        }
+        let mut two = [0u8; 2];
+        matches!(
+            tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                s.read_exact(&mut two)
+            )
+            .await,
+            Ok(Ok(_))
+        ) && &two == b"ok"
+    })
+    .await;
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the proxy died"
+    );
+    let _ = child.start_kill();
+    let _ = std::fs::remove_file(config);
+}

@@ -1,0 +1,326 @@
+//! Configuration loading: good files load, every class of mistake is reported with its key path.
+
+use std::path::Path;
+
+use switchyard::Config;
+use switchyard::config::{BalanceKind, ConfigError, ListenerKind, ProxyProtocolVersion};
+
+fn problems(text: &str) -> Vec<(String, String)> {
+    match Config::from_toml(text, Path::new("bad.toml")) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(error) => error
+            .problems()
+            .into_iter()
+            .map(|p| (p.path, p.reason))
+            .collect(),
+    }
+}
+
+/// Asserts that some problem is reported at `path` with a reason containing `reason`.
+fn assert_problem(text: &str, path: &str, reason: &str) {
+    let found = problems(text);
+    assert!(
+        found.iter().any(|(p, r)| p == path && r.contains(reason)),
+        "no problem at `{path}` containing `{reason}`; got {found:#?}"
+    );
+}
+
+const GOOD: &str = r#"
+[global]
+drain_timeout = "10s"
+
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+protocol = "http"
+default_pool = "web"
+
+  [[listeners.routes]]
+  match = { path_prefix = "/api/" }
+  pool = "api"
+
+  [[listeners.routes]]
+  match = { host = "admin.*", header = { name = "X-API-Version", value = "v2" } }
+  pool = "api"
+
+[[listeners]]
+name = "mysql"
+bind = "127.0.0.1:3306"
+protocol = "tcp"
+pool = "mysql"
+idle_timeout = "2m"
+max_connections = 500
+splice = false
+proxy_protocol = "v2"
+trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]
+
+[[listeners]]
+name = "dns"
+bind = "127.0.0.1:3306"
+protocol = "udp"
+pool = "mysql"
+max_sessions = 100
+
+[pools.web]
+backends = ["127.0.0.1:8084", { address = "127.0.0.1:8085", weight = 3 }]
+
+[pools.api]
+balance = "least_conn"
+backends = ["localhost:8081"]
+
+[pools.mysql]
+balance = "p2c"
+connect_timeout = "250ms"
+connect_attempts = 5
+send_proxy_protocol = "v1"
+backends = ["127.0.0.1:3307", "127.0.0.1:3308"]
+"#;
+
+#[test]
+fn a_good_file_loads_into_typed_values() {
+    let config = Config::from_toml(GOOD, Path::new("good.toml")).expect("loads");
+    assert_eq!(config.global.drain_timeout.as_secs(), 10);
+    assert_eq!(config.listeners.len(), 3);
+    let ListenerKind::Tcp(tcp) = &config.listeners[1].kind else {
+        panic!("tcp")
+    };
+    assert_eq!(tcp.idle_timeout.as_secs(), 120);
+    assert!(!tcp.splice);
+    assert_eq!(config.listeners[1].max_connections, 500);
+    assert_eq!(
+        config.listeners[1]
+            .proxy_protocol
+            .as_ref()
+            .map(|p| p.trusted.len()),
+        Some(2)
+    );
+    let ListenerKind::Http(http) = &config.listeners[0].kind else {
+        panic!("http")
+    };
+    assert_eq!(http.routes.len(), 2);
+    assert_eq!(http.default_pool.as_deref(), Some("web"));
+    let web = &config.pools["web"];
+    assert_eq!(web.backends[1].weight, 3);
+    assert_eq!(web.balance, BalanceKind::RoundRobin);
+    let mysql = &config.pools["mysql"];
+    assert_eq!(mysql.connect_timeout.as_millis(), 250);
+    // Never more attempts than backends.
+    assert_eq!(mysql.connect_attempts, 2);
+    assert_eq!(mysql.send_proxy_protocol, Some(ProxyProtocolVersion::V1));
+}
+
+const MINIMAL_POOL: &str = "\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n";
+
+fn tcp_listener(extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1000\"\nprotocol = \"tcp\"\npool = \"p\"\n{extra}\n{MINIMAL_POOL}"
+    )
+}
+
+#[test]
+fn unknown_pool() {
+    let text = tcp_listener("").replace("pool = \"p\"\n", "pool = \"nope\"\n");
+    assert_problem(&text, "listeners[0].pool", "unknown pool `nope`");
+}
+
+#[test]
+fn duplicate_listener_name_and_bind_address() {
+    let text = format!(
+        "{}\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1000\"\nprotocol = \"tcp\"\npool = \"p\"\n",
+        tcp_listener("")
+    );
+    assert_problem(&text, "listeners[1].name", "duplicate listener name `a`");
+    assert_problem(
+        &text,
+        "listeners[1].bind",
+        "duplicate bind address 127.0.0.1:1000",
+    );
+}
+
+#[test]
+fn the_same_port_for_tcp_and_udp_is_fine() {
+    let text = format!(
+        "{}\n[[listeners]]\nname = \"b\"\nbind = \"127.0.0.1:1000\"\nprotocol = \"udp\"\npool = \"p\"\n",
+        tcp_listener("")
+    );
+    Config::from_toml(&text, Path::new("ok.toml")).expect("tcp and udp may share a port");
+}
+
+#[test]
+fn empty_pool_bad_address_zero_weight() {
+    let text = tcp_listener("").replace(
+        MINIMAL_POOL,
+        "\n[pools.p]\nbackends = []\n[pools.q]\nbackends = [\"nowhere\", { address = \"127.0.0.1:2\", weight = 0 }, \"127.0.0.1:70000\"]\n",
+    );
+    assert_problem(&text, "pools.p.backends", "empty");
+    assert_problem(&text, "pools.q.backends[0]", "not host:port");
+    assert_problem(&text, "pools.q.backends[1].weight", "out of range");
+    assert_problem(&text, "pools.q.backends[2]", "not host:port");
+}
+
+#[test]
+fn unknown_key_names_its_path_and_line() {
+    let text = tcp_listener("idle_timeot = \"5s\"");
+    let error = Config::from_toml(&text, Path::new("typo.toml")).expect_err("unknown key");
+    let message = error.to_string();
+    assert!(message.starts_with("typo.toml:6:"), "{message}");
+    assert!(message.contains("listeners[0]"), "{message}");
+    assert!(message.contains("idle_timeot"), "{message}");
+
+    let text = format!("{MINIMAL_POOL}\n[pools.z]\nbackends = [{{ adress = \"127.0.0.1:1\" }}]\n");
+    let message = Config::from_toml(&text, Path::new("t.toml"))
+        .expect_err("typo")
+        .to_string();
+    assert!(
+        message.contains("pools.z.backends[0]") && message.contains("adress"),
+        "{message}"
+    );
+}
+
+#[test]
+fn protocol_specific_keys_are_rejected_elsewhere() {
+    let text = tcp_listener("routes = [{ match = { path_prefix = \"/\" }, pool = \"p\" }]");
+    assert_problem(&text, "listeners[0].routes", "applies only to http");
+    let text = tcp_listener("max_sessions = 5");
+    assert_problem(&text, "listeners[0].max_sessions", "applies only to udp");
+}
+
+#[test]
+fn http_listener_without_routes_or_default_pool() {
+    let text = format!(
+        "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\n{MINIMAL_POOL}"
+    );
+    assert_problem(
+        &text,
+        "listeners[0].routes",
+        "needs routes, a default_pool, or both",
+    );
+}
+
+#[test]
+fn routes_are_checked() {
+    let text = format!(
+        r#"[[listeners]]
+name = "h"
+bind = "127.0.0.1:80"
+protocol = "http"
+routes = [
+  {{ match = {{ path_prefix = "api" }}, pool = "p" }},
+  {{ match = {{ host = "a*b" }}, pool = "p" }},
+  {{ match = {{ header = {{ name = "bad name", value = "x" }} }}, pool = "p" }},
+  {{ match = {{}}, pool = "p" }},
+  {{ match = {{ path_prefix = "/" }}, pool = "missing" }},
+]
+{MINIMAL_POOL}"#
+    );
+    let found = problems(&text);
+    let at = |path: &str| found.iter().any(|(p, _)| p == path);
+    assert!(at("listeners[0].routes[0].match.path_prefix"), "{found:#?}");
+    assert!(at("listeners[0].routes[1].match.host"), "{found:#?}");
+    assert!(at("listeners[0].routes[2].match.header.name"), "{found:#?}");
+    assert!(at("listeners[0].routes[3].match"), "{found:#?}");
+    assert!(at("listeners[0].routes[4].pool"), "{found:#?}");
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies_and_valid_values() {
+    assert_problem(
+        &tcp_listener("proxy_protocol = \"v2\""),
+        "listeners[0].trusted_proxies",
+        "needs trusted_proxies",
+    );
+    assert_problem(
+        &tcp_listener("proxy_protocol = \"v3\"\ntrusted_proxies = [\"10.0.0.0/8\"]"),
+        "listeners[0].proxy_protocol",
+        "unknown value `v3`",
+    );
+    assert_problem(
+        &tcp_listener("proxy_protocol = \"any\"\ntrusted_proxies = [\"10.0.0.0/99\"]"),
+        "listeners[0].trusted_proxies[0]",
+        "not an address or CIDR",
+    );
+}
+
+#[test]
+fn every_problem_is_reported_not_only_the_first() {
+    let text = r#"
+[global]
+drain_timeout = "soon"
+
+[[listeners]]
+name = "a"
+bind = "not an address"
+protocol = "tcp"
+pool = "ghost"
+idle_timeout = "5 parsecs"
+
+[[listeners]]
+name = "a"
+bind = "127.0.0.1:1"
+protocol = "sctp"
+
+[pools.p]
+backends = []
+balance = "fastest"
+"#;
+    let found = problems(text);
+    let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+    for expected in [
+        "global.drain_timeout",
+        "listeners[0].bind",
+        "listeners[0].pool",
+        "listeners[0].idle_timeout",
+        "listeners[1].name",
+        "listeners[1].protocol",
+        "pools.p.backends",
+        "pools.p.balance",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "missing {expected} in {found:#?}"
+        );
+    }
+    let message = Config::from_toml(text, Path::new("many.toml"))
+        .expect_err("bad")
+        .to_string();
+    assert_eq!(message.lines().count(), found.len());
+    assert!(
+        message.lines().all(|l| l.starts_with("many.toml: ")),
+        "{message}"
+    );
+}
+
+#[test]
+fn syntax_errors_name_line_and_column() {
+    let error =
+        Config::from_toml("[[listeners]\nname = 1", Path::new("s.toml")).expect_err("syntax");
+    assert!(
+        matches!(error, ConfigError::Syntax { line: 1, .. }),
+        "{error}"
+    );
+    let error =
+        Config::from_toml("[[listeners]]\nname = 1\n", Path::new("s.toml")).expect_err("type");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("s.toml:2:") && message.contains("listeners[0].name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn environment_variables_expand() {
+    // A variable that the test process is sure to have.
+    let home = std::env::var("PATH").is_ok();
+    assert!(home);
+    let text = tcp_listener("").replace(
+        "bind = \"127.0.0.1:1000\"",
+        "bind = \"${SWITCHYARD_SURELY_UNSET_VAR:-127.0.0.1:4321}\"",
+    );
+    let config = Config::from_toml(&text, Path::new("env.toml")).expect("loads");
+    assert_eq!(config.listeners[0].bind.port(), 4321);
+    let text = tcp_listener("").replace("127.0.0.1:1000", "${SWITCHYARD_SURELY_UNSET_VAR}");
+    let message = Config::from_toml(&text, Path::new("env.toml"))
+        .expect_err("unset")
+        .to_string();
+    assert!(message.contains("SWITCHYARD_SURELY_UNSET_VAR"), "{message}");
+}
