@@ -350,6 +350,16 @@ async fn two_thousand_connections_at_once_then_back_to_baseline() {
         "",
     ));
     let addr = proxy.addr("l4");
+    // One connection first, so the accept loop and the worker threads' pipe pools exist.
+    assert_eq!(round_trip(addr, b"warm").await, b"warm");
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    eventually("warm-up closed", || {
+        state.active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+    let fds_before = open_descriptors();
     let clients: Vec<_> = (0..2000u32)
         .map(|i| {
             tokio::spawn(async move {
@@ -372,12 +382,28 @@ async fn two_thousand_connections_at_once_then_back_to_baseline() {
                 .expect("echo"),
         );
     }
-    let state = proxy.registry.get("p", backend.addr).expect("state");
     assert_eq!(state.active.load(Ordering::Relaxed), 2000);
     drop(open);
     eventually("every connection closed", || {
         state.active.load(Ordering::Relaxed) == 0
     })
     .await;
-    assert_eq!(state.total.load(Ordering::Relaxed), 2000);
+    assert_eq!(state.total.load(Ordering::Relaxed), 2001);
+    // Tasks and descriptors return to where they were (the backend's per-connection tasks end
+    // when they see EOF, so allow for those still finishing).
+    eventually("tasks back to baseline", || {
+        metrics.num_alive_tasks() <= tasks_before
+    })
+    .await;
+    // A few descriptors of slack: splice pipes pooled per worker thread.
+    eventually("descriptors back to baseline", || {
+        open_descriptors() <= fds_before + 2 * 64 * 2
+    })
+    .await;
+}
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }

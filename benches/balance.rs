@@ -1,0 +1,60 @@
+//! Cost of one balancer pick, per algorithm and pool size. The allocation profiler shows that a
+//! pick allocates nothing: its alloc columns must read 0.
+//!
+//! Run: `cargo bench --bench balance`
+
+use std::sync::Arc;
+
+use divan::{AllocProfiler, Bencher, black_box};
+use switchyard::backend::BackendState;
+use switchyard::balance::{self, Candidate, PickContext};
+use switchyard::config::BalanceKind;
+
+#[global_allocator]
+static ALLOC: AllocProfiler = AllocProfiler::system();
+
+fn main() {
+    divan::main();
+}
+
+fn candidates(n: usize, weighted: bool) -> Vec<Candidate> {
+    (0..n)
+        .map(|i| Candidate {
+            weight: if weighted { 1 + (i as u32 % 5) } else { 1 },
+            state: Arc::new(BackendState::new(
+                ([10, 0, (i / 256) as u8, (i % 256) as u8], 80).into(),
+            )),
+        })
+        .collect()
+}
+
+const KINDS: [BalanceKind; 4] = [
+    BalanceKind::RoundRobin,
+    BalanceKind::LeastConn,
+    BalanceKind::Random,
+    BalanceKind::P2c,
+];
+
+#[divan::bench(args = KINDS, consts = [2, 16, 128])]
+fn pick<const N: usize>(bencher: Bencher, kind: BalanceKind) {
+    let candidates = candidates(N, true);
+    let balancer = balance::build(kind, &candidates);
+    let ctx = PickContext {
+        client: Some([192, 0, 2, 1].into()),
+        tried: &[],
+    };
+    bencher.bench_local(|| black_box(balancer.pick(black_box(&candidates), &ctx)));
+}
+
+/// A retry: the first choice failed, so it is excluded.
+#[divan::bench(args = KINDS)]
+fn pick_after_one_failure(bencher: Bencher, kind: BalanceKind) {
+    let candidates = candidates(16, false);
+    let balancer = balance::build(kind, &candidates);
+    let tried = [3usize];
+    let ctx = PickContext {
+        client: None,
+        tried: &tried,
+    };
+    bencher.bench_local(|| black_box(balancer.pick(black_box(&candidates), &ctx)));
+}
