@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -68,16 +69,15 @@ impl TcpProxy {
     }
 
     async fn proxy(&self, client: &mut TcpStream, peer: SocketAddr) -> Result<(), RefuseReason> {
-        let local = client.local_addr().unwrap_or(peer);
-        let (source, destination, initial) = self.accept_proxy_header(client, peer, local).await?;
+        let (source, destination, initial) = self.accept_proxy_header(client, peer).await?;
 
         let snapshot = self.snapshot.load_full();
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| RefuseReason::NoPool(self.pool.clone()))?;
-        let (backend, addr, guard) = connect(pool, source).await?;
+        let (mut backend, addr, guard) = connect(pool, source).await?;
         let _ = backend.set_nodelay(true);
-        announce(pool, &backend, addr, source, destination).await?;
+        announce(pool, client, &mut backend, addr, source, destination).await?;
 
         debug!(listener = %self.name, client = %source, %addr, "forwarding");
         let (result, moved) = forward(
@@ -112,10 +112,9 @@ impl TcpProxy {
         &self,
         client: &mut TcpStream,
         peer: SocketAddr,
-        local: SocketAddr,
-    ) -> Result<(SocketAddr, SocketAddr, Vec<u8>), RefuseReason> {
+    ) -> Result<(SocketAddr, Option<SocketAddr>, Vec<u8>), RefuseReason> {
         let Some(accept) = &self.proxy_protocol else {
-            return Ok((peer, local, Vec::new()));
+            return Ok((peer, None, Vec::new()));
         };
         let peer_ip = peer.ip().to_canonical();
         if !accept.trusted.iter().any(|net| net.contains(&peer_ip)) {
@@ -124,7 +123,7 @@ impl TcpProxy {
         let received = proxy_protocol::read_header(client, accept.version, accept.timeout).await?;
         Ok((
             received.source.unwrap_or(peer),
-            received.destination.unwrap_or(local),
+            received.destination,
             received.leftover,
         ))
     }
@@ -175,37 +174,34 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     }
 }
 
-/// Phase 3: tells the backend who the client is, when the pool asks for the PROXY protocol.
+/// Phase 3: tells the backend who the client is, when the pool asks for the PROXY protocol. The
+/// destination is the one the incoming header named, else the address the client connected to.
 async fn announce(
     pool: &Pool,
-    backend: &TcpStream,
+    client: &TcpStream,
+    backend: &mut TcpStream,
     addr: SocketAddr,
     source: SocketAddr,
-    destination: SocketAddr,
+    destination: Option<SocketAddr>,
 ) -> Result<(), RefuseReason> {
     let Some(version) = pool.send_proxy_protocol else {
         return Ok(());
     };
-    let header = proxy_protocol::encode(version, source, destination);
-    let mut written = 0;
-    while written < header.len() {
-        backend
-            .writable()
-            .await
+    let destination = match destination {
+        Some(destination) => destination,
+        None => client
+            .local_addr()
             .map_err(|source| RefuseReason::Announce {
                 backend: addr,
                 source,
-            })?;
-        match backend.try_write(&header[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(source) => {
-                return Err(RefuseReason::Announce {
-                    backend: addr,
-                    source,
-                });
-            }
-        }
-    }
-    Ok(())
+            })?,
+    };
+    let header = proxy_protocol::encode(version, source, destination);
+    backend
+        .write_all(&header)
+        .await
+        .map_err(|source| RefuseReason::Announce {
+            backend: addr,
+            source,
+        })
 }
