@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::Config;
@@ -120,15 +120,19 @@ async fn tcp_backend(name: String) -> io::Result<SocketAddr> {
         while let Ok((stream, _)) = listener.accept().await {
             let name = name.clone();
             tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
+                let (mut read, mut write) = stream.into_split();
                 write
                     .write_all(format!("hello from {name}\n").as_bytes())
                     .await?;
-                let mut lines = BufReader::new(read).lines();
-                while let Some(line) = lines.next_line().await? {
-                    write
-                        .write_all(format!("{name}: {line}\n").as_bytes())
-                        .await?;
+                // Echo in bounded chunks: whatever a client sends, memory stays at 4 KiB.
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = read.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    write.write_all(format!("{name}: ").as_bytes()).await?;
+                    write.write_all(&chunk[..n]).await?;
                 }
                 write.shutdown().await
             });

@@ -201,6 +201,8 @@ pub fn encode(
 }
 
 fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (source, destination) = (canonical(source), canonical(destination));
     fn v6(addr: SocketAddr) -> SocketAddr {
         match addr {
             SocketAddr::V4(a) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
@@ -290,6 +292,16 @@ mod tests {
             parse(&v2, ProxyProtocolVersions::V1),
             Err(ProxyProtocolError::WrongVersion("v2"))
         ));
+    }
+
+    #[test]
+    fn mapped_addresses_are_sent_as_ipv4() {
+        let bytes = encode(
+            ProxyProtocolVersion::V1,
+            addr("[::ffff:192.0.2.7]:4000"),
+            addr("[::ffff:10.0.0.1]:443"),
+        );
+        assert_eq!(bytes, b"PROXY TCP4 192.0.2.7 10.0.0.1 4000 443\r\n");
     }
 
     #[test]

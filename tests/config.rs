@@ -58,7 +58,7 @@ trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]
 name = "dns"
 bind = "127.0.0.1:3306"
 protocol = "udp"
-pool = "mysql"
+pool = "web"
 max_sessions = 100
 
 [pools.web]
@@ -323,4 +323,29 @@ fn environment_variables_expand() {
         .expect_err("unset")
         .to_string();
     assert!(message.contains("SWITCHYARD_SURELY_UNSET_VAR"), "{message}");
+}
+
+#[test]
+fn settings_that_would_be_silently_ignored_are_errors() {
+    assert_problem(
+        &tcp_listener("trusted_proxies = [\"10.0.0.0/8\"]"),
+        "listeners[0].trusted_proxies",
+        "without proxy_protocol",
+    );
+    let udp = |extra: &str| tcp_listener(extra).replace("protocol = \"tcp\"", "protocol = \"udp\"");
+    assert_problem(
+        &udp("max_connections = 5"),
+        "listeners[0].max_connections",
+        "max_sessions",
+    );
+    assert_problem(
+        &udp("").replace("backends = [", "send_proxy_protocol = \"v2\"\nbackends = ["),
+        "listeners[0].pool",
+        "udp listeners do not send",
+    );
+    assert_problem(
+        &tcp_listener("").replace("backends = [", "connect_attempts = 17\nbackends = ["),
+        "pools.p.connect_attempts",
+        "out of range",
+    );
 }

@@ -116,3 +116,34 @@ async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     assert_eq!(ask(&client, addr, b"ok?").await, "a: ok?");
 }
+
+#[tokio::test]
+async fn a_refusing_backend_does_not_trap_a_client_that_keeps_its_port() {
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let (live, _task) = udp_named("live").await;
+    let proxy = Proxy::start(&udp_config(&[dead, live], ""));
+    let addr = proxy.addr("dns");
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut buf = vec![0u8; 1024];
+    let mut answer = None;
+    // The first datagram lands on the dead backend and is lost (UDP); a retry from the same
+    // port must reach the live one.
+    for _ in 0..20 {
+        client.send_to(b"retry", addr).await.expect("send");
+        if let Ok(Ok((n, _))) = tokio::time::timeout(
+            std::time::Duration::from_millis(250),
+            client.recv_from(&mut buf),
+        )
+        .await
+        {
+            answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            break;
+        }
+    }
+    assert_eq!(answer.as_deref(), Some("live: retry"));
+    let dead_state = proxy.registry.get("p", dead).expect("state");
+    assert_eq!(dead_state.connect_failures.load(Ordering::Relaxed), 1);
+}

@@ -71,6 +71,28 @@ fn less_loaded(a: &Candidate, b: &Candidate) -> bool {
     u128::from(load_a) * u128::from(b.weight) < u128::from(load_b) * u128::from(a.weight)
 }
 
+/// A uniformly random eligible candidate: a few draws, then a scan from a random start. When
+/// some backends are out, their share spreads evenly over the rest instead of falling on the
+/// neighbour that a plain "next one" scan would always find.
+#[inline]
+fn random_eligible(candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    let n = candidates.len();
+    if n == 0 {
+        return None;
+    }
+    for _ in 0..RANDOM_DRAWS {
+        let i = fastrand::usize(0..n);
+        if ctx.eligible(candidates, i) {
+            return Some(i);
+        }
+    }
+    first_eligible(candidates, ctx, fastrand::usize(0..n))
+}
+
+/// Random draws tried before falling back to a scan; with half the pool out, 8 draws all miss
+/// with probability 1/256, and the scan still starts at a random place.
+const RANDOM_DRAWS: usize = 8;
+
 /// The first eligible candidate at or after `start`, wrapping around.
 #[inline]
 fn first_eligible(candidates: &[Candidate], ctx: &PickContext<'_>, start: usize) -> Option<usize> {
@@ -96,6 +118,18 @@ pub(crate) mod test_support {
                 )),
             })
             .collect()
+    }
+
+    /// Asserts that every eligible candidate got `expected` picks within `tolerance` and the
+    /// ineligible ones none.
+    pub fn assert_even(counts: &[usize], down: &[usize], expected: usize, tolerance: usize) {
+        for (i, &count) in counts.iter().enumerate() {
+            if down.contains(&i) {
+                assert_eq!(count, 0, "{counts:?}");
+            } else {
+                assert!(count.abs_diff(expected) <= tolerance, "{counts:?}");
+            }
+        }
     }
 
     /// How many of `picks` picks land on each candidate.

@@ -4,7 +4,7 @@
 //! and binary-searches it. A draw that lands on an ineligible backend falls back to the next
 //! eligible one in order.
 
-use super::{Balancer, Candidate, PickContext, first_eligible};
+use super::{Balancer, Candidate, PickContext, RANDOM_DRAWS, random_eligible};
 
 /// Weighted random.
 #[derive(Debug)]
@@ -31,13 +31,16 @@ impl WeightedRandom {
 impl Balancer for WeightedRandom {
     fn pick(&self, candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
         let total = *self.cumulative.last()?;
-        let draw = fastrand::u64(0..total);
-        let index = self.cumulative.partition_point(|&sum| sum <= draw);
-        if ctx.eligible(candidates, index) {
-            Some(index)
-        } else {
-            first_eligible(candidates, ctx, index + 1)
+        // Redrawing (rather than taking the next backend) keeps the weights of the eligible
+        // backends in proportion when some are out.
+        for _ in 0..RANDOM_DRAWS {
+            let draw = fastrand::u64(0..total);
+            let index = self.cumulative.partition_point(|&sum| sum <= draw);
+            if ctx.eligible(candidates, index) {
+                return Some(index);
+            }
         }
+        random_eligible(candidates, ctx)
     }
 }
 
@@ -52,6 +55,14 @@ mod tests {
         let counts = distribution(&WeightedRandom::new(&c), &c, 40_000);
         // Expected 30,000 / 10,000; 5 standard deviations is about ±430.
         assert!((29_500..=30_500).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn a_backend_that_is_out_spreads_its_share_evenly() {
+        let c = candidates(&[1, 1, 1, 1]);
+        c[1].state.set_usable(false);
+        let counts = distribution(&WeightedRandom::new(&c), &c, 30_000);
+        assert_even(&counts, &[1], 10_000, 600);
     }
 
     #[test]

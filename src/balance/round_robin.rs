@@ -56,14 +56,18 @@ impl Balancer for SmoothRoundRobin {
         if self.sequence.is_empty() {
             return None;
         }
-        let position = self.next.fetch_add(1, Relaxed) % self.sequence.len();
-        let index = self.sequence[position] as usize;
-        if ctx.eligible(candidates, index) {
-            return Some(index);
+        // A backend that is out loses its turns: the shared position moves on to the next turn
+        // in the sequence, so its share spreads over the others in their own proportions
+        // instead of falling on one neighbour.
+        for _ in 0..self.sequence.len() {
+            let position = self.next.fetch_add(1, Relaxed) % self.sequence.len();
+            let index = self.sequence[position] as usize;
+            if ctx.eligible(candidates, index) {
+                return Some(index);
+            }
         }
-        // The scheduled backend is out: the next one in plain rotation takes its turn, which
-        // spreads its share evenly over the others.
-        first_eligible(candidates, ctx, index + 1)
+        // Every turn of a full period was ineligible; a last scan settles it.
+        first_eligible(candidates, ctx, 0)
     }
 }
 
@@ -98,6 +102,15 @@ mod tests {
         let c = candidates(&[3, 1]);
         let rr = SmoothRoundRobin::new(&c);
         assert_eq!(distribution(&rr, &c, 20), [15, 5]);
+    }
+
+    #[test]
+    fn a_backend_that_is_out_spreads_its_share_evenly() {
+        let c = candidates(&[1, 1, 1, 1]);
+        let rr = SmoothRoundRobin::new(&c);
+        c[1].state.set_usable(false);
+        let counts = distribution(&rr, &c, 30_000);
+        assert_even(&counts, &[1], 10_000, 1);
     }
 
     #[test]

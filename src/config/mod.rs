@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backends one client connection may try before the proxy gives up on it.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+/// The most backends one connection may try; `connect_attempts` above it is an error.
+pub const MAX_CONNECT_ATTEMPTS: usize = 16;
 /// Time a peer has to deliver its PROXY protocol header.
 pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether TCP listeners forward with splice(2). Measured on loopback: see bench/README.md.
@@ -226,8 +228,7 @@ impl Config {
 
     /// Parses and validates configuration text; `file` is only used to name it in errors.
     pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let text = validate::expand_env(text, file)?;
-        let raw = validate::parse(&text, file)?;
+        let raw = validate::parse(text, file)?;
         validate::validate(raw, file)
     }
 }

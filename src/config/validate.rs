@@ -10,15 +10,13 @@ use serde::Deserialize;
 use super::raw::{RawBackend, RawConfig, RawListener, RawPool, RawRoute};
 use super::*;
 
-/// Replaces `${NAME}` and `${NAME:-default}` with environment values, so one file can serve
-/// several deployments (the shared benchmark passes its ports this way). `$${` writes a literal
-/// `${`. An unset variable without a default is an error naming its line.
-pub(super) fn expand_env(text: &str, file: &Path) -> Result<String, ConfigError> {
-    if !text.contains("${") {
-        return Ok(text.to_owned());
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+/// Replaces `${NAME}` and `${NAME:-default}` in one string value with environment values, so
+/// one file can serve several deployments (the shared benchmark passes its ports this way).
+/// `$${` writes a literal `${`. Only string values are expanded, never comments or keys, and a
+/// value can never turn into TOML syntax.
+fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
     while let Some(start) = rest.find('$') {
         out.push_str(&rest[..start]);
         let after = &rest[start..];
@@ -27,50 +25,89 @@ pub(super) fn expand_env(text: &str, file: &Path) -> Result<String, ConfigError>
             rest = escaped;
             continue;
         }
-        if !after.starts_with("${") {
+        let Some(inner) = after.strip_prefix("${") else {
             out.push('$');
             rest = &after[1..];
             continue;
-        }
-        let offset = text.len() - after.len();
-        let (line, column) = line_column(text, offset);
-        let Some(end) = after.find('}') else {
-            return Err(ConfigError::Syntax {
-                file: file.to_path_buf(),
-                path: String::new(),
-                line,
-                column,
-                reason: "`${` without a closing `}`".into(),
-            });
         };
-        let inner = &after[2..end];
-        let (name, default) = match inner.split_once(":-") {
+        let Some(end) = inner.find('}') else {
+            return Err("`${` without a closing `}`".into());
+        };
+        let (name, default) = match inner[..end].split_once(":-") {
             Some((name, default)) => (name, Some(default)),
-            None => (inner, None),
+            None => (&inner[..end], None),
         };
         match (std::env::var(name), default) {
             (Ok(value), _) => out.push_str(&value),
             (Err(_), Some(default)) => out.push_str(default),
             (Err(_), None) => {
-                return Err(ConfigError::Syntax {
-                    file: file.to_path_buf(),
-                    path: String::new(),
-                    line,
-                    column,
-                    reason: format!(
-                        "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
-                    ),
-                });
+                return Err(format!(
+                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                ));
             }
         }
-        rest = &after[end + 1..];
+        rest = &inner[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
 }
 
-/// Parses TOML into the raw structs, naming the key path of a shape error.
+/// Expands every string value under `value`, naming the key path of a failure.
+fn expand_strings(value: &mut toml::Value, path: &str, problems: &mut Problems) {
+    match value {
+        toml::Value::String(text) if text.contains("${") => {
+            if let Some(expanded) = problems.check(path, expand_env(text)) {
+                *text = expanded;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_strings(item, &format!("{path}[{i}]"), problems);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                expand_strings(item, &path, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Parses TOML into the raw structs, naming the key path of a shape error, then expands
+/// environment variables in string values.
 pub(super) fn parse(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    // The shape is checked on the text as written, so errors point at its lines.
+    let raw = parse_shape(text, file)?;
+    if !text.contains("${") {
+        return Ok(raw);
+    }
+    let whole_file = |error: toml::de::Error| ConfigError::Syntax {
+        file: file.to_path_buf(),
+        path: String::new(),
+        line: 1,
+        column: 1,
+        reason: error.message().trim().to_owned(),
+    };
+    let mut value: toml::Value = toml::from_str(text).map_err(whole_file)?;
+    let mut problems = Problems(Vec::new());
+    expand_strings(&mut value, "", &mut problems);
+    if !problems.0.is_empty() {
+        return Err(ConfigError::Invalid {
+            file: file.to_path_buf(),
+            problems: problems.0,
+        });
+    }
+    // Expansion only changed the contents of strings, so the shape still holds.
+    value.try_into().map_err(whole_file)
+}
+
+fn parse_shape(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
     let syntax = |error: toml::de::Error, path: String| {
         let (line, column) = error
             .span()
@@ -273,12 +310,31 @@ fn validate_listener(
                     })
                 })
             } else {
+                if let Some(name) = &pool
+                    && pools
+                        .valid
+                        .get(name)
+                        .is_some_and(|p| p.send_proxy_protocol.is_some())
+                {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!(
+                            "pool `{name}` sets send_proxy_protocol, which udp listeners do not send"
+                        ),
+                    );
+                }
                 only(problems, raw.splice.is_some(), "splice", "tcp");
                 only(
                     problems,
                     raw.proxy_protocol.is_some(),
                     "proxy_protocol",
                     "tcp",
+                );
+                only(
+                    problems,
+                    raw.max_connections.is_some(),
+                    "max_connections",
+                    "tcp and http (udp has max_sessions)",
                 );
                 let idle_timeout = optional_duration(
                     problems,
@@ -388,6 +444,15 @@ fn validate_proxy_accept(
         if raw.proxy_protocol_timeout.is_some() {
             problems.push(
                 format!("{at}.proxy_protocol_timeout"),
+                "set without proxy_protocol, so it would have no effect",
+            );
+        }
+        // On http listeners trusted_proxies also decides whose X-Forwarded-For is believed; on
+        // tcp and udp it means nothing without proxy_protocol.
+        let layer4 = matches!(raw.protocol.as_deref(), Some("tcp" | "udp"));
+        if layer4 && raw.trusted_proxies.is_some() {
+            problems.push(
+                format!("{at}.trusted_proxies"),
                 "set without proxy_protocol, so it would have no effect",
             );
         }
@@ -546,12 +611,17 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
         raw.connect_timeout.as_deref(),
         DEFAULT_CONNECT_TIMEOUT,
     );
-    let connect_attempts = positive(
-        problems,
-        &format!("{at}.connect_attempts"),
-        raw.connect_attempts,
-        DEFAULT_CONNECT_ATTEMPTS,
-    );
+    let connect_attempts = match raw.connect_attempts {
+        None => DEFAULT_CONNECT_ATTEMPTS,
+        Some(n) if (1..=MAX_CONNECT_ATTEMPTS as i64).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(
+                format!("{at}.connect_attempts"),
+                format!("{n} is out of range: 1 to {MAX_CONNECT_ATTEMPTS}"),
+            );
+            DEFAULT_CONNECT_ATTEMPTS
+        }
+    };
     let send_proxy_protocol = match raw.send_proxy_protocol.as_deref() {
         None => None,
         Some("v1") => Some(ProxyProtocolVersion::V1),
@@ -663,13 +733,29 @@ fn parse_address(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// An address or CIDR. IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) become the IPv4
+/// networks they mean, because peers are compared in their canonical form.
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => text
+            .parse::<std::net::IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("`{text}` is not an address or CIDR (e.g. \"10.0.0.0/8\")"))?,
+    };
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        if v6.prefix_len() < 96 {
+            return Err(format!(
+                "`{text}` mixes IPv4-mapped and other IPv6 addresses; write the IPv4 part as its own CIDR"
+            ));
+        }
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .map(IpNet::V4)
+            .map_err(|e| format!("`{text}`: {e}"));
     }
-    text.parse::<std::net::IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("`{text}` is not an address or CIDR (e.g. \"10.0.0.0/8\")"))
+    Ok(net)
 }
 
 fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
@@ -709,18 +795,30 @@ mod tests {
 
     #[test]
     fn env_expansion() {
+        assert_eq!(
+            expand_env("${SWITCHYARD_TEST_UNSET_VAR:-1.2.3.4:5}").unwrap(),
+            "1.2.3.4:5"
+        );
+        assert_eq!(expand_env("$${X} $x").unwrap(), "${X} $x");
+        assert!(expand_env("${SWITCHYARD_TEST_UNSET_VAR}").is_err());
+        assert!(expand_env("${OPEN").is_err());
+    }
+
+    #[test]
+    fn env_expansion_touches_only_string_values() {
         let file = Path::new("t.toml");
-        assert_eq!(
-            expand_env("a = \"${SWITCHYARD_TEST_UNSET_VAR:-1.2.3.4:5}\"", file).unwrap(),
-            "a = \"1.2.3.4:5\""
-        );
-        assert_eq!(
-            expand_env("a = \"$${X}\" $x", file).unwrap(),
-            "a = \"${X}\" $x"
-        );
-        let error = expand_env("\n b = \"${SWITCHYARD_TEST_UNSET_VAR}\"", file).unwrap_err();
-        assert!(error.to_string().contains("t.toml:2:7"), "{error}");
-        assert!(expand_env("${OPEN", file).is_err());
+        // A comment may mention a variable that is not set.
+        let text = "# bind = \"${SWITCHYARD_TEST_UNSET_VAR}\"\n[global]\ndrain_timeout = \"${SWITCHYARD_TEST_UNSET_VAR:-7s}\"\n";
+        let raw = parse(text, file).unwrap();
+        assert_eq!(raw.global.drain_timeout.as_deref(), Some("7s"));
+        // An unset variable is reported at its key path.
+        let error = parse(
+            "[global]\ndrain_timeout = \"${SWITCHYARD_TEST_UNSET_VAR}\"\n",
+            file,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("global.drain_timeout"), "{error}");
     }
 
     #[test]
@@ -754,5 +852,13 @@ mod tests {
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:10.1.2.3").unwrap().to_string(),
+            "10.1.2.3/32"
+        );
     }
 }

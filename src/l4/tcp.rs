@@ -22,8 +22,7 @@ use crate::config::{ProxyProtocolAccept, TcpSettings};
 use crate::pool::{Pool, Snapshot};
 use crate::proxy_protocol;
 
-/// The most backends one connection tries, whatever the pool's `connect_attempts` says.
-const MAX_ATTEMPTS: usize = 16;
+use crate::config::MAX_CONNECT_ATTEMPTS as MAX_ATTEMPTS;
 
 /// What every connection of one TCP listener shares.
 #[derive(Debug)]
@@ -69,6 +68,9 @@ impl TcpProxy {
     }
 
     async fn proxy(&self, client: &mut TcpStream, peer: SocketAddr) -> Result<(), RefuseReason> {
+        // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d; everything after
+        // this point (trust checks, hashing, logs, PROXY headers) sees it as the IPv4 it is.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (source, destination, initial) = self.accept_proxy_header(client, peer).await?;
 
         let snapshot = self.snapshot.load_full();
@@ -116,8 +118,7 @@ impl TcpProxy {
         let Some(accept) = &self.proxy_protocol else {
             return Ok((peer, None, Vec::new()));
         };
-        let peer_ip = peer.ip().to_canonical();
-        if !accept.trusted.iter().any(|net| net.contains(&peer_ip)) {
+        if !accept.trusted.iter().any(|net| net.contains(&peer.ip())) {
             return Err(RefuseReason::Untrusted(peer));
         }
         let received = proxy_protocol::read_header(client, accept.version, accept.timeout).await?;

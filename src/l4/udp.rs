@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,8 +30,9 @@ use crate::balance::PickContext;
 use crate::config::UdpSettings;
 use crate::pool::Snapshot;
 
-/// Largest UDP payload over IPv4 (65,535 minus the IP and UDP headers).
-const MAX_DATAGRAM: usize = 65_507;
+/// Receive buffer size: larger than any UDP payload (IPv4 allows 65,507 bytes, IPv6 65,527), so
+/// no datagram is ever cut short.
+const MAX_DATAGRAM: usize = 65_535;
 
 /// What the sessions of one UDP listener share.
 #[derive(Debug)]
@@ -56,6 +57,8 @@ struct Session {
     replies: AbortHandle,
     /// Counts the session as active on its backend.
     guard: ActiveGuard,
+    /// Set when the backend refuses the session's datagrams; the next datagram re-picks.
+    broken: Arc<AtomicBool>,
 }
 
 impl Drop for Session {
@@ -108,9 +111,14 @@ impl UdpProxy {
                     let now = epoch.elapsed().as_millis() as u64;
                     let datagram = &buf[..len];
                     if let Some(session) = sessions.get(&client) {
-                        session.last_seen.store(now, Relaxed);
-                        send_upstream(&session.upstream, datagram, session.guard.state(), &stats);
-                        continue;
+                        if !session.broken.load(Relaxed) {
+                            session.last_seen.store(now, Relaxed);
+                            send_upstream(session, datagram, &stats);
+                            continue;
+                        }
+                        // Its backend refused (ICMP port unreachable): forget the session so
+                        // this datagram opens a new one, with a new pick.
+                        sessions.remove(&client);
                     }
                     if stopping || sessions.len() >= self.settings.max_sessions {
                         stats.dropped.fetch_add(1, Relaxed);
@@ -178,6 +186,7 @@ impl UdpProxy {
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
         let guard = candidate.state.start();
+        let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
         let replies = tokio::spawn(relay_replies(
             Arc::clone(&upstream),
@@ -186,6 +195,7 @@ impl UdpProxy {
             Arc::clone(&last_seen),
             Arc::clone(&candidate.state),
             epoch,
+            Arc::clone(&broken),
         ))
         .abort_handle();
         Ok(Session {
@@ -193,19 +203,31 @@ impl UdpProxy {
             last_seen,
             replies,
             guard,
+            broken,
         })
     }
 }
 
 /// Sends one client datagram to the session's backend, or drops it if the socket is full.
-fn send_upstream(upstream: &UdpSocket, datagram: &[u8], backend: &BackendState, stats: &UdpStats) {
-    match upstream.try_send(datagram) {
+fn send_upstream(session: &Session, datagram: &[u8], stats: &UdpStats) {
+    let backend = session.guard.state();
+    match session.upstream.try_send(datagram) {
         Ok(n) => {
             backend.bytes_sent.fetch_add(n as u64, Relaxed);
         }
-        Err(_) => {
+        Err(error) => {
             stats.dropped.fetch_add(1, Relaxed);
+            if error.kind() == io::ErrorKind::ConnectionRefused {
+                mark_broken(&session.broken, backend);
+            }
         }
+    }
+}
+
+/// Records that a session's backend refused it.
+fn mark_broken(broken: &AtomicBool, backend: &BackendState) {
+    if !broken.swap(true, Relaxed) {
+        backend.connect_failures.fetch_add(1, Relaxed);
     }
 }
 
@@ -222,6 +244,7 @@ async fn relay_replies(
     last_seen: Arc<AtomicU64>,
     backend: Arc<BackendState>,
     epoch: Instant,
+    broken: Arc<AtomicBool>,
 ) {
     loop {
         if upstream.readable().await.is_err() {
@@ -245,11 +268,14 @@ async fn relay_replies(
                 last_seen.store(epoch.elapsed().as_millis() as u64, Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => {
-                // Typically ECONNREFUSED from an ICMP port-unreachable: the backend is not
-                // listening. The session stays until it expires; the client may retry.
-                debug!(%client, backend = %backend.addr, %error, "udp relay error");
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                // ICMP port unreachable: nothing listens there. The client's next datagram
+                // opens a new session on another pick.
+                debug!(%client, backend = %backend.addr, "udp backend refused the session");
+                mark_broken(&broken, &backend);
+                return;
             }
+            Err(error) => debug!(%client, backend = %backend.addr, %error, "udp relay error"),
         }
     }
 }
