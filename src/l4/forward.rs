@@ -29,11 +29,16 @@ use tokio::time::{Instant, Sleep};
 
 use crate::backend::BackendState;
 
-/// Size of the per-thread copy buffer. Larger reads mean fewer system calls per byte; measured
-/// on loopback, see bench/README.md.
+/// Size of the per-thread copy buffer. Larger reads mean fewer system calls and wake-ups per
+/// byte, but it also bounds what one connection may have to keep in `pending` when its
+/// destination is slower than its source. On loopback 256 KiB beat 16 and 64 KiB clearly; 512 KiB
+/// and 1 MiB were not reliably better (see bench/README.md).
 const SCRATCH_SIZE: usize = 256 * 1024;
-/// Capacity requested for each splice pipe (the kernel default is 64 KiB).
-const PIPE_SIZE: usize = 1024 * 1024;
+/// Capacity requested for each splice pipe (the kernel default is 64 KiB). On loopback 256 KiB
+/// beat 64 KiB and was at least as fast as 1 MiB (see bench/README.md). A smaller pipe also
+/// bounds the kernel memory one busy direction can hold and spends less of the per-user pipe
+/// budget (`fs.pipe-user-pages-*`).
+const PIPE_SIZE: usize = 256 * 1024;
 /// Pipes kept per worker thread for reuse; more are closed when given back.
 const PIPE_POOL_MAX: usize = 64;
 
@@ -179,7 +184,9 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             ready!(src.poll_read_ready(cx))?;
-            let read = if self.splice {
+            // Without a pipe (the process is out of descriptors, say) this read is copied
+            // instead: the connection goes on, and the next read tries for a pipe again.
+            let read = if self.splice && self.has_pipe() {
                 self.splice_in(src)
             } else {
                 self.copy_through(src, dst)
@@ -263,11 +270,22 @@ impl Half {
         })
     }
 
+    /// Whether a pipe is at hand, borrowing one from the pool if needed.
+    fn has_pipe(&mut self) -> bool {
+        if self.pipe.is_none() {
+            match Pipe::take() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(error) => {
+                    tracing::debug!(%error, "no pipe for splice, copying instead");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// Splice mode: moves what `src` has into the pipe.
     fn splice_in(&mut self, src: &TcpStream) -> io::Result<usize> {
-        if self.pipe.is_none() {
-            self.pipe = Some(Pipe::take()?);
-        }
         let Some(pipe) = &self.pipe else {
             return Err(io::Error::other("no pipe"));
         };
@@ -284,10 +302,10 @@ impl Half {
             self.pending = Vec::new();
             self.written = 0;
         }
-        if self.in_pipe == 0 {
-            if let Some(pipe) = self.pipe.take() {
-                pipe.give_back();
-            }
+        if self.in_pipe == 0
+            && let Some(pipe) = self.pipe.take()
+        {
+            pipe.give_back();
         }
     }
 }

@@ -71,15 +71,27 @@ impl TcpProxy {
         // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d; everything after
         // this point (trust checks, hashing, logs, PROXY headers) sees it as the IPv4 it is.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let (source, destination, initial) = self.accept_proxy_header(client, peer).await?;
+        // The phases before forwarding are boxed: a future is as large as its largest state, and
+        // without the boxes every idle connection would carry the connect and header-reading
+        // state for its whole life. The boxes live only while their phase runs.
+        let (source, destination, initial) =
+            Box::pin(self.accept_proxy_header(client, peer)).await?;
 
         let snapshot = self.snapshot.load_full();
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| RefuseReason::NoPool(self.pool.clone()))?;
-        let (mut backend, addr, guard) = connect(pool, source).await?;
+        let (mut backend, addr, guard) = Box::pin(connect(pool, source)).await?;
         let _ = backend.set_nodelay(true);
-        announce(pool, client, &mut backend, addr, source, destination).await?;
+        Box::pin(announce(
+            pool,
+            client,
+            &mut backend,
+            addr,
+            source,
+            destination,
+        ))
+        .await?;
 
         debug!(listener = %self.name, client = %source, %addr, "forwarding");
         let (result, moved) = forward(
@@ -205,4 +217,43 @@ async fn announce(
             backend: addr,
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::TcpSettings;
+
+    /// Every idle connection carries its whole future for its whole life, so its size is memory
+    /// per connection. The phases before forwarding are boxed to keep it small; this guards that.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let proxy = Arc::new(TcpProxy {
+            name: "l4".into(),
+            pool: "p".into(),
+            settings: TcpSettings {
+                pool: "p".into(),
+                idle_timeout: Duration::from_secs(1),
+                splice: true,
+            },
+            proxy_protocol: None,
+            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot {
+                pools: Default::default(),
+            })),
+        });
+        let future = proxy.serve(client, addr);
+        assert!(
+            std::mem::size_of_val(&future) <= 800,
+            "{}",
+            std::mem::size_of_val(&future)
+        );
+    }
 }
