@@ -16,7 +16,8 @@ pub struct BackendState {
     pub addr: SocketAddr,
     /// Connections (L4) or requests in flight to it; balancers read this.
     pub active: AtomicU64,
-    /// Connections or requests sent to it since start.
+    /// Connections (or sessions, or requests) established with it since start; failed connects
+    /// are in `connect_failures` instead.
     pub total: AtomicU64,
     /// Bytes forwarded from clients to it.
     pub bytes_sent: AtomicU64,
@@ -53,10 +54,11 @@ impl BackendState {
         self.usable.store(usable, Relaxed);
     }
 
-    /// Counts a connection or request as started; the guard counts it as ended when dropped.
+    /// Counts a connection attempt as active (balancers see it at once, even while it is still
+    /// connecting); the guard ends it when dropped. `total` counts it once it is
+    /// [established](ActiveGuard::established).
     pub fn start(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Relaxed);
-        self.total.fetch_add(1, Relaxed);
         ActiveGuard(Arc::clone(self))
     }
 }
@@ -69,6 +71,11 @@ impl ActiveGuard {
     /// The backend this guard counts against.
     pub fn state(&self) -> &BackendState {
         &self.0
+    }
+
+    /// Records that the connection was established, counting it in `total`.
+    pub fn established(&self) {
+        self.0.total.fetch_add(1, Relaxed);
     }
 }
 

@@ -13,9 +13,12 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::config::Config;
 use crate::server::{Server, ServerError};
 
-/// Ports the demo tries first; when one is taken it falls back to a free port and says so.
+/// Ports the demo tries first; when one is taken, both listeners move to free ports and the
+/// printed help shows where.
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
+/// Silence after which a demo TCP backend says goodbye and closes.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +56,19 @@ pub async fn start() -> Result<(Server, String), DemoError> {
     let udp = server
         .local_addr("udp-demo")
         .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+    let moved = if tcp.port() == TCP_PORT && udp.port() == UDP_PORT {
+        ""
+    } else {
+        "\n(ports 7000/7001 were taken, so the demo listens on free ports instead)\n"
+    };
     let help = format!(
-        "Switchyard demo is running. Layer 4 listeners, round robin over the demo backends:\n\
-         \n  tcp-demo  {tcp}  -> tcp-backend-1..3 (each greets with its name, then echoes)\n\
+        "Switchyard demo is running. Layer 4 listeners, round robin over the demo backends:\n{moved}\
+         \n  tcp-demo  {tcp}  -> tcp-backend-1..3 (each greets with its name, echoes what you\n\
+         \x20                             send, and closes after a second of silence)\n\
          \x20 udp-demo  {udp}  -> udp-backend-1..2 (each answers with its name)\n\
          \nTry (run each a few times to watch the rotation):\n\
          \n  curl -s telnet://{tcp} </dev/null\n\
-         \x20 printf 'ping\\n' | nc -N {} {}\n\
+         \x20 printf 'ping\\n' | nc {} {}\n\
          \x20 echo hello | nc -u -w1 {} {}\n\
          \nPress Ctrl-C to stop.",
         tcp.ip(),
@@ -124,10 +133,14 @@ async fn tcp_backend(name: String) -> io::Result<SocketAddr> {
                 write
                     .write_all(format!("hello from {name}\n").as_bytes())
                     .await?;
-                // Echo in bounded chunks: whatever a client sends, memory stays at 4 KiB.
+                // Echo in bounded chunks: whatever a client sends, memory stays at 4 KiB. A
+                // second of silence ends the conversation, so `curl telnet://` returns.
                 let mut chunk = [0u8; 4096];
                 loop {
-                    let n = read.read(&mut chunk).await?;
+                    let Ok(n) = tokio::time::timeout(IDLE, read.read(&mut chunk)).await else {
+                        break;
+                    };
+                    let n = n?;
                     if n == 0 {
                         break;
                     }

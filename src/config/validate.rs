@@ -37,7 +37,9 @@ fn expand_env(value: &str) -> Result<String, String> {
             Some((name, default)) => (name, Some(default)),
             None => (&inner[..end], None),
         };
+        // Like the shell's `${NAME:-default}`: an empty value takes the default too.
         match (std::env::var(name), default) {
+            (Ok(value), Some(default)) if value.is_empty() => out.push_str(default),
             (Ok(value), _) => out.push_str(&value),
             (Err(_), Some(default)) => out.push_str(default),
             (Err(_), None) => {
@@ -328,14 +330,14 @@ fn validate_listener(
                     problems,
                     raw.proxy_protocol.is_some(),
                     "proxy_protocol",
-                    "tcp",
+                    "tcp and http",
                 );
-                only(
-                    problems,
-                    raw.max_connections.is_some(),
-                    "max_connections",
-                    "tcp and http (udp has max_sessions)",
-                );
+                if raw.max_connections.is_some() {
+                    problems.push(
+                        format!("{at}.max_connections"),
+                        "applies to tcp and http listeners; udp listeners cap sessions with max_sessions",
+                    );
+                }
                 let idle_timeout = optional_duration(
                     problems,
                     &format!("{at}.idle_timeout"),

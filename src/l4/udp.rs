@@ -59,6 +59,8 @@ struct Session {
     guard: ActiveGuard,
     /// Set when the backend refuses the session's datagrams; the next datagram re-picks.
     broken: Arc<AtomicBool>,
+    /// The backend's index in its pool, excluded from the re-pick after a refusal.
+    backend: usize,
 }
 
 impl Drop for Session {
@@ -110,6 +112,7 @@ impl UdpProxy {
                     };
                     let now = epoch.elapsed().as_millis() as u64;
                     let datagram = &buf[..len];
+                    let mut refused = None;
                     if let Some(session) = sessions.get(&client) {
                         if !session.broken.load(Relaxed) {
                             session.last_seen.store(now, Relaxed);
@@ -117,15 +120,15 @@ impl UdpProxy {
                             continue;
                         }
                         // Its backend refused (ICMP port unreachable): forget the session so
-                        // this datagram opens a new one, with a new pick.
-                        sessions.remove(&client);
+                        // this datagram opens a new one, picked among the other backends.
+                        refused = sessions.remove(&client).map(|s| s.backend);
                     }
                     if stopping || sessions.len() >= self.settings.max_sessions {
                         stats.dropped.fetch_add(1, Relaxed);
                         debug!(listener = %self.name, %client, "udp session refused (cap or shutdown)");
                         continue;
                     }
-                    match self.open(&socket, client, epoch, datagram).await {
+                    match self.open(&socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
@@ -161,16 +164,18 @@ impl UdpProxy {
         client: SocketAddr,
         epoch: Instant,
         first: &[u8],
+        refused: Option<usize>,
     ) -> io::Result<Session> {
         let snapshot = self.snapshot.load();
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| io::Error::other(format!("pool `{}` not configured", self.pool)))?;
+        let refused = refused.as_slice();
         let ctx = PickContext {
             client: Some(client.ip()),
-            tried: &[],
+            tried: refused,
         };
-        let (_, candidate) = pool.pick(&ctx).ok_or_else(|| {
+        let (index, candidate) = pool.pick(&ctx).ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
         let backend = candidate.state.addr;
@@ -186,6 +191,7 @@ impl UdpProxy {
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
         let guard = candidate.state.start();
+        guard.established();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
         let replies = tokio::spawn(relay_replies(
@@ -204,6 +210,7 @@ impl UdpProxy {
             replies,
             guard,
             broken,
+            backend: index,
         })
     }
 }
