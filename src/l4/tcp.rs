@@ -164,7 +164,10 @@ async fn connect(
         let addr = candidate.state.addr;
         let guard = candidate.state.start();
         match connect_one(addr, pool.connect_timeout).await {
-            Ok(stream) => return Ok((stream, addr, guard)),
+            Ok(stream) => {
+                guard.established();
+                return Ok((stream, addr, guard));
+            }
             Err(error) => {
                 candidate.state.connect_failures.fetch_add(1, Relaxed);
                 debug!(pool = %pool.name, backend = %addr, %error, "connect failed");
