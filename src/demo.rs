@@ -47,8 +47,8 @@ pub async fn start() -> Result<(Server, String), DemoError> {
     }
     let server = match Server::bind(config(TCP_PORT, UDP_PORT, &tcp_backends, &udp_backends)?) {
         Ok(server) => server,
+        // The preferred ports are taken: any free ones will do.
         Err(ServerError::Bind { .. }) => Server::bind(config(0, 0, &tcp_backends, &udp_backends)?)?,
-        Err(other) => return Err(other.into()),
     };
     let tcp = server
         .local_addr("tcp-demo")

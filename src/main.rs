@@ -72,17 +72,6 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            let http = config
-                .listeners
-                .iter()
-                .filter(|l| matches!(l.kind, switchyard::config::ListenerKind::Http(_)))
-                .count();
-            if http > 0 {
-                eprintln!(
-                    "{}: warning: {http} http listener(s) are valid but this version does not serve protocol \"http\" yet",
-                    path.display()
-                );
-            }
             println!(
                 "{}: ok ({} listeners, {} pools)",
                 path.display(),

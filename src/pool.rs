@@ -23,6 +23,8 @@ pub struct Pool {
     pub connect_attempts: usize,
     /// PROXY protocol header to prepend toward backends.
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// http: time a backend has to start its response, and the longest pause within one.
+    pub response_timeout: Duration,
 }
 
 impl Pool {
@@ -43,6 +45,7 @@ impl Pool {
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
             send_proxy_protocol: config.send_proxy_protocol,
+            response_timeout: config.response_timeout,
         }
     }
 

@@ -18,6 +18,9 @@ use tracing::{info, warn};
 
 use crate::backend::Registry;
 use crate::config::{Config, ListenerKind};
+use crate::http::HttpProxy;
+use crate::http::router::Router;
+use crate::http::upstream::UpstreamPool;
 use crate::l4::tcp::TcpProxy;
 use crate::l4::udp::{UdpProxy, UdpStats};
 use crate::listener;
@@ -34,14 +37,12 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
-    /// The configuration asks for something this build does not serve.
-    #[error("listener `{listener}`: {what}")]
-    Unsupported { listener: String, what: String },
 }
 
 /// A socket bound for one listener.
 enum Bound {
     Tcp(TcpListener, Arc<TcpProxy>),
+    Http(TcpListener, Arc<HttpProxy>),
     Udp(UdpSocket, Arc<UdpProxy>, Arc<UdpStats>),
 }
 
@@ -69,6 +70,7 @@ impl Server {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(&config, &registry)));
         let mut listeners = Vec::new();
         let mut udp_stats = HashMap::new();
+        let upstream = Arc::new(UpstreamPool::default());
         for l in &config.listeners {
             let bind_error = |source| ServerError::Bind {
                 listener: l.name.clone(),
@@ -99,17 +101,23 @@ impl Server {
                     udp_stats.insert(l.name.clone(), Arc::clone(&stats));
                     Bound::Udp(socket, Arc::new(proxy), stats)
                 }
-                ListenerKind::Http(_) => {
-                    return Err(ServerError::Unsupported {
-                        listener: l.name.clone(),
-                        what: "protocol \"http\" is validated by `check` but not served by this \
-                               version yet; use \"tcp\" or \"udp\""
-                            .into(),
-                    });
+                ListenerKind::Http(settings) => {
+                    let socket = listener::bind_tcp(l.bind).map_err(bind_error)?;
+                    let proxy = HttpProxy {
+                        name: l.name.clone(),
+                        router: Router::new(&settings.routes, settings.default_pool.as_deref()),
+                        trusted_proxies: settings.trusted_proxies.clone(),
+                        proxy_protocol: l.proxy_protocol.clone(),
+                        client_header_timeout: settings.client_header_timeout,
+                        keepalive_timeout: settings.keepalive_timeout,
+                        snapshot: Arc::clone(&snapshot),
+                        upstream: Arc::clone(&upstream),
+                    };
+                    Bound::Http(socket, Arc::new(proxy))
                 }
             };
             let addr = match &socket {
-                Bound::Tcp(s, _) => s.local_addr(),
+                Bound::Tcp(s, _) | Bound::Http(s, _) => s.local_addr(),
                 Bound::Udp(s, _, _) => s.local_addr(),
             }
             .map_err(bind_error)?;
@@ -161,6 +169,20 @@ impl Server {
             let shutdown = self.shutdown.clone();
             match l.socket {
                 Bound::Tcp(socket, proxy) => {
+                    let connections = tasks.clone();
+                    tokio::spawn(async move {
+                        listener::accept_loop(
+                            &l.name,
+                            socket,
+                            l.max_connections,
+                            shutdown,
+                            connections,
+                            move |stream, peer| Arc::clone(&proxy).serve(stream, peer),
+                        )
+                        .await;
+                    });
+                }
+                Bound::Http(socket, proxy) => {
                     let connections = tasks.clone();
                     tokio::spawn(async move {
                         listener::accept_loop(

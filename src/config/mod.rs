@@ -38,6 +38,13 @@ pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether TCP listeners forward with splice(2). On loopback splice moved as much as copying
 /// through user space at about two thirds of the CPU: see bench/README.md.
 pub const DEFAULT_SPLICE: bool = true;
+/// Time an http client has to send a whole request head, once its first byte arrived
+/// (slowloris defence).
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle keep-alive http client connection is kept.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a backend has to start its response (and the most it may pause within one).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
 pub const MAX_WEIGHT: u32 = 256;
 
@@ -114,6 +121,12 @@ pub struct HttpSettings {
     pub routes: Vec<RouteConfig>,
     /// Where requests go when no route matches; without it, no match is a 404.
     pub default_pool: Option<String>,
+    /// Peers whose X-Forwarded-For is extended rather than replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time a client has to send a whole request head once it started.
+    pub client_header_timeout: Duration,
+    /// How long an idle keep-alive client connection is kept.
+    pub keepalive_timeout: Duration,
 }
 
 /// One route of an http listener.
@@ -193,6 +206,8 @@ pub struct PoolConfig {
     pub connect_attempts: usize,
     /// Prepend a PROXY protocol header to what is sent to each backend.
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// http: time a backend has to start its response, and the longest pause within one.
+    pub response_timeout: Duration,
 }
 
 /// One backend of a pool.

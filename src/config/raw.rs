@@ -54,8 +54,13 @@ pub struct RawListener {
     pub proxy_protocol: Option<String>,
     /// How long a peer may take to send its PROXY protocol header.
     pub proxy_protocol_timeout: Option<String>,
-    /// CIDRs allowed to send a PROXY protocol header.
+    /// CIDRs allowed to send a PROXY protocol header (and, on http, whose X-Forwarded-For is
+    /// believed).
     pub trusted_proxies: Option<Vec<String>>,
+    /// http: time a client has to send a whole request head once it started.
+    pub client_header_timeout: Option<String>,
+    /// http: how long an idle keep-alive client connection is kept.
+    pub keepalive_timeout: Option<String>,
 }
 
 /// One `[[listeners.routes]]` entry.
@@ -95,6 +100,8 @@ pub struct RawPool {
     pub connect_attempts: Option<i64>,
     /// Send a PROXY protocol header to each backend: "v1" or "v2".
     pub send_proxy_protocol: Option<String>,
+    /// http: time a backend has to start its response once the request is sent.
+    pub response_timeout: Option<String>,
 }
 
 /// A backend: `"host:port"` or `{ address = "host:port", weight = N }`.

@@ -286,6 +286,18 @@ fn validate_listener(
         "tcp" | "udp" => {
             only(problems, raw.routes.is_some(), "routes", "http");
             only(problems, raw.default_pool.is_some(), "default_pool", "http");
+            only(
+                problems,
+                raw.client_header_timeout.is_some(),
+                "client_header_timeout",
+                "http",
+            );
+            only(
+                problems,
+                raw.keepalive_timeout.is_some(),
+                "keepalive_timeout",
+                "http",
+            );
             let pool = match &raw.pool {
                 None => {
                     problems.push(
@@ -387,9 +399,31 @@ fn validate_listener(
                     validate_route(problems, &format!("{at}.routes[{i}]"), route, pools)
                 })
                 .collect();
+            let trusted_proxies = raw
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(i, cidr)| {
+                    problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
+                })
+                .collect();
             Some(ListenerKind::Http(HttpSettings {
                 routes,
                 default_pool,
+                trusted_proxies,
+                client_header_timeout: optional_duration(
+                    problems,
+                    &format!("{at}.client_header_timeout"),
+                    raw.client_header_timeout.as_deref(),
+                    DEFAULT_CLIENT_HEADER_TIMEOUT,
+                ),
+                keepalive_timeout: optional_duration(
+                    problems,
+                    &format!("{at}.keepalive_timeout"),
+                    raw.keepalive_timeout.as_deref(),
+                    DEFAULT_KEEPALIVE_TIMEOUT,
+                ),
             }))
         }
         "" => {
@@ -636,10 +670,17 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
             None
         }
     };
+    let response_timeout = optional_duration(
+        problems,
+        &format!("{at}.response_timeout"),
+        raw.response_timeout.as_deref(),
+        DEFAULT_RESPONSE_TIMEOUT,
+    );
     if problems.0.len() > before {
         return None;
     }
     Some(PoolConfig {
+        response_timeout,
         name: name.to_owned(),
         connect_attempts: connect_attempts.min(backends.len()),
         backends,

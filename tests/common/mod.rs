@@ -203,3 +203,231 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A small HTTP/1.1 backend, written independently of the proxy's parser: it answers every
+/// request with `200`, header `x-backend: NAME`, and a body that reports what it received:
+/// `NAME\nMETHOD TARGET\n` then each header line as received, a blank line, and the body.
+/// It keeps connections alive and understands Content-Length and chunked request bodies.
+pub async fn http_backend(name: &'static str) -> Backend {
+    Backend::start(move |mut stream| async move {
+        let mut buf = Vec::new();
+        loop {
+            let Some(head_end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            buf.drain(..head_end + 4);
+            let mut lines = head.split("\r\n");
+            let request_line = lines.next().unwrap_or("").to_owned();
+            let headers: Vec<String> = lines.map(str::to_owned).collect();
+            let value = |name: &str| {
+                headers.iter().find_map(|h| {
+                    let (n, v) = h.split_once(':')?;
+                    n.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_owned())
+                })
+            };
+            let mut body = Vec::new();
+            if let Some(length) = value("content-length") {
+                let length: usize = length.parse().unwrap_or(0);
+                while buf.len() < length {
+                    if !fill(&mut stream, &mut buf).await {
+                        return;
+                    }
+                }
+                body = buf.drain(..length).collect();
+            } else if value("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+            {
+                loop {
+                    let Some(line_end) = read_until(&mut stream, &mut buf, b"\r\n").await else {
+                        return;
+                    };
+                    let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+                    buf.drain(..line_end + 2);
+                    let size =
+                        usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                            .unwrap_or(0);
+                    if size == 0 {
+                        // Trailers until the empty line.
+                        loop {
+                            let Some(end) = read_until(&mut stream, &mut buf, b"\r\n").await else {
+                                return;
+                            };
+                            let empty = end == 0;
+                            buf.drain(..end + 2);
+                            if empty {
+                                break;
+                            }
+                        }
+                        break;
+                    }
+                    while buf.len() < size + 2 {
+                        if !fill(&mut stream, &mut buf).await {
+                            return;
+                        }
+                    }
+                    body.extend(buf.drain(..size));
+                    buf.drain(..2);
+                }
+            }
+            let mut reply = format!("{name}\n{request_line}\n").into_bytes();
+            for h in &headers {
+                reply.extend_from_slice(h.as_bytes());
+                reply.push(b'\n');
+            }
+            reply.push(b'\n');
+            reply.extend_from_slice(&body);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n",
+                reply.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err()
+                || stream.write_all(&reply).await.is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Reads into `buf` until `pattern` appears; its offset, or `None` at EOF.
+async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(pattern.len()).position(|w| w == pattern) {
+            return Some(i);
+        }
+        if !fill(stream, buf).await {
+            return None;
+        }
+    }
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 8192];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// A parsed response, as a test client sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The first header called `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive HTTP/1.1 test client on one connection, independent of the proxy's parser.
+pub struct HttpClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl HttpClient {
+    pub async fn connect(addr: SocketAddr) -> HttpClient {
+        HttpClient {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends raw bytes.
+    pub async fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).await.expect("send");
+    }
+
+    /// Sends a GET with `extra` header lines (each ending in \r\n) and reads the reply.
+    pub async fn get(&mut self, path: &str, extra: &str) -> Reply {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").as_bytes())
+            .await;
+        self.reply().await.expect("a reply")
+    }
+
+    /// Reads one response (Content-Length, chunked, or until close). `None` if the connection
+    /// closed before a status line.
+    pub async fn reply(&mut self) -> Option<Reply> {
+        tokio::time::timeout(PATIENCE, self.reply_inner())
+            .await
+            .expect("reply in time")
+    }
+
+    async fn reply_inner(&mut self) -> Option<Reply> {
+        let head_end = read_until(&mut self.stream, &mut self.buf, b"\r\n\r\n").await?;
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        self.buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or("");
+        let status = status_line.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let mut reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if let Some(length) = reply.header("content-length") {
+            let length: usize = length.parse().ok()?;
+            while self.buf.len() < length {
+                if !fill(&mut self.stream, &mut self.buf).await {
+                    return None;
+                }
+            }
+            reply.body = self.buf.drain(..length).collect();
+        } else if reply.header("transfer-encoding").is_some() {
+            loop {
+                let line_end = read_until(&mut self.stream, &mut self.buf, b"\r\n").await?;
+                let size_text = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+                self.buf.drain(..line_end + 2);
+                let size = usize::from_str_radix(size_text.trim(), 16).ok()?;
+                if size == 0 {
+                    read_until(&mut self.stream, &mut self.buf, b"\r\n").await?;
+                    self.buf.drain(..2);
+                    break;
+                }
+                while self.buf.len() < size + 2 {
+                    if !fill(&mut self.stream, &mut self.buf).await {
+                        return None;
+                    }
+                }
+                reply.body.extend(self.buf.drain(..size));
+                self.buf.drain(..2);
+            }
+        } else if !(status == 204 || status == 304 || (100..200).contains(&status)) {
+            while fill(&mut self.stream, &mut self.buf).await {}
+            reply.body = std::mem::take(&mut self.buf);
+        }
+        Some(reply)
+    }
+
+    /// Whether the proxy closed the connection (reads EOF or an error).
+    pub async fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(PATIENCE, self.stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}

@@ -1,0 +1,1048 @@
+//! HTTP/1.1 message heads and body framing (RFC 9112), strictly.
+//!
+//! Parsing is `httparse`'s; this module adds what a proxy must decide on top of it: how long the
+//! body is, whether the connection stays open, and which messages are too ambiguous to forward
+//! (request smuggling). Anything two servers could read differently is refused: Content-Length
+//! together with Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding other than
+//! `chunked`, bare LF line ends, obs-fold, whitespace before a colon, bad bytes in names.
+//!
+//! Heads keep the bytes they were parsed from and refer into them by range, so parsing does not
+//! copy. What is sent on is always re-serialised from the parsed fields, with framing headers
+//! the proxy writes itself; hop-by-hop headers never pass.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Most header fields accepted in one head (more is a 431).
+pub const MAX_HEADERS: usize = 100;
+/// Largest head accepted, request line or status line included (more is a 431, or a 414 while
+/// still inside the request line).
+pub const MAX_HEAD_SIZE: usize = 32 * 1024;
+/// Longest request line accepted (more is a 414).
+pub const MAX_REQUEST_LINE: usize = 16 * 1024;
+/// Largest trailer section accepted after a chunked body.
+pub const MAX_TRAILER_SIZE: usize = 16 * 1024;
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
+/// Why a head was refused. Each maps to one status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Syntax or framing that must not be forwarded.
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+    /// The request line alone is longer than [`MAX_REQUEST_LINE`].
+    #[error("request line too long")]
+    UriTooLong,
+    /// The head is longer than [`MAX_HEAD_SIZE`] or has more than [`MAX_HEADERS`] fields.
+    #[error("header section too large")]
+    TooLarge,
+    /// A feature this proxy does not implement (a transfer coding other than chunked).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
+}
+
+impl HeadError {
+    /// The status a client gets for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            HeadError::Malformed(_) => 400,
+            HeadError::UriTooLong => 414,
+            HeadError::TooLarge => 431,
+            HeadError::NotImplemented(_) => 501,
+        }
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    raw: Bytes,
+    method: Range<usize>,
+    /// The origin-form target; `None` for an absolute-form target without a path, meaning `/`.
+    target: Option<Range<usize>>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// End-to-end fields, in order (hop-by-hop and framing fields already removed).
+    fields: Vec<(Range<usize>, Range<usize>)>,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The client asked to close after this exchange (or HTTP/1.0 without keep-alive).
+    pub close: bool,
+    /// The client sent `Expect: 100-continue` and may wait for a 100 before its body.
+    pub expect_continue: bool,
+    /// The Host field (or the authority of an absolute-form target), if any.
+    host: Option<Range<usize>>,
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    raw: Bytes,
+    /// Status code.
+    pub status: u16,
+    reason: Range<usize>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    fields: Vec<(Range<usize>, Range<usize>)>,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The backend will close after this response.
+    pub close: bool,
+}
+
+/// Offset of `part` inside `base`; `part` must be a subslice of `base`.
+fn range_of(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Refuses bare LF (a line feed not preceded by a carriage return) anywhere in a head: parsers
+/// disagree on it, which is what smuggling feeds on.
+fn check_line_ends(head: &[u8]) -> Result<(), HeadError> {
+    let mut previous = 0u8;
+    for &byte in head {
+        if byte == b'\n' && previous != b'\r' {
+            return Err(HeadError::Malformed("bare LF in head"));
+        }
+        previous = byte;
+    }
+    Ok(())
+}
+
+/// What the framing-related fields of a head say.
+#[derive(Default)]
+struct FramingFields {
+    content_length: Option<u64>,
+    chunked: bool,
+    other_coding: bool,
+    transfer_encoding: bool,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+    /// Lower-cased names listed in Connection; those fields are hop-by-hop too.
+    connection_names: Vec<Vec<u8>>,
+}
+
+/// Whether `name` is a hop-by-hop field that never crosses the proxy.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    let start = value
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i + 1);
+    &value[start..end.max(start)]
+}
+
+fn comma_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Reads the framing fields; `Err` for the combinations that must be refused.
+fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, HeadError> {
+    let mut f = FramingFields::default();
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let value = trim(h.value);
+            if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::Malformed("invalid Content-Length"));
+            }
+            let n: u64 = value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'));
+            match f.content_length {
+                Some(previous) if previous != n => {
+                    return Err(HeadError::Malformed("conflicting Content-Length"));
+                }
+                _ => f.content_length = Some(n),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            f.transfer_encoding = true;
+            for coding in comma_list(h.value) {
+                if f.chunked {
+                    // Anything after chunked means the body is not chunked-delimited.
+                    return Err(HeadError::Malformed(
+                        "Transfer-Encoding does not end in chunked",
+                    ));
+                }
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    f.chunked = true;
+                } else {
+                    f.other_coding = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in comma_list(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    f.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    f.keep_alive = true;
+                } else {
+                    f.connection_names.push(token.to_ascii_lowercase());
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect")
+            && trim(h.value).eq_ignore_ascii_case(b"100-continue")
+        {
+            f.expect_continue = true;
+        }
+    }
+    if f.transfer_encoding && f.content_length.is_some() {
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(f)
+}
+
+/// The end-to-end fields of a head, as ranges into `base`.
+fn end_to_end(
+    base: &[u8],
+    headers: &[httparse::Header<'_>],
+    connection_names: &[Vec<u8>],
+    skip: &[&[u8]],
+) -> Vec<(Range<usize>, Range<usize>)> {
+    headers
+        .iter()
+        .filter(|h| {
+            let name = h.name.as_bytes();
+            !is_hop_by_hop(name)
+                && !skip.iter().any(|s| s.eq_ignore_ascii_case(name))
+                && !connection_names
+                    .iter()
+                    .any(|c| c.eq_ignore_ascii_case(name))
+        })
+        .map(|h| (range_of(base, h.name.as_bytes()), range_of(base, h.value)))
+        .collect()
+}
+
+fn map_parse_error(error: httparse::Error) -> HeadError {
+    match error {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::NewLine => HeadError::Malformed("invalid line end"),
+        httparse::Error::Status => HeadError::Malformed("invalid status"),
+        httparse::Error::Token => HeadError::Malformed("invalid token"),
+    }
+}
+
+/// Bytes that may appear in a request target (RFC 3986 characters plus `%`); no spaces, no
+/// controls, no `#`.
+fn valid_target(target: &[u8]) -> bool {
+    !target.is_empty()
+        && target
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~:/?[]@!$&'()*+,;=%".contains(&b))
+}
+
+/// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. On success
+/// the head's bytes are split off the front of `buf`.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut storage);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+            if line > MAX_REQUEST_LINE {
+                return Err(HeadError::UriTooLong);
+            }
+            if buf.len() >= MAX_HEAD_SIZE {
+                return Err(HeadError::TooLarge);
+            }
+            // Refuse a bare LF as soon as it arrives rather than after the whole head.
+            check_line_ends(buf)?;
+            return Ok(None);
+        }
+        Err(error) => return Err(map_parse_error(error)),
+    };
+    if request.path.is_some_and(|p| p.len() > MAX_REQUEST_LINE) {
+        return Err(HeadError::UriTooLong);
+    }
+    if len > MAX_HEAD_SIZE {
+        return Err(HeadError::TooLarge);
+    }
+    check_line_ends(&buf[..len])?;
+    let base: &[u8] = buf;
+    let method = request.method.ok_or(HeadError::Malformed("no method"))?;
+    let target = request.path.ok_or(HeadError::Malformed("no target"))?;
+    let minor_version = request.version.ok_or(HeadError::Malformed("no version"))?;
+    let headers = request.headers;
+
+    let fields = framing_fields(headers)?;
+    if fields.transfer_encoding && minor_version == 0 {
+        return Err(HeadError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    if fields.other_coding {
+        return if fields.chunked {
+            Err(HeadError::NotImplemented(
+                "transfer codings other than chunked",
+            ))
+        } else {
+            Err(HeadError::Malformed(
+                "Transfer-Encoding does not end in chunked",
+            ))
+        };
+    }
+    if !valid_target(target.as_bytes()) {
+        return Err(HeadError::Malformed("invalid request target"));
+    }
+
+    // Host: exactly one in HTTP/1.1 (RFC 9112 section 3.2); an absolute-form target names it.
+    let mut host = None;
+    let mut hosts = 0;
+    for h in headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host = Some(range_of(base, h.value));
+        }
+    }
+    if hosts > 1 {
+        return Err(HeadError::Malformed("more than one Host"));
+    }
+    let mut target_range = Some(range_of(base, target.as_bytes()));
+    if let Some(rest) = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+    {
+        // Absolute form: the authority overrides Host, the rest is the path.
+        let slash = rest.find('/').unwrap_or(rest.len());
+        let authority = &rest[..slash];
+        if authority.is_empty() || authority.contains('@') {
+            return Err(HeadError::Malformed("invalid absolute-form target"));
+        }
+        host = Some(range_of(base, authority.as_bytes()));
+        target_range = (slash < rest.len()).then(|| range_of(base, &rest.as_bytes()[slash..]));
+    } else if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
+        return Err(HeadError::Malformed("invalid request target"));
+    }
+    if minor_version == 1 && host.is_none() {
+        return Err(HeadError::Malformed("HTTP/1.1 request without Host"));
+    }
+
+    let framing = if fields.chunked {
+        Framing::Chunked
+    } else {
+        match fields.content_length {
+            Some(0) | None => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    let close = fields.close || (minor_version == 0 && !fields.keep_alive);
+    let method_range = range_of(base, method.as_bytes());
+    let skip: &[&[u8]] = if fields.expect_continue {
+        &[b"expect", b"host"]
+    } else {
+        &[b"host"]
+    };
+    let kept = end_to_end(base, headers, &fields.connection_names, skip);
+    let raw = buf.split_to(len).freeze();
+    Ok(Some(RequestHead {
+        raw,
+        method: method_range,
+        target: target_range,
+        minor_version,
+        fields: kept,
+        framing,
+        close,
+        expect_continue: fields.expect_continue,
+        host,
+    }))
+}
+
+impl RequestHead {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> &str {
+        // httparse checked it is a token, so it is ASCII.
+        std::str::from_utf8(&self.raw[self.method.clone()]).unwrap_or("")
+    }
+
+    /// The request target in origin form (path and query), or `*`.
+    pub fn target(&self) -> &str {
+        match &self.target {
+            Some(range) => std::str::from_utf8(&self.raw[range.clone()]).unwrap_or("/"),
+            None => "/",
+        }
+    }
+
+    /// The path: the target without its query.
+    pub fn path(&self) -> &str {
+        let target = self.target();
+        target.split_once('?').map_or(target, |(path, _)| path)
+    }
+
+    /// The Host as sent (port included), if any.
+    pub fn host(&self) -> Option<&[u8]> {
+        self.host.as_ref().map(|r| &self.raw[r.clone()])
+    }
+
+    /// The first end-to-end field called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
+    /// Whether the method is one a retry may repeat (RFC 9110 section 9.2.2).
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
+    }
+
+    /// Whether the response to this request has no body whatever its framing fields say.
+    pub fn is_head(&self) -> bool {
+        self.method() == "HEAD"
+    }
+
+    /// Writes the head to send upstream: HTTP/1.1, the end-to-end fields minus those named in
+    /// `drop`, then `extra` fields, then framing of our own. `host` replaces the Host field.
+    pub fn write_upstream(
+        &self,
+        out: &mut BytesMut,
+        host: Option<&[u8]>,
+        drop: &[&str],
+        extra: &[(&str, &[u8])],
+    ) {
+        out.put_slice(&self.raw[self.method.clone()]);
+        out.put_u8(b' ');
+        out.put_slice(self.target().as_bytes());
+        out.put_slice(b" HTTP/1.1\r\n");
+        if let Some(host) = host.or_else(|| self.host()) {
+            out.put_slice(b"host: ");
+            out.put_slice(host);
+            out.put_slice(b"\r\n");
+        }
+        for (name, value) in &self.fields {
+            let name = &self.raw[name.clone()];
+            if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
+                continue;
+            }
+            out.put_slice(name);
+            out.put_slice(b": ");
+            out.put_slice(&self.raw[value.clone()]);
+            out.put_slice(b"\r\n");
+        }
+        for (name, value) in extra {
+            out.put_slice(name.as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value);
+            out.put_slice(b"\r\n");
+        }
+        match self.framing {
+            Framing::Empty | Framing::UntilClose => {}
+            Framing::Length(n) => {
+                out.put_slice(b"content-length: ");
+                out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// Parses a response head at the start of `buf`, for a request that was a HEAD if `head`.
+/// `Ok(None)`: incomplete. On success the head's bytes are split off `buf`.
+pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseHead>, HeadError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut storage);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= MAX_HEAD_SIZE {
+                return Err(HeadError::TooLarge);
+            }
+            return Ok(None);
+        }
+        Err(error) => return Err(map_parse_error(error)),
+    };
+    check_line_ends(&buf[..len])?;
+    let base: &[u8] = buf;
+    let status = response.code.ok_or(HeadError::Malformed("no status"))?;
+    let minor_version = response.version.ok_or(HeadError::Malformed("no version"))?;
+    let reason = range_of(base, response.reason.unwrap_or("").as_bytes());
+    let headers = response.headers;
+    let fields = framing_fields(headers)?;
+    let framing = if head || (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::Empty
+    } else if fields.chunked {
+        Framing::Chunked
+    } else if fields.transfer_encoding {
+        // A response coding we cannot see the end of: the body runs to the close.
+        Framing::UntilClose
+    } else {
+        match fields.content_length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    if fields.other_coding && framing != Framing::Empty {
+        return Err(HeadError::NotImplemented(
+            "response transfer codings other than chunked",
+        ));
+    }
+    let close = fields.close
+        || (minor_version == 0 && !fields.keep_alive)
+        || framing == Framing::UntilClose;
+    let kept = end_to_end(base, headers, &fields.connection_names, &[]);
+    let raw = buf.split_to(len).freeze();
+    Ok(Some(ResponseHead {
+        raw,
+        status,
+        reason,
+        minor_version,
+        fields: kept,
+        framing,
+        close,
+    }))
+}
+
+impl ResponseHead {
+    /// The first end-to-end field called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
+    /// Writes the head to send to the client, with `framing` (chosen by the caller: the
+    /// client's version decides whether an until-close body is re-chunked) and `close`.
+    pub fn write_downstream(&self, out: &mut BytesMut, framing: Framing, close: bool) {
+        out.put_slice(b"HTTP/1.1 ");
+        out.put_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(&self.raw[self.reason.clone()]);
+        out.put_slice(b"\r\n");
+        for (name, value) in &self.fields {
+            out.put_slice(&self.raw[name.clone()]);
+            out.put_slice(b": ");
+            out.put_slice(&self.raw[value.clone()]);
+            out.put_slice(b"\r\n");
+        }
+        match framing {
+            Framing::Length(n) => {
+                out.put_slice(b"content-length: ");
+                out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Empty | Framing::UntilClose => {
+                // A HEAD response or 304 keeps the Content-Length the backend gave; the body is
+                // empty either way.
+                if self.framing == Framing::Empty
+                    && let Some(length) = self.original_content_length()
+                {
+                    out.put_slice(b"content-length: ");
+                    out.put_slice(length);
+                    out.put_slice(b"\r\n");
+                }
+            }
+        }
+        if close {
+            out.put_slice(b"connection: close\r\n");
+        }
+        out.put_slice(b"\r\n");
+    }
+
+    fn original_content_length(&self) -> Option<&[u8]> {
+        // Content-Length was removed from the kept fields as a framing field; find it again.
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut storage);
+        response.parse(&self.raw).ok()?;
+        let value = response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))?
+            .value;
+        let start = value.as_ptr() as usize - self.raw.as_ptr() as usize;
+        Some(&self.raw[start..start + value.len()])
+    }
+}
+
+/// Decodes a chunked body incrementally, so it can be re-framed on the way out.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    /// Bytes left in the current chunk.
+    remaining: u64,
+    /// Hex digits seen in the current size line.
+    digits: u8,
+    /// Trailer section collected so far (field lines, CRLF-terminated).
+    pub trailers: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// One step of decoding.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes: `input[range]`.
+    Data(Range<usize>),
+    /// The body (and trailers) ended; `usize` bytes of input were consumed in total.
+    End(usize),
+    /// All input consumed, more needed.
+    NeedMore,
+}
+
+impl ChunkedDecoder {
+    /// Decodes from `input`, starting at `*pos`, advancing it. Call until it returns `NeedMore`
+    /// or `End`.
+    pub fn decode(&mut self, input: &[u8], pos: &mut usize) -> Result<Decoded, HeadError> {
+        const BAD: HeadError = HeadError::Malformed("invalid chunked encoding");
+        while *pos < input.len() {
+            let byte = input[*pos];
+            match self.state {
+                ChunkState::Size => match byte {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        // 15 hex digits is far beyond any body; more would overflow.
+                        if self.digits >= 15 {
+                            return Err(BAD);
+                        }
+                        let digit = (byte as char).to_digit(16).unwrap_or(0);
+                        self.remaining = self.remaining * 16 + u64::from(digit);
+                        self.digits += 1;
+                    }
+                    b';' if self.digits > 0 => self.state = ChunkState::Extension,
+                    b'\r' if self.digits > 0 => self.state = ChunkState::SizeLf,
+                    _ => return Err(BAD),
+                },
+                ChunkState::Extension => match byte {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    // Extensions are tokens, quoted strings, '=', ';' and whitespace; controls
+                    // (a bare LF among them) are not.
+                    b'\n' | 0..=8 | 10..=31 | 127 => return Err(BAD),
+                    _ => {}
+                },
+                ChunkState::SizeLf => {
+                    if byte != b'\n' {
+                        return Err(BAD);
+                    }
+                    self.digits = 0;
+                    self.state = if self.remaining == 0 {
+                        ChunkState::TrailerStart
+                    } else {
+                        ChunkState::Data
+                    };
+                }
+                ChunkState::Data => {
+                    let available = (input.len() - *pos) as u64;
+                    let take = available.min(self.remaining) as usize;
+                    let start = *pos;
+                    *pos += take;
+                    self.remaining -= take as u64;
+                    if self.remaining == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    return Ok(Decoded::Data(start..start + take));
+                }
+                ChunkState::DataCr => {
+                    if byte != b'\r' {
+                        return Err(BAD);
+                    }
+                    self.state = ChunkState::DataLf;
+                }
+                ChunkState::DataLf => {
+                    if byte != b'\n' {
+                        return Err(BAD);
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::TrailerStart => {
+                    if byte == b'\r' {
+                        self.state = ChunkState::EndLf;
+                    } else if byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte) {
+                        self.trailers.push(byte);
+                        self.state = ChunkState::TrailerLine;
+                    } else {
+                        return Err(BAD);
+                    }
+                }
+                ChunkState::TrailerLine => {
+                    if byte == b'\r' {
+                        self.state = ChunkState::TrailerLf;
+                    } else if byte == b'\n' || (byte < 32 && byte != b'\t') || byte == 127 {
+                        return Err(BAD);
+                    } else {
+                        self.trailers.push(byte);
+                    }
+                    if self.trailers.len() > MAX_TRAILER_SIZE {
+                        return Err(HeadError::TooLarge);
+                    }
+                }
+                ChunkState::TrailerLf => {
+                    if byte != b'\n' {
+                        return Err(BAD);
+                    }
+                    self.trailers.extend_from_slice(b"\r\n");
+                    self.state = ChunkState::TrailerStart;
+                }
+                ChunkState::EndLf => {
+                    if byte != b'\n' {
+                        return Err(BAD);
+                    }
+                    self.state = ChunkState::Done;
+                    *pos += 1;
+                    return Ok(Decoded::End(*pos));
+                }
+                ChunkState::Done => return Ok(Decoded::End(*pos)),
+            }
+            *pos += 1;
+        }
+        if self.state == ChunkState::Done {
+            return Ok(Decoded::End(*pos));
+        }
+        Ok(Decoded::NeedMore)
+    }
+
+    /// Whether the trailer section is well formed: each line is `name: value`.
+    pub fn trailers_valid(&self) -> bool {
+        self.trailers
+            .split(|&b| b == b'\n')
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter(|line| !line.is_empty())
+            .all(|line| match line.iter().position(|&b| b == b':') {
+                Some(colon) => colon > 0 && !matches!(line[colon - 1], b' ' | b'\t'),
+                None => false,
+            })
+    }
+}
+
+/// Appends one chunk of a chunked body.
+pub fn encode_chunk(out: &mut BytesMut, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    while n > 0 || i == hex.len() {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+    }
+    out.put_slice(&hex[i..]);
+    out.put_slice(b"\r\n");
+    out.put_slice(data);
+    out.put_slice(b"\r\n");
+}
+
+/// Appends the end of a chunked body, with its trailer section.
+pub fn encode_last_chunk(out: &mut BytesMut, trailers: &[u8]) {
+    out.put_slice(b"0\r\n");
+    out.put_slice(trailers);
+    out.put_slice(b"\r\n");
+}
+
+/// The reason phrase for statuses the proxy itself sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// A complete response the proxy sends itself: a short text body saying what happened.
+pub fn error_response(status: u16, close: bool) -> BytesMut {
+    let reason = reason(status);
+    let body_len = 3 + 1 + reason.len() + 1;
+    let mut out = BytesMut::with_capacity(160);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(reason.as_bytes());
+    out.put_slice(b"\r\ncontent-type: text/plain\r\ncontent-length: ");
+    out.put_slice(itoa::Buffer::new().format(body_len).as_bytes());
+    if close {
+        out.put_slice(b"\r\nconnection: close");
+    }
+    out.put_slice(b"\r\n\r\n");
+    out.put_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(reason.as_bytes());
+    out.put_u8(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(text.as_bytes()))
+    }
+
+    #[test]
+    fn a_plain_request() {
+        let head = request("GET /a/b?x=1 HTTP/1.1\r\nHost: Example.com:8080\r\nX-Y: z\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.target(), "/a/b?x=1");
+        assert_eq!(head.path(), "/a/b");
+        assert_eq!(head.host(), Some(&b"Example.com:8080"[..]));
+        assert_eq!(head.header("x-y"), Some(&b"z"[..]));
+        assert_eq!(head.framing, Framing::Empty);
+        assert!(!head.close);
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        assert!(request("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let bad = [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX : y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\x01Y: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET nothing HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+        ];
+        for text in bad {
+            assert!(request(text).is_err(), "accepted: {text:?}");
+        }
+    }
+
+    #[test]
+    fn identical_content_lengths_collapse() {
+        let head =
+            request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(head.framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_do_not_pass() {
+        let head = request(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: x\r\nX-Kept: 2\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = BytesMut::new();
+        head.write_upstream(&mut out, None, &[], &[]);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(text, "GET / HTTP/1.1\r\nhost: a\r\nX-Kept: 2\r\n\r\n");
+    }
+
+    #[test]
+    fn absolute_form_names_the_host() {
+        let head = request("GET http://example.com/x?y HTTP/1.1\r\nHost: other\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.host(), Some(&b"example.com"[..]));
+        assert_eq!(head.target(), "/x?y");
+        let head = request("GET http://example.com HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.target(), "/");
+    }
+
+    #[test]
+    fn oversized_heads() {
+        let long_uri = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD_SIZE));
+        assert_eq!(request(&long_uri).unwrap_err().status(), 414);
+        let long_head = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD_SIZE));
+        assert_eq!(request(&long_head).unwrap_err().status(), 431);
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect();
+        let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+        assert_eq!(request(&text).unwrap_err().status(), 431);
+    }
+
+    #[test]
+    fn response_framing() {
+        let parse = |text: &str, head: bool| {
+            parse_response(&mut BytesMut::from(text.as_bytes()), head)
+                .unwrap()
+                .unwrap()
+                .framing
+        };
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false),
+            Framing::Length(3)
+        );
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true),
+            Framing::Empty
+        );
+        assert_eq!(parse("HTTP/1.1 204 No\r\n\r\n", false), Framing::Empty);
+        assert_eq!(
+            parse(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(parse("HTTP/1.1 200 OK\r\n\r\n", false), Framing::UntilClose);
+        assert!(
+            parse_response(
+                &mut BytesMut::from(
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        [..]
+                ),
+                false
+            )
+            .is_err()
+        );
+    }
+
+    fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Vec<u8>, usize), HeadError> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut pos = 0;
+        let mut body = Vec::new();
+        loop {
+            match decoder.decode(input, &mut pos)? {
+                Decoded::Data(r) => body.extend_from_slice(&input[r]),
+                Decoded::End(n) => return Ok((body, decoder.trailers, n)),
+                Decoded::NeedMore => return Err(HeadError::Malformed("incomplete")),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        let (body, trailers, n) =
+            decode_all(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT").unwrap();
+        assert_eq!(body, b"hello world");
+        assert_eq!(trailers, b"X-T: 1\r\n");
+        assert_eq!(n, 40);
+        for bad in [
+            &b"5\r\nhelloX\r\n0\r\n\r\n"[..],
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"fffffffffffffffff\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nX-T: 1\n\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_decoding_survives_any_split() {
+        let input = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        for cut in 1..input.len() {
+            let mut decoder = ChunkedDecoder::default();
+            let mut body = Vec::new();
+            let mut ended = false;
+            for part in [&input[..cut], &input[cut..]] {
+                let mut pos = 0;
+                loop {
+                    match decoder.decode(part, &mut pos).unwrap() {
+                        Decoded::Data(r) => body.extend_from_slice(&part[r]),
+                        Decoded::End(_) => {
+                            ended = true;
+                            break;
+                        }
+                        Decoded::NeedMore => break,
+                    }
+                }
+            }
+            assert!(ended, "cut {cut}");
+            assert_eq!(body, b"hello world", "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn chunk_encoding() {
+        let mut out = BytesMut::new();
+        encode_chunk(&mut out, &[b'x'; 26]);
+        encode_last_chunk(&mut out, b"");
+        assert_eq!(&out[..], b"1a\r\nxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn error_responses_are_well_formed() {
+        let out = error_response(404, false);
+        let mut buf = out.clone();
+        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, 404);
+        assert_eq!(head.framing, Framing::Length(buf.len() as u64));
+        assert_eq!(&buf[..], b"404 Not Found\n");
+    }
+}

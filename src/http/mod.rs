@@ -1,0 +1,627 @@
+//! Layer 7: an HTTP/1.1 reverse proxy.
+//!
+//! One task per client connection reads requests one after the other (pipelined requests wait in
+//! the read buffer until the previous response is done), and for each runs the phases:
+//! `read_request` → `route` → `request_filter` (forwarding headers) → `select_backend` +
+//! `connect` (pooled keep-alive connection, retry on failure) → `upstream_request` (head and
+//! body, re-framed) → `read_response` → `downstream_response` (head and body, re-framed).
+//! [`h1`] parses and writes messages, [`router`] picks the pool, [`upstream`] keeps idle
+//! backend connections.
+
+pub mod h1;
+pub mod router;
+pub mod upstream;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BytesMut};
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tracing::debug;
+
+use crate::backend::ActiveGuard;
+use crate::balance::PickContext;
+use crate::config::{MAX_CONNECT_ATTEMPTS, ProxyProtocolAccept};
+use crate::pool::{Pool, Snapshot};
+use crate::proxy_protocol;
+use h1::{ChunkedDecoder, Decoded, Framing, RequestHead, ResponseHead};
+use router::{RequestView, Router};
+use upstream::{UpstreamConn, UpstreamPool};
+
+/// Read size for heads and bodies.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What every connection of one http listener shares.
+#[derive(Debug)]
+pub struct HttpProxy {
+    /// Listener name, for logs.
+    pub name: String,
+    /// Compiled routes.
+    pub router: Router,
+    /// Peers whose X-Forwarded-For is extended rather than replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// PROXY protocol expected from peers, if any.
+    pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// Time a client has to send a whole head once it started.
+    pub client_header_timeout: Duration,
+    /// How long an idle keep-alive client connection is kept.
+    pub keepalive_timeout: Duration,
+    /// The current configuration snapshot.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Idle backend connections, shared by every http listener.
+    pub upstream: Arc<UpstreamPool>,
+}
+
+/// The client side of one connection.
+struct Client {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed (the start of the next request, when pipelining).
+    buf: BytesMut,
+    /// The client address: the peer, or the one a trusted PROXY header named.
+    source: SocketAddr,
+    /// Whether the direct peer is a trusted proxy (its X-Forwarded-For is kept).
+    peer_trusted: bool,
+}
+
+/// How an exchange ended, for the connection loop.
+enum Next {
+    /// Read the next request on this connection.
+    KeepAlive,
+    /// Close the connection.
+    Close,
+}
+
+/// Failures that end an exchange with a status of our own, if nothing was sent yet.
+#[derive(Debug)]
+enum Failure {
+    /// The proxy answers with this status, then closes if `close`.
+    Status(u16),
+    /// The client went away or broke the protocol mid-body: close without a response.
+    Abort,
+}
+
+impl HttpProxy {
+    /// Serves one accepted connection to its end.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let mut client = Client {
+            stream,
+            buf: BytesMut::new(),
+            source: peer,
+            peer_trusted,
+        };
+        if let Some(accept) = &self.proxy_protocol {
+            if !accept.trusted.iter().any(|n| n.contains(&peer.ip())) {
+                debug!(listener = %self.name, %peer, "PROXY header from untrusted peer refused");
+                return;
+            }
+            let read =
+                proxy_protocol::read_header(&mut client.stream, accept.version, accept.timeout);
+            match Box::pin(read).await {
+                Ok(received) => {
+                    client.source = received.source.unwrap_or(peer);
+                    client.buf.extend_from_slice(&received.leftover);
+                }
+                Err(error) => {
+                    debug!(listener = %self.name, %peer, %error, "PROXY header refused");
+                    return;
+                }
+            }
+        }
+        loop {
+            let head = match self.read_request(&mut client).await {
+                Ok(Some(head)) => head,
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = client
+                        .stream
+                        .write_all(&h1::error_response(status, true))
+                        .await;
+                    return;
+                }
+            };
+            match self.exchange(&mut client, head).await {
+                Next::KeepAlive => {}
+                Next::Close => return,
+            }
+        }
+    }
+
+    /// Phase 1: the next request head. `Ok(None)` when the client closed or stayed idle past the
+    /// keep-alive timeout between requests; `Err(status)` for a head that gets an error.
+    async fn read_request(&self, client: &mut Client) -> Result<Option<RequestHead>, u16> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if !client.buf.is_empty() {
+                match h1::parse_request(&mut client.buf) {
+                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(None) => {}
+                    Err(error) => {
+                        debug!(listener = %self.name, client = %client.source, %error, "bad request");
+                        return Err(error.status());
+                    }
+                }
+            }
+            let wait = match deadline {
+                None if client.buf.is_empty() => {
+                    // Idle between requests: hold no buffer while waiting.
+                    client.buf = BytesMut::new();
+                    match timeout(self.keepalive_timeout, client.stream.readable()).await {
+                        Ok(Ok(())) => {}
+                        _ => return Ok(None),
+                    }
+                    deadline = Some(Instant::now() + self.client_header_timeout);
+                    self.client_header_timeout
+                }
+                None => {
+                    let d = Instant::now() + self.client_header_timeout;
+                    deadline = Some(d);
+                    self.client_header_timeout
+                }
+                Some(d) => d.saturating_duration_since(Instant::now()),
+            };
+            client.buf.reserve(READ_CHUNK);
+            match timeout(wait, client.stream.read_buf(&mut client.buf)).await {
+                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Ok(None),
+                Err(_) => {
+                    debug!(listener = %self.name, client = %client.source, "request head timeout");
+                    return Err(408);
+                }
+            }
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange(&self, client: &mut Client, head: RequestHead) -> Next {
+        let has_body = head.framing != Framing::Empty;
+        match self.forward(client, &head).await {
+            Ok(next) => next,
+            Err(Failure::Abort) => Next::Close,
+            Err(Failure::Status(status)) => {
+                // A body we may not have read leaves the stream unreadable: close after
+                // answering.
+                let close = head.close || has_body;
+                let _ = client
+                    .stream
+                    .write_all(&h1::error_response(status, close))
+                    .await;
+                if close { Next::Close } else { Next::KeepAlive }
+            }
+        }
+    }
+
+    async fn forward(&self, client: &mut Client, head: &RequestHead) -> Result<Next, Failure> {
+        // Phase 2: route.
+        let Some(pool_name) = self.router.route(head) else {
+            return Err(Failure::Status(404));
+        };
+        let snapshot = self.snapshot.load_full();
+        let pool = snapshot.pool(pool_name).ok_or(Failure::Status(503))?;
+
+        // Phase 3: request filter — forwarding headers, and our own 100 Continue.
+        let mut out = BytesMut::with_capacity(1024);
+        self.request_filter(client, head, &mut out);
+        if head.expect_continue && head.framing != Framing::Empty {
+            client
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| Failure::Abort)?;
+        }
+
+        // Phases 4-6: backend, request, response head; retried within bounds.
+        let (mut conn, guard, response) = self.upstream_exchange(client, head, pool, &out).await?;
+
+        // Phase 7: the response to the client.
+        let client_framing = match (response.framing, head.minor_version) {
+            (Framing::Chunked | Framing::UntilClose, 1) => Framing::Chunked,
+            (Framing::Chunked | Framing::UntilClose, _) => Framing::UntilClose,
+            (framing, _) => framing,
+        };
+        let close = head.close || client_framing == Framing::UntilClose;
+        out.clear();
+        response.write_downstream(&mut out, client_framing, close);
+        let done = transfer_body(
+            &mut conn.stream,
+            &mut conn.buf,
+            &mut client.stream,
+            response.framing,
+            client_framing,
+            &mut out,
+            pool.response_timeout,
+        )
+        .await;
+        drop(guard);
+        match done {
+            Ok(()) => {
+                if !response.close && pool.send_proxy_protocol.is_none() {
+                    self.upstream.checkin(conn);
+                }
+                Ok(if close { Next::Close } else { Next::KeepAlive })
+            }
+            Err(error) => {
+                debug!(listener = %self.name, client = %client.source, %error, "response body failed");
+                Err(Failure::Abort)
+            }
+        }
+    }
+
+    /// Writes the upstream request head into `out`: the client's fields minus hop-by-hop ones,
+    /// plus X-Forwarded-For, X-Real-IP and X-Forwarded-Proto. X-Forwarded-For is extended only
+    /// when the peer is a trusted proxy; otherwise whatever the client claimed is replaced.
+    fn request_filter(&self, client: &Client, head: &RequestHead, out: &mut BytesMut) {
+        let ip = client.source.ip();
+        let mut ip_text = [0u8; 64];
+        let ip_text = format_ip(ip, &mut ip_text);
+        let mut forwarded_for = Vec::with_capacity(64);
+        if client.peer_trusted
+            && let Some(existing) = head.header("x-forwarded-for")
+        {
+            forwarded_for.extend_from_slice(existing);
+            forwarded_for.extend_from_slice(b", ");
+        }
+        forwarded_for.extend_from_slice(ip_text);
+        head.write_upstream(
+            out,
+            None,
+            &["x-forwarded-for", "x-real-ip", "x-forwarded-proto"],
+            &[
+                ("x-forwarded-for", &forwarded_for),
+                ("x-real-ip", ip_text),
+                ("x-forwarded-proto", b"http"),
+            ],
+        );
+    }
+
+    /// Sends the request to a backend and reads the response head, moving to another backend (or
+    /// a fresh connection) when that is safe: on connect failure always; on a connection that
+    /// fails before any response byte, when the request had no body and the connection was a
+    /// reused one (the backend may have closed it while idle) or the method is idempotent.
+    async fn upstream_exchange(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        pool: &Pool,
+        request: &BytesMut,
+    ) -> Result<(UpstreamConn, ActiveGuard, ResponseHead), Failure> {
+        let has_body = head.framing != Framing::Empty;
+        let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
+        let mut count = 0;
+        let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+        let mut last_status = 503;
+        while count < attempts {
+            let ctx = PickContext {
+                client: Some(client.source.ip()),
+                tried: &tried[..count],
+            };
+            let Some((index, candidate)) = pool.pick(&ctx) else {
+                break;
+            };
+            tried[count] = index;
+            count += 1;
+            let addr = candidate.state.addr;
+            let guard = candidate.state.start();
+            // A pooled connection first; when it turns out dead, one fresh connection to the
+            // same backend before moving on.
+            let mut pooled = if pool.send_proxy_protocol.is_none() {
+                self.upstream.checkout(addr)
+            } else {
+                None
+            };
+            loop {
+                let mut conn = match pooled.take() {
+                    Some(conn) => conn,
+                    None => match connect(addr, pool, client).await {
+                        Ok(conn) => conn,
+                        Err(error) => {
+                            candidate.state.connect_failures.fetch_add(1, Relaxed);
+                            debug!(pool = %pool.name, backend = %addr, %error, "connect failed");
+                            last_status = 502;
+                            break;
+                        }
+                    },
+                };
+                let reused = conn.reused;
+                match send_request(client, head, &mut conn, request, pool.response_timeout).await {
+                    Ok(response) => {
+                        guard.established();
+                        return Ok((conn, guard, response));
+                    }
+                    Err(SendError::Client) => return Err(Failure::Abort),
+                    Err(SendError::Timeout) => {
+                        debug!(pool = %pool.name, backend = %addr, "response timeout");
+                        return Err(Failure::Status(504));
+                    }
+                    Err(SendError::Invalid(error)) => {
+                        debug!(pool = %pool.name, backend = %addr, %error, "invalid response");
+                        return Err(Failure::Status(502));
+                    }
+                    Err(SendError::Upstream {
+                        before_response,
+                        error,
+                    }) => {
+                        debug!(pool = %pool.name, backend = %addr, %error, reused, "backend failed");
+                        if !before_response || has_body {
+                            return Err(Failure::Status(502));
+                        }
+                        if reused {
+                            continue;
+                        }
+                        if !head.is_idempotent() {
+                            return Err(Failure::Status(502));
+                        }
+                        last_status = 502;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Failure::Status(last_status))
+    }
+}
+
+/// Opens a new connection to a backend (with our PROXY header if the pool asks for one).
+async fn connect(addr: SocketAddr, pool: &Pool, client: &Client) -> io::Result<UpstreamConn> {
+    let mut stream = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+    };
+    stream.set_nodelay(true)?;
+    if let Some(version) = pool.send_proxy_protocol {
+        let destination = client.stream.local_addr()?;
+        let header = proxy_protocol::encode(version, client.source, destination);
+        stream.write_all(&header).await?;
+    }
+    Ok(UpstreamConn {
+        stream,
+        addr,
+        buf: BytesMut::new(),
+        reused: false,
+    })
+}
+
+/// Why sending a request or reading its response head failed.
+#[derive(Debug)]
+enum SendError {
+    /// The client failed while its body was being read.
+    Client,
+    /// The backend failed; `before_response` if no byte of a response had arrived.
+    Upstream {
+        before_response: bool,
+        error: io::Error,
+    },
+    /// The backend answered something that is not HTTP/1.1.
+    Invalid(h1::HeadError),
+    /// No response head within the pool's response timeout.
+    Timeout,
+}
+
+/// Sends head and body, then reads the response head (skipping interim 1xx responses).
+async fn send_request(
+    client: &mut Client,
+    head: &RequestHead,
+    conn: &mut UpstreamConn,
+    request: &BytesMut,
+    response_timeout: Duration,
+) -> Result<ResponseHead, SendError> {
+    let upstream_error = |error| SendError::Upstream {
+        before_response: true,
+        error,
+    };
+    match head.framing {
+        Framing::Empty => conn
+            .stream
+            .write_all(request)
+            .await
+            .map_err(upstream_error)?,
+        framing => {
+            conn.stream
+                .write_all(request)
+                .await
+                .map_err(upstream_error)?;
+            let mut scratch = BytesMut::new();
+            transfer_body(
+                &mut client.stream,
+                &mut client.buf,
+                &mut conn.stream,
+                framing,
+                framing,
+                &mut scratch,
+                response_timeout,
+            )
+            .await
+            .map_err(|error| match error {
+                BodyError::Write(error) => upstream_error(error),
+                BodyError::Read(_) | BodyError::Malformed | BodyError::Timeout => SendError::Client,
+            })?;
+        }
+    }
+    let deadline = Instant::now() + response_timeout;
+    loop {
+        if !conn.buf.is_empty() {
+            match h1::parse_response(&mut conn.buf, head.is_head()) {
+                Ok(Some(response)) if (100..200).contains(&response.status) => {
+                    if response.status == 101 {
+                        // Upgrade was not forwarded, so a 101 is a backend error.
+                        return Err(SendError::Invalid(h1::HeadError::Malformed(
+                            "unexpected 101",
+                        )));
+                    }
+                    continue;
+                }
+                Ok(Some(response)) => return Ok(response),
+                Ok(None) => {}
+                Err(error) => return Err(SendError::Invalid(error)),
+            }
+        }
+        let before_response = conn.buf.is_empty();
+        conn.buf.reserve(READ_CHUNK);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match timeout(wait, conn.stream.read_buf(&mut conn.buf)).await {
+            Ok(Ok(0)) => {
+                return Err(SendError::Upstream {
+                    before_response,
+                    error: io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(SendError::Upstream {
+                    before_response,
+                    error,
+                });
+            }
+            Err(_) => return Err(SendError::Timeout),
+        }
+    }
+}
+
+/// Why a body transfer failed.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// Reading the source failed or it closed early.
+    #[error("reading the body: {0}")]
+    Read(io::Error),
+    /// Writing the destination failed.
+    #[error("writing the body: {0}")]
+    Write(io::Error),
+    /// The source's chunked framing is invalid.
+    #[error("invalid chunked framing")]
+    Malformed,
+    /// The source paused longer than the timeout.
+    #[error("body stalled past the timeout")]
+    Timeout,
+}
+
+/// Moves one body from `src` (with `buf` holding what was already read) to `dst`, re-framed:
+/// `input` says how the source delimits it, `output` how the destination gets it (`Chunked`
+/// re-chunks, `UntilClose` and `Length` write the bytes as they are). `out` first holds the
+/// head to send; it is sent together with the first body bytes, in one write when it all fits.
+async fn transfer_body(
+    src: &mut TcpStream,
+    buf: &mut BytesMut,
+    dst: &mut TcpStream,
+    input: Framing,
+    output: Framing,
+    out: &mut BytesMut,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    let chunked_out = output == Framing::Chunked;
+    let mut decoder = ChunkedDecoder::default();
+    let mut left = match input {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    loop {
+        // Frame what is buffered into `out`.
+        let finished = match input {
+            Framing::Empty => true,
+            Framing::Length(_) => {
+                let take = (buf.len() as u64).min(left) as usize;
+                emit(out, &buf[..take], chunked_out);
+                buf.advance(take);
+                left -= take as u64;
+                left == 0
+            }
+            Framing::UntilClose => {
+                emit(out, buf, chunked_out);
+                buf.clear();
+                false
+            }
+            Framing::Chunked => {
+                let mut pos = 0;
+                let mut ended = false;
+                loop {
+                    match decoder
+                        .decode(buf, &mut pos)
+                        .map_err(|_| BodyError::Malformed)?
+                    {
+                        Decoded::Data(range) => emit(out, &buf[range], chunked_out),
+                        Decoded::End(_) => {
+                            if !decoder.trailers_valid() {
+                                return Err(BodyError::Malformed);
+                            }
+                            ended = true;
+                            break;
+                        }
+                        Decoded::NeedMore => break,
+                    }
+                }
+                buf.advance(pos);
+                ended
+            }
+        };
+        if finished {
+            if chunked_out {
+                h1::encode_last_chunk(out, &decoder.trailers);
+            }
+            if !out.is_empty() {
+                dst.write_all(out).await.map_err(BodyError::Write)?;
+                out.clear();
+            }
+            return Ok(());
+        }
+        if !out.is_empty() {
+            dst.write_all(out).await.map_err(BodyError::Write)?;
+            out.clear();
+        }
+        buf.reserve(READ_CHUNK);
+        match timeout(idle, src.read_buf(buf)).await {
+            Ok(Ok(0)) if input == Framing::UntilClose => {
+                if chunked_out {
+                    h1::encode_last_chunk(out, &[]);
+                    dst.write_all(out).await.map_err(BodyError::Write)?;
+                    out.clear();
+                }
+                return Ok(());
+            }
+            Ok(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(BodyError::Read(error)),
+            Err(_) => return Err(BodyError::Timeout),
+        }
+    }
+}
+
+/// Appends body bytes to `out`, as a chunk or as they are.
+fn emit(out: &mut BytesMut, data: &[u8], chunked: bool) {
+    if chunked {
+        h1::encode_chunk(out, data);
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// Writes an IP address as text into `buf` without allocating.
+fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    &buf[..len]
+}
+
+impl RequestView for RequestHead {
+    fn path(&self) -> &str {
+        RequestHead::path(self)
+    }
+
+    fn host(&self) -> Option<&[u8]> {
+        RequestHead::host(self)
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        RequestHead::header(self, name)
+    }
+}

@@ -1,0 +1,325 @@
+//! Routing: which pool a request goes to.
+//!
+//! Routes are compiled once per configuration into matchers; nothing is parsed per request. Routes
+//! whose host is exact are indexed by that host in a map, so a listener with thousands of virtual
+//! hosts costs one lookup, not a scan. "First match wins" still holds across the map and the
+//! other routes: both lists keep their routes' original order and are merged by it.
+
+use std::collections::HashMap;
+
+use crate::config::{HostPattern, RouteConfig};
+
+/// What the router needs to know about a request.
+pub trait RequestView {
+    /// The path, without the query.
+    fn path(&self) -> &str;
+    /// The Host as sent (any case, port included), if any.
+    fn host(&self) -> Option<&[u8]>;
+    /// The first value of header `name` (lower-case), if any.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+/// One compiled route.
+#[derive(Debug)]
+struct Route {
+    path_prefix: Option<String>,
+    host: Option<HostPattern>,
+    header: Option<(String, String)>,
+    /// Index of the route's pool in [`Router::pools`].
+    pool: usize,
+}
+
+/// The compiled routes of one listener.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    /// Exact host (lower-case, no port) → indexes of the routes for it, in file order.
+    by_host: HashMap<String, Vec<usize>>,
+    /// Indexes of the routes without an exact host, in file order.
+    others: Vec<usize>,
+    /// Pool names; routes refer to them by index.
+    pools: Vec<String>,
+    /// Index of the default pool, if any.
+    default: Option<usize>,
+}
+
+impl Router {
+    /// Compiles the routes of a listener.
+    pub fn new(routes: &[RouteConfig], default_pool: Option<&str>) -> Router {
+        let mut pools: Vec<String> = Vec::new();
+        let mut pool_index = |name: &str| match pools.iter().position(|p| p == name) {
+            Some(i) => i,
+            None => {
+                pools.push(name.to_owned());
+                pools.len() - 1
+            }
+        };
+        let mut compiled = Vec::with_capacity(routes.len());
+        let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut others = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let m = &route.matcher;
+            match &m.host {
+                Some(HostPattern::Exact(host)) => by_host.entry(host.clone()).or_default().push(i),
+                _ => others.push(i),
+            }
+            compiled.push(Route {
+                path_prefix: m.path_prefix.clone(),
+                host: m.host.clone(),
+                header: m.header.clone(),
+                pool: pool_index(&route.pool),
+            });
+        }
+        let default = default_pool.map(&mut pool_index);
+        Router {
+            routes: compiled,
+            by_host,
+            others,
+            pools,
+            default,
+        }
+    }
+
+    /// The pool for `request`: the first matching route's, else the default, else `None`.
+    pub fn route(&self, request: &impl RequestView) -> Option<&str> {
+        let mut host_buf = [0u8; 256];
+        let host = request
+            .host()
+            .and_then(|h| normalize_host(h, &mut host_buf));
+        let exact: &[usize] = host
+            .and_then(|h| self.by_host.get(h))
+            .map_or(&[], Vec::as_slice);
+        // Merge the two ordered lists: the first route, in file order, that matches wins.
+        let (mut a, mut b) = (exact.iter().peekable(), self.others.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&x), Some(&&y)) if x < y => a.next(),
+                (Some(_), None) => a.next(),
+                (_, Some(_)) => b.next(),
+                (None, None) => break,
+            };
+            let Some(&index) = next else { break };
+            let route = &self.routes[index];
+            if route.matches(request, host) {
+                return Some(&self.pools[route.pool]);
+            }
+        }
+        self.default.map(|i| self.pools[i].as_str())
+    }
+}
+
+impl Route {
+    fn matches(&self, request: &impl RequestView, host: Option<&str>) -> bool {
+        if let Some(prefix) = &self.path_prefix
+            && !request.path().starts_with(prefix.as_str())
+        {
+            return false;
+        }
+        if let Some(pattern) = &self.host {
+            let Some(host) = host else { return false };
+            let ok = match pattern {
+                HostPattern::Exact(exact) => host == exact,
+                // ".example.com" matches "a.example.com", not "example.com".
+                HostPattern::Suffix(suffix) => {
+                    host.len() > suffix.len() && host.ends_with(suffix.as_str())
+                }
+                HostPattern::Prefix(prefix) => {
+                    host.len() > prefix.len() && host.starts_with(prefix.as_str())
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some((name, value)) = &self.header
+            && request.header(name) != Some(value.as_bytes())
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// Lower-cases a Host and strips its port, into `buf`. `None` if it is not a plausible host.
+fn normalize_host<'a>(host: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str> {
+    let host = if host.first() == Some(&b'[') {
+        // An IPv6 literal: "[::1]:8080" -> "[::1]".
+        let end = host.iter().position(|&b| b == b']')?;
+        &host[..=end]
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => &host[..colon],
+            None => host,
+        }
+    };
+    // A trailing dot names the same host.
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    if host.is_empty() || host.len() > buf.len() {
+        return None;
+    }
+    let out = &mut buf[..host.len()];
+    for (o, &b) in out.iter_mut().zip(host) {
+        if !(b.is_ascii_alphanumeric() || b"-._:[]".contains(&b)) {
+            return None;
+        }
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteMatch;
+
+    struct Req {
+        path: &'static str,
+        host: Option<&'static str>,
+        headers: Vec<(&'static str, &'static str)>,
+    }
+
+    impl RequestView for Req {
+        fn path(&self) -> &str {
+            self.path
+        }
+        fn host(&self) -> Option<&[u8]> {
+            self.host.map(str::as_bytes)
+        }
+        fn header(&self, name: &str) -> Option<&[u8]> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes())
+        }
+    }
+
+    fn route(pool: &str, m: RouteMatch) -> RouteConfig {
+        RouteConfig {
+            matcher: m,
+            pool: pool.into(),
+        }
+    }
+
+    fn seed_router() -> Router {
+        Router::new(
+            &[
+                route(
+                    "api",
+                    RouteMatch {
+                        path_prefix: Some("/api/".into()),
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "static",
+                    RouteMatch {
+                        path_prefix: Some("/static/".into()),
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "admin",
+                    RouteMatch {
+                        host: Some(HostPattern::Prefix("admin.".into())),
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "v2",
+                    RouteMatch {
+                        header: Some(("x-api-version".into(), "v2".into())),
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "exact",
+                    RouteMatch {
+                        host: Some(HostPattern::Exact("shop.example.com".into())),
+                        ..Default::default()
+                    },
+                ),
+                route(
+                    "wild",
+                    RouteMatch {
+                        host: Some(HostPattern::Suffix(".example.com".into())),
+                        ..Default::default()
+                    },
+                ),
+            ],
+            Some("web"),
+        )
+    }
+
+    fn req(
+        path: &'static str,
+        host: Option<&'static str>,
+        headers: Vec<(&'static str, &'static str)>,
+    ) -> Req {
+        Req {
+            path,
+            host,
+            headers,
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_catches_the_rest() {
+        let r = seed_router();
+        assert_eq!(
+            r.route(&req("/api/x", Some("admin.x"), vec![])),
+            Some("api")
+        );
+        assert_eq!(r.route(&req("/static/a.css", None, vec![])), Some("static"));
+        assert_eq!(
+            r.route(&req("/", Some("ADMIN.example.com:8443"), vec![])),
+            Some("admin")
+        );
+        assert_eq!(
+            r.route(&req("/", Some("x"), vec![("X-API-Version", "v2")])),
+            Some("v2")
+        );
+        assert_eq!(
+            r.route(&req("/", Some("Shop.Example.com."), vec![])),
+            Some("exact")
+        );
+        assert_eq!(
+            r.route(&req("/", Some("a.example.com"), vec![])),
+            Some("wild")
+        );
+        assert_eq!(r.route(&req("/", Some("example.com"), vec![])), Some("web"));
+        assert_eq!(r.route(&req("/apix", None, vec![])), Some("web"));
+        // The header route comes before the exact host route, so it wins for that host too.
+        assert_eq!(
+            r.route(&req(
+                "/",
+                Some("shop.example.com"),
+                vec![("x-api-version", "v2")]
+            )),
+            Some("v2")
+        );
+    }
+
+    #[test]
+    fn no_match_and_no_default_is_none() {
+        let r = Router::new(
+            &[route(
+                "api",
+                RouteMatch {
+                    path_prefix: Some("/api/".into()),
+                    ..Default::default()
+                },
+            )],
+            None,
+        );
+        assert_eq!(r.route(&req("/", None, vec![])), None);
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        let mut buf = [0u8; 256];
+        assert_eq!(normalize_host(b"A.B:80", &mut buf), Some("a.b"));
+        assert_eq!(normalize_host(b"[::1]:80", &mut buf), Some("[::1]"));
+        assert_eq!(normalize_host(b"a b", &mut buf), None);
+        assert_eq!(normalize_host(&[b'a'; 300], &mut buf), None);
+    }
+}

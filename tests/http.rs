@@ -1,0 +1,434 @@
+//! Layer 7 HTTP/1.1 through the real proxy and real backends on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The seed's routing table over named test backends.
+async fn seed() -> (Proxy, Vec<Backend>) {
+    let api = http_backend("api").await;
+    let stat = http_backend("static").await;
+    let admin = http_backend("admin").await;
+    let v2 = http_backend("v2").await;
+    let web = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+trusted_proxies = ["10.0.0.0/8"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api/" }}
+  pool = "api"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/static/" }}
+  pool = "static"
+
+  [[listeners.routes]]
+  match = {{ host = "admin.*" }}
+  pool = "admin"
+
+  [[listeners.routes]]
+  match = {{ header = {{ name = "X-API-Version", value = "v2" }} }}
+  pool = "v2"
+
+[pools.api]
+backends = ["{}"]
+[pools.static]
+backends = ["{}"]
+[pools.admin]
+backends = ["{}"]
+[pools.v2]
+backends = ["{}"]
+[pools.web]
+backends = ["{}"]
+"#,
+        api.addr, stat.addr, admin.addr, v2.addr, web.addr
+    ));
+    (proxy, vec![api, stat, admin, v2, web])
+}
+
+#[tokio::test]
+async fn requests_are_routed_by_path_host_and_header() {
+    let (proxy, _backends) = seed().await;
+    let mut client = HttpClient::connect(proxy.addr("public")).await;
+    let cases = [
+        ("/api/users", "", "api"),
+        ("/static/app.css", "", "static"),
+        ("/", "X-API-Version: v2\r\n", "v2"),
+        ("/anything", "", "web"),
+        ("/api", "", "web"),
+    ];
+    for (path, extra, expected) in cases {
+        let reply = client.get(path, extra).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some(expected), "{path} {extra}");
+    }
+    // Host routing: case-insensitive, port ignored.
+    client
+        .send(b"GET / HTTP/1.1\r\nHost: ADMIN.example.com:8443\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!(reply.header("x-backend"), Some("admin"));
+}
+
+#[tokio::test]
+async fn no_route_and_no_default_is_404() {
+    let api = http_backend("api").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+routes = [{{ match = {{ path_prefix = "/api/" }}, pool = "api" }}]
+
+[pools.api]
+backends = ["{}"]
+"#,
+        api.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/other", "").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.text(), "404 Not Found\n");
+    // The connection stays usable.
+    assert_eq!(client.get("/api/x", "").await.status, 200);
+    assert_eq!(api.accepted(), 1);
+}
+
+fn single_pool(
+    backends: &[std::net::SocketAddr],
+    listener_extra: &str,
+    pool_extra: &str,
+) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+{listener_extra}
+
+[pools.p]
+backends = [{}]
+{pool_extra}
+"#,
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn backend_connections_are_pooled_across_clients() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    for _ in 0..5 {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        for _ in 0..4 {
+            assert_eq!(client.get("/", "").await.status, 200);
+        }
+    }
+    // 20 requests from 5 client connections, one after the other: one backend connection.
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_hop_by_hop_fields() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client
+        .get(
+            "/",
+            "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nX-Kept: yes\r\n",
+        )
+        .await;
+    let seen = reply.text();
+    // Untrusted peer: its X-Forwarded-For is replaced, not extended.
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-real-ip: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(!seen.contains("6.6.6.6"), "{seen}");
+    assert!(seen.contains("X-Kept: yes\n"), "{seen}");
+    for hop in [
+        "X-Secret",
+        "Keep-Alive",
+        "TE:",
+        "Proxy-Connection",
+        "Connection:",
+    ] {
+        assert!(
+            !seen
+                .to_ascii_lowercase()
+                .contains(&hop.to_ascii_lowercase()),
+            "{hop} passed: {seen}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_peer_extends_x_forwarded_for() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+        "",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let seen = client
+        .get("/", "X-Forwarded-For: 203.0.113.7\r\n")
+        .await
+        .text();
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_arrive_intact_in_both_framings() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let body = "x".repeat(100_000);
+    client
+        .send(
+            format!(
+                "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    let seen = client.reply().await.expect("reply").text();
+    assert!(seen.ends_with(&format!("\n\n{body}")), "length body lost");
+    client
+        .send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        .await;
+    let seen = client.reply().await.expect("reply").text();
+    assert!(seen.contains("transfer-encoding: chunked"), "{seen}");
+    assert!(seen.ends_with("\n\nhello world"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_body_until_close_is_rechunked_for_http11_clients() {
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nstreamed until close")
+            .await;
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(reply.text(), "streamed until close");
+    // The client connection survives the backend's close.
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.text(), "streamed until close");
+}
+
+#[tokio::test]
+async fn smuggling_attempts_get_400_and_never_reach_the_backend() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let cases: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nX: y\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX\x7fY: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+    ];
+    for raw in cases {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        client.send(raw).await;
+        let reply = client.reply().await;
+        let status = reply.as_ref().map(|r| r.status);
+        assert!(
+            matches!(status, Some(400 | 501)),
+            "{:?} got {status:?}",
+            String::from_utf8_lossy(raw)
+        );
+        assert!(
+            client.closed().await,
+            "connection left open after {:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // A chunked body with an invalid chunk size: the head is fine, the body is not. The backend
+    // may see the head, but no request is completed and the client connection is closed.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+        .await;
+    assert!(client.closed().await);
+    assert!(backend.accepted() <= 1);
+}
+
+#[tokio::test]
+async fn oversized_requests_get_414_and_431() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let long_path = format!("/{}", "a".repeat(20_000));
+    client
+        .send(format!("GET {long_path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(414));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let many: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();
+    client
+        .send(format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes())
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(431));
+    assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
+async fn dead_backends_give_502_and_silent_ones_504() {
+    let dead = dead_addr().await;
+    let silent = Backend::start(|stream| async move {
+        tokio::time::sleep(PATIENCE).await;
+        drop(stream);
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[dead], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+
+    let proxy = Proxy::start(&single_pool(
+        &[silent.addr],
+        "",
+        "response_timeout = \"200ms\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 504);
+}
+
+#[tokio::test]
+async fn an_idempotent_request_is_retried_on_another_backend_after_a_reset() {
+    let reset = Backend::start(|mut stream| async move {
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    let good = http_backend("good").await;
+    let proxy = Proxy::start(&single_pool(&[reset.addr, good.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..4 {
+        let reply = client.get("/", "").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("good"));
+    }
+    assert!(reset.accepted() >= 1);
+    // A POST is not repeated: it gets a 502 when it lands on the resetting backend.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        client
+            .send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        statuses.push(client.reply().await.map(|r| r.status));
+    }
+    assert!(statuses.contains(&Some(502)), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "client_header_timeout = \"300ms\"",
+        "",
+    ));
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut normal = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(normal.get("/", "").await.status, 200);
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut response))
+        .await
+        .expect("cut off in time")
+        .expect("read");
+    assert!(
+        response.starts_with(b"HTTP/1.1 408 "),
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\nGET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    for path in ["/one", "/two", "/three"] {
+        let reply = client.reply().await.expect("reply");
+        assert!(
+            reply.text().contains(&format!("GET {path} HTTP/1.1")),
+            "{}",
+            reply.text()
+        );
+    }
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn head_requests_and_http10_clients() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    // No body follows a HEAD response; the next request on the connection works.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = client.stream.read(&mut buf).await.expect("read");
+        assert!(n > 0);
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(raw.ends_with(b"\r\n\r\n"), "a HEAD response carried a body");
+    assert_eq!(client.get("/", "").await.status, 200);
+
+    // HTTP/1.0 without keep-alive: one response, then close.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET / HTTP/1.0\r\n\r\n").await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!(reply.status, 200);
+    assert!(client.closed().await);
+}
