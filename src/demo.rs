@@ -13,12 +13,21 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::config::Config;
 use crate::server::{Server, ServerError};
 
-/// Ports the demo tries first; when one is taken, both listeners move to free ports and the
+/// Ports the demo tries first; when one is taken, every listener moves to a free port and the
 /// printed help shows where.
+const HTTP_PORT: u16 = 8080;
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
 /// Silence after which a demo TCP backend says goodbye and closes.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// The demo's HTTP pools and how many backends each has, as in the seed's routing table.
+const HTTP_POOLS: [(&str, usize); 5] = [
+    ("web", 2),
+    ("api", 2),
+    ("static", 1),
+    ("admin", 1),
+    ("v2", 1),
+];
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,45 +43,74 @@ pub enum DemoError {
     Server(#[from] ServerError),
 }
 
+/// The demo's backend addresses.
+struct Backends {
+    http: Vec<(&'static str, Vec<SocketAddr>)>,
+    tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+}
+
 /// Starts the demo backends, binds the demo listeners and returns the server (not yet running)
 /// with the text that tells a user what to try.
-pub async fn start() -> Result<(Server, String), DemoError> {
-    let mut tcp_backends = Vec::new();
-    for i in 1..=3 {
-        tcp_backends.push(tcp_backend(format!("tcp-backend-{i}")).await?);
-    }
-    let mut udp_backends = Vec::new();
-    for i in 1..=2 {
-        udp_backends.push(udp_backend(format!("udp-backend-{i}")).await?);
-    }
-    let server = match Server::bind(config(TCP_PORT, UDP_PORT, &tcp_backends, &udp_backends)?) {
-        Ok(server) => server,
-        // The preferred ports are taken: any free ones will do.
-        Err(ServerError::Bind { .. }) => Server::bind(config(0, 0, &tcp_backends, &udp_backends)?)?,
+/// With `any_port`, the listeners take free ports rather than trying 8080/7000/7001 first.
+pub async fn start(any_port: bool) -> Result<(Server, String), DemoError> {
+    let mut backends = Backends {
+        http: Vec::new(),
+        tcp: Vec::new(),
+        udp: Vec::new(),
     };
-    let tcp = server
-        .local_addr("tcp-demo")
-        .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
-    let udp = server
-        .local_addr("udp-demo")
-        .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
-    let moved = if tcp.port() == TCP_PORT && udp.port() == UDP_PORT {
+    for (pool, count) in HTTP_POOLS {
+        let mut addrs = Vec::new();
+        for i in 1..=count {
+            addrs.push(http_backend(format!("{pool}-{i}")).await?);
+        }
+        backends.http.push((pool, addrs));
+    }
+    for i in 1..=3 {
+        backends
+            .tcp
+            .push(tcp_backend(format!("tcp-backend-{i}")).await?);
+    }
+    for i in 1..=2 {
+        backends
+            .udp
+            .push(udp_backend(format!("udp-backend-{i}")).await?);
+    }
+    let preferred = if any_port {
+        (0, 0, 0)
+    } else {
+        (HTTP_PORT, TCP_PORT, UDP_PORT)
+    };
+    let server = match Server::bind(config(preferred, &backends)?) {
+        Ok(server) => server,
+        // A preferred port is taken: any free ones will do.
+        Err(ServerError::Bind { .. }) => Server::bind(config((0, 0, 0), &backends)?)?,
+    };
+    let addr = |name| {
+        server
+            .local_addr(name)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 0).into())
+    };
+    let (http, tcp, udp) = (addr("http-demo"), addr("tcp-demo"), addr("udp-demo"));
+    let moved = if any_port || (http.port(), tcp.port(), udp.port()) == preferred {
         ""
     } else {
-        "\n(ports 7000/7001 were taken, so the demo listens on free ports instead)\n"
+        "\n(ports 8080/7000/7001 were taken, so the demo listens on free ports instead)\n"
     };
     let help = format!(
-        "Switchyard demo is running. Layer 4 listeners, round robin over the demo backends:\n{moved}\
-         \n  tcp-demo  {tcp}  -> tcp-backend-1..3 (each greets with its name, echoes what you\n\
-         \x20                             send, and closes after a second of silence)\n\
-         \x20 udp-demo  {udp}  -> udp-backend-1..2 (each answers with its name)\n\
-         \nTry (run each a few times to watch the rotation):\n\
-         \n  curl -s telnet://{tcp} </dev/null\n\
-         \x20 printf 'ping\\n' | nc {} {}\n\
-         \x20 echo hello | nc -u -w1 {} {}\n\
+        "Switchyard demo is running.{moved}\n\
+         \nLayer 7, http-demo on {http}: each backend answers with its name.\n\
+         \n  curl -s http://{http}/                                  # web pool (web-1, web-2)\n\
+         \x20 curl -s http://{http}/api/users                         # api pool (api-1, api-2)\n\
+         \x20 curl -s http://{http}/static/app.css                    # static pool\n\
+         \x20 curl -s -H 'Host: admin.example.com' http://{http}/     # admin pool (Host admin.*)\n\
+         \x20 curl -s -H 'X-API-Version: v2' http://{http}/           # v2 pool (header)\n\
+         \x20 curl -s -i 'http://{http}/api/x' -H 'Transfer-Encoding: chunked' -H 'Content-Length: 1'\n\
+         \x20                                                         # ambiguous framing: 400\n\
+         \nLayer 4, round robin (run each a few times to watch the rotation):\n\
+         \n  curl -s telnet://{tcp} </dev/null       # tcp-demo: tcp-backend-1..3 greet, echo, close\n\
+         \x20 echo hello | nc -u -w1 {} {}         # udp-demo: udp-backend-1..2 answer\n\
          \nPress Ctrl-C to stop.",
-        tcp.ip(),
-        tcp.port(),
         udp.ip(),
         udp.port(),
     );
@@ -80,10 +118,8 @@ pub async fn start() -> Result<(Server, String), DemoError> {
 }
 
 fn config(
-    tcp_port: u16,
-    udp_port: u16,
-    tcp_backends: &[SocketAddr],
-    udp_backends: &[SocketAddr],
+    ports: (u16, u16, u16),
+    backends: &Backends,
 ) -> Result<Config, crate::config::ConfigError> {
     let list = |addrs: &[SocketAddr]| {
         addrs
@@ -92,10 +128,33 @@ fn config(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let text = format!(
+    let (http_port, tcp_port, udp_port) = ports;
+    let mut text = format!(
         r#"
 [global]
 drain_timeout = "2s"
+
+[[listeners]]
+name = "http-demo"
+bind = "127.0.0.1:{http_port}"
+protocol = "http"
+default_pool = "web"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api/" }}
+  pool = "api"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/static/" }}
+  pool = "static"
+
+  [[listeners.routes]]
+  match = {{ host = "admin.*" }}
+  pool = "admin"
+
+  [[listeners.routes]]
+  match = {{ header = {{ name = "X-API-Version", value = "v2" }} }}
+  pool = "v2"
 
 [[listeners]]
 name = "tcp-demo"
@@ -115,10 +174,64 @@ backends = [{}]
 [pools.udp-demo]
 backends = [{}]
 "#,
-        list(tcp_backends),
-        list(udp_backends),
+        list(&backends.tcp),
+        list(&backends.udp),
     );
+    for (pool, addrs) in &backends.http {
+        text.push_str(&format!("\n[pools.{pool}]\nbackends = [{}]\n", list(addrs)));
+    }
     Config::from_toml(&text, Path::new("<demo>"))
+}
+
+/// An HTTP/1.1 backend that answers every request with `hello from NAME`, keeping the
+/// connection alive. Deliberately small: request bodies are read and dropped, heads over
+/// 16 KiB or bodies over 1 MiB end the connection.
+async fn http_backend(name: String) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = format!("hello from {name}\n");
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let n = stream.read(&mut chunk).await?;
+                        if n == 0 || buf.len() > 16 * 1024 {
+                            return Ok::<_, io::Error>(());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if length > 1024 * 1024 {
+                        return Ok(());
+                    }
+                    let mut rest = buf.split_off(end + 4);
+                    while rest.len() < length {
+                        let n = stream.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        rest.extend_from_slice(&chunk[..n]);
+                    }
+                    buf = rest.split_off(length);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(response.as_bytes()).await?;
+                }
+            });
+        }
+    });
+    Ok(addr)
 }
 
 /// A TCP backend that greets each client with its name, then echoes lines until EOF.

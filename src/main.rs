@@ -43,6 +43,9 @@ enum Command {
         /// Log level.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Listen on free ports instead of trying 8080, 7000 and 7001 first.
+        #[arg(long)]
+        any_port: bool,
     },
 }
 
@@ -55,7 +58,10 @@ fn main() -> ExitCode {
             threads,
             log_level,
         } => report(run(&config, threads, &log_level)),
-        Command::Demo { log_level } => report(demo(&log_level)),
+        Command::Demo {
+            log_level,
+            any_port,
+        } => report(demo(&log_level, any_port)),
     }
 }
 
@@ -130,11 +136,11 @@ fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyho
     })
 }
 
-fn demo(log_level: &str) -> anyhow::Result<()> {
+fn demo(log_level: &str, any_port: bool) -> anyhow::Result<()> {
     init_logging(log_level)?;
     raise_fd_limit();
     runtime(None)?.block_on(async {
-        let (server, help) = switchyard::demo::start().await?;
+        let (server, help) = switchyard::demo::start(any_port).await?;
         stop_on_signals(server.shutdown_token())?;
         println!("{help}");
         server.run().await;

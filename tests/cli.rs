@@ -333,3 +333,59 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
     let _ = child.start_kill();
     let _ = std::fs::remove_file(config);
 }
+
+#[tokio::test]
+async fn the_demo_routes_like_the_seed_table() {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["demo", "--any-port", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut http, mut tcp) = (None, None);
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if let Some(rest) = line.strip_prefix("Layer 7, http-demo on ") {
+                http = rest
+                    .split(':')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(":")
+                    .parse()
+                    .ok();
+            }
+            if let Some(rest) = line.trim().strip_prefix("curl -s telnet://") {
+                tcp = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+            if line.starts_with("Press Ctrl-C") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("help printed");
+    let http: std::net::SocketAddr = http.expect("http address printed");
+    let mut client = HttpClient::connect(http).await;
+    for (path, extra, expected) in [
+        ("/", "", "hello from web-1\n"),
+        ("/", "", "hello from web-2\n"),
+        ("/api/users", "", "hello from api-1\n"),
+        ("/static/a.css", "", "hello from static-1\n"),
+        ("/", "X-API-Version: v2\r\n", "hello from v2-1\n"),
+    ] {
+        assert_eq!(client.get(path, extra).await.text(), expected, "{path}");
+    }
+    client
+        .send(b"GET / HTTP/1.1\r\nHost: admin.example.com\r\n\r\n")
+        .await;
+    assert_eq!(
+        client.reply().await.expect("reply").text(),
+        "hello from admin-1\n"
+    );
+    let tcp: std::net::SocketAddr = tcp.expect("tcp address printed");
+    assert_eq!(first_line(tcp).await, "hello from tcp-backend-1");
+    let _ = child.start_kill();
+}
