@@ -8,7 +8,9 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
@@ -73,10 +75,9 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_START;
-                let connection = serve(stream, peer);
-                tasks.spawn(async move {
-                    connection.await;
-                    drop(permit);
+                tasks.spawn(WithPermit {
+                    future: serve(stream, peer),
+                    _permit: permit,
                 });
             }
             Err(error) if is_resource_exhaustion(&error) => {
@@ -90,6 +91,27 @@ pub async fn accept_loop<F, Fut>(
             // ECONNABORTED and the like concern one client that already left.
             Err(error) => debug!(listener = name, %error, "accept failed"),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's future together with its permit, which is released when the task ends.
+    ///
+    /// A plain struct rather than `async move { connection.await; drop(permit) }`: an async
+    /// block keeps the future it captured and the future it awaits in separate places, so it
+    /// would be twice the size of the connection's future, for the connection's whole life.
+    struct WithPermit<F> {
+        #[pin]
+        future: F,
+        _permit: OwnedSemaphorePermit,
+    }
+}
+
+impl<F: Future> Future for WithPermit<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().future.poll(cx)
     }
 }
 

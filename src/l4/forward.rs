@@ -71,16 +71,54 @@ pub async fn forward(
     idle_timeout: Duration,
     stats: &BackendState,
 ) -> (io::Result<Outcome>, Transferred) {
-    let mut up = Half::new(splice, initial);
-    let mut down = Half::new(splice, Vec::new());
-    let mut idle: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle_timeout));
-    let mut last_activity = Instant::now();
+    let mut forwarder = Forwarder::new(initial, idle_timeout);
+    let result =
+        poll_fn(|cx| forwarder.poll(cx, client, backend, splice, idle_timeout, stats)).await;
+    (result, forwarder.finish())
+}
 
-    let result = poll_fn(|cx| {
+/// The state of [`forward`], for callers that keep it in a future of their own.
+///
+/// Every idle connection holds one for its whole life, so it is kept small: the sockets, the
+/// settings and the counters live with the caller and are passed to [`Forwarder::poll`].
+pub struct Forwarder {
+    /// Client to backend.
+    up: Half,
+    /// Backend to client.
+    down: Half,
+    /// Fires at the idle deadline (or earlier: it is re-armed lazily, see `poll`).
+    idle: Pin<Box<Sleep>>,
+    /// When a byte last moved (or an EOF arrived).
+    last_activity: Instant,
+}
+
+impl Forwarder {
+    /// A forwarder that sends `initial` to the backend first.
+    pub fn new(initial: Vec<u8>, idle_timeout: Duration) -> Forwarder {
+        Forwarder {
+            up: Half::new(initial),
+            down: Half::new(Vec::new()),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_activity: Instant::now(),
+        }
+    }
+
+    /// Moves what it can both ways; `Ready` once both directions ended, one failed, or nothing
+    /// moved for `idle_timeout`. Call [`Forwarder::finish`] afterwards.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        backend: &TcpStream,
+        splice: bool,
+        idle_timeout: Duration,
+        stats: &BackendState,
+    ) -> Poll<io::Result<Outcome>> {
+        let (up, down) = (&mut self.up, &mut self.down);
         let up_before = up.bytes;
         let down_before = down.bytes;
-        let up_state = up.poll(cx, client, backend);
-        let down_state = down.poll(cx, backend, client);
+        let up_state = up.poll(cx, client, backend, splice);
+        let down_state = down.poll(cx, backend, client, splice);
         let moved_up = up.bytes - up_before;
         let moved_down = down.bytes - down_before;
         if moved_up > 0 {
@@ -101,58 +139,67 @@ pub async fn forward(
         if moved_up + moved_down > 0 || up.active || down.active {
             up.active = false;
             down.active = false;
-            last_activity = Instant::now();
+            self.last_activity = Instant::now();
         }
         // The timer is re-armed only when it fires, not on every byte: resetting a timer is a
         // timer-wheel operation, reading the clock is not.
-        while idle.as_mut().poll(cx).is_ready() {
-            let deadline = last_activity + idle_timeout;
+        while self.idle.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_activity + idle_timeout;
             if Instant::now() >= deadline {
                 return Poll::Ready(Ok(Outcome::IdleTimeout));
             }
-            idle.as_mut().reset(deadline);
+            self.idle.as_mut().reset(deadline);
         }
         Poll::Pending
-    })
-    .await;
+    }
 
-    up.release();
-    down.release();
-    let transferred = Transferred {
-        upstream: up.bytes,
-        downstream: down.bytes,
-    };
-    (result, transferred)
+    /// Gives back what the connection still borrows (buffers, empty pipes) and returns the byte
+    /// counts.
+    pub fn finish(&mut self) -> Transferred {
+        self.up.release();
+        self.down.release();
+        Transferred {
+            upstream: self.up.bytes,
+            downstream: self.down.bytes,
+        }
+    }
 }
 
-/// One direction of a connection.
+/// One direction of a connection. Kept small: two of them live in every idle connection.
 struct Half {
-    /// Forward with splice(2) rather than read/write.
-    splice: bool,
-    /// Bytes read but not yet written (copy mode, and the initial bytes in either mode).
-    pending: Vec<u8>,
-    /// How much of `pending` has been written.
-    written: usize,
+    /// Bytes read but not yet written (copy mode, and the initial bytes in either mode); `None`
+    /// while there are none, which is nearly always.
+    pending: Option<Box<Pending>>,
     /// The pipe in use (splice mode), borrowed from the thread's pool while data flows.
     pipe: Option<Pipe>,
-    /// Bytes sitting in `pipe`.
-    in_pipe: usize,
+    /// Bytes sitting in `pipe` (at most its capacity, which fits in 32 bits).
+    in_pipe: u32,
+    /// Bytes delivered to the destination.
+    bytes: u64,
     /// The source reached EOF.
     eof: bool,
     /// EOF was passed on (the destination's write side is shut down): this direction is over.
     done: bool,
-    /// Bytes delivered to the destination.
-    bytes: u64,
     /// Something happened that counts as activity without moving bytes (EOF).
     active: bool,
 }
 
+/// Bytes a destination would not take yet.
+struct Pending {
+    buf: Vec<u8>,
+    /// How much of `buf` has been written.
+    written: usize,
+}
+
 impl Half {
-    fn new(splice: bool, initial: Vec<u8>) -> Half {
+    fn new(initial: Vec<u8>) -> Half {
         Half {
-            splice,
-            pending: initial,
-            written: 0,
+            pending: (!initial.is_empty()).then(|| {
+                Box::new(Pending {
+                    buf: initial,
+                    written: 0,
+                })
+            }),
             pipe: None,
             in_pipe: 0,
             eof: false,
@@ -168,6 +215,7 @@ impl Half {
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
+        splice: bool,
     ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -186,7 +234,7 @@ impl Half {
             ready!(src.poll_read_ready(cx))?;
             // Without a pipe (the process is out of descriptors, say) this read is copied
             // instead: the connection goes on, and the next read tries for a pipe again.
-            let read = if self.splice && self.has_pipe() {
+            let read = if splice && self.has_pipe() {
                 self.splice_in(src)
             } else {
                 self.copy_through(src, dst)
@@ -200,7 +248,7 @@ impl Half {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The source is drained for now: give back what an idle connection should
                     // not hold, then wait for readiness (the next poll_read_ready registers).
-                    if self.in_pipe == 0 && self.written == self.pending.len() {
+                    if self.in_pipe == 0 && self.nothing_pending() {
                         self.release();
                     }
                 }
@@ -211,22 +259,24 @@ impl Half {
 
     /// Writes pending bytes and pipe contents to `dst` until both are empty.
     fn poll_flush(&mut self, cx: &mut Context<'_>, dst: &TcpStream) -> Poll<io::Result<()>> {
-        while self.written < self.pending.len() {
-            ready!(dst.poll_write_ready(cx))?;
-            match dst.try_write(&self.pending[self.written..]) {
-                Ok(n) => {
-                    self.written += n;
-                    self.bytes += n as u64;
+        if let Some(pending) = &mut self.pending {
+            while pending.written < pending.buf.len() {
+                ready!(dst.poll_write_ready(cx))?;
+                match dst.try_write(&pending.buf[pending.written..]) {
+                    Ok(n) => {
+                        pending.written += n;
+                        self.bytes += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
             }
-        }
-        if self.written > 0 {
-            // Keep the allocation for the next partial write while data flows; `release`
-            // frees it when the connection goes idle.
-            self.pending.clear();
-            self.written = 0;
+            if pending.written > 0 {
+                // Keep the allocation for the next partial write while data flows; `release`
+                // frees it when the connection goes idle.
+                pending.buf.clear();
+                pending.written = 0;
+            }
         }
         while self.in_pipe > 0 {
             ready!(dst.poll_write_ready(cx))?;
@@ -234,10 +284,10 @@ impl Half {
                 return Poll::Ready(Err(io::Error::other("pipe lost with bytes in it")));
             };
             let from = pipe.read.as_raw_fd();
-            let len = self.in_pipe;
+            let len = self.in_pipe as usize;
             match dst.try_io(Interest::WRITABLE, || splice(from, dst.as_raw_fd(), len)) {
                 Ok(n) => {
-                    self.in_pipe -= n;
+                    self.in_pipe -= n as u32;
                     self.bytes += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -265,7 +315,15 @@ impl Half {
                 }
             }
             self.bytes += sent as u64;
-            self.pending.extend_from_slice(&scratch[sent..n]);
+            if sent < n {
+                let pending = self.pending.get_or_insert_with(|| {
+                    Box::new(Pending {
+                        buf: Vec::new(),
+                        written: 0,
+                    })
+                });
+                pending.buf.extend_from_slice(&scratch[sent..n]);
+            }
             Ok(n)
         })
     }
@@ -292,15 +350,22 @@ impl Half {
         let to = pipe.write.as_raw_fd();
         let capacity = pipe.capacity;
         let n = src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), to, capacity))?;
-        self.in_pipe += n;
+        // At most the pipe's capacity, which the kernel reports as a C int.
+        self.in_pipe += n as u32;
         Ok(n)
+    }
+
+    /// Whether every byte read into `pending` has been written.
+    fn nothing_pending(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_none_or(|pending| pending.written == pending.buf.len())
     }
 
     /// Gives back per-connection memory: the pending buffer and an empty pipe.
     fn release(&mut self) {
-        if self.written == self.pending.len() {
-            self.pending = Vec::new();
-            self.written = 0;
+        if self.nothing_pending() {
+            self.pending = None;
         }
         if self.in_pipe == 0
             && let Some(pipe) = self.pipe.take()
