@@ -349,3 +349,49 @@ fn settings_that_would_be_silently_ignored_are_errors() {
         "out of range",
     );
 }
+
+#[test]
+fn route_targets_and_match_conditions_are_checked() {
+    let listener = |routes: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\nroutes = [{routes}]\n{MINIMAL_POOL}"
+        )
+    };
+    assert_problem(
+        &listener(r#"{ match = { path = "/" }, pool = "p", pools = [{ pool = "p" }] }"#),
+        "listeners[0].routes[0].pools",
+        "not both",
+    );
+    assert_problem(
+        &listener(r#"{ match = { path = "/" }, pools = [{ pool = "p", weight = 0 }] }"#),
+        "listeners[0].routes[0].pools",
+        "every weight is 0",
+    );
+    assert_problem(
+        &listener(r#"{ match = { path = "/" }, pools = [{ pool = "nope" }] }"#),
+        "listeners[0].routes[0].pools[0].pool",
+        "unknown pool",
+    );
+    assert_problem(
+        &listener(r#"{ match = { path_regex = "(" }, pool = "p" }"#),
+        "listeners[0].routes[0].match.path_regex",
+        "invalid regular expression",
+    );
+    assert_problem(
+        &listener(
+            r#"{ match = { header = { name = "X", value = "a", present = true } }, pool = "p" }"#,
+        ),
+        "listeners[0].routes[0].match.header",
+        "exactly one of",
+    );
+    assert_problem(
+        &listener(r#"{ match = { method = "GE T" }, pool = "p" }"#),
+        "listeners[0].routes[0].match.method[0]",
+        "not a valid method",
+    );
+    assert_problem(
+        &listener(r#"{ match = { query = { name = "a" } }, pool = "p" }"#),
+        "listeners[0].routes[0].match.query.value",
+        "missing",
+    );
+}

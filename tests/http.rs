@@ -432,3 +432,83 @@ async fn head_requests_and_http10_clients() {
     assert_eq!(reply.status, 200);
     assert!(client.closed().await);
 }
+
+#[tokio::test]
+async fn every_match_type_and_weighted_splits() {
+    let names = [
+        "exact",
+        "regex",
+        "method",
+        "query",
+        "cookie",
+        "hdr-regex",
+        "hdr-present",
+        "v1",
+        "v2",
+        "web",
+    ];
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(http_backend(name).await);
+    }
+    let addr = |name: &str| backends[names.iter().position(|n| *n == name).expect("known")].addr;
+    let pools: String = names
+        .iter()
+        .map(|n| format!("[pools.{n}]\nbackends = [\"{}\"]\n", addr(n)))
+        .collect();
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+routes = [
+  {{ match = {{ path = "/exact" }}, pool = "exact" }},
+  {{ match = {{ path_regex = "^/items/[0-9]+$" }}, pool = "regex" }},
+  {{ match = {{ method = ["DELETE", "PATCH"] }}, pool = "method" }},
+  {{ match = {{ query = {{ name = "mode", value = "beta test" }} }}, pool = "query" }},
+  {{ match = {{ cookie = {{ name = "canary", value = "yes" }} }}, pool = "cookie" }},
+  {{ match = {{ header = {{ name = "User-Agent", regex = "(?i)^curl/" }} }}, pool = "hdr-regex" }},
+  {{ match = {{ header = {{ name = "X-Debug", present = true }} }}, pool = "hdr-present" }},
+  {{ match = {{ path_prefix = "/split/" }}, pools = [{{ pool = "v1", weight = 3 }}, {{ pool = "v2", weight = 1 }}] }},
+]
+
+{pools}
+"#
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let cases = [
+        ("GET", "/exact", "", "exact"),
+        ("GET", "/exact/not", "", "web"),
+        ("GET", "/items/42", "", "regex"),
+        ("GET", "/items/42x", "", "web"),
+        ("DELETE", "/x", "", "method"),
+        ("GET", "/x?a=1&mode=beta%20test", "", "query"),
+        ("GET", "/x?mode=beta", "", "web"),
+        ("GET", "/x", "Cookie: a=b; canary=yes\r\n", "cookie"),
+        ("GET", "/x", "User-Agent: CURL/8.0\r\n", "hdr-regex"),
+        ("GET", "/x", "X-Debug: \r\n", "hdr-present"),
+    ];
+    for (method, path, extra, expected) in cases {
+        client
+            .send(format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").as_bytes())
+            .await;
+        let reply = client.reply().await.expect("reply");
+        assert_eq!(
+            reply.header("x-backend"),
+            Some(expected),
+            "{method} {path} {extra}"
+        );
+    }
+    let mut v1 = 0;
+    for _ in 0..400 {
+        match client.get("/split/x", "").await.header("x-backend") {
+            Some("v1") => v1 += 1,
+            Some("v2") => {}
+            other => panic!("split went to {other:?}"),
+        }
+    }
+    // Expected 300 of 400; 5 standard deviations is about 43.
+    assert!((257..=343).contains(&v1), "{v1}");
+}

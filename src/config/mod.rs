@@ -45,6 +45,8 @@ pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a backend has to start its response (and the most it may pause within one).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest weight of one pool in a route's weighted split.
+pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
 /// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
 pub const MAX_WEIGHT: u32 = 256;
 
@@ -134,19 +136,59 @@ pub struct HttpSettings {
 pub struct RouteConfig {
     /// Conditions that must all hold.
     pub matcher: RouteMatch,
-    /// The pool matching requests go to.
-    pub pool: String,
+    /// Where matching requests go.
+    pub target: RouteTarget,
+}
+
+/// Where a route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// Always this pool.
+    Pool(String),
+    /// A weighted split: each request goes to one of these pools with probability
+    /// weight / total (canary releases, A/B tests).
+    Split(Vec<(String, u32)>),
 }
 
 /// The conditions of a route, parsed once at load time.
 #[derive(Debug, Clone, Default)]
 pub struct RouteMatch {
-    /// The request path starts with this.
+    /// The request path (without the query) starts with this.
     pub path_prefix: Option<String>,
+    /// The request path is exactly this.
+    pub path: Option<String>,
+    /// The request path matches this regular expression.
+    pub path_regex: Option<regex::Regex>,
     /// The Host (port ignored, case-insensitive) is this, `*.suffix` or `prefix.*`.
     pub host: Option<HostPattern>,
-    /// A request header (name lower-cased) has exactly this value.
-    pub header: Option<(String, String)>,
+    /// A request header holds a condition.
+    pub header: Option<HeaderMatch>,
+    /// The method is one of these (empty: any method).
+    pub methods: Vec<String>,
+    /// A query parameter (percent-decoded) has exactly this value.
+    pub query: Option<(String, String)>,
+    /// A cookie has exactly this value.
+    pub cookie: Option<(String, String)>,
+}
+
+/// A condition on one request header.
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    /// Lower-cased header name.
+    pub name: String,
+    /// What its (first) value must satisfy.
+    pub condition: ValueMatch,
+}
+
+/// What a header value must satisfy.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    /// Exactly this value.
+    Exact(String),
+    /// A match of this regular expression somewhere in the value (anchor it for a whole match).
+    Regex(regex::Regex),
+    /// Only that the header is present.
+    Present,
 }
 
 /// A host name pattern, lower-cased at load time.

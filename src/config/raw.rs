@@ -69,7 +69,18 @@ pub struct RawListener {
 pub struct RawRoute {
     #[serde(rename = "match")]
     pub match_: Option<RawMatch>,
+    /// The one pool matching requests go to...
     pub pool: Option<String>,
+    /// ...or a weighted split over several (canary, A/B).
+    pub pools: Option<Vec<RawWeightedPool>>,
+}
+
+/// `{ pool = "v2", weight = 5 }` in a route's `pools`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedPool {
+    pub pool: Option<String>,
+    pub weight: Option<i64>,
 }
 
 /// The `match` table of a route; every key present must hold.
@@ -77,16 +88,39 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub path_prefix: Option<String>,
+    pub path: Option<String>,
+    pub path_regex: Option<String>,
     pub host: Option<String>,
     pub header: Option<RawHeaderMatch>,
+    pub method: Option<StringOrList>,
+    pub query: Option<RawNameValue>,
+    pub cookie: Option<RawNameValue>,
 }
 
-/// `header = { name = "...", value = "..." }`.
+/// `header = { name = "...", value = "..." | regex = "..." | present = true }`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderMatch {
     pub name: Option<String>,
     pub value: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+/// `{ name = "...", value = "..." }` for query parameters and cookies.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNameValue {
+    pub name: Option<String>,
+    pub value: Option<String>,
+}
+
+/// `"GET"` or `["GET", "HEAD"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// One `[pools.NAME]` table.

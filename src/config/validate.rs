@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::raw::{RawBackend, RawConfig, RawListener, RawPool, RawRoute};
+use super::raw::{RawBackend, RawConfig, RawListener, RawPool, RawRoute, StringOrList};
 use super::*;
 
 /// Replaces `${NAME}` and `${NAME:-default}` in one string value with environment values, so
@@ -526,15 +526,26 @@ fn validate_route(
     raw: RawRoute,
     pools: &PoolNames,
 ) -> Option<RouteConfig> {
-    let pool = match &raw.pool {
-        None => {
+    let before = problems.0.len();
+    let target = match (&raw.pool, raw.pools) {
+        (Some(pool), None) => {
+            known_pool(problems, &format!("{at}.pool"), pool, pools).map(RouteTarget::Pool)
+        }
+        (None, Some(split)) => validate_split(problems, at, split, pools),
+        (Some(_), Some(_)) => {
             problems.push(
-                format!("{at}.pool"),
-                "missing: a route names the pool it sends to",
+                format!("{at}.pools"),
+                "a route has `pool` or `pools`, not both",
             );
             None
         }
-        Some(pool) => known_pool(problems, &format!("{at}.pool"), pool, pools),
+        (None, None) => {
+            problems.push(
+                format!("{at}.pool"),
+                "missing: a route names its `pool` (or a weighted `pools` split)",
+            );
+            None
+        }
     };
     let Some(raw_match) = raw.match_ else {
         problems.push(
@@ -543,39 +554,191 @@ fn validate_route(
         );
         return None;
     };
+    let m = format!("{at}.match");
     let mut matcher = RouteMatch::default();
+    let mut conditions = 0;
     if let Some(prefix) = raw_match.path_prefix {
+        conditions += 1;
         if !prefix.starts_with('/') {
-            problems.push(format!("{at}.match.path_prefix"), "must start with `/`");
+            problems.push(format!("{m}.path_prefix"), "must start with `/`");
         }
         matcher.path_prefix = Some(prefix);
     }
+    if let Some(path) = raw_match.path {
+        conditions += 1;
+        if !path.starts_with('/') {
+            problems.push(format!("{m}.path"), "must start with `/`");
+        }
+        matcher.path = Some(path);
+    }
+    if let Some(pattern) = raw_match.path_regex {
+        conditions += 1;
+        matcher.path_regex = problems.check(format!("{m}.path_regex"), compile_regex(&pattern));
+    }
     if let Some(host) = raw_match.host {
-        matcher.host = problems.check(format!("{at}.match.host"), parse_host_pattern(&host));
+        conditions += 1;
+        matcher.host = problems.check(format!("{m}.host"), parse_host_pattern(&host));
     }
     if let Some(header) = raw_match.header {
-        match (header.name, header.value) {
-            (Some(name), Some(value)) if valid_header_name(&name) => {
-                matcher.header = Some((name.to_ascii_lowercase(), value));
-            }
-            (Some(name), Some(_)) => problems.push(
-                format!("{at}.match.header.name"),
-                format!("`{name}` is not a valid header name"),
-            ),
-            (None, _) => problems.push(format!("{at}.match.header.name"), "missing"),
-            (_, None) => problems.push(format!("{at}.match.header.value"), "missing"),
-        }
+        conditions += 1;
+        matcher.header = validate_header_match(problems, &format!("{m}.header"), header);
     }
-    if matcher.path_prefix.is_none() && matcher.host.is_none() && matcher.header.is_none() {
-        problems.push(
-            format!("{at}.match"),
-            "has no conditions; use default_pool for a catch-all",
-        );
+    if let Some(methods) = raw_match.method {
+        conditions += 1;
+        let methods = match methods {
+            StringOrList::One(method) => vec![method],
+            StringOrList::Many(methods) => methods,
+        };
+        if methods.is_empty() {
+            problems.push(format!("{m}.method"), "an empty list matches nothing");
+        }
+        for (i, method) in methods.iter().enumerate() {
+            if !valid_header_name(method) {
+                problems.push(
+                    format!("{m}.method[{i}]"),
+                    format!("`{method}` is not a valid method"),
+                );
+            }
+        }
+        matcher.methods = methods;
+    }
+    if let Some(query) = raw_match.query {
+        conditions += 1;
+        matcher.query = name_value(problems, &format!("{m}.query"), query);
+    }
+    if let Some(cookie) = raw_match.cookie {
+        conditions += 1;
+        matcher.cookie = name_value(problems, &format!("{m}.cookie"), cookie);
+    }
+    if conditions == 0 {
+        problems.push(m, "has no conditions; use default_pool for a catch-all");
+    }
+    if problems.0.len() > before {
+        return None;
     }
     Some(RouteConfig {
         matcher,
-        pool: pool?,
+        target: target?,
     })
+}
+
+fn validate_split(
+    problems: &mut Problems,
+    at: &str,
+    split: Vec<super::raw::RawWeightedPool>,
+    pools: &PoolNames,
+) -> Option<RouteTarget> {
+    if split.is_empty() {
+        problems.push(format!("{at}.pools"), "empty: name at least one pool");
+        return None;
+    }
+    let mut targets = Vec::new();
+    for (i, entry) in split.into_iter().enumerate() {
+        let path = format!("{at}.pools[{i}]");
+        let pool = match &entry.pool {
+            Some(pool) => known_pool(problems, &format!("{path}.pool"), pool, pools),
+            None => {
+                problems.push(format!("{path}.pool"), "missing");
+                None
+            }
+        };
+        let weight = match entry.weight {
+            None => Some(1),
+            Some(w) if (0..=i64::from(MAX_SPLIT_WEIGHT)).contains(&w) => Some(w as u32),
+            Some(w) => {
+                problems.push(
+                    format!("{path}.weight"),
+                    format!("{w} is out of range: 0 to {MAX_SPLIT_WEIGHT}"),
+                );
+                None
+            }
+        };
+        if let (Some(pool), Some(weight)) = (pool, weight) {
+            targets.push((pool, weight));
+        }
+    }
+    if targets.iter().all(|(_, w)| *w == 0) {
+        problems.push(
+            format!("{at}.pools"),
+            "every weight is 0: no request could be sent",
+        );
+        return None;
+    }
+    Some(RouteTarget::Split(targets))
+}
+
+fn validate_header_match(
+    problems: &mut Problems,
+    at: &str,
+    raw: super::raw::RawHeaderMatch,
+) -> Option<HeaderMatch> {
+    let name = match raw.name {
+        Some(name) if valid_header_name(&name) => name.to_ascii_lowercase(),
+        Some(name) => {
+            problems.push(
+                format!("{at}.name"),
+                format!("`{name}` is not a valid header name"),
+            );
+            return None;
+        }
+        None => {
+            problems.push(format!("{at}.name"), "missing");
+            return None;
+        }
+    };
+    let condition = match (raw.value, raw.regex, raw.present) {
+        (Some(value), None, None) => ValueMatch::Exact(value),
+        (None, Some(pattern), None) => {
+            ValueMatch::Regex(problems.check(format!("{at}.regex"), compile_regex(&pattern))?)
+        }
+        (None, None, Some(true)) => ValueMatch::Present,
+        (None, None, Some(false)) => {
+            problems.push(
+                format!("{at}.present"),
+                "only `present = true` is supported",
+            );
+            return None;
+        }
+        _ => {
+            problems.push(
+                at,
+                "needs exactly one of `value`, `regex` or `present = true`",
+            );
+            return None;
+        }
+    };
+    Some(HeaderMatch { name, condition })
+}
+
+fn name_value(
+    problems: &mut Problems,
+    at: &str,
+    raw: super::raw::RawNameValue,
+) -> Option<(String, String)> {
+    match (raw.name, raw.value) {
+        (Some(name), Some(value)) if !name.is_empty() => Some((name, value)),
+        (Some(_), Some(_)) => {
+            problems.push(format!("{at}.name"), "must not be empty");
+            None
+        }
+        (None, _) => {
+            problems.push(format!("{at}.name"), "missing");
+            None
+        }
+        (_, None) => {
+            problems.push(format!("{at}.value"), "missing");
+            None
+        }
+    }
+}
+
+/// Compiles a regular expression, bounding its compiled size so a pathological pattern is a
+/// config error rather than a memory problem.
+fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("invalid regular expression: {e}"))
 }
 
 fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<PoolConfig> {

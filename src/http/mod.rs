@@ -613,6 +613,14 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 }
 
 impl RequestView for RequestHead {
+    fn method(&self) -> &str {
+        RequestHead::method(self)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.target().split_once('?').map(|(_, query)| query)
+    }
+
     fn path(&self) -> &str {
         RequestHead::path(self)
     }

@@ -7,10 +7,14 @@
 
 use std::collections::HashMap;
 
-use crate::config::{HostPattern, RouteConfig};
+use crate::config::{HostPattern, RouteConfig, RouteMatch, RouteTarget, ValueMatch};
 
 /// What the router needs to know about a request.
 pub trait RequestView {
+    /// The method, as sent.
+    fn method(&self) -> &str;
+    /// The query (after `?`), if any.
+    fn query(&self) -> Option<&str>;
     /// The path, without the query.
     fn path(&self) -> &str;
     /// The Host as sent (any case, port included), if any.
@@ -22,11 +26,33 @@ pub trait RequestView {
 /// One compiled route.
 #[derive(Debug)]
 struct Route {
-    path_prefix: Option<String>,
-    host: Option<HostPattern>,
-    header: Option<(String, String)>,
-    /// Index of the route's pool in [`Router::pools`].
-    pool: usize,
+    matcher: RouteMatch,
+    target: Target,
+}
+
+/// A route's pool (or pools), as indexes into [`Router::pools`].
+#[derive(Debug)]
+enum Target {
+    Pool(usize),
+    /// `cumulative[i]` = sum of the weights of `pools[0..=i]`.
+    Split {
+        pools: Vec<usize>,
+        cumulative: Vec<u32>,
+    },
+}
+
+impl Target {
+    fn pick(&self) -> usize {
+        match self {
+            Target::Pool(pool) => *pool,
+            Target::Split { pools, cumulative } => {
+                let total = cumulative.last().copied().unwrap_or(0).max(1);
+                let draw = fastrand::u32(0..total);
+                let i = cumulative.partition_point(|&sum| sum <= draw);
+                pools[i.min(pools.len() - 1)]
+            }
+        }
+    }
 }
 
 /// The compiled routes of one listener.
@@ -63,11 +89,23 @@ impl Router {
                 Some(HostPattern::Exact(host)) => by_host.entry(host.clone()).or_default().push(i),
                 _ => others.push(i),
             }
+            let target = match &route.target {
+                RouteTarget::Pool(pool) => Target::Pool(pool_index(pool)),
+                RouteTarget::Split(split) => {
+                    let mut total = 0;
+                    let mut pools = Vec::new();
+                    let mut cumulative = Vec::new();
+                    for (pool, weight) in split {
+                        total += weight;
+                        pools.push(pool_index(pool));
+                        cumulative.push(total);
+                    }
+                    Target::Split { pools, cumulative }
+                }
+            };
             compiled.push(Route {
-                path_prefix: m.path_prefix.clone(),
-                host: m.host.clone(),
-                header: m.header.clone(),
-                pool: pool_index(&route.pool),
+                matcher: m.clone(),
+                target,
             });
         }
         let default = default_pool.map(&mut pool_index);
@@ -101,7 +139,7 @@ impl Router {
             let Some(&index) = next else { break };
             let route = &self.routes[index];
             if route.matches(request, host) {
-                return Some(&self.pools[route.pool]);
+                return Some(&self.pools[route.target.pick()]);
             }
         }
         self.default.map(|i| self.pools[i].as_str())
@@ -110,12 +148,18 @@ impl Router {
 
 impl Route {
     fn matches(&self, request: &impl RequestView, host: Option<&str>) -> bool {
-        if let Some(prefix) = &self.path_prefix
+        let m = &self.matcher;
+        if let Some(prefix) = &m.path_prefix
             && !request.path().starts_with(prefix.as_str())
         {
             return false;
         }
-        if let Some(pattern) = &self.host {
+        if let Some(path) = &m.path
+            && request.path() != path
+        {
+            return false;
+        }
+        if let Some(pattern) = &m.host {
             let Some(host) = host else { return false };
             let ok = match pattern {
                 HostPattern::Exact(exact) => host == exact,
@@ -131,13 +175,87 @@ impl Route {
                 return false;
             }
         }
-        if let Some((name, value)) = &self.header
-            && request.header(name) != Some(value.as_bytes())
+        if !m.methods.is_empty() && !m.methods.iter().any(|x| x == request.method()) {
+            return false;
+        }
+        if let Some(header) = &m.header {
+            let value = request.header(&header.name);
+            let ok = match (&header.condition, value) {
+                (_, None) => false,
+                (ValueMatch::Present, Some(_)) => true,
+                (ValueMatch::Exact(expected), Some(value)) => value == expected.as_bytes(),
+                (ValueMatch::Regex(regex), Some(value)) => {
+                    std::str::from_utf8(value).is_ok_and(|v| regex.is_match(v))
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some((name, value)) = &m.query
+            && !query_has(request.query(), name, value)
+        {
+            return false;
+        }
+        if let Some((name, value)) = &m.cookie
+            && !cookie_has(request.header("cookie"), name, value)
+        {
+            return false;
+        }
+        // Last: the regex is the most expensive condition.
+        if let Some(regex) = &m.path_regex
+            && !regex.is_match(request.path())
         {
             return false;
         }
         true
     }
+}
+
+/// Whether the query has parameter `name` equal to `value`, both compared percent-decoded
+/// (`+` as a space), without allocating.
+fn query_has(query: Option<&str>, name: &str, value: &str) -> bool {
+    let Some(query) = query else { return false };
+    query.split('&').any(|pair| {
+        let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+        decoded_eq(n, name) && decoded_eq(v, value)
+    })
+}
+
+/// Compares a percent-encoded form field with plain text.
+fn decoded_eq(encoded: &str, plain: &str) -> bool {
+    let mut bytes = encoded.bytes();
+    let mut expected = plain.bytes();
+    while let Some(b) = bytes.next() {
+        let decoded = match b {
+            b'+' => b' ',
+            b'%' => {
+                let hi = bytes.next().and_then(|h| (h as char).to_digit(16));
+                let lo = bytes.next().and_then(|l| (l as char).to_digit(16));
+                match (hi, lo) {
+                    (Some(hi), Some(lo)) => (hi * 16 + lo) as u8,
+                    _ => return false,
+                }
+            }
+            b => b,
+        };
+        if expected.next() != Some(decoded) {
+            return false;
+        }
+    }
+    expected.next().is_none()
+}
+
+/// Whether the Cookie header has cookie `name` equal to `value`.
+fn cookie_has(header: Option<&[u8]>, name: &str, value: &str) -> bool {
+    let Some(header) = header else { return false };
+    header.split(|&b| b == b';').any(|pair| {
+        let pair = pair.trim_ascii();
+        match pair.iter().position(|&b| b == b'=') {
+            Some(eq) => &pair[..eq] == name.as_bytes() && &pair[eq + 1..] == value.as_bytes(),
+            None => false,
+        }
+    })
 }
 
 /// Lower-cases a Host and strips its port, into `buf`. `None` if it is not a plausible host.
@@ -173,12 +291,20 @@ mod tests {
     use crate::config::RouteMatch;
 
     struct Req {
+        method: &'static str,
+        query: Option<&'static str>,
         path: &'static str,
         host: Option<&'static str>,
         headers: Vec<(&'static str, &'static str)>,
     }
 
     impl RequestView for Req {
+        fn method(&self) -> &str {
+            self.method
+        }
+        fn query(&self) -> Option<&str> {
+            self.query
+        }
         fn path(&self) -> &str {
             self.path
         }
@@ -196,7 +322,7 @@ mod tests {
     fn route(pool: &str, m: RouteMatch) -> RouteConfig {
         RouteConfig {
             matcher: m,
-            pool: pool.into(),
+            target: RouteTarget::Pool(pool.into()),
         }
     }
 
@@ -227,7 +353,10 @@ mod tests {
                 route(
                     "v2",
                     RouteMatch {
-                        header: Some(("x-api-version".into(), "v2".into())),
+                        header: Some(crate::config::HeaderMatch {
+                            name: "x-api-version".into(),
+                            condition: ValueMatch::Exact("v2".into()),
+                        }),
                         ..Default::default()
                     },
                 ),
@@ -256,6 +385,8 @@ mod tests {
         headers: Vec<(&'static str, &'static str)>,
     ) -> Req {
         Req {
+            method: "GET",
+            query: None,
             path,
             host,
             headers,
@@ -312,6 +443,40 @@ mod tests {
             None,
         );
         assert_eq!(r.route(&req("/", None, vec![])), None);
+    }
+
+    #[test]
+    fn queries_and_cookies() {
+        assert!(query_has(Some("a=1&beta=x%20y+z"), "beta", "x y z"));
+        assert!(!query_has(Some("a=1&beta=x"), "beta", "xx"));
+        assert!(!query_has(Some("a=%zz"), "a", "?"));
+        assert!(query_has(Some("flag"), "flag", ""));
+        assert!(!query_has(None, "a", "1"));
+        assert!(cookie_has(Some(b"a=1; canary=yes"), "canary", "yes"));
+        assert!(!cookie_has(Some(b"a=1; canary=no"), "canary", "yes"));
+        assert!(!cookie_has(Some(b"xcanary=yes"), "canary", "yes"));
+    }
+
+    #[test]
+    fn weighted_split_follows_weights() {
+        let r = Router::new(
+            &[RouteConfig {
+                matcher: RouteMatch {
+                    path_prefix: Some("/".into()),
+                    ..Default::default()
+                },
+                target: RouteTarget::Split(vec![("v1".into(), 95), ("v2".into(), 5)]),
+            }],
+            None,
+        );
+        let mut v2 = 0;
+        for _ in 0..20_000 {
+            if r.route(&req("/", None, vec![])) == Some("v2") {
+                v2 += 1;
+            }
+        }
+        // Expected 1,000; 5 standard deviations is about 155.
+        assert!((850..=1150).contains(&v2), "{v2}");
     }
 
     #[test]

@@ -282,9 +282,10 @@ pub async fn http_backend(name: &'static str) -> Backend {
                 "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n",
                 reply.len()
             );
-            if stream.write_all(response.as_bytes()).await.is_err()
-                || stream.write_all(&reply).await.is_err()
-            {
+            // One write: two small ones would meet Nagle's algorithm and a delayed ACK.
+            let mut whole = response.into_bytes();
+            whole.extend_from_slice(&reply);
+            if stream.write_all(&whole).await.is_err() {
                 return;
             }
         }
