@@ -112,6 +112,7 @@ impl Server {
                         keepalive_timeout: settings.keepalive_timeout,
                         snapshot: Arc::clone(&snapshot),
                         upstream: Arc::clone(&upstream),
+                        max_body_size: settings.max_body_size,
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

@@ -512,3 +512,102 @@ routes = [
     // Expected 300 of 400; 5 standard deviations is about 43.
     assert!((257..=343).contains(&v1), "{v1}");
 }
+
+#[tokio::test]
+async fn request_ids_are_kept_or_generated_and_returned() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/", "X-Request-ID: abc-123\r\n").await;
+    assert_eq!(reply.header("x-request-id"), Some("abc-123"));
+    assert!(reply.text().contains("x-request-id: abc-123\n"));
+    let reply = client.get("/", "").await;
+    let id = reply.header("x-request-id").expect("generated").to_owned();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(reply.text().contains(&format!("x-request-id: {id}\n")));
+    // An id with a control byte or space is replaced.
+    let reply = client.get("/", "X-Request-ID: a b\r\n").await;
+    assert_ne!(reply.header("x-request-id"), Some("a b"));
+}
+
+#[tokio::test]
+async fn bodies_over_max_body_size_get_413() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "max_body_size = \"1k\"", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(
+            format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n{}",
+                "x".repeat(2000)
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(413));
+    assert_eq!(backend.accepted(), 0);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n", "x".repeat(2048)).as_bytes())
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(413));
+    // Within the limit all is well.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(200));
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled_both_ways() {
+    // A backend that accepts the upgrade, then echoes bytes (a stand-in for WebSocket frames).
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        if !(head.contains("upgrade: websocket") && head.contains("connection: upgrade")) {
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        client.stream.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: websocket") && head.contains("sec-websocket-accept: x"),
+        "{head}"
+    );
+    for message in [
+        &b"frame one"[..],
+        &[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'][..],
+    ] {
+        client.stream.write_all(message).await.expect("write");
+        let mut back = vec![0u8; message.len()];
+        client.stream.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, message);
+    }
+}

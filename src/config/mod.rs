@@ -129,6 +129,8 @@ pub struct HttpSettings {
     pub client_header_timeout: Duration,
     /// How long an idle keep-alive client connection is kept.
     pub keepalive_timeout: Duration,
+    /// Largest request body accepted (413 beyond it); `None`: no limit.
+    pub max_body_size: Option<u64>,
 }
 
 /// One route of an http listener.

@@ -61,6 +61,8 @@ pub struct RawListener {
     pub client_header_timeout: Option<String>,
     /// http: how long an idle keep-alive client connection is kept.
     pub keepalive_timeout: Option<String>,
+    /// http: largest request body accepted, `1048576` or `"1m"`.
+    pub max_body_size: Option<toml::Value>,
 }
 
 /// One `[[listeners.routes]]` entry.

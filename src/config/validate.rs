@@ -298,6 +298,12 @@ fn validate_listener(
                 "keepalive_timeout",
                 "http",
             );
+            only(
+                problems,
+                raw.max_body_size.is_some(),
+                "max_body_size",
+                "http",
+            );
             let pool = match &raw.pool {
                 None => {
                     problems.push(
@@ -424,6 +430,9 @@ fn validate_listener(
                     raw.keepalive_timeout.as_deref(),
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 ),
+                max_body_size: raw.max_body_size.as_ref().and_then(|value| {
+                    problems.check(format!("{at}.max_body_size"), parse_size(value))
+                }),
             }))
         }
         "" => {
@@ -918,6 +927,36 @@ fn positive(problems: &mut Problems, path: &str, value: Option<i64>, default: us
             default
         }
     }
+}
+
+/// A size in bytes: an integer, or a string with a binary suffix (`"512k"`, `"10m"`, `"1g"`).
+fn parse_size(value: &toml::Value) -> Result<u64, String> {
+    let bytes = match value {
+        toml::Value::Integer(n) if *n >= 1 => *n as u64,
+        toml::Value::String(text) => {
+            let text = text.trim();
+            let (digits, multiplier) = match text.char_indices().last() {
+                Some((i, 'k' | 'K')) => (&text[..i], 1u64 << 10),
+                Some((i, 'm' | 'M')) => (&text[..i], 1 << 20),
+                Some((i, 'g' | 'G')) => (&text[..i], 1 << 30),
+                _ => (text, 1),
+            };
+            digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(multiplier))
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| {
+                    format!("`{text}` is not a size (e.g. 1048576, \"512k\", \"10m\")")
+                })?
+        }
+        other => {
+            return Err(format!(
+                "{other} is not a size (e.g. 1048576, \"512k\", \"10m\")"
+            ));
+        }
+    };
+    Ok(bytes)
 }
 
 /// `ip:port`, `[v6]:port` or `host:port`; a host name is resolved now, once.

@@ -83,6 +83,9 @@ pub struct RequestHead {
     pub close: bool,
     /// The client sent `Expect: 100-continue` and may wait for a 100 before its body.
     pub expect_continue: bool,
+    /// A WebSocket upgrade request (`Connection: upgrade`, `Upgrade: websocket`, GET, HTTP/1.1,
+    /// no body). Other upgrades (h2c, ...) are not forwarded.
+    pub websocket: bool,
     /// The Host field (or the authority of an absolute-form target), if any.
     host: Option<Range<usize>>,
 }
@@ -132,6 +135,9 @@ struct FramingFields {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    /// Connection names `upgrade` and Upgrade asks for WebSocket.
+    connection_upgrade: bool,
+    websocket: bool,
     /// Lower-cased names listed in Connection; those fields are hop-by-hop too.
     connection_names: Vec<Vec<u8>>,
 }
@@ -208,6 +214,8 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
                     f.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     f.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    f.connection_upgrade = true;
                 } else {
                     f.connection_names.push(token.to_ascii_lowercase());
                 }
@@ -216,6 +224,10 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
             && trim(h.value).eq_ignore_ascii_case(b"100-continue")
         {
             f.expect_continue = true;
+        } else if name.eq_ignore_ascii_case(b"upgrade")
+            && comma_list(h.value).any(|p| p.eq_ignore_ascii_case(b"websocket"))
+        {
+            f.websocket = true;
         }
     }
     if f.transfer_encoding && f.content_length.is_some() {
@@ -371,6 +383,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         &[b"host"]
     };
     let kept = end_to_end(base, headers, &fields.connection_names, skip);
+    let websocket = fields.connection_upgrade
+        && fields.websocket
+        && minor_version == 1
+        && method == "GET"
+        && framing == Framing::Empty;
     let raw = buf.split_to(len).freeze();
     Ok(Some(RequestHead {
         raw,
@@ -381,6 +398,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         framing,
         close,
         expect_continue: fields.expect_continue,
+        websocket,
         host,
     }))
 }
@@ -546,17 +564,35 @@ impl ResponseHead {
     }
 
     /// Writes the head to send to the client, with `framing` (chosen by the caller: the
-    /// client's version decides whether an until-close body is re-chunked) and `close`.
-    pub fn write_downstream(&self, out: &mut BytesMut, framing: Framing, close: bool) {
+    /// client's version decides whether an until-close body is re-chunked) and `close`; fields
+    /// named in `drop` are left out and `extra` fields added.
+    pub fn write_downstream(
+        &self,
+        out: &mut BytesMut,
+        framing: Framing,
+        close: bool,
+        drop: &[&str],
+        extra: &[(&str, &[u8])],
+    ) {
         out.put_slice(b"HTTP/1.1 ");
         out.put_slice(itoa::Buffer::new().format(self.status).as_bytes());
         out.put_u8(b' ');
         out.put_slice(&self.raw[self.reason.clone()]);
         out.put_slice(b"\r\n");
         for (name, value) in &self.fields {
-            out.put_slice(&self.raw[name.clone()]);
+            let name = &self.raw[name.clone()];
+            if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
+                continue;
+            }
+            out.put_slice(name);
             out.put_slice(b": ");
             out.put_slice(&self.raw[value.clone()]);
+            out.put_slice(b"\r\n");
+        }
+        for (name, value) in extra {
+            out.put_slice(name.as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value);
             out.put_slice(b"\r\n");
         }
         match framing {

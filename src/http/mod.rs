@@ -57,6 +57,25 @@ pub struct HttpProxy {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Idle backend connections, shared by every http listener.
     pub upstream: Arc<UpstreamPool>,
+    /// Largest request body accepted (413 beyond it); `None`: no limit.
+    pub max_body_size: Option<u64>,
+}
+
+/// Idle time after which an upgraded (WebSocket) connection is closed.
+const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Whether an incoming X-Request-ID can be passed on as it is: 1 to 200 visible ASCII bytes.
+fn valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 200 && id.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A fresh request id: 128 random bits as 32 hex digits, written into `buf`.
+fn new_request_id(buf: &mut [u8; 32]) -> &[u8] {
+    let bits = fastrand::u128(..);
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = b"0123456789abcdef"[((bits >> (4 * i)) & 0xf) as usize];
+    }
+    &buf[..]
 }
 
 /// The client side of one connection.
@@ -202,6 +221,11 @@ impl HttpProxy {
     }
 
     async fn forward(&self, client: &mut Client, head: &RequestHead) -> Result<Next, Failure> {
+        if let (Framing::Length(n), Some(max)) = (head.framing, self.max_body_size)
+            && n > max
+        {
+            return Err(Failure::Status(413));
+        }
         // Phase 2: route.
         let Some(pool_name) = self.router.route(head) else {
             return Err(Failure::Status(404));
@@ -209,9 +233,14 @@ impl HttpProxy {
         let snapshot = self.snapshot.load_full();
         let pool = snapshot.pool(pool_name).ok_or(Failure::Status(503))?;
 
-        // Phase 3: request filter — forwarding headers, and our own 100 Continue.
+        // Phase 3: request filter — request id, forwarding headers, our own 100 Continue.
+        let mut generated = [0u8; 32];
+        let request_id = match head.header("x-request-id") {
+            Some(id) if valid_request_id(id) => id,
+            _ => new_request_id(&mut generated),
+        };
         let mut out = BytesMut::with_capacity(1024);
-        self.request_filter(client, head, &mut out);
+        self.request_filter(client, head, request_id, &mut out);
         if head.expect_continue && head.framing != Framing::Empty {
             client
                 .stream
@@ -222,6 +251,44 @@ impl HttpProxy {
 
         // Phases 4-6: backend, request, response head; retried within bounds.
         let (mut conn, guard, response) = self.upstream_exchange(client, head, pool, &out).await?;
+        let id_field = [("x-request-id", request_id)];
+
+        if response.status == 101 {
+            // The backend took the WebSocket upgrade: from here on, bytes both ways.
+            out.clear();
+            response.write_downstream(
+                &mut out,
+                Framing::Empty,
+                false,
+                &["x-request-id"],
+                &[
+                    ("connection", b"upgrade"),
+                    ("upgrade", b"websocket"),
+                    ("x-request-id", request_id),
+                ],
+            );
+            out.extend_from_slice(&conn.buf);
+            client
+                .stream
+                .write_all(&out)
+                .await
+                .map_err(|_| Failure::Abort)?;
+            let initial = client.buf.split().to_vec();
+            let (result, moved) = crate::l4::forward::forward(
+                &client.stream,
+                &conn.stream,
+                initial,
+                false,
+                UPGRADE_IDLE_TIMEOUT,
+                guard.state(),
+            )
+            .await;
+            debug!(
+                listener = %self.name, client = %client.source, ?result,
+                up = moved.upstream, down = moved.downstream, "upgraded connection ended"
+            );
+            return Ok(Next::Close);
+        }
 
         // Phase 7: the response to the client.
         let client_framing = match (response.framing, head.minor_version) {
@@ -231,15 +298,24 @@ impl HttpProxy {
         };
         let close = head.close || client_framing == Framing::UntilClose;
         out.clear();
-        response.write_downstream(&mut out, client_framing, close);
+        response.write_downstream(
+            &mut out,
+            client_framing,
+            close,
+            &["x-request-id"],
+            &id_field,
+        );
         let done = transfer_body(
             &mut conn.stream,
             &mut conn.buf,
             &mut client.stream,
-            response.framing,
-            client_framing,
             &mut out,
-            pool.response_timeout,
+            Body {
+                input: response.framing,
+                output: client_framing,
+                idle: pool.response_timeout,
+                limit: None,
+            },
         )
         .await;
         drop(guard);
@@ -260,7 +336,13 @@ impl HttpProxy {
     /// Writes the upstream request head into `out`: the client's fields minus hop-by-hop ones,
     /// plus X-Forwarded-For, X-Real-IP and X-Forwarded-Proto. X-Forwarded-For is extended only
     /// when the peer is a trusted proxy; otherwise whatever the client claimed is replaced.
-    fn request_filter(&self, client: &Client, head: &RequestHead, out: &mut BytesMut) {
+    fn request_filter(
+        &self,
+        client: &Client,
+        head: &RequestHead,
+        request_id: &[u8],
+        out: &mut BytesMut,
+    ) {
         let ip = client.source.ip();
         let mut ip_text = [0u8; 64];
         let ip_text = format_ip(ip, &mut ip_text);
@@ -272,15 +354,30 @@ impl HttpProxy {
             forwarded_for.extend_from_slice(b", ");
         }
         forwarded_for.extend_from_slice(ip_text);
+        let fields: [(&str, &[u8]); 6] = [
+            ("x-forwarded-for", &forwarded_for),
+            ("x-real-ip", ip_text),
+            ("x-forwarded-proto", b"http"),
+            ("x-request-id", request_id),
+            // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
+            ("connection", b"upgrade"),
+            ("upgrade", b"websocket"),
+        ];
+        let fields = if head.websocket {
+            &fields[..]
+        } else {
+            &fields[..4]
+        };
         head.write_upstream(
             out,
             None,
-            &["x-forwarded-for", "x-real-ip", "x-forwarded-proto"],
             &[
-                ("x-forwarded-for", &forwarded_for),
-                ("x-real-ip", ip_text),
-                ("x-forwarded-proto", b"http"),
+                "x-forwarded-for",
+                "x-real-ip",
+                "x-forwarded-proto",
+                "x-request-id",
             ],
+            fields,
         );
     }
 
@@ -333,12 +430,21 @@ impl HttpProxy {
                     },
                 };
                 let reused = conn.reused;
-                match send_request(client, head, &mut conn, request, pool.response_timeout).await {
+                let sent = send_request(
+                    client,
+                    head,
+                    &mut conn,
+                    request,
+                    pool.response_timeout,
+                    self.max_body_size,
+                );
+                match sent.await {
                     Ok(response) => {
                         guard.established();
                         return Ok((conn, guard, response));
                     }
                     Err(SendError::Client) => return Err(Failure::Abort),
+                    Err(SendError::TooLarge) => return Err(Failure::Status(413)),
                     Err(SendError::Timeout) => {
                         debug!(pool = %pool.name, backend = %addr, "response timeout");
                         return Err(Failure::Status(504));
@@ -405,6 +511,8 @@ enum SendError {
     Invalid(h1::HeadError),
     /// No response head within the pool's response timeout.
     Timeout,
+    /// The client's chunked body grew past `max_body_size`.
+    TooLarge,
 }
 
 /// Sends head and body, then reads the response head (skipping interim 1xx responses).
@@ -414,6 +522,7 @@ async fn send_request(
     conn: &mut UpstreamConn,
     request: &BytesMut,
     response_timeout: Duration,
+    max_body_size: Option<u64>,
 ) -> Result<ResponseHead, SendError> {
     let upstream_error = |error| SendError::Upstream {
         before_response: true,
@@ -435,14 +544,18 @@ async fn send_request(
                 &mut client.stream,
                 &mut client.buf,
                 &mut conn.stream,
-                framing,
-                framing,
                 &mut scratch,
-                response_timeout,
+                Body {
+                    input: framing,
+                    output: framing,
+                    idle: response_timeout,
+                    limit: max_body_size,
+                },
             )
             .await
             .map_err(|error| match error {
                 BodyError::Write(error) => upstream_error(error),
+                BodyError::TooLarge => SendError::TooLarge,
                 BodyError::Read(_) | BodyError::Malformed | BodyError::Timeout => SendError::Client,
             })?;
         }
@@ -451,6 +564,9 @@ async fn send_request(
     loop {
         if !conn.buf.is_empty() {
             match h1::parse_response(&mut conn.buf, head.is_head()) {
+                Ok(Some(response)) if response.status == 101 && head.websocket => {
+                    return Ok(response);
+                }
                 Ok(Some(response)) if (100..200).contains(&response.status) => {
                     if response.status == 101 {
                         // Upgrade was not forwarded, so a 101 is a backend error.
@@ -502,6 +618,22 @@ enum BodyError {
     /// The source paused longer than the timeout.
     #[error("body stalled past the timeout")]
     Timeout,
+    /// More body than the limit allows.
+    #[error("body larger than the limit")]
+    TooLarge,
+}
+
+/// How one body is to be moved.
+#[derive(Debug, Clone, Copy)]
+struct Body {
+    /// How the source delimits it.
+    input: Framing,
+    /// How the destination gets it.
+    output: Framing,
+    /// Longest pause allowed while reading it.
+    idle: Duration,
+    /// Most body bytes accepted.
+    limit: Option<u64>,
 }
 
 /// Moves one body from `src` (with `buf` holding what was already read) to `dst`, re-framed:
@@ -512,12 +644,17 @@ async fn transfer_body(
     src: &mut TcpStream,
     buf: &mut BytesMut,
     dst: &mut TcpStream,
-    input: Framing,
-    output: Framing,
     out: &mut BytesMut,
-    idle: Duration,
+    body: Body,
 ) -> Result<(), BodyError> {
+    let Body {
+        input,
+        output,
+        idle,
+        limit,
+    } = body;
     let chunked_out = output == Framing::Chunked;
+    let mut total = 0u64;
     let mut decoder = ChunkedDecoder::default();
     let mut left = match input {
         Framing::Length(n) => n,
@@ -547,7 +684,13 @@ async fn transfer_body(
                         .decode(buf, &mut pos)
                         .map_err(|_| BodyError::Malformed)?
                     {
-                        Decoded::Data(range) => emit(out, &buf[range], chunked_out),
+                        Decoded::Data(range) => {
+                            total += range.len() as u64;
+                            if limit.is_some_and(|max| total > max) {
+                                return Err(BodyError::TooLarge);
+                            }
+                            emit(out, &buf[range], chunked_out);
+                        }
                         Decoded::End(_) => {
                             if !decoder.trailers_valid() {
                                 return Err(BodyError::Malformed);
