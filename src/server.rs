@@ -113,6 +113,8 @@ impl Server {
                         snapshot: Arc::clone(&snapshot),
                         upstream: Arc::clone(&upstream),
                         max_body_size: settings.max_body_size,
+                        rules: settings.rules.clone(),
+                        route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

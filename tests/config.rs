@@ -395,3 +395,47 @@ fn route_targets_and_match_conditions_are_checked() {
         "missing",
     );
 }
+
+#[test]
+fn modification_rules_are_checked() {
+    let http = |extra: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{extra}\n{MINIMAL_POOL}"
+        )
+    };
+    assert_problem(
+        &http("request_headers = { set = { Content-Length = \"1\" } }"),
+        "listeners[0].request_headers.set.Content-Length",
+        "managed by the proxy",
+    );
+    assert_problem(
+        &http("response_headers = { remove = [\"bad name\"] }"),
+        "listeners[0].response_headers.remove[0]",
+        "not a valid header name",
+    );
+    assert_problem(
+        &http("rewrite = { strip_prefix = \"/a\", regex = \"x\" }"),
+        "listeners[0].rewrite",
+        "needs",
+    );
+    assert_problem(
+        &http("redirect = { to = \"https://{host}{nope}\" }"),
+        "listeners[0].redirect.to",
+        "placeholders",
+    );
+    assert_problem(
+        &http("redirect = { to = \"/x\", status = 303 }"),
+        "listeners[0].redirect.status",
+        "not a redirect status",
+    );
+    assert_problem(
+        &http("cookie_flags = [\"Secure\", \"Sticky\"]"),
+        "listeners[0].cookie_flags[1]",
+        "Sticky",
+    );
+    assert_problem(
+        &tcp_listener("cookie_flags = [\"Secure\"]"),
+        "listeners[0].cookie_flags",
+        "applies only to http",
+    );
+}

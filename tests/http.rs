@@ -611,3 +611,158 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
         assert_eq!(back, message);
     }
 }
+
+/// A backend that answers with two Set-Cookie fields, a Server field and a header it was asked
+/// for, plus the usual report of what it received.
+async fn cookie_backend() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let body = String::from_utf8_lossy(&head).replace("\r\n", "\n");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nServer: secret/1.0\r\nX-Powered-By: php\r\nSet-Cookie: a=1; Path=/\r\nSet-Cookie: b=2; Secure; SameSite=Strict\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn header_rules_rewrites_and_cookie_flags() {
+    let backend = cookie_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+request_headers = {{ add = {{ X-Edge = "switchyard" }}, remove = ["X-Internal"] }}
+response_headers = {{ set = {{ Strict-Transport-Security = "max-age=63072000", X-Content-Type-Options = "nosniff" }}, remove = ["Server"] }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api/" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/api", add_prefix = "/v1" }}
+  host_rewrite = "internal.local"
+  request_headers = {{ set = {{ X-Edge = "api" }} }}
+  response_headers = {{ remove = ["X-Powered-By"] }}
+  cookie_flags = ["Secure", "HttpOnly", "SameSite=Lax"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/old/" }}
+  pool = "p"
+  rewrite = {{ regex = "^/old/([a-z]+)/([0-9]+)$", replace = "/new/$2/$1" }}
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+
+    let reply = client.get("/plain?x=1", "X-Internal: secret\r\n").await;
+    let seen = reply.text();
+    assert!(seen.starts_with("GET /plain?x=1 HTTP/1.1\n"), "{seen}");
+    assert!(seen.contains("X-Edge: switchyard\n"), "{seen}");
+    assert!(!seen.contains("X-Internal"), "{seen}");
+    assert_eq!(
+        reply.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(reply.header("server"), None);
+    assert_eq!(reply.header("x-powered-by"), Some("php"));
+    assert_eq!(reply.header("set-cookie"), Some("a=1; Path=/"));
+
+    let reply = client.get("/api/users?page=2", "").await;
+    let seen = reply.text();
+    assert!(
+        seen.starts_with("GET /v1/users?page=2 HTTP/1.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("host: internal.local\n"), "{seen}");
+    assert!(
+        seen.contains("X-Edge: api\n") && !seen.contains("switchyard"),
+        "{seen}"
+    );
+    assert_eq!(reply.header("x-powered-by"), None);
+    let cookies: Vec<&str> = reply
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        cookies,
+        [
+            "a=1; Path=/; Secure; HttpOnly; SameSite=Lax",
+            "b=2; Secure; SameSite=Strict; HttpOnly"
+        ]
+    );
+
+    let seen = client.get("/old/shoes/42", "").await.text();
+    assert!(seen.starts_with("GET /new/42/shoes HTTP/1.1\n"), "{seen}");
+}
+
+#[tokio::test]
+async fn redirects_from_a_listener_and_from_a_route() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "plain"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+redirect = {{ to = "https://{{host}}{{path}}", status = 308 }}
+response_headers = {{ set = {{ Strict-Transport-Security = "max-age=63072000" }} }}
+
+[[listeners]]
+name = "app"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+routes = [{{ match = {{ path = "/old" }}, redirect = {{ to = "/new", status = 302 }} }}]
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    client
+        .send(b"GET /a/b?c=d HTTP/1.1\r\nHost: Example.com:80\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!(reply.status, 308);
+    assert_eq!(
+        reply.header("location"),
+        Some("https://Example.com/a/b?c=d")
+    );
+    assert_eq!(
+        reply.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    let mut client = HttpClient::connect(proxy.addr("app")).await;
+    let reply = client.get("/old", "").await;
+    assert_eq!(
+        (reply.status, reply.header("location")),
+        (302, Some("/new"))
+    );
+    assert_eq!(client.get("/other", "").await.status, 200);
+    assert_eq!(backend.accepted(), 1);
+}

@@ -90,8 +90,8 @@ pub enum ListenerKind {
     Tcp(TcpSettings),
     /// Layer 4 UDP: datagrams forwarded per client session to one pool.
     Udp(UdpSettings),
-    /// Layer 7 HTTP: requests routed by content.
-    Http(HttpSettings),
+    /// Layer 7 HTTP: requests routed by content (boxed: it is by far the largest variant).
+    Http(Box<HttpSettings>),
 }
 
 /// Settings of a `protocol = "tcp"` listener.
@@ -131,6 +131,84 @@ pub struct HttpSettings {
     pub keepalive_timeout: Duration,
     /// Largest request body accepted (413 beyond it); `None`: no limit.
     pub max_body_size: Option<u64>,
+    /// Modification rules for every request of the listener (applied before a route's own).
+    pub rules: Rules,
+}
+
+/// Changes made to requests and responses on the way through, parsed at load time.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Header changes on the request sent upstream.
+    pub request_headers: HeaderRules,
+    /// Header changes on the response sent to the client.
+    pub response_headers: HeaderRules,
+    /// Path rewrite (the query is kept).
+    pub rewrite: Option<Rewrite>,
+    /// Host sent upstream instead of the client's.
+    pub host_rewrite: Option<String>,
+    /// Answer with a redirect instead of proxying.
+    pub redirect: Option<Redirect>,
+    /// Attributes added to each Set-Cookie that lacks them (`Secure`, `HttpOnly`, `SameSite=Lax`).
+    pub cookie_flags: Vec<String>,
+}
+
+impl Rules {
+    /// Whether no rule is set (the common case, which then costs nothing per request).
+    pub fn is_empty(&self) -> bool {
+        self.request_headers.is_empty()
+            && self.response_headers.is_empty()
+            && self.rewrite.is_none()
+            && self.host_rewrite.is_none()
+            && self.redirect.is_none()
+            && self.cookie_flags.is_empty()
+    }
+}
+
+/// Header changes: `remove` drops fields, `set` replaces them, `add` appends.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderRules {
+    /// Fields appended, keeping any of the same name.
+    pub add: Vec<(String, String)>,
+    /// Fields replacing all of the same name.
+    pub set: Vec<(String, String)>,
+    /// Lower-cased names of fields removed.
+    pub remove: Vec<String>,
+}
+
+impl HeaderRules {
+    /// Whether there is nothing to change.
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A rewrite of the request path.
+#[derive(Debug, Clone)]
+pub enum Rewrite {
+    /// Remove `strip` from the front (when present), then put `add` in front.
+    Prefix {
+        /// Prefix removed.
+        strip: Option<String>,
+        /// Prefix added.
+        add: Option<String>,
+    },
+    /// Replace the first match of `regex` with `replace` (`$1`, `${name}` refer to groups).
+    Regex {
+        /// What to find.
+        regex: regex::Regex,
+        /// What to put instead.
+        replace: String,
+    },
+}
+
+/// A redirect answered by the proxy itself.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    /// Location template; `{host}` is the request's host (without port), `{path}` its path and
+    /// query.
+    pub to: String,
+    /// 301, 302, 307 or 308.
+    pub status: u16,
 }
 
 /// One route of an http listener.
@@ -138,8 +216,10 @@ pub struct HttpSettings {
 pub struct RouteConfig {
     /// Conditions that must all hold.
     pub matcher: RouteMatch,
-    /// Where matching requests go.
-    pub target: RouteTarget,
+    /// Where matching requests go; `None` only for a route that redirects.
+    pub target: Option<RouteTarget>,
+    /// Modification rules of this route, applied after the listener's.
+    pub rules: Rules,
 }
 
 /// Where a route sends requests.

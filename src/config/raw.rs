@@ -63,6 +63,18 @@ pub struct RawListener {
     pub keepalive_timeout: Option<String>,
     /// http: largest request body accepted, `1048576` or `"1m"`.
     pub max_body_size: Option<toml::Value>,
+    /// http: header changes on requests before they go upstream.
+    pub request_headers: Option<RawHeaderRules>,
+    /// http: header changes on responses before they go to the client.
+    pub response_headers: Option<RawHeaderRules>,
+    /// http: path rewrite.
+    pub rewrite: Option<RawRewrite>,
+    /// http: Host sent upstream instead of the client's.
+    pub host_rewrite: Option<String>,
+    /// http: answer with a redirect instead of proxying.
+    pub redirect: Option<RawRedirect>,
+    /// http: attributes added to every Set-Cookie of responses.
+    pub cookie_flags: Option<Vec<String>>,
 }
 
 /// One `[[listeners.routes]]` entry.
@@ -75,6 +87,45 @@ pub struct RawRoute {
     pub pool: Option<String>,
     /// ...or a weighted split over several (canary, A/B).
     pub pools: Option<Vec<RawWeightedPool>>,
+    /// http: header changes on requests before they go upstream.
+    pub request_headers: Option<RawHeaderRules>,
+    /// http: header changes on responses before they go to the client.
+    pub response_headers: Option<RawHeaderRules>,
+    /// http: path rewrite.
+    pub rewrite: Option<RawRewrite>,
+    /// http: Host sent upstream instead of the client's.
+    pub host_rewrite: Option<String>,
+    /// http: answer with a redirect instead of proxying.
+    pub redirect: Option<RawRedirect>,
+    /// http: attributes added to every Set-Cookie of responses.
+    pub cookie_flags: Option<Vec<String>>,
+}
+
+/// `{ add = { NAME = "value" }, set = { ... }, remove = ["NAME"] }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRules {
+    pub add: Option<BTreeMap<String, String>>,
+    pub set: Option<BTreeMap<String, String>>,
+    pub remove: Option<Vec<String>>,
+}
+
+/// `{ strip_prefix, add_prefix }` or `{ regex, replace }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRewrite {
+    pub strip_prefix: Option<String>,
+    pub add_prefix: Option<String>,
+    pub regex: Option<String>,
+    pub replace: Option<String>,
+}
+
+/// `{ to = "https://{host}{path}", status = 301 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    pub to: Option<String>,
+    pub status: Option<i64>,
 }
 
 /// `{ pool = "v2", weight = 5 }` in a route's `pools`.

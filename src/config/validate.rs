@@ -304,6 +304,16 @@ fn validate_listener(
                 "max_body_size",
                 "http",
             );
+            for (present, key) in [
+                (raw.request_headers.is_some(), "request_headers"),
+                (raw.response_headers.is_some(), "response_headers"),
+                (raw.rewrite.is_some(), "rewrite"),
+                (raw.host_rewrite.is_some(), "host_rewrite"),
+                (raw.redirect.is_some(), "redirect"),
+                (raw.cookie_flags.is_some(), "cookie_flags"),
+            ] {
+                only(problems, present, key, "http");
+            }
             let pool = match &raw.pool {
                 None => {
                     problems.push(
@@ -414,7 +424,7 @@ fn validate_listener(
                     problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
                 })
                 .collect();
-            Some(ListenerKind::Http(HttpSettings {
+            Some(ListenerKind::Http(Box::new(HttpSettings {
                 routes,
                 default_pool,
                 trusted_proxies,
@@ -433,7 +443,19 @@ fn validate_listener(
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))
                 }),
-            }))
+                rules: validate_rules(
+                    problems,
+                    at,
+                    RawRules {
+                        request_headers: raw.request_headers.as_ref(),
+                        response_headers: raw.response_headers.as_ref(),
+                        rewrite: raw.rewrite.as_ref(),
+                        host_rewrite: raw.host_rewrite.as_ref(),
+                        redirect: raw.redirect.as_ref(),
+                        cookie_flags: raw.cookie_flags.as_ref(),
+                    },
+                ),
+            })))
         }
         "" => {
             problems.push(
@@ -536,6 +558,19 @@ fn validate_route(
     pools: &PoolNames,
 ) -> Option<RouteConfig> {
     let before = problems.0.len();
+    let rules = validate_rules(
+        problems,
+        at,
+        RawRules {
+            request_headers: raw.request_headers.as_ref(),
+            response_headers: raw.response_headers.as_ref(),
+            rewrite: raw.rewrite.as_ref(),
+            host_rewrite: raw.host_rewrite.as_ref(),
+            redirect: raw.redirect.as_ref(),
+            cookie_flags: raw.cookie_flags.as_ref(),
+        },
+    );
+    let redirects = raw.redirect.is_some();
     let target = match (&raw.pool, raw.pools) {
         (Some(pool), None) => {
             known_pool(problems, &format!("{at}.pool"), pool, pools).map(RouteTarget::Pool)
@@ -548,10 +583,11 @@ fn validate_route(
             );
             None
         }
+        (None, None) if redirects => None,
         (None, None) => {
             problems.push(
                 format!("{at}.pool"),
-                "missing: a route names its `pool` (or a weighted `pools` split)",
+                "missing: a route names its `pool` (or a weighted `pools` split, or a `redirect`)",
             );
             None
         }
@@ -625,10 +661,208 @@ fn validate_route(
     if problems.0.len() > before {
         return None;
     }
+    if target.is_none() && !redirects {
+        return None;
+    }
     Some(RouteConfig {
         matcher,
-        target: target?,
+        target,
+        rules,
     })
+}
+
+/// The raw rule keys of a listener or route, borrowed for validation.
+struct RawRules<'a> {
+    request_headers: Option<&'a super::raw::RawHeaderRules>,
+    response_headers: Option<&'a super::raw::RawHeaderRules>,
+    rewrite: Option<&'a super::raw::RawRewrite>,
+    host_rewrite: Option<&'a String>,
+    redirect: Option<&'a super::raw::RawRedirect>,
+    cookie_flags: Option<&'a Vec<String>>,
+}
+
+/// Fields the proxy writes itself; rules may not touch them.
+const MANAGED_FIELDS: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules {
+    let mut rules = Rules::default();
+    if let Some(headers) = raw.request_headers {
+        rules.request_headers =
+            validate_header_rules(problems, &format!("{at}.request_headers"), headers);
+    }
+    if let Some(headers) = raw.response_headers {
+        rules.response_headers =
+            validate_header_rules(problems, &format!("{at}.response_headers"), headers);
+    }
+    if let Some(rewrite) = raw.rewrite {
+        let path = format!("{at}.rewrite");
+        rules.rewrite = match (
+            &rewrite.strip_prefix,
+            &rewrite.add_prefix,
+            &rewrite.regex,
+            &rewrite.replace,
+        ) {
+            (None, None, Some(pattern), Some(replace)) => compile_regex(pattern)
+                .map_err(|reason| problems.push(format!("{path}.regex"), reason))
+                .ok()
+                .map(|regex| Rewrite::Regex {
+                    regex,
+                    replace: replace.clone(),
+                }),
+            (strip, add, None, None) if strip.is_some() || add.is_some() => {
+                for (key, value) in [("strip_prefix", strip), ("add_prefix", add)] {
+                    if let Some(value) = value
+                        && !value.starts_with('/')
+                    {
+                        problems.push(format!("{path}.{key}"), "must start with `/`");
+                    }
+                }
+                Some(Rewrite::Prefix {
+                    strip: strip.clone(),
+                    add: add.clone(),
+                })
+            }
+            _ => {
+                problems.push(
+                    path,
+                    "needs `strip_prefix` and/or `add_prefix`, or `regex` with `replace`",
+                );
+                None
+            }
+        };
+    }
+    if let Some(host) = raw.host_rewrite {
+        if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+            problems.push(
+                format!("{at}.host_rewrite"),
+                "must be a host name, e.g. \"internal.local\"",
+            );
+        } else {
+            rules.host_rewrite = Some(host.clone());
+        }
+    }
+    if let Some(redirect) = raw.redirect {
+        let path = format!("{at}.redirect");
+        let status = match redirect.status {
+            None => Some(301),
+            Some(s @ (301 | 302 | 307 | 308)) => Some(s as u16),
+            Some(other) => {
+                problems.push(
+                    format!("{path}.status"),
+                    format!("{other} is not a redirect status (301, 302, 307 or 308)"),
+                );
+                None
+            }
+        };
+        let to = match &redirect.to {
+            None => {
+                problems.push(
+                    format!("{path}.to"),
+                    "missing, e.g. \"https://{host}{path}\"",
+                );
+                None
+            }
+            Some(to) => {
+                let without = to.replace("{host}", "").replace("{path}", "");
+                if to.is_empty() || without.contains(['{', '}']) {
+                    problems.push(
+                        format!("{path}.to"),
+                        "only {host} and {path} may be used as placeholders",
+                    );
+                    None
+                } else if !to.bytes().all(|b| b.is_ascii_graphic()) {
+                    problems.push(
+                        format!("{path}.to"),
+                        "must not contain spaces or control characters",
+                    );
+                    None
+                } else {
+                    Some(to.clone())
+                }
+            }
+        };
+        if let (Some(to), Some(status)) = (to, status) {
+            rules.redirect = Some(Redirect { to, status });
+        }
+    }
+    if let Some(flags) = raw.cookie_flags {
+        for (i, flag) in flags.iter().enumerate() {
+            let lower = flag.to_ascii_lowercase();
+            let known = matches!(lower.as_str(), "secure" | "httponly" | "partitioned")
+                || matches!(
+                    lower.as_str(),
+                    "samesite=strict" | "samesite=lax" | "samesite=none"
+                );
+            if known {
+                rules.cookie_flags.push(flag.clone());
+            } else {
+                problems.push(
+                    format!("{at}.cookie_flags[{i}]"),
+                    format!("`{flag}` is not one of Secure, HttpOnly, Partitioned, SameSite=Strict|Lax|None"),
+                );
+            }
+        }
+    }
+    rules
+}
+
+fn validate_header_rules(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawHeaderRules,
+) -> HeaderRules {
+    let mut rules = HeaderRules::default();
+    let check_name = |problems: &mut Problems, path: String, name: &str| -> bool {
+        if !valid_header_name(name) {
+            problems.push(path, format!("`{name}` is not a valid header name"));
+            false
+        } else if MANAGED_FIELDS.iter().any(|m| m.eq_ignore_ascii_case(name)) {
+            problems.push(
+                path,
+                format!("`{name}` is managed by the proxy (use host_rewrite for Host)"),
+            );
+            false
+        } else {
+            true
+        }
+    };
+    for (kind, map) in [("add", &raw.add), ("set", &raw.set)] {
+        for (name, value) in map.iter().flatten() {
+            let path = format!("{at}.{kind}.{name}");
+            if !check_name(problems, path.clone(), name) {
+                continue;
+            }
+            if !value
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+            {
+                problems.push(path, "the value must not contain control characters");
+                continue;
+            }
+            let entry = (name.clone(), value.clone());
+            if kind == "add" {
+                rules.add.push(entry);
+            } else {
+                rules.set.push(entry);
+            }
+        }
+    }
+    for (i, name) in raw.remove.iter().flatten().enumerate() {
+        if check_name(problems, format!("{at}.remove[{i}]"), name) {
+            rules.remove.push(name.to_ascii_lowercase());
+        }
+    }
+    rules
 }
 
 fn validate_split(

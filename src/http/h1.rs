@@ -271,6 +271,22 @@ fn map_parse_error(error: httparse::Error) -> HeadError {
     }
 }
 
+/// Whether a Set-Cookie value already has the attribute that `flag` sets (compared by
+/// attribute name: `SameSite=Lax` is present if any SameSite is).
+fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
+    let name = flag.split('=').next().unwrap_or(flag).as_bytes();
+    value.split(|&b| b == b';').skip(1).any(|attribute| {
+        let attribute = attribute.trim_ascii();
+        let key = attribute.split(|&b| b == b'=').next().unwrap_or(attribute);
+        key.trim_ascii().eq_ignore_ascii_case(name)
+    })
+}
+
+/// Whether `target` can be sent as an origin-form request target (after a rewrite).
+pub fn is_valid_origin_target(target: &str) -> bool {
+    target.starts_with('/') && valid_target(target.as_bytes())
+}
+
 /// Bytes that may appear in a request target (RFC 3986 characters plus `%`); no spaces, no
 /// controls, no `#`.
 fn valid_target(target: &[u8]) -> bool {
@@ -451,17 +467,19 @@ impl RequestHead {
     }
 
     /// Writes the head to send upstream: HTTP/1.1, the end-to-end fields minus those named in
-    /// `drop`, then `extra` fields, then framing of our own. `host` replaces the Host field.
+    /// `drop`, then `extra` fields, then framing of our own. `host` replaces the Host field and
+    /// `target` the request target (both after rewrite rules).
     pub fn write_upstream(
         &self,
         out: &mut BytesMut,
         host: Option<&[u8]>,
+        target: Option<&str>,
         drop: &[&str],
         extra: &[(&str, &[u8])],
     ) {
         out.put_slice(&self.raw[self.method.clone()]);
         out.put_u8(b' ');
-        out.put_slice(self.target().as_bytes());
+        out.put_slice(target.unwrap_or(self.target()).as_bytes());
         out.put_slice(b" HTTP/1.1\r\n");
         if let Some(host) = host.or_else(|| self.host()) {
             out.put_slice(b"host: ");
@@ -573,6 +591,7 @@ impl ResponseHead {
         close: bool,
         drop: &[&str],
         extra: &[(&str, &[u8])],
+        cookie_flags: &[&str],
     ) {
         out.put_slice(b"HTTP/1.1 ");
         out.put_slice(itoa::Buffer::new().format(self.status).as_bytes());
@@ -586,7 +605,16 @@ impl ResponseHead {
             }
             out.put_slice(name);
             out.put_slice(b": ");
-            out.put_slice(&self.raw[value.clone()]);
+            let value = &self.raw[value.clone()];
+            out.put_slice(value);
+            if !cookie_flags.is_empty() && name.eq_ignore_ascii_case(b"set-cookie") {
+                for flag in cookie_flags {
+                    if !has_cookie_attribute(value, flag) {
+                        out.put_slice(b"; ");
+                        out.put_slice(flag.as_bytes());
+                    }
+                }
+            }
             out.put_slice(b"\r\n");
         }
         for (name, value) in extra {
@@ -827,6 +855,11 @@ pub fn encode_last_chunk(out: &mut BytesMut, trailers: &[u8]) {
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        301 => "Moved Permanently",
+        302 => "Found",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        500 => "Internal Server Error",
         400 => "Bad Request",
         404 => "Not Found",
         408 => "Request Timeout",
@@ -934,7 +967,7 @@ mod tests {
         .unwrap()
         .unwrap();
         let mut out = BytesMut::new();
-        head.write_upstream(&mut out, None, &[], &[]);
+        head.write_upstream(&mut out, None, None, &[], &[]);
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(text, "GET / HTTP/1.1\r\nhost: a\r\nX-Kept: 2\r\n\r\n");
     }
@@ -1070,6 +1103,17 @@ mod tests {
         encode_chunk(&mut out, &[b'x'; 26]);
         encode_last_chunk(&mut out, b"");
         assert_eq!(&out[..], b"1a\r\nxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn cookie_attributes() {
+        assert!(has_cookie_attribute(b"a=1; Secure", "Secure"));
+        assert!(has_cookie_attribute(
+            b"a=1; samesite=Strict",
+            "SameSite=Lax"
+        ));
+        assert!(!has_cookie_attribute(b"secure=1", "Secure"));
+        assert!(!has_cookie_attribute(b"a=1; Path=/", "HttpOnly"));
     }
 
     #[test]

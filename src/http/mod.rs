@@ -28,7 +28,7 @@ use tracing::debug;
 
 use crate::backend::ActiveGuard;
 use crate::balance::PickContext;
-use crate::config::{MAX_CONNECT_ATTEMPTS, ProxyProtocolAccept};
+use crate::config::{MAX_CONNECT_ATTEMPTS, ProxyProtocolAccept, Redirect, Rewrite, Rules};
 use crate::pool::{Pool, Snapshot};
 use crate::proxy_protocol;
 use h1::{ChunkedDecoder, Decoded, Framing, RequestHead, ResponseHead};
@@ -59,7 +59,14 @@ pub struct HttpProxy {
     pub upstream: Arc<UpstreamPool>,
     /// Largest request body accepted (413 beyond it); `None`: no limit.
     pub max_body_size: Option<u64>,
+    /// The listener's modification rules, for every request.
+    pub rules: Rules,
+    /// Each route's own rules, by route index.
+    pub route_rules: Vec<Rules>,
 }
+
+/// Response fields to drop, fields to add, and Set-Cookie attributes to add.
+type ResponseEdits<'a> = (Vec<&'a str>, Vec<(&'a str, &'a [u8])>, Vec<&'a str>);
 
 /// Idle time after which an upgraded (WebSocket) connection is closed.
 const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -226,21 +233,37 @@ impl HttpProxy {
         {
             return Err(Failure::Status(413));
         }
+        // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing.
+        if let Some(redirect) = &self.rules.redirect {
+            return self.redirect(client, head, redirect, None).await;
+        }
         // Phase 2: route.
-        let Some(pool_name) = self.router.route(head) else {
+        let Some(routed) = self.router.route(head) else {
             return Err(Failure::Status(404));
         };
+        let route_rules = routed
+            .route
+            .and_then(|i| self.route_rules.get(i))
+            .filter(|rules| !rules.is_empty());
+        if let Some(rules) = route_rules
+            && let Some(redirect) = &rules.redirect
+        {
+            return self.redirect(client, head, redirect, Some(rules)).await;
+        }
         let snapshot = self.snapshot.load_full();
-        let pool = snapshot.pool(pool_name).ok_or(Failure::Status(503))?;
+        let pool = routed
+            .pool
+            .and_then(|name| snapshot.pool(name))
+            .ok_or(Failure::Status(503))?;
 
-        // Phase 3: request filter — request id, forwarding headers, our own 100 Continue.
+        // Phase 3: request filter — request id, forwarding headers, rules, our own 100 Continue.
         let mut generated = [0u8; 32];
         let request_id = match head.header("x-request-id") {
             Some(id) if valid_request_id(id) => id,
             _ => new_request_id(&mut generated),
         };
         let mut out = BytesMut::with_capacity(1024);
-        self.request_filter(client, head, request_id, &mut out);
+        self.request_filter(client, head, request_id, route_rules, &mut out)?;
         if head.expect_continue && head.framing != Framing::Empty {
             client
                 .stream
@@ -266,6 +289,7 @@ impl HttpProxy {
                     ("upgrade", b"websocket"),
                     ("x-request-id", request_id),
                 ],
+                &[],
             );
             out.extend_from_slice(&conn.buf);
             client
@@ -298,13 +322,22 @@ impl HttpProxy {
         };
         let close = head.close || client_framing == Framing::UntilClose;
         out.clear();
-        response.write_downstream(
-            &mut out,
-            client_framing,
-            close,
-            &["x-request-id"],
-            &id_field,
-        );
+        if self.rules.response_headers.is_empty()
+            && self.rules.cookie_flags.is_empty()
+            && route_rules.is_none()
+        {
+            response.write_downstream(
+                &mut out,
+                client_framing,
+                close,
+                &["x-request-id"],
+                &id_field,
+                &[],
+            );
+        } else {
+            let (drop, extra, flags) = self.response_edits(route_rules, request_id);
+            response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
+        }
         let done = transfer_body(
             &mut conn.stream,
             &mut conn.buf,
@@ -334,15 +367,17 @@ impl HttpProxy {
     }
 
     /// Writes the upstream request head into `out`: the client's fields minus hop-by-hop ones,
-    /// plus X-Forwarded-For, X-Real-IP and X-Forwarded-Proto. X-Forwarded-For is extended only
+    /// plus X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and X-Request-ID, then the listener's
+    /// and the route's rules (headers, path rewrite, Host). X-Forwarded-For is extended only
     /// when the peer is a trusted proxy; otherwise whatever the client claimed is replaced.
     fn request_filter(
         &self,
         client: &Client,
         head: &RequestHead,
         request_id: &[u8],
+        route_rules: Option<&Rules>,
         out: &mut BytesMut,
-    ) {
+    ) -> Result<(), Failure> {
         let ip = client.source.ip();
         let mut ip_text = [0u8; 64];
         let ip_text = format_ip(ip, &mut ip_text);
@@ -368,17 +403,114 @@ impl HttpProxy {
         } else {
             &fields[..4]
         };
-        head.write_upstream(
-            out,
-            None,
-            &[
-                "x-forwarded-for",
-                "x-real-ip",
-                "x-forwarded-proto",
-                "x-request-id",
-            ],
-            fields,
-        );
+        const FORWARDING: [&str; 4] = [
+            "x-forwarded-for",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-request-id",
+        ];
+        let listener_rules = Some(&self.rules).filter(|r| !r.is_empty());
+        if listener_rules.is_none() && route_rules.is_none() {
+            head.write_upstream(out, None, None, &FORWARDING, fields);
+            return Ok(());
+        }
+        let all = [listener_rules, route_rules];
+        let mut drop: Vec<&str> = FORWARDING.to_vec();
+        let mut extra: Vec<(&str, &[u8])> = fields.to_vec();
+        let mut host: Option<&[u8]> = None;
+        let mut target: Option<String> = None;
+        for rules in all.into_iter().flatten() {
+            let edits = &rules.request_headers;
+            drop.extend(edits.remove.iter().map(String::as_str));
+            drop.extend(edits.set.iter().map(|(name, _)| name.as_str()));
+            extra.retain(|(name, _)| {
+                !edits.remove.iter().any(|r| r.eq_ignore_ascii_case(name))
+                    && !edits.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(name))
+            });
+            extra.extend(edits.set.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+            extra.extend(edits.add.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+            if let Some(rewrite) = &rules.rewrite {
+                let current = target.as_deref().unwrap_or(head.target());
+                target = Some(rewrite_target(rewrite, current));
+            }
+            if let Some(rewritten) = &rules.host_rewrite {
+                host = Some(rewritten.as_bytes());
+            }
+        }
+        if let Some(target) = &target
+            && !h1::is_valid_origin_target(target)
+        {
+            debug!(listener = %self.name, %target, "rewrite produced an invalid target");
+            return Err(Failure::Status(500));
+        }
+        head.write_upstream(out, host, target.as_deref(), &drop, &extra);
+        Ok(())
+    }
+
+    /// The response fields to drop and add, and the cookie flags, from the listener's and the
+    /// route's rules (the route's applied last).
+    fn response_edits<'a>(
+        &'a self,
+        route_rules: Option<&'a Rules>,
+        request_id: &'a [u8],
+    ) -> ResponseEdits<'a> {
+        let mut drop = vec!["x-request-id"];
+        let mut extra: Vec<(&str, &[u8])> = vec![("x-request-id", request_id)];
+        let mut flags = Vec::new();
+        for rules in [Some(&self.rules), route_rules].into_iter().flatten() {
+            let edits = &rules.response_headers;
+            drop.extend(edits.remove.iter().map(String::as_str));
+            drop.extend(edits.set.iter().map(|(name, _)| name.as_str()));
+            extra.retain(|(name, _)| {
+                !edits.remove.iter().any(|r| r.eq_ignore_ascii_case(name))
+                    && !edits.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(name))
+            });
+            extra.extend(edits.set.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+            extra.extend(edits.add.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+            flags.extend(rules.cookie_flags.iter().map(String::as_str));
+        }
+        (drop, extra, flags)
+    }
+
+    /// Answers with a redirect of our own. Response header rules (HSTS, say) apply to it too.
+    async fn redirect(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        redirect: &Redirect,
+        route_rules: Option<&Rules>,
+    ) -> Result<Next, Failure> {
+        let host = head.host().map(strip_port).unwrap_or_default();
+        let location = redirect
+            .to
+            .replace("{host}", &String::from_utf8_lossy(host))
+            .replace("{path}", head.target());
+        let close = head.close || head.framing != Framing::Empty;
+        let mut out = BytesMut::with_capacity(256);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(redirect.status).as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(h1::reason(redirect.status).as_bytes());
+        out.extend_from_slice(b"\r\nlocation: ");
+        out.extend_from_slice(location.as_bytes());
+        out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
+        let (_, extra, _) = self.response_edits(route_rules, b"");
+        for (name, value) in extra.iter().filter(|(n, _)| *n != "x-request-id") {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        client
+            .stream
+            .write_all(&out)
+            .await
+            .map_err(|_| Failure::Abort)?;
+        Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 
     /// Sends the request to a backend and reads the response head, moving to another backend (or
@@ -775,4 +907,50 @@ impl RequestView for RequestHead {
     fn header(&self, name: &str) -> Option<&[u8]> {
         RequestHead::header(self, name)
     }
+}
+
+/// A Host without its port (`[::1]:80` keeps its brackets).
+fn strip_port(host: &[u8]) -> &[u8] {
+    if host.first() == Some(&b'[') {
+        match host.iter().position(|&b| b == b']') {
+            Some(end) => &host[..=end],
+            None => host,
+        }
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => &host[..colon],
+            None => host,
+        }
+    }
+}
+
+/// Applies a path rewrite to a target, keeping its query.
+fn rewrite_target(rewrite: &Rewrite, target: &str) -> String {
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let mut new_path = match rewrite {
+        Rewrite::Prefix { strip, add } => {
+            let rest = strip
+                .as_deref()
+                .and_then(|prefix| path.strip_prefix(prefix))
+                .unwrap_or(path);
+            let rest = if rest.starts_with('/') {
+                rest.to_owned()
+            } else {
+                format!("/{rest}")
+            };
+            match add {
+                Some(add) => format!("{}{rest}", add.trim_end_matches('/')),
+                None => rest,
+            }
+        }
+        Rewrite::Regex { regex, replace } => regex.replace(path, replace.as_str()).into_owned(),
+    };
+    if let Some(query) = query {
+        new_path.push('?');
+        new_path.push_str(query);
+    }
+    new_path
 }

@@ -30,9 +30,20 @@ struct Route {
     target: Target,
 }
 
+/// The outcome of routing one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed<'a> {
+    /// The pool to send it to; `None` for a route that only redirects.
+    pub pool: Option<&'a str>,
+    /// The index of the matching route in the listener's routes; `None` for the default pool.
+    pub route: Option<usize>,
+}
+
 /// A route's pool (or pools), as indexes into [`Router::pools`].
 #[derive(Debug)]
 enum Target {
+    /// A route without a pool (it redirects).
+    None,
     Pool(usize),
     /// `cumulative[i]` = sum of the weights of `pools[0..=i]`.
     Split {
@@ -42,8 +53,9 @@ enum Target {
 }
 
 impl Target {
-    fn pick(&self) -> usize {
-        match self {
+    fn pick(&self) -> Option<usize> {
+        Some(match self {
+            Target::None => return None,
             Target::Pool(pool) => *pool,
             Target::Split { pools, cumulative } => {
                 let total = cumulative.last().copied().unwrap_or(0).max(1);
@@ -51,7 +63,7 @@ impl Target {
                 let i = cumulative.partition_point(|&sum| sum <= draw);
                 pools[i.min(pools.len() - 1)]
             }
-        }
+        })
     }
 }
 
@@ -90,8 +102,9 @@ impl Router {
                 _ => others.push(i),
             }
             let target = match &route.target {
-                RouteTarget::Pool(pool) => Target::Pool(pool_index(pool)),
-                RouteTarget::Split(split) => {
+                None => Target::None,
+                Some(RouteTarget::Pool(pool)) => Target::Pool(pool_index(pool)),
+                Some(RouteTarget::Split(split)) => {
                     let mut total = 0;
                     let mut pools = Vec::new();
                     let mut cumulative = Vec::new();
@@ -118,8 +131,8 @@ impl Router {
         }
     }
 
-    /// The pool for `request`: the first matching route's, else the default, else `None`.
-    pub fn route(&self, request: &impl RequestView) -> Option<&str> {
+    /// The first matching route and its pool, else the default pool, else `None`.
+    pub fn route(&self, request: &impl RequestView) -> Option<Routed<'_>> {
         let mut host_buf = [0u8; 256];
         let host = request
             .host()
@@ -139,10 +152,16 @@ impl Router {
             let Some(&index) = next else { break };
             let route = &self.routes[index];
             if route.matches(request, host) {
-                return Some(&self.pools[route.target.pick()]);
+                return Some(Routed {
+                    pool: route.target.pick().map(|i| self.pools[i].as_str()),
+                    route: Some(index),
+                });
             }
         }
-        self.default.map(|i| self.pools[i].as_str())
+        self.default.map(|i| Routed {
+            pool: Some(self.pools[i].as_str()),
+            route: None,
+        })
     }
 }
 
@@ -319,10 +338,15 @@ mod tests {
         }
     }
 
+    fn pool_of<'a>(r: &'a Router, request: &Req) -> Option<&'a str> {
+        r.route(request).and_then(|routed| routed.pool)
+    }
+
     fn route(pool: &str, m: RouteMatch) -> RouteConfig {
         RouteConfig {
             matcher: m,
-            target: RouteTarget::Pool(pool.into()),
+            target: Some(RouteTarget::Pool(pool.into())),
+            rules: Default::default(),
         }
     }
 
@@ -397,35 +421,40 @@ mod tests {
     fn first_match_wins_and_default_catches_the_rest() {
         let r = seed_router();
         assert_eq!(
-            r.route(&req("/api/x", Some("admin.x"), vec![])),
+            pool_of(&r, &req("/api/x", Some("admin.x"), vec![])),
             Some("api")
         );
-        assert_eq!(r.route(&req("/static/a.css", None, vec![])), Some("static"));
         assert_eq!(
-            r.route(&req("/", Some("ADMIN.example.com:8443"), vec![])),
+            pool_of(&r, &req("/static/a.css", None, vec![])),
+            Some("static")
+        );
+        assert_eq!(
+            pool_of(&r, &req("/", Some("ADMIN.example.com:8443"), vec![])),
             Some("admin")
         );
         assert_eq!(
-            r.route(&req("/", Some("x"), vec![("X-API-Version", "v2")])),
+            pool_of(&r, &req("/", Some("x"), vec![("X-API-Version", "v2")])),
             Some("v2")
         );
         assert_eq!(
-            r.route(&req("/", Some("Shop.Example.com."), vec![])),
+            pool_of(&r, &req("/", Some("Shop.Example.com."), vec![])),
             Some("exact")
         );
         assert_eq!(
-            r.route(&req("/", Some("a.example.com"), vec![])),
+            pool_of(&r, &req("/", Some("a.example.com"), vec![])),
             Some("wild")
         );
-        assert_eq!(r.route(&req("/", Some("example.com"), vec![])), Some("web"));
-        assert_eq!(r.route(&req("/apix", None, vec![])), Some("web"));
+        assert_eq!(
+            pool_of(&r, &req("/", Some("example.com"), vec![])),
+            Some("web")
+        );
+        assert_eq!(pool_of(&r, &req("/apix", None, vec![])), Some("web"));
         // The header route comes before the exact host route, so it wins for that host too.
         assert_eq!(
-            r.route(&req(
-                "/",
-                Some("shop.example.com"),
-                vec![("x-api-version", "v2")]
-            )),
+            pool_of(
+                &r,
+                &req("/", Some("shop.example.com"), vec![("x-api-version", "v2")])
+            ),
             Some("v2")
         );
     }
@@ -442,7 +471,7 @@ mod tests {
             )],
             None,
         );
-        assert_eq!(r.route(&req("/", None, vec![])), None);
+        assert_eq!(pool_of(&r, &req("/", None, vec![])), None);
     }
 
     #[test]
@@ -465,13 +494,17 @@ mod tests {
                     path_prefix: Some("/".into()),
                     ..Default::default()
                 },
-                target: RouteTarget::Split(vec![("v1".into(), 95), ("v2".into(), 5)]),
+                target: Some(RouteTarget::Split(vec![
+                    ("v1".into(), 95),
+                    ("v2".into(), 5),
+                ])),
+                rules: Default::default(),
             }],
             None,
         );
         let mut v2 = 0;
         for _ in 0..20_000 {
-            if r.route(&req("/", None, vec![])) == Some("v2") {
+            if pool_of(&r, &req("/", None, vec![])) == Some("v2") {
                 v2 += 1;
             }
         }
