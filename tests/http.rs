@@ -766,3 +766,149 @@ backends = ["{}"]
     assert_eq!(client.get("/other", "").await.status, 200);
     assert_eq!(backend.accepted(), 1);
 }
+
+fn big_text() -> Vec<u8> {
+    (0..20_000)
+        .map(|i| b"the quick brown fox "[i % 20])
+        .collect()
+}
+
+/// A backend serving fixed content by path, to exercise compression decisions.
+async fn content_backend() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end);
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let body = big_text();
+            let response = match path.as_str() {
+                "/big.txt" => [
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\netag: \"v1\"\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+                    body,
+                ]
+                .concat(),
+                "/small.txt" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nsmall".to_vec(),
+                "/image.png" => [
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+                    body,
+                ]
+                .concat(),
+                "/encoded" => [
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+                    body,
+                ]
+                .concat(),
+                _ => {
+                    // Chunked JSON, in two chunks.
+                    let half = body.len() / 2;
+                    [
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+                        format!("{half:x}\r\n").into_bytes(),
+                        body[..half].to_vec(),
+                        format!("\r\n{:x}\r\n", body.len() - half).into_bytes(),
+                        body[half..].to_vec(),
+                        b"\r\n0\r\n\r\n".to_vec(),
+                    ]
+                    .concat()
+                }
+            };
+            if stream.write_all(&response).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+fn decode(encoding: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match encoding {
+        "gzip" => {
+            flate2::read::GzDecoder::new(data)
+                .read_to_end(&mut out)
+                .expect("gzip");
+        }
+        "br" => {
+            brotli::Decompressor::new(data, 4096)
+                .read_to_end(&mut out)
+                .expect("br");
+        }
+        "zstd" => out = zstd::decode_all(data).expect("zstd"),
+        other => panic!("unexpected encoding {other}"),
+    }
+    out
+}
+
+#[tokio::test]
+async fn responses_are_compressed_when_accepted_and_worth_it() {
+    let backend = content_backend().await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "compression = { algorithms = [\"zstd\", \"br\", \"gzip\"], min_size = 1024 }",
+        "",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for (accept, expected) in [
+        ("gzip", "gzip"),
+        ("br;q=0.9, gzip;q=0.5", "br"),
+        ("gzip, br, zstd", "zstd"),
+    ] {
+        for path in ["/big.txt", "/chunked.json"] {
+            let reply = client
+                .get(path, &format!("Accept-Encoding: {accept}\r\n"))
+                .await;
+            assert_eq!(
+                reply.header("content-encoding"),
+                Some(expected),
+                "{path} {accept}"
+            );
+            assert_eq!(reply.header("vary"), Some("Accept-Encoding"));
+            assert!(
+                reply.body.len() < 2_000,
+                "{path} {accept}: {} bytes",
+                reply.body.len()
+            );
+            assert_eq!(decode(expected, &reply.body), big_text(), "{path} {accept}");
+        }
+    }
+    let reply = client.get("/big.txt", "Accept-Encoding: gzip\r\n").await;
+    assert_eq!(reply.header("etag"), Some("W/\"v1\""));
+
+    // Not accepted, too small, not a compressible type, already encoded, or a range request.
+    let cases = [
+        ("/big.txt", "", "not accepted"),
+        ("/big.txt", "Accept-Encoding: identity\r\n", "identity only"),
+        ("/small.txt", "Accept-Encoding: gzip\r\n", "too small"),
+        ("/image.png", "Accept-Encoding: gzip\r\n", "not a text type"),
+        ("/encoded", "Accept-Encoding: br\r\n", "already encoded"),
+        (
+            "/big.txt",
+            "Accept-Encoding: gzip\r\nRange: bytes=0-99\r\n",
+            "range request",
+        ),
+    ];
+    for (path, extra, why) in cases {
+        let reply = client.get(path, extra).await;
+        let encoding = reply.header("content-encoding");
+        assert!(
+            encoding.is_none() || path == "/encoded",
+            "{why}: {encoding:?}"
+        );
+        if path == "/encoded" {
+            assert_eq!(encoding, Some("gzip"), "{why}");
+        }
+        if path != "/small.txt" {
+            assert_eq!(reply.body, big_text(), "{why}");
+        }
+    }
+}

@@ -150,6 +150,54 @@ pub struct Rules {
     pub redirect: Option<Redirect>,
     /// Attributes added to each Set-Cookie that lacks them (`Secure`, `HttpOnly`, `SameSite=Lax`).
     pub cookie_flags: Vec<String>,
+    /// Response compression; a route's replaces the listener's.
+    pub compression: Option<Compression>,
+}
+
+/// Response compression settings.
+#[derive(Debug, Clone)]
+pub struct Compression {
+    /// Encodings offered, in order of preference (ties in Accept-Encoding go to the first).
+    pub algorithms: Vec<Encoding>,
+    /// Responses with a known length below this are sent as they are.
+    pub min_size: u64,
+    /// Content types compressed: `text/html` or `text/*`.
+    pub types: Vec<String>,
+}
+
+/// Default `compression.min_size`: below about a kilobyte, headers outweigh the savings.
+pub const DEFAULT_COMPRESSION_MIN_SIZE: u64 = 1024;
+/// Default `compression.types`: text formats that compress well.
+pub const DEFAULT_COMPRESSION_TYPES: [&str; 7] = [
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/wasm",
+    "image/svg+xml",
+    "application/manifest+json",
+];
+
+/// A content coding the proxy can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `gzip`.
+    Gzip,
+    /// `br`.
+    Brotli,
+    /// `zstd`.
+    Zstd,
+}
+
+impl Encoding {
+    /// The token used in Accept-Encoding and Content-Encoding.
+    pub fn token(self) -> &'static str {
+        match self {
+            Encoding::Gzip => "gzip",
+            Encoding::Brotli => "br",
+            Encoding::Zstd => "zstd",
+        }
+    }
 }
 
 impl Rules {
@@ -161,6 +209,7 @@ impl Rules {
             && self.host_rewrite.is_none()
             && self.redirect.is_none()
             && self.cookie_flags.is_empty()
+            && self.compression.is_none()
     }
 }
 

@@ -75,6 +75,8 @@ pub struct RawListener {
     pub redirect: Option<RawRedirect>,
     /// http: attributes added to every Set-Cookie of responses.
     pub cookie_flags: Option<Vec<String>>,
+    /// http: response compression.
+    pub compression: Option<RawCompression>,
 }
 
 /// One `[[listeners.routes]]` entry.
@@ -99,6 +101,8 @@ pub struct RawRoute {
     pub redirect: Option<RawRedirect>,
     /// http: attributes added to every Set-Cookie of responses.
     pub cookie_flags: Option<Vec<String>>,
+    /// http: response compression.
+    pub compression: Option<RawCompression>,
 }
 
 /// `{ add = { NAME = "value" }, set = { ... }, remove = ["NAME"] }`.
@@ -118,6 +122,15 @@ pub struct RawRewrite {
     pub add_prefix: Option<String>,
     pub regex: Option<String>,
     pub replace: Option<String>,
+}
+
+/// `{ algorithms = ["zstd", "br", "gzip"], min_size = 1024, types = ["text/*"] }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub algorithms: Option<Vec<String>>,
+    pub min_size: Option<i64>,
+    pub types: Option<Vec<String>>,
 }
 
 /// `{ to = "https://{host}{path}", status = 301 }`.

@@ -311,6 +311,7 @@ fn validate_listener(
                 (raw.host_rewrite.is_some(), "host_rewrite"),
                 (raw.redirect.is_some(), "redirect"),
                 (raw.cookie_flags.is_some(), "cookie_flags"),
+                (raw.compression.is_some(), "compression"),
             ] {
                 only(problems, present, key, "http");
             }
@@ -453,6 +454,7 @@ fn validate_listener(
                         host_rewrite: raw.host_rewrite.as_ref(),
                         redirect: raw.redirect.as_ref(),
                         cookie_flags: raw.cookie_flags.as_ref(),
+                        compression: raw.compression.as_ref(),
                     },
                 ),
             })))
@@ -568,6 +570,7 @@ fn validate_route(
             host_rewrite: raw.host_rewrite.as_ref(),
             redirect: raw.redirect.as_ref(),
             cookie_flags: raw.cookie_flags.as_ref(),
+            compression: raw.compression.as_ref(),
         },
     );
     let redirects = raw.redirect.is_some();
@@ -679,6 +682,7 @@ struct RawRules<'a> {
     host_rewrite: Option<&'a String>,
     redirect: Option<&'a super::raw::RawRedirect>,
     cookie_flags: Option<&'a Vec<String>>,
+    compression: Option<&'a super::raw::RawCompression>,
 }
 
 /// Fields the proxy writes itself; rules may not touch them.
@@ -795,6 +799,10 @@ fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules
             rules.redirect = Some(Redirect { to, status });
         }
     }
+    if let Some(compression) = raw.compression {
+        rules.compression =
+            validate_compression(problems, &format!("{at}.compression"), compression);
+    }
     if let Some(flags) = raw.cookie_flags {
         for (i, flag) in flags.iter().enumerate() {
             let lower = flag.to_ascii_lowercase();
@@ -814,6 +822,73 @@ fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules
         }
     }
     rules
+}
+
+fn validate_compression(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawCompression,
+) -> Option<Compression> {
+    let before = problems.0.len();
+    let algorithms = match &raw.algorithms {
+        None => vec![Encoding::Zstd, Encoding::Brotli, Encoding::Gzip],
+        Some(list) if list.is_empty() => {
+            problems.push(
+                format!("{at}.algorithms"),
+                "empty: name at least one of zstd, br, gzip",
+            );
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| match name.as_str() {
+                "gzip" => Some(Encoding::Gzip),
+                "br" => Some(Encoding::Brotli),
+                "zstd" => Some(Encoding::Zstd),
+                other => {
+                    problems.push(
+                        format!("{at}.algorithms[{i}]"),
+                        format!("unknown algorithm `{other}` (expected zstd, br or gzip)"),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    let min_size = match raw.min_size {
+        None => DEFAULT_COMPRESSION_MIN_SIZE,
+        Some(n) if n >= 0 => n as u64,
+        Some(n) => {
+            problems.push(format!("{at}.min_size"), format!("{n} is negative"));
+            0
+        }
+    };
+    let types = match &raw.types {
+        None => DEFAULT_COMPRESSION_TYPES
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect(),
+        Some(types) => {
+            for (i, t) in types.iter().enumerate() {
+                let valid = t.split_once('/').is_some_and(|(a, b)| {
+                    valid_header_name(a) && (b == "*" || valid_header_name(b))
+                });
+                if !valid {
+                    problems.push(
+                        format!("{at}.types[{i}]"),
+                        format!("`{t}` is not a media type like \"text/html\" or \"text/*\""),
+                    );
+                }
+            }
+            types.clone()
+        }
+    };
+    (problems.0.len() == before).then_some(Compression {
+        algorithms,
+        min_size,
+        types,
+    })
 }
 
 fn validate_header_rules(

@@ -8,6 +8,7 @@
 //! [`h1`] parses and writes messages, [`router`] picks the pool, [`upstream`] keeps idle
 //! backend connections.
 
+pub mod compress;
 pub mod h1;
 pub mod router;
 pub mod upstream;
@@ -314,15 +315,56 @@ impl HttpProxy {
             return Ok(Next::Close);
         }
 
-        // Phase 7: the response to the client.
-        let client_framing = match (response.framing, head.minor_version) {
+        // Phase 7: the response to the client, compressed when configured and accepted.
+        let compression = route_rules
+            .and_then(|r| r.compression.as_ref())
+            .or(self.rules.compression.as_ref());
+        let encoding = compression.and_then(|c| choose_encoding(c, head, &response));
+        let mut encoder = match encoding.map(compress::Encoder::new) {
+            Some(Ok(encoder)) => Some(encoder),
+            Some(Err(error)) => {
+                debug!(listener = %self.name, %error, "compressor unavailable, sending as is");
+                None
+            }
+            None => None,
+        };
+        let body_framing = if encoder.is_some() {
+            Framing::UntilClose
+        } else {
+            response.framing
+        };
+        let client_framing = match (body_framing, head.minor_version) {
             (Framing::Chunked | Framing::UntilClose, 1) => Framing::Chunked,
             (Framing::Chunked | Framing::UntilClose, _) => Framing::UntilClose,
             (framing, _) => framing,
         };
         let close = head.close || client_framing == Framing::UntilClose;
         out.clear();
-        if self.rules.response_headers.is_empty()
+        if compression.is_some() {
+            let (mut drop, mut extra, flags) = self.response_edits(route_rules, request_id);
+            let weak_etag;
+            if let Some(encoder) = &encoder {
+                extra.push(("content-encoding", encoder.token().as_bytes()));
+                // The compressed bytes are a different representation: a strong validator
+                // for the original must not describe them.
+                if let Some(etag) = response.header("etag")
+                    && !etag.starts_with(b"W/")
+                {
+                    weak_etag = [b"W/", etag].concat();
+                    drop.push("etag");
+                    extra.push(("etag", &weak_etag));
+                }
+            }
+            let varies = response.header("vary").is_some_and(|v| {
+                String::from_utf8_lossy(v)
+                    .to_ascii_lowercase()
+                    .contains("accept-encoding")
+            });
+            if !varies {
+                extra.push(("vary", b"Accept-Encoding"));
+            }
+            response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
+        } else if self.rules.response_headers.is_empty()
             && self.rules.cookie_flags.is_empty()
             && route_rules.is_none()
         {
@@ -349,6 +391,7 @@ impl HttpProxy {
                 idle: pool.response_timeout,
                 limit: None,
             },
+            &mut encoder,
         )
         .await;
         drop(guard);
@@ -683,12 +726,16 @@ async fn send_request(
                     idle: response_timeout,
                     limit: max_body_size,
                 },
+                &mut None,
             )
             .await
             .map_err(|error| match error {
                 BodyError::Write(error) => upstream_error(error),
                 BodyError::TooLarge => SendError::TooLarge,
-                BodyError::Read(_) | BodyError::Malformed | BodyError::Timeout => SendError::Client,
+                BodyError::Read(_)
+                | BodyError::Malformed
+                | BodyError::Timeout
+                | BodyError::Compress(_) => SendError::Client,
             })?;
         }
     }
@@ -753,6 +800,9 @@ enum BodyError {
     /// More body than the limit allows.
     #[error("body larger than the limit")]
     TooLarge,
+    /// The compressor failed.
+    #[error("compressing the body: {0}")]
+    Compress(io::Error),
 }
 
 /// How one body is to be moved.
@@ -778,6 +828,7 @@ async fn transfer_body(
     dst: &mut TcpStream,
     out: &mut BytesMut,
     body: Body,
+    encoder: &mut Option<compress::Encoder>,
 ) -> Result<(), BodyError> {
     let Body {
         input,
@@ -798,13 +849,13 @@ async fn transfer_body(
             Framing::Empty => true,
             Framing::Length(_) => {
                 let take = (buf.len() as u64).min(left) as usize;
-                emit(out, &buf[..take], chunked_out);
+                emit(out, &buf[..take], chunked_out, encoder)?;
                 buf.advance(take);
                 left -= take as u64;
                 left == 0
             }
             Framing::UntilClose => {
-                emit(out, buf, chunked_out);
+                emit(out, buf, chunked_out, encoder)?;
                 buf.clear();
                 false
             }
@@ -821,7 +872,7 @@ async fn transfer_body(
                             if limit.is_some_and(|max| total > max) {
                                 return Err(BodyError::TooLarge);
                             }
-                            emit(out, &buf[range], chunked_out);
+                            emit(out, &buf[range], chunked_out, encoder)?;
                         }
                         Decoded::End(_) => {
                             if !decoder.trailers_valid() {
@@ -838,6 +889,7 @@ async fn transfer_body(
             }
         };
         if finished {
+            finish_encoder(out, chunked_out, encoder)?;
             if chunked_out {
                 h1::encode_last_chunk(out, &decoder.trailers);
             }
@@ -854,6 +906,7 @@ async fn transfer_body(
         buf.reserve(READ_CHUNK);
         match timeout(idle, src.read_buf(buf)).await {
             Ok(Ok(0)) if input == Framing::UntilClose => {
+                finish_encoder(out, chunked_out, encoder)?;
                 if chunked_out {
                     h1::encode_last_chunk(out, &[]);
                     dst.write_all(out).await.map_err(BodyError::Write)?;
@@ -869,13 +922,70 @@ async fn transfer_body(
     }
 }
 
-/// Appends body bytes to `out`, as a chunk or as they are.
-fn emit(out: &mut BytesMut, data: &[u8], chunked: bool) {
+/// Appends body bytes to `out`, compressed if there is an encoder, as a chunk or as they are.
+fn emit(
+    out: &mut BytesMut,
+    data: &[u8],
+    chunked: bool,
+    encoder: &mut Option<compress::Encoder>,
+) -> Result<(), BodyError> {
+    let compressed;
+    let data = match encoder {
+        Some(encoder) => {
+            compressed = encoder.push(data).map_err(BodyError::Compress)?;
+            &compressed[..]
+        }
+        None => data,
+    };
     if chunked {
         h1::encode_chunk(out, data);
     } else {
         out.extend_from_slice(data);
     }
+    Ok(())
+}
+
+/// Appends the end of a compressed stream, if there is one.
+fn finish_encoder(
+    out: &mut BytesMut,
+    chunked: bool,
+    encoder: &mut Option<compress::Encoder>,
+) -> Result<(), BodyError> {
+    if let Some(encoder) = encoder.take() {
+        let rest = encoder.finish().map_err(BodyError::Compress)?;
+        emit(out, &rest, chunked, &mut None)?;
+    }
+    Ok(())
+}
+
+/// The encoding to compress a response with, if any: the client accepts one, the response is
+/// a compressible type of sufficient size, not already encoded, not partial, and does not
+/// forbid transformation.
+fn choose_encoding(
+    config: &crate::config::Compression,
+    request: &RequestHead,
+    response: &ResponseHead,
+) -> Option<crate::config::Encoding> {
+    if response.framing == Framing::Empty
+        || response.status == 206
+        || request.header("range").is_some()
+        || response.header("content-encoding").is_some()
+        || response.header("content-range").is_some()
+        || response.header("cache-control").is_some_and(|v| {
+            String::from_utf8_lossy(v)
+                .to_ascii_lowercase()
+                .contains("no-transform")
+        })
+        || !compress::compressible_type(config, response.header("content-type"))
+    {
+        return None;
+    }
+    if let Framing::Length(n) = response.framing
+        && n < config.min_size
+    {
+        return None;
+    }
+    compress::negotiate(config, request.header("accept-encoding"))
 }
 
 /// Writes an IP address as text into `buf` without allocating.
