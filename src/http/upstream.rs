@@ -56,12 +56,14 @@ impl UpstreamPool {
     }
 
     /// Returns a connection that is ready for another request.
-    pub fn checkin(&self, conn: UpstreamConn) {
+    pub fn checkin(&self, mut conn: UpstreamConn) {
         let addr = conn.addr;
         if !conn.buf.is_empty() {
             // The backend sent more than the response: it cannot be trusted with another one.
             return;
         }
+        // An idle connection keeps no read buffer.
+        conn.buf = BytesMut::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(addr).or_default();
         // Oldest first: drop the expired ones, and the oldest if the list is full, so idle
