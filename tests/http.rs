@@ -912,3 +912,107 @@ async fn responses_are_compressed_when_accepted_and_worth_it() {
         }
     }
 }
+
+/// Sends one HTTP/2 request with prior knowledge and returns status, headers and body.
+async fn h2_request(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    uri: &str,
+    body: Option<&'static [u8]>,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, body.is_none()).expect("send");
+    if let Some(body) = body {
+        stream
+            .send_data(bytes::Bytes::from_static(body), true)
+            .expect("body");
+    }
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    (status, headers, data)
+}
+
+#[tokio::test]
+async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
+    let (proxy, _backends) = seed().await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("public"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let (status, headers, body) =
+        h2_request(&mut sender, "GET", "http://example.com/api/users?x=1", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-backend").map(|v| v.as_bytes()),
+        Some(&b"api"[..])
+    );
+    assert!(headers.get("x-request-id").is_some());
+    let seen = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        seen.starts_with("api\nGET /api/users?x=1 HTTP/1.1\nhost: example.com\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+
+    // Host routing from :authority, and a body (sent chunked upstream: no content-length).
+    let (status, headers, body) = h2_request(
+        &mut sender,
+        "POST",
+        "http://admin.example.com/form",
+        Some(b"a=1&b=2"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-backend").map(|v| v.as_bytes()),
+        Some(&b"admin"[..])
+    );
+    assert!(String::from_utf8_lossy(&body).ends_with("\n\na=1&b=2"));
+
+    // Many concurrent streams on one connection.
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let mut sender = sender.clone();
+        streams.push(tokio::spawn(async move {
+            let uri = format!("http://x/static/{i}.css");
+            h2_request(&mut sender, "GET", &uri, None).await
+        }));
+    }
+    for stream in streams {
+        let (status, headers, _) = stream.await.expect("stream");
+        assert_eq!(status, 200);
+        assert_eq!(
+            headers.get("x-backend").map(|v| v.as_bytes()),
+            Some(&b"static"[..])
+        );
+    }
+    // Statuses of our own travel as HTTP/2 responses too.
+    let api = http_backend("only").await;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l7\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\nroutes = [{{ match = {{ path_prefix = \"/api/\" }}, pool = \"p\" }}]\n[pools.p]\nbackends = [\"{}\"]\n",
+        api.addr
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let (status, _, body) = h2_request(&mut sender, "GET", "http://x/nothing", None).await;
+    assert_eq!((status, body.as_slice()), (404, &b"404 Not Found\n"[..]));
+}

@@ -573,6 +573,13 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
 }
 
 impl ResponseHead {
+    /// The end-to-end fields, in order (hop-by-hop and framing fields are already gone).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
+    }
+
     /// The first end-to-end field called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.fields

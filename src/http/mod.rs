@@ -10,6 +10,7 @@
 
 pub mod compress;
 pub mod h1;
+pub mod h2;
 pub mod router;
 pub mod upstream;
 
@@ -146,6 +147,26 @@ impl HttpProxy {
                 }
             }
         }
+        if !self.h2c_preface(&mut client).await {
+            return;
+        }
+        if client.buf.starts_with(h2::PREFACE) {
+            let Client {
+                stream,
+                buf,
+                source,
+                peer_trusted,
+            } = client;
+            Box::pin(h2::serve(
+                Arc::clone(&self),
+                stream,
+                buf,
+                source,
+                peer_trusted,
+            ))
+            .await;
+            return;
+        }
         loop {
             let head = match self.read_request(&mut client).await {
                 Ok(Some(head)) => head,
@@ -163,6 +184,27 @@ impl HttpProxy {
             match Box::pin(self.exchange(&mut client, head)).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
+            }
+        }
+    }
+
+    /// Reads until the first bytes either are the HTTP/2 preface (h2c with prior knowledge) or
+    /// cannot be; `false` when the client left or stayed silent.
+    async fn h2c_preface(&self, client: &mut Client) -> bool {
+        loop {
+            let n = client.buf.len().min(h2::PREFACE.len());
+            if client.buf[..n] != h2::PREFACE[..n] || n == h2::PREFACE.len() {
+                return true;
+            }
+            let wait = if client.buf.is_empty() {
+                self.keepalive_timeout
+            } else {
+                self.client_header_timeout
+            };
+            client.buf.reserve(READ_CHUNK);
+            match timeout(wait, client.stream.read_buf(&mut client.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return false,
             }
         }
     }

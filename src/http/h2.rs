@@ -1,0 +1,571 @@
+//! HTTP/2 from clients (h2c with prior knowledge), proxied to HTTP/1.1 backends.
+//!
+//! The HTTP/2 protocol itself is hyper's (on the `h2` crate), configured against the known floods:
+//! a cap on concurrent streams, a bounded header list (which also bounds CONTINUATION frames),
+//! and limits on streams reset by the client before they are served (the "rapid reset" attack)
+//! and on streams reset because of protocol errors. Each stream is routed like an HTTP/1.1
+//! request and sent to the backend as a re-serialised HTTP/1.1 request over the shared pool of
+//! keep-alive connections; the response body streams back through a bounded channel.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tracing::debug;
+
+use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
+use super::router::RequestView;
+use super::upstream::UpstreamConn;
+use super::{HttpProxy, new_request_id, valid_request_id};
+use crate::balance::PickContext;
+use crate::config::MAX_CONNECT_ATTEMPTS;
+use crate::pool::Pool;
+
+/// The HTTP/2 connection preface a client sends first (RFC 9113 section 3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Streams one client connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Largest header list accepted (decoded), which also bounds CONTINUATION frames.
+const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
+/// Streams the client may reset before they are served, queued at once (rapid reset defence).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams the server may reset for protocol errors before it closes the connection.
+const MAX_ERROR_RESETS: usize = 64;
+/// Response body frames buffered between the backend and the client.
+const BODY_QUEUE: usize = 8;
+/// Read size for response bodies from backends.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Serves an HTTP/2 client connection whose first bytes (the preface, maybe more) are in
+/// `read`.
+pub async fn serve(
+    proxy: Arc<HttpProxy>,
+    stream: TcpStream,
+    read: BytesMut,
+    source: SocketAddr,
+    peer_trusted: bool,
+) {
+    let io = TokioIo::new(Rewind {
+        prefix: read.freeze(),
+        inner: stream,
+    });
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(handle(&proxy, request, source, peer_trusted).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_ERROR_RESETS);
+    if let Err(error) = builder.serve_connection(io, service).await {
+        debug!(client = %source, %error, "http/2 connection ended with an error");
+    }
+}
+
+/// The body of a response: empty, a short text of ours, or streamed from a backend.
+pub enum ResponseBody {
+    /// Nothing.
+    Empty,
+    /// A complete body.
+    Full(Option<Bytes>),
+    /// Frames coming from the task that reads the backend.
+    Stream(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Stream(rx) => rx.poll_recv(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::Full(data) => data.is_none(),
+            ResponseBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A response of our own: the status and a one-line body, as HTTP/1.1 errors have.
+fn status_response(status: u16) -> Response<ResponseBody> {
+    let body = format!("{status} {}\n", h1::reason(status));
+    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from(body))));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+/// A request as the router sees it.
+struct View<'a> {
+    parts: &'a http::request::Parts,
+}
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &str {
+        self.parts.method.as_str()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.parts.uri.query()
+    }
+
+    fn path(&self) -> &str {
+        self.parts.uri.path()
+    }
+
+    fn host(&self) -> Option<&[u8]> {
+        match self.parts.uri.authority() {
+            Some(authority) => Some(authority.as_str().as_bytes()),
+            None => self
+                .parts
+                .headers
+                .get(http::header::HOST)
+                .map(HeaderValue::as_bytes),
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.parts.headers.get(name).map(HeaderValue::as_bytes)
+    }
+}
+
+/// Fields that are connection-specific in HTTP/1.1 and must not be sent on (RFC 9113 section
+/// 8.2.2 forbids them in HTTP/2, and `te` is only ever "trailers" there).
+fn is_connection_specific(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "host"
+            | "x-forwarded-for"
+            | "x-real-ip"
+            | "x-forwarded-proto"
+            | "x-request-id"
+    )
+}
+
+/// One HTTP/2 stream: route, forward to a backend over HTTP/1.1, answer.
+async fn handle(
+    proxy: &HttpProxy,
+    request: Request<Incoming>,
+    source: SocketAddr,
+    peer_trusted: bool,
+) -> Response<ResponseBody> {
+    let (parts, body) = request.into_parts();
+    let view = View { parts: &parts };
+    let Some(routed) = proxy.router.route(&view) else {
+        return status_response(404);
+    };
+    let snapshot = proxy.snapshot.load_full();
+    let Some(pool) = routed.pool.and_then(|name| snapshot.pool(name)) else {
+        // Routes that only redirect are answered on HTTP/1.1; here they have no pool.
+        return status_response(503);
+    };
+    let length = match parts.headers.get(http::header::CONTENT_LENGTH) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => return status_response(400),
+        },
+    };
+    if let (Some(n), Some(max)) = (length, proxy.max_body_size)
+        && n > max
+    {
+        return status_response(413);
+    }
+    let framing = match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None if body.is_end_stream() => Framing::Empty,
+        None => Framing::Chunked,
+    };
+
+    // The upstream head: the request re-serialised as HTTP/1.1, with forwarding fields.
+    let mut generated = [0u8; 32];
+    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
+        Some(id) if valid_request_id(id) => id.to_vec(),
+        _ => new_request_id(&mut generated).to_vec(),
+    };
+    let mut head = BytesMut::with_capacity(1024);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.extend_from_slice(b" ");
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    head.extend_from_slice(view.host().unwrap_or(b""));
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if is_connection_specific(name) {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let ip = source.ip().to_string();
+    head.extend_from_slice(b"x-forwarded-for: ");
+    if peer_trusted && let Some(existing) = parts.headers.get("x-forwarded-for") {
+        head.extend_from_slice(existing.as_bytes());
+        head.extend_from_slice(b", ");
+    }
+    head.extend_from_slice(ip.as_bytes());
+    head.extend_from_slice(b"\r\nx-real-ip: ");
+    head.extend_from_slice(ip.as_bytes());
+    head.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-request-id: ");
+    head.extend_from_slice(&request_id);
+    head.extend_from_slice(b"\r\n");
+    match framing {
+        Framing::Length(n) => {
+            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+    head.extend_from_slice(b"\r\n");
+
+    let is_head = parts.method == http::Method::HEAD;
+    let (conn, response) = match exchange(proxy, pool, source, &head, body, framing, is_head).await
+    {
+        Ok(done) => done,
+        Err(status) => return status_response(status),
+    };
+
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY));
+    for (name, value) in response.fields() {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            && !is_connection_specific(&name)
+        {
+            builder = builder.header(name, value);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_bytes(&request_id) {
+        builder = builder.header("x-request-id", id);
+    }
+    let body = if response.framing == Framing::Empty {
+        if !response.close {
+            proxy.upstream.checkin(conn);
+        }
+        ResponseBody::Empty
+    } else {
+        let (tx, rx) = mpsc::channel(BODY_QUEUE);
+        let upstream = Arc::clone(&proxy.upstream);
+        let idle = pool.response_timeout;
+        let reusable = !response.close && pool.send_proxy_protocol.is_none();
+        let framing = response.framing;
+        tokio::spawn(async move {
+            let mut conn = conn;
+            match pump_body(&mut conn, framing, &tx, idle).await {
+                Ok(()) if reusable => upstream.checkin(conn),
+                Ok(()) => {}
+                Err(error) => {
+                    let _ = tx.send(Err(error)).await;
+                }
+            }
+        });
+        ResponseBody::Stream(rx)
+    };
+    builder.body(body).unwrap_or_else(|_| status_response(502))
+}
+
+/// Picks a backend, sends the head and the client's body, and reads the response head.
+/// Connect failures move on to the next backend; anything after the request was sent is a 502
+/// (or 504 on the response timeout).
+async fn exchange(
+    proxy: &HttpProxy,
+    pool: &Pool,
+    source: SocketAddr,
+    head: &[u8],
+    mut body: Incoming,
+    framing: Framing,
+    is_head: bool,
+) -> Result<(UpstreamConn, ResponseHead), u16> {
+    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
+    let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+    let mut count = 0;
+    let mut conn = loop {
+        if count == attempts {
+            return Err(502);
+        }
+        let ctx = PickContext {
+            client: Some(source.ip()),
+            tried: &tried[..count],
+        };
+        let Some((index, candidate)) = pool.pick(&ctx) else {
+            return Err(if count == 0 { 503 } else { 502 });
+        };
+        tried[count] = index;
+        count += 1;
+        let addr = candidate.state.addr;
+        if pool.send_proxy_protocol.is_none()
+            && let Some(conn) = proxy.upstream.checkout(addr)
+        {
+            break conn;
+        }
+        match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                let mut conn = UpstreamConn {
+                    stream,
+                    addr,
+                    buf: BytesMut::new(),
+                    reused: false,
+                };
+                if let Some(version) = pool.send_proxy_protocol {
+                    let header = crate::proxy_protocol::encode(version, source, addr);
+                    if conn.stream.write_all(&header).await.is_err() {
+                        continue;
+                    }
+                }
+                break conn;
+            }
+            _ => {
+                candidate
+                    .state
+                    .connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+        }
+    };
+    conn.stream.write_all(head).await.map_err(|_| 502u16)?;
+    // The request body, frame by frame, re-framed.
+    let mut sent = 0u64;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let Ok(frame) = frame else { return Err(400) };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        sent += data.len() as u64;
+        if proxy.max_body_size.is_some_and(|max| sent > max) {
+            return Err(413);
+        }
+        let mut out = BytesMut::with_capacity(data.len() + 16);
+        match framing {
+            Framing::Chunked => h1::encode_chunk(&mut out, &data),
+            _ => out.extend_from_slice(&data),
+        }
+        conn.stream.write_all(&out).await.map_err(|_| 502u16)?;
+    }
+    match framing {
+        Framing::Chunked => {
+            conn.stream
+                .write_all(b"0\r\n\r\n")
+                .await
+                .map_err(|_| 502u16)?;
+        }
+        Framing::Length(n) if sent != n => return Err(400),
+        _ => {}
+    }
+    let deadline = tokio::time::Instant::now() + pool.response_timeout;
+    loop {
+        if !conn.buf.is_empty() {
+            match h1::parse_response(&mut conn.buf, is_head) {
+                Ok(Some(response)) if (100..200).contains(&response.status) => continue,
+                Ok(Some(response)) => return Ok((conn, response)),
+                Ok(None) => {}
+                Err(_) => return Err(502),
+            }
+        }
+        conn.buf.reserve(16 * 1024);
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match timeout(wait, conn.stream.read_buf(&mut conn.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(502),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(504),
+        }
+    }
+}
+
+/// Streams a response body from the backend to the channel, as HTTP/2 data frames (and
+/// trailers, when a chunked body ends with some).
+async fn pump_body(
+    conn: &mut UpstreamConn,
+    framing: Framing,
+    tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    idle: std::time::Duration,
+) -> io::Result<()> {
+    let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "client stream closed");
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut decoder = ChunkedDecoder::default();
+    loop {
+        let finished = match framing {
+            Framing::Empty => true,
+            Framing::Length(_) => {
+                let take = (conn.buf.len() as u64).min(left) as usize;
+                if take > 0 {
+                    let data = conn.buf.split_to(take).freeze();
+                    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())?;
+                }
+                left -= take as u64;
+                left == 0
+            }
+            Framing::UntilClose => {
+                if !conn.buf.is_empty() {
+                    let data = conn.buf.split().freeze();
+                    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())?;
+                }
+                false
+            }
+            Framing::Chunked => {
+                let mut pos = 0;
+                let mut ended = false;
+                let mut pieces = Vec::new();
+                loop {
+                    match decoder
+                        .decode(&conn.buf, &mut pos)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+                    {
+                        Decoded::Data(range) => pieces.push(range),
+                        Decoded::End(_) => {
+                            ended = true;
+                            break;
+                        }
+                        Decoded::NeedMore => break,
+                    }
+                }
+                let consumed = conn.buf.split_to(pos).freeze();
+                for range in pieces {
+                    tx.send(Ok(Frame::data(consumed.slice(range))))
+                        .await
+                        .map_err(|_| gone())?;
+                }
+                if ended && !decoder.trailers.is_empty() {
+                    let trailers = parse_trailers(&decoder.trailers);
+                    tx.send(Ok(Frame::trailers(trailers)))
+                        .await
+                        .map_err(|_| gone())?;
+                }
+                ended
+            }
+        };
+        if finished {
+            return Ok(());
+        }
+        conn.buf.reserve(BODY_CHUNK);
+        match timeout(idle, conn.stream.read_buf(&mut conn.buf)).await {
+            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(()),
+            Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+/// The trailer section of a chunked body as header fields; invalid lines are dropped.
+fn parse_trailers(raw: &[u8]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for line in raw.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// A stream that first gives back bytes already read from it.
+struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
