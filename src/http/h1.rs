@@ -86,6 +86,10 @@ pub struct RequestHead {
     /// A WebSocket upgrade request (`Connection: upgrade`, `Upgrade: websocket`, GET, HTTP/1.1,
     /// no body). Other upgrades (h2c, ...) are not forwarded.
     pub websocket: bool,
+    /// Readable one way only by us, but a shape other servers may read differently (a body on
+    /// GET or HEAD, a repeated Content-Length). It is forwarded re-framed, and both connections
+    /// are closed after the response so that no other request can share the ambiguity.
+    pub ambiguous: bool,
     /// The Host field (or the authority of an absolute-form target), if any.
     host: Option<Range<usize>>,
 }
@@ -135,11 +139,26 @@ struct FramingFields {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    /// Content-Length appeared more than once (with one value).
+    duplicate_length: bool,
     /// Connection names `upgrade` and Upgrade asks for WebSocket.
     connection_upgrade: bool,
     websocket: bool,
     /// Lower-cased names listed in Connection; those fields are hop-by-hop too.
     connection_names: Vec<Vec<u8>>,
+}
+
+/// Whether `name` contains `_` and reads as a hop-by-hop or framing field once `_` is `-`.
+fn looks_like_hop_by_hop(name: &[u8]) -> bool {
+    if !name.contains(&b'_') || name.len() > 32 {
+        return false;
+    }
+    let mut normalized = [0u8; 32];
+    for (n, &b) in normalized.iter_mut().zip(name) {
+        *n = if b == b'_' { b'-' } else { b };
+    }
+    is_hop_by_hop(&normalized[..name.len()])
+        || normalized[..name.len()].eq_ignore_ascii_case(b"host")
 }
 
 /// Whether `name` is a hop-by-hop field that never crosses the proxy.
@@ -181,6 +200,13 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
     let mut f = FramingFields::default();
     for h in headers {
         let name = h.name.as_bytes();
+        if looks_like_hop_by_hop(name) {
+            // `Transfer_Encoding` is `Transfer-Encoding` to servers that map `_` to `-` (CGI
+            // does): forwarding it would hand them a framing we never saw.
+            return Err(HeadError::Malformed(
+                "header name disguised as a hop-by-hop field",
+            ));
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             let value = trim(h.value);
             if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
@@ -191,7 +217,8 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
                 Some(previous) if previous != n => {
                     return Err(HeadError::Malformed("conflicting Content-Length"));
                 }
-                _ => f.content_length = Some(n),
+                Some(_) => f.duplicate_length = true,
+                None => f.content_length = Some(n),
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             f.transfer_encoding = true;
@@ -392,6 +419,15 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         }
     };
     let close = fields.close || (minor_version == 0 && !fields.keep_alive);
+    // A body on GET or HEAD has no defined meaning (RFC 9110 section 9.3.1); framed by
+    // Transfer-Encoding it is a classic smuggling carrier and is refused outright.
+    let bodiless_method = method == "GET" || method == "HEAD";
+    if bodiless_method && fields.transfer_encoding {
+        return Err(HeadError::Malformed(
+            "Transfer-Encoding on a GET or HEAD request",
+        ));
+    }
+    let ambiguous = fields.duplicate_length || (bodiless_method && framing != Framing::Empty);
     let method_range = range_of(base, method.as_bytes());
     let skip: &[&[u8]] = if fields.expect_continue {
         &[b"expect", b"host"]
@@ -415,6 +451,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         close,
         expect_continue: fields.expect_continue,
         websocket,
+        ambiguous,
         host,
     }))
 }
@@ -951,6 +988,9 @@ mod tests {
             "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET nothing HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n",
         ];
         for text in bad {
             assert!(request(text).is_err(), "accepted: {text:?}");
@@ -964,6 +1004,18 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(head.framing, Framing::Length(5));
+        assert!(
+            head.ambiguous,
+            "a repeated Content-Length closes the connections after"
+        );
+        let head = request("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+            .unwrap()
+            .unwrap();
+        assert!(head.ambiguous, "a body on GET closes the connections after");
+        let head = request("POST / HTTP/1.1\r\nHost: a\r\nX_Custom: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!head.ambiguous);
     }
 
     #[test]

@@ -384,7 +384,7 @@ impl HttpProxy {
             (Framing::Chunked | Framing::UntilClose, _) => Framing::UntilClose,
             (framing, _) => framing,
         };
-        let close = head.close || client_framing == Framing::UntilClose;
+        let close = head.close || head.ambiguous || client_framing == Framing::UntilClose;
         out.clear();
         if compression.is_some() {
             let (mut drop, mut extra, flags) = self.response_edits(route_rules, request_id);
@@ -443,7 +443,7 @@ impl HttpProxy {
         drop(guard);
         match done {
             Ok(()) => {
-                if !response.close && pool.send_proxy_protocol.is_none() {
+                if !response.close && !head.ambiguous && pool.send_proxy_protocol.is_none() {
                     self.upstream.checkin(conn);
                 }
                 Ok(if close { Next::Close } else { Next::KeepAlive })
