@@ -25,6 +25,8 @@ pub struct Pool {
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     /// http: time a backend has to start its response, and the longest pause within one.
     pub response_timeout: Duration,
+    /// http: the protocol spoken to the backends.
+    pub upstream_protocol: crate::config::UpstreamProtocol,
 }
 
 impl Pool {
@@ -46,6 +48,7 @@ impl Pool {
             connect_attempts: config.connect_attempts,
             send_proxy_protocol: config.send_proxy_protocol,
             response_timeout: config.response_timeout,
+            upstream_protocol: config.upstream_protocol,
         }
     }
 

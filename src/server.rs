@@ -71,6 +71,7 @@ impl Server {
         let mut listeners = Vec::new();
         let mut udp_stats = HashMap::new();
         let upstream = Arc::new(UpstreamPool::default());
+        let h2_upstream = Arc::new(crate::http::h2_upstream::H2Pool::default());
         for l in &config.listeners {
             let bind_error = |source| ServerError::Bind {
                 listener: l.name.clone(),
@@ -115,6 +116,7 @@ impl Server {
                         max_body_size: settings.max_body_size,
                         rules: settings.rules.clone(),
                         route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
+                        h2_upstream: Arc::clone(&h2_upstream),
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

@@ -1016,3 +1016,117 @@ async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
     let (status, _, body) = h2_request(&mut sender, "GET", "http://x/nothing", None).await;
     assert_eq!((status, body.as_slice()), (404, &b"404 Not Found\n"[..]));
 }
+
+/// A gRPC-style HTTP/2 backend (h2c): answers each request with the request's body, prefixed by
+/// its name, then trailers `grpc-status: 0` and `x-seen-te` (what `te` it received).
+async fn h2_backend(name: &'static str) -> Backend {
+    Backend::start(move |stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let te = request
+                    .headers()
+                    .get("te")
+                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                    .unwrap_or_default();
+                let forwarded = request.headers().get("x-forwarded-for").is_some();
+                let mut body = request.into_body();
+                let mut data = format!("{name}:").into_bytes();
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    data.extend_from_slice(&chunk);
+                }
+                let response = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .header("x-forwarded", if forwarded { "yes" } else { "no" })
+                    .body(())
+                    .expect("response");
+                let Ok(mut send) = respond.send_response(response, false) else {
+                    return;
+                };
+                let _ = send.send_data(bytes::Bytes::from(data), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                trailers.insert(
+                    "x-seen-te",
+                    http::HeaderValue::from_str(&te).unwrap_or(http::HeaderValue::from_static("?")),
+                );
+                let _ = send.send_trailers(trailers);
+            });
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
+    let a = h2_backend("a").await;
+    let b = h2_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[a.addr, b.addr],
+        "",
+        "upstream_protocol = \"h2\"",
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut names = Vec::new();
+    for i in 0..4 {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://svc/pkg.Service/Method")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        stream
+            .send_data(bytes::Bytes::from(format!("msg{i}")), true)
+            .expect("data");
+        let response = tokio::time::timeout(PATIENCE, response)
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers().get("x-forwarded").map(|v| v.as_bytes()),
+            Some(&b"yes"[..])
+        );
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8(data).expect("utf-8");
+        assert!(text.ends_with(&format!(":msg{i}")), "{text}");
+        names.push(text[..1].to_owned());
+        let trailers = body
+            .trailers()
+            .await
+            .expect("trailers")
+            .expect("some trailers");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        assert_eq!(
+            trailers.get("x-seen-te").map(|v| v.as_bytes()),
+            Some(&b"trailers"[..])
+        );
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["a", "a", "b", "b"],
+        "round robin over the two h2 backends"
+    );
+    // One multiplexed connection per backend, whatever the number of requests.
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
+}

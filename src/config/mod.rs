@@ -381,6 +381,18 @@ pub struct PoolConfig {
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     /// http: time a backend has to start its response, and the longest pause within one.
     pub response_timeout: Duration,
+    /// http: the protocol spoken to the backends.
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// The protocol an http listener speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), one multiplexed connection per backend: gRPC.
+    H2,
 }
 
 /// One backend of a pool.

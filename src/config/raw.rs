@@ -202,6 +202,8 @@ pub struct RawPool {
     pub send_proxy_protocol: Option<String>,
     /// http: time a backend has to start its response once the request is sent.
     pub response_timeout: Option<String>,
+    /// http: the protocol spoken to backends, "http1" or "h2".
+    pub upstream_protocol: Option<String>,
 }
 
 /// A backend: `"host:port"` or `{ address = "host:port", weight = N }`.

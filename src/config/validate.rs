@@ -325,6 +325,17 @@ fn validate_listener(
                 }
                 Some(pool) => known_pool(problems, &format!("{at}.pool"), pool, pools),
             };
+            if let Some(name) = &pool
+                && pools
+                    .valid
+                    .get(name)
+                    .is_some_and(|p| p.upstream_protocol == UpstreamProtocol::H2)
+            {
+                problems.push(
+                    format!("{at}.pool"),
+                    format!("pool `{name}` sets upstream_protocol = \"h2\", which only http listeners speak"),
+                );
+            }
             if protocol == "tcp" {
                 only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
                 let idle_timeout = optional_duration(
@@ -1157,11 +1168,30 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
         raw.response_timeout.as_deref(),
         DEFAULT_RESPONSE_TIMEOUT,
     );
+    let upstream_protocol = match raw.upstream_protocol.as_deref() {
+        None | Some("http1") => UpstreamProtocol::Http1,
+        Some("h2") => UpstreamProtocol::H2,
+        Some(other) => {
+            problems.push(
+                format!("{at}.upstream_protocol"),
+                format!("unknown protocol `{other}` (expected \"http1\" or \"h2\")"),
+            );
+            UpstreamProtocol::Http1
+        }
+    };
+    if upstream_protocol == UpstreamProtocol::H2 && send_proxy_protocol.is_some() {
+        problems.push(
+            format!("{at}.send_proxy_protocol"),
+            "an h2 backend connection is shared by many clients, so it cannot carry one client's \
+             PROXY header",
+        );
+    }
     if problems.0.len() > before {
         return None;
     }
     Some(PoolConfig {
         response_timeout,
+        upstream_protocol,
         name: name.to_owned(),
         connect_attempts: connect_attempts.min(backends.len()),
         backends,

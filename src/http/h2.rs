@@ -25,11 +25,14 @@ use tokio::time::timeout;
 use tracing::debug;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
+use super::h2_upstream::UpstreamBody;
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{HttpProxy, new_request_id, valid_request_id};
+use crate::backend::ActiveGuard;
 use crate::balance::PickContext;
 use crate::config::MAX_CONNECT_ATTEMPTS;
+use crate::config::UpstreamProtocol;
 use crate::pool::Pool;
 
 /// The HTTP/2 connection preface a client sends first (RFC 9113 section 3.4).
@@ -83,6 +86,9 @@ pub enum ResponseBody {
     Full(Option<Bytes>),
     /// Frames coming from the task that reads the backend.
     Stream(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
+    /// An HTTP/2 backend's body, passed through (trailers too); the guard counts the request
+    /// as in flight on its backend until the body is done.
+    Upstream(Incoming, ActiveGuard),
 }
 
 impl Body for ResponseBody {
@@ -97,6 +103,9 @@ impl Body for ResponseBody {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBody::Stream(rx) => rx.poll_recv(cx),
+            ResponseBody::Upstream(body, _) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(io::Error::other))),
         }
     }
 
@@ -105,6 +114,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => true,
             ResponseBody::Full(data) => data.is_none(),
             ResponseBody::Stream(_) => false,
+            ResponseBody::Upstream(body, _) => body.is_end_stream(),
         }
     }
 
@@ -114,6 +124,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
             ResponseBody::Stream(_) => SizeHint::default(),
+            ResponseBody::Upstream(body, _) => body.size_hint(),
         }
     }
 }
@@ -202,6 +213,25 @@ async fn handle(
         // Routes that only redirect are answered on HTTP/1.1; here they have no pool.
         return status_response(503);
     };
+    let mut generated = [0u8; 32];
+    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
+        Some(id) if valid_request_id(id) => id.to_vec(),
+        _ => new_request_id(&mut generated).to_vec(),
+    };
+    if pool.upstream_protocol == UpstreamProtocol::H2 {
+        let host = view.host().map(<[u8]>::to_vec);
+        return forward_h2(
+            proxy,
+            pool,
+            parts,
+            body,
+            source,
+            peer_trusted,
+            &request_id,
+            host,
+        )
+        .await;
+    }
     let length = match parts.headers.get(http::header::CONTENT_LENGTH) {
         None => None,
         Some(value) => match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
@@ -222,11 +252,6 @@ async fn handle(
     };
 
     // The upstream head: the request re-serialised as HTTP/1.1, with forwarding fields.
-    let mut generated = [0u8; 32];
-    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
-        Some(id) if valid_request_id(id) => id.to_vec(),
-        _ => new_request_id(&mut generated).to_vec(),
-    };
     let mut head = BytesMut::with_capacity(1024);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.extend_from_slice(b" ");
@@ -309,6 +334,122 @@ async fn handle(
         ResponseBody::Stream(rx)
     };
     builder.body(body).unwrap_or_else(|_| status_response(502))
+}
+
+/// Forwards one stream to an HTTP/2 backend: headers re-built (connection-specific ones
+/// dropped, `te: trailers` kept as gRPC requires, forwarding fields added), body and trailers
+/// passed through both ways. Only a failed connect moves on to another backend: once sent, the
+/// request body is gone.
+#[allow(clippy::too_many_arguments)]
+async fn forward_h2(
+    proxy: &HttpProxy,
+    pool: &Pool,
+    parts: http::request::Parts,
+    body: Incoming,
+    source: SocketAddr,
+    peer_trusted: bool,
+    request_id: &[u8],
+    host: Option<Vec<u8>>,
+) -> Response<ResponseBody> {
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
+    for (name, value) in &parts.headers {
+        let keep = match name.as_str() {
+            "te" => value.as_bytes().eq_ignore_ascii_case(b"trailers"),
+            "content-length" => true,
+            _ => !is_connection_specific(name),
+        };
+        if keep {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let ip = source.ip().to_string();
+    let forwarded_for = match parts.headers.get("x-forwarded-for") {
+        Some(existing) if peer_trusted => {
+            format!("{}, {ip}", String::from_utf8_lossy(existing.as_bytes()))
+        }
+        _ => ip.clone(),
+    };
+    let fields: [(&str, &[u8]); 4] = [
+        ("x-forwarded-for", forwarded_for.as_bytes()),
+        ("x-real-ip", ip.as_bytes()),
+        ("x-forwarded-proto", b"http"),
+        ("x-request-id", request_id),
+    ];
+    for (name, value) in fields {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    let authority = host
+        .as_deref()
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .unwrap_or("backend");
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = format!("http://{authority}{path}").parse::<http::Uri>() else {
+        return status_response(400);
+    };
+
+    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
+    let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+    let mut count = 0;
+    let (mut sender, addr, guard) = loop {
+        if count == attempts {
+            return status_response(502);
+        }
+        let ctx = PickContext {
+            client: Some(source.ip()),
+            tried: &tried[..count],
+        };
+        let Some((index, candidate)) = pool.pick(&ctx) else {
+            return status_response(if count == 0 { 503 } else { 502 });
+        };
+        tried[count] = index;
+        count += 1;
+        let addr = candidate.state.addr;
+        let guard = candidate.state.start();
+        match proxy.h2_upstream.sender(addr, pool.connect_timeout).await {
+            Ok(sender) => break (sender, addr, guard),
+            Err(error) => {
+                candidate
+                    .state
+                    .connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                debug!(backend = %addr, %error, "http/2 backend unavailable");
+            }
+        }
+    };
+    let mut request = Request::new(UpstreamBody::Incoming(body));
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    *request.headers_mut() = headers;
+    let sent = async {
+        sender.ready().await?;
+        sender.send_request(request).await
+    };
+    let response = match timeout(pool.response_timeout, sent).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            debug!(backend = %addr, %error, "http/2 backend request failed");
+            proxy.h2_upstream.forget(addr);
+            return status_response(502);
+        }
+        Err(_) => return status_response(504),
+    };
+    guard.established();
+    let (parts, body) = response.into_parts();
+    let mut builder = Response::builder().status(parts.status);
+    for (name, value) in &parts.headers {
+        if !is_connection_specific(name) || name == http::header::CONTENT_LENGTH {
+            builder = builder.header(name, value);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_bytes(request_id) {
+        builder = builder.header("x-request-id", id);
+    }
+    builder
+        .body(ResponseBody::Upstream(body, guard))
+        .unwrap_or_else(|_| status_response(502))
 }
 
 /// Picks a backend, sends the head and the client's body, and reads the response head.

@@ -11,6 +11,7 @@
 pub mod compress;
 pub mod h1;
 pub mod h2;
+pub mod h2_upstream;
 pub mod router;
 pub mod upstream;
 
@@ -67,6 +68,8 @@ pub struct HttpProxy {
     pub rules: Rules,
     /// Each route's own rules, by route index.
     pub route_rules: Vec<Rules>,
+    /// Multiplexed connections to HTTP/2 backends, shared by every http listener.
+    pub h2_upstream: Arc<h2_upstream::H2Pool>,
 }
 
 /// Response fields to drop, fields to add, and Set-Cookie attributes to add.
@@ -302,6 +305,12 @@ impl HttpProxy {
             .pool
             .and_then(|name| snapshot.pool(name))
             .ok_or(Failure::Status(503))?;
+        if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
+            // HTTP/1.1 requests to HTTP/2 backends are not translated yet; HTTP/2 clients are
+            // served by `h2`.
+            debug!(listener = %self.name, pool = %pool.name, "HTTP/1.1 request for an h2 pool");
+            return Err(Failure::Status(502));
+        }
 
         // Phase 3: request filter — request id, forwarding headers, rules, our own 100 Continue.
         let mut generated = [0u8; 32];
