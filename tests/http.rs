@@ -1130,3 +1130,35 @@ async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
     // One multiplexed connection per backend, whatever the number of requests.
     assert_eq!((a.accepted(), b.accepted()), (1, 1));
 }
+
+#[tokio::test]
+async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers() {
+    let backend = h2_backend("h2").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        "upstream_protocol = \"h2\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    // A bodiless request on a kept-alive connection, then a chunked one that closes.
+    let reply = client.get("/status", "").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-forwarded"), Some("yes"));
+    assert_eq!(reply.text(), "h2:");
+    client
+        .send(b"POST /svc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, client.stream.read_to_end(&mut raw))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(text.contains("h2:hello world"), "{text}");
+    assert!(
+        text.ends_with("0\r\ngrpc-status: 0\r\nx-seen-te: \r\n\r\n"),
+        "{text:?}"
+    );
+}

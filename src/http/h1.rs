@@ -490,6 +490,13 @@ impl RequestHead {
             .map(|(_, v)| &self.raw[v.clone()])
     }
 
+    /// The end-to-end fields, in order (hop-by-hop, framing and Host already gone).
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
+    }
+
     /// Whether the method is one a retry may repeat (RFC 9110 section 9.2.2).
     pub fn is_idempotent(&self) -> bool {
         matches!(

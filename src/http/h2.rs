@@ -177,7 +177,7 @@ impl RequestView for View<'_> {
 
 /// Fields that are connection-specific in HTTP/1.1 and must not be sent on (RFC 9113 section
 /// 8.2.2 forbids them in HTTP/2, and `te` is only ever "trailers" there).
-fn is_connection_specific(name: &HeaderName) -> bool {
+pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -641,7 +641,7 @@ async fn pump_body(
 }
 
 /// The trailer section of a chunked body as header fields; invalid lines are dropped.
-fn parse_trailers(raw: &[u8]) -> HeaderMap {
+pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for line in raw.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -26,6 +26,8 @@ pub enum UpstreamBody {
     Empty,
     /// An HTTP/2 client's body, passed on frame by frame (trailers too).
     Incoming(Incoming),
+    /// An HTTP/1.1 client's body, decoded from its framing by the connection's task.
+    Channel(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
 }
 
 impl Body for UpstreamBody {
@@ -41,6 +43,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Incoming(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(io::Error::other))),
+            UpstreamBody::Channel(rx) => rx.poll_recv(cx),
         }
     }
 
@@ -48,6 +51,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Incoming(body) => body.is_end_stream(),
+            UpstreamBody::Channel(_) => false,
         }
     }
 
@@ -55,6 +59,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Incoming(body) => body.size_hint(),
+            UpstreamBody::Channel(_) => SizeHint::default(),
         }
     }
 }

@@ -305,12 +305,6 @@ impl HttpProxy {
             .pool
             .and_then(|name| snapshot.pool(name))
             .ok_or(Failure::Status(503))?;
-        if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
-            // HTTP/1.1 requests to HTTP/2 backends are not translated yet; HTTP/2 clients are
-            // served by `h2`.
-            debug!(listener = %self.name, pool = %pool.name, "HTTP/1.1 request for an h2 pool");
-            return Err(Failure::Status(502));
-        }
 
         // Phase 3: request filter — request id, forwarding headers, rules, our own 100 Continue.
         let mut generated = [0u8; 32];
@@ -318,6 +312,9 @@ impl HttpProxy {
             Some(id) if valid_request_id(id) => id,
             _ => new_request_id(&mut generated),
         };
+        if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
+            return self.forward_to_h2(client, head, pool, request_id).await;
+        }
         let mut out = BytesMut::with_capacity(1024);
         self.request_filter(client, head, request_id, route_rules, &mut out)?;
         if head.expect_continue && head.framing != Framing::Empty {
@@ -543,6 +540,218 @@ impl HttpProxy {
         }
         head.write_upstream(out, host, target.as_deref(), &drop, &extra);
         Ok(())
+    }
+
+    /// Sends an HTTP/1.1 request to a pool of HTTP/2 backends: the head becomes HTTP/2 fields,
+    /// the body (decoded from its HTTP/1.1 framing) flows through a bounded channel while the
+    /// response is awaited, and the response comes back as HTTP/1.1 (chunked, with trailers, when
+    /// its length is not known). Modification rules and compression are not applied here yet.
+    async fn forward_to_h2(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        pool: &Pool,
+        request_id: &[u8],
+    ) -> Result<Next, Failure> {
+        use http::{HeaderName, HeaderValue};
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in head.fields() {
+            let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            else {
+                return Err(Failure::Status(400));
+            };
+            if !h2::is_connection_specific(&name) {
+                headers.append(name, value);
+            }
+        }
+        let ip = client.source.ip().to_string();
+        let forwarded_for = match head.header("x-forwarded-for") {
+            Some(existing) if client.peer_trusted => {
+                format!("{}, {ip}", String::from_utf8_lossy(existing))
+            }
+            _ => ip.clone(),
+        };
+        let length = match head.framing {
+            Framing::Length(n) => n.to_string(),
+            _ => String::new(),
+        };
+        let mut fields: Vec<(&str, &[u8])> = vec![
+            ("x-forwarded-for", forwarded_for.as_bytes()),
+            ("x-real-ip", ip.as_bytes()),
+            ("x-forwarded-proto", b"http"),
+            ("x-request-id", request_id),
+        ];
+        if !length.is_empty() {
+            fields.push(("content-length", length.as_bytes()));
+        }
+        for (name, value) in fields {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+        let authority = head
+            .host()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .unwrap_or("backend");
+        let uri: http::Uri = format!("http://{authority}{}", head.target())
+            .parse()
+            .map_err(|_| Failure::Status(400))?;
+        let method =
+            http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
+
+        let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
+        let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+        let mut count = 0;
+        let (mut sender, guard) = loop {
+            if count == attempts {
+                return Err(Failure::Status(502));
+            }
+            let ctx = PickContext {
+                client: Some(client.source.ip()),
+                tried: &tried[..count],
+            };
+            let Some((index, candidate)) = pool.pick(&ctx) else {
+                return Err(Failure::Status(if count == 0 { 503 } else { 502 }));
+            };
+            tried[count] = index;
+            count += 1;
+            let guard = candidate.state.start();
+            match self
+                .h2_upstream
+                .sender(candidate.state.addr, pool.connect_timeout)
+                .await
+            {
+                Ok(sender) => break (sender, guard),
+                Err(error) => {
+                    candidate.state.connect_failures.fetch_add(1, Relaxed);
+                    debug!(backend = %candidate.state.addr, %error, "http/2 backend unavailable");
+                }
+            }
+        };
+        let addr = guard.state().addr;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let body = if head.framing == Framing::Empty {
+            h2_upstream::UpstreamBody::Empty
+        } else {
+            h2_upstream::UpstreamBody::Channel(rx)
+        };
+        let mut request = http::Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = http::Version::HTTP_2;
+        *request.headers_mut() = headers;
+        let send = async {
+            sender.ready().await?;
+            sender.send_request(request).await
+        };
+        let pump = pump_request_body(
+            client,
+            head.framing,
+            tx,
+            self.max_body_size,
+            pool.response_timeout,
+        );
+        let (sent, pumped) = tokio::join!(timeout(pool.response_timeout, send), pump);
+        match pumped {
+            Ok(()) => {}
+            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+            Err(_) => return Err(Failure::Abort),
+        }
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                debug!(backend = %addr, %error, "http/2 backend request failed");
+                self.h2_upstream.forget(addr);
+                return Err(Failure::Status(502));
+            }
+            Err(_) => return Err(Failure::Status(504)),
+        };
+        guard.established();
+
+        let (parts, mut body) = response.into_parts();
+        let known_length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bodiless = head.is_head() || parts.status == 204 || parts.status == 304;
+        let framing = match (bodiless, known_length, head.minor_version) {
+            (true, _, _) => Framing::Empty,
+            (false, Some(n), _) => Framing::Length(n),
+            (false, None, 1) => Framing::Chunked,
+            (false, None, _) => Framing::UntilClose,
+        };
+        let close = head.close || head.ambiguous || framing == Framing::UntilClose;
+        let mut out = BytesMut::with_capacity(1024);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            if h2::is_connection_specific(name) {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(request_id);
+        out.extend_from_slice(b"\r\n");
+        match framing {
+            Framing::Length(n) => {
+                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            }
+            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Empty | Framing::UntilClose => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if framing != Framing::Empty {
+            let mut trailers = Vec::new();
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                let Ok(frame) = frame else {
+                    return Err(Failure::Abort);
+                };
+                match frame.into_data() {
+                    Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut None)
+                        .map_err(|_| Failure::Abort)?,
+                    Err(frame) => {
+                        if let Ok(map) = frame.into_trailers() {
+                            for (name, value) in &map {
+                                trailers.extend_from_slice(name.as_str().as_bytes());
+                                trailers.extend_from_slice(b": ");
+                                trailers.extend_from_slice(value.as_bytes());
+                                trailers.extend_from_slice(b"\r\n");
+                            }
+                        }
+                    }
+                }
+                if out.len() >= READ_CHUNK {
+                    client
+                        .stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|_| Failure::Abort)?;
+                    out.clear();
+                }
+            }
+            if framing == Framing::Chunked {
+                h1::encode_last_chunk(&mut out, &trailers);
+            }
+        }
+        client
+            .stream
+            .write_all(&out)
+            .await
+            .map_err(|_| Failure::Abort)?;
+        drop(guard);
+        Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 
     /// The response fields to drop and add, and the cookie flags, from the listener's and the
@@ -1118,4 +1327,87 @@ fn rewrite_target(rewrite: &Rewrite, target: &str) -> String {
         new_path.push_str(query);
     }
     new_path
+}
+
+/// Reads a client's request body (per its HTTP/1.1 framing) and sends it as HTTP/2 frames,
+/// trailers included, for an HTTP/2 backend.
+async fn pump_request_body(
+    client: &mut Client,
+    framing: Framing,
+    tx: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, io::Error>>,
+    limit: Option<u64>,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    use hyper::body::Frame;
+    let closed = || BodyError::Write(io::ErrorKind::BrokenPipe.into());
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut total = 0u64;
+    let mut decoder = ChunkedDecoder::default();
+    loop {
+        let finished = match framing {
+            Framing::Empty | Framing::UntilClose => true,
+            Framing::Length(_) => {
+                let take = (client.buf.len() as u64).min(left) as usize;
+                if take > 0 {
+                    let data = client.buf.split_to(take).freeze();
+                    tx.send(Ok(Frame::data(data))).await.map_err(|_| closed())?;
+                }
+                left -= take as u64;
+                left == 0
+            }
+            Framing::Chunked => {
+                let mut pos = 0;
+                let mut ended = false;
+                let mut pieces = Vec::new();
+                loop {
+                    match decoder
+                        .decode(&client.buf, &mut pos)
+                        .map_err(|_| BodyError::Malformed)?
+                    {
+                        Decoded::Data(range) => {
+                            total += range.len() as u64;
+                            if limit.is_some_and(|max| total > max) {
+                                return Err(BodyError::TooLarge);
+                            }
+                            pieces.push(range);
+                        }
+                        Decoded::End(_) => {
+                            ended = true;
+                            break;
+                        }
+                        Decoded::NeedMore => break,
+                    }
+                }
+                let consumed = client.buf.split_to(pos).freeze();
+                for range in pieces {
+                    tx.send(Ok(Frame::data(consumed.slice(range))))
+                        .await
+                        .map_err(|_| closed())?;
+                }
+                if ended && !decoder.trailers.is_empty() {
+                    if !decoder.trailers_valid() {
+                        return Err(BodyError::Malformed);
+                    }
+                    let trailers = h2::parse_trailers(&decoder.trailers);
+                    tx.send(Ok(Frame::trailers(trailers)))
+                        .await
+                        .map_err(|_| closed())?;
+                }
+                ended
+            }
+        };
+        if finished {
+            return Ok(());
+        }
+        client.buf.reserve(BODY_CHUNK);
+        match timeout(idle, client.stream.read_buf(&mut client.buf)).await {
+            Ok(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(BodyError::Read(error)),
+            Err(_) => return Err(BodyError::Timeout),
+        }
+    }
 }
