@@ -117,6 +117,7 @@ impl Server {
                         rules: settings.rules.clone(),
                         route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
                         h2_upstream: Arc::clone(&h2_upstream),
+                        forwarded_header: settings.forwarded_header,
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

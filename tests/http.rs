@@ -1162,3 +1162,124 @@ async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers()
         "{text:?}"
     );
 }
+
+#[tokio::test]
+async fn x_forwarded_host_and_the_optional_forwarded_field() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "forwarded_header = true\ntrusted_proxies = [\"127.0.0.1\"]",
+        "",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let seen = client
+        .get("/", "Forwarded: for=192.0.2.60;proto=https\r\n")
+        .await
+        .text();
+    assert!(seen.contains("x-forwarded-host: test\n"), "{seen}");
+    assert!(
+        seen.contains(
+            "forwarded: for=192.0.2.60;proto=https, for=127.0.0.1;proto=http;host=\"test\"\n"
+        ),
+        "{seen}"
+    );
+    // Without the key, no Forwarded field is written (a client's passes untouched).
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let seen = client.get("/", "").await.text();
+    assert!(
+        !seen.to_ascii_lowercase().contains("forwarded: for="),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
+async fn no_usable_backend_is_503_and_a_garbage_answer_is_502() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    state.set_usable(false);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 503);
+    state.set_usable(true);
+    assert_eq!(client.get("/", "").await.status, 200);
+
+    let garbage = Backend::start(|mut stream| async move {
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.0\r\n\r\n").await;
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[garbage.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+}
+
+#[tokio::test]
+async fn http2_floods_are_cut_off() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+
+    // Rapid reset: open streams and cancel them at once, many times over.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let driver = tokio::spawn(connection);
+    let mut refused = false;
+    for _ in 0..2_000 {
+        let request = http::Request::builder()
+            .uri("http://x/")
+            .body(())
+            .expect("request");
+        match sender.send_request(request, true) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+        sender = match sender.ready().await {
+            Ok(ready) => ready,
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        };
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        refused,
+        "2,000 opened-and-cancelled streams were all accepted"
+    );
+    let _ = tokio::time::timeout(PATIENCE, driver)
+        .await
+        .expect("the proxy closes the connection");
+
+    // A header list far over the limit is refused without harm to the connection's neighbours.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://x/")
+        .header("x-big", "a".repeat(60_000))
+        .body(())
+        .expect("request");
+    let outcome = match sender.send_request(request, true) {
+        Ok((response, _)) => tokio::time::timeout(PATIENCE, response)
+            .await
+            .expect("in time"),
+        Err(error) => Err(error),
+    };
+    assert!(
+        outcome
+            .as_ref()
+            .map_or(true, |r| r.status() == 431 || r.status() == 400),
+        "{outcome:?}"
+    );
+    // Other clients are served as usual.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+}

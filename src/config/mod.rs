@@ -131,6 +131,8 @@ pub struct HttpSettings {
     pub keepalive_timeout: Duration,
     /// Largest request body accepted (413 beyond it); `None`: no limit.
     pub max_body_size: Option<u64>,
+    /// Add an RFC 7239 `Forwarded` field to requests (the X-Forwarded-* fields are always set).
+    pub forwarded_header: bool,
     /// Modification rules for every request of the listener (applied before a route's own).
     pub rules: Rules,
 }

@@ -61,6 +61,8 @@ pub struct RawListener {
     pub client_header_timeout: Option<String>,
     /// http: how long an idle keep-alive client connection is kept.
     pub keepalive_timeout: Option<String>,
+    /// http: add an RFC 7239 `Forwarded` field to requests.
+    pub forwarded_header: Option<bool>,
     /// http: largest request body accepted, `1048576` or `"1m"`.
     pub max_body_size: Option<toml::Value>,
     /// http: header changes on requests before they go upstream.

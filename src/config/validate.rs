@@ -312,6 +312,7 @@ fn validate_listener(
                 (raw.redirect.is_some(), "redirect"),
                 (raw.cookie_flags.is_some(), "cookie_flags"),
                 (raw.compression.is_some(), "compression"),
+                (raw.forwarded_header.is_some(), "forwarded_header"),
             ] {
                 only(problems, present, key, "http");
             }
@@ -452,6 +453,7 @@ fn validate_listener(
                     raw.keepalive_timeout.as_deref(),
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 ),
+                forwarded_header: raw.forwarded_header.unwrap_or(false),
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))
                 }),

@@ -192,6 +192,7 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "x-forwarded-for"
             | "x-real-ip"
             | "x-forwarded-proto"
+            | "x-forwarded-host"
             | "x-request-id"
     )
 }
@@ -278,7 +279,9 @@ async fn handle(
     head.extend_from_slice(ip.as_bytes());
     head.extend_from_slice(b"\r\nx-real-ip: ");
     head.extend_from_slice(ip.as_bytes());
-    head.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-request-id: ");
+    head.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+    head.extend_from_slice(view.host().unwrap_or(b""));
+    head.extend_from_slice(b"\r\nx-request-id: ");
     head.extend_from_slice(&request_id);
     head.extend_from_slice(b"\r\n");
     match framing {
@@ -369,10 +372,11 @@ async fn forward_h2(
         }
         _ => ip.clone(),
     };
-    let fields: [(&str, &[u8]); 4] = [
+    let fields: [(&str, &[u8]); 5] = [
         ("x-forwarded-for", forwarded_for.as_bytes()),
         ("x-real-ip", ip.as_bytes()),
         ("x-forwarded-proto", b"http"),
+        ("x-forwarded-host", host.as_deref().unwrap_or(b"")),
         ("x-request-id", request_id),
     ];
     for (name, value) in fields {

@@ -70,6 +70,8 @@ pub struct HttpProxy {
     pub route_rules: Vec<Rules>,
     /// Multiplexed connections to HTTP/2 backends, shared by every http listener.
     pub h2_upstream: Arc<h2_upstream::H2Pool>,
+    /// Add an RFC 7239 `Forwarded` field to requests.
+    pub forwarded_header: bool,
 }
 
 /// Response fields to drop, fields to add, and Set-Cookie attributes to add.
@@ -484,25 +486,64 @@ impl HttpProxy {
             forwarded_for.extend_from_slice(b", ");
         }
         forwarded_for.extend_from_slice(ip_text);
-        let fields: [(&str, &[u8]); 6] = [
+        let host = head.host().unwrap_or(b"");
+        // RFC 7239, when the listener asks for it: `for` quoted when it is an IPv6 address.
+        let mut forwarded = Vec::new();
+        if self.forwarded_header {
+            if client.peer_trusted
+                && let Some(existing) = head.header("forwarded")
+            {
+                forwarded.extend_from_slice(existing);
+                forwarded.extend_from_slice(b", ");
+            }
+            forwarded.extend_from_slice(b"for=");
+            if ip.is_ipv6() {
+                forwarded.extend_from_slice(b"\"[");
+                forwarded.extend_from_slice(ip_text);
+                forwarded.extend_from_slice(b"]\"");
+            } else {
+                forwarded.extend_from_slice(ip_text);
+            }
+            forwarded.extend_from_slice(b";proto=http");
+            if !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(b))
+            {
+                forwarded.extend_from_slice(b";host=\"");
+                forwarded.extend_from_slice(host);
+                forwarded.extend_from_slice(b"\"");
+            }
+        }
+        let mut fields: [(&str, &[u8]); 8] = [
             ("x-forwarded-for", &forwarded_for),
             ("x-real-ip", ip_text),
             ("x-forwarded-proto", b"http"),
+            ("x-forwarded-host", host),
             ("x-request-id", request_id),
-            // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
-            ("connection", b"upgrade"),
-            ("upgrade", b"websocket"),
+            ("", b""),
+            ("", b""),
+            ("", b""),
         ];
-        let fields = if head.websocket {
-            &fields[..]
-        } else {
-            &fields[..4]
-        };
-        const FORWARDING: [&str; 4] = [
+        let mut count = 5;
+        if head.websocket {
+            // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
+            fields[count] = ("connection", b"upgrade");
+            fields[count + 1] = ("upgrade", b"websocket");
+            count += 2;
+        }
+        if self.forwarded_header {
+            fields[count] = ("forwarded", &forwarded);
+            count += 1;
+        }
+        let fields = &fields[..count];
+        const FORWARDING: [&str; 6] = [
             "x-forwarded-for",
             "x-real-ip",
             "x-forwarded-proto",
+            "x-forwarded-host",
             "x-request-id",
+            "forwarded",
         ];
         let listener_rules = Some(&self.rules).filter(|r| !r.is_empty());
         if listener_rules.is_none() && route_rules.is_none() {
@@ -580,6 +621,7 @@ impl HttpProxy {
             ("x-forwarded-for", forwarded_for.as_bytes()),
             ("x-real-ip", ip.as_bytes()),
             ("x-forwarded-proto", b"http"),
+            ("x-forwarded-host", head.host().unwrap_or(b"")),
             ("x-request-id", request_id),
         ];
         if !length.is_empty() {
