@@ -1283,3 +1283,88 @@ async fn http2_floods_are_cut_off() {
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     assert_eq!(client.get("/", "").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_releases_its_backend() {
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&finished);
+    let backend = Backend::start(move |mut stream| {
+        let flag = std::sync::Arc::clone(&flag);
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let body = vec![b'x'; 64 * 1024 * 1024];
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            // Ends (with an error) only when the proxy lets go of the connection.
+            let _ = stream.write_all(&body).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        "response_timeout = \"300ms\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    // The client never reads: the proxy's writes stall, time out, and both sides are closed.
+    eventually("backend connection released", || {
+        finished.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_http10_gets_no_100_continue() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "keepalive_timeout = \"300ms\"",
+        "",
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (_sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let _ = tokio::time::timeout(PATIENCE, connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed");
+
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!(reply.status, 200, "an HTTP/1.0 client must not see a 100");
+}
+
+#[tokio::test]
+async fn cookies_split_by_http2_clients_are_joined_for_http11_backends() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://x/")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        data.extend_from_slice(&chunk.expect("data"));
+    }
+    let seen = String::from_utf8_lossy(&data).into_owned();
+    assert!(seen.contains("cookie: a=1; b=2\n"), "{seen}");
+}

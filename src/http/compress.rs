@@ -130,19 +130,24 @@ impl Encoder {
         })
     }
 
-    /// Compresses `data`, returning whatever compressed output is ready.
+    /// Compresses `data` and flushes, returning the compressed output. Flushing after each
+    /// piece the backend sent costs a little ratio but keeps streams (server-sent events, long
+    /// polls) flowing instead of waiting for the compressor's window to fill.
     pub fn push(&mut self, data: &[u8]) -> io::Result<Vec<u8>> {
         match self {
             Encoder::Gzip(e) => {
                 e.write_all(data)?;
+                e.flush()?;
                 Ok(std::mem::take(e.get_mut()))
             }
             Encoder::Brotli(e) => {
                 e.write_all(data)?;
+                e.flush()?;
                 Ok(std::mem::take(e.get_mut()))
             }
             Encoder::Zstd(e) => {
                 e.write_all(data)?;
+                e.flush()?;
                 Ok(std::mem::take(e.get_mut()))
             }
         }

@@ -12,13 +12,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -49,6 +51,11 @@ const MAX_ERROR_RESETS: usize = 64;
 const BODY_QUEUE: usize = 8;
 /// Read size for response bodies from backends.
 const BODY_CHUNK: usize = 64 * 1024;
+/// How often an HTTP/2 peer is pinged, and how long it has to answer: a peer that vanished
+/// (no FIN, no RST) is noticed.
+pub(super) const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// See [`PING_INTERVAL`].
+pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves an HTTP/2 client connection whose first bytes (the preface, maybe more) are in
 /// `read`.
@@ -63,18 +70,80 @@ pub async fn serve(
         prefix: read.freeze(),
         inner: stream,
     });
+    let idle_timeout = proxy.keepalive_timeout;
+    // Streams in flight, and when the last one ended: an HTTP/2 connection with no stream for
+    // `keepalive_timeout` is closed, as an idle HTTP/1.1 one is. That also ends a client that
+    // never completes its first header block.
+    let activity = Arc::new(Activity::default());
+    let streams = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(handle(&proxy, request, source, peer_trusted).await) }
+        let streams = Arc::clone(&streams);
+        async move {
+            streams.open.fetch_add(1, Ordering::Relaxed);
+            let response = handle(&proxy, request, source, peer_trusted).await;
+            streams.open.fetch_sub(1, Ordering::Relaxed);
+            streams.touch();
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_ERROR_RESETS);
-    if let Err(error) = builder.serve_connection(io, service).await {
-        debug!(client = %source, %error, "http/2 connection ended with an error");
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(client = %source, %error, "http/2 connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check_every), if !closing => {
+                if activity.open.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle_timeout {
+                    debug!(client = %source, "idle http/2 connection closed");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// When an HTTP/2 connection last had a stream, and how many it has open.
+struct Activity {
+    open: AtomicUsize,
+    since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            open: AtomicUsize::new(0),
+            since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 }
 
@@ -262,12 +331,29 @@ async fn handle(
     head.extend_from_slice(view.host().unwrap_or(b""));
     head.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        if is_connection_specific(name) {
+        if is_connection_specific(name) || name == http::header::COOKIE {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    // HTTP/2 clients may split cookies over several fields; HTTP/1.1 wants one (RFC 9113
+    // section 8.2.3).
+    let mut cookies = parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .peekable();
+    if cookies.peek().is_some() {
+        head.extend_from_slice(b"cookie: ");
+        for (i, cookie) in cookies.enumerate() {
+            if i > 0 {
+                head.extend_from_slice(b"; ");
+            }
+            head.extend_from_slice(cookie.as_bytes());
+        }
         head.extend_from_slice(b"\r\n");
     }
     let ip = source.ip().to_string();
@@ -293,12 +379,11 @@ async fn handle(
     }
     head.extend_from_slice(b"\r\n");
 
-    let is_head = parts.method == http::Method::HEAD;
-    let (conn, response) = match exchange(proxy, pool, source, &head, body, framing, is_head).await
-    {
-        Ok(done) => done,
-        Err(status) => return status_response(status),
-    };
+    let (conn, response, guard) =
+        match exchange(proxy, pool, source, &head, body, framing, &parts.method).await {
+            Ok(done) => done,
+            Err(status) => return status_response(status),
+        };
 
     let mut builder = Response::builder()
         .status(StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY));
@@ -314,6 +399,7 @@ async fn handle(
         builder = builder.header("x-request-id", id);
     }
     let body = if response.framing == Framing::Empty {
+        drop(guard);
         if !response.close {
             proxy.upstream.checkin(conn);
         }
@@ -325,6 +411,8 @@ async fn handle(
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
         let framing = response.framing;
         tokio::spawn(async move {
+            // The request stays in flight on its backend until the body is through.
+            let _guard = guard;
             let mut conn = conn;
             match pump_body(&mut conn, framing, &tx, idle).await {
                 Ok(()) if reusable => upstream.checkin(conn),
@@ -438,7 +526,11 @@ async fn forward_h2(
             proxy.h2_upstream.forget(addr);
             return status_response(502);
         }
-        Err(_) => return status_response(504),
+        Err(_) => {
+            // A backend that stopped answering may sit on a dead connection: start afresh.
+            proxy.h2_upstream.forget(addr);
+            return status_response(504);
+        }
     };
     guard.established();
     let (parts, body) = response.into_parts();
@@ -466,12 +558,13 @@ async fn exchange(
     head: &[u8],
     mut body: Incoming,
     framing: Framing,
-    is_head: bool,
-) -> Result<(UpstreamConn, ResponseHead), u16> {
+    method: &http::Method,
+) -> Result<(UpstreamConn, ResponseHead, ActiveGuard), u16> {
+    let is_head = method == http::Method::HEAD;
     let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
     let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
     let mut count = 0;
-    let mut conn = loop {
+    let (mut conn, guard) = loop {
         if count == attempts {
             return Err(502);
         }
@@ -485,82 +578,143 @@ async fn exchange(
         tried[count] = index;
         count += 1;
         let addr = candidate.state.addr;
+        let guard = candidate.state.start();
         if pool.send_proxy_protocol.is_none()
             && let Some(conn) = proxy.upstream.checkout(addr)
         {
-            break conn;
+            break (conn, guard);
         }
-        match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                let mut conn = UpstreamConn {
-                    stream,
-                    addr,
-                    buf: BytesMut::new(),
-                    reused: false,
-                };
-                if let Some(version) = pool.send_proxy_protocol {
-                    let header = crate::proxy_protocol::encode(version, source, addr);
-                    if conn.stream.write_all(&header).await.is_err() {
-                        continue;
-                    }
-                }
-                break conn;
-            }
-            _ => {
+        match connect(pool, addr, source).await {
+            Ok(conn) => break (conn, guard),
+            Err(_) => {
                 candidate
                     .state
                     .connect_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
             }
         }
     };
-    conn.stream.write_all(head).await.map_err(|_| 502u16)?;
-    // The request body, frame by frame, re-framed.
+    // A pooled connection the backend closed while it sat idle fails before any response: a
+    // bodiless idempotent request then gets one fresh connection to the same backend.
+    let retryable = framing == Framing::Empty
+        && matches!(
+            *method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::TRACE
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+    loop {
+        let reused = conn.reused;
+        match send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head).await {
+            Ok(response) => {
+                guard.established();
+                return Ok((conn, response, guard));
+            }
+            Err(Attempt::Stale) if reused && retryable => {
+                conn = connect(pool, conn.addr, source).await.map_err(|_| 502u16)?;
+            }
+            Err(Attempt::Stale) => return Err(502),
+            Err(Attempt::Status(status)) => return Err(status),
+        }
+    }
+}
+
+/// How one attempt on one backend connection failed.
+enum Attempt {
+    /// The connection failed before any byte of a response.
+    Stale,
+    /// Answer the client with this status.
+    Status(u16),
+}
+
+/// Opens a connection to a backend (with the pool's PROXY header, if any).
+async fn connect(pool: &Pool, addr: SocketAddr, source: SocketAddr) -> io::Result<UpstreamConn> {
+    let stream = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+    };
+    stream.set_nodelay(true)?;
+    let mut conn = UpstreamConn {
+        stream,
+        addr,
+        buf: BytesMut::new(),
+        reused: false,
+    };
+    if let Some(version) = pool.send_proxy_protocol {
+        let header = crate::proxy_protocol::encode(version, source, addr);
+        super::write_within(&mut conn.stream, &header, pool.connect_timeout).await?;
+    }
+    Ok(conn)
+}
+
+/// Sends the head and the body (frame by frame, re-framed), then reads the response head.
+async fn send_and_read(
+    proxy: &HttpProxy,
+    pool: &Pool,
+    conn: &mut UpstreamConn,
+    head: &[u8],
+    body: &mut Incoming,
+    framing: Framing,
+    is_head: bool,
+) -> Result<ResponseHead, Attempt> {
+    let idle = pool.response_timeout;
+    super::write_within(&mut conn.stream, head, idle)
+        .await
+        .map_err(|_| Attempt::Stale)?;
     let mut sent = 0u64;
-    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-        let Ok(frame) = frame else { return Err(400) };
+    loop {
+        let frame = match timeout(idle, http_body_util::BodyExt::frame(body)).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(Attempt::Status(408)),
+        };
+        let Ok(frame) = frame else {
+            return Err(Attempt::Status(400));
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         sent += data.len() as u64;
         if proxy.max_body_size.is_some_and(|max| sent > max) {
-            return Err(413);
+            return Err(Attempt::Status(413));
         }
         let mut out = BytesMut::with_capacity(data.len() + 16);
         match framing {
             Framing::Chunked => h1::encode_chunk(&mut out, &data),
             _ => out.extend_from_slice(&data),
         }
-        conn.stream.write_all(&out).await.map_err(|_| 502u16)?;
+        super::write_within(&mut conn.stream, &out, idle)
+            .await
+            .map_err(|_| Attempt::Status(502))?;
     }
     match framing {
-        Framing::Chunked => {
-            conn.stream
-                .write_all(b"0\r\n\r\n")
-                .await
-                .map_err(|_| 502u16)?;
-        }
-        Framing::Length(n) if sent != n => return Err(400),
+        Framing::Chunked => super::write_within(&mut conn.stream, b"0\r\n\r\n", idle)
+            .await
+            .map_err(|_| Attempt::Status(502))?,
+        Framing::Length(n) if sent != n => return Err(Attempt::Status(400)),
         _ => {}
     }
-    let deadline = tokio::time::Instant::now() + pool.response_timeout;
+    let deadline = tokio::time::Instant::now() + idle;
     loop {
         if !conn.buf.is_empty() {
             match h1::parse_response(&mut conn.buf, is_head) {
                 Ok(Some(response)) if (100..200).contains(&response.status) => continue,
-                Ok(Some(response)) => return Ok((conn, response)),
+                Ok(Some(response)) => return Ok(response),
                 Ok(None) => {}
-                Err(_) => return Err(502),
+                Err(_) => return Err(Attempt::Status(502)),
             }
         }
+        let before_response = conn.buf.is_empty();
         conn.buf.reserve(16 * 1024);
         let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         match timeout(wait, conn.stream.read_buf(&mut conn.buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(502),
+            Ok(Ok(0)) | Ok(Err(_)) if before_response => return Err(Attempt::Stale),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(Attempt::Status(502)),
             Ok(Ok(_)) => {}
-            Err(_) => return Err(504),
+            Err(_) => return Err(Attempt::Status(504)),
         }
     }
 }

@@ -97,10 +97,14 @@ impl H2Pool {
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
         };
         stream.set_nodelay(true)?;
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .map_err(io::Error::other)?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(super::h2::PING_INTERVAL)
+            .keep_alive_timeout(super::h2::PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 debug!(backend = %addr, %error, "http/2 backend connection ended");

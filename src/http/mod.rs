@@ -177,10 +177,12 @@ impl HttpProxy {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(status) => {
-                    let _ = client
-                        .stream
-                        .write_all(&h1::error_response(status, true))
-                        .await;
+                    let _ = write_within(
+                        &mut client.stream,
+                        &h1::error_response(status, true),
+                        self.keepalive_timeout,
+                    )
+                    .await;
                     return;
                 }
             };
@@ -270,10 +272,12 @@ impl HttpProxy {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
                 let close = head.close || has_body;
-                let _ = client
-                    .stream
-                    .write_all(&h1::error_response(status, close))
-                    .await;
+                let _ = write_within(
+                    &mut client.stream,
+                    &h1::error_response(status, close),
+                    self.keepalive_timeout,
+                )
+                .await;
                 if close { Next::Close } else { Next::KeepAlive }
             }
         }
@@ -314,18 +318,22 @@ impl HttpProxy {
             Some(id) if valid_request_id(id) => id,
             _ => new_request_id(&mut generated),
         };
+        // Our own 100 Continue, for HTTP/1.1 clients only (an HTTP/1.0 client would take it for
+        // the final response); the expectation itself is not forwarded.
+        if head.expect_continue && head.framing != Framing::Empty && head.minor_version == 1 {
+            write_within(
+                &mut client.stream,
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                self.keepalive_timeout,
+            )
+            .await
+            .map_err(|_| Failure::Abort)?;
+        }
         if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
             return self.forward_to_h2(client, head, pool, request_id).await;
         }
         let mut out = BytesMut::with_capacity(1024);
         self.request_filter(client, head, request_id, route_rules, &mut out)?;
-        if head.expect_continue && head.framing != Framing::Empty {
-            client
-                .stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .map_err(|_| Failure::Abort)?;
-        }
 
         // Phases 4-6: backend, request, response head; retried within bounds.
         let (mut conn, guard, response) = self.upstream_exchange(client, head, pool, &out).await?;
@@ -347,9 +355,7 @@ impl HttpProxy {
                 &[],
             );
             out.extend_from_slice(&conn.buf);
-            client
-                .stream
-                .write_all(&out)
+            write_within(&mut client.stream, &out, self.keepalive_timeout)
                 .await
                 .map_err(|_| Failure::Abort)?;
             let initial = client.buf.split().to_vec();
@@ -694,20 +700,52 @@ impl HttpProxy {
             self.max_body_size,
             pool.response_timeout,
         );
-        let (sent, pumped) = tokio::join!(timeout(pool.response_timeout, send), pump);
-        match pumped {
-            Ok(()) => {}
-            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
-            Err(_) => return Err(Failure::Abort),
+        // The body streams while the response is awaited; the response timeout starts once the
+        // body is sent, as on the HTTP/1.1 path (an upload may take longer than it).
+        let (sent, pumped) = {
+            tokio::pin!(send);
+            tokio::pin!(pump);
+            let mut sent = None;
+            let mut pumped = false;
+            let deadline = tokio::time::sleep(Duration::MAX / 4);
+            tokio::pin!(deadline);
+            while sent.is_none() {
+                tokio::select! {
+                    response = &mut send => sent = Some(response),
+                    result = &mut pump, if !pumped => {
+                        match result {
+                            Ok(()) => {}
+                            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                            Err(_) => return Err(Failure::Abort),
+                        }
+                        pumped = true;
+                        deadline
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + pool.response_timeout);
+                    }
+                    _ = &mut deadline, if pumped => {
+                        self.h2_upstream.forget(addr);
+                        return Err(Failure::Status(504));
+                    }
+                }
+            }
+            (sent, pumped)
+        };
+        if !pumped {
+            // An early answer (an error, say) before the whole body was sent: the rest of the
+            // body is not read, so the connection cannot be kept.
+            if head.framing != Framing::Empty {
+                return Err(Failure::Abort);
+            }
         }
         let response = match sent {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
+            Some(Ok(response)) => response,
+            Some(Err(error)) => {
                 debug!(backend = %addr, %error, "http/2 backend request failed");
                 self.h2_upstream.forget(addr);
                 return Err(Failure::Status(502));
             }
-            Err(_) => return Err(Failure::Status(504)),
+            None => return Err(Failure::Status(502)),
         };
         guard.established();
 
@@ -756,9 +794,15 @@ impl HttpProxy {
         out.extend_from_slice(b"\r\n");
         if framing != Framing::Empty {
             let mut trailers = Vec::new();
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                let Ok(frame) = frame else {
-                    return Err(Failure::Abort);
+            loop {
+                let next = timeout(
+                    pool.response_timeout,
+                    http_body_util::BodyExt::frame(&mut body),
+                );
+                let frame = match next.await {
+                    Ok(Some(Ok(frame))) => frame,
+                    Ok(None) => break,
+                    Ok(Some(Err(_))) | Err(_) => return Err(Failure::Abort),
                 };
                 match frame.into_data() {
                     Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut None)
@@ -775,9 +819,7 @@ impl HttpProxy {
                     }
                 }
                 if out.len() >= READ_CHUNK {
-                    client
-                        .stream
-                        .write_all(&out)
+                    write_within(&mut client.stream, &out, self.keepalive_timeout)
                         .await
                         .map_err(|_| Failure::Abort)?;
                     out.clear();
@@ -787,9 +829,7 @@ impl HttpProxy {
                 h1::encode_last_chunk(&mut out, &trailers);
             }
         }
-        client
-            .stream
-            .write_all(&out)
+        write_within(&mut client.stream, &out, self.keepalive_timeout)
             .await
             .map_err(|_| Failure::Abort)?;
         drop(guard);
@@ -854,9 +894,7 @@ impl HttpProxy {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        client
-            .stream
-            .write_all(&out)
+        write_within(&mut client.stream, &out, self.keepalive_timeout)
             .await
             .map_err(|_| Failure::Abort)?;
         Ok(if close { Next::Close } else { Next::KeepAlive })
@@ -942,11 +980,14 @@ impl HttpProxy {
                         if !before_response || has_body {
                             return Err(Failure::Status(502));
                         }
-                        if reused {
-                            continue;
-                        }
+                        // Only an idempotent request may be sent again (RFC 9112 section
+                        // 9.3.1.1): the backend may have acted on it before the connection
+                        // failed.
                         if !head.is_idempotent() {
                             return Err(Failure::Status(502));
+                        }
+                        if reused {
+                            continue;
                         }
                         last_status = 502;
                         break;
@@ -1010,14 +1051,11 @@ async fn send_request(
         error,
     };
     match head.framing {
-        Framing::Empty => conn
-            .stream
-            .write_all(request)
+        Framing::Empty => write_within(&mut conn.stream, request, response_timeout)
             .await
             .map_err(upstream_error)?,
         framing => {
-            conn.stream
-                .write_all(request)
+            write_within(&mut conn.stream, request, response_timeout)
                 .await
                 .map_err(upstream_error)?;
             let mut scratch = BytesMut::new();
@@ -1111,6 +1149,18 @@ enum BodyError {
     Compress(io::Error),
 }
 
+/// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
+/// (and the backend connection paired with it) forever.
+async fn write_within(stream: &mut TcpStream, data: &[u8], limit: Duration) -> io::Result<()> {
+    match timeout(limit, stream.write_all(data)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer stopped reading",
+        )),
+    }
+}
+
 /// How one body is to be moved.
 #[derive(Debug, Clone, Copy)]
 struct Body {
@@ -1200,13 +1250,17 @@ async fn transfer_body(
                 h1::encode_last_chunk(out, &decoder.trailers);
             }
             if !out.is_empty() {
-                dst.write_all(out).await.map_err(BodyError::Write)?;
+                write_within(dst, out, idle)
+                    .await
+                    .map_err(BodyError::Write)?;
                 out.clear();
             }
             return Ok(());
         }
         if !out.is_empty() {
-            dst.write_all(out).await.map_err(BodyError::Write)?;
+            write_within(dst, out, idle)
+                .await
+                .map_err(BodyError::Write)?;
             out.clear();
         }
         buf.reserve(BODY_CHUNK);
@@ -1215,7 +1269,9 @@ async fn transfer_body(
                 finish_encoder(out, chunked_out, encoder)?;
                 if chunked_out {
                     h1::encode_last_chunk(out, &[]);
-                    dst.write_all(out).await.map_err(BodyError::Write)?;
+                    write_within(dst, out, idle)
+                        .await
+                        .map_err(BodyError::Write)?;
                     out.clear();
                 }
                 return Ok(());
