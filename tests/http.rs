@@ -1368,3 +1368,71 @@ async fn cookies_split_by_http2_clients_are_joined_for_http11_backends() {
     let seen = String::from_utf8_lossy(&data).into_owned();
     assert!(seen.contains("cookie: a=1; b=2\n"), "{seen}");
 }
+
+#[tokio::test]
+async fn modification_rules_apply_to_http2_streams_too() {
+    let backend = cookie_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+request_headers = {{ add = {{ X-Edge = "switchyard" }} }}
+response_headers = {{ set = {{ X-Content-Type-Options = "nosniff" }}, remove = ["Server"] }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api/" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/api", add_prefix = "/v1" }}
+  host_rewrite = "internal.local"
+  cookie_flags = ["HttpOnly"]
+
+  [[listeners.routes]]
+  match = {{ path = "/old" }}
+  redirect = {{ to = "/new", status = 308 }}
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let (status, headers, body) =
+        h2_request(&mut sender, "GET", "http://edge/api/users?x=1", None).await;
+    assert_eq!(status, 200);
+    let seen = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        seen.starts_with("GET /v1/users?x=1 HTTP/1.1\nhost: internal.local\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-edge: switchyard\n"), "{seen}");
+    assert_eq!(
+        headers.get("x-content-type-options").map(|v| v.as_bytes()),
+        Some(&b"nosniff"[..])
+    );
+    assert!(headers.get("server").is_none());
+    let cookies: Vec<_> = headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        cookies,
+        [
+            "a=1; Path=/; HttpOnly",
+            "b=2; Secure; SameSite=Strict; HttpOnly"
+        ]
+    );
+    let (status, headers, _) = h2_request(&mut sender, "GET", "http://edge/old", None).await;
+    assert_eq!(status, 308);
+    assert_eq!(
+        headers.get("location").map(|v| v.as_bytes()),
+        Some(&b"/new"[..])
+    );
+}

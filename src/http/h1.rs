@@ -300,7 +300,7 @@ fn map_parse_error(error: httparse::Error) -> HeadError {
 
 /// Whether a Set-Cookie value already has the attribute that `flag` sets (compared by
 /// attribute name: `SameSite=Lax` is present if any SameSite is).
-fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
+pub(super) fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
     let name = flag.split('=').next().unwrap_or(flag).as_bytes();
     value.split(|&b| b == b';').skip(1).any(|attribute| {
         let attribute = attribute.trim_ascii();

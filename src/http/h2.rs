@@ -34,7 +34,7 @@ use super::{HttpProxy, new_request_id, valid_request_id};
 use crate::backend::ActiveGuard;
 use crate::balance::PickContext;
 use crate::config::MAX_CONNECT_ATTEMPTS;
-use crate::config::UpstreamProtocol;
+use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::Pool;
 
 /// The HTTP/2 connection preface a client sends first (RFC 9113 section 3.4).
@@ -273,14 +273,141 @@ async fn handle(
     source: SocketAddr,
     peer_trusted: bool,
 ) -> Response<ResponseBody> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let view = View { parts: &parts };
     let Some(routed) = proxy.router.route(&view) else {
         return status_response(404);
     };
+    // The listener's rules, then the route's, as on HTTP/1.1.
+    let listener_rules = Some(&proxy.rules).filter(|r| !r.is_empty());
+    let route_rules = routed
+        .route
+        .and_then(|i| proxy.route_rules.get(i))
+        .filter(|r| !r.is_empty());
+    let rules: Vec<&Rules> = [listener_rules, route_rules]
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Some(redirect) = rules.iter().find_map(|r| r.redirect.as_ref()) {
+        let host = view.host().map(super::strip_port).unwrap_or_default();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let location = redirect
+            .to
+            .replace("{host}", &String::from_utf8_lossy(host))
+            .replace("{path}", target);
+        let mut response = Response::new(ResponseBody::Empty);
+        *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
+        if let Ok(location) = HeaderValue::from_str(&location) {
+            response
+                .headers_mut()
+                .insert(http::header::LOCATION, location);
+        }
+        apply_response_rules(response.headers_mut(), &rules);
+        return response;
+    }
+    if !rules.is_empty() && apply_request_rules(&mut parts, &rules).is_err() {
+        return status_response(500);
+    }
+    let mut response = proceed(proxy, routed.pool, parts, body, source, peer_trusted).await;
+    apply_response_rules(response.headers_mut(), &rules);
+    response
+}
+
+/// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` when a rewrite
+/// produced something that is not a valid target or host.
+fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Result<(), ()> {
+    let mut target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let mut host = View { parts }
+        .host()
+        .map(|h| String::from_utf8_lossy(h).into_owned());
+    for rules in rules {
+        edit_headers(&mut parts.headers, &rules.request_headers);
+        if let Some(rewrite) = &rules.rewrite {
+            target = super::rewrite_target(rewrite, &target);
+        }
+        if let Some(rewritten) = &rules.host_rewrite {
+            host = Some(rewritten.clone());
+        }
+    }
+    if !h1::is_valid_origin_target(&target) {
+        return Err(());
+    }
+    let authority = host.unwrap_or_else(|| "backend".to_owned());
+    parts.uri = format!("http://{authority}{target}")
+        .parse()
+        .map_err(|_| ())?;
+    parts.headers.remove(http::header::HOST);
+    Ok(())
+}
+
+/// Response header edits and cookie flags.
+pub(super) fn apply_response_rules(headers: &mut HeaderMap, rules: &[&Rules]) {
+    for rules in rules {
+        edit_headers(headers, &rules.response_headers);
+        if rules.cookie_flags.is_empty() {
+            continue;
+        }
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .map(|value| {
+                let mut text = value.as_bytes().to_vec();
+                for flag in &rules.cookie_flags {
+                    if !h1::has_cookie_attribute(&text, flag) {
+                        text.extend_from_slice(b"; ");
+                        text.extend_from_slice(flag.as_bytes());
+                    }
+                }
+                HeaderValue::from_bytes(&text).unwrap_or_else(|_| value.clone())
+            })
+            .collect();
+        if !cookies.is_empty() {
+            headers.remove(http::header::SET_COOKIE);
+            for cookie in cookies {
+                headers.append(http::header::SET_COOKIE, cookie);
+            }
+        }
+    }
+}
+
+/// `remove`, then `set`, then `add`, as on HTTP/1.1.
+pub(super) fn edit_headers(headers: &mut HeaderMap, edits: &crate::config::HeaderRules) {
+    for name in &edits.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &edits.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    for (name, value) in &edits.add {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// The rest of a stream once routed and its rules applied: a backend over HTTP/1.1 or HTTP/2.
+async fn proceed(
+    proxy: &HttpProxy,
+    pool_name: Option<&str>,
+    parts: http::request::Parts,
+    body: Incoming,
+    source: SocketAddr,
+    peer_trusted: bool,
+) -> Response<ResponseBody> {
+    let view = View { parts: &parts };
     let snapshot = proxy.snapshot.load_full();
-    let Some(pool) = routed.pool.and_then(|name| snapshot.pool(name)) else {
-        // Routes that only redirect are answered on HTTP/1.1; here they have no pool.
+    let Some(pool) = pool_name.and_then(|name| snapshot.pool(name)) else {
         return status_response(503);
     };
     let mut generated = [0u8; 32];

@@ -330,7 +330,9 @@ impl HttpProxy {
             .map_err(|_| Failure::Abort)?;
         }
         if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
-            return self.forward_to_h2(client, head, pool, request_id).await;
+            return self
+                .forward_to_h2(client, head, pool, request_id, route_rules)
+                .await;
         }
         let mut out = BytesMut::with_capacity(1024);
         self.request_filter(client, head, request_id, route_rules, &mut out)?;
@@ -592,15 +594,20 @@ impl HttpProxy {
     /// Sends an HTTP/1.1 request to a pool of HTTP/2 backends: the head becomes HTTP/2 fields,
     /// the body (decoded from its HTTP/1.1 framing) flows through a bounded channel while the
     /// response is awaited, and the response comes back as HTTP/1.1 (chunked, with trailers, when
-    /// its length is not known). Modification rules and compression are not applied here yet.
+    /// its length is not known). Modification rules apply; compression does not yet.
     async fn forward_to_h2(
         &self,
         client: &mut Client,
         head: &RequestHead,
         pool: &Pool,
         request_id: &[u8],
+        route_rules: Option<&Rules>,
     ) -> Result<Next, Failure> {
         use http::{HeaderName, HeaderValue};
+        let rules: Vec<&Rules> = [Some(&self.rules).filter(|r| !r.is_empty()), route_rules]
+            .into_iter()
+            .flatten()
+            .collect();
         let mut headers = http::HeaderMap::new();
         for (name, value) in head.fields() {
             let (Ok(name), Ok(value)) =
@@ -638,11 +645,25 @@ impl HttpProxy {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
-        let authority = head
+        let mut authority = head
             .host()
             .and_then(|h| std::str::from_utf8(h).ok())
-            .unwrap_or("backend");
-        let uri: http::Uri = format!("http://{authority}{}", head.target())
+            .unwrap_or("backend")
+            .to_owned();
+        let mut target = head.target().to_owned();
+        for rules in &rules {
+            h2::edit_headers(&mut headers, &rules.request_headers);
+            if let Some(rewrite) = &rules.rewrite {
+                target = rewrite_target(rewrite, &target);
+            }
+            if let Some(host) = &rules.host_rewrite {
+                authority = host.clone();
+            }
+        }
+        if !h1::is_valid_origin_target(&target) {
+            return Err(Failure::Status(500));
+        }
+        let uri: http::Uri = format!("http://{authority}{target}")
             .parse()
             .map_err(|_| Failure::Status(400))?;
         let method =
@@ -749,7 +770,8 @@ impl HttpProxy {
         };
         guard.established();
 
-        let (parts, mut body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        h2::apply_response_rules(&mut parts.headers, &rules);
         let known_length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
