@@ -1436,3 +1436,50 @@ backends = ["{}"]
         Some(&b"/new"[..])
     );
 }
+
+#[tokio::test]
+async fn http2_responses_are_compressed_too() {
+    let backend = content_backend().await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "compression = { algorithms = [\"br\", \"gzip\"] }",
+        "",
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    for path in ["/big.txt", "/chunked.json"] {
+        let request = http::Request::builder()
+            .uri(format!("http://x{path}"))
+            .header("accept-encoding", "gzip, br")
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = tokio::time::timeout(PATIENCE, response)
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(
+            response
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.as_bytes()),
+            Some(&b"br"[..]),
+            "{path}"
+        );
+        assert_eq!(
+            response.headers().get("vary").map(|v| v.as_bytes()),
+            Some(&b"Accept-Encoding"[..])
+        );
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        assert_eq!(decode("br", &data), big_text(), "{path}");
+    }
+}

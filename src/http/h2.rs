@@ -308,7 +308,18 @@ async fn handle(
     if !rules.is_empty() && apply_request_rules(&mut parts, &rules).is_err() {
         return status_response(500);
     }
-    let mut response = proceed(proxy, routed.pool, parts, body, source, peer_trusted).await;
+    // A route's compression replaces the listener's.
+    let compression = rules.iter().rev().find_map(|r| r.compression.as_ref());
+    let mut response = proceed(
+        proxy,
+        routed.pool,
+        parts,
+        body,
+        source,
+        peer_trusted,
+        compression,
+    )
+    .await;
     apply_response_rules(response.headers_mut(), &rules);
     response
 }
@@ -404,6 +415,7 @@ async fn proceed(
     body: Incoming,
     source: SocketAddr,
     peer_trusted: bool,
+    compression: Option<&crate::config::Compression>,
 ) -> Response<ResponseBody> {
     let view = View { parts: &parts };
     let snapshot = proxy.snapshot.load_full();
@@ -525,6 +537,40 @@ async fn proceed(
     if let Ok(id) = HeaderValue::from_bytes(&request_id) {
         builder = builder.header("x-request-id", id);
     }
+    let encoding = compression.and_then(|config| {
+        super::choose_encoding(
+            config,
+            parts
+                .headers
+                .get("accept-encoding")
+                .map(HeaderValue::as_bytes),
+            parts.headers.contains_key(http::header::RANGE),
+            &response,
+        )
+    });
+    let encoder = match encoding.map(super::compress::Encoder::new) {
+        Some(Ok(encoder)) => Some(encoder),
+        _ => None,
+    };
+    if let Some(encoder) = &encoder {
+        builder = builder.header("content-encoding", encoder.token());
+        if let Some(headers) = builder.headers_mut()
+            && let Some(etag) = headers.get(http::header::ETAG).cloned()
+            && !etag.as_bytes().starts_with(b"W/")
+            && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
+        {
+            headers.insert(http::header::ETAG, weak);
+        }
+    }
+    if compression.is_some()
+        && !response.header("vary").is_some_and(|v| {
+            String::from_utf8_lossy(v)
+                .to_ascii_lowercase()
+                .contains("accept-encoding")
+        })
+    {
+        builder = builder.header("vary", "Accept-Encoding");
+    }
     let body = if response.framing == Framing::Empty {
         drop(guard);
         if !response.close {
@@ -541,7 +587,7 @@ async fn proceed(
             // The request stays in flight on its backend until the body is through.
             let _guard = guard;
             let mut conn = conn;
-            match pump_body(&mut conn, framing, &tx, idle).await {
+            match pump_body(&mut conn, framing, &tx, idle, encoder).await {
                 Ok(()) if reusable => upstream.checkin(conn),
                 Ok(()) => {}
                 Err(error) => {
@@ -853,8 +899,8 @@ async fn pump_body(
     framing: Framing,
     tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
     idle: std::time::Duration,
+    mut encoder: Option<super::compress::Encoder>,
 ) -> io::Result<()> {
-    let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "client stream closed");
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => 0,
@@ -867,7 +913,7 @@ async fn pump_body(
                 let take = (conn.buf.len() as u64).min(left) as usize;
                 if take > 0 {
                     let data = conn.buf.split_to(take).freeze();
-                    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())?;
+                    send_data(tx, data, &mut encoder).await?;
                 }
                 left -= take as u64;
                 left == 0
@@ -875,7 +921,7 @@ async fn pump_body(
             Framing::UntilClose => {
                 if !conn.buf.is_empty() {
                     let data = conn.buf.split().freeze();
-                    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())?;
+                    send_data(tx, data, &mut encoder).await?;
                 }
                 false
             }
@@ -898,31 +944,63 @@ async fn pump_body(
                 }
                 let consumed = conn.buf.split_to(pos).freeze();
                 for range in pieces {
-                    tx.send(Ok(Frame::data(consumed.slice(range))))
-                        .await
-                        .map_err(|_| gone())?;
-                }
-                if ended && !decoder.trailers.is_empty() {
-                    let trailers = parse_trailers(&decoder.trailers);
-                    tx.send(Ok(Frame::trailers(trailers)))
-                        .await
-                        .map_err(|_| gone())?;
+                    send_data(tx, consumed.slice(range), &mut encoder).await?;
                 }
                 ended
             }
         };
-        if finished {
+        let eof = if finished {
+            true
+        } else {
+            conn.buf.reserve(BODY_CHUNK);
+            match timeout(idle, conn.stream.read_buf(&mut conn.buf)).await {
+                Ok(Ok(0)) if framing == Framing::UntilClose => true,
+                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(_)) => false,
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            }
+        };
+        if eof {
+            // The end of a compressed stream goes before any trailers.
+            if let Some(encoder) = encoder.take() {
+                let rest = encoder.finish()?;
+                if !rest.is_empty() {
+                    tx.send(Ok(Frame::data(Bytes::from(rest))))
+                        .await
+                        .map_err(|_| gone())?;
+                }
+            }
+            if !decoder.trailers.is_empty() {
+                let trailers = parse_trailers(&decoder.trailers);
+                tx.send(Ok(Frame::trailers(trailers)))
+                    .await
+                    .map_err(|_| gone())?;
+            }
             return Ok(());
         }
-        conn.buf.reserve(BODY_CHUNK);
-        match timeout(idle, conn.stream.read_buf(&mut conn.buf)).await {
-            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(()),
-            Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-        }
     }
+}
+
+/// The error for a client stream that went away while its body was being sent.
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "client stream closed")
+}
+
+/// Sends body bytes as a data frame, compressed first if there is an encoder.
+async fn send_data(
+    tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    data: Bytes,
+    encoder: &mut Option<super::compress::Encoder>,
+) -> io::Result<()> {
+    let data = match encoder {
+        Some(encoder) => Bytes::from(encoder.push(&data)?),
+        None => data,
+    };
+    if data.is_empty() {
+        return Ok(());
+    }
+    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())
 }
 
 /// The trailer section of a chunked body as header fields; invalid lines are dropped.

@@ -381,7 +381,14 @@ impl HttpProxy {
         let compression = route_rules
             .and_then(|r| r.compression.as_ref())
             .or(self.rules.compression.as_ref());
-        let encoding = compression.and_then(|c| choose_encoding(c, head, &response));
+        let encoding = compression.and_then(|c| {
+            choose_encoding(
+                c,
+                head.header("accept-encoding"),
+                head.header("range").is_some(),
+                &response,
+            )
+        });
         let mut encoder = match encoding.map(compress::Encoder::new) {
             Some(Ok(encoder)) => Some(encoder),
             Some(Err(error)) => {
@@ -1347,12 +1354,13 @@ fn finish_encoder(
 /// forbid transformation.
 fn choose_encoding(
     config: &crate::config::Compression,
-    request: &RequestHead,
+    accept_encoding: Option<&[u8]>,
+    has_range: bool,
     response: &ResponseHead,
 ) -> Option<crate::config::Encoding> {
     if response.framing == Framing::Empty
         || response.status == 206
-        || request.header("range").is_some()
+        || has_range
         || response.header("content-encoding").is_some()
         || response.header("content-range").is_some()
         || response.header("cache-control").is_some_and(|v| {
@@ -1369,7 +1377,7 @@ fn choose_encoding(
     {
         return None;
     }
-    compress::negotiate(config, request.header("accept-encoding"))
+    compress::negotiate(config, accept_encoding)
 }
 
 /// Writes an IP address as text into `buf` without allocating.
