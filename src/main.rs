@@ -124,11 +124,22 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyhow::Result<()> {
     init_logging(log_level)?;
-    let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     raise_fd_limit();
+    let path = path.to_path_buf();
     runtime(threads)?.block_on(async {
-        let server = Server::bind(config)?;
-        stop_on_signals(server.shutdown_token())?;
+        // Signals are handled from the start: loading may wait on DNS, and a SIGTERM then
+        // should end the process cleanly, not by the default action.
+        let shutdown = CancellationToken::new();
+        stop_on_signals(shutdown.clone())?;
+        let load = tokio::task::spawn_blocking(move || Config::load(&path));
+        let config = tokio::select! {
+            loaded = load => loaded.context("loading the configuration")?.map_err(|e| anyhow::anyhow!("{e}"))?,
+            _ = shutdown.cancelled() => {
+                info!("stopped while loading the configuration");
+                return Ok(());
+            }
+        };
+        let server = Server::bind_with_shutdown(config, shutdown)?;
         info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");
         let cut = server.run().await;
         info!(cut_off = cut, "switchyard stopped");

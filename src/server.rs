@@ -66,6 +66,15 @@ pub struct Server {
 impl Server {
     /// Binds every listener of `config`. Port 0 gets a free port; see [`Server::local_addr`].
     pub fn bind(config: Config) -> Result<Server, ServerError> {
+        Server::bind_with_shutdown(config, CancellationToken::new())
+    }
+
+    /// Like [`Server::bind`], with a shutdown token made beforehand (so that signal handlers
+    /// can be in place while the configuration is still loading).
+    pub fn bind_with_shutdown(
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::default());
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(&config, &registry)));
         let mut listeners = Vec::new();
@@ -138,7 +147,7 @@ impl Server {
             config,
             registry,
             listeners,
-            shutdown: CancellationToken::new(),
+            shutdown,
             udp_stats,
         })
     }
