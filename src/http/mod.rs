@@ -1180,7 +1180,20 @@ enum BodyError {
 
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
 /// (and the backend connection paired with it) forever.
-async fn write_within(stream: &mut TcpStream, data: &[u8], limit: Duration) -> io::Result<()> {
+async fn write_within(stream: &mut TcpStream, mut data: &[u8], limit: Duration) -> io::Result<()> {
+    // Most writes go straight into the socket buffer: try that first, so the common case
+    // arms no timer.
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
     match timeout(limit, stream.write_all(data)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
