@@ -127,6 +127,7 @@ impl Server {
                         route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
                         h2_upstream: Arc::clone(&h2_upstream),
                         forwarded_header: settings.forwarded_header,
+                        shutdown: shutdown.clone(),
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

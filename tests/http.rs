@@ -1483,3 +1483,36 @@ async fn http2_responses_are_compressed_too() {
         assert_eq!(decode("br", &data), big_text(), "{path}");
     }
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
+    // A backend that takes a moment to answer.
+    let slow = Backend::start(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+            .await;
+    })
+    .await;
+    let mut proxy = Proxy::start(&single_pool(&[slow.addr], "", ""));
+    let addr = proxy.addr("l7");
+    // One idle keep-alive client, one with a request in flight.
+    let mut idle = HttpClient::connect(addr).await;
+    let mut busy = HttpClient::connect(addr).await;
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    // Let the request reach the backend before the shutdown starts.
+    eventually("request forwarded", || slow.accepted() == 1).await;
+    proxy.shutdown.cancel();
+    assert!(idle.closed().await, "the idle connection is closed at once");
+    let reply = busy.reply().await.expect("the request in flight completes");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "done"));
+    assert_eq!(reply.header("connection"), Some("close"));
+    // Nothing is left for the drain deadline (30 s by default) to cut.
+    let cut = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("drained well before the deadline")
+        .expect("server task");
+    assert_eq!(cut, 0);
+}

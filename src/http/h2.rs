@@ -71,6 +71,7 @@ pub async fn serve(
         inner: stream,
     });
     let idle_timeout = proxy.keepalive_timeout;
+    let proxy_shutdown = proxy.shutdown.clone();
     // Streams in flight, and when the last one ended: an HTTP/2 connection with no stream for
     // `keepalive_timeout` is closed, as an idle HTTP/1.1 one is. That also ends a client that
     // never completes its first header block.
@@ -107,6 +108,11 @@ pub async fn serve(
                     debug!(client = %source, %error, "http/2 connection ended with an error");
                 }
                 return;
+            }
+            _ = proxy_shutdown.cancelled(), if !closing => {
+                // Draining: finish the streams in flight, accept no more (GOAWAY).
+                connection.as_mut().graceful_shutdown();
+                closing = true;
             }
             _ = tokio::time::sleep(check_every), if !closing => {
                 if activity.open.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle_timeout {

@@ -72,6 +72,9 @@ pub struct HttpProxy {
     pub h2_upstream: Arc<h2_upstream::H2Pool>,
     /// Add an RFC 7239 `Forwarded` field to requests.
     pub forwarded_header: bool,
+    /// Cancelled when the process starts draining: keep-alive connections then close after
+    /// their current request, idle ones at once.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Response fields to drop, fields to add, and Set-Cookie attributes to add.
@@ -209,9 +212,14 @@ impl HttpProxy {
                 self.client_header_timeout
             };
             client.buf.reserve(READ_CHUNK);
-            match timeout(wait, client.stream.read_buf(&mut client.buf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return false,
+            tokio::select! {
+                read = timeout(wait, client.stream.read_buf(&mut client.buf)) => {
+                    if !matches!(read, Ok(Ok(n)) if n > 0) {
+                        return false;
+                    }
+                }
+                // A connection that has sent nothing yet is idle: a shutdown closes it.
+                _ = self.shutdown.cancelled(), if client.buf.is_empty() => return false,
             }
         }
     }
@@ -235,9 +243,15 @@ impl HttpProxy {
                 None if client.buf.is_empty() => {
                     // Idle between requests: hold no buffer while waiting.
                     client.buf = BytesMut::new();
-                    match timeout(self.keepalive_timeout, client.stream.readable()).await {
-                        Ok(Ok(())) => {}
-                        _ => return Ok(None),
+                    // A shutdown closes idle keep-alive connections at once rather than at
+                    // the drain deadline.
+                    tokio::select! {
+                        ready = timeout(self.keepalive_timeout, client.stream.readable()) => {
+                            if !matches!(ready, Ok(Ok(()))) {
+                                return Ok(None);
+                            }
+                        }
+                        _ = self.shutdown.cancelled() => return Ok(None),
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
@@ -271,7 +285,7 @@ impl HttpProxy {
             Err(Failure::Status(status)) => {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
-                let close = head.close || has_body;
+                let close = head.close || has_body || self.shutdown.is_cancelled();
                 let _ = write_within(
                     &mut client.stream,
                     &h1::error_response(status, close),
@@ -407,7 +421,11 @@ impl HttpProxy {
             (Framing::Chunked | Framing::UntilClose, _) => Framing::UntilClose,
             (framing, _) => framing,
         };
-        let close = head.close || head.ambiguous || client_framing == Framing::UntilClose;
+        // While shutting down, every response tells the client to go elsewhere next time.
+        let close = head.close
+            || head.ambiguous
+            || client_framing == Framing::UntilClose
+            || self.shutdown.is_cancelled();
         out.clear();
         if compression.is_some() {
             let (mut drop, mut extra, flags) = self.response_edits(route_rules, request_id);
@@ -791,7 +809,10 @@ impl HttpProxy {
             (false, None, 1) => Framing::Chunked,
             (false, None, _) => Framing::UntilClose,
         };
-        let close = head.close || head.ambiguous || framing == Framing::UntilClose;
+        let close = head.close
+            || head.ambiguous
+            || framing == Framing::UntilClose
+            || self.shutdown.is_cancelled();
         let mut out = BytesMut::with_capacity(1024);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(parts.status.as_str().as_bytes());
