@@ -124,9 +124,13 @@ impl Probe {
         let addr = self.state.addr;
         let config = Arc::clone(&self.config);
         let HealthKind::Http { expect, .. } = &config.kind else {
-            TcpStream::connect(addr)
+            let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
+            // Closed with a reset, as HAProxy closes its checks: the connect was the check, and
+            // a thousand probes a second would otherwise leave thousands of sockets in
+            // TIME_WAIT and cost a closing handshake each.
+            let _ = stream.set_zero_linger();
             return Ok(());
         };
         let mut stream = match self.conn.take() {

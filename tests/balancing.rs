@@ -519,3 +519,17 @@ async fn l4_hashing_keeps_a_client_on_one_backend() {
         assert_eq!(first_line(proxy.addr("l4")).await, first);
     }
 }
+
+#[tokio::test]
+async fn a_backend_drained_in_the_file_gets_nothing() {
+    let a = controlled("a", Control::new()).await;
+    let b = controlled("b", Control::new()).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", {{ address = \"{}\", drain = true }}]",
+        a.addr, b.addr
+    )));
+    backend_becomes(&proxy, b.addr, "b draining", |s| !s.is_usable()).await;
+    for _ in 0..6 {
+        assert_eq!(served_by(proxy.addr("web"), "/", "").await, "a");
+    }
+}
