@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::backend::Registry;
 use crate::balance::{self, Balancer, Candidate, PickContext};
 use crate::config::{Config, PoolConfig, ProxyProtocolVersion};
+use crate::tls::{TlsStore, UpstreamConnector};
 
 /// A pool compiled for one configuration snapshot.
 #[derive(Debug)]
@@ -27,11 +28,14 @@ pub struct Pool {
     pub response_timeout: Duration,
     /// http: the protocol spoken to the backends.
     pub upstream_protocol: crate::config::UpstreamProtocol,
+    /// http: TLS toward the backends, built from the files by `tls::TlsStore`.
+    pub tls: Option<Arc<UpstreamConnector>>,
 }
 
 impl Pool {
-    /// Compiles a pool, taking live backend state from `registry`.
-    pub fn new(config: &PoolConfig, registry: &Registry) -> Pool {
+    /// Compiles a pool, taking live backend state from `registry` and its TLS settings from
+    /// `tls`.
+    pub fn new(config: &PoolConfig, registry: &Registry, tls: &TlsStore) -> Pool {
         let candidates: Vec<Candidate> = config
             .backends
             .iter()
@@ -49,7 +53,14 @@ impl Pool {
             send_proxy_protocol: config.send_proxy_protocol,
             response_timeout: config.response_timeout,
             upstream_protocol: config.upstream_protocol,
+            tls: tls.pool(&config.name),
         }
+    }
+
+    /// The key pooled connections of this pool's backend `addr` are filed under: connections
+    /// made with other TLS settings (or none) are never mixed with these.
+    pub fn conn_key(&self, addr: std::net::SocketAddr) -> crate::http::upstream::ConnKey {
+        (addr, self.tls.as_ref().map_or(0, UpstreamConnector::key))
     }
 
     /// Chooses a backend for one connection, skipping those in `ctx.tried`.
@@ -69,12 +80,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles every pool of `config`.
-    pub fn new(config: &Config, registry: &Registry) -> Snapshot {
+    /// Compiles every pool of `config`, with the TLS settings `tls` built from it.
+    pub fn new(config: &Config, registry: &Registry, tls: &TlsStore) -> Snapshot {
         let pools = config
             .pools
             .values()
-            .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry))))
+            .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry, tls))))
             .collect();
         Snapshot { pools }
     }

@@ -21,7 +21,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::debug;
@@ -36,6 +35,8 @@ use crate::balance::PickContext;
 use crate::config::MAX_CONNECT_ATTEMPTS;
 use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::Pool;
+use crate::stream::Stream;
+use crate::tls::Negotiated;
 
 /// The HTTP/2 connection preface a client sends first (RFC 9113 section 3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -58,14 +59,16 @@ pub(super) const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves an HTTP/2 client connection whose first bytes (the preface, maybe more) are in
-/// `read`.
+/// `read`. `tls` is what the TLS handshake established, on TLS connections.
 pub async fn serve(
     proxy: Arc<HttpProxy>,
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     source: SocketAddr,
     peer_trusted: bool,
+    tls: Option<Negotiated>,
 ) {
+    let tls = Arc::new(tls);
     let io = TokioIo::new(Rewind {
         prefix: read.freeze(),
         inner: stream,
@@ -80,9 +83,10 @@ pub async fn serve(
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let streams = Arc::clone(&streams);
+        let tls = Arc::clone(&tls);
         async move {
             streams.open.fetch_add(1, Ordering::Relaxed);
-            let response = handle(&proxy, request, source, peer_trusted).await;
+            let response = handle(&proxy, request, source, peer_trusted, &tls).await;
             streams.open.fetch_sub(1, Ordering::Relaxed);
             streams.touch();
             Ok::<_, Infallible>(response)
@@ -269,6 +273,8 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "x-forwarded-proto"
             | "x-forwarded-host"
             | "x-request-id"
+            | "x-client-cert-subject"
+            | "x-client-cert-san"
     )
 }
 
@@ -278,6 +284,7 @@ async fn handle(
     request: Request<Incoming>,
     source: SocketAddr,
     peer_trusted: bool,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
     let view = View { parts: &parts };
@@ -324,6 +331,7 @@ async fn handle(
         source,
         peer_trusted,
         compression,
+        tls,
     )
     .await;
     apply_response_rules(response.headers_mut(), &rules);
@@ -414,6 +422,7 @@ pub(super) fn edit_headers(headers: &mut HeaderMap, edits: &crate::config::Heade
 }
 
 /// The rest of a stream once routed and its rules applied: a backend over HTTP/1.1 or HTTP/2.
+#[allow(clippy::too_many_arguments)]
 async fn proceed(
     proxy: &HttpProxy,
     pool_name: Option<&str>,
@@ -422,6 +431,7 @@ async fn proceed(
     source: SocketAddr,
     peer_trusted: bool,
     compression: Option<&crate::config::Compression>,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let view = View { parts: &parts };
     let snapshot = proxy.snapshot.load_full();
@@ -444,6 +454,7 @@ async fn proceed(
             peer_trusted,
             &request_id,
             host,
+            tls,
         )
         .await;
     }
@@ -510,11 +521,26 @@ async fn proceed(
     head.extend_from_slice(ip.as_bytes());
     head.extend_from_slice(b"\r\nx-real-ip: ");
     head.extend_from_slice(ip.as_bytes());
-    head.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+    head.extend_from_slice(if tls.is_some() {
+        b"\r\nx-forwarded-proto: https\r\nx-forwarded-host: "
+    } else {
+        b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
+    });
     head.extend_from_slice(view.host().unwrap_or(b""));
     head.extend_from_slice(b"\r\nx-request-id: ");
     head.extend_from_slice(&request_id);
     head.extend_from_slice(b"\r\n");
+    if let Some(cert) = tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
+        for (name, value) in [
+            (super::CLIENT_CERT_FIELDS[0], &cert.subject),
+            (super::CLIENT_CERT_FIELDS[1], &cert.san),
+        ] {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
     match framing {
         Framing::Length(n) => {
             head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
@@ -620,6 +646,7 @@ async fn forward_h2(
     peer_trusted: bool,
     request_id: &[u8],
     host: Option<Vec<u8>>,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -639,14 +666,29 @@ async fn forward_h2(
         }
         _ => ip.clone(),
     };
-    let fields: [(&str, &[u8]); 5] = [
+    let cert = tls.as_ref().and_then(|t| t.client_cert.as_deref());
+    let fields: [(&str, &[u8]); 7] = [
         ("x-forwarded-for", forwarded_for.as_bytes()),
         ("x-real-ip", ip.as_bytes()),
-        ("x-forwarded-proto", b"http"),
+        (
+            "x-forwarded-proto",
+            if tls.is_some() { b"https" } else { b"http" },
+        ),
         ("x-forwarded-host", host.as_deref().unwrap_or(b"")),
         ("x-request-id", request_id),
+        (
+            super::CLIENT_CERT_FIELDS[0],
+            cert.map_or(&b""[..], |c| c.subject.as_bytes()),
+        ),
+        (
+            super::CLIENT_CERT_FIELDS[1],
+            cert.map_or(&b""[..], |c| c.san.as_bytes()),
+        ),
     ];
     for (name, value) in fields {
+        if value.is_empty() && name.starts_with("x-client-cert") {
+            continue;
+        }
         if let Ok(value) = HeaderValue::from_bytes(value) {
             headers.insert(HeaderName::from_static(name), value);
         }
@@ -678,7 +720,7 @@ async fn forward_h2(
         count += 1;
         let addr = candidate.state.addr;
         let guard = candidate.state.start();
-        match proxy.h2_upstream.sender(addr, pool.connect_timeout).await {
+        match proxy.h2_upstream.sender(addr, pool).await {
             Ok(sender) => break (sender, addr, guard),
             Err(error) => {
                 candidate
@@ -702,12 +744,12 @@ async fn forward_h2(
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.forget(addr);
+            proxy.h2_upstream.forget(addr, pool);
             return status_response(502);
         }
         Err(_) => {
             // A backend that stopped answering may sit on a dead connection: start afresh.
-            proxy.h2_upstream.forget(addr);
+            proxy.h2_upstream.forget(addr, pool);
             return status_response(504);
         }
     };
@@ -759,7 +801,7 @@ async fn exchange(
         let addr = candidate.state.addr;
         let guard = candidate.state.start();
         if pool.send_proxy_protocol.is_none()
-            && let Some(conn) = proxy.upstream.checkout(addr)
+            && let Some(conn) = proxy.upstream.checkout(pool.conn_key(addr))
         {
             break (conn, guard);
         }
@@ -809,24 +851,9 @@ enum Attempt {
     Status(u16),
 }
 
-/// Opens a connection to a backend (with the pool's PROXY header, if any).
+/// Opens a connection to a backend (with the pool's PROXY header and TLS, if any).
 async fn connect(pool: &Pool, addr: SocketAddr, source: SocketAddr) -> io::Result<UpstreamConn> {
-    let stream = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-    };
-    stream.set_nodelay(true)?;
-    let mut conn = UpstreamConn {
-        stream,
-        addr,
-        buf: BytesMut::new(),
-        reused: false,
-    };
-    if let Some(version) = pool.send_proxy_protocol {
-        let header = crate::proxy_protocol::encode(version, source, addr);
-        super::write_within(&mut conn.stream, &header, pool.connect_timeout).await?;
-    }
-    Ok(conn)
+    super::connect_backend(addr, pool, source, addr).await
 }
 
 /// Sends the head and the body (frame by frame, re-framed), then reads the response head.
@@ -1030,7 +1057,7 @@ pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
 /// A stream that first gives back bytes already read from it.
 struct Rewind {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: Stream,
 }
 
 impl AsyncRead for Rewind {
