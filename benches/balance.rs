@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use divan::{AllocProfiler, Bencher, black_box};
 use switchyard::backend::BackendState;
-use switchyard::balance::{self, Candidate, PickContext};
+use switchyard::balance::{self, Candidate, HashSettings, PickContext};
 use switchyard::config::BalanceKind;
 
 #[global_allocator]
@@ -28,20 +28,24 @@ fn candidates(n: usize, weighted: bool) -> Vec<Candidate> {
         .collect()
 }
 
-const KINDS: [BalanceKind; 4] = [
+const KINDS: [BalanceKind; 7] = [
     BalanceKind::RoundRobin,
     BalanceKind::LeastConn,
     BalanceKind::Random,
     BalanceKind::P2c,
+    BalanceKind::P2cEwma,
+    BalanceKind::Maglev,
+    BalanceKind::RingHash,
 ];
 
 #[divan::bench(args = KINDS, consts = [2, 16, 128])]
 fn pick<const N: usize>(bencher: Bencher, kind: BalanceKind) {
     let candidates = candidates(N, true);
-    let balancer = balance::build(kind, &candidates);
+    let balancer = balance::build(kind, &candidates, HashSettings::default());
     let ctx = PickContext {
         client: Some([192, 0, 2, 1].into()),
-        tried: &[],
+        hash: Some(0x1234_5678_9abc_def0),
+        ..PickContext::default()
     };
     bencher.bench_local(|| black_box(balancer.pick(black_box(&candidates), &ctx)));
 }
@@ -50,11 +54,12 @@ fn pick<const N: usize>(bencher: Bencher, kind: BalanceKind) {
 #[divan::bench(args = KINDS)]
 fn pick_after_one_failure(bencher: Bencher, kind: BalanceKind) {
     let candidates = candidates(16, false);
-    let balancer = balance::build(kind, &candidates);
+    let balancer = balance::build(kind, &candidates, HashSettings::default());
     let tried = [3usize];
     let ctx = PickContext {
-        client: None,
         tried: &tried,
+        hash: Some(0x1234_5678_9abc_def0),
+        ..PickContext::default()
     };
     bencher.bench_local(|| black_box(balancer.pick(black_box(&candidates), &ctx)));
 }

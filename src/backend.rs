@@ -1,13 +1,39 @@
 //! Live backend state: counters and flags that outlive any one configuration.
 //!
 //! A [`BackendState`] is keyed by (pool name, address) in the [`Registry`], so a reload that keeps
-//! a backend keeps its counters and, later, its health and drain flags. The hot path touches only
+//! a backend keeps its counters, health, ejection and drain state. The hot path touches only
 //! relaxed atomics here; the registry's lock is taken when a snapshot is built, never per connection.
+//!
+//! Whether a backend may be picked is one byte of flags, each owned by one mechanism: active
+//! health checks set [`DOWN`], outlier detection [`EJECTED`], draining [`DRAINING`] and the
+//! operator [`DISABLED`]. A backend is usable when no flag is set, so the mechanisms never undo
+//! each other's decisions.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Set while active health checks find the backend failing.
+pub const DOWN: u8 = 1;
+/// Set while outlier detection has ejected the backend.
+pub const EJECTED: u8 = 2;
+/// Set while the backend drains: no new work, work in flight finishes.
+pub const DRAINING: u8 = 4;
+/// Set while an operator has disabled the backend.
+pub const DISABLED: u8 = 8;
+/// Flags that even panic mode respects: they are decisions, not observations.
+pub const ADMIN_FLAGS: u8 = DRAINING | DISABLED;
+
+/// Time since the process started; the clock behind every timestamp kept in an atomic here.
+pub fn uptime() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
 
 /// Counters and flags of one backend of one pool.
 #[derive(Debug)]
@@ -25,13 +51,38 @@ pub struct BackendState {
     pub bytes_received: AtomicU64,
     /// Connect attempts that failed (refused, unreachable, timed out).
     pub connect_failures: AtomicU64,
-    /// False takes the backend out of every balancer's choice (health checks and draining set it).
-    usable: AtomicBool,
+    /// Failures (connect failures, 5xx answers) since the last success; outlier detection reads it.
+    pub consecutive_failures: AtomicU32,
+    /// Times outlier detection has ejected it; each ejection lasts longer than the one before.
+    pub ejections: AtomicU32,
+    /// [`DOWN`], [`EJECTED`], [`DRAINING`], [`DISABLED`].
+    flags: AtomicU8,
+    /// Most `active` it takes; 0 is unlimited.
+    max_connections: AtomicU64,
+    /// [`uptime`] in milliseconds, plus one, when it last became usable; 0 when it has been
+    /// usable since it was first configured. Slow start ramps from this moment.
+    usable_since_ms: AtomicU64,
+    /// Changes whenever an ejection starts, so a timer ends only its own ejection.
+    ejection_generation: AtomicU64,
+    /// Changes whenever a drain starts or ends, so a deadline closes only its own drain.
+    drain_generation: AtomicU64,
+    /// Peak-EWMA of response latency in nanoseconds, as `f64` bits; 0 before any sample.
+    ewma_ns: AtomicU64,
+    /// [`uptime`] in nanoseconds of the last latency sample.
+    ewma_at_ns: AtomicU64,
+    /// Cancelled when work still running on it must stop (the end of a drain); replaced after.
+    closer: Mutex<CancellationToken>,
+    /// Woken when a slot frees on a backend with a connection limit; the pool's queue waits on it.
+    released: Arc<Notify>,
 }
 
 impl BackendState {
     /// A fresh state with zeroed counters, usable.
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_notify(addr, Arc::new(Notify::new()))
+    }
+
+    fn with_notify(addr: SocketAddr, released: Arc<Notify>) -> Self {
         BackendState {
             addr,
             active: AtomicU64::new(0),
@@ -39,19 +90,83 @@ impl BackendState {
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
-            usable: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            flags: AtomicU8::new(0),
+            max_connections: AtomicU64::new(0),
+            usable_since_ms: AtomicU64::new(0),
+            ejection_generation: AtomicU64::new(0),
+            drain_generation: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new(0),
+            ewma_at_ns: AtomicU64::new(0),
+            closer: Mutex::new(CancellationToken::new()),
+            released,
         }
     }
 
     /// Whether balancers may choose this backend.
     #[inline]
     pub fn is_usable(&self) -> bool {
-        self.usable.load(Relaxed)
+        self.flags.load(Relaxed) == 0
     }
 
-    /// Takes the backend in or out of rotation.
+    /// Whether the backend may be chosen: usable (or, in panic mode, merely not drained or
+    /// disabled) and below its connection limit.
+    #[inline]
+    pub fn is_eligible(&self, panic: bool) -> bool {
+        let mask = if panic { ADMIN_FLAGS } else { u8::MAX };
+        self.flags.load(Relaxed) & mask == 0 && !self.is_full()
+    }
+
+    /// Whether it is at its connection limit.
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        let max = self.max_connections.load(Relaxed);
+        max != 0 && self.active.load(Relaxed) >= max
+    }
+
+    /// The current flags.
+    pub fn flags(&self) -> u8 {
+        self.flags.load(Relaxed)
+    }
+
+    /// Sets `flag`; returns whether it was clear before.
+    pub fn set_flag(&self, flag: u8) -> bool {
+        self.flags.fetch_or(flag, Relaxed) & flag == 0
+    }
+
+    /// Clears `flag`; returns whether it was set before. A backend that becomes usable through
+    /// this starts its slow start now.
+    pub fn clear_flag(&self, flag: u8) -> bool {
+        let before = self.flags.fetch_and(!flag, Relaxed);
+        if before & flag != 0 && before & !flag == 0 {
+            self.usable_since_ms
+                .store(uptime().as_millis() as u64 + 1, Relaxed);
+        }
+        before & flag != 0
+    }
+
+    /// Takes the backend in or out of rotation as an operator would ([`DISABLED`]).
     pub fn set_usable(&self, usable: bool) {
-        self.usable.store(usable, Relaxed);
+        if usable {
+            self.clear_flag(DISABLED);
+        } else {
+            self.set_flag(DISABLED);
+        }
+    }
+
+    /// Sets the connection limit (`None`: unlimited).
+    pub fn set_max_connections(&self, max: Option<u64>) {
+        self.max_connections.store(max.unwrap_or(0), Relaxed);
+    }
+
+    /// How long it has been usable, when it became usable after being out; `None` when it has
+    /// been usable since it was first configured.
+    pub fn usable_for(&self) -> Option<Duration> {
+        match self.usable_since_ms.load(Relaxed) {
+            0 => None,
+            since => Some(uptime().saturating_sub(Duration::from_millis(since - 1))),
+        }
     }
 
     /// Counts a connection attempt as active (balancers see it at once, even while it is still
@@ -61,6 +176,125 @@ impl BackendState {
         self.active.fetch_add(1, Relaxed);
         ActiveGuard(Arc::clone(self))
     }
+
+    /// Like [`start`](Self::start), but refuses when the backend is at its connection limit, so
+    /// two connections racing for the last slot cannot both take it.
+    pub fn try_start(self: &Arc<Self>) -> Option<ActiveGuard> {
+        let max = self.max_connections.load(Relaxed);
+        if max == 0 {
+            return Some(self.start());
+        }
+        self.active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ActiveGuard(Arc::clone(self)))
+    }
+
+    /// A token cancelled when the backend's drain deadline passes: connections to it select on
+    /// it to close what the drain left.
+    pub fn closer(&self) -> CancellationToken {
+        self.closer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// Closes everything still running on the backend (holders of [`closer`](Self::closer)).
+    pub fn close_all(&self) {
+        let mut closer = self
+            .closer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        closer.cancel();
+        *closer = CancellationToken::new();
+    }
+
+    /// Starts draining: no new work; after `timeout`, what is still running is closed. Returns
+    /// false when it was draining already.
+    pub fn start_drain(self: &Arc<Self>, timeout: Duration) -> bool {
+        if !self.set_flag(DRAINING) {
+            return false;
+        }
+        let generation = self.drain_generation.fetch_add(1, Relaxed) + 1;
+        tracing::info!(backend = %self.addr, ?timeout, "backend draining");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let state = Arc::clone(self);
+            runtime.spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if state.flags() & DRAINING != 0
+                    && state.drain_generation.load(Relaxed) == generation
+                {
+                    let open = state.active.load(Relaxed);
+                    tracing::info!(backend = %state.addr, open, "drain deadline: closing what is left");
+                    state.close_all();
+                }
+            });
+        }
+        true
+    }
+
+    /// Ends a drain: the backend takes new work again. Returns false when it was not draining.
+    pub fn end_drain(&self) -> bool {
+        self.drain_generation.fetch_add(1, Relaxed);
+        let ended = self.clear_flag(DRAINING);
+        if ended {
+            tracing::info!(backend = %self.addr, "backend no longer draining");
+        }
+        ended
+    }
+
+    /// Ejects the backend for `duration` (outlier detection); it returns by itself afterwards,
+    /// or earlier through [`end_ejection`](Self::end_ejection).
+    pub fn eject(self: &Arc<Self>, duration: Duration) {
+        if !self.set_flag(EJECTED) {
+            return;
+        }
+        let count = self.ejections.fetch_add(1, Relaxed) + 1;
+        let generation = self.ejection_generation.fetch_add(1, Relaxed) + 1;
+        tracing::info!(backend = %self.addr, ?duration, ejections = count, "backend ejected");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let state = Arc::clone(self);
+            runtime.spawn(async move {
+                tokio::time::sleep(duration).await;
+                if state.ejection_generation.load(Relaxed) == generation {
+                    state.end_ejection();
+                }
+            });
+        }
+    }
+
+    /// Brings an ejected backend back.
+    pub fn end_ejection(&self) {
+        self.ejection_generation.fetch_add(1, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        if self.clear_flag(EJECTED) {
+            tracing::info!(backend = %self.addr, "backend returns from ejection");
+        }
+    }
+
+    /// Records one response latency for peak-EWMA balancing: a sample above the average
+    /// replaces it at once (the "peak"), lower ones pull it down with a decay of `DECAY`.
+    pub fn observe_latency(&self, latency: Duration) {
+        /// Time constant of the average: how long a peak takes to fade to 1/e.
+        const DECAY_NS: f64 = 10e9;
+        let now = uptime().as_nanos() as u64;
+        let then = self.ewma_at_ns.swap(now, Relaxed);
+        let sample = latency.as_nanos() as f64;
+        let old = f64::from_bits(self.ewma_ns.load(Relaxed));
+        let new = if sample > old || old == 0.0 {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(then) as f64) / DECAY_NS).exp();
+            old * w + sample * (1.0 - w)
+        };
+        self.ewma_ns.store(new.to_bits(), Relaxed);
+    }
+
+    /// The latency average in nanoseconds; 0.0 before any sample.
+    #[inline]
+    pub fn latency_ewma(&self) -> f64 {
+        f64::from_bits(self.ewma_ns.load(Relaxed))
+    }
 }
 
 /// Holds one unit of a backend's `active` count for as long as it lives.
@@ -69,7 +303,7 @@ pub struct ActiveGuard(Arc<BackendState>);
 
 impl ActiveGuard {
     /// The backend this guard counts against.
-    pub fn state(&self) -> &BackendState {
+    pub fn state(&self) -> &Arc<BackendState> {
         &self.0
     }
 
@@ -82,6 +316,9 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
+        if self.0.max_connections.load(Relaxed) != 0 {
+            self.0.released.notify_one();
+        }
     }
 }
 
@@ -89,11 +326,14 @@ impl Drop for ActiveGuard {
 #[derive(Debug, Default)]
 pub struct Registry {
     states: Mutex<HashMap<(String, SocketAddr), Arc<BackendState>>>,
+    /// One wake-up per pool, shared by its backends, for the pool's queue.
+    released: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl Registry {
     /// The state for `addr` in `pool`, created on first use and shared afterwards.
     pub fn state(&self, pool: &str, addr: SocketAddr) -> Arc<BackendState> {
+        let released = self.released(pool);
         let mut states = self
             .states
             .lock()
@@ -101,8 +341,17 @@ impl Registry {
         Arc::clone(
             states
                 .entry((pool.to_owned(), addr))
-                .or_insert_with(|| Arc::new(BackendState::new(addr))),
+                .or_insert_with(|| Arc::new(BackendState::with_notify(addr, released))),
         )
+    }
+
+    /// The wake-up that `pool`'s backends signal when a connection slot frees.
+    pub fn released(&self, pool: &str) -> Arc<Notify> {
+        let mut released = self
+            .released
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Arc::clone(released.entry(pool.to_owned()).or_default())
     }
 
     /// The state for `addr` in `pool`, if that backend was ever configured.
@@ -112,5 +361,49 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         states.get(&(pool.to_owned(), addr)).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_compose() {
+        let state = BackendState::new(([127, 0, 0, 1], 1).into());
+        assert!(state.is_usable());
+        state.set_flag(DOWN);
+        state.set_flag(DRAINING);
+        assert!(!state.is_eligible(false));
+        assert!(!state.is_eligible(true), "panic mode respects draining");
+        state.clear_flag(DRAINING);
+        assert!(state.is_eligible(true), "panic mode ignores health");
+        assert!(state.usable_for().is_none());
+        state.clear_flag(DOWN);
+        assert!(state.is_usable());
+        assert!(state.usable_for().is_some(), "slow start begins");
+    }
+
+    #[test]
+    fn try_start_respects_the_limit() {
+        let state = Arc::new(BackendState::new(([127, 0, 0, 1], 1).into()));
+        state.set_max_connections(Some(2));
+        let a = state.try_start();
+        let b = state.try_start();
+        assert!(a.is_some() && b.is_some());
+        assert!(state.try_start().is_none());
+        assert!(state.is_full());
+        drop(a);
+        assert!(state.try_start().is_some());
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_at_once() {
+        let state = BackendState::new(([127, 0, 0, 1], 1).into());
+        state.observe_latency(Duration::from_millis(10));
+        state.observe_latency(Duration::from_millis(50));
+        assert_eq!(state.latency_ewma(), 50e6);
+        state.observe_latency(Duration::from_millis(1));
+        assert!(state.latency_ewma() <= 50e6);
     }
 }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;

@@ -65,6 +65,7 @@ struct BoundListener {
 pub struct Server {
     config: Config,
     registry: Arc<Registry>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
     listeners: Vec<BoundListener>,
     shutdown: CancellationToken,
     udp_stats: HashMap<String, Arc<UdpStats>>,
@@ -162,6 +163,7 @@ impl Server {
         Ok(Server {
             config,
             registry,
+            snapshot,
             listeners,
             shutdown,
             udp_stats,
@@ -195,6 +197,9 @@ impl Server {
     /// connections get until `global.drain_timeout` to finish. Returns how many were cut off.
     pub async fn run(self) -> usize {
         let tasks = TaskTracker::new();
+        // Health checks and drain deadlines of this configuration; they stop with the server.
+        let checks = self.shutdown.child_token();
+        self.snapshot.load().activate(&checks);
         for l in self.listeners {
             info!(listener = %l.name, addr = %l.addr, "listening");
             let shutdown = self.shutdown.clone();

@@ -5,9 +5,12 @@
 //! anything expensive (the smooth round-robin order, weight prefix sums) is computed at build time.
 //! Every algorithm skips backends that are not usable and the ones this connection already tried.
 
+pub mod hash;
 mod least_conn;
+mod maglev;
 mod p2c;
 mod random;
+mod ring_hash;
 mod round_robin;
 
 use std::net::IpAddr;
@@ -17,8 +20,10 @@ use crate::backend::BackendState;
 use crate::config::BalanceKind;
 
 pub use least_conn::LeastConn;
-pub use p2c::PowerOfTwo;
+pub use maglev::Maglev;
+pub use p2c::{PeakEwma, PowerOfTwo};
 pub use random::WeightedRandom;
+pub use ring_hash::RingHash;
 pub use round_robin::SmoothRoundRobin;
 
 /// A backend as a balancer sees it: its weight in this snapshot and its live state.
@@ -37,13 +42,23 @@ pub struct PickContext<'a> {
     pub client: Option<IpAddr>,
     /// Indexes already tried for this connection; they are skipped.
     pub tried: &'a [usize],
+    /// The request's hash key, for maglev and ring_hash; without one they fall back to round
+    /// robin.
+    pub hash: Option<u64>,
+    /// Panic mode: backends that health checks or outlier detection took out are eligible
+    /// again (drained and disabled ones still are not).
+    pub panic: bool,
+    /// What to add to a candidate's index before looking it up in `tried`: the balancer of a
+    /// pool's backup backends sees them from 0, the pool numbers them after the primaries.
+    pub base: usize,
 }
 
 impl PickContext<'_> {
-    /// Whether `index` may be chosen: usable and not tried yet.
+    /// Whether `index` may be chosen: usable, below its connection limit and not tried yet.
     #[inline]
     pub fn eligible(&self, candidates: &[Candidate], index: usize) -> bool {
-        candidates[index].state.is_usable() && !self.tried.contains(&index)
+        candidates[index].state.is_eligible(self.panic)
+            && !self.tried.contains(&(self.base + index))
     }
 }
 
@@ -53,13 +68,38 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     fn pick(&self, candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize>;
 }
 
+/// Settings of the hashing algorithms.
+#[derive(Debug, Clone, Copy)]
+pub struct HashSettings {
+    /// Maglev table size (a prime).
+    pub maglev_table_size: usize,
+    /// Ring points per backend of average weight.
+    pub ring_vnodes: u32,
+}
+
+impl Default for HashSettings {
+    fn default() -> Self {
+        HashSettings {
+            maglev_table_size: crate::config::DEFAULT_MAGLEV_TABLE_SIZE,
+            ring_vnodes: crate::config::DEFAULT_RING_VNODES,
+        }
+    }
+}
+
 /// Builds the balancer of `kind` for these candidates.
-pub fn build(kind: BalanceKind, candidates: &[Candidate]) -> Box<dyn Balancer> {
+pub fn build(
+    kind: BalanceKind,
+    candidates: &[Candidate],
+    hashing: HashSettings,
+) -> Box<dyn Balancer> {
     match kind {
         BalanceKind::RoundRobin => Box::new(SmoothRoundRobin::new(candidates)),
         BalanceKind::LeastConn => Box::new(LeastConn::new()),
         BalanceKind::Random => Box::new(WeightedRandom::new(candidates)),
         BalanceKind::P2c => Box::new(PowerOfTwo::new()),
+        BalanceKind::P2cEwma => Box::new(PeakEwma::new()),
+        BalanceKind::Maglev => Box::new(Maglev::new(candidates, hashing.maglev_table_size)),
+        BalanceKind::RingHash => Box::new(RingHash::new(candidates, hashing.ring_vnodes)),
     }
 }
 

@@ -122,8 +122,8 @@ mod tests {
         assert_eq!(counts[1], 0);
         assert_eq!(counts[0] + counts[2], 300);
         let ctx = PickContext {
-            client: None,
             tried: &[0, 2],
+            ..PickContext::default()
         };
         assert_eq!(rr.pick(&c, &ctx), None);
     }

@@ -51,6 +51,34 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest weight of one pool in a route's weighted split.
 pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
+/// Default maglev table size (a prime; the Maglev paper's own example size).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
+/// Default ring_hash points per backend (ketama places 160 per server).
+pub const DEFAULT_RING_VNODES: u32 = 160;
+/// The largest maglev table: 2^24 entries of 4 bytes each.
+pub const MAX_MAGLEV_TABLE_SIZE: usize = 1 << 24;
+/// Default sticky cookie lifetime.
+pub const DEFAULT_STICKY_TTL: Duration = Duration::from_secs(3600);
+/// Default time between health probes of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time one health probe may take.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successes that bring a backend back (HAProxy's default).
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Default consecutive failures that take a backend down (HAProxy's default).
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Default failures in a row that eject a backend (Envoy's default).
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default length of a first ejection (Envoy's default).
+pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+/// Default cap on one ejection (Envoy's default).
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+/// Default share of a pool that may be ejected at once.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// Default longest wait in a pool's queue.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time to finish work on a backend that is drained.
+pub const DEFAULT_BACKEND_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
 pub const MAX_WEIGHT: u32 = 256;
 
@@ -456,6 +484,107 @@ pub struct PoolConfig {
     pub upstream_protocol: UpstreamProtocol,
     /// http: TLS toward the backends.
     pub tls: Option<UpstreamTls>,
+    /// maglev and ring_hash: what the hash is computed from.
+    pub hash_key: HashKey,
+    /// maglev: the lookup table's size, a prime at least 100 times the number of backends.
+    pub maglev_table_size: usize,
+    /// ring_hash: points on the ring per backend of average weight.
+    pub ring_vnodes: u32,
+    /// http: persistence by a cookie that names the backend.
+    pub sticky: Option<StickyConfig>,
+    /// Active health checks.
+    pub health: Option<HealthConfig>,
+    /// Passive health: ejection of backends that keep failing.
+    pub outlier: Option<OutlierConfig>,
+    /// When no backend is usable, use them all (except drained and disabled ones) anyway.
+    pub panic_mode: bool,
+    /// A backend that becomes usable again takes this long to reach its full share.
+    pub slow_start: Option<Duration>,
+    /// Where requests wait when every backend is at its `max_connections`.
+    pub queue: Option<QueueConfig>,
+    /// How long connections and requests on a draining backend may go on before they are closed.
+    pub drain_timeout: Duration,
+}
+
+/// What consistent hashing keys on. A request without the key falls back to round robin.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// The client's address (after the PROXY protocol); the only key Layer 4 has.
+    #[default]
+    SourceIp,
+    /// The value of a request header (http).
+    Header(http::HeaderName),
+    /// The value of a request cookie (http).
+    Cookie(String),
+    /// The request path without the query (http).
+    Path,
+    /// The value of a query parameter (http).
+    Query(String),
+}
+
+/// `sticky = { cookie, ttl, secret }`.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    /// The cookie's name.
+    pub cookie: String,
+    /// The cookie's lifetime (Max-Age, and the signed expiry inside it).
+    pub ttl: Duration,
+    /// Key for signing; instances that share it honour each other's cookies. Without it each
+    /// process draws a random key.
+    pub secret: Option<String>,
+}
+
+/// `health = { ... }`: how and how often each backend is probed.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// What one probe does.
+    pub kind: HealthKind,
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take a backend down.
+    pub fall: u32,
+}
+
+/// The kind of probe.
+#[derive(Debug, Clone)]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.1 GET whose status must fall in one of `expect`.
+    Http {
+        /// Request path.
+        path: String,
+        /// Host header; the backend's address when absent.
+        host: Option<String>,
+        /// Accepted status ranges, inclusive.
+        expect: Vec<(u16, u16)>,
+    },
+}
+
+/// `outlier = { ... }`: passive health.
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    /// Connect failures or 5xx answers in a row that eject a backend.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further ejection multiplies it.
+    pub base_ejection_time: Duration,
+    /// The longest ejection.
+    pub max_ejection_time: Duration,
+    /// The most of the pool's backends that may be ejected at once.
+    pub max_ejected_percent: u32,
+}
+
+/// `queue = { size, timeout }`.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Requests or connections that may wait at once; beyond it they are refused.
+    pub size: usize,
+    /// The longest wait.
+    pub timeout: Duration,
 }
 
 /// The protocol an http listener speaks to a pool's backends.
@@ -475,6 +604,12 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// Relative share of new connections, 1..=[`MAX_WEIGHT`].
     pub weight: u32,
+    /// Used only when no primary backend is usable.
+    pub backup: bool,
+    /// Takes no new connections; work in flight finishes.
+    pub drain: bool,
+    /// Concurrent connections (L4) or requests (http) it takes; `None` is unlimited.
+    pub max_connections: Option<u64>,
 }
 
 /// The balancing algorithms.
@@ -488,6 +623,19 @@ pub enum BalanceKind {
     Random,
     /// Power of two random choices on active connections.
     P2c,
+    /// Power of two choices on peak-EWMA latency times outstanding requests.
+    P2cEwma,
+    /// Maglev consistent hashing.
+    Maglev,
+    /// Ketama-style consistent hashing on a ring with virtual nodes.
+    RingHash,
+}
+
+impl BalanceKind {
+    /// Whether the algorithm picks by a hash of [`HashKey`].
+    pub fn is_hashing(self) -> bool {
+        matches!(self, BalanceKind::Maglev | BalanceKind::RingHash)
+    }
 }
 
 impl Config {

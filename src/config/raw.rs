@@ -257,6 +257,68 @@ pub struct RawPool {
     pub upstream_protocol: Option<String>,
     /// http: TLS toward the backends.
     pub tls: Option<RawUpstreamTls>,
+    /// What consistent hashing keys on: "source_ip", "header:NAME", "cookie:NAME", "path",
+    /// "query:NAME".
+    pub hash_key: Option<String>,
+    /// maglev: lookup table size, a prime.
+    pub maglev_table_size: Option<i64>,
+    /// ring_hash: points on the ring per backend at average weight.
+    pub ring_vnodes: Option<i64>,
+    /// http: cookie-based persistence.
+    pub sticky: Option<RawSticky>,
+    /// Active health checks.
+    pub health: Option<RawHealth>,
+    /// Passive health: ejection after consecutive failures.
+    pub outlier: Option<RawOutlier>,
+    /// Use every backend when none is usable, rather than refusing.
+    pub panic_mode: Option<bool>,
+    /// Ramp-up time of a backend that becomes usable again.
+    pub slow_start: Option<String>,
+    /// Waiting room when every backend is at its `max_connections`.
+    pub queue: Option<RawQueue>,
+    /// How long work in flight on a draining backend may go on before it is closed.
+    pub drain_timeout: Option<String>,
+}
+
+/// `sticky = { cookie, ttl, secret }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub cookie: Option<String>,
+    pub ttl: Option<String>,
+    pub secret: Option<String>,
+}
+
+/// `health = { kind, path, expect_status, interval, timeout, rise, fall, host }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub expect_status: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    pub host: Option<String>,
+}
+
+/// `outlier = { consecutive_failures, base_ejection_time, max_ejection_time, max_ejected_percent }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejected_percent: Option<i64>,
+}
+
+/// `queue = { size, timeout }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub size: Option<i64>,
+    pub timeout: Option<String>,
 }
 
 /// A backend: `"host:port"` or `{ address = "host:port", weight = N }`.
@@ -303,4 +365,7 @@ impl<'de> Deserialize<'de> for RawBackend {
 pub struct RawBackendTable {
     pub address: Option<String>,
     pub weight: Option<i64>,
+    pub backup: Option<bool>,
+    pub drain: Option<bool>,
+    pub max_connections: Option<i64>,
 }

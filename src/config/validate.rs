@@ -341,15 +341,41 @@ fn validate_listener(
                 );
             }
             if let Some(name) = &pool
-                && pools.valid.get(name).is_some_and(|p| p.tls.is_some())
+                && let Some(p) = pools.valid.get(name)
             {
-                problems.push(
-                    format!("{at}.pool"),
-                    format!(
-                        "pool `{name}` sets tls, which only http listeners speak to backends \
-                         ({protocol} listeners pass bytes through as they are)"
-                    ),
-                );
+                if p.hash_key != HashKey::SourceIp {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!(
+                            "pool `{name}` hashes on a request attribute; a {protocol} listener \
+                             can hash only on source_ip"
+                        ),
+                    );
+                }
+                if p.sticky.is_some() {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!("pool `{name}` sets sticky, a cookie only http listeners can set"),
+                    );
+                }
+                if protocol == "udp" && p.health.is_some() {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!(
+                            "pool `{name}` sets health, but UDP backends cannot be probed; \
+                             use outlier detection"
+                        ),
+                    );
+                }
+                if p.tls.is_some() {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!(
+                            "pool `{name}` sets tls, which only http listeners speak to backends \
+                             ({protocol} listeners pass bytes through as they are)"
+                        ),
+                    );
+                }
             }
             if protocol == "tcp" {
                 only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
@@ -1147,10 +1173,19 @@ fn validate_pool(
             let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
             for (i, backend) in list.into_iter().enumerate() {
                 let path = format!("{at}.backends[{i}]");
-                let (address, weight) = match backend {
-                    RawBackend::Address(address) => (Some(address), None),
-                    RawBackend::Table(table) => (table.address, table.weight),
+                let (address, weight, backup, drain, max_connections) = match backend {
+                    RawBackend::Address(address) => (Some(address), None, false, false, None),
+                    RawBackend::Table(table) => (
+                        table.address,
+                        table.weight,
+                        table.backup.unwrap_or(false),
+                        table.drain.unwrap_or(false),
+                        table.max_connections,
+                    ),
                 };
+                let max_connections = max_connections.map(|n| {
+                    positive(problems, &format!("{path}.max_connections"), Some(n), 1) as u64
+                });
                 let addr = match address {
                     None => {
                         problems.push(format!("{path}.address"), "missing");
@@ -1176,7 +1211,13 @@ fn validate_pool(
                             format!("duplicate backend {addr} (also {at}.backends[{first}])"),
                         );
                     }
-                    backends.push(BackendConfig { addr, weight });
+                    backends.push(BackendConfig {
+                        addr,
+                        weight,
+                        backup,
+                        drain,
+                        max_connections,
+                    });
                 }
             }
         }
@@ -1186,11 +1227,15 @@ fn validate_pool(
         Some("least_conn") => BalanceKind::LeastConn,
         Some("random") => BalanceKind::Random,
         Some("p2c") => BalanceKind::P2c,
+        Some("p2c_ewma") => BalanceKind::P2cEwma,
+        Some("maglev") => BalanceKind::Maglev,
+        Some("ring_hash") => BalanceKind::RingHash,
         Some(other) => {
             problems.push(
                 format!("{at}.balance"),
                 format!(
-                    "unknown algorithm `{other}` (expected round_robin, least_conn, random or p2c)"
+                    "unknown algorithm `{other}` (expected round_robin, least_conn, random, p2c, \
+                     p2c_ewma, maglev or ring_hash)"
                 ),
             );
             BalanceKind::RoundRobin
@@ -1253,11 +1298,203 @@ fn validate_pool(
         .tls
         .as_ref()
         .and_then(|tls| validate_upstream_tls(problems, &format!("{at}.tls"), tls, base));
+    if !backends.is_empty() && backends.iter().all(|b| b.backup) {
+        problems.push(
+            format!("{at}.backends"),
+            "every backend is a backup: at least one must be a primary",
+        );
+    }
+    let hash_key = match raw.hash_key.as_deref() {
+        None => HashKey::SourceIp,
+        Some(text) => {
+            if !balance.is_hashing() {
+                problems.push(
+                    format!("{at}.hash_key"),
+                    "applies only to balance = \"maglev\" or \"ring_hash\"",
+                );
+            }
+            problems
+                .check(format!("{at}.hash_key"), parse_hash_key(text))
+                .unwrap_or_default()
+        }
+    };
+    let maglev_table_size = match raw.maglev_table_size {
+        None => default_maglev_size(backends.len()),
+        Some(n) => {
+            let path = format!("{at}.maglev_table_size");
+            if balance != BalanceKind::Maglev {
+                problems.push(&path, "applies only to balance = \"maglev\"");
+            }
+            let minimum = 100 * backends.len().max(1);
+            match usize::try_from(n) {
+                Ok(n) if n > MAX_MAGLEV_TABLE_SIZE => problems.push(
+                    &path,
+                    format!("{n} is too large: at most {MAX_MAGLEV_TABLE_SIZE}"),
+                ),
+                Ok(n) if n >= minimum && is_prime(n) => {}
+                _ => problems.push(
+                    &path,
+                    format!(
+                        "{n} must be a prime of at least 100 x backends ({minimum}); \
+                         {} would do",
+                        default_maglev_size(backends.len())
+                    ),
+                ),
+            }
+            usize::try_from(n).unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE)
+        }
+    };
+    let ring_vnodes = match raw.ring_vnodes {
+        None => DEFAULT_RING_VNODES,
+        Some(n) => {
+            let path = format!("{at}.ring_vnodes");
+            if balance != BalanceKind::RingHash {
+                problems.push(&path, "applies only to balance = \"ring_hash\"");
+            }
+            if (1..=10_000).contains(&n) {
+                n as u32
+            } else {
+                problems.push(&path, format!("{n} is out of range: 1 to 10000"));
+                DEFAULT_RING_VNODES
+            }
+        }
+    };
+    let sticky = raw.sticky.map(|raw| {
+        let path = format!("{at}.sticky");
+        let cookie = match raw.cookie {
+            None => {
+                problems.push(format!("{path}.cookie"), "missing: the cookie's name");
+                String::new()
+            }
+            Some(name) if !is_cookie_name(&name) => {
+                problems.push(
+                    format!("{path}.cookie"),
+                    format!("`{name}` is not a valid cookie name"),
+                );
+                name
+            }
+            Some(name) => name,
+        };
+        let ttl = optional_duration(
+            problems,
+            &format!("{path}.ttl"),
+            raw.ttl.as_deref(),
+            DEFAULT_STICKY_TTL,
+        );
+        if raw.secret.as_deref().is_some_and(|s| s.len() < 16) {
+            problems.push(
+                format!("{path}.secret"),
+                "too short: use at least 16 characters",
+            );
+        }
+        StickyConfig {
+            cookie,
+            ttl,
+            secret: raw.secret,
+        }
+    });
+    let health = raw
+        .health
+        .and_then(|raw| validate_health(problems, &format!("{at}.health"), raw));
+    let outlier = raw.outlier.map(|raw| {
+        let path = format!("{at}.outlier");
+        let consecutive_failures = positive(
+            problems,
+            &format!("{path}.consecutive_failures"),
+            raw.consecutive_failures,
+            DEFAULT_CONSECUTIVE_FAILURES as usize,
+        )
+        .min(u32::MAX as usize) as u32;
+        let base_ejection_time = optional_duration(
+            problems,
+            &format!("{path}.base_ejection_time"),
+            raw.base_ejection_time.as_deref(),
+            DEFAULT_BASE_EJECTION_TIME,
+        );
+        let max_ejection_time = optional_duration(
+            problems,
+            &format!("{path}.max_ejection_time"),
+            raw.max_ejection_time.as_deref(),
+            DEFAULT_MAX_EJECTION_TIME.max(base_ejection_time),
+        );
+        if max_ejection_time < base_ejection_time {
+            problems.push(
+                format!("{path}.max_ejection_time"),
+                "is shorter than base_ejection_time",
+            );
+        }
+        let max_ejected_percent = match raw.max_ejected_percent {
+            None => DEFAULT_MAX_EJECTED_PERCENT,
+            Some(n) if (0..=100).contains(&n) => n as u32,
+            Some(n) => {
+                problems.push(
+                    format!("{path}.max_ejected_percent"),
+                    format!("{n} is out of range: 0 to 100"),
+                );
+                DEFAULT_MAX_EJECTED_PERCENT
+            }
+        };
+        OutlierConfig {
+            consecutive_failures,
+            base_ejection_time,
+            max_ejection_time,
+            max_ejected_percent,
+        }
+    });
+    let slow_start = raw.slow_start.as_deref().map(|text| {
+        optional_duration(
+            problems,
+            &format!("{at}.slow_start"),
+            Some(text),
+            Duration::ZERO,
+        )
+    });
+    let queue = raw.queue.map(|raw| {
+        let path = format!("{at}.queue");
+        if !backends.iter().any(|b| b.max_connections.is_some()) {
+            problems.push(
+                &path,
+                "a queue holds requests while every backend is at its max_connections, \
+                 but no backend sets max_connections",
+            );
+        }
+        QueueConfig {
+            size: match raw.size {
+                None => {
+                    problems.push(format!("{path}.size"), "missing");
+                    0
+                }
+                Some(n) => positive(problems, &format!("{path}.size"), Some(n), 1),
+            },
+            timeout: optional_duration(
+                problems,
+                &format!("{path}.timeout"),
+                raw.timeout.as_deref(),
+                DEFAULT_QUEUE_TIMEOUT,
+            ),
+        }
+    });
+    let drain_timeout = optional_duration(
+        problems,
+        &format!("{at}.drain_timeout"),
+        raw.drain_timeout.as_deref(),
+        DEFAULT_BACKEND_DRAIN_TIMEOUT,
+    );
     if problems.0.len() > before {
         return None;
     }
     Some(PoolConfig {
         tls,
+        hash_key,
+        maglev_table_size,
+        ring_vnodes,
+        sticky,
+        health,
+        outlier,
+        panic_mode: raw.panic_mode.unwrap_or(false),
+        slow_start,
+        queue,
+        drain_timeout,
         response_timeout,
         upstream_protocol,
         name: name.to_owned(),
@@ -1448,6 +1685,163 @@ fn validate_sni_routes(
         }
     }
     routes
+}
+
+/// `"source_ip"`, `"header:NAME"`, `"cookie:NAME"`, `"path"` or `"query:NAME"`.
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let expected =
+        "expected \"source_ip\", \"header:NAME\", \"cookie:NAME\", \"path\" or \"query:NAME\"";
+    match text.split_once(':') {
+        None if text == "source_ip" => Ok(HashKey::SourceIp),
+        None if text == "path" => Ok(HashKey::Path),
+        Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+            .map(HashKey::Header)
+            .map_err(|_| format!("`{name}` is not a valid header name")),
+        Some(("cookie", name)) if is_cookie_name(name) => Ok(HashKey::Cookie(name.to_owned())),
+        Some(("query", name)) if !name.is_empty() => Ok(HashKey::Query(name.to_owned())),
+        _ => Err(format!("unknown hash key `{text}` ({expected})")),
+    }
+}
+
+/// A cookie name is an RFC 6265 token.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+fn validate_health(
+    problems: &mut Problems,
+    path: &str,
+    raw: super::raw::RawHealth,
+) -> Option<HealthConfig> {
+    let before = problems.0.len();
+    let http_only = |problems: &mut Problems, present: bool, key: &str| {
+        if present {
+            problems.push(format!("{path}.{key}"), "applies only to kind = \"http\"");
+        }
+    };
+    let kind = match raw.kind.as_deref() {
+        Some("tcp") => {
+            http_only(problems, raw.path.is_some(), "path");
+            http_only(problems, raw.host.is_some(), "host");
+            http_only(problems, raw.expect_status.is_some(), "expect_status");
+            HealthKind::Tcp
+        }
+        Some("http") => {
+            let probe_path = raw.path.unwrap_or_else(|| "/".to_owned());
+            if !probe_path.starts_with('/') || probe_path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                problems.push(
+                    format!("{path}.path"),
+                    "must start with `/` and contain no spaces or control characters",
+                );
+            }
+            if raw
+                .host
+                .as_deref()
+                .is_some_and(|h| h.is_empty() || h.bytes().any(|b| b <= b' ' || b == 0x7f))
+            {
+                problems.push(format!("{path}.host"), "not a valid Host value");
+            }
+            let expect = match raw.expect_status.as_deref() {
+                None => vec![(200, 399)],
+                Some(text) => problems
+                    .check(format!("{path}.expect_status"), parse_status_ranges(text))
+                    .unwrap_or_default(),
+            };
+            HealthKind::Http {
+                path: probe_path,
+                host: raw.host,
+                expect,
+            }
+        }
+        None => {
+            problems.push(format!("{path}.kind"), "missing: \"tcp\" or \"http\"");
+            return None;
+        }
+        Some(other) => {
+            problems.push(
+                format!("{path}.kind"),
+                format!("unknown kind `{other}` (expected \"tcp\" or \"http\")"),
+            );
+            return None;
+        }
+    };
+    let interval = optional_duration(
+        problems,
+        &format!("{path}.interval"),
+        raw.interval.as_deref(),
+        DEFAULT_HEALTH_INTERVAL,
+    );
+    let timeout = optional_duration(
+        problems,
+        &format!("{path}.timeout"),
+        raw.timeout.as_deref(),
+        DEFAULT_HEALTH_TIMEOUT.min(interval),
+    );
+    if timeout > interval {
+        problems.push(
+            format!("{path}.timeout"),
+            "is longer than the interval: probes would overlap",
+        );
+    }
+    let count = |problems: &mut Problems, key: &str, value: Option<i64>, default: u32| match value {
+        None => default,
+        Some(n) if (1..=100).contains(&n) => n as u32,
+        Some(n) => {
+            problems.push(
+                format!("{path}.{key}"),
+                format!("{n} is out of range: 1 to 100"),
+            );
+            default
+        }
+    };
+    let rise = count(problems, "rise", raw.rise, DEFAULT_HEALTH_RISE);
+    let fall = count(problems, "fall", raw.fall, DEFAULT_HEALTH_FALL);
+    (problems.0.len() == before).then_some(HealthConfig {
+        kind,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+/// `"200-399"`, `"200"`, `"200,204,300-302"`.
+fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    let status = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (100..=599).contains(n))
+            .ok_or_else(|| format!("`{}` is not a status code (100 to 599)", s.trim()))
+    };
+    text.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((low, high)) => {
+                let (low, high) = (status(low)?, status(high)?);
+                if low > high {
+                    return Err(format!("`{}` is an empty range", part.trim()));
+                }
+                Ok((low, high))
+            }
+            None => status(part).map(|s| (s, s)),
+        })
+        .collect()
+}
+
+fn is_prime(n: usize) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+/// 65537, or for pools of more than 655 backends the first prime of at least 100 per backend.
+fn default_maglev_size(backends: usize) -> usize {
+    let minimum = (100 * backends).max(DEFAULT_MAGLEV_TABLE_SIZE);
+    (minimum..).find(|&n| is_prime(n)).unwrap_or(minimum)
 }
 
 /// The pools a listener or route may name.

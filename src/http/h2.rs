@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -31,10 +32,8 @@ use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{HttpProxy, new_request_id, valid_request_id};
 use crate::backend::ActiveGuard;
-use crate::balance::PickContext;
-use crate::config::MAX_CONNECT_ATTEMPTS;
 use crate::config::{Rules, UpstreamProtocol};
-use crate::pool::Pool;
+use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool};
 use crate::stream::Stream;
 use crate::tls::Negotiated;
 
@@ -252,6 +251,15 @@ impl RequestView for View<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.parts.headers.get(name).map(HeaderValue::as_bytes)
     }
+
+    fn cookie(&self, name: &str) -> Option<&[u8]> {
+        // HTTP/2 clients may send each cookie in a field of its own.
+        self.parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .find_map(|field| super::persist::cookie_value(Some(field.as_bytes()), name))
+    }
 }
 
 /// Fields that are connection-specific in HTTP/1.1 and must not be sent on (RFC 9113 section
@@ -443,11 +451,13 @@ async fn proceed(
         Some(id) if valid_request_id(id) => id.to_vec(),
         _ => new_request_id(&mut generated).to_vec(),
     };
+    let input = super::persist::pick_input(pool, &view, source.ip());
     if pool.upstream_protocol == UpstreamProtocol::H2 {
         let host = view.host().map(<[u8]>::to_vec);
         return forward_h2(
             proxy,
             pool,
+            input,
             parts,
             body,
             source,
@@ -550,11 +560,23 @@ async fn proceed(
     }
     head.extend_from_slice(b"\r\n");
 
-    let (conn, response, guard) =
-        match exchange(proxy, pool, source, &head, body, framing, &parts.method).await {
-            Ok(done) => done,
-            Err(status) => return status_response(status),
-        };
+    let (conn, response, picked) = match exchange(
+        proxy,
+        pool,
+        input,
+        source,
+        &head,
+        body,
+        framing,
+        &parts.method,
+    )
+    .await
+    {
+        Ok(done) => done,
+        Err(status) => return status_response(status),
+    };
+    let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
+    let guard = picked.guard;
 
     let mut builder = Response::builder()
         .status(StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY));
@@ -568,6 +590,9 @@ async fn proceed(
     }
     if let Ok(id) = HeaderValue::from_bytes(&request_id) {
         builder = builder.header("x-request-id", id);
+    }
+    if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        builder = builder.header(http::header::SET_COOKIE, cookie);
     }
     let encoding = compression.and_then(|config| {
         super::choose_encoding(
@@ -615,11 +640,16 @@ async fn proceed(
         let idle = pool.response_timeout;
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
         let framing = response.framing;
+        let closer = guard.state().closer();
         tokio::spawn(async move {
             // The request stays in flight on its backend until the body is through.
             let _guard = guard;
             let mut conn = conn;
-            match pump_body(&mut conn, framing, &tx, idle, encoder).await {
+            let pumped = tokio::select! {
+                pumped = pump_body(&mut conn, framing, &tx, idle, encoder) => pumped,
+                () = closer.cancelled() => Err(io::Error::other("the backend's drain deadline passed")),
+            };
+            match pumped {
                 Ok(()) if reusable => upstream.checkin(conn),
                 Ok(()) => {}
                 Err(error) => {
@@ -640,6 +670,7 @@ async fn proceed(
 async fn forward_h2(
     proxy: &HttpProxy,
     pool: &Pool,
+    input: PickInput,
     parts: http::request::Parts,
     body: Incoming,
     source: SocketAddr,
@@ -702,35 +733,15 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
-    let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
-    let mut count = 0;
-    let (mut sender, addr, guard) = loop {
-        if count == attempts {
-            return status_response(502);
-        }
-        let ctx = PickContext {
-            client: Some(source.ip()),
-            tried: &tried[..count],
-        };
-        let Some((index, candidate)) = pool.pick(&ctx) else {
-            return status_response(if count == 0 { 503 } else { 502 });
-        };
-        tried[count] = index;
-        count += 1;
-        let addr = candidate.state.addr;
-        let guard = candidate.state.start();
-        match proxy.h2_upstream.sender(addr, pool).await {
-            Ok(sender) => break (sender, addr, guard),
-            Err(error) => {
-                candidate
-                    .state
-                    .connect_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                debug!(backend = %addr, %error, "http/2 backend unavailable");
-            }
-        }
+    let (mut sender, picked) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+        Ok(found) => found,
+        Err(status) => return status_response(status),
     };
+    let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
+    let guard = picked.guard;
+    let state = Arc::clone(guard.state());
+    let addr = state.addr;
+    let started = tokio::time::Instant::now();
     let mut request = Request::new(UpstreamBody::Incoming(body));
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
@@ -745,15 +756,19 @@ async fn forward_h2(
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
             proxy.h2_upstream.forget(addr, pool);
+            pool.report(&state, false);
             return status_response(502);
         }
         Err(_) => {
             // A backend that stopped answering may sit on a dead connection: start afresh.
             proxy.h2_upstream.forget(addr, pool);
+            pool.report(&state, false);
             return status_response(504);
         }
     };
     guard.established();
+    state.observe_latency(started.elapsed());
+    pool.report(&state, response.status().as_u16() < 500);
     let (parts, body) = response.into_parts();
     let mut builder = Response::builder().status(parts.status);
     for (name, value) in &parts.headers {
@@ -764,57 +779,81 @@ async fn forward_h2(
     if let Ok(id) = HeaderValue::from_bytes(request_id) {
         builder = builder.header("x-request-id", id);
     }
+    if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        builder = builder.header(http::header::SET_COOKIE, cookie);
+    }
     builder
         .body(ResponseBody::Upstream(body, guard))
         .unwrap_or_else(|_| status_response(502))
 }
 
+/// Picks a backend of an HTTP/2 pool and its shared connection, moving on to the next backend
+/// when one cannot be reached.
+pub(super) async fn h2_sender<'p>(
+    upstream: &super::h2_upstream::H2Pool,
+    pool: &'p Pool,
+    input: PickInput,
+) -> Result<(SendRequest<UpstreamBody>, Picked<'p>), u16> {
+    let mut attempts = Attempts::new(pool, input);
+    loop {
+        let picked = match attempts.next().await {
+            Ok(picked) => picked,
+            Err(NoBackend::Exhausted) => return Err(502),
+            Err(_) => return Err(503),
+        };
+        let state = &picked.candidate.state;
+        match upstream.sender(state.addr, pool).await {
+            Ok(sender) => return Ok((sender, picked)),
+            Err(error) => {
+                state
+                    .connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pool.report(state, false);
+                debug!(backend = %state.addr, %error, "http/2 backend unavailable");
+            }
+        }
+    }
+}
+
 /// Picks a backend, sends the head and the client's body, and reads the response head.
 /// Connect failures move on to the next backend; anything after the request was sent is a 502
 /// (or 504 on the response timeout).
-async fn exchange(
+#[allow(clippy::too_many_arguments)]
+async fn exchange<'p>(
     proxy: &HttpProxy,
-    pool: &Pool,
+    pool: &'p Pool,
+    input: PickInput,
     source: SocketAddr,
     head: &[u8],
     mut body: Incoming,
     framing: Framing,
     method: &http::Method,
-) -> Result<(UpstreamConn, ResponseHead, ActiveGuard), u16> {
+) -> Result<(UpstreamConn, ResponseHead, Picked<'p>), u16> {
     let is_head = method == http::Method::HEAD;
-    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
-    let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
-    let mut count = 0;
-    let (mut conn, guard) = loop {
-        if count == attempts {
-            return Err(502);
-        }
-        let ctx = PickContext {
-            client: Some(source.ip()),
-            tried: &tried[..count],
+    let mut attempts = Attempts::new(pool, input);
+    let (mut conn, picked) = loop {
+        let picked = match attempts.next().await {
+            Ok(picked) => picked,
+            Err(NoBackend::Exhausted) => return Err(502),
+            Err(_) => return Err(503),
         };
-        let Some((index, candidate)) = pool.pick(&ctx) else {
-            return Err(if count == 0 { 503 } else { 502 });
-        };
-        tried[count] = index;
-        count += 1;
-        let addr = candidate.state.addr;
-        let guard = candidate.state.start();
+        let state = &picked.candidate.state;
         if pool.send_proxy_protocol.is_none()
-            && let Some(conn) = proxy.upstream.checkout(pool.conn_key(addr))
+            && let Some(conn) = proxy.upstream.checkout(pool.conn_key(state.addr))
         {
-            break (conn, guard);
+            break (conn, picked);
         }
-        match connect(pool, addr, source).await {
-            Ok(conn) => break (conn, guard),
+        match connect(pool, state.addr, source).await {
+            Ok(conn) => break (conn, picked),
             Err(_) => {
-                candidate
-                    .state
+                state
                     .connect_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pool.report(state, false);
             }
         }
     };
+    let state = Arc::clone(&picked.candidate.state);
     // A pooled connection the backend closed while it sat idle fails before any response: a
     // bodiless idempotent request then gets one fresh connection to the same backend.
     let retryable = framing == Framing::Empty
@@ -829,16 +868,25 @@ async fn exchange(
         );
     loop {
         let reused = conn.reused;
+        let started = tokio::time::Instant::now();
         match send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head).await {
             Ok(response) => {
-                guard.established();
-                return Ok((conn, response, guard));
+                picked.guard.established();
+                state.observe_latency(started.elapsed());
+                pool.report(&state, response.status < 500);
+                return Ok((conn, response, picked));
             }
             Err(Attempt::Stale) if reused && retryable => {
                 conn = connect(pool, conn.addr, source).await.map_err(|_| 502u16)?;
             }
-            Err(Attempt::Stale) => return Err(502),
-            Err(Attempt::Status(status)) => return Err(status),
+            Err(Attempt::Stale) => {
+                pool.report(&state, false);
+                return Err(502);
+            }
+            Err(Attempt::Status(status)) => {
+                pool.report(&state, false);
+                return Err(status);
+            }
         }
     }
 }

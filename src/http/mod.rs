@@ -12,6 +12,7 @@ pub mod compress;
 pub mod h1;
 pub mod h2;
 pub mod h2_upstream;
+pub mod persist;
 pub mod router;
 pub mod upstream;
 
@@ -29,10 +30,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::debug;
 
-use crate::backend::ActiveGuard;
-use crate::balance::PickContext;
-use crate::config::{MAX_CONNECT_ATTEMPTS, ProxyProtocolAccept, Redirect, Rewrite, Rules};
-use crate::pool::{Pool, Snapshot};
+use crate::backend::DRAINING;
+use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
+use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool, Snapshot};
 use crate::proxy_protocol;
 use crate::stream::Stream;
 use crate::tls::{Negotiated, ServerTls};
@@ -380,16 +380,23 @@ impl HttpProxy {
             .await
             .map_err(|_| Failure::Abort)?;
         }
+        let input = persist::pick_input(pool, head, client.source.ip());
         if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
             return self
-                .forward_to_h2(client, head, pool, request_id, route_rules)
+                .forward_to_h2(client, head, pool, input, request_id, route_rules)
                 .await;
         }
         let mut out = BytesMut::with_capacity(1024);
         self.request_filter(client, head, request_id, route_rules, &mut out)?;
 
         // Phases 4-6: backend, request, response head; retried within bounds.
-        let (mut conn, guard, response) = self.upstream_exchange(client, head, pool, &out).await?;
+        let (mut conn, picked, response) = self
+            .upstream_exchange(client, head, pool, input, &out)
+            .await?;
+        let guard = picked.guard;
+        let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
+        // A draining backend's deadline ends what is still running on it.
+        let closer = guard.state().closer();
         let id_field = [("x-request-id", request_id)];
 
         if response.status == 101 {
@@ -401,10 +408,13 @@ impl HttpProxy {
                 false,
                 &["x-request-id"],
                 &[
-                    ("connection", b"upgrade"),
+                    ("connection", &b"upgrade"[..]),
                     ("upgrade", b"websocket"),
                     ("x-request-id", request_id),
-                ],
+                ]
+                .into_iter()
+                .chain(set_cookie.as_deref().map(|c| ("set-cookie", c.as_bytes())))
+                .collect::<Vec<_>>(),
                 &[],
             );
             out.extend_from_slice(&conn.buf);
@@ -412,36 +422,43 @@ impl HttpProxy {
                 .await
                 .map_err(|_| Failure::Abort)?;
             let initial = client.buf.split().to_vec();
-            if let (Stream::Plain(client_tcp), Stream::Plain(backend_tcp)) =
-                (&client.stream, &conn.stream)
-            {
-                let (result, moved) = crate::l4::forward::forward(
-                    client_tcp,
-                    backend_tcp,
-                    initial,
-                    false,
-                    UPGRADE_IDLE_TIMEOUT,
-                    guard.state(),
-                )
-                .await;
-                debug!(
-                    listener = %self.name, client = %client.source, ?result,
-                    up = moved.upstream, down = moved.downstream, "upgraded connection ended"
-                );
-            } else {
-                let (result, moved) = crate::stream::tunnel(
-                    &mut client.stream,
-                    &mut conn.stream,
-                    &initial,
-                    UPGRADE_IDLE_TIMEOUT,
-                    guard.state(),
-                )
-                .await;
-                debug!(
-                    listener = %self.name, client = %client.source, ?result,
-                    up = moved.upstream, down = moved.downstream, "upgraded connection ended"
-                );
-            }
+            let tunnel = async {
+                if let (Stream::Plain(client_tcp), Stream::Plain(backend_tcp)) =
+                    (&client.stream, &conn.stream)
+                {
+                    let (result, moved) = crate::l4::forward::forward(
+                        client_tcp,
+                        backend_tcp,
+                        initial,
+                        false,
+                        UPGRADE_IDLE_TIMEOUT,
+                        guard.state(),
+                    )
+                    .await;
+                    (result.map(|_| ()), moved.upstream, moved.downstream)
+                } else {
+                    let (result, moved) = crate::stream::tunnel(
+                        &mut client.stream,
+                        &mut conn.stream,
+                        &initial,
+                        UPGRADE_IDLE_TIMEOUT,
+                        guard.state(),
+                    )
+                    .await;
+                    (result, moved.upstream, moved.downstream)
+                }
+            };
+            let (result, up, down) = tokio::select! {
+                done = tunnel => done,
+                () = closer.cancelled() => {
+                    debug!(listener = %self.name, client = %client.source, "upgraded connection closed at the backend's drain deadline");
+                    return Ok(Next::Close);
+                }
+            };
+            debug!(
+                listener = %self.name, client = %client.source, ?result,
+                up, down, "upgraded connection ended"
+            );
             return Ok(Next::Close);
         }
 
@@ -476,13 +493,19 @@ impl HttpProxy {
             (framing, _) => framing,
         };
         // While shutting down, every response tells the client to go elsewhere next time.
+        // So does a draining backend's response: a client that keeps its connection may be
+        // tied to the backend (by a sticky cookie, or by a proxy of its own in between).
         let close = head.close
             || head.ambiguous
             || client_framing == Framing::UntilClose
-            || self.shutdown.is_cancelled();
+            || self.shutdown.is_cancelled()
+            || guard.state().flags() & DRAINING != 0;
         out.clear();
         if compression.is_some() {
             let (mut drop, mut extra, flags) = self.response_edits(route_rules, request_id);
+            if let Some(cookie) = &set_cookie {
+                extra.push(("set-cookie", cookie.as_bytes()));
+            }
             let weak_etag;
             if let Some(encoder) = &encoder {
                 extra.push(("content-encoding", encoder.token().as_bytes()));
@@ -508,6 +531,7 @@ impl HttpProxy {
         } else if self.rules.response_headers.is_empty()
             && self.rules.cookie_flags.is_empty()
             && route_rules.is_none()
+            && set_cookie.is_none()
         {
             response.write_downstream(
                 &mut out,
@@ -518,10 +542,13 @@ impl HttpProxy {
                 &[],
             );
         } else {
-            let (drop, extra, flags) = self.response_edits(route_rules, request_id);
+            let (drop, mut extra, flags) = self.response_edits(route_rules, request_id);
+            if let Some(cookie) = &set_cookie {
+                extra.push(("set-cookie", cookie.as_bytes()));
+            }
             response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
         }
-        let done = transfer_body(
+        let transfer = transfer_body(
             &mut conn.stream,
             &mut conn.buf,
             &mut client.stream,
@@ -533,8 +560,13 @@ impl HttpProxy {
                 limit: None,
             },
             &mut encoder,
-        )
-        .await;
+        );
+        let done = tokio::select! {
+            done = transfer => done,
+            () = closer.cancelled() => Err(BodyError::Read(io::Error::other(
+                "the backend's drain deadline passed",
+            ))),
+        };
         drop(guard);
         match done {
             Ok(()) => {
@@ -697,6 +729,7 @@ impl HttpProxy {
         client: &mut Client,
         head: &RequestHead,
         pool: &Pool,
+        input: PickInput,
         request_id: &[u8],
         route_rules: Option<&Rules>,
     ) -> Result<Next, Failure> {
@@ -777,32 +810,14 @@ impl HttpProxy {
         let method =
             http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
 
-        let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
-        let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
-        let mut count = 0;
-        let (mut sender, guard) = loop {
-            if count == attempts {
-                return Err(Failure::Status(502));
-            }
-            let ctx = PickContext {
-                client: Some(client.source.ip()),
-                tried: &tried[..count],
-            };
-            let Some((index, candidate)) = pool.pick(&ctx) else {
-                return Err(Failure::Status(if count == 0 { 503 } else { 502 }));
-            };
-            tried[count] = index;
-            count += 1;
-            let guard = candidate.state.start();
-            match self.h2_upstream.sender(candidate.state.addr, pool).await {
-                Ok(sender) => break (sender, guard),
-                Err(error) => {
-                    candidate.state.connect_failures.fetch_add(1, Relaxed);
-                    debug!(backend = %candidate.state.addr, %error, "http/2 backend unavailable");
-                }
-            }
-        };
-        let addr = guard.state().addr;
+        let (mut sender, picked) = h2::h2_sender(&self.h2_upstream, pool, input)
+            .await
+            .map_err(Failure::Status)?;
+        let guard = picked.guard;
+        let state = Arc::clone(guard.state());
+        let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
+        let addr = state.addr;
+        let started = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let body = if head.framing == Framing::Empty {
             h2_upstream::UpstreamBody::Empty
@@ -850,6 +865,7 @@ impl HttpProxy {
                     }
                     _ = &mut deadline, if pumped => {
                         self.h2_upstream.forget(addr, pool);
+                        pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
                 }
@@ -868,11 +884,15 @@ impl HttpProxy {
             Some(Err(error)) => {
                 debug!(backend = %addr, %error, "http/2 backend request failed");
                 self.h2_upstream.forget(addr, pool);
+                pool.report(&state, false);
                 return Err(Failure::Status(502));
             }
             None => return Err(Failure::Status(502)),
         };
         guard.established();
+        state.observe_latency(started.elapsed());
+        pool.report(&state, response.status().as_u16() < 500);
+        let closer = state.closer();
 
         let (mut parts, mut body) = response.into_parts();
         h2::apply_response_rules(&mut parts.headers, &rules);
@@ -891,7 +911,8 @@ impl HttpProxy {
         let close = head.close
             || head.ambiguous
             || framing == Framing::UntilClose
-            || self.shutdown.is_cancelled();
+            || self.shutdown.is_cancelled()
+            || state.flags() & DRAINING != 0;
         let mut out = BytesMut::with_capacity(1024);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -910,6 +931,11 @@ impl HttpProxy {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(request_id);
         out.extend_from_slice(b"\r\n");
+        if let Some(cookie) = &set_cookie {
+            out.extend_from_slice(b"set-cookie: ");
+            out.extend_from_slice(cookie.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         match framing {
             Framing::Length(n) => {
                 out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
@@ -928,7 +954,11 @@ impl HttpProxy {
                     pool.response_timeout,
                     http_body_util::BodyExt::frame(&mut body),
                 );
-                let frame = match next.await {
+                let next = tokio::select! {
+                    next = next => next,
+                    () = closer.cancelled() => return Err(Failure::Abort),
+                };
+                let frame = match next {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,
                     Ok(Some(Err(_))) | Err(_) => return Err(Failure::Abort),
@@ -1033,30 +1063,25 @@ impl HttpProxy {
     /// a fresh connection) when that is safe: on connect failure always; on a connection that
     /// fails before any response byte, when the request had no body and the connection was a
     /// reused one (the backend may have closed it while idle) or the method is idempotent.
-    async fn upstream_exchange(
+    async fn upstream_exchange<'p>(
         &self,
         client: &mut Client,
         head: &RequestHead,
-        pool: &Pool,
+        pool: &'p Pool,
+        input: PickInput,
         request: &BytesMut,
-    ) -> Result<(UpstreamConn, ActiveGuard, ResponseHead), Failure> {
+    ) -> Result<(UpstreamConn, Picked<'p>, ResponseHead), Failure> {
         let has_body = head.framing != Framing::Empty;
-        let mut tried = [0usize; MAX_CONNECT_ATTEMPTS];
-        let mut count = 0;
-        let attempts = pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+        let mut attempts = Attempts::new(pool, input);
         let mut last_status = 503;
-        while count < attempts {
-            let ctx = PickContext {
-                client: Some(client.source.ip()),
-                tried: &tried[..count],
+        loop {
+            let picked = match attempts.next().await {
+                Ok(picked) => picked,
+                Err(NoBackend::Exhausted) => return Err(Failure::Status(last_status)),
+                Err(_) => return Err(Failure::Status(503)),
             };
-            let Some((index, candidate)) = pool.pick(&ctx) else {
-                break;
-            };
-            tried[count] = index;
-            count += 1;
-            let addr = candidate.state.addr;
-            let guard = candidate.state.start();
+            let state = &picked.candidate.state;
+            let addr = state.addr;
             // A pooled connection first; when it turns out dead, one fresh connection to the
             // same backend before moving on.
             let mut pooled = if pool.send_proxy_protocol.is_none() {
@@ -1070,7 +1095,8 @@ impl HttpProxy {
                     None => match connect(addr, pool, client).await {
                         Ok(conn) => conn,
                         Err(error) => {
-                            candidate.state.connect_failures.fetch_add(1, Relaxed);
+                            state.connect_failures.fetch_add(1, Relaxed);
+                            pool.report(state, false);
                             debug!(pool = %pool.name, backend = %addr, %error, "connect failed");
                             last_status = 502;
                             break;
@@ -1078,6 +1104,7 @@ impl HttpProxy {
                     },
                 };
                 let reused = conn.reused;
+                let started = Instant::now();
                 let sent = send_request(
                     client,
                     head,
@@ -1088,17 +1115,21 @@ impl HttpProxy {
                 );
                 match sent.await {
                     Ok(response) => {
-                        guard.established();
-                        return Ok((conn, guard, response));
+                        picked.guard.established();
+                        state.observe_latency(started.elapsed());
+                        pool.report(state, response.status < 500);
+                        return Ok((conn, picked, response));
                     }
                     Err(SendError::Client) => return Err(Failure::Abort),
                     Err(SendError::TooLarge) => return Err(Failure::Status(413)),
                     Err(SendError::Timeout) => {
                         debug!(pool = %pool.name, backend = %addr, "response timeout");
+                        pool.report(state, false);
                         return Err(Failure::Status(504));
                     }
                     Err(SendError::Invalid(error)) => {
                         debug!(pool = %pool.name, backend = %addr, %error, "invalid response");
+                        pool.report(state, false);
                         return Err(Failure::Status(502));
                     }
                     Err(SendError::Upstream {
@@ -1106,6 +1137,11 @@ impl HttpProxy {
                         error,
                     }) => {
                         debug!(pool = %pool.name, backend = %addr, %error, reused, "backend failed");
+                        if reused && before_response {
+                            // An idle connection the backend closed says nothing of its health.
+                        } else {
+                            pool.report(state, false);
+                        }
                         if !before_response || has_body {
                             return Err(Failure::Status(502));
                         }
@@ -1124,7 +1160,6 @@ impl HttpProxy {
                 }
             }
         }
-        Err(Failure::Status(last_status))
     }
 }
 

@@ -21,6 +21,12 @@ pub trait RequestView {
     fn host(&self) -> Option<&[u8]>;
     /// The first value of header `name` (lower-case), if any.
     fn header(&self, name: &str) -> Option<&[u8]>;
+
+    /// The value of cookie `name`. The default reads the first Cookie field; HTTP/2, where
+    /// cookies may come in separate fields, looks in all of them.
+    fn cookie(&self, name: &str) -> Option<&[u8]> {
+        super::persist::cookie_value(self.header("cookie"), name)
+    }
 }
 
 /// One compiled route.

@@ -17,16 +17,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::debug;
 
 use super::forward::{Forwarder, Outcome};
 use crate::backend::ActiveGuard;
-use crate::balance::PickContext;
 use crate::config::{ProxyProtocolAccept, TcpSettings};
-use crate::pool::{Pool, Snapshot};
+use crate::pool::{Attempts, PickInput, Pool, Snapshot};
 use crate::proxy_protocol;
-
-use crate::config::MAX_CONNECT_ATTEMPTS as MAX_ATTEMPTS;
 
 /// What every connection of one TCP listener shares.
 #[derive(Debug)]
@@ -98,7 +96,9 @@ impl TcpProxy {
                 let addr = guard.state().addr;
                 debug!(listener = %self.name, client = %source, %addr, "forwarding");
                 let forwarder = Forwarder::new(initial, self.settings.idle_timeout);
+                let closer = Box::pin(guard.state().closer().cancelled_owned());
                 Some(Forwarding {
+                    closer,
                     proxy: self,
                     client,
                     backend,
@@ -243,35 +243,31 @@ async fn connect(
     pool: &Pool,
     client: SocketAddr,
 ) -> Result<(TcpStream, SocketAddr, ActiveGuard), RefuseReason> {
-    let mut tried = [0usize; MAX_ATTEMPTS];
-    let attempts = pool.connect_attempts.clamp(1, MAX_ATTEMPTS);
-    let mut count = 0;
-    while count < attempts {
-        let ctx = PickContext {
-            client: Some(client.ip()),
-            tried: &tried[..count],
-        };
-        let Some((index, candidate)) = pool.pick(&ctx) else {
-            break;
-        };
-        tried[count] = index;
-        count += 1;
-        let addr = candidate.state.addr;
-        let guard = candidate.state.start();
+    let input = PickInput {
+        client: Some(client.ip()),
+        hash: pool.hash_client(client.ip()),
+        preferred: None,
+    };
+    let mut attempts = Attempts::new(pool, input);
+    while let Ok(picked) = attempts.next().await {
+        let state = &picked.candidate.state;
+        let addr = state.addr;
         match connect_one(addr, pool.connect_timeout).await {
             Ok(stream) => {
-                guard.established();
-                return Ok((stream, addr, guard));
+                picked.guard.established();
+                pool.report(state, true);
+                return Ok((stream, addr, picked.guard));
             }
             Err(error) => {
-                candidate.state.connect_failures.fetch_add(1, Relaxed);
+                state.connect_failures.fetch_add(1, Relaxed);
+                pool.report(state, false);
                 debug!(pool = %pool.name, backend = %addr, %error, "connect failed");
             }
         }
     }
     Err(RefuseReason::NoBackend {
         pool: pool.name.clone(),
-        attempts: count,
+        attempts: attempts.count(),
     })
 }
 
@@ -364,10 +360,20 @@ struct Forwarding {
     /// The client's address (from the PROXY header when there was one), for logs.
     source: SocketAddr,
     forwarder: Forwarder,
+    /// Resolves at the backend's drain deadline. Boxed: it is as large as the rest together,
+    /// and this keeps the task in a smaller allocation class.
+    closer: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Forwarding {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closer.as_mut().poll(cx).is_ready() {
+            debug!(
+                listener = %self.proxy.name, client = %self.source, addr = %self.guard.state().addr,
+                "closed at the backend's drain deadline"
+            );
+            return Poll::Ready(());
+        }
         let settings = &self.proxy.settings;
         let result = ready!(self.forwarder.poll(
             cx,

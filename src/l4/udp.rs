@@ -26,9 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::backend::{ActiveGuard, BackendState};
-use crate::balance::PickContext;
 use crate::config::UdpSettings;
-use crate::pool::Snapshot;
+use crate::pool::{Attempts, PickInput, Picked, Snapshot};
 
 /// Receive buffer size: larger than any UDP payload (IPv4 allows 65,507 bytes, IPv6 65,527), so
 /// no datagram is ever cut short.
@@ -61,6 +60,9 @@ struct Session {
     broken: Arc<AtomicBool>,
     /// The backend's index in its pool, excluded from the re-pick after a refusal.
     backend: usize,
+    /// Cancelled at the backend's drain deadline: the session ends, the client's next datagram
+    /// opens a new one elsewhere.
+    closer: CancellationToken,
 }
 
 impl Drop for Session {
@@ -114,14 +116,18 @@ impl UdpProxy {
                     let datagram = &buf[..len];
                     let mut refused = None;
                     if let Some(session) = sessions.get(&client) {
-                        if !session.broken.load(Relaxed) {
+                        if session.closer.is_cancelled() {
+                            sessions.remove(&client);
+                        } else if !session.broken.load(Relaxed) {
                             session.last_seen.store(now, Relaxed);
                             send_upstream(session, datagram, &stats);
                             continue;
                         }
                         // Its backend refused (ICMP port unreachable): forget the session so
                         // this datagram opens a new one, picked among the other backends.
-                        refused = sessions.remove(&client).map(|s| s.backend);
+                        else {
+                            refused = sessions.remove(&client).map(|s| s.backend);
+                        }
                     }
                     if stopping || sessions.len() >= self.settings.max_sessions {
                         stats.dropped.fetch_add(1, Relaxed);
@@ -141,7 +147,10 @@ impl UdpProxy {
                 }
                 _ = sweep.tick() => {
                     let now = epoch.elapsed().as_millis() as u64;
-                    sessions.retain(|_, s| now.saturating_sub(s.last_seen.load(Relaxed)) < idle_ms);
+                    sessions.retain(|_, s| {
+                        now.saturating_sub(s.last_seen.load(Relaxed)) < idle_ms
+                            && !s.closer.is_cancelled()
+                    });
                     stats.sessions.store(sessions.len() as u64, Relaxed);
                     if stopping && sessions.is_empty() {
                         break;
@@ -170,12 +179,22 @@ impl UdpProxy {
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| io::Error::other(format!("pool `{}` not configured", self.pool)))?;
-        let refused = refused.as_slice();
-        let ctx = PickContext {
+        let input = PickInput {
             client: Some(client.ip()),
-            tried: refused,
+            hash: pool.hash_client(client.ip()),
+            preferred: None,
         };
-        let (index, candidate) = pool.pick(&ctx).ok_or_else(|| {
+        let mut attempts = Attempts::new(pool, input);
+        if let Some(index) = refused {
+            pool.report(&pool.candidates[index].state, false);
+            attempts.exclude(index);
+        }
+        // No waiting in a queue here: this runs on the listener's receive loop.
+        let Picked {
+            index,
+            candidate,
+            guard,
+        } = attempts.next_now().ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
         let backend = candidate.state.addr;
@@ -190,8 +209,8 @@ impl UdpProxy {
         candidate.state.bytes_sent.fetch_add(sent as u64, Relaxed);
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
-        let guard = candidate.state.start();
         guard.established();
+        let closer = candidate.state.closer();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
         let replies = tokio::spawn(relay_replies(
@@ -211,6 +230,7 @@ impl UdpProxy {
             guard,
             broken,
             backend: index,
+            closer,
         })
     }
 }
