@@ -19,6 +19,7 @@ use tracing::{debug, info};
 use crate::backend::{BackendState, DOWN, EJECTED};
 use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
 use crate::pool::Pool;
+use crate::stream::Stream;
 
 /// The most of a response a probe reads looking for the status line.
 const MAX_STATUS_LINE: usize = 1024;
@@ -38,6 +39,7 @@ pub fn spawn(pool: &Pool, stop: CancellationToken) {
             config: Arc::clone(&config),
             proxy_protocol: pool.send_proxy_protocol,
             pool: pool.name.clone(),
+            tls: pool.tls.clone(),
         };
         tokio::spawn(probe.run(offset, stop.clone()));
     }
@@ -49,6 +51,8 @@ struct Probe {
     config: Arc<HealthConfig>,
     proxy_protocol: Option<ProxyProtocolVersion>,
     pool: String,
+    /// The pool's TLS toward its backends: HTTP probes speak it too.
+    tls: Option<Arc<crate::tls::UpstreamConnector>>,
 }
 
 impl Probe {
@@ -110,6 +114,22 @@ impl Probe {
             let local = stream.local_addr().map_err(|e| e.to_string())?;
             request.extend(crate::proxy_protocol::encode(version, local, addr));
         }
+        // With TLS, the PROXY header goes first, in the clear, as on the data path.
+        let mut stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                stream
+                    .write_all(&request)
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
+                request.clear();
+                let tls_stream = tls
+                    .connect(stream, addr, self.config.timeout)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Stream::Tls(Box::new(tls_stream.into()))
+            }
+        };
         request.extend_from_slice(b"GET ");
         request.extend_from_slice(path.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
@@ -121,7 +141,7 @@ impl Probe {
             b"\r\nuser-agent: switchyard-health-check\r\nconnection: close\r\n\r\n",
         );
         stream
-            .write_all(&request)
+            .write_all_flush(&request)
             .await
             .map_err(|e| format!("write: {e}"))?;
         let status = read_status(&mut stream, addr).await?;
@@ -137,7 +157,7 @@ impl Probe {
 }
 
 /// Reads up to the end of the status line and returns the status code.
-async fn read_status(stream: &mut TcpStream, addr: SocketAddr) -> Result<u16, String> {
+async fn read_status(stream: &mut Stream, addr: SocketAddr) -> Result<u16, String> {
     let mut buf = Vec::with_capacity(256);
     loop {
         if let Some(end) = buf.iter().position(|&b| b == b'\n') {

@@ -837,3 +837,39 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[tokio::test]
+async fn http_health_checks_speak_the_pools_tls() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
+    let backend = https_backend("secure", pki.server(&cert, &key, &[b"http/1.1"])).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "secure"
+
+        [pools.secure]
+        backends = ["{}"]
+        tls = {{ sni = "internal.example", ca = "{}" }}
+        health = {{ kind = "http", interval = "200ms", timeout = "200ms", rise = 1, fall = 2 }}
+        "#,
+        backend.addr,
+        p(&pki.path("ca.pem")),
+    ));
+    // Several probes, each a TLS connection that the backend answers.
+    eventually("probes ran", || backend.accepted() >= 4).await;
+    let state = proxy
+        .registry
+        .get("secure", backend.addr)
+        .expect("backend state");
+    assert_eq!(
+        state.flags() & switchyard::backend::DOWN,
+        0,
+        "a TLS backend passes HTTP probes made over TLS"
+    );
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+}
