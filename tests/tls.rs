@@ -873,3 +873,192 @@ async fn http_health_checks_speak_the_pools_tls() {
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     assert_eq!(client.get("/", "").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_tcp_listener_terminates_tls_and_forwards_the_plain_bytes() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "tls-tcp"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "echo"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.echo]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    for message in [&b"hello"[..], &[7u8; 40_000][..]] {
+        stream.write_all(message).await.expect("write");
+        stream.flush().await.expect("flush");
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(back, message);
+    }
+    // Half-close: the client's close_notify ends the backend's input; the connection closes.
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_work_over_tls() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "ws"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.ws]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let mut stream = tls_connect(
+        proxy.addr("https"),
+        pki.client(&[b"http/1.1"]),
+        "a.example.com",
+    )
+    .await
+    .expect("handshake");
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .expect("send");
+    stream.flush().await.expect("flush");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    stream.write_all(b"frame").await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut back = [0u8; 5];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&back, b"frame");
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serving() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let toml = format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    );
+    let proxy = Proxy::start(&toml);
+    std::fs::write(
+        &cert,
+        b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .expect("overwrite");
+    // What a reload does first: build the store from the files again. It fails, naming the
+    // file, so the running store is kept.
+    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
+    let problems = TlsStore::build(&config).expect_err("garbage is refused");
+    assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
+    assert!(problems[0].reason.contains(&p(&cert)), "{problems:?}");
+    let mut stream = tls_connect(proxy.addr("https"), pki.client(&[]), "a.example.com")
+        .await
+        .expect("the old certificate still serves");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        max_connections = 4
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], handshake_timeout = "200ms" }}
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let addr = proxy.addr("https");
+    // Twelve clients that connect and never send a byte: at most four hold a slot at a time,
+    // the others wait in the kernel's backlog, and each is cut off at the handshake timeout.
+    let mut flood = Vec::new();
+    for _ in 0..12 {
+        flood.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("served once the stalled handshakes time out");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+    for mut stalled in flood {
+        let mut rest = Vec::new();
+        assert!(
+            tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
+                .await
+                .is_ok()
+        );
+    }
+}
