@@ -86,7 +86,7 @@ fn pool_attempt(bencher: Bencher, kind: BalanceKind) {
     );
     config.balance = kind;
     config.slow_start = Some(std::time::Duration::from_secs(30));
-    let pool = Pool::new(&config, &registry);
+    let pool = Pool::new(&config, &registry, &switchyard::tls::TlsStore::default());
     let input = PickInput {
         client: Some([192, 0, 2, 1].into()),
         hash: Some(0x1234_5678_9abc_def0),

@@ -101,7 +101,8 @@ fn main() {
         let registry = Registry::default();
         let mut pools = std::collections::BTreeMap::new();
         pools.insert("bench".to_owned(), config);
-        let snapshot = Snapshot::from_pools(&pools, &registry);
+        let snapshot =
+            Snapshot::from_pools(&pools, &registry, &switchyard::tls::TlsStore::default());
         let stop = CancellationToken::new();
         snapshot.activate(&stop);
         // One interval to get every prober going, then the measurement.

@@ -85,6 +85,7 @@ pub async fn start(any_port: bool) -> Result<(Server, String), DemoError> {
         Ok(server) => server,
         // A preferred port is taken: any free ones will do.
         Err(ServerError::Bind { .. }) => Server::bind(config((0, 0, 0), &backends)?)?,
+        Err(error) => return Err(error.into()),
     };
     let addr = |name| {
         server

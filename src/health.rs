@@ -3,11 +3,13 @@
 //!
 //! Probes of one pool are spread over the interval (each backend starts at its own offset), so
 //! a pool of a thousand backends is a steady trickle of probes, not a burst every interval. A
-//! probe is a TCP connect or one HTTP/1.1 GET on a fresh connection; the whole probe, connect
-//! included, must finish within `timeout`. State changes are logged at info.
+//! probe is a TCP connect or one HTTP/1.1 GET (over the pool's TLS, if it has some) on a kept or
+//! fresh connection; the whole probe, connect included, must finish within `timeout`. State
+//! changes are logged at info.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +21,8 @@ use tracing::{debug, info};
 use crate::backend::{BackendState, DOWN, EJECTED};
 use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
 use crate::pool::Pool;
+use crate::stream::Stream;
+use crate::tls::UpstreamConnector;
 
 /// Granularity of probe start times in milliseconds. A thousand backends every second are
 /// then a hundred wake-ups of ten probes, not a thousand of one: waking the thread costs more
@@ -49,6 +53,7 @@ pub fn spawn(pool: &Pool, stop: CancellationToken) {
             pool: pool.name.clone(),
             conn: None,
             buf: Vec::new(),
+            tls: pool.tls.clone(),
         };
         tokio::spawn(probe.run(offset, stop.clone()));
     }
@@ -63,9 +68,11 @@ struct Probe {
     /// The HTTP request, built once.
     request: Vec<u8>,
     /// The connection kept from the last HTTP probe.
-    conn: Option<TcpStream>,
+    conn: Option<Stream>,
     /// Read buffer, kept between probes.
     buf: Vec<u8>,
+    /// The pool's TLS toward its backends: HTTP probes speak it too.
+    tls: Option<Arc<UpstreamConnector>>,
 }
 
 impl Probe {
@@ -92,6 +99,7 @@ impl Probe {
             let addr = self.state.addr;
             match outcome {
                 Ok(()) => {
+                    self.state.probes_passed.fetch_add(1, Relaxed);
                     failures = 0;
                     successes = successes.saturating_add(1);
                     if successes >= self.config.rise {
@@ -104,6 +112,7 @@ impl Probe {
                     }
                 }
                 Err(reason) => {
+                    self.state.probes_failed.fetch_add(1, Relaxed);
                     self.conn = None;
                     successes = 0;
                     failures = failures.saturating_add(1);
@@ -137,12 +146,12 @@ impl Probe {
             Some(stream) => stream,
             None => self.connect().await?,
         };
-        if let Err(error) = stream.write_all(&self.request).await {
+        if let Err(error) = stream.write_all_flush(&self.request).await {
             // The kept connection may have been closed by the backend meanwhile: one fresh one.
             debug!(backend = %addr, %error, "kept health check connection gone");
             stream = self.connect().await?;
             stream
-                .write_all(&self.request)
+                .write_all_flush(&self.request)
                 .await
                 .map_err(|e| format!("write: {e}"))?;
         }
@@ -160,8 +169,9 @@ impl Probe {
         }
     }
 
-    /// A new connection for HTTP probes, with the pool's PROXY header when it sends one.
-    async fn connect(&self) -> Result<TcpStream, String> {
+    /// A new connection for HTTP probes, with the pool's PROXY header when it sends one and its
+    /// TLS when it has some (the PROXY header first, in the clear, as on the data path).
+    async fn connect(&self) -> Result<Stream, String> {
         let addr = self.state.addr;
         let mut stream = TcpStream::connect(addr)
             .await
@@ -175,7 +185,16 @@ impl Probe {
                 .await
                 .map_err(|e| format!("write: {e}"))?;
         }
-        Ok(stream)
+        Ok(match &self.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let tls_stream = tls
+                    .connect(stream, addr, self.config.timeout)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Stream::Tls(Box::new(tls_stream.into()))
+            }
+        })
     }
 }
 
@@ -200,7 +219,7 @@ struct ProbeResponse {
 /// Reads one response: the head, and a Content-Length body of up to [`MAX_PROBE_BODY`] so the
 /// connection can be kept; anything else (chunked, until-close, larger) is not read and the
 /// connection is dropped after the probe.
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<ProbeResponse, String> {
+async fn read_response(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<ProbeResponse, String> {
     buf.clear();
     let head_end = loop {
         if let Some(i) = memchr::memmem::find(buf, b"\r\n\r\n") {
@@ -250,7 +269,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Prob
     Ok(ProbeResponse { status, reusable })
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+async fn fill(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(), String> {
     let mut chunk = [0u8; 1024];
     match stream.read(&mut chunk).await {
         Ok(0) => Err("closed before a whole response".into()),

@@ -14,7 +14,9 @@ pub mod listener;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod server;
+pub mod stream;
 pub mod sys;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

@@ -78,6 +78,21 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            // The files the configuration names (certificates, keys, CAs) are read here, as a
+            // start or a reload would read them.
+            match switchyard::tls::TlsStore::build(&config) {
+                Ok(store) => {
+                    for warning in &store.warnings {
+                        eprintln!("{}: {}: {}", path.display(), warning.path, warning.reason);
+                    }
+                }
+                Err(problems) => {
+                    for problem in problems {
+                        eprintln!("{}: {}: {}", path.display(), problem.path, problem.reason);
+                    }
+                    return ExitCode::FAILURE;
+                }
+            }
             println!(
                 "{}: ok ({} listeners, {} pools)",
                 path.display(),

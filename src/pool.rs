@@ -21,6 +21,7 @@ use crate::config::{
     Config, HashKey, MAX_CONNECT_ATTEMPTS, OutlierConfig, PoolConfig, ProxyProtocolVersion,
     QueueConfig, StickyConfig,
 };
+use crate::tls::{TlsStore, UpstreamConnector};
 
 /// A pool compiled for one configuration snapshot.
 #[derive(Debug)]
@@ -65,11 +66,14 @@ pub struct Pool {
     pub drain_timeout: Duration,
     /// The configuration it was built from, for health checks and drains.
     config: PoolConfig,
+    /// http: TLS toward the backends, built from the files by `tls::TlsStore`.
+    pub tls: Option<Arc<UpstreamConnector>>,
 }
 
 impl Pool {
-    /// Compiles a pool, taking live backend state from `registry`.
-    pub fn new(config: &PoolConfig, registry: &Registry) -> Pool {
+    /// Compiles a pool, taking live backend state from `registry` and its TLS settings from
+    /// `tls`.
+    pub fn new(config: &PoolConfig, registry: &Registry, tls: &TlsStore) -> Pool {
         let ordered = config
             .backends
             .iter()
@@ -116,7 +120,14 @@ impl Pool {
             released: registry.released(&config.name),
             drain_timeout: config.drain_timeout,
             config: config.clone(),
+            tls: tls.pool(&config.name),
         }
+    }
+
+    /// The key pooled connections of this pool's backend `addr` are filed under: connections
+    /// made with other TLS settings (or none) are never mixed with these.
+    pub fn conn_key(&self, addr: std::net::SocketAddr) -> crate::http::upstream::ConnKey {
+        (addr, self.tls.as_ref().map_or(0, UpstreamConnector::key))
     }
 
     /// The configuration this pool was compiled from.
@@ -535,16 +546,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles every pool of `config`.
-    pub fn new(config: &Config, registry: &Registry) -> Snapshot {
-        Snapshot::from_pools(&config.pools, registry)
+    /// Compiles every pool of `config`, with the TLS settings `tls` built from it.
+    pub fn new(config: &Config, registry: &Registry, tls: &TlsStore) -> Snapshot {
+        Snapshot::from_pools(&config.pools, registry, tls)
     }
 
     /// Compiles these pools.
-    pub fn from_pools(pools: &BTreeMap<String, PoolConfig>, registry: &Registry) -> Snapshot {
+    pub fn from_pools(
+        pools: &BTreeMap<String, PoolConfig>,
+        registry: &Registry,
+        tls: &TlsStore,
+    ) -> Snapshot {
         let pools = pools
             .values()
-            .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry))))
+            .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry, tls))))
             .collect();
         Snapshot { pools }
     }
@@ -586,7 +601,7 @@ mod tests {
         );
         config.connect_timeout = Duration::from_secs(1);
         edit(&mut config);
-        let pool = Pool::new(&config, &registry);
+        let pool = Pool::new(&config, &registry, &TlsStore::default());
         (pool, registry)
     }
 

@@ -25,6 +25,7 @@ use crate::l4::tcp::TcpProxy;
 use crate::l4::udp::{UdpProxy, UdpStats};
 use crate::listener;
 use crate::pool::Snapshot;
+use crate::tls::TlsStore;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,12 @@ pub enum ServerError {
         addr: SocketAddr,
         #[source]
         source: io::Error,
+    },
+    /// A certificate, key or CA file named by the configuration cannot be used.
+    #[error("{}", problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("\n"))]
+    Tls {
+        /// Every problem found, with its key path.
+        problems: Vec<crate::config::Problem>,
     },
 }
 
@@ -77,7 +84,13 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::default());
-        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(&config, &registry)));
+        let tls = TlsStore::build(&config).map_err(|problems| ServerError::Tls { problems })?;
+        for warning in &tls.warnings {
+            warn!(key = %warning.path, "{}", warning.reason);
+        }
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
+            &config, &registry, &tls,
+        )));
         let mut listeners = Vec::new();
         let mut udp_stats = HashMap::new();
         let upstream = Arc::new(UpstreamPool::default());
@@ -97,6 +110,7 @@ impl Server {
                         settings: settings.clone(),
                         proxy_protocol: l.proxy_protocol.clone(),
                         snapshot: Arc::clone(&snapshot),
+                        tls: tls.listener(&l.name),
                     };
                     Bound::Tcp(socket, Arc::new(proxy))
                 }
@@ -129,6 +143,7 @@ impl Server {
                         h2_upstream: Arc::clone(&h2_upstream),
                         forwarded_header: settings.forwarded_header,
                         shutdown: shutdown.clone(),
+                        tls: tls.listener(&l.name),
                     };
                     Bound::Http(socket, Arc::new(proxy))
                 }

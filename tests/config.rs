@@ -546,3 +546,98 @@ fn balancing_mistakes_are_reported() {
         "not a valid cookie name",
     );
 }
+
+#[test]
+fn tls_settings_are_checked() {
+    let udp = |extra: &str| tcp_listener(extra).replace("protocol = \"tcp\"", "protocol = \"udp\"");
+    assert_problem(
+        &udp("tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }"),
+        "listeners[0].tls",
+        "applies only to tcp and http",
+    );
+    assert_problem(
+        &tcp_listener("tls = { certificates = [] }"),
+        "listeners[0].tls.certificates",
+        "at least one certificate",
+    );
+    assert_problem(
+        &tcp_listener("tls = { certificates = [{ cert = \"a.pem\" }] }"),
+        "listeners[0].tls.certificates[0].key",
+        "missing",
+    );
+    assert_problem(
+        &tcp_listener(
+            "tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }], client_auth = \"optional\" }",
+        ),
+        "listeners[0].tls.client_auth",
+        "without client_ca",
+    );
+    assert_problem(
+        &tcp_listener(
+            "tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }], client_ca = \"ca.pem\", client_auth = \"sometimes\" }",
+        ),
+        "listeners[0].tls.client_auth",
+        "unknown value",
+    );
+    assert_problem(
+        &tcp_listener("client_hello_timeout = \"1s\""),
+        "listeners[0].client_hello_timeout",
+        "without sni_routes",
+    );
+    assert_problem(
+        &tcp_listener("sni_routes = [{ sni = \"a.*\", pool = \"p\" }]"),
+        "listeners[0].sni_routes[0].sni",
+        "exactly or as `*.suffix`",
+    );
+    assert_problem(
+        &tcp_listener("sni_routes = [{ sni = \"a.example.com\", pool = \"nope\" }]"),
+        "listeners[0].sni_routes[0].pool",
+        "unknown pool",
+    );
+    assert_problem(
+        &tcp_listener(
+            "sni_routes = [{ sni = \"a.example.com\", pool = \"p\" }]\ntls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }",
+        ),
+        "listeners[0].sni_routes",
+        "cannot go with `tls`",
+    );
+    // Pools: verification needs a CA unless turned off; a tcp listener cannot use a TLS pool.
+    assert_problem(
+        &tcp_listener("").replace(
+            "backends = [",
+            "tls = { sni = \"a.internal\" }\nbackends = [",
+        ),
+        "pools.p.tls.ca",
+        "verify = false",
+    );
+    assert_problem(
+        &tcp_listener("").replace("backends = [", "tls = { verify = false }\nbackends = ["),
+        "listeners[0].pool",
+        "sets tls",
+    );
+    assert_problem(
+        &tcp_listener("").replace(
+            "backends = [",
+            "tls = { verify = false, sni = \"not a name\" }\nbackends = [",
+        ),
+        "pools.p.tls.sni",
+        "not a DNS name",
+    );
+}
+
+#[test]
+fn tls_files_are_relative_to_the_configuration() {
+    let config = Config::from_toml(
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\
+         tls = { certificates = [{ cert = \"certs/a.pem\", key = \"/abs/a.key\" }] }\n\
+         [pools.p]\nbackends = [\"127.0.0.1:1\"]\n",
+        Path::new("/etc/switchyard/main.toml"),
+    )
+    .expect("valid");
+    let tls = config.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(
+        tls.certificates[0].cert,
+        Path::new("/etc/switchyard/certs/a.pem")
+    );
+    assert_eq!(tls.certificates[0].key, Path::new("/abs/a.key"));
+}

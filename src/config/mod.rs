@@ -11,7 +11,7 @@ mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{ConfigError, Problem};
@@ -45,6 +45,10 @@ pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a backend has to start its response (and the most it may pause within one).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client has to complete a TLS handshake (a stalled one is closed after it).
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client of an SNI-routed tcp listener has to send its whole ClientHello.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest weight of one pool in a route's weighted split.
 pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
 /// Default maglev table size (a prime; the Maglev paper's own example size).
@@ -107,6 +111,8 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Whether (and from whom) a PROXY protocol header is expected before the payload.
     pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// TLS terminated on this listener (tcp and http), if any.
+    pub tls: Option<ListenerTls>,
     /// What kind of listener this is, with the settings that only make sense for that kind.
     pub kind: ListenerKind,
 }
@@ -131,6 +137,69 @@ pub struct TcpSettings {
     pub idle_timeout: Duration,
     /// Forward with splice(2) (kernel-side, no copy through user space) instead of read/write.
     pub splice: bool,
+    /// TLS passthrough: the pool is chosen by the ClientHello's server name, first match wins;
+    /// `pool` is the default. Empty: no ClientHello is read.
+    pub sni_routes: Vec<SniRoute>,
+    /// Time a client of an SNI-routed listener has to send its whole ClientHello.
+    pub client_hello_timeout: Duration,
+}
+
+/// One entry of a tcp listener's `sni_routes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    /// The server name: exact or `*.suffix` (a prefix wildcard means nothing for names).
+    pub sni: HostPattern,
+    /// Where connections naming it go.
+    pub pool: String,
+}
+
+/// TLS termination on a listener. Only paths are kept here: the files are read by
+/// `tls::TlsStore::build`, so that a reload can read them again.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// Key path of this table in the file (`listeners[0].tls`), for problems found in the files.
+    pub at: String,
+    /// Certificate chains with their keys; the first is the default when SNI names none.
+    pub certificates: Vec<CertificateFiles>,
+    /// CAs that sign client certificates: mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required or only verified when given.
+    pub client_auth: ClientAuth,
+    /// Time a client has to complete its handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// Leaf first, then intermediates.
+    pub cert: PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Whether clients of a mutual-TLS listener must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// The handshake fails without a valid client certificate.
+    Required,
+    /// A certificate, when given, must be valid; clients without one are served too.
+    Optional,
+}
+
+/// TLS toward a pool's backends.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Key path of this table in the file (`pools.web.tls`).
+    pub at: String,
+    /// Name sent as SNI and checked against the backend's certificate; `None`: the backend's IP.
+    pub sni: Option<String>,
+    /// CAs trusted for the backends' certificates.
+    pub ca: Option<PathBuf>,
+    /// Verify the backend's certificate (only `verify = false` written out turns it off).
+    pub verify: bool,
+    /// A client certificate presented to the backends.
+    pub client_certificate: Option<CertificateFiles>,
 }
 
 /// Settings of a `protocol = "udp"` listener.
@@ -413,6 +482,8 @@ pub struct PoolConfig {
     pub response_timeout: Duration,
     /// http: the protocol spoken to the backends.
     pub upstream_protocol: UpstreamProtocol,
+    /// http: TLS toward the backends.
+    pub tls: Option<UpstreamTls>,
     /// maglev and ring_hash: what the hash is computed from.
     pub hash_key: HashKey,
     /// maglev: the lookup table's size, a prime at least 100 times the number of backends.
@@ -458,6 +529,7 @@ impl PoolConfig {
             slow_start: None,
             queue: None,
             drain_timeout: DEFAULT_BACKEND_DRAIN_TIMEOUT,
+            tls: None,
         }
     }
 }

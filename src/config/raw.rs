@@ -79,6 +79,55 @@ pub struct RawListener {
     pub cookie_flags: Option<Vec<String>>,
     /// http: response compression.
     pub compression: Option<RawCompression>,
+    /// tcp and http: terminate TLS with these certificates.
+    pub tls: Option<RawListenerTls>,
+    /// tcp: pick the pool by the SNI of the ClientHello, passing TLS through untouched.
+    pub sni_routes: Option<Vec<RawSniRoute>>,
+    /// tcp with sni_routes: time a client has to send its whole ClientHello.
+    pub client_hello_timeout: Option<String>,
+}
+
+/// `tls = { certificates = [...], client_ca, client_auth, handshake_timeout }` on a listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub certificates: Option<Vec<RawCertificate>>,
+    /// PEM file of the CAs that sign client certificates (mutual TLS).
+    pub client_ca: Option<String>,
+    /// "required" or "optional".
+    pub client_auth: Option<String>,
+    /// Time a client has to complete its handshake.
+    pub handshake_timeout: Option<String>,
+}
+
+/// `{ cert = "site.pem", key = "site.key" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+/// `{ sni = "a.example.com", pool = "a" }` in a tcp listener's `sni_routes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniRoute {
+    pub sni: Option<String>,
+    pub pool: Option<String>,
+}
+
+/// `tls = { sni, ca, verify, cert, key }` on a pool: TLS toward its backends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// Server name sent and verified; defaults to the backend's IP address.
+    pub sni: Option<String>,
+    /// PEM file of the CAs trusted for backends (required unless verify = false).
+    pub ca: Option<String>,
+    pub verify: Option<bool>,
+    /// Client certificate presented to backends.
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// One `[[listeners.routes]]` entry.
@@ -206,6 +255,8 @@ pub struct RawPool {
     pub response_timeout: Option<String>,
     /// http: the protocol spoken to backends, "http1" or "h2".
     pub upstream_protocol: Option<String>,
+    /// http: TLS toward the backends.
+    pub tls: Option<RawUpstreamTls>,
     /// What consistent hashing keys on: "source_ip", "header:NAME", "cookie:NAME", "path",
     /// "query:NAME".
     pub hash_key: Option<String>,

@@ -167,6 +167,8 @@ impl Problems {
 /// Turns the raw file into a [`Config`], or lists everything that is wrong with it.
 pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
     let mut problems = Problems(Vec::new());
+    // Files the configuration names (certificates, keys) are relative to its own directory.
+    let base = file.parent().unwrap_or(Path::new(""));
 
     let drain_timeout = optional_duration(
         &mut problems,
@@ -178,7 +180,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let declared = raw.pools.keys().cloned().collect();
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
-        if let Some(pool) = validate_pool(&mut problems, &name, pool) {
+        if let Some(pool) = validate_pool(&mut problems, &name, pool, base) {
             pools.insert(name, pool);
         }
     }
@@ -206,7 +208,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
                 format!("duplicate listener name `{name}` (also listeners[{first}].name)"),
             );
         }
-        if let Some(listener) = validate_listener(&mut problems, &at, listener, &pool_names) {
+        if let Some(listener) = validate_listener(&mut problems, &at, listener, &pool_names, base) {
             let udp = matches!(listener.kind, ListenerKind::Udp(_));
             // Port 0 asks the kernel for a fresh port each time, so it never collides.
             if listener.bind.port() != 0
@@ -243,6 +245,7 @@ fn validate_listener(
     at: &str,
     mut raw: RawListener,
     pools: &PoolNames,
+    base: &Path,
 ) -> Option<ListenerConfig> {
     let before = problems.0.len();
     let name = raw.name.clone().unwrap_or_default();
@@ -364,6 +367,15 @@ fn validate_listener(
                         ),
                     );
                 }
+                if p.tls.is_some() {
+                    problems.push(
+                        format!("{at}.pool"),
+                        format!(
+                            "pool `{name}` sets tls, which only http listeners speak to backends \
+                             ({protocol} listeners pass bytes through as they are)"
+                        ),
+                    );
+                }
             }
             if protocol == "tcp" {
                 only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
@@ -373,11 +385,33 @@ fn validate_listener(
                     raw.idle_timeout.as_deref(),
                     DEFAULT_TCP_IDLE_TIMEOUT,
                 );
+                let sni_routes = validate_sni_routes(problems, at, &raw, pools);
+                if raw.client_hello_timeout.is_some() && raw.sni_routes.is_none() {
+                    problems.push(
+                        format!("{at}.client_hello_timeout"),
+                        "set without sni_routes, so it would have no effect",
+                    );
+                }
+                if raw.sni_routes.is_some() && raw.tls.is_some() {
+                    problems.push(
+                        format!("{at}.sni_routes"),
+                        "sni_routes pass TLS through untouched, so they cannot go with `tls`, \
+                         which terminates it",
+                    );
+                }
+                let client_hello_timeout = optional_duration(
+                    problems,
+                    &format!("{at}.client_hello_timeout"),
+                    raw.client_hello_timeout.as_deref(),
+                    DEFAULT_CLIENT_HELLO_TIMEOUT,
+                );
                 pool.map(|pool| {
                     ListenerKind::Tcp(TcpSettings {
                         pool,
                         idle_timeout,
                         splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
+                        sni_routes,
+                        client_hello_timeout,
                     })
                 })
             } else {
@@ -395,6 +429,14 @@ fn validate_listener(
                     );
                 }
                 only(problems, raw.splice.is_some(), "splice", "tcp");
+                only(problems, raw.tls.is_some(), "tls", "tcp and http");
+                only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
+                only(
+                    problems,
+                    raw.client_hello_timeout.is_some(),
+                    "client_hello_timeout",
+                    "tcp",
+                );
                 only(
                     problems,
                     raw.proxy_protocol.is_some(),
@@ -432,6 +474,13 @@ fn validate_listener(
             only(problems, raw.pool.is_some(), "pool", "tcp and udp");
             only(problems, raw.splice.is_some(), "splice", "tcp");
             only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
+            only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
+            only(
+                problems,
+                raw.client_hello_timeout.is_some(),
+                "client_hello_timeout",
+                "tcp",
+            );
             only(
                 problems,
                 raw.idle_timeout.is_some(),
@@ -517,6 +566,10 @@ fn validate_listener(
     };
 
     let proxy_protocol = validate_proxy_accept(problems, at, &raw);
+    let tls = match (&raw.tls, protocol) {
+        (Some(tls), "tcp" | "http") => validate_listener_tls(problems, at, tls, base),
+        _ => None,
+    };
 
     if problems.0.len() > before {
         return None;
@@ -526,6 +579,7 @@ fn validate_listener(
         bind: bind?,
         max_connections,
         proxy_protocol,
+        tls,
         kind: kind?,
     })
 }
@@ -1100,7 +1154,12 @@ fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
         .map_err(|e| format!("invalid regular expression: {e}"))
 }
 
-fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<PoolConfig> {
+fn validate_pool(
+    problems: &mut Problems,
+    name: &str,
+    raw: RawPool,
+    base: &Path,
+) -> Option<PoolConfig> {
     let at = format!("pools.{name}");
     let before = problems.0.len();
     let mut backends = Vec::new();
@@ -1235,6 +1294,10 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
              PROXY header",
         );
     }
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|tls| validate_upstream_tls(problems, &format!("{at}.tls"), tls, base));
     if !backends.is_empty() && backends.iter().all(|b| b.backup) {
         problems.push(
             format!("{at}.backends"),
@@ -1421,6 +1484,7 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
         return None;
     }
     Some(PoolConfig {
+        tls,
         hash_key,
         maglev_table_size,
         ring_vnodes,
@@ -1440,6 +1504,187 @@ fn validate_pool(problems: &mut Problems, name: &str, raw: RawPool) -> Option<Po
         connect_timeout,
         send_proxy_protocol,
     })
+}
+
+/// A file named in the configuration, relative to the configuration's directory.
+fn file_path(
+    problems: &mut Problems,
+    path: &str,
+    text: Option<&String>,
+    base: &Path,
+) -> Option<PathBuf> {
+    match text {
+        None => {
+            problems.push(path, "missing: the path of a PEM file");
+            None
+        }
+        Some(text) if text.is_empty() => {
+            problems.push(path, "must not be empty");
+            None
+        }
+        Some(text) => Some(base.join(text)),
+    }
+}
+
+fn validate_listener_tls(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawListenerTls,
+    base: &Path,
+) -> Option<ListenerTls> {
+    let at = format!("{at}.tls");
+    let before = problems.0.len();
+    let mut certificates = Vec::new();
+    match &raw.certificates {
+        None => problems.push(
+            format!("{at}.certificates"),
+            "missing: e.g. certificates = [{ cert = \"site.pem\", key = \"site.key\" }]",
+        ),
+        Some(list) if list.is_empty() => problems.push(
+            format!("{at}.certificates"),
+            "empty: TLS needs at least one certificate",
+        ),
+        Some(list) => {
+            for (i, c) in list.iter().enumerate() {
+                let path = format!("{at}.certificates[{i}]");
+                let cert = file_path(problems, &format!("{path}.cert"), c.cert.as_ref(), base);
+                let key = file_path(problems, &format!("{path}.key"), c.key.as_ref(), base);
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    certificates.push(CertificateFiles { cert, key });
+                }
+            }
+        }
+    }
+    let client_ca = raw
+        .client_ca
+        .as_ref()
+        .and_then(|ca| file_path(problems, &format!("{at}.client_ca"), Some(ca), base));
+    let client_auth = match raw.client_auth.as_deref() {
+        None | Some("required") => ClientAuth::Required,
+        Some("optional") => ClientAuth::Optional,
+        Some(other) => {
+            problems.push(
+                format!("{at}.client_auth"),
+                format!("unknown value `{other}` (expected \"required\" or \"optional\")"),
+            );
+            ClientAuth::Required
+        }
+    };
+    if raw.client_auth.is_some() && raw.client_ca.is_none() {
+        problems.push(
+            format!("{at}.client_auth"),
+            "set without client_ca, the CAs client certificates are checked against",
+        );
+    }
+    let handshake_timeout = optional_duration(
+        problems,
+        &format!("{at}.handshake_timeout"),
+        raw.handshake_timeout.as_deref(),
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    );
+    if problems.0.len() > before {
+        return None;
+    }
+    Some(ListenerTls {
+        at,
+        certificates,
+        client_ca,
+        client_auth,
+        handshake_timeout,
+    })
+}
+
+fn validate_upstream_tls(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawUpstreamTls,
+    base: &Path,
+) -> Option<UpstreamTls> {
+    let before = problems.0.len();
+    let verify = raw.verify.unwrap_or(true);
+    let ca = raw
+        .ca
+        .as_ref()
+        .and_then(|ca| file_path(problems, &format!("{at}.ca"), Some(ca), base));
+    if verify && raw.ca.is_none() {
+        problems.push(
+            format!("{at}.ca"),
+            "missing: the CAs backend certificates are verified against (or write verify = false \
+             to skip verification)",
+        );
+    }
+    if let Some(sni) = &raw.sni
+        && rustls_pki_types::ServerName::try_from(sni.as_str()).is_err()
+    {
+        problems.push(
+            format!("{at}.sni"),
+            format!("`{sni}` is not a DNS name or IP address"),
+        );
+    }
+    let client_certificate = match (&raw.cert, &raw.key) {
+        (None, None) => None,
+        (cert, key) => {
+            let cert = file_path(problems, &format!("{at}.cert"), cert.as_ref(), base);
+            let key = file_path(problems, &format!("{at}.key"), key.as_ref(), base);
+            cert.zip(key)
+                .map(|(cert, key)| CertificateFiles { cert, key })
+        }
+    };
+    if problems.0.len() > before {
+        return None;
+    }
+    Some(UpstreamTls {
+        at: at.to_owned(),
+        sni: raw.sni.clone(),
+        ca,
+        verify,
+        client_certificate,
+    })
+}
+
+fn validate_sni_routes(
+    problems: &mut Problems,
+    at: &str,
+    raw: &RawListener,
+    pools: &PoolNames,
+) -> Vec<SniRoute> {
+    let mut routes = Vec::new();
+    for (i, route) in raw.sni_routes.iter().flatten().enumerate() {
+        let path = format!("{at}.sni_routes[{i}]");
+        let sni = match &route.sni {
+            None => {
+                problems.push(
+                    format!("{path}.sni"),
+                    "missing: e.g. sni = \"a.example.com\"",
+                );
+                None
+            }
+            Some(text) => match parse_host_pattern(text) {
+                Ok(HostPattern::Prefix(_)) => {
+                    problems.push(
+                        format!("{path}.sni"),
+                        format!("`{text}`: a server name is matched exactly or as `*.suffix`"),
+                    );
+                    None
+                }
+                result => problems.check(format!("{path}.sni"), result),
+            },
+        };
+        let pool = match &route.pool {
+            None => {
+                problems.push(
+                    format!("{path}.pool"),
+                    "missing: the pool this name goes to",
+                );
+                None
+            }
+            Some(pool) => known_pool(problems, &format!("{path}.pool"), pool, pools),
+        };
+        if let (Some(sni), Some(pool)) = (sni, pool) {
+            routes.push(SniRoute { sni, pool });
+        }
+    }
+    routes
 }
 
 /// `"source_ip"`, `"header:NAME"`, `"cookie:NAME"`, `"path"` or `"query:NAME"`.

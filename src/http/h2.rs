@@ -22,7 +22,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::debug;
@@ -35,6 +34,8 @@ use super::{HttpProxy, new_request_id, valid_request_id};
 use crate::backend::ActiveGuard;
 use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool};
+use crate::stream::Stream;
+use crate::tls::Negotiated;
 
 /// The HTTP/2 connection preface a client sends first (RFC 9113 section 3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -57,14 +58,16 @@ pub(super) const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves an HTTP/2 client connection whose first bytes (the preface, maybe more) are in
-/// `read`.
+/// `read`. `tls` is what the TLS handshake established, on TLS connections.
 pub async fn serve(
     proxy: Arc<HttpProxy>,
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     source: SocketAddr,
     peer_trusted: bool,
+    tls: Option<Negotiated>,
 ) {
+    let tls = Arc::new(tls);
     let io = TokioIo::new(Rewind {
         prefix: read.freeze(),
         inner: stream,
@@ -79,9 +82,10 @@ pub async fn serve(
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let streams = Arc::clone(&streams);
+        let tls = Arc::clone(&tls);
         async move {
             streams.open.fetch_add(1, Ordering::Relaxed);
-            let response = handle(&proxy, request, source, peer_trusted).await;
+            let response = handle(&proxy, request, source, peer_trusted, &tls).await;
             streams.open.fetch_sub(1, Ordering::Relaxed);
             streams.touch();
             Ok::<_, Infallible>(response)
@@ -277,6 +281,8 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "x-forwarded-proto"
             | "x-forwarded-host"
             | "x-request-id"
+            | "x-client-cert-subject"
+            | "x-client-cert-san"
     )
 }
 
@@ -286,6 +292,7 @@ async fn handle(
     request: Request<Incoming>,
     source: SocketAddr,
     peer_trusted: bool,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
     let view = View { parts: &parts };
@@ -332,6 +339,7 @@ async fn handle(
         source,
         peer_trusted,
         compression,
+        tls,
     )
     .await;
     apply_response_rules(response.headers_mut(), &rules);
@@ -422,6 +430,7 @@ pub(super) fn edit_headers(headers: &mut HeaderMap, edits: &crate::config::Heade
 }
 
 /// The rest of a stream once routed and its rules applied: a backend over HTTP/1.1 or HTTP/2.
+#[allow(clippy::too_many_arguments)]
 async fn proceed(
     proxy: &HttpProxy,
     pool_name: Option<&str>,
@@ -430,6 +439,7 @@ async fn proceed(
     source: SocketAddr,
     peer_trusted: bool,
     compression: Option<&crate::config::Compression>,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let view = View { parts: &parts };
     let snapshot = proxy.snapshot.load_full();
@@ -454,6 +464,7 @@ async fn proceed(
             peer_trusted,
             &request_id,
             host,
+            tls,
         )
         .await;
     }
@@ -520,11 +531,26 @@ async fn proceed(
     head.extend_from_slice(ip.as_bytes());
     head.extend_from_slice(b"\r\nx-real-ip: ");
     head.extend_from_slice(ip.as_bytes());
-    head.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+    head.extend_from_slice(if tls.is_some() {
+        b"\r\nx-forwarded-proto: https\r\nx-forwarded-host: "
+    } else {
+        b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
+    });
     head.extend_from_slice(view.host().unwrap_or(b""));
     head.extend_from_slice(b"\r\nx-request-id: ");
     head.extend_from_slice(&request_id);
     head.extend_from_slice(b"\r\n");
+    if let Some(cert) = tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
+        for (name, value) in [
+            (super::CLIENT_CERT_FIELDS[0], &cert.subject),
+            (super::CLIENT_CERT_FIELDS[1], &cert.san),
+        ] {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
     match framing {
         Framing::Length(n) => {
             head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
@@ -651,6 +677,7 @@ async fn forward_h2(
     peer_trusted: bool,
     request_id: &[u8],
     host: Option<Vec<u8>>,
+    tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -670,14 +697,29 @@ async fn forward_h2(
         }
         _ => ip.clone(),
     };
-    let fields: [(&str, &[u8]); 5] = [
+    let cert = tls.as_ref().and_then(|t| t.client_cert.as_deref());
+    let fields: [(&str, &[u8]); 7] = [
         ("x-forwarded-for", forwarded_for.as_bytes()),
         ("x-real-ip", ip.as_bytes()),
-        ("x-forwarded-proto", b"http"),
+        (
+            "x-forwarded-proto",
+            if tls.is_some() { b"https" } else { b"http" },
+        ),
         ("x-forwarded-host", host.as_deref().unwrap_or(b"")),
         ("x-request-id", request_id),
+        (
+            super::CLIENT_CERT_FIELDS[0],
+            cert.map_or(&b""[..], |c| c.subject.as_bytes()),
+        ),
+        (
+            super::CLIENT_CERT_FIELDS[1],
+            cert.map_or(&b""[..], |c| c.san.as_bytes()),
+        ),
     ];
     for (name, value) in fields {
+        if value.is_empty() && name.starts_with("x-client-cert") {
+            continue;
+        }
         if let Ok(value) = HeaderValue::from_bytes(value) {
             headers.insert(HeaderName::from_static(name), value);
         }
@@ -713,13 +755,13 @@ async fn forward_h2(
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.forget(addr);
+            proxy.h2_upstream.forget(addr, pool);
             pool.report(&state, false);
             return status_response(502);
         }
         Err(_) => {
             // A backend that stopped answering may sit on a dead connection: start afresh.
-            proxy.h2_upstream.forget(addr);
+            proxy.h2_upstream.forget(addr, pool);
             pool.report(&state, false);
             return status_response(504);
         }
@@ -760,7 +802,7 @@ pub(super) async fn h2_sender<'p>(
             Err(_) => return Err(503),
         };
         let state = &picked.candidate.state;
-        match upstream.sender(state.addr, pool.connect_timeout).await {
+        match upstream.sender(state.addr, pool).await {
             Ok(sender) => return Ok((sender, picked)),
             Err(error) => {
                 state
@@ -797,7 +839,7 @@ async fn exchange<'p>(
         };
         let state = &picked.candidate.state;
         if pool.send_proxy_protocol.is_none()
-            && let Some(conn) = proxy.upstream.checkout(state.addr)
+            && let Some(conn) = proxy.upstream.checkout(pool.conn_key(state.addr))
         {
             break (conn, picked);
         }
@@ -857,24 +899,9 @@ enum Attempt {
     Status(u16),
 }
 
-/// Opens a connection to a backend (with the pool's PROXY header, if any).
+/// Opens a connection to a backend (with the pool's PROXY header and TLS, if any).
 async fn connect(pool: &Pool, addr: SocketAddr, source: SocketAddr) -> io::Result<UpstreamConn> {
-    let stream = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-    };
-    stream.set_nodelay(true)?;
-    let mut conn = UpstreamConn {
-        stream,
-        addr,
-        buf: BytesMut::new(),
-        reused: false,
-    };
-    if let Some(version) = pool.send_proxy_protocol {
-        let header = crate::proxy_protocol::encode(version, source, addr);
-        super::write_within(&mut conn.stream, &header, pool.connect_timeout).await?;
-    }
-    Ok(conn)
+    super::connect_backend(addr, pool, source, addr).await
 }
 
 /// Sends the head and the body (frame by frame, re-framed), then reads the response head.
@@ -1078,7 +1105,7 @@ pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
 /// A stream that first gives back bytes already read from it.
 struct Rewind {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: Stream,
 }
 
 impl AsyncRead for Rewind {

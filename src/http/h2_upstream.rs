@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -19,6 +18,10 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use super::upstream::ConnKey;
+use crate::pool::Pool;
+use crate::stream::Stream;
 
 /// The body of a request sent to an HTTP/2 backend.
 pub enum UpstreamBody {
@@ -67,7 +70,7 @@ impl Body for UpstreamBody {
 /// The shared HTTP/2 connections to backends, one per address.
 #[derive(Default)]
 pub struct H2Pool {
-    senders: Mutex<HashMap<SocketAddr, SendRequest<UpstreamBody>>>,
+    senders: Mutex<HashMap<ConnKey, SendRequest<UpstreamBody>>>,
 }
 
 impl std::fmt::Debug for H2Pool {
@@ -77,26 +80,40 @@ impl std::fmt::Debug for H2Pool {
 }
 
 impl H2Pool {
-    /// A sender on the connection to `addr`, opening one (within `connect_timeout`) if there is
-    /// none or the old one closed.
+    /// A sender on the connection to backend `addr` of `pool`, opening one (within the pool's
+    /// connect timeout, with its TLS settings) if there is none or the old one closed.
     pub async fn sender(
         &self,
         addr: SocketAddr,
-        connect_timeout: Duration,
+        pool: &Pool,
     ) -> io::Result<SendRequest<UpstreamBody>> {
+        let key = pool.conn_key(addr);
         {
             let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(sender) = senders.get(&addr)
+            if let Some(sender) = senders.get(&key)
                 && !sender.is_closed()
             {
                 return Ok(sender.clone());
             }
         }
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        let connect_timeout = pool.connect_timeout;
+        let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(result) => result?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
         };
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = match &pool.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let stream = tls.connect(tcp, addr, connect_timeout).await?;
+                if stream.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+                    return Err(io::Error::other(
+                        "the backend did not agree to HTTP/2 through ALPN",
+                    ));
+                }
+                Stream::Tls(Box::new(stream.into()))
+            }
+        };
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(super::h2::PING_INTERVAL)
@@ -113,15 +130,15 @@ impl H2Pool {
         self.senders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, sender.clone());
+            .insert(key, sender.clone());
         Ok(sender)
     }
 
-    /// Forgets the connection to `addr` after it failed a request.
-    pub fn forget(&self, addr: SocketAddr) {
+    /// Forgets the connection to backend `addr` of `pool` after it failed a request.
+    pub fn forget(&self, addr: SocketAddr, pool: &Pool) {
         self.senders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
+            .remove(&pool.conn_key(addr));
     }
 }

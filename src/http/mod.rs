@@ -34,6 +34,8 @@ use crate::backend::DRAINING;
 use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool, Snapshot};
 use crate::proxy_protocol;
+use crate::stream::Stream;
+use crate::tls::{Negotiated, ServerTls};
 use h1::{ChunkedDecoder, Decoded, Framing, RequestHead, ResponseHead};
 use router::{RequestView, Router};
 use upstream::{UpstreamConn, UpstreamPool};
@@ -75,7 +77,13 @@ pub struct HttpProxy {
     /// Cancelled when the process starts draining: keep-alive connections then close after
     /// their current request, idle ones at once.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// TLS terminated on this listener, if any.
+    pub tls: Option<Arc<ServerTls>>,
 }
+
+/// Fields that carry a verified client certificate to backends. They are removed from every
+/// incoming request, on every listener, so a client can never forge them.
+pub const CLIENT_CERT_FIELDS: [&str; 2] = ["x-client-cert-subject", "x-client-cert-san"];
 
 /// Response fields to drop, fields to add, and Set-Cookie attributes to add.
 type ResponseEdits<'a> = (Vec<&'a str>, Vec<(&'a str, &'a [u8])>, Vec<&'a str>);
@@ -99,13 +107,15 @@ fn new_request_id(buf: &mut [u8; 32]) -> &[u8] {
 
 /// The client side of one connection.
 struct Client {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read and not yet consumed (the start of the next request, when pipelining).
     buf: BytesMut,
     /// The client address: the peer, or the one a trusted PROXY header named.
     source: SocketAddr,
     /// Whether the direct peer is a trusted proxy (its X-Forwarded-For is kept).
     peer_trusted: bool,
+    /// What the TLS handshake established; `None` on plain connections.
+    tls: Option<Negotiated>,
 }
 
 /// How an exchange ended, for the connection loop.
@@ -131,23 +141,19 @@ impl HttpProxy {
         let _ = stream.set_nodelay(true);
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
-        let mut client = Client {
-            stream,
-            buf: BytesMut::new(),
-            source: peer,
-            peer_trusted,
-        };
+        let mut stream = stream;
+        let mut source = peer;
+        let mut buf = BytesMut::new();
         if let Some(accept) = &self.proxy_protocol {
             if !accept.trusted.iter().any(|n| n.contains(&peer.ip())) {
                 debug!(listener = %self.name, %peer, "PROXY header from untrusted peer refused");
                 return;
             }
-            let read =
-                proxy_protocol::read_header(&mut client.stream, accept.version, accept.timeout);
+            let read = proxy_protocol::read_header(&mut stream, accept.version, accept.timeout);
             match Box::pin(read).await {
                 Ok(received) => {
-                    client.source = received.source.unwrap_or(peer);
-                    client.buf.extend_from_slice(&received.leftover);
+                    source = received.source.unwrap_or(peer);
+                    buf.extend_from_slice(&received.leftover);
                 }
                 Err(error) => {
                     debug!(listener = %self.name, %peer, %error, "PROXY header refused");
@@ -155,15 +161,45 @@ impl HttpProxy {
                 }
             }
         }
-        if !self.h2c_preface(&mut client).await {
-            return;
-        }
-        if client.buf.starts_with(h2::PREFACE) {
+        let mut client = match &self.tls {
+            None => Client {
+                stream: Stream::Plain(stream),
+                buf,
+                source,
+                peer_trusted,
+                tls: None,
+            },
+            Some(tls) => match Box::pin(crate::tls::accept(tls, stream, &buf, true)).await {
+                Ok((stream, negotiated)) => Client {
+                    stream: Stream::Tls(Box::new(stream.into())),
+                    buf: BytesMut::new(),
+                    source,
+                    peer_trusted,
+                    tls: Some(negotiated),
+                },
+                Err(error) => {
+                    debug!(listener = %self.name, client = %source, %error, "TLS refused");
+                    return;
+                }
+            },
+        };
+        let h2 = match &client.tls {
+            // Over TLS the protocol is chosen by ALPN.
+            Some(negotiated) => negotiated.h2,
+            None => {
+                if !self.h2c_preface(&mut client).await {
+                    return;
+                }
+                client.buf.starts_with(h2::PREFACE)
+            }
+        };
+        if h2 {
             let Client {
                 stream,
                 buf,
                 source,
                 peer_trusted,
+                tls,
             } = client;
             Box::pin(h2::serve(
                 Arc::clone(&self),
@@ -171,6 +207,7 @@ impl HttpProxy {
                 buf,
                 source,
                 peer_trusted,
+                tls,
             ))
             .await;
             return;
@@ -385,15 +422,33 @@ impl HttpProxy {
                 .await
                 .map_err(|_| Failure::Abort)?;
             let initial = client.buf.split().to_vec();
-            let tunnel = crate::l4::forward::forward(
-                &client.stream,
-                &conn.stream,
-                initial,
-                false,
-                UPGRADE_IDLE_TIMEOUT,
-                guard.state(),
-            );
-            let (result, moved) = tokio::select! {
+            let tunnel = async {
+                if let (Stream::Plain(client_tcp), Stream::Plain(backend_tcp)) =
+                    (&client.stream, &conn.stream)
+                {
+                    let (result, moved) = crate::l4::forward::forward(
+                        client_tcp,
+                        backend_tcp,
+                        initial,
+                        false,
+                        UPGRADE_IDLE_TIMEOUT,
+                        guard.state(),
+                    )
+                    .await;
+                    (result.map(|_| ()), moved.upstream, moved.downstream)
+                } else {
+                    let (result, moved) = crate::stream::tunnel(
+                        &mut client.stream,
+                        &mut conn.stream,
+                        &initial,
+                        UPGRADE_IDLE_TIMEOUT,
+                        guard.state(),
+                    )
+                    .await;
+                    (result, moved.upstream, moved.downstream)
+                }
+            };
+            let (result, up, down) = tokio::select! {
                 done = tunnel => done,
                 () = closer.cancelled() => {
                     debug!(listener = %self.name, client = %client.source, "upgraded connection closed at the backend's drain deadline");
@@ -402,7 +457,7 @@ impl HttpProxy {
             };
             debug!(
                 listener = %self.name, client = %client.source, ?result,
-                up = moved.upstream, down = moved.downstream, "upgraded connection ended"
+                up, down, "upgraded connection ended"
             );
             return Ok(Next::Close);
         }
@@ -568,7 +623,11 @@ impl HttpProxy {
             } else {
                 forwarded.extend_from_slice(ip_text);
             }
-            forwarded.extend_from_slice(b";proto=http");
+            forwarded.extend_from_slice(if client.tls.is_some() {
+                b";proto=https"
+            } else {
+                b";proto=http"
+            });
             if !host.is_empty()
                 && host
                     .iter()
@@ -579,17 +638,29 @@ impl HttpProxy {
                 forwarded.extend_from_slice(b"\"");
             }
         }
-        let mut fields: [(&str, &[u8]); 8] = [
+        let proto: &[u8] = if client.tls.is_some() {
+            b"https"
+        } else {
+            b"http"
+        };
+        let mut fields: [(&str, &[u8]); 10] = [
             ("x-forwarded-for", &forwarded_for),
             ("x-real-ip", ip_text),
-            ("x-forwarded-proto", b"http"),
+            ("x-forwarded-proto", proto),
             ("x-forwarded-host", host),
             ("x-request-id", request_id),
             ("", b""),
             ("", b""),
             ("", b""),
+            ("", b""),
+            ("", b""),
         ];
         let mut count = 5;
+        if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
+            fields[count] = (CLIENT_CERT_FIELDS[0], cert.subject.as_bytes());
+            fields[count + 1] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
+            count += 2;
+        }
         if head.websocket {
             // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
             fields[count] = ("connection", b"upgrade");
@@ -601,13 +672,15 @@ impl HttpProxy {
             count += 1;
         }
         let fields = &fields[..count];
-        const FORWARDING: [&str; 6] = [
+        const FORWARDING: [&str; 8] = [
             "x-forwarded-for",
             "x-real-ip",
             "x-forwarded-proto",
             "x-forwarded-host",
             "x-request-id",
             "forwarded",
+            CLIENT_CERT_FIELDS[0],
+            CLIENT_CERT_FIELDS[1],
         ];
         let listener_rules = Some(&self.rules).filter(|r| !r.is_empty());
         if listener_rules.is_none() && route_rules.is_none() {
@@ -690,10 +763,21 @@ impl HttpProxy {
         let mut fields: Vec<(&str, &[u8])> = vec![
             ("x-forwarded-for", forwarded_for.as_bytes()),
             ("x-real-ip", ip.as_bytes()),
-            ("x-forwarded-proto", b"http"),
+            (
+                "x-forwarded-proto",
+                if client.tls.is_some() {
+                    b"https"
+                } else {
+                    b"http"
+                },
+            ),
             ("x-forwarded-host", head.host().unwrap_or(b"")),
             ("x-request-id", request_id),
         ];
+        if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
+            fields.push((CLIENT_CERT_FIELDS[0], cert.subject.as_bytes()));
+            fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+        }
         if !length.is_empty() {
             fields.push(("content-length", length.as_bytes()));
         }
@@ -780,7 +864,7 @@ impl HttpProxy {
                             .reset(tokio::time::Instant::now() + pool.response_timeout);
                     }
                     _ = &mut deadline, if pumped => {
-                        self.h2_upstream.forget(addr);
+                        self.h2_upstream.forget(addr, pool);
                         pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
@@ -799,7 +883,7 @@ impl HttpProxy {
             Some(Ok(response)) => response,
             Some(Err(error)) => {
                 debug!(backend = %addr, %error, "http/2 backend request failed");
-                self.h2_upstream.forget(addr);
+                self.h2_upstream.forget(addr, pool);
                 pool.report(&state, false);
                 return Err(Failure::Status(502));
             }
@@ -1001,7 +1085,7 @@ impl HttpProxy {
             // A pooled connection first; when it turns out dead, one fresh connection to the
             // same backend before moving on.
             let mut pooled = if pool.send_proxy_protocol.is_none() {
-                self.upstream.checkout(addr)
+                self.upstream.checkout(pool.conn_key(addr))
             } else {
                 None
             };
@@ -1081,19 +1165,38 @@ impl HttpProxy {
 
 /// Opens a new connection to a backend (with our PROXY header if the pool asks for one).
 async fn connect(addr: SocketAddr, pool: &Pool, client: &Client) -> io::Result<UpstreamConn> {
-    let mut stream = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
+    let destination = client.stream.tcp().local_addr()?;
+    connect_backend(addr, pool, client.source, destination).await
+}
+
+/// Opens a new connection to a backend: TCP within the pool's connect timeout, our PROXY header
+/// if the pool asks for one (in the clear, before any TLS), then the pool's TLS handshake if it
+/// has one (within the connect timeout again).
+pub(crate) async fn connect_backend(
+    addr: SocketAddr,
+    pool: &Pool,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> io::Result<UpstreamConn> {
+    let mut tcp = match timeout(pool.connect_timeout, TcpStream::connect(addr)).await {
         Ok(result) => result?,
         Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
     };
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
     if let Some(version) = pool.send_proxy_protocol {
-        let destination = client.stream.local_addr()?;
-        let header = proxy_protocol::encode(version, client.source, destination);
-        stream.write_all(&header).await?;
+        let header = proxy_protocol::encode(version, source, destination);
+        tcp.write_all(&header).await?;
     }
+    let stream = match &pool.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => Stream::Tls(Box::new(
+            tls.connect(tcp, addr, pool.connect_timeout).await?.into(),
+        )),
+    };
     Ok(UpstreamConn {
         stream,
         addr,
+        key: pool.conn_key(addr),
         buf: BytesMut::new(),
         reused: false,
     })
@@ -1231,7 +1334,7 @@ enum BodyError {
 
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
 /// (and the backend connection paired with it) forever.
-async fn write_within(stream: &mut TcpStream, mut data: &[u8], limit: Duration) -> io::Result<()> {
+async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<()> {
     // Most writes go straight into the socket buffer: try that first, so the common case
     // arms no timer.
     while !data.is_empty() {
@@ -1245,7 +1348,7 @@ async fn write_within(stream: &mut TcpStream, mut data: &[u8], limit: Duration) 
     if data.is_empty() {
         return Ok(());
     }
-    match timeout(limit, stream.write_all(data)).await {
+    match timeout(limit, stream.write_all_flush(data)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -1272,9 +1375,9 @@ struct Body {
 /// re-chunks, `UntilClose` and `Length` write the bytes as they are). `out` first holds the
 /// head to send; it is sent together with the first body bytes, in one write when it all fits.
 async fn transfer_body(
-    src: &mut TcpStream,
+    src: &mut Stream,
     buf: &mut BytesMut,
-    dst: &mut TcpStream,
+    dst: &mut Stream,
     out: &mut BytesMut,
     body: Body,
     encoder: &mut Option<compress::Encoder>,

@@ -11,8 +11,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::stream::Stream;
+
+/// What idle connections are filed under: the backend's address and the TLS settings they were
+/// made with (0 for plain TCP), so a connection is only reused by a pool that would have made
+/// the same one.
+pub type ConnKey = (SocketAddr, usize);
 
 /// Idle connections kept per backend.
 pub const MAX_IDLE_PER_BACKEND: usize = 128;
@@ -22,10 +28,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A connection to a backend with its read buffer.
 #[derive(Debug)]
 pub struct UpstreamConn {
-    /// The socket.
-    pub stream: TcpStream,
-    /// The backend it is connected to; the pool's key.
+    /// The socket, plain or TLS.
+    pub stream: Stream,
+    /// The backend it is connected to.
     pub addr: SocketAddr,
+    /// What it is pooled under.
+    pub key: ConnKey,
     /// Bytes read from the backend and not yet consumed.
     pub buf: BytesMut,
     /// Whether this connection served a request before (a reused connection may have been
@@ -36,15 +44,15 @@ pub struct UpstreamConn {
 /// The process-wide pool of idle backend connections.
 #[derive(Debug, Default)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
+    idle: Mutex<HashMap<ConnKey, Vec<(UpstreamConn, Instant)>>>,
 }
 
 impl UpstreamPool {
-    /// An idle connection to `addr` that still looks open, if there is one.
-    pub fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    /// An idle connection filed under `key` that still looks open, if there is one.
+    pub fn checkout(&self, key: ConnKey) -> Option<UpstreamConn> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&key)?;
         // Most recently used first: it is the least likely to have been closed by the backend.
         while let Some((mut conn, since)) = list.pop() {
             if now.duration_since(since) < IDLE_TIMEOUT && still_open(&conn.stream) {
@@ -57,7 +65,7 @@ impl UpstreamPool {
 
     /// Returns a connection that is ready for another request.
     pub fn checkin(&self, mut conn: UpstreamConn) {
-        let addr = conn.addr;
+        let key = conn.key;
         if !conn.buf.is_empty() {
             // The backend sent more than the response: it cannot be trusted with another one.
             return;
@@ -65,7 +73,7 @@ impl UpstreamPool {
         // An idle connection keeps no read buffer.
         conn.buf = BytesMut::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         // Oldest first: drop the expired ones, and the oldest if the list is full, so idle
         // connections never pile up beyond their timeout or the cap.
         let now = Instant::now();
@@ -77,8 +85,9 @@ impl UpstreamPool {
     }
 }
 
-/// Whether an idle connection has neither been closed nor sent anything unasked.
-fn still_open(stream: &TcpStream) -> bool {
+/// Whether an idle connection has neither been closed nor sent anything unasked. The probe reads
+/// the socket under any TLS: a byte there (a close_notify, say) ends the connection either way.
+fn still_open(stream: &Stream) -> bool {
     let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    matches!(stream.tcp().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

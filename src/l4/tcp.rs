@@ -39,6 +39,8 @@ pub struct TcpProxy {
     pub proxy_protocol: Option<ProxyProtocolAccept>,
     /// The current configuration snapshot.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// TLS terminated on this listener (the backends get the decrypted bytes), if any.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// Why a connection ended without being forwarded.
@@ -57,6 +59,10 @@ enum RefuseReason {
         backend: SocketAddr,
         source: io::Error,
     },
+    #[error("SNI routing: {0}")]
+    ClientHello(#[from] crate::tls::client_hello::HelloError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::AcceptError),
 }
 
 impl TcpProxy {
@@ -78,6 +84,13 @@ impl TcpProxy {
     /// Everything before forwarding: the phases below, then the state forwarding needs.
     async fn setup(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) -> Option<Forwarding> {
         let _ = client.set_nodelay(true);
+        if let Some(tls) = self.tls.clone() {
+            // Terminated TLS cannot be spliced: the whole connection runs here.
+            if let Err(reason) = self.terminate(&tls, client, peer).await {
+                debug!(listener = %self.name, %peer, %reason, "connection refused");
+            }
+            return None;
+        }
         match self.prepare(&mut client, peer).await {
             Ok((backend, guard, source, initial)) => {
                 let addr = guard.state().addr;
@@ -111,16 +124,95 @@ impl TcpProxy {
         // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d; everything after
         // this point (trust checks, hashing, logs, PROXY headers) sees it as the IPv4 it is.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let (source, destination, initial) = self.accept_proxy_header(client, peer).await?;
+        let (source, destination, mut initial) = self.accept_proxy_header(client, peer).await?;
+        let pool_name = if self.settings.sni_routes.is_empty() {
+            &self.pool
+        } else {
+            let mut hello = bytes::BytesMut::from(&initial[..]);
+            let read = crate::tls::client_hello::read(
+                client,
+                &mut hello,
+                self.settings.client_hello_timeout,
+            );
+            let name = Box::pin(read).await?;
+            initial = hello.to_vec();
+            self.sni_pool(name.as_deref())
+        };
 
+        let snapshot = self.snapshot.load_full();
+        let pool = snapshot
+            .pool(pool_name)
+            .ok_or_else(|| RefuseReason::NoPool(pool_name.to_owned()))?;
+        let (mut backend, addr, guard) = connect(pool, source).await?;
+        let _ = backend.set_nodelay(true);
+        announce(pool, client, &mut backend, addr, source, destination).await?;
+        Ok((backend, guard, source, initial))
+    }
+
+    /// SNI routing: the pool of the first route that names `sni`, else the listener's pool.
+    fn sni_pool(&self, sni: Option<&str>) -> &str {
+        use crate::config::HostPattern;
+        let Some(name) = sni else {
+            return &self.pool;
+        };
+        self.settings
+            .sni_routes
+            .iter()
+            .find(|route| match &route.sni {
+                HostPattern::Exact(exact) => exact == name,
+                HostPattern::Suffix(suffix) => name.ends_with(suffix.as_str()),
+                HostPattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
+            })
+            .map_or(&self.pool, |route| &route.pool)
+    }
+
+    /// A connection whose TLS this listener terminates: handshake, then the usual phases, then
+    /// the decrypted bytes forwarded both ways.
+    async fn terminate(
+        &self,
+        tls: &crate::tls::ServerTls,
+        mut client: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), RefuseReason> {
+        use crate::stream::Stream;
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let (source, destination, initial) = self.accept_proxy_header(&mut client, peer).await?;
+        let local = client.local_addr().ok();
+        let (stream, _) = crate::tls::accept(tls, client, &initial, false).await?;
+        let mut client = Stream::Tls(Box::new(stream.into()));
         let snapshot = self.snapshot.load_full();
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| RefuseReason::NoPool(self.pool.clone()))?;
         let (mut backend, addr, guard) = connect(pool, source).await?;
         let _ = backend.set_nodelay(true);
-        announce(pool, client, &mut backend, addr, source, destination).await?;
-        Ok((backend, guard, source, initial))
+        if let Some(version) = pool.send_proxy_protocol
+            && let Some(destination) = destination.or(local)
+        {
+            let header = proxy_protocol::encode(version, source, destination);
+            backend
+                .write_all(&header)
+                .await
+                .map_err(|source| RefuseReason::Announce {
+                    backend: addr,
+                    source,
+                })?;
+        }
+        let mut backend = Stream::Plain(backend);
+        debug!(listener = %self.name, client = %source, %addr, "forwarding (TLS terminated)");
+        let (result, moved) = crate::stream::tunnel(
+            &mut client,
+            &mut backend,
+            &[],
+            self.settings.idle_timeout,
+            guard.state(),
+        )
+        .await;
+        debug!(
+            listener = %self.name, client = %source, %addr, ?result,
+            up = moved.upstream, down = moved.downstream, "closed"
+        );
+        Ok(())
     }
 
     /// Phase 1: the client address. With the PROXY protocol on, it comes from the header, which
@@ -339,11 +431,14 @@ mod tests {
                 pool: "p".into(),
                 idle_timeout: Duration::from_secs(1),
                 splice: true,
+                sni_routes: Vec::new(),
+                client_hello_timeout: Duration::from_secs(1),
             },
             proxy_protocol: None,
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot {
                 pools: Default::default(),
             })),
+            tls: None,
         });
         let future = proxy.serve(client, addr);
         assert!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use switchyard::backend::Registry;
 use switchyard::{Config, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -279,7 +279,12 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 /// `NAME\nMETHOD TARGET\n` then each header line as received, a blank line, and the body.
 /// It keeps connections alive and understands Content-Length and chunked request bodies.
 pub async fn http_backend(name: &'static str) -> Backend {
-    Backend::start(move |mut stream| async move {
+    Backend::start(move |stream| serve_http(stream, name)).await
+}
+
+/// Serves [`http_backend`]'s answers on one connection, plain or TLS.
+pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, name: &str) {
+    {
         let mut buf = Vec::new();
         loop {
             let Some(head_end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
@@ -355,16 +360,19 @@ pub async fn http_backend(name: &'static str) -> Backend {
             // One write: two small ones would meet Nagle's algorithm and a delayed ACK.
             let mut whole = response.into_bytes();
             whole.extend_from_slice(&reply);
-            if stream.write_all(&whole).await.is_err() {
+            if stream.write_all(&whole).await.is_err() || stream.flush().await.is_err() {
                 return;
             }
         }
-    })
-    .await
+    }
 }
 
 /// Reads into `buf` until `pattern` appears; its offset, or `None` at EOF.
-async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -> Option<usize> {
+pub async fn read_until<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    pattern: &[u8],
+) -> Option<usize> {
     loop {
         if let Some(i) = buf.windows(pattern.len()).position(|w| w == pattern) {
             return Some(i);
@@ -375,7 +383,7 @@ async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -
     }
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+pub async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 8192];
     match stream.read(&mut chunk).await {
         Ok(0) | Err(_) => false,
@@ -444,53 +452,7 @@ impl HttpClient {
     }
 
     async fn reply_inner(&mut self) -> Option<Reply> {
-        let head_end = read_until(&mut self.stream, &mut self.buf, b"\r\n\r\n").await?;
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        self.buf.drain(..head_end + 4);
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or("");
-        let status = status_line.split(' ').nth(1)?.parse().ok()?;
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        let mut reply = Reply {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        if let Some(length) = reply.header("content-length") {
-            let length: usize = length.parse().ok()?;
-            while self.buf.len() < length {
-                if !fill(&mut self.stream, &mut self.buf).await {
-                    return None;
-                }
-            }
-            reply.body = self.buf.drain(..length).collect();
-        } else if reply.header("transfer-encoding").is_some() {
-            loop {
-                let line_end = read_until(&mut self.stream, &mut self.buf, b"\r\n").await?;
-                let size_text = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
-                self.buf.drain(..line_end + 2);
-                let size = usize::from_str_radix(size_text.trim(), 16).ok()?;
-                if size == 0 {
-                    read_until(&mut self.stream, &mut self.buf, b"\r\n").await?;
-                    self.buf.drain(..2);
-                    break;
-                }
-                while self.buf.len() < size + 2 {
-                    if !fill(&mut self.stream, &mut self.buf).await {
-                        return None;
-                    }
-                }
-                reply.body.extend(self.buf.drain(..size));
-                self.buf.drain(..2);
-            }
-        } else if !(status == 204 || status == 304 || (100..200).contains(&status)) {
-            while fill(&mut self.stream, &mut self.buf).await {}
-            reply.body = std::mem::take(&mut self.buf);
-        }
-        Some(reply)
+        read_reply(&mut self.stream, &mut self.buf).await
     }
 
     /// Whether the proxy closed the connection (reads EOF or an error).
@@ -501,4 +463,56 @@ impl HttpClient {
             Ok(Ok(0) | Err(_))
         )
     }
+}
+
+/// Reads one response from `stream` (Content-Length, chunked, or until close); `buf` keeps
+/// what was read past it.
+pub async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Reply> {
+    let head_end = read_until(stream, buf, b"\r\n\r\n").await?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end + 4);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status = status_line.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut reply = Reply {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if let Some(length) = reply.header("content-length") {
+        let length: usize = length.parse().ok()?;
+        while buf.len() < length {
+            if !fill(stream, buf).await {
+                return None;
+            }
+        }
+        reply.body = buf.drain(..length).collect();
+    } else if reply.header("transfer-encoding").is_some() {
+        loop {
+            let line_end = read_until(stream, buf, b"\r\n").await?;
+            let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+            buf.drain(..line_end + 2);
+            let size = usize::from_str_radix(size_text.trim(), 16).ok()?;
+            if size == 0 {
+                read_until(stream, buf, b"\r\n").await?;
+                buf.drain(..2);
+                break;
+            }
+            while buf.len() < size + 2 {
+                if !fill(stream, buf).await {
+                    return None;
+                }
+            }
+            reply.body.extend(buf.drain(..size));
+            buf.drain(..2);
+        }
+    } else if !(status == 204 || status == 304 || (100..200).contains(&status)) {
+        while fill(stream, buf).await {}
+        reply.body = std::mem::take(buf);
+    }
+    Some(reply)
 }

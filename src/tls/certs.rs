@@ -1,0 +1,392 @@
+//! Certificate files: reading PEM, matching keys to certificates, names and expiry from the
+//! certificates themselves, and the choice of certificate by SNI.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use x509_parser::extensions::GeneralName;
+
+use crate::config::{CertificateFiles, Problem};
+
+/// The largest PEM file read: certificate chains and keys are a few kilobytes, so anything
+/// this large is not one.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Why a certificate, key or CA file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than any PEM file of certificates or keys should be.
+    #[error("{} is larger than 1 MiB: not a PEM certificate or key", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file holds no PEM certificate.
+    #[error("{} holds no PEM certificate ({reason})", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        reason: String,
+    },
+    /// A certificate of the file is not valid DER/X.509.
+    #[error("{}: certificate {index} cannot be parsed: {reason}", path.display())]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// Position in the file, from 0.
+        index: usize,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The file holds no usable private key.
+    #[error("{} holds no PEM private key ({reason})", path.display())]
+    NoKey {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader or the crypto provider said.
+        reason: String,
+    },
+    /// The key is not the certificate's.
+    #[error("the key in {} does not match the certificate in {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+}
+
+impl TlsFileError {
+    /// The problem as `check` reports it: at the key that names the offending file (`files`
+    /// tells a certificate from a key when both could be meant).
+    pub(super) fn problem(&self, at: &str, files: Option<&CertificateFiles>) -> Problem {
+        let key_file = |path: &PathBuf| files.is_some_and(|f| &f.key == path && f.cert != f.key);
+        let key = match self {
+            TlsFileError::NoKey { .. } | TlsFileError::KeyMismatch { .. } => "key",
+            TlsFileError::Read { path, .. } | TlsFileError::TooLarge { path } if key_file(path) => {
+                "key"
+            }
+            _ => "cert",
+        };
+        Problem {
+            path: format!("{at}.{key}"),
+            reason: self.to_string(),
+        }
+    }
+}
+
+/// A certificate chain with its key, and what was read from the leaf.
+pub(super) struct Loaded {
+    /// What rustls serves.
+    pub key: Arc<CertifiedKey>,
+    /// The chain as read, leaf first (for client certificates toward backends).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key as read.
+    pub private_key: PrivateKeyDer<'static>,
+    /// DNS names of the leaf's subjectAltName extension, lower-cased (`*.example.com` kept as
+    /// written).
+    pub names: Vec<String>,
+    /// The leaf's notAfter, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    let read = |source| TlsFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(read)?.len();
+    if size > MAX_PEM_FILE {
+        return Err(TlsFileError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read(path).map_err(read)
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let pem = read_pem(path)?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsFileError::NoCertificate {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsFileError::NoCertificate {
+            path: path.to_path_buf(),
+            reason: "no CERTIFICATE section".to_owned(),
+        });
+    }
+    for (index, cert) in chain.iter().enumerate() {
+        if let Err(error) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+            return Err(TlsFileError::BadCertificate {
+                path: path.to_path_buf(),
+                index,
+                reason: error.to_string(),
+            });
+        }
+    }
+    Ok(chain)
+}
+
+/// Reads a chain and its key, checks that they belong together, and reads the leaf's names and
+/// expiry.
+pub(super) fn load_certified_key(
+    files: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<Loaded, TlsFileError> {
+    let chain = read_certificates(&files.cert)?;
+    let pem = read_pem(&files.key)?;
+    let no_key = |reason: String| TlsFileError::NoKey {
+        path: files.key.clone(),
+        reason,
+    };
+    let private_key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| no_key(e.to_string()))?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(private_key.clone_key())
+        .map_err(|e| no_key(e.to_string()))?;
+    let key = CertifiedKey::new(chain.clone(), signing_key);
+    match key.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsFileError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            });
+        }
+        // The provider cannot tell (an unusual key type): the handshake will show.
+        Err(_) => {}
+    }
+    let (names, not_after) = match x509_parser::parse_x509_certificate(chain[0].as_ref()) {
+        Ok((_, leaf)) => {
+            let mut names = Vec::new();
+            if let Ok(Some(san)) = leaf.subject_alternative_name() {
+                for name in &san.value.general_names {
+                    if let GeneralName::DNSName(dns) = name {
+                        names.push(dns.to_ascii_lowercase());
+                    }
+                }
+            }
+            (names, leaf.validity().not_after.timestamp())
+        }
+        Err(error) => {
+            return Err(TlsFileError::BadCertificate {
+                path: files.cert.clone(),
+                index: 0,
+                reason: error.to_string(),
+            });
+        }
+    };
+    Ok(Loaded {
+        key: Arc::new(key),
+        chain,
+        private_key,
+        names,
+        not_after,
+    })
+}
+
+/// A warning when the leaf has expired or expires within [`super::EXPIRY_WARNING`].
+pub(super) fn expiry_warning(loaded: &Loaded, now: SystemTime) -> Option<String> {
+    let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    let left = loaded.not_after - now;
+    let days = left / 86_400;
+    if left <= 0 {
+        Some(format!(
+            "warning: the certificate expired {} day(s) ago",
+            -days
+        ))
+    } else if left <= super::EXPIRY_WARNING.as_secs() as i64 {
+        Some(format!("warning: the certificate expires in {days} day(s)"))
+    } else {
+        None
+    }
+}
+
+/// Reads a CA file into a root store.
+pub(super) fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsFileError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certificates(path)? {
+        roots
+            .add(cert)
+            .map_err(|error| TlsFileError::BadCertificate {
+                path: path.to_path_buf(),
+                index: 0,
+                reason: error.to_string(),
+            })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Chooses the certificate for a handshake: an exact SAN name first, then a wildcard SAN
+/// (`*.example.com` covers one label), else the listener's first certificate. When two
+/// certificates name the same host, the first in the file wins.
+#[derive(Debug)]
+pub(super) struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by what follows `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    pub(super) fn new(loaded: Vec<Loaded>) -> SniResolver {
+        let mut resolver = SniResolver {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: loaded.first().map(|l| Arc::clone(&l.key)),
+        };
+        for entry in loaded {
+            for name in entry.names {
+                match name.strip_prefix("*.") {
+                    Some(suffix) => resolver
+                        .wildcard
+                        .entry(suffix.to_owned())
+                        .or_insert_with(|| Arc::clone(&entry.key)),
+                    None => resolver
+                        .exact
+                        .entry(name)
+                        .or_insert_with(|| Arc::clone(&entry.key)),
+                };
+            }
+        }
+        resolver
+    }
+
+    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(key) = self.exact.get(&name) {
+                return Some(Arc::clone(key));
+            }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(key) = self.wildcard.get(parent)
+            {
+                return Some(Arc::clone(key));
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// What a verified client certificate says about its holder, as passed to backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject as an RFC 4514 string (`CN=alice,O=Example`).
+    pub subject: String,
+    /// The subjectAltName entries, `DNS:…`, `URI:…`, `email:…`, `IP:…`, comma-separated.
+    pub san: String,
+}
+
+/// Reads subject and SAN from a verified client certificate; control characters are dropped,
+/// so that the values can always be sent as header fields.
+pub(super) fn client_cert(der: &[u8]) -> Option<ClientCert> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let clean = |text: String| -> String { text.chars().filter(|c| !c.is_control()).collect() };
+    let mut san = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => san.push(format!("DNS:{dns}")),
+                GeneralName::URI(uri) => san.push(format!("URI:{uri}")),
+                GeneralName::RFC822Name(mail) => san.push(format!("email:{mail}")),
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        san.push(format!("IP:{ip}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Some(ClientCert {
+        subject: clean(cert.subject().to_string()),
+        san: clean(san.join(", ")),
+    })
+}
+
+/// Accepts any backend certificate (`verify = false`), while still checking that the backend
+/// holds the key of the certificate it shows.
+#[derive(Debug)]
+pub(super) struct NoVerification(pub Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

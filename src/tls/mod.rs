@@ -1,0 +1,505 @@
+//! TLS: termination on listeners (SNI, ALPN, mutual TLS), TLS toward backends, and the
+//! ClientHello reader that SNI passthrough routes by.
+//!
+//! [`TlsStore::build`] reads every certificate, key and CA file the configuration names and
+//! compiles them into rustls configurations. It is a pure function of the configuration and the
+//! files: starting the server calls it, `switchyard check` calls it to report unreadable files,
+//! mismatched keys and certificates close to expiry, and a reload can call it again to pick up
+//! renewed certificates (keeping the old store when the new files are bad). Nothing else in the
+//! process reads these files.
+//!
+//! The settings follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, ECDHE with AEAD
+//! ciphers only, X25519MLKEM768 (post-quantum hybrid) offered first. Session resumption uses
+//! tickets whose keys rotate every six hours (shared by every listener of the process, so a
+//! rebuilt store keeps resuming sessions) and, for TLS 1.2 clients without tickets, a bounded
+//! session cache.
+
+mod certs;
+pub mod client_hello;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::aws_lc_rs::{self as provider, cipher_suite, kx_group};
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{
+    ClientAuth, Config, ListenerKind, ListenerTls, PoolConfig, Problem, UpstreamProtocol,
+    UpstreamTls,
+};
+pub use certs::{ClientCert, TlsFileError};
+
+/// A certificate that expires within this long gets a warning from `check` and at startup.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+/// TLS 1.2 sessions remembered for resumption by session id, per listener.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+/// ALPN protocol id of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol id of HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Everything TLS the data path needs, compiled from one configuration.
+#[derive(Debug, Default)]
+pub struct TlsStore {
+    /// Server-side TLS by listener name.
+    listeners: HashMap<String, Arc<ServerTls>>,
+    /// Client-side TLS by pool name.
+    pools: HashMap<String, Arc<UpstreamConnector>>,
+    /// Things that work but deserve attention: certificates close to expiry, verification off.
+    pub warnings: Vec<Problem>,
+}
+
+/// TLS termination on one listener.
+pub struct ServerTls {
+    /// Runs the handshake with the listener's configuration.
+    pub acceptor: TlsAcceptor,
+    /// Time a client has to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// Whether client certificates are checked, so that their subject is worth passing on.
+    pub mutual: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("mutual", &self.mutual)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS toward the backends of one pool.
+pub struct UpstreamConnector {
+    connector: TlsConnector,
+    /// The name sent as SNI and verified; `None`: the backend's IP address.
+    sni: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConnector")
+            .field("sni", &self.sni)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamConnector {
+    /// Runs the client handshake on a connected socket within `limit`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        limit: Duration,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = self
+            .sni
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+        match tokio::time::timeout(limit, self.connector.connect(name, tcp)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake with the backend timed out",
+            )),
+        }
+    }
+
+    /// Identifies this connector among others, so that pooled connections made with one are
+    /// never handed to a pool with other TLS settings.
+    pub fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+}
+
+impl TlsStore {
+    /// Reads every file the configuration's TLS settings name and builds the rustls
+    /// configurations. Returns every problem found (each with its key path), not just the first.
+    pub fn build(config: &Config) -> Result<TlsStore, Vec<Problem>> {
+        let mut store = TlsStore::default();
+        let mut problems = Vec::new();
+        let now = SystemTime::now();
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let Some(tls) = &listener.tls else { continue };
+            let alpn = match listener.kind {
+                ListenerKind::Http(_) => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
+                _ => Vec::new(),
+            };
+            debug_assert!(tls.at.starts_with(&format!("listeners[{index}]")));
+            match server_tls(tls, alpn, now, &mut store.warnings) {
+                Ok(server) => {
+                    store
+                        .listeners
+                        .insert(listener.name.clone(), Arc::new(server));
+                }
+                Err(mut found) => problems.append(&mut found),
+            }
+        }
+        for pool in config.pools.values() {
+            let Some(tls) = &pool.tls else { continue };
+            match upstream_tls(pool, tls, now, &mut store.warnings) {
+                Ok(connector) => {
+                    store.pools.insert(pool.name.clone(), Arc::new(connector));
+                }
+                Err(mut found) => problems.append(&mut found),
+            }
+        }
+        if problems.is_empty() {
+            Ok(store)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The TLS termination of listener `name`, if it has any.
+    pub fn listener(&self, name: &str) -> Option<Arc<ServerTls>> {
+        self.listeners.get(name).cloned()
+    }
+
+    /// The TLS settings toward pool `name`'s backends, if it has any.
+    pub fn pool(&self, name: &str) -> Option<Arc<UpstreamConnector>> {
+        self.pools.get(name).cloned()
+    }
+}
+
+/// The crypto provider with Mozilla's intermediate choices, in its order of preference.
+/// Source: <https://ssl-config.mozilla.org/guidelines/5.7.json> ("intermediate": the three TLS
+/// 1.3 suites, and for TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305; the DHE suites it also
+/// lists are left out, as rustls has none). X25519MLKEM768 comes first, then the classic curves
+/// of the profile.
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| {
+        Arc::new(CryptoProvider {
+            cipher_suites: vec![
+                cipher_suite::TLS13_AES_128_GCM_SHA256,
+                cipher_suite::TLS13_AES_256_GCM_SHA384,
+                cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+                cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+            kx_groups: vec![
+                kx_group::X25519MLKEM768,
+                kx_group::X25519,
+                kx_group::SECP256R1,
+                kx_group::SECP384R1,
+            ],
+            ..provider::default_provider()
+        })
+    }))
+}
+
+/// Session ticket keys, shared by every listener and every store built in this process, so
+/// that rebuilding the store does not end resumption. They rotate every six hours.
+fn ticketer() -> Option<Arc<dyn rustls::server::ProducesTickets>> {
+    static TICKETER: OnceLock<Option<Arc<dyn rustls::server::ProducesTickets>>> = OnceLock::new();
+    TICKETER
+        .get_or_init(|| provider::Ticketer::new().ok())
+        .clone()
+}
+
+fn server_tls(
+    tls: &ListenerTls,
+    alpn: Vec<Vec<u8>>,
+    now: SystemTime,
+    warnings: &mut Vec<Problem>,
+) -> Result<ServerTls, Vec<Problem>> {
+    let provider = provider();
+    let mut problems = Vec::new();
+    let mut loaded = Vec::new();
+    for (i, files) in tls.certificates.iter().enumerate() {
+        let at = format!("{}.certificates[{i}]", tls.at);
+        match certs::load_certified_key(files, &provider) {
+            Ok(entry) => {
+                if let Some(warning) = certs::expiry_warning(&entry, now) {
+                    warnings.push(Problem {
+                        path: format!("{at}.cert"),
+                        reason: warning,
+                    });
+                }
+                loaded.push(entry);
+            }
+            Err(error) => problems.push(error.problem(&at, Some(files))),
+        }
+    }
+    let verifier = match &tls.client_ca {
+        None => None,
+        Some(path) => match certs::load_roots(path) {
+            Ok(roots) => {
+                let builder =
+                    WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider));
+                let builder = match tls.client_auth {
+                    ClientAuth::Required => builder,
+                    ClientAuth::Optional => builder.allow_unauthenticated(),
+                };
+                match builder.build() {
+                    Ok(verifier) => Some(verifier),
+                    Err(error) => {
+                        problems.push(Problem {
+                            path: format!("{}.client_ca", tls.at),
+                            reason: format!("cannot verify clients with these CAs: {error}"),
+                        });
+                        None
+                    }
+                }
+            }
+            Err(error) => {
+                problems.push(Problem {
+                    path: format!("{}.client_ca", tls.at),
+                    reason: error.to_string(),
+                });
+                None
+            }
+        },
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let to_problem = |error: rustls::Error| {
+        vec![Problem {
+            path: tls.at.clone(),
+            reason: format!("cannot build the TLS configuration: {error}"),
+        }]
+    };
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(to_problem)?;
+    let mutual = verifier.is_some();
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(certs::SniResolver::new(loaded)));
+    config.alpn_protocols = alpn;
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+    if let Some(ticketer) = ticketer() {
+        config.ticketer = ticketer;
+    }
+    Ok(ServerTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        handshake_timeout: tls.handshake_timeout,
+        mutual,
+    })
+}
+
+fn upstream_tls(
+    pool: &PoolConfig,
+    tls: &UpstreamTls,
+    now: SystemTime,
+    warnings: &mut Vec<Problem>,
+) -> Result<UpstreamConnector, Vec<Problem>> {
+    let provider = provider();
+    let mut problems = Vec::new();
+    let roots = match &tls.ca {
+        Some(path) => match certs::load_roots(path) {
+            Ok(roots) => Some(roots),
+            Err(error) => {
+                problems.push(Problem {
+                    path: format!("{}.ca", tls.at),
+                    reason: error.to_string(),
+                });
+                None
+            }
+        },
+        None => None,
+    };
+    let client_key = match &tls.client_certificate {
+        None => None,
+        Some(files) => match certs::load_certified_key(files, &provider) {
+            Ok(entry) => {
+                if let Some(warning) = certs::expiry_warning(&entry, now) {
+                    warnings.push(Problem {
+                        path: format!("{}.cert", tls.at),
+                        reason: warning,
+                    });
+                }
+                Some((entry.chain, entry.private_key))
+            }
+            Err(error) => {
+                problems.push(error.problem(&tls.at, Some(files)));
+                None
+            }
+        },
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let to_problem = |error: rustls::Error| {
+        vec![Problem {
+            path: tls.at.clone(),
+            reason: format!("cannot build the TLS configuration: {error}"),
+        }]
+    };
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(to_problem)?;
+    let builder = if tls.verify {
+        builder.with_root_certificates(roots.unwrap_or_else(|| Arc::new(RootCertStore::empty())))
+    } else {
+        warnings.push(Problem {
+            path: format!("{}.verify", tls.at),
+            reason: "backend certificates are not verified: anyone on the path to the backends \
+                     can read and change the traffic"
+                .to_owned(),
+        });
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(certs::NoVerification(Arc::clone(
+                &provider,
+            ))))
+    };
+    let mut config = match client_key {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(to_problem)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = match pool.upstream_protocol {
+        UpstreamProtocol::H2 => vec![ALPN_H2.to_vec()],
+        UpstreamProtocol::Http1 => vec![ALPN_HTTP11.to_vec()],
+    };
+    let sni = tls
+        .sni
+        .as_deref()
+        .and_then(|name| ServerName::try_from(name.to_owned()).ok());
+    Ok(UpstreamConnector {
+        connector: TlsConnector::from(Arc::new(config)),
+        sni,
+    })
+}
+
+/// What a finished handshake tells the HTTP layer.
+#[derive(Debug, Default, Clone)]
+pub struct Negotiated {
+    /// The client chose HTTP/2 through ALPN.
+    pub h2: bool,
+    /// The verified client certificate, on mutual-TLS listeners.
+    pub client_cert: Option<Arc<ClientCert>>,
+}
+
+/// Reads what the HTTP layer needs from a server connection after its handshake.
+pub fn negotiated(conn: &rustls::ServerConnection, mutual: bool) -> Negotiated {
+    Negotiated {
+        h2: conn.alpn_protocol() == Some(ALPN_H2),
+        client_cert: if mutual {
+            conn.peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| certs::client_cert(leaf.as_ref()))
+                .map(Arc::new)
+        } else {
+            None
+        },
+    }
+}
+
+/// Why a client's TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// The client sent plain text (HTTP, most likely) to a TLS port.
+    #[error("plain text sent to a TLS port (first bytes {0:?})")]
+    NotTls(String),
+    /// The client closed before finishing.
+    #[error("client closed during the TLS handshake")]
+    Closed,
+    /// The handshake did not finish within the listener's `handshake_timeout`.
+    #[error("TLS handshake not completed within {0:?}")]
+    Timeout(Duration),
+    /// The handshake failed (no shared version or cipher, bad client certificate, ...).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
+}
+
+/// Answer to a client that speaks plain HTTP to an HTTPS port.
+const PLAIN_HTTP_REPLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
+connection: close\r\ncontent-length: 44\r\n\r\nThis port expects HTTPS: use an https:// URL\n";
+
+/// Runs the server handshake on an accepted connection. `initial` holds bytes already read
+/// (after a PROXY header); when it is empty the first bytes are read here, so that plain text
+/// is told apart from a ClientHello before rustls sees it. With `http`, a plain HTTP request
+/// gets a 400 that says what went wrong. The whole handshake runs within the listener's
+/// `handshake_timeout`.
+pub async fn accept(
+    server: &ServerTls,
+    mut tcp: TcpStream,
+    initial: &[u8],
+    http: bool,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Negotiated), AcceptError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = server.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut first = initial.to_vec();
+    if first.is_empty() {
+        first.resize(2048, 0);
+        match tokio::time::timeout_at(deadline, tcp.read(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(AcceptError::Closed),
+            Ok(Ok(n)) => first.truncate(n),
+            Err(_) => return Err(AcceptError::Timeout(limit)),
+        }
+    }
+    // A TLS connection starts with a handshake record (22); HTTP starts with a method.
+    if first[0] != 22 {
+        let shown: String = first
+            .iter()
+            .take(16)
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        if http && first[0].is_ascii_uppercase() {
+            let _ = tokio::time::timeout_at(deadline, tcp.write_all(PLAIN_HTTP_REPLY)).await;
+        }
+        return Err(AcceptError::NotTls(shown));
+    }
+    let mut early: Option<(rustls::Error, Vec<u8>)> = None;
+    let mut accept = server.acceptor.accept_with(tcp, |conn| {
+        // Hand rustls what was already read; the handshake then goes on from the socket.
+        let mut rest = &first[..];
+        while !rest.is_empty() {
+            match conn.read_tls(&mut rest) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        if let Err(error) = conn.process_new_packets() {
+            // Refused at the first flight (no common version or cipher, say): take the alert
+            // that says why, to send it and close at once rather than wait for the client.
+            let mut alert = Vec::new();
+            let _ = conn.write_tls(&mut alert);
+            early = Some((error, alert));
+        }
+    });
+    if let Some((error, alert)) = early {
+        if let Some(tcp) = accept.get_mut() {
+            let _ = tokio::time::timeout_at(deadline, tcp.write_all(&alert)).await;
+        }
+        return Err(AcceptError::Handshake(io::Error::new(
+            io::ErrorKind::InvalidData,
+            error,
+        )));
+    }
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(stream)) => {
+            let negotiated = negotiated(stream.get_ref().1, server.mutual);
+            Ok((stream, negotiated))
+        }
+        Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => Err(AcceptError::Closed),
+        Ok(Err(error)) => Err(AcceptError::Handshake(error)),
+        Err(_) => Err(AcceptError::Timeout(limit)),
+    }
+}

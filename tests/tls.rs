@@ -1,0 +1,1070 @@
+//! TLS: termination with SNI and ALPN, resumption, mutual TLS, TLS to backends, SNI passthrough,
+//! and bad input. Certificates are made for each test with rcgen.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use switchyard::Config;
+use switchyard::tls::TlsStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A directory of PEM files for one test, removed when dropped.
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-tls-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Switchyard Test CA");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
+        let pki = Pki { dir, ca };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).expect("write ca");
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Issues a certificate for `names` (CN `cn`), writes `{file}.pem` and `{file}.key`, and
+    /// returns their paths.
+    fn issue(&self, file: &str, cn: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.ca).expect("sign");
+        let (cert_path, key_path) = (
+            self.path(&format!("{file}.pem")),
+            self.path(&format!("{file}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
+    fn ca_roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).expect("root");
+        roots
+    }
+
+    /// A client configuration trusting this CA, offering `alpn`.
+    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(self.ca_roots())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A client configuration presenting `cert` / `key`.
+    fn client_with_cert(&self, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .expect("cert file")
+            .collect::<Result<_, _>>()
+            .expect("certs");
+        let key = PrivateKeyDer::from_pem_file(key).expect("key");
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(self.ca_roots())
+                .with_client_auth_cert(chain, key)
+                .expect("client cert"),
+        )
+    }
+
+    /// A server configuration for a test backend with `cert` / `key`.
+    fn server(&self, cert: &Path, key: &Path, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .expect("cert file")
+            .collect::<Result<_, _>>()
+            .expect("certs");
+        let key = PrivateKeyDer::from_pem_file(key).expect("key");
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Connects with TLS, naming `sni`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).expect("name");
+    tokio::time::timeout(PATIENCE, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("handshake in time")
+}
+
+/// The subject CN of the certificate the server showed.
+fn peer_cn(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let chain = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("certificates");
+    let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref()).expect("parse");
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Sends a GET over `stream` and reads the reply.
+async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    path: &str,
+    extra: &str,
+) -> Reply {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").as_bytes())
+        .await
+        .expect("send");
+    stream.flush().await.expect("flush");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, read_reply(stream, &mut buf))
+        .await
+        .expect("reply in time")
+        .expect("a reply")
+}
+
+/// An https listener with three certificates: an exact name, a wildcard, and a default.
+fn terminating(pki: &Pki, backend: std::net::SocketAddr) -> Proxy {
+    let (default_cert, default_key) = pki.issue("default", "default", &["default.test"], false);
+    let (exact_cert, exact_key) = pki.issue("exact", "exact", &["a.example.com"], false);
+    let (wild_cert, wild_key) = pki.issue("wild", "wild", &["*.example.com"], false);
+    Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [
+            {{ cert = "{}", key = "{}" }},
+            {{ cert = "{}", key = "{}" }},
+            {{ cert = "{}", key = "{}" }},
+        ] }}
+
+        [pools.web]
+        backends = ["{backend}"]
+        "#,
+        p(&default_cert),
+        p(&default_key),
+        p(&wild_cert),
+        p(&wild_key),
+        p(&exact_cert),
+        p(&exact_key),
+    ))
+}
+
+#[tokio::test]
+async fn sni_picks_the_exact_then_wildcard_then_default_certificate() {
+    let pki = Pki::new();
+    let backend = http_backend("web").await;
+    let proxy = terminating(&pki, backend.addr);
+    let addr = proxy.addr("https");
+    let mut config = (*pki.client(&[])).clone();
+    // The default certificate does not name what the client asked for: accept it anyway here,
+    // the point is which one is shown.
+    config
+        .dangerous()
+        .set_certificate_verifier(Arc::new(AnyCert(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))));
+    let config = Arc::new(config);
+    for (sni, cn) in [
+        ("a.example.com", "exact"),
+        ("b.example.com", "wild"),
+        ("x.b.example.com", "default"),
+        ("other.test", "default"),
+    ] {
+        let stream = tls_connect(addr, Arc::clone(&config), sni)
+            .await
+            .expect("handshake");
+        assert_eq!(peer_cn(&stream), cn, "certificate for {sni}");
+    }
+    // Verified for real: the exact and the wildcard names.
+    for sni in ["a.example.com", "www.example.com"] {
+        let mut stream = tls_connect(addr, pki.client(&[]), sni)
+            .await
+            .expect("verified handshake");
+        let reply = get(&mut stream, "/", "").await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            reply.text().contains("x-forwarded-proto: https"),
+            "{}",
+            reply.text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn alpn_negotiates_http11_and_h2() {
+    let pki = Pki::new();
+    let backend = http_backend("web").await;
+    let proxy = terminating(&pki, backend.addr);
+    let addr = proxy.addr("https");
+
+    let mut h1 = tls_connect(addr, pki.client(&[b"http/1.1"]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // Keep-alive over TLS: several requests on one connection.
+    for _ in 0..3 {
+        assert_eq!(get(&mut h1, "/", "").await.status, 200);
+    }
+
+    let h2 = tls_connect(addr, pki.client(&[b"h2", b"http/1.1"]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(h2))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("https://a.example.com/over-h2")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("GET /over-h2"), "{text}");
+    assert!(text.contains("x-forwarded-proto: https"), "{text}");
+}
+
+/// A ClientHello offering at most TLS 1.1 (no supported_versions extension), with SNI.
+fn tls11_client_hello() -> Vec<u8> {
+    let name = b"a.example.com";
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    let mut extensions = Vec::new();
+    extensions.extend_from_slice(&[0, 0]);
+    extensions.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    extensions.extend_from_slice(&sni);
+    let mut body = vec![3, 2];
+    body.extend_from_slice(&[7; 32]);
+    body.push(0);
+    // TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA and TLS_RSA_WITH_AES_128_CBC_SHA.
+    body.extend_from_slice(&[0, 4, 0xc0, 0x13, 0x00, 0x2f, 1, 0]);
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut hello = vec![1, 0];
+    hello.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&body);
+    let mut record = vec![22, 3, 1];
+    record.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hello);
+    record
+}
+
+#[tokio::test]
+async fn tls11_and_below_are_refused() {
+    let pki = Pki::new();
+    let backend = http_backend("web").await;
+    let proxy = terminating(&pki, backend.addr);
+    let mut tcp = TcpStream::connect(proxy.addr("https"))
+        .await
+        .expect("connect");
+    tcp.write_all(&tls11_client_hello()).await.expect("send");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the connection is closed");
+    // A fatal alert record (type 21), never a ServerHello (22).
+    assert!(
+        reply.first() == Some(&21),
+        "answered a TLS 1.1 ClientHello with {reply:?}"
+    );
+    // A client limited to TLS 1.2 is served.
+    let config = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        .with_root_certificates(pki.ca_roots())
+        .with_no_client_auth();
+    let mut stream = tls_connect(proxy.addr("https"), Arc::new(config), "a.example.com")
+        .await
+        .expect("TLS 1.2 handshake");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn sessions_resume() {
+    let pki = Pki::new();
+    let backend = http_backend("web").await;
+    let proxy = terminating(&pki, backend.addr);
+    let addr = proxy.addr("https");
+    for versions in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[versions])
+                .with_root_certificates(pki.ca_roots())
+                .with_no_client_auth(),
+        );
+        let mut first = tls_connect(addr, Arc::clone(&config), "a.example.com")
+            .await
+            .expect("handshake");
+        // A request, so that TLS 1.3 tickets (sent after the handshake) are read.
+        assert_eq!(get(&mut first, "/", "").await.status, 200);
+        let second = tls_connect(addr, config, "a.example.com")
+            .await
+            .expect("handshake");
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{versions:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_reports_expired_and_mismatched_certificates_and_missing_files() {
+    let pki = Pki::new();
+    let (expired_cert, expired_key) = pki.issue("expired", "old", &["old.test"], true);
+    let (good_cert, _) = pki.issue("good", "good", &["good.test"], false);
+    let (_, other_key) = pki.issue("other", "other", &["other.test"], false);
+    let garbage = pki.path("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM").expect("write");
+    let toml = |certificates: String| {
+        format!(
+            r#"
+            [[listeners]]
+            name = "https"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{certificates}] }}
+
+            [pools.web]
+            backends = ["127.0.0.1:9"]
+            "#
+        )
+    };
+    let config = Config::from_toml(
+        &toml(format!(
+            r#"{{ cert = "{}", key = "{}" }}"#,
+            p(&expired_cert),
+            p(&expired_key)
+        )),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let store = TlsStore::build(&config).expect("an expired certificate is only a warning");
+    assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
+    assert_eq!(
+        store.warnings[0].path,
+        "listeners[0].tls.certificates[0].cert"
+    );
+    assert!(store.warnings[0].reason.contains("expired"));
+
+    let config = Config::from_toml(
+        &toml(format!(
+            r#"{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}"#,
+            p(&good_cert),
+            p(&other_key),
+            p(&pki.path("missing.pem")),
+            p(&other_key),
+            p(&garbage),
+            p(&other_key),
+        )),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let problems = TlsStore::build(&config).expect_err("bad files");
+    let text: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.path, p.reason))
+        .collect();
+    assert_eq!(problems.len(), 3, "{text:?}");
+    assert!(
+        text[0].starts_with("listeners[0].tls.certificates[0].key:")
+            && text[0].contains("does not match"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].starts_with("listeners[0].tls.certificates[1].cert:")
+            && text[1].contains("cannot read"),
+        "{text:?}"
+    );
+    assert!(
+        text[2].starts_with("listeners[0].tls.certificates[2].cert:")
+            && text[2].contains("no PEM certificate"),
+        "{text:?}"
+    );
+}
+
+/// A backend that terminates TLS with `config` and answers as [`http_backend`] does.
+async fn https_backend(name: &'static str, config: Arc<rustls::ServerConfig>) -> Backend {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    Backend::start(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok(stream) = acceptor.accept(tcp).await {
+                serve_http(stream, name).await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn upstream_tls_verifies_the_backend_and_a_wrong_ca_gives_502() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
+    let backend = https_backend("secure", pki.server(&cert, &key, &[b"http/1.1"])).await;
+    let other = Pki::new();
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "good"
+
+          [[listeners.routes]]
+          match = {{ path_prefix = "/wrong/" }}
+          pool = "wrong"
+
+        [pools.good]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{ca}" }}
+
+        [pools.wrong]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{other_ca}" }}
+        "#,
+        addr = backend.addr,
+        ca = p(&pki.path("ca.pem")),
+        other_ca = p(&other.path("ca.pem")),
+    ));
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    for _ in 0..3 {
+        let reply = client.get("/ok", "").await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.text().starts_with("secure\n"), "{}", reply.text());
+    }
+    // Pooled: three requests, one TLS connection to the backend.
+    assert_eq!(backend.accepted(), 1);
+    let reply = client.get("/wrong/", "").await;
+    assert_eq!(reply.status, 502);
+}
+
+#[tokio::test]
+async fn upstream_h2_over_tls_with_alpn() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["grpc.internal"], false);
+    let config = pki.server(&cert, &key, &[b"h2"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let backend = Backend::start(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(|request: http::Request<_>| async move {
+                let proto = request
+                    .headers()
+                    .get("x-forwarded-proto")
+                    .map(|v| v.to_str().unwrap_or("").to_owned())
+                    .unwrap_or_default();
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(format!("h2 backend {:?} {proto}", request.version())),
+                )))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "grpc"
+
+        [pools.grpc]
+        backends = ["{}"]
+        upstream_protocol = "h2"
+        tls = {{ sni = "grpc.internal", ca = "{}" }}
+        "#,
+        backend.addr,
+        p(&pki.path("ca.pem")),
+    ));
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "h2 backend HTTP/2.0 http");
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_certificate_and_forwards_its_subject() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let (client_cert, client_key) = pki.issue("alice", "alice", &["alice.clients.example"], false);
+    let backend = http_backend("web").await;
+    let listener = |name: &str, auth: &str| {
+        format!(
+            r#"
+            [[listeners]]
+            name = "{name}"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], client_ca = "{}", client_auth = "{auth}" }}
+            "#,
+            p(&cert),
+            p(&key),
+            p(&pki.path("ca.pem")),
+        )
+    };
+    let proxy = Proxy::start(&format!(
+        r#"
+        {}
+        {}
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        listener("required", "required"),
+        listener("optional", "optional"),
+        backend.addr
+    ));
+    let forged = "X-Client-Cert-Subject: CN=mallory\r\nx-client-cert-san: DNS:evil\r\n";
+
+    // Required: no certificate, no service.
+    let refused = async {
+        let mut stream =
+            tls_connect(proxy.addr("required"), pki.client(&[]), "a.example.com").await?;
+        // TLS 1.3 reports the refusal on the first read.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await?;
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    };
+    assert!(
+        refused.await.is_err(),
+        "served a client without a certificate"
+    );
+
+    // With a certificate: its subject and SAN reach the backend, the forged ones do not.
+    let config = pki.client_with_cert(&client_cert, &client_key);
+    let mut stream = tls_connect(proxy.addr("required"), config, "a.example.com")
+        .await
+        .expect("handshake");
+    let text = get(&mut stream, "/", forged).await.text();
+    assert!(text.contains("x-client-cert-subject: CN=alice"), "{text}");
+    assert!(
+        text.contains("x-client-cert-san: DNS:alice.clients.example"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("mallory") && !text.contains("evil"),
+        "{text}"
+    );
+
+    // Optional: served without a certificate, and the forged fields are still dropped.
+    let mut stream = tls_connect(proxy.addr("optional"), pki.client(&[]), "a.example.com")
+        .await
+        .expect("handshake");
+    let text = get(&mut stream, "/", forged).await.text();
+    assert!(
+        !text.to_ascii_lowercase().contains("x-client-cert"),
+        "{text}"
+    );
+
+    // Plain listeners drop them too.
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    let text = client.get("/", forged).await.text();
+    assert!(
+        !text.to_ascii_lowercase().contains("x-client-cert"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn sni_passthrough_lands_each_name_on_its_pool() {
+    let pki = Pki::new();
+    let (a_cert, a_key) = pki.issue("a", "a", &["a.example.com"], false);
+    let (b_cert, b_key) = pki.issue("b", "b", &["*.b.example.com"], false);
+    let (d_cert, d_key) = pki.issue("d", "d", &["default.example.com"], false);
+    let a = https_backend("pool-a", pki.server(&a_cert, &a_key, &[])).await;
+    let b = https_backend("pool-b", pki.server(&b_cert, &b_key, &[])).await;
+    let d = https_backend("pool-default", pki.server(&d_cert, &d_key, &[])).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "pass"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "default"
+        sni_routes = [
+            {{ sni = "a.example.com", pool = "a" }},
+            {{ sni = "*.b.example.com", pool = "b" }},
+        ]
+        client_hello_timeout = "500ms"
+
+        [pools.a]
+        backends = ["{}"]
+        [pools.b]
+        backends = ["{}"]
+        [pools.default]
+        backends = ["{}"]
+        "#,
+        a.addr, b.addr, d.addr
+    ));
+    let addr = proxy.addr("pass");
+    for (sni, expected) in [
+        ("a.example.com", "pool-a"),
+        ("x.b.example.com", "pool-b"),
+        ("default.example.com", "pool-default"),
+    ] {
+        // The backend's own certificate verifies: the TLS went through untouched.
+        let mut stream = tls_connect(addr, pki.client(&[]), sni)
+            .await
+            .expect("handshake with the backend");
+        let reply = get(&mut stream, "/", "").await;
+        assert!(
+            reply.text().starts_with(&format!("{expected}\n")),
+            "{sni}: {}",
+            reply.text()
+        );
+    }
+
+    // A truncated ClientHello, then silence: closed after the timeout; others are served
+    // meanwhile.
+    let hello = tls11_client_hello();
+    let mut stalled = TcpStream::connect(addr).await.expect("connect");
+    stalled.write_all(&hello[..20]).await.expect("send");
+    let mut served = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert!(
+        get(&mut served, "/", "")
+            .await
+            .text()
+            .starts_with("pool-a\n")
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a stalled ClientHello is cut off");
+
+    // Garbage and an oversized record close only their own connection.
+    let mut garbage = TcpStream::connect(addr).await.expect("connect");
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("send");
+    assert!(
+        tokio::time::timeout(PATIENCE, garbage.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    );
+    let mut huge = TcpStream::connect(addr).await.expect("connect");
+    let _ = huge.write_all(&[22, 3, 1, 0xff, 0xff]).await;
+    assert!(
+        tokio::time::timeout(PATIENCE, huge.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    );
+    assert_eq!(a.accepted() + b.accepted() + d.accepted(), 4);
+}
+
+#[tokio::test]
+async fn plain_http_and_stalled_handshakes_on_a_tls_port() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], handshake_timeout = "300ms" }}
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let addr = proxy.addr("https");
+    // Plain HTTP gets a 400 that says why.
+    let mut client = HttpClient::connect(addr).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.text().contains("HTTPS"), "{}", reply.text());
+
+    // A handshake that stops halfway (part of a ClientHello) is cut off at the timeout,
+    // and one that never starts too; a real client is served meanwhile.
+    let hello = tls11_client_hello();
+    let mut half = TcpStream::connect(addr).await.expect("connect");
+    half.write_all(&hello[..30]).await.expect("send");
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+    let mut rest = Vec::new();
+    for stalled in [&mut half, &mut silent] {
+        assert!(
+            tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
+                .await
+                .is_ok(),
+            "stalled handshake closed"
+        );
+    }
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// Accepts any certificate, for tests that look at which one is shown.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[tokio::test]
+async fn http_health_checks_speak_the_pools_tls() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
+    let backend = https_backend("secure", pki.server(&cert, &key, &[b"http/1.1"])).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "secure"
+
+        [pools.secure]
+        backends = ["{}"]
+        tls = {{ sni = "internal.example", ca = "{}" }}
+        health = {{ kind = "http", interval = "200ms", timeout = "200ms", rise = 1, fall = 2 }}
+        "#,
+        backend.addr,
+        p(&pki.path("ca.pem")),
+    ));
+    // Several probes pass: the backend speaks only TLS.
+    let state = proxy
+        .registry
+        .get("secure", backend.addr)
+        .expect("backend state");
+    eventually("probes pass", || {
+        state
+            .probes_passed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    })
+    .await;
+    assert_eq!(
+        state.flags() & switchyard::backend::DOWN,
+        0,
+        "a TLS backend passes HTTP probes made over TLS"
+    );
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_tcp_listener_terminates_tls_and_forwards_the_plain_bytes() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "tls-tcp"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "echo"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.echo]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    for message in [&b"hello"[..], &[7u8; 40_000][..]] {
+        stream.write_all(message).await.expect("write");
+        stream.flush().await.expect("flush");
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(back, message);
+    }
+    // Half-close: the client's close_notify ends the backend's input; the connection closes.
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_work_over_tls() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "ws"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.ws]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let mut stream = tls_connect(
+        proxy.addr("https"),
+        pki.client(&[b"http/1.1"]),
+        "a.example.com",
+    )
+    .await
+    .expect("handshake");
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .expect("send");
+    stream.flush().await.expect("flush");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    stream.write_all(b"frame").await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut back = [0u8; 5];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&back, b"frame");
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serving() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let toml = format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    );
+    let proxy = Proxy::start(&toml);
+    std::fs::write(
+        &cert,
+        b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .expect("overwrite");
+    // What a reload does first: build the store from the files again. It fails, naming the
+    // file, so the running store is kept.
+    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
+    let problems = TlsStore::build(&config).expect_err("garbage is refused");
+    assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
+    assert!(problems[0].reason.contains(&p(&cert)), "{problems:?}");
+    let mut stream = tls_connect(proxy.addr("https"), pki.client(&[]), "a.example.com")
+        .await
+        .expect("the old certificate still serves");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        max_connections = 4
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], handshake_timeout = "200ms" }}
+
+        [pools.web]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let addr = proxy.addr("https");
+    // Twelve clients that connect and never send a byte: at most four hold a slot at a time,
+    // the others wait in the kernel's backlog, and each is cut off at the handshake timeout.
+    let mut flood = Vec::new();
+    for _ in 0..12 {
+        flood.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("served once the stalled handshakes time out");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+    for mut stalled in flood {
+        let mut rest = Vec::new();
+        assert!(
+            tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
+                .await
+                .is_ok()
+        );
+    }
+}
