@@ -396,7 +396,7 @@ impl HttpProxy {
         let guard = picked.guard;
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         // A draining backend's deadline ends what is still running on it.
-        let closer = guard.state().closer();
+        let closer = picked.closer;
         let id_field = [("x-request-id", request_id)];
 
         if response.status == 101 {
@@ -814,6 +814,7 @@ impl HttpProxy {
             .await
             .map_err(Failure::Status)?;
         let guard = picked.guard;
+        let closer = picked.closer;
         let state = Arc::clone(guard.state());
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         let addr = state.addr;
@@ -868,6 +869,10 @@ impl HttpProxy {
                         pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
+                    () = closer.cancelled() => {
+                        debug!(backend = %addr, "no response before the backend's drain deadline");
+                        return Err(Failure::Status(504));
+                    }
                 }
             }
             (sent, pumped)
@@ -876,6 +881,9 @@ impl HttpProxy {
             // An early answer (an error, say) before the whole body was sent: the rest of the
             // body is not read, so the connection cannot be kept.
             if head.framing != Framing::Empty {
+                if let Some(Ok(response)) = &sent {
+                    pool.report(&state, response.status().as_u16() < 500);
+                }
                 return Err(Failure::Abort);
             }
         }
@@ -892,7 +900,6 @@ impl HttpProxy {
         guard.established();
         state.observe_latency(started.elapsed());
         pool.report(&state, response.status().as_u16() < 500);
-        let closer = state.closer();
 
         let (mut parts, mut body) = response.into_parts();
         h2::apply_response_rules(&mut parts.headers, &rules);
@@ -1113,7 +1120,14 @@ impl HttpProxy {
                     pool.response_timeout,
                     self.max_body_size,
                 );
-                match sent.await {
+                let sent = tokio::select! {
+                    sent = sent => sent,
+                    () = picked.closer.cancelled() => {
+                        debug!(pool = %pool.name, backend = %addr, "no response before the backend's drain deadline");
+                        return Err(Failure::Status(504));
+                    }
+                };
+                match sent {
                     Ok(response) => {
                         picked.guard.established();
                         state.observe_latency(started.elapsed());

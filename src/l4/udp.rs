@@ -183,6 +183,7 @@ impl UdpProxy {
             client: Some(client.ip()),
             hash: pool.hash_client(client.ip()),
             preferred: None,
+            refresh: false,
         };
         let mut attempts = Attempts::new(pool, input);
         if let Some(index) = refused {
@@ -194,6 +195,7 @@ impl UdpProxy {
             index,
             candidate,
             guard,
+            closer,
         } = attempts.next_now().ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
@@ -210,7 +212,6 @@ impl UdpProxy {
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
         guard.established();
-        let closer = candidate.state.closer();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
         let replies = tokio::spawn(relay_replies(
@@ -273,6 +274,7 @@ async fn relay_replies(
     epoch: Instant,
     broken: Arc<AtomicBool>,
 ) {
+    let mut answered = false;
     loop {
         if upstream.readable().await.is_err() {
             return;
@@ -293,6 +295,11 @@ async fn relay_replies(
             Ok(n) => {
                 backend.bytes_received.fetch_add(n as u64, Relaxed);
                 last_seen.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                if !answered {
+                    // A reply is the success that outlier detection counts on UDP.
+                    answered = true;
+                    backend.consecutive_failures.store(0, Relaxed);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
