@@ -383,6 +383,33 @@ impl Registry {
         Arc::clone(released.entry(pool.to_owned()).or_default())
     }
 
+    /// Forgets the backends `config` no longer has; connections still open to them keep
+    /// their state until they close. A backend that comes back later starts afresh.
+    pub fn retain(&self, config: &crate::config::Config) {
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        states.retain(|(pool, addr), _| {
+            config
+                .pools
+                .get(pool)
+                .is_some_and(|p| p.backends.iter().any(|b| b.addr == *addr))
+        });
+    }
+
+    /// Every backend state, by pool and address.
+    pub fn all(&self) -> Vec<((String, SocketAddr), Arc<BackendState>)> {
+        let states = self
+            .states
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        states
+            .iter()
+            .map(|(key, state)| (key.clone(), Arc::clone(state)))
+            .collect()
+    }
+
     /// The state for `addr` in `pool`, if that backend was ever configured.
     pub fn get(&self, pool: &str, addr: SocketAddr) -> Option<Arc<BackendState>> {
         let states = self

@@ -79,6 +79,10 @@ pub struct HttpProxy {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// TLS terminated on this listener, if any.
     pub tls: Option<Arc<ServerTls>>,
+    /// Set when a reload replaced this listener's settings: connections still using these
+    /// settings answer their next request with `Connection: close`, so their clients come
+    /// back to the new ones (never closing an idle connection under a client's feet).
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 /// Fields that carry a verified client certificate to backends. They are removed from every
@@ -136,6 +140,12 @@ enum Failure {
 }
 
 impl HttpProxy {
+    /// Whether responses should tell clients to close: the process is draining, or a reload
+    /// replaced these settings.
+    fn closing(&self) -> bool {
+        self.shutdown.is_cancelled() || self.retired.load(Relaxed)
+    }
+
     /// Serves one accepted connection to its end.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
@@ -322,7 +332,7 @@ impl HttpProxy {
             Err(Failure::Status(status)) => {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
-                let close = head.close || has_body || self.shutdown.is_cancelled();
+                let close = head.close || has_body || self.closing();
                 let _ = write_within(
                     &mut client.stream,
                     &h1::error_response(status, close),
@@ -498,7 +508,7 @@ impl HttpProxy {
         let close = head.close
             || head.ambiguous
             || client_framing == Framing::UntilClose
-            || self.shutdown.is_cancelled()
+            || self.closing()
             || guard.state().flags() & DRAINING != 0;
         out.clear();
         if compression.is_some() {
@@ -918,7 +928,7 @@ impl HttpProxy {
         let close = head.close
             || head.ambiguous
             || framing == Framing::UntilClose
-            || self.shutdown.is_cancelled()
+            || self.closing()
             || state.flags() & DRAINING != 0;
         let mut out = BytesMut::with_capacity(1024);
         out.extend_from_slice(b"HTTP/1.1 ");
