@@ -47,6 +47,11 @@ enum Command {
         #[arg(long)]
         any_port: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) to stdout.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,11 @@ fn main() -> ExitCode {
             log_level,
             any_port,
         } => report(demo(&log_level, any_port)),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "switchyard", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -315,3 +315,22 @@ async fn the_demo_routes_like_the_seed_table() {
     assert_eq!(first_line(tcp).await, "hello from tcp-backend-1");
     let _ = child.start_kill();
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("switchyard"), "{shell}: {script}");
+        assert!(script.contains("config"), "{shell}: {script}");
+    }
+    let out = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+}
