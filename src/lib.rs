@@ -11,12 +11,14 @@ pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod notify;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod server;
 pub mod stream;
 pub mod sys;
 pub mod tls;
+pub mod watch;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

@@ -31,6 +31,9 @@ enum Command {
         /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Reload the configuration when its file changes.
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a configuration file: exit 0 if it is good, else print every problem and exit 1.
     Check {
@@ -62,7 +65,8 @@ fn main() -> ExitCode {
             config,
             threads,
             log_level,
-        } => report(run(&config, threads, &log_level)),
+            watch,
+        } => report(run(&config, threads, &log_level, watch)),
         Command::Demo {
             log_level,
             any_port,
@@ -147,11 +151,23 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the runtime")
 }
 
-fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyhow::Result<()> {
+fn run(
+    path: &std::path::Path,
+    threads: Option<usize>,
+    log_level: &str,
+    watch: bool,
+) -> anyhow::Result<()> {
     init_logging(log_level)?;
     raise_fd_limit();
+    // Readiness, reloads and the drain are reported to systemd when it started us.
+    match switchyard::notify::init_from_env() {
+        Ok(true) => info!("notifying the service manager"),
+        Ok(false) => {}
+        Err(error) => warn!(%error, "not notifying the service manager"),
+    }
     let path = path.to_path_buf();
     let path_for_reload = path.clone();
+    let path_for_watch = path.clone();
     runtime(threads)?.block_on(async {
         // Signals are handled from the start: loading may wait on DNS, and a SIGTERM then
         // should end the process cleanly, not by the default action.
@@ -167,6 +183,10 @@ fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyho
         };
         let server = Server::bind_from(config, Some(path_for_reload), shutdown)?;
         reload_on_sighup(server.handle())?;
+        if watch {
+            let watcher = switchyard::watch::Watcher::new(&path_for_watch)?;
+            tokio::spawn(watcher.run(server.handle()));
+        }
         info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");
         let cut = server.run().await;
         info!(cut_off = cut, "switchyard stopped");

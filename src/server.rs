@@ -236,9 +236,11 @@ impl Server {
             for running in &mut state.listeners {
                 shared.start(running);
             }
+            crate::notify::ready(&format!("serving {} listener(s)", state.listeners.len()));
         }
 
         shared.shutdown.cancelled().await;
+        crate::notify::stopping();
         // Wait for a reload in progress to finish, so no listener starts after this point.
         let _no_more_reloads = shared.reloading.lock().await;
         // The loops have stopped; dropping the listeners closes their sockets, so new
@@ -338,8 +340,24 @@ impl ServerHandle {
         self.0.shutdown.clone()
     }
 
-    /// Reads the configuration file again and applies it; on any error nothing changes.
+    /// Reads the configuration file again and applies it; on any error nothing changes. The
+    /// service manager is told that a reload runs, and when it is over.
     pub async fn reload_file(&self) -> Result<ReloadSummary, ServerError> {
+        if self.0.shutdown.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        crate::notify::reloading();
+        let result = self.load_and_reload().await;
+        if !self.0.shutdown.is_cancelled() {
+            crate::notify::ready(&match &result {
+                Ok(summary) => format!("serving configuration generation {}", summary.generation),
+                Err(error) => format!("reload refused: {error}"),
+            });
+        }
+        result
+    }
+
+    async fn load_and_reload(&self) -> Result<ReloadSummary, ServerError> {
         let path = self.0.path.clone().ok_or(ServerError::NoFile)?;
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
             .await
@@ -353,6 +371,7 @@ impl ServerHandle {
             Ok(config) => self.reload(config).await,
             Err(error) => {
                 self.0.reload_failures.fetch_add(1, Relaxed);
+                warn!(%error, "reload refused; the running configuration is unchanged");
                 Err(ServerError::Config(error))
             }
         }

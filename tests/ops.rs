@@ -1,0 +1,206 @@
+//! Running under an operator's tools: `run --watch` reloads on a file change and waits out a
+//! broken file; the service manager is told of readiness, reloads and the drain (sd_notify).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+/// A directory of the test's own, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-ops-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The binary running `run`, with its log lines to wait on.
+struct Started {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    log: mpsc::UnboundedReceiver<String>,
+}
+
+impl Started {
+    async fn new(config: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Started {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(["run", "--threads", "2", "--config"])
+            .arg(config)
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let mut started = Started {
+            child,
+            addr: "0.0.0.0:0".parse().expect("addr"),
+            log,
+        };
+        let line = started.wait_for("listening").await;
+        started.addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("the listening line names the address");
+        started
+    }
+
+    /// The next log line containing `needle`.
+    async fn wait_for(&mut self, needle: &str) -> String {
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = self.log.recv().await {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+            panic!("exited before logging `{needle}`");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no `{needle}` in the log in time"))
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) with a pid we started and a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+fn l4_config(backend: std::net::SocketAddr) -> String {
+    format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// Replaces `path` the way editors do: a new file renamed over the old one.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test]
+async fn watch_reloads_a_changed_file_and_waits_out_a_broken_or_missing_one() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let dir = TempDir::new("watch");
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(&path, l4_config(a.addr)).expect("write");
+    let mut proxy = Started::new(&path, &["--watch"], &[]).await;
+    assert_eq!(first_line(proxy.addr).await, "a");
+
+    // An editor's save: written elsewhere, renamed over the file.
+    replace(&path, &l4_config(b.addr));
+    let line = proxy.wait_for("configuration reloaded").await;
+    assert!(line.contains("generation=2"), "{line}");
+    assert_eq!(first_line(proxy.addr).await, "b");
+
+    // Half written in place: refused, and the running configuration stays.
+    let text = l4_config(a.addr);
+    std::fs::write(&path, &text[..text.len() / 2]).expect("write");
+    proxy.wait_for("reload refused").await;
+    assert_eq!(first_line(proxy.addr).await, "b");
+
+    // Gone: nothing is reloaded until it is back.
+    std::fs::remove_file(&path).expect("remove");
+    proxy.wait_for("configuration file is gone").await;
+    assert_eq!(first_line(proxy.addr).await, "b");
+    std::fs::write(&path, &text).expect("write");
+    let line = proxy.wait_for("configuration reloaded").await;
+    assert!(
+        line.contains("generation=3"),
+        "one reload per change, none for the broken file: {line}"
+    );
+    assert_eq!(first_line(proxy.addr).await, "a");
+}
+
+/// The next message the service manager would get, as its lines.
+async fn next_message(socket: &tokio::net::UnixDatagram) -> Vec<String> {
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
+        .await
+        .expect("a notification in time")
+        .expect("recv");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_service_manager_hears_ready_reloading_and_stopping() {
+    let backend = Backend::named("a").await;
+    let dir = TempDir::new("notify");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(&path, l4_config(backend.addr)).expect("write");
+    let mut proxy = Started::new(&path, &[], &[("NOTIFY_SOCKET", &socket_path)]).await;
+
+    let ready = next_message(&socket).await;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+    assert_eq!(first_line(proxy.addr).await, "a", "serving once ready");
+
+    for (text, outcome) in [
+        (l4_config(backend.addr), "STATUS=serving"),
+        ("[[".to_owned(), "STATUS=reload refused"),
+    ] {
+        std::fs::write(&path, text).expect("write");
+        let before = switchyard::sys::monotonic_usec();
+        proxy.signal(libc::SIGHUP);
+        let reloading = next_message(&socket).await;
+        let after = switchyard::sys::monotonic_usec();
+        assert_eq!(reloading[0], "RELOADING=1", "{reloading:?}");
+        let usec: u64 = reloading
+            .iter()
+            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+            .and_then(|v| v.parse().ok())
+            .expect("MONOTONIC_USEC with RELOADING=1");
+        assert!(
+            before <= usec && usec <= after,
+            "{before} <= {usec} <= {after}"
+        );
+        let done = next_message(&socket).await;
+        assert_eq!(done[0], "READY=1", "{done:?}");
+        assert!(done.iter().any(|l| l.starts_with(outcome)), "{done:?}");
+    }
+
+    proxy.signal(libc::SIGTERM);
+    let stopping = next_message(&socket).await;
+    assert_eq!(stopping[0], "STOPPING=1", "{stopping:?}");
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    proxy.wait_for("switchyard stopped").await;
+}
