@@ -143,6 +143,34 @@ async fn watch_reloads_a_changed_file_and_waits_out_a_broken_or_missing_one() {
     assert_eq!(first_line(proxy.addr).await, "a");
 }
 
+#[tokio::test]
+async fn watch_follows_a_symlink_swapped_like_a_kubernetes_config_map() {
+    use std::os::unix::fs::symlink;
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let dir = TempDir::new("configmap");
+    // switchyard.toml -> ..data/switchyard.toml, ..data -> v1; an update writes v2 and renames
+    // a new ..data link over the old one.
+    for (version, backend) in [("v1", a.addr), ("v2", b.addr)] {
+        std::fs::create_dir(dir.0.join(version)).expect("dir");
+        std::fs::write(
+            dir.0.join(version).join("switchyard.toml"),
+            l4_config(backend),
+        )
+        .expect("write");
+    }
+    symlink("v1", dir.0.join("..data")).expect("symlink");
+    let path = dir.0.join("switchyard.toml");
+    symlink("..data/switchyard.toml", &path).expect("symlink");
+    let mut proxy = Started::new(&path, &["--watch"], &[]).await;
+    assert_eq!(first_line(proxy.addr).await, "a");
+
+    symlink("v2", dir.0.join("..data_tmp")).expect("symlink");
+    std::fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).expect("rename");
+    proxy.wait_for("configuration reloaded").await;
+    assert_eq!(first_line(proxy.addr).await, "b");
+}
+
 /// The next message the service manager would get, as its lines.
 async fn next_message(socket: &tokio::net::UnixDatagram) -> Vec<String> {
     let mut buf = [0u8; 4096];
