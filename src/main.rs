@@ -173,6 +173,11 @@ fn run(
         // should end the process cleanly, not by the default action.
         let shutdown = CancellationToken::new();
         stop_on_signals(shutdown.clone())?;
+        // Watching starts before the file is read, so that a change made while it loads is
+        // not missed.
+        let watcher = watch
+            .then(|| switchyard::watch::Watcher::new(&path_for_watch))
+            .transpose()?;
         let load = tokio::task::spawn_blocking(move || Config::load(&path));
         let config = tokio::select! {
             loaded = load => loaded.context("loading the configuration")?.map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -183,8 +188,7 @@ fn run(
         };
         let server = Server::bind_from(config, Some(path_for_reload), shutdown)?;
         reload_on_sighup(server.handle())?;
-        if watch {
-            let watcher = switchyard::watch::Watcher::new(&path_for_watch)?;
+        if let Some(watcher) = watcher {
             tokio::spawn(watcher.run(server.handle()));
         }
         info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");

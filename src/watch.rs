@@ -67,7 +67,8 @@ pub struct Watcher {
 
 impl Watcher {
     /// Watches the directory of `path` (and of its target, if it is a symbolic link). Must be
-    /// called within the Tokio runtime. The file as it is now is taken as already loaded.
+    /// called within the Tokio runtime. The file as it is now is taken as the one loaded, so
+    /// call this before loading it: a change in between is then seen as a change.
     pub fn new(path: &Path) -> Result<Watcher, WatchError> {
         let dir = parent(path);
         let error = |dir: &Path| {
