@@ -86,7 +86,7 @@ impl Pool {
                 let state = registry.state(&config.name, b.addr);
                 state.set_max_connections(b.max_connections);
                 Candidate {
-                    weight: b.weight,
+                    weight: state.weight_override().unwrap_or(b.weight),
                     state,
                 }
             })
