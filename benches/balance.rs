@@ -63,3 +63,37 @@ fn pick_after_one_failure(bencher: Bencher, kind: BalanceKind) {
     };
     bencher.bench_local(|| black_box(balancer.pick(black_box(&candidates), &ctx)));
 }
+
+/// The whole pick as the data path makes it: `Attempts` over a pool (sticky preference, backups,
+/// slow start checks, and taking a connection slot without overshooting `max_connections`).
+#[divan::bench(args = KINDS)]
+fn pool_attempt(bencher: Bencher, kind: BalanceKind) {
+    use switchyard::backend::Registry;
+    use switchyard::config::{BackendConfig, PoolConfig};
+    use switchyard::pool::{Attempts, PickInput, Pool};
+    let registry = Registry::default();
+    let mut config = PoolConfig::with_defaults(
+        "bench",
+        (0..16u16)
+            .map(|i| BackendConfig {
+                addr: ([10, 0, 0, 1], 8000 + i).into(),
+                weight: 1 + u32::from(i % 5),
+                backup: i >= 14,
+                drain: false,
+                max_connections: Some(1_000_000),
+            })
+            .collect(),
+    );
+    config.balance = kind;
+    config.slow_start = Some(std::time::Duration::from_secs(30));
+    let pool = Pool::new(&config, &registry, &switchyard::tls::TlsStore::default());
+    let input = PickInput {
+        client: Some([192, 0, 2, 1].into()),
+        hash: Some(0x1234_5678_9abc_def0),
+        preferred: None,
+    };
+    bencher.bench_local(|| {
+        let mut attempts = Attempts::new(black_box(&pool), input);
+        black_box(attempts.next_now().map(|picked| picked.index))
+    });
+}

@@ -55,6 +55,10 @@ pub struct BackendState {
     pub consecutive_failures: AtomicU32,
     /// Times outlier detection has ejected it; each ejection lasts longer than the one before.
     pub ejections: AtomicU32,
+    /// Active health probes that passed.
+    pub probes_passed: AtomicU64,
+    /// Active health probes that failed.
+    pub probes_failed: AtomicU64,
     /// [`DOWN`], [`EJECTED`], [`DRAINING`], [`DISABLED`].
     flags: AtomicU8,
     /// Most `active` it takes; 0 is unlimited.
@@ -92,6 +96,8 @@ impl BackendState {
             connect_failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            probes_passed: AtomicU64::new(0),
+            probes_failed: AtomicU64::new(0),
             flags: AtomicU8::new(0),
             max_connections: AtomicU64::new(0),
             usable_since_ms: AtomicU64::new(0),

@@ -3,11 +3,13 @@
 //!
 //! Probes of one pool are spread over the interval (each backend starts at its own offset), so
 //! a pool of a thousand backends is a steady trickle of probes, not a burst every interval. A
-//! probe is a TCP connect or one HTTP/1.1 GET on a fresh connection; the whole probe, connect
-//! included, must finish within `timeout`. State changes are logged at info.
+//! probe is a TCP connect or one HTTP/1.1 GET (over the pool's TLS, if it has some) on a kept or
+//! fresh connection; the whole probe, connect included, must finish within `timeout`. State
+//! changes are logged at info.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,9 +22,16 @@ use crate::backend::{BackendState, DOWN, EJECTED};
 use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
 use crate::pool::Pool;
 use crate::stream::Stream;
+use crate::tls::UpstreamConnector;
 
-/// The most of a response a probe reads looking for the status line.
-const MAX_STATUS_LINE: usize = 1024;
+/// Granularity of probe start times in milliseconds. A thousand backends every second are
+/// then a hundred wake-ups of ten probes, not a thousand of one: waking the thread costs more
+/// than a probe on a kept connection.
+const SLOT_MS: u64 = 10;
+/// The largest response head a probe reads.
+const MAX_PROBE_HEAD: usize = 8 * 1024;
+/// The largest body a probe reads to keep its connection; a larger one closes it instead.
+const MAX_PROBE_BODY: usize = 64 * 1024;
 
 /// Starts probing every backend of `pool`, if it has health checks, until `stop`.
 pub fn spawn(pool: &Pool, stop: CancellationToken) {
@@ -32,13 +41,18 @@ pub fn spawn(pool: &Pool, stop: CancellationToken) {
     let config = Arc::new(config);
     let n = pool.candidates.len().max(1) as f64;
     for (i, candidate) in pool.candidates.iter().enumerate() {
-        // Backend i starts in the i-th slice of the interval, at a random place within it.
+        // Backend i starts in the i-th slice of the interval, at a random place within it,
+        // rounded to a multiple of SLOT so that probes due close together share one wake-up.
         let offset = config.interval.mul_f64((i as f64 + fastrand::f64()) / n);
+        let offset = Duration::from_millis((offset.as_millis() as u64).div_ceil(SLOT_MS) * SLOT_MS);
         let probe = Probe {
+            request: probe_request(&config.kind, candidate.state.addr),
             state: Arc::clone(&candidate.state),
             config: Arc::clone(&config),
             proxy_protocol: pool.send_proxy_protocol,
             pool: pool.name.clone(),
+            conn: None,
+            buf: Vec::new(),
             tls: pool.tls.clone(),
         };
         tokio::spawn(probe.run(offset, stop.clone()));
@@ -51,12 +65,18 @@ struct Probe {
     config: Arc<HealthConfig>,
     proxy_protocol: Option<ProxyProtocolVersion>,
     pool: String,
+    /// The HTTP request, built once.
+    request: Vec<u8>,
+    /// The connection kept from the last HTTP probe.
+    conn: Option<Stream>,
+    /// Read buffer, kept between probes.
+    buf: Vec<u8>,
     /// The pool's TLS toward its backends: HTTP probes speak it too.
-    tls: Option<Arc<crate::tls::UpstreamConnector>>,
+    tls: Option<Arc<UpstreamConnector>>,
 }
 
 impl Probe {
-    async fn run(self, offset: Duration, stop: CancellationToken) {
+    async fn run(mut self, offset: Duration, stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(offset) => {}
@@ -71,11 +91,15 @@ impl Probe {
             }
             let outcome = match tokio::time::timeout(self.config.timeout, self.probe()).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
+                Err(_) => {
+                    self.conn = None;
+                    Err(format!("no answer within {:?}", self.config.timeout))
+                }
             };
             let addr = self.state.addr;
             match outcome {
                 Ok(()) => {
+                    self.state.probes_passed.fetch_add(1, Relaxed);
                     failures = 0;
                     successes = successes.saturating_add(1);
                     if successes >= self.config.rise {
@@ -88,6 +112,8 @@ impl Probe {
                     }
                 }
                 Err(reason) => {
+                    self.state.probes_failed.fetch_add(1, Relaxed);
+                    self.conn = None;
                     successes = 0;
                     failures = failures.saturating_add(1);
                     debug!(pool = %self.pool, backend = %addr, %reason, "health check failed");
@@ -99,87 +125,159 @@ impl Probe {
         }
     }
 
-    /// One probe; the reason when it fails.
-    async fn probe(&self) -> Result<(), String> {
+    /// One probe; the reason when it fails. HTTP probes keep their connection open between
+    /// probes when the backend allows it (as Envoy does): a new TCP connection per probe costs
+    /// several times the probe itself, and a thousand backends probed every second would
+    /// otherwise take a tenth of a core.
+    async fn probe(&mut self) -> Result<(), String> {
+        let addr = self.state.addr;
+        let config = Arc::clone(&self.config);
+        let HealthKind::Http { expect, .. } = &config.kind else {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            // Closed with a reset, as HAProxy closes its checks: the connect was the check, and
+            // a thousand probes a second would otherwise leave thousands of sockets in
+            // TIME_WAIT and cost a closing handshake each.
+            let _ = stream.set_zero_linger();
+            return Ok(());
+        };
+        let mut stream = match self.conn.take() {
+            Some(stream) => stream,
+            None => self.connect().await?,
+        };
+        if let Err(error) = stream.write_all_flush(&self.request).await {
+            // The kept connection may have been closed by the backend meanwhile: one fresh one.
+            debug!(backend = %addr, %error, "kept health check connection gone");
+            stream = self.connect().await?;
+            stream
+                .write_all_flush(&self.request)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+        }
+        let response = read_response(&mut stream, &mut self.buf).await?;
+        if response.reusable {
+            self.conn = Some(stream);
+        }
+        if expect
+            .iter()
+            .any(|&(low, high)| (low..=high).contains(&response.status))
+        {
+            Ok(())
+        } else {
+            Err(format!("status {}", response.status))
+        }
+    }
+
+    /// A new connection for HTTP probes, with the pool's PROXY header when it sends one and its
+    /// TLS when it has some (the PROXY header first, in the clear, as on the data path).
+    async fn connect(&self) -> Result<Stream, String> {
         let addr = self.state.addr;
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let HealthKind::Http { path, host, expect } = &self.config.kind else {
-            return Ok(());
-        };
         let _ = stream.set_nodelay(true);
-        let mut request = Vec::with_capacity(128);
         if let Some(version) = self.proxy_protocol {
             let local = stream.local_addr().map_err(|e| e.to_string())?;
-            request.extend(crate::proxy_protocol::encode(version, local, addr));
+            let header = crate::proxy_protocol::encode(version, local, addr);
+            stream
+                .write_all(&header)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
         }
-        // With TLS, the PROXY header goes first, in the clear, as on the data path.
-        let mut stream = match &self.tls {
+        Ok(match &self.tls {
             None => Stream::Plain(stream),
             Some(tls) => {
-                stream
-                    .write_all(&request)
-                    .await
-                    .map_err(|e| format!("write: {e}"))?;
-                request.clear();
                 let tls_stream = tls
                     .connect(stream, addr, self.config.timeout)
                     .await
                     .map_err(|e| format!("TLS: {e}"))?;
                 Stream::Tls(Box::new(tls_stream.into()))
             }
-        };
-        request.extend_from_slice(b"GET ");
-        request.extend_from_slice(path.as_bytes());
-        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        match host {
-            Some(host) => request.extend_from_slice(host.as_bytes()),
-            None => request.extend_from_slice(addr.to_string().as_bytes()),
-        }
-        request.extend_from_slice(
-            b"\r\nuser-agent: switchyard-health-check\r\nconnection: close\r\n\r\n",
-        );
-        stream
-            .write_all_flush(&request)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let status = read_status(&mut stream, addr).await?;
-        if expect
-            .iter()
-            .any(|&(low, high)| (low..=high).contains(&status))
-        {
-            Ok(())
-        } else {
-            Err(format!("status {status}"))
-        }
+        })
     }
 }
 
-/// Reads up to the end of the status line and returns the status code.
-async fn read_status(stream: &mut Stream, addr: SocketAddr) -> Result<u16, String> {
-    let mut buf = Vec::with_capacity(256);
-    loop {
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            return parse_status_line(&buf[..end]).ok_or_else(|| {
-                format!(
-                    "{addr} sent no valid status line: {:?}",
-                    String::from_utf8_lossy(&buf[..end.min(80)])
-                )
-            });
+/// The request an HTTP probe sends.
+fn probe_request(kind: &HealthKind, addr: SocketAddr) -> Vec<u8> {
+    let HealthKind::Http { path, host, .. } = kind else {
+        return Vec::new();
+    };
+    let host = host.clone().unwrap_or_else(|| addr.to_string());
+    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: switchyard-health-check\r\n\r\n")
+        .into_bytes()
+}
+
+/// What a probe learns from a response.
+struct ProbeResponse {
+    status: u16,
+    /// Whether the connection can carry the next probe: the whole body was read and nobody
+    /// asked to close.
+    reusable: bool,
+}
+
+/// Reads one response: the head, and a Content-Length body of up to [`MAX_PROBE_BODY`] so the
+/// connection can be kept; anything else (chunked, until-close, larger) is not read and the
+/// connection is dropped after the probe.
+async fn read_response(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<ProbeResponse, String> {
+    buf.clear();
+    let head_end = loop {
+        if let Some(i) = memchr::memmem::find(buf, b"\r\n\r\n") {
+            break i + 4;
         }
-        if buf.len() >= MAX_STATUS_LINE {
-            return Err("status line too long".into());
+        if buf.len() >= MAX_PROBE_HEAD {
+            return Err("response head too long".into());
         }
-        let mut chunk = [0u8; 256];
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("closed before a status line".into());
+        fill(stream, buf).await?;
+    };
+    let head = &buf[..head_end];
+    let line_end = memchr::memchr(b'\n', head).unwrap_or(head.len());
+    let status = parse_status_line(&head[..line_end]).ok_or_else(|| {
+        format!(
+            "no valid status line: {:?}",
+            String::from_utf8_lossy(&head[..line_end.min(80)])
+        )
+    })?;
+    let mut length = None;
+    let mut reusable = head.starts_with(b"HTTP/1.1");
+    for line in head[line_end..].split(|&b| b == b'\n') {
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+        } else if name.eq_ignore_ascii_case(b"connection") && value.eq_ignore_ascii_case(b"close")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            reusable = false;
         }
-        buf.extend_from_slice(&chunk[..n]);
+    }
+    let bodiless = status == 204 || status == 304 || (100..200).contains(&status);
+    match (bodiless, length) {
+        (true, _) => {}
+        (false, Some(n)) if n <= MAX_PROBE_BODY && reusable => {
+            while buf.len() < head_end + n {
+                fill(stream, buf).await?;
+            }
+            reusable = buf.len() == head_end + n;
+        }
+        _ => reusable = false,
+    }
+    Ok(ProbeResponse { status, reusable })
+}
+
+async fn fill(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) => Err("closed before a whole response".into()),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        Err(e) => Err(format!("read: {e}")),
     }
 }
 

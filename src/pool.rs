@@ -6,7 +6,7 @@
 //! the pool's queue when every backend is full, and remembers what was tried so a retry goes
 //! elsewhere. Outcomes come back through [`Pool::report`] for outlier detection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -548,8 +548,16 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles every pool of `config`, with the TLS settings `tls` built from it.
     pub fn new(config: &Config, registry: &Registry, tls: &TlsStore) -> Snapshot {
-        let pools = config
-            .pools
+        Snapshot::from_pools(&config.pools, registry, tls)
+    }
+
+    /// Compiles these pools.
+    pub fn from_pools(
+        pools: &BTreeMap<String, PoolConfig>,
+        registry: &Registry,
+        tls: &TlsStore,
+    ) -> Snapshot {
+        let pools = pools
             .values()
             .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry, tls))))
             .collect();
@@ -574,14 +582,13 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, BalanceKind};
+    use crate::config::BackendConfig;
 
     fn pool(backends: &[(u16, bool)], edit: impl FnOnce(&mut PoolConfig)) -> (Pool, Registry) {
         let registry = Registry::default();
-        let mut config = PoolConfig {
-            tls: None,
-            name: "p".into(),
-            backends: backends
+        let mut config = PoolConfig::with_defaults(
+            "p",
+            backends
                 .iter()
                 .map(|&(port, backup)| BackendConfig {
                     addr: ([127, 0, 0, 1], port).into(),
@@ -591,23 +598,8 @@ mod tests {
                     max_connections: None,
                 })
                 .collect(),
-            balance: BalanceKind::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            connect_attempts: 3,
-            send_proxy_protocol: None,
-            response_timeout: Duration::from_secs(1),
-            upstream_protocol: Default::default(),
-            hash_key: HashKey::SourceIp,
-            maglev_table_size: 251,
-            ring_vnodes: 10,
-            sticky: None,
-            health: None,
-            outlier: None,
-            panic_mode: false,
-            slow_start: None,
-            queue: None,
-            drain_timeout: Duration::from_secs(1),
-        };
+        );
+        config.connect_timeout = Duration::from_secs(1);
         edit(&mut config);
         let pool = Pool::new(&config, &registry, &TlsStore::default());
         (pool, registry)

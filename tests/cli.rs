@@ -9,18 +9,6 @@ use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
-/// Writes `text` to a file of its own in the temp directory.
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "switchyard-test-{}-{name}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&path, text).expect("write temp config");
-    path
-}
-
 #[test]
 fn check_exits_zero_on_a_good_file_and_one_with_every_problem() {
     let good = temp_config(
@@ -107,61 +95,14 @@ fn version_and_help() {
 }
 
 /// A running `switchyard run` process and the address its listener got.
-struct Running {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-    config: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
 async fn run_binary(name: &str, backend: std::net::SocketAddr, drain: &str) -> Running {
-    let config = temp_config(
+    spawn_binary(
         name,
         &format!(
             "[global]\ndrain_timeout = \"{drain}\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{backend}\"]\n"
         ),
-    );
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--threads", "2", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    // The "listening" log line names the bound address.
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            if line.contains("listening") {
-                let addr = line.split("addr=").nth(1).expect("addr field");
-                return addr
-                    .split_whitespace()
-                    .next()
-                    .expect("addr")
-                    .parse()
-                    .expect("socket addr");
-            }
-        }
-        panic!("exited before listening");
-    })
+    )
     .await
-    .expect("listening in time");
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Running {
-        child,
-        addr,
-        config,
-    }
 }
 
 fn sigterm(child: &tokio::process::Child) {

@@ -440,6 +440,113 @@ fn modification_rules_are_checked() {
     );
 }
 
+/// A tcp listener on pool `p` with the given pool keys.
+fn l4_pool(keys: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\n{keys}\n"
+    )
+}
+
+#[test]
+fn balancing_settings_load() {
+    let config = Config::from_toml(
+        &l4_pool(
+            "balance = \"maglev\"\nhealth = { kind = \"tcp\", interval = \"1s\", timeout = \"500ms\" }\noutlier = { consecutive_failures = 2 }\npanic_mode = true\nslow_start = \"30s\"\ndrain_timeout = \"5s\"",
+        ),
+        Path::new("good.toml"),
+    )
+    .expect("valid");
+    let pool = &config.pools["p"];
+    assert_eq!(pool.balance, BalanceKind::Maglev);
+    assert_eq!(pool.maglev_table_size, 65_537);
+    assert!(pool.panic_mode && pool.health.is_some() && pool.outlier.is_some());
+    let config = Config::from_toml(
+        &l4_pool("").replace(
+            "backends = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+            "backends = [{ address = \"127.0.0.1:9000\", max_connections = 10 }, { address = \"127.0.0.1:9001\", backup = true, drain = true }]\nqueue = { size = 100, timeout = \"2s\" }",
+        ),
+        Path::new("good.toml"),
+    )
+    .expect("valid");
+    let backends = &config.pools["p"].backends;
+    assert_eq!(backends[0].max_connections, Some(10));
+    assert!(backends[1].backup && backends[1].drain);
+}
+
+#[test]
+fn balancing_mistakes_are_reported() {
+    assert_problem(
+        &l4_pool("balance = \"fastest\""),
+        "pools.p.balance",
+        "unknown algorithm",
+    );
+    assert_problem(
+        &l4_pool("balance = \"ring_hash\"\nhash_key = \"header:x-user\""),
+        "listeners[0].pool",
+        "can hash only on source_ip",
+    );
+    assert_problem(
+        &l4_pool("hash_key = \"source_ip\""),
+        "pools.p.hash_key",
+        "applies only to balance",
+    );
+    assert_problem(
+        &l4_pool("balance = \"maglev\"\nhash_key = \"body\""),
+        "pools.p.hash_key",
+        "unknown hash key",
+    );
+    assert_problem(
+        &l4_pool("balance = \"maglev\"\nmaglev_table_size = 1000"),
+        "pools.p.maglev_table_size",
+        "must be a prime",
+    );
+    assert_problem(
+        &l4_pool("sticky = { cookie = \"SWY\" }"),
+        "listeners[0].pool",
+        "only http listeners",
+    );
+    assert_problem(
+        &l4_pool("health = { kind = \"http\", interval = \"1s\", timeout = \"2s\" }"),
+        "pools.p.health.timeout",
+        "longer than the interval",
+    );
+    assert_problem(
+        &l4_pool("health = { kind = \"tcp\", path = \"/\" }"),
+        "pools.p.health.path",
+        "kind = \"http\"",
+    );
+    assert_problem(
+        &l4_pool("health = { kind = \"http\", expect_status = \"300-200\" }"),
+        "pools.p.health.expect_status",
+        "empty range",
+    );
+    assert_problem(
+        &l4_pool("outlier = { max_ejected_percent = 150 }"),
+        "pools.p.outlier.max_ejected_percent",
+        "out of range",
+    );
+    assert_problem(
+        &l4_pool("queue = { size = 10 }"),
+        "pools.p.queue",
+        "no backend sets max_connections",
+    );
+    assert_problem(
+        &l4_pool("").replace(
+            "backends = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+            "backends = [{ address = \"127.0.0.1:9000\", backup = true }]",
+        ),
+        "pools.p.backends",
+        "every backend is a backup",
+    );
+    assert_problem(
+        &l4_pool("sticky = { cookie = \"bad name\", secret = \"short\" }")
+            .replace("tcp", "http")
+            .replace("pool = \"p\"\n[", "default_pool = \"p\"\n["),
+        "pools.p.sticky.cookie",
+        "not a valid cookie name",
+    );
+}
+
 #[test]
 fn tls_settings_are_checked() {
     let udp = |extra: &str| tcp_listener(extra).replace("protocol = \"tcp\"", "protocol = \"udp\"");

@@ -859,12 +859,18 @@ async fn http_health_checks_speak_the_pools_tls() {
         backend.addr,
         p(&pki.path("ca.pem")),
     ));
-    // Several probes, each a TLS connection that the backend answers.
-    eventually("probes ran", || backend.accepted() >= 4).await;
+    // Several probes pass: the backend speaks only TLS.
     let state = proxy
         .registry
         .get("secure", backend.addr)
         .expect("backend state");
+    eventually("probes pass", || {
+        state
+            .probes_passed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    })
+    .await;
     assert_eq!(
         state.flags() & switchyard::backend::DOWN,
         0,

@@ -128,6 +128,19 @@ mod tests {
     }
 
     #[test]
+    fn ewma_spreads_over_equal_backends_by_weight() {
+        let c = candidates(&[1, 1, 2]);
+        for state in c.iter().map(|c| &c.state) {
+            state.observe_latency(std::time::Duration::from_millis(5));
+        }
+        // With equal latency and no load, the cost is 1/weight: the heavier backend wins
+        // whenever it is drawn (2/3 of the picks), the other two share the rest.
+        let counts = distribution(&PeakEwma::new(), &c, 30_000);
+        assert!((19_000..=21_000).contains(&counts[2]), "{counts:?}");
+        assert!(counts[0].abs_diff(counts[1]) < 1_000, "{counts:?}");
+    }
+
+    #[test]
     fn spreads_over_idle_backends() {
         let c = candidates(&[1, 1, 1, 1]);
         let counts = distribution(&PowerOfTwo::new(), &c, 40_000);

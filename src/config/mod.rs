@@ -506,6 +506,34 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
 }
 
+impl PoolConfig {
+    /// A pool with every setting at its default, as a file that names only the backends would
+    /// give; for code that builds pools without a file (benchmarks, tests).
+    pub fn with_defaults(name: &str, backends: Vec<BackendConfig>) -> PoolConfig {
+        PoolConfig {
+            name: name.to_owned(),
+            connect_attempts: DEFAULT_CONNECT_ATTEMPTS.min(backends.len().max(1)),
+            backends,
+            balance: BalanceKind::RoundRobin,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            send_proxy_protocol: None,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            upstream_protocol: UpstreamProtocol::Http1,
+            hash_key: HashKey::SourceIp,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            ring_vnodes: DEFAULT_RING_VNODES,
+            sticky: None,
+            health: None,
+            outlier: None,
+            panic_mode: false,
+            slow_start: None,
+            queue: None,
+            drain_timeout: DEFAULT_BACKEND_DRAIN_TIMEOUT,
+            tls: None,
+        }
+    }
+}
+
 /// What consistent hashing keys on. A request without the key falls back to round robin.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {

@@ -252,9 +252,11 @@ async fn connect(
     while let Ok(picked) = attempts.next().await {
         let state = &picked.candidate.state;
         let addr = state.addr;
+        let started = tokio::time::Instant::now();
         match connect_one(addr, pool.connect_timeout).await {
             Ok(stream) => {
                 picked.guard.established();
+                state.observe_latency(started.elapsed());
                 pool.report(state, true);
                 return Ok((stream, addr, picked.guard));
             }

@@ -14,6 +14,76 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The compiled binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Writes `text` to a file of its own in the temp directory.
+pub fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-test-{}-{name}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("write temp config");
+    path
+}
+
+/// The binary, running a configuration of its own; killed when dropped.
+pub struct Running {
+    pub child: tokio::process::Child,
+    /// The first listener's address, from its "listening" log line.
+    pub addr: SocketAddr,
+    pub config: std::path::PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Starts the binary on `toml` (written to a temp file named after `name`) and waits until its
+/// first listener is up.
+pub async fn spawn_binary(name: &str, toml: &str) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let config = temp_config(name, toml);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--threads", "2", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    // The "listening" log line names the bound address.
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if line.contains("listening") {
+                let addr = line.split("addr=").nth(1).expect("addr field");
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("socket addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Running {
+        child,
+        addr,
+        config,
+    }
+}
+
 /// Upper bound for anything a test waits on; reaching it is a failure, not synchronisation.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 

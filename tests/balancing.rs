@@ -1,0 +1,535 @@
+//! Balancing, persistence, health and draining, through real sockets: consistent hashing across
+//! two processes, sticky cookies, active and passive health, backups, connection limits with a
+//! queue, and backend drains with their deadline.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// What a test can change in a running [`controlled`] backend.
+struct Control {
+    /// Status of `/healthz`.
+    health: AtomicU16,
+    /// Status of every other request.
+    status: AtomicU16,
+    /// `/slow` requests wait for this.
+    gate: Notify,
+    /// `/slow` requests and WebSockets in progress.
+    busy: AtomicUsize,
+}
+
+impl Control {
+    fn new() -> Arc<Control> {
+        Arc::new(Control {
+            health: AtomicU16::new(200),
+            status: AtomicU16::new(200),
+            gate: Notify::new(),
+            busy: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// An HTTP/1.1 backend (GET only, keep-alive) answering with its name in `x-backend` and the
+/// body; `/healthz` and other paths answer with the statuses in `control`, `/slow` waits for
+/// the gate, `/ws` upgrades and then echoes.
+async fn controlled(name: &'static str, control: Arc<Control>) -> Backend {
+    Backend::start(move |stream| serve(name, Arc::clone(&control), stream)).await
+}
+
+async fn serve(name: &'static str, control: Arc<Control>, mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end + 4);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        if path == "/ws" {
+            control.busy.fetch_add(1, SeqCst);
+            let _ = stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .await;
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            control.busy.fetch_sub(1, SeqCst);
+            return;
+        }
+        let status = if path == "/healthz" {
+            control.health.load(SeqCst)
+        } else {
+            if path == "/slow" {
+                let opened = control.gate.notified();
+                control.busy.fetch_add(1, SeqCst);
+                opened.await;
+                control.busy.fetch_sub(1, SeqCst);
+            }
+            control.status.load(SeqCst)
+        };
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n{name}",
+            name.len()
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One GET on a fresh connection.
+async fn get(addr: SocketAddr, path: &str, extra: &str) -> Reply {
+    HttpClient::connect(addr).await.get(path, extra).await
+}
+
+/// The backend that served one GET.
+async fn served_by(addr: SocketAddr, path: &str, extra: &str) -> String {
+    get(addr, path, extra)
+        .await
+        .header("x-backend")
+        .unwrap_or("none")
+        .to_owned()
+}
+
+fn http_config(pool: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n[pools.p]\n{pool}\n"
+    )
+}
+
+/// Waits until `f` is true of backend `addr` of pool `p`.
+async fn backend_becomes(
+    proxy: &Proxy,
+    addr: SocketAddr,
+    what: &str,
+    f: impl Fn(&switchyard::backend::BackendState) -> bool,
+) {
+    let state = proxy.registry.get("p", addr).expect("backend known");
+    eventually(what, || f(&state)).await;
+}
+
+#[tokio::test]
+async fn hashing_on_a_header_agrees_across_two_processes() {
+    let names = ["a", "b", "c", "d"];
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(controlled(name, Control::new()).await);
+    }
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    for algorithm in ["maglev", "ring_hash"] {
+        let config = http_config(&format!(
+            "backends = [{}]\nbalance = \"{algorithm}\"\nhash_key = \"header:x-user\"",
+            list.join(", ")
+        ));
+        let first = spawn_binary(&format!("hash-1-{algorithm}"), &config).await;
+        let second = spawn_binary(&format!("hash-2-{algorithm}"), &config).await;
+        let mut seen = std::collections::HashSet::new();
+        for user in 0..40 {
+            let header = format!("x-user: user-{user}\r\n");
+            let one = served_by(first.addr, "/", &header).await;
+            let again = served_by(first.addr, "/", &header).await;
+            let other = served_by(second.addr, "/", &header).await;
+            assert_eq!(one, again, "{algorithm}: a key stays on its backend");
+            assert_eq!(one, other, "{algorithm}: both processes agree");
+            seen.insert(one);
+        }
+        assert!(seen.len() >= 3, "{algorithm}: keys spread: {seen:?}");
+        // Without the key: round robin.
+        let mut rotation = std::collections::HashSet::new();
+        for _ in 0..4 {
+            rotation.insert(served_by(first.addr, "/", "").await);
+        }
+        assert_eq!(rotation.len(), 4, "{algorithm}: {rotation:?}");
+    }
+}
+
+#[tokio::test]
+async fn sticky_cookies_persist_survive_a_second_instance_and_repick_when_the_backend_is_down() {
+    let controls = [Control::new(), Control::new(), Control::new()];
+    let a = controlled("a", Arc::clone(&controls[0])).await;
+    let b = controlled("b", Arc::clone(&controls[1])).await;
+    let c = controlled("c", Arc::clone(&controls[2])).await;
+    let config = http_config(&format!(
+        "backends = [\"{}\", \"{}\", \"{}\"]\nsticky = {{ cookie = \"SWY\", ttl = \"1h\", secret = \"a secret both instances share\" }}\nhealth = {{ kind = \"http\", path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        a.addr, b.addr, c.addr
+    ));
+    let proxy = Proxy::start(&config);
+    let twin = Proxy::start(&config);
+    let addr = proxy.addr("web");
+
+    let first = get(addr, "/", "").await;
+    let chosen = first.header("x-backend").expect("served").to_owned();
+    let set_cookie = first
+        .header("set-cookie")
+        .expect("a sticky cookie")
+        .to_owned();
+    assert!(set_cookie.contains("Max-Age=3600") && set_cookie.contains("HttpOnly"));
+    for backend in [&a, &b, &c] {
+        assert!(
+            !set_cookie.contains(&backend.addr.port().to_string()),
+            "opaque: {set_cookie}"
+        );
+    }
+    let cookie = set_cookie.split(';').next().expect("name=value").to_owned();
+    let header = format!("Cookie: other=1; {cookie}\r\n");
+    for _ in 0..6 {
+        let reply = get(addr, "/", &header).await;
+        assert_eq!(reply.header("x-backend"), Some(chosen.as_str()));
+        assert_eq!(reply.header("set-cookie"), None, "not set again");
+    }
+    let reply = get(twin.addr("web"), "/", &header).await;
+    assert_eq!(
+        reply.header("x-backend"),
+        Some(chosen.as_str()),
+        "the twin honours it"
+    );
+
+    // Its backend fails its health checks: the request goes elsewhere and the cookie follows.
+    let index = ["a", "b", "c"]
+        .iter()
+        .position(|n| *n == chosen)
+        .expect("known");
+    let chosen_addr = [a.addr, b.addr, c.addr][index];
+    controls[index].health.store(503, SeqCst);
+    backend_becomes(&proxy, chosen_addr, "sticky backend down", |s| {
+        !s.is_usable()
+    })
+    .await;
+    let reply = get(addr, "/", &header).await;
+    let now = reply.header("x-backend").expect("served").to_owned();
+    assert_ne!(now, chosen);
+    let renewed = reply.header("set-cookie").expect("a new cookie");
+    let renewed = renewed.split(';').next().expect("name=value").to_owned();
+    let reply = get(addr, "/", &format!("Cookie: {renewed}\r\n")).await;
+    assert_eq!(reply.header("x-backend"), Some(now.as_str()));
+}
+
+#[tokio::test]
+async fn health_checks_take_a_failing_backend_out_and_bring_it_back() {
+    let (ca, cb) = (Control::new(), Control::new());
+    let a = controlled("a", Arc::clone(&ca)).await;
+    let b = controlled("b", Arc::clone(&cb)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", \"{}\"]\nhealth = {{ kind = \"http\", path = \"/healthz\", expect_status = \"200-299\", interval = \"100ms\", timeout = \"100ms\", rise = 2, fall = 2 }}",
+        a.addr, b.addr
+    )));
+    let addr = proxy.addr("web");
+    ca.health.store(500, SeqCst);
+    let failed_at = Instant::now();
+    backend_becomes(&proxy, a.addr, "a down", |s| !s.is_usable()).await;
+    // fall x interval, plus one probe's timeout and the start offset: well under a second.
+    assert!(
+        failed_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        failed_at.elapsed()
+    );
+    for _ in 0..6 {
+        assert_eq!(served_by(addr, "/", "").await, "b");
+    }
+    ca.health.store(200, SeqCst);
+    backend_becomes(&proxy, a.addr, "a back", |s| s.is_usable()).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(served_by(addr, "/", "").await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn tcp_health_checks_notice_a_dead_backend() {
+    let alive = Backend::named("alive").await;
+    let dying = Backend::named("dying").await;
+    let dying_addr = dying.addr;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\"]\nhealth = {{ kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", fall = 2, rise = 2 }}\n",
+        alive.addr, dying_addr
+    ));
+    drop(dying);
+    backend_becomes(&proxy, dying_addr, "dead backend down", |s| !s.is_usable()).await;
+    let state = proxy.registry.get("p", dying_addr).expect("known");
+    let failures_before = state.connect_failures.load(SeqCst);
+    for _ in 0..4 {
+        assert_eq!(first_line(proxy.addr("l4")).await, "alive");
+    }
+    assert_eq!(
+        state.connect_failures.load(SeqCst),
+        failures_before,
+        "no connection is tried on a backend that is down"
+    );
+}
+
+#[tokio::test]
+async fn consecutive_failures_eject_a_backend_until_its_time_is_up() {
+    let (ca, cb) = (Control::new(), Control::new());
+    let a = controlled("a", Arc::clone(&ca)).await;
+    let b = controlled("b", Arc::clone(&cb)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", \"{}\"]\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"300ms\", max_ejected_percent = 50 }}",
+        a.addr, b.addr
+    )));
+    let addr = proxy.addr("web");
+    ca.status.store(500, SeqCst);
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    for _ in 0..20 {
+        if !state.is_usable() {
+            break;
+        }
+        get(addr, "/", "").await;
+    }
+    assert!(!state.is_usable(), "ejected after three 5xx in a row");
+    assert_eq!(state.ejections.load(SeqCst), 1);
+    for _ in 0..4 {
+        assert_eq!(served_by(addr, "/", "").await, "b");
+    }
+    ca.status.store(200, SeqCst);
+    backend_becomes(&proxy, a.addr, "a returns", |s| s.is_usable()).await;
+    // b never failed, so it was never ejected.
+    assert!(proxy.registry.get("p", b.addr).expect("known").is_usable());
+}
+
+#[tokio::test]
+async fn backups_serve_only_while_no_primary_is_usable() {
+    let (cp, cb) = (Control::new(), Control::new());
+    let primary = controlled("primary", Arc::clone(&cp)).await;
+    let backup = controlled("backup", Arc::clone(&cb)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", {{ address = \"{}\", backup = true }}]\nhealth = {{ kind = \"http\", path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        primary.addr, backup.addr
+    )));
+    let addr = proxy.addr("web");
+    for _ in 0..4 {
+        assert_eq!(served_by(addr, "/", "").await, "primary");
+    }
+    cp.health.store(503, SeqCst);
+    backend_becomes(&proxy, primary.addr, "primary down", |s| !s.is_usable()).await;
+    for _ in 0..4 {
+        assert_eq!(served_by(addr, "/", "").await, "backup");
+    }
+    cp.health.store(200, SeqCst);
+    backend_becomes(&proxy, primary.addr, "primary back", |s| s.is_usable()).await;
+    assert_eq!(served_by(addr, "/", "").await, "primary");
+}
+
+#[tokio::test]
+async fn all_backends_down_is_503_unless_panic_mode() {
+    let control = Control::new();
+    control.health.store(500, SeqCst);
+    let only = controlled("only", Arc::clone(&control)).await;
+    for (panic, expected) in [(false, 503), (true, 200)] {
+        let proxy = Proxy::start(&http_config(&format!(
+            "backends = [\"{}\"]\npanic_mode = {panic}\nhealth = {{ kind = \"http\", path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", fall = 1 }}",
+            only.addr
+        )));
+        backend_becomes(&proxy, only.addr, "down", |s| !s.is_usable()).await;
+        assert_eq!(get(proxy.addr("web"), "/", "").await.status, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_full_backend_queues_requests_then_refuses_with_503() {
+    let control = Control::new();
+    let backend = controlled("only", Arc::clone(&control)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [{{ address = \"{}\", max_connections = 1 }}]\nqueue = {{ size = 1, timeout = \"500ms\" }}",
+        backend.addr
+    )));
+    let addr = proxy.addr("web");
+    let held = tokio::spawn(get(addr, "/slow", ""));
+    eventually("the slow request holds the slot", || {
+        control.busy.load(SeqCst) == 1
+    })
+    .await;
+    // Two more: one waits in the queue, the other finds it full and gets 503 at once.
+    let mut second = tokio::spawn(get(addr, "/", ""));
+    let mut third = tokio::spawn(get(addr, "/", ""));
+    let (refused, second_first) = tokio::select! {
+        r = &mut second => (r.expect("joins"), true),
+        r = &mut third => (r.expect("joins"), false),
+    };
+    assert_eq!(refused.status, 503);
+    assert!(refused.text().contains("503"));
+    control.gate.notify_waiters();
+    assert_eq!(held.await.expect("joins").status, 200);
+    let queued = if second_first {
+        third.await
+    } else {
+        second.await
+    };
+    assert_eq!(
+        queued.expect("joins").status,
+        200,
+        "the queued request got the freed slot"
+    );
+
+    // A slot that is never freed: the queued request gives up at the timeout.
+    let held = tokio::spawn(get(addr, "/slow", ""));
+    eventually("the slot is held again", || control.busy.load(SeqCst) == 1).await;
+    let waited = Instant::now();
+    assert_eq!(get(addr, "/", "").await.status, 503);
+    assert!(
+        waited.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        waited.elapsed()
+    );
+    control.gate.notify_waiters();
+    assert_eq!(held.await.expect("joins").status, 200);
+}
+
+#[tokio::test]
+async fn a_draining_backend_finishes_its_requests_and_websockets_and_takes_no_new_ones() {
+    let (ca, cb) = (Control::new(), Control::new());
+    let a = controlled("a", Arc::clone(&ca)).await;
+    let b = controlled("b", Arc::clone(&cb)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", \"{}\"]",
+        a.addr, b.addr
+    )));
+    let addr = proxy.addr("web");
+    // A long request, then WebSockets until one is on the same backend; that one is drained.
+    let long = tokio::spawn(get(addr, "/slow", ""));
+    eventually("the long request is on a backend", || {
+        ca.busy.load(SeqCst) + cb.busy.load(SeqCst) == 1
+    })
+    .await;
+    let (drained, drained_addr, other) = if ca.busy.load(SeqCst) == 1 {
+        (&ca, a.addr, "b")
+    } else {
+        (&cb, b.addr, "a")
+    };
+    let mut ws_on_drained = None;
+    let mut elsewhere = Vec::new();
+    for _ in 0..4 {
+        let mut ws = HttpClient::connect(addr).await;
+        ws.send(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await;
+        assert_eq!(ws.reply().await.expect("101").status, 101);
+        // The backend counts the WebSocket before it answers 101.
+        if drained.busy.load(SeqCst) == 2 {
+            ws_on_drained = Some(ws);
+            break;
+        }
+        elsewhere.push(ws);
+    }
+    let mut ws = ws_on_drained.expect("a WebSocket on the backend to drain");
+    let state = proxy.registry.get("p", drained_addr).expect("known");
+    state.start_drain(Duration::from_secs(30));
+
+    for _ in 0..6 {
+        assert_eq!(
+            served_by(addr, "/", "").await,
+            other,
+            "new requests go elsewhere"
+        );
+    }
+    ws.stream.write_all(b"ping").await.expect("write");
+    let mut echo = [0u8; 4];
+    ws.stream
+        .read_exact(&mut echo)
+        .await
+        .expect("the WebSocket still works");
+    assert_eq!(&echo, b"ping");
+    drained.gate.notify_waiters();
+    let reply = long.await.expect("joins");
+    assert_eq!(reply.status, 200, "the request in flight finished");
+    assert_eq!(
+        reply.header("connection"),
+        Some("close"),
+        "its client is told to go"
+    );
+}
+
+#[tokio::test]
+async fn the_drain_deadline_closes_streams_that_are_left() {
+    let a = Backend::start(|mut stream| async move {
+        let _ = stream.write_all(b"a\n").await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let b = Backend::named("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\"]\n",
+        a.addr, b.addr
+    ));
+    let l4 = proxy.addr("l4");
+    // Connections until one is on a.
+    let mut stream = loop {
+        let mut stream = TcpStream::connect(l4).await.expect("connect");
+        let mut line = [0u8; 2];
+        stream.read_exact(&mut line).await.expect("greeting");
+        if &line == b"a\n" {
+            break stream;
+        }
+    };
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    state.start_drain(Duration::from_millis(300));
+    for _ in 0..4 {
+        assert_eq!(first_line(l4).await, "b");
+    }
+    stream.write_all(b"still here").await.expect("write");
+    let mut echo = [0u8; 10];
+    stream
+        .read_exact(&mut echo)
+        .await
+        .expect("echo while draining");
+    // The deadline closes it.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "closed at the deadline");
+    assert_eq!(state.active.load(SeqCst), 0);
+    // Ending the drain brings it back.
+    state.end_drain();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(l4).await.expect("connect");
+        let mut line = [0u8; 2];
+        s.read_exact(&mut line).await.expect("greeting");
+        seen.insert(line);
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test]
+async fn l4_hashing_keeps_a_client_on_one_backend() {
+    let a = Backend::named("a").await;
+    let b = Backend::named("b").await;
+    let c = Backend::named("c").await;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\", \"{}\"]\nbalance = \"maglev\"\n",
+        a.addr, b.addr, c.addr
+    ));
+    let first = first_line(proxy.addr("l4")).await;
+    for _ in 0..6 {
+        assert_eq!(first_line(proxy.addr("l4")).await, first);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_drained_in_the_file_gets_nothing() {
+    let a = controlled("a", Control::new()).await;
+    let b = controlled("b", Control::new()).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", {{ address = \"{}\", drain = true }}]",
+        a.addr, b.addr
+    )));
+    backend_becomes(&proxy, b.addr, "b draining", |s| !s.is_usable()).await;
+    for _ in 0..6 {
+        assert_eq!(served_by(proxy.addr("web"), "/", "").await, "a");
+    }
+}
