@@ -1068,3 +1068,53 @@ async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_pool_presents_its_client_certificate_to_backends_that_require_one() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
+    let (client_cert, client_key) = pki.issue("lb", "lb", &["lb.internal.example"], false);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(pki.ca_roots()))
+        .build()
+        .expect("verifier");
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key).expect("key"))
+        .expect("server config");
+    let backend = https_backend("mutual", Arc::new(config)).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "with-cert"
+
+          [[listeners.routes]]
+          match = {{ path_prefix = "/without/" }}
+          pool = "without-cert"
+
+        [pools.with-cert]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{ca}", cert = "{cert}", key = "{key}" }}
+
+        [pools.without-cert]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{ca}" }}
+        "#,
+        addr = backend.addr,
+        ca = p(&pki.path("ca.pem")),
+        cert = p(&client_cert),
+        key = p(&client_key),
+    ));
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().starts_with("mutual\n"));
+    let reply = client.get("/without/", "").await;
+    assert_eq!(reply.status, 502);
+}

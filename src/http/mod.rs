@@ -1335,8 +1335,8 @@ enum BodyError {
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
 /// (and the backend connection paired with it) forever.
 async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<()> {
-    // Most writes go straight into the socket buffer: try that first, so the common case
-    // arms no timer.
+    // Most writes go straight into the socket buffer (through TLS too): try that first, so
+    // the common case arms no timer.
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1345,7 +1345,7 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
             Err(e) => return Err(e),
         }
     }
-    if data.is_empty() {
+    if data.is_empty() && stream.try_flush()? {
         return Ok(());
     }
     match timeout(limit, stream.write_all_flush(data)).await {
