@@ -91,6 +91,7 @@ fn pool_attempt(bencher: Bencher, kind: BalanceKind) {
         client: Some([192, 0, 2, 1].into()),
         hash: Some(0x1234_5678_9abc_def0),
         preferred: None,
+        refresh: false,
     };
     bencher.bench_local(|| {
         let mut attempts = Attempts::new(black_box(&pool), input);

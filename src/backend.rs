@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,15 @@ pub const DRAINING: u8 = 4;
 pub const DISABLED: u8 = 8;
 /// Flags that even panic mode respects: they are decisions, not observations.
 pub const ADMIN_FLAGS: u8 = DRAINING | DISABLED;
+
+/// Time constant of the latency average: how long a peak takes to fade to 1/e.
+const EWMA_DECAY_NS: f64 = 10e9;
+
+/// `average` after `idle_ns` without a sample.
+#[inline]
+fn decayed(average: f64, idle_ns: f64) -> f64 {
+    average * (-idle_ns / EWMA_DECAY_NS).exp()
+}
 
 /// Time since the process started; the clock behind every timestamp kept in an atomic here.
 pub fn uptime() -> Duration {
@@ -75,7 +85,8 @@ pub struct BackendState {
     /// [`uptime`] in nanoseconds of the last latency sample.
     ewma_at_ns: AtomicU64,
     /// Cancelled when work still running on it must stop (the end of a drain); replaced after.
-    closer: Mutex<CancellationToken>,
+    /// Behind an `ArcSwap` because every pick reads it.
+    closer: ArcSwap<CancellationToken>,
     /// Woken when a slot frees on a backend with a connection limit; the pool's queue waits on it.
     released: Arc<Notify>,
 }
@@ -105,7 +116,7 @@ impl BackendState {
             drain_generation: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(0),
             ewma_at_ns: AtomicU64::new(0),
-            closer: Mutex::new(CancellationToken::new()),
+            closer: ArcSwap::from_pointee(CancellationToken::new()),
             released,
         }
     }
@@ -148,6 +159,8 @@ impl BackendState {
         if before & flag != 0 && before & !flag == 0 {
             self.usable_since_ms
                 .store(uptime().as_millis() as u64 + 1, Relaxed);
+            // Requests waiting in the pool's queue may use it now.
+            self.released.notify_waiters();
         }
         before & flag != 0
     }
@@ -199,20 +212,15 @@ impl BackendState {
     /// A token cancelled when the backend's drain deadline passes: connections to it select on
     /// it to close what the drain left.
     pub fn closer(&self) -> CancellationToken {
-        self.closer
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .clone()
+        CancellationToken::clone(&self.closer.load())
     }
 
     /// Closes everything still running on the backend (holders of [`closer`](Self::closer)).
+    /// Work picked afterwards gets a fresh token.
     pub fn close_all(&self) {
-        let mut closer = self
-            .closer
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        closer.cancel();
-        *closer = CancellationToken::new();
+        self.closer
+            .swap(Arc::new(CancellationToken::new()))
+            .cancel();
     }
 
     /// Starts draining: no new work; after `timeout`, what is still running is closed. Returns
@@ -269,6 +277,11 @@ impl BackendState {
         }
     }
 
+    /// Changes whenever an ejection starts or ends.
+    pub fn ejection_generation(&self) -> u64 {
+        self.ejection_generation.load(Relaxed)
+    }
+
     /// Brings an ejected backend back.
     pub fn end_ejection(&self) {
         self.ejection_generation.fetch_add(1, Relaxed);
@@ -281,8 +294,6 @@ impl BackendState {
     /// Records one response latency for peak-EWMA balancing: a sample above the average
     /// replaces it at once (the "peak"), lower ones pull it down with a decay of `DECAY`.
     pub fn observe_latency(&self, latency: Duration) {
-        /// Time constant of the average: how long a peak takes to fade to 1/e.
-        const DECAY_NS: f64 = 10e9;
         let now = uptime().as_nanos() as u64;
         let then = self.ewma_at_ns.swap(now, Relaxed);
         let sample = latency.as_nanos() as f64;
@@ -290,16 +301,25 @@ impl BackendState {
         let new = if sample > old || old == 0.0 {
             sample
         } else {
-            let w = (-(now.saturating_sub(then) as f64) / DECAY_NS).exp();
+            let w = (-(now.saturating_sub(then) as f64) / EWMA_DECAY_NS).exp();
             old * w + sample * (1.0 - w)
         };
         self.ewma_ns.store(new.to_bits(), Relaxed);
     }
 
-    /// The latency average in nanoseconds; 0.0 before any sample.
+    /// The latency average in nanoseconds, decayed toward zero for the time since the last
+    /// sample (so a backend that had one slow answer, and is then avoided, becomes worth trying
+    /// again); 0.0 before any sample.
     #[inline]
     pub fn latency_ewma(&self) -> f64 {
-        f64::from_bits(self.ewma_ns.load(Relaxed))
+        let average = f64::from_bits(self.ewma_ns.load(Relaxed));
+        if average == 0.0 {
+            return 0.0;
+        }
+        let idle = uptime()
+            .as_nanos()
+            .saturating_sub(u128::from(self.ewma_at_ns.load(Relaxed))) as f64;
+        decayed(average, idle)
     }
 }
 
@@ -323,7 +343,10 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
         if self.0.max_connections.load(Relaxed) != 0 {
-            self.0.released.notify_one();
+            // Every waiter re-checks: the one woken might not be able to use this backend
+            // (already tried, or bound to another by its hash), and a single wake-up would
+            // then be lost.
+            self.0.released.notify_waiters();
         }
     }
 }
@@ -358,6 +381,33 @@ impl Registry {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         Arc::clone(released.entry(pool.to_owned()).or_default())
+    }
+
+    /// Forgets the backends `config` no longer has; connections still open to them keep
+    /// their state until they close. A backend that comes back later starts afresh.
+    pub fn retain(&self, config: &crate::config::Config) {
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        states.retain(|(pool, addr), _| {
+            config
+                .pools
+                .get(pool)
+                .is_some_and(|p| p.backends.iter().any(|b| b.addr == *addr))
+        });
+    }
+
+    /// Every backend state, by pool and address.
+    pub fn all(&self) -> Vec<((String, SocketAddr), Arc<BackendState>)> {
+        let states = self
+            .states
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        states
+            .iter()
+            .map(|(key, state)| (key.clone(), Arc::clone(state)))
+            .collect()
     }
 
     /// The state for `addr` in `pool`, if that backend was ever configured.
@@ -404,11 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn a_peak_fades_without_new_samples() {
+        let peak = 50e6;
+        assert!(decayed(peak, 0.0) == peak);
+        // One time constant: to 1/e; a minute: to almost nothing, so the backend is tried again.
+        assert!((decayed(peak, 10e9) - peak / std::f64::consts::E).abs() < 1.0);
+        assert!(decayed(peak, 60e9) < peak / 100.0);
+    }
+
+    #[test]
     fn peak_ewma_takes_peaks_at_once() {
         let state = BackendState::new(([127, 0, 0, 1], 1).into());
         state.observe_latency(Duration::from_millis(10));
         state.observe_latency(Duration::from_millis(50));
-        assert_eq!(state.latency_ewma(), 50e6);
+        assert!(state.latency_ewma() <= 50e6 && state.latency_ewma() > 49e6);
         state.observe_latency(Duration::from_millis(1));
         assert!(state.latency_ewma() <= 50e6);
     }

@@ -84,6 +84,7 @@ impl Probe {
         let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let (mut successes, mut failures) = (0u32, 0u32);
+        let mut ejection = self.state.ejection_generation();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -97,6 +98,12 @@ impl Probe {
                 }
             };
             let addr = self.state.addr;
+            // A new ejection needs `rise` passes counted from its start to be ended early.
+            let generation = self.state.ejection_generation();
+            if generation != ejection {
+                ejection = generation;
+                successes = 0;
+            }
             match outcome {
                 Ok(()) => {
                     self.state.probes_passed.fetch_add(1, Relaxed);
@@ -142,20 +149,24 @@ impl Probe {
             let _ = stream.set_zero_linger();
             return Ok(());
         };
-        let mut stream = match self.conn.take() {
-            Some(stream) => stream,
-            None => self.connect().await?,
+        // A kept connection the backend closed while idle fails before any response byte: that
+        // says nothing of the backend's health, so the probe goes again on a fresh connection.
+        let (stream, response) = match self.conn.take() {
+            Some(mut kept) => match self.exchange(&mut kept).await {
+                Ok(response) => (kept, response),
+                Err(error) => {
+                    debug!(backend = %addr, %error, "kept health check connection gone");
+                    let mut fresh = self.connect().await?;
+                    let response = self.exchange(&mut fresh).await?;
+                    (fresh, response)
+                }
+            },
+            None => {
+                let mut fresh = self.connect().await?;
+                let response = self.exchange(&mut fresh).await?;
+                (fresh, response)
+            }
         };
-        if let Err(error) = stream.write_all_flush(&self.request).await {
-            // The kept connection may have been closed by the backend meanwhile: one fresh one.
-            debug!(backend = %addr, %error, "kept health check connection gone");
-            stream = self.connect().await?;
-            stream
-                .write_all_flush(&self.request)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
-        }
-        let response = read_response(&mut stream, &mut self.buf).await?;
         if response.reusable {
             self.conn = Some(stream);
         }
@@ -167,6 +178,15 @@ impl Probe {
         } else {
             Err(format!("status {}", response.status))
         }
+    }
+
+    /// Sends the probe request on `stream` and reads the response.
+    async fn exchange(&mut self, stream: &mut Stream) -> Result<ProbeResponse, String> {
+        stream
+            .write_all_flush(&self.request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        read_response(stream, &mut self.buf).await
     }
 
     /// A new connection for HTTP probes, with the pool's PROXY header when it sends one and its

@@ -46,11 +46,13 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// Accepts connections until `shutdown`, running `serve` for each in a task tracked by `tasks`.
-/// At most `max_connections` run at once; the permit lives as long as the connection's task.
+/// A connection runs only while it holds a permit of `limit` (the listener's `max_connections`);
+/// the permit lives as long as the connection's task. The socket and the limit are shared so that
+/// a reload can start a new loop on the same socket, or resize the limit, without closing it.
 pub async fn accept_loop<F, Fut>(
     name: &str,
-    listener: TcpListener,
-    max_connections: usize,
+    listener: Arc<TcpListener>,
+    limit: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     serve: F,
@@ -58,7 +60,6 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let mut backoff = BACKOFF_START;
     loop {
         let permit: OwnedSemaphorePermit = tokio::select! {

@@ -141,6 +141,7 @@ fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyho
     init_logging(log_level)?;
     raise_fd_limit();
     let path = path.to_path_buf();
+    let path_for_reload = path.clone();
     runtime(threads)?.block_on(async {
         // Signals are handled from the start: loading may wait on DNS, and a SIGTERM then
         // should end the process cleanly, not by the default action.
@@ -154,7 +155,8 @@ fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyho
                 return Ok(());
             }
         };
-        let server = Server::bind_with_shutdown(config, shutdown)?;
+        let server = Server::bind_from(config, Some(path_for_reload), shutdown)?;
+        reload_on_sighup(server.handle())?;
         info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");
         let cut = server.run().await;
         info!(cut_off = cut, "switchyard stopped");
@@ -179,6 +181,20 @@ fn raise_fd_limit() {
         Ok(limit) => info!(limit, "open file limit"),
         Err(error) => warn!(%error, "could not raise the open file limit"),
     }
+}
+
+/// SIGHUP reloads the configuration file. A SIGHUP that arrives during a reload is kept and
+/// starts another one after it; a failed reload is logged and changes nothing.
+fn reload_on_sighup(handle: switchyard::server::ServerHandle) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP received: reloading the configuration");
+            // The outcome is logged by the reload itself.
+            let _ = handle.reload_file().await;
+        }
+    });
+    Ok(())
 }
 
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.

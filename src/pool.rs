@@ -62,6 +62,8 @@ pub struct Pool {
     queued: AtomicUsize,
     /// Signalled by the pool's backends when a connection slot frees.
     released: Arc<Notify>,
+    /// Held while deciding an ejection, so the percent cap holds under concurrent failures.
+    ejecting: std::sync::Mutex<()>,
     /// How long a drained backend's open work may run on.
     pub drain_timeout: Duration,
     /// The configuration it was built from, for health checks and drains.
@@ -118,6 +120,7 @@ impl Pool {
             queue: config.queue,
             queued: AtomicUsize::new(0),
             released: registry.released(&config.name),
+            ejecting: std::sync::Mutex::new(()),
             drain_timeout: config.drain_timeout,
             config: config.clone(),
             tls: tls.pool(&config.name),
@@ -168,9 +171,15 @@ impl Pool {
             panic: false,
             base: 0,
         };
+        // The sticky backend while it can be picked; a backup one only while no primary can.
         if let Some(i) = input.preferred
             && i < self.candidates.len()
             && ctx.eligible(&self.candidates, i)
+            && (i < self.primaries
+                || self
+                    .balancer
+                    .pick(&self.candidates[..self.primaries], &ctx)
+                    .is_none())
         {
             return Some(i);
         }
@@ -253,12 +262,21 @@ impl Pool {
         if failures < outlier.consecutive_failures || state.flags() & EJECTED != 0 {
             return;
         }
+        // Count and eject under one lock, so two backends failing at once cannot both pass the
+        // cap. Ejections are rare; the data path never takes this lock otherwise.
+        let _deciding = self
+            .ejecting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if state.flags() & EJECTED != 0 {
+            return;
+        }
         let ejected = self
             .candidates
             .iter()
             .filter(|c| c.state.flags() & EJECTED != 0)
             .count();
-        if ejected * 100 >= outlier.max_ejected_percent as usize * self.candidates.len() {
+        if (ejected + 1) * 100 > outlier.max_ejected_percent as usize * self.candidates.len() {
             return;
         }
         let factor = state.ejections.load(Relaxed).saturating_add(1);
@@ -279,6 +297,8 @@ pub struct PickInput {
     pub hash: Option<u64>,
     /// The backend a sticky cookie names, tried first while it is eligible.
     pub preferred: Option<usize>,
+    /// The sticky cookie is past half its lifetime and is to be issued again.
+    pub refresh: bool,
 }
 
 /// Why no backend could be had.
@@ -303,6 +323,9 @@ pub struct Picked<'p> {
     pub candidate: &'p Candidate,
     /// The slot; dropping it frees the slot.
     pub guard: ActiveGuard,
+    /// Cancelled at the backend's drain deadline. Taken at the pick, so that work picked
+    /// before the deadline is ended by it, however long its exchange takes.
+    pub closer: CancellationToken,
 }
 
 /// The backends one request or connection has tried, and the picking of the next.
@@ -338,10 +361,15 @@ impl<'p> Attempts<'p> {
         if self.count == self.limit {
             return Err(NoBackend::Exhausted);
         }
-        if let Some(picked) = self.try_next() {
+        let pool = self.pool;
+        // While others wait in the queue, a newcomer waits with them for the next free slot
+        // rather than taking it ahead of them.
+        let others_waiting = pool.queue.is_some()
+            && pool.queued.load(Relaxed) > 0
+            && pool.any_full(&self.tried[..self.count]);
+        if !others_waiting && let Some(picked) = self.try_next() {
             return Ok(picked);
         }
-        let pool = self.pool;
         let exhausted = if self.count == 0 {
             NoBackend::Unavailable
         } else {
@@ -359,11 +387,14 @@ impl<'p> Attempts<'p> {
         }
         let _waiting = Waiting(&pool.queued);
         let deadline = tokio::time::Instant::now() + queue.timeout;
+        let mut wait_first = others_waiting;
         loop {
             let notified = pool.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(picked) = self.try_next() {
+            let skip = wait_first && pool.any_full(&self.tried[..self.count]);
+            wait_first = false;
+            if !skip && let Some(picked) = self.try_next() {
                 return Ok(picked);
             }
             if !pool.any_full(&self.tried[..self.count]) {
@@ -407,6 +438,7 @@ impl<'p> Attempts<'p> {
                 return Some(Picked {
                     index,
                     candidate,
+                    closer: candidate.state.closer(),
                     guard,
                 });
             }
@@ -466,19 +498,22 @@ impl Sticky {
         }
     }
 
-    /// The candidate a cookie value names, if it is genuine and unexpired.
-    pub fn lookup(&self, value: &[u8]) -> Option<usize> {
-        if value.len() != STICKY_VALUE_LEN {
+    /// The candidate a cookie value names, if it is genuine and unexpired, and whether the
+    /// cookie is past half its lifetime (it is then issued again, so an active session keeps
+    /// its backend).
+    pub fn lookup(&self, value: &[u8]) -> Option<(usize, bool)> {
+        if value.len() != STICKY_VALUE_LEN || !value.iter().all(u8::is_ascii_hexdigit) {
             return None;
         }
-        let text = std::str::from_utf8(value).ok()?;
-        let id = u64::from_str_radix(&text[..16], 16).ok()?;
-        let expires = u32::from_str_radix(&text[16..24], 16).ok()?;
-        let tag = u64::from_str_radix(&text[24..], 16).ok()?;
-        if tag != self.tag(id, expires) || u64::from(expires) < unix_now() {
+        let id = parse_hex(&value[..16])?;
+        let expires = parse_hex(&value[16..24])?;
+        let tag = parse_hex(&value[24..])?;
+        let now = unix_now();
+        if tag != self.tag(id, expires as u32) || expires < now {
             return None;
         }
-        self.by_id.get(&id).copied()
+        let stale = expires - now < self.ttl.as_secs() / 2;
+        self.by_id.get(&id).map(|&index| (index, stale))
     }
 
     /// The `Set-Cookie` value that names candidate `index`.
@@ -499,6 +534,14 @@ impl Sticky {
         message[8..].copy_from_slice(&expires.to_le_bytes());
         mac(self.key, &message)
     }
+}
+
+/// Hex digits (already checked to be hex digits) as a number.
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |n, &d| {
+        let digit = (d as char).to_digit(16)?;
+        Some(n << 4 | u64::from(digit))
+    })
 }
 
 /// SipHash-2-4, a keyed pseudo-random function: a message authentication code for short inputs.
@@ -661,20 +704,29 @@ mod tests {
             .and_then(|v| v.split(';').next())
             .unwrap();
         assert!(!value.contains("127.0.0.1"));
-        assert_eq!(sticky.lookup(value.as_bytes()), Some(1));
+        assert_eq!(sticky.lookup(value.as_bytes()), Some((1, false)));
         // The same secret elsewhere accepts it.
         let (other, _) = self::pool(&[(1, false), (2, false)], |c| {
             c.sticky = Some(sticky_config)
         });
         assert_eq!(
             other.sticky.as_ref().unwrap().lookup(value.as_bytes()),
-            Some(1)
+            Some((1, false))
         );
         // A tampered id or signature does not.
         let mut forged = value.as_bytes().to_vec();
         forged[3] = if forged[3] == b'0' { b'1' } else { b'0' };
         assert_eq!(sticky.lookup(&forged), None);
         assert_eq!(sticky.lookup(b"garbage"), None);
+        // Odd bytes of the right length: refused, never a panic.
+        let mut odd = value.as_bytes().to_vec();
+        odd.splice(15..17, "é".bytes());
+        assert_eq!(odd.len(), 40);
+        assert_eq!(sticky.lookup(&odd), None);
+        let mut plus = value.as_bytes().to_vec();
+        plus[0] = b'+';
+        assert_eq!(sticky.lookup(&plus), None);
+        assert_eq!(sticky.lookup(&[0xff; 40]), None);
     }
 
     #[tokio::test]
@@ -702,6 +754,94 @@ mod tests {
         assert!(b.is_usable(), "at most half the pool is ejected");
         a.end_ejection();
         assert!(a.is_usable());
+    }
+
+    #[tokio::test]
+    async fn the_ejection_cap_counts_the_backend_about_to_go() {
+        let outlier = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_time: Duration::from_secs(600),
+            max_ejected_percent: 50,
+        };
+        let (single, _) = pool(&[(1, false)], |c| c.outlier = Some(outlier.clone()));
+        single.report(&single.candidates[0].state, false);
+        assert!(single.candidates[0].state.is_usable(), "50% of one is none");
+        let (three, _) = pool(&[(1, false), (2, false), (3, false)], |c| {
+            c.outlier = Some(outlier.clone())
+        });
+        for c in &three.candidates {
+            three.report(&c.state, false);
+        }
+        let ejected = three
+            .candidates
+            .iter()
+            .filter(|c| !c.state.is_usable())
+            .count();
+        assert_eq!(ejected, 1, "one of three is 33%, two would be 67%");
+    }
+
+    #[tokio::test]
+    async fn a_sticky_backup_yields_to_primaries() {
+        let (pool, _) = pool(&[(1, false), (2, true)], |_| {});
+        let input = PickInput {
+            preferred: Some(1),
+            ..PickInput::default()
+        };
+        assert_eq!(pool.pick_index(&input, &[]), Some(0));
+        pool.candidates[0].state.set_usable(false);
+        assert_eq!(pool.pick_index(&input, &[]), Some(1));
+    }
+
+    #[tokio::test]
+    async fn every_waiter_rechecks_when_a_slot_frees() {
+        // Two backends of one slot each, both held. A waiter that already tried backend 0 and
+        // one that may use either: freeing backend 0 must serve the second even if the first
+        // is woken first.
+        let (pool, _) = pool(&[(1, false), (2, false)], |c| {
+            c.backends[0].max_connections = Some(1);
+            c.backends[1].max_connections = Some(1);
+            c.queue = Some(QueueConfig {
+                size: 4,
+                timeout: Duration::from_secs(5),
+            });
+        });
+        let pool = Arc::new(pool);
+        let first = Attempts::new(&pool, PickInput::default())
+            .next()
+            .await
+            .unwrap();
+        let second = Attempts::new(&pool, PickInput::default())
+            .next()
+            .await
+            .unwrap();
+        let held_zero = if first.index == 0 { first } else { second };
+        let picky = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let mut attempts = Attempts::new(&pool, PickInput::default());
+                attempts.exclude(0);
+                attempts.next().await.map(|p| p.index)
+            })
+        };
+        while pool.queued.load(Relaxed) < 1 {
+            tokio::task::yield_now().await;
+        }
+        let open = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                Attempts::new(&pool, PickInput::default())
+                    .next()
+                    .await
+                    .map(|p| p.index)
+            })
+        };
+        while pool.queued.load(Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(held_zero);
+        assert_eq!(open.await.unwrap(), Ok(0));
+        picky.abort();
     }
 
     #[tokio::test]

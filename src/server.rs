@@ -1,24 +1,34 @@
-//! The running process: binds every listener, serves them, drains on shutdown.
+//! The running process: binds every listener, serves them, reloads, drains on shutdown.
 //!
-//! [`Server::bind`] does everything that can fail at startup (binding sockets, checking that each
-//! listener's protocol is served) before anything is served, so a bad start fails as a whole.
-//! [`Server::run`] serves until the shutdown token is cancelled, then stops accepting and gives
-//! open connections until the drain deadline to finish.
+//! [`Server::bind`] does everything that can fail at startup (binding sockets, reading
+//! certificates) before anything is served, so a bad start fails as a whole. [`Server::run`]
+//! serves until the shutdown token is cancelled, then stops accepting and gives open connections
+//! until the drain deadline to finish.
+//!
+//! A [`ServerHandle`] reloads a running server: the new configuration is validated and its
+//! certificates read and new sockets bound before anything changes; then the snapshot of pools is
+//! swapped, listeners that stay get their new settings (their sockets, and connections open on
+//! them, are untouched), new ones start and removed ones stop accepting while their connections
+//! finish. A listener whose address moves to a listener of another name or protocol hands its
+//! socket over rather than closing it.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backend::Registry;
-use crate::config::{Config, ListenerKind};
+use crate::config::{Config, ConfigError, ListenerConfig, ListenerKind};
 use crate::http::HttpProxy;
+use crate::http::h2_upstream::H2Pool;
 use crate::http::router::Router;
 use crate::http::upstream::UpstreamPool;
 use crate::l4::tcp::TcpProxy;
@@ -27,7 +37,7 @@ use crate::listener;
 use crate::pool::Snapshot;
 use crate::tls::TlsStore;
 
-/// Why the server could not start.
+/// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A listener's address could not be bound.
@@ -44,31 +54,86 @@ pub enum ServerError {
         /// Every problem found, with its key path.
         problems: Vec<crate::config::Problem>,
     },
+    /// The configuration file could not be read or is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A reload was asked of a server that was not started from a file.
+    #[error("this server was not started from a file, so there is nothing to reload")]
+    NoFile,
+    /// The server is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
-/// A socket bound for one listener.
-enum Bound {
-    Tcp(TcpListener, Arc<TcpProxy>),
-    Http(TcpListener, Arc<HttpProxy>),
-    Udp(UdpSocket, Arc<UdpProxy>, Arc<UdpStats>),
+/// A listening socket, shared so that it can pass from one accept loop to the next.
+#[derive(Clone)]
+enum Socket {
+    Tcp(Arc<TcpListener>),
+    Udp(Arc<UdpSocket>),
 }
 
-/// A listener bound and ready to serve.
-struct BoundListener {
+/// A listener's current settings; connections hold the `Arc` they started with.
+#[derive(Clone)]
+enum Proxy {
+    Tcp(Arc<ArcSwap<TcpProxy>>),
+    Http(Arc<ArcSwap<HttpProxy>>),
+    Udp(Arc<ArcSwap<UdpProxy>>, Arc<UdpStats>),
+}
+
+/// One listener of the running configuration.
+struct Running {
     name: String,
+    /// The address the file names (port 0 included).
+    bind: SocketAddr,
+    /// The address actually bound.
     addr: SocketAddr,
+    socket: Socket,
+    proxy: Proxy,
+    /// The listener's `max_connections` permits (tcp and http).
+    limit: Arc<Semaphore>,
     max_connections: usize,
-    socket: Bound,
+    /// Stops this listener's accept or receive loop.
+    stop: CancellationToken,
+    /// Whether its loop has been spawned (listeners bound before `run` start there).
+    started: bool,
 }
+
+/// What the server runs now.
+struct State {
+    config: Arc<Config>,
+    listeners: Vec<Running>,
+    /// Stops the current snapshot's health checks.
+    checks: CancellationToken,
+}
+
+/// What every part of a running server shares: the data path's snapshot and backend state,
+/// the listeners, and the means to reload and to stop.
+pub struct Shared {
+    registry: Arc<Registry>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    upstream: Arc<UpstreamPool>,
+    h2_upstream: Arc<H2Pool>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    state: Mutex<State>,
+    /// Serialises reloads: one that arrives during another waits for it, and is not lost.
+    reloading: tokio::sync::Mutex<()>,
+    /// The file the configuration was read from, for reloads.
+    path: Option<PathBuf>,
+    /// Configurations applied: 1 at start, one more per successful reload.
+    generation: AtomicU64,
+    /// Reloads that succeeded and failed.
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+/// A handle on a running (or about to run) server: reload, state, addresses.
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Shared>);
 
 /// A bound, not yet running, load balancer.
 pub struct Server {
-    config: Config,
-    registry: Arc<Registry>,
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    listeners: Vec<BoundListener>,
-    shutdown: CancellationToken,
-    udp_stats: HashMap<String, Arc<UdpStats>>,
+    shared: Arc<Shared>,
 }
 
 impl Server {
@@ -83,177 +148,545 @@ impl Server {
         config: Config,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
+        Server::bind_from(config, None, shutdown)
+    }
+
+    /// Like [`Server::bind_with_shutdown`], remembering the file the configuration came from so
+    /// that [`ServerHandle::reload_file`] can read it again.
+    pub fn bind_from(
+        config: Config,
+        path: Option<PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::default());
-        let tls = TlsStore::build(&config).map_err(|problems| ServerError::Tls { problems })?;
-        for warning in &tls.warnings {
-            warn!(key = %warning.path, "{}", warning.reason);
-        }
+        let config = Arc::new(config);
+        let tls = build_tls(&config)?;
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
             &config, &registry, &tls,
         )));
-        let mut listeners = Vec::new();
-        let mut udp_stats = HashMap::new();
-        let upstream = Arc::new(UpstreamPool::default());
-        let h2_upstream = Arc::new(crate::http::h2_upstream::H2Pool::default());
-        for l in &config.listeners {
-            let bind_error = |source| ServerError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            };
-            let socket = match &l.kind {
-                ListenerKind::Tcp(settings) => {
-                    let socket = listener::bind_tcp(l.bind).map_err(bind_error)?;
-                    let proxy = TcpProxy {
-                        name: l.name.clone(),
-                        pool: settings.pool.clone(),
-                        settings: settings.clone(),
-                        proxy_protocol: l.proxy_protocol.clone(),
-                        snapshot: Arc::clone(&snapshot),
-                        tls: tls.listener(&l.name),
-                    };
-                    Bound::Tcp(socket, Arc::new(proxy))
-                }
-                ListenerKind::Udp(settings) => {
-                    let socket = listener::bind_udp(l.bind).map_err(bind_error)?;
-                    let proxy = UdpProxy {
-                        name: l.name.clone(),
-                        pool: settings.pool.clone(),
-                        settings: settings.clone(),
-                        snapshot: Arc::clone(&snapshot),
-                    };
-                    let stats = Arc::new(UdpStats::default());
-                    udp_stats.insert(l.name.clone(), Arc::clone(&stats));
-                    Bound::Udp(socket, Arc::new(proxy), stats)
-                }
-                ListenerKind::Http(settings) => {
-                    let socket = listener::bind_tcp(l.bind).map_err(bind_error)?;
-                    let proxy = HttpProxy {
-                        name: l.name.clone(),
-                        router: Router::new(&settings.routes, settings.default_pool.as_deref()),
-                        trusted_proxies: settings.trusted_proxies.clone(),
-                        proxy_protocol: l.proxy_protocol.clone(),
-                        client_header_timeout: settings.client_header_timeout,
-                        keepalive_timeout: settings.keepalive_timeout,
-                        snapshot: Arc::clone(&snapshot),
-                        upstream: Arc::clone(&upstream),
-                        max_body_size: settings.max_body_size,
-                        rules: settings.rules.clone(),
-                        route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
-                        h2_upstream: Arc::clone(&h2_upstream),
-                        forwarded_header: settings.forwarded_header,
-                        shutdown: shutdown.clone(),
-                        tls: tls.listener(&l.name),
-                    };
-                    Bound::Http(socket, Arc::new(proxy))
-                }
-            };
-            let addr = match &socket {
-                Bound::Tcp(s, _) | Bound::Http(s, _) => s.local_addr(),
-                Bound::Udp(s, _, _) => s.local_addr(),
-            }
-            .map_err(bind_error)?;
-            listeners.push(BoundListener {
-                name: l.name.clone(),
-                addr,
-                max_connections: l.max_connections,
-                socket,
-            });
-        }
-        Ok(Server {
-            config,
+        let shared = Arc::new(Shared {
             registry,
             snapshot,
-            listeners,
-            shutdown,
-            udp_stats,
-        })
+            upstream: Arc::new(UpstreamPool::default()),
+            h2_upstream: Arc::new(H2Pool::default()),
+            shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
+            state: Mutex::new(State {
+                config: Arc::clone(&config),
+                listeners: Vec::new(),
+                checks: shutdown.child_token(),
+            }),
+            reloading: tokio::sync::Mutex::new(()),
+            path,
+            generation: AtomicU64::new(1),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+        });
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let socket = bind_socket(l)?;
+            listeners.push(shared.running(l, socket, &tls)?);
+        }
+        shared.lock().listeners = listeners;
+        Ok(Server { shared })
     }
 
     /// The address listener `name` is bound to (with the real port when the file said 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| l.name == name)
-            .map(|l| l.addr)
+        self.handle().local_addr(name)
     }
 
     /// Live backend state, shared with the data path.
     pub fn registry(&self) -> Arc<Registry> {
-        Arc::clone(&self.registry)
+        Arc::clone(&self.shared.registry)
     }
 
     /// Session and drop counters of UDP listener `name`.
     pub fn udp_stats(&self, name: &str) -> Option<Arc<UdpStats>> {
-        self.udp_stats.get(name).cloned()
+        self.shared
+            .lock()
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .and_then(|l| match &l.proxy {
+                Proxy::Udp(_, stats) => Some(Arc::clone(stats)),
+                _ => None,
+            })
     }
 
     /// Cancelling this token starts a graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.shared.shutdown.clone()
+    }
+
+    /// A handle for reloads and for reading the running state, valid while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle(Arc::clone(&self.shared))
     }
 
     /// Serves until the shutdown token is cancelled, then drains: listeners close at once, open
     /// connections get until `global.drain_timeout` to finish. Returns how many were cut off.
     pub async fn run(self) -> usize {
-        let tasks = TaskTracker::new();
-        // Health checks and drain deadlines of this configuration; they stop with the server.
-        let checks = self.shutdown.child_token();
-        self.snapshot.load().activate(&checks);
-        for l in self.listeners {
-            info!(listener = %l.name, addr = %l.addr, "listening");
-            let shutdown = self.shutdown.clone();
-            match l.socket {
-                Bound::Tcp(socket, proxy) => {
-                    let connections = tasks.clone();
-                    tokio::spawn(async move {
-                        listener::accept_loop(
-                            &l.name,
-                            socket,
-                            l.max_connections,
-                            shutdown,
-                            connections,
-                            move |stream, peer| Arc::clone(&proxy).serve(stream, peer),
-                        )
-                        .await;
-                    });
-                }
-                Bound::Http(socket, proxy) => {
-                    let connections = tasks.clone();
-                    tokio::spawn(async move {
-                        listener::accept_loop(
-                            &l.name,
-                            socket,
-                            l.max_connections,
-                            shutdown,
-                            connections,
-                            move |stream, peer| Arc::clone(&proxy).serve(stream, peer),
-                        )
-                        .await;
-                    });
-                }
-                Bound::Udp(socket, proxy, stats) => {
-                    tasks.spawn(proxy.serve(socket, stats, shutdown));
-                }
+        let shared = self.shared;
+        {
+            let mut state = shared.lock();
+            // Health checks and drain deadlines of this configuration; they stop with the
+            // server or at the next reload.
+            shared.snapshot.load().activate(&state.checks);
+            for running in &mut state.listeners {
+                shared.start(running);
             }
         }
 
-        self.shutdown.cancelled().await;
-        tasks.close();
-        let open = tasks.len();
-        let deadline = self.config.global.drain_timeout;
+        shared.shutdown.cancelled().await;
+        // Wait for a reload in progress to finish, so no listener starts after this point.
+        let _no_more_reloads = shared.reloading.lock().await;
+        // The loops have stopped; dropping the listeners closes their sockets, so new
+        // connections are refused rather than left in the backlog.
+        shared.lock().listeners.clear();
+        shared.tasks.close();
+        let open = shared.tasks.len();
+        let deadline = shared.lock().config.global.drain_timeout;
         info!(
             open,
             ?deadline,
             "shutting down: no longer accepting, draining"
         );
-        if tokio::time::timeout(deadline, tasks.wait()).await.is_ok() {
+        if tokio::time::timeout(deadline, shared.tasks.wait())
+            .await
+            .is_ok()
+        {
             info!("drained");
             0
         } else {
-            let left = tasks.len();
+            let left = shared.tasks.len();
             warn!(left, "drain deadline reached, closing what is left");
             left
         }
     }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The configuration generation now in force.
+    pub generation: u64,
+    /// Listeners that kept their socket and took the new settings.
+    pub updated: Vec<String>,
+    /// Listeners started.
+    pub started: Vec<String>,
+    /// Listeners stopped (their connections finish).
+    pub stopped: Vec<String>,
+}
+
+impl ServerHandle {
+    /// The address listener `name` is bound to.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.0
+            .lock()
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// Every listener's name and bound address, in file order.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.0
+            .lock()
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.0.lock().config)
+    }
+
+    /// The pools in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.0.snapshot.load_full()
+    }
+
+    /// Live backend state.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.0.registry)
+    }
+
+    /// Configurations applied so far (1 at start).
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Relaxed)
+    }
+
+    /// Reloads that succeeded and that failed.
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.0.reloads.load(Relaxed),
+            self.0.reload_failures.load(Relaxed),
+        )
+    }
+
+    /// The file the configuration came from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.0.path.as_deref()
+    }
+
+    /// Cancelling this token starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.0.shutdown.clone()
+    }
+
+    /// Reads the configuration file again and applies it; on any error nothing changes.
+    pub async fn reload_file(&self) -> Result<ReloadSummary, ServerError> {
+        let path = self.0.path.clone().ok_or(ServerError::NoFile)?;
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| {
+                ServerError::Config(ConfigError::Read {
+                    file: PathBuf::new(),
+                    source: io::Error::other(e),
+                })
+            })?;
+        match loaded {
+            Ok(config) => self.reload(config).await,
+            Err(error) => {
+                self.0.reload_failures.fetch_add(1, Relaxed);
+                Err(ServerError::Config(error))
+            }
+        }
+    }
+
+    /// Applies `config`: validated already, it is checked against what the running server can
+    /// do (certificates, addresses) before anything changes; on any error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<ReloadSummary, ServerError> {
+        let result = self.apply(config).await;
+        match &result {
+            Ok(summary) => {
+                self.0.reloads.fetch_add(1, Relaxed);
+                info!(
+                    generation = summary.generation,
+                    updated = ?summary.updated,
+                    started = ?summary.started,
+                    stopped = ?summary.stopped,
+                    "configuration reloaded"
+                );
+            }
+            Err(error) => {
+                self.0.reload_failures.fetch_add(1, Relaxed);
+                warn!(%error, "reload refused; the running configuration is unchanged");
+            }
+        }
+        result
+    }
+
+    async fn apply(&self, config: Config) -> Result<ReloadSummary, ServerError> {
+        let shared = &self.0;
+        let _one_at_a_time = shared.reloading.lock().await;
+        if shared.shutdown.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        let tls = build_tls(&config)?;
+
+        // Phase 1, fallible and without effect: sockets for listeners that need new ones. A
+        // listener that stays (same name, address and protocol) keeps its own; one that takes
+        // over the fixed address of another takes its socket; the rest are bound now.
+        let mut sockets = Vec::with_capacity(config.listeners.len());
+        {
+            let state = shared.lock();
+            for l in &config.listeners {
+                let stays = state.listeners.iter().any(|r| {
+                    r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind)
+                });
+                let inherited = state
+                    .listeners
+                    .iter()
+                    .find(|r| l.bind.port() != 0 && r.bind == l.bind && same_transport(&r.socket, l))
+                    .map(|r| r.socket.clone());
+                sockets.push(match (stays, inherited) {
+                    (true, _) => None,
+                    (false, Some(socket)) => Some(socket),
+                    (false, None) => Some(bind_socket(l)?),
+                });
+            }
+        }
+
+        // Phase 2: new pools, then listeners.
+        let snapshot = Snapshot::new(&config, &shared.registry, &tls);
+        shared.snapshot.store(Arc::new(snapshot));
+        let mut summary = ReloadSummary::default();
+        let mut state = shared.lock();
+        state.checks.cancel();
+        state.checks = shared.shutdown.child_token();
+        shared.snapshot.load().activate(&state.checks);
+        shared.registry.retain(&config);
+
+        let mut old: Vec<Option<Running>> = std::mem::take(&mut state.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (l, socket) in config.listeners.iter().zip(sockets) {
+            let same = old.iter().position(|r| {
+                r.as_ref().is_some_and(|r| {
+                    r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind)
+                })
+            });
+            if let Some(i) = same
+                && let Some(mut running) = old[i].take()
+            {
+                shared.update(&mut running, l, &tls);
+                summary.updated.push(l.name.clone());
+                listeners.push(running);
+            } else if let Some(socket) = socket {
+                let mut running = shared.running(l, socket, &tls)?;
+                shared.start(&mut running);
+                summary.started.push(l.name.clone());
+                listeners.push(running);
+            }
+        }
+        for running in old.into_iter().flatten() {
+            running.stop.cancel();
+            if let Proxy::Http(proxy) = &running.proxy {
+                proxy.load().retired.store(true, Relaxed);
+            }
+            info!(listener = %running.name, addr = %running.addr, "listener removed: no longer accepting");
+            summary.stopped.push(running.name);
+        }
+        state.listeners = listeners;
+        state.config = Arc::new(config);
+        summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;
+        Ok(summary)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A listener's running state around a bound socket, not yet started.
+    fn running(
+        &self,
+        l: &ListenerConfig,
+        socket: Socket,
+        tls: &TlsStore,
+    ) -> Result<Running, ServerError> {
+        let addr = match &socket {
+            Socket::Tcp(s) => s.local_addr(),
+            Socket::Udp(s) => s.local_addr(),
+        }
+        .map_err(|source| ServerError::Bind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        let proxy = match self.proxy(l, tls) {
+            Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
+            Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
+            Built::Udp(p) => Proxy::Udp(
+                Arc::new(ArcSwap::from_pointee(p)),
+                Arc::new(UdpStats::default()),
+            ),
+        };
+        let max_connections = l.max_connections.min(Semaphore::MAX_PERMITS);
+        Ok(Running {
+            name: l.name.clone(),
+            bind: l.bind,
+            addr,
+            socket,
+            proxy,
+            limit: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            stop: self.shutdown.child_token(),
+            started: false,
+        })
+    }
+
+    /// Gives a listener that stays its new settings.
+    fn update(&self, running: &mut Running, l: &ListenerConfig, tls: &TlsStore) {
+        match (&running.proxy, self.proxy(l, tls)) {
+            (Proxy::Tcp(current), Built::Tcp(new)) => current.store(Arc::new(new)),
+            (Proxy::Http(current), Built::Http(new)) => {
+                current.swap(Arc::new(new)).retired.store(true, Relaxed);
+            }
+            (Proxy::Udp(current, _), Built::Udp(new)) => current.store(Arc::new(new)),
+            _ => unreachable_kind(),
+        }
+        let wanted = l.max_connections.min(Semaphore::MAX_PERMITS);
+        if wanted > running.max_connections {
+            running.limit.add_permits(wanted - running.max_connections);
+        } else if wanted < running.max_connections {
+            // Take the surplus out as connections end; the permits are then forgotten.
+            let surplus = (running.max_connections - wanted) as u32;
+            let limit = Arc::clone(&running.limit);
+            self.tasks.spawn(async move {
+                if let Ok(permits) = limit.acquire_many_owned(surplus).await {
+                    permits.forget();
+                }
+            });
+        }
+        running.max_connections = wanted;
+    }
+
+    /// Starts a listener's accept (tcp, http) or receive (udp) loop.
+    fn start(&self, running: &mut Running) {
+        if running.started {
+            return;
+        }
+        running.started = true;
+        info!(listener = %running.name, addr = %running.addr, "listening");
+        let name = running.name.clone();
+        let stop = running.stop.clone();
+        let tasks = self.tasks.clone();
+        match (&running.socket, &running.proxy) {
+            (Socket::Tcp(socket), Proxy::Tcp(current)) => {
+                let (socket, current, limit) = (
+                    Arc::clone(socket),
+                    Arc::clone(current),
+                    Arc::clone(&running.limit),
+                );
+                tokio::spawn(async move {
+                    listener::accept_loop(
+                        &name,
+                        socket,
+                        limit,
+                        stop,
+                        tasks,
+                        move |stream, peer| current.load_full().serve(stream, peer),
+                    )
+                    .await;
+                });
+            }
+            (Socket::Tcp(socket), Proxy::Http(current)) => {
+                let (socket, current, limit) = (
+                    Arc::clone(socket),
+                    Arc::clone(current),
+                    Arc::clone(&running.limit),
+                );
+                tokio::spawn(async move {
+                    listener::accept_loop(
+                        &name,
+                        socket,
+                        limit,
+                        stop,
+                        tasks,
+                        move |stream, peer| current.load_full().serve(stream, peer),
+                    )
+                    .await;
+                });
+            }
+            (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
+                self.tasks.spawn(UdpProxy::serve(
+                    Arc::clone(current),
+                    Arc::clone(socket),
+                    Arc::clone(stats),
+                    stop,
+                ));
+            }
+            _ => unreachable_kind(),
+        }
+    }
+
+    /// The data-path object of one listener for this configuration.
+    fn proxy(&self, l: &ListenerConfig, tls: &TlsStore) -> Built {
+        match &l.kind {
+            ListenerKind::Tcp(settings) => Built::Tcp(TcpProxy {
+                name: l.name.clone(),
+                pool: settings.pool.clone(),
+                settings: settings.clone(),
+                proxy_protocol: l.proxy_protocol.clone(),
+                snapshot: Arc::clone(&self.snapshot),
+                tls: tls.listener(&l.name),
+            }),
+            ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
+                name: l.name.clone(),
+                pool: settings.pool.clone(),
+                settings: settings.clone(),
+                snapshot: Arc::clone(&self.snapshot),
+            }),
+            ListenerKind::Http(settings) => Built::Http(HttpProxy {
+                name: l.name.clone(),
+                router: Router::new(&settings.routes, settings.default_pool.as_deref()),
+                trusted_proxies: settings.trusted_proxies.clone(),
+                proxy_protocol: l.proxy_protocol.clone(),
+                client_header_timeout: settings.client_header_timeout,
+                keepalive_timeout: settings.keepalive_timeout,
+                snapshot: Arc::clone(&self.snapshot),
+                upstream: Arc::clone(&self.upstream),
+                max_body_size: settings.max_body_size,
+                rules: settings.rules.clone(),
+                route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
+                h2_upstream: Arc::clone(&self.h2_upstream),
+                forwarded_header: settings.forwarded_header,
+                shutdown: self.shutdown.clone(),
+                tls: tls.listener(&l.name),
+                retired: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+/// A listener's data-path object, built but not yet shared.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "built once per listener per reload, and moved straight into an Arc"
+)]
+enum Built {
+    Tcp(TcpProxy),
+    Http(HttpProxy),
+    Udp(UdpProxy),
+}
+
+/// The kinds match by construction: `update` is called only for a listener of the same kind.
+fn unreachable_kind() {
+    debug_assert!(false, "a listener changed kind in place");
+}
+
+/// Reads the configuration's certificates and keys.
+fn build_tls(config: &Config) -> Result<TlsStore, ServerError> {
+    let tls = TlsStore::build(config).map_err(|problems| ServerError::Tls { problems })?;
+    for warning in &tls.warnings {
+        warn!(key = %warning.path, "{}", warning.reason);
+    }
+    Ok(tls)
+}
+
+/// Binds the socket listener `l` needs.
+fn bind_socket(l: &ListenerConfig) -> Result<Socket, ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    };
+    Ok(match &l.kind {
+        ListenerKind::Udp(_) => {
+            Socket::Udp(Arc::new(listener::bind_udp(l.bind).map_err(bind_error)?))
+        }
+        ListenerKind::Tcp(_) | ListenerKind::Http(_) => {
+            Socket::Tcp(Arc::new(listener::bind_tcp(l.bind).map_err(bind_error)?))
+        }
+    })
+}
+
+/// Whether `socket` can serve listener `l` (a TCP socket serves tcp and http listeners).
+fn same_transport(socket: &Socket, l: &ListenerConfig) -> bool {
+    matches!(
+        (socket, &l.kind),
+        (Socket::Udp(_), ListenerKind::Udp(_))
+            | (Socket::Tcp(_), ListenerKind::Tcp(_) | ListenerKind::Http(_))
+    )
+}
+
+/// Whether a running listener is of the kind `kind`.
+fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
+    matches!(
+        (proxy, kind),
+        (Proxy::Tcp(_), ListenerKind::Tcp(_))
+            | (Proxy::Http(_), ListenerKind::Http(_))
+            | (Proxy::Udp(..), ListenerKind::Udp(_))
+    )
 }

@@ -24,6 +24,9 @@ struct Control {
     gate: Notify,
     /// `/slow` requests and WebSockets in progress.
     busy: AtomicUsize,
+    /// Close each connection after one response, without saying so (as a server with a very
+    /// short keep-alive timeout does).
+    one_shot: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -33,6 +36,7 @@ impl Control {
             status: AtomicU16::new(200),
             gate: Notify::new(),
             busy: AtomicUsize::new(0),
+            one_shot: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -85,7 +89,7 @@ async fn serve(name: &'static str, control: Arc<Control>, mut stream: TcpStream)
             "HTTP/1.1 {status} X\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n{name}",
             name.len()
         );
-        if stream.write_all(response.as_bytes()).await.is_err() {
+        if stream.write_all(response.as_bytes()).await.is_err() || control.one_shot.load(SeqCst) {
             return;
         }
     }
@@ -532,4 +536,36 @@ async fn a_backend_drained_in_the_file_gets_nothing() {
     for _ in 0..6 {
         assert_eq!(served_by(proxy.addr("web"), "/", "").await, "a");
     }
+}
+
+#[tokio::test]
+async fn a_request_waiting_on_a_draining_backend_ends_at_the_deadline() {
+    let control = Control::new();
+    let a = controlled("a", Arc::clone(&control)).await;
+    let proxy = Proxy::start(&http_config(&format!("backends = [\"{}\"]", a.addr)));
+    let waiting = tokio::spawn(get(proxy.addr("web"), "/slow", ""));
+    eventually("the request is at the backend", || {
+        control.busy.load(SeqCst) == 1
+    })
+    .await;
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    state.start_drain(Duration::from_millis(200));
+    let reply = waiting.await.expect("joins");
+    assert_eq!(reply.status, 504, "no response head before the deadline");
+    control.gate.notify_waiters();
+}
+
+#[tokio::test]
+async fn a_kept_probe_connection_the_backend_closed_is_not_a_failure() {
+    let control = Control::new();
+    control.one_shot.store(true, SeqCst);
+    let a = controlled("a", Arc::clone(&control)).await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\"]\nhealth = {{ kind = \"http\", path = \"/healthz\", interval = \"50ms\", timeout = \"50ms\", rise = 1, fall = 1 }}",
+        a.addr
+    )));
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    eventually("probes pass", || state.probes_passed.load(SeqCst) >= 6).await;
+    assert_eq!(state.probes_failed.load(SeqCst), 0);
+    assert!(state.is_usable());
 }

@@ -167,21 +167,6 @@ async fn the_drain_deadline_closes_what_is_left_and_exits_zero() {
     assert!(matches!(n, Ok(0) | Err(_)));
 }
 
-async fn eventually_async<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn running_out_of_descriptors_backs_off_and_recovers() {
     let backend = Backend::echo().await;

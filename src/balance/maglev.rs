@@ -27,7 +27,9 @@ impl Maglev {
     /// Builds the table of `size` slots (a prime, at least the number of candidates).
     pub fn new(candidates: &[Candidate], size: usize) -> Self {
         let n = candidates.len();
-        let size = size.max(n).max(1);
+        // A prime size makes every skip visit every slot, so filling always ends; validation
+        // gives one, and anything else is rounded up to one.
+        let size = next_prime(size.max(n).max(2));
         let mut table = vec![u32::MAX; size];
         if n > 0 {
             let m = size as u64;
@@ -76,6 +78,17 @@ impl Maglev {
             fallback: SmoothRoundRobin::new(candidates),
         }
     }
+}
+
+/// The smallest prime at least `n`.
+fn next_prime(n: usize) -> usize {
+    let is_prime = |m: usize| {
+        m >= 2
+            && (2..)
+                .take_while(|d| d * d <= m)
+                .all(|d| !m.is_multiple_of(d))
+    };
+    (n..).find(|&m| is_prime(m)).unwrap_or(n)
 }
 
 impl Balancer for Maglev {

@@ -6,6 +6,9 @@
 use super::hash::hash_bytes;
 use super::{Balancer, Candidate, PickContext, SmoothRoundRobin, random_eligible};
 
+/// Ring points a pick walks past before settling for a random eligible backend.
+const MAX_WALK: usize = 1024;
+
 /// A sorted ring of (point, candidate index).
 #[derive(Debug)]
 pub struct RingHash {
@@ -15,16 +18,14 @@ pub struct RingHash {
 }
 
 impl RingHash {
-    /// Places `vnodes` points per backend of average weight (at least one per backend).
+    /// Places `vnodes` × weight points per backend. The count depends on nothing but the
+    /// backend itself, so adding or removing one backend moves no key between the others.
     pub fn new(candidates: &[Candidate], vnodes: u32) -> Self {
-        let n = candidates.len() as u64;
-        let total_weight: u64 = candidates.iter().map(|c| u64::from(c.weight.max(1))).sum();
         let mut ring = Vec::new();
         for (i, c) in candidates.iter().enumerate() {
-            let points = (u64::from(vnodes) * n * u64::from(c.weight.max(1)) + total_weight / 2)
-                / total_weight.max(1);
+            let points = u64::from(vnodes.max(1)) * u64::from(c.weight.max(1));
             let name = c.state.addr.to_string();
-            for j in 0..points.max(1) {
+            for j in 0..points {
                 let point = hash_bytes(format!("{name}-{j}").as_bytes());
                 ring.push((point, i as u32));
             }
@@ -47,7 +48,9 @@ impl Balancer for RingHash {
         }
         let start = self.ring.partition_point(|&(point, _)| point < hash);
         let len = self.ring.len();
-        for offset in 0..len {
+        // Walk on past backends that are out, but not around the whole ring when most are:
+        // then any eligible backend will do.
+        for offset in 0..len.min(MAX_WALK) {
             let index = self.ring[(start + offset) % len].1 as usize;
             if index < candidates.len() && ctx.eligible(candidates, index) {
                 return Some(index);
@@ -96,6 +99,21 @@ mod tests {
                 assert_eq!(a, *b);
             } else {
                 assert_ne!(a, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn removing_a_weighted_backend_moves_only_its_keys() {
+        let all = candidates(&[1, 1, 4]);
+        let ring = RingHash::new(&all, 160);
+        let fewer = vec![all[0].clone(), all[2].clone()];
+        let smaller = RingHash::new(&fewer, 160);
+        for k in 0..20_000 {
+            let before = &all[pick(&ring, &all, k)];
+            let after = &fewer[pick(&smaller, &fewer, k)];
+            if before.state.addr != all[1].state.addr {
+                assert_eq!(before.state.addr, after.state.addr, "key {k} moved");
             }
         }
     }

@@ -53,6 +53,8 @@ pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_SPLIT_WEIGHT: u32 = 10_000;
 /// Default maglev table size (a prime; the Maglev paper's own example size).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
+/// The most points a ring may hold (16 bytes each).
+pub const MAX_RING_POINTS: u64 = 1 << 22;
 /// Default ring_hash points per backend (ketama places 160 per server).
 pub const DEFAULT_RING_VNODES: u32 = 160;
 /// The largest maglev table: 2^24 entries of 4 bytes each.

@@ -1359,6 +1359,21 @@ fn validate_pool(
             }
         }
     };
+    if balance == BalanceKind::RingHash {
+        let points: u64 = backends
+            .iter()
+            .map(|b| u64::from(b.weight) * u64::from(ring_vnodes))
+            .sum();
+        if points > MAX_RING_POINTS {
+            problems.push(
+                format!("{at}.ring_vnodes"),
+                format!(
+                    "the ring would hold {points} points (ring_vnodes x the sum of weights), \
+                     more than {MAX_RING_POINTS}: lower ring_vnodes or the weights"
+                ),
+            );
+        }
+    }
     let sticky = raw.sticky.map(|raw| {
         let path = format!("{at}.sticky");
         let cookie = match raw.cookie {

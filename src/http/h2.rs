@@ -165,8 +165,13 @@ pub enum ResponseBody {
     /// Frames coming from the task that reads the backend.
     Stream(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
     /// An HTTP/2 backend's body, passed through (trailers too); the guard counts the request
-    /// as in flight on its backend until the body is done.
-    Upstream(Incoming, ActiveGuard),
+    /// as in flight on its backend until the body is done, and the body ends with an error at
+    /// the backend's drain deadline.
+    Upstream(
+        Incoming,
+        ActiveGuard,
+        Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    ),
 }
 
 impl Body for ResponseBody {
@@ -181,9 +186,16 @@ impl Body for ResponseBody {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBody::Stream(rx) => rx.poll_recv(cx),
-            ResponseBody::Upstream(body, _) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|f| f.map_err(io::Error::other))),
+            ResponseBody::Upstream(body, _, closer) => {
+                if closer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the backend's drain deadline passed",
+                    ))));
+                }
+                Pin::new(body)
+                    .poll_frame(cx)
+                    .map(|frame| frame.map(|f| f.map_err(io::Error::other)))
+            }
         }
     }
 
@@ -192,7 +204,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => true,
             ResponseBody::Full(data) => data.is_none(),
             ResponseBody::Stream(_) => false,
-            ResponseBody::Upstream(body, _) => body.is_end_stream(),
+            ResponseBody::Upstream(body, _, _) => body.is_end_stream(),
         }
     }
 
@@ -202,7 +214,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
             ResponseBody::Stream(_) => SizeHint::default(),
-            ResponseBody::Upstream(body, _) => body.size_hint(),
+            ResponseBody::Upstream(body, _, _) => body.size_hint(),
         }
     }
 }
@@ -577,6 +589,7 @@ async fn proceed(
     };
     let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
     let guard = picked.guard;
+    let closer = picked.closer;
 
     let mut builder = Response::builder()
         .status(StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY));
@@ -640,7 +653,6 @@ async fn proceed(
         let idle = pool.response_timeout;
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
         let framing = response.framing;
-        let closer = guard.state().closer();
         tokio::spawn(async move {
             // The request stays in flight on its backend until the body is through.
             let _guard = guard;
@@ -739,6 +751,7 @@ async fn forward_h2(
     };
     let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
     let guard = picked.guard;
+    let closer = picked.closer;
     let state = Arc::clone(guard.state());
     let addr = state.addr;
     let started = tokio::time::Instant::now();
@@ -751,7 +764,14 @@ async fn forward_h2(
         sender.ready().await?;
         sender.send_request(request).await
     };
-    let response = match timeout(pool.response_timeout, sent).await {
+    let sent = tokio::select! {
+        sent = timeout(pool.response_timeout, sent) => sent,
+        () = closer.cancelled() => {
+            debug!(backend = %addr, "no response before the backend's drain deadline");
+            return status_response(504);
+        }
+    };
+    let response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
@@ -783,7 +803,11 @@ async fn forward_h2(
         builder = builder.header(http::header::SET_COOKIE, cookie);
     }
     builder
-        .body(ResponseBody::Upstream(body, guard))
+        .body(ResponseBody::Upstream(
+            body,
+            guard,
+            Box::pin(closer.cancelled_owned()),
+        ))
         .unwrap_or_else(|_| status_response(502))
 }
 
@@ -869,24 +893,42 @@ async fn exchange<'p>(
     loop {
         let reused = conn.reused;
         let started = tokio::time::Instant::now();
-        match send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head).await {
+        let attempt = send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head);
+        let attempt = tokio::select! {
+            attempt = attempt => attempt,
+            () = picked.closer.cancelled() => Err(Attempt::Client(504)),
+        };
+        match attempt {
             Ok(response) => {
                 picked.guard.established();
                 state.observe_latency(started.elapsed());
                 pool.report(&state, response.status < 500);
                 return Ok((conn, response, picked));
             }
+            // An idle connection the backend closed says nothing of its health.
             Err(Attempt::Stale) if reused && retryable => {
-                conn = connect(pool, conn.addr, source).await.map_err(|_| 502u16)?;
+                conn = match connect(pool, conn.addr, source).await {
+                    Ok(conn) => conn,
+                    Err(_) => {
+                        state
+                            .connect_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        pool.report(&state, false);
+                        return Err(502);
+                    }
+                };
             }
             Err(Attempt::Stale) => {
-                pool.report(&state, false);
+                if !reused {
+                    pool.report(&state, false);
+                }
                 return Err(502);
             }
             Err(Attempt::Status(status)) => {
                 pool.report(&state, false);
                 return Err(status);
             }
+            Err(Attempt::Client(status)) => return Err(status),
         }
     }
 }
@@ -895,8 +937,11 @@ async fn exchange<'p>(
 enum Attempt {
     /// The connection failed before any byte of a response.
     Stale,
-    /// Answer the client with this status.
+    /// The backend failed: answer the client with this status.
     Status(u16),
+    /// The client failed (its body stalled, broke or grew too large): answer with this status,
+    /// and hold nothing against the backend.
+    Client(u16),
 }
 
 /// Opens a connection to a backend (with the pool's PROXY header and TLS, if any).
@@ -923,17 +968,17 @@ async fn send_and_read(
         let frame = match timeout(idle, http_body_util::BodyExt::frame(body)).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(_) => return Err(Attempt::Status(408)),
+            Err(_) => return Err(Attempt::Client(408)),
         };
         let Ok(frame) = frame else {
-            return Err(Attempt::Status(400));
+            return Err(Attempt::Client(400));
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         sent += data.len() as u64;
         if proxy.max_body_size.is_some_and(|max| sent > max) {
-            return Err(Attempt::Status(413));
+            return Err(Attempt::Client(413));
         }
         let mut out = BytesMut::with_capacity(data.len() + 16);
         match framing {
@@ -948,7 +993,7 @@ async fn send_and_read(
         Framing::Chunked => super::write_within(&mut conn.stream, b"0\r\n\r\n", idle)
             .await
             .map_err(|_| Attempt::Status(502))?,
-        Framing::Length(n) if sent != n => return Err(Attempt::Status(400)),
+        Framing::Length(n) if sent != n => return Err(Attempt::Client(400)),
         _ => {}
     }
     let deadline = tokio::time::Instant::now() + idle;

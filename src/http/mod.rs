@@ -79,6 +79,10 @@ pub struct HttpProxy {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// TLS terminated on this listener, if any.
     pub tls: Option<Arc<ServerTls>>,
+    /// Set when a reload replaced this listener's settings: connections still using these
+    /// settings answer their next request with `Connection: close`, so their clients come
+    /// back to the new ones (never closing an idle connection under a client's feet).
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 /// Fields that carry a verified client certificate to backends. They are removed from every
@@ -136,6 +140,12 @@ enum Failure {
 }
 
 impl HttpProxy {
+    /// Whether responses should tell clients to close: the process is draining, or a reload
+    /// replaced these settings.
+    fn closing(&self) -> bool {
+        self.shutdown.is_cancelled() || self.retired.load(Relaxed)
+    }
+
     /// Serves one accepted connection to its end.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
@@ -322,7 +332,7 @@ impl HttpProxy {
             Err(Failure::Status(status)) => {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
-                let close = head.close || has_body || self.shutdown.is_cancelled();
+                let close = head.close || has_body || self.closing();
                 let _ = write_within(
                     &mut client.stream,
                     &h1::error_response(status, close),
@@ -396,7 +406,7 @@ impl HttpProxy {
         let guard = picked.guard;
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         // A draining backend's deadline ends what is still running on it.
-        let closer = guard.state().closer();
+        let closer = picked.closer;
         let id_field = [("x-request-id", request_id)];
 
         if response.status == 101 {
@@ -498,7 +508,7 @@ impl HttpProxy {
         let close = head.close
             || head.ambiguous
             || client_framing == Framing::UntilClose
-            || self.shutdown.is_cancelled()
+            || self.closing()
             || guard.state().flags() & DRAINING != 0;
         out.clear();
         if compression.is_some() {
@@ -814,6 +824,7 @@ impl HttpProxy {
             .await
             .map_err(Failure::Status)?;
         let guard = picked.guard;
+        let closer = picked.closer;
         let state = Arc::clone(guard.state());
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         let addr = state.addr;
@@ -868,6 +879,10 @@ impl HttpProxy {
                         pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
+                    () = closer.cancelled() => {
+                        debug!(backend = %addr, "no response before the backend's drain deadline");
+                        return Err(Failure::Status(504));
+                    }
                 }
             }
             (sent, pumped)
@@ -876,6 +891,9 @@ impl HttpProxy {
             // An early answer (an error, say) before the whole body was sent: the rest of the
             // body is not read, so the connection cannot be kept.
             if head.framing != Framing::Empty {
+                if let Some(Ok(response)) = &sent {
+                    pool.report(&state, response.status().as_u16() < 500);
+                }
                 return Err(Failure::Abort);
             }
         }
@@ -892,7 +910,6 @@ impl HttpProxy {
         guard.established();
         state.observe_latency(started.elapsed());
         pool.report(&state, response.status().as_u16() < 500);
-        let closer = state.closer();
 
         let (mut parts, mut body) = response.into_parts();
         h2::apply_response_rules(&mut parts.headers, &rules);
@@ -911,7 +928,7 @@ impl HttpProxy {
         let close = head.close
             || head.ambiguous
             || framing == Framing::UntilClose
-            || self.shutdown.is_cancelled()
+            || self.closing()
             || state.flags() & DRAINING != 0;
         let mut out = BytesMut::with_capacity(1024);
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -1113,7 +1130,14 @@ impl HttpProxy {
                     pool.response_timeout,
                     self.max_body_size,
                 );
-                match sent.await {
+                let sent = tokio::select! {
+                    sent = sent => sent,
+                    () = picked.closer.cancelled() => {
+                        debug!(pool = %pool.name, backend = %addr, "no response before the backend's drain deadline");
+                        return Err(Failure::Status(504));
+                    }
+                };
+                match sent {
                     Ok(response) => {
                         picked.guard.established();
                         state.observe_latency(started.elapsed());

@@ -19,7 +19,7 @@ pub fn pick_input(pool: &Pool, request: &impl RequestView, client: IpAddr) -> Pi
             query_value(request.query(), name).map(|v| hash_bytes(v.as_bytes()))
         }
     });
-    let preferred = pool.sticky.as_ref().and_then(|sticky| {
+    let sticky = pool.sticky.as_ref().and_then(|sticky| {
         request
             .cookie(&sticky.cookie)
             .and_then(|value| sticky.lookup(value))
@@ -27,14 +27,16 @@ pub fn pick_input(pool: &Pool, request: &impl RequestView, client: IpAddr) -> Pi
     PickInput {
         client: Some(client),
         hash,
-        preferred,
+        preferred: sticky.map(|(index, _)| index),
+        refresh: sticky.is_some_and(|(_, stale)| stale),
     }
 }
 
-/// The `Set-Cookie` value to send when the request was not already on backend `index`.
+/// The `Set-Cookie` value to send when the request was not already on backend `index`, or its
+/// cookie is due to be renewed.
 pub fn sticky_cookie(pool: &Pool, input: &PickInput, index: usize) -> Option<String> {
     let sticky = pool.sticky.as_ref()?;
-    (input.preferred != Some(index)).then(|| sticky.set_cookie(index))
+    (input.preferred != Some(index) || input.refresh).then(|| sticky.set_cookie(index))
 }
 
 /// The value of cookie `name` in a Cookie header.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::forward::{Forwarder, Outcome};
@@ -92,11 +92,17 @@ impl TcpProxy {
             return None;
         }
         match self.prepare(&mut client, peer).await {
-            Ok((backend, guard, source, initial)) => {
+            Ok(Prepared {
+                backend,
+                guard,
+                closer,
+                source,
+                initial,
+            }) => {
                 let addr = guard.state().addr;
                 debug!(listener = %self.name, client = %source, %addr, "forwarding");
                 let forwarder = Forwarder::new(initial, self.settings.idle_timeout);
-                let closer = Box::pin(guard.state().closer().cancelled_owned());
+                let closer = Box::pin(closer.cancelled_owned());
                 Some(Forwarding {
                     closer,
                     proxy: self,
@@ -120,7 +126,7 @@ impl TcpProxy {
         &self,
         client: &mut TcpStream,
         peer: SocketAddr,
-    ) -> Result<(TcpStream, ActiveGuard, SocketAddr, Vec<u8>), RefuseReason> {
+    ) -> Result<Prepared, RefuseReason> {
         // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d; everything after
         // this point (trust checks, hashing, logs, PROXY headers) sees it as the IPv4 it is.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -143,10 +149,16 @@ impl TcpProxy {
         let pool = snapshot
             .pool(pool_name)
             .ok_or_else(|| RefuseReason::NoPool(pool_name.to_owned()))?;
-        let (mut backend, addr, guard) = connect(pool, source).await?;
+        let (mut backend, addr, guard, closer) = connect(pool, source).await?;
         let _ = backend.set_nodelay(true);
         announce(pool, client, &mut backend, addr, source, destination).await?;
-        Ok((backend, guard, source, initial))
+        Ok(Prepared {
+            backend,
+            guard,
+            closer,
+            source,
+            initial,
+        })
     }
 
     /// SNI routing: the pool of the first route that names `sni`, else the listener's pool.
@@ -184,7 +196,7 @@ impl TcpProxy {
         let pool = snapshot
             .pool(&self.pool)
             .ok_or_else(|| RefuseReason::NoPool(self.pool.clone()))?;
-        let (mut backend, addr, guard) = connect(pool, source).await?;
+        let (mut backend, addr, guard, closer) = connect(pool, source).await?;
         let _ = backend.set_nodelay(true);
         if let Some(version) = pool.send_proxy_protocol
             && let Some(destination) = destination.or(local)
@@ -200,14 +212,20 @@ impl TcpProxy {
         }
         let mut backend = Stream::Plain(backend);
         debug!(listener = %self.name, client = %source, %addr, "forwarding (TLS terminated)");
-        let (result, moved) = crate::stream::tunnel(
+        let tunnel = crate::stream::tunnel(
             &mut client,
             &mut backend,
             &[],
             self.settings.idle_timeout,
             guard.state(),
-        )
-        .await;
+        );
+        let (result, moved) = tokio::select! {
+            done = tunnel => done,
+            () = closer.cancelled() => {
+                debug!(listener = %self.name, client = %source, %addr, "closed at the backend's drain deadline");
+                return Ok(());
+            }
+        };
         debug!(
             listener = %self.name, client = %source, %addr, ?result,
             up = moved.upstream, down = moved.downstream, "closed"
@@ -237,16 +255,31 @@ impl TcpProxy {
     }
 }
 
+/// What the phases before forwarding produce.
+struct Prepared {
+    /// The connection to the backend.
+    backend: TcpStream,
+    /// Counts the connection as active on the backend.
+    guard: ActiveGuard,
+    /// The backend's drain deadline.
+    closer: CancellationToken,
+    /// The client's address.
+    source: SocketAddr,
+    /// Bytes to send the backend first.
+    initial: Vec<u8>,
+}
+
 /// Phase 2: picks a backend and connects, moving on to the next backend when one fails, up to the
 /// pool's `connect_attempts`. The guard counts the connection as active on that backend.
 async fn connect(
     pool: &Pool,
     client: SocketAddr,
-) -> Result<(TcpStream, SocketAddr, ActiveGuard), RefuseReason> {
+) -> Result<(TcpStream, SocketAddr, ActiveGuard, CancellationToken), RefuseReason> {
     let input = PickInput {
         client: Some(client.ip()),
         hash: pool.hash_client(client.ip()),
         preferred: None,
+        refresh: false,
     };
     let mut attempts = Attempts::new(pool, input);
     while let Ok(picked) = attempts.next().await {
@@ -258,7 +291,7 @@ async fn connect(
                 picked.guard.established();
                 state.observe_latency(started.elapsed());
                 pool.report(state, true);
-                return Ok((stream, addr, picked.guard));
+                return Ok((stream, addr, picked.guard, picked.closer));
             }
             Err(error) => {
                 state.connect_failures.fetch_add(1, Relaxed);

@@ -83,21 +83,23 @@ pub struct UdpStats {
 impl UdpProxy {
     /// Runs the listener until `shutdown`; after it, existing sessions are served until they
     /// expire, and new clients are refused.
+    ///
+    /// The listener's settings are read from `current` for every new session and sweep, so a
+    /// reload that keeps the listener changes them without touching its sessions.
     pub async fn serve(
-        self: Arc<Self>,
-        socket: UdpSocket,
+        current: Arc<ArcSwap<UdpProxy>>,
+        socket: Arc<UdpSocket>,
         stats: Arc<UdpStats>,
         shutdown: CancellationToken,
     ) {
-        let socket = Arc::new(socket);
+        let mut this = current.load_full();
         let epoch = Instant::now();
         let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
-        let sweep_every = (self.settings.idle_timeout / 4)
+        let sweep_every = (this.settings.idle_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let idle_ms = self.settings.idle_timeout.as_millis() as u64;
         let mut stopping = false;
 
         loop {
@@ -108,7 +110,7 @@ impl UdpProxy {
                         Err(error) => {
                             // An ICMP error from an earlier send_to surfaces here; it concerns
                             // one client, not the listener.
-                            debug!(listener = %self.name, %error, "udp receive error");
+                            debug!(listener = %this.name, %error, "udp receive error");
                             continue;
                         }
                     };
@@ -129,23 +131,26 @@ impl UdpProxy {
                             refused = sessions.remove(&client).map(|s| s.backend);
                         }
                     }
-                    if stopping || sessions.len() >= self.settings.max_sessions {
+                    this = current.load_full();
+                    if stopping || sessions.len() >= this.settings.max_sessions {
                         stats.dropped.fetch_add(1, Relaxed);
-                        debug!(listener = %self.name, %client, "udp session refused (cap or shutdown)");
+                        debug!(listener = %this.name, %client, "udp session refused (cap or shutdown)");
                         continue;
                     }
-                    match self.open(&socket, client, epoch, datagram, refused).await {
+                    match this.open(&socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
                         }
                         Err(error) => {
                             stats.dropped.fetch_add(1, Relaxed);
-                            debug!(listener = %self.name, %client, %error, "udp session not opened");
+                            debug!(listener = %this.name, %client, %error, "udp session not opened");
                         }
                     }
                 }
                 _ = sweep.tick() => {
+                    this = current.load_full();
+                    let idle_ms = this.settings.idle_timeout.as_millis() as u64;
                     let now = epoch.elapsed().as_millis() as u64;
                     sessions.retain(|_, s| {
                         now.saturating_sub(s.last_seen.load(Relaxed)) < idle_ms
@@ -158,7 +163,7 @@ impl UdpProxy {
                 }
                 _ = shutdown.cancelled(), if !stopping => {
                     stopping = true;
-                    info!(listener = %self.name, sessions = sessions.len(), "udp listener draining");
+                    info!(listener = %this.name, sessions = sessions.len(), "udp listener draining");
                 }
             }
         }
@@ -183,6 +188,7 @@ impl UdpProxy {
             client: Some(client.ip()),
             hash: pool.hash_client(client.ip()),
             preferred: None,
+            refresh: false,
         };
         let mut attempts = Attempts::new(pool, input);
         if let Some(index) = refused {
@@ -194,6 +200,7 @@ impl UdpProxy {
             index,
             candidate,
             guard,
+            closer,
         } = attempts.next_now().ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
@@ -210,7 +217,6 @@ impl UdpProxy {
         let upstream = Arc::new(upstream);
         let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
         guard.established();
-        let closer = candidate.state.closer();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
         let replies = tokio::spawn(relay_replies(
@@ -273,6 +279,7 @@ async fn relay_replies(
     epoch: Instant,
     broken: Arc<AtomicBool>,
 ) {
+    let mut answered = false;
     loop {
         if upstream.readable().await.is_err() {
             return;
@@ -293,6 +300,11 @@ async fn relay_replies(
             Ok(n) => {
                 backend.bytes_received.fetch_add(n as u64, Relaxed);
                 last_seen.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                if !answered {
+                    // A reply is the success that outlier detection counts on UDP.
+                    answered = true;
+                    backend.consecutive_failures.store(0, Relaxed);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {

@@ -90,6 +90,7 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// A running proxy.
 pub struct Proxy {
     pub server_addrs: Vec<(String, SocketAddr)>,
+    pub handle: switchyard::server::ServerHandle,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
     pub udp_stats: Vec<(String, Arc<switchyard::l4::udp::UdpStats>)>,
@@ -122,8 +123,10 @@ impl Proxy {
             .collect();
         let registry = server.registry();
         let shutdown = server.shutdown_token();
+        let handle = server.handle();
         let task = tokio::spawn(server.run());
         Proxy {
+            handle,
             server_addrs,
             registry,
             shutdown,
@@ -134,11 +137,16 @@ impl Proxy {
 
     /// The address of listener `name`.
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.server_addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .expect("listener exists")
+        self.handle.local_addr(name).expect("listener exists")
+    }
+
+    /// Loads `toml` and reloads the running proxy with it.
+    pub async fn reload(
+        &self,
+        toml: &str,
+    ) -> Result<switchyard::server::ReloadSummary, switchyard::ServerError> {
+        let config = Config::from_toml(toml, Path::new("test.toml")).expect("test config is valid");
+        self.handle.reload(config).await
     }
 
     /// UDP counters of listener `name`.
@@ -266,6 +274,22 @@ pub async fn udp_named(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Like [`eventually`], with a condition that has to await (a connect, say).
+pub async fn eventually_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for: {what}"
