@@ -396,13 +396,16 @@ impl ServerHandle {
         {
             let state = shared.lock();
             for l in &config.listeners {
-                let stays = state.listeners.iter().any(|r| {
-                    r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind)
-                });
+                let stays = state
+                    .listeners
+                    .iter()
+                    .any(|r| r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind));
                 let inherited = state
                     .listeners
                     .iter()
-                    .find(|r| l.bind.port() != 0 && r.bind == l.bind && same_transport(&r.socket, l))
+                    .find(|r| {
+                        l.bind.port() != 0 && r.bind == l.bind && same_transport(&r.socket, l)
+                    })
                     .map(|r| r.socket.clone());
                 sockets.push(match (stays, inherited) {
                     (true, _) => None,

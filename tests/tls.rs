@@ -988,9 +988,9 @@ async fn websocket_upgrades_work_over_tls() {
 }
 
 #[tokio::test]
-async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serving() {
+async fn a_reload_rereads_certificates_and_refuses_garbage_keeping_the_old_one() {
     let pki = Pki::new();
-    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let (cert, key) = pki.issue("server", "first", &["a.example.com"], false);
     let backend = http_backend("web").await;
     let toml = format!(
         r#"
@@ -1009,20 +1009,49 @@ async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serv
         backend.addr
     );
     let proxy = Proxy::start(&toml);
+    let addr = proxy.addr("https");
+    let resuming = pki.client(&[]);
+    let mut stream = tls_connect(addr, Arc::clone(&resuming), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(peer_cn(&stream), "first");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+
+    // A renewed certificate at the same paths: a reload reads it, new handshakes show it.
+    pki.issue("server", "renewed", &["a.example.com"], false);
+    proxy.reload(&toml).await.expect("reloads");
+    // Ticket keys outlive the reload: the session from before resumes.
+    let resumed = tls_connect(addr, resuming, "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let stream = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(peer_cn(&stream), "renewed");
+
+    // Garbage in its place: the reload is refused, naming the file, and the certificate
+    // already loaded keeps serving.
     std::fs::write(
         &cert,
         b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
     )
     .expect("overwrite");
-    // What a reload does first: build the store from the files again. It fails, naming the
-    // file, so the running store is kept.
+    let error = proxy.reload(&toml).await.expect_err("garbage is refused");
+    let text = error.to_string();
+    assert!(
+        text.contains("listeners[0].tls.certificates[0].cert") && text.contains(&p(&cert)),
+        "{text}"
+    );
     let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
-    let problems = TlsStore::build(&config).expect_err("garbage is refused");
-    assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
-    assert!(problems[0].reason.contains(&p(&cert)), "{problems:?}");
-    let mut stream = tls_connect(proxy.addr("https"), pki.client(&[]), "a.example.com")
+    assert!(TlsStore::build(&config).is_err(), "check reports it too");
+    let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
         .await
         .expect("the old certificate still serves");
+    assert_eq!(peer_cn(&stream), "renewed");
     assert_eq!(get(&mut stream, "/", "").await.status, 200);
 }
 
