@@ -1147,3 +1147,46 @@ async fn a_pool_presents_its_client_certificate_to_backends_that_require_one() {
     let reply = client.get("/without/", "").await;
     assert_eq!(reply.status, 502);
 }
+
+#[test]
+fn switchyard_check_warns_about_expiry_and_fails_on_a_mismatched_key() {
+    let pki = Pki::new();
+    let (expired_cert, expired_key) = pki.issue("expired", "old", &["old.test"], true);
+    let (_, other_key) = pki.issue("other", "other", &["other.test"], false);
+    let write = |name: &str, cert: &Path, key: &Path| {
+        let path = pki.path(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[[listeners]]\nname = \"https\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                 default_pool = \"web\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\
+                 [pools.web]\nbackends = [\"127.0.0.1:9\"]\n",
+                p(cert),
+                p(key)
+            ),
+        )
+        .expect("write config");
+        path
+    };
+    let check = |config: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .expect("runs")
+    };
+    let out = check(&write("expired.toml", &expired_cert, &expired_key));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].tls.certificates[0].cert: warning: the certificate expired"),
+        "{stderr}"
+    );
+    let out = check(&write("mismatch.toml", &expired_cert, &other_key));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].tls.certificates[0].key: the key in"),
+        "{stderr}"
+    );
+}
