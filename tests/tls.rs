@@ -642,6 +642,37 @@ async fn mutual_tls_requires_a_certificate_and_forwards_its_subject() {
         "{text}"
     );
 
+    // Over HTTP/2 (ALPN) the same: the certificate's fields, never the client's.
+    let mut h2_config = (*pki.client_with_cert(&client_cert, &client_key)).clone();
+    h2_config.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = tls_connect(proxy.addr("required"), Arc::new(h2_config), "a.example.com")
+        .await
+        .expect("handshake");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("https://a.example.com/h2")
+        .header("x-client-cert-subject", "CN=mallory")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("in time")
+        .expect("response");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("x-client-cert-subject: CN=alice"), "{text}");
+    assert!(!text.contains("mallory"), "{text}");
+
     // Plain listeners drop them too.
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     let text = client.get("/", forged).await.text();
