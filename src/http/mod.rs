@@ -668,8 +668,11 @@ impl HttpProxy {
         let mut count = 5;
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields[count] = (CLIENT_CERT_FIELDS[0], cert.subject.as_bytes());
-            fields[count + 1] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
-            count += 2;
+            count += 1;
+            if !cert.san.is_empty() {
+                fields[count] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
+                count += 1;
+            }
         }
         if head.websocket {
             // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
@@ -786,7 +789,9 @@ impl HttpProxy {
         ];
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields.push((CLIENT_CERT_FIELDS[0], cert.subject.as_bytes()));
-            fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            if !cert.san.is_empty() {
+                fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            }
         }
         if !length.is_empty() {
             fields.push(("content-length", length.as_bytes()));

@@ -301,7 +301,8 @@ impl ResolvesServerCert for SniResolver {
 pub struct ClientCert {
     /// The subject, its attributes in the order of the certificate (`C=FR, O=Example, CN=alice`).
     pub subject: String,
-    /// The subjectAltName entries, `DNS:…`, `URI:…`, `email:…`, `IP:…`, comma-separated.
+    /// The subjectAltName entries, `DNS:…`, `URI:…`, `email:…`, `IP:…`, comma-separated; empty
+    /// when there are none (the field is then not sent).
     pub san: String,
 }
 
