@@ -1762,6 +1762,20 @@ fn validate_sni_routes(
             }
             Some(pool) => known_pool(problems, &format!("{path}.pool"), pool, pools),
         };
+        // Passed-through bytes are never parsed or re-encrypted: keys that would do either
+        // mean nothing on these pools.
+        if let Some(name) = &pool
+            && let Some(p) = pools.valid.get(name)
+            && (p.tls.is_some() || p.upstream_protocol == UpstreamProtocol::H2)
+        {
+            problems.push(
+                format!("{path}.pool"),
+                format!(
+                    "pool `{name}` sets tls or upstream_protocol = \"h2\", which only http \
+                     listeners speak; passed-through TLS reaches the backends as it is"
+                ),
+            );
+        }
         if let (Some(sni), Some(pool)) = (sni, pool) {
             routes.push(SniRoute { sni, pool });
         }

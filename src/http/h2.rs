@@ -624,6 +624,9 @@ async fn proceed(
             (super::CLIENT_CERT_FIELDS[0], &cert.subject),
             (super::CLIENT_CERT_FIELDS[1], &cert.san),
         ] {
+            if value.is_empty() {
+                continue;
+            }
             head.extend_from_slice(name.as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());

@@ -792,8 +792,11 @@ impl HttpProxy {
         let mut count = 5;
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields[count] = (CLIENT_CERT_FIELDS[0], cert.subject.as_bytes());
-            fields[count + 1] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
-            count += 2;
+            count += 1;
+            if !cert.san.is_empty() {
+                fields[count] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
+                count += 1;
+            }
         }
         if head.websocket {
             // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
@@ -912,7 +915,9 @@ impl HttpProxy {
         ];
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields.push((CLIENT_CERT_FIELDS[0], cert.subject.as_bytes()));
-            fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            if !cert.san.is_empty() {
+                fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            }
         }
         if !length.is_empty() {
             fields.push(("content-length", length.as_bytes()));
@@ -1512,8 +1517,8 @@ enum BodyError {
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
 /// (and the backend connection paired with it) forever.
 async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<()> {
-    // Most writes go straight into the socket buffer: try that first, so the common case
-    // arms no timer.
+    // Most writes go straight into the socket buffer (through TLS too): try that first, so
+    // the common case arms no timer.
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1522,7 +1527,7 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
             Err(e) => return Err(e),
         }
     }
-    if data.is_empty() {
+    if data.is_empty() && stream.try_flush()? {
         return Ok(());
     }
     match timeout(limit, stream.write_all_flush(data)).await {
