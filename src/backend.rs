@@ -27,6 +27,15 @@ pub const EJECTED: u8 = 2;
 pub const DRAINING: u8 = 4;
 /// Set while an operator has disabled the backend.
 pub const DISABLED: u8 = 8;
+/// The admin API drained the backend.
+pub const OVERRIDE_DRAIN: u8 = 1;
+/// The admin API ended a drain the file asked for.
+pub const OVERRIDE_UNDRAIN: u8 = 2;
+/// The admin API disabled the backend.
+pub const OVERRIDE_DISABLE: u8 = 4;
+/// The admin API set the backend's weight.
+pub const OVERRIDE_WEIGHT: u8 = 8;
+
 /// Flags that even panic mode respects: they are decisions, not observations.
 pub const ADMIN_FLAGS: u8 = DRAINING | DISABLED;
 
@@ -69,6 +78,17 @@ pub struct BackendState {
     pub probes_passed: AtomicU64,
     /// Active health probes that failed.
     pub probes_failed: AtomicU64,
+    /// http: responses from it by status class (index 0 for 1xx ... 4 for 5xx).
+    pub responses: [AtomicU64; 5],
+    /// http: time from sending a request to its response head.
+    pub response_time: crate::metrics::Histogram,
+    /// Time to connect to it.
+    pub connect_time: crate::metrics::Histogram,
+    /// Changes made through the admin API that override the file until the next reload
+    /// ([`OVERRIDE_DRAIN`], [`OVERRIDE_UNDRAIN`], [`OVERRIDE_DISABLE`], [`OVERRIDE_WEIGHT`]).
+    overrides: AtomicU8,
+    /// A weight set through the admin API; 0 when the file's weight holds.
+    weight_override: AtomicU32,
     /// [`DOWN`], [`EJECTED`], [`DRAINING`], [`DISABLED`].
     flags: AtomicU8,
     /// Most `active` it takes; 0 is unlimited.
@@ -109,6 +129,11 @@ impl BackendState {
             ejections: AtomicU32::new(0),
             probes_passed: AtomicU64::new(0),
             probes_failed: AtomicU64::new(0),
+            responses: Default::default(),
+            response_time: crate::metrics::Histogram::default(),
+            connect_time: crate::metrics::Histogram::default(),
+            overrides: AtomicU8::new(0),
+            weight_override: AtomicU32::new(0),
             flags: AtomicU8::new(0),
             max_connections: AtomicU64::new(0),
             usable_since_ms: AtomicU64::new(0),
@@ -172,6 +197,46 @@ impl BackendState {
         } else {
             self.set_flag(DISABLED);
         }
+    }
+
+    /// Records that the admin API changed `what` (an `OVERRIDE_*` bit), replacing `clears`.
+    pub fn set_override(&self, what: u8, clears: u8) {
+        let _ = self
+            .overrides
+            .fetch_update(Relaxed, Relaxed, |o| Some((o & !clears) | what));
+    }
+
+    /// The admin API's changes in force.
+    pub fn overrides(&self) -> u8 {
+        self.overrides.load(Relaxed)
+    }
+
+    /// Forgets the admin API's changes: a reload puts the file back in charge.
+    pub fn clear_overrides(&self) {
+        self.overrides.store(0, Relaxed);
+        self.weight_override.store(0, Relaxed);
+        self.clear_flag(DISABLED);
+    }
+
+    /// The weight the admin API set, if any.
+    pub fn weight_override(&self) -> Option<u32> {
+        match self.weight_override.load(Relaxed) {
+            0 => None,
+            w => Some(w),
+        }
+    }
+
+    /// Sets the weight through the admin API.
+    pub fn set_weight_override(&self, weight: u32) {
+        self.weight_override.store(weight, Relaxed);
+        self.set_override(OVERRIDE_WEIGHT, 0);
+    }
+
+    /// Counts one response of `status`.
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Relaxed);
     }
 
     /// Sets the connection limit (`None`: unlimited).

@@ -3,6 +3,8 @@
 //! The binary (`main.rs`) only parses flags and calls into this library. See ARCHITECTURE.md for
 //! the map of the modules and the life of a connection.
 
+pub mod access_log;
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod config;
@@ -11,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod pool;
 pub mod proxy_protocol;

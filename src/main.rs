@@ -188,6 +188,7 @@ fn run(
         };
         let server = Server::bind_from(config, Some(path_for_reload), shutdown)?;
         reload_on_sighup(server.handle())?;
+        reopen_logs_on_sigusr1(server.handle())?;
         if let Some(watcher) = watcher {
             tokio::spawn(watcher.run(server.handle()));
         }
@@ -226,6 +227,18 @@ fn reload_on_sighup(handle: switchyard::server::ServerHandle) -> anyhow::Result<
             info!("SIGHUP received: reloading the configuration");
             // The outcome is logged by the reload itself.
             let _ = handle.reload_file().await;
+        }
+    });
+    Ok(())
+}
+
+/// SIGUSR1 reopens access log files (after logrotate moved them).
+fn reopen_logs_on_sigusr1(handle: switchyard::server::ServerHandle) -> anyhow::Result<()> {
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            info!("SIGUSR1 received: reopening access logs");
+            handle.reopen_logs();
         }
     });
     Ok(())

@@ -86,7 +86,7 @@ impl Pool {
                 let state = registry.state(&config.name, b.addr);
                 state.set_max_connections(b.max_connections);
                 Candidate {
-                    weight: b.weight,
+                    weight: state.weight_override().unwrap_or(b.weight),
                     state,
                 }
             })
@@ -130,7 +130,7 @@ impl Pool {
     /// The key pooled connections of this pool's backend `addr` are filed under: connections
     /// made with other TLS settings (or none) are never mixed with these.
     pub fn conn_key(&self, addr: std::net::SocketAddr) -> crate::http::upstream::ConnKey {
-        (addr, self.tls.as_ref().map_or(0, UpstreamConnector::key))
+        (addr, self.tls.as_ref().map_or(0, |tls| tls.key()))
     }
 
     /// The configuration this pool was compiled from.

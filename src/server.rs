@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::Writers;
 use crate::backend::Registry;
 use crate::config::{Config, ConfigError, ListenerConfig, ListenerKind};
 use crate::http::HttpProxy;
@@ -34,6 +35,7 @@ use crate::http::upstream::UpstreamPool;
 use crate::l4::tcp::TcpProxy;
 use crate::l4::udp::{UdpProxy, UdpStats};
 use crate::listener;
+use crate::metrics::Metrics;
 use crate::pool::Snapshot;
 use crate::tls::TlsStore;
 
@@ -60,6 +62,17 @@ pub enum ServerError {
     /// A reload was asked of a server that was not started from a file.
     #[error("this server was not started from a file, so there is nothing to reload")]
     NoFile,
+    /// An access log file cannot be opened.
+    #[error("listener `{listener}`: cannot open the access log {target}: {source}")]
+    AccessLog {
+        listener: String,
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The admin listener could not be bound.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// The server is shutting down.
     #[error("shutting down")]
     ShuttingDown,
@@ -101,6 +114,9 @@ struct Running {
 /// What the server runs now.
 struct State {
     config: Arc<Config>,
+    /// The certificates of `config`, kept for rebuilding pools when the admin API changes a
+    /// weight.
+    tls: Arc<TlsStore>,
     listeners: Vec<Running>,
     /// Stops the current snapshot's health checks.
     checks: CancellationToken,
@@ -110,6 +126,10 @@ struct State {
 /// the listeners, and the means to reload and to stop.
 pub struct Shared {
     registry: Arc<Registry>,
+    /// Per-listener counters, kept across reloads.
+    metrics: Arc<Metrics>,
+    /// Access log writers, by destination.
+    logs: Arc<Writers>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     upstream: Arc<UpstreamPool>,
     h2_upstream: Arc<H2Pool>,
@@ -125,6 +145,10 @@ pub struct Shared {
     /// Reloads that succeeded and failed.
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    /// The admin listener, bound at start and served by `run`.
+    admin: Mutex<Option<crate::admin::Admin>>,
+    /// Where the admin listener is bound, if there is one.
+    admin_addr: Option<SocketAddr>,
 }
 
 /// A handle on a running (or about to run) server: reload, state, addresses.
@@ -164,8 +188,15 @@ impl Server {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(
             &config, &registry, &tls,
         )));
+        let admin = match &config.admin {
+            None => None,
+            Some(admin) => Some(crate::admin::Admin::bind(admin).map_err(ServerError::Admin)?),
+        };
+        let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let shared = Arc::new(Shared {
             registry,
+            metrics: Arc::new(Metrics::default()),
+            logs: Arc::new(Writers::default()),
             snapshot,
             upstream: Arc::new(UpstreamPool::default()),
             h2_upstream: Arc::new(H2Pool::default()),
@@ -173,6 +204,7 @@ impl Server {
             tasks: TaskTracker::new(),
             state: Mutex::new(State {
                 config: Arc::clone(&config),
+                tls: Arc::new(TlsStore::default()),
                 listeners: Vec::new(),
                 checks: shutdown.child_token(),
             }),
@@ -181,13 +213,18 @@ impl Server {
             generation: AtomicU64::new(1),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            admin: Mutex::new(admin),
+            admin_addr,
         });
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = bind_socket(l)?;
             listeners.push(shared.running(l, socket, &tls)?);
         }
-        shared.lock().listeners = listeners;
+        let mut state = shared.lock();
+        state.listeners = listeners;
+        state.tls = Arc::new(tls);
+        drop(state);
         Ok(Server { shared })
     }
 
@@ -236,8 +273,17 @@ impl Server {
             for running in &mut state.listeners {
                 shared.start(running);
             }
-            crate::notify::ready(&format!("serving {} listener(s)", state.listeners.len()));
         }
+        let admin = shared
+            .admin
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(admin) = admin {
+            tokio::spawn(admin.serve(ServerHandle(Arc::clone(&shared)), shared.shutdown.clone()));
+        }
+        let serving = shared.lock().listeners.len();
+        crate::notify::ready(&format!("serving {serving} listener(s)"));
 
         shared.shutdown.cancelled().await;
         crate::notify::stopping();
@@ -266,6 +312,19 @@ impl Server {
             left
         }
     }
+}
+
+/// A listener as the admin API reports it.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// Its name.
+    pub name: String,
+    /// `tcp`, `udp` or `http`.
+    pub protocol: &'static str,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+    /// Connections open now (sessions for udp).
+    pub active: u64,
 }
 
 /// What a reload changed.
@@ -315,6 +374,54 @@ impl ServerHandle {
     /// Live backend state.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.0.registry)
+    }
+
+    /// Where the admin API listens, if it is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.0.admin_addr
+    }
+
+    /// Every listener's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.0.metrics)
+    }
+
+    /// Each listener's name, protocol, address and open connections (sessions for udp).
+    pub fn listener_stats(&self) -> Vec<ListenerInfo> {
+        self.0
+            .lock()
+            .listeners
+            .iter()
+            .map(|l| ListenerInfo {
+                name: l.name.clone(),
+                protocol: match &l.proxy {
+                    Proxy::Tcp(_) => "tcp",
+                    Proxy::Http(_) => "http",
+                    Proxy::Udp(..) => "udp",
+                },
+                addr: l.addr,
+                active: match &l.proxy {
+                    Proxy::Udp(_, stats) => stats.sessions.load(Relaxed),
+                    _ => l
+                        .max_connections
+                        .saturating_sub(l.limit.available_permits())
+                        as u64,
+                },
+            })
+            .collect()
+    }
+
+    /// Builds the pools again from the configuration in force, with the weights the admin API
+    /// set; health checks and drains go on as they are.
+    pub fn rebuild_pools(&self) {
+        let state = self.0.lock();
+        let snapshot = Snapshot::new(&state.config, &self.0.registry, &state.tls);
+        self.0.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Asks every access log file to be reopened (after logrotate moved it).
+    pub fn reopen_logs(&self) {
+        self.0.logs.reopen();
     }
 
     /// Configurations applied so far (1 at start).
@@ -407,6 +514,9 @@ impl ServerHandle {
             return Err(ServerError::ShuttingDown);
         }
         let tls = build_tls(&config)?;
+        if config.admin != shared.lock().config.admin {
+            warn!("[admin] changed: the admin listener keeps its settings until the next start");
+        }
 
         // Phase 1, fallible and without effect: sockets for listeners that need new ones. A
         // listener that stays (same name, address and protocol) keeps its own; one that takes
@@ -434,15 +544,34 @@ impl ServerHandle {
             }
         }
 
-        // Phase 2: new pools, then listeners.
+        for l in &config.listeners {
+            if let ListenerKind::Http(settings) = &l.kind
+                && let Some(log) = &settings.access_log
+            {
+                shared
+                    .logs
+                    .get(&log.target)
+                    .map_err(|source| ServerError::AccessLog {
+                        listener: l.name.clone(),
+                        target: format!("{:?}", log.target),
+                        source,
+                    })?;
+            }
+        }
+
+        // Phase 2: new pools, then listeners. The file is in charge again: changes made through
+        // the admin API end here.
+        for (_, backend) in shared.registry.all() {
+            backend.clear_overrides();
+        }
         let snapshot = Snapshot::new(&config, &shared.registry, &tls);
         shared.snapshot.store(Arc::new(snapshot));
+        shared.registry.retain(&config);
         let mut summary = ReloadSummary::default();
         let mut state = shared.lock();
         state.checks.cancel();
         state.checks = shared.shutdown.child_token();
         shared.snapshot.load().activate(&state.checks);
-        shared.registry.retain(&config);
 
         let mut old: Vec<Option<Running>> = std::mem::take(&mut state.listeners)
             .into_iter()
@@ -458,7 +587,7 @@ impl ServerHandle {
             if let Some(i) = same
                 && let Some(mut running) = old[i].take()
             {
-                shared.update(&mut running, l, &tls);
+                shared.update(&mut running, l, &tls)?;
                 summary.updated.push(l.name.clone());
                 listeners.push(running);
             } else if let Some(socket) = socket {
@@ -478,6 +607,7 @@ impl ServerHandle {
         }
         state.listeners = listeners;
         state.config = Arc::new(config);
+        state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;
         Ok(summary)
     }
@@ -506,7 +636,7 @@ impl Shared {
             addr: l.bind,
             source,
         })?;
-        let proxy = match self.proxy(l, tls) {
+        let proxy = match self.proxy(l, tls)? {
             Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
             Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
             Built::Udp(p) => Proxy::Udp(
@@ -529,8 +659,13 @@ impl Shared {
     }
 
     /// Gives a listener that stays its new settings.
-    fn update(&self, running: &mut Running, l: &ListenerConfig, tls: &TlsStore) {
-        match (&running.proxy, self.proxy(l, tls)) {
+    fn update(
+        &self,
+        running: &mut Running,
+        l: &ListenerConfig,
+        tls: &TlsStore,
+    ) -> Result<(), ServerError> {
+        match (&running.proxy, self.proxy(l, tls)?) {
             (Proxy::Tcp(current), Built::Tcp(new)) => current.store(Arc::new(new)),
             (Proxy::Http(current), Built::Http(new)) => {
                 current.swap(Arc::new(new)).retired.store(true, Relaxed);
@@ -552,6 +687,7 @@ impl Shared {
             });
         }
         running.max_connections = wanted;
+        Ok(())
     }
 
     /// Starts a listener's accept (tcp, http) or receive (udp) loop.
@@ -571,6 +707,7 @@ impl Shared {
                     Arc::clone(current),
                     Arc::clone(&running.limit),
                 );
+                let stats = self.metrics.listener(&name);
                 tokio::spawn(async move {
                     listener::accept_loop(
                         &name,
@@ -578,7 +715,10 @@ impl Shared {
                         limit,
                         stop,
                         tasks,
-                        move |stream, peer| current.load_full().serve(stream, peer),
+                        move |stream, peer| {
+                            stats.connections.fetch_add(1, Relaxed);
+                            current.load_full().serve(stream, peer)
+                        },
                     )
                     .await;
                 });
@@ -589,6 +729,7 @@ impl Shared {
                     Arc::clone(current),
                     Arc::clone(&running.limit),
                 );
+                let stats = self.metrics.listener(&name);
                 tokio::spawn(async move {
                     listener::accept_loop(
                         &name,
@@ -596,7 +737,10 @@ impl Shared {
                         limit,
                         stop,
                         tasks,
-                        move |stream, peer| current.load_full().serve(stream, peer),
+                        move |stream, peer| {
+                            stats.connections.fetch_add(1, Relaxed);
+                            current.load_full().serve(stream, peer)
+                        },
                     )
                     .await;
                 });
@@ -614,8 +758,9 @@ impl Shared {
     }
 
     /// The data-path object of one listener for this configuration.
-    fn proxy(&self, l: &ListenerConfig, tls: &TlsStore) -> Built {
-        match &l.kind {
+    fn proxy(&self, l: &ListenerConfig, tls: &TlsStore) -> Result<Built, ServerError> {
+        let stats = self.metrics.listener(&l.name);
+        Ok(match &l.kind {
             ListenerKind::Tcp(settings) => Built::Tcp(TcpProxy {
                 name: l.name.clone(),
                 pool: settings.pool.clone(),
@@ -647,8 +792,27 @@ impl Shared {
                 shutdown: self.shutdown.clone(),
                 tls: tls.listener(&l.name),
                 retired: std::sync::atomic::AtomicBool::new(false),
+                route_stats: (0..settings.routes.len())
+                    .map(|i| i.to_string())
+                    .chain(["default".to_owned(), "unrouted".to_owned()])
+                    .map(|label| stats.route(&label))
+                    .collect(),
+                stats,
+                access_log: match &settings.access_log {
+                    None => None,
+                    Some(log) => {
+                        let writer = self.logs.get(&log.target).map_err(|source| {
+                            ServerError::AccessLog {
+                                listener: l.name.clone(),
+                                target: format!("{:?}", log.target),
+                                source,
+                            }
+                        })?;
+                        Some((log.clone(), writer))
+                    }
+                },
             }),
-        }
+        })
     }
 }
 

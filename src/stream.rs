@@ -39,12 +39,37 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    /// Writes what the socket takes at once without waiting. TLS always reports `WouldBlock`,
-    /// so its callers take the awaited path, which also flushes the TLS records.
+    /// Writes what the socket takes at once without waiting: for TLS, what the TLS layer takes
+    /// (it encrypts into its own buffer and writes what the socket takes). `WouldBlock` when
+    /// nothing could be written; after a TLS write, [`Stream::try_flush`] says whether the
+    /// records all reached the socket.
     pub fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(tcp) => tcp.try_write(data),
-            Stream::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
+            Stream::Tls(tls) => {
+                // A no-op waker: a `Pending` here only sends the caller to its awaited path,
+                // which polls again with the task's own waker.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match Pin::new(tls.as_mut()).poll_write(&mut cx, data) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+
+    /// Whether everything written has reached the socket, pushing out what it takes now
+    /// without waiting. Always true for plain TCP, which buffers nothing of its own.
+    pub fn try_flush(&mut self) -> io::Result<bool> {
+        match self {
+            Stream::Plain(_) => Ok(true),
+            Stream::Tls(tls) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match Pin::new(tls.as_mut()).poll_flush(&mut cx) {
+                    Poll::Ready(result) => result.map(|()| true),
+                    Poll::Pending => Ok(false),
+                }
+            }
         }
     }
 

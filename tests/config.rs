@@ -601,6 +601,12 @@ fn tls_settings_are_checked() {
         "listeners[0].sni_routes",
         "cannot go with `tls`",
     );
+    assert_problem(
+        &tcp_listener("sni_routes = [{ sni = \"a.example.com\", pool = \"p\" }]")
+            .replace("backends = [", "tls = { verify = false }\nbackends = ["),
+        "listeners[0].sni_routes[0].pool",
+        "passed-through TLS",
+    );
     // Pools: verification needs a CA unless turned off; a tcp listener cannot use a TLS pool.
     assert_problem(
         &tcp_listener("").replace(

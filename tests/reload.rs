@@ -129,7 +129,7 @@ async fn backend_state_survives_a_reload() {
     let mut client = HttpClient::connect(addr).await;
     client.get("/", "").await;
     let state = proxy.registry.get("p", a.addr).expect("known");
-    state.set_usable(false);
+    state.set_flag(switchyard::backend::DOWN);
     let total = state.total.load(SeqCst);
     proxy.reload(&config("least_conn")).await.expect("reloads");
     let after = proxy.registry.get("p", a.addr).expect("kept");

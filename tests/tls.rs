@@ -642,6 +642,37 @@ async fn mutual_tls_requires_a_certificate_and_forwards_its_subject() {
         "{text}"
     );
 
+    // Over HTTP/2 (ALPN) the same: the certificate's fields, never the client's.
+    let mut h2_config = (*pki.client_with_cert(&client_cert, &client_key)).clone();
+    h2_config.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = tls_connect(proxy.addr("required"), Arc::new(h2_config), "a.example.com")
+        .await
+        .expect("handshake");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("https://a.example.com/h2")
+        .header("x-client-cert-subject", "CN=mallory")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("in time")
+        .expect("response");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("x-client-cert-subject: CN=alice"), "{text}");
+    assert!(!text.contains("mallory"), "{text}");
+
     // Plain listeners drop them too.
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     let text = client.get("/", forged).await.text();
@@ -988,9 +1019,9 @@ async fn websocket_upgrades_work_over_tls() {
 }
 
 #[tokio::test]
-async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serving() {
+async fn a_reload_rereads_certificates_and_refuses_garbage_keeping_the_old_one() {
     let pki = Pki::new();
-    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let (cert, key) = pki.issue("server", "first", &["a.example.com"], false);
     let backend = http_backend("web").await;
     let toml = format!(
         r#"
@@ -1009,20 +1040,49 @@ async fn a_certificate_replaced_by_garbage_is_refused_and_the_old_one_keeps_serv
         backend.addr
     );
     let proxy = Proxy::start(&toml);
+    let addr = proxy.addr("https");
+    let resuming = pki.client(&[]);
+    let mut stream = tls_connect(addr, Arc::clone(&resuming), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(peer_cn(&stream), "first");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+
+    // A renewed certificate at the same paths: a reload reads it, new handshakes show it.
+    pki.issue("server", "renewed", &["a.example.com"], false);
+    proxy.reload(&toml).await.expect("reloads");
+    // Ticket keys outlive the reload: the session from before resumes.
+    let resumed = tls_connect(addr, resuming, "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let stream = tls_connect(addr, pki.client(&[]), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(peer_cn(&stream), "renewed");
+
+    // Garbage in its place: the reload is refused, naming the file, and the certificate
+    // already loaded keeps serving.
     std::fs::write(
         &cert,
         b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
     )
     .expect("overwrite");
-    // What a reload does first: build the store from the files again. It fails, naming the
-    // file, so the running store is kept.
+    let error = proxy.reload(&toml).await.expect_err("garbage is refused");
+    let text = error.to_string();
+    assert!(
+        text.contains("listeners[0].tls.certificates[0].cert") && text.contains(&p(&cert)),
+        "{text}"
+    );
     let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
-    let problems = TlsStore::build(&config).expect_err("garbage is refused");
-    assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
-    assert!(problems[0].reason.contains(&p(&cert)), "{problems:?}");
-    let mut stream = tls_connect(proxy.addr("https"), pki.client(&[]), "a.example.com")
+    assert!(TlsStore::build(&config).is_err(), "check reports it too");
+    let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
         .await
         .expect("the old certificate still serves");
+    assert_eq!(peer_cn(&stream), "renewed");
     assert_eq!(get(&mut stream, "/", "").await.status, 200);
 }
 
@@ -1067,4 +1127,97 @@ async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
                 .is_ok()
         );
     }
+}
+
+#[tokio::test]
+async fn a_pool_presents_its_client_certificate_to_backends_that_require_one() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
+    let (client_cert, client_key) = pki.issue("lb", "lb", &["lb.internal.example"], false);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(pki.ca_roots()))
+        .build()
+        .expect("verifier");
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key).expect("key"))
+        .expect("server config");
+    let backend = https_backend("mutual", Arc::new(config)).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "with-cert"
+
+          [[listeners.routes]]
+          match = {{ path_prefix = "/without/" }}
+          pool = "without-cert"
+
+        [pools.with-cert]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{ca}", cert = "{cert}", key = "{key}" }}
+
+        [pools.without-cert]
+        backends = ["{addr}"]
+        tls = {{ sni = "internal.example", ca = "{ca}" }}
+        "#,
+        addr = backend.addr,
+        ca = p(&pki.path("ca.pem")),
+        cert = p(&client_cert),
+        key = p(&client_key),
+    ));
+    let mut client = HttpClient::connect(proxy.addr("plain")).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().starts_with("mutual\n"));
+    let reply = client.get("/without/", "").await;
+    assert_eq!(reply.status, 502);
+}
+
+#[test]
+fn switchyard_check_warns_about_expiry_and_fails_on_a_mismatched_key() {
+    let pki = Pki::new();
+    let (expired_cert, expired_key) = pki.issue("expired", "old", &["old.test"], true);
+    let (_, other_key) = pki.issue("other", "other", &["other.test"], false);
+    let write = |name: &str, cert: &Path, key: &Path| {
+        let path = pki.path(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[[listeners]]\nname = \"https\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                 default_pool = \"web\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\
+                 [pools.web]\nbackends = [\"127.0.0.1:9\"]\n",
+                p(cert),
+                p(key)
+            ),
+        )
+        .expect("write config");
+        path
+    };
+    let check = |config: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .expect("runs")
+    };
+    let out = check(&write("expired.toml", &expired_cert, &expired_key));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].tls.certificates[0].cert: warning: the certificate expired"),
+        "{stderr}"
+    );
+    let out = check(&write("mismatch.toml", &expired_cert, &other_key));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].tls.certificates[0].key: the key in"),
+        "{stderr}"
+    );
 }

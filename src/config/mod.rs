@@ -93,6 +93,46 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Pools by name; every pool a listener or route names is here.
     pub pools: BTreeMap<String, PoolConfig>,
+    /// The admin API, metrics and dashboard; off when absent.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: where the admin API listens and the token it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where to listen.
+    pub bind: SocketAddr,
+    /// Bearer token every API and metrics request must carry; required off loopback.
+    pub token: Option<String>,
+}
+
+/// `access_log = { path, format }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// Where lines go.
+    pub target: AccessLogTarget,
+    /// How they are written.
+    pub format: AccessLogFormat,
+}
+
+/// An access log's destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AccessLogTarget {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A file, appended to and reopened on SIGUSR1.
+    File(std::path::PathBuf),
+}
+
+/// An access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// The NGINX/Apache combined format, plus the request id and the time in milliseconds.
+    Combined,
 }
 
 /// `[global]`: settings that belong to the process, not to a listener.
@@ -234,6 +274,8 @@ pub struct HttpSettings {
     pub forwarded_header: bool,
     /// Modification rules for every request of the listener (applied before a route's own).
     pub rules: Rules,
+    /// One line per request, when configured.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// Changes made to requests and responses on the way through, parsed at load time.

@@ -21,6 +21,24 @@ pub struct RawConfig {
     /// Named pools of backends, shared by any number of listeners.
     #[serde(default)]
     pub pools: BTreeMap<String, RawPool>,
+    /// The admin API, metrics and dashboard.
+    pub admin: Option<RawAdmin>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<String>,
+    pub token: Option<String>,
+}
+
+/// `access_log = { path, format }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub path: Option<String>,
+    pub format: Option<String>,
 }
 
 /// `[global]`.
@@ -83,6 +101,8 @@ pub struct RawListener {
     pub tls: Option<RawListenerTls>,
     /// tcp: pick the pool by the SNI of the ClientHello, passing TLS through untouched.
     pub sni_routes: Option<Vec<RawSniRoute>>,
+    /// http: one line per request.
+    pub access_log: Option<RawAccessLog>,
     /// tcp with sni_routes: time a client has to send its whole ClientHello.
     pub client_hello_timeout: Option<String>,
 }

@@ -226,11 +226,16 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         }
     }
 
+    let admin = raw
+        .admin
+        .and_then(|admin| validate_admin(&mut problems, admin));
+
     if problems.0.is_empty() {
         Ok(Config {
             global: GlobalConfig { drain_timeout },
             listeners,
             pools,
+            admin,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -316,6 +321,7 @@ fn validate_listener(
                 (raw.cookie_flags.is_some(), "cookie_flags"),
                 (raw.compression.is_some(), "compression"),
                 (raw.forwarded_header.is_some(), "forwarded_header"),
+                (raw.access_log.is_some(), "access_log"),
             ] {
                 only(problems, present, key, "http");
             }
@@ -547,6 +553,9 @@ fn validate_listener(
                         compression: raw.compression.as_ref(),
                     },
                 ),
+                access_log: raw.access_log.as_ref().and_then(|log| {
+                    validate_access_log(problems, &format!("{at}.access_log"), log, base)
+                }),
             })))
         }
         "" => {
@@ -1521,6 +1530,64 @@ fn validate_pool(
     })
 }
 
+fn validate_access_log(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawAccessLog,
+    base: &Path,
+) -> Option<AccessLogConfig> {
+    let target = match raw.path.as_deref() {
+        None | Some("stdout") => AccessLogTarget::Stdout,
+        Some("stderr") => AccessLogTarget::Stderr,
+        Some("") => {
+            problems.push(format!("{at}.path"), "must not be empty");
+            return None;
+        }
+        Some(path) => AccessLogTarget::File(base.join(path)),
+    };
+    let format = match raw.format.as_deref() {
+        None | Some("json") => AccessLogFormat::Json,
+        Some("combined") => AccessLogFormat::Combined,
+        Some(other) => {
+            problems.push(
+                format!("{at}.format"),
+                format!("unknown format `{other}` (expected \"json\" or \"combined\")"),
+            );
+            return None;
+        }
+    };
+    Some(AccessLogConfig { target, format })
+}
+
+fn validate_admin(problems: &mut Problems, raw: super::raw::RawAdmin) -> Option<AdminConfig> {
+    let bind = match raw.bind {
+        None => {
+            problems.push("admin.bind", "missing: where the admin API listens");
+            return None;
+        }
+        Some(text) => problems.check("admin.bind", parse_address(&text))?,
+    };
+    let token = raw.token.filter(|t| !t.is_empty());
+    if let Some(token) = &token
+        && (token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic()))
+    {
+        problems.push(
+            "admin.token",
+            "use at least 16 visible ASCII characters (it is sent as a bearer token)",
+        );
+    }
+    if token.is_none() && !bind.ip().is_loopback() {
+        problems.push(
+            "admin.token",
+            format!(
+                "missing: the admin API binds {bind}, which is not a loopback address, so it \
+                 needs a token"
+            ),
+        );
+    }
+    Some(AdminConfig { bind, token })
+}
+
 /// A file named in the configuration, relative to the configuration's directory.
 fn file_path(
     problems: &mut Problems,
@@ -1695,6 +1762,20 @@ fn validate_sni_routes(
             }
             Some(pool) => known_pool(problems, &format!("{path}.pool"), pool, pools),
         };
+        // Passed-through bytes are never parsed or re-encrypted: keys that would do either
+        // mean nothing on these pools.
+        if let Some(name) = &pool
+            && let Some(p) = pools.valid.get(name)
+            && (p.tls.is_some() || p.upstream_protocol == UpstreamProtocol::H2)
+        {
+            problems.push(
+                format!("{path}.pool"),
+                format!(
+                    "pool `{name}` sets tls or upstream_protocol = \"h2\", which only http \
+                     listeners speak; passed-through TLS reaches the backends as it is"
+                ),
+            );
+        }
         if let (Some(sni), Some(pool)) = (sni, pool) {
             routes.push(SniRoute { sni, pool });
         }

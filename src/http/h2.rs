@@ -306,11 +306,78 @@ async fn handle(
     peer_trusted: bool,
     tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
+    let started = tokio::time::Instant::now();
+    let mut trace = super::Trace::default();
+    // What the access log shows, copied only when there is one.
+    let logged = proxy.access_log.is_some().then(|| {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default()
+        };
+        (
+            request.method().as_str().to_owned(),
+            request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            request
+                .uri()
+                .authority()
+                .map(|a| a.as_str().as_bytes().to_vec())
+                .unwrap_or_else(|| header("host")),
+            header("x-request-id"),
+            header("referer"),
+            header("user-agent"),
+        )
+    });
+    let response = handle_stream(proxy, request, source, peer_trusted, tls, &mut trace).await;
+    trace.status = response.status().as_u16();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.as_bytes().to_vec());
+    let (method, target, host, sent_id, referer, user_agent) = logged.unwrap_or_default();
+    let request_id = request_id.unwrap_or(sent_id);
+    proxy.record(
+        &super::Finished {
+            request_id: &request_id,
+            client: source,
+            method: &method,
+            host: &host,
+            target: &target,
+            protocol: "HTTP/2",
+            referer: &referer,
+            user_agent: &user_agent,
+        },
+        &trace,
+        started.elapsed(),
+    );
+    response
+}
+
+/// One HTTP/2 stream, routed and forwarded.
+async fn handle_stream(
+    proxy: &HttpProxy,
+    request: Request<Incoming>,
+    source: SocketAddr,
+    peer_trusted: bool,
+    tls: &Option<Negotiated>,
+    trace: &mut super::Trace,
+) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
     let view = View { parts: &parts };
     let Some(routed) = proxy.router.route(&view) else {
         return status_response(404);
     };
+    trace.route = Some(
+        routed
+            .route
+            .unwrap_or(proxy.route_stats.len().saturating_sub(2)),
+    );
     // The listener's rules, then the route's, as on HTTP/1.1.
     let listener_rules = Some(&proxy.rules).filter(|r| !r.is_empty());
     let route_rules = routed
@@ -557,6 +624,9 @@ async fn proceed(
             (super::CLIENT_CERT_FIELDS[0], &cert.subject),
             (super::CLIENT_CERT_FIELDS[1], &cert.san),
         ] {
+            if value.is_empty() {
+                continue;
+            }
             head.extend_from_slice(name.as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
@@ -788,6 +858,8 @@ async fn forward_h2(
     };
     guard.established();
     state.observe_latency(started.elapsed());
+    state.response_time.observe(started.elapsed());
+    state.count_response(response.status().as_u16());
     pool.report(&state, response.status().as_u16() < 500);
     let (parts, body) = response.into_parts();
     let mut builder = Response::builder().status(parts.status);
@@ -902,6 +974,8 @@ async fn exchange<'p>(
             Ok(response) => {
                 picked.guard.established();
                 state.observe_latency(started.elapsed());
+                state.response_time.observe(started.elapsed());
+                state.count_response(response.status);
                 pool.report(&state, response.status < 500);
                 return Ok((conn, response, picked));
             }

@@ -83,6 +83,50 @@ pub struct HttpProxy {
     /// settings answer their next request with `Connection: close`, so their clients come
     /// back to the new ones (never closing an idle connection under a client's feet).
     pub retired: std::sync::atomic::AtomicBool,
+    /// The listener's counters.
+    pub stats: Arc<crate::metrics::ListenerStats>,
+    /// Counters per route: the routes in file order, then the default pool, then requests no
+    /// route took (404s, the listener's own redirects).
+    pub route_stats: Vec<Arc<crate::metrics::RouteStats>>,
+    /// Where this listener's access log lines go, and how they are written.
+    pub access_log: Option<(
+        crate::config::AccessLogConfig,
+        Arc<crate::access_log::Writer>,
+    )>,
+}
+
+/// The request fields an access log line shows.
+pub(crate) struct Finished<'a> {
+    pub request_id: &'a [u8],
+    pub client: SocketAddr,
+    pub method: &'a str,
+    pub host: &'a [u8],
+    pub target: &'a str,
+    pub protocol: &'a str,
+    pub referer: &'a [u8],
+    pub user_agent: &'a [u8],
+}
+
+/// What is learned about one request on its way, for metrics and the access log.
+#[derive(Debug, Default)]
+pub(crate) struct Trace {
+    /// Which route took it: a position in the file; `routes.len()` for the default pool;
+    /// `None` when no route did.
+    pub route: Option<usize>,
+    /// The pool it went to.
+    pub pool: Option<String>,
+    /// The backend that answered.
+    pub backend: Option<SocketAddr>,
+    /// The status sent to the client (0 while none was).
+    pub status: u16,
+    /// Bytes sent to the client.
+    pub bytes: u64,
+    /// Time from sending the request upstream to the response head.
+    pub upstream: Option<Duration>,
+    /// Backends tried.
+    pub attempts: usize,
+    /// The request id, kept only when the listener writes an access log.
+    pub request_id: Option<Vec<u8>>,
 }
 
 /// Fields that carry a verified client certificate to backends. They are removed from every
@@ -140,6 +184,53 @@ enum Failure {
 }
 
 impl HttpProxy {
+    /// Counts a finished request in the metrics and writes its access log line.
+    pub(crate) fn record(&self, request: &Finished<'_>, trace: &Trace, elapsed: Duration) {
+        if trace.status == 0 {
+            return;
+        }
+        let routes = self.route_stats.len().saturating_sub(2);
+        let index = trace.route.map_or(routes + 1, |r| r.min(routes));
+        if let Some(stats) = self.route_stats.get(index) {
+            stats.observe(trace.status, elapsed);
+        }
+        if trace.attempts > 1 {
+            self.stats.retries.fetch_add(1, Relaxed);
+        }
+        let Some((config, writer)) = &self.access_log else {
+            return;
+        };
+        let route = match trace.route {
+            None => "unrouted".to_owned(),
+            Some(r) if r >= routes => "default".to_owned(),
+            Some(r) => r.to_string(),
+        };
+        let line = crate::access_log::format(
+            config,
+            &crate::access_log::Entry {
+                listener: &self.name,
+                request_id: request.request_id,
+                client: Some(request.client),
+                method: request.method,
+                host: request.host,
+                target: request.target,
+                protocol: request.protocol,
+                route: &route,
+                pool: trace.pool.as_deref(),
+                backend: trace.backend,
+                status: trace.status,
+                bytes: trace.bytes,
+                duration: elapsed,
+                upstream: trace.upstream,
+                referer: request.referer,
+                user_agent: request.user_agent,
+            },
+        );
+        if !writer.write(line) {
+            self.stats.log_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Whether responses should tell clients to close: the process is draining, or a reload
     /// replaced these settings.
     fn closing(&self) -> bool {
@@ -326,25 +417,47 @@ impl HttpProxy {
     /// One request and its response.
     async fn exchange(&self, client: &mut Client, head: RequestHead) -> Next {
         let has_body = head.framing != Framing::Empty;
-        match self.forward(client, &head).await {
+        let started = Instant::now();
+        let mut trace = Trace::default();
+        let next = match self.forward(client, &head, &mut trace).await {
             Ok(next) => next,
             Err(Failure::Abort) => Next::Close,
             Err(Failure::Status(status)) => {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
                 let close = head.close || has_body || self.closing();
-                let _ = write_within(
-                    &mut client.stream,
-                    &h1::error_response(status, close),
-                    self.keepalive_timeout,
-                )
-                .await;
+                let response = h1::error_response(status, close);
+                trace.status = status;
+                trace.bytes = response.len() as u64;
+                let _ = write_within(&mut client.stream, &response, self.keepalive_timeout).await;
                 if close { Next::Close } else { Next::KeepAlive }
             }
-        }
+        };
+        let request_id = trace.request_id.take().unwrap_or_default();
+        let finished = Finished {
+            request_id: &request_id,
+            client: client.source,
+            method: head.method(),
+            host: head.host().unwrap_or_default(),
+            target: head.target(),
+            protocol: if head.minor_version == 0 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            },
+            referer: head.header("referer").unwrap_or_default(),
+            user_agent: head.header("user-agent").unwrap_or_default(),
+        };
+        self.record(&finished, &trace, started.elapsed());
+        next
     }
 
-    async fn forward(&self, client: &mut Client, head: &RequestHead) -> Result<Next, Failure> {
+    async fn forward(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        trace: &mut Trace,
+    ) -> Result<Next, Failure> {
         if let (Framing::Length(n), Some(max)) = (head.framing, self.max_body_size)
             && n > max
         {
@@ -358,6 +471,11 @@ impl HttpProxy {
         let Some(routed) = self.router.route(head) else {
             return Err(Failure::Status(404));
         };
+        trace.route = Some(
+            routed
+                .route
+                .unwrap_or(self.route_stats.len().saturating_sub(2)),
+        );
         let route_rules = routed
             .route
             .and_then(|i| self.route_rules.get(i))
@@ -379,6 +497,10 @@ impl HttpProxy {
             Some(id) if valid_request_id(id) => id,
             _ => new_request_id(&mut generated),
         };
+        if self.access_log.is_some() {
+            trace.request_id = Some(request_id.to_vec());
+            trace.pool = Some(pool.name.clone());
+        }
         // Our own 100 Continue, for HTTP/1.1 clients only (an HTTP/1.0 client would take it for
         // the final response); the expectation itself is not forwarded.
         if head.expect_continue && head.framing != Framing::Empty && head.minor_version == 1 {
@@ -393,7 +515,7 @@ impl HttpProxy {
         let input = persist::pick_input(pool, head, client.source.ip());
         if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
             return self
-                .forward_to_h2(client, head, pool, input, request_id, route_rules)
+                .forward_to_h2(client, head, pool, input, request_id, route_rules, trace)
                 .await;
         }
         let mut out = BytesMut::with_capacity(1024);
@@ -401,8 +523,9 @@ impl HttpProxy {
 
         // Phases 4-6: backend, request, response head; retried within bounds.
         let (mut conn, picked, response) = self
-            .upstream_exchange(client, head, pool, input, &out)
+            .upstream_exchange(client, head, pool, input, &out, trace)
             .await?;
+        trace.status = response.status;
         let guard = picked.guard;
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         // A draining backend's deadline ends what is still running on it.
@@ -579,7 +702,8 @@ impl HttpProxy {
         };
         drop(guard);
         match done {
-            Ok(()) => {
+            Ok(written) => {
+                trace.bytes = written;
                 if !response.close && !head.ambiguous && pool.send_proxy_protocol.is_none() {
                     self.upstream.checkin(conn);
                 }
@@ -668,8 +792,11 @@ impl HttpProxy {
         let mut count = 5;
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields[count] = (CLIENT_CERT_FIELDS[0], cert.subject.as_bytes());
-            fields[count + 1] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
-            count += 2;
+            count += 1;
+            if !cert.san.is_empty() {
+                fields[count] = (CLIENT_CERT_FIELDS[1], cert.san.as_bytes());
+                count += 1;
+            }
         }
         if head.websocket {
             // A WebSocket upgrade is the one hop-by-hop exchange that is passed on.
@@ -734,6 +861,7 @@ impl HttpProxy {
     /// the body (decoded from its HTTP/1.1 framing) flows through a bounded channel while the
     /// response is awaited, and the response comes back as HTTP/1.1 (chunked, with trailers, when
     /// its length is not known). Modification rules apply; compression does not yet.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_to_h2(
         &self,
         client: &mut Client,
@@ -742,6 +870,7 @@ impl HttpProxy {
         input: PickInput,
         request_id: &[u8],
         route_rules: Option<&Rules>,
+        trace: &mut Trace,
     ) -> Result<Next, Failure> {
         use http::{HeaderName, HeaderValue};
         let rules: Vec<&Rules> = [Some(&self.rules).filter(|r| !r.is_empty()), route_rules]
@@ -786,7 +915,9 @@ impl HttpProxy {
         ];
         if let Some(cert) = client.tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
             fields.push((CLIENT_CERT_FIELDS[0], cert.subject.as_bytes()));
-            fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            if !cert.san.is_empty() {
+                fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
+            }
         }
         if !length.is_empty() {
             fields.push(("content-length", length.as_bytes()));
@@ -828,6 +959,8 @@ impl HttpProxy {
         let state = Arc::clone(guard.state());
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         let addr = state.addr;
+        trace.backend = Some(addr);
+        trace.attempts = 1;
         let started = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let body = if head.framing == Framing::Empty {
@@ -908,7 +1041,12 @@ impl HttpProxy {
             None => return Err(Failure::Status(502)),
         };
         guard.established();
-        state.observe_latency(started.elapsed());
+        let elapsed = started.elapsed();
+        state.observe_latency(elapsed);
+        state.response_time.observe(elapsed);
+        state.count_response(response.status().as_u16());
+        trace.upstream = Some(elapsed);
+        trace.status = response.status().as_u16();
         pool.report(&state, response.status().as_u16() < 500);
 
         let (mut parts, mut body) = response.into_parts();
@@ -1087,6 +1225,7 @@ impl HttpProxy {
         pool: &'p Pool,
         input: PickInput,
         request: &BytesMut,
+        trace: &mut Trace,
     ) -> Result<(UpstreamConn, Picked<'p>, ResponseHead), Failure> {
         let has_body = head.framing != Framing::Empty;
         let mut attempts = Attempts::new(pool, input);
@@ -1099,6 +1238,8 @@ impl HttpProxy {
             };
             let state = &picked.candidate.state;
             let addr = state.addr;
+            trace.attempts = attempts.count();
+            trace.backend = Some(addr);
             // A pooled connection first; when it turns out dead, one fresh connection to the
             // same backend before moving on.
             let mut pooled = if pool.send_proxy_protocol.is_none() {
@@ -1109,7 +1250,7 @@ impl HttpProxy {
             loop {
                 let mut conn = match pooled.take() {
                     Some(conn) => conn,
-                    None => match connect(addr, pool, client).await {
+                    None => match timed(&state.connect_time, connect(addr, pool, client)).await {
                         Ok(conn) => conn,
                         Err(error) => {
                             state.connect_failures.fetch_add(1, Relaxed);
@@ -1140,7 +1281,11 @@ impl HttpProxy {
                 match sent {
                     Ok(response) => {
                         picked.guard.established();
-                        state.observe_latency(started.elapsed());
+                        let elapsed = started.elapsed();
+                        state.observe_latency(elapsed);
+                        state.response_time.observe(elapsed);
+                        state.count_response(response.status);
+                        trace.upstream = Some(elapsed);
                         pool.report(state, response.status < 500);
                         return Ok((conn, picked, response));
                     }
@@ -1185,6 +1330,19 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// Runs `connect`, recording how long a successful one took.
+async fn timed<T, E>(
+    histogram: &crate::metrics::Histogram,
+    connect: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let result = connect.await;
+    if result.is_ok() {
+        histogram.observe(started.elapsed());
+    }
+    result
 }
 
 /// Opens a new connection to a backend (with our PROXY header if the pool asks for one).
@@ -1359,8 +1517,8 @@ enum BodyError {
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
 /// (and the backend connection paired with it) forever.
 async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<()> {
-    // Most writes go straight into the socket buffer: try that first, so the common case
-    // arms no timer.
+    // Most writes go straight into the socket buffer (through TLS too): try that first, so
+    // the common case arms no timer.
     while !data.is_empty() {
         match stream.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1369,7 +1527,7 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
             Err(e) => return Err(e),
         }
     }
-    if data.is_empty() {
+    if data.is_empty() && stream.try_flush()? {
         return Ok(());
     }
     match timeout(limit, stream.write_all_flush(data)).await {
@@ -1405,7 +1563,7 @@ async fn transfer_body(
     out: &mut BytesMut,
     body: Body,
     encoder: &mut Option<compress::Encoder>,
-) -> Result<(), BodyError> {
+) -> Result<u64, BodyError> {
     let Body {
         input,
         output,
@@ -1414,6 +1572,7 @@ async fn transfer_body(
     } = body;
     let chunked_out = output == Framing::Chunked;
     let mut total = 0u64;
+    let mut written = 0u64;
     let mut decoder = ChunkedDecoder::default();
     let mut left = match input {
         Framing::Length(n) => n,
@@ -1470,14 +1629,16 @@ async fn transfer_body(
                 h1::encode_last_chunk(out, &decoder.trailers);
             }
             if !out.is_empty() {
+                written += out.len() as u64;
                 write_within(dst, out, idle)
                     .await
                     .map_err(BodyError::Write)?;
                 out.clear();
             }
-            return Ok(());
+            return Ok(written);
         }
         if !out.is_empty() {
+            written += out.len() as u64;
             write_within(dst, out, idle)
                 .await
                 .map_err(BodyError::Write)?;
@@ -1489,12 +1650,13 @@ async fn transfer_body(
                 finish_encoder(out, chunked_out, encoder)?;
                 if chunked_out {
                     h1::encode_last_chunk(out, &[]);
+                    written += out.len() as u64;
                     write_within(dst, out, idle)
                         .await
                         .map_err(BodyError::Write)?;
                     out.clear();
                 }
-                return Ok(());
+                return Ok(written);
             }
             Ok(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
             Ok(Ok(_)) => {}

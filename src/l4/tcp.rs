@@ -290,6 +290,7 @@ async fn connect(
             Ok(stream) => {
                 picked.guard.established();
                 state.observe_latency(started.elapsed());
+                state.connect_time.observe(started.elapsed());
                 pool.report(state, true);
                 return Ok((stream, addr, picked.guard, picked.closer));
             }

@@ -299,9 +299,10 @@ impl ResolvesServerCert for SniResolver {
 /// What a verified client certificate says about its holder, as passed to backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
-    /// The subject as an RFC 4514 string (`CN=alice,O=Example`).
+    /// The subject, its attributes in the order of the certificate (`C=FR, O=Example, CN=alice`).
     pub subject: String,
-    /// The subjectAltName entries, `DNS:…`, `URI:…`, `email:…`, `IP:…`, comma-separated.
+    /// The subjectAltName entries, `DNS:…`, `URI:…`, `email:…`, `IP:…`, comma-separated; empty
+    /// when there are none (the field is then not sent).
     pub san: String,
 }
 

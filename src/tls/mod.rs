@@ -80,6 +80,8 @@ impl std::fmt::Debug for ServerTls {
 /// TLS toward the backends of one pool.
 pub struct UpstreamConnector {
     connector: TlsConnector,
+    /// Unique in the process (never reused, unlike an address), see [`UpstreamConnector::key`].
+    id: usize,
     /// The name sent as SNI and verified; `None`: the backend's IP address.
     sni: Option<ServerName<'static>>,
 }
@@ -113,10 +115,11 @@ impl UpstreamConnector {
         }
     }
 
-    /// Identifies this connector among others, so that pooled connections made with one are
-    /// never handed to a pool with other TLS settings.
-    pub fn key(self: &Arc<Self>) -> usize {
-        Arc::as_ptr(self) as usize
+    /// Identifies this connector among all built in the process (never 0), so that pooled
+    /// connections made with one are never handed to a pool with other TLS settings, even
+    /// after a reload replaced it.
+    pub fn key(&self) -> usize {
+        self.id
     }
 }
 
@@ -127,13 +130,12 @@ impl TlsStore {
         let mut store = TlsStore::default();
         let mut problems = Vec::new();
         let now = SystemTime::now();
-        for (index, listener) in config.listeners.iter().enumerate() {
+        for listener in &config.listeners {
             let Some(tls) = &listener.tls else { continue };
             let alpn = match listener.kind {
                 ListenerKind::Http(_) => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
                 _ => Vec::new(),
             };
-            debug_assert!(tls.at.starts_with(&format!("listeners[{index}]")));
             match server_tls(tls, alpn, now, &mut store.warnings) {
                 Ok(server) => {
                     store
@@ -374,8 +376,10 @@ fn upstream_tls(
         .sni
         .as_deref()
         .and_then(|name| ServerName::try_from(name.to_owned()).ok());
+    static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
     Ok(UpstreamConnector {
         connector: TlsConnector::from(Arc::new(config)),
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         sni,
     })
 }

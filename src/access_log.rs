@@ -1,0 +1,340 @@
+//! Access logs, written off the request path.
+//!
+//! A request formats its line and hands it to a bounded queue with `try_send`: when the writer
+//! falls behind (a slow disk, a blocked stdout), lines are dropped and counted rather than
+//! making requests wait. One writer thread per destination drains the queue with blocking
+//! writes, batching what has piled up into one write. SIGUSR1 asks every file writer to reopen
+//! its file, for logrotate.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+
+use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
+
+/// Lines a destination's queue holds before new ones are dropped.
+pub const QUEUE_LINES: usize = 8192;
+
+/// One destination: a queue and the thread that writes it.
+#[derive(Debug)]
+pub struct Writer {
+    queue: SyncSender<String>,
+    /// Lines dropped because the queue was full.
+    pub dropped: AtomicU64,
+    reopen: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Queues one line (with its newline); drops it when the queue is full.
+    pub fn write(&self, line: String) -> bool {
+        match self.queue.try_send(line) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+}
+
+/// Every destination of the process, by target, so listeners that log to the same file share
+/// one writer and one file handle.
+#[derive(Debug, Default)]
+pub struct Writers {
+    writers: Mutex<HashMap<AccessLogTarget, Arc<Writer>>>,
+}
+
+impl Writers {
+    /// The writer of `target`, started on first use.
+    pub fn get(&self, target: &AccessLogTarget) -> std::io::Result<Arc<Writer>> {
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(writer) = writers.get(target) {
+            return Ok(Arc::clone(writer));
+        }
+        let (queue, lines) = sync_channel(QUEUE_LINES);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let output = Output::open(target)?;
+        let flag = Arc::clone(&reopen);
+        let target_for_thread = target.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || drain(lines, output, &target_for_thread, &flag))?;
+        let writer = Arc::new(Writer {
+            queue,
+            dropped: AtomicU64::new(0),
+            reopen,
+        });
+        writers.insert(target.clone(), Arc::clone(&writer));
+        Ok(writer)
+    }
+
+    /// Asks every file writer to reopen its file (SIGUSR1).
+    pub fn reopen(&self) {
+        let writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for writer in writers.values() {
+            writer.reopen.store(true, Relaxed);
+        }
+    }
+}
+
+/// Where a writer thread writes.
+enum Output {
+    Stdout,
+    Stderr,
+    File(PathBuf, std::fs::File),
+}
+
+impl Output {
+    fn open(target: &AccessLogTarget) -> std::io::Result<Output> {
+        Ok(match target {
+            AccessLogTarget::Stdout => Output::Stdout,
+            AccessLogTarget::Stderr => Output::Stderr,
+            AccessLogTarget::File(path) => Output::File(
+                path.clone(),
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Output::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes)?;
+                out.flush()
+            }
+            Output::Stderr => std::io::stderr().lock().write_all(bytes),
+            Output::File(_, file) => file.write_all(bytes),
+        }
+    }
+}
+
+/// The writer thread: until every sender is gone, write what arrives, in batches.
+fn drain(
+    lines: Receiver<String>,
+    mut output: Output,
+    target: &AccessLogTarget,
+    reopen: &AtomicBool,
+) {
+    let mut batch = String::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                batch.push_str(&line);
+                while batch.len() < 64 * 1024 {
+                    match lines.try_recv() {
+                        Ok(line) => batch.push_str(&line),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if reopen.swap(false, Relaxed)
+            && let Output::File(path, _) = &output
+        {
+            match Output::open(target) {
+                Ok(fresh) => output = fresh,
+                Err(error) => warn!(path = %path.display(), %error, "cannot reopen the access log"),
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(error) = output.write_all(batch.as_bytes()) {
+                warn!(?target, %error, "access log write failed");
+            }
+            batch.clear();
+        }
+    }
+}
+
+/// What one request's line says.
+#[derive(Debug, Default)]
+pub struct Entry<'a> {
+    pub listener: &'a str,
+    pub request_id: &'a [u8],
+    pub client: Option<SocketAddr>,
+    pub method: &'a str,
+    pub host: &'a [u8],
+    pub target: &'a str,
+    pub protocol: &'a str,
+    pub route: &'a str,
+    pub pool: Option<&'a str>,
+    pub backend: Option<SocketAddr>,
+    pub status: u16,
+    pub bytes: u64,
+    pub duration: Duration,
+    pub upstream: Option<Duration>,
+    pub referer: &'a [u8],
+    pub user_agent: &'a [u8],
+}
+
+/// Formats `entry` as one line, newline included.
+pub fn format(config: &AccessLogConfig, entry: &Entry<'_>) -> String {
+    match config.format {
+        AccessLogFormat::Json => json(entry),
+        AccessLogFormat::Combined => combined(entry),
+    }
+}
+
+fn json(e: &Entry<'_>) -> String {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut value = serde_json::json!({
+        "time": rfc3339(SystemTime::now()),
+        "listener": e.listener,
+        "request_id": text(e.request_id),
+        "client": e.client.map(|c| c.to_string()),
+        "method": e.method,
+        "host": text(e.host),
+        "path": e.target,
+        "protocol": e.protocol,
+        "route": e.route,
+        "pool": e.pool,
+        "backend": e.backend.map(|b| b.to_string()),
+        "status": e.status,
+        "bytes": e.bytes,
+        "duration_ms": e.duration.as_secs_f64() * 1e3,
+        "upstream_ms": e.upstream.map(|u| u.as_secs_f64() * 1e3),
+    });
+    if let Some(object) = value.as_object_mut() {
+        object.retain(|_, v| !v.is_null());
+    }
+    let mut line = value.to_string();
+    line.push('\n');
+    line
+}
+
+/// The NGINX/Apache "combined" format, with the request id and the time in milliseconds
+/// appended.
+fn combined(e: &Entry<'_>) -> String {
+    let quoted = |b: &[u8]| {
+        if b.is_empty() {
+            "-".to_owned()
+        } else {
+            String::from_utf8_lossy(b).replace('"', "\\\"")
+        }
+    };
+    let mut line = String::with_capacity(256);
+    let client = e.client.map_or("-".to_owned(), |c| c.ip().to_string());
+    let _ = writeln!(
+        line,
+        "{client} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {:.3}",
+        clf_time(SystemTime::now()),
+        e.method,
+        e.target.replace('"', "%22"),
+        e.protocol,
+        e.status,
+        e.bytes,
+        quoted(e.referer),
+        quoted(e.user_agent),
+        String::from_utf8_lossy(e.request_id),
+        e.duration.as_secs_f64() * 1e3,
+    );
+    line
+}
+
+/// Days since 1970-01-01 to (year, month, day), in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+fn split(time: SystemTime) -> (i64, u32, u32, u64, u32) {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (y, m, d) = civil((secs / 86_400) as i64);
+    (y, m, d, secs % 86_400, since.subsec_millis())
+}
+
+/// `2026-11-27T01:02:03.456Z`.
+fn rfc3339(time: SystemTime) -> String {
+    let (y, m, d, s, ms) = split(time);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// `27/Nov/2026:01:02:03 +0000`.
+fn clf_time(time: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (y, m, d, s, _) = split(time);
+    format!(
+        "{d:02}/{}/{y:04}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(m as usize - 1) % 12],
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        // 2024-02-29, a leap day: 19782 days after the epoch.
+        assert_eq!(civil(19_782), (2024, 2, 29));
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_741_323_456);
+        assert_eq!(rfc3339(t), "2026-11-27T01:02:03.456Z");
+        assert_eq!(clf_time(t), "27/Nov/2026:01:02:03 +0000");
+    }
+
+    #[test]
+    fn lines() {
+        let entry = Entry {
+            listener: "web",
+            request_id: b"abc",
+            method: "GET",
+            host: b"example.com",
+            target: "/a?b=\"c\"",
+            protocol: "HTTP/1.1",
+            route: "0",
+            status: 200,
+            bytes: 12,
+            ..Entry::default()
+        };
+        let line = json(&entry);
+        let parsed: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(parsed["status"], 200);
+        assert_eq!(parsed["path"], "/a?b=\"c\"");
+        assert!(parsed.get("backend").is_none());
+        let line = combined(&entry);
+        assert!(line.starts_with("- - - ["), "{line}");
+        assert!(
+            line.contains("\"GET /a?b=%22c%22 HTTP/1.1\" 200 12 \"-\" \"-\" abc"),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! The admin listener: a JSON API over the running server, Prometheus metrics and the dashboard.
+//!
+//! It is a separate HTTP/1.1 server on its own address, off unless `[admin]` is configured.
+//! Every API and metrics request needs the bearer token when one is set (the dashboard page
+//! itself holds no data and asks for the token). Admin connections are capped and every request
+//! has a deadline, so a flood of admin requests costs the data path little: they share the
+//! runtime, but never a lock the data path takes per request.
+//!
+//! Changes made here (drain, enable, weight) are logged at info and override the file until the
+//! next reload, which puts the file back in charge.
+
+mod state;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::{DISABLED, OVERRIDE_DISABLE, OVERRIDE_DRAIN, OVERRIDE_UNDRAIN};
+use crate::config::{AdminConfig, MAX_WEIGHT};
+use crate::server::ServerHandle;
+
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// Time an admin request may take, head to response (a reload included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body accepted (a weight is a few bytes).
+const MAX_BODY: usize = 4096;
+
+/// The dashboard: one page, no external assets.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Why the admin listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("admin listener: cannot bind {addr}: {source}")]
+pub struct AdminError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// A bound admin listener, not yet serving.
+pub struct Admin {
+    listener: TcpListener,
+    token: Option<Arc<str>>,
+}
+
+impl Admin {
+    /// Binds the admin address.
+    pub fn bind(config: &AdminConfig) -> Result<Admin, AdminError> {
+        let error = |source| AdminError {
+            addr: config.bind,
+            source,
+        };
+        let listener = crate::listener::bind_tcp(config.bind).map_err(error)?;
+        Ok(Admin {
+            listener,
+            token: config.token.as_deref().map(Arc::from),
+        })
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(self, handle: ServerHandle, shutdown: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let api = Arc::new(Api {
+            handle,
+            token: self.token,
+        });
+        info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&limit).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        debug!(%error, "admin accept failed");
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let api = Arc::clone(&api);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |request| {
+                    let api = Arc::clone(&api);
+                    async move {
+                        let response =
+                            tokio::time::timeout(REQUEST_TIMEOUT, api.handle(request)).await;
+                        Ok::<_, Infallible>(response.unwrap_or_else(|_| {
+                            error(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+                        }))
+                    }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            debug!(%peer, %error, "admin connection ended");
+                        }
+                    }
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
+    }
+}
+
+/// The API's state: the server and the token.
+struct Api {
+    handle: ServerHandle,
+    token: Option<Arc<str>>,
+}
+
+impl Api {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        if path == "/" || path == "/index.html" {
+            return if method == Method::GET || method == Method::HEAD {
+                respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into())
+            } else {
+                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            };
+        }
+        if !self.authorized(&request) {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required: Authorization: Bearer <admin.token>",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+        let segments: Vec<String> = path
+            .trim_start_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                crate::metrics::render(&self.handle),
+            ),
+            (&Method::GET, ["api", "state"]) => json(StatusCode::OK, &state::state(&self.handle)),
+            (&Method::POST, ["api", "reload"]) => self.reload().await,
+            (&Method::POST, ["api", "pools", pool, "backends", address, action]) => {
+                self.backend_action(pool, address, action)
+            }
+            (&Method::PUT, ["api", "pools", pool, "backends", address, "weight"]) => {
+                let body = match read_body(request).await {
+                    Ok(body) => body,
+                    Err(response) => return response,
+                };
+                self.set_weight(pool, address, &body)
+            }
+            (_, ["metrics"] | ["api", "state"] | ["api", "reload"])
+            | (_, ["api", "pools", _, "backends", _, _]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this path")
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        }
+    }
+
+    /// Whether the request carries the token (always, when none is configured). Compared in
+    /// constant time.
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let (a, b) = (given.as_bytes(), token.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    async fn reload(&self) -> Response<Full<Bytes>> {
+        info!("admin: reload requested");
+        match self.handle.reload_file().await {
+            Ok(summary) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "generation": summary.generation,
+                    "updated": summary.updated,
+                    "started": summary.started,
+                    "stopped": summary.stopped,
+                }),
+            ),
+            Err(crate::server::ServerError::NoFile) => error(
+                StatusCode::CONFLICT,
+                "this server was not started from a file, so there is nothing to reload",
+            ),
+            Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason.to_string()),
+        }
+    }
+
+    /// The state of backend `address` of pool `pool` in the running configuration.
+    fn backend(&self, pool: &str, address: &str) -> Result<Found, Box<Response<Full<Bytes>>>> {
+        let snapshot = self.handle.snapshot();
+        let Some(found) = snapshot.pool(pool) else {
+            return Err(Box::new(error(
+                StatusCode::NOT_FOUND,
+                &format!("no pool `{pool}` in the running configuration"),
+            )));
+        };
+        let state = found
+            .candidates
+            .iter()
+            .find(|c| c.state.addr.to_string() == address)
+            .map(|c| Arc::clone(&c.state));
+        match state {
+            Some(state) => Ok((Arc::clone(found), state)),
+            None => Err(Box::new(error(
+                StatusCode::NOT_FOUND,
+                &format!("pool `{pool}` has no backend `{address}`"),
+            ))),
+        }
+    }
+
+    fn backend_action(&self, pool: &str, address: &str, action: &str) -> Response<Full<Bytes>> {
+        let (found, state) = match self.backend(pool, address) {
+            Ok(found) => found,
+            Err(response) => return *response,
+        };
+        match action {
+            "drain" => {
+                state.start_drain(found.drain_timeout);
+                state.set_override(OVERRIDE_DRAIN, OVERRIDE_UNDRAIN);
+            }
+            "undrain" => {
+                state.end_drain();
+                state.set_override(OVERRIDE_UNDRAIN, OVERRIDE_DRAIN);
+            }
+            "disable" => {
+                state.set_flag(DISABLED);
+                state.set_override(OVERRIDE_DISABLE, 0);
+            }
+            "enable" => {
+                state.clear_flag(DISABLED);
+                state.set_override(0, OVERRIDE_DISABLE);
+            }
+            other => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("unknown action `{other}` (drain, undrain, enable, disable)"),
+                );
+            }
+        }
+        info!(%pool, backend = %address, %action, "admin: backend changed (until the next reload)");
+        json(
+            StatusCode::OK,
+            &state::backend(&found, &state, found_weight(&found, &state)),
+        )
+    }
+
+    fn set_weight(&self, pool: &str, address: &str, body: &[u8]) -> Response<Full<Bytes>> {
+        let (_, state) = match self.backend(pool, address) {
+            Ok(found) => found,
+            Err(response) => return *response,
+        };
+        let weight = match parse_weight(body) {
+            Some(w) if (1..=MAX_WEIGHT).contains(&w) => w,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body must be {{\"weight\": N}} with N from 1 to {MAX_WEIGHT}"),
+                );
+            }
+        };
+        state.set_weight_override(weight);
+        self.handle.rebuild_pools();
+        info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
+        let snapshot = self.handle.snapshot();
+        match snapshot.pool(pool) {
+            Some(found) => json(
+                StatusCode::OK,
+                &state::backend(found, &state, found_weight(found, &state)),
+            ),
+            None => error(StatusCode::NOT_FOUND, "the pool went away"),
+        }
+    }
+}
+
+/// A backend found by the API: its pool in the running configuration, and its state.
+type Found = (Arc<crate::pool::Pool>, Arc<crate::backend::BackendState>);
+
+/// The weight a backend has in the pool now.
+fn found_weight(pool: &crate::pool::Pool, state: &Arc<crate::backend::BackendState>) -> u32 {
+    pool.candidates
+        .iter()
+        .find(|c| Arc::ptr_eq(&c.state, state))
+        .map_or(0, |c| c.weight)
+}
+
+/// `{"weight": N}` or a bare `N`.
+fn parse_weight(body: &[u8]) -> Option<u32> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let n = match &value {
+        serde_json::Value::Number(n) => n.as_u64()?,
+        serde_json::Value::Object(o) => o.get("weight")?.as_u64()?,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// Reads a small request body.
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the body is too large or broken",
+        )),
+    }
+}
+
+/// `%XX` escapes decoded (an IPv6 backend address may arrive as `%5B::1%5D:80`).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = segment.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", value.to_string())
+}
+
+/// An error as JSON: `{"error": reason}`.
+fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    if status.is_server_error() {
+        warn!(%status, reason, "admin request failed");
+    }
+    json(status, &serde_json::json!({ "error": reason }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_and_paths() {
+        assert_eq!(parse_weight(b"{\"weight\": 7}"), Some(7));
+        assert_eq!(parse_weight(b"12"), Some(12));
+        assert_eq!(parse_weight(b"{\"weight\": -1}"), None);
+        assert_eq!(parse_weight(b"nonsense"), None);
+        assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
+        assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

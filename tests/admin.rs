@@ -1,0 +1,414 @@
+//! The admin API, metrics and access logs, through real sockets.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::SeqCst;
+
+use common::*;
+
+const TOKEN: &str = "a-test-token-of-some-length";
+
+/// An HTTP request to the admin API; `body` for PUT.
+async fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Reply {
+    let mut client = HttpClient::connect(addr).await;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    client
+        .send(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    client.reply().await.expect("an answer")
+}
+
+fn json(reply: &Reply) -> serde_json::Value {
+    serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.text()))
+}
+
+fn config(a: SocketAddr, b: SocketAddr, extra: &str) -> String {
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{extra}\n  [[listeners.routes]]\n  match = {{ path_prefix = \"/api/\" }}\n  pool = \"p\"\n\n[pools.p]\nbackends = [\"{a}\", \"{b}\"]\n"
+    )
+}
+
+async fn served_by(addr: SocketAddr) -> String {
+    let mut client = HttpClient::connect(addr).await;
+    client
+        .get("/", "")
+        .await
+        .header("x-backend")
+        .unwrap_or("none")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_token_is_required_when_set() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let denied = admin(api, "GET", "/api/state", None, "").await;
+    assert_eq!(denied.status, 401);
+    assert!(json(&denied)["error"].as_str().is_some());
+    assert_eq!(
+        admin(
+            api,
+            "GET",
+            "/api/state",
+            Some("wrong-token-of-some-length"),
+            ""
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(admin(api, "GET", "/metrics", None, "").await.status, 401);
+    assert_eq!(
+        admin(api, "GET", "/api/state", Some(TOKEN), "")
+            .await
+            .status,
+        200
+    );
+    // The page itself holds no data.
+    let page = admin(api, "GET", "/", None, "").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html"))
+    );
+}
+
+#[tokio::test]
+async fn api_calls_change_the_state_and_the_traffic() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let web = proxy.addr("web");
+    let t = Some(TOKEN);
+
+    let state = json(&admin(api, "GET", "/api/state", t, "").await);
+    assert_eq!(state["generation"], 1);
+    assert_eq!(state["listeners"][0]["name"], "web");
+    assert_eq!(
+        state["listeners"][0]["routes"][0]["match"],
+        "path_prefix /api/"
+    );
+    let backends = &state["pools"][0]["backends"];
+    assert_eq!(backends.as_array().map(Vec::len), Some(2));
+    assert_eq!(backends[0]["usable"], true);
+
+    // Drain a: everything goes to b, and the state says so.
+    let path = format!("/api/pools/p/backends/{}/drain", a.addr);
+    let reply = admin(api, "POST", &path, t, "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(json(&reply)["draining"], true);
+    for _ in 0..4 {
+        assert_eq!(served_by(web).await, "b");
+    }
+    let state = json(&admin(api, "GET", "/api/state", t, "").await);
+    let drained = &state["pools"][0]["backends"][0];
+    assert_eq!(drained["draining"], true);
+    assert_eq!(drained["overrides"][0], "drain");
+    let path = format!("/api/pools/p/backends/{}/undrain", a.addr);
+    assert_eq!(admin(api, "POST", &path, t, "").await.status, 200);
+
+    // Disable b: everything goes to a; enable it again.
+    let path = format!("/api/pools/p/backends/{}/disable", b.addr);
+    assert_eq!(admin(api, "POST", &path, t, "").await.status, 200);
+    for _ in 0..4 {
+        assert_eq!(served_by(web).await, "a");
+    }
+    let path = format!("/api/pools/p/backends/{}/enable", b.addr);
+    assert_eq!(admin(api, "POST", &path, t, "").await.status, 200);
+
+    // Weight 3 to 1: round robin gives a three turns in four.
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let reply = admin(api, "PUT", &path, t, "{\"weight\": 3}").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(json(&reply)["weight"], 3);
+    let mut to_a = 0;
+    for _ in 0..8 {
+        if served_by(web).await == "a" {
+            to_a += 1;
+        }
+    }
+    assert_eq!(to_a, 6);
+
+    // Errors are JSON with a reason.
+    for (method, path, body, status) in [
+        (
+            "POST",
+            "/api/pools/nope/backends/1.2.3.4:5/drain".to_owned(),
+            "",
+            404,
+        ),
+        (
+            "POST",
+            "/api/pools/p/backends/1.2.3.4:5/drain".to_owned(),
+            "",
+            404,
+        ),
+        (
+            "POST",
+            format!("/api/pools/p/backends/{}/explode", a.addr),
+            "",
+            404,
+        ),
+        (
+            "PUT",
+            format!("/api/pools/p/backends/{}/weight", a.addr),
+            "{\"weight\": 0}",
+            400,
+        ),
+        (
+            "PUT",
+            format!("/api/pools/p/backends/{}/weight", a.addr),
+            "garbage",
+            400,
+        ),
+        (
+            "GET",
+            format!("/api/pools/p/backends/{}/drain", a.addr),
+            "",
+            405,
+        ),
+        ("DELETE", "/api/state".to_owned(), "", 405),
+        ("GET", "/api/nothing".to_owned(), "", 404),
+    ] {
+        let reply = admin(api, method, &path, t, body).await;
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.text());
+        assert!(json(&reply)["error"].as_str().is_some());
+    }
+
+    // A reload puts the file back in charge.
+    let summary = proxy
+        .reload(&config(a.addr, b.addr, ""))
+        .await
+        .expect("reloads");
+    assert_eq!(summary.generation, 2);
+    let state = json(&admin(api, "GET", "/api/state", t, "").await);
+    assert_eq!(state["pools"][0]["backends"][0]["weight"], 1);
+    assert_eq!(
+        state["pools"][0]["backends"][0]["overrides"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_what_was_sent() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let web = proxy.addr("web");
+    let mut client = HttpClient::connect(web).await;
+    for _ in 0..7 {
+        assert_eq!(client.get("/", "").await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(client.get("/api/x", "").await.status, 200);
+    }
+    let reply = admin(api, "GET", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    // Every line is a comment, `# EOF`, or `name{labels} value`.
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        samples.insert(series.to_owned(), value);
+    }
+    assert!(text.trim_end().ends_with("# EOF"));
+    let get = |series: &str| {
+        samples
+            .get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(
+        get("switchyard_http_requests_total{listener=\"web\",route=\"default\",class=\"2xx\"}"),
+        7.0
+    );
+    assert_eq!(
+        get("switchyard_http_requests_total{listener=\"web\",route=\"0\",class=\"2xx\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("switchyard_http_request_duration_seconds_count{listener=\"web\",route=\"default\"}"),
+        7.0
+    );
+    let responses: f64 = [a.addr, b.addr]
+        .iter()
+        .map(|addr| {
+            get(&format!(
+                "switchyard_backend_responses_total{{pool=\"p\",backend=\"{addr}\",class=\"2xx\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(responses, 10.0);
+    assert_eq!(get("switchyard_connections_total{listener=\"web\"}"), 1.0);
+    assert_eq!(get("switchyard_config_generation"), 1.0);
+    assert_eq!(
+        get(&format!(
+            "switchyard_backend_up{{pool=\"p\",backend=\"{}\"}}",
+            a.addr
+        )),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn access_log_lines_are_json_and_match_the_requests() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("access.log");
+    let extra = format!(
+        "access_log = {{ path = \"{}\", format = \"json\" }}",
+        log.display()
+    );
+    let proxy = Proxy::start(&config(a.addr, b.addr, &extra));
+    let web = proxy.addr("web");
+    let mut client = HttpClient::connect(web).await;
+    let reply = client
+        .get(
+            "/api/items?x=1",
+            "X-Request-ID: trace-me\r\nUser-Agent: tester\r\n",
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the line is written", || lines().lines().count() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    assert_eq!(line["request_id"], "trace-me");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/api/items?x=1");
+    assert_eq!(line["route"], "0");
+    assert_eq!(line["pool"], "p");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["listener"], "web");
+    assert!(line["bytes"].as_u64().is_some_and(|n| n > 0));
+    let backend = line["backend"].as_str().expect("backend");
+    assert!(backend == a.addr.to_string() || backend == b.addr.to_string());
+    assert!(
+        line["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("127.0.0.1:"))
+    );
+
+    // logrotate: the file is moved, the proxy told; new lines go to a new file.
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    proxy.handle.reopen_logs();
+    assert_eq!(client.get("/", "").await.status, 200);
+    eventually("a new file", || lines().lines().count() == 1).await;
+    assert_eq!(
+        std::fs::read_to_string(&rotated)
+            .expect("old")
+            .lines()
+            .count(),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_full_log_queue_drops_lines_and_requests_go_on() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let fifo = dir.join("stuck.log");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid C string and mode.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    // A reader that never reads: once the pipe's buffer is full, the writer is stuck.
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || std::fs::File::open(reader_path));
+    let extra = format!("access_log = {{ path = \"{}\" }}", fifo.display());
+    let proxy = Proxy::start(&config(a.addr, b.addr, &extra));
+    let _held = reader.join().expect("joins").expect("opens");
+    let web = proxy.addr("web");
+    let stats = proxy.handle.metrics().listener("web");
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        workers.push(tokio::spawn(async move {
+            let mut client = HttpClient::connect(web).await;
+            for _ in 0..2_500 {
+                assert_eq!(client.get("/", "").await.status, 200);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("every request answered");
+    }
+    assert!(stats.log_dropped.load(SeqCst) > 0, "lines were dropped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn reload_through_the_api() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // A free port for the admin listener of the binary.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let text = |pool: &str| {
+        config(a.addr, b.addr, "")
+            .replace(
+                "127.0.0.1:0\"\ntoken",
+                &format!("127.0.0.1:{port}\"\ntoken"),
+            )
+            .replace(
+                "default_pool = \"p\"",
+                &format!("default_pool = \"{pool}\""),
+            )
+            + &format!("[pools.q]\nbackends = [\"{}\"]\n", b.addr)
+    };
+    let running = spawn_binary("admin-reload", &text("p")).await;
+    let api: SocketAddr = ([127, 0, 0, 1], port).into();
+    let web = running.addr;
+    std::fs::write(&running.config, text("q")).expect("write");
+    let reply = admin(api, "POST", "/api/reload", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(json(&reply)["generation"], 2);
+    for _ in 0..3 {
+        assert_eq!(served_by(web).await, "b");
+    }
+    // A broken file: refused with its reason, and nothing changes.
+    std::fs::write(&running.config, "[[listeners]]\nname = 3\n").expect("write");
+    let reply = admin(api, "POST", "/api/reload", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(
+        json(&reply)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("name"))
+    );
+    assert_eq!(served_by(web).await, "b");
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["generation"], 2);
+    assert_eq!(state["reloads"]["failed"], 1);
+}
