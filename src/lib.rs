@@ -21,6 +21,7 @@ pub mod server;
 pub mod stream;
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 pub mod watch;
 
 pub use config::Config;

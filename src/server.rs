@@ -182,6 +182,17 @@ impl Server {
         path: Option<PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
+        Server::bind_inheriting(config, path, shutdown, None)
+    }
+
+    /// Like [`Server::bind_from`], taking listening sockets from an old process being
+    /// upgraded where a listener matches one of them (see [`crate::upgrade`]).
+    pub fn bind_inheriting(
+        config: Config,
+        path: Option<PathBuf>,
+        shutdown: CancellationToken,
+        mut inherited: Option<&mut crate::upgrade::Inherited>,
+    ) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::default());
         let config = Arc::new(config);
         let tls = build_tls(&config)?;
@@ -218,7 +229,14 @@ impl Server {
         });
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = bind_socket(l)?;
+            let udp = matches!(l.kind, ListenerKind::Udp(_));
+            let socket = match inherited
+                .as_deref_mut()
+                .and_then(|i| i.take(&l.name, l.bind, udp))
+            {
+                Some(fd) => adopt(l, fd, udp)?,
+                None => bind_socket(l)?,
+            };
             listeners.push(shared.running(l, socket, &tls)?);
         }
         let mut state = shared.lock();
@@ -374,6 +392,29 @@ impl ServerHandle {
     /// Live backend state.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.0.registry)
+    }
+
+    /// Every listening socket, described, with a duplicate of its descriptor: what a new
+    /// process takes over in a binary upgrade.
+    pub fn sockets(&self) -> Vec<(crate::upgrade::Description, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
+        self.0
+            .lock()
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let (fd, udp) = match &l.socket {
+                    Socket::Tcp(s) => (s.as_fd().try_clone_to_owned(), false),
+                    Socket::Udp(s) => (s.as_fd().try_clone_to_owned(), true),
+                };
+                let description = crate::upgrade::Description {
+                    name: l.name.clone(),
+                    bind: l.bind,
+                    udp,
+                };
+                fd.ok().map(|fd| (description, fd))
+            })
+            .collect()
     }
 
     /// Where the admin API listens, if it is configured.
@@ -697,52 +738,15 @@ impl Shared {
         }
         running.started = true;
         info!(listener = %running.name, addr = %running.addr, "listening");
-        let name = running.name.clone();
-        let stop = running.stop.clone();
-        let tasks = self.tasks.clone();
         match (&running.socket, &running.proxy) {
             (Socket::Tcp(socket), Proxy::Tcp(current)) => {
-                let (socket, current, limit) = (
-                    Arc::clone(socket),
-                    Arc::clone(current),
-                    Arc::clone(&running.limit),
-                );
-                let stats = self.metrics.listener(&name);
-                tokio::spawn(async move {
-                    listener::accept_loop(
-                        &name,
-                        socket,
-                        limit,
-                        stop,
-                        tasks,
-                        move |stream, peer| {
-                            stats.connections.fetch_add(1, Relaxed);
-                            current.load_full().serve(stream, peer)
-                        },
-                    )
-                    .await;
+                self.spawn_accept(running, socket, current, |p, stream, peer| {
+                    p.serve(stream, peer)
                 });
             }
             (Socket::Tcp(socket), Proxy::Http(current)) => {
-                let (socket, current, limit) = (
-                    Arc::clone(socket),
-                    Arc::clone(current),
-                    Arc::clone(&running.limit),
-                );
-                let stats = self.metrics.listener(&name);
-                tokio::spawn(async move {
-                    listener::accept_loop(
-                        &name,
-                        socket,
-                        limit,
-                        stop,
-                        tasks,
-                        move |stream, peer| {
-                            stats.connections.fetch_add(1, Relaxed);
-                            current.load_full().serve(stream, peer)
-                        },
-                    )
-                    .await;
+                self.spawn_accept(running, socket, current, |p, stream, peer| {
+                    p.serve(stream, peer)
                 });
             }
             (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
@@ -750,11 +754,41 @@ impl Shared {
                     Arc::clone(current),
                     Arc::clone(socket),
                     Arc::clone(stats),
-                    stop,
+                    running.stop.clone(),
                 ));
             }
             _ => unreachable_kind(),
         }
+    }
+
+    /// Spawns the accept loop of a tcp or http listener: each connection is served by the
+    /// listener's settings current when it was accepted.
+    fn spawn_accept<P, F, Fut>(
+        &self,
+        running: &Running,
+        socket: &Arc<TcpListener>,
+        current: &Arc<ArcSwap<P>>,
+        serve: F,
+    ) where
+        P: Send + Sync + 'static,
+        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let name = running.name.clone();
+        let (socket, current) = (Arc::clone(socket), Arc::clone(current));
+        let (limit, stop, tasks) = (
+            Arc::clone(&running.limit),
+            running.stop.clone(),
+            self.tasks.clone(),
+        );
+        let stats = self.metrics.listener(&name);
+        tokio::spawn(async move {
+            listener::accept_loop(&name, socket, limit, stop, tasks, move |stream, peer| {
+                stats.connections.fetch_add(1, Relaxed);
+                serve(current.load_full(), stream, peer)
+            })
+            .await;
+        });
     }
 
     /// The data-path object of one listener for this configuration.
@@ -839,6 +873,24 @@ fn build_tls(config: &Config) -> Result<TlsStore, ServerError> {
         warn!(key = %warning.path, "{}", warning.reason);
     }
     Ok(tls)
+}
+
+/// Makes a socket received from an old process this listener's.
+fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Socket, ServerError> {
+    let error = |source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    };
+    Ok(if udp {
+        let socket = std::net::UdpSocket::from(fd);
+        socket.set_nonblocking(true).map_err(error)?;
+        Socket::Udp(Arc::new(UdpSocket::from_std(socket).map_err(error)?))
+    } else {
+        let socket = std::net::TcpListener::from(fd);
+        socket.set_nonblocking(true).map_err(error)?;
+        Socket::Tcp(Arc::new(TcpListener::from_std(socket).map_err(error)?))
+    })
 }
 
 /// Binds the socket listener `l` needs.
