@@ -39,6 +39,11 @@ const MAX_BODY: usize = 4096;
 
 /// The dashboard: one page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
+/// What the dashboard may do in a browser: its own inline script and style, requests to this
+/// listener only, and no framing (its buttons change the running server).
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
+    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Why the admin listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +149,27 @@ impl Api {
         let method = request.method().clone();
         if path == "/" || path == "/index.html" {
             return if method == Method::GET || method == Method::HEAD {
-                respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into())
+                let mut page =
+                    respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into());
+                let headers = page.headers_mut();
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    header::HeaderValue::from_static(DASHBOARD_CSP),
+                );
+                headers.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    header::HeaderValue::from_static("nosniff"),
+                );
+                page
             } else {
                 error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
             };
+        }
+        if method != Method::GET && method != Method::HEAD && !same_origin(&request) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "a change requested by a page of another origin is refused",
+            );
         }
         if !self.authorized(&request) {
             let mut response = error(
@@ -326,6 +348,22 @@ fn found_weight(pool: &crate::pool::Pool, state: &Arc<crate::backend::BackendSta
         .map_or(0, |c| c.weight)
 }
 
+/// Whether a request that changes something may come from where it says it comes from: a browser
+/// names the page's origin in `Origin`, and a page of another site (which could otherwise post
+/// to a loopback admin API without a token) does not get to drain backends. Requests without
+/// `Origin` (curl, scripts) pass.
+fn same_origin<B>(request: &Request<B>) -> bool {
+    let Some(origin) = request.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin = origin.to_str().ok().and_then(|o| o.strip_prefix("http://"));
+    matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 /// `{"weight": N}` or a bare `N`.
 fn parse_weight(body: &[u8]) -> Option<u32> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -408,5 +446,21 @@ mod tests {
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn changes_from_other_origins_are_refused() {
+        let request = |origin: Option<&str>| {
+            let mut builder = Request::builder().header(header::HOST, "127.0.0.1:9901");
+            if let Some(origin) = origin {
+                builder = builder.header(header::ORIGIN, origin);
+            }
+            builder.body(()).unwrap()
+        };
+        assert!(same_origin(&request(None)));
+        assert!(same_origin(&request(Some("http://127.0.0.1:9901"))));
+        assert!(!same_origin(&request(Some("http://127.0.0.1:9902"))));
+        assert!(!same_origin(&request(Some("https://evil.example"))));
+        assert!(!same_origin(&request(Some("null"))));
     }
 }
