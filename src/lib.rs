@@ -20,6 +20,7 @@ pub mod server;
 pub mod stream;
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

@@ -31,6 +31,15 @@ enum Command {
         /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Offer this process's listening sockets on this Unix socket, for a binary upgrade:
+        /// a new process started with `--upgrade-from` the same path takes them, and this one
+        /// then drains and exits.
+        #[arg(long, value_name = "PATH")]
+        upgrade_socket: Option<PathBuf>,
+        /// Take the listening sockets of the process offering them at this Unix socket, then
+        /// tell it to drain: an upgrade without refusing a connection.
+        #[arg(long, value_name = "PATH")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Validate a configuration file: exit 0 if it is good, else print every problem and exit 1.
     Check {
@@ -57,7 +66,17 @@ fn main() -> ExitCode {
             config,
             threads,
             log_level,
-        } => report(run(&config, threads, &log_level)),
+            upgrade_socket,
+            upgrade_from,
+        } => report(run(
+            &config,
+            threads,
+            &log_level,
+            Upgrade {
+                offer: upgrade_socket,
+                from: upgrade_from,
+            },
+        )),
         Command::Demo {
             log_level,
             any_port,
@@ -137,7 +156,20 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the runtime")
 }
 
-fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyhow::Result<()> {
+/// The binary-upgrade flags of `run`.
+struct Upgrade {
+    /// Where to offer this process's sockets.
+    offer: Option<PathBuf>,
+    /// Where to take an old process's sockets from.
+    from: Option<PathBuf>,
+}
+
+fn run(
+    path: &std::path::Path,
+    threads: Option<usize>,
+    log_level: &str,
+    upgrade: Upgrade,
+) -> anyhow::Result<()> {
     init_logging(log_level)?;
     raise_fd_limit();
     let path = path.to_path_buf();
@@ -155,7 +187,38 @@ fn run(path: &std::path::Path, threads: Option<usize>, log_level: &str) -> anyho
                 return Ok(());
             }
         };
-        let server = Server::bind_from(config, Some(path_for_reload), shutdown)?;
+        let mut inherited = match upgrade.from {
+            None => None,
+            Some(from) => Some(
+                tokio::task::spawn_blocking(move || switchyard::upgrade::Inherited::receive(&from))
+                    .await
+                    .context("taking over the sockets")?
+                    .context("taking over the sockets of the old process")?,
+            ),
+        };
+        let server = Server::bind_inheriting(
+            config,
+            Some(path_for_reload),
+            shutdown.clone(),
+            inherited.as_mut(),
+        )?;
+        // Every listener is listening now (connections queue until the accept loops start):
+        // the old process may stop accepting.
+        if let Some(inherited) = inherited {
+            inherited
+                .ready()
+                .context("telling the old process to drain")?;
+        }
+        if let Some(offer) = upgrade.offer {
+            let handle = server.handle();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                match switchyard::upgrade::offer(offer, handle).await {
+                    Ok(()) => shutdown.cancel(),
+                    Err(error) => warn!(%error, "the upgrade socket failed; no upgrade possible"),
+                }
+            });
+        }
         reload_on_sighup(server.handle())?;
         reopen_logs_on_sigusr1(server.handle())?;
         info!(version = env!("CARGO_PKG_VERSION"), "switchyard started");

@@ -182,6 +182,17 @@ impl Server {
         path: Option<PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
+        Server::bind_inheriting(config, path, shutdown, None)
+    }
+
+    /// Like [`Server::bind_from`], taking listening sockets from an old process being
+    /// upgraded where a listener matches one of them (see [`crate::upgrade`]).
+    pub fn bind_inheriting(
+        config: Config,
+        path: Option<PathBuf>,
+        shutdown: CancellationToken,
+        mut inherited: Option<&mut crate::upgrade::Inherited>,
+    ) -> Result<Server, ServerError> {
         let registry = Arc::new(Registry::default());
         let config = Arc::new(config);
         let tls = build_tls(&config)?;
@@ -218,7 +229,14 @@ impl Server {
         });
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = bind_socket(l)?;
+            let udp = matches!(l.kind, ListenerKind::Udp(_));
+            let socket = match inherited
+                .as_deref_mut()
+                .and_then(|i| i.take(&l.name, l.bind, udp))
+            {
+                Some(fd) => adopt(l, fd, udp)?,
+                None => bind_socket(l)?,
+            };
             listeners.push(shared.running(l, socket, &tls)?);
         }
         let mut state = shared.lock();
@@ -371,6 +389,29 @@ impl ServerHandle {
     /// Live backend state.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.0.registry)
+    }
+
+    /// Every listening socket, described, with a duplicate of its descriptor: what a new
+    /// process takes over in a binary upgrade.
+    pub fn sockets(&self) -> Vec<(crate::upgrade::Description, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
+        self.0
+            .lock()
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let (fd, udp) = match &l.socket {
+                    Socket::Tcp(s) => (s.as_fd().try_clone_to_owned(), false),
+                    Socket::Udp(s) => (s.as_fd().try_clone_to_owned(), true),
+                };
+                let description = crate::upgrade::Description {
+                    name: l.name.clone(),
+                    bind: l.bind,
+                    udp,
+                };
+                fd.ok().map(|fd| (description, fd))
+            })
+            .collect()
     }
 
     /// Where the admin API listens, if it is configured.
@@ -819,6 +860,24 @@ fn build_tls(config: &Config) -> Result<TlsStore, ServerError> {
         warn!(key = %warning.path, "{}", warning.reason);
     }
     Ok(tls)
+}
+
+/// Makes a socket received from an old process this listener's.
+fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Socket, ServerError> {
+    let error = |source| ServerError::Bind {
+        listener: l.name.clone(),
+        addr: l.bind,
+        source,
+    };
+    Ok(if udp {
+        let socket = std::net::UdpSocket::from(fd);
+        socket.set_nonblocking(true).map_err(error)?;
+        Socket::Udp(Arc::new(UdpSocket::from_std(socket).map_err(error)?))
+    } else {
+        let socket = std::net::TcpListener::from(fd);
+        socket.set_nonblocking(true).map_err(error)?;
+        Socket::Tcp(Arc::new(TcpListener::from_std(socket).map_err(error)?))
+    })
 }
 
 /// Binds the socket listener `l` needs.

@@ -45,11 +45,17 @@ impl Drop for Running {
 /// Starts the binary on `toml` (written to a temp file named after `name`) and waits until its
 /// first listener is up.
 pub async fn spawn_binary(name: &str, toml: &str) -> Running {
+    spawn_binary_with(name, toml, &[]).await
+}
+
+/// Like [`spawn_binary`], with more arguments for `run`.
+pub async fn spawn_binary_with(name: &str, toml: &str, args: &[&std::ffi::OsStr]) -> Running {
     use tokio::io::AsyncBufReadExt;
     let config = temp_config(name, toml);
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--threads", "2", "--config"])
         .arg(&config)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -448,6 +454,14 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
+    /// A client on a stream already connected.
+    pub fn from_stream(stream: TcpStream) -> HttpClient {
+        HttpClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn connect(addr: SocketAddr) -> HttpClient {
         HttpClient {
             stream: TcpStream::connect(addr).await.expect("connect"),

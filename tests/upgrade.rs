@@ -1,0 +1,77 @@
+//! Zero-downtime binary upgrade: a new process takes the listening sockets of the running one,
+//! which then drains and exits, and no connection is refused meanwhile.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+use common::*;
+
+#[tokio::test]
+async fn the_hand_over_under_load_refuses_no_connection() {
+    let backend = http_backend("a").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("upgrade.sock");
+    let config = format!(
+        "[global]\ndrain_timeout = \"10s\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let offer: [&OsStr; 2] = ["--upgrade-socket".as_ref(), socket.as_os_str()];
+    let mut old = spawn_binary_with("upgrade-old", &config, &offer).await;
+    let addr = old.addr;
+    eventually("the upgrade socket exists", || socket.exists()).await;
+
+    // Steady load: a new connection per request, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        load.push(tokio::spawn(async move {
+            for _ in 0..1_000_000 {
+                if stop.load(SeqCst) {
+                    break;
+                }
+                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                    failed.fetch_add(1, SeqCst);
+                    continue;
+                };
+                let mut client = HttpClient::from_stream(stream);
+                client
+                    .send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .await;
+                match client.reply().await {
+                    Some(reply) if reply.status == 200 => ok.fetch_add(1, SeqCst),
+                    _ => failed.fetch_add(1, SeqCst),
+                };
+            }
+        }));
+    }
+    eventually("load flows", || ok.load(SeqCst) > 50).await;
+
+    let take: [&OsStr; 4] = [
+        "--upgrade-from".as_ref(),
+        socket.as_os_str(),
+        "--upgrade-socket".as_ref(),
+        socket.as_os_str(),
+    ];
+    let new = spawn_binary_with("upgrade-new", &config, &take).await;
+    assert_eq!(new.addr, addr, "the same socket");
+    let status = tokio::time::timeout(PATIENCE, old.child.wait())
+        .await
+        .expect("the old process drains and exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    let after = ok.load(SeqCst);
+    eventually("the new process serves", || ok.load(SeqCst) > after + 50).await;
+    stop.store(true, SeqCst);
+    for worker in load {
+        worker.await.expect("joins");
+    }
+    assert_eq!(failed.load(SeqCst), 0, "{} served", ok.load(SeqCst));
+    drop(new);
+    let _ = std::fs::remove_dir_all(&dir);
+}
