@@ -51,6 +51,9 @@ def deadline_loop(what, timeout=STEP_TIMEOUT, interval=0.1):
 class Backend(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        pass  # a client that resets is no news here
+
 
 def start_backend(name):
     class Handler(http.server.BaseHTTPRequestHandler):
