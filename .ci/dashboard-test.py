@@ -2,9 +2,9 @@
 """Drives the admin dashboard in headless Chromium against the compiled binary.
 
 Checks: the page lists the pool's backends; a click on Drain makes the page show the backend
-draining and /api/state say `draining: true`; Disable likewise; with a token configured, the page
-asks for it, refuses a wrong one and works with the right one; when the API goes away, the page
-shows its error banner.
+draining and /api/state say `draining: true`; Disable likewise; a weight typed into its field
+reaches the API; with a token configured, the page asks for it, refuses a wrong one and works
+with the right one; when the API goes away, the page shows its error banner.
 
 Only the standard library: Chromium is spoken to over the DevTools protocol on a pipe
 (--remote-debugging-pipe: JSON messages ended by NUL, commands on fd 3, answers on fd 4).
@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.request
 
-STEP_TIMEOUT = 20.0  # seconds any one wait may take
+STEP_TIMEOUT = 30.0  # seconds any one wait may take (Chromium starts slowly on a busy machine)
 TOKEN = "dashboard-test-token-0123456789"
 
 
@@ -395,6 +395,23 @@ def main():
         if proxy.backend(addresses[1])["draining"]:
             raise Failure("the other backend is draining too")
         click_and_check(browser, proxy, addresses[1], "disable", "disabled", "disabled")
+        # A new weight typed into the field and confirmed with Enter reaches the API.
+        weight = row(addresses[1], "td input[type=number]")
+        browser.click(weight)
+        browser.eval(f"document.querySelector({json.dumps(weight)}).select()")
+        browser.call("Input.insertText", {"text": "7"})
+        for kind in ("keyDown", "keyUp"):
+            browser.call(
+                "Input.dispatchKeyEvent",
+                {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"},
+            )
+        for _ in deadline_loop("the weight to reach the API"):
+            if proxy.backend(addresses[1])["weight"] == 7:
+                break
+        browser.wait_for(
+            "the page to show the weight set through the API",
+            f"document.querySelector({json.dumps(row(addresses[1]))}).textContent.includes('set: weight')",
+        )
         if shots:
             browser.screenshot(os.path.join(shots, "2-drained.png"))
             browser.call(
@@ -403,7 +420,7 @@ def main():
             )
             browser.screenshot(os.path.join(shots, "2-drained-dark.png"))
             browser.call("Emulation.setEmulatedMedia", {"features": []})
-        print(f"dashboard: backends listed, drain and disable work ({time.monotonic() - started:.1f} s)")
+        print(f"dashboard: backends listed, drain, disable and weight work ({time.monotonic() - started:.1f} s)")
 
         # With a token: the page asks for it.
         proxy = Proxy(binary, work, "locked", backends, token=TOKEN)
