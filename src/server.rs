@@ -718,52 +718,15 @@ impl Shared {
         }
         running.started = true;
         info!(listener = %running.name, addr = %running.addr, "listening");
-        let name = running.name.clone();
-        let stop = running.stop.clone();
-        let tasks = self.tasks.clone();
         match (&running.socket, &running.proxy) {
             (Socket::Tcp(socket), Proxy::Tcp(current)) => {
-                let (socket, current, limit) = (
-                    Arc::clone(socket),
-                    Arc::clone(current),
-                    Arc::clone(&running.limit),
-                );
-                let stats = self.metrics.listener(&name);
-                tokio::spawn(async move {
-                    listener::accept_loop(
-                        &name,
-                        socket,
-                        limit,
-                        stop,
-                        tasks,
-                        move |stream, peer| {
-                            stats.connections.fetch_add(1, Relaxed);
-                            current.load_full().serve(stream, peer)
-                        },
-                    )
-                    .await;
+                self.spawn_accept(running, socket, current, |p, stream, peer| {
+                    p.serve(stream, peer)
                 });
             }
             (Socket::Tcp(socket), Proxy::Http(current)) => {
-                let (socket, current, limit) = (
-                    Arc::clone(socket),
-                    Arc::clone(current),
-                    Arc::clone(&running.limit),
-                );
-                let stats = self.metrics.listener(&name);
-                tokio::spawn(async move {
-                    listener::accept_loop(
-                        &name,
-                        socket,
-                        limit,
-                        stop,
-                        tasks,
-                        move |stream, peer| {
-                            stats.connections.fetch_add(1, Relaxed);
-                            current.load_full().serve(stream, peer)
-                        },
-                    )
-                    .await;
+                self.spawn_accept(running, socket, current, |p, stream, peer| {
+                    p.serve(stream, peer)
                 });
             }
             (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
@@ -771,11 +734,41 @@ impl Shared {
                     Arc::clone(current),
                     Arc::clone(socket),
                     Arc::clone(stats),
-                    stop,
+                    running.stop.clone(),
                 ));
             }
             _ => unreachable_kind(),
         }
+    }
+
+    /// Spawns the accept loop of a tcp or http listener: each connection is served by the
+    /// listener's settings current when it was accepted.
+    fn spawn_accept<P, F, Fut>(
+        &self,
+        running: &Running,
+        socket: &Arc<TcpListener>,
+        current: &Arc<ArcSwap<P>>,
+        serve: F,
+    ) where
+        P: Send + Sync + 'static,
+        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let name = running.name.clone();
+        let (socket, current) = (Arc::clone(socket), Arc::clone(current));
+        let (limit, stop, tasks) = (
+            Arc::clone(&running.limit),
+            running.stop.clone(),
+            self.tasks.clone(),
+        );
+        let stats = self.metrics.listener(&name);
+        tokio::spawn(async move {
+            listener::accept_loop(&name, socket, limit, stop, tasks, move |stream, peer| {
+                stats.connections.fetch_add(1, Relaxed);
+                serve(current.load_full(), stream, peer)
+            })
+            .await;
+        });
     }
 
     /// The data-path object of one listener for this configuration.

@@ -414,6 +414,28 @@ async fn reload_through_the_api() {
 }
 
 #[tokio::test]
+async fn a_flood_of_admin_connections_does_not_touch_the_data_path() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let web = proxy.addr("web");
+    // Twice the admin connection cap, held open without a request.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(api).await.expect("connect"));
+    }
+    let mut client = HttpClient::connect(web).await;
+    for _ in 0..20 {
+        assert_eq!(client.get("/", "").await.status, 200);
+    }
+    // Once they go, the API answers again.
+    drop(held);
+    let reply = admin(api, "GET", "/api/state", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
 async fn the_dashboard_is_one_page_with_no_external_assets() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;

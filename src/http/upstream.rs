@@ -71,7 +71,7 @@ impl UpstreamPool {
             return;
         }
         // An idle connection keeps no read buffer.
-        conn.buf = BytesMut::new();
+        super::spare::give(std::mem::take(&mut conn.buf));
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         // Oldest first: drop the expired ones, and the oldest if the list is full, so idle
