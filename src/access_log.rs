@@ -186,6 +186,53 @@ pub struct Entry<'a> {
     pub user_agent: &'a [u8],
 }
 
+/// What one TCP connection's line says.
+#[derive(Debug)]
+pub struct Connection<'a> {
+    pub listener: &'a str,
+    pub client: SocketAddr,
+    pub backend: SocketAddr,
+    /// Bytes from the client to the backend.
+    pub sent: u64,
+    /// Bytes from the backend to the client.
+    pub received: u64,
+    pub duration: Duration,
+    /// How it ended: `closed`, `idle_timeout`, `drained` or `error`.
+    pub outcome: &'a str,
+}
+
+/// Formats one TCP connection's line, newline included.
+pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String {
+    match config.format {
+        AccessLogFormat::Json => {
+            let mut line = serde_json::json!({
+                "time": rfc3339(SystemTime::now()),
+                "listener": c.listener,
+                "protocol": "tcp",
+                "client": c.client.to_string(),
+                "backend": c.backend.to_string(),
+                "bytes_sent": c.sent,
+                "bytes_received": c.received,
+                "duration_ms": c.duration.as_secs_f64() * 1e3,
+                "outcome": c.outcome,
+            })
+            .to_string();
+            line.push('\n');
+            line
+        }
+        AccessLogFormat::Combined => format!(
+            "{} - - [{}] \"TCP {}\" {} {} {} {:.3}\n",
+            c.client.ip(),
+            clf_time(SystemTime::now()),
+            c.backend,
+            c.outcome,
+            c.received,
+            c.sent,
+            c.duration.as_secs_f64() * 1e3,
+        ),
+    }
+}
+
 /// Formats `entry` as one line, newline included.
 pub fn format(config: &AccessLogConfig, entry: &Entry<'_>) -> String {
     match config.format {

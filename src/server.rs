@@ -566,18 +566,7 @@ impl ServerHandle {
         }
 
         for l in &config.listeners {
-            if let ListenerKind::Http(settings) = &l.kind
-                && let Some(log) = &settings.access_log
-            {
-                shared
-                    .logs
-                    .get(&log.target)
-                    .map_err(|source| ServerError::AccessLog {
-                        listener: l.name.clone(),
-                        target: format!("{:?}", log.target),
-                        source,
-                    })?;
-            }
+            shared.log_writer(l)?;
         }
 
         // Phase 2: new pools, then listeners. The file is in charge again: changes made through
@@ -782,6 +771,8 @@ impl Shared {
                 proxy_protocol: l.proxy_protocol.clone(),
                 snapshot: Arc::clone(&self.snapshot),
                 tls: tls.listener(&l.name),
+                access_log: self.log_writer(l)?,
+                stats: Arc::clone(&stats),
             }),
             ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
                 name: l.name.clone(),
@@ -812,21 +803,39 @@ impl Shared {
                     .map(|label| stats.route(&label))
                     .collect(),
                 stats,
-                access_log: match &settings.access_log {
-                    None => None,
-                    Some(log) => {
-                        let writer = self.logs.get(&log.target).map_err(|source| {
-                            ServerError::AccessLog {
-                                listener: l.name.clone(),
-                                target: format!("{:?}", log.target),
-                                source,
-                            }
-                        })?;
-                        Some((log.clone(), writer))
-                    }
-                },
+                access_log: self.log_writer(l)?,
             }),
         })
+    }
+
+    /// The access log of listener `l`, if it has one, with its writer (started on first use).
+    fn log_writer(
+        &self,
+        l: &ListenerConfig,
+    ) -> Result<
+        Option<(
+            crate::config::AccessLogConfig,
+            Arc<crate::access_log::Writer>,
+        )>,
+        ServerError,
+    > {
+        let log = match &l.kind {
+            ListenerKind::Http(settings) => settings.access_log.as_ref(),
+            ListenerKind::Tcp(settings) => settings.access_log.as_ref(),
+            ListenerKind::Udp(_) => None,
+        };
+        let Some(log) = log else {
+            return Ok(None);
+        };
+        let writer = self
+            .logs
+            .get(&log.target)
+            .map_err(|source| ServerError::AccessLog {
+                listener: l.name.clone(),
+                target: format!("{:?}", log.target),
+                source,
+            })?;
+        Ok(Some((log.clone(), writer)))
     }
 }
 

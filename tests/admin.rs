@@ -436,6 +436,41 @@ async fn a_flood_of_admin_connections_does_not_touch_the_data_path() {
 }
 
 #[tokio::test]
+async fn a_tcp_listener_logs_one_line_per_connection() {
+    let echo = Backend::echo().await;
+    let dir = std::env::temp_dir().join(format!("switchyard-tcplog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("tcp.log");
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"e\"\naccess_log = {{ path = \"{}\" }}\n[pools.e]\nbackends = [\"{}\"]\n",
+        log.display(),
+        echo.addr
+    ));
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+            .await
+            .expect("connect");
+        stream.write_all(b"hello").await.expect("write");
+        let mut back = [0u8; 5];
+        stream.read_exact(&mut back).await.expect("echo");
+        stream.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("eof");
+    }
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the line is written", || lines().lines().count() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    assert_eq!(line["protocol"], "tcp");
+    assert_eq!(line["listener"], "l4");
+    assert_eq!(line["backend"], echo.addr.to_string());
+    assert_eq!(line["bytes_sent"], 5);
+    assert_eq!(line["bytes_received"], 5);
+    assert_eq!(line["outcome"], "closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn the_dashboard_is_one_page_with_no_external_assets() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;

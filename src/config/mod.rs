@@ -184,6 +184,8 @@ pub struct TcpSettings {
     pub sni_routes: Vec<SniRoute>,
     /// Time a client of an SNI-routed listener has to send its whole ClientHello.
     pub client_hello_timeout: Duration,
+    /// One line per connection, when configured.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// One entry of a tcp listener's `sni_routes`.

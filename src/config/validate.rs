@@ -321,7 +321,6 @@ fn validate_listener(
                 (raw.cookie_flags.is_some(), "cookie_flags"),
                 (raw.compression.is_some(), "compression"),
                 (raw.forwarded_header.is_some(), "forwarded_header"),
-                (raw.access_log.is_some(), "access_log"),
             ] {
                 only(problems, present, key, "http");
             }
@@ -383,6 +382,14 @@ fn validate_listener(
                     );
                 }
             }
+            if protocol == "udp" {
+                only(
+                    problems,
+                    raw.access_log.is_some(),
+                    "access_log",
+                    "tcp and http",
+                );
+            }
             if protocol == "tcp" {
                 only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
                 let idle_timeout = optional_duration(
@@ -418,6 +425,9 @@ fn validate_listener(
                         splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
                         sni_routes,
                         client_hello_timeout,
+                        access_log: raw.access_log.as_ref().and_then(|log| {
+                            validate_access_log(problems, &format!("{at}.access_log"), log, base)
+                        }),
                     })
                 })
             } else {

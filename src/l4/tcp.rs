@@ -39,6 +39,13 @@ pub struct TcpProxy {
     pub proxy_protocol: Option<ProxyProtocolAccept>,
     /// The current configuration snapshot.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Where this listener's connection log lines go, and how they are written.
+    pub access_log: Option<(
+        crate::config::AccessLogConfig,
+        Arc<crate::access_log::Writer>,
+    )>,
+    /// The listener's counters.
+    pub stats: Arc<crate::metrics::ListenerStats>,
     /// TLS terminated on this listener (the backends get the decrypted bytes), if any.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
@@ -104,6 +111,7 @@ impl TcpProxy {
                 let forwarder = Forwarder::new(initial, self.settings.idle_timeout);
                 let closer = Box::pin(closer.cancelled_owned());
                 Some(Forwarding {
+                    started: std::time::Instant::now(),
                     closer,
                     proxy: self,
                     client,
@@ -399,15 +407,41 @@ struct Forwarding {
     /// Resolves at the backend's drain deadline. Boxed: it is as large as the rest together,
     /// and this keeps the task in a smaller allocation class.
     closer: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// When forwarding started, for the access log.
+    started: std::time::Instant,
 }
 
 impl Forwarding {
+    /// Writes the connection's access log line, when the listener has one.
+    fn log(&self, sent: u64, received: u64, outcome: &str) {
+        let Some((config, writer)) = &self.proxy.access_log else {
+            return;
+        };
+        let line = crate::access_log::format_connection(
+            config,
+            &crate::access_log::Connection {
+                listener: &self.proxy.name,
+                client: self.source,
+                backend: self.guard.state().addr,
+                sent,
+                received,
+                duration: self.started.elapsed(),
+                outcome,
+            },
+        );
+        if !writer.write(line) {
+            self.proxy.stats.log_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.closer.as_mut().poll(cx).is_ready() {
             debug!(
                 listener = %self.proxy.name, client = %self.source, addr = %self.guard.state().addr,
                 "closed at the backend's drain deadline"
             );
+            let moved = self.forwarder.finish();
+            self.log(moved.upstream, moved.downstream, "drained");
             return Poll::Ready(());
         }
         let settings = &self.proxy.settings;
@@ -420,6 +454,15 @@ impl Forwarding {
             self.guard.state(),
         ));
         let moved = self.forwarder.finish();
+        self.log(
+            moved.upstream,
+            moved.downstream,
+            match &result {
+                Ok(Outcome::Closed) => "closed",
+                Ok(Outcome::IdleTimeout) => "idle_timeout",
+                Err(_) => "error",
+            },
+        );
         let (listener, source, addr) = (&self.proxy.name, self.source, self.guard.state().addr);
         match result {
             Ok(Outcome::Closed) => debug!(
@@ -467,12 +510,15 @@ mod tests {
                 splice: true,
                 sni_routes: Vec::new(),
                 client_hello_timeout: Duration::from_secs(1),
+                access_log: None,
             },
             proxy_protocol: None,
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot {
                 pools: Default::default(),
             })),
             tls: None,
+            access_log: None,
+            stats: Default::default(),
         });
         let future = proxy.serve(client, addr);
         assert!(
