@@ -211,6 +211,8 @@ struct Client {
     peer_trusted: bool,
     /// What the TLS handshake established; `None` on plain connections.
     tls: Option<Negotiated>,
+    /// Requests answered on this connection so far.
+    served: u32,
 }
 
 /// How an exchange ended, for the connection loop.
@@ -316,6 +318,7 @@ impl HttpProxy {
                 source,
                 peer_trusted,
                 tls: None,
+                served: 0,
             },
             Some(tls) => match Box::pin(crate::tls::accept(tls, stream, &buf, true)).await {
                 Ok((stream, negotiated)) => Client {
@@ -324,6 +327,7 @@ impl HttpProxy {
                     source,
                     peer_trusted,
                     tls: Some(negotiated),
+                    served: 0,
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
@@ -348,6 +352,7 @@ impl HttpProxy {
                 source,
                 peer_trusted,
                 tls,
+                ..
             } = client;
             Box::pin(h2::serve(
                 Arc::clone(&self),
@@ -376,7 +381,9 @@ impl HttpProxy {
             };
             // Boxed: an idle connection waiting for its next request then carries only the
             // wait, not the state of a whole exchange.
-            match Box::pin(self.exchange(&mut client, head)).await {
+            let next = Box::pin(self.exchange(&mut client, head)).await;
+            client.served = client.served.saturating_add(1);
+            match next {
                 Next::KeepAlive => {}
                 Next::Close => return,
             }
@@ -397,14 +404,12 @@ impl HttpProxy {
                 self.client_header_timeout
             };
             client.buf.reserve(READ_CHUNK);
-            tokio::select! {
-                read = timeout(wait, client.stream.read_buf(&mut client.buf)) => {
-                    if !matches!(read, Ok(Ok(n)) if n > 0) {
-                        return false;
-                    }
-                }
-                // A connection that has sent nothing yet is idle: a shutdown closes it.
-                _ = self.shutdown.cancelled(), if client.buf.is_empty() => return false,
+            // A connection that has sent nothing yet is not closed by a shutdown: it was
+            // accepted to be served (during a binary upgrade, just before the hand-over), and
+            // its first request is answered with `Connection: close`.
+            let read = timeout(wait, client.stream.read_buf(&mut client.buf)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return false;
             }
         }
     }
@@ -429,14 +434,15 @@ impl HttpProxy {
                     // Idle between requests: hold no buffer while waiting.
                     spare::give(std::mem::take(&mut client.buf));
                     // A shutdown closes idle keep-alive connections at once rather than at
-                    // the drain deadline.
+                    // the drain deadline; one that has not had its first request yet waits
+                    // for it (see `h2c_preface`).
                     tokio::select! {
                         ready = timeout(self.keepalive_timeout, client.stream.readable()) => {
                             if !matches!(ready, Ok(Ok(()))) {
                                 return Ok(None);
                             }
                         }
-                        _ = self.shutdown.cancelled() => return Ok(None),
+                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(None),
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
