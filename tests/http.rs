@@ -1509,14 +1509,20 @@ async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
     eventually("request forwarded", || slow.accepted() == 2).await;
     let accepted = proxy.handle.metrics().listener("l7");
     eventually("all accepted", || {
-        accepted.connections.load(std::sync::atomic::Ordering::SeqCst) == 3
+        accepted
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 3
     })
     .await;
     proxy.shutdown.cancel();
     assert!(idle.closed().await, "the idle connection is closed at once");
     // The connection accepted before the shutdown gets its first request answered.
     fresh.send(b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n").await;
-    let reply = fresh.reply().await.expect("the accepted connection is served");
+    let reply = fresh
+        .reply()
+        .await
+        .expect("the accepted connection is served");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("connection"), Some("close"));
     let reply = busy.reply().await.expect("the request in flight completes");

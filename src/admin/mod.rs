@@ -47,7 +47,7 @@ const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
 
 /// Why the admin listener could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("admin listener: cannot bind {addr}: {source}")]
+#[error("admin listener: cannot bind {addr}")]
 pub struct AdminError {
     addr: SocketAddr,
     #[source]
@@ -56,22 +56,45 @@ pub struct AdminError {
 
 /// A bound admin listener, not yet serving.
 pub struct Admin {
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     token: Option<Arc<str>>,
 }
+
+/// The name the admin socket goes by in a binary upgrade's hand-over.
+pub const UPGRADE_NAME: &str = "[admin]";
 
 impl Admin {
     /// Binds the admin address.
     pub fn bind(config: &AdminConfig) -> Result<Admin, AdminError> {
+        Admin::bind_or_adopt(config, None)
+    }
+
+    /// Binds the admin address, or takes the socket an old process handed over.
+    pub fn bind_or_adopt(
+        config: &AdminConfig,
+        inherited: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Admin, AdminError> {
         let error = |source| AdminError {
             addr: config.bind,
             source,
         };
-        let listener = crate::listener::bind_tcp(config.bind).map_err(error)?;
+        let listener = match inherited {
+            None => crate::listener::bind_tcp(config.bind).map_err(error)?,
+            Some(fd) => {
+                let socket = std::net::TcpListener::from(fd);
+                socket.set_nonblocking(true).map_err(error)?;
+                TcpListener::from_std(socket).map_err(error)?
+            }
+        };
         Ok(Admin {
-            listener,
+            listener: Arc::new(listener),
             token: config.token.as_deref().map(Arc::from),
         })
+    }
+
+    /// The listening socket, for a binary upgrade's hand-over.
+    pub fn socket(&self) -> Arc<TcpListener> {
+        Arc::clone(&self.listener)
     }
 
     /// The address it is bound to.
@@ -204,7 +227,7 @@ impl Api {
                     Ok(body) => body,
                     Err(response) => return response,
                 };
-                self.set_weight(pool, address, &body)
+                self.set_weight(pool, address, &body).await
             }
             (_, ["metrics"] | ["api", "state"] | ["api", "reload"])
             | (_, ["api", "pools", _, "backends", _, _]) => {
@@ -309,7 +332,7 @@ impl Api {
         )
     }
 
-    fn set_weight(&self, pool: &str, address: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    async fn set_weight(&self, pool: &str, address: &str, body: &[u8]) -> Response<Full<Bytes>> {
         let (_, state) = match self.backend(pool, address) {
             Ok(found) => found,
             Err(response) => return *response,
@@ -324,7 +347,7 @@ impl Api {
             }
         };
         state.set_weight_override(weight);
-        self.handle.rebuild_pools();
+        self.handle.rebuild_pools().await;
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
         match snapshot.pool(pool) {

@@ -130,6 +130,9 @@ pub struct HttpProxy {
     /// settings answer their next request with `Connection: close`, so their clients come
     /// back to the new ones (never closing an idle connection under a client's feet).
     pub retired: std::sync::atomic::AtomicBool,
+    /// The settings that replaced these in a reload that kept the listener: connections that
+    /// started with these follow it for their next request.
+    pub successor: arc_swap::ArcSwapOption<HttpProxy>,
     /// The listener's counters.
     pub stats: Arc<crate::metrics::ListenerStats>,
     /// Counters per route: the routes in file order, then the default pool, then requests no
@@ -280,8 +283,21 @@ impl HttpProxy {
         }
     }
 
+    /// The settings in force for this listener now: these, or their latest successor.
+    pub fn current(self: &Arc<Self>) -> Arc<Self> {
+        let mut proxy = Arc::clone(self);
+        // Bounded: a chain longer than this only delays following to the next request.
+        for _ in 0..64 {
+            match proxy.successor.load_full() {
+                Some(next) => proxy = next,
+                None => break,
+            }
+        }
+        proxy
+    }
+
     /// Whether responses should tell clients to close: the process is draining, or a reload
-    /// replaced these settings.
+    /// removed this listener.
     fn closing(&self) -> bool {
         self.shutdown.is_cancelled() || self.retired.load(Relaxed)
     }
@@ -365,23 +381,28 @@ impl HttpProxy {
             .await;
             return;
         }
+        let mut proxy = self;
         loop {
-            let head = match self.read_request(&mut client).await {
+            let head = match proxy.read_request(&mut client).await {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
                         &h1::error_response(status, true),
-                        self.keepalive_timeout,
+                        proxy.keepalive_timeout,
                     )
                     .await;
                     return;
                 }
             };
+            // A reload that kept this listener takes effect from the next request on.
+            if proxy.successor.load().is_some() {
+                proxy = proxy.current();
+            }
             // Boxed: an idle connection waiting for its next request then carries only the
             // wait, not the state of a whole exchange.
-            let next = Box::pin(self.exchange(&mut client, head)).await;
+            let next = Box::pin(proxy.exchange(&mut client, head)).await;
             client.served = client.served.saturating_add(1);
             match next {
                 Next::KeepAlive => {}
