@@ -202,6 +202,11 @@ fn run(
         // should end the process cleanly, not by the default action.
         let shutdown = CancellationToken::new();
         stop_on_signals(shutdown.clone())?;
+        // SIGHUP and SIGUSR1 too, so that one arriving while the file loads (or while an
+        // upgrade takes its sockets) is kept for later rather than ending the process.
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let usr1 =
+            signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
         // Watching starts before the file is read, so that a change made while it loads is
         // not missed.
         let watcher = watch
@@ -232,7 +237,8 @@ fn run(
         )?;
         // Every listener is listening now (connections queue until the accept loops start):
         // the old process may stop accepting.
-        if let Some(inherited) = inherited {
+        // A shutdown asked for meanwhile: the old process goes on serving.
+        if let Some(inherited) = inherited.filter(|_| !shutdown.is_cancelled()) {
             inherited
                 .ready()
                 .context("telling the old process to drain")?;
@@ -247,8 +253,8 @@ fn run(
                 }
             });
         }
-        reload_on_sighup(server.handle())?;
-        reopen_logs_on_sigusr1(server.handle())?;
+        reload_on_sighup(server.handle(), hup);
+        reopen_logs_on_sigusr1(server.handle(), usr1);
         if let Some(watcher) = watcher {
             tokio::spawn(watcher.run(server.handle()));
         }
@@ -280,8 +286,10 @@ fn raise_fd_limit() {
 
 /// SIGHUP reloads the configuration file. A SIGHUP that arrives during a reload is kept and
 /// starts another one after it; a failed reload is logged and changes nothing.
-fn reload_on_sighup(handle: switchyard::server::ServerHandle) -> anyhow::Result<()> {
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+fn reload_on_sighup(
+    handle: switchyard::server::ServerHandle,
+    mut hup: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             info!("SIGHUP received: reloading the configuration");
@@ -289,19 +297,19 @@ fn reload_on_sighup(handle: switchyard::server::ServerHandle) -> anyhow::Result<
             let _ = handle.reload_file().await;
         }
     });
-    Ok(())
 }
 
 /// SIGUSR1 reopens access log files (after logrotate moved them).
-fn reopen_logs_on_sigusr1(handle: switchyard::server::ServerHandle) -> anyhow::Result<()> {
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+fn reopen_logs_on_sigusr1(
+    handle: switchyard::server::ServerHandle,
+    mut usr1: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
             info!("SIGUSR1 received: reopening access logs");
             handle.reopen_logs();
         }
     });
-    Ok(())
 }
 
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.

@@ -149,6 +149,8 @@ pub struct Shared {
     admin: Mutex<Option<crate::admin::Admin>>,
     /// Where the admin listener is bound, if there is one.
     admin_addr: Option<SocketAddr>,
+    /// The admin listener's socket, handed over in a binary upgrade.
+    admin_socket: Option<Arc<TcpListener>>,
 }
 
 /// A handle on a running (or about to run) server: reload, state, addresses.
@@ -201,8 +203,17 @@ impl Server {
         )));
         let admin = match &config.admin {
             None => None,
-            Some(admin) => Some(crate::admin::Admin::bind(admin).map_err(ServerError::Admin)?),
+            Some(admin) => {
+                let adopted = inherited
+                    .as_deref_mut()
+                    .and_then(|i| i.take(crate::admin::UPGRADE_NAME, admin.bind, false));
+                Some(
+                    crate::admin::Admin::bind_or_adopt(admin, adopted)
+                        .map_err(ServerError::Admin)?,
+                )
+            }
         };
+        let admin_socket = admin.as_ref().map(crate::admin::Admin::socket);
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let shared = Arc::new(Shared {
             registry,
@@ -226,6 +237,7 @@ impl Server {
             reload_failures: AtomicU64::new(0),
             admin: Mutex::new(admin),
             admin_addr,
+            admin_socket,
         });
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -237,7 +249,8 @@ impl Server {
                 Some(fd) => adopt(l, fd, udp)?,
                 None => bind_socket(l)?,
             };
-            listeners.push(shared.running(l, socket, &tls)?);
+            let built = shared.proxy(l, &tls)?;
+            listeners.push(shared.running(l, socket, built)?);
         }
         let mut state = shared.lock();
         state.listeners = listeners;
@@ -398,7 +411,18 @@ impl ServerHandle {
     /// process takes over in a binary upgrade.
     pub fn sockets(&self) -> Vec<(crate::upgrade::Description, std::os::fd::OwnedFd)> {
         use std::os::fd::AsFd;
-        self.0
+        let admin = self.0.admin_socket.as_ref().and_then(|socket| {
+            let bind = self.0.lock().config.admin.as_ref()?.bind;
+            let fd = socket.as_fd().try_clone_to_owned().ok()?;
+            let description = crate::upgrade::Description {
+                name: crate::admin::UPGRADE_NAME.to_owned(),
+                bind,
+                udp: false,
+            };
+            Some((description, fd))
+        });
+        let mut sockets: Vec<_> = self
+            .0
             .lock()
             .listeners
             .iter()
@@ -414,7 +438,9 @@ impl ServerHandle {
                 };
                 fd.ok().map(|fd| (description, fd))
             })
-            .collect()
+            .collect();
+        sockets.extend(admin);
+        sockets
     }
 
     /// Where the admin API listens, if it is configured.
@@ -454,7 +480,9 @@ impl ServerHandle {
 
     /// Builds the pools again from the configuration in force, with the weights the admin API
     /// set; health checks and drains go on as they are.
-    pub fn rebuild_pools(&self) {
+    pub async fn rebuild_pools(&self) {
+        // Not while a reload is being applied: it would store pools of the old file.
+        let _one_at_a_time = self.0.reloading.lock().await;
         let state = self.0.lock();
         let snapshot = Snapshot::new(&state.config, &self.0.registry, &state.tls);
         self.0.snapshot.store(Arc::new(snapshot));
@@ -585,30 +613,34 @@ impl ServerHandle {
             }
         }
 
-        for l in &config.listeners {
-            shared.log_writer(l)?;
-        }
+        // Every listener's new settings (access log files opened).
+        let built = config
+            .listeners
+            .iter()
+            .map(|l| shared.proxy(l, &tls))
+            .collect::<Result<Vec<_>, _>>()?;
 
-        // Phase 2: new pools, then listeners. The file is in charge again: changes made through
-        // the admin API end here.
+        // Phase 2, which cannot fail: new pools, then listeners, all under the state lock (a
+        // weight change through the admin API takes it too, so it cannot interleave). The file
+        // is in charge again: changes made through the admin API end here.
+        let mut summary = ReloadSummary::default();
+        let mut state = shared.lock();
         for (_, backend) in shared.registry.all() {
             backend.clear_overrides();
         }
-        let snapshot = Snapshot::new(&config, &shared.registry, &tls);
-        shared.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(Snapshot::new(&config, &shared.registry, &tls));
+        shared.snapshot.store(Arc::clone(&snapshot));
         shared.registry.retain(&config);
-        let mut summary = ReloadSummary::default();
-        let mut state = shared.lock();
         state.checks.cancel();
         state.checks = shared.shutdown.child_token();
-        shared.snapshot.load().activate(&state.checks);
+        snapshot.activate(&state.checks);
 
         let mut old: Vec<Option<Running>> = std::mem::take(&mut state.listeners)
             .into_iter()
             .map(Some)
             .collect();
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (l, socket) in config.listeners.iter().zip(sockets) {
+        for ((l, socket), built) in config.listeners.iter().zip(sockets).zip(built) {
             let same = old.iter().position(|r| {
                 r.as_ref().is_some_and(|r| {
                     r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind)
@@ -617,11 +649,11 @@ impl ServerHandle {
             if let Some(i) = same
                 && let Some(mut running) = old[i].take()
             {
-                shared.update(&mut running, l, &tls)?;
+                shared.update(&mut running, l, built);
                 summary.updated.push(l.name.clone());
                 listeners.push(running);
             } else if let Some(socket) = socket {
-                let mut running = shared.running(l, socket, &tls)?;
+                let mut running = shared.running(l, socket, built)?;
                 shared.start(&mut running);
                 summary.started.push(l.name.clone());
                 listeners.push(running);
@@ -655,7 +687,7 @@ impl Shared {
         &self,
         l: &ListenerConfig,
         socket: Socket,
-        tls: &TlsStore,
+        built: Built,
     ) -> Result<Running, ServerError> {
         let addr = match &socket {
             Socket::Tcp(s) => s.local_addr(),
@@ -666,7 +698,7 @@ impl Shared {
             addr: l.bind,
             source,
         })?;
-        let proxy = match self.proxy(l, tls)? {
+        let proxy = match built {
             Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
             Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
             Built::Udp(p) => Proxy::Udp(
@@ -689,16 +721,12 @@ impl Shared {
     }
 
     /// Gives a listener that stays its new settings.
-    fn update(
-        &self,
-        running: &mut Running,
-        l: &ListenerConfig,
-        tls: &TlsStore,
-    ) -> Result<(), ServerError> {
-        match (&running.proxy, self.proxy(l, tls)?) {
+    fn update(&self, running: &mut Running, l: &ListenerConfig, built: Built) {
+        match (&running.proxy, built) {
             (Proxy::Tcp(current), Built::Tcp(new)) => current.store(Arc::new(new)),
             (Proxy::Http(current), Built::Http(new)) => {
-                current.swap(Arc::new(new)).retired.store(true, Relaxed);
+                let new = Arc::new(new);
+                current.swap(Arc::clone(&new)).successor.store(Some(new));
             }
             (Proxy::Udp(current, _), Built::Udp(new)) => current.store(Arc::new(new)),
             _ => unreachable_kind(),
@@ -710,14 +738,14 @@ impl Shared {
             // Take the surplus out as connections end; the permits are then forgotten.
             let surplus = (running.max_connections - wanted) as u32;
             let limit = Arc::clone(&running.limit);
-            self.tasks.spawn(async move {
+            // Not tracked: a shutdown does not wait for it.
+            tokio::spawn(async move {
                 if let Ok(permits) = limit.acquire_many_owned(surplus).await {
                     permits.forget();
                 }
             });
         }
         running.max_connections = wanted;
-        Ok(())
     }
 
     /// Starts a listener's accept (tcp, http) or receive (udp) loop.
@@ -817,6 +845,7 @@ impl Shared {
                 shutdown: self.shutdown.clone(),
                 tls: tls.listener(&l.name),
                 retired: std::sync::atomic::AtomicBool::new(false),
+                successor: arc_swap::ArcSwapOption::empty(),
                 route_stats: (0..settings.routes.len())
                     .map(|i| i.to_string())
                     .chain(["default".to_owned(), "unrouted".to_owned()])

@@ -469,3 +469,66 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
     assert_eq!(line["outcome"], "closed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_dashboard_is_one_page_with_no_external_assets() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let page = admin(api, "GET", "/", None, "").await;
+    assert_eq!(page.status, 200);
+    let csp = page.header("content-security-policy").expect("a CSP");
+    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+    let html = page.text();
+    assert!(html.contains("/api/state"), "the page reads the state");
+    let lower = html.to_ascii_lowercase();
+    // Nothing loaded from elsewhere, nor from this listener: the page is all there is.
+    for banned in [
+        "http://", "https://", "//cdn", "src=", "href=", "url(", "@import", "<link", "<iframe",
+    ] {
+        assert!(!lower.contains(banned), "the page contains `{banned}`");
+    }
+    // Data reaches the DOM as text only.
+    for banned in [
+        "innerhtml",
+        "outerhtml",
+        "insertadjacenthtml",
+        "document.write",
+    ] {
+        assert!(!lower.contains(banned), "the page uses `{banned}`");
+    }
+}
+
+#[tokio::test]
+async fn changes_from_a_page_of_another_origin_are_refused() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let path = format!("/api/pools/p/backends/{}/drain", a.addr);
+    let mut client = HttpClient::connect(api).await;
+    client
+        .send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {api}\r\nOrigin: http://attacker.example\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    let refused = client.reply().await.expect("an answer");
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["pools"][0]["backends"][0]["draining"], false);
+    // The dashboard's own origin is fine.
+    let mut client = HttpClient::connect(api).await;
+    client
+        .send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {api}\r\nOrigin: http://{api}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(client.reply().await.expect("an answer").status, 200);
+}

@@ -1498,14 +1498,33 @@ async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
     .await;
     let mut proxy = Proxy::start(&single_pool(&[slow.addr], "", ""));
     let addr = proxy.addr("l7");
-    // One idle keep-alive client, one with a request in flight.
+    // One idle keep-alive client (it has had a response), one connected that has not sent its
+    // first request yet, and one with a request in flight.
     let mut idle = HttpClient::connect(addr).await;
+    assert_eq!(idle.get("/first", "").await.status, 200);
+    let mut fresh = HttpClient::connect(addr).await;
     let mut busy = HttpClient::connect(addr).await;
     busy.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
-    // Let the request reach the backend before the shutdown starts.
-    eventually("request forwarded", || slow.accepted() == 1).await;
+    // Let the request reach the backend, and every connection be accepted, before the shutdown.
+    eventually("request forwarded", || slow.accepted() == 2).await;
+    let accepted = proxy.handle.metrics().listener("l7");
+    eventually("all accepted", || {
+        accepted
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 3
+    })
+    .await;
     proxy.shutdown.cancel();
     assert!(idle.closed().await, "the idle connection is closed at once");
+    // The connection accepted before the shutdown gets its first request answered.
+    fresh.send(b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = fresh
+        .reply()
+        .await
+        .expect("the accepted connection is served");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("connection"), Some("close"));
     let reply = busy.reply().await.expect("the request in flight completes");
     assert_eq!((reply.status, reply.text().as_str()), (200, "done"));
     assert_eq!(reply.header("connection"), Some("close"));

@@ -36,10 +36,17 @@ async fn a_reload_changes_routes_and_keeps_the_socket() {
     assert_eq!(proxy.addr("web"), addr, "same socket");
     let mut fresh = HttpClient::connect(addr).await;
     assert_eq!(fresh.get("/", "").await.header("x-backend"), Some("b"));
-    // The client that stayed connected is served, and told to come back for the new settings.
+    // The client that stayed connected gets the new settings from its next request on, even
+    // when the pool it used is gone.
     let reply = kept.get("/", "").await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.header("connection"), Some("close"));
+    assert_eq!(reply.header("x-backend"), Some("b"));
+    assert_eq!(reply.header("connection"), None);
+    let renamed = pools.replace("[pools.a]", "[pools.c]");
+    proxy
+        .reload(&web("b", "", &renamed))
+        .await
+        .expect("reloads");
+    assert_eq!(kept.get("/", "").await.header("x-backend"), Some("b"));
 }
 
 #[tokio::test]

@@ -15,8 +15,13 @@ async fn the_hand_over_under_load_refuses_no_connection() {
     let dir = std::env::temp_dir().join(format!("switchyard-upgrade-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let socket = dir.join("upgrade.sock");
+    // A free port for the admin listener, which is handed over too.
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     let config = format!(
-        "[global]\ndrain_timeout = \"10s\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+        "[admin]\nbind = \"127.0.0.1:{admin_port}\"\n[global]\ndrain_timeout = \"10s\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
         backend.addr
     );
     let offer: [&OsStr; 2] = ["--upgrade-socket".as_ref(), socket.as_os_str()];
@@ -72,6 +77,15 @@ async fn the_hand_over_under_load_refuses_no_connection() {
         worker.await.expect("joins");
     }
     assert_eq!(failed.load(SeqCst), 0, "{} served", ok.load(SeqCst));
+    // The admin API came along: the new process answers on the same address.
+    let mut admin = HttpClient::connect(([127, 0, 0, 1], admin_port).into()).await;
+    let reply = admin.get("/api/state", "").await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.text().contains("\"generation\":1"),
+        "{}",
+        reply.text()
+    );
     drop(new);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -39,10 +39,15 @@ const MAX_BODY: usize = 4096;
 
 /// The dashboard: one page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
+/// What the dashboard may do in a browser: its own inline script and style, requests to this
+/// listener only, and no framing (its buttons change the running server).
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
+    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Why the admin listener could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("admin listener: cannot bind {addr}: {source}")]
+#[error("admin listener: cannot bind {addr}")]
 pub struct AdminError {
     addr: SocketAddr,
     #[source]
@@ -51,22 +56,45 @@ pub struct AdminError {
 
 /// A bound admin listener, not yet serving.
 pub struct Admin {
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     token: Option<Arc<str>>,
 }
+
+/// The name the admin socket goes by in a binary upgrade's hand-over.
+pub const UPGRADE_NAME: &str = "[admin]";
 
 impl Admin {
     /// Binds the admin address.
     pub fn bind(config: &AdminConfig) -> Result<Admin, AdminError> {
+        Admin::bind_or_adopt(config, None)
+    }
+
+    /// Binds the admin address, or takes the socket an old process handed over.
+    pub fn bind_or_adopt(
+        config: &AdminConfig,
+        inherited: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Admin, AdminError> {
         let error = |source| AdminError {
             addr: config.bind,
             source,
         };
-        let listener = crate::listener::bind_tcp(config.bind).map_err(error)?;
+        let listener = match inherited {
+            None => crate::listener::bind_tcp(config.bind).map_err(error)?,
+            Some(fd) => {
+                let socket = std::net::TcpListener::from(fd);
+                socket.set_nonblocking(true).map_err(error)?;
+                TcpListener::from_std(socket).map_err(error)?
+            }
+        };
         Ok(Admin {
-            listener,
+            listener: Arc::new(listener),
             token: config.token.as_deref().map(Arc::from),
         })
+    }
+
+    /// The listening socket, for a binary upgrade's hand-over.
+    pub fn socket(&self) -> Arc<TcpListener> {
+        Arc::clone(&self.listener)
     }
 
     /// The address it is bound to.
@@ -144,10 +172,27 @@ impl Api {
         let method = request.method().clone();
         if path == "/" || path == "/index.html" {
             return if method == Method::GET || method == Method::HEAD {
-                respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into())
+                let mut page =
+                    respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into());
+                let headers = page.headers_mut();
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    header::HeaderValue::from_static(DASHBOARD_CSP),
+                );
+                headers.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    header::HeaderValue::from_static("nosniff"),
+                );
+                page
             } else {
                 error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
             };
+        }
+        if method != Method::GET && method != Method::HEAD && !same_origin(&request) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "a change requested by a page of another origin is refused",
+            );
         }
         if !self.authorized(&request) {
             let mut response = error(
@@ -182,7 +227,7 @@ impl Api {
                     Ok(body) => body,
                     Err(response) => return response,
                 };
-                self.set_weight(pool, address, &body)
+                self.set_weight(pool, address, &body).await
             }
             (_, ["metrics"] | ["api", "state"] | ["api", "reload"])
             | (_, ["api", "pools", _, "backends", _, _]) => {
@@ -287,7 +332,7 @@ impl Api {
         )
     }
 
-    fn set_weight(&self, pool: &str, address: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    async fn set_weight(&self, pool: &str, address: &str, body: &[u8]) -> Response<Full<Bytes>> {
         let (_, state) = match self.backend(pool, address) {
             Ok(found) => found,
             Err(response) => return *response,
@@ -302,7 +347,7 @@ impl Api {
             }
         };
         state.set_weight_override(weight);
-        self.handle.rebuild_pools();
+        self.handle.rebuild_pools().await;
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
         match snapshot.pool(pool) {
@@ -324,6 +369,22 @@ fn found_weight(pool: &crate::pool::Pool, state: &Arc<crate::backend::BackendSta
         .iter()
         .find(|c| Arc::ptr_eq(&c.state, state))
         .map_or(0, |c| c.weight)
+}
+
+/// Whether a request that changes something may come from where it says it comes from: a browser
+/// names the page's origin in `Origin`, and a page of another site (which could otherwise post
+/// to a loopback admin API without a token) does not get to drain backends. Requests without
+/// `Origin` (curl, scripts) pass.
+fn same_origin<B>(request: &Request<B>) -> bool {
+    let Some(origin) = request.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin = origin.to_str().ok().and_then(|o| o.strip_prefix("http://"));
+    matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
 /// `{"weight": N}` or a bare `N`.
@@ -408,5 +469,21 @@ mod tests {
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn changes_from_other_origins_are_refused() {
+        let request = |origin: Option<&str>| {
+            let mut builder = Request::builder().header(header::HOST, "127.0.0.1:9901");
+            if let Some(origin) = origin {
+                builder = builder.header(header::ORIGIN, origin);
+            }
+            builder.body(()).unwrap()
+        };
+        assert!(same_origin(&request(None)));
+        assert!(same_origin(&request(Some("http://127.0.0.1:9901"))));
+        assert!(!same_origin(&request(Some("http://127.0.0.1:9902"))));
+        assert!(!same_origin(&request(Some("https://evil.example"))));
+        assert!(!same_origin(&request(Some("null"))));
     }
 }

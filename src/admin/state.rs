@@ -135,6 +135,10 @@ pub fn backend(pool: &Pool, state: &BackendState, weight: u32) -> Value {
             "counts": state.response_time.counts(),
             "sum_seconds": state.response_time.sum_seconds(),
         },
+        "connect_time": {
+            "counts": state.connect_time.counts(),
+            "sum_seconds": state.connect_time.sum_seconds(),
+        },
         "latency_ewma_ms": state.latency_ewma() / 1e6,
     })
 }

@@ -80,7 +80,8 @@ pub async fn serve(
     let activity = Arc::new(Activity::default());
     let streams = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let proxy = Arc::clone(&proxy);
+        // A reload that kept the listener applies to the streams that start after it.
+        let proxy = proxy.current();
         let streams = Arc::clone(&streams);
         let tls = Arc::clone(&tls);
         async move {

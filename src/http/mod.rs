@@ -130,6 +130,9 @@ pub struct HttpProxy {
     /// settings answer their next request with `Connection: close`, so their clients come
     /// back to the new ones (never closing an idle connection under a client's feet).
     pub retired: std::sync::atomic::AtomicBool,
+    /// The settings that replaced these in a reload that kept the listener: connections that
+    /// started with these follow it for their next request.
+    pub successor: arc_swap::ArcSwapOption<HttpProxy>,
     /// The listener's counters.
     pub stats: Arc<crate::metrics::ListenerStats>,
     /// Counters per route: the routes in file order, then the default pool, then requests no
@@ -211,6 +214,8 @@ struct Client {
     peer_trusted: bool,
     /// What the TLS handshake established; `None` on plain connections.
     tls: Option<Negotiated>,
+    /// Requests answered on this connection so far.
+    served: u32,
 }
 
 /// How an exchange ended, for the connection loop.
@@ -278,8 +283,21 @@ impl HttpProxy {
         }
     }
 
+    /// The settings in force for this listener now: these, or their latest successor.
+    pub fn current(self: &Arc<Self>) -> Arc<Self> {
+        let mut proxy = Arc::clone(self);
+        // Bounded: a chain longer than this only delays following to the next request.
+        for _ in 0..64 {
+            match proxy.successor.load_full() {
+                Some(next) => proxy = next,
+                None => break,
+            }
+        }
+        proxy
+    }
+
     /// Whether responses should tell clients to close: the process is draining, or a reload
-    /// replaced these settings.
+    /// removed this listener.
     fn closing(&self) -> bool {
         self.shutdown.is_cancelled() || self.retired.load(Relaxed)
     }
@@ -316,6 +334,7 @@ impl HttpProxy {
                 source,
                 peer_trusted,
                 tls: None,
+                served: 0,
             },
             Some(tls) => match Box::pin(crate::tls::accept(tls, stream, &buf, true)).await {
                 Ok((stream, negotiated)) => Client {
@@ -324,6 +343,7 @@ impl HttpProxy {
                     source,
                     peer_trusted,
                     tls: Some(negotiated),
+                    served: 0,
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
@@ -348,6 +368,7 @@ impl HttpProxy {
                 source,
                 peer_trusted,
                 tls,
+                ..
             } = client;
             Box::pin(h2::serve(
                 Arc::clone(&self),
@@ -360,23 +381,30 @@ impl HttpProxy {
             .await;
             return;
         }
+        let mut proxy = self;
         loop {
-            let head = match self.read_request(&mut client).await {
+            let head = match proxy.read_request(&mut client).await {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
                         &h1::error_response(status, true),
-                        self.keepalive_timeout,
+                        proxy.keepalive_timeout,
                     )
                     .await;
                     return;
                 }
             };
+            // A reload that kept this listener takes effect from the next request on.
+            if proxy.successor.load().is_some() {
+                proxy = proxy.current();
+            }
             // Boxed: an idle connection waiting for its next request then carries only the
             // wait, not the state of a whole exchange.
-            match Box::pin(self.exchange(&mut client, head)).await {
+            let next = Box::pin(proxy.exchange(&mut client, head)).await;
+            client.served = client.served.saturating_add(1);
+            match next {
                 Next::KeepAlive => {}
                 Next::Close => return,
             }
@@ -397,14 +425,12 @@ impl HttpProxy {
                 self.client_header_timeout
             };
             client.buf.reserve(READ_CHUNK);
-            tokio::select! {
-                read = timeout(wait, client.stream.read_buf(&mut client.buf)) => {
-                    if !matches!(read, Ok(Ok(n)) if n > 0) {
-                        return false;
-                    }
-                }
-                // A connection that has sent nothing yet is idle: a shutdown closes it.
-                _ = self.shutdown.cancelled(), if client.buf.is_empty() => return false,
+            // A connection that has sent nothing yet is not closed by a shutdown: it was
+            // accepted to be served (during a binary upgrade, just before the hand-over), and
+            // its first request is answered with `Connection: close`.
+            let read = timeout(wait, client.stream.read_buf(&mut client.buf)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return false;
             }
         }
     }
@@ -429,14 +455,15 @@ impl HttpProxy {
                     // Idle between requests: hold no buffer while waiting.
                     spare::give(std::mem::take(&mut client.buf));
                     // A shutdown closes idle keep-alive connections at once rather than at
-                    // the drain deadline.
+                    // the drain deadline; one that has not had its first request yet waits
+                    // for it (see `h2c_preface`).
                     tokio::select! {
                         ready = timeout(self.keepalive_timeout, client.stream.readable()) => {
                             if !matches!(ready, Ok(Ok(()))) {
                                 return Ok(None);
                             }
                         }
-                        _ = self.shutdown.cancelled() => return Ok(None),
+                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(None),
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
