@@ -30,14 +30,18 @@ pub struct Writer {
     /// Lines dropped because the queue was full.
     pub dropped: AtomicU64,
     reopen: Arc<AtomicBool>,
+    /// Lines queued and not yet written.
+    pending: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Queues one line (with its newline); drops it when the queue is full.
     pub fn write(&self, line: String) -> bool {
+        self.pending.fetch_add(1, Relaxed);
         match self.queue.try_send(line) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Relaxed);
                 self.dropped.fetch_add(1, Relaxed);
                 false
             }
@@ -66,17 +70,38 @@ impl Writers {
         let reopen = Arc::new(AtomicBool::new(false));
         let output = Output::open(target)?;
         let flag = Arc::clone(&reopen);
+        let pending = Arc::new(AtomicU64::new(0));
+        let written = Arc::clone(&pending);
         let target_for_thread = target.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || drain(lines, output, &target_for_thread, &flag))?;
+            .spawn(move || drain(lines, output, &target_for_thread, &flag, &written))?;
         let writer = Arc::new(Writer {
             queue,
             dropped: AtomicU64::new(0),
             reopen,
+            pending,
         });
         writers.insert(target.clone(), Arc::clone(&writer));
         Ok(writer)
+    }
+
+    /// Waits, up to `limit`, until every queued line is written: the lines of the last requests
+    /// of a drain are not lost when the process exits.
+    pub async fn flush(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let writers: Vec<Arc<Writer>> = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        while writers.iter().any(|w| w.pending.load(Relaxed) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Asks every file writer to reopen its file (SIGUSR1).
@@ -132,15 +157,21 @@ fn drain(
     mut output: Output,
     target: &AccessLogTarget,
     reopen: &AtomicBool,
+    pending: &AtomicU64,
 ) {
     let mut batch = String::new();
+    let mut count = 0u64;
     loop {
         match lines.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
                 batch.push_str(&line);
+                count += 1;
                 while batch.len() < 64 * 1024 {
                     match lines.try_recv() {
-                        Ok(line) => batch.push_str(&line),
+                        Ok(line) => {
+                            batch.push_str(&line);
+                            count += 1;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -161,6 +192,8 @@ fn drain(
                 warn!(?target, %error, "access log write failed");
             }
             batch.clear();
+            pending.fetch_sub(count, Relaxed);
+            count = 0;
         }
     }
 }
@@ -275,7 +308,7 @@ fn combined(e: &Entry<'_>) -> String {
         if b.is_empty() {
             "-".to_owned()
         } else {
-            String::from_utf8_lossy(b).replace('"', "\\\"")
+            escape(b)
         }
     };
     let mut line = String::with_capacity(256);
@@ -285,16 +318,31 @@ fn combined(e: &Entry<'_>) -> String {
         "{client} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {:.3}",
         clf_time(SystemTime::now()),
         e.method,
-        e.target.replace('"', "%22"),
+        escape(e.target.as_bytes()),
         e.protocol,
         e.status,
         e.bytes,
         quoted(e.referer),
         quoted(e.user_agent),
-        String::from_utf8_lossy(e.request_id),
+        escape(e.request_id),
         e.duration.as_secs_f64() * 1e3,
     );
     line
+}
+
+/// A value a client sent, made safe inside a quoted field of a text log line: `"`, `\`,
+/// control and non-ASCII bytes become `\xHH` (as NGINX writes them), so no value can end its
+/// field or forge a line.
+fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+    out
 }
 
 /// Days since 1970-01-01 to (year, month, day), in the proleptic Gregorian calendar
@@ -349,6 +397,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn escaping() {
+        assert_eq!(
+            escape(b"a\" 200 1 \"x\\\n\xff"),
+            "a\\x22 200 1 \\x22x\\x5C\\x0A\\xFF"
+        );
+    }
+
+    #[test]
     fn calendar() {
         assert_eq!(civil(0), (1970, 1, 1));
         // 2024-02-29, a leap day: 19782 days after the epoch.
@@ -380,7 +436,7 @@ mod tests {
         let line = combined(&entry);
         assert!(line.starts_with("- - - ["), "{line}");
         assert!(
-            line.contains("\"GET /a?b=%22c%22 HTTP/1.1\" 200 12 \"-\" \"-\" abc"),
+            line.contains("\"GET /a?b=\\x22c\\x22 HTTP/1.1\" 200 12 \"-\" \"-\" abc"),
             "{line}"
         );
     }

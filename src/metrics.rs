@@ -95,9 +95,15 @@ impl RouteStats {
     /// Counts one request answered with `status` after `elapsed`.
     #[inline]
     pub fn observe(&self, status: u16, elapsed: Duration) {
+        self.count(status);
+        self.duration.observe(elapsed);
+    }
+
+    /// Counts one request answered with `status`, without timing it.
+    #[inline]
+    pub fn count(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.responses[class].fetch_add(1, Relaxed);
-        self.duration.observe(elapsed);
     }
 }
 

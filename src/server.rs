@@ -331,7 +331,7 @@ impl Server {
             ?deadline,
             "shutting down: no longer accepting, draining"
         );
-        if tokio::time::timeout(deadline, shared.tasks.wait())
+        let left = if tokio::time::timeout(deadline, shared.tasks.wait())
             .await
             .is_ok()
         {
@@ -341,7 +341,10 @@ impl Server {
             let left = shared.tasks.len();
             warn!(left, "drain deadline reached, closing what is left");
             left
-        }
+        };
+        // The log lines of the last requests, before the process exits.
+        shared.logs.flush(std::time::Duration::from_secs(2)).await;
+        left
     }
 }
 

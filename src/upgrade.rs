@@ -22,6 +22,8 @@ use crate::server::ServerHandle;
 
 /// The most sockets one hand-over carries.
 const MAX_SOCKETS: usize = 1024;
+/// The longest description line accepted.
+const MAX_HEADER: usize = 1 << 20;
 /// Time the new process has to take the sockets and say it is ready.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -50,6 +52,12 @@ impl Inherited {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
         let (length, fds) = recv_with_fds(stream.as_raw_fd())?;
+        if length > MAX_HEADER {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the description of the sockets is too long",
+            ));
+        }
         let mut header = vec![0u8; length];
         (&stream).read_exact(&mut header)?;
         let descriptions: Vec<Description> = serde_json::from_slice(&header)
@@ -170,7 +178,8 @@ fn send_with_fds(socket: RawFd, length: usize, fds: &[RawFd]) -> io::Result<()> 
     let payload = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-    let mut control = vec![0u8; space.max(1)];
+    // u64 elements: a cmsghdr needs 8-byte alignment, which a byte buffer does not promise.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -184,22 +193,28 @@ fn send_with_fds(socket: RawFd, length: usize, fds: &[RawFd]) -> io::Result<()> 
         msg.msg_iovlen = 1;
         if !fds.is_empty() {
             msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
+            msg.msg_controllen = space as _;
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             if cmsg.is_null() {
                 return Err(io::Error::other("no room for the descriptors"));
             }
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
             std::ptr::copy_nonoverlapping(
                 fds.as_ptr().cast::<u8>(),
                 libc::CMSG_DATA(cmsg),
                 payload,
             );
         }
-        if libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) < 0 {
-            return Err(io::Error::last_os_error());
+        loop {
+            if libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) >= 0 {
+                break;
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
         }
     }
     Ok(())
@@ -210,7 +225,8 @@ fn recv_with_fds(socket: RawFd) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut data = [0u8; 4];
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((MAX_SOCKETS * size_of::<RawFd>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
+    // u64 elements: a cmsghdr needs 8-byte alignment, which a byte buffer does not promise.
+    let mut control = vec![0u64; space.div_ceil(8)];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
@@ -223,17 +239,18 @@ fn recv_with_fds(socket: RawFd) -> io::Result<(usize, Vec<OwnedFd>)> {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        let n = libc::recvmsg(socket, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_WAITALL);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != data.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the old process closed the upgrade socket",
-            ));
-        }
+        msg.msg_controllen = space as _;
+        let n = loop {
+            let n = libc::recvmsg(socket, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_WAITALL);
+            if n >= 0 {
+                break n;
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        };
+        // The descriptors are taken (and so closed if anything below fails) before any check.
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
@@ -248,6 +265,12 @@ fn recv_with_fds(socket: RawFd) -> io::Result<(usize, Vec<OwnedFd>)> {
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
             return Err(io::Error::other("too many descriptors: some were lost"));
+        }
+        if n as usize != data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the old process closed the upgrade socket",
+            ));
         }
     }
     Ok((u32::from_le_bytes(data) as usize, fds))

@@ -79,7 +79,10 @@ async fn the_hand_over_under_load_refuses_no_connection() {
     assert_eq!(failed.load(SeqCst), 0, "{} served", ok.load(SeqCst));
     // The admin API came along: the new process answers on the same address.
     let mut admin = HttpClient::connect(([127, 0, 0, 1], admin_port).into()).await;
-    let reply = admin.get("/api/state", "").await;
+    admin
+        .send(b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await;
+    let reply = admin.reply().await.expect("an answer");
     assert_eq!(reply.status, 200);
     assert!(
         reply.text().contains("\"generation\":1"),

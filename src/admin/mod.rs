@@ -188,6 +188,14 @@ impl Api {
                 error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
             };
         }
+        // Without a token, only names that cannot be rebound to another site's address: a page
+        // of a site whose name was pointed at loopback (DNS rebinding) is not served data.
+        if self.token.is_none() && !loopback_host(&request) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "without admin.token, the API answers only to an IP address or localhost in Host",
+            );
+        }
         if method != Method::GET && method != Method::HEAD && !same_origin(&request) {
             return error(
                 StatusCode::FORBIDDEN,
@@ -371,6 +379,27 @@ fn found_weight(pool: &crate::pool::Pool, state: &Arc<crate::backend::BackendSta
         .map_or(0, |c| c.weight)
 }
 
+/// Whether the request's Host is an IP literal or `localhost` (with or without a port).
+fn loopback_host<B>(request: &Request<B>) -> bool {
+    let Some(host) = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// Whether a request that changes something may come from where it says it comes from: a browser
 /// names the page's origin in `Origin`, and a page of another site (which could otherwise post
 /// to a loopback admin API without a token) does not get to drain backends. Requests without
@@ -469,6 +498,33 @@ mod tests {
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn only_address_hosts_without_a_token() {
+        let request = |host: &str| {
+            Request::builder()
+                .header(header::HOST, host)
+                .body(())
+                .expect("request")
+        };
+        for good in [
+            "127.0.0.1:9901",
+            "localhost:9901",
+            "localhost",
+            "[::1]:9901",
+            "10.0.0.1",
+        ] {
+            assert!(loopback_host(&request(good)), "{good}");
+        }
+        for bad in [
+            "evil.example:9901",
+            "evil.example",
+            "[evil]:1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!loopback_host(&request(bad)), "{bad}");
+        }
     }
 
     #[test]

@@ -244,7 +244,12 @@ impl HttpProxy {
         let routes = self.route_stats.len().saturating_sub(2);
         let index = trace.route.map_or(routes + 1, |r| r.min(routes));
         if let Some(stats) = self.route_stats.get(index) {
-            stats.observe(trace.status, elapsed);
+            if trace.status == 101 {
+                // A WebSocket's whole life is not a request's latency: counted, not timed.
+                stats.count(trace.status);
+            } else {
+                stats.observe(trace.status, elapsed);
+            }
         }
         if trace.attempts > 1 {
             self.stats.retries.fetch_add(1, Relaxed);
@@ -532,6 +537,15 @@ impl HttpProxy {
         head: &RequestHead,
         trace: &mut Trace,
     ) -> Result<Next, Failure> {
+        // The request id first, so that even a request refused below has one in its log line.
+        let mut generated = [0u8; 32];
+        let request_id = match head.header("x-request-id") {
+            Some(id) if valid_request_id(id) => id,
+            _ => new_request_id(&mut generated),
+        };
+        if self.access_log.is_some() {
+            trace.request_id = Some(request_id.to_vec());
+        }
         if let (Framing::Length(n), Some(max)) = (head.framing, self.max_body_size)
             && n > max
         {
@@ -566,13 +580,7 @@ impl HttpProxy {
             .ok_or(Failure::Status(503))?;
 
         // Phase 3: request filter — request id, forwarding headers, rules, our own 100 Continue.
-        let mut generated = [0u8; 32];
-        let request_id = match head.header("x-request-id") {
-            Some(id) if valid_request_id(id) => id,
-            _ => new_request_id(&mut generated),
-        };
         if self.access_log.is_some() {
-            trace.request_id = Some(request_id.to_vec());
             trace.pool = Some(pool.name.clone());
         }
         // Our own 100 Continue, for HTTP/1.1 clients only (an HTTP/1.0 client would take it for

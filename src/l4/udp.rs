@@ -104,7 +104,10 @@ impl UdpProxy {
 
         loop {
             tokio::select! {
-                received = socket.recv_from(&mut buf) => {
+                // Once draining, the listening socket is not read: it may have a new owner (a
+                // reload that moved the address, a binary upgrade) whose datagrams these would
+                // be. Sessions go on relaying their backends' replies until they go idle.
+                received = socket.recv_from(&mut buf), if !stopping => {
                     let (len, client) = match received {
                         Ok(received) => received,
                         Err(error) => {
