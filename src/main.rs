@@ -212,7 +212,15 @@ fn run(
         let watcher = watch
             .then(|| switchyard::watch::Watcher::new(&path_for_watch))
             .transpose()?;
-        let load = tokio::task::spawn_blocking(move || Config::load(&path));
+        // On a thread of its own that ends with the load, rather than the runtime's blocking
+        // pool, whose idle thread would linger beside a single-threaded runtime.
+        let (loaded, load) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("config-load".into())
+            .spawn(move || {
+                let _ = loaded.send(Config::load(&path));
+            })
+            .context("starting the configuration loader")?;
         let config = tokio::select! {
             loaded = load => loaded.context("loading the configuration")?.map_err(|e| anyhow::anyhow!("{e}"))?,
             _ = shutdown.cancelled() => {
