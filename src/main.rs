@@ -187,7 +187,7 @@ fn run(
     upgrade: Upgrade,
 ) -> anyhow::Result<()> {
     init_logging(log_level)?;
-    raise_fd_limit();
+    prepare_process();
     // Readiness, reloads and the drain are reported to systemd when it started us.
     match switchyard::notify::init_from_env() {
         Ok(true) => info!("notifying the service manager"),
@@ -275,7 +275,7 @@ fn run(
 
 fn demo(log_level: &str, any_port: bool) -> anyhow::Result<()> {
     init_logging(log_level)?;
-    raise_fd_limit();
+    prepare_process();
     runtime(None)?.block_on(async {
         let (server, help) = switchyard::demo::start(any_port).await?;
         stop_on_signals(server.shutdown_token())?;
@@ -285,7 +285,10 @@ fn demo(log_level: &str, any_port: bool) -> anyhow::Result<()> {
     })
 }
 
-fn raise_fd_limit() {
+/// Process-wide settings a proxy needs before it starts: the allocator's thresholds and the
+/// open file limit.
+fn prepare_process() {
+    switchyard::sys::tune_allocator();
     match switchyard::sys::raise_fd_limit() {
         Ok(limit) => info!(limit, "open file limit"),
         Err(error) => warn!(%error, "could not raise the open file limit"),

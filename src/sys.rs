@@ -22,6 +22,26 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Fixes glibc malloc's trim and mmap thresholds instead of letting it adapt them.
+///
+/// By default glibc returns the top of the heap to the kernel whenever more than 128 KiB there is
+/// free, and raises that threshold only after an mmapped block is freed. A proxy frees and
+/// reallocates buffers at the top of the heap at every request, so the heap can fall into a
+/// cycle of shrinking and growing again: measured on the small keep-alive benchmark, about one
+/// page fault every two requests and a quarter less throughput, in some runs and not others,
+/// depending on where the buffers happened to land. Keeping up to 16 MiB of free heap ends the
+/// cycle; blocks of 1 MiB or more are still mapped on their own, so one large buffer does not
+/// pin the heap. Does nothing with other C libraries.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets two of glibc's malloc parameters; it is called at start-up,
+    // before the runtime's threads exist.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// `CLOCK_MONOTONIC` in microseconds, the clock the service manager compares a reload's
 /// `MONOTONIC_USEC` with (`std::time::Instant` does not expose its value).
 pub fn monotonic_usec() -> u64 {
