@@ -48,10 +48,21 @@ fn decayed(average: f64, idle_ns: f64) -> f64 {
     average * (-idle_ns / EWMA_DECAY_NS).exp()
 }
 
+/// The instant the process started, as far as [`uptime`] is concerned.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Time since the process started; the clock behind every timestamp kept in an atomic here.
 pub fn uptime() -> Duration {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed()
+    epoch().elapsed()
+}
+
+/// [`uptime`] at `instant`: for callers that have just read the clock, so that one request
+/// reads it once rather than once per thing it records.
+pub fn uptime_at(instant: Instant) -> Duration {
+    instant.saturating_duration_since(epoch())
 }
 
 /// Counters and flags of one backend of one pool.
@@ -359,7 +370,12 @@ impl BackendState {
     /// Records one response latency for peak-EWMA balancing: a sample above the average
     /// replaces it at once (the "peak"), lower ones pull it down with a decay of `DECAY`.
     pub fn observe_latency(&self, latency: Duration) {
-        let now = uptime().as_nanos() as u64;
+        self.observe_latency_at(latency, uptime());
+    }
+
+    /// [`observe_latency`](Self::observe_latency) for a sample taken at `now` (an [`uptime`]).
+    pub fn observe_latency_at(&self, latency: Duration, now: Duration) {
+        let now = now.as_nanos() as u64;
         let then = self.ewma_at_ns.swap(now, Relaxed);
         let sample = latency.as_nanos() as f64;
         let old = f64::from_bits(self.ewma_ns.load(Relaxed));

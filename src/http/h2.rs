@@ -1065,9 +1065,11 @@ async fn send_and_read(
             .map_err(|_| Attempt::Status(502))?;
     }
     match framing {
-        Framing::Chunked => super::write_within(&mut conn.stream, b"0\r\n\r\n", idle)
-            .await
-            .map_err(|_| Attempt::Status(502))?,
+        Framing::Chunked => {
+            super::write_within(&mut conn.stream, b"0\r\n\r\n", idle)
+                .await
+                .map_err(|_| Attempt::Status(502))?;
+        }
         Framing::Length(n) if sent != n => return Err(Attempt::Client(400)),
         _ => {}
     }

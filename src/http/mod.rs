@@ -481,11 +481,15 @@ impl HttpProxy {
                 Some(d) => d.saturating_duration_since(Instant::now()),
             };
             spare::reserve(&mut client.buf);
-            match timeout(wait, client.stream.read_buf(&mut client.buf)).await {
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Ok(None),
-                Err(_) => {
+            match read_within(&mut client.stream, &mut client.buf, || {
+                Instant::now() + wait
+            })
+            .await
+            {
+                Some(Ok(0)) => return Ok(None),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return Ok(None),
+                None => {
                     debug!(listener = %self.name, client = %client.source, "request head timeout");
                     return Err(408);
                 }
@@ -1350,6 +1354,7 @@ impl HttpProxy {
                     head,
                     &mut conn,
                     request,
+                    started,
                     pool.response_timeout,
                     self.max_body_size,
                 );
@@ -1363,8 +1368,10 @@ impl HttpProxy {
                 match sent {
                     Ok(response) => {
                         picked.guard.established();
-                        let elapsed = started.elapsed();
-                        state.observe_latency(elapsed);
+                        let now = Instant::now();
+                        let elapsed = now.saturating_duration_since(started);
+                        state
+                            .observe_latency_at(elapsed, crate::backend::uptime_at(now.into_std()));
                         state.response_time.observe(elapsed);
                         state.count_response(response.status);
                         trace.upstream = Some(elapsed);
@@ -1484,12 +1491,15 @@ enum SendError {
     TooLarge,
 }
 
-/// Sends head and body, then reads the response head (skipping interim 1xx responses).
+/// Sends head and body, then reads the response head (skipping interim 1xx responses). The
+/// response timeout runs from when the request was sent: `started` (when sending began), unless
+/// sending had to wait.
 async fn send_request(
     client: &mut Client,
     head: &RequestHead,
     conn: &mut UpstreamConn,
     request: &BytesMut,
+    started: Instant,
     response_timeout: Duration,
     max_body_size: Option<u64>,
 ) -> Result<ResponseHead, SendError> {
@@ -1497,10 +1507,14 @@ async fn send_request(
         before_response: true,
         error,
     };
-    match head.framing {
-        Framing::Empty => write_within(&mut conn.stream, request, response_timeout)
-            .await
-            .map_err(upstream_error)?,
+    let sent_at = match head.framing {
+        Framing::Empty => {
+            let waited = write_within(&mut conn.stream, request, response_timeout)
+                .await
+                .map_err(upstream_error)?;
+            // The head went out at once (the common case): no need to read the clock again.
+            (!waited).then_some(started)
+        }
         framing => {
             write_within(&mut conn.stream, request, response_timeout)
                 .await
@@ -1528,9 +1542,10 @@ async fn send_request(
                 | BodyError::Timeout
                 | BodyError::Compress(_) => SendError::Client,
             })?;
+            None
         }
-    }
-    let deadline = Instant::now() + response_timeout;
+    };
+    let deadline = sent_at.unwrap_or_else(Instant::now) + response_timeout;
     loop {
         if !conn.buf.is_empty() {
             match h1::parse_response(&mut conn.buf, head.is_head()) {
@@ -1553,22 +1568,21 @@ async fn send_request(
         }
         let before_response = conn.buf.is_empty();
         spare::reserve(&mut conn.buf);
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match timeout(wait, conn.stream.read_buf(&mut conn.buf)).await {
-            Ok(Ok(0)) => {
+        match read_within(&mut conn.stream, &mut conn.buf, || deadline).await {
+            Some(Ok(0)) => {
                 return Err(SendError::Upstream {
                     before_response,
                     error: io::ErrorKind::UnexpectedEof.into(),
                 });
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
                 return Err(SendError::Upstream {
                     before_response,
                     error,
                 });
             }
-            Err(_) => return Err(SendError::Timeout),
+            None => return Err(SendError::Timeout),
         }
     }
 }
@@ -1596,9 +1610,30 @@ enum BodyError {
     Compress(io::Error),
 }
 
+/// Reads into `buf`, giving up at the deadline `deadline` returns (`None` then). The read is
+/// tried first without a timer, and the deadline asked for (which may read the clock) and a
+/// timer armed only when the read has to wait: many reads find their bytes already there
+/// (the rest of a body, a request once the socket was readable), and a timer costs a clock
+/// read and an insertion into and removal from the runtime's timer wheel.
+async fn read_within(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    deadline: impl FnOnce() -> Instant,
+) -> Option<io::Result<usize>> {
+    let mut read = std::pin::pin!(stream.read_buf(buf));
+    // One poll with the task's own waker: when it is pending, the socket's readiness is
+    // registered as it would be under the timer.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(result) = first {
+        return Some(result);
+    }
+    tokio::time::timeout_at(deadline(), read).await.ok()
+}
+
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
-/// (and the backend connection paired with it) forever.
-async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<()> {
+/// (and the backend connection paired with it) forever. `Ok(true)` when the write had to wait
+/// for the peer (callers that time from the write then read the clock again).
+async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> io::Result<bool> {
     // Most writes go straight into the socket buffer (through TLS too): try that first, so
     // the common case arms no timer.
     while !data.is_empty() {
@@ -1610,10 +1645,10 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
         }
     }
     if data.is_empty() && stream.try_flush()? {
-        return Ok(());
+        return Ok(false);
     }
     match timeout(limit, stream.write_all_flush(data)).await {
-        Ok(result) => result,
+        Ok(result) => result.map(|()| true),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "the peer stopped reading",
@@ -1727,8 +1762,9 @@ async fn transfer_body(
             out.clear();
         }
         buf.reserve(BODY_CHUNK);
-        match timeout(idle, src.read_buf(buf)).await {
-            Ok(Ok(0)) if input == Framing::UntilClose => {
+        // The idle limit counts from when the read starts waiting.
+        match read_within(src, buf, || Instant::now() + idle).await {
+            Some(Ok(0)) if input == Framing::UntilClose => {
                 finish_encoder(out, chunked_out, encoder)?;
                 if chunked_out {
                     h1::encode_last_chunk(out, &[]);
@@ -1740,10 +1776,10 @@ async fn transfer_body(
                 }
                 return Ok(written);
             }
-            Ok(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(BodyError::Read(error)),
-            Err(_) => return Err(BodyError::Timeout),
+            Some(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
+            Some(Ok(_)) => {}
+            Some(Err(error)) => return Err(BodyError::Read(error)),
+            None => return Err(BodyError::Timeout),
         }
     }
 }

@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::time::Instant;
 
 use crate::stream::Stream;
 
@@ -42,20 +41,24 @@ pub struct UpstreamConn {
 }
 
 /// The process-wide pool of idle backend connections.
+///
+/// Each idle connection carries the time it was checked in, read from the coarse clock
+/// ([`crate::sys::coarse_monotonic`]): it is only compared with [`IDLE_TIMEOUT`], and the precise
+/// clock would be read twice more per request.
 #[derive(Debug, Default)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<ConnKey, Vec<(UpstreamConn, Instant)>>>,
+    idle: Mutex<HashMap<ConnKey, Vec<(UpstreamConn, Duration)>>>,
 }
 
 impl UpstreamPool {
     /// An idle connection filed under `key` that still looks open, if there is one.
     pub fn checkout(&self, key: ConnKey) -> Option<UpstreamConn> {
-        let now = Instant::now();
+        let now = crate::sys::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
         // Most recently used first: it is the least likely to have been closed by the backend.
         while let Some((mut conn, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && still_open(&conn.stream) {
+            if now.saturating_sub(since) < IDLE_TIMEOUT && still_open(&conn.stream) {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -76,12 +79,12 @@ impl UpstreamPool {
         let list = idle.entry(key).or_default();
         // Oldest first: drop the expired ones, and the oldest if the list is full, so idle
         // connections never pile up beyond their timeout or the cap.
-        let now = Instant::now();
-        list.retain(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT);
+        let now = crate::sys::coarse_monotonic();
+        list.retain(|(_, since)| now.saturating_sub(*since) < IDLE_TIMEOUT);
         if list.len() >= MAX_IDLE_PER_BACKEND {
             list.remove(0);
         }
-        list.push((conn, Instant::now()));
+        list.push((conn, now));
     }
 }
 
