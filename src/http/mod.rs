@@ -55,8 +55,12 @@ pub(crate) mod spare {
 
     use super::READ_CHUNK;
 
-    /// Buffers one thread keeps (16 KiB each).
-    const KEPT: usize = 64;
+    /// Buffers one thread keeps (16 KiB each, so at most 4 MiB). An exchange in flight holds up
+    /// to three (the client's read buffer, its output, the backend's read buffer), and a busy
+    /// thread finishes many exchanges in one turn of the event loop before it starts the next
+    /// ones: with room for fewer, buffers freed in a burst are allocated again in the next.
+    /// Memory kept here was in use at the thread's busiest moment anyway.
+    const KEPT: usize = 256;
 
     thread_local! {
         static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -74,21 +78,32 @@ pub(crate) mod spare {
         buf.reserve(READ_CHUNK);
     }
 
+    /// A buffer with room for a read of [`READ_CHUNK`], spare if there is one: for output that
+    /// is built and sent within one exchange, then handed back with [`give`].
+    #[inline]
+    pub fn take() -> BytesMut {
+        let mut buf = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+        buf.reserve(READ_CHUNK);
+        buf
+    }
+
     /// Keeps an emptied buffer for the next request on this thread, if it is one of ours and
     /// nothing else still refers to its memory.
+    ///
+    /// The capacity is judged after reclaiming: a read buffer that heads were split off the
+    /// front of reports only what is left after them, though the whole allocation is free
+    /// again once those heads are gone.
     #[inline]
     pub fn give(mut buf: BytesMut) {
-        if buf.capacity() < READ_CHUNK || buf.capacity() > 4 * READ_CHUNK || !buf.is_empty() {
+        if !buf.is_empty() || !buf.try_reclaim(READ_CHUNK) || buf.capacity() > 4 * READ_CHUNK {
             return;
         }
-        if buf.try_reclaim(READ_CHUNK) {
-            SPARE.with(|s| {
-                let mut spare = s.borrow_mut();
-                if spare.len() < KEPT {
-                    spare.push(buf);
-                }
-            });
-        }
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < KEPT {
+                spare.push(buf);
+            }
+        });
     }
 }
 
@@ -604,7 +619,9 @@ impl HttpProxy {
                 .forward_to_h2(client, head, pool, input, request_id, route_rules, trace)
                 .await;
         }
-        let mut out = BytesMut::with_capacity(1024);
+        // A spare buffer: it holds the upstream head, then the response head and body pieces,
+        // and goes back for the next exchange on this thread when the response is done.
+        let mut out = spare::take();
         self.request_filter(client, head, request_id, route_rules, &mut out)?;
 
         // Phases 4-6: backend, request, response head; retried within bounds.
@@ -790,7 +807,12 @@ impl HttpProxy {
         match done {
             Ok(written) => {
                 trace.bytes = written;
+                out.clear();
+                spare::give(out);
                 if !response.close && !head.ambiguous && pool.send_proxy_protocol.is_none() {
+                    // The response head refers into the connection's read buffer: gone first,
+                    // that buffer can be kept for the next exchange rather than freed.
+                    drop(response);
                     self.upstream.checkin(conn);
                 }
                 Ok(if close { Next::Close } else { Next::KeepAlive })
@@ -817,14 +839,21 @@ impl HttpProxy {
         let ip = client.source.ip();
         let mut ip_text = [0u8; 64];
         let ip_text = format_ip(ip, &mut ip_text);
-        let mut forwarded_for = Vec::with_capacity(64);
-        if client.peer_trusted
-            && let Some(existing) = head.header("x-forwarded-for")
-        {
-            forwarded_for.extend_from_slice(existing);
-            forwarded_for.extend_from_slice(b", ");
-        }
-        forwarded_for.extend_from_slice(ip_text);
+        // Only a trusted peer's list is extended; otherwise the field is just the address, and
+        // nothing is allocated.
+        let extended;
+        let existing = if client.peer_trusted {
+            head.header("x-forwarded-for")
+        } else {
+            None
+        };
+        let forwarded_for: &[u8] = match existing {
+            Some(existing) => {
+                extended = [existing, b", ", ip_text].concat();
+                &extended
+            }
+            None => ip_text,
+        };
         let host = head.host().unwrap_or(b"");
         // RFC 7239, when the listener asks for it: `for` quoted when it is an IPv6 address.
         let mut forwarded = Vec::new();
@@ -864,7 +893,7 @@ impl HttpProxy {
             b"http"
         };
         let mut fields: [(&str, &[u8]); 10] = [
-            ("x-forwarded-for", &forwarded_for),
+            ("x-forwarded-for", forwarded_for),
             ("x-real-ip", ip_text),
             ("x-forwarded-proto", proto),
             ("x-forwarded-host", host),
