@@ -444,7 +444,7 @@ impl HttpProxy {
             } else {
                 self.client_header_timeout
             };
-            client.buf.reserve(READ_CHUNK);
+            spare::reserve(&mut client.buf);
             // A connection that has sent nothing yet is not closed by a shutdown: it was
             // accepted to be served (during a binary upgrade, just before the hand-over), and
             // its first request is answered with `Connection: close`.
@@ -547,6 +547,13 @@ impl HttpProxy {
             user_agent: head.header("user-agent").unwrap_or_default(),
         };
         self.record(&finished, &trace, started.elapsed());
+        if matches!(next, Next::Close) {
+            // The connection ends: its read buffer goes back to the thread's spares for the
+            // next connection (a connection per request would otherwise allocate one, and
+            // split a head off it, every time). The head refers into it, so it goes first.
+            drop(head);
+            spare::give(std::mem::take(&mut client.buf));
+        }
         next
     }
 
