@@ -58,6 +58,22 @@ impl Stream {
         }
     }
 
+    /// [`try_write`](Self::try_write) for several buffers in order, in one system call on plain
+    /// TCP (`writev`): a head and a body that lie in different buffers need not be copied
+    /// together first.
+    pub fn try_write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.try_write_vectored(bufs),
+            Stream::Tls(tls) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match Pin::new(tls.as_mut()).poll_write_vectored(&mut cx, bufs) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+
     /// Whether everything written has reached the socket, pushing out what it takes now
     /// without waiting. Always true for plain TCP, which buffers nothing of its own.
     pub fn try_flush(&mut self) -> io::Result<bool> {
