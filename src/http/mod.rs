@@ -1943,6 +1943,22 @@ fn choose_encoding(
 /// Writes an IP address as text into `buf` without allocating.
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     use std::io::Write;
+    if let IpAddr::V4(v4) = ip {
+        // Every request writes its client's address: IPv4, the common case, is written octet
+        // by octet rather than through `fmt`, which cost as much as parsing the request head.
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(octet).as_bytes();
+            buf[len..len + digits.len()].copy_from_slice(digits);
+            len += digits.len();
+        }
+        return &buf[..len];
+    }
     let mut cursor = io::Cursor::new(&mut buf[..]);
     let _ = write!(cursor, "{ip}");
     let len = cursor.position() as usize;
@@ -2096,6 +2112,28 @@ async fn pump_request_body(
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(BodyError::Read(error)),
             Err(_) => return Err(BodyError::Timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_ip_writes_what_display_writes() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.20.3.40",
+            "::1",
+            "2001:db8::7",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = text.parse().expect("a test address");
+            let mut buf = [0u8; 64];
+            assert_eq!(format_ip(ip, &mut buf), ip.to_string().as_bytes());
         }
     }
 }
