@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::access_log::Writers;
 use crate::backend::Registry;
@@ -135,6 +135,8 @@ pub struct Shared {
     h2_upstream: Arc<H2Pool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Where http listeners park idle client connections; `None` if it could not be set up.
+    lot: Option<Arc<crate::park::Lot<crate::http::ParkedClient>>>,
     state: Mutex<State>,
     /// Serialises reloads: one that arrives during another waits for it, and is not lost.
     reloading: tokio::sync::Mutex<()>,
@@ -215,6 +217,14 @@ impl Server {
         };
         let admin_socket = admin.as_ref().map(crate::admin::Admin::socket);
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let tasks = TaskTracker::new();
+        let lot = match crate::park::Lot::new(shutdown.clone(), tasks.clone()) {
+            Ok(lot) => Some(lot),
+            Err(error) => {
+                warn!(%error, "idle connections will not be parked");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             registry,
             metrics: Arc::new(Metrics::default()),
@@ -223,7 +233,8 @@ impl Server {
             upstream: Arc::new(UpstreamPool::default()),
             h2_upstream: Arc::new(H2Pool::default()),
             shutdown: shutdown.clone(),
-            tasks: TaskTracker::new(),
+            tasks,
+            lot,
             state: Mutex::new(State {
                 config: Arc::clone(&config),
                 tls: Arc::new(TlsStore::default()),
@@ -315,6 +326,7 @@ impl Server {
         }
         let serving = shared.lock().listeners.len();
         crate::notify::ready(&format!("serving {serving} listener(s)"));
+        tokio::spawn(release_memory(shared.shutdown.clone()));
 
         shared.shutdown.cancelled().await;
         crate::notify::stopping();
@@ -472,10 +484,7 @@ impl ServerHandle {
                 addr: l.addr,
                 active: match &l.proxy {
                     Proxy::Udp(_, stats) => stats.sessions.load(Relaxed),
-                    _ => l
-                        .max_connections
-                        .saturating_sub(l.limit.available_permits())
-                        as u64,
+                    _ => self.0.metrics.listener(&l.name).open.load(Relaxed),
                 },
             })
             .collect()
@@ -507,6 +516,11 @@ impl ServerHandle {
             self.0.reloads.load(Relaxed),
             self.0.reload_failures.load(Relaxed),
         )
+    }
+
+    /// Idle http client connections parked now (see [`crate::park`]).
+    pub fn parked_connections(&self) -> usize {
+        self.0.lot.as_ref().map_or(0, |lot| lot.len())
     }
 
     /// The file the configuration came from, if any.
@@ -760,13 +774,15 @@ impl Shared {
         info!(listener = %running.name, addr = %running.addr, "listening");
         match (&running.socket, &running.proxy) {
             (Socket::Tcp(socket), Proxy::Tcp(current)) => {
-                self.spawn_accept(running, socket, current, |p, stream, peer| {
-                    p.serve(stream, peer)
+                self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
+                    listener::WithPermit::new(p.serve(stream, peer), admission)
                 });
             }
             (Socket::Tcp(socket), Proxy::Http(current)) => {
-                self.spawn_accept(running, socket, current, |p, stream, peer| {
-                    p.serve(stream, peer)
+                // An http connection keeps its admission itself: it outlives the task when the
+                // connection is parked.
+                self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
+                    p.serve(stream, peer, admission)
                 });
             }
             (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
@@ -791,7 +807,9 @@ impl Shared {
         serve: F,
     ) where
         P: Send + Sync + 'static,
-        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr, listener::Admission) -> Fut
+            + Send
+            + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let name = running.name.clone();
@@ -803,10 +821,17 @@ impl Shared {
         );
         let stats = self.metrics.listener(&name);
         tokio::spawn(async move {
-            listener::accept_loop(&name, socket, limit, stop, tasks, move |stream, peer| {
-                stats.connections.fetch_add(1, Relaxed);
-                serve(current.load_full(), stream, peer)
-            })
+            listener::accept_loop(
+                &name,
+                socket,
+                limit,
+                stop,
+                tasks,
+                move |stream, peer, permit| {
+                    let admission = listener::Admission::new(permit, Arc::clone(&stats));
+                    serve(current.load_full(), stream, peer, admission)
+                },
+            )
             .await;
         });
     }
@@ -855,6 +880,10 @@ impl Shared {
                     .map(|label| stats.route(&label))
                     .collect(),
                 stats,
+                parking: settings
+                    .park_idle_after
+                    .zip(self.lot.clone())
+                    .map(|(after, lot)| crate::http::Parking { after, lot }),
                 access_log: self.log_writer(l)?,
             }),
         })
@@ -968,4 +997,24 @@ fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
             | (Proxy::Http(_), ListenerKind::Http(_))
             | (Proxy::Udp(..), ListenerKind::Udp(_))
     )
+}
+
+/// How often free heap pages go back to the kernel.
+const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gives free heap memory back to the kernel once a second until `shutdown`, the way allocators
+/// that purge on their own (jemalloc, mimalloc) do after a delay. The walk over the heap runs on
+/// a blocking thread, so no connection waits for it.
+async fn release_memory(shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(RELEASE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let started = std::time::Instant::now();
+        let released = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+        debug!(?released, took = ?started.elapsed(), "free memory released");
+    }
 }

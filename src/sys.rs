@@ -42,6 +42,20 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hands the heap's free pages back to the kernel (glibc's `malloc_trim`), wherever they are in
+/// the heap, not only at its top. With the trim threshold raised (see [`tune_allocator`]),
+/// memory freed after a burst (read buffers of many connections served at once) would
+/// otherwise stay in the process for good. Returns whether anything was released.
+pub fn release_free_memory() -> bool {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
+    unsafe {
+        libc::malloc_trim(0) != 0
+    }
+    #[cfg(not(target_env = "gnu"))]
+    false
+}
+
 /// `CLOCK_MONOTONIC` in microseconds, the clock the service manager compares a reload's
 /// `MONOTONIC_USEC` with (`std::time::Instant` does not expose its value).
 pub fn monotonic_usec() -> u64 {

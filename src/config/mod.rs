@@ -43,6 +43,11 @@ pub const DEFAULT_SPLICE: bool = true;
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle keep-alive http client connection is kept.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle http client connection keeps its own task before it is parked: long enough
+/// that a client in the middle of a page load (requests a few milliseconds apart) is never
+/// parked, short enough that most idle connections cost a slot of about a hundred bytes rather
+/// than a task and a poller registration (about 1.3 KiB).
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_millis(250);
 /// Time a backend has to start its response (and the most it may pause within one).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a client has to complete a TLS handshake (a stalled one is closed after it).
@@ -270,6 +275,9 @@ pub struct HttpSettings {
     pub client_header_timeout: Duration,
     /// How long an idle keep-alive client connection is kept.
     pub keepalive_timeout: Duration,
+    /// How long an idle plain client connection waits in its own task before it is parked;
+    /// `None`: never parked.
+    pub park_idle_after: Option<Duration>,
     /// Largest request body accepted (413 beyond it); `None`: no limit.
     pub max_body_size: Option<u64>,
     /// Add an RFC 7239 `Forwarded` field to requests (the X-Forwarded-* fields are always set).

@@ -308,6 +308,12 @@ fn validate_listener(
             );
             only(
                 problems,
+                raw.park_idle_after.is_some(),
+                "park_idle_after",
+                "http",
+            );
+            only(
+                problems,
                 raw.max_body_size.is_some(),
                 "max_body_size",
                 "http",
@@ -546,6 +552,15 @@ fn validate_listener(
                     raw.keepalive_timeout.as_deref(),
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 ),
+                park_idle_after: match raw.park_idle_after.as_deref() {
+                    Some("off") => None,
+                    text => Some(optional_duration(
+                        problems,
+                        &format!("{at}.park_idle_after"),
+                        text,
+                        DEFAULT_PARK_IDLE_AFTER,
+                    )),
+                },
                 forwarded_header: raw.forwarded_header.unwrap_or(false),
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))

@@ -1,7 +1,8 @@
 //! Layer 7: an HTTP/1.1 reverse proxy.
 //!
 //! One task per client connection reads requests one after the other (pipelined requests wait in
-//! the read buffer until the previous response is done), and for each runs the phases:
+//! the read buffer until the previous response is done; a plain connection idle for a while is
+//! parked without a task, see [`crate::park`]), and for each runs the phases:
 //! `read_request` → `route` → `request_filter` (forwarding headers) → `select_backend` +
 //! `connect` (pooled keep-alive connection, retry on failure) → `upstream_request` (head and
 //! body, re-framed) → `read_response` → `downstream_response` (head and body, re-framed).
@@ -28,10 +29,13 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backend::DRAINING;
 use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
+use crate::listener::Admission;
+use crate::park::{Lot, Parked};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool, Snapshot};
 use crate::proxy_protocol;
 use crate::stream::Stream;
@@ -138,6 +142,8 @@ pub struct HttpProxy {
     /// Counters per route: the routes in file order, then the default pool, then requests no
     /// route took (404s, the listener's own redirects).
     pub route_stats: Vec<Arc<crate::metrics::RouteStats>>,
+    /// Idle connections are parked after a while, unless parking is off.
+    pub parking: Option<Parking>,
     /// Where this listener's access log lines go, and how they are written.
     pub access_log: Option<(
         crate::config::AccessLogConfig,
@@ -216,6 +222,58 @@ struct Client {
     tls: Option<Negotiated>,
     /// Requests answered on this connection so far.
     served: u32,
+}
+
+/// What waiting for the next request head found.
+enum Read {
+    /// A request head.
+    Head(RequestHead),
+    /// The client closed, stayed idle past the keep-alive timeout, or the process is stopping.
+    Closed,
+    /// The connection stayed idle long enough to be parked.
+    Idle,
+}
+
+/// An idle client connection waiting in the [`Lot`] for its next request.
+pub struct ParkedClient {
+    /// The socket, out of the runtime's poller.
+    stream: std::net::TcpStream,
+    /// The listener's settings the connection last used.
+    proxy: Arc<HttpProxy>,
+    source: SocketAddr,
+    peer_trusted: bool,
+    served: u32,
+    /// The connection's place under `max_connections`, kept while parked.
+    admission: Admission,
+}
+
+impl Parked for ParkedClient {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
+    }
+
+    fn resume(self, tasks: &TaskTracker) {
+        tasks.spawn(HttpProxy::resume(self));
+    }
+}
+
+/// Where and when an http listener parks its idle connections.
+#[derive(Clone)]
+pub struct Parking {
+    /// How long a connection stays idle, served by its own task, before it is parked.
+    pub after: Duration,
+    /// The lot, shared by every http listener.
+    pub lot: Arc<Lot<ParkedClient>>,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parking")
+            .field("after", &self.after)
+            .field("parked", &self.lot.len())
+            .finish()
+    }
 }
 
 /// How an exchange ended, for the connection loop.
@@ -307,8 +365,32 @@ impl HttpProxy {
         self.shutdown.is_cancelled() || self.retired.load(Relaxed)
     }
 
-    /// Serves one accepted connection to its end.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Serves one accepted connection to its end (or until it is parked), holding its `admission`, the
+    /// connection's place under the listener's `max_connections`, all along.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, admission: Admission) {
+        // Boxed: the state of the handshakes is freed before the connection settles into its
+        // keep-alive loop, which is what an idle connection's task then holds.
+        let Some((client, h2)) = Box::pin(self.accept(stream, peer)).await else {
+            return;
+        };
+        if h2 {
+            let Client {
+                stream,
+                buf,
+                source,
+                peer_trusted,
+                tls,
+                ..
+            } = client;
+            Box::pin(h2::serve(self, stream, buf, source, peer_trusted, tls)).await;
+            return;
+        }
+        self.keep_alive(client, admission).await;
+    }
+
+    /// The connection's setup: PROXY header, TLS handshake, and whether it speaks HTTP/2.
+    /// `None` when the client is refused or leaves first.
+    async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<(Client, bool)> {
         let _ = stream.set_nodelay(true);
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
@@ -318,17 +400,17 @@ impl HttpProxy {
         if let Some(accept) = &self.proxy_protocol {
             if !accept.trusted.iter().any(|n| n.contains(&peer.ip())) {
                 debug!(listener = %self.name, %peer, "PROXY header from untrusted peer refused");
-                return;
+                return None;
             }
             let read = proxy_protocol::read_header(&mut stream, accept.version, accept.timeout);
-            match Box::pin(read).await {
+            match read.await {
                 Ok(received) => {
                     source = received.source.unwrap_or(peer);
                     buf.extend_from_slice(&received.leftover);
                 }
                 Err(error) => {
                     debug!(listener = %self.name, %peer, %error, "PROXY header refused");
-                    return;
+                    return None;
                 }
             }
         }
@@ -341,7 +423,7 @@ impl HttpProxy {
                 tls: None,
                 served: 0,
             },
-            Some(tls) => match Box::pin(crate::tls::accept(tls, stream, &buf, true)).await {
+            Some(tls) => match crate::tls::accept(tls, stream, &buf, true).await {
                 Ok((stream, negotiated)) => Client {
                     stream: Stream::Tls(Box::new(stream.into())),
                     buf: BytesMut::new(),
@@ -352,7 +434,7 @@ impl HttpProxy {
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
-                    return;
+                    return None;
                 }
             },
         };
@@ -361,36 +443,50 @@ impl HttpProxy {
             Some(negotiated) => negotiated.h2,
             None => {
                 if !self.h2c_preface(&mut client).await {
-                    return;
+                    return None;
                 }
                 client.buf.starts_with(h2::PREFACE)
             }
         };
-        if h2 {
-            let Client {
-                stream,
-                buf,
-                source,
-                peer_trusted,
-                tls,
-                ..
-            } = client;
-            Box::pin(h2::serve(
-                Arc::clone(&self),
-                stream,
-                buf,
-                source,
-                peer_trusted,
-                tls,
-            ))
-            .await;
+        Some((client, h2))
+    }
+
+    /// Continues a parked connection whose client sent something (or hung up).
+    async fn resume(parked: ParkedClient) {
+        let ParkedClient {
+            stream,
+            proxy,
+            source,
+            peer_trusted,
+            served,
+            admission,
+        } = parked;
+        let Ok(stream) = TcpStream::from_std(stream) else {
             return;
-        }
+        };
+        let client = Client {
+            stream: Stream::Plain(stream),
+            buf: BytesMut::new(),
+            source,
+            peer_trusted,
+            tls: None,
+            served,
+        };
+        proxy.keep_alive(client, admission).await;
+    }
+
+    /// Reads and answers requests one after the other until the connection closes, or parks it
+    /// when it stays idle long enough.
+    async fn keep_alive(self: Arc<Self>, mut client: Client, admission: Admission) {
         let mut proxy = self;
         loop {
             let head = match proxy.read_request(&mut client).await {
-                Ok(Some(head)) => head,
-                Ok(None) => return,
+                Ok(Read::Head(head)) => head,
+                Ok(Read::Closed) => return,
+                Ok(Read::Idle) => {
+                    proxy.park(client, admission);
+                    return;
+                }
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
@@ -414,6 +510,32 @@ impl HttpProxy {
                 Next::Close => return,
             }
         }
+    }
+
+    /// Hands an idle plain connection to the lot, which keeps it until the rest of its
+    /// keep-alive timeout has passed.
+    fn park(self: Arc<Self>, client: Client, admission: Admission) {
+        let Some(parking) = self.parking.clone() else {
+            return;
+        };
+        let Stream::Plain(stream) = client.stream else {
+            return;
+        };
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let deadline = Instant::now() + self.keepalive_timeout.saturating_sub(parking.after);
+        parking.lot.park(
+            ParkedClient {
+                stream,
+                proxy: self,
+                source: client.source,
+                peer_trusted: client.peer_trusted,
+                served: client.served,
+                admission,
+            },
+            deadline,
+        );
     }
 
     /// Reads until the first bytes either are the HTTP/2 preface (h2c with prior knowledge) or
@@ -440,14 +562,14 @@ impl HttpProxy {
         }
     }
 
-    /// Phase 1: the next request head. `Ok(None)` when the client closed or stayed idle past the
-    /// keep-alive timeout between requests; `Err(status)` for a head that gets an error.
-    async fn read_request(&self, client: &mut Client) -> Result<Option<RequestHead>, u16> {
+    /// Phase 1: the next request head, or what happened instead; `Err(status)` for a head that
+    /// gets an error.
+    async fn read_request(&self, client: &mut Client) -> Result<Read, u16> {
         let mut deadline: Option<Instant> = None;
         loop {
             if !client.buf.is_empty() {
                 match h1::parse_request(&mut client.buf) {
-                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(Some(head)) => return Ok(Read::Head(head)),
                     Ok(None) => {}
                     Err(error) => {
                         debug!(listener = %self.name, client = %client.source, %error, "bad request");
@@ -462,13 +584,22 @@ impl HttpProxy {
                     // A shutdown closes idle keep-alive connections at once rather than at
                     // the drain deadline; one that has not had its first request yet waits
                     // for it (see `h2c_preface`).
+                    // A plain connection that has been served is parked once it stays idle
+                    // for `park_after`; the lot then keeps it for the rest of the keep-alive
+                    // timeout.
+                    let park = self.parking.as_ref().filter(|parking| {
+                        client.served > 0
+                            && client.tls.is_none()
+                            && parking.after < self.keepalive_timeout
+                    });
+                    let wait = park.map_or(self.keepalive_timeout, |parking| parking.after);
                     tokio::select! {
-                        ready = timeout(self.keepalive_timeout, client.stream.readable()) => {
-                            if !matches!(ready, Ok(Ok(()))) {
-                                return Ok(None);
-                            }
-                        }
-                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(None),
+                        ready = timeout(wait, client.stream.readable()) => match ready {
+                            Ok(Ok(())) => {}
+                            Err(_) if park.is_some() => return Ok(Read::Idle),
+                            _ => return Ok(Read::Closed),
+                        },
+                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(Read::Closed),
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
@@ -482,9 +613,9 @@ impl HttpProxy {
             };
             spare::reserve(&mut client.buf);
             match timeout(wait, client.stream.read_buf(&mut client.buf)).await {
-                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(0)) => return Ok(Read::Closed),
                 Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Ok(None),
+                Ok(Err(_)) => return Ok(Read::Closed),
                 Err(_) => {
                     debug!(listener = %self.name, client = %client.source, "request head timeout");
                     return Err(408);

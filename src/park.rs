@@ -1,0 +1,461 @@
+//! Parking of idle connections.
+//!
+//! A connection served by its own task costs user-space memory even while it waits: the task
+//! (its future, in a 128-byte-aligned block) and the socket's registration with the runtime's
+//! poller (256 bytes, also aligned), plus what the allocator loses to that alignment. On a busy
+//! site most client connections are idle most of the time (browsers keep theirs open for
+//! minutes), so that memory is what limits how many connections a process can hold.
+//!
+//! A connection that stays idle for a while is therefore *parked*: its task ends, its socket
+//! leaves the runtime's poller, and what the connection needs to go on (the socket and a few
+//! fields, about a hundred bytes) waits in a slot of a [`Lot`], whose one epoll instance watches
+//! every parked socket. When the client sends something (or hangs up), the slot is emptied and
+//! a new task resumes the connection; when the connection's deadline passes first, the slot is
+//! emptied and the socket closed. When the process shuts down, every parked connection is
+//! closed at once, as idle ones always are.
+//!
+//! Each transition costs a few system calls (leaving one poller, joining the other, and back),
+//! so only connections idle for longer than a threshold are parked: a busy connection never is.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+/// Events taken from the kernel per `epoll_wait`; more are read in further calls.
+const EVENTS: usize = 64;
+/// Stale deadlines (of connections that were resumed) tolerated beyond twice the parked count
+/// before the deadline heap is rebuilt without them.
+const STALE_SLACK: usize = 1024;
+
+/// A parked connection: its socket and whatever else it needs to go on.
+pub trait Parked: Send + 'static {
+    /// The socket the lot watches for readability.
+    fn fd(&self) -> RawFd;
+    /// Continues the connection in a new task (tracked by `tasks`): its socket has something
+    /// to read, or the peer closed it.
+    fn resume(self, tasks: &TaskTracker);
+}
+
+/// Parked connections and the epoll instance that watches them; see the module documentation.
+pub struct Lot<T> {
+    epoll: OwnedFd,
+    inner: Mutex<Inner<T>>,
+    /// Wakes the lot's task when a connection with an earlier deadline than all others arrives.
+    nearer: Notify,
+    /// Cancelled when the process shuts down: every parked connection is then closed.
+    shutdown: CancellationToken,
+    /// Where resumed connections run, so that a shutdown waits for them.
+    tasks: TaskTracker,
+    /// Whether the lot's task was spawned (at the first park, inside the runtime).
+    started: AtomicBool,
+    /// Connections parked now, for the metrics.
+    parked: AtomicUsize,
+}
+
+struct Inner<T> {
+    slots: Vec<Slot<T>>,
+    /// Empty slots, reused before the vector grows.
+    free: Vec<u32>,
+    /// (deadline, slot, generation), earliest first. Entries of connections resumed since are
+    /// left in place and skipped (their generation no longer matches).
+    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Set at shutdown: nothing more is parked.
+    closed: bool,
+}
+
+struct Slot<T> {
+    /// Incremented each time the slot is filled, so that an old event or deadline for a
+    /// previous occupant is recognised.
+    generation: u32,
+    entry: Option<T>,
+}
+
+impl<T: Parked> Lot<T> {
+    /// A lot whose parked connections close when `shutdown` is cancelled and whose resumed
+    /// connections run in `tasks`.
+    pub fn new(shutdown: CancellationToken, tasks: TaskTracker) -> io::Result<Arc<Self>> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a descriptor we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Arc::new(Lot {
+            epoll,
+            inner: Mutex::new(Inner {
+                slots: Vec::new(),
+                free: Vec::new(),
+                deadlines: BinaryHeap::new(),
+                closed: false,
+            }),
+            nearer: Notify::new(),
+            shutdown,
+            tasks,
+            started: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Connections parked now.
+    pub fn len(&self) -> usize {
+        self.parked.load(Relaxed)
+    }
+
+    /// Whether no connection is parked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Parks `entry` until its socket becomes readable or `deadline` passes (then it is
+    /// dropped, which closes it). Must be called inside the runtime. When the lot is shut down,
+    /// or the socket cannot be watched, the entry is dropped at once.
+    pub fn park(self: &Arc<Self>, entry: T, deadline: Instant) {
+        if !self.started.swap(true, Relaxed) {
+            tokio::spawn(Arc::clone(self).run());
+        }
+        let mut inner = self.lock();
+        if inner.closed {
+            drop(inner);
+            drop(entry);
+            return;
+        }
+        let slot = match inner.free.pop() {
+            Some(slot) => slot,
+            None => {
+                let Ok(slot) = u32::try_from(inner.slots.len()) else {
+                    return;
+                };
+                inner.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
+                slot
+            }
+        };
+        let generation = {
+            let s = &mut inner.slots[slot as usize];
+            s.generation = s.generation.wrapping_add(1);
+            s.generation
+        };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: (u64::from(generation) << 32) | u64::from(slot),
+        };
+        // Added while the lock is held: the lot's task, woken by this socket at once, looks
+        // the slot up only after the entry is in it.
+        // SAFETY: both descriptors are open; the kernel copies `event`.
+        let added = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                entry.fd(),
+                &mut event,
+            )
+        };
+        if added != 0 {
+            let error = io::Error::last_os_error();
+            inner.free.push(slot);
+            drop(inner);
+            warn!(%error, "could not park an idle connection; closing it");
+            return;
+        }
+        inner.slots[slot as usize].entry = Some(entry);
+        let earliest = inner
+            .deadlines
+            .peek()
+            .is_none_or(|Reverse(d)| deadline < d.0);
+        inner.deadlines.push(Reverse((deadline, slot, generation)));
+        if inner.deadlines.len() > 2 * self.len() + STALE_SLACK {
+            inner.prune();
+        }
+        self.parked.fetch_add(1, Relaxed);
+        drop(inner);
+        if earliest {
+            self.nearer.notify_one();
+        }
+    }
+
+    /// The lot's task: resumes connections whose sockets became readable, closes those whose
+    /// deadline passed, and closes all at shutdown.
+    async fn run(self: Arc<Self>) {
+        // A duplicate of the lot's descriptor, owned by the registration.
+        let registered = self.epoll.try_clone().and_then(|epoll| {
+            // SAFETY: `epoll` is a descriptor of our own, open until the registration drops it.
+            unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+                .map_err(|error| io::Error::other(error.to_string()))
+        });
+        let watched = match registered {
+            Ok(watched) => watched,
+            Err(error) => {
+                warn!(%error, "could not watch parked connections; closing them");
+                self.close_all();
+                return;
+            }
+        };
+        loop {
+            let next = self.lock().deadlines.peek().map(|Reverse(d)| d.0);
+            let expiry = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                ready = watched.readable() => match ready {
+                    Ok(mut guard) => {
+                        if self.wake_ready() < EVENTS {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, "watching parked connections failed; closing them");
+                        break;
+                    }
+                },
+                () = expiry => self.expire(Instant::now()),
+                () = self.nearer.notified() => {}
+            }
+        }
+        self.close_all();
+    }
+
+    /// Resumes the connections the kernel reports ready; returns how many events it read.
+    fn wake_ready(&self) -> usize {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        // SAFETY: `events` has room for EVENTS entries; a zero timeout never blocks.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                EVENTS as i32,
+                0,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return 0;
+        };
+        let mut ready = Vec::with_capacity(n);
+        {
+            let mut inner = self.lock();
+            for event in &events[..n] {
+                let token = event.u64;
+                let (slot, generation) = (token as u32, (token >> 32) as u32);
+                if let Some(entry) = inner.take(slot, generation) {
+                    self.forget(&entry);
+                    ready.push(entry);
+                }
+            }
+        }
+        for entry in ready {
+            entry.resume(&self.tasks);
+        }
+        n
+    }
+
+    /// Closes the connections whose deadline is `now` or earlier.
+    fn expire(&self, now: Instant) {
+        let mut expired = Vec::new();
+        {
+            let mut inner = self.lock();
+            while let Some(&Reverse((deadline, slot, generation))) = inner.deadlines.peek() {
+                if deadline > now {
+                    break;
+                }
+                inner.deadlines.pop();
+                if let Some(entry) = inner.take(slot, generation) {
+                    self.forget(&entry);
+                    expired.push(entry);
+                }
+            }
+        }
+        // Dropped outside the lock: closing sockets and releasing permits takes a while.
+        drop(expired);
+    }
+
+    /// Closes every parked connection and parks no more.
+    fn close_all(&self) {
+        let entries: Vec<T> = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            inner.deadlines.clear();
+            inner.free.clear();
+            std::mem::take(&mut inner.slots)
+                .into_iter()
+                .filter_map(|slot| slot.entry)
+                .collect()
+        };
+        self.parked.fetch_sub(entries.len(), Relaxed);
+        drop(entries);
+    }
+
+    /// Stops watching an entry's socket, which leaves the lot.
+    fn forget(&self, entry: &T) {
+        // SAFETY: the entry still owns its socket, so the descriptor is the one we added.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                entry.fd(),
+                std::ptr::null_mut(),
+            );
+        }
+        self.parked.fetch_sub(1, Relaxed);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl<T> Inner<T> {
+    /// Empties the slot if it still holds the occupant of that generation.
+    fn take(&mut self, slot: u32, generation: u32) -> Option<T> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if s.generation != generation {
+            return None;
+        }
+        let entry = s.entry.take()?;
+        self.free.push(slot);
+        Some(entry)
+    }
+
+    /// Drops the deadlines of connections no longer parked.
+    fn prune(&mut self) {
+        let slots = &self.slots;
+        self.deadlines.retain(|Reverse((_, slot, generation))| {
+            slots
+                .get(*slot as usize)
+                .is_some_and(|s| s.generation == *generation && s.entry.is_some())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// A parked std socket that reports its resumption on a channel.
+    struct Conn {
+        stream: TcpStream,
+        resumed: mpsc::UnboundedSender<TcpStream>,
+    }
+
+    impl Parked for Conn {
+        fn fd(&self) -> RawFd {
+            self.stream.as_raw_fd()
+        }
+        fn resume(self, tasks: &TaskTracker) {
+            let Conn { stream, resumed } = self;
+            tasks.spawn(async move {
+                let _ = resumed.send(stream);
+            });
+        }
+    }
+
+    fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_parked_socket_resumes_when_its_peer_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let lot = Lot::new(CancellationToken::new(), TaskTracker::new()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (mut client, server) = pair(&listener);
+        let far = Instant::now() + Duration::from_secs(60);
+        lot.park(
+            Conn {
+                stream: server,
+                resumed: tx.clone(),
+            },
+            far,
+        );
+        assert_eq!(lot.len(), 1);
+        client.write_all(b"next").unwrap();
+        let mut server = rx.recv().await.unwrap();
+        assert_eq!(lot.len(), 0);
+        let mut got = [0u8; 4];
+        server.set_nonblocking(false).unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"next");
+        // The slot is reused, and the socket can be parked again.
+        server.set_nonblocking(true).unwrap();
+        lot.park(
+            Conn {
+                stream: server,
+                resumed: tx,
+            },
+            far,
+        );
+        client.write_all(b"more").unwrap();
+        assert!(rx.recv().await.is_some());
+        assert_eq!(lot.inner.lock().unwrap().slots.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_parked_socket_is_closed_at_its_deadline_and_at_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let shutdown = CancellationToken::new();
+        let lot = Lot::new(shutdown.clone(), TaskTracker::new()).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (mut early, server) = pair(&listener);
+        lot.park(
+            Conn {
+                stream: server,
+                resumed: tx.clone(),
+            },
+            Instant::now() + Duration::from_secs(3600),
+        );
+        let (mut soon, server) = pair(&listener);
+        // An earlier deadline than the one the lot's task sleeps towards.
+        lot.park(
+            Conn {
+                stream: server,
+                resumed: tx.clone(),
+            },
+            Instant::now() + Duration::from_millis(20),
+        );
+        let mut byte = [0u8; 1];
+        let closed = tokio::task::spawn_blocking(move || soon.read(&mut byte).unwrap());
+        assert_eq!(closed.await.unwrap(), 0, "closed at its deadline");
+        assert_eq!(lot.len(), 1);
+        shutdown.cancel();
+        let mut byte = [0u8; 1];
+        let closed = tokio::task::spawn_blocking(move || early.read(&mut byte).unwrap());
+        assert_eq!(closed.await.unwrap(), 0, "closed at shutdown");
+        assert_eq!(lot.len(), 0);
+        // Parking after shutdown closes at once.
+        let (mut late, server) = pair(&listener);
+        lot.park(
+            Conn {
+                stream: server,
+                resumed: tx,
+            },
+            Instant::now() + Duration::from_secs(3600),
+        );
+        assert_eq!(late.read(&mut byte).unwrap(), 0);
+    }
+}
