@@ -999,12 +999,13 @@ fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
     )
 }
 
-/// How often free heap pages go back to the kernel.
-const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often free heap pages go back to the kernel. Each pass takes about 0.2–1.2 ms with a heap
+/// of a few tens of MiB (measured), so this costs at most about 0.2 % of a core.
+const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Gives free heap memory back to the kernel once a second until `shutdown`, the way allocators
-/// that purge on their own (jemalloc, mimalloc) do after a delay. The walk over the heap runs on
-/// a blocking thread, so no connection waits for it.
+/// Gives free heap memory back to the kernel twice a second until `shutdown`, the way
+/// allocators that purge on their own (jemalloc, mimalloc) do after a delay. The walk over the
+/// heap runs on a blocking thread, so no connection waits for it.
 async fn release_memory(shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(RELEASE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
