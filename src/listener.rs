@@ -8,10 +8,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
@@ -50,7 +48,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Accepts connections until `shutdown`, running `serve` for each in a task tracked by `tasks`.
 /// A connection runs only while it holds a permit of `limit` (the listener's `max_connections`);
-/// `serve` gets the permit and keeps it as long as the connection lives (see [`WithPermit`]). The socket and the limit are shared so that
+/// `serve` gets the permit and keeps it, in an [`Admission`], as long as the connection lives. The socket and the limit are shared so that
 /// a reload can start a new loop on the same socket, or resize the limit, without closing it.
 pub async fn accept_loop<F, Fut>(
     name: &str,
@@ -95,30 +93,6 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A connection's future together with its admission, which is released when the task
-    /// ends.
-    ///
-    /// A plain struct rather than `async move { connection.await; drop(permit) }`: an async
-    /// block keeps the future it captured and the future it awaits in separate places, so it
-    /// would be twice the size of the connection's future, for the connection's whole life.
-    pub struct WithPermit<F> {
-        #[pin]
-        future: F,
-        _admission: Admission,
-    }
-}
-
-impl<F> WithPermit<F> {
-    /// `future`, holding `admission` until it completes.
-    pub fn new(future: F, admission: Admission) -> Self {
-        WithPermit {
-            future,
-            _admission: admission,
-        }
-    }
-}
-
 /// What an accepted connection holds for its whole life, in a task or parked: its permit under
 /// the listener's `max_connections`, and its place in the listener's count of open connections.
 ///
@@ -145,14 +119,6 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Relaxed);
-    }
-}
-
-impl<F: Future> Future for WithPermit<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().future.poll(cx)
     }
 }
 

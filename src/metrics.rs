@@ -282,7 +282,7 @@ impl Collector for Scrape {
         family(
             &mut encoder,
             "switchyard_connections_parked",
-            "Idle http client connections parked (counted in switchyard_connections_active too).",
+            "Idle connections parked, http and tcp (counted in switchyard_connections_active too).",
             MetricType::Gauge,
             vec![(vec![], handle.parked_connections() as i64)],
             gauge,

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Events taken from the kernel per `epoll_wait`; more are read in further calls.
 const EVENTS: usize = 64;
@@ -38,14 +38,41 @@ const EVENTS: usize = 64;
 /// before the deadline heap is rebuilt without them.
 const STALE_SLACK: usize = 1024;
 
-/// A parked connection: its socket and whatever else it needs to go on.
-pub trait Parked: Send + 'static {
-    /// The socket the lot watches for readability.
-    fn fd(&self) -> RawFd;
-    /// Continues the connection in a new task (tracked by `tasks`): its socket has something
-    /// to read, or the peer closed it.
+/// A parked connection: its sockets and whatever else it needs to go on.
+pub trait Parked: Send + Sized + 'static {
+    /// The sockets the lot watches for readability (a client connection; or a client and a
+    /// backend connection, for a forwarded one). Either waking up resumes the connection.
+    fn fds(&self) -> [Option<RawFd>; 2];
+    /// Continues the connection in a new task (tracked by `tasks`): a socket has something to
+    /// read, or its peer closed it.
     fn resume(self, tasks: &TaskTracker);
+    /// Ends the connection without resuming it, for `why`. The default closes it (by dropping).
+    fn close(self, why: Closing, tasks: &TaskTracker) {
+        let _ = (why, tasks);
+    }
+    /// Whether the connection must end now although nothing happened on it (its backend's
+    /// drain deadline passed, say). Asked about each parked connection once per
+    /// [`SWEEP_INTERVAL`] when [`Parked::SWEPT`] is set.
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// Whether [`Parked::cancelled`] is worth asking.
+    const SWEPT: bool = false;
 }
+
+/// Why a parked connection ends without being resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Its deadline (keep-alive or idle timeout) passed.
+    Deadline,
+    /// [`Parked::cancelled`] said so.
+    Cancelled,
+    /// The process is shutting down.
+    Shutdown,
+}
+
+/// How often parked connections are asked whether they were cancelled.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Parked connections and the epoll instance that watches them; see the module documentation.
 pub struct Lot<T> {
@@ -108,6 +135,19 @@ impl<T: Parked> Lot<T> {
         }))
     }
 
+    /// Starts the lot's task, unless it runs already; [`Lot::park`] does it too. Must be called
+    /// inside the runtime.
+    pub fn start(self: &Arc<Self>) {
+        if !self.started.swap(true, Relaxed) {
+            tokio::spawn(Arc::clone(self).run());
+        }
+    }
+
+    /// Where resumed connections run.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
     /// Connections parked now.
     pub fn len(&self) -> usize {
         self.parked.load(Relaxed)
@@ -118,24 +158,20 @@ impl<T: Parked> Lot<T> {
         self.len() == 0
     }
 
-    /// Parks `entry` until its socket becomes readable or `deadline` passes (then it is
-    /// dropped, which closes it). Must be called inside the runtime. When the lot is shut down,
-    /// or the socket cannot be watched, the entry is dropped at once.
-    pub fn park(self: &Arc<Self>, entry: T, deadline: Instant) {
-        if !self.started.swap(true, Relaxed) {
-            tokio::spawn(Arc::clone(self).run());
-        }
+    /// Parks `entry` until one of its sockets becomes readable or `deadline` passes (then it is
+    /// closed with [`Closing::Deadline`]). Must be called inside the runtime. When the lot is
+    /// shut down, or a socket cannot be watched, the entry is handed back.
+    pub fn park(self: &Arc<Self>, entry: T, deadline: Instant) -> Result<(), T> {
+        self.start();
         let mut inner = self.lock();
         if inner.closed {
-            drop(inner);
-            drop(entry);
-            return;
+            return Err(entry);
         }
         let slot = match inner.free.pop() {
             Some(slot) => slot,
             None => {
                 let Ok(slot) = u32::try_from(inner.slots.len()) else {
-                    return;
+                    return Err(entry);
                 };
                 inner.slots.push(Slot {
                     generation: 0,
@@ -149,27 +185,21 @@ impl<T: Parked> Lot<T> {
             s.generation = s.generation.wrapping_add(1);
             s.generation
         };
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-            u64: (u64::from(generation) << 32) | u64::from(slot),
-        };
-        // Added while the lock is held: the lot's task, woken by this socket at once, looks
-        // the slot up only after the entry is in it.
-        // SAFETY: both descriptors are open; the kernel copies `event`.
-        let added = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                entry.fd(),
-                &mut event,
-            )
-        };
-        if added != 0 {
-            let error = io::Error::last_os_error();
-            inner.free.push(slot);
-            drop(inner);
-            warn!(%error, "could not park an idle connection; closing it");
-            return;
+        let token = (u64::from(generation) << 32) | u64::from(slot);
+        // Added while the lock is held: the lot's task, woken by a socket at once, looks the
+        // slot up only after the entry is in it.
+        let fds = entry.fds();
+        for (i, fd) in fds.iter().enumerate() {
+            let Some(fd) = *fd else { continue };
+            if let Err(error) = self.watch(fd, token) {
+                for fd in fds[..i].iter().flatten() {
+                    self.unwatch(*fd);
+                }
+                inner.free.push(slot);
+                drop(inner);
+                debug!(%error, "could not park an idle connection");
+                return Err(entry);
+            }
         }
         inner.slots[slot as usize].entry = Some(entry);
         let earliest = inner
@@ -184,6 +214,36 @@ impl<T: Parked> Lot<T> {
         drop(inner);
         if earliest {
             self.nearer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Adds `fd` to the lot's epoll instance, reporting `token` when it becomes readable.
+    fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are open; the kernel copies `event`.
+        let added =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if added == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Removes `fd` from the lot's epoll instance.
+    fn unwatch(&self, fd: RawFd) {
+        // SAFETY: the descriptor is still open (its owner is in hand); no event is passed.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            );
         }
     }
 
@@ -204,6 +264,8 @@ impl<T: Parked> Lot<T> {
                 return;
             }
         };
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.lock().deadlines.peek().map(|Reverse(d)| d.0);
             let expiry = async {
@@ -228,6 +290,7 @@ impl<T: Parked> Lot<T> {
                 },
                 () = expiry => self.expire(Instant::now()),
                 () = self.nearer.notified() => {}
+                _ = sweep.tick(), if T::SWEPT => self.sweep(),
             }
         }
         self.close_all();
@@ -282,12 +345,37 @@ impl<T: Parked> Lot<T> {
                 }
             }
         }
-        // Dropped outside the lock: closing sockets and releasing permits takes a while.
-        drop(expired);
+        // Closed outside the lock: closing sockets and releasing permits takes a while.
+        for entry in expired {
+            entry.close(Closing::Deadline, &self.tasks);
+        }
     }
 
-    /// Closes every parked connection and parks no more.
-    fn close_all(&self) {
+    /// Closes the connections that say they were cancelled.
+    fn sweep(&self) {
+        let mut cancelled = Vec::new();
+        {
+            let mut inner = self.lock();
+            let Inner { slots, free, .. } = &mut *inner;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if slot.entry.as_ref().is_some_and(Parked::cancelled)
+                    && let Some(entry) = slot.entry.take()
+                {
+                    self.forget(&entry);
+                    free.push(i as u32);
+                    cancelled.push(entry);
+                }
+            }
+        }
+        for entry in cancelled {
+            entry.close(Closing::Cancelled, &self.tasks);
+        }
+    }
+
+    /// Ends every parked connection with [`Closing::Shutdown`] and parks no more. The lot's
+    /// task does this when the shutdown token is cancelled; a server calls it itself before it
+    /// waits for its tasks, so that connections resumed for the drain are among them.
+    pub fn close_all(&self) {
         let entries: Vec<T> = {
             let mut inner = self.lock();
             inner.closed = true;
@@ -299,19 +387,15 @@ impl<T: Parked> Lot<T> {
                 .collect()
         };
         self.parked.fetch_sub(entries.len(), Relaxed);
-        drop(entries);
+        for entry in entries {
+            entry.close(Closing::Shutdown, &self.tasks);
+        }
     }
 
-    /// Stops watching an entry's socket, which leaves the lot.
+    /// Stops watching an entry's sockets: it leaves the lot.
     fn forget(&self, entry: &T) {
-        // SAFETY: the entry still owns its socket, so the descriptor is the one we added.
-        unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                entry.fd(),
-                std::ptr::null_mut(),
-            );
+        for fd in entry.fds().into_iter().flatten() {
+            self.unwatch(fd);
         }
         self.parked.fetch_sub(1, Relaxed);
     }
@@ -361,8 +445,8 @@ mod tests {
     }
 
     impl Parked for Conn {
-        fn fd(&self) -> RawFd {
-            self.stream.as_raw_fd()
+        fn fds(&self) -> [Option<RawFd>; 2] {
+            [Some(self.stream.as_raw_fd()), None]
         }
         fn resume(self, tasks: &TaskTracker) {
             let Conn { stream, resumed } = self;
@@ -386,12 +470,15 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (mut client, server) = pair(&listener);
         let far = Instant::now() + Duration::from_secs(60);
-        lot.park(
-            Conn {
-                stream: server,
-                resumed: tx.clone(),
-            },
-            far,
+        assert!(
+            lot.park(
+                Conn {
+                    stream: server,
+                    resumed: tx.clone(),
+                },
+                far,
+            )
+            .is_ok()
         );
         assert_eq!(lot.len(), 1);
         client.write_all(b"next").unwrap();
@@ -403,12 +490,15 @@ mod tests {
         assert_eq!(&got, b"next");
         // The slot is reused, and the socket can be parked again.
         server.set_nonblocking(true).unwrap();
-        lot.park(
-            Conn {
-                stream: server,
-                resumed: tx,
-            },
-            far,
+        assert!(
+            lot.park(
+                Conn {
+                    stream: server,
+                    resumed: tx,
+                },
+                far,
+            )
+            .is_ok()
         );
         client.write_all(b"more").unwrap();
         assert!(rx.recv().await.is_some());
@@ -422,21 +512,27 @@ mod tests {
         let lot = Lot::new(shutdown.clone(), TaskTracker::new()).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
         let (mut early, server) = pair(&listener);
-        lot.park(
-            Conn {
-                stream: server,
-                resumed: tx.clone(),
-            },
-            Instant::now() + Duration::from_secs(3600),
+        assert!(
+            lot.park(
+                Conn {
+                    stream: server,
+                    resumed: tx.clone(),
+                },
+                Instant::now() + Duration::from_secs(3600),
+            )
+            .is_ok()
         );
         let (mut soon, server) = pair(&listener);
         // An earlier deadline than the one the lot's task sleeps towards.
-        lot.park(
-            Conn {
-                stream: server,
-                resumed: tx.clone(),
-            },
-            Instant::now() + Duration::from_millis(20),
+        assert!(
+            lot.park(
+                Conn {
+                    stream: server,
+                    resumed: tx.clone(),
+                },
+                Instant::now() + Duration::from_millis(20),
+            )
+            .is_ok()
         );
         let mut byte = [0u8; 1];
         let closed = tokio::task::spawn_blocking(move || soon.read(&mut byte).unwrap());
@@ -447,15 +543,15 @@ mod tests {
         let closed = tokio::task::spawn_blocking(move || early.read(&mut byte).unwrap());
         assert_eq!(closed.await.unwrap(), 0, "closed at shutdown");
         assert_eq!(lot.len(), 0);
-        // Parking after shutdown closes at once.
-        let (mut late, server) = pair(&listener);
-        lot.park(
+        // After shutdown, nothing more is parked: the entry is handed back.
+        let (_late, server) = pair(&listener);
+        let refused = lot.park(
             Conn {
                 stream: server,
                 resumed: tx,
             },
             Instant::now() + Duration::from_secs(3600),
         );
-        assert_eq!(late.read(&mut byte).unwrap(), 0);
+        assert!(refused.is_err());
     }
 }

@@ -137,6 +137,8 @@ pub struct Shared {
     tasks: TaskTracker,
     /// Where http listeners park idle client connections; `None` if it could not be set up.
     lot: Option<Arc<crate::park::Lot<crate::http::ParkedClient>>>,
+    /// Where tcp listeners park idle forwarded connections.
+    tcp_lot: Option<Arc<crate::park::Lot<crate::l4::tcp::ParkedTcp>>>,
     state: Mutex<State>,
     /// Serialises reloads: one that arrives during another waits for it, and is not lost.
     reloading: tokio::sync::Mutex<()>,
@@ -218,11 +220,14 @@ impl Server {
         let admin_socket = admin.as_ref().map(crate::admin::Admin::socket);
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
         let tasks = TaskTracker::new();
-        let lot = match crate::park::Lot::new(shutdown.clone(), tasks.clone()) {
-            Ok(lot) => Some(lot),
-            Err(error) => {
+        let (lot, tcp_lot) = match (
+            crate::park::Lot::new(shutdown.clone(), tasks.clone()),
+            crate::park::Lot::new(shutdown.clone(), tasks.clone()),
+        ) {
+            (Ok(lot), Ok(tcp_lot)) => (Some(lot), Some(tcp_lot)),
+            (Err(error), _) | (_, Err(error)) => {
                 warn!(%error, "idle connections will not be parked");
-                None
+                (None, None)
             }
         };
         let shared = Arc::new(Shared {
@@ -235,6 +240,7 @@ impl Server {
             shutdown: shutdown.clone(),
             tasks,
             lot,
+            tcp_lot,
             state: Mutex::new(State {
                 config: Arc::clone(&config),
                 tls: Arc::new(TlsStore::default()),
@@ -327,6 +333,12 @@ impl Server {
         let serving = shared.lock().listeners.len();
         crate::notify::ready(&format!("serving {serving} listener(s)"));
         tokio::spawn(release_memory(shared.shutdown.clone()));
+        if let Some(lot) = &shared.lot {
+            lot.start();
+        }
+        if let Some(lot) = &shared.tcp_lot {
+            lot.start();
+        }
 
         shared.shutdown.cancelled().await;
         crate::notify::stopping();
@@ -335,6 +347,14 @@ impl Server {
         // The loops have stopped; dropping the listeners closes their sockets, so new
         // connections are refused rather than left in the backlog.
         shared.lock().listeners.clear();
+        // Parked connections end now (http) or go back to tasks to run through the drain
+        // (tcp), before the wait for tasks starts.
+        if let Some(lot) = &shared.lot {
+            lot.close_all();
+        }
+        if let Some(lot) = &shared.tcp_lot {
+            lot.close_all();
+        }
         shared.tasks.close();
         let open = shared.tasks.len();
         let deadline = shared.lock().config.global.drain_timeout;
@@ -518,9 +538,10 @@ impl ServerHandle {
         )
     }
 
-    /// Idle http client connections parked now (see [`crate::park`]).
+    /// Idle connections parked now, http and tcp (see [`crate::park`]).
     pub fn parked_connections(&self) -> usize {
         self.0.lot.as_ref().map_or(0, |lot| lot.len())
+            + self.0.tcp_lot.as_ref().map_or(0, |lot| lot.len())
     }
 
     /// The file the configuration came from, if any.
@@ -775,12 +796,10 @@ impl Shared {
         match (&running.socket, &running.proxy) {
             (Socket::Tcp(socket), Proxy::Tcp(current)) => {
                 self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
-                    listener::WithPermit::new(p.serve(stream, peer), admission)
+                    p.serve(stream, peer, admission)
                 });
             }
             (Socket::Tcp(socket), Proxy::Http(current)) => {
-                // An http connection keeps its admission itself: it outlives the task when the
-                // connection is parked.
                 self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
                     p.serve(stream, peer, admission)
                 });
@@ -849,6 +868,10 @@ impl Shared {
                 tls: tls.listener(&l.name),
                 access_log: self.log_writer(l)?,
                 stats: Arc::clone(&stats),
+                parking: settings
+                    .park_idle_after
+                    .zip(self.tcp_lot.clone())
+                    .map(|(after, lot)| crate::l4::tcp::TcpParking { after, lot }),
             }),
             ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
                 name: l.name.clone(),

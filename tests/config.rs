@@ -649,7 +649,7 @@ fn tls_files_are_relative_to_the_configuration() {
 }
 
 #[test]
-fn park_idle_after_is_a_duration_or_off_on_http_listeners() {
+fn park_idle_after_is_a_duration_or_off_on_tcp_and_http_listeners() {
     let http = |extra: &str| {
         format!(
             "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{extra}\n{MINIMAL_POOL}"
@@ -676,9 +676,19 @@ fn park_idle_after_is_a_duration_or_off_on_http_listeners() {
         "listeners[0].park_idle_after",
         "",
     );
+    let tcp = Config::from_toml(
+        &tcp_listener("park_idle_after = \"off\""),
+        Path::new("t.toml"),
+    )
+    .expect("loads");
+    let ListenerKind::Tcp(tcp) = &tcp.listeners[0].kind else {
+        panic!("tcp")
+    };
+    assert_eq!(tcp.park_idle_after, None);
+    let udp = tcp_listener("park_idle_after = \"1s\"").replace("\"tcp\"", "\"udp\"");
     assert_problem(
-        &tcp_listener("park_idle_after = \"1s\""),
+        &udp,
         "listeners[0].park_idle_after",
-        "applies only to http",
+        "applies only to tcp and http",
     );
 }

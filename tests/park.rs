@@ -148,3 +148,185 @@ async fn parking_can_be_turned_off() {
     assert_eq!(active(&proxy), 1);
     assert_eq!(client.get("/", "").await.status, 200);
 }
+
+// Layer 4: forwarded connections with no bytes moving are parked too.
+
+fn l4(backend: SocketAddr, listener_extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+park_idle_after = "10ms"
+{listener_extra}
+
+[pools.p]
+backends = ["{backend}"]
+"#
+    )
+}
+
+async fn echo_round(stream: &mut tokio::net::TcpStream, message: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, message);
+}
+
+#[tokio::test]
+async fn an_idle_forwarded_connection_is_parked_and_resumed_from_either_side() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The backend echoes, and on "push" waits for the test's signal before writing first.
+    let signal = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = std::sync::Arc::clone(&signal);
+    let backend = Backend::start(move |mut stream| {
+        let gate = std::sync::Arc::clone(&gate);
+        async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if &buf[..n] == b"push" {
+                    gate.notified().await;
+                    let _ = stream.write_all(b"pushed").await;
+                } else if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&l4(backend.addr, ""));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+        .await
+        .expect("connect");
+    for round in 0..3u8 {
+        echo_round(&mut stream, &[b'a' + round; 5]).await;
+        eventually("the idle connection is parked", || {
+            proxy.handle.parked_connections() == 1
+        })
+        .await;
+        assert_eq!(
+            state.active.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "still counted on its backend"
+        );
+    }
+    // The backend speaks first: the connection resumes from the backend's side.
+    stream.write_all(b"push").await.expect("write");
+    eventually("parked again after the request", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    signal.notify_one();
+    let mut pushed = [0u8; 6];
+    stream.read_exact(&mut pushed).await.expect("pushed");
+    assert_eq!(&pushed, b"pushed");
+    // Half-close after parking still reaches the backend, whose EOF comes back.
+    eventually("parked", || proxy.handle.parked_connections() == 1).await;
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.expect("read to end");
+    assert!(rest.is_empty());
+    eventually("the connection is gone", || {
+        proxy.handle.parked_connections() == 0
+            && state.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_parked_forwarded_connection_ends_at_its_idle_timeout_with_a_log_line() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo().await;
+    let log = temp_config("park-l4.log", "");
+    std::fs::write(&log, "").expect("truncate");
+    let proxy = Proxy::start(&l4(
+        backend.addr,
+        &format!(
+            "idle_timeout = \"300ms\"\naccess_log = {{ path = \"{}\" }}",
+            log.display()
+        ),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+        .await
+        .expect("connect");
+    echo_round(&mut stream, b"hello").await;
+    eventually("the idle connection is parked", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed at the idle timeout")
+        .expect("read");
+    eventually("the log line is written", || {
+        std::fs::read_to_string(&log).is_ok_and(|text| {
+            text.contains("\"outcome\":\"idle_timeout\"")
+                && text.contains("\"bytes_sent\":5")
+                && text.contains("\"bytes_received\":5")
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_drain_deadline_closes_parked_forwarded_connections() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&l4(backend.addr, ""));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+        .await
+        .expect("connect");
+    echo_round(&mut stream, b"hello").await;
+    eventually("the idle connection is parked", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    state.start_drain(std::time::Duration::from_millis(100));
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed after the drain deadline")
+        .expect("read");
+    eventually("the connection is gone", || {
+        proxy.handle.parked_connections() == 0
+            && state.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_shutdown_lets_parked_forwarded_connections_run_until_they_end() {
+    let backend = Backend::echo().await;
+    let mut proxy = Proxy::start(&l4(backend.addr, ""));
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+        .await
+        .expect("connect");
+    echo_round(&mut stream, b"hello").await;
+    eventually("the idle connection is parked", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    proxy.shutdown.cancel();
+    eventually("resumed for the drain", || {
+        proxy.handle.parked_connections() == 0
+    })
+    .await;
+    // Forwarded connections run on through the drain, as they would have unparked.
+    echo_round(&mut stream, b"still").await;
+    drop(stream);
+    let cut_off = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("the server stops once the connection ends")
+        .expect("the server task ends");
+    assert_eq!(cut_off, 0);
+}

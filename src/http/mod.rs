@@ -248,9 +248,9 @@ pub struct ParkedClient {
 }
 
 impl Parked for ParkedClient {
-    fn fd(&self) -> std::os::fd::RawFd {
+    fn fds(&self) -> [Option<std::os::fd::RawFd>; 2] {
         use std::os::fd::AsRawFd;
-        self.stream.as_raw_fd()
+        [Some(self.stream.as_raw_fd()), None]
     }
 
     fn resume(self, tasks: &TaskTracker) {
@@ -525,7 +525,9 @@ impl HttpProxy {
             return;
         };
         let deadline = Instant::now() + self.keepalive_timeout.saturating_sub(parking.after);
-        parking.lot.park(
+        // A connection the lot does not take (the process is shutting down) is closed, as
+        // idle ones are then.
+        let _ = parking.lot.park(
             ParkedClient {
                 stream,
                 proxy: self,
