@@ -309,6 +309,11 @@ impl<T: Parked> Lot<T> {
             )
         };
         let Ok(n) = usize::try_from(n) else {
+            // Interrupted: report a full batch, so that the caller asks again rather than
+            // waiting for a new edge while events may be waiting.
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                return EVENTS;
+            }
             return 0;
         };
         let mut ready = Vec::with_capacity(n);
