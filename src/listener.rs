@@ -119,6 +119,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Relaxed);
+        crate::sys::note_connection_released();
     }
 }
 

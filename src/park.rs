@@ -88,12 +88,16 @@ pub struct Lot<T> {
     started: AtomicBool,
     /// Connections parked now, for the metrics.
     parked: AtomicUsize,
+    /// `Inner::closed`, readable without the lock.
+    closed: AtomicBool,
 }
 
 struct Inner<T> {
     slots: Vec<Slot<T>>,
-    /// Empty slots, reused before the vector grows.
-    free: Vec<u32>,
+    /// Empty slots, lowest first: reusing low slots lets the table shrink from its end.
+    free: BinaryHeap<Reverse<u32>>,
+    /// The generation of the latest filling of any slot.
+    generation: u32,
     /// (deadline, slot, generation), earliest first. Entries of connections resumed since are
     /// left in place and skipped (their generation no longer matches).
     deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
@@ -102,8 +106,9 @@ struct Inner<T> {
 }
 
 struct Slot<T> {
-    /// Incremented each time the slot is filled, so that an old event or deadline for a
-    /// previous occupant is recognised.
+    /// A new value (from one counter for the whole lot) each time the slot is filled, so that
+    /// an old deadline for a previous occupant is recognised, even after the table shrank and
+    /// grew again.
     generation: u32,
     entry: Option<T>,
 }
@@ -123,7 +128,8 @@ impl<T: Parked> Lot<T> {
             epoll,
             inner: Mutex::new(Inner {
                 slots: Vec::new(),
-                free: Vec::new(),
+                free: BinaryHeap::new(),
+                generation: 0,
                 deadlines: BinaryHeap::new(),
                 closed: false,
             }),
@@ -132,6 +138,7 @@ impl<T: Parked> Lot<T> {
             tasks,
             started: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         }))
     }
 
@@ -139,8 +146,14 @@ impl<T: Parked> Lot<T> {
     /// inside the runtime.
     pub fn start(self: &Arc<Self>) {
         if !self.started.swap(true, Relaxed) {
-            tokio::spawn(Arc::clone(self).run());
+            self.tasks.spawn(Arc::clone(self).run());
         }
+    }
+
+    /// Whether the lot takes no more connections (the process is shutting down, or the lot's
+    /// task ended).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
     }
 
     /// Where resumed connections run.
@@ -168,7 +181,7 @@ impl<T: Parked> Lot<T> {
             return Err(entry);
         }
         let slot = match inner.free.pop() {
-            Some(slot) => slot,
+            Some(Reverse(slot)) => slot,
             None => {
                 let Ok(slot) = u32::try_from(inner.slots.len()) else {
                     return Err(entry);
@@ -180,11 +193,9 @@ impl<T: Parked> Lot<T> {
                 slot
             }
         };
-        let generation = {
-            let s = &mut inner.slots[slot as usize];
-            s.generation = s.generation.wrapping_add(1);
-            s.generation
-        };
+        inner.generation = inner.generation.wrapping_add(1);
+        let generation = inner.generation;
+        inner.slots[slot as usize].generation = generation;
         let token = (u64::from(generation) << 32) | u64::from(slot);
         // Added while the lock is held: the lot's task, woken by a socket at once, looks the
         // slot up only after the entry is in it.
@@ -195,7 +206,7 @@ impl<T: Parked> Lot<T> {
                 for fd in fds[..i].iter().flatten() {
                     self.unwatch(*fd);
                 }
-                inner.free.push(slot);
+                inner.free.push(Reverse(slot));
                 drop(inner);
                 debug!(%error, "could not park an idle connection");
                 return Err(entry);
@@ -212,6 +223,7 @@ impl<T: Parked> Lot<T> {
         }
         self.parked.fetch_add(1, Relaxed);
         drop(inner);
+        crate::sys::note_connection_released();
         if earliest {
             self.nearer.notify_one();
         }
@@ -248,8 +260,12 @@ impl<T: Parked> Lot<T> {
     }
 
     /// The lot's task: resumes connections whose sockets became readable, closes those whose
-    /// deadline passed, and closes all at shutdown.
+    /// deadline passed, and closes all at shutdown. It runs in the lot's task tracker, so that
+    /// a shutdown that waits for the tracker also waits for the connections it resumes then.
     async fn run(self: Arc<Self>) {
+        // If this task ends any other way than below (a panic in a connection's code), parked
+        // connections must not wait for a task that is gone.
+        let _on_exit = CloseOnExit(&self);
         // A duplicate of the lot's descriptor, owned by the registration.
         let registered = self.epoll.try_clone().and_then(|epoll| {
             // SAFETY: `epoll` is a descriptor of our own, open until the registration drops it.
@@ -274,9 +290,14 @@ impl<T: Parked> Lot<T> {
                     None => std::future::pending().await,
                 }
             };
+            // Deadlines and the sweep before wake-ups: a steady stream of wake-ups must not
+            // hold them back.
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
+                () = expiry => self.expire(Instant::now()),
+                _ = sweep.tick(), if T::SWEPT => self.sweep(),
+                () = self.nearer.notified() => {}
                 ready = watched.readable() => match ready {
                     Ok(mut guard) => {
                         if self.wake_ready() < EVENTS {
@@ -288,9 +309,6 @@ impl<T: Parked> Lot<T> {
                         break;
                     }
                 },
-                () = expiry => self.expire(Instant::now()),
-                () = self.nearer.notified() => {}
-                _ = sweep.tick(), if T::SWEPT => self.sweep(),
             }
         }
         self.close_all();
@@ -327,6 +345,7 @@ impl<T: Parked> Lot<T> {
                     ready.push(entry);
                 }
             }
+            inner.compact(self.len());
         }
         for entry in ready {
             entry.resume(&self.tasks);
@@ -349,6 +368,7 @@ impl<T: Parked> Lot<T> {
                     expired.push(entry);
                 }
             }
+            inner.compact(self.len());
         }
         // Closed outside the lock: closing sockets and releasing permits takes a while.
         for entry in expired {
@@ -367,10 +387,11 @@ impl<T: Parked> Lot<T> {
                     && let Some(entry) = slot.entry.take()
                 {
                     self.forget(&entry);
-                    free.push(i as u32);
+                    free.push(Reverse(i as u32));
                     cancelled.push(entry);
                 }
             }
+            inner.compact(self.len());
         }
         for entry in cancelled {
             entry.close(Closing::Cancelled, &self.tasks);
@@ -384,6 +405,7 @@ impl<T: Parked> Lot<T> {
         let entries: Vec<T> = {
             let mut inner = self.lock();
             inner.closed = true;
+            self.closed.store(true, Relaxed);
             inner.deadlines.clear();
             inner.free.clear();
             std::mem::take(&mut inner.slots)
@@ -412,6 +434,15 @@ impl<T: Parked> Lot<T> {
     }
 }
 
+/// Closes a lot when its task ends, however it ends.
+struct CloseOnExit<'a, T: Parked>(&'a Lot<T>);
+
+impl<T: Parked> Drop for CloseOnExit<'_, T> {
+    fn drop(&mut self) {
+        self.0.close_all();
+    }
+}
+
 impl<T> Inner<T> {
     /// Empties the slot if it still holds the occupant of that generation.
     fn take(&mut self, slot: u32, generation: u32) -> Option<T> {
@@ -420,8 +451,26 @@ impl<T> Inner<T> {
             return None;
         }
         let entry = s.entry.take()?;
-        self.free.push(slot);
+        self.free.push(Reverse(slot));
         Some(entry)
+    }
+
+    /// Gives back the table's memory once at least half of it is empty: empty slots at its end
+    /// are dropped (the lowest free slots are reused first, so parked connections gather at the
+    /// start), and so are deadlines of connections no longer parked.
+    fn compact(&mut self, parked: usize) {
+        if self.slots.len() < 64 || parked * 2 > self.slots.len() {
+            return;
+        }
+        while self.slots.last().is_some_and(|s| s.entry.is_none()) {
+            self.slots.pop();
+        }
+        let len = self.slots.len();
+        self.free.retain(|Reverse(slot)| (*slot as usize) < len);
+        self.slots.shrink_to(len * 2);
+        self.free.shrink_to(len);
+        self.prune();
+        self.deadlines.shrink_to(parked * 2 + STALE_SLACK);
     }
 
     /// Drops the deadlines of connections no longer parked.

@@ -1022,23 +1022,50 @@ fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
     )
 }
 
-/// How often free heap pages go back to the kernel. Each pass takes about 0.2–1.2 ms with a heap
-/// of a few tens of MiB (measured), so this costs at most about 0.2 % of a core.
+/// How often the release of free heap pages is considered.
+#[cfg(target_env = "gnu")]
 const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Connections that must have ended or been parked since the last release for another to be
+/// worth it: a steady load, which frees nothing for good, never pays for one.
+#[cfg(target_env = "gnu")]
+const RELEASE_AFTER_CONNECTIONS: u64 = 64;
+/// Time between releases, as a multiple of how long the last one took: a heap so fragmented
+/// that a pass takes 10 ms is walked at most every second, which bounds the cost to 1 % of a
+/// core.
+#[cfg(target_env = "gnu")]
+const RELEASE_SPACING: u32 = 100;
 
-/// Gives free heap memory back to the kernel twice a second until `shutdown`, the way
-/// allocators that purge on their own (jemalloc, mimalloc) do after a delay. The walk over the
-/// heap runs on a blocking thread, so no connection waits for it.
+/// Gives free heap memory back to the kernel after connections end or are parked, the way
+/// allocators that purge on their own (jemalloc, mimalloc) do after a delay. At most twice a
+/// second, only when at least [`RELEASE_AFTER_CONNECTIONS`] went since the last pass, and never
+/// sooner after a pass than [`RELEASE_SPACING`] times what it took. The pass runs on a blocking
+/// thread; allocations from the arena it is walking wait for it.
+#[cfg(target_env = "gnu")]
 async fn release_memory(shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(RELEASE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut released_at = crate::sys::connections_released();
+    let mut not_before = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        let released = crate::sys::connections_released();
+        if released.wrapping_sub(released_at) < RELEASE_AFTER_CONNECTIONS
+            || tokio::time::Instant::now() < not_before
+        {
+            continue;
+        }
+        released_at = released;
         let started = std::time::Instant::now();
-        let released = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
-        debug!(?released, took = ?started.elapsed(), "free memory released");
+        let result = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+        let took = started.elapsed();
+        not_before = tokio::time::Instant::now() + took * RELEASE_SPACING;
+        debug!(?result, ?took, "free memory released");
     }
 }
+
+/// Other C libraries keep no free memory back in the same way: nothing to do.
+#[cfg(not(target_env = "gnu"))]
+async fn release_memory(_shutdown: CancellationToken) {}

@@ -304,29 +304,35 @@ async fn a_drain_deadline_closes_parked_forwarded_connections() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_lets_parked_forwarded_connections_run_until_they_end() {
     let backend = Backend::echo().await;
-    let mut proxy = Proxy::start(&l4(backend.addr, ""));
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
-        .await
-        .expect("connect");
-    echo_round(&mut stream, b"hello").await;
-    eventually("the idle connection is parked", || {
-        proxy.handle.parked_connections() == 1
-    })
-    .await;
-    proxy.shutdown.cancel();
-    eventually("resumed for the drain", || {
-        proxy.handle.parked_connections() == 0
-    })
-    .await;
-    // Forwarded connections run on through the drain, as they would have unparked.
-    echo_round(&mut stream, b"still").await;
-    drop(stream);
-    let cut_off = tokio::time::timeout(PATIENCE, &mut proxy.task)
-        .await
-        .expect("the server stops once the connection ends")
-        .expect("the server task ends");
-    assert_eq!(cut_off, 0);
+    // Several rounds on two threads: the lot resumes its connections on one thread while the
+    // server starts waiting for its tasks on another.
+    for _ in 0..10 {
+        let mut proxy = Proxy::start(&l4(backend.addr, ""));
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+            .await
+            .expect("connect");
+        echo_round(&mut stream, b"hello").await;
+        eventually("the idle connection is parked", || {
+            proxy.handle.parked_connections() == 1
+        })
+        .await;
+        proxy.shutdown.cancel();
+        // Forwarded connections run on through the drain, as they would have unparked, and
+        // the server waits for them.
+        echo_round(&mut stream, b"still").await;
+        assert!(
+            !proxy.task.is_finished(),
+            "the server stopped while a forwarded connection was open"
+        );
+        assert_eq!(proxy.handle.parked_connections(), 0);
+        drop(stream);
+        let cut_off = tokio::time::timeout(PATIENCE, &mut proxy.task)
+            .await
+            .expect("the server stops once the connection ends")
+            .expect("the server task ends");
+        assert_eq!(cut_off, 0);
+    }
 }

@@ -222,6 +222,8 @@ struct Client {
     tls: Option<Negotiated>,
     /// Requests answered on this connection so far.
     served: u32,
+    /// The lot would not take this connection: it is not offered again.
+    unparkable: bool,
 }
 
 /// What waiting for the next request head found.
@@ -422,6 +424,7 @@ impl HttpProxy {
                 peer_trusted,
                 tls: None,
                 served: 0,
+                unparkable: false,
             },
             Some(tls) => match crate::tls::accept(tls, stream, &buf, true).await {
                 Ok((stream, negotiated)) => Client {
@@ -431,6 +434,7 @@ impl HttpProxy {
                     peer_trusted,
                     tls: Some(negotiated),
                     served: 0,
+                    unparkable: false,
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
@@ -471,22 +475,27 @@ impl HttpProxy {
             peer_trusted,
             tls: None,
             served,
+            unparkable: false,
         };
         proxy.keep_alive(client, admission).await;
     }
 
     /// Reads and answers requests one after the other until the connection closes, or parks it
     /// when it stays idle long enough.
-    async fn keep_alive(self: Arc<Self>, mut client: Client, admission: Admission) {
+    async fn keep_alive(self: Arc<Self>, mut client: Client, mut admission: Admission) {
         let mut proxy = self;
         loop {
             let head = match proxy.read_request(&mut client).await {
                 Ok(Read::Head(head)) => head,
                 Ok(Read::Closed) => return,
-                Ok(Read::Idle) => {
-                    proxy.park(client, admission);
-                    return;
-                }
+                Ok(Read::Idle) => match Arc::clone(&proxy).park(client, admission) {
+                    // Parked, or closed.
+                    None => return,
+                    Some(refused) => {
+                        (client, admission) = refused;
+                        continue;
+                    }
+                },
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
@@ -513,31 +522,49 @@ impl HttpProxy {
     }
 
     /// Hands an idle plain connection to the lot, which keeps it until the rest of its
-    /// keep-alive timeout has passed.
-    fn park(self: Arc<Self>, client: Client, admission: Admission) {
+    /// keep-alive timeout has passed. Returns the connection when it should go on in its task
+    /// instead; `None` when it was parked or is to be closed.
+    fn park(self: Arc<Self>, client: Client, admission: Admission) -> Option<(Client, Admission)> {
         let Some(parking) = self.parking.clone() else {
-            return;
+            return Some((client, admission));
         };
         let Stream::Plain(stream) = client.stream else {
-            return;
+            return None;
         };
         let Ok(stream) = stream.into_std() else {
-            return;
+            return None;
         };
         let deadline = Instant::now() + self.keepalive_timeout.saturating_sub(parking.after);
-        // A connection the lot does not take (the process is shutting down) is closed, as
-        // idle ones are then.
-        let _ = parking.lot.park(
-            ParkedClient {
-                stream,
-                proxy: self,
-                source: client.source,
-                peer_trusted: client.peer_trusted,
-                served: client.served,
-                admission,
-            },
-            deadline,
-        );
+        let refused = parking
+            .lot
+            .park(
+                ParkedClient {
+                    stream,
+                    proxy: Arc::clone(&self),
+                    source: client.source,
+                    peer_trusted: client.peer_trusted,
+                    served: client.served,
+                    admission,
+                },
+                deadline,
+            )
+            .err()?;
+        // Not taken. While shutting down, an idle connection closes; otherwise (the lot could
+        // not watch the socket) it goes on waiting in its task, never to be parked again.
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let stream = TcpStream::from_std(refused.stream).ok()?;
+        let client = Client {
+            stream: Stream::Plain(stream),
+            buf: BytesMut::new(),
+            source: refused.source,
+            peer_trusted: refused.peer_trusted,
+            tls: None,
+            served: refused.served,
+            unparkable: true,
+        };
+        Some((client, refused.admission))
     }
 
     /// Reads until the first bytes either are the HTTP/2 preface (h2c with prior knowledge) or
@@ -592,6 +619,7 @@ impl HttpProxy {
                     let park = self.parking.as_ref().filter(|parking| {
                         client.served > 0
                             && client.tls.is_none()
+                            && !client.unparkable
                             && parking.after < self.keepalive_timeout
                     });
                     let wait = park.map_or(self.keepalive_timeout, |parking| parking.after);

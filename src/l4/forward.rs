@@ -186,8 +186,12 @@ impl Forwarder {
             if now >= deadline {
                 return Poll::Ready(Ok(Outcome::IdleTimeout));
             }
+            let half_closed = [&self.up, &self.down]
+                .iter()
+                .any(|half| half.eof || half.done);
             let next = match park_after {
-                Some(after) => {
+                // A half-closed connection is never parked: no need to look every threshold.
+                Some(after) if !half_closed => {
                     let park_at = self.last_activity + after;
                     if now >= park_at && self.quiescent() {
                         return Poll::Ready(Ok(Outcome::Parkable));
@@ -196,7 +200,7 @@ impl Forwarder {
                     // after another threshold.
                     park_at.max(now + after).min(deadline)
                 }
-                None => deadline,
+                _ => deadline,
             };
             self.idle.as_mut().reset(next);
         }

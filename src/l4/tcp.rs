@@ -148,7 +148,7 @@ impl TcpProxy {
                 let forwarder = Forwarder::new(initial, first_check);
                 Some(Forwarding {
                     started: std::time::Instant::now(),
-                    closing: Box::pin(closer.cancelled_owned()),
+                    closing: Closer::new(closer),
                     proxy: self,
                     client,
                     backend,
@@ -448,11 +448,29 @@ struct Forwarding {
     forwarder: Forwarder,
     /// Resolves at the backend's drain deadline. Boxed: it is as large as the rest together,
     /// and this keeps the task in a smaller allocation class.
-    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    closing: Pin<Box<Closer>>,
     /// When forwarding started, for the access log.
     started: std::time::Instant,
     /// The connection's place under `max_connections`.
     admission: Admission,
+}
+
+pin_project_lite::pin_project! {
+    /// The backend's drain-deadline token of a connection, with the wait on it.
+    struct Closer {
+        token: CancellationToken,
+        #[pin]
+        wait: WaitForCancellationFutureOwned,
+    }
+}
+
+impl Closer {
+    fn new(token: CancellationToken) -> Pin<Box<Closer>> {
+        Box::pin(Closer {
+            wait: token.clone().cancelled_owned(),
+            token,
+        })
+    }
 }
 
 /// What [`Forwarding::poll`] asks of the connection's future.
@@ -502,7 +520,7 @@ impl Parked for ParkedTcp {
             }
         };
         let forwarding = Forwarding {
-            closing: Box::pin(self.closer.cancelled_owned()),
+            closing: Closer::new(self.closer),
             forwarder: Forwarder::resumed(
                 self.moved,
                 self.last_activity,
@@ -615,10 +633,21 @@ impl Forwarding {
                 return;
             }
         };
-        // The backend's token now: one cancelled since this connection's pick would have ended
-        // it already (`closing` is polled first), and a backend that is draining is not parked
-        // on (see `poll`), so no drain deadline can fall in between.
-        let closer = self.guard.state().closer();
+        // The token of the connection's pick: the sweep closes the parked connection when it is
+        // cancelled. One cancelled already (the drain deadline passed since `poll` looked)
+        // ends the connection here.
+        let closer = self.closing.token.clone();
+        if closer.is_cancelled() {
+            log_connection(
+                &self.proxy,
+                self.source,
+                &self.guard,
+                moved,
+                self.started,
+                "drained",
+            );
+            return;
+        }
         let parked = ParkedTcp {
             proxy: self.proxy,
             client,
@@ -638,7 +667,7 @@ impl Forwarding {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
-        if self.closing.as_mut().poll(cx).is_ready() {
+        if self.closing.as_mut().project().wait.poll(cx).is_ready() {
             debug!(
                 listener = %self.proxy.name, client = %self.source, addr = %self.guard.state().addr,
                 "closed at the backend's drain deadline"
@@ -655,11 +684,12 @@ impl Forwarding {
                 &self.backend,
                 settings.splice,
                 settings.idle_timeout,
-                // Not parked while its backend drains: the drain deadline must find it running.
+                // Not parked while its backend drains (the drain deadline must find it
+                // running), nor once the lot takes no more (the process is shutting down).
                 self.proxy
                     .parking
                     .as_ref()
-                    .filter(|_| self.guard.state().flags() & DRAINING == 0)
+                    .filter(|p| self.guard.state().flags() & DRAINING == 0 && !p.lot.is_closed())
                     .map(|p| p.after),
                 self.guard.state(),
             )
