@@ -15,6 +15,7 @@ pub mod l4;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod park;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod server;

@@ -8,9 +8,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
@@ -19,6 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+
+use crate::metrics::ListenerStats;
 
 /// Pending connections the kernel queues for us (capped by net.core.somaxconn).
 const BACKLOG: i32 = 4096;
@@ -47,7 +48,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Accepts connections until `shutdown`, running `serve` for each in a task tracked by `tasks`.
 /// A connection runs only while it holds a permit of `limit` (the listener's `max_connections`);
-/// the permit lives as long as the connection's task. The socket and the limit are shared so that
+/// `serve` gets the permit and keeps it, in an [`Admission`], as long as the connection lives. The socket and the limit are shared so that
 /// a reload can start a new loop on the same socket, or resize the limit, without closing it.
 pub async fn accept_loop<F, Fut>(
     name: &str,
@@ -57,7 +58,7 @@ pub async fn accept_loop<F, Fut>(
     tasks: TaskTracker,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = BACKOFF_START;
@@ -76,10 +77,7 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_START;
-                tasks.spawn(WithPermit {
-                    future: serve(stream, peer),
-                    _permit: permit,
-                });
+                tasks.spawn(serve(stream, peer, permit));
             }
             Err(error) if is_resource_exhaustion(&error) => {
                 warn!(listener = name, %error, pause = ?backoff, "accept failed, backing off");
@@ -95,24 +93,33 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A connection's future together with its permit, which is released when the task ends.
-    ///
-    /// A plain struct rather than `async move { connection.await; drop(permit) }`: an async
-    /// block keeps the future it captured and the future it awaits in separate places, so it
-    /// would be twice the size of the connection's future, for the connection's whole life.
-    struct WithPermit<F> {
-        #[pin]
-        future: F,
-        _permit: OwnedSemaphorePermit,
+/// What an accepted connection holds for its whole life, in a task or parked: its permit under
+/// the listener's `max_connections`, and its place in the listener's count of open connections.
+///
+/// The count is kept apart from the permits because the accept loop takes a permit *before*
+/// each `accept`, and a reload that lowers `max_connections` takes permits out of circulation:
+/// neither is an open connection.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<ListenerStats>,
+}
+
+impl Admission {
+    /// Counts a connection accepted under `permit` as open in `stats` until this is dropped.
+    pub fn new(permit: OwnedSemaphorePermit, stats: Arc<ListenerStats>) -> Self {
+        stats.connections.fetch_add(1, Relaxed);
+        stats.open.fetch_add(1, Relaxed);
+        Admission {
+            _permit: permit,
+            stats,
+        }
     }
 }
 
-impl<F: Future> Future for WithPermit<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().future.poll(cx)
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Relaxed);
+        crate::sys::note_connection_released();
     }
 }
 

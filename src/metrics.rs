@@ -112,6 +112,8 @@ impl RouteStats {
 pub struct ListenerStats {
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Connections open now (tcp and http), parked ones included.
+    pub open: AtomicU64,
     /// HTTP requests that tried more than one backend.
     pub retries: AtomicU64,
     /// Access log lines dropped because the writer fell behind.
@@ -275,6 +277,14 @@ impl Collector for Scrape {
                 .iter()
                 .map(|l| (vec![("listener", l.name.clone())], l.active as i64))
                 .collect(),
+            gauge,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_connections_parked",
+            "Idle connections parked, http and tcp (counted in switchyard_connections_active too).",
+            MetricType::Gauge,
+            vec![(vec![], handle.parked_connections() as i64)],
             gauge,
         )?;
         family(

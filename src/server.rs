@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::access_log::Writers;
 use crate::backend::Registry;
@@ -135,6 +135,10 @@ pub struct Shared {
     h2_upstream: Arc<H2Pool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Where http listeners park idle client connections; `None` if it could not be set up.
+    lot: Option<Arc<crate::park::Lot<crate::http::ParkedClient>>>,
+    /// Where tcp listeners park idle forwarded connections.
+    tcp_lot: Option<Arc<crate::park::Lot<crate::l4::tcp::ParkedTcp>>>,
     state: Mutex<State>,
     /// Serialises reloads: one that arrives during another waits for it, and is not lost.
     reloading: tokio::sync::Mutex<()>,
@@ -215,6 +219,17 @@ impl Server {
         };
         let admin_socket = admin.as_ref().map(crate::admin::Admin::socket);
         let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let tasks = TaskTracker::new();
+        let (lot, tcp_lot) = match (
+            crate::park::Lot::new(shutdown.clone(), tasks.clone()),
+            crate::park::Lot::new(shutdown.clone(), tasks.clone()),
+        ) {
+            (Ok(lot), Ok(tcp_lot)) => (Some(lot), Some(tcp_lot)),
+            (Err(error), _) | (_, Err(error)) => {
+                warn!(%error, "idle connections will not be parked");
+                (None, None)
+            }
+        };
         let shared = Arc::new(Shared {
             registry,
             metrics: Arc::new(Metrics::default()),
@@ -223,7 +238,9 @@ impl Server {
             upstream: Arc::new(UpstreamPool::default()),
             h2_upstream: Arc::new(H2Pool::default()),
             shutdown: shutdown.clone(),
-            tasks: TaskTracker::new(),
+            tasks,
+            lot,
+            tcp_lot,
             state: Mutex::new(State {
                 config: Arc::clone(&config),
                 tls: Arc::new(TlsStore::default()),
@@ -315,6 +332,13 @@ impl Server {
         }
         let serving = shared.lock().listeners.len();
         crate::notify::ready(&format!("serving {serving} listener(s)"));
+        tokio::spawn(release_memory(shared.shutdown.clone()));
+        if let Some(lot) = &shared.lot {
+            lot.start();
+        }
+        if let Some(lot) = &shared.tcp_lot {
+            lot.start();
+        }
 
         shared.shutdown.cancelled().await;
         crate::notify::stopping();
@@ -323,6 +347,14 @@ impl Server {
         // The loops have stopped; dropping the listeners closes their sockets, so new
         // connections are refused rather than left in the backlog.
         shared.lock().listeners.clear();
+        // Parked connections end now (http) or go back to tasks to run through the drain
+        // (tcp), before the wait for tasks starts.
+        if let Some(lot) = &shared.lot {
+            lot.close_all();
+        }
+        if let Some(lot) = &shared.tcp_lot {
+            lot.close_all();
+        }
         shared.tasks.close();
         let open = shared.tasks.len();
         let deadline = shared.lock().config.global.drain_timeout;
@@ -472,10 +504,7 @@ impl ServerHandle {
                 addr: l.addr,
                 active: match &l.proxy {
                     Proxy::Udp(_, stats) => stats.sessions.load(Relaxed),
-                    _ => l
-                        .max_connections
-                        .saturating_sub(l.limit.available_permits())
-                        as u64,
+                    _ => self.0.metrics.listener(&l.name).open.load(Relaxed),
                 },
             })
             .collect()
@@ -507,6 +536,12 @@ impl ServerHandle {
             self.0.reloads.load(Relaxed),
             self.0.reload_failures.load(Relaxed),
         )
+    }
+
+    /// Idle connections parked now, http and tcp (see [`crate::park`]).
+    pub fn parked_connections(&self) -> usize {
+        self.0.lot.as_ref().map_or(0, |lot| lot.len())
+            + self.0.tcp_lot.as_ref().map_or(0, |lot| lot.len())
     }
 
     /// The file the configuration came from, if any.
@@ -760,13 +795,13 @@ impl Shared {
         info!(listener = %running.name, addr = %running.addr, "listening");
         match (&running.socket, &running.proxy) {
             (Socket::Tcp(socket), Proxy::Tcp(current)) => {
-                self.spawn_accept(running, socket, current, |p, stream, peer| {
-                    p.serve(stream, peer)
+                self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
+                    p.serve(stream, peer, admission)
                 });
             }
             (Socket::Tcp(socket), Proxy::Http(current)) => {
-                self.spawn_accept(running, socket, current, |p, stream, peer| {
-                    p.serve(stream, peer)
+                self.spawn_accept(running, socket, current, |p, stream, peer, admission| {
+                    p.serve(stream, peer, admission)
                 });
             }
             (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
@@ -791,7 +826,9 @@ impl Shared {
         serve: F,
     ) where
         P: Send + Sync + 'static,
-        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+        F: Fn(Arc<P>, tokio::net::TcpStream, SocketAddr, listener::Admission) -> Fut
+            + Send
+            + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let name = running.name.clone();
@@ -803,10 +840,17 @@ impl Shared {
         );
         let stats = self.metrics.listener(&name);
         tokio::spawn(async move {
-            listener::accept_loop(&name, socket, limit, stop, tasks, move |stream, peer| {
-                stats.connections.fetch_add(1, Relaxed);
-                serve(current.load_full(), stream, peer)
-            })
+            listener::accept_loop(
+                &name,
+                socket,
+                limit,
+                stop,
+                tasks,
+                move |stream, peer, permit| {
+                    let admission = listener::Admission::new(permit, Arc::clone(&stats));
+                    serve(current.load_full(), stream, peer, admission)
+                },
+            )
             .await;
         });
     }
@@ -824,6 +868,10 @@ impl Shared {
                 tls: tls.listener(&l.name),
                 access_log: self.log_writer(l)?,
                 stats: Arc::clone(&stats),
+                parking: settings
+                    .park_idle_after
+                    .zip(self.tcp_lot.clone())
+                    .map(|(after, lot)| crate::l4::tcp::TcpParking { after, lot }),
             }),
             ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
                 name: l.name.clone(),
@@ -855,6 +903,10 @@ impl Shared {
                     .map(|label| stats.route(&label))
                     .collect(),
                 stats,
+                parking: settings
+                    .park_idle_after
+                    .zip(self.lot.clone())
+                    .map(|(after, lot)| crate::http::Parking { after, lot }),
                 access_log: self.log_writer(l)?,
             }),
         })
@@ -969,3 +1021,54 @@ fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
             | (Proxy::Udp(..), ListenerKind::Udp(_))
     )
 }
+
+/// How often the release of free heap pages is considered.
+#[cfg(target_env = "gnu")]
+const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Connections that must have ended or been parked since the last release for another to be
+/// worth it: a steady load, which frees nothing for good, never pays for one.
+#[cfg(target_env = "gnu")]
+const RELEASE_AFTER_CONNECTIONS: u64 = 64;
+/// Time between releases, as a multiple of how long the last one took: a heap so fragmented
+/// that a pass takes 10 ms is walked at most every second, which bounds the cost to 1 % of a
+/// core.
+#[cfg(target_env = "gnu")]
+const RELEASE_SPACING: u32 = 100;
+
+/// Gives free heap memory back to the kernel after connections end or are parked, the way
+/// allocators that purge on their own (jemalloc, mimalloc) do after a delay. At most twice a
+/// second, only when at least [`RELEASE_AFTER_CONNECTIONS`] went since the last pass, and never
+/// sooner after a pass than [`RELEASE_SPACING`] times what it took. The pass runs on a blocking
+/// thread; allocations from the arena it is walking wait for it.
+#[cfg(target_env = "gnu")]
+async fn release_memory(shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(RELEASE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut released_at = crate::sys::connections_released();
+    let mut not_before = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let released = crate::sys::connections_released();
+        if released.wrapping_sub(released_at) < RELEASE_AFTER_CONNECTIONS
+            || tokio::time::Instant::now() < not_before
+        {
+            continue;
+        }
+        released_at = released;
+        // The spare read buffers of this thread are freed first, so that they are released
+        // too (other worker threads keep theirs).
+        crate::http::spare::clear();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+        let took = started.elapsed();
+        not_before = tokio::time::Instant::now() + took * RELEASE_SPACING;
+        debug!(?result, ?took, "free memory released");
+    }
+}
+
+/// Other C libraries keep no free memory back in the same way: nothing to do.
+#[cfg(not(target_env = "gnu"))]
+async fn release_memory(_shutdown: CancellationToken) {}

@@ -34,8 +34,8 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 /// pin the heap. Does nothing with other C libraries.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets two of glibc's malloc parameters; it is called at start-up,
-    // before the runtime's threads exist.
+    // SAFETY: mallopt takes no pointers and only sets two of glibc's malloc parameters (it
+    // takes the allocator's locks itself).
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
@@ -55,6 +55,35 @@ pub fn coarse_monotonic() -> std::time::Duration {
     // every Linux since 2.6.32.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// Connections that ended or were parked since start: each freed a task and buffers. Counted so
+/// that free memory is handed back only after something freed some (see
+/// [`release_free_memory`]).
+static CONNECTIONS_RELEASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Notes that a connection ended or was parked.
+pub fn note_connection_released() {
+    CONNECTIONS_RELEASED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Connections that ended or were parked since start.
+pub fn connections_released() -> u64 {
+    CONNECTIONS_RELEASED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Hands the heap's free pages back to the kernel (glibc's `malloc_trim`), wherever they are in
+/// the heap, not only at its top. With the trim threshold raised (see [`tune_allocator`]),
+/// memory freed after a burst (read buffers of many connections served at once) would
+/// otherwise stay in the process for good. Returns whether anything was released.
+///
+/// It costs time in proportion to the heap's free chunks (glibc advises the kernel about each
+/// one again on every call, released before or not), and allocations from the arena being
+/// walked wait meanwhile: callers space the calls out accordingly.
+#[cfg(target_env = "gnu")]
+pub fn release_free_memory() -> bool {
+    // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
+    unsafe { libc::malloc_trim(0) != 0 }
 }
 
 /// `CLOCK_MONOTONIC` in microseconds, the clock the service manager compares a reload's

@@ -647,3 +647,48 @@ fn tls_files_are_relative_to_the_configuration() {
     );
     assert_eq!(tls.certificates[0].key, Path::new("/abs/a.key"));
 }
+
+#[test]
+fn park_idle_after_is_a_duration_or_off_on_tcp_and_http_listeners() {
+    let http = |extra: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{extra}\n{MINIMAL_POOL}"
+        )
+    };
+    let settings = |text: &str| {
+        let config = Config::from_toml(text, Path::new("t.toml")).expect("loads");
+        let ListenerKind::Http(http) = &config.listeners[0].kind else {
+            panic!("http")
+        };
+        http.park_idle_after
+    };
+    assert_eq!(
+        settings(&http("")),
+        Some(switchyard::config::DEFAULT_PARK_IDLE_AFTER)
+    );
+    assert_eq!(
+        settings(&http("park_idle_after = \"2s\"")),
+        Some(std::time::Duration::from_secs(2))
+    );
+    assert_eq!(settings(&http("park_idle_after = \"off\"")), None);
+    assert_problem(
+        &http("park_idle_after = \"soon\""),
+        "listeners[0].park_idle_after",
+        "",
+    );
+    let tcp = Config::from_toml(
+        &tcp_listener("park_idle_after = \"off\""),
+        Path::new("t.toml"),
+    )
+    .expect("loads");
+    let ListenerKind::Tcp(tcp) = &tcp.listeners[0].kind else {
+        panic!("tcp")
+    };
+    assert_eq!(tcp.park_idle_after, None);
+    let udp = tcp_listener("park_idle_after = \"1s\"").replace("\"tcp\"", "\"udp\"");
+    assert_problem(
+        &udp,
+        "listeners[0].park_idle_after",
+        "applies only to tcp and http",
+    );
+}

@@ -79,6 +79,9 @@ pub struct RawListener {
     pub client_header_timeout: Option<String>,
     /// http: how long an idle keep-alive client connection is kept.
     pub keepalive_timeout: Option<String>,
+    /// tcp and http: how long an idle connection keeps its own task before it is parked, or
+    /// "off".
+    pub park_idle_after: Option<String>,
     /// http: add an RFC 7239 `Forwarded` field to requests.
     pub forwarded_header: Option<bool>,
     /// http: largest request body accepted, `1048576` or `"1m"`.

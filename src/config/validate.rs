@@ -389,6 +389,12 @@ fn validate_listener(
                     "access_log",
                     "tcp and http",
                 );
+                only(
+                    problems,
+                    raw.park_idle_after.is_some(),
+                    "park_idle_after",
+                    "tcp and http",
+                );
             }
             if protocol == "tcp" {
                 only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
@@ -425,6 +431,7 @@ fn validate_listener(
                         splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
                         sni_routes,
                         client_hello_timeout,
+                        park_idle_after: park_idle_after(problems, at, &raw),
                         access_log: raw.access_log.as_ref().and_then(|log| {
                             validate_access_log(problems, &format!("{at}.access_log"), log, base)
                         }),
@@ -546,6 +553,7 @@ fn validate_listener(
                     raw.keepalive_timeout.as_deref(),
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 ),
+                park_idle_after: park_idle_after(problems, at, &raw),
                 forwarded_header: raw.forwarded_header.unwrap_or(false),
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))
@@ -1982,6 +1990,19 @@ fn known_pool(
         },
     );
     None
+}
+
+/// A listener's `park_idle_after`: a duration, or `"off"` (`None`).
+fn park_idle_after(problems: &mut Problems, at: &str, raw: &RawListener) -> Option<Duration> {
+    match raw.park_idle_after.as_deref() {
+        Some("off") => None,
+        text => Some(optional_duration(
+            problems,
+            &format!("{at}.park_idle_after"),
+            text,
+            DEFAULT_PARK_IDLE_AFTER,
+        )),
+    }
 }
 
 fn optional_duration(

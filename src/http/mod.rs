@@ -1,7 +1,8 @@
 //! Layer 7: an HTTP/1.1 reverse proxy.
 //!
 //! One task per client connection reads requests one after the other (pipelined requests wait in
-//! the read buffer until the previous response is done), and for each runs the phases:
+//! the read buffer until the previous response is done; a plain connection idle for a while is
+//! parked without a task, see [`crate::park`]), and for each runs the phases:
 //! `read_request` → `route` → `request_filter` (forwarding headers) → `select_backend` +
 //! `connect` (pooled keep-alive connection, retry on failure) → `upstream_request` (head and
 //! body, re-framed) → `read_response` → `downstream_response` (head and body, re-framed).
@@ -28,10 +29,13 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::backend::DRAINING;
 use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
+use crate::listener::Admission;
+use crate::park::{Lot, Parked};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool, Snapshot};
 use crate::proxy_protocol;
 use crate::stream::Stream;
@@ -85,6 +89,13 @@ pub(crate) mod spare {
         let mut buf = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
         buf.reserve(READ_CHUNK);
         buf
+    }
+
+    /// Frees the buffers this thread keeps, before free memory is handed back to the kernel
+    /// (which could not take what sits here): after a burst of connections, the spares would
+    /// otherwise hold the burst's buffers for good.
+    pub fn clear() {
+        SPARE.with(|s| drop(std::mem::take(&mut *s.borrow_mut())));
     }
 
     /// Keeps an emptied buffer for the next request on this thread, if it is one of ours and
@@ -153,6 +164,8 @@ pub struct HttpProxy {
     /// Counters per route: the routes in file order, then the default pool, then requests no
     /// route took (404s, the listener's own redirects).
     pub route_stats: Vec<Arc<crate::metrics::RouteStats>>,
+    /// Idle connections are parked after a while, unless parking is off.
+    pub parking: Option<Parking>,
     /// Where this listener's access log lines go, and how they are written.
     pub access_log: Option<(
         crate::config::AccessLogConfig,
@@ -231,6 +244,60 @@ struct Client {
     tls: Option<Negotiated>,
     /// Requests answered on this connection so far.
     served: u32,
+    /// The lot would not take this connection: it is not offered again.
+    unparkable: bool,
+}
+
+/// What waiting for the next request head found.
+enum Read {
+    /// A request head.
+    Head(RequestHead),
+    /// The client closed, stayed idle past the keep-alive timeout, or the process is stopping.
+    Closed,
+    /// The connection stayed idle long enough to be parked.
+    Idle,
+}
+
+/// An idle client connection waiting in the [`Lot`] for its next request.
+pub struct ParkedClient {
+    /// The socket, out of the runtime's poller.
+    stream: std::net::TcpStream,
+    /// The listener's settings the connection last used.
+    proxy: Arc<HttpProxy>,
+    source: SocketAddr,
+    peer_trusted: bool,
+    served: u32,
+    /// The connection's place under `max_connections`, kept while parked.
+    admission: Admission,
+}
+
+impl Parked for ParkedClient {
+    fn fds(&self) -> [Option<std::os::fd::RawFd>; 2] {
+        use std::os::fd::AsRawFd;
+        [Some(self.stream.as_raw_fd()), None]
+    }
+
+    fn resume(self, tasks: &TaskTracker) {
+        tasks.spawn(HttpProxy::resume(self));
+    }
+}
+
+/// Where and when an http listener parks its idle connections.
+#[derive(Clone)]
+pub struct Parking {
+    /// How long a connection stays idle, served by its own task, before it is parked.
+    pub after: Duration,
+    /// The lot, shared by every http listener.
+    pub lot: Arc<Lot<ParkedClient>>,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parking")
+            .field("after", &self.after)
+            .field("parked", &self.lot.len())
+            .finish()
+    }
 }
 
 /// How an exchange ended, for the connection loop.
@@ -322,8 +389,32 @@ impl HttpProxy {
         self.shutdown.is_cancelled() || self.retired.load(Relaxed)
     }
 
-    /// Serves one accepted connection to its end.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Serves one accepted connection to its end (or until it is parked), holding its `admission`, the
+    /// connection's place under the listener's `max_connections`, all along.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, admission: Admission) {
+        // Boxed: the state of the handshakes is freed before the connection settles into its
+        // keep-alive loop, which is what an idle connection's task then holds.
+        let Some((client, h2)) = Box::pin(self.accept(stream, peer)).await else {
+            return;
+        };
+        if h2 {
+            let Client {
+                stream,
+                buf,
+                source,
+                peer_trusted,
+                tls,
+                ..
+            } = client;
+            Box::pin(h2::serve(self, stream, buf, source, peer_trusted, tls)).await;
+            return;
+        }
+        self.keep_alive(client, admission).await;
+    }
+
+    /// The connection's setup: PROXY header, TLS handshake, and whether it speaks HTTP/2.
+    /// `None` when the client is refused or leaves first.
+    async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<(Client, bool)> {
         let _ = stream.set_nodelay(true);
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
@@ -333,17 +424,17 @@ impl HttpProxy {
         if let Some(accept) = &self.proxy_protocol {
             if !accept.trusted.iter().any(|n| n.contains(&peer.ip())) {
                 debug!(listener = %self.name, %peer, "PROXY header from untrusted peer refused");
-                return;
+                return None;
             }
             let read = proxy_protocol::read_header(&mut stream, accept.version, accept.timeout);
-            match Box::pin(read).await {
+            match read.await {
                 Ok(received) => {
                     source = received.source.unwrap_or(peer);
                     buf.extend_from_slice(&received.leftover);
                 }
                 Err(error) => {
                     debug!(listener = %self.name, %peer, %error, "PROXY header refused");
-                    return;
+                    return None;
                 }
             }
         }
@@ -355,8 +446,9 @@ impl HttpProxy {
                 peer_trusted,
                 tls: None,
                 served: 0,
+                unparkable: false,
             },
-            Some(tls) => match Box::pin(crate::tls::accept(tls, stream, &buf, true)).await {
+            Some(tls) => match crate::tls::accept(tls, stream, &buf, true).await {
                 Ok((stream, negotiated)) => Client {
                     stream: Stream::Tls(Box::new(stream.into())),
                     buf: BytesMut::new(),
@@ -364,10 +456,11 @@ impl HttpProxy {
                     peer_trusted,
                     tls: Some(negotiated),
                     served: 0,
+                    unparkable: false,
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
-                    return;
+                    return None;
                 }
             },
         };
@@ -376,36 +469,55 @@ impl HttpProxy {
             Some(negotiated) => negotiated.h2,
             None => {
                 if !self.h2c_preface(&mut client).await {
-                    return;
+                    return None;
                 }
                 client.buf.starts_with(h2::PREFACE)
             }
         };
-        if h2 {
-            let Client {
-                stream,
-                buf,
-                source,
-                peer_trusted,
-                tls,
-                ..
-            } = client;
-            Box::pin(h2::serve(
-                Arc::clone(&self),
-                stream,
-                buf,
-                source,
-                peer_trusted,
-                tls,
-            ))
-            .await;
+        Some((client, h2))
+    }
+
+    /// Continues a parked connection whose client sent something (or hung up).
+    async fn resume(parked: ParkedClient) {
+        let ParkedClient {
+            stream,
+            proxy,
+            source,
+            peer_trusted,
+            served,
+            admission,
+        } = parked;
+        let Ok(stream) = TcpStream::from_std(stream) else {
             return;
-        }
+        };
+        let client = Client {
+            stream: Stream::Plain(stream),
+            buf: BytesMut::new(),
+            source,
+            peer_trusted,
+            tls: None,
+            served,
+            unparkable: false,
+        };
+        proxy.keep_alive(client, admission).await;
+    }
+
+    /// Reads and answers requests one after the other until the connection closes, or parks it
+    /// when it stays idle long enough.
+    async fn keep_alive(self: Arc<Self>, mut client: Client, mut admission: Admission) {
         let mut proxy = self;
         loop {
             let head = match proxy.read_request(&mut client).await {
-                Ok(Some(head)) => head,
-                Ok(None) => return,
+                Ok(Read::Head(head)) => head,
+                Ok(Read::Closed) => return,
+                Ok(Read::Idle) => match Arc::clone(&proxy).park(client, admission) {
+                    // Parked, or closed.
+                    None => return,
+                    Some(refused) => {
+                        (client, admission) = refused;
+                        continue;
+                    }
+                },
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
@@ -429,6 +541,52 @@ impl HttpProxy {
                 Next::Close => return,
             }
         }
+    }
+
+    /// Hands an idle plain connection to the lot, which keeps it until the rest of its
+    /// keep-alive timeout has passed. Returns the connection when it should go on in its task
+    /// instead; `None` when it was parked or is to be closed.
+    fn park(self: Arc<Self>, client: Client, admission: Admission) -> Option<(Client, Admission)> {
+        let Some(parking) = self.parking.clone() else {
+            return Some((client, admission));
+        };
+        let Stream::Plain(stream) = client.stream else {
+            return None;
+        };
+        let Ok(stream) = stream.into_std() else {
+            return None;
+        };
+        let deadline = Instant::now() + self.keepalive_timeout.saturating_sub(parking.after);
+        let refused = parking
+            .lot
+            .park(
+                ParkedClient {
+                    stream,
+                    proxy: Arc::clone(&self),
+                    source: client.source,
+                    peer_trusted: client.peer_trusted,
+                    served: client.served,
+                    admission,
+                },
+                deadline,
+            )
+            .err()?;
+        // Not taken. While shutting down, an idle connection closes; otherwise (the lot could
+        // not watch the socket) it goes on waiting in its task, never to be parked again.
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let stream = TcpStream::from_std(refused.stream).ok()?;
+        let client = Client {
+            stream: Stream::Plain(stream),
+            buf: BytesMut::new(),
+            source: refused.source,
+            peer_trusted: refused.peer_trusted,
+            tls: None,
+            served: refused.served,
+            unparkable: true,
+        };
+        Some((client, refused.admission))
     }
 
     /// Reads until the first bytes either are the HTTP/2 preface (h2c with prior knowledge) or
@@ -455,14 +613,14 @@ impl HttpProxy {
         }
     }
 
-    /// Phase 1: the next request head. `Ok(None)` when the client closed or stayed idle past the
-    /// keep-alive timeout between requests; `Err(status)` for a head that gets an error.
-    async fn read_request(&self, client: &mut Client) -> Result<Option<RequestHead>, u16> {
+    /// Phase 1: the next request head, or what happened instead; `Err(status)` for a head that
+    /// gets an error.
+    async fn read_request(&self, client: &mut Client) -> Result<Read, u16> {
         let mut deadline: Option<Instant> = None;
         loop {
             if !client.buf.is_empty() {
                 match h1::parse_request(&mut client.buf) {
-                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(Some(head)) => return Ok(Read::Head(head)),
                     Ok(None) => {}
                     Err(error) => {
                         debug!(listener = %self.name, client = %client.source, %error, "bad request");
@@ -477,13 +635,23 @@ impl HttpProxy {
                     // A shutdown closes idle keep-alive connections at once rather than at
                     // the drain deadline; one that has not had its first request yet waits
                     // for it (see `h2c_preface`).
+                    // A plain connection that has been served is parked once it stays idle
+                    // for `park_after`; the lot then keeps it for the rest of the keep-alive
+                    // timeout.
+                    let park = self.parking.as_ref().filter(|parking| {
+                        client.served > 0
+                            && client.tls.is_none()
+                            && !client.unparkable
+                            && parking.after < self.keepalive_timeout
+                    });
+                    let wait = park.map_or(self.keepalive_timeout, |parking| parking.after);
                     tokio::select! {
-                        ready = timeout(self.keepalive_timeout, client.stream.readable()) => {
-                            if !matches!(ready, Ok(Ok(()))) {
-                                return Ok(None);
-                            }
-                        }
-                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(None),
+                        ready = timeout(wait, client.stream.readable()) => match ready {
+                            Ok(Ok(())) => {}
+                            Err(_) if park.is_some() => return Ok(Read::Idle),
+                            _ => return Ok(Read::Closed),
+                        },
+                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(Read::Closed),
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
@@ -501,9 +669,9 @@ impl HttpProxy {
             })
             .await
             {
-                Some(Ok(0)) => return Ok(None),
+                Some(Ok(0)) => return Ok(Read::Closed),
                 Some(Ok(_)) => {}
-                Some(Err(_)) => return Ok(None),
+                Some(Err(_)) => return Ok(Read::Closed),
                 None => {
                     debug!(listener = %self.name, client = %client.source, "request head timeout");
                     return Err(408);

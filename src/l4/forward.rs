@@ -49,6 +49,9 @@ pub enum Outcome {
     Closed,
     /// No byte moved either way for the idle timeout.
     IdleTimeout,
+    /// No byte moved for the parking threshold and nothing is buffered: the connection may be
+    /// parked (see [`crate::park`]). Only when [`Forwarder::poll`] was given a threshold.
+    Parkable,
 }
 
 /// Byte counts of a finished (or failed) connection.
@@ -73,7 +76,7 @@ pub async fn forward(
 ) -> (io::Result<Outcome>, Transferred) {
     let mut forwarder = Forwarder::new(initial, idle_timeout);
     let result =
-        poll_fn(|cx| forwarder.poll(cx, client, backend, splice, idle_timeout, stats)).await;
+        poll_fn(|cx| forwarder.poll(cx, client, backend, splice, idle_timeout, None, stats)).await;
     (result, forwarder.finish())
 }
 
@@ -93,18 +96,51 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder that sends `initial` to the backend first.
-    pub fn new(initial: Vec<u8>, idle_timeout: Duration) -> Forwarder {
+    /// A forwarder that sends `initial` to the backend first. Its timer first fires after
+    /// `first_check` (the idle timeout, or the parking threshold when that is shorter).
+    pub fn new(initial: Vec<u8>, first_check: Duration) -> Forwarder {
         Forwarder {
             up: Half::new(initial),
             down: Half::new(Vec::new()),
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: Box::pin(tokio::time::sleep(first_check)),
             last_activity: Instant::now(),
         }
     }
 
+    /// A forwarder for a parked connection that resumes: `moved` so far, idle since
+    /// `last_activity`; its timer fires at `check_at`.
+    pub fn resumed(moved: Transferred, last_activity: Instant, check_at: Instant) -> Forwarder {
+        let mut forwarder = Forwarder {
+            up: Half::new(Vec::new()),
+            down: Half::new(Vec::new()),
+            idle: Box::pin(tokio::time::sleep_until(check_at)),
+            last_activity,
+        };
+        forwarder.up.bytes = moved.upstream;
+        forwarder.down.bytes = moved.downstream;
+        forwarder
+    }
+
+    /// When a byte last moved (or an EOF arrived).
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
+    /// Whether the connection holds nothing that would be lost without this state: no bytes
+    /// waiting to be written, no pipe, and neither direction at its end.
+    fn quiescent(&self) -> bool {
+        [&self.up, &self.down].iter().all(|half| {
+            !half.eof && !half.done && half.in_pipe == 0 && half.pipe.is_none() && {
+                half.pending.is_none()
+            }
+        })
+    }
+
     /// Moves what it can both ways; `Ready` once both directions ended, one failed, or nothing
-    /// moved for `idle_timeout`. Call [`Forwarder::finish`] afterwards.
+    /// moved for `idle_timeout` (or, with `park_after`, once the connection is parkable). Call
+    /// [`Forwarder::finish`] afterwards, except after [`Outcome::Parkable`], when the caller
+    /// may instead park the connection with the byte counts of [`Forwarder::moved`].
+    #[allow(clippy::too_many_arguments)]
     pub fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -112,6 +148,7 @@ impl Forwarder {
         backend: &TcpStream,
         splice: bool,
         idle_timeout: Duration,
+        park_after: Option<Duration>,
         stats: &BackendState,
     ) -> Poll<io::Result<Outcome>> {
         let (up, down) = (&mut self.up, &mut self.down);
@@ -144,13 +181,39 @@ impl Forwarder {
         // The timer is re-armed only when it fires, not on every byte: resetting a timer is a
         // timer-wheel operation, reading the clock is not.
         while self.idle.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
             let deadline = self.last_activity + idle_timeout;
-            if Instant::now() >= deadline {
+            if now >= deadline {
                 return Poll::Ready(Ok(Outcome::IdleTimeout));
             }
-            self.idle.as_mut().reset(deadline);
+            let half_closed = [&self.up, &self.down]
+                .iter()
+                .any(|half| half.eof || half.done);
+            let next = match park_after {
+                // A half-closed connection is never parked: no need to look every threshold.
+                Some(after) if !half_closed => {
+                    let park_at = self.last_activity + after;
+                    if now >= park_at && self.quiescent() {
+                        return Poll::Ready(Ok(Outcome::Parkable));
+                    }
+                    // Not idle long enough yet, or something is still buffered: look again
+                    // after another threshold.
+                    park_at.max(now + after).min(deadline)
+                }
+                _ => deadline,
+            };
+            self.idle.as_mut().reset(next);
         }
         Poll::Pending
+    }
+
+    /// Byte counts so far, without giving anything back (for a connection being parked, which
+    /// holds nothing: see [`Outcome::Parkable`]).
+    pub fn moved(&self) -> Transferred {
+        Transferred {
+            upstream: self.up.bytes,
+            downstream: self.down.bytes,
+        }
     }
 
     /// Gives back what the connection still borrows (buffers, empty pipes) and returns the byte

@@ -18,11 +18,14 @@ use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use super::forward::{Forwarder, Outcome};
-use crate::backend::ActiveGuard;
+use super::forward::{Forwarder, Outcome, Transferred};
+use crate::backend::{ActiveGuard, DRAINING};
 use crate::config::{ProxyProtocolAccept, TcpSettings};
+use crate::listener::Admission;
+use crate::park::{Closing, Lot, Parked};
 use crate::pool::{Attempts, PickInput, Pool, Snapshot};
 use crate::proxy_protocol;
 
@@ -48,6 +51,26 @@ pub struct TcpProxy {
     pub stats: Arc<crate::metrics::ListenerStats>,
     /// TLS terminated on this listener (the backends get the decrypted bytes), if any.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// Where idle forwarded connections are parked, unless parking is off.
+    pub parking: Option<TcpParking>,
+}
+
+/// Where and when a tcp listener parks its idle connections.
+#[derive(Clone)]
+pub struct TcpParking {
+    /// How long no byte moves either way before the connection is parked.
+    pub after: Duration,
+    /// The lot, shared by every tcp listener.
+    pub lot: Arc<Lot<ParkedTcp>>,
+}
+
+impl std::fmt::Debug for TcpParking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpParking")
+            .field("after", &self.after)
+            .field("parked", &self.lot.len())
+            .finish()
+    }
 }
 
 /// Why a connection ended without being forwarded.
@@ -80,16 +103,24 @@ impl TcpProxy {
     /// boxed future that is freed once forwarding starts, and forwarding is a plain struct
     /// ([`Forwarding`]) holding just what it needs. An async fn would also keep its arguments
     /// and its locals in separate places, and everything the earlier phases needed besides.
+    ///
+    /// The connection holds its `admission` to its end, parked or not.
     pub fn serve(
         self: Arc<Self>,
         client: TcpStream,
         peer: SocketAddr,
+        admission: Admission,
     ) -> impl Future<Output = ()> + Send + 'static {
-        Connection::Setup(Box::pin(self.setup(client, peer)))
+        Connection::Setup(Box::pin(self.setup(client, peer, admission)))
     }
 
     /// Everything before forwarding: the phases below, then the state forwarding needs.
-    async fn setup(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) -> Option<Forwarding> {
+    async fn setup(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        admission: Admission,
+    ) -> Option<Forwarding> {
         let _ = client.set_nodelay(true);
         if let Some(tls) = self.tls.clone() {
             // Terminated TLS cannot be spliced: the whole connection runs here.
@@ -108,17 +139,23 @@ impl TcpProxy {
             }) => {
                 let addr = guard.state().addr;
                 debug!(listener = %self.name, client = %source, %addr, "forwarding");
-                let forwarder = Forwarder::new(initial, self.settings.idle_timeout);
-                let closer = Box::pin(closer.cancelled_owned());
+                let first_check = self
+                    .parking
+                    .as_ref()
+                    .map_or(self.settings.idle_timeout, |p| {
+                        p.after.min(self.settings.idle_timeout)
+                    });
+                let forwarder = Forwarder::new(initial, first_check);
                 Some(Forwarding {
                     started: std::time::Instant::now(),
-                    closer,
+                    closing: Closer::new(closer),
                     proxy: self,
                     client,
                     backend,
                     guard,
                     source,
                     forwarder,
+                    admission,
                 })
             }
             Err(reason) => {
@@ -384,7 +421,12 @@ impl<S: Future<Output = Option<Forwarding>>> Future for Connection<S> {
                     None => *this = Connection::Done,
                 },
                 Connection::Forwarding(forwarding) => {
-                    ready!(forwarding.poll(cx));
+                    let step = ready!(forwarding.poll(cx));
+                    if let (Step::Park, Connection::Forwarding(forwarding)) =
+                        (step, std::mem::replace(this, Connection::Done))
+                    {
+                        forwarding.park();
+                    }
                     *this = Connection::Done;
                 }
                 Connection::Done => return Poll::Ready(()),
@@ -406,53 +448,255 @@ struct Forwarding {
     forwarder: Forwarder,
     /// Resolves at the backend's drain deadline. Boxed: it is as large as the rest together,
     /// and this keeps the task in a smaller allocation class.
-    closer: Pin<Box<WaitForCancellationFutureOwned>>,
+    closing: Pin<Box<Closer>>,
     /// When forwarding started, for the access log.
     started: std::time::Instant,
+    /// The connection's place under `max_connections`.
+    admission: Admission,
+}
+
+pin_project_lite::pin_project! {
+    /// The backend's drain-deadline token of a connection, with the wait on it.
+    struct Closer {
+        token: CancellationToken,
+        #[pin]
+        wait: WaitForCancellationFutureOwned,
+    }
+}
+
+impl Closer {
+    fn new(token: CancellationToken) -> Pin<Box<Closer>> {
+        Box::pin(Closer {
+            wait: token.clone().cancelled_owned(),
+            token,
+        })
+    }
+}
+
+/// What [`Forwarding::poll`] asks of the connection's future.
+enum Step {
+    /// The connection is over.
+    Done,
+    /// The connection is idle: park it.
+    Park,
+}
+
+/// An idle forwarded connection waiting in the [`Lot`]: both sockets, and what its access log
+/// line and its backend's counters need.
+pub struct ParkedTcp {
+    proxy: Arc<TcpProxy>,
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+    guard: ActiveGuard,
+    source: SocketAddr,
+    moved: Transferred,
+    last_activity: tokio::time::Instant,
+    closer: CancellationToken,
+    started: std::time::Instant,
+    admission: Admission,
+}
+
+impl Parked for ParkedTcp {
+    fn fds(&self) -> [Option<std::os::fd::RawFd>; 2] {
+        use std::os::fd::AsRawFd;
+        [
+            Some(self.client.as_raw_fd()),
+            Some(self.backend.as_raw_fd()),
+        ]
+    }
+
+    fn resume(self, tasks: &TaskTracker) {
+        let parking_after = self.proxy.parking.as_ref().map(|p| p.after);
+        let idle_timeout = self.proxy.settings.idle_timeout;
+        let check_after = parking_after.map_or(idle_timeout, |after| after.min(idle_timeout));
+        let (client, backend) = match (
+            TcpStream::from_std(self.client),
+            TcpStream::from_std(self.backend),
+        ) {
+            (Ok(client), Ok(backend)) => (client, backend),
+            (Err(error), _) | (_, Err(error)) => {
+                debug!(listener = %self.proxy.name, client = %self.source, %error, "a parked connection could not resume");
+                return;
+            }
+        };
+        let forwarding = Forwarding {
+            closing: Closer::new(self.closer),
+            forwarder: Forwarder::resumed(
+                self.moved,
+                self.last_activity,
+                tokio::time::Instant::now() + check_after,
+            ),
+            proxy: self.proxy,
+            client,
+            backend,
+            guard: self.guard,
+            source: self.source,
+            started: self.started,
+            admission: self.admission,
+        };
+        tasks.spawn(Connection::<std::future::Ready<Option<Forwarding>>>::Forwarding(forwarding));
+    }
+
+    fn close(self, why: Closing, tasks: &TaskTracker) {
+        let outcome = match why {
+            // A shutdown lets forwarded connections run until the drain deadline, parked
+            // ones too.
+            Closing::Shutdown => return self.resume(tasks),
+            Closing::Deadline => "idle_timeout",
+            Closing::Cancelled => "drained",
+        };
+        debug!(listener = %self.proxy.name, client = %self.source, addr = %self.guard.state().addr, outcome, "parked connection closed");
+        log_connection(
+            &self.proxy,
+            self.source,
+            &self.guard,
+            self.moved,
+            self.started,
+            outcome,
+        );
+    }
+
+    fn cancelled(&self) -> bool {
+        self.closer.is_cancelled()
+    }
+
+    const SWEPT: bool = true;
+}
+
+/// Writes a connection's access log line, when the listener has one.
+fn log_connection(
+    proxy: &TcpProxy,
+    source: SocketAddr,
+    guard: &ActiveGuard,
+    moved: Transferred,
+    started: std::time::Instant,
+    outcome: &str,
+) {
+    let Some((config, writer)) = &proxy.access_log else {
+        return;
+    };
+    let line = crate::access_log::format_connection(
+        config,
+        &crate::access_log::Connection {
+            listener: &proxy.name,
+            client: source,
+            backend: guard.state().addr,
+            sent: moved.upstream,
+            received: moved.downstream,
+            duration: started.elapsed(),
+            outcome,
+        },
+    );
+    if !writer.write(line) {
+        proxy.stats.log_dropped.fetch_add(1, Relaxed);
+    }
 }
 
 impl Forwarding {
     /// Writes the connection's access log line, when the listener has one.
     fn log(&self, sent: u64, received: u64, outcome: &str) {
-        let Some((config, writer)) = &self.proxy.access_log else {
+        let moved = Transferred {
+            upstream: sent,
+            downstream: received,
+        };
+        log_connection(
+            &self.proxy,
+            self.source,
+            &self.guard,
+            moved,
+            self.started,
+            outcome,
+        );
+    }
+
+    /// Moves the idle connection to the lot; it goes on in a new task when either side sends
+    /// something. When the lot does not take it, it goes on in a new task at once.
+    fn park(self) {
+        let Some(parking) = self.proxy.parking.clone() else {
             return;
         };
-        let line = crate::access_log::format_connection(
-            config,
-            &crate::access_log::Connection {
-                listener: &self.proxy.name,
-                client: self.source,
-                backend: self.guard.state().addr,
-                sent,
-                received,
-                duration: self.started.elapsed(),
-                outcome,
-            },
-        );
-        if !writer.write(line) {
-            self.proxy.stats.log_dropped.fetch_add(1, Relaxed);
+        let moved = self.forwarder.moved();
+        let last_activity = self.forwarder.last_activity();
+        let deadline = last_activity + self.proxy.settings.idle_timeout;
+        let (client, backend) = match (self.client.into_std(), self.backend.into_std()) {
+            (Ok(client), Ok(backend)) => (client, backend),
+            (Err(error), _) | (_, Err(error)) => {
+                debug!(listener = %self.proxy.name, client = %self.source, %error, "could not park a connection; closing it");
+                log_connection(
+                    &self.proxy,
+                    self.source,
+                    &self.guard,
+                    moved,
+                    self.started,
+                    "error",
+                );
+                return;
+            }
+        };
+        // The token of the connection's pick: the sweep closes the parked connection when it is
+        // cancelled. One cancelled already (the drain deadline passed since `poll` looked)
+        // ends the connection here.
+        let closer = self.closing.token.clone();
+        if closer.is_cancelled() {
+            log_connection(
+                &self.proxy,
+                self.source,
+                &self.guard,
+                moved,
+                self.started,
+                "drained",
+            );
+            return;
+        }
+        let parked = ParkedTcp {
+            proxy: self.proxy,
+            client,
+            backend,
+            guard: self.guard,
+            source: self.source,
+            moved,
+            last_activity,
+            closer,
+            started: self.started,
+            admission: self.admission,
+        };
+        if let Err(parked) = parking.lot.park(parked, deadline) {
+            // Run it as if it had never been parked.
+            parked.resume(&parking.lot.tasks());
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.closer.as_mut().poll(cx).is_ready() {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        if self.closing.as_mut().project().wait.poll(cx).is_ready() {
             debug!(
                 listener = %self.proxy.name, client = %self.source, addr = %self.guard.state().addr,
                 "closed at the backend's drain deadline"
             );
             let moved = self.forwarder.finish();
             self.log(moved.upstream, moved.downstream, "drained");
-            return Poll::Ready(());
+            return Poll::Ready(Step::Done);
         }
         let settings = &self.proxy.settings;
-        let result = ready!(self.forwarder.poll(
-            cx,
-            &self.client,
-            &self.backend,
-            settings.splice,
-            settings.idle_timeout,
-            self.guard.state(),
-        ));
+        let result = ready!(
+            self.forwarder.poll(
+                cx,
+                &self.client,
+                &self.backend,
+                settings.splice,
+                settings.idle_timeout,
+                // Not parked while its backend drains (the drain deadline must find it
+                // running), nor once the lot takes no more (the process is shutting down).
+                self.proxy
+                    .parking
+                    .as_ref()
+                    .filter(|p| self.guard.state().flags() & DRAINING == 0 && !p.lot.is_closed())
+                    .map(|p| p.after),
+                self.guard.state(),
+            )
+        );
+        if let Ok(Outcome::Parkable) = result {
+            return Poll::Ready(Step::Park);
+        }
         let moved = self.forwarder.finish();
         self.log(
             moved.upstream,
@@ -460,7 +704,7 @@ impl Forwarding {
             match &result {
                 Ok(Outcome::Closed) => "closed",
                 Ok(Outcome::IdleTimeout) => "idle_timeout",
-                Err(_) => "error",
+                Ok(Outcome::Parkable) | Err(_) => "error",
             },
         );
         let (listener, source, addr) = (&self.proxy.name, self.source, self.guard.state().addr);
@@ -469,7 +713,7 @@ impl Forwarding {
                 %listener, client = %source, %addr,
                 up = moved.upstream, down = moved.downstream, "closed"
             ),
-            Ok(Outcome::IdleTimeout) => debug!(
+            Ok(Outcome::IdleTimeout | Outcome::Parkable) => debug!(
                 %listener, client = %source, %addr,
                 up = moved.upstream, down = moved.downstream, "idle timeout"
             ),
@@ -478,7 +722,7 @@ impl Forwarding {
                 up = moved.upstream, down = moved.downstream, "ended with error"
             ),
         }
-        Poll::Ready(())
+        Poll::Ready(Step::Done)
     }
 }
 
@@ -490,10 +734,10 @@ mod tests {
     use super::*;
     use crate::config::TcpSettings;
 
-    /// Every idle connection carries its whole future for its whole life, so its size is memory
-    /// per connection. The runtime allocates a task as its future plus 96 bytes (plus 24 for the
-    /// permit and the task tracker's token), rounded up to 128: up to 264 bytes the task takes
-    /// 384 bytes, one byte more and it takes 512.
+    /// Every idle connection that is not parked carries its whole future for its whole life,
+    /// so its size is memory per connection. The runtime allocates a task as its future plus 96
+    /// bytes (plus 8 for the task tracker's token), rounded up to 128: up to 280 bytes the task
+    /// takes 384 bytes, one byte more and it takes 512.
     #[tokio::test]
     async fn the_connection_future_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -510,6 +754,7 @@ mod tests {
                 splice: true,
                 sni_routes: Vec::new(),
                 client_hello_timeout: Duration::from_secs(1),
+                park_idle_after: None,
                 access_log: None,
             },
             proxy_protocol: None,
@@ -519,10 +764,16 @@ mod tests {
             tls: None,
             access_log: None,
             stats: Default::default(),
+            parking: None,
         });
-        let future = proxy.serve(client, addr);
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("a permit");
+        let admission = Admission::new(permit, Default::default());
+        let future = proxy.serve(client, addr, admission);
         assert!(
-            std::mem::size_of_val(&future) <= 264,
+            std::mem::size_of_val(&future) <= 280,
             "{}",
             std::mem::size_of_val(&future)
         );
