@@ -973,6 +973,9 @@ impl HttpProxy {
             &mut encoder,
         );
         let done = tokio::select! {
+            // The transfer first: once it is done, the drain token is not looked at again
+            // (each look takes its lock), and no random order is drawn.
+            biased;
             done = transfer => done,
             () = closer.cancelled() => Err(BodyError::Read(io::Error::other(
                 "the backend's drain deadline passed",
@@ -1563,6 +1566,8 @@ impl HttpProxy {
                     self.max_body_size,
                 );
                 let sent = tokio::select! {
+                    // The exchange first, as for the body in `forward`.
+                    biased;
                     sent = sent => sent,
                     () = picked.closer.cancelled() => {
                         debug!(pool = %pool.name, backend = %addr, "no response before the backend's drain deadline");
