@@ -130,9 +130,16 @@ impl UpstreamPool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         // Oldest first: drop the expired ones, and the oldest if the list is full, so idle
-        // connections never pile up beyond their timeout or the cap.
+        // connections never pile up beyond their timeout or the cap. Connections are pushed
+        // in the order they come back and taken from the end, so the list stays ordered by
+        // age and the expired ones are a prefix: only that prefix is looked at, not every idle
+        // connection on every check-in.
         let now = crate::sys::coarse_monotonic();
-        list.retain(|(_, since)| now.saturating_sub(*since) < IDLE_TIMEOUT);
+        let expired = list
+            .iter()
+            .take_while(|(_, since)| now.saturating_sub(*since) >= IDLE_TIMEOUT)
+            .count();
+        list.drain(..expired);
         if list.len() >= MAX_IDLE_PER_BACKEND {
             list.remove(0);
         }
