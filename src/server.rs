@@ -313,6 +313,14 @@ impl Server {
     /// connections get until `global.drain_timeout` to finish. Returns how many were cut off.
     pub async fn run(self) -> usize {
         let shared = self.shared;
+        // The process's own tasks first, so that they exist before the first connection.
+        tokio::spawn(release_memory(shared.shutdown.clone()));
+        if let Some(lot) = &shared.lot {
+            lot.start();
+        }
+        if let Some(lot) = &shared.tcp_lot {
+            lot.start();
+        }
         {
             let mut state = shared.lock();
             // Health checks and drain deadlines of this configuration; they stop with the
@@ -332,13 +340,6 @@ impl Server {
         }
         let serving = shared.lock().listeners.len();
         crate::notify::ready(&format!("serving {serving} listener(s)"));
-        tokio::spawn(release_memory(shared.shutdown.clone()));
-        if let Some(lot) = &shared.lot {
-            lot.start();
-        }
-        if let Some(lot) = &shared.tcp_lot {
-            lot.start();
-        }
 
         shared.shutdown.cancelled().await;
         crate::notify::stopping();
