@@ -46,6 +46,8 @@ pub struct Pool {
     pub response_timeout: Duration,
     /// http: the protocol spoken to the backends.
     pub upstream_protocol: crate::config::UpstreamProtocol,
+    /// http: idle keep-alive connections kept per backend, and for how long.
+    pub keepalive: crate::http::upstream::Keepalive,
     /// What maglev and ring_hash hash; `None` for the other algorithms.
     pub hash_key: Option<HashKey>,
     /// http: cookie persistence.
@@ -113,6 +115,10 @@ impl Pool {
             send_proxy_protocol: config.send_proxy_protocol,
             response_timeout: config.response_timeout,
             upstream_protocol: config.upstream_protocol,
+            keepalive: crate::http::upstream::Keepalive {
+                connections: config.keepalive_connections,
+                timeout: config.keepalive_timeout,
+            },
             hash_key: config.balance.is_hashing().then(|| config.hash_key.clone()),
             outlier: config.outlier.clone(),
             panic_mode: config.panic_mode,

@@ -692,3 +692,35 @@ fn park_idle_after_is_a_duration_or_off_on_tcp_and_http_listeners() {
         "applies only to tcp and http",
     );
 }
+
+#[test]
+fn pool_keepalive_settings_load_and_are_checked() {
+    let http = |pool: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n{pool}\n"
+        )
+    };
+    let config = Config::from_toml(
+        &http("keepalive_connections = 0\nkeepalive_timeout = \"5s\""),
+        Path::new("t.toml"),
+    )
+    .expect("loads");
+    let pool = &config.pools["p"];
+    assert_eq!(pool.keepalive_connections, 0);
+    assert_eq!(pool.keepalive_timeout, std::time::Duration::from_secs(5));
+    let defaults = Config::from_toml(&http(""), Path::new("t.toml")).expect("loads");
+    assert_eq!(
+        defaults.pools["p"].keepalive_connections,
+        switchyard::config::DEFAULT_KEEPALIVE_CONNECTIONS
+    );
+    assert_problem(
+        &http("keepalive_connections = -1"),
+        "pools.p.keepalive_connections",
+        "out of range",
+    );
+    assert_problem(
+        &http("keepalive_timeout = \"0s\""),
+        "pools.p.keepalive_timeout",
+        "greater than zero",
+    );
+}

@@ -142,6 +142,44 @@ async fn backend_connections_are_pooled_across_clients() {
 }
 
 #[tokio::test]
+async fn keepalive_connections_zero_opens_a_backend_connection_per_request() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        "keepalive_connections = 0",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..4 {
+        assert_eq!(client.get("/", "").await.status, 200);
+    }
+    assert_eq!(backend.accepted(), 4);
+}
+
+#[tokio::test]
+async fn an_idle_backend_connection_older_than_keepalive_timeout_is_not_reused() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        "keepalive_timeout = \"50ms\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    assert_eq!(client.get("/", "").await.status, 200);
+    assert_eq!(backend.accepted(), 1, "reused while fresh");
+    // Idle past the pool's keep-alive timeout: the point of the test is the idle time. The
+    // pool's clock is coarse (a few milliseconds), hence a wide margin.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "a fresh connection after the timeout"
+    );
+}
+
+#[tokio::test]
 async fn forwarding_headers_and_hop_by_hop_fields() {
     let backend = http_backend("b").await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));

@@ -50,6 +50,10 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_millis(250);
 /// Time a backend has to start its response (and the most it may pause within one).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle keep-alive connections kept per backend of an http pool.
+pub const DEFAULT_KEEPALIVE_CONNECTIONS: usize = 128;
+/// How long an idle keep-alive connection to a backend is kept.
+pub const DEFAULT_UPSTREAM_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time a client has to complete a TLS handshake (a stalled one is closed after it).
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client of an SNI-routed tcp listener has to send its whole ClientHello.
@@ -539,6 +543,10 @@ pub struct PoolConfig {
     pub response_timeout: Duration,
     /// http: the protocol spoken to the backends.
     pub upstream_protocol: UpstreamProtocol,
+    /// http: idle keep-alive connections kept per backend (0: none, a connection per request).
+    pub keepalive_connections: usize,
+    /// http: how long an idle keep-alive connection to a backend is kept.
+    pub keepalive_timeout: Duration,
     /// http: TLS toward the backends.
     pub tls: Option<UpstreamTls>,
     /// maglev and ring_hash: what the hash is computed from.
@@ -575,6 +583,8 @@ impl PoolConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             send_proxy_protocol: None,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            keepalive_connections: DEFAULT_KEEPALIVE_CONNECTIONS,
+            keepalive_timeout: DEFAULT_UPSTREAM_KEEPALIVE_TIMEOUT,
             upstream_protocol: UpstreamProtocol::Http1,
             hash_key: HashKey::SourceIp,
             maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,

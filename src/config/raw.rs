@@ -276,6 +276,10 @@ pub struct RawPool {
     pub send_proxy_protocol: Option<String>,
     /// http: time a backend has to start its response once the request is sent.
     pub response_timeout: Option<String>,
+    /// http: idle keep-alive connections kept per backend.
+    pub keepalive_connections: Option<i64>,
+    /// http: how long an idle keep-alive connection to a backend is kept.
+    pub keepalive_timeout: Option<String>,
     /// http: the protocol spoken to backends, "http1" or "h2".
     pub upstream_protocol: Option<String>,
     /// http: TLS toward the backends.

@@ -1303,6 +1303,23 @@ fn validate_pool(
         raw.response_timeout.as_deref(),
         DEFAULT_RESPONSE_TIMEOUT,
     );
+    let keepalive_connections = match raw.keepalive_connections {
+        None => DEFAULT_KEEPALIVE_CONNECTIONS,
+        Some(n) if (0..=MAX_KEEPALIVE_CONNECTIONS).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(
+                format!("{at}.keepalive_connections"),
+                format!("{n} is out of range: 0 to {MAX_KEEPALIVE_CONNECTIONS}"),
+            );
+            DEFAULT_KEEPALIVE_CONNECTIONS
+        }
+    };
+    let keepalive_timeout = optional_duration(
+        problems,
+        &format!("{at}.keepalive_timeout"),
+        raw.keepalive_timeout.as_deref(),
+        DEFAULT_UPSTREAM_KEEPALIVE_TIMEOUT,
+    );
     let upstream_protocol = match raw.upstream_protocol.as_deref() {
         None | Some("http1") => UpstreamProtocol::Http1,
         Some("h2") => UpstreamProtocol::H2,
@@ -1538,6 +1555,8 @@ fn validate_pool(
         queue,
         drain_timeout,
         response_timeout,
+        keepalive_connections,
+        keepalive_timeout,
         upstream_protocol,
         name: name.to_owned(),
         connect_attempts: connect_attempts.min(backends.len()),
@@ -2004,6 +2023,10 @@ fn park_idle_after(problems: &mut Problems, at: &str, raw: &RawListener) -> Opti
         )),
     }
 }
+
+/// The most idle keep-alive connections a pool may keep per backend: a bound against a typo
+/// that would let idle connections exhaust descriptors.
+const MAX_KEEPALIVE_CONNECTIONS: i64 = 100_000;
 
 fn optional_duration(
     problems: &mut Problems,

@@ -715,7 +715,7 @@ async fn proceed(
     let body = if response.framing == Framing::Empty {
         drop(guard);
         if !response.close {
-            proxy.upstream.checkin(conn);
+            proxy.upstream.checkin(conn, pool.keepalive);
         }
         ResponseBody::Empty
     } else {
@@ -723,6 +723,7 @@ async fn proceed(
         let upstream = Arc::clone(&proxy.upstream);
         let idle = pool.response_timeout;
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
+        let keepalive = pool.keepalive;
         let framing = response.framing;
         tokio::spawn(async move {
             // The request stays in flight on its backend until the body is through.
@@ -733,7 +734,7 @@ async fn proceed(
                 () = closer.cancelled() => Err(io::Error::other("the backend's drain deadline passed")),
             };
             match pumped {
-                Ok(()) if reusable => upstream.checkin(conn),
+                Ok(()) if reusable => upstream.checkin(conn, keepalive),
                 Ok(()) => {}
                 Err(error) => {
                     let _ = tx.send(Err(error)).await;
@@ -936,7 +937,9 @@ async fn exchange<'p>(
         };
         let state = &picked.candidate.state;
         if pool.send_proxy_protocol.is_none()
-            && let Some(conn) = proxy.upstream.checkout(pool.conn_key(state.addr))
+            && let Some(conn) = proxy
+                .upstream
+                .checkout(pool.conn_key(state.addr), pool.keepalive)
         {
             break (conn, picked);
         }

@@ -991,7 +991,7 @@ impl HttpProxy {
                     // The response head refers into the connection's read buffer: gone first,
                     // that buffer can be kept for the next exchange rather than freed.
                     drop(response);
-                    self.upstream.checkin(conn);
+                    self.upstream.checkin(conn, pool.keepalive);
                 }
                 Ok(if close { Next::Close } else { Next::KeepAlive })
             }
@@ -1536,7 +1536,7 @@ impl HttpProxy {
             // A pooled connection first; when it turns out dead, one fresh connection to the
             // same backend before moving on.
             let mut pooled = if pool.send_proxy_protocol.is_none() {
-                self.upstream.checkout(pool.conn_key(addr))
+                self.upstream.checkout(pool.conn_key(addr), pool.keepalive)
             } else {
                 None
             };

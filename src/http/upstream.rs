@@ -20,10 +20,15 @@ use crate::stream::Stream;
 /// the same one.
 pub type ConnKey = (SocketAddr, usize);
 
-/// Idle connections kept per backend.
-pub const MAX_IDLE_PER_BACKEND: usize = 128;
-/// How long an idle backend connection is kept.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many idle connections a pool keeps per backend, and for how long (its
+/// `keepalive_connections` and `keepalive_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle connections kept per backend; 0 keeps none.
+    pub connections: usize,
+    /// How long an idle connection is kept.
+    pub timeout: Duration,
+}
 
 /// A connection to a backend with its read buffer.
 #[derive(Debug)]
@@ -44,7 +49,7 @@ pub struct UpstreamConn {
 /// The process-wide pool of idle backend connections.
 ///
 /// Each idle connection carries the time it was checked in, read from the coarse clock
-/// ([`crate::sys::coarse_monotonic`]): it is only compared with [`IDLE_TIMEOUT`], and the precise
+/// ([`crate::sys::coarse_monotonic`]): it is only compared with the pool's keep-alive timeout, and the precise
 /// clock would be read twice more per request.
 #[derive(Debug, Default)]
 pub struct UpstreamPool {
@@ -103,14 +108,15 @@ impl Hasher for KeyHasher {
 }
 
 impl UpstreamPool {
-    /// An idle connection filed under `key` that still looks open, if there is one.
-    pub fn checkout(&self, key: ConnKey) -> Option<UpstreamConn> {
+    /// An idle connection filed under `key`, no older than `limits` allow, that still looks
+    /// open, if there is one.
+    pub fn checkout(&self, key: ConnKey, limits: Keepalive) -> Option<UpstreamConn> {
         let now = crate::sys::coarse_monotonic();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
         // Most recently used first: it is the least likely to have been closed by the backend.
         while let Some((mut conn, since)) = list.pop() {
-            if now.saturating_sub(since) < IDLE_TIMEOUT && still_open(&conn.stream) {
+            if now.saturating_sub(since) < limits.timeout && still_open(&conn.stream) {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -118,10 +124,10 @@ impl UpstreamPool {
         None
     }
 
-    /// Returns a connection that is ready for another request.
-    pub fn checkin(&self, mut conn: UpstreamConn) {
+    /// Returns a connection that is ready for another request, kept within `limits`.
+    pub fn checkin(&self, mut conn: UpstreamConn, limits: Keepalive) {
         let key = conn.key;
-        if !conn.buf.is_empty() {
+        if !conn.buf.is_empty() || limits.connections == 0 {
             // The backend sent more than the response: it cannot be trusted with another one.
             return;
         }
@@ -137,11 +143,11 @@ impl UpstreamPool {
         let now = crate::sys::coarse_monotonic();
         let expired = list
             .iter()
-            .take_while(|(_, since)| now.saturating_sub(*since) >= IDLE_TIMEOUT)
+            .take_while(|(_, since)| now.saturating_sub(*since) >= limits.timeout)
             .count();
         list.drain(..expired);
-        if list.len() >= MAX_IDLE_PER_BACKEND {
-            list.remove(0);
+        if list.len() >= limits.connections {
+            list.drain(..=list.len() - limits.connections);
         }
         list.push((conn, now));
     }
