@@ -19,6 +19,7 @@ pub mod park;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod server;
+pub(crate) mod splice;
 pub mod stream;
 pub mod sys;
 pub mod tls;

@@ -894,6 +894,7 @@ impl Shared {
                 route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
                 h2_upstream: Arc::clone(&self.h2_upstream),
                 forwarded_header: settings.forwarded_header,
+                splice: settings.splice,
                 shutdown: self.shutdown.clone(),
                 tls: tls.listener(&l.name),
                 retired: std::sync::atomic::AtomicBool::new(false),

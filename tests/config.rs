@@ -98,6 +98,7 @@ fn a_good_file_loads_into_typed_values() {
         panic!("http")
     };
     assert_eq!(http.routes.len(), 2);
+    assert!(http.splice, "http listeners splice long bodies by default");
     assert_eq!(http.default_pool.as_deref(), Some("web"));
     let web = &config.pools["web"];
     assert_eq!(web.backends[1].weight, 3);
@@ -550,6 +551,11 @@ fn balancing_mistakes_are_reported() {
 #[test]
 fn tls_settings_are_checked() {
     let udp = |extra: &str| tcp_listener(extra).replace("protocol = \"tcp\"", "protocol = \"udp\"");
+    assert_problem(
+        &udp("splice = true"),
+        "listeners[0].splice",
+        "applies only to tcp and http",
+    );
     assert_problem(
         &udp("tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }"),
         "listeners[0].tls",

@@ -35,8 +35,9 @@ pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 pub const MAX_CONNECT_ATTEMPTS: usize = 16;
 /// Time a peer has to deliver its PROXY protocol header.
 pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Whether TCP listeners forward with splice(2). On loopback splice moved as much as copying
-/// through user space at about two thirds of the CPU: see bench/README.md.
+/// Whether tcp listeners forward with splice(2), and http listeners move long bodies with it.
+/// On loopback splice moved as much as copying through user space at less CPU: see
+/// bench/README.md.
 pub const DEFAULT_SPLICE: bool = true;
 /// Time an http client has to send a whole request head, once its first byte arrived
 /// (slowloris defence).
@@ -289,6 +290,9 @@ pub struct HttpSettings {
     pub max_body_size: Option<u64>,
     /// Add an RFC 7239 `Forwarded` field to requests (the X-Forwarded-* fields are always set).
     pub forwarded_header: bool,
+    /// Move long `Content-Length` bodies between plain TCP sockets with splice(2) rather than
+    /// through a user-space buffer.
+    pub splice: bool,
     /// Modification rules for every request of the listener (applied before a route's own).
     pub rules: Rules,
     /// One line per request, when configured.

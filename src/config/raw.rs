@@ -64,7 +64,8 @@ pub struct RawListener {
     pub routes: Option<Vec<RawRoute>>,
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<String>,
-    /// tcp: forward with splice(2) instead of copying through user space.
+    /// tcp: forward with splice(2) instead of copying through user space; http: the same for
+    /// long `Content-Length` bodies.
     pub splice: Option<bool>,
     /// udp: upper bound on concurrent client sessions.
     pub max_sessions: Option<i64>,

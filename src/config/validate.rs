@@ -451,7 +451,7 @@ fn validate_listener(
                         ),
                     );
                 }
-                only(problems, raw.splice.is_some(), "splice", "tcp");
+                only(problems, raw.splice.is_some(), "splice", "tcp and http");
                 only(problems, raw.tls.is_some(), "tls", "tcp and http");
                 only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
                 only(
@@ -495,7 +495,6 @@ fn validate_listener(
         }
         "http" => {
             only(problems, raw.pool.is_some(), "pool", "tcp and udp");
-            only(problems, raw.splice.is_some(), "splice", "tcp");
             only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
             only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
             only(
@@ -554,6 +553,7 @@ fn validate_listener(
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 ),
                 park_idle_after: park_idle_after(problems, at, &raw),
+                splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
                 forwarded_header: raw.forwarded_header.unwrap_or(false),
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))

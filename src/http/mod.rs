@@ -19,6 +19,7 @@ pub mod upstream;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::task::TaskTracker;
@@ -48,6 +49,10 @@ use upstream::{UpstreamConn, UpstreamPool};
 const READ_CHUNK: usize = 16 * 1024;
 /// Read size for bodies: larger reads mean fewer system calls per byte.
 const BODY_CHUNK: usize = 64 * 1024;
+/// A `Content-Length` body with at least this much left after the first read is spliced, when
+/// the listener splices and both sides are plain TCP; below it the pages a splice moves cost
+/// about what copying the bytes does.
+const SPLICE_MIN: u64 = 16 * 1024;
 
 /// Read buffers kept per thread between requests. An idle connection holds no buffer, so each
 /// request would otherwise allocate one and free it again; the allocator then hands the pages
@@ -147,6 +152,8 @@ pub struct HttpProxy {
     pub h2_upstream: Arc<h2_upstream::H2Pool>,
     /// Add an RFC 7239 `Forwarded` field to requests.
     pub forwarded_header: bool,
+    /// Long `Content-Length` bodies between plain TCP sockets move with splice(2).
+    pub splice: bool,
     /// Cancelled when the process starts draining: keep-alive connections then close after
     /// their current request, idle ones at once.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -969,6 +976,7 @@ impl HttpProxy {
                 output: client_framing,
                 idle: pool.response_timeout,
                 limit: None,
+                splice: self.splice,
             },
             &mut encoder,
         );
@@ -1563,7 +1571,7 @@ impl HttpProxy {
                     request,
                     started,
                     pool.response_timeout,
-                    self.max_body_size,
+                    self,
                 );
                 let sent = tokio::select! {
                     // The exchange first, as for the body in `forward`.
@@ -1710,7 +1718,7 @@ async fn send_request(
     request: &BytesMut,
     started: Instant,
     response_timeout: Duration,
-    max_body_size: Option<u64>,
+    listener: &HttpProxy,
 ) -> Result<ResponseHead, SendError> {
     let upstream_error = |error| SendError::Upstream {
         before_response: true,
@@ -1738,7 +1746,8 @@ async fn send_request(
                     input: framing,
                     output: framing,
                     idle: response_timeout,
-                    limit: max_body_size,
+                    limit: listener.max_body_size,
+                    splice: listener.splice,
                 },
                 &mut None,
             )
@@ -1906,6 +1915,9 @@ struct Body {
     idle: Duration,
     /// Most body bytes accepted.
     limit: Option<u64>,
+    /// A long `Content-Length` body between two plain TCP sockets may be spliced (see
+    /// [`splice_exact`]).
+    splice: bool,
 }
 
 /// Moves one body from `src` (with `buf` holding what was already read) to `dst`, re-framed:
@@ -1925,6 +1937,7 @@ async fn transfer_body(
         output,
         idle,
         limit,
+        splice,
     } = body;
     let chunked_out = output == Framing::Chunked;
     // Bytes that go out as they came in are written straight from `buf`, behind whatever
@@ -1950,6 +1963,14 @@ async fn transfer_body(
                 out.clear();
                 buf.advance(take);
                 left -= take as u64;
+                if splice
+                    && left >= SPLICE_MIN
+                    && let (Stream::Plain(from), Stream::Plain(to)) = (&*src, &*dst)
+                    && let Some(moved) = splice_exact(from, to, left, idle).await
+                {
+                    written += moved?;
+                    left = 0;
+                }
                 left == 0
             }
             Framing::Length(_) => {
@@ -2044,6 +2065,82 @@ async fn transfer_body(
             None => return Err(BodyError::Timeout),
         }
     }
+}
+
+/// Moves exactly `len` body bytes from `src` to `dst` through a pipe, so that they never enter
+/// user space: for a 64 KiB response that saves the two copies a read/write pair makes, which
+/// were most of the proxy's own work per response. `None` when splicing cannot start (no pipe,
+/// or the kernel refuses these sockets): nothing has moved and the caller copies instead.
+///
+/// The pipe is only filled when empty: a full pipe and a drained socket both answer `EAGAIN`,
+/// and an empty pipe keeps the two apart. A pipe that still holds bytes when this fails is closed
+/// rather than given back.
+async fn splice_exact(
+    src: &TcpStream,
+    dst: &TcpStream,
+    len: u64,
+    idle: Duration,
+) -> Option<Result<u64, BodyError>> {
+    let pipe = match crate::splice::Pipe::take() {
+        Ok(pipe) => pipe,
+        Err(error) => {
+            debug!(%error, "no pipe for splice, copying the body instead");
+            return None;
+        }
+    };
+    let (into, out_of) = (pipe.write.as_raw_fd(), pipe.read.as_raw_fd());
+    let mut left = len;
+    let mut first = true;
+    while left > 0 {
+        let want = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(pipe.capacity);
+        let mut in_pipe = loop {
+            match src.try_io(Interest::READABLE, || {
+                crate::splice::splice(src.as_raw_fd(), into, want)
+            }) {
+                Ok(0) => return Some(Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into()))),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match timeout(idle, src.readable()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Some(Err(BodyError::Read(e))),
+                        Err(_) => return Some(Err(BodyError::Timeout)),
+                    }
+                }
+                Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => {
+                    debug!(error = %e, "splice refused, copying the body instead");
+                    pipe.give_back();
+                    return None;
+                }
+                Err(e) => return Some(Err(BodyError::Read(e))),
+            }
+        };
+        first = false;
+        left -= in_pipe as u64;
+        while in_pipe > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                crate::splice::splice(out_of, dst.as_raw_fd(), in_pipe)
+            }) {
+                Ok(n) => in_pipe -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match timeout(idle, dst.writable()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Some(Err(BodyError::Write(e))),
+                        Err(_) => {
+                            return Some(Err(BodyError::Write(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the peer stopped reading",
+                            ))));
+                        }
+                    }
+                }
+                Err(e) => return Some(Err(BodyError::Write(e))),
+            }
+        }
+    }
+    pipe.give_back();
+    Some(Ok(len))
 }
 
 /// Appends body bytes to `out`, compressed if there is an encoder, as a chunk or as they are.
