@@ -53,6 +53,11 @@ const BODY_CHUNK: usize = 64 * 1024;
 /// the listener splices and both sides are plain TCP; below it the pages a splice moves cost
 /// about what copying the bytes does.
 const SPLICE_MIN: u64 = 16 * 1024;
+/// Read size for a response head from a backend connection whose last body was spliced. A head
+/// read takes whatever body bytes came with it, and those are copied twice (in and out); a 16
+/// KiB read before a 64 KiB body meant a quarter of the body copied. A head seldom needs more
+/// than one such read, and a connection whose bodies turn short goes back to full reads.
+const HEAD_PROBE: usize = 4 * 1024;
 
 /// Read buffers kept per thread between requests. An idle connection holds no buffer, so each
 /// request would otherwise allocate one and free it again; the allocator then hands the pages
@@ -966,6 +971,13 @@ impl HttpProxy {
             }
             response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
         }
+        conn.long_bodies = self.splice
+            && encoder.is_none()
+            && matches!(response.framing, Framing::Length(n) if n >= SPLICE_MIN + HEAD_PROBE as u64)
+            && matches!(
+                (&client.stream, &conn.stream),
+                (Stream::Plain(_), Stream::Plain(_))
+            );
         let transfer = transfer_body(
             &mut conn.stream,
             &mut conn.buf,
@@ -1687,6 +1699,7 @@ pub(crate) async fn connect_backend(
         key: pool.conn_key(addr),
         buf: BytesMut::new(),
         reused: false,
+        long_bodies: false,
     })
 }
 
@@ -1786,7 +1799,18 @@ async fn send_request(
         }
         let before_response = conn.buf.is_empty();
         spare::reserve(&mut conn.buf);
-        match read_within(&mut conn.stream, &mut conn.buf, || deadline).await {
+        let read = if conn.long_bodies && before_response && listener.splice {
+            use bytes::BufMut;
+            read_within(
+                &mut conn.stream,
+                &mut (&mut conn.buf).limit(HEAD_PROBE),
+                || deadline,
+            )
+            .await
+        } else {
+            read_within(&mut conn.stream, &mut conn.buf, || deadline).await
+        };
+        match read {
             Some(Ok(0)) => {
                 return Err(SendError::Upstream {
                     before_response,
@@ -1833,9 +1857,9 @@ enum BodyError {
 /// timer armed only when the read has to wait: many reads find their bytes already there
 /// (the rest of a body, a request once the socket was readable), and a timer costs a clock
 /// read and an insertion into and removal from the runtime's timer wheel.
-async fn read_within(
+async fn read_within<B: bytes::BufMut>(
     stream: &mut Stream,
-    buf: &mut BytesMut,
+    buf: &mut B,
     deadline: impl FnOnce() -> Instant,
 ) -> Option<io::Result<usize>> {
     let mut read = std::pin::pin!(stream.read_buf(buf));

@@ -44,6 +44,10 @@ pub struct UpstreamConn {
     /// Whether this connection served a request before (a reused connection may have been
     /// closed by the backend in the meantime, which makes a failure on it retryable).
     pub reused: bool,
+    /// The last response on this connection had a body long enough to splice: the next
+    /// response head is read in a small piece (see `HEAD_PROBE`), so that little of such a
+    /// body is copied through user space before the splicing starts.
+    pub long_bodies: bool,
 }
 
 /// The process-wide pool of idle backend connections.
