@@ -28,10 +28,14 @@ const BACKOFF_START: Duration = Duration::from_millis(10);
 /// Longest pause between accept attempts while resources stay exhausted.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Binds a TCP listening socket with SO_REUSEADDR, so a restart does not wait for TIME_WAIT.
+/// Binds a TCP listening socket with SO_REUSEADDR, so a restart does not wait for TIME_WAIT,
+/// and TCP_NODELAY, which Linux passes on to every accepted connection: one system call per
+/// listener rather than one per connection (a proxy's writes are whole heads and bodies, never
+/// worth delaying for Nagle's algorithm).
 pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -128,4 +132,19 @@ fn is_resource_exhaustion(error: &io::Error) -> bool {
         error.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_tcp_nodelay() {
+        // The proxies no longer set it per connection: this is what they count on.
+        let listener = bind_tcp("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("getsockopt"));
+    }
 }

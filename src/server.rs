@@ -984,6 +984,10 @@ fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Sock
     } else {
         let socket = std::net::TcpListener::from(fd);
         socket.set_nonblocking(true).map_err(error)?;
+        // Accepted connections inherit it (see `listener::bind_tcp`), whoever bound the socket.
+        socket2::SockRef::from(&socket)
+            .set_tcp_nodelay(true)
+            .map_err(error)?;
         Socket::Tcp(Arc::new(TcpListener::from_std(socket).map_err(error)?))
     })
 }

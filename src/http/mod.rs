@@ -427,7 +427,7 @@ impl HttpProxy {
     /// The connection's setup: PROXY header, TLS handshake, and whether it speaks HTTP/2.
     /// `None` when the client is refused or leaves first.
     async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<(Client, bool)> {
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
         let mut stream = stream;

@@ -121,7 +121,7 @@ impl TcpProxy {
         peer: SocketAddr,
         admission: Admission,
     ) -> Option<Forwarding> {
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
         if let Some(tls) = self.tls.clone() {
             // Terminated TLS cannot be spliced: the whole connection runs here.
             if let Err(reason) = self.terminate(&tls, client, peer).await {
