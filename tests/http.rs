@@ -1112,6 +1112,115 @@ async fn h2_request(
 }
 
 #[tokio::test]
+async fn http2_streams_are_logged_when_their_body_is_done() {
+    let backend = http_backend("b").await;
+    let h2 = h2_backend("g").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-h2log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+access_log = {{ path = "{}", format = "json" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/grpc/" }}
+  pool = "g"
+
+[pools.p]
+backends = ["{}"]
+
+[pools.g]
+upstream_protocol = "h2"
+backends = ["{}"]
+"#,
+        log.display(),
+        backend.addr,
+        h2.addr
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let entries = || -> Vec<serde_json::Value> {
+        lines()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+
+    // To an HTTP/1.1 backend.
+    let (status, _, body) = h2_request(&mut sender, "GET", "http://example.com/one", None).await;
+    assert_eq!(status, 200);
+    eventually("the first line", || lines().lines().count() == 1).await;
+    let line = &entries()[0];
+    assert_eq!(line["protocol"], "HTTP/2");
+    assert_eq!(line["path"], "/one");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["pool"], "p");
+    assert_eq!(line["backend"], backend.addr.to_string());
+    assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
+    assert!(line["upstream_ms"].as_f64().is_some(), "{line}");
+
+    // To an HTTP/2 backend.
+    let (status, _, body) = h2_request(
+        &mut sender,
+        "POST",
+        "http://example.com/grpc/echo",
+        Some(b"ping"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    eventually("the second line", || lines().lines().count() == 2).await;
+    let line = &entries()[1];
+    assert_eq!(line["pool"], "g");
+    assert_eq!(line["backend"], h2.addr.to_string());
+    assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
+
+    // A stream with no route: our own 404, logged without a pool.
+    let quiet = format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+access_log = {{ path = "{}", format = "json" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/only/" }}
+  pool = "p"
+
+[pools.p]
+backends = ["{}"]
+"#,
+        log.display(),
+        backend.addr
+    );
+    drop(proxy);
+    let _ = std::fs::remove_file(&log);
+    let proxy = Proxy::start(&quiet);
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let (status, _, body) = h2_request(&mut sender, "GET", "http://example.com/none", None).await;
+    assert_eq!(status, 404);
+    eventually("the 404 line", || lines().lines().count() == 1).await;
+    let line = &entries()[0];
+    assert_eq!(line["status"], 404);
+    assert!(line.get("pool").is_none(), "{line}");
+    assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
+}
+
+#[tokio::test]
 async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
     let (proxy, _backends) = seed().await;
     let tcp = tokio::net::TcpStream::connect(proxy.addr("public"))

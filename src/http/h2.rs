@@ -173,6 +173,8 @@ pub enum ResponseBody {
         ActiveGuard,
         Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     ),
+    /// Another body, counted, and recorded (metrics, access log) when it ends.
+    Logged(Box<Logged>),
 }
 
 impl Body for ResponseBody {
@@ -197,6 +199,19 @@ impl Body for ResponseBody {
                     .poll_frame(cx)
                     .map(|frame| frame.map(|f| f.map_err(io::Error::other)))
             }
+            ResponseBody::Logged(logged) => {
+                let polled = Pin::new(&mut logged.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(ended)) = (frame.data_ref(), &mut logged.ended) {
+                            ended.trace.bytes += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(_) => logged.finish(),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -206,6 +221,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(data) => data.is_none(),
             ResponseBody::Stream(_) => false,
             ResponseBody::Upstream(body, _, _) => body.is_end_stream(),
+            ResponseBody::Logged(logged) => logged.body.is_end_stream(),
         }
     }
 
@@ -216,6 +232,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(None) => SizeHint::with_exact(0),
             ResponseBody::Stream(_) => SizeHint::default(),
             ResponseBody::Upstream(body, _, _) => body.size_hint(),
+            ResponseBody::Logged(logged) => logged.body.size_hint(),
         }
     }
 }
@@ -301,7 +318,7 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
 
 /// One HTTP/2 stream: route, forward to a backend over HTTP/1.1, answer.
 async fn handle(
-    proxy: &HttpProxy,
+    proxy: &Arc<HttpProxy>,
     request: Request<Incoming>,
     source: SocketAddr,
     peer_trusted: bool,
@@ -342,22 +359,81 @@ async fn handle(
         .get("x-request-id")
         .map(|v| v.as_bytes().to_vec());
     let (method, target, host, sent_id, referer, user_agent) = logged.unwrap_or_default();
-    let request_id = request_id.unwrap_or(sent_id);
-    proxy.record(
-        &super::Finished {
-            request_id: &request_id,
-            client: source,
-            method: &method,
-            host: &host,
-            target: &target,
-            protocol: "HTTP/2",
-            referer: &referer,
-            user_agent: &user_agent,
-        },
-        &trace,
-        started.elapsed(),
-    );
-    response
+    let ended = Ended {
+        proxy: Arc::clone(proxy),
+        trace,
+        started,
+        client: source,
+        request_id: request_id.unwrap_or(sent_id),
+        method,
+        target,
+        host,
+        referer,
+        user_agent,
+    };
+    // The stream is counted and logged when its body is done (or dropped, when the client
+    // resets it), so that the line has the bytes sent and the duration of the whole exchange,
+    // as on HTTP/1.1.
+    response.map(|body| {
+        ResponseBody::Logged(Box::new(Logged {
+            body,
+            ended: Some(ended),
+        }))
+    })
+}
+
+/// A response body that counts what it delivers and records the stream when it ends.
+pub struct Logged {
+    body: ResponseBody,
+    /// `None` once recorded.
+    ended: Option<Ended>,
+}
+
+impl Logged {
+    fn finish(&mut self) {
+        if let Some(ended) = self.ended.take() {
+            ended.record();
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// What the metrics and the access log need of a finished stream.
+struct Ended {
+    proxy: Arc<HttpProxy>,
+    trace: super::Trace,
+    started: tokio::time::Instant,
+    client: SocketAddr,
+    request_id: Vec<u8>,
+    method: String,
+    target: String,
+    host: Vec<u8>,
+    referer: Vec<u8>,
+    user_agent: Vec<u8>,
+}
+
+impl Ended {
+    fn record(self) {
+        self.proxy.record(
+            &super::Finished {
+                request_id: &self.request_id,
+                client: self.client,
+                method: &self.method,
+                host: &self.host,
+                target: &self.target,
+                protocol: "HTTP/2",
+                referer: &self.referer,
+                user_agent: &self.user_agent,
+            },
+            &self.trace,
+            self.started.elapsed(),
+        );
+    }
 }
 
 /// One HTTP/2 stream, routed and forwarded.
@@ -420,6 +496,7 @@ async fn handle_stream(
         peer_trusted,
         compression,
         tls,
+        trace,
     )
     .await;
     apply_response_rules(response.headers_mut(), &rules);
@@ -520,12 +597,16 @@ async fn proceed(
     peer_trusted: bool,
     compression: Option<&crate::config::Compression>,
     tls: &Option<Negotiated>,
+    trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let view = View { parts: &parts };
     let snapshot = proxy.snapshot.load_full();
     let Some(pool) = pool_name.and_then(|name| snapshot.pool(name)) else {
         return status_response(503);
     };
+    if proxy.access_log.is_some() {
+        trace.pool = Some(pool.name.clone());
+    }
     let mut generated = [0u8; 32];
     let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
         Some(id) if valid_request_id(id) => id.to_vec(),
@@ -545,6 +626,7 @@ async fn proceed(
             &request_id,
             host,
             tls,
+            trace,
         )
         .await;
     }
@@ -652,6 +734,7 @@ async fn proceed(
         body,
         framing,
         &parts.method,
+        trace,
     )
     .await
     {
@@ -762,6 +845,7 @@ async fn forward_h2(
     request_id: &[u8],
     host: Option<Vec<u8>>,
     tls: &Option<Negotiated>,
+    trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -826,6 +910,8 @@ async fn forward_h2(
     let closer = picked.closer;
     let state = Arc::clone(guard.state());
     let addr = state.addr;
+    trace.attempts = 1;
+    trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
     let mut request = Request::new(UpstreamBody::Incoming(body));
     *request.method_mut() = parts.method;
@@ -859,6 +945,7 @@ async fn forward_h2(
         }
     };
     guard.established();
+    trace.upstream = Some(started.elapsed());
     state.observe_latency(started.elapsed());
     state.response_time.observe(started.elapsed());
     state.count_response(response.status().as_u16());
@@ -926,6 +1013,7 @@ async fn exchange<'p>(
     mut body: Incoming,
     framing: Framing,
     method: &http::Method,
+    trace: &mut super::Trace,
 ) -> Result<(UpstreamConn, ResponseHead, Picked<'p>), u16> {
     let is_head = method == http::Method::HEAD;
     let mut attempts = Attempts::new(pool, input);
@@ -954,6 +1042,8 @@ async fn exchange<'p>(
         }
     };
     let state = Arc::clone(&picked.candidate.state);
+    trace.attempts = attempts.count();
+    trace.backend = Some(state.addr);
     // A pooled connection the backend closed while it sat idle fails before any response: a
     // bodiless idempotent request then gets one fresh connection to the same backend.
     let retryable = framing == Framing::Empty
@@ -977,6 +1067,7 @@ async fn exchange<'p>(
         match attempt {
             Ok(response) => {
                 picked.guard.established();
+                trace.upstream = Some(started.elapsed());
                 state.observe_latency(started.elapsed());
                 state.response_time.observe(started.elapsed());
                 state.count_response(response.status);
