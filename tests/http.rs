@@ -1137,10 +1137,11 @@ backends = ["{}"]
 
 [pools.g]
 upstream_protocol = "h2"
-backends = ["{}"]
+backends = ["{}", "{}"]
 "#,
         log.display(),
         backend.addr,
+        dead_addr().await,
         h2.addr
     ));
     let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
@@ -1169,7 +1170,7 @@ backends = ["{}"]
     assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
     assert!(line["upstream_ms"].as_f64().is_some(), "{line}");
 
-    // To an HTTP/2 backend.
+    // To an HTTP/2 backend (past a dead one, when round robin starts there).
     let (status, _, body) = h2_request(
         &mut sender,
         "POST",

@@ -901,7 +901,7 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let (mut sender, picked) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+    let (mut sender, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
         Ok(found) => found,
         Err(status) => return status_response(status),
     };
@@ -910,7 +910,7 @@ async fn forward_h2(
     let closer = picked.closer;
     let state = Arc::clone(guard.state());
     let addr = state.addr;
-    trace.attempts = 1;
+    trace.attempts = tried;
     trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
     let mut request = Request::new(UpstreamBody::Incoming(body));
@@ -973,12 +973,13 @@ async fn forward_h2(
 }
 
 /// Picks a backend of an HTTP/2 pool and its shared connection, moving on to the next backend
-/// when one cannot be reached.
+/// when one cannot be reached. Also says how many backends were tried (for the access log and
+/// the retry counter).
 pub(super) async fn h2_sender<'p>(
     upstream: &super::h2_upstream::H2Pool,
     pool: &'p Pool,
     input: PickInput,
-) -> Result<(SendRequest<UpstreamBody>, Picked<'p>), u16> {
+) -> Result<(SendRequest<UpstreamBody>, Picked<'p>, usize), u16> {
     let mut attempts = Attempts::new(pool, input);
     loop {
         let picked = match attempts.next().await {
@@ -988,7 +989,7 @@ pub(super) async fn h2_sender<'p>(
         };
         let state = &picked.candidate.state;
         match upstream.sender(state.addr, pool).await {
-            Ok(sender) => return Ok((sender, picked)),
+            Ok(sender) => return Ok((sender, picked, attempts.count())),
             Err(error) => {
                 state
                     .connect_failures

@@ -1264,7 +1264,7 @@ impl HttpProxy {
         let method =
             http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
 
-        let (mut sender, picked) = h2::h2_sender(&self.h2_upstream, pool, input)
+        let (mut sender, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
             .await
             .map_err(Failure::Status)?;
         let guard = picked.guard;
@@ -1273,7 +1273,7 @@ impl HttpProxy {
         let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
         let addr = state.addr;
         trace.backend = Some(addr);
-        trace.attempts = 1;
+        trace.attempts = tried;
         let started = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let body = if head.framing == Framing::Empty {
