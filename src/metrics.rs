@@ -116,6 +116,9 @@ pub struct ListenerStats {
     pub open: AtomicU64,
     /// HTTP requests that tried more than one backend.
     pub retries: AtomicU64,
+    /// HTTP body bytes moved with splice(2), never entering user space: shows whether the
+    /// kernel path is taken (it is not through TLS, compression or chunked bodies).
+    pub spliced: AtomicU64,
     /// Access log lines dropped because the writer fell behind.
     pub log_dropped: AtomicU64,
     /// Per-route counters by label: a route's position, `default` or `unrouted`.
@@ -293,6 +296,14 @@ impl Collector for Scrape {
             "HTTP requests that tried more than one backend.",
             MetricType::Counter,
             by_listener(&|s| s.retries.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_http_spliced_bytes",
+            "HTTP body bytes moved between sockets with splice(2), without entering user space.",
+            MetricType::Counter,
+            by_listener(&|s| s.spliced.load(Relaxed)),
             counter,
         )?;
         family(

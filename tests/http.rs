@@ -288,6 +288,18 @@ async fn long_bodies_arrive_intact_spliced_or_copied() {
         }
         // Both exchanges used one backend connection: exactly the body was taken from it.
         assert_eq!(backend.accepted(), 1, "splice = {splice}");
+        // And the kernel path was taken, both ways, only when asked for.
+        let spliced = proxy
+            .handle
+            .metrics()
+            .listener("l7")
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if splice {
+            assert!(spliced > 2 * 2 * 900_000, "only {spliced} bytes spliced");
+        } else {
+            assert_eq!(spliced, 0);
+        }
     }
 }
 
@@ -377,9 +389,18 @@ async fn a_response_cut_short_closes_the_client_connection() {
         let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
             .await
             .expect("the connection was closed");
-        let _ = read;
+        assert!(read.is_ok(), "splice = {splice}: {read:?}");
         assert!(got.starts_with(b"HTTP/1.1 200"), "splice = {splice}");
-        assert!(got.len() < 1_048_576, "splice = {splice}");
+        let body_at = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .expect("a head");
+        assert_eq!(got.len() - body_at, 100_000, "splice = {splice}");
+        assert!(
+            got[body_at..].iter().all(|&b| b == b'y'),
+            "splice = {splice}"
+        );
     }
 }
 
@@ -1808,4 +1829,93 @@ async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
         .expect("drained well before the deadline")
         .expect("server task");
     assert_eq!(cut, 0);
+}
+
+/// A backend that reports each request head it reads, then never answers (it reports its
+/// connection closing instead).
+async fn silent_backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+                .await
+                .is_some()
+            {
+                let _ = tx.send("request");
+                let _ = stream.read_to_end(&mut buf).await;
+                let _ = tx.send("closed");
+            }
+        }
+    })
+    .await;
+    (backend, rx)
+}
+
+#[tokio::test]
+async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
+    let (backend, mut events) = silent_backend().await;
+    let log = std::env::temp_dir().join(format!("switchyard-h2reset-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let access_log = format!(
+        "access_log = {{ path = \"{}\", format = \"json\" }}",
+        log.display()
+    );
+    let proxy = Proxy::start(&single_pool(&[backend.addr], &access_log, ""));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://t/slow")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some("request"))
+    );
+    // The client gives up (a gRPC deadline, say); the proxy lets go of the backend.
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some("closed"))
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("a line for the reset stream", || text().contains("/slow")).await;
+    let line: serde_json::Value = serde_json::from_str(text().trim()).expect("json");
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["backend"], backend.addr.to_string());
+}
+
+#[tokio::test]
+async fn an_http2_connection_closes_when_idle_after_a_stream_reset_before_its_response() {
+    let (backend, mut events) = silent_backend().await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "keepalive_timeout = \"300ms\"",
+        "",
+    ));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://t/slow")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some("request"))
+    );
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    // No stream left: closed after the keep-alive timeout, as without the reset.
+    let closed = tokio::time::timeout(PATIENCE, connection).await;
+    assert!(closed.is_ok(), "the idle connection was never closed");
 }

@@ -85,10 +85,10 @@ pub async fn serve(
         let streams = Arc::clone(&streams);
         let tls = Arc::clone(&tls);
         async move {
-            streams.open.fetch_add(1, Ordering::Relaxed);
+            // Counted out when dropped: hyper drops this future when the client resets the
+            // stream before the response head, and the count must not stay up then.
+            let _open = Open::new(streams);
             let response = handle(&proxy, request, source, peer_trusted, &tls).await;
-            streams.open.fetch_sub(1, Ordering::Relaxed);
-            streams.touch();
             Ok::<_, Infallible>(response)
         }
     });
@@ -126,6 +126,23 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// One stream counted in [`Activity::open`] while it lives.
+struct Open(Arc<Activity>);
+
+impl Open {
+    fn new(activity: Arc<Activity>) -> Open {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        Open(activity)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -203,11 +220,11 @@ impl Body for ResponseBody {
                 let polled = Pin::new(&mut logged.body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(data), Some(ended)) = (frame.data_ref(), &mut logged.ended) {
-                            ended.trace.bytes += data.len() as u64;
+                        if let Some(data) = frame.data_ref() {
+                            logged.ended.trace.bytes += data.len() as u64;
                         }
                     }
-                    Poll::Ready(_) => logged.finish(),
+                    Poll::Ready(_) => logged.ended.record(),
                     Poll::Pending => {}
                 }
                 polled
@@ -325,7 +342,6 @@ async fn handle(
     tls: &Option<Negotiated>,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
-    let mut trace = super::Trace::default();
     // What the access log shows, copied only when there is one.
     let logged = proxy.access_log.is_some().then(|| {
         let header = |name: &str| {
@@ -352,58 +368,47 @@ async fn handle(
             header("user-agent"),
         )
     });
-    let response = handle_stream(proxy, request, source, peer_trusted, tls, &mut trace).await;
-    trace.status = response.status().as_u16();
-    let request_id = response
-        .headers()
-        .get("x-request-id")
-        .map(|v| v.as_bytes().to_vec());
     let (method, target, host, sent_id, referer, user_agent) = logged.unwrap_or_default();
-    let ended = Ended {
+    // Recorded when dropped. hyper drops this future when the client resets the stream before
+    // the response head; the stream is then recorded as 499 (NGINX's "client closed request").
+    let mut ended = Ended {
         proxy: Arc::clone(proxy),
-        trace,
+        trace: super::Trace {
+            status: CLIENT_CLOSED,
+            ..super::Trace::default()
+        },
         started,
         client: source,
-        request_id: request_id.unwrap_or(sent_id),
+        request_id: sent_id,
         method,
         target,
         host,
         referer,
         user_agent,
+        recorded: false,
     };
-    // The stream is counted and logged when its body is done (or dropped, when the client
-    // resets it), so that the line has the bytes sent and the duration of the whole exchange,
-    // as on HTTP/1.1.
-    response.map(|body| {
-        ResponseBody::Logged(Box::new(Logged {
-            body,
-            ended: Some(ended),
-        }))
-    })
+    let response = handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await;
+    ended.trace.status = response.status().as_u16();
+    if let Some(id) = response.headers().get("x-request-id") {
+        ended.request_id = id.as_bytes().to_vec();
+    }
+    // From here the stream is recorded when its body is done (or dropped, when the client resets
+    // it), so that the line has the bytes sent and the duration of the whole exchange, as on
+    // HTTP/1.1.
+    response.map(|body| ResponseBody::Logged(Box::new(Logged { body, ended })))
 }
 
-/// A response body that counts what it delivers and records the stream when it ends.
+/// The status recorded for a stream the client reset before its response head.
+const CLIENT_CLOSED: u16 = 499;
+
+/// A response body that counts what it delivers; the stream is recorded when it ends.
 pub struct Logged {
     body: ResponseBody,
-    /// `None` once recorded.
-    ended: Option<Ended>,
+    ended: Ended,
 }
 
-impl Logged {
-    fn finish(&mut self) {
-        if let Some(ended) = self.ended.take() {
-            ended.record();
-        }
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-/// What the metrics and the access log need of a finished stream.
+/// What the metrics and the access log need of a finished stream. Recorded once: when the body
+/// ends, or when this is dropped (a stream reset by the client, before or after its head).
 struct Ended {
     proxy: Arc<HttpProxy>,
     trace: super::Trace,
@@ -415,10 +420,14 @@ struct Ended {
     host: Vec<u8>,
     referer: Vec<u8>,
     user_agent: Vec<u8>,
+    recorded: bool,
 }
 
 impl Ended {
-    fn record(self) {
+    fn record(&mut self) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         self.proxy.record(
             &super::Finished {
                 request_id: &self.request_id,
@@ -433,6 +442,12 @@ impl Ended {
             &self.trace,
             self.started.elapsed(),
         );
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.record();
     }
 }
 

@@ -21,6 +21,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -988,7 +989,7 @@ impl HttpProxy {
                 output: client_framing,
                 idle: pool.response_timeout,
                 limit: None,
-                splice: self.splice,
+                splice: self.splice.then_some(&self.stats.spliced),
             },
             &mut encoder,
         );
@@ -1760,7 +1761,7 @@ async fn send_request(
                     output: framing,
                     idle: response_timeout,
                     limit: listener.max_body_size,
-                    splice: listener.splice,
+                    splice: listener.splice.then_some(&listener.stats.spliced),
                 },
                 &mut None,
             )
@@ -1930,7 +1931,7 @@ async fn write_pair_within(
 
 /// How one body is to be moved.
 #[derive(Debug, Clone, Copy)]
-struct Body {
+struct Body<'a> {
     /// How the source delimits it.
     input: Framing,
     /// How the destination gets it.
@@ -1940,8 +1941,8 @@ struct Body {
     /// Most body bytes accepted.
     limit: Option<u64>,
     /// A long `Content-Length` body between two plain TCP sockets may be spliced (see
-    /// [`splice_exact`]).
-    splice: bool,
+    /// [`splice_exact`]), its bytes counted here; `None`: always copied.
+    splice: Option<&'a AtomicU64>,
 }
 
 /// Moves one body from `src` (with `buf` holding what was already read) to `dst`, re-framed:
@@ -1953,7 +1954,7 @@ async fn transfer_body(
     buf: &mut BytesMut,
     dst: &mut Stream,
     out: &mut BytesMut,
-    body: Body,
+    body: Body<'_>,
     encoder: &mut Option<compress::Encoder>,
 ) -> Result<u64, BodyError> {
     let Body {
@@ -1987,12 +1988,14 @@ async fn transfer_body(
                 out.clear();
                 buf.advance(take);
                 left -= take as u64;
-                if splice
+                if let Some(counter) = splice
                     && left >= SPLICE_MIN
                     && let (Stream::Plain(from), Stream::Plain(to)) = (&*src, &*dst)
                     && let Some(moved) = splice_exact(from, to, left, idle).await
                 {
-                    written += moved?;
+                    let moved = moved?;
+                    counter.fetch_add(moved, Relaxed);
+                    written += moved;
                     left = 0;
                 }
                 left == 0
@@ -2116,6 +2119,9 @@ async fn splice_exact(
     let mut left = len;
     let mut first = true;
     while left > 0 {
+        // A long body on a fast pair of sockets never waits: let the thread's other tasks run
+        // now and then, as reads through tokio's own I/O types do.
+        tokio::task::consume_budget().await;
         let want = usize::try_from(left)
             .unwrap_or(usize::MAX)
             .min(pipe.capacity);
