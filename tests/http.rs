@@ -361,6 +361,43 @@ async fn responses_of_every_size_follow_a_spliced_one_on_the_same_backend_connec
 }
 
 #[tokio::test]
+async fn a_request_pipelined_behind_a_spliced_upload_is_answered() {
+    // The upload is spliced to the backend: exactly its length must be taken from the client's
+    // socket, leaving the next request there.
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let mut both = format!(
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    both.extend_from_slice(&body);
+    both.extend_from_slice(b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n");
+    client.send(&both).await;
+    let first = client.reply().await.expect("first reply");
+    assert_eq!(first.status, 200);
+    assert!(first.body.ends_with(&body), "upload differs");
+    let second = client.reply().await.expect("second reply");
+    assert_eq!(second.status, 200);
+    assert!(
+        second.text().contains("GET /second HTTP/1.1"),
+        "{}",
+        second.text()
+    );
+    assert!(
+        proxy
+            .handle
+            .metrics()
+            .listener("l7")
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 2 * 250_000
+    );
+}
+
+#[tokio::test]
 async fn a_response_cut_short_closes_the_client_connection() {
     let backend = Backend::start(|mut stream| async move {
         let mut buf = [0u8; 4096];
