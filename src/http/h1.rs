@@ -339,9 +339,12 @@ const TARGET_BYTES: [bool; 256] = {
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. On success
 /// the head's bytes are split off the front of `buf`.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut storage);
-    let len = match request.parse(buf) {
+    // Uninitialised: filling 100 empty headers (3.2 KB) first cost about 300 instructions a
+    // parse (callgrind), for headers httparse overwrites anyway.
+    let mut storage =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut storage) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
             let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
@@ -575,9 +578,15 @@ impl RequestHead {
 /// Parses a response head at the start of `buf`, for a request that was a HEAD if `head`.
 /// `Ok(None)`: incomplete. On success the head's bytes are split off `buf`.
 pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseHead>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut storage);
-    let len = match response.parse(buf) {
+    // Uninitialised, as in `parse_request`.
+    let mut storage =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut storage,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= MAX_HEAD_SIZE {
