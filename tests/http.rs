@@ -398,6 +398,44 @@ async fn a_request_pipelined_behind_a_spliced_upload_is_answered() {
 }
 
 #[tokio::test]
+async fn a_client_that_stalls_mid_upload_is_cut_off_spliced_or_copied() {
+    for splice in [true, false] {
+        let (backend, mut events) = silent_backend().await;
+        let proxy = Proxy::start(&single_pool(
+            &[backend.addr],
+            &format!("splice = {splice}"),
+            "response_timeout = \"300ms\"",
+        ));
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        // A long upload that stops a tenth of the way, with the connection left open.
+        stream
+            .write_all(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .expect("head");
+        stream.write_all(&[b'u'; 100_000]).await.expect("body");
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("request")),
+            "splice = {splice}"
+        );
+        // The proxy gives up on the client, closes it, and lets go of the backend.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "splice = {splice}: the client was never cut off"
+        );
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("closed")),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_response_cut_short_closes_the_client_connection() {
     let backend = Backend::start(|mut stream| async move {
         let mut buf = [0u8; 4096];
