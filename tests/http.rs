@@ -435,6 +435,131 @@ async fn a_client_that_stalls_mid_upload_is_cut_off_spliced_or_copied() {
     }
 }
 
+/// Answers every request with a chunked body: chunks of the sizes in the path
+/// (`/chunks/100000,50000,7`), of varying bytes, on a keep-alive connection.
+async fn chunked_backend() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let target = head.split(' ').nth(1).unwrap_or("/chunks/1").to_owned();
+            let sizes: Vec<usize> = target
+                .trim_start_matches("/chunks/")
+                .split(',')
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            let mut response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            let mut i = 0usize;
+            for size in sizes {
+                response.extend_from_slice(format!("{size:x};ext=1\r\n").as_bytes());
+                response.extend((0..size).map(|k| ((i + k) % 251) as u8));
+                response.extend_from_slice(b"\r\n");
+                i += size;
+            }
+            response.extend_from_slice(b"0\r\n\r\n");
+            if stream.write_all(&response).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
+    for splice in [true, false] {
+        let backend = chunked_backend().await;
+        let proxy = Proxy::start(&single_pool(
+            &[backend.addr],
+            &format!("splice = {splice}"),
+            "",
+        ));
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        for sizes in [
+            vec![100_000, 50_000, 7],
+            vec![5, 300_000],
+            vec![16_384, 16_385, 1],
+            vec![3],
+        ] {
+            let list: Vec<String> = sizes.iter().map(ToString::to_string).collect();
+            let path = format!("/chunks/{}", list.join(","));
+            let reply = client.get(&path, "").await;
+            assert_eq!(reply.status, 200, "{path}");
+            assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+            let total: usize = sizes.iter().sum();
+            let expected: Vec<u8> = (0..total).map(|k| (k % 251) as u8).collect();
+            assert!(
+                reply.body == expected,
+                "splice = {splice}, {path}: body differs"
+            );
+        }
+        let spliced = proxy
+            .handle
+            .metrics()
+            .listener("l7")
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(spliced > 300_000, splice, "{spliced} bytes spliced");
+        // An HTTP/1.0 client gets the bytes as they are, delimited by the close.
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /chunks/200000,1 HTTP/1.0\r\nHost: t\r\n\r\n")
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        let body_at = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .expect("a head");
+        let expected: Vec<u8> = (0..200_001usize).map(|k| (k % 251) as u8).collect();
+        assert!(
+            got[body_at..] == expected[..],
+            "splice = {splice}: HTTP/1.0 body differs"
+        );
+        // A chunked upload with a long chunk and trailers reaches the backend intact.
+        let echo = http_backend("e").await;
+        let proxy = Proxy::start(&single_pool(
+            &[echo.addr],
+            &format!("splice = {splice}"),
+            "",
+        ));
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let big: Vec<u8> = (0..200_000u32).map(|k| (k % 239) as u8).collect();
+        let mut upload =
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        upload.extend_from_slice(format!("{:x}\r\n", big.len()).as_bytes());
+        upload.extend_from_slice(&big);
+        upload.extend_from_slice(b"\r\n2\r\nok\r\n0\r\nx-sum: 1\r\n\r\n");
+        client.send(&upload).await;
+        let reply = client.reply().await.expect("reply");
+        let mut expected = big.clone();
+        expected.extend_from_slice(b"ok");
+        assert!(
+            reply.body.ends_with(&expected),
+            "splice = {splice}: upload differs"
+        );
+        let spliced = proxy
+            .handle
+            .metrics()
+            .listener("l7")
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if splice {
+            assert!(spliced >= 150_000, "only {spliced} bytes spliced");
+        } else {
+            assert_eq!(spliced, 0);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_response_cut_short_closes_the_client_connection() {
     let backend = Backend::start(|mut stream| async move {

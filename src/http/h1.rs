@@ -885,6 +885,29 @@ impl ChunkedDecoder {
         Ok(Decoded::NeedMore)
     }
 
+    /// Bytes of chunk data that come next in the input, before any more framing: non-zero only
+    /// inside a chunk's data. The caller may move them itself (splice them) and then report them
+    /// with [`ChunkedDecoder::skip_data`].
+    pub fn data_left(&self) -> u64 {
+        if self.state == ChunkState::Data {
+            self.remaining
+        } else {
+            0
+        }
+    }
+
+    /// Counts `n` bytes of chunk data as consumed without seeing them (at most
+    /// [`ChunkedDecoder::data_left`]); decoding goes on with the CRLF that ends the chunk.
+    pub fn skip_data(&mut self, n: u64) {
+        if self.state != ChunkState::Data {
+            return;
+        }
+        self.remaining = self.remaining.saturating_sub(n);
+        if self.remaining == 0 {
+            self.state = ChunkState::DataCr;
+        }
+    }
+
     /// Whether the trailer section is well formed: each line is `name: value`.
     pub fn trailers_valid(&self) -> bool {
         self.trailers
@@ -903,17 +926,21 @@ pub fn encode_chunk(out: &mut BytesMut, data: &[u8]) {
     if data.is_empty() {
         return;
     }
+    encode_chunk_size(out, data.len() as u64);
+    out.put_slice(data);
+    out.put_slice(b"\r\n");
+}
+
+/// Appends the size line of a chunk of `n` bytes, for data that goes out by another way.
+pub fn encode_chunk_size(out: &mut BytesMut, mut n: u64) {
     let mut hex = [0u8; 16];
-    let mut n = data.len();
     let mut i = hex.len();
     while n > 0 || i == hex.len() {
         i -= 1;
-        hex[i] = b"0123456789abcdef"[n % 16];
+        hex[i] = b"0123456789abcdef"[(n % 16) as usize];
         n /= 16;
     }
     out.put_slice(&hex[i..]);
-    out.put_slice(b"\r\n");
-    out.put_slice(data);
     out.put_slice(b"\r\n");
 }
 
@@ -1157,6 +1184,43 @@ mod tests {
                 "accepted {:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn chunk_data_can_be_skipped_and_decoding_goes_on() {
+        let mut decoder = ChunkedDecoder::default();
+        let mut pos = 0;
+        let input = b"20;x=y\r\n0123";
+        assert_eq!(decoder.decode(input, &mut pos), Ok(Decoded::Data(8..12)));
+        assert_eq!(decoder.decode(input, &mut pos), Ok(Decoded::NeedMore));
+        // 28 of the chunk's 32 bytes are still to come: moved by someone else.
+        assert_eq!(decoder.data_left(), 28);
+        decoder.skip_data(28);
+        assert_eq!(decoder.data_left(), 0);
+        let mut pos = 0;
+        let rest = b"\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(decoder.decode(rest, &mut pos), Ok(Decoded::Data(5..8)));
+        assert_eq!(decoder.decode(rest, &mut pos), Ok(Decoded::End(rest.len())));
+        // Outside chunk data there is nothing to skip.
+        let mut fresh = ChunkedDecoder::default();
+        assert_eq!(fresh.data_left(), 0);
+        fresh.skip_data(5);
+        let mut pos = 0;
+        assert_eq!(fresh.decode(b"0\r\n\r\n", &mut pos), Ok(Decoded::End(5)));
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        for (n, line) in [
+            (0u64, "0\r\n"),
+            (1, "1\r\n"),
+            (255, "ff\r\n"),
+            (65536, "10000\r\n"),
+        ] {
+            let mut out = BytesMut::new();
+            encode_chunk_size(&mut out, n);
+            assert_eq!(&out[..], line.as_bytes());
         }
     }
 

@@ -50,9 +50,9 @@ use upstream::{UpstreamConn, UpstreamPool};
 const READ_CHUNK: usize = 16 * 1024;
 /// Read size for bodies: larger reads mean fewer system calls per byte.
 const BODY_CHUNK: usize = 64 * 1024;
-/// A `Content-Length` body with at least this much left after the first read is spliced, when
-/// the listener splices and both sides are plain TCP; below it the pages a splice moves cost
-/// about what copying the bytes does.
+/// A `Content-Length` body (or a chunk) with at least this much left after what was read is
+/// spliced, when the listener splices and both sides are plain TCP; below it the pages a splice
+/// moves cost about what copying the bytes does.
 const SPLICE_MIN: u64 = 16 * 1024;
 /// Read size for a response head from a backend connection whose last body was spliced. A head
 /// read takes whatever body bytes came with it, and those are copied twice (in and out); a 16
@@ -1991,7 +1991,7 @@ async fn transfer_body(
                 if let Some(counter) = splice
                     && left >= SPLICE_MIN
                     && let (Stream::Plain(from), Stream::Plain(to)) = (&*src, &*dst)
-                    && let Some(moved) = splice_exact(from, to, left, idle).await
+                    && let Some(moved) = splice_exact(from, to, left, idle, &[]).await
                 {
                     let moved = moved?;
                     counter.fetch_add(moved, Relaxed);
@@ -2047,6 +2047,35 @@ async fn transfer_body(
                     }
                 }
                 buf.advance(pos);
+                // Inside a long chunk with nothing buffered: the rest of the chunk can be
+                // spliced, under a size line of our own when the output is chunked too.
+                let left = decoder.data_left();
+                if !ended
+                    && buf.is_empty()
+                    && encoder.is_none()
+                    && left >= SPLICE_MIN
+                    && let Some(counter) = splice
+                    && limit.is_none_or(|max| total + left <= max)
+                    && let (Stream::Plain(from), Stream::Plain(to)) = (&*src, &*dst)
+                {
+                    let pending = out.len();
+                    if chunked_out {
+                        h1::encode_chunk_size(out, left);
+                    }
+                    if let Some(moved) = splice_exact(from, to, left, idle, out).await {
+                        written += moved?;
+                        counter.fetch_add(left, Relaxed);
+                        total += left;
+                        decoder.skip_data(left);
+                        out.clear();
+                        if chunked_out {
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    } else {
+                        // Not spliced after all, and nothing was sent: the size line goes.
+                        out.truncate(pending);
+                    }
+                }
                 ended
             }
         };
@@ -2096,8 +2125,10 @@ async fn transfer_body(
 
 /// Moves exactly `len` body bytes from `src` to `dst` through a pipe, so that they never enter
 /// user space: for a 64 KiB response that saves the two copies a read/write pair makes, which
-/// were most of the proxy's own work per response. `None` when splicing cannot start (no pipe,
-/// or the kernel refuses these sockets): nothing has moved and the caller copies instead.
+/// were most of the proxy's own work per response. `prefix` (a chunk's size line, say) is written
+/// to `dst` first, once the first bytes are in the pipe. Returns the bytes written, prefix
+/// included. `None` when splicing cannot start (no pipe, or the kernel refuses these sockets):
+/// nothing has moved, the prefix was not written, and the caller copies instead.
 ///
 /// The pipe is only filled when empty: a full pipe and a drained socket both answer `EAGAIN`,
 /// and an empty pipe keeps the two apart. A pipe that still holds bytes when this fails is closed
@@ -2107,6 +2138,7 @@ async fn splice_exact(
     dst: &TcpStream,
     len: u64,
     idle: Duration,
+    prefix: &[u8],
 ) -> Option<Result<u64, BodyError>> {
     let pipe = match crate::splice::Pipe::take() {
         Ok(pipe) => pipe,
@@ -2146,6 +2178,12 @@ async fn splice_exact(
                 Err(e) => return Some(Err(BodyError::Read(e))),
             }
         };
+        if first
+            && !prefix.is_empty()
+            && let Err(error) = write_tcp_within(dst, prefix, idle).await
+        {
+            return Some(Err(BodyError::Write(error)));
+        }
         first = false;
         left -= in_pipe as u64;
         while in_pipe > 0 {
@@ -2170,7 +2208,30 @@ async fn splice_exact(
         }
     }
     pipe.give_back();
-    Some(Ok(len))
+    Some(Ok(prefix.len() as u64 + len))
+}
+
+/// Writes all of `data` to a plain socket, each wait for room limited to `idle`.
+async fn write_tcp_within(dst: &TcpStream, mut data: &[u8], idle: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match dst.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match timeout(idle, dst.writable()).await {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the peer stopped reading",
+                        ));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Appends body bytes to `out`, compressed if there is an encoder, as a chunk or as they are.
