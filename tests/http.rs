@@ -458,8 +458,13 @@ async fn chunked_backend() -> Backend {
                 i += size;
             }
             response.extend_from_slice(b"0\r\n\r\n");
-            if stream.write_all(&response).await.is_err() {
-                return;
+            // In uneven pieces, so that size lines and data arrive split at any point.
+            let _ = stream.set_nodelay(true);
+            for piece in response.chunks(6_007) {
+                if stream.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
             }
         }
     })
@@ -481,6 +486,7 @@ async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
             vec![5, 300_000],
             vec![16_384, 16_385, 1],
             vec![3],
+            vec![6_000, 40_000, 6_007, 70_000, 12_014, 1, 1],
         ] {
             let list: Vec<String> = sizes.iter().map(ToString::to_string).collect();
             let path = format!("/chunks/{}", list.join(","));
