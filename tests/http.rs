@@ -127,6 +127,25 @@ backends = [{}]
     )
 }
 
+/// A proxy in front of one backend, with the listener's `splice` set as given.
+fn splicing(backend: std::net::SocketAddr, splice: bool, pool_extra: &str) -> Proxy {
+    Proxy::start(&single_pool(
+        &[backend],
+        &format!("splice = {splice}"),
+        pool_extra,
+    ))
+}
+
+/// Body bytes the proxy's `l7` listener has spliced so far.
+fn spliced(proxy: &Proxy) -> u64 {
+    proxy
+        .handle
+        .metrics()
+        .listener("l7")
+        .spliced
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[tokio::test]
 async fn backend_connections_are_pooled_across_clients() {
     let backend = http_backend("b").await;
@@ -264,11 +283,7 @@ async fn long_bodies_arrive_intact_spliced_or_copied() {
     let body: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
     for splice in [true, false] {
         let backend = http_backend("b").await;
-        let proxy = Proxy::start(&single_pool(
-            &[backend.addr],
-            &format!("splice = {splice}"),
-            "",
-        ));
+        let proxy = splicing(backend.addr, splice, "");
         let mut client = HttpClient::connect(proxy.addr("l7")).await;
         for round in 0..2 {
             let mut request = format!(
@@ -289,16 +304,11 @@ async fn long_bodies_arrive_intact_spliced_or_copied() {
         // Both exchanges used one backend connection: exactly the body was taken from it.
         assert_eq!(backend.accepted(), 1, "splice = {splice}");
         // And the kernel path was taken, both ways, only when asked for.
-        let spliced = proxy
-            .handle
-            .metrics()
-            .listener("l7")
-            .spliced
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let moved = spliced(&proxy);
         if splice {
-            assert!(spliced > 2 * 2 * 900_000, "only {spliced} bytes spliced");
+            assert!(moved > 2 * 2 * 900_000, "only {moved} bytes spliced");
         } else {
-            assert_eq!(spliced, 0);
+            assert_eq!(moved, 0);
         }
     }
 }
@@ -386,26 +396,14 @@ async fn a_request_pipelined_behind_a_spliced_upload_is_answered() {
         "{}",
         second.text()
     );
-    assert!(
-        proxy
-            .handle
-            .metrics()
-            .listener("l7")
-            .spliced
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 2 * 250_000
-    );
+    assert!(spliced(&proxy) > 2 * 250_000);
 }
 
 #[tokio::test]
 async fn a_client_that_stalls_mid_upload_is_cut_off_spliced_or_copied() {
     for splice in [true, false] {
         let (backend, mut events) = silent_backend().await;
-        let proxy = Proxy::start(&single_pool(
-            &[backend.addr],
-            &format!("splice = {splice}"),
-            "response_timeout = \"300ms\"",
-        ));
+        let proxy = splicing(backend.addr, splice, "response_timeout = \"300ms\"");
         let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
             .await
             .expect("connect");
@@ -475,11 +473,7 @@ async fn chunked_backend() -> Backend {
 async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
     for splice in [true, false] {
         let backend = chunked_backend().await;
-        let proxy = Proxy::start(&single_pool(
-            &[backend.addr],
-            &format!("splice = {splice}"),
-            "",
-        ));
+        let proxy = splicing(backend.addr, splice, "");
         let mut client = HttpClient::connect(proxy.addr("l7")).await;
         for sizes in [
             vec![100_000, 50_000, 7],
@@ -500,13 +494,8 @@ async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
                 "splice = {splice}, {path}: body differs"
             );
         }
-        let spliced = proxy
-            .handle
-            .metrics()
-            .listener("l7")
-            .spliced
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(spliced > 300_000, splice, "{spliced} bytes spliced");
+        let moved = spliced(&proxy);
+        assert_eq!(moved > 300_000, splice, "{moved} bytes spliced");
         // An HTTP/1.0 client gets the bytes as they are, delimited by the close.
         let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
             .await
@@ -532,11 +521,7 @@ async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
         );
         // A chunked upload with a long chunk and trailers reaches the backend intact.
         let echo = http_backend("e").await;
-        let proxy = Proxy::start(&single_pool(
-            &[echo.addr],
-            &format!("splice = {splice}"),
-            "",
-        ));
+        let proxy = splicing(echo.addr, splice, "");
         let mut client = HttpClient::connect(proxy.addr("l7")).await;
         let big: Vec<u8> = (0..200_000u32).map(|k| (k % 239) as u8).collect();
         let mut upload =
@@ -552,16 +537,11 @@ async fn long_chunks_are_spliced_under_chunk_lines_of_our_own() {
             reply.body.ends_with(&expected),
             "splice = {splice}: upload differs"
         );
-        let spliced = proxy
-            .handle
-            .metrics()
-            .listener("l7")
-            .spliced
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let moved = spliced(&proxy);
         if splice {
-            assert!(spliced >= 150_000, "only {spliced} bytes spliced");
+            assert!(moved >= 150_000, "only {moved} bytes spliced");
         } else {
-            assert_eq!(spliced, 0);
+            assert_eq!(moved, 0);
         }
     }
 }
@@ -578,11 +558,7 @@ async fn a_response_cut_short_closes_the_client_connection() {
     })
     .await;
     for splice in [true, false] {
-        let proxy = Proxy::start(&single_pool(
-            &[backend.addr],
-            &format!("splice = {splice}"),
-            "",
-        ));
+        let proxy = splicing(backend.addr, splice, "");
         let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
             .await
             .expect("connect");
