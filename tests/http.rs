@@ -1328,12 +1328,15 @@ async fn http2_streams_are_logged_when_their_body_is_done() {
 name = "l7"
 bind = "127.0.0.1:0"
 protocol = "http"
-default_pool = "p"
 access_log = {{ path = "{}", format = "json" }}
 
   [[listeners.routes]]
   match = {{ path_prefix = "/grpc/" }}
   pool = "g"
+
+  [[listeners.routes]]
+  match = {{ path = "/one" }}
+  pool = "p"
 
 [pools.p]
 backends = ["{}"]
@@ -1389,36 +1392,10 @@ backends = ["{}", "{}"]
     assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
 
     // A stream with no route: our own 404, logged without a pool.
-    let quiet = format!(
-        r#"
-[[listeners]]
-name = "l7"
-bind = "127.0.0.1:0"
-protocol = "http"
-access_log = {{ path = "{}", format = "json" }}
-
-  [[listeners.routes]]
-  match = {{ path_prefix = "/only/" }}
-  pool = "p"
-
-[pools.p]
-backends = ["{}"]
-"#,
-        log.display(),
-        backend.addr
-    );
-    drop(proxy);
-    let _ = std::fs::remove_file(&log);
-    let proxy = Proxy::start(&quiet);
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
     let (status, _, body) = h2_request(&mut sender, "GET", "http://example.com/none", None).await;
     assert_eq!(status, 404);
-    eventually("the 404 line", || lines().lines().count() == 1).await;
-    let line = &entries()[0];
+    eventually("the 404 line", || lines().lines().count() == 3).await;
+    let line = &entries()[2];
     assert_eq!(line["status"], 404);
     assert!(line.get("pool").is_none(), "{line}");
     assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
@@ -2035,6 +2012,33 @@ async fn silent_backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<&'st
     (backend, rx)
 }
 
+/// Opens an HTTP/2 connection to `proxy`'s `l7` listener, sends a request that `backend`
+/// (a [`silent_backend`]) never answers, and resets it once the backend has it. Returns the
+/// task driving the client connection (it ends when the proxy closes the connection).
+async fn reset_before_response(
+    proxy: &Proxy,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://t/slow")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some("request"))
+    );
+    // The client gives up (a gRPC deadline, say).
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    connection
+}
+
 #[tokio::test]
 async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
     let (backend, mut events) = silent_backend().await;
@@ -2045,23 +2049,8 @@ async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
         log.display()
     );
     let proxy = Proxy::start(&single_pool(&[backend.addr], &access_log, ""));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .uri("http://t/slow")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = sender.send_request(request, true).expect("send");
-    assert_eq!(
-        tokio::time::timeout(PATIENCE, events.recv()).await,
-        Ok(Some("request"))
-    );
-    // The client gives up (a gRPC deadline, say); the proxy lets go of the backend.
-    stream.send_reset(h2::Reason::CANCEL);
-    drop(response);
+    let _connection = reset_before_response(&proxy, &mut events).await;
+    // The proxy lets go of the backend, and logs the stream.
     assert_eq!(
         tokio::time::timeout(PATIENCE, events.recv()).await,
         Ok(Some("closed"))
@@ -2081,22 +2070,7 @@ async fn an_http2_connection_closes_when_idle_after_a_stream_reset_before_its_re
         "keepalive_timeout = \"300ms\"",
         "",
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let connection = tokio::spawn(connection);
-    let request = http::Request::builder()
-        .uri("http://t/slow")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = sender.send_request(request, true).expect("send");
-    assert_eq!(
-        tokio::time::timeout(PATIENCE, events.recv()).await,
-        Ok(Some("request"))
-    );
-    stream.send_reset(h2::Reason::CANCEL);
-    drop(response);
+    let connection = reset_before_response(&proxy, &mut events).await;
     // No stream left: closed after the keep-alive timeout, as without the reset.
     let closed = tokio::time::timeout(PATIENCE, connection).await;
     assert!(closed.is_ok(), "the idle connection was never closed");
