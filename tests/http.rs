@@ -1216,15 +1216,22 @@ fn decode(encoding: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A listener's compression with every algorithm.
+const ALL_ALGORITHMS: &str =
+    "compression = { algorithms = [\"zstd\", \"br\", \"gzip\"], min_size = 1024 }";
+
 #[tokio::test]
 async fn responses_are_compressed_when_accepted_and_worth_it() {
     let backend = content_backend().await;
-    let proxy = Proxy::start(&single_pool(
-        &[backend.addr],
-        "compression = { algorithms = [\"zstd\", \"br\", \"gzip\"], min_size = 1024 }",
-        "",
-    ));
+    let proxy = Proxy::start(&single_pool(&[backend.addr], ALL_ALGORITHMS, ""));
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    compression_cases(&mut client, &[]).await;
+}
+
+/// The compression decisions an HTTP/1.1 client sees from a backend serving the paths of
+/// [`content_backend`]: each algorithm by q-value, for a body of known length and a chunked one
+/// (whose trailers must be `trailers`), and the cases left as they are.
+async fn compression_cases(client: &mut HttpClient, trailers: &[(&str, &str)]) {
     for (accept, expected) in [
         ("gzip", "gzip"),
         ("br;q=0.9, gzip;q=0.5", "br"),
@@ -1234,22 +1241,28 @@ async fn responses_are_compressed_when_accepted_and_worth_it() {
             let reply = client
                 .get(path, &format!("Accept-Encoding: {accept}\r\n"))
                 .await;
-            assert_eq!(
-                reply.header("content-encoding"),
-                Some(expected),
-                "{path} {accept}"
-            );
-            assert_eq!(reply.header("vary"), Some("Accept-Encoding"));
+            let why = format!("{path} {accept}");
+            assert_eq!(reply.header("content-encoding"), Some(expected), "{why}");
+            assert_eq!(reply.header("vary"), Some("Accept-Encoding"), "{why}");
+            assert_eq!(reply.header("content-length"), None, "{why}");
             assert!(
                 reply.body.len() < 2_000,
-                "{path} {accept}: {} bytes",
+                "{why}: {} bytes",
                 reply.body.len()
             );
-            assert_eq!(decode(expected, &reply.body), big_text(), "{path} {accept}");
+            assert_eq!(decode(expected, &reply.body), big_text(), "{why}");
+            if path == "/big.txt" {
+                assert_eq!(reply.header("etag"), Some("W/\"v1\""), "{why}");
+            } else {
+                let got: Vec<(&str, &str)> = reply
+                    .trailers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                assert_eq!(got, trailers, "{why}");
+            }
         }
     }
-    let reply = client.get("/big.txt", "Accept-Encoding: gzip\r\n").await;
-    assert_eq!(reply.header("etag"), Some("W/\"v1\""));
 
     // Not accepted, too small, not a compressible type, already encoded, or a range request.
     let cases = [
@@ -1266,14 +1279,9 @@ async fn responses_are_compressed_when_accepted_and_worth_it() {
     ];
     for (path, extra, why) in cases {
         let reply = client.get(path, extra).await;
-        let encoding = reply.header("content-encoding");
-        assert!(
-            encoding.is_none() || path == "/encoded",
-            "{why}: {encoding:?}"
-        );
-        if path == "/encoded" {
-            assert_eq!(encoding, Some("gzip"), "{why}");
-        }
+        let expected = (path == "/encoded").then_some("gzip");
+        assert_eq!(reply.header("content-encoding"), expected, "{why}");
+        assert_eq!(reply.header("vary"), Some("Accept-Encoding"), "{why}");
         if path != "/small.txt" {
             assert_eq!(reply.body, big_text(), "{why}");
         }
@@ -1312,6 +1320,28 @@ async fn h2_request(
         data.extend_from_slice(&chunk);
     }
     (status, headers, data)
+}
+
+/// Sends a bodiless HTTP/2 request and reads the whole response: its head, its body and its
+/// trailers.
+async fn h2_exchange(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    request: http::Request<()>,
+) -> (http::response::Parts, Vec<u8>, Option<http::HeaderMap>) {
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.expect("trailers");
+    (parts, data, trailers)
 }
 
 #[tokio::test]
@@ -1910,31 +1940,138 @@ async fn http2_responses_are_compressed_too() {
             .header("accept-encoding", "gzip, br")
             .body(())
             .expect("request");
-        let (response, _) = sender.send_request(request, true).expect("send");
-        let response = tokio::time::timeout(PATIENCE, response)
-            .await
-            .expect("in time")
-            .expect("response");
+        let (head, data, _) = h2_exchange(&mut sender, request).await;
         assert_eq!(
-            response
-                .headers()
-                .get("content-encoding")
-                .map(|v| v.as_bytes()),
+            head.headers.get("content-encoding").map(|v| v.as_bytes()),
             Some(&b"br"[..]),
             "{path}"
         );
         assert_eq!(
-            response.headers().get("vary").map(|v| v.as_bytes()),
+            head.headers.get("vary").map(|v| v.as_bytes()),
             Some(&b"Accept-Encoding"[..])
         );
-        let mut body = response.into_body();
-        let mut data = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.expect("data");
-            let _ = body.flow_control().release_capacity(chunk.len());
-            data.extend_from_slice(&chunk);
-        }
         assert_eq!(decode("br", &data), big_text(), "{path}");
+    }
+}
+
+/// An HTTP/2 backend (h2c) serving the paths of [`content_backend`]; `/chunked.json` comes in
+/// two data frames without a length, followed by a trailer `x-checksum: ok`.
+async fn h2_content_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let body = bytes::Bytes::from(big_text());
+            let (builder, data) = match request.uri().path() {
+                "/big.txt" => (
+                    http::Response::builder()
+                        .header("content-type", "text/plain; charset=utf-8")
+                        .header("etag", "\"v1\"")
+                        .header("content-length", body.len()),
+                    vec![body],
+                ),
+                "/small.txt" => (
+                    http::Response::builder()
+                        .header("content-type", "text/plain")
+                        .header("content-length", 5),
+                    vec![bytes::Bytes::from_static(b"small")],
+                ),
+                "/image.png" => (
+                    http::Response::builder().header("content-type", "image/png"),
+                    vec![body],
+                ),
+                "/encoded" => (
+                    http::Response::builder()
+                        .header("content-type", "text/plain")
+                        .header("content-encoding", "gzip"),
+                    vec![body],
+                ),
+                _ => {
+                    let half = body.len() / 2;
+                    (
+                        http::Response::builder().header("content-type", "application/json"),
+                        vec![body.slice(..half), body.slice(half..)],
+                    )
+                }
+            };
+            let trailed = request.uri().path() == "/chunked.json";
+            let Ok(mut send) = respond.send_response(builder.body(()).expect("response"), false)
+            else {
+                continue;
+            };
+            let last = data.len() - 1;
+            for (i, piece) in data.into_iter().enumerate() {
+                let _ = send.send_data(piece, i == last && !trailed);
+            }
+            if trailed {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-checksum", http::HeaderValue::from_static("ok"));
+                let _ = send.send_trailers(trailers);
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client() {
+    let backend = h2_content_backend().await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        ALL_ALGORITHMS,
+        "upstream_protocol = \"h2\"",
+    ));
+
+    // HTTP/1.1 clients: chunked, compressed, trailers after the compressed stream's end.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    compression_cases(&mut client, &[("x-checksum", "ok")]).await;
+
+    // HTTP/2 clients: the same, with the trailers as an HTTP/2 trailer section.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    for (path, accept, expected) in [
+        ("/big.txt", "gzip, br", Some("br")),
+        ("/chunked.json", "gzip", Some("gzip")),
+        ("/chunked.json", "identity", None),
+        ("/small.txt", "gzip", None),
+    ] {
+        let request = http::Request::builder()
+            .uri(format!("http://x{path}"))
+            .header("accept-encoding", accept)
+            .body(())
+            .expect("request");
+        let (head, data, trailers) = h2_exchange(&mut sender, request).await;
+        let why = format!("{path} {accept}");
+        let header = |name: &str| head.headers.get(name).map(|v| v.as_bytes());
+        assert_eq!(
+            header("content-encoding"),
+            expected.map(str::as_bytes),
+            "{why}"
+        );
+        assert_eq!(header("vary"), Some(&b"Accept-Encoding"[..]), "{why}");
+        if expected.is_some() {
+            assert_eq!(header("content-length"), None, "{why}");
+        }
+        let data = match expected {
+            Some(encoding) => decode(encoding, &data),
+            None => data,
+        };
+        let original = if path == "/small.txt" {
+            b"small".to_vec()
+        } else {
+            big_text()
+        };
+        assert_eq!(data, original, "{why}");
+        let checksum = trailers
+            .as_ref()
+            .and_then(|t| t.get("x-checksum"))
+            .map(|v| v.as_bytes());
+        let wanted: Option<&[u8]> = (path == "/chunked.json").then_some(b"ok");
+        assert_eq!(checksum, wanted, "{why}");
     }
 }
 

@@ -192,6 +192,48 @@ pub enum ResponseBody {
     ),
     /// Another body, counted, and recorded (metrics, access log) when it ends.
     Logged(Box<Logged>),
+    /// Another body, compressed on its way (one from an HTTP/2 backend: the HTTP/1.1 ones are
+    /// compressed by the task that reads them).
+    Compressed(Box<Compressing>),
+}
+
+/// A body being compressed frame by frame. Its trailers, if any, are held back until the
+/// encoder's last bytes are out: the compressed stream must end before them.
+pub struct Compressing {
+    body: ResponseBody,
+    /// `None` once the body has ended and the encoder's last bytes were sent.
+    encoder: Option<super::compress::Encoder>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Compressing {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            let Some(encoder) = self.encoder.as_mut() else {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            let data = match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => encoder.push(&data),
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        self.encoder.take().map_or(Ok(Vec::new()), |e| e.finish())
+                    }
+                },
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.encoder.take().map_or(Ok(Vec::new()), |e| e.finish()),
+            };
+            match data {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(data))))),
+                Err(error) => {
+                    self.encoder = None;
+                    self.trailers = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
+            }
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -229,6 +271,7 @@ impl Body for ResponseBody {
                 }
                 polled
             }
+            ResponseBody::Compressed(compressing) => compressing.poll_frame(cx),
         }
     }
 
@@ -239,6 +282,9 @@ impl Body for ResponseBody {
             ResponseBody::Stream(_) => false,
             ResponseBody::Upstream(body, _, _) => body.is_end_stream(),
             ResponseBody::Logged(logged) => logged.body.is_end_stream(),
+            ResponseBody::Compressed(compressing) => {
+                compressing.encoder.is_none() && compressing.trailers.is_none()
+            }
         }
     }
 
@@ -250,6 +296,7 @@ impl Body for ResponseBody {
             ResponseBody::Stream(_) => SizeHint::default(),
             ResponseBody::Upstream(body, _, _) => body.size_hint(),
             ResponseBody::Logged(logged) => logged.body.size_hint(),
+            ResponseBody::Compressed(_) => SizeHint::default(),
         }
     }
 }
@@ -640,7 +687,7 @@ async fn proceed(
             peer_trusted,
             &request_id,
             host,
-            tls,
+            (tls, compression),
             trace,
         )
         .await;
@@ -791,24 +838,8 @@ async fn proceed(
         Some(Ok(encoder)) => Some(encoder),
         _ => None,
     };
-    if let Some(encoder) = &encoder {
-        builder = builder.header("content-encoding", encoder.token());
-        if let Some(headers) = builder.headers_mut()
-            && let Some(etag) = headers.get(http::header::ETAG).cloned()
-            && !etag.as_bytes().starts_with(b"W/")
-            && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
-        {
-            headers.insert(http::header::ETAG, weak);
-        }
-    }
-    if compression.is_some()
-        && !response.header("vary").is_some_and(|v| {
-            String::from_utf8_lossy(v)
-                .to_ascii_lowercase()
-                .contains("accept-encoding")
-        })
-    {
-        builder = builder.header("vary", "Accept-Encoding");
+    if let Some(headers) = builder.headers_mut() {
+        super::mark_compressed(headers, encoder.as_ref(), compression.is_some());
     }
     let body = if response.framing == Framing::Empty {
         drop(guard);
@@ -859,9 +890,12 @@ async fn forward_h2(
     peer_trusted: bool,
     request_id: &[u8],
     host: Option<Vec<u8>>,
-    tls: &Option<Negotiated>,
+    (tls, compression): (&Option<Negotiated>, Option<&crate::config::Compression>),
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
+    let accept_encoding = parts.headers.get("accept-encoding").cloned();
+    let ranged = parts.headers.contains_key(http::header::RANGE);
+    let is_head = parts.method == http::Method::HEAD;
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
         let keep = match name.as_str() {
@@ -978,13 +1012,37 @@ async fn forward_h2(
     if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         builder = builder.header(http::header::SET_COOKIE, cookie);
     }
-    builder
-        .body(ResponseBody::Upstream(
+    let length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let status = parts.status.as_u16();
+    let bodiless = is_head || status == 204 || status == 304 || body.is_end_stream();
+    let encoder = compression
+        .and_then(|config| {
+            super::encoding_for(
+                config,
+                accept_encoding.as_ref().map(HeaderValue::as_bytes),
+                ranged,
+                (status, bodiless, length),
+                |name| parts.headers.get(name).map(HeaderValue::as_bytes),
+            )
+        })
+        .and_then(|encoding| super::compress::Encoder::new(encoding).ok());
+    if let Some(headers) = builder.headers_mut() {
+        super::mark_compressed(headers, encoder.as_ref(), compression.is_some());
+    }
+    let body = ResponseBody::Upstream(body, guard, Box::pin(closer.cancelled_owned()));
+    let body = match encoder {
+        Some(encoder) => ResponseBody::Compressed(Box::new(Compressing {
             body,
-            guard,
-            Box::pin(closer.cancelled_owned()),
-        ))
-        .unwrap_or_else(|_| status_response(502))
+            encoder: Some(encoder),
+            trailers: None,
+        })),
+        None => body,
+    };
+    builder.body(body).unwrap_or_else(|_| status_response(502))
 }
 
 /// Picks a backend of an HTTP/2 pool and its shared connection, moving on to the next backend

@@ -1174,7 +1174,7 @@ impl HttpProxy {
     /// Sends an HTTP/1.1 request to a pool of HTTP/2 backends: the head becomes HTTP/2 fields,
     /// the body (decoded from its HTTP/1.1 framing) flows through a bounded channel while the
     /// response is awaited, and the response comes back as HTTP/1.1 (chunked, with trailers, when
-    /// its length is not known). Modification rules apply; compression does not yet.
+    /// its length is not known). Modification rules and compression apply as on HTTP/1.1.
     #[allow(clippy::too_many_arguments)]
     async fn forward_to_h2(
         &self,
@@ -1364,13 +1364,37 @@ impl HttpProxy {
         pool.report(&state, response.status().as_u16() < 500);
 
         let (mut parts, mut body) = response.into_parts();
-        h2::apply_response_rules(&mut parts.headers, &rules);
-        let known_length = parts
+        let mut known_length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let bodiless = head.is_head() || parts.status == 204 || parts.status == 304;
+        // Compression is decided on the backend's fields, as on HTTP/1.1, before any rule
+        // edits them.
+        let compression = route_rules
+            .and_then(|r| r.compression.as_ref())
+            .or(self.rules.compression.as_ref());
+        let mut encoder = compression
+            .and_then(|config| {
+                encoding_for(
+                    config,
+                    head.header("accept-encoding"),
+                    head.header("range").is_some(),
+                    (
+                        parts.status.as_u16(),
+                        bodiless || hyper::body::Body::is_end_stream(&body),
+                        known_length,
+                    ),
+                    |name| parts.headers.get(name).map(HeaderValue::as_bytes),
+                )
+            })
+            .and_then(|encoding| compress::Encoder::new(encoding).ok());
+        h2::apply_response_rules(&mut parts.headers, &rules);
+        mark_compressed(&mut parts.headers, encoder.as_ref(), compression.is_some());
+        if encoder.is_some() {
+            known_length = None;
+        }
         let framing = match (bodiless, known_length, head.minor_version) {
             (true, _, _) => Framing::Empty,
             (false, Some(n), _) => Framing::Length(n),
@@ -1433,7 +1457,7 @@ impl HttpProxy {
                     Ok(Some(Err(_))) | Err(_) => return Err(Failure::Abort),
                 };
                 match frame.into_data() {
-                    Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut None)
+                    Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut encoder)
                         .map_err(|_| Failure::Abort)?,
                     Err(frame) => {
                         if let Ok(map) = frame.into_trailers() {
@@ -1453,6 +1477,9 @@ impl HttpProxy {
                     out.clear();
                 }
             }
+            // The end of a compressed stream goes before any trailers.
+            finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder)
+                .map_err(|_| Failure::Abort)?;
             if framing == Framing::Chunked {
                 h1::encode_last_chunk(&mut out, &trailers);
             }
@@ -2279,26 +2306,82 @@ fn choose_encoding(
     has_range: bool,
     response: &ResponseHead,
 ) -> Option<crate::config::Encoding> {
-    if response.framing == Framing::Empty
-        || response.status == 206
+    let length = match response.framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    encoding_for(
+        config,
+        accept_encoding,
+        has_range,
+        (response.status, response.framing == Framing::Empty, length),
+        |name| response.header(name),
+    )
+}
+
+/// [`choose_encoding`] for a response from any protocol: `shape` is its status, whether it has
+/// no body, and its length when known; `header` looks up its fields.
+fn encoding_for<'h>(
+    config: &crate::config::Compression,
+    accept_encoding: Option<&[u8]>,
+    has_range: bool,
+    (status, bodiless, length): (u16, bool, Option<u64>),
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+) -> Option<crate::config::Encoding> {
+    if bodiless
+        || status == 206
         || has_range
-        || response.header("content-encoding").is_some()
-        || response.header("content-range").is_some()
-        || response.header("cache-control").is_some_and(|v| {
+        || header("content-encoding").is_some()
+        || header("content-range").is_some()
+        || header("cache-control").is_some_and(|v| {
             String::from_utf8_lossy(v)
                 .to_ascii_lowercase()
                 .contains("no-transform")
         })
-        || !compress::compressible_type(config, response.header("content-type"))
+        || !compress::compressible_type(config, header("content-type"))
     {
         return None;
     }
-    if let Framing::Length(n) = response.framing
+    if let Some(n) = length
         && n < config.min_size
     {
         return None;
     }
     compress::negotiate(config, accept_encoding)
+}
+
+/// The fields of a response that an encoder is about to compress (an HTTP/2 one, or one from an
+/// HTTP/2 backend): its length goes, its encoding is named, and a strong validator of the
+/// original is weakened, since the compressed bytes are a different representation. With
+/// compression configured, `Vary: Accept-Encoding` is added whether or not this one is
+/// compressed: caches must not serve it to a client that accepts otherwise.
+fn mark_compressed(
+    headers: &mut http::HeaderMap,
+    encoder: Option<&compress::Encoder>,
+    configured: bool,
+) {
+    use http::{HeaderValue, header};
+    if let Some(encoder) = encoder {
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(encoder.token()),
+        );
+        if let Some(etag) = headers.get(header::ETAG)
+            && !etag.as_bytes().starts_with(b"W/")
+            && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
+        {
+            headers.insert(header::ETAG, weak);
+        }
+    }
+    let varies = headers.get_all(header::VARY).iter().any(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .to_ascii_lowercase()
+            .contains("accept-encoding")
+    });
+    if configured && !varies {
+        headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
 }
 
 /// Writes an IP address as text into `buf` without allocating.

@@ -430,6 +430,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The trailer fields of a chunked body.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -520,6 +522,7 @@ pub async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>)
         status,
         headers,
         body: Vec::new(),
+        trailers: Vec::new(),
     };
     if let Some(length) = reply.header("content-length") {
         let length: usize = length.parse().ok()?;
@@ -536,8 +539,18 @@ pub async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>)
             buf.drain(..line_end + 2);
             let size = usize::from_str_radix(size_text.trim(), 16).ok()?;
             if size == 0 {
-                read_until(stream, buf, b"\r\n").await?;
-                buf.drain(..2);
+                // Trailer fields, up to an empty line.
+                loop {
+                    let end = read_until(stream, buf, b"\r\n").await?;
+                    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 2);
+                    match line.split_once(':') {
+                        Some((n, v)) => reply
+                            .trailers
+                            .push((n.trim().to_owned(), v.trim().to_owned())),
+                        None => break,
+                    }
+                }
                 break;
             }
             while buf.len() < size + 2 {
