@@ -223,6 +223,8 @@ pub struct Entry<'a> {
 #[derive(Debug)]
 pub struct Connection<'a> {
     pub listener: &'a str,
+    /// `tcp`, or `udp` for a session.
+    pub protocol: &'a str,
     pub client: SocketAddr,
     pub backend: SocketAddr,
     /// Bytes from the client to the backend.
@@ -230,18 +232,19 @@ pub struct Connection<'a> {
     /// Bytes from the backend to the client.
     pub received: u64,
     pub duration: Duration,
-    /// How it ended: `closed`, `idle_timeout`, `drained` or `error`.
+    /// How it ended: `closed`, `idle_timeout`, `drained` or `error` (a UDP session: `idle_timeout`,
+    /// `drained` or `refused`).
     pub outcome: &'a str,
 }
 
-/// Formats one TCP connection's line, newline included.
+/// Formats one TCP connection's or UDP session's line, newline included.
 pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String {
     match config.format {
         AccessLogFormat::Json => {
             let mut line = serde_json::json!({
                 "time": rfc3339(SystemTime::now()),
                 "listener": c.listener,
-                "protocol": "tcp",
+                "protocol": c.protocol,
                 "client": c.client.to_string(),
                 "backend": c.backend.to_string(),
                 "bytes_sent": c.sent,
@@ -254,9 +257,10 @@ pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String
             line
         }
         AccessLogFormat::Combined => format!(
-            "{} - - [{}] \"TCP {}\" {} {} {} {:.3}\n",
+            "{} - - [{}] \"{} {}\" {} {} {} {:.3}\n",
             c.client.ip(),
             clf_time(SystemTime::now()),
+            if c.protocol == "udp" { "UDP" } else { "TCP" },
             c.backend,
             c.outcome,
             c.received,
@@ -439,5 +443,38 @@ mod tests {
             line.contains("\"GET /a?b=\\x22c\\x22 HTTP/1.1\" 200 12 \"-\" \"-\" abc"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn connection_lines_name_their_protocol() {
+        let connection = |protocol| Connection {
+            listener: "dns",
+            protocol,
+            client: "192.0.2.1:5353".parse().expect("addr"),
+            backend: "10.0.0.2:53".parse().expect("addr"),
+            sent: 40,
+            received: 120,
+            duration: Duration::from_millis(250),
+            outcome: "idle_timeout",
+        };
+        let combined = AccessLogConfig {
+            target: AccessLogTarget::Stdout,
+            format: AccessLogFormat::Combined,
+        };
+        let line = format_connection(&combined, &connection("udp"));
+        assert!(
+            line.contains("\"UDP 10.0.0.2:53\" idle_timeout 120 40 250.000"),
+            "{line}"
+        );
+        let tcp = format_connection(&combined, &connection("tcp"));
+        assert!(tcp.contains("\"TCP 10.0.0.2:53\""), "{tcp}");
+        let json = AccessLogConfig {
+            format: AccessLogFormat::Json,
+            ..combined
+        };
+        let parsed: serde_json::Value =
+            serde_json::from_str(&format_connection(&json, &connection("udp"))).expect("json");
+        assert_eq!(parsed["protocol"], "udp");
+        assert_eq!(parsed["bytes_received"], 120);
     }
 }

@@ -284,6 +284,19 @@ impl Collector for Scrape {
         )?;
         family(
             &mut encoder,
+            "switchyard_udp_datagrams_dropped",
+            "Datagrams a udp listener dropped: a new client past max_sessions or during a \
+             shutdown, no usable backend, or a full socket buffer.",
+            MetricType::Counter,
+            listeners
+                .iter()
+                .filter(|l| l.protocol == "udp")
+                .map(|l| (vec![("listener", l.name.clone())], l.dropped))
+                .collect(),
+            counter,
+        )?;
+        family(
+            &mut encoder,
             "switchyard_connections_parked",
             "Idle connections parked, http and tcp (counted in switchyard_connections_active too).",
             MetricType::Gauge,

@@ -392,6 +392,8 @@ pub struct ListenerInfo {
     pub addr: SocketAddr,
     /// Connections open now (sessions for udp).
     pub active: u64,
+    /// Datagrams a udp listener dropped (0 for the others).
+    pub dropped: u64,
 }
 
 /// What a reload changed.
@@ -506,6 +508,10 @@ impl ServerHandle {
                 active: match &l.proxy {
                     Proxy::Udp(_, stats) => stats.sessions.load(Relaxed),
                     _ => self.0.metrics.listener(&l.name).open.load(Relaxed),
+                },
+                dropped: match &l.proxy {
+                    Proxy::Udp(_, stats) => stats.dropped.load(Relaxed),
+                    _ => 0,
                 },
             })
             .collect()
@@ -879,6 +885,8 @@ impl Shared {
                 pool: settings.pool.clone(),
                 settings: settings.clone(),
                 snapshot: Arc::clone(&self.snapshot),
+                access_log: self.log_writer(l)?,
+                stats,
             }),
             ListenerKind::Http(settings) => Built::Http(HttpProxy {
                 name: l.name.clone(),
@@ -928,7 +936,7 @@ impl Shared {
         let log = match &l.kind {
             ListenerKind::Http(settings) => settings.access_log.as_ref(),
             ListenerKind::Tcp(settings) => settings.access_log.as_ref(),
-            ListenerKind::Udp(_) => None,
+            ListenerKind::Udp(settings) => settings.access_log.as_ref(),
         };
         let Some(log) = log else {
             return Ok(None);

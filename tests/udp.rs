@@ -65,10 +65,34 @@ async fn datagrams_go_both_ways_over_two_backends() {
     assert_eq!(state.total.load(Ordering::Relaxed), 5);
 }
 
+/// A fresh access log file for one test, and a reader of its JSON lines.
+fn session_log(test: &str) -> (std::path::PathBuf, impl Fn() -> Vec<serde_json::Value>) {
+    let dir = std::env::temp_dir().join(format!("switchyard-udplog-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("udp.log");
+    let _ = std::fs::remove_file(&path);
+    let read = path.clone();
+    let lines = move || {
+        std::fs::read_to_string(&read)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    (path, lines)
+}
+
 #[tokio::test]
 async fn sessions_expire_when_idle() {
     let (a, _ta) = udp_named("a").await;
-    let proxy = Proxy::start(&udp_config(&[a], "idle_timeout = \"100ms\""));
+    let (log, lines) = session_log("expire");
+    let proxy = Proxy::start(&udp_config(
+        &[a],
+        &format!(
+            "idle_timeout = \"100ms\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+    ));
     let addr = proxy.addr("dns");
     let stats = proxy.udp("dns");
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
@@ -80,6 +104,19 @@ async fn sessions_expire_when_idle() {
     })
     .await;
     assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    // The session's line: its bytes each way ("hello" out, "a: hello" back) and why it ended.
+    eventually("the session's line", || lines().len() == 1).await;
+    let line = &lines()[0];
+    assert_eq!(line["protocol"], "udp");
+    assert_eq!(line["listener"], "dns");
+    assert_eq!(
+        line["client"],
+        client.local_addr().expect("addr").to_string()
+    );
+    assert_eq!(line["backend"], a.to_string());
+    assert_eq!(line["bytes_sent"], 5);
+    assert_eq!(line["bytes_received"], 8);
+    assert_eq!(line["outcome"], "idle_timeout");
     // The same client is welcome again, in a new session.
     assert_eq!(ask(&client, addr, b"again").await, "a: again");
     assert_eq!(state.total.load(Ordering::Relaxed), 2);
@@ -106,6 +143,12 @@ async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
     .await;
     assert_eq!(stats.sessions.load(Ordering::Relaxed), 50);
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 250);
+    // Operators see the drops.
+    let metrics = switchyard::metrics::render(&proxy.handle);
+    assert!(
+        metrics.contains("switchyard_udp_datagrams_dropped_total{listener=\"dns\"} 250"),
+        "{metrics}"
+    );
     eventually("sessions expired", || {
         stats.sessions.load(Ordering::Relaxed) == 0
     })
@@ -124,7 +167,14 @@ async fn a_refusing_backend_does_not_trap_a_client_that_keeps_its_port() {
         socket.local_addr().expect("addr")
     };
     let (live, _task) = udp_named("live").await;
-    let proxy = Proxy::start(&udp_config(&[dead, live], ""));
+    let (log, lines) = session_log("refused");
+    let proxy = Proxy::start(&udp_config(
+        &[dead, live],
+        &format!(
+            "access_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+    ));
     let addr = proxy.addr("dns");
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let mut buf = vec![0u8; 1024];
@@ -146,4 +196,10 @@ async fn a_refusing_backend_does_not_trap_a_client_that_keeps_its_port() {
     assert_eq!(answer.as_deref(), Some("live: retry"));
     let dead_state = proxy.registry.get("p", dead).expect("state");
     assert_eq!(dead_state.connect_failures.load(Ordering::Relaxed), 1);
+    // The refused session has its line, with nothing received.
+    eventually("the refused session's line", || !lines().is_empty()).await;
+    let line = &lines()[0];
+    assert_eq!(line["backend"], dead.to_string());
+    assert_eq!(line["outcome"], "refused");
+    assert_eq!(line["bytes_received"], 0);
 }

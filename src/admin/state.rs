@@ -40,6 +40,7 @@ pub fn state(handle: &ServerHandle) -> Value {
                 }
                 ListenerKind::Udp(settings) => {
                     value["pool"] = json!(settings.pool);
+                    value["datagrams_dropped"] = json!(live.map_or(0, |s| s.dropped));
                 }
                 ListenerKind::Http(settings) => {
                     value["default_pool"] = json!(settings.default_pool);

@@ -268,6 +268,8 @@ pub struct UdpSettings {
     pub idle_timeout: Duration,
     /// Cap on concurrent sessions; datagrams from new clients past it are dropped.
     pub max_sessions: usize,
+    /// Where a line goes for each session that ends.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// Settings of a `protocol = "http"` listener.

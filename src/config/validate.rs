@@ -385,12 +385,6 @@ fn validate_listener(
             if protocol == "udp" {
                 only(
                     problems,
-                    raw.access_log.is_some(),
-                    "access_log",
-                    "tcp and http",
-                );
-                only(
-                    problems,
                     raw.park_idle_after.is_some(),
                     "park_idle_after",
                     "tcp and http",
@@ -489,6 +483,9 @@ fn validate_listener(
                         pool,
                         idle_timeout,
                         max_sessions,
+                        access_log: raw.access_log.as_ref().and_then(|log| {
+                            validate_access_log(problems, &format!("{at}.access_log"), log, base)
+                        }),
                     })
                 })
             }

@@ -579,6 +579,7 @@ fn log_connection(
         config,
         &crate::access_log::Connection {
             listener: &proxy.name,
+            protocol: "tcp",
             client: source,
             backend: guard.state().addr,
             sent: moved.upstream,

@@ -34,7 +34,6 @@ use crate::pool::{Attempts, PickInput, Picked, Snapshot};
 const MAX_DATAGRAM: usize = 65_535;
 
 /// What the sessions of one UDP listener share.
-#[derive(Debug)]
 pub struct UdpProxy {
     /// Listener name, for logs.
     pub name: String,
@@ -44,14 +43,58 @@ pub struct UdpProxy {
     pub settings: UdpSettings,
     /// The current configuration snapshot.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Where this listener's session log lines go, and how they are written.
+    pub access_log: Option<(
+        crate::config::AccessLogConfig,
+        Arc<crate::access_log::Writer>,
+    )>,
+    /// The listener's counters.
+    pub stats: Arc<crate::metrics::ListenerStats>,
+}
+
+impl std::fmt::Debug for UdpProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpProxy")
+            .field("name", &self.name)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a session needs to write its access log line when it ends, shared by the sessions a
+/// listener build opened.
+struct SessionLog {
+    listener: String,
+    config: crate::config::AccessLogConfig,
+    writer: Arc<crate::access_log::Writer>,
+    stats: Arc<crate::metrics::ListenerStats>,
+}
+
+/// What a session's receive loop and its reply task both update.
+struct Activity {
+    /// Milliseconds since the listener's epoch at the last datagram either way.
+    last_seen: AtomicU64,
+    /// Reply bytes relayed to the client.
+    received: AtomicU64,
 }
 
 /// One client's session.
 struct Session {
     /// Connected to the session's backend.
     upstream: Arc<UdpSocket>,
-    /// Milliseconds since the listener's epoch at the last datagram either way.
-    last_seen: Arc<AtomicU64>,
+    /// The client's address.
+    client: SocketAddr,
+    /// Last datagram either way, and reply bytes.
+    activity: Arc<Activity>,
+    /// Client bytes sent on to the backend.
+    sent: u64,
+    /// When the session opened.
+    started: std::time::Instant,
+    /// Why the session ended, for its log line: set where it is taken out of the table (a
+    /// session dropped otherwise was cut off by the end of the process's drain).
+    outcome: &'static str,
+    /// Where its log line goes, when the listener has a log.
+    log: Option<Arc<SessionLog>>,
     /// The task relaying replies; aborted on expiry.
     replies: AbortHandle,
     /// Counts the session as active on its backend.
@@ -68,6 +111,25 @@ struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.replies.abort();
+        let Some(log) = &self.log else {
+            return;
+        };
+        let line = crate::access_log::format_connection(
+            &log.config,
+            &crate::access_log::Connection {
+                listener: &log.listener,
+                protocol: "udp",
+                client: self.client,
+                backend: self.guard.state().addr,
+                sent: self.sent,
+                received: self.activity.received.load(Relaxed),
+                duration: self.started.elapsed(),
+                outcome: self.outcome,
+            },
+        );
+        if !log.writer.write(line) {
+            log.stats.log_dropped.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -93,6 +155,9 @@ impl UdpProxy {
         shutdown: CancellationToken,
     ) {
         let mut this = current.load_full();
+        // The log of the build that opens a session; rebuilt when a reload brings a new one.
+        let mut log = this.session_log();
+        let mut logged_by = Arc::clone(&this);
         let epoch = Instant::now();
         let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
@@ -120,17 +185,19 @@ impl UdpProxy {
                     let now = epoch.elapsed().as_millis() as u64;
                     let datagram = &buf[..len];
                     let mut refused = None;
-                    if let Some(session) = sessions.get(&client) {
+                    if let Some(session) = sessions.get_mut(&client) {
                         if session.closer.is_cancelled() {
+                            session.outcome = "drained";
                             sessions.remove(&client);
                         } else if !session.broken.load(Relaxed) {
-                            session.last_seen.store(now, Relaxed);
+                            session.activity.last_seen.store(now, Relaxed);
                             send_upstream(session, datagram, &stats);
                             continue;
                         }
                         // Its backend refused (ICMP port unreachable): forget the session so
                         // this datagram opens a new one, picked among the other backends.
                         else {
+                            session.outcome = "refused";
                             refused = sessions.remove(&client).map(|s| s.backend);
                         }
                     }
@@ -140,7 +207,11 @@ impl UdpProxy {
                         debug!(listener = %this.name, %client, "udp session refused (cap or shutdown)");
                         continue;
                     }
-                    match this.open(&socket, client, epoch, datagram, refused).await {
+                    if !Arc::ptr_eq(&this, &logged_by) {
+                        log = this.session_log();
+                        logged_by = Arc::clone(&this);
+                    }
+                    match this.open(&log, &socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
@@ -156,8 +227,15 @@ impl UdpProxy {
                     let idle_ms = this.settings.idle_timeout.as_millis() as u64;
                     let now = epoch.elapsed().as_millis() as u64;
                     sessions.retain(|_, s| {
-                        now.saturating_sub(s.last_seen.load(Relaxed)) < idle_ms
-                            && !s.closer.is_cancelled()
+                        if s.closer.is_cancelled() {
+                            s.outcome = "drained";
+                            return false;
+                        }
+                        if now.saturating_sub(s.activity.last_seen.load(Relaxed)) >= idle_ms {
+                            s.outcome = "idle_timeout";
+                            return false;
+                        }
+                        true
                     });
                     stats.sessions.store(sessions.len() as u64, Relaxed);
                     if stopping && sessions.is_empty() {
@@ -172,11 +250,23 @@ impl UdpProxy {
         }
     }
 
+    /// What this build's sessions need to write their log lines.
+    fn session_log(&self) -> Option<Arc<SessionLog>> {
+        let (config, writer) = self.access_log.as_ref()?;
+        Some(Arc::new(SessionLog {
+            listener: self.name.clone(),
+            config: config.clone(),
+            writer: Arc::clone(writer),
+            stats: Arc::clone(&self.stats),
+        }))
+    }
+
     /// Opens a session for `client`: picks a backend, connects a socket to it and sends the
     /// client's first datagram. That send waits for the new socket to be writable: a fresh socket
     /// has no readiness yet, so a `try_send` would drop the datagram.
     async fn open(
         &self,
+        log: &Option<Arc<SessionLog>>,
         listener: &Arc<UdpSocket>,
         client: SocketAddr,
         epoch: Instant,
@@ -218,7 +308,10 @@ impl UdpProxy {
         let sent = upstream.send(first).await?;
         candidate.state.bytes_sent.fetch_add(sent as u64, Relaxed);
         let upstream = Arc::new(upstream);
-        let last_seen = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+        let activity = Arc::new(Activity {
+            last_seen: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+            received: AtomicU64::new(0),
+        });
         guard.established();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
@@ -226,7 +319,7 @@ impl UdpProxy {
             Arc::clone(&upstream),
             Arc::clone(listener),
             client,
-            Arc::clone(&last_seen),
+            Arc::clone(&activity),
             Arc::clone(&candidate.state),
             epoch,
             Arc::clone(&broken),
@@ -234,7 +327,12 @@ impl UdpProxy {
         .abort_handle();
         Ok(Session {
             upstream,
-            last_seen,
+            client,
+            activity,
+            sent: sent as u64,
+            started: std::time::Instant::now(),
+            outcome: "closed",
+            log: log.clone(),
             replies,
             guard,
             broken,
@@ -245,11 +343,12 @@ impl UdpProxy {
 }
 
 /// Sends one client datagram to the session's backend, or drops it if the socket is full.
-fn send_upstream(session: &Session, datagram: &[u8], stats: &UdpStats) {
+fn send_upstream(session: &mut Session, datagram: &[u8], stats: &UdpStats) {
     let backend = session.guard.state();
     match session.upstream.try_send(datagram) {
         Ok(n) => {
             backend.bytes_sent.fetch_add(n as u64, Relaxed);
+            session.sent += n as u64;
         }
         Err(error) => {
             stats.dropped.fetch_add(1, Relaxed);
@@ -277,7 +376,7 @@ async fn relay_replies(
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
     client: SocketAddr,
-    last_seen: Arc<AtomicU64>,
+    activity: Arc<Activity>,
     backend: Arc<BackendState>,
     epoch: Instant,
     broken: Arc<AtomicBool>,
@@ -302,7 +401,10 @@ async fn relay_replies(
         match relayed {
             Ok(n) => {
                 backend.bytes_received.fetch_add(n as u64, Relaxed);
-                last_seen.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                activity.received.fetch_add(n as u64, Relaxed);
+                activity
+                    .last_seen
+                    .store(epoch.elapsed().as_millis() as u64, Relaxed);
                 if !answered {
                     // A reply is the success that outlier detection counts on UDP.
                     answered = true;
