@@ -1618,9 +1618,16 @@ async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
 #[tokio::test]
 async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers() {
     let backend = h2_backend("h2").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-h1h2log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
     let proxy = Proxy::start(&single_pool(
         &[backend.addr],
-        "",
+        &format!(
+            "access_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
         "upstream_protocol = \"h2\"",
     ));
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
@@ -1645,6 +1652,12 @@ async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers()
         text.ends_with("0\r\ngrpc-status: 0\r\nx-seen-te: \r\n\r\n"),
         "{text:?}"
     );
+    // The log counts what the client was sent, head and body.
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("both lines", || lines().lines().count() == 2).await;
+    let last: serde_json::Value =
+        serde_json::from_str(lines().lines().last().expect("a line")).expect("json");
+    assert_eq!(last["bytes"], raw.len());
 }
 
 #[tokio::test]
@@ -2072,6 +2085,63 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
             .map(|v| v.as_bytes());
         let wanted: Option<&[u8]> = (path == "/chunked.json").then_some(b"ok");
         assert_eq!(checksum, wanted, "{why}");
+    }
+}
+
+#[tokio::test]
+async fn compression_follows_the_client_and_survives_header_rules_on_every_path() {
+    // The backend is told to send gzip whatever the client said, and Vary is set by a rule:
+    // the proxy still decides on the client's own Accept-Encoding, and keeps its Vary.
+    let rules = format!(
+        "{ALL_ALGORITHMS}\nrequest_headers = {{ set = {{ Accept-Encoding = \"gzip\" }} }}\n\
+         response_headers = {{ set = {{ Vary = \"Origin\" }} }}"
+    );
+    let h1 = content_backend().await;
+    let h2 = h2_content_backend().await;
+    for (backend, pool) in [(h1.addr, ""), (h2.addr, "upstream_protocol = \"h2\"")] {
+        let proxy = Proxy::start(&single_pool(&[backend], &rules, pool));
+        let addr = proxy.addr("l7");
+        let mut client = HttpClient::connect(addr).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        for (accept, expected) in [("identity", None), ("br", Some("br"))] {
+            let why = format!("{pool:?} accepting {accept}");
+            let reply = client
+                .get("/big.txt", &format!("Accept-Encoding: {accept}\r\n"))
+                .await;
+            let vary: Vec<&str> = reply
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("vary"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(reply.header("content-encoding"), expected, "HTTP/1.1 {why}");
+            assert_eq!(vary, ["Origin", "Accept-Encoding"], "HTTP/1.1 {why}");
+            let body = expected.map_or(reply.body.clone(), |e| decode(e, &reply.body));
+            assert_eq!(body, big_text(), "HTTP/1.1 {why}");
+
+            let request = http::Request::builder()
+                .uri("http://x/big.txt")
+                .header("accept-encoding", accept)
+                .body(())
+                .expect("request");
+            let (head, data, _) = h2_exchange(&mut sender, request).await;
+            let encoding = head
+                .headers
+                .get("content-encoding")
+                .map(|v| v.to_str().expect("text"));
+            let vary: Vec<&[u8]> = head
+                .headers
+                .get_all("vary")
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            assert_eq!(encoding, expected, "HTTP/2 {why}");
+            assert_eq!(vary, [&b"Origin"[..], b"Accept-Encoding"], "HTTP/2 {why}");
+            let body = expected.map_or(data.clone(), |e| decode(e, &data));
+            assert_eq!(body, big_text(), "HTTP/2 {why}");
+        }
     }
 }
 

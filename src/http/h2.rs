@@ -544,11 +544,21 @@ async fn handle_stream(
         apply_response_rules(response.headers_mut(), &rules);
         return response;
     }
+    // A route's compression replaces the listener's. It is decided on what the client sent,
+    // before request rules edit the fields (one may remove Accept-Encoding so that the backend
+    // answers uncompressed and the proxy compresses).
+    let compression = rules
+        .iter()
+        .rev()
+        .find_map(|r| r.compression.as_ref())
+        .map(|config| Negotiation {
+            config,
+            accept_encoding: parts.headers.get("accept-encoding").cloned(),
+            ranged: parts.headers.contains_key(http::header::RANGE),
+        });
     if !rules.is_empty() && apply_request_rules(&mut parts, &rules).is_err() {
         return status_response(500);
     }
-    // A route's compression replaces the listener's.
-    let compression = rules.iter().rev().find_map(|r| r.compression.as_ref());
     let mut response = proceed(
         proxy,
         routed.pool,
@@ -556,14 +566,53 @@ async fn handle_stream(
         body,
         source,
         peer_trusted,
-        compression,
+        compression.as_ref(),
         tls,
         trace,
     )
     .await;
     apply_response_rules(response.headers_mut(), &rules);
+    // The compression fields last, as on HTTP/1.1: a rule that sets Vary or ETag must not
+    // undo them.
+    if let Some(Chosen(encoding)) = response.extensions_mut().remove::<Chosen>() {
+        super::mark_compressed(response.headers_mut(), encoding, true);
+    }
     response
 }
+
+/// What a stream's response compression is decided on: the configuration in force, and the
+/// client's own Accept-Encoding and Range.
+struct Negotiation<'a> {
+    config: &'a crate::config::Compression,
+    accept_encoding: Option<HeaderValue>,
+    ranged: bool,
+}
+
+impl Negotiation<'_> {
+    /// The encoder for a backend's response, if it is to be compressed.
+    fn encoder<'h>(
+        &self,
+        status: u16,
+        bodiless: bool,
+        length: Option<u64>,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Option<super::compress::Encoder> {
+        let encoding = super::encoding_for(
+            self.config,
+            self.accept_encoding.as_ref().map(HeaderValue::as_bytes),
+            self.ranged,
+            (status, bodiless, length),
+            header,
+        )?;
+        super::compress::Encoder::new(encoding).ok()
+    }
+}
+
+/// Left in a backend's response by [`proceed`] when compression is configured: the encoding
+/// its body is compressed with, if any. `handle_stream` edits the fields accordingly once the
+/// response rules have run.
+#[derive(Clone, Copy)]
+struct Chosen(Option<&'static str>);
 
 /// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` when a rewrite
 /// produced something that is not a valid target or host.
@@ -657,7 +706,7 @@ async fn proceed(
     body: Incoming,
     source: SocketAddr,
     peer_trusted: bool,
-    compression: Option<&crate::config::Compression>,
+    compression: Option<&Negotiation<'_>>,
     tls: &Option<Negotiated>,
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
@@ -823,23 +872,20 @@ async fn proceed(
     if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         builder = builder.header(http::header::SET_COOKIE, cookie);
     }
-    let encoding = compression.and_then(|config| {
-        super::choose_encoding(
-            config,
-            parts
-                .headers
-                .get("accept-encoding")
-                .map(HeaderValue::as_bytes),
-            parts.headers.contains_key(http::header::RANGE),
-            &response,
-        )
-    });
-    let encoder = match encoding.map(super::compress::Encoder::new) {
-        Some(Ok(encoder)) => Some(encoder),
+    let length = match response.framing {
+        Framing::Length(n) => Some(n),
         _ => None,
     };
-    if let Some(headers) = builder.headers_mut() {
-        super::mark_compressed(headers, encoder.as_ref(), compression.is_some());
+    let encoder = compression.and_then(|negotiation| {
+        negotiation.encoder(
+            response.status,
+            response.framing == Framing::Empty,
+            length,
+            |name| response.header(name),
+        )
+    });
+    if compression.is_some() {
+        builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
     }
     let body = if response.framing == Framing::Empty {
         drop(guard);
@@ -890,11 +936,9 @@ async fn forward_h2(
     peer_trusted: bool,
     request_id: &[u8],
     host: Option<Vec<u8>>,
-    (tls, compression): (&Option<Negotiated>, Option<&crate::config::Compression>),
+    (tls, compression): (&Option<Negotiated>, Option<&Negotiation<'_>>),
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
-    let accept_encoding = parts.headers.get("accept-encoding").cloned();
-    let ranged = parts.headers.contains_key(http::header::RANGE);
     let is_head = parts.method == http::Method::HEAD;
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -1019,19 +1063,13 @@ async fn forward_h2(
         .and_then(|v| v.parse::<u64>().ok());
     let status = parts.status.as_u16();
     let bodiless = is_head || status == 204 || status == 304 || body.is_end_stream();
-    let encoder = compression
-        .and_then(|config| {
-            super::encoding_for(
-                config,
-                accept_encoding.as_ref().map(HeaderValue::as_bytes),
-                ranged,
-                (status, bodiless, length),
-                |name| parts.headers.get(name).map(HeaderValue::as_bytes),
-            )
+    let encoder = compression.and_then(|negotiation| {
+        negotiation.encoder(status, bodiless, length, |name| {
+            parts.headers.get(name).map(HeaderValue::as_bytes)
         })
-        .and_then(|encoding| super::compress::Encoder::new(encoding).ok());
-    if let Some(headers) = builder.headers_mut() {
-        super::mark_compressed(headers, encoder.as_ref(), compression.is_some());
+    });
+    if compression.is_some() {
+        builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
     }
     let body = ResponseBody::Upstream(body, guard, Box::pin(closer.cancelled_owned()));
     let body = match encoder {

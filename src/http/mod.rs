@@ -1391,7 +1391,11 @@ impl HttpProxy {
             })
             .and_then(|encoding| compress::Encoder::new(encoding).ok());
         h2::apply_response_rules(&mut parts.headers, &rules);
-        mark_compressed(&mut parts.headers, encoder.as_ref(), compression.is_some());
+        mark_compressed(
+            &mut parts.headers,
+            encoder.as_ref().map(compress::Encoder::token),
+            compression.is_some(),
+        );
         if encoder.is_some() {
             known_length = None;
         }
@@ -1474,6 +1478,7 @@ impl HttpProxy {
                     write_within(&mut client.stream, &out, self.keepalive_timeout)
                         .await
                         .map_err(|_| Failure::Abort)?;
+                    trace.bytes += out.len() as u64;
                     out.clear();
                 }
             }
@@ -1487,6 +1492,7 @@ impl HttpProxy {
         write_within(&mut client.stream, &out, self.keepalive_timeout)
             .await
             .map_err(|_| Failure::Abort)?;
+        trace.bytes += out.len() as u64;
         drop(guard);
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
@@ -2328,7 +2334,10 @@ fn encoding_for<'h>(
     (status, bodiless, length): (u16, bool, Option<u64>),
     header: impl Fn(&str) -> Option<&'h [u8]>,
 ) -> Option<crate::config::Encoding> {
+    // An empty body gains nothing (and a compressed one would not be empty): HTTP/1.1 frames
+    // `Content-Length: 0` as no body, an HTTP/2 backend may still send an empty DATA frame.
     if bodiless
+        || length == Some(0)
         || status == 206
         || has_range
         || header("content-encoding").is_some()
@@ -2357,16 +2366,13 @@ fn encoding_for<'h>(
 /// compressed: caches must not serve it to a client that accepts otherwise.
 fn mark_compressed(
     headers: &mut http::HeaderMap,
-    encoder: Option<&compress::Encoder>,
+    encoding: Option<&'static str>,
     configured: bool,
 ) {
     use http::{HeaderValue, header};
-    if let Some(encoder) = encoder {
+    if let Some(token) = encoding {
         headers.remove(header::CONTENT_LENGTH);
-        headers.insert(
-            header::CONTENT_ENCODING,
-            HeaderValue::from_static(encoder.token()),
-        );
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(token));
         if let Some(etag) = headers.get(header::ETAG)
             && !etag.as_bytes().starts_with(b"W/")
             && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
@@ -2579,5 +2585,27 @@ mod tests {
             let mut buf = [0u8; 64];
             assert_eq!(format_ip(ip, &mut buf), ip.to_string().as_bytes());
         }
+    }
+    #[test]
+    fn empty_bodies_are_never_compressed() {
+        let config = crate::config::Compression {
+            algorithms: vec![crate::config::Encoding::Gzip],
+            min_size: 0,
+            types: vec!["text/*".into()],
+        };
+        let text = |name: &str| (name == "content-type").then_some(&b"text/plain"[..]);
+        let decide = |shape| encoding_for(&config, Some(b"gzip"), false, shape, text);
+        assert_eq!(
+            decide((200, false, Some(1))),
+            Some(crate::config::Encoding::Gzip)
+        );
+        assert_eq!(
+            decide((200, false, None)),
+            Some(crate::config::Encoding::Gzip)
+        );
+        // `content-length: 0` from an HTTP/2 backend, which may still send an empty DATA frame.
+        assert_eq!(decide((200, false, Some(0))), None);
+        assert_eq!(decide((204, true, None)), None);
+        assert_eq!(decide((206, false, Some(10))), None);
     }
 }
