@@ -2039,6 +2039,25 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     // HTTP/1.1 clients: chunked, compressed, trailers after the compressed stream's end.
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     compression_cases(&mut client, &[("x-checksum", "ok")]).await;
+    // HEAD: the fields of the GET, nothing compressed.
+    client
+        .send(b"HEAD /big.txt HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    let mut raw = Vec::new();
+    let head_end = read_until(&mut client.stream, &mut raw, b"\r\n\r\n")
+        .await
+        .expect("a head");
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("content-encoding"), "{head}");
+    // An HTTP/1.0 client: compressed, delimited by the close.
+    let mut old = HttpClient::connect(proxy.addr("l7")).await;
+    old.send(b"GET /big.txt HTTP/1.0\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    let reply = old.reply().await.expect("a reply");
+    assert_eq!(reply.header("content-encoding"), Some("gzip"));
+    assert_eq!(reply.header("transfer-encoding"), None);
+    assert_eq!(decode("gzip", &reply.body), big_text());
 
     // HTTP/2 clients: the same, with the trailers as an HTTP/2 trailer section.
     let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
