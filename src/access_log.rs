@@ -26,7 +26,7 @@ pub const QUEUE_LINES: usize = 8192;
 /// One destination: a queue and the thread that writes it.
 #[derive(Debug)]
 pub struct Writer {
-    queue: SyncSender<String>,
+    queue: SyncSender<Line>,
     /// Lines dropped because the queue was full.
     pub dropped: AtomicU64,
     reopen: Arc<AtomicBool>,
@@ -34,9 +34,73 @@ pub struct Writer {
     pending: Arc<AtomicU64>,
 }
 
+/// What the writer thread is handed: a line, or a UDP session's record that it formats itself.
+#[derive(Debug)]
+enum Line {
+    Text(String),
+    Session(Box<SessionLine>),
+}
+
+/// A UDP session that ended, formatted by the writer thread rather than by the listener's receive
+/// loop: thousands of sessions may expire in one sweep, and every client of the listener would
+/// wait while their lines were formatted.
+#[derive(Debug)]
+pub struct SessionLine {
+    /// How the line is written.
+    pub format: AccessLogFormat,
+    /// The listener's name.
+    pub listener: Arc<str>,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The session's backend.
+    pub backend: SocketAddr,
+    /// Payload bytes from the client to the backend.
+    pub sent: u64,
+    /// Payload bytes from the backend to the client.
+    pub received: u64,
+    /// How long the session lasted.
+    pub duration: Duration,
+    /// `idle_timeout`, `drained`, `refused` or `closed`.
+    pub outcome: &'static str,
+    /// When it ended.
+    pub at: SystemTime,
+}
+
+impl Line {
+    fn text(self) -> String {
+        match self {
+            Line::Text(text) => text,
+            Line::Session(s) => format_connection_as(
+                s.format,
+                &Connection {
+                    listener: &s.listener,
+                    protocol: "udp",
+                    client: s.client,
+                    backend: s.backend,
+                    sent: s.sent,
+                    received: s.received,
+                    duration: s.duration,
+                    outcome: s.outcome,
+                },
+                s.at,
+            ),
+        }
+    }
+}
+
 impl Writer {
     /// Queues one line (with its newline); drops it when the queue is full.
     pub fn write(&self, line: String) -> bool {
+        self.queue(Line::Text(line))
+    }
+
+    /// Queues a UDP session's line, which the writer thread formats; drops it when the queue is
+    /// full.
+    pub fn write_session(&self, line: Box<SessionLine>) -> bool {
+        self.queue(Line::Session(line))
+    }
+
+    fn queue(&self, line: Line) -> bool {
         self.pending.fetch_add(1, Relaxed);
         match self.queue.try_send(line) {
             Ok(()) => true,
@@ -153,7 +217,7 @@ impl Output {
 
 /// The writer thread: until every sender is gone, write what arrives, in batches.
 fn drain(
-    lines: Receiver<String>,
+    lines: Receiver<Line>,
     mut output: Output,
     target: &AccessLogTarget,
     reopen: &AtomicBool,
@@ -164,12 +228,12 @@ fn drain(
     loop {
         match lines.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
-                batch.push_str(&line);
+                batch.push_str(&line.text());
                 count += 1;
                 while batch.len() < 64 * 1024 {
                     match lines.try_recv() {
                         Ok(line) => {
-                            batch.push_str(&line);
+                            batch.push_str(&line.text());
                             count += 1;
                         }
                         Err(_) => break,
@@ -237,12 +301,17 @@ pub struct Connection<'a> {
     pub outcome: &'a str,
 }
 
-/// Formats one TCP connection's or UDP session's line, newline included.
+/// Formats one TCP connection's line, newline included.
 pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String {
-    match config.format {
+    format_connection_as(config.format, c, SystemTime::now())
+}
+
+/// Formats a connection's or session's line as it ended `at`.
+fn format_connection_as(format: AccessLogFormat, c: &Connection<'_>, at: SystemTime) -> String {
+    match format {
         AccessLogFormat::Json => {
             let mut line = serde_json::json!({
-                "time": rfc3339(SystemTime::now()),
+                "time": rfc3339(at),
                 "listener": c.listener,
                 "protocol": c.protocol,
                 "client": c.client.to_string(),
@@ -259,7 +328,7 @@ pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String
         AccessLogFormat::Combined => format!(
             "{} - - [{}] \"{} {}\" {} {} {} {:.3}\n",
             c.client.ip(),
-            clf_time(SystemTime::now()),
+            clf_time(at),
             if c.protocol == "udp" { "UDP" } else { "TCP" },
             c.backend,
             c.outcome,

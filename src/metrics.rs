@@ -285,8 +285,9 @@ impl Collector for Scrape {
         family(
             &mut encoder,
             "switchyard_udp_datagrams_dropped",
-            "Datagrams a udp listener dropped: a new client past max_sessions or during a \
-             shutdown, no usable backend, or a full socket buffer.",
+            "Datagrams a udp listener dropped, either way: from a new client past max_sessions \
+             or with no usable backend, to a backend that refused them or whose socket buffer \
+             was full, or replies the listener's socket buffer would not take.",
             MetricType::Counter,
             listeners
                 .iter()

@@ -135,6 +135,11 @@ pub struct Shared {
     h2_upstream: Arc<H2Pool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The udp listeners' loops (also in `tasks`), and the end of the drain for them: a loop
+    /// still serving sessions at the drain deadline ends them, so their log lines are queued
+    /// before the last flush.
+    udp_loops: TaskTracker,
+    drain_over: CancellationToken,
     /// Where http listeners park idle client connections; `None` if it could not be set up.
     lot: Option<Arc<crate::park::Lot<crate::http::ParkedClient>>>,
     /// Where tcp listeners park idle forwarded connections.
@@ -239,6 +244,8 @@ impl Server {
             h2_upstream: Arc::new(H2Pool::default()),
             shutdown: shutdown.clone(),
             tasks,
+            udp_loops: TaskTracker::new(),
+            drain_over: CancellationToken::new(),
             lot,
             tcp_lot,
             state: Mutex::new(State {
@@ -373,6 +380,12 @@ impl Server {
         } else {
             let left = shared.tasks.len();
             warn!(left, "drain deadline reached, closing what is left");
+            // UDP sessions still open end now, with their log lines.
+            shared.drain_over.cancel();
+            shared.udp_loops.close();
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), shared.udp_loops.wait())
+                    .await;
             left
         };
         // The log lines of the last requests, before the process exits.
@@ -812,12 +825,14 @@ impl Shared {
                 });
             }
             (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
-                self.tasks.spawn(UdpProxy::serve(
-                    Arc::clone(current),
-                    Arc::clone(socket),
-                    Arc::clone(stats),
-                    running.stop.clone(),
-                ));
+                self.tasks
+                    .spawn(self.udp_loops.track_future(UdpProxy::serve(
+                        Arc::clone(current),
+                        Arc::clone(socket),
+                        Arc::clone(stats),
+                        running.stop.clone(),
+                        self.drain_over.clone(),
+                    )));
             }
             _ => unreachable_kind(),
         }

@@ -203,3 +203,61 @@ async fn a_refusing_backend_does_not_trap_a_client_that_keeps_its_port() {
     assert_eq!(line["outcome"], "refused");
     assert_eq!(line["bytes_received"], 0);
 }
+
+#[tokio::test]
+async fn a_refused_session_whose_client_moves_on_is_logged_as_refused() {
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let (log, lines) = session_log("moved-on");
+    let proxy = Proxy::start(&udp_config(
+        &[dead],
+        &format!(
+            "idle_timeout = \"100ms\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+    ));
+    // One query from a port that is never used again, as DNS clients do.
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    client
+        .send_to(b"query", proxy.addr("dns"))
+        .await
+        .expect("send");
+    let state = proxy.registry.get("p", dead).expect("state");
+    // The refusal is seen without another datagram, and the session ends as refused.
+    eventually("the refusal", || {
+        state.connect_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    eventually("the session's line", || lines().len() == 1).await;
+    assert_eq!(lines()[0]["outcome"], "refused");
+    assert_eq!(lines()[0]["bytes_sent"], 5);
+}
+
+#[tokio::test]
+async fn sessions_open_at_the_drain_deadline_are_logged_as_closed() {
+    let (a, _ta) = udp_named("a").await;
+    let (log, _) = session_log("deadline");
+    let mut proxy = Proxy::start(&format!(
+        "[global]\ndrain_timeout = \"100ms\"\n\n{}",
+        udp_config(
+            &[a],
+            &format!(
+                "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"combined\" }}",
+                log.display()
+            ),
+        )
+    ));
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&client, proxy.addr("dns"), b"hi").await, "a: hi");
+    proxy.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("the drain ends at its deadline")
+        .expect("the server ran");
+    // Written before the server returned: nothing more to wait for.
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains(&format!("\"UDP {a}\" closed 5 2 ")), "{text}");
+}

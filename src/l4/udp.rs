@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -64,8 +65,8 @@ impl std::fmt::Debug for UdpProxy {
 /// What a session needs to write its access log line when it ends, shared by the sessions a
 /// listener build opened.
 struct SessionLog {
-    listener: String,
-    config: crate::config::AccessLogConfig,
+    listener: Arc<str>,
+    format: crate::config::AccessLogFormat,
     writer: Arc<crate::access_log::Writer>,
     stats: Arc<crate::metrics::ListenerStats>,
 }
@@ -114,20 +115,19 @@ impl Drop for Session {
         let Some(log) = &self.log else {
             return;
         };
-        let line = crate::access_log::format_connection(
-            &log.config,
-            &crate::access_log::Connection {
-                listener: &log.listener,
-                protocol: "udp",
-                client: self.client,
-                backend: self.guard.state().addr,
-                sent: self.sent,
-                received: self.activity.received.load(Relaxed),
-                duration: self.started.elapsed(),
-                outcome: self.outcome,
-            },
-        );
-        if !log.writer.write(line) {
+        // Only the values are gathered here; the writer thread formats the line.
+        let line = Box::new(crate::access_log::SessionLine {
+            format: log.format,
+            listener: Arc::clone(&log.listener),
+            client: self.client,
+            backend: self.guard.state().addr,
+            sent: self.sent,
+            received: self.activity.received.load(Relaxed),
+            duration: self.started.elapsed(),
+            outcome: self.outcome,
+            at: std::time::SystemTime::now(),
+        });
+        if !log.writer.write_session(line) {
             log.stats.log_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -153,6 +153,7 @@ impl UdpProxy {
         socket: Arc<UdpSocket>,
         stats: Arc<UdpStats>,
         shutdown: CancellationToken,
+        drain_over: CancellationToken,
     ) {
         let mut this = current.load_full();
         // The log of the build that opens a session; rebuilt when a reload brings a new one.
@@ -211,7 +212,7 @@ impl UdpProxy {
                         log = this.session_log();
                         logged_by = Arc::clone(&this);
                     }
-                    match this.open(&log, &socket, client, epoch, datagram, refused).await {
+                    match this.open((&log, &stats), &socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
@@ -232,7 +233,13 @@ impl UdpProxy {
                             return false;
                         }
                         if now.saturating_sub(s.activity.last_seen.load(Relaxed)) >= idle_ms {
-                            s.outcome = "idle_timeout";
+                            // A session whose backend refused it and whose client never sent
+                            // again (a new source port per query, as DNS clients use).
+                            s.outcome = if s.broken.load(Relaxed) {
+                                "refused"
+                            } else {
+                                "idle_timeout"
+                            };
                             return false;
                         }
                         true
@@ -246,6 +253,8 @@ impl UdpProxy {
                     stopping = true;
                     info!(listener = %this.name, sessions = sessions.len(), "udp listener draining");
                 }
+                // The process's drain deadline: the sessions left end here (as `closed`).
+                () = drain_over.cancelled() => break,
             }
         }
     }
@@ -254,8 +263,8 @@ impl UdpProxy {
     fn session_log(&self) -> Option<Arc<SessionLog>> {
         let (config, writer) = self.access_log.as_ref()?;
         Some(Arc::new(SessionLog {
-            listener: self.name.clone(),
-            config: config.clone(),
+            listener: Arc::from(self.name.as_str()),
+            format: config.format,
             writer: Arc::clone(writer),
             stats: Arc::clone(&self.stats),
         }))
@@ -266,7 +275,7 @@ impl UdpProxy {
     /// has no readiness yet, so a `try_send` would drop the datagram.
     async fn open(
         &self,
-        log: &Option<Arc<SessionLog>>,
+        (log, stats): (&Option<Arc<SessionLog>>, &Arc<UdpStats>),
         listener: &Arc<UdpSocket>,
         client: SocketAddr,
         epoch: Instant,
@@ -315,15 +324,16 @@ impl UdpProxy {
         guard.established();
         let broken = Arc::new(AtomicBool::new(false));
         debug!(listener = %self.name, %client, %backend, "udp session opened");
-        let replies = tokio::spawn(relay_replies(
-            Arc::clone(&upstream),
-            Arc::clone(listener),
+        let replies = tokio::spawn(relay_replies(Relay {
+            upstream: Arc::clone(&upstream),
+            listener: Arc::clone(listener),
             client,
-            Arc::clone(&activity),
-            Arc::clone(&candidate.state),
+            activity: Arc::clone(&activity),
+            backend: Arc::clone(&candidate.state),
             epoch,
-            Arc::clone(&broken),
-        ))
+            broken: Arc::clone(&broken),
+            stats: Arc::clone(stats),
+        }))
         .abort_handle();
         Ok(Session {
             upstream,
@@ -371,8 +381,8 @@ thread_local! {
     static REPLY: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
 }
 
-/// Relays the backend's datagrams to the client until the session is aborted.
-async fn relay_replies(
+/// What the reply task of a session works with.
+struct Relay {
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
     client: SocketAddr,
@@ -380,26 +390,56 @@ async fn relay_replies(
     backend: Arc<BackendState>,
     epoch: Instant,
     broken: Arc<AtomicBool>,
-) {
+    stats: Arc<UdpStats>,
+}
+
+/// Relays the backend's datagrams to the client until the session is aborted, or until the
+/// backend refuses the session (ICMP port unreachable, which a connected UDP socket reports as
+/// an error even when nothing is being sent).
+async fn relay_replies(relay: Relay) {
+    let Relay {
+        upstream,
+        listener,
+        client,
+        activity,
+        backend,
+        epoch,
+        broken,
+        stats,
+    } = relay;
     let mut answered = false;
     loop {
-        if upstream.readable().await.is_err() {
+        let Ok(ready) = upstream.ready(Interest::READABLE | Interest::ERROR).await else {
             return;
+        };
+        if ready.is_error() {
+            if let Ok(Some(error)) = upstream.take_error()
+                && error.kind() == io::ErrorKind::ConnectionRefused
+            {
+                debug!(%client, backend = %backend.addr, "udp backend refused the session");
+                mark_broken(&broken, &backend);
+                return;
+            }
+            // Another error, now taken: wait for the next event rather than spin on this one.
+            let _ = upstream.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+            if !ready.is_readable() {
+                continue;
+            }
         }
         let relayed = REPLY.with(|buf| {
             let mut buf = buf.borrow_mut();
             let n = upstream.try_recv(&mut buf)?;
             // Like the client side: a reply the listener socket cannot take now is dropped.
-            listener.try_send_to(&buf[..n], client).or_else(|e| {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(0)
-                } else {
-                    Err(e)
-                }
-            })
+            match listener.try_send_to(&buf[..n], client) {
+                Ok(sent) => Ok(Some(sent)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            }
         });
         match relayed {
-            Ok(n) => {
+            Ok(Some(n)) => {
                 backend.bytes_received.fetch_add(n as u64, Relaxed);
                 activity.received.fetch_add(n as u64, Relaxed);
                 activity
@@ -410,6 +450,9 @@ async fn relay_replies(
                     answered = true;
                     backend.consecutive_failures.store(0, Relaxed);
                 }
+            }
+            Ok(None) => {
+                stats.dropped.fetch_add(1, Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
