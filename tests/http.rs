@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -1322,6 +1323,14 @@ async fn h2_request(
     (status, headers, data)
 }
 
+/// An HTTP/2 connection with prior knowledge to `addr`, driven by a task of its own.
+async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// Sends a bodiless HTTP/2 request and reads the whole response: its head, its body and its
 /// trailers.
 async fn h2_exchange(
@@ -1380,11 +1389,7 @@ backends = ["{}", "{}"]
         dead_addr().await,
         h2.addr
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let lines = || std::fs::read_to_string(&log).unwrap_or_default();
     let entries = || -> Vec<serde_json::Value> {
         lines()
@@ -1434,11 +1439,7 @@ backends = ["{}", "{}"]
 #[tokio::test]
 async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
     let (proxy, _backends) = seed().await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("public"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("public")).await;
     let (status, headers, body) =
         h2_request(&mut sender, "GET", "http://example.com/api/users?x=1", None).await;
     assert_eq!(status, 200);
@@ -1492,11 +1493,7 @@ async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
         "[[listeners]]\nname = \"l7\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\nroutes = [{{ match = {{ path_prefix = \"/api/\" }}, pool = \"p\" }}]\n[pools.p]\nbackends = [\"{}\"]\n",
         api.addr
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let (status, _, body) = h2_request(&mut sender, "GET", "http://x/nothing", None).await;
     assert_eq!((status, body.as_slice()), (404, &b"404 Not Found\n"[..]));
 }
@@ -1554,11 +1551,7 @@ async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
         "",
         "upstream_protocol = \"h2\"",
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let mut names = Vec::new();
     for i in 0..4 {
         let request = http::Request::builder()
@@ -1754,11 +1747,7 @@ async fn http2_floods_are_cut_off() {
         .expect("the proxy closes the connection");
 
     // A header list far over the limit is refused without harm to the connection's neighbours.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let request = http::Request::builder()
         .uri("http://x/")
         .header("x-big", "a".repeat(60_000))
@@ -1841,11 +1830,7 @@ async fn idle_http2_connections_are_closed_and_http10_gets_no_100_continue() {
 async fn cookies_split_by_http2_clients_are_joined_for_http11_backends() {
     let backend = http_backend("b").await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let request = http::Request::builder()
         .uri("http://x/")
         .header("cookie", "a=1")
@@ -1895,11 +1880,7 @@ backends = ["{}"]
 "#,
         backend.addr
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     let (status, headers, body) =
         h2_request(&mut sender, "GET", "http://edge/api/users?x=1", None).await;
     assert_eq!(status, 200);
@@ -1942,11 +1923,7 @@ async fn http2_responses_are_compressed_too() {
         "compression = { algorithms = [\"br\", \"gzip\"] }",
         "",
     ));
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     for path in ["/big.txt", "/chunked.json"] {
         let request = http::Request::builder()
             .uri(format!("http://x{path}"))
@@ -2040,14 +2017,9 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     compression_cases(&mut client, &[("x-checksum", "ok")]).await;
     // HEAD: the fields of the GET, nothing compressed.
-    client
-        .send(b"HEAD /big.txt HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+    let head = client
+        .head_of(b"HEAD /big.txt HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
         .await;
-    let mut raw = Vec::new();
-    let head_end = read_until(&mut client.stream, &mut raw, b"\r\n\r\n")
-        .await
-        .expect("a head");
-    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("content-encoding"), "{head}");
     // An HTTP/1.0 client: compressed, delimited by the close.
@@ -2060,11 +2032,7 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     assert_eq!(decode("gzip", &reply.body), big_text());
 
     // HTTP/2 clients: the same, with the trailers as an HTTP/2 trailer section.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_connect(proxy.addr("l7")).await;
     for (path, accept, expected) in [
         ("/big.txt", "gzip, br", Some("br")),
         ("/chunked.json", "gzip", Some("gzip")),
@@ -2107,6 +2075,116 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     }
 }
 
+/// An HTTP/2 backend that answers every stream with a compressible head and the first 10,000
+/// bytes of [`big_text`], then pauses, and resets the stream once `cut` is notified.
+async fn h2_cut_backend(cut: Arc<tokio::sync::Notify>) -> Backend {
+    Backend::start(move |stream| {
+        let cut = Arc::clone(&cut);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                let cut = Arc::clone(&cut);
+                tokio::spawn(async move {
+                    let head = http::Response::builder()
+                        .header("content-type", "text/plain")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        return;
+                    };
+                    let half = big_text()[..10_000].to_vec();
+                    let _ = send.send_data(bytes::Bytes::from(half), false);
+                    cut.notified().await;
+                    send.send_reset(h2::Reason::INTERNAL_ERROR);
+                });
+            }
+        }
+    })
+    .await
+}
+
+/// Has the backend of [`h2_cut_backend`] reset its stream, and checks that the HTTP/1.1
+/// client's connection then closes without the chunked body's last chunk.
+async fn cuts_off(client: &mut HttpClient, cut: &tokio::sync::Notify) {
+    cut.notify_one();
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, client.stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "a cut body must not end cleanly"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let backend = h2_cut_backend(Arc::clone(&cut)).await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        ALL_ALGORITHMS,
+        "upstream_protocol = \"h2\"",
+    ));
+    // What a paused backend sent reaches an HTTP/1.1 client at once, not when more comes.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut raw = Vec::new();
+    read_until(&mut client.stream, &mut raw, &big_text()[9_900..10_000])
+        .await
+        .expect("the first half, while the backend pauses");
+    cuts_off(&mut client, &cut).await;
+
+    // Compressed: once the head is out, the connection closes without the last chunk.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let head = client
+        .head_of(b"GET /cut HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    cuts_off(&mut client, &cut).await;
+
+    // HTTP/2: the head arrives, then the stream ends in an error.
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://x/cut")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("the head");
+    assert_eq!(
+        response
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    cut.notify_one();
+    let mut body = response.into_body();
+    let mut failed = false;
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("in time")
+    {
+        match chunk {
+            Ok(chunk) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "a cut body must not end cleanly");
+}
+
 #[tokio::test]
 async fn compression_follows_the_client_and_survives_header_rules_on_every_path() {
     // The backend is told to send gzip whatever the client said, and Vary is set by a rule:
@@ -2121,9 +2199,7 @@ async fn compression_follows_the_client_and_survives_header_rules_on_every_path(
         let proxy = Proxy::start(&single_pool(&[backend], &rules, pool));
         let addr = proxy.addr("l7");
         let mut client = HttpClient::connect(addr).await;
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
-        tokio::spawn(connection);
+        let mut sender = h2_connect(addr).await;
         for (accept, expected) in [("identity", None), ("br", Some("br"))] {
             let why = format!("{pool:?} accepting {accept}");
             let reply = client

@@ -1451,10 +1451,31 @@ impl HttpProxy {
                     pool.response_timeout,
                     http_body_util::BodyExt::frame(&mut body),
                 );
-                let next = tokio::select! {
-                    next = next => next,
-                    () = closer.cancelled() => return Err(Failure::Abort),
+                tokio::pin!(next);
+                // What is framed goes out before waiting for more: a backend that pauses (a
+                // stream of events, a gRPC server stream) must not have its bytes held back
+                // until more arrive. Frames already there are gathered into one write.
+                let ready =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx))).await;
+                let next = match ready {
+                    std::task::Poll::Ready(next) => next,
+                    std::task::Poll::Pending => {
+                        if !out.is_empty() {
+                            write_within(&mut client.stream, &out, self.keepalive_timeout)
+                                .await
+                                .map_err(|_| Failure::Abort)?;
+                            trace.bytes += out.len() as u64;
+                            out.clear();
+                        }
+                        tokio::select! {
+                            next = &mut next => next,
+                            () = closer.cancelled() => return Err(Failure::Abort),
+                        }
+                    }
                 };
+                if closer.is_cancelled() {
+                    return Err(Failure::Abort);
+                }
                 let frame = match next {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,

@@ -476,6 +476,22 @@ impl HttpClient {
         self.stream.write_all(raw).await.expect("send");
     }
 
+    /// Sends raw bytes and reads only the response head, lower-cased, without its blank line;
+    /// what came after it stays in the client's buffer.
+    pub async fn head_of(&mut self, raw: &[u8]) -> String {
+        self.send(raw).await;
+        let end = tokio::time::timeout(
+            PATIENCE,
+            read_until(&mut self.stream, &mut self.buf, b"\r\n\r\n"),
+        )
+        .await
+        .expect("a head in time")
+        .expect("a head");
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+        self.buf.drain(..end + 4);
+        head
+    }
+
     /// Sends a GET with `extra` header lines (each ending in \r\n) and reads the reply.
     pub async fn get(&mut self, path: &str, extra: &str) -> Reply {
         self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").as_bytes())
