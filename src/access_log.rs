@@ -2,7 +2,8 @@
 //!
 //! A request formats its line and hands it to a bounded queue with `try_send`: when the writer
 //! falls behind (a slow disk, a blocked stdout), lines are dropped and counted rather than
-//! making requests wait. One writer thread per destination drains the queue with blocking
+//! making requests wait. A UDP session hands over its values instead ([`SessionLine`]), which the
+//! writer formats: many sessions end together, on the one task that reads the listener. One writer thread per destination drains the queue with blocking
 //! writes, batching what has piled up into one write. SIGUSR1 asks every file writer to reopen
 //! its file, for logrotate.
 
