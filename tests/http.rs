@@ -2075,8 +2075,12 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     }
 }
 
+/// The end of what [`h2_cut_backend`] sends before it pauses.
+const FIRST_HALF_END: &[u8] = b"<end of the first half>";
+
 /// An HTTP/2 backend that answers every stream with a compressible head and the first 10,000
-/// bytes of [`big_text`], then pauses, and resets the stream once `cut` is notified.
+/// bytes of [`big_text`] followed by [`FIRST_HALF_END`], then pauses, and resets the stream once
+/// `cut` is notified.
 async fn h2_cut_backend(cut: Arc<tokio::sync::Notify>) -> Backend {
     Backend::start(move |stream| {
         let cut = Arc::clone(&cut);
@@ -2094,7 +2098,8 @@ async fn h2_cut_backend(cut: Arc<tokio::sync::Notify>) -> Backend {
                     let Ok(mut send) = respond.send_response(head, false) else {
                         return;
                     };
-                    let half = big_text()[..10_000].to_vec();
+                    let mut half = big_text()[..10_000].to_vec();
+                    half.extend_from_slice(FIRST_HALF_END);
                     let _ = send.send_data(bytes::Bytes::from(half), false);
                     cut.notified().await;
                     send.send_reset(h2::Reason::INTERNAL_ERROR);
@@ -2133,9 +2138,13 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     client.send(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let mut raw = Vec::new();
-    read_until(&mut client.stream, &mut raw, &big_text()[9_900..10_000])
-        .await
-        .expect("the first half, while the backend pauses");
+    tokio::time::timeout(
+        PATIENCE,
+        read_until(&mut client.stream, &mut raw, FIRST_HALF_END),
+    )
+    .await
+    .expect("the first half, while the backend pauses")
+    .expect("the first half");
     cuts_off(&mut client, &cut).await;
 
     // Compressed: once the head is out, the connection closes without the last chunk.
@@ -2183,6 +2192,39 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
         }
     }
     assert!(failed, "a cut body must not end cleanly");
+}
+
+#[tokio::test]
+async fn a_compressed_body_that_ends_at_the_close_ends_its_compressed_stream() {
+    // A backend whose body runs to the close, for clients of either version.
+    let backend = Backend::start(|mut stream| async move {
+        let mut head = Vec::new();
+        if read_until(&mut stream, &mut head, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
+            .await;
+        let _ = stream.write_all(&big_text()).await;
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], ALL_ALGORITHMS, ""));
+    for version in ["1.0", "1.1"] {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        client
+            .send(format!("GET /x HTTP/{version}\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n").as_bytes())
+            .await;
+        let reply = client.reply().await.expect("a reply");
+        assert_eq!(
+            reply.header("content-encoding"),
+            Some("gzip"),
+            "HTTP/{version}"
+        );
+        assert_eq!(decode("gzip", &reply.body), big_text(), "HTTP/{version}");
+    }
 }
 
 #[tokio::test]

@@ -1447,18 +1447,18 @@ impl HttpProxy {
         if framing != Framing::Empty {
             let mut trailers = Vec::new();
             loop {
-                let next = timeout(
-                    pool.response_timeout,
-                    http_body_util::BodyExt::frame(&mut body),
-                );
-                tokio::pin!(next);
                 // What is framed goes out before waiting for more: a backend that pauses (a
                 // stream of events, a gRPC server stream) must not have its bytes held back
                 // until more arrive. Frames already there are gathered into one write.
-                let ready =
-                    std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx))).await;
+                let ready = {
+                    let mut frame = http_body_util::BodyExt::frame(&mut body);
+                    std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(std::pin::Pin::new(&mut frame).poll(cx))
+                    })
+                    .await
+                };
                 let next = match ready {
-                    std::task::Poll::Ready(next) => next,
+                    std::task::Poll::Ready(frame) => Ok(frame),
                     std::task::Poll::Pending => {
                         if !out.is_empty() {
                             write_within(&mut client.stream, &out, self.keepalive_timeout)
@@ -1467,8 +1467,13 @@ impl HttpProxy {
                             trace.bytes += out.len() as u64;
                             out.clear();
                         }
+                        // The backend's pause is timed from here, after the write.
+                        let next = timeout(
+                            pool.response_timeout,
+                            http_body_util::BodyExt::frame(&mut body),
+                        );
                         tokio::select! {
-                            next = &mut next => next,
+                            next = next => next,
                             () = closer.cancelled() => return Err(Failure::Abort),
                         }
                     }
@@ -2158,9 +2163,13 @@ async fn transfer_body(
         // The idle limit counts from when the read starts waiting.
         match read_within(src, buf, || Instant::now() + idle).await {
             Some(Ok(0)) if input == Framing::UntilClose => {
+                // The end of a compressed stream goes out whatever the framing: an HTTP/1.0
+                // client's body ends at the close too, and needs the compressor's last block.
                 finish_encoder(out, chunked_out, encoder)?;
                 if chunked_out {
                     h1::encode_last_chunk(out, &[]);
+                }
+                if !out.is_empty() {
                     written += out.len() as u64;
                     write_within(dst, out, idle)
                         .await
