@@ -1461,7 +1461,7 @@ impl HttpProxy {
                     std::task::Poll::Ready(frame) => Ok(frame),
                     std::task::Poll::Pending => {
                         if !out.is_empty() {
-                            write_within(&mut client.stream, &out, self.keepalive_timeout)
+                            write_within(&mut client.stream, &out, pool.response_timeout)
                                 .await
                                 .map_err(|_| Failure::Abort)?;
                             trace.bytes += out.len() as u64;
@@ -1501,7 +1501,7 @@ impl HttpProxy {
                     }
                 }
                 if out.len() >= READ_CHUNK {
-                    write_within(&mut client.stream, &out, self.keepalive_timeout)
+                    write_within(&mut client.stream, &out, pool.response_timeout)
                         .await
                         .map_err(|_| Failure::Abort)?;
                     trace.bytes += out.len() as u64;
@@ -1515,7 +1515,7 @@ impl HttpProxy {
                 h1::encode_last_chunk(&mut out, &trailers);
             }
         }
-        write_within(&mut client.stream, &out, self.keepalive_timeout)
+        write_within(&mut client.stream, &out, pool.response_timeout)
             .await
             .map_err(|_| Failure::Abort)?;
         trace.bytes += out.len() as u64;
