@@ -1331,17 +1331,25 @@ async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes
     sender
 }
 
+/// Sends a bodiless HTTP/2 request and waits for the response head.
+async fn h2_head(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    request: http::Request<()>,
+) -> http::Response<h2::RecvStream> {
+    let (response, _) = sender.send_request(request, true).expect("send");
+    tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response")
+}
+
 /// Sends a bodiless HTTP/2 request and reads the whole response: its head, its body and its
 /// trailers.
 async fn h2_exchange(
     sender: &mut h2::client::SendRequest<bytes::Bytes>,
     request: http::Request<()>,
 ) -> (http::response::Parts, Vec<u8>, Option<http::HeaderMap>) {
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = tokio::time::timeout(PATIENCE, response)
-        .await
-        .expect("in time")
-        .expect("response");
+    let response = h2_head(sender, request).await;
     let (parts, mut body) = response.into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -1837,11 +1845,7 @@ async fn cookies_split_by_http2_clients_are_joined_for_http11_backends() {
         .header("cookie", "b=2")
         .body(())
         .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = tokio::time::timeout(PATIENCE, response)
-        .await
-        .expect("in time")
-        .expect("response");
+    let response = h2_head(&mut sender, request).await;
     let mut body = response.into_body();
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -2162,11 +2166,7 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
         .header("accept-encoding", "gzip")
         .body(())
         .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = tokio::time::timeout(PATIENCE, response)
-        .await
-        .expect("in time")
-        .expect("the head");
+    let response = h2_head(&mut sender, request).await;
     assert_eq!(
         response
             .headers()
