@@ -2159,6 +2159,15 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
     assert!(head.contains("content-encoding: gzip"), "{head}");
     cuts_off(&mut client, &cut).await;
 
+    // HTTP/1.0: the body ends at the close, so a cut is told by a reset, not a FIN.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let head = client
+        .head_of(b"GET /cut HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await;
+    assert!(!head.contains("content-length"), "{head}");
+    cut.notify_one();
+    ends_with_a_reset(&mut client).await;
+
     // HTTP/2: the head arrives, then the stream ends in an error.
     let mut sender = h2_connect(proxy.addr("l7")).await;
     let request = http::Request::builder()
@@ -2194,23 +2203,48 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
     assert!(failed, "a cut body must not end cleanly");
 }
 
+/// A backend whose response body (`body`, of `content_type`) runs to the close; with `reset`,
+/// it resets the connection instead, as a backend that fails midway does.
+async fn until_close_backend(content_type: &'static str, body: Vec<u8>, reset: bool) -> Backend {
+    Backend::start(move |mut stream| {
+        let body = body.clone();
+        async move {
+            let mut head = Vec::new();
+            if read_until(&mut stream, &mut head, b"\r\n\r\n")
+                .await
+                .is_none()
+            {
+                return;
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            if reset {
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            }
+        }
+    })
+    .await
+}
+
+/// Reads `client` to its end and checks that it ended with a reset.
+async fn ends_with_a_reset(client: &mut HttpClient) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, client.stream.read_to_end(&mut rest))
+        .await
+        .expect("ended in time");
+    assert_eq!(
+        read.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "a cut body that ends at the close must not look complete"
+    );
+}
+
 #[tokio::test]
 async fn a_compressed_body_that_ends_at_the_close_ends_its_compressed_stream() {
-    // A backend whose body runs to the close, for clients of either version.
-    let backend = Backend::start(|mut stream| async move {
-        let mut head = Vec::new();
-        if read_until(&mut stream, &mut head, b"\r\n\r\n")
-            .await
-            .is_none()
-        {
-            return;
-        }
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
-            .await;
-        let _ = stream.write_all(&big_text()).await;
-    })
-    .await;
+    let backend = until_close_backend("text/plain", big_text(), false).await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], ALL_ALGORITHMS, ""));
     for version in ["1.0", "1.1"] {
         let mut client = HttpClient::connect(proxy.addr("l7")).await;
@@ -2225,6 +2259,15 @@ async fn a_compressed_body_that_ends_at_the_close_ends_its_compressed_stream() {
         );
         assert_eq!(decode("gzip", &reply.body), big_text(), "HTTP/{version}");
     }
+}
+
+#[tokio::test]
+async fn a_body_that_ends_at_the_close_and_is_cut_resets_an_http10_client() {
+    let backend = until_close_backend("image/png", vec![7; 1000], true).await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /x HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    ends_with_a_reset(&mut client).await;
 }
 
 #[tokio::test]

@@ -322,12 +322,27 @@ enum Next {
 }
 
 /// Failures that end an exchange with a status of our own, if nothing was sent yet.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Failure {
     /// The proxy answers with this status, then closes if `close`.
     Status(u16),
     /// The client went away or broke the protocol mid-body: close without a response.
     Abort,
+    /// A response whose body ends at the close was cut off (its backend failed): the
+    /// connection is reset rather than closed, or the client would take it for complete.
+    Cut,
+}
+
+impl Failure {
+    /// What a response body that failed after its head ends as: a close-delimited one must
+    /// not end with a plain close.
+    fn cut_off(framing: Framing) -> Failure {
+        if framing == Framing::UntilClose {
+            Failure::Cut
+        } else {
+            Failure::Abort
+        }
+    }
 }
 
 impl HttpProxy {
@@ -701,6 +716,14 @@ impl HttpProxy {
         let next = match self.forward(client, &head, &mut trace).await {
             Ok(next) => next,
             Err(Failure::Abort) => Next::Close,
+            Err(Failure::Cut) => {
+                // A reset says the exchange failed where a FIN would end the body. (Over TLS the
+                // missing close_notify says it.)
+                if let Stream::Plain(stream) = &client.stream {
+                    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+                }
+                Next::Close
+            }
             Err(Failure::Status(status)) => {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
@@ -1018,7 +1041,7 @@ impl HttpProxy {
             }
             Err(error) => {
                 debug!(listener = %self.name, client = %client.source, %error, "response body failed");
-                Err(Failure::Abort)
+                Err(Failure::cut_off(client_framing))
             }
         }
     }
@@ -1446,6 +1469,8 @@ impl HttpProxy {
         out.extend_from_slice(b"\r\n");
         if framing != Framing::Empty {
             let mut trailers = Vec::new();
+            // How the body ends if the backend fails it from here on.
+            let cut = Failure::cut_off(framing);
             loop {
                 // What is framed goes out before waiting for more: a backend that pauses (a
                 // stream of events, a gRPC server stream) must not have its bytes held back
@@ -1474,21 +1499,21 @@ impl HttpProxy {
                         );
                         tokio::select! {
                             next = next => next,
-                            () = closer.cancelled() => return Err(Failure::Abort),
+                            () = closer.cancelled() => return Err(cut),
                         }
                     }
                 };
                 if closer.is_cancelled() {
-                    return Err(Failure::Abort);
+                    return Err(cut);
                 }
                 let frame = match next {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,
-                    Ok(Some(Err(_))) | Err(_) => return Err(Failure::Abort),
+                    Ok(Some(Err(_))) | Err(_) => return Err(cut),
                 };
                 match frame.into_data() {
                     Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut encoder)
-                        .map_err(|_| Failure::Abort)?,
+                        .map_err(|_| cut)?,
                     Err(frame) => {
                         if let Ok(map) = frame.into_trailers() {
                             for (name, value) in &map {
@@ -1509,8 +1534,7 @@ impl HttpProxy {
                 }
             }
             // The end of a compressed stream goes before any trailers.
-            finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder)
-                .map_err(|_| Failure::Abort)?;
+            finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder).map_err(|_| cut)?;
             if framing == Framing::Chunked {
                 h1::encode_last_chunk(&mut out, &trailers);
             }
