@@ -341,6 +341,36 @@ async fn a_resetting_backend_closes_only_its_connection() {
     assert_eq!(echoed, 5);
 }
 
+#[tokio::test]
+async fn a_backend_reset_midway_reaches_the_client_as_a_reset() {
+    // The backend sends part of its answer, then fails.
+    let failing = Backend::start(|mut stream| async move {
+        let _ = stream.write_all(b"partial").await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", failing.addr),
+            &format!("splice = {splice}"),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+            .await
+            .expect("ended in time");
+        // What arrived is there; the end is a reset, not a FIN that would pass for the end of
+        // the answer.
+        assert_eq!(got, b"partial", "splice = {splice}");
+        assert_eq!(
+            read.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_connections_at_once_then_back_to_baseline() {
     let _ = switchyard::sys::raise_fd_limit();

@@ -718,10 +718,18 @@ impl Forwarding {
                 %listener, client = %source, %addr,
                 up = moved.upstream, down = moved.downstream, "idle timeout"
             ),
-            Err(error) => debug!(
-                %listener, client = %source, %addr, %error,
-                up = moved.upstream, down = moved.downstream, "ended with error"
-            ),
+            Err(error) => {
+                debug!(
+                    %listener, client = %source, %addr, %error,
+                    up = moved.upstream, down = moved.downstream, "ended with error"
+                );
+                // A failure (a reset, say) is passed on as one: closing with a FIN would tell
+                // the other side that the stream ended, and a protocol whose messages end at
+                // the close would take a cut one for complete.
+                for socket in [&self.client, &self.backend] {
+                    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                }
+            }
         }
         Poll::Ready(Step::Done)
     }
