@@ -2,9 +2,10 @@
 //!
 //! A request formats its line and hands it to a bounded queue with `try_send`: when the writer
 //! falls behind (a slow disk, a blocked stdout), lines are dropped and counted rather than
-//! making requests wait. A UDP session hands over its values instead ([`SessionLine`]), which the
-//! writer formats: many sessions end together, on the one task that reads the listener. One writer thread per destination drains the queue with blocking
-//! writes, batching what has piled up into one write. SIGUSR1 asks every file writer to reopen
+//! making requests wait. A TCP connection or UDP session hands over its values instead
+//! ([`ConnectionLine`]), which the writer formats: many UDP sessions end together, on the one
+//! task that reads the listener. One writer thread per destination drains the queue with
+//! blocking writes, batching what has piled up into one write. SIGUSR1 asks every file writer to reopen
 //! its file, for logrotate.
 
 use std::collections::HashMap;
@@ -35,55 +36,81 @@ pub struct Writer {
     pending: Arc<AtomicU64>,
 }
 
-/// What the writer thread is handed: a line, or a UDP session's record that it formats itself.
+/// What the writer thread is handed: a line, or a connection's record that it formats itself.
 #[derive(Debug)]
 enum Line {
     Text(String),
-    Session(Box<SessionLine>),
-}
-
-/// A UDP session that ended, formatted by the writer thread rather than by the listener's receive
-/// loop: thousands of sessions may expire in one sweep, and every client of the listener would
-/// wait while their lines were formatted.
-#[derive(Debug)]
-pub struct SessionLine {
-    /// How the line is written.
-    pub format: AccessLogFormat,
-    /// The listener's name.
-    pub listener: Arc<str>,
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The session's backend.
-    pub backend: SocketAddr,
-    /// Payload bytes from the client to the backend.
-    pub sent: u64,
-    /// Payload bytes from the backend to the client.
-    pub received: u64,
-    /// How long the session lasted.
-    pub duration: Duration,
-    /// `idle_timeout`, `drained`, `refused` or `closed`.
-    pub outcome: &'static str,
-    /// When it ended.
-    pub at: SystemTime,
+    Connection(Box<ConnectionLine>),
 }
 
 impl Line {
     fn text(self) -> String {
         match self {
             Line::Text(text) => text,
-            Line::Session(s) => format_connection_as(
-                s.format,
-                &Connection {
-                    listener: &s.listener,
-                    protocol: "udp",
-                    client: s.client,
-                    backend: s.backend,
-                    sent: s.sent,
-                    received: s.received,
-                    duration: s.duration,
-                    outcome: s.outcome,
-                },
-                s.at,
+            Line::Connection(c) => c.text(),
+        }
+    }
+}
+
+/// A TCP connection or UDP session that ended. The writer thread formats it, not the task that
+/// ends the connection: thousands of UDP sessions may expire in one sweep of the one task that
+/// reads the listener, and every client of the listener would wait while their lines were
+/// formatted.
+#[derive(Debug)]
+pub struct ConnectionLine {
+    /// How the line is written.
+    pub format: AccessLogFormat,
+    /// The listener's name.
+    pub listener: Arc<str>,
+    /// `tcp`, or `udp` for a session.
+    pub protocol: &'static str,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The backend.
+    pub backend: SocketAddr,
+    /// Bytes (UDP: payload bytes) from the client to the backend.
+    pub sent: u64,
+    /// Bytes from the backend to the client.
+    pub received: u64,
+    /// How long it lasted.
+    pub duration: Duration,
+    /// How it ended: `closed`, `idle_timeout`, `drained` or `error`; a UDP session
+    /// `idle_timeout`, `drained`, `refused` or `closed`.
+    pub outcome: &'static str,
+    /// When it ended.
+    pub at: SystemTime,
+}
+
+impl ConnectionLine {
+    /// The line, newline included.
+    fn text(&self) -> String {
+        match self.format {
+            AccessLogFormat::Json => {
+                let mut line = serde_json::json!({
+                    "time": rfc3339(self.at),
+                    "listener": &*self.listener,
+                    "protocol": self.protocol,
+                    "client": self.client.to_string(),
+                    "backend": self.backend.to_string(),
+                    "bytes_sent": self.sent,
+                    "bytes_received": self.received,
+                    "duration_ms": self.duration.as_secs_f64() * 1e3,
+                    "outcome": self.outcome,
+                })
+                .to_string();
+                line.push('\n');
+                line
+            }
+            AccessLogFormat::Combined => format!(
+                "{} - - [{}] \"{} {}\" {} {} {} {:.3}\n",
+                self.client.ip(),
+                clf_time(self.at),
+                if self.protocol == "udp" { "UDP" } else { "TCP" },
+                self.backend,
+                self.outcome,
+                self.received,
+                self.sent,
+                self.duration.as_secs_f64() * 1e3,
             ),
         }
     }
@@ -95,10 +122,10 @@ impl Writer {
         self.queue(Line::Text(line))
     }
 
-    /// Queues a UDP session's line, which the writer thread formats; drops it when the queue is
+    /// Queues a connection's line, which the writer thread formats; drops it when the queue is
     /// full.
-    pub fn write_session(&self, line: Box<SessionLine>) -> bool {
-        self.queue(Line::Session(line))
+    pub fn write_connection(&self, line: Box<ConnectionLine>) -> bool {
+        self.queue(Line::Connection(line))
     }
 
     fn queue(&self, line: Line) -> bool {
@@ -284,62 +311,6 @@ pub struct Entry<'a> {
     pub user_agent: &'a [u8],
 }
 
-/// What one TCP connection's line says.
-#[derive(Debug)]
-pub struct Connection<'a> {
-    pub listener: &'a str,
-    /// `tcp`, or `udp` for a session.
-    pub protocol: &'a str,
-    pub client: SocketAddr,
-    pub backend: SocketAddr,
-    /// Bytes from the client to the backend.
-    pub sent: u64,
-    /// Bytes from the backend to the client.
-    pub received: u64,
-    pub duration: Duration,
-    /// How it ended: `closed`, `idle_timeout`, `drained` or `error` (a UDP session: `idle_timeout`,
-    /// `drained` or `refused`).
-    pub outcome: &'a str,
-}
-
-/// Formats one TCP connection's line, newline included.
-pub fn format_connection(config: &AccessLogConfig, c: &Connection<'_>) -> String {
-    format_connection_as(config.format, c, SystemTime::now())
-}
-
-/// Formats a connection's or session's line as it ended `at`.
-fn format_connection_as(format: AccessLogFormat, c: &Connection<'_>, at: SystemTime) -> String {
-    match format {
-        AccessLogFormat::Json => {
-            let mut line = serde_json::json!({
-                "time": rfc3339(at),
-                "listener": c.listener,
-                "protocol": c.protocol,
-                "client": c.client.to_string(),
-                "backend": c.backend.to_string(),
-                "bytes_sent": c.sent,
-                "bytes_received": c.received,
-                "duration_ms": c.duration.as_secs_f64() * 1e3,
-                "outcome": c.outcome,
-            })
-            .to_string();
-            line.push('\n');
-            line
-        }
-        AccessLogFormat::Combined => format!(
-            "{} - - [{}] \"{} {}\" {} {} {} {:.3}\n",
-            c.client.ip(),
-            clf_time(at),
-            if c.protocol == "udp" { "UDP" } else { "TCP" },
-            c.backend,
-            c.outcome,
-            c.received,
-            c.sent,
-            c.duration.as_secs_f64() * 1e3,
-        ),
-    }
-}
-
 /// Formats `entry` as one line, newline included.
 pub fn format(config: &AccessLogConfig, entry: &Entry<'_>) -> String {
     match config.format {
@@ -517,34 +488,32 @@ mod tests {
 
     #[test]
     fn connection_lines_name_their_protocol() {
-        let connection = |protocol| Connection {
-            listener: "dns",
-            protocol,
-            client: "192.0.2.1:5353".parse().expect("addr"),
-            backend: "10.0.0.2:53".parse().expect("addr"),
-            sent: 40,
-            received: 120,
-            duration: Duration::from_millis(250),
-            outcome: "idle_timeout",
+        let line = |protocol, format| {
+            ConnectionLine {
+                format,
+                listener: Arc::from("dns"),
+                protocol,
+                client: "192.0.2.1:5353".parse().expect("addr"),
+                backend: "10.0.0.2:53".parse().expect("addr"),
+                sent: 40,
+                received: 120,
+                duration: Duration::from_millis(250),
+                outcome: "idle_timeout",
+                at: UNIX_EPOCH + Duration::from_millis(1_795_741_323_456),
+            }
+            .text()
         };
-        let combined = AccessLogConfig {
-            target: AccessLogTarget::Stdout,
-            format: AccessLogFormat::Combined,
-        };
-        let line = format_connection(&combined, &connection("udp"));
-        assert!(
-            line.contains("\"UDP 10.0.0.2:53\" idle_timeout 120 40 250.000"),
-            "{line}"
+        let udp = line("udp", AccessLogFormat::Combined);
+        assert_eq!(
+            udp,
+            "192.0.2.1 - - [27/Nov/2026:01:02:03 +0000] \"UDP 10.0.0.2:53\" idle_timeout 120 40 250.000\n"
         );
-        let tcp = format_connection(&combined, &connection("tcp"));
+        let tcp = line("tcp", AccessLogFormat::Combined);
         assert!(tcp.contains("\"TCP 10.0.0.2:53\""), "{tcp}");
-        let json = AccessLogConfig {
-            format: AccessLogFormat::Json,
-            ..combined
-        };
         let parsed: serde_json::Value =
-            serde_json::from_str(&format_connection(&json, &connection("udp"))).expect("json");
+            serde_json::from_str(&line("udp", AccessLogFormat::Json)).expect("json");
         assert_eq!(parsed["protocol"], "udp");
         assert_eq!(parsed["bytes_received"], 120);
+        assert_eq!(parsed["time"], "2026-11-27T01:02:03.456Z");
     }
 }

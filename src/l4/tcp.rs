@@ -570,32 +570,32 @@ fn log_connection(
     guard: &ActiveGuard,
     moved: Transferred,
     started: std::time::Instant,
-    outcome: &str,
+    outcome: &'static str,
 ) {
     let Some((config, writer)) = &proxy.access_log else {
         return;
     };
-    let line = crate::access_log::format_connection(
-        config,
-        &crate::access_log::Connection {
-            listener: &proxy.name,
-            protocol: "tcp",
-            client: source,
-            backend: guard.state().addr,
-            sent: moved.upstream,
-            received: moved.downstream,
-            duration: started.elapsed(),
-            outcome,
-        },
-    );
-    if !writer.write(line) {
+    // The writer thread formats the line.
+    let line = Box::new(crate::access_log::ConnectionLine {
+        format: config.format,
+        listener: Arc::from(proxy.name.as_str()),
+        protocol: "tcp",
+        client: source,
+        backend: guard.state().addr,
+        sent: moved.upstream,
+        received: moved.downstream,
+        duration: started.elapsed(),
+        outcome,
+        at: std::time::SystemTime::now(),
+    });
+    if !writer.write_connection(line) {
         proxy.stats.log_dropped.fetch_add(1, Relaxed);
     }
 }
 
 impl Forwarding {
     /// Writes the connection's access log line, when the listener has one.
-    fn log(&self, sent: u64, received: u64, outcome: &str) {
+    fn log(&self, sent: u64, received: u64, outcome: &'static str) {
         let moved = Transferred {
             upstream: sent,
             downstream: received,

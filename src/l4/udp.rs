@@ -116,9 +116,10 @@ impl Drop for Session {
             return;
         };
         // Only the values are gathered here; the writer thread formats the line.
-        let line = Box::new(crate::access_log::SessionLine {
+        let line = Box::new(crate::access_log::ConnectionLine {
             format: log.format,
             listener: Arc::clone(&log.listener),
+            protocol: "udp",
             client: self.client,
             backend: self.guard.state().addr,
             sent: self.sent,
@@ -127,7 +128,7 @@ impl Drop for Session {
             outcome: self.outcome,
             at: std::time::SystemTime::now(),
         });
-        if !log.writer.write_session(line) {
+        if !log.writer.write_connection(line) {
             log.stats.log_dropped.fetch_add(1, Relaxed);
         }
     }
