@@ -2118,15 +2118,56 @@ async fn h2_cut_backend(cut: Arc<tokio::sync::Notify>) -> Backend {
 /// client's connection then closes without the chunked body's last chunk.
 async fn cuts_off(client: &mut HttpClient, cut: &tokio::sync::Notify) {
     cut.notify_one();
+    ends_without_its_last_chunk(client).await;
+}
+
+/// Reads `client` to its end and checks that the chunked body did not end cleanly.
+async fn ends_without_its_last_chunk(client: &mut HttpClient) {
     let mut rest = Vec::new();
-    tokio::time::timeout(PATIENCE, client.stream.read_to_end(&mut rest))
+    let _ = tokio::time::timeout(PATIENCE, client.stream.read_to_end(&mut rest))
         .await
-        .expect("closed in time")
-        .expect("read");
+        .expect("closed in time");
     assert!(
         !rest.ends_with(b"0\r\n\r\n"),
         "a cut body must not end cleanly"
     );
+}
+
+/// Asks [`h2_cut_backend`]'s `/cut` over HTTP/2, accepting gzip, and returns the response once
+/// its head is there.
+async fn h2_cut_request(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+) -> http::Response<h2::RecvStream> {
+    let request = http::Request::builder()
+        .uri("http://x/cut")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .expect("request");
+    let response = h2_head(sender, request).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    response
+}
+
+/// Reads an HTTP/2 body and checks that it ends in an error rather than cleanly.
+async fn ends_in_an_error(mut body: h2::RecvStream) {
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("ended in time")
+    {
+        match chunk {
+            Ok(chunk) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Err(_) => return,
+        }
+    }
+    panic!("a cut body must not end cleanly");
 }
 
 #[tokio::test]
@@ -2170,37 +2211,31 @@ async fn an_http2_backend_that_pauses_or_is_cut_off_is_relayed_as_it_goes() {
 
     // HTTP/2: the head arrives, then the stream ends in an error.
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://x/cut")
-        .header("accept-encoding", "gzip")
-        .body(())
-        .expect("request");
-    let response = h2_head(&mut sender, request).await;
-    assert_eq!(
-        response
-            .headers()
-            .get("content-encoding")
-            .map(|v| v.as_bytes()),
-        Some(&b"gzip"[..])
-    );
+    let response = h2_cut_request(&mut sender).await;
     cut.notify_one();
-    let mut body = response.into_body();
-    let mut failed = false;
-    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
-        .await
-        .expect("in time")
-    {
-        match chunk {
-            Ok(chunk) => {
-                let _ = body.flow_control().release_capacity(chunk.len());
-            }
-            Err(_) => {
-                failed = true;
-                break;
-            }
-        }
-    }
-    assert!(failed, "a cut body must not end cleanly");
+    ends_in_an_error(response.into_body()).await;
+}
+
+#[tokio::test]
+async fn the_drain_deadline_cuts_a_compressed_http2_body_for_both_kinds_of_client() {
+    // The backend pauses midway and is never told to go on: only the deadline ends the body.
+    let backend = h2_cut_backend(Arc::new(tokio::sync::Notify::new())).await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        ALL_ALGORITHMS,
+        "upstream_protocol = \"h2\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let head = client
+        .head_of(b"GET /cut HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let response = h2_cut_request(&mut sender).await;
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    state.start_drain(Duration::from_millis(200));
+    ends_without_its_last_chunk(&mut client).await;
+    ends_in_an_error(response.into_body()).await;
 }
 
 /// A backend whose response body (`body`, of `content_type`) runs to the close; with `reset`,
