@@ -34,8 +34,17 @@ const MAX_PROBE_HEAD: usize = 8 * 1024;
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
 /// Starts probing every backend of `pool`, if it has health checks, until `stop`.
+///
+/// A pool without health checks has nobody left to clear [`DOWN`]: a backend the checks of an
+/// earlier configuration took down would stay out of every pick for good. Without checks,
+/// backends are up, as they are when a pool starts.
 pub fn spawn(pool: &Pool, stop: CancellationToken) {
     let Some(config) = pool.config().health.clone() else {
+        for candidate in &pool.candidates {
+            if candidate.state.clear_flag(DOWN) {
+                info!(pool = %pool.name, backend = %candidate.state.addr, "backend up: no more health checks");
+            }
+        }
         return;
     };
     let config = Arc::new(config);

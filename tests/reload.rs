@@ -121,12 +121,14 @@ async fn a_failing_reload_changes_nothing() {
 async fn backend_state_survives_a_reload() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
+    // Health checks are configured (so that their verdict has an owner across the reload), but
+    // spread over an hour: the test sets their verdict itself.
     let config = |balance: &str| {
         web(
             "p",
             "",
             &format!(
-                "[pools.p]\nbackends = [\"{}\", \"{}\"]\nbalance = \"{balance}\"\n",
+                "[pools.p]\nbackends = [\"{}\", \"{}\"]\nbalance = \"{balance}\"\nhealth = {{ kind = \"tcp\", interval = \"1h\" }}\n",
                 a.addr, b.addr
             ),
         )
@@ -282,4 +284,33 @@ async fn sighup_reloads_the_file_even_after_a_half_written_one() {
         served().await.as_deref() == Some("b")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_backend_down_by_health_checks_comes_back_when_a_reload_removes_them() {
+    let a = http_backend("a").await;
+    // The backend answers 200, which this check does not accept: one probe takes it down.
+    let checked = "health = { kind = \"http\", expect_status = \"500\", interval = \"50ms\", timeout = \"50ms\", fall = 1 }\n";
+    let config = |health: &str| {
+        web(
+            "p",
+            "",
+            &format!("[pools.p]\nbackends = [\"{}\"]\n{health}", a.addr),
+        )
+    };
+    let proxy = Proxy::start(&config(checked));
+    let addr = proxy.addr("web");
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    eventually("the backend is down", || {
+        state.flags() & switchyard::backend::DOWN != 0
+    })
+    .await;
+    let mut client = HttpClient::connect(addr).await;
+    assert_eq!(client.get("/", "").await.status, 503);
+
+    // Without health checks nothing would ever bring it back: the reload does.
+    proxy.reload(&config("")).await.expect("reloads");
+    assert!(state.is_usable(), "flags {}", state.flags());
+    let mut client = HttpClient::connect(addr).await;
+    assert_eq!(client.get("/", "").await.header("x-backend"), Some("a"));
 }
