@@ -2412,6 +2412,40 @@ async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
     assert_eq!(cut, 0);
 }
 
+#[tokio::test]
+async fn a_redirect_answered_while_shutting_down_says_close() {
+    let backend = http_backend("b").await;
+    let mut proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        r#"routes = [{ match = { path = "/old" }, redirect = { to = "/new", status = 302 } }]"#,
+        "",
+    ));
+    let addr = proxy.addr("l7");
+    // Accepted before the shutdown, it sends its request after it.
+    let mut client = HttpClient::connect(addr).await;
+    let accepted = proxy.handle.metrics().listener("l7");
+    eventually("accepted", || {
+        accepted
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+    proxy.shutdown.cancel();
+    client.send(b"GET /old HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = client.reply().await.expect("answered");
+    assert_eq!(reply.status, 302);
+    // Like any other response during the drain: the client must not send another request on
+    // a connection the proxy is about to close.
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    let cut = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("drained well before the deadline")
+        .expect("server task");
+    assert_eq!(cut, 0);
+}
+
 /// A backend that reports each request head it reads, then never answers (it reports its
 /// connection closing instead).
 async fn silent_backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {

@@ -1585,7 +1585,9 @@ impl HttpProxy {
             .to
             .replace("{host}", &String::from_utf8_lossy(host))
             .replace("{path}", head.target());
-        let close = head.close || head.framing != Framing::Empty;
+        // As for a proxied response: while draining, or once a reload removed the listener,
+        // the client is told not to send another request on this connection.
+        let close = head.close || head.framing != Framing::Empty || self.closing();
         let mut out = BytesMut::with_capacity(256);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(itoa::Buffer::new().format(redirect.status).as_bytes());
