@@ -720,7 +720,7 @@ impl ServerHandle {
         for running in old.into_iter().flatten() {
             running.stop.cancel();
             if let Proxy::Http(proxy) = &running.proxy {
-                proxy.load().retired.store(true, Relaxed);
+                proxy.load().retired.cancel();
             }
             info!(listener = %running.name, addr = %running.addr, "listener removed: no longer accepting");
             summary.stopped.push(running.name);
@@ -782,7 +782,8 @@ impl Shared {
     fn update(&self, running: &mut Running, l: &ListenerConfig, built: Built) {
         match (&running.proxy, built) {
             (Proxy::Tcp(current), Built::Tcp(new)) => current.store(Arc::new(new)),
-            (Proxy::Http(current), Built::Http(new)) => {
+            (Proxy::Http(current), Built::Http(mut new)) => {
+                new.retired = current.load().retired.clone();
                 let new = Arc::new(new);
                 current.swap(Arc::clone(&new)).successor.store(Some(new));
             }
@@ -920,7 +921,7 @@ impl Shared {
                 splice: settings.splice,
                 shutdown: self.shutdown.clone(),
                 tls: tls.listener(&l.name),
-                retired: std::sync::atomic::AtomicBool::new(false),
+                retired: CancellationToken::new(),
                 successor: arc_swap::ArcSwapOption::empty(),
                 route_stats: (0..settings.routes.len())
                     .map(|i| i.to_string())

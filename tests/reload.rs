@@ -314,3 +314,70 @@ async fn a_backend_down_by_health_checks_comes_back_when_a_reload_removes_them()
     let mut client = HttpClient::connect(addr).await;
     assert_eq!(client.get("/", "").await.header("x-backend"), Some("a"));
 }
+
+#[tokio::test]
+async fn http2_clients_of_a_removed_listener_get_goaway_after_their_streams() {
+    // A backend that answers each request only when the test lets it.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (heads, mut head_read) = tokio::sync::mpsc::unbounded_channel();
+    let gate = Arc::clone(&release);
+    let slow = Backend::start(move |mut stream| {
+        let (gate, heads) = (Arc::clone(&gate), heads.clone());
+        async move {
+            let mut buf = Vec::new();
+            if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+                .await
+                .is_none()
+            {
+                return;
+            }
+            let _ = heads.send(());
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+                .await;
+        }
+    })
+    .await;
+    let pools = format!("[pools.p]\nbackends = [\"{}\"]\n", slow.addr);
+    let old = "[[listeners]]\nname = \"old\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n";
+    let proxy = Proxy::start(&web("p", old, &pools));
+
+    let tcp = TcpStream::connect(proxy.addr("old"))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("http://t/slow")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    tokio::time::timeout(PATIENCE, head_read.recv())
+        .await
+        .expect("the request reaches the backend");
+
+    let summary = proxy.reload(&web("p", "", &pools)).await.expect("reloads");
+    assert_eq!(summary.stopped, ["old"]);
+    // The stream in flight finishes...
+    release.add_permits(1);
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("the stream in flight is answered");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        data.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(data, b"done");
+    // ...and the client is told to go elsewhere (GOAWAY), as HTTP/1.1 clients get
+    // `Connection: close`, rather than being served by a listener that no longer exists.
+    tokio::time::timeout(PATIENCE, connection)
+        .await
+        .expect("the connection ends after GOAWAY")
+        .expect("joins")
+        .expect("a clean end");
+}

@@ -74,6 +74,7 @@ pub async fn serve(
     });
     let idle_timeout = proxy.keepalive_timeout;
     let proxy_shutdown = proxy.shutdown.clone();
+    let retired = proxy.retired.clone();
     // Streams in flight, and when the last one ended: an HTTP/2 connection with no stream for
     // `keepalive_timeout` is closed, as an idle HTTP/1.1 one is. That also ends a client that
     // never completes its first header block.
@@ -115,6 +116,13 @@ pub async fn serve(
             }
             _ = proxy_shutdown.cancelled(), if !closing => {
                 // Draining: finish the streams in flight, accept no more (GOAWAY).
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = retired.cancelled(), if !closing => {
+                // A reload removed the listener: the client goes to whatever serves its
+                // address now once its streams are done, as HTTP/1.1 clients are told by
+                // `Connection: close`.
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }

@@ -165,10 +165,11 @@ pub struct HttpProxy {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// TLS terminated on this listener, if any.
     pub tls: Option<Arc<ServerTls>>,
-    /// Set when a reload replaced this listener's settings: connections still using these
-    /// settings answer their next request with `Connection: close`, so their clients come
-    /// back to the new ones (never closing an idle connection under a client's feet).
-    pub retired: std::sync::atomic::AtomicBool,
+    /// Cancelled when a reload removes this listener (one token shared by every generation of
+    /// its settings, so connections still on older ones see it too): HTTP/1.1 connections
+    /// answer their next request with `Connection: close` (never closing an idle connection
+    /// under a client's feet), and HTTP/2 connections get a GOAWAY once, as at shutdown.
+    pub retired: tokio_util::sync::CancellationToken,
     /// The settings that replaced these in a reload that kept the listener: connections that
     /// started with these follow it for their next request.
     pub successor: arc_swap::ArcSwapOption<HttpProxy>,
@@ -414,7 +415,7 @@ impl HttpProxy {
     /// Whether responses should tell clients to close: the process is draining, or a reload
     /// removed this listener.
     fn closing(&self) -> bool {
-        self.shutdown.is_cancelled() || self.retired.load(Relaxed)
+        self.shutdown.is_cancelled() || self.retired.is_cancelled()
     }
 
     /// Serves one accepted connection to its end (or until it is parked), holding its `admission`, the
