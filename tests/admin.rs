@@ -208,6 +208,30 @@ async fn api_calls_change_the_state_and_the_traffic() {
 }
 
 #[tokio::test]
+async fn a_wrong_method_on_a_backend_path_is_refused_as_such() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    // `weight` is a path that takes PUT, not an unknown action.
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let reply = admin(api, "POST", &path, t, "{\"weight\": 2}").await;
+    assert_eq!(reply.status, 405, "{}", reply.text());
+    assert_eq!(reply.header("allow"), Some("PUT"));
+    let path = format!("/api/pools/p/backends/{}/drain", a.addr);
+    let reply = admin(api, "PUT", &path, t, "").await;
+    assert_eq!(reply.status, 405, "{}", reply.text());
+    assert_eq!(reply.header("allow"), Some("POST"));
+    let reply = admin(api, "GET", "/api/reload", t, "").await;
+    assert_eq!(reply.status, 405, "{}", reply.text());
+    assert_eq!(reply.header("allow"), Some("POST"));
+    // Nothing changed.
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    assert!(state.is_usable());
+}
+
+#[tokio::test]
 async fn metrics_parse_and_count_what_was_sent() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;

@@ -185,7 +185,7 @@ impl Api {
                 );
                 page
             } else {
-                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+                method_not_allowed("GET, HEAD")
             };
         }
         // Without a token, only names that cannot be rebound to another site's address: a page
@@ -227,7 +227,9 @@ impl Api {
             ),
             (&Method::GET, ["api", "state"]) => json(StatusCode::OK, &state::state(&self.handle)),
             (&Method::POST, ["api", "reload"]) => self.reload().await,
-            (&Method::POST, ["api", "pools", pool, "backends", address, action]) => {
+            (&Method::POST, ["api", "pools", pool, "backends", address, action])
+                if *action != "weight" =>
+            {
                 self.backend_action(pool, address, action)
             }
             (&Method::PUT, ["api", "pools", pool, "backends", address, "weight"]) => {
@@ -237,10 +239,10 @@ impl Api {
                 };
                 self.set_weight(pool, address, &body).await
             }
-            (_, ["metrics"] | ["api", "state"] | ["api", "reload"])
-            | (_, ["api", "pools", _, "backends", _, _]) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this path")
-            }
+            (_, ["metrics"] | ["api", "state"]) => method_not_allowed("GET"),
+            (_, ["api", "reload"]) => method_not_allowed("POST"),
+            (_, ["api", "pools", _, "backends", _, "weight"]) => method_not_allowed("PUT"),
+            (_, ["api", "pools", _, "backends", _, _]) => method_not_allowed("POST"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
@@ -475,6 +477,20 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", value.to_string())
+}
+
+/// A 405 that names the methods the path takes, in `Allow` (RFC 9110 section 15.5.6) and in
+/// the reason, so that a client using the wrong one learns which is right rather than that the
+/// path does not exist.
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("wrong method for this path: use {allow}"),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
 }
 
 /// An error as JSON: `{"error": reason}`.
