@@ -578,6 +578,9 @@ impl ServerHandle {
     /// service manager is told that a reload runs, and when it is over.
     pub async fn reload_file(&self) -> Result<ReloadSummary, ServerError> {
         if self.0.shutdown.is_cancelled() {
+            // Said in the log too: a SIGHUP has no one else to answer to.
+            self.0.reload_failures.fetch_add(1, Relaxed);
+            warn!(error = %ServerError::ShuttingDown, "reload refused; the running configuration is unchanged");
             return Err(ServerError::ShuttingDown);
         }
         crate::notify::reloading();

@@ -232,3 +232,35 @@ async fn the_service_manager_hears_ready_reloading_and_stopping() {
     assert!(status.success(), "{status}");
     proxy.wait_for("switchyard stopped").await;
 }
+
+#[tokio::test]
+async fn a_sighup_during_the_drain_is_refused_with_a_reason_in_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let dir = TempDir::new("hup-drain");
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(&path, l4_config(backend.addr)).expect("write");
+    let mut proxy = Started::new(&path, &[], &[]).await;
+    // An open connection keeps the drain going.
+    let mut open = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    open.write_all(b"x").await.expect("write");
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.expect("echo");
+
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_for("shutting down").await;
+    proxy.signal(libc::SIGHUP);
+    let refused = proxy.wait_for("reload refused").await;
+    assert!(refused.contains("shutting down"), "{refused}");
+    // The drain goes on: the connection still works, and its end lets the process exit.
+    open.write_all(b"y").await.expect("write");
+    open.read_exact(&mut one).await.expect("echo");
+    drop(open);
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+}

@@ -279,6 +279,11 @@ impl Api {
                 StatusCode::CONFLICT,
                 "this server was not started from a file, so there is nothing to reload",
             ),
+            // Not the file's fault: the process is draining and takes no new configuration.
+            Err(crate::server::ServerError::ShuttingDown) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down: no configuration is applied any more",
+            ),
             Err(reason) => error(StatusCode::UNPROCESSABLE_ENTITY, &reason.to_string()),
         }
     }
