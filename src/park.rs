@@ -12,7 +12,8 @@
 //! every parked socket. When the client sends something (or hangs up), the slot is emptied and
 //! a new task resumes the connection; when the connection's deadline passes first, the slot is
 //! emptied and the socket closed. When the process shuts down, every parked connection is
-//! closed at once, as idle ones always are.
+//! closed at once, as idle ones always are (what an entry does is up to its [`Parked::close`]:
+//! one whose next request has just arrived is served instead).
 //!
 //! Each transition costs a few system calls (leaving one poller, joining the other, and back),
 //! so only connections idle for longer than a threshold are parked: a busy connection never is.

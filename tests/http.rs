@@ -2413,6 +2413,36 @@ async fn shutdown_closes_idle_keepalive_connections_and_lets_requests_finish() {
 }
 
 #[tokio::test]
+async fn a_request_that_reached_an_idle_connection_as_the_drain_began_is_answered() {
+    let backend = http_backend("b").await;
+    let mut proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "park_idle_after = \"off\"",
+        "",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/first", "").await.status, 200);
+    // The next request is in the proxy's socket buffer when the drain starts, before the
+    // runtime has reported it readable: the test's runtime has one thread, and nothing else
+    // runs between these lines. It was sent on an open connection before the shutdown, so it
+    // is answered (and told to close), not dropped with the idle connection.
+    client
+        .send(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    proxy.shutdown.cancel();
+    let reply = client.reply().await.expect("answered, not dropped");
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("GET /second"), "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    let cut = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("drained well before the deadline")
+        .expect("server task");
+    assert_eq!(cut, 0);
+}
+
+#[tokio::test]
 async fn a_redirect_answered_while_shutting_down_says_close() {
     let backend = http_backend("b").await;
     let mut proxy = Proxy::start(&single_pool(

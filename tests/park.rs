@@ -119,6 +119,32 @@ async fn a_shutdown_closes_parked_connections_at_once() {
 }
 
 #[tokio::test]
+async fn a_request_that_reached_a_parked_connection_as_the_drain_began_is_answered() {
+    let backend = http_backend("a").await;
+    let mut proxy = Proxy::start(&web(backend.addr, ""));
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    eventually("the idle connection is parked", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    // The request is in the proxy's socket buffer when the drain starts, before the lot has
+    // seen it: the test's runtime has one thread, and nothing else runs between these lines.
+    client.send(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    proxy.shutdown.cancel();
+    let reply = client.reply().await.expect("answered, not dropped");
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("GET /late"), "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    let cut_off = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("the server stops without waiting for the drain deadline")
+        .expect("the server task ends");
+    assert_eq!(cut_off, 0);
+}
+
+#[tokio::test]
 async fn a_parked_connection_follows_a_reload() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;

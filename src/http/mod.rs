@@ -37,7 +37,7 @@ use tracing::debug;
 use crate::backend::DRAINING;
 use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
 use crate::listener::Admission;
-use crate::park::{Lot, Parked};
+use crate::park::{Closing, Lot, Parked};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool, Snapshot};
 use crate::proxy_protocol;
 use crate::stream::Stream;
@@ -294,6 +294,25 @@ impl Parked for ParkedClient {
     fn resume(self, tasks: &TaskTracker) {
         tasks.spawn(HttpProxy::resume(self));
     }
+
+    /// Closes it, unless its client's next request has arrived before the lot noticed (the
+    /// drain started, or the keep-alive deadline passed, at that moment): that request was sent
+    /// on an open connection and is served, as it would have been a moment earlier.
+    fn close(self, _why: Closing, tasks: &TaskTracker) {
+        if bytes_waiting(&self.stream) {
+            self.resume(tasks);
+        }
+    }
+}
+
+/// Whether bytes from the peer wait in the socket's receive buffer, asked of the kernel (a peek,
+/// so they stay there): the runtime's view of readiness, or the lot's, may lag behind it.
+fn bytes_waiting(socket: &impl std::os::fd::AsFd) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(socket).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
 }
 
 /// Where and when an http listener parks its idle connections.
@@ -680,7 +699,15 @@ impl HttpProxy {
                             Err(_) if park.is_some() => return Ok(Read::Idle),
                             _ => return Ok(Read::Closed),
                         },
-                        _ = self.shutdown.cancelled(), if client.served > 0 => return Ok(Read::Closed),
+                        _ = self.shutdown.cancelled(), if client.served > 0 => {
+                            // Unless a request has already arrived: sent before the drain on a
+                            // connection that was open, it is answered (with `Connection:
+                            // close`), not lost with the connection. The runtime may not have
+                            // reported it readable yet, so the socket itself is asked.
+                            if !bytes_waiting(client.stream.tcp()) {
+                                return Ok(Read::Closed);
+                            }
+                        }
                     }
                     deadline = Some(Instant::now() + self.client_header_timeout);
                     self.client_header_timeout
