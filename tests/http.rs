@@ -655,6 +655,47 @@ async fn smuggling_attempts_get_400_and_never_reach_the_backend() {
 }
 
 #[tokio::test]
+async fn a_host_that_is_not_an_authority_gets_400_and_an_absolute_target_keeps_its_query() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    for host in ["a b", "a, b", "a/b", "evil@a", "a:8x"] {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        client.send(raw.as_bytes()).await;
+        let status = client.reply().await.map(|r| r.status);
+        assert_eq!(status, Some(400), "Host {host:?}");
+        assert!(client.closed().await, "Host {host:?}");
+    }
+    assert_eq!(backend.accepted(), 0);
+
+    // The authority of an absolute-form target ends at `?` as well as at `/`; the scheme may be
+    // in any case.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"GET http://example.com:8080?q=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("reply");
+    assert!(
+        reply
+            .text()
+            .starts_with("b\nGET /?q=1 HTTP/1.1\nhost: example.com:8080\n"),
+        "{}",
+        reply.text()
+    );
+    client
+        .send(b"GET HTTP://example.com/x HTTP/1.1\r\nHost: other\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("reply");
+    assert!(
+        reply
+            .text()
+            .starts_with("b\nGET /x HTTP/1.1\nhost: example.com\n"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
 async fn oversized_requests_get_414_and_431() {
     let backend = http_backend("b").await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));

@@ -71,8 +71,8 @@ impl HeadError {
 pub struct RequestHead {
     raw: Bytes,
     method: Range<usize>,
-    /// The origin-form target; `None` for an absolute-form target without a path, meaning `/`.
-    target: Option<Range<usize>>,
+    /// The request target in origin form (or `*`).
+    target: Target,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     /// End-to-end fields, in order (hop-by-hop and framing fields already removed).
@@ -92,6 +92,18 @@ pub struct RequestHead {
     pub ambiguous: bool,
     /// The Host field (or the authority of an absolute-form target), if any.
     host: Option<Range<usize>>,
+}
+
+/// Where a request's origin-form target is.
+#[derive(Debug, Clone)]
+enum Target {
+    /// In the head's bytes, as sent (origin form, or the path of an absolute-form target).
+    Raw(Range<usize>),
+    /// An absolute-form target with neither path nor query: `/` (RFC 9112 section 3.2.1).
+    Root,
+    /// An absolute-form target with a query but no path (`http://a?q`): `/` and the query,
+    /// which are not contiguous in the head. Rare enough to be worth its allocation.
+    Owned(Box<str>),
 }
 
 /// A parsed response head.
@@ -336,6 +348,56 @@ const TARGET_BYTES: [bool; 256] = {
     table
 };
 
+/// What follows `http://` or `https://` at the start of `target`, the scheme compared without
+/// regard to case (RFC 9110 section 4.2.3); `None` if the target is not absolute-form.
+fn strip_scheme(target: &str) -> Option<&str> {
+    ["http://", "https://"].into_iter().find_map(|scheme| {
+        target
+            .get(..scheme.len())
+            .filter(|start| start.eq_ignore_ascii_case(scheme))
+            .map(|_| &target[scheme.len()..])
+    })
+}
+
+/// Whether a Host value (or the authority of an absolute-form target, userinfo refused before)
+/// is `uri-host [ ":" port ]` (RFC 9112 section 3.2, RFC 3986 section 3.2). A server must
+/// answer any other with 400: a backend may build links or route on a Host with a `/`, a space
+/// or a comma in it (a comma is how two Host fields look once joined), and read it differently
+/// from how the router did. The empty value is valid (a target without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        // IP-literal: an IPv6 address or IPvFuture between brackets.
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inside = &value[1..close];
+        if inside.is_empty()
+            || !inside
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b":.-_~!$&'()*+,;=".contains(&b))
+        {
+            return false;
+        }
+        (&[][..], &value[close + 1..])
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &[][..]),
+        }
+    };
+    // reg-name (an IPv4 address is one too): unreserved, pct-encoded and sub-delims.
+    let host_ok = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    // port = *DIGIT, after a colon.
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
+}
+
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more. On success
 /// the head's bytes are split off the front of `buf`.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
@@ -406,19 +468,30 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     if hosts > 1 {
         return Err(HeadError::Malformed("more than one Host"));
     }
-    let mut target_range = Some(range_of(base, target.as_bytes()));
-    if let Some(rest) = target
-        .strip_prefix("http://")
-        .or_else(|| target.strip_prefix("https://"))
+    if let Some(range) = &host
+        && !valid_host(&base[range.clone()])
     {
-        // Absolute form: the authority overrides Host, the rest is the path.
-        let slash = rest.find('/').unwrap_or(rest.len());
-        let authority = &rest[..slash];
-        if authority.is_empty() || authority.contains('@') {
+        return Err(HeadError::Malformed("invalid Host"));
+    }
+    let mut target_form = Target::Raw(range_of(base, target.as_bytes()));
+    if let Some(rest) = strip_scheme(target) {
+        // Absolute form: the authority overrides Host (RFC 9112 section 3.2.2), the rest is
+        // the path and query. The authority ends at the first `/` or `?` (RFC 3986 section
+        // 3.2); `#` never gets here (`valid_target`).
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..end];
+        if authority.is_empty() || authority.contains('@') || !valid_host(authority.as_bytes()) {
             return Err(HeadError::Malformed("invalid absolute-form target"));
         }
         host = Some(range_of(base, authority.as_bytes()));
-        target_range = (slash < rest.len()).then(|| range_of(base, &rest.as_bytes()[slash..]));
+        let rest = &rest[end..];
+        target_form = if rest.starts_with('/') {
+            Target::Raw(range_of(base, rest.as_bytes()))
+        } else if rest.is_empty() {
+            Target::Root
+        } else {
+            Target::Owned(format!("/{rest}").into_boxed_str())
+        };
     } else if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
         return Err(HeadError::Malformed("invalid request target"));
     }
@@ -460,7 +533,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     Ok(Some(RequestHead {
         raw,
         method: method_range,
-        target: target_range,
+        target: target_form,
         minor_version,
         fields: kept,
         framing,
@@ -482,8 +555,9 @@ impl RequestHead {
     /// The request target in origin form (path and query), or `*`.
     pub fn target(&self) -> &str {
         match &self.target {
-            Some(range) => std::str::from_utf8(&self.raw[range.clone()]).unwrap_or("/"),
-            None => "/",
+            Target::Raw(range) => std::str::from_utf8(&self.raw[range.clone()]).unwrap_or("/"),
+            Target::Root => "/",
+            Target::Owned(target) => target,
         }
     }
 
@@ -1098,6 +1172,52 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(head.target(), "/");
+        // The authority ends at `?` too: the query is the target's, not the host's.
+        let head = request("GET http://example.com:81?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.host(), Some(&b"example.com:81"[..]));
+        assert_eq!(head.target(), "/?q=1");
+        assert_eq!(head.path(), "/");
+        // The scheme is case-insensitive.
+        let head = request("GET HTTPS://example.com/a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.host(), Some(&b"example.com"[..]));
+        assert_eq!(head.target(), "/a");
+    }
+
+    #[test]
+    fn host_values_must_be_an_authority() {
+        for good in [
+            "example.com",
+            "Example.COM:8080",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "a-b_c~d.e",
+            "xn--nxasmq6b.example",
+            "",
+            "example.com:",
+        ] {
+            let text = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(request(&text).is_ok(), "refused Host {good:?}");
+        }
+        for bad in [
+            "a b", "a, b", "a/b", "a?b", "a#b", "user@a", "a:80:81", "a:8x", "[::1", "[]", "a\"b",
+            "a<b>",
+        ] {
+            let text = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_eq!(
+                request(&text).map(|_| ()),
+                Err(HeadError::Malformed("invalid Host")),
+                "accepted Host {bad:?}"
+            );
+        }
+        for bad in ["http://a b/", "http://a:8x/", "http://[::1/"] {
+            let text = format!("GET {bad} HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(request(&text).is_err(), "accepted {bad:?}");
+        }
     }
 
     #[test]
