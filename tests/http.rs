@@ -842,6 +842,44 @@ async fn head_requests_and_http10_clients() {
     assert!(client.closed().await);
 }
 
+/// A backend that answers every bodiless request on a connection with `response`, as is.
+async fn canned_backend(response: &'static [u8]) -> Backend {
+    Backend::start(move |mut stream| async move {
+        let mut buf = Vec::new();
+        while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+            buf.drain(..end + 4);
+            if stream.write_all(response).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_204_never_carries_a_content_length_and_a_304_keeps_its_own() {
+    let no_content = canned_backend(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n").await;
+    let proxy = Proxy::start(&single_pool(&[no_content.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    // RFC 9110 section 8.6: never in a 204, whatever the backend wrote.
+    assert!(!head.contains("content-length"), "{head}");
+    let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+
+    // A 304's Content-Length describes the representation, and it has no body either.
+    let not_modified =
+        canned_backend(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 50\r\n\r\n").await;
+    let proxy = Proxy::start(&single_pool(&[not_modified.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("http/1.1 304"), "{head}");
+        assert!(head.contains("content-length: 50"), "{head}");
+    }
+}
+
 #[tokio::test]
 async fn every_match_type_and_weighted_splits() {
     let names = [

@@ -781,7 +781,7 @@ impl ResponseHead {
                 // A HEAD response or 304 keeps the Content-Length the backend gave; the body is
                 // empty either way.
                 if self.framing == Framing::Empty
-                    && let Some(length) = self.original_content_length()
+                    && let Some(length) = self.declared_length()
                 {
                     out.put_slice(b"content-length: ");
                     out.put_slice(length);
@@ -793,6 +793,19 @@ impl ResponseHead {
             out.put_slice(b"connection: close\r\n");
         }
         out.put_slice(b"\r\n");
+    }
+
+    /// The Content-Length to tell a client: the backend's, for a body of that length or a
+    /// response without one (to HEAD, a 304, a length of 0), where it describes what a GET would
+    /// have had. Never for a 1xx or a 204, which must not carry one (RFC 9110 section 8.6).
+    pub fn declared_length(&self) -> Option<&[u8]> {
+        if (100..200).contains(&self.status) || self.status == 204 {
+            return None;
+        }
+        match self.framing {
+            Framing::Empty | Framing::Length(_) => self.original_content_length(),
+            Framing::Chunked | Framing::UntilClose => None,
+        }
     }
 
     fn original_content_length(&self) -> Option<&[u8]> {
