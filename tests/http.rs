@@ -1935,6 +1935,26 @@ async fn cookies_split_by_http2_clients_are_joined_for_http11_backends() {
 }
 
 #[tokio::test]
+async fn http2_clients_get_the_content_length_of_http11_responses() {
+    let backend = canned_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (status, headers, body) = h2_request(&mut sender, "GET", "http://x/", None).await;
+    assert_eq!((status, body.as_slice()), (200, &b"0123456789"[..]));
+    assert_eq!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"10"[..])
+    );
+    let (status, headers, body) = h2_request(&mut sender, "HEAD", "http://x/", None).await;
+    assert_eq!((status, body.as_slice()), (200, &b""[..]));
+    assert_eq!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"10"[..]),
+        "a HEAD response has the fields a GET would"
+    );
+}
+
+#[tokio::test]
 async fn modification_rules_apply_to_http2_streams_too() {
     let backend = cookie_backend().await;
     let proxy = Proxy::start(&format!(

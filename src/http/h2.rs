@@ -895,6 +895,16 @@ async fn proceed(
     if compression.is_some() {
         builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
     }
+    // The length the backend announced, as an HTTP/1.1 client gets it: a download's size, and
+    // on a HEAD response the field a GET would have had (RFC 9110 section 9.3.2). Not when the
+    // body is re-encoded, which changes it.
+    if encoder.is_none()
+        && let Some(length) = response
+            .declared_length()
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+    {
+        builder = builder.header(http::header::CONTENT_LENGTH, length);
+    }
     let body = if response.framing == Framing::Empty {
         drop(guard);
         if !response.close {
