@@ -1955,6 +1955,34 @@ async fn http2_clients_get_the_content_length_of_http11_responses() {
 }
 
 #[tokio::test]
+async fn connect_is_refused_with_501_on_both_protocols() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    // HTTP/2: a CONNECT stream has no path to send on; it must not reach the backend as some
+    // other request, nor become a tunnel.
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method("CONNECT")
+        .uri("example.com:443")
+        .body(())
+        .expect("request");
+    let (response, _stream) = sender.send_request(request, false).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 501);
+    // HTTP/1.1: the same status, and the connection closes (tunnel bytes may follow).
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await;
+    assert_eq!(client.reply().await.map(|r| r.status), Some(501));
+    assert!(client.closed().await);
+    assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
 async fn modification_rules_apply_to_http2_streams_too() {
     let backend = cookie_backend().await;
     let proxy = Proxy::start(&format!(

@@ -49,7 +49,7 @@ pub enum HeadError {
     /// The head is longer than [`MAX_HEAD_SIZE`] or has more than [`MAX_HEADERS`] fields.
     #[error("header section too large")]
     TooLarge,
-    /// A feature this proxy does not implement (a transfer coding other than chunked).
+    /// A feature this proxy does not implement (a transfer coding other than chunked, CONNECT).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
 }
@@ -451,6 +451,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
                 "Transfer-Encoding does not end in chunked",
             ))
         };
+    }
+    if method == "CONNECT" {
+        // A tunnel, which this proxy does not make (RFC 9110 section 9.1: 501 for a method
+        // not implemented); its authority-form target is never sent on.
+        return Err(HeadError::NotImplemented("CONNECT"));
     }
     if !valid_target(target.as_bytes()) {
         return Err(HeadError::Malformed("invalid request target"));

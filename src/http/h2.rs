@@ -516,6 +516,12 @@ async fn handle_stream(
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
+    // CONNECT asks for a tunnel, which this proxy does not make (as on HTTP/1.1). Its stream
+    // has no path: sent on, it would reach the backend as some other request, and a 2xx answer
+    // would turn the stream into a tunnel to nowhere.
+    if parts.method == http::Method::CONNECT {
+        return status_response(501);
+    }
     let view = View { parts: &parts };
     let Some(routed) = proxy.router.route(&view) else {
         return status_response(404);
