@@ -881,6 +881,22 @@ async fn a_204_never_carries_a_content_length_and_a_304_keeps_its_own() {
 }
 
 #[tokio::test]
+async fn an_http10_request_without_host_reaches_the_backend_with_an_empty_host() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /x HTTP/1.0\r\n\r\n").await;
+    let reply = client.reply().await.expect("reply");
+    // What goes upstream is HTTP/1.1, which must have a Host (RFC 9112 section 3.2): empty,
+    // for a target without an authority.
+    assert!(
+        reply.text().starts_with("b\nGET /x HTTP/1.1\nhost: \n"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
 async fn every_match_type_and_weighted_splits() {
     let names = [
         "exact",

@@ -620,11 +620,11 @@ impl RequestHead {
         out.put_u8(b' ');
         out.put_slice(target.unwrap_or(self.target()).as_bytes());
         out.put_slice(b" HTTP/1.1\r\n");
-        if let Some(host) = host.or_else(|| self.host()) {
-            out.put_slice(b"host: ");
-            out.put_slice(host);
-            out.put_slice(b"\r\n");
-        }
+        // Always a Host: what goes upstream is HTTP/1.1, which must have one (RFC 9112 section
+        // 3.2), empty when an HTTP/1.0 client named no authority.
+        out.put_slice(b"host: ");
+        out.put_slice(host.or_else(|| self.host()).unwrap_or_default());
+        out.put_slice(b"\r\n");
         for (name, value) in &self.fields {
             let name = &self.raw[name.clone()];
             if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
