@@ -897,6 +897,35 @@ async fn an_http10_request_without_host_reaches_the_backend_with_an_empty_host()
 }
 
 #[tokio::test]
+async fn an_http10_client_that_asked_for_keep_alive_is_told_it_is_kept() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"l7\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\nroutes = [{{ match = {{ path_prefix = \"/api/\" }}, pool = \"p\" }}]\n[pools.p]\nbackends = [\"{}\"]\n",
+        backend.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    // An HTTP/1.0 client takes a response without `Connection: keep-alive` as the last one on
+    // its connection (RFC 9112 section 9.3), and would wait for a close that never comes.
+    for (path, status) in [("/api/x", 200), ("/other", 404), ("/api/y", 200)] {
+        client
+            .send(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes())
+            .await;
+        let reply = client.reply().await.expect("reply");
+        assert_eq!(reply.status, status, "{path}");
+        assert_eq!(reply.header("connection"), Some("keep-alive"), "{path}");
+    }
+    // Without keep-alive, the connection closes after the response, which says so.
+    client.send(b"GET /api/z HTTP/1.0\r\n\r\n").await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    // HTTP/1.1 clients keep their connection without being told.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/api/x", "").await;
+    assert_eq!(reply.header("connection"), None);
+}
+
+#[tokio::test]
 async fn every_match_type_and_weighted_splits() {
     let names = [
         "exact",

@@ -37,6 +37,39 @@ pub enum Framing {
     UntilClose,
 }
 
+/// What a response head tells the client about its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing: an HTTP/1.1 connection stays open unless told otherwise.
+    Implied,
+    /// `Connection: keep-alive`: an HTTP/1.0 client closes after any response that does not
+    /// say so (RFC 9112 section 9.3), and would otherwise wait for a close that never comes.
+    KeepAlive,
+    /// `Connection: close`: the proxy closes after this response.
+    Close,
+}
+
+impl Persistence {
+    /// For the response to a client of HTTP/1.`minor_version`, after which the proxy closes
+    /// the connection if `close`.
+    pub fn of(close: bool, minor_version: u8) -> Persistence {
+        match (close, minor_version) {
+            (true, _) => Persistence::Close,
+            (false, 0) => Persistence::KeepAlive,
+            (false, _) => Persistence::Implied,
+        }
+    }
+
+    /// The Connection field line to write, possibly none.
+    pub fn field(self) -> &'static [u8] {
+        match self {
+            Persistence::Implied => b"",
+            Persistence::KeepAlive => b"connection: keep-alive\r\n",
+            Persistence::Close => b"connection: close\r\n",
+        }
+    }
+}
+
 /// Why a head was refused. Each maps to one status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
@@ -734,13 +767,13 @@ impl ResponseHead {
     }
 
     /// Writes the head to send to the client, with `framing` (chosen by the caller: the
-    /// client's version decides whether an until-close body is re-chunked) and `close`; fields
-    /// named in `drop` are left out and `extra` fields added.
+    /// client's version decides whether an until-close body is re-chunked) and `persistence`;
+    /// fields named in `drop` are left out and `extra` fields added.
     pub fn write_downstream(
         &self,
         out: &mut BytesMut,
         framing: Framing,
-        close: bool,
+        persistence: Persistence,
         drop: &[&str],
         extra: &[(&str, &[u8])],
         cookie_flags: &[&str],
@@ -794,9 +827,7 @@ impl ResponseHead {
                 }
             }
         }
-        if close {
-            out.put_slice(b"connection: close\r\n");
-        }
+        out.put_slice(persistence.field());
         out.put_slice(b"\r\n");
     }
 
@@ -1067,7 +1098,7 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// A complete response the proxy sends itself: a short text body saying what happened.
-pub fn error_response(status: u16, close: bool) -> BytesMut {
+pub fn error_response(status: u16, persistence: Persistence) -> BytesMut {
     let reason = reason(status);
     let body_len = 3 + 1 + reason.len() + 1;
     let mut out = BytesMut::with_capacity(160);
@@ -1077,10 +1108,9 @@ pub fn error_response(status: u16, close: bool) -> BytesMut {
     out.put_slice(reason.as_bytes());
     out.put_slice(b"\r\ncontent-type: text/plain\r\ncontent-length: ");
     out.put_slice(itoa::Buffer::new().format(body_len).as_bytes());
-    if close {
-        out.put_slice(b"\r\nconnection: close");
-    }
-    out.put_slice(b"\r\n\r\n");
+    out.put_slice(b"\r\n");
+    out.put_slice(persistence.field());
+    out.put_slice(b"\r\n");
     out.put_slice(itoa::Buffer::new().format(status).as_bytes());
     out.put_u8(b' ');
     out.put_slice(reason.as_bytes());
@@ -1408,7 +1438,7 @@ mod tests {
 
     #[test]
     fn error_responses_are_well_formed() {
-        let out = error_response(404, false);
+        let out = error_response(404, Persistence::Implied);
         let mut buf = out.clone();
         let head = parse_response(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.status, 404);

@@ -569,7 +569,7 @@ impl HttpProxy {
                 Err(status) => {
                     let _ = write_within(
                         &mut client.stream,
-                        &h1::error_response(status, true),
+                        &h1::error_response(status, h1::Persistence::Close),
                         proxy.keepalive_timeout,
                     )
                     .await;
@@ -756,7 +756,8 @@ impl HttpProxy {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
                 let close = head.close || has_body || self.closing();
-                let response = h1::error_response(status, close);
+                let response =
+                    h1::error_response(status, h1::Persistence::of(close, head.minor_version));
                 trace.status = status;
                 trace.bytes = response.len() as u64;
                 let _ = write_within(&mut client.stream, &response, self.keepalive_timeout).await;
@@ -880,7 +881,7 @@ impl HttpProxy {
             response.write_downstream(
                 &mut out,
                 Framing::Empty,
-                false,
+                h1::Persistence::Implied,
                 &["x-request-id"],
                 &[
                     ("connection", &b"upgrade"[..]),
@@ -975,6 +976,7 @@ impl HttpProxy {
             || client_framing == Framing::UntilClose
             || self.closing()
             || guard.state().flags() & DRAINING != 0;
+        let persistence = h1::Persistence::of(close, head.minor_version);
         out.clear();
         if compression.is_some() {
             let (mut drop, mut extra, flags) = self.response_edits(route_rules, request_id);
@@ -1002,7 +1004,7 @@ impl HttpProxy {
             if !varies {
                 extra.push(("vary", b"Accept-Encoding"));
             }
-            response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
+            response.write_downstream(&mut out, client_framing, persistence, &drop, &extra, &flags);
         } else if self.rules.response_headers.is_empty()
             && self.rules.cookie_flags.is_empty()
             && route_rules.is_none()
@@ -1011,7 +1013,7 @@ impl HttpProxy {
             response.write_downstream(
                 &mut out,
                 client_framing,
-                close,
+                persistence,
                 &["x-request-id"],
                 &id_field,
                 &[],
@@ -1021,7 +1023,7 @@ impl HttpProxy {
             if let Some(cookie) = &set_cookie {
                 extra.push(("set-cookie", cookie.as_bytes()));
             }
-            response.write_downstream(&mut out, client_framing, close, &drop, &extra, &flags);
+            response.write_downstream(&mut out, client_framing, persistence, &drop, &extra, &flags);
         }
         conn.long_bodies = self.splice
             && encoder.is_none()
@@ -1491,9 +1493,7 @@ impl HttpProxy {
             Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             Framing::Empty | Framing::UntilClose => {}
         }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
+        out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
         out.extend_from_slice(b"\r\n");
         if framing != Framing::Empty {
             let mut trailers = Vec::new();
@@ -1631,9 +1631,7 @@ impl HttpProxy {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
+        out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
         out.extend_from_slice(b"\r\n");
         write_within(&mut client.stream, &out, self.keepalive_timeout)
             .await
