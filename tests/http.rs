@@ -926,6 +926,30 @@ async fn an_http10_client_that_asked_for_keep_alive_is_told_it_is_kept() {
 }
 
 #[tokio::test]
+async fn early_hints_reach_http11_clients_before_the_response() {
+    let backend = canned_backend(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        // A proxy forwards the 1xx responses it did not ask for (RFC 9110 section 15.2); the
+        // backend's 100 is not one of them, the proxy having dropped the client's expectation.
+        let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("http/1.1 103 early hints"), "{head}");
+        assert!(head.contains("link: </s.css>; rel=preload"), "{head}");
+        let reply = client.reply().await.expect("the final response");
+        assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+    }
+    // Never to an HTTP/1.0 client, which would take it for the final response.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET / HTTP/1.0\r\n\r\n").await;
+    let reply = client.reply().await.expect("reply");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+}
+
+#[tokio::test]
 async fn every_match_type_and_weighted_splits() {
     let names = [
         "exact",

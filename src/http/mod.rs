@@ -1902,6 +1902,25 @@ async fn send_request(
                             "unexpected 101",
                         )));
                     }
+                    // A proxy forwards the interim responses it did not ask for (RFC 9110
+                    // section 15.2): 103 Early Hints lets the client fetch while the backend
+                    // works. Not a 100: the client's expectation was answered by the proxy and
+                    // not sent on. Never to an HTTP/1.0 client, which would take it for the
+                    // final response.
+                    if response.status != 100 && head.minor_version == 1 {
+                        let mut interim = BytesMut::with_capacity(256);
+                        response.write_downstream(
+                            &mut interim,
+                            Framing::Empty,
+                            h1::Persistence::Implied,
+                            &[],
+                            &[],
+                            &[],
+                        );
+                        write_within(&mut client.stream, &interim, response_timeout)
+                            .await
+                            .map_err(|_| SendError::Client)?;
+                    }
                     continue;
                 }
                 Ok(Some(response)) => return Ok(response),
