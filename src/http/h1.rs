@@ -734,8 +734,10 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
             "response transfer codings other than chunked",
         ));
     }
+    // An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 section 6.1):
+    // it is read as chunked, but its connection is never used again.
     let close = fields.close
-        || (minor_version == 0 && !fields.keep_alive)
+        || (minor_version == 0 && (!fields.keep_alive || fields.transfer_encoding))
         || framing == Framing::UntilClose;
     let kept = end_to_end(base, headers, &fields.connection_names, &[]);
     let raw = buf.split_to(len).freeze();
@@ -1316,6 +1318,31 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_http10_response_with_transfer_encoding_closes_its_connection() {
+        // RFC 9112 section 6.1: its framing is to be treated as faulty, so the connection is
+        // not used again, keep-alive or not.
+        let head = parse_response(
+            &mut BytesMut::from(
+                &b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    [..],
+            ),
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.close);
+        let head = parse_response(
+            &mut BytesMut::from(
+                &b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n"[..],
+            ),
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!head.close);
     }
 
     fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Vec<u8>, usize), HeadError> {
