@@ -74,6 +74,23 @@ impl Stream {
         }
     }
 
+    /// [`try_write_vectored`](Self::try_write_vectored) for the last bytes sent on a connection.
+    /// On plain TCP the write says more is coming (`MSG_MORE`), so a short tail waits in the
+    /// socket instead of leaving at once; the shutdown that must follow at once sends it with
+    /// the FIN, in one segment where there would be two, which the peer then acknowledges once.
+    /// Never for a write that may be followed by a wait: the tail would wait with it.
+    pub fn try_write_vectored_before_close(
+        &mut self,
+        bufs: &[io::IoSlice<'_>],
+    ) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(&*tcp).send_vectored_with_flags(bufs, libc::MSG_MORE)
+            }),
+            Stream::Tls(_) => self.try_write_vectored(bufs),
+        }
+    }
+
     /// Whether everything written has reached the socket, pushing out what it takes now
     /// without waiting. Always true for plain TCP, which buffers nothing of its own.
     pub fn try_flush(&mut self) -> io::Result<bool> {

@@ -812,6 +812,76 @@ async fn pipelined_requests_are_answered_in_order() {
     assert!(client.closed().await);
 }
 
+/// The last response on a connection goes out with its FIN; bytes the client sent after asking
+/// to close (unread when the connection ends, so its close is a reset) must not cost it that
+/// response.
+#[tokio::test]
+async fn the_last_response_reaches_a_client_that_kept_sending() {
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let (on_arrival, on_answer) = (Arc::clone(&arrived), Arc::clone(&answer));
+    let backend = Backend::start(move |mut stream| {
+        let (arrived, answer) = (Arc::clone(&on_arrival), Arc::clone(&on_answer));
+        async move {
+            let mut buf = Vec::new();
+            while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+                buf.drain(..end + 4);
+                arrived.notify_one();
+                answer.notified().await;
+                let body = vec![b'z'; 3000];
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                if stream
+                    .write_all(&[head.as_bytes(), &body].concat())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    for (asked, version) in [("Connection: close\r\n", "1.1"), ("", "1.0")] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        stream
+            .write_all(format!("GET / HTTP/{version}\r\nHost: t\r\n{asked}\r\n").as_bytes())
+            .await
+            .expect("send");
+        // Once the request is at the backend, the client sends more, which the proxy never
+        // reads: it is still in the socket when the connection ends.
+        arrived.notified().await;
+        stream
+            .write_all(b"GET /more HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("send more");
+        answer.notify_one();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("the connection ended")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "HTTP/{version}: {text:?}");
+        if version == "1.1" {
+            assert!(text.contains("connection: close"), "{text:?}");
+        }
+        assert!(
+            got.ends_with(&[b'z'; 3000]),
+            "HTTP/{version}: {} bytes: {text:?}",
+            got.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn head_requests_and_http10_clients() {
     let backend = http_backend("b").await;

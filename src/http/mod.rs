@@ -741,15 +741,21 @@ impl HttpProxy {
         let has_body = head.framing != Framing::Empty;
         let started = Instant::now();
         let mut trace = Trace::default();
+        // Whether a connection that ends here may end with a FIN (not after a failure).
+        let mut graceful = true;
         let next = match self.forward(client, &head, &mut trace).await {
             Ok(next) => next,
-            Err(Failure::Abort) => Next::Close,
+            Err(Failure::Abort) => {
+                graceful = false;
+                Next::Close
+            }
             Err(Failure::Cut) => {
                 // A reset says the exchange failed where a FIN would end the body. (Over TLS the
                 // missing close_notify says it.)
                 if let Stream::Plain(stream) = &client.stream {
                     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
                 }
+                graceful = false;
                 Next::Close
             }
             Err(Failure::Status(status)) => {
@@ -760,10 +766,26 @@ impl HttpProxy {
                     h1::error_response(status, h1::Persistence::of(close, head.minor_version));
                 trace.status = status;
                 trace.bytes = response.len() as u64;
-                let _ = write_within(&mut client.stream, &response, self.keepalive_timeout).await;
+                let _ = write_pair_within(
+                    &mut client.stream,
+                    &response,
+                    &[],
+                    self.keepalive_timeout,
+                    close,
+                )
+                .await;
                 if close { Next::Close } else { Next::KeepAlive }
             }
         };
+        if graceful
+            && matches!(next, Next::Close)
+            && let Stream::Plain(stream) = &client.stream
+        {
+            // The FIN goes out now, with the tail the last write held back for it (see
+            // `write_pair_within`), and ahead of the reset that the close sends instead when
+            // bytes the client sent are left unread (a body we answered without reading).
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        }
         let request_id = trace.request_id.take().unwrap_or_default();
         let finished = Finished {
             request_id: &request_id,
@@ -1043,6 +1065,7 @@ impl HttpProxy {
                 idle: pool.response_timeout,
                 limit: None,
                 splice: self.splice.then_some(&self.stats.spliced),
+                then_close: close,
             },
             &mut encoder,
         );
@@ -1567,7 +1590,7 @@ impl HttpProxy {
                 h1::encode_last_chunk(&mut out, &trailers);
             }
         }
-        write_within(&mut client.stream, &out, pool.response_timeout)
+        write_pair_within(&mut client.stream, &out, &[], pool.response_timeout, close)
             .await
             .map_err(|_| Failure::Abort)?;
         trace.bytes += out.len() as u64;
@@ -1633,7 +1656,7 @@ impl HttpProxy {
         }
         out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
         out.extend_from_slice(b"\r\n");
-        write_within(&mut client.stream, &out, self.keepalive_timeout)
+        write_pair_within(&mut client.stream, &out, &[], self.keepalive_timeout, close)
             .await
             .map_err(|_| Failure::Abort)?;
         Ok(if close { Next::Close } else { Next::KeepAlive })
@@ -1873,6 +1896,7 @@ async fn send_request(
                     idle: response_timeout,
                     limit: listener.max_body_size,
                     splice: listener.splice.then_some(&listener.stats.spliced),
+                    then_close: false,
                 },
                 &mut None,
             )
@@ -2033,23 +2057,36 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
 /// a body that goes out as it came in is sent from the buffer it was read into, rather than
 /// copied behind the head first (for a 64 KiB response, that copy was most of the proxy's own
 /// work).
+///
+/// `before_close`: this is the connection's last write, and it is shut down for writing as soon
+/// as this returns (by [`HttpProxy::exchange`]), so the write may leave its tail for the FIN to
+/// carry (see [`Stream::try_write_vectored_before_close`]). The shutdown, not the close, must
+/// send it: a close with unread bytes in the socket is a reset, which would drop the tail.
 async fn write_pair_within(
     stream: &mut Stream,
     head: &[u8],
     body: &[u8],
     limit: Duration,
+    before_close: bool,
 ) -> io::Result<()> {
-    if head.is_empty() || body.is_empty() {
+    if !before_close && (head.is_empty() || body.is_empty()) {
         write_within(stream, if head.is_empty() { body } else { head }, limit).await?;
         return Ok(());
     }
-    let sent = match stream.try_write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)]) {
-        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+    let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
+    let attempt = if before_close {
+        stream.try_write_vectored_before_close(&bufs)
+    } else {
+        stream.try_write_vectored(&bufs)
+    };
+    let sent = match attempt {
+        Ok(0) if head.len() + body.len() > 0 => return Err(io::ErrorKind::WriteZero.into()),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
-    // What the socket did not take goes out through the ordinary path (which also flushes TLS).
+    // What the socket did not take goes out through the ordinary path (which also flushes TLS,
+    // and sends any tail held back above).
     if sent < head.len() {
         write_within(stream, &head[sent..], limit).await?;
         write_within(stream, body, limit).await?;
@@ -2073,6 +2110,9 @@ struct Body<'a> {
     /// A long `Content-Length` body between two plain TCP sockets may be spliced (see
     /// [`splice_exact`]), its bytes counted here; `None`: always copied.
     splice: Option<&'a AtomicU64>,
+    /// The destination is shut down for writing as soon as the body is written: the last write
+    /// may leave its tail for the FIN to carry (see [`write_pair_within`]).
+    then_close: bool,
 }
 
 /// Moves one body from `src` (with `buf` holding what was already read) to `dst`, re-framed:
@@ -2093,6 +2133,7 @@ async fn transfer_body(
         idle,
         limit,
         splice,
+        then_close,
     } = body;
     let chunked_out = output == Framing::Chunked;
     // Bytes that go out as they came in are written straight from `buf`, behind whatever
@@ -2112,9 +2153,15 @@ async fn transfer_body(
             Framing::Length(_) if direct => {
                 let take = (buf.len() as u64).min(left) as usize;
                 written += (out.len() + take) as u64;
-                write_pair_within(dst, out, &buf[..take], idle)
-                    .await
-                    .map_err(BodyError::Write)?;
+                write_pair_within(
+                    dst,
+                    out,
+                    &buf[..take],
+                    idle,
+                    then_close && take as u64 == left,
+                )
+                .await
+                .map_err(BodyError::Write)?;
                 out.clear();
                 buf.advance(take);
                 left -= take as u64;
@@ -2139,7 +2186,7 @@ async fn transfer_body(
             }
             Framing::UntilClose if direct => {
                 written += (out.len() + buf.len()) as u64;
-                write_pair_within(dst, out, buf, idle)
+                write_pair_within(dst, out, buf, idle, false)
                     .await
                     .map_err(BodyError::Write)?;
                 out.clear();
@@ -2216,7 +2263,7 @@ async fn transfer_body(
             }
             if !out.is_empty() {
                 written += out.len() as u64;
-                write_within(dst, out, idle)
+                write_pair_within(dst, out, &[], idle, then_close)
                     .await
                     .map_err(BodyError::Write)?;
                 out.clear();
