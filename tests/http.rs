@@ -2708,6 +2708,46 @@ async fn a_request_that_reached_an_idle_connection_as_the_drain_began_is_answere
     assert_eq!(cut, 0);
 }
 
+/// Browsers open connections they may never use: one that has sent nothing gets a moment for
+/// its first request once the drain begins, then is closed, rather than holding the process
+/// until the drain deadline.
+#[tokio::test]
+async fn a_connection_that_never_sends_a_request_does_not_hold_the_drain() {
+    let backend = http_backend("b").await;
+    let mut proxy = Proxy::start(&format!(
+        "[global]\ndrain_timeout = \"1h\"\n{}",
+        single_pool(&[backend.addr], "", "")
+    ));
+    let addr = proxy.addr("l7");
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut late = HttpClient::connect(addr).await;
+    let accepted = proxy.handle.metrics().listener("l7");
+    eventually("accepted", || {
+        accepted
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 2
+    })
+    .await;
+    proxy.shutdown.cancel();
+    // A first request sent just after the drain began is still answered.
+    late.send(b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = late.reply().await.expect("answered");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("connection"), Some("close"));
+    // The silent one is closed, well before the drain deadline.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(PATIENCE, silent.read(&mut buf))
+        .await
+        .expect("closed by the drain");
+    assert!(matches!(read, Ok(0)), "{read:?}");
+    let cut = tokio::time::timeout(PATIENCE, &mut proxy.task)
+        .await
+        .expect("drained well before the deadline")
+        .expect("server task");
+    assert_eq!(cut, 0);
+}
+
 #[tokio::test]
 async fn a_redirect_answered_while_shutting_down_says_close() {
     let backend = http_backend("b").await;
