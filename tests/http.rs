@@ -2292,6 +2292,9 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
         .await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("content-encoding"), "{head}");
+    // The length the GET's body has, as the backend gave it.
+    let length = format!("content-length: {}", big_text().len());
+    assert!(head.split("\r\n").any(|line| line == length), "{head}");
     // An HTTP/1.0 client: compressed, delimited by the close.
     let mut old = HttpClient::connect(proxy.addr("l7")).await;
     old.send(b"GET /big.txt HTTP/1.0\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")

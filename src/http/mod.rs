@@ -1534,7 +1534,16 @@ impl HttpProxy {
                 out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
             }
             Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            Framing::Empty | Framing::UntilClose => {}
+            // A response to HEAD, or a 304, gives the length the body would have had (RFC 9110
+            // sections 8.6 and 15.4.5); a 204 never has one.
+            Framing::Empty => {
+                if let Some(n) = known_length
+                    && parts.status != http::StatusCode::NO_CONTENT
+                {
+                    out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+                }
+            }
+            Framing::UntilClose => {}
         }
         out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
         out.extend_from_slice(b"\r\n");
