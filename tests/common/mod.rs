@@ -146,6 +146,24 @@ impl Proxy {
         self.handle.local_addr(name).expect("listener exists")
     }
 
+    /// Waits until listener `name` has accepted `count` connections in all.
+    pub async fn accepted(&self, name: &str, count: u64) {
+        let stats = self.handle.metrics().listener(name);
+        eventually("connections accepted", || {
+            stats.connections.load(Ordering::SeqCst) == count
+        })
+        .await;
+    }
+
+    /// Waits for the server to finish after a shutdown (well before any drain deadline a test
+    /// would set) and returns how many connections the deadline cut.
+    pub async fn drained(&mut self) -> usize {
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("drained well before the deadline")
+            .expect("server task")
+    }
+
     /// Loads `toml` and reloads the running proxy with it.
     pub async fn reload(
         &self,
