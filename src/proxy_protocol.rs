@@ -19,6 +19,12 @@ use crate::config::{ProxyProtocolVersion, ProxyProtocolVersions};
 /// commonly send. Anything longer is refused rather than buffered.
 pub const MAX_HEADER_LEN: usize = 1024;
 
+/// How a v1 (text) header starts.
+const V1_SIGNATURE: &[u8] = b"PROXY ";
+/// The longest v1 header line, CRLF included (the specification's worst case, TCP6 with full
+/// addresses and ports).
+const V1_MAX_LEN: usize = 107;
+
 /// Why a PROXY protocol header was refused. Each closes that one connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyProtocolError {
@@ -92,6 +98,18 @@ pub fn parse(
     buf: &[u8],
     accept: ProxyProtocolVersions,
 ) -> Result<Option<Received>, ProxyProtocolError> {
+    // A v1 header is one line. ppp parses a line that has not ended yet as if it had, and a
+    // line cut right after the space before its last port reads as an empty (invalid) port:
+    // hand it only whole lines, so that where TCP splits the header does not matter.
+    let v1_prefix = &V1_SIGNATURE[..buf.len().min(V1_SIGNATURE.len())];
+    if buf.starts_with(v1_prefix) && !buf.contains(&b'\n') {
+        if buf.len() >= V1_MAX_LEN {
+            return Err(ProxyProtocolError::Malformed(
+                "v1 header line longer than 107 bytes".into(),
+            ));
+        }
+        return Ok(None);
+    }
     let result = ppp::HeaderResult::parse(buf);
     if result.is_incomplete() {
         // ppp reports a v1 line with missing fields as "incomplete"; once the line has ended,
@@ -262,6 +280,29 @@ mod tests {
             );
         }
         assert!(parse(&bytes, ProxyProtocolVersions::V2).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_v1_header_cut_anywhere_asks_for_more() {
+        // A header split over TCP segments may stop at any byte, also right after the space
+        // before the destination port, where the line so far already has every field.
+        for header in [
+            &b"PROXY TCP4 203.0.113.9 198.51.100.1 5555 443\r\n"[..],
+            b"PROXY TCP6 2001:db8::9 2001:db8::1 6666 443\r\n",
+            b"PROXY UNKNOWN\r\n",
+        ] {
+            for cut in 1..header.len() {
+                assert!(
+                    matches!(parse(&header[..cut], ProxyProtocolVersions::Any), Ok(None)),
+                    "{:?}",
+                    String::from_utf8_lossy(&header[..cut])
+                );
+            }
+            let mut whole = header.to_vec();
+            whole.extend_from_slice(b"data");
+            let got = parse(&whole, ProxyProtocolVersions::V1).unwrap().unwrap();
+            assert_eq!(got.leftover, b"data");
+        }
     }
 
     #[test]

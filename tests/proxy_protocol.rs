@@ -232,3 +232,29 @@ async fn garbage_truncated_and_slow_headers_close_only_that_connection() {
     assert_eq!(back, "v1 203.0.113.9 198.51.100.1 5555 443 | still here");
     assert_eq!(backend.accepted(), 1);
 }
+
+#[tokio::test]
+async fn a_v1_header_split_before_its_last_port_is_read_whole() {
+    let backend = header_reporter().await;
+    let proxy = Proxy::start(&config("v1", "\"127.0.0.1\"", "v1", backend.addr));
+    let mut stream = TcpStream::connect(proxy.addr("edge"))
+        .await
+        .expect("connect");
+    // Two segments, the first ending where every field but the last port has arrived.
+    let (first, rest) = V1_HEADER.split_at(V1_HEADER.len() - 5);
+    assert!(first.ends_with(b"5555 "));
+    stream.write_all(first).await.expect("write");
+    stream.flush().await.expect("flush");
+    // Not a synchronisation: the split is likely, not certain, and any split must work (the
+    // unit tests of `proxy_protocol::parse` try every cut).
+    tokio::task::yield_now().await;
+    stream.write_all(rest).await.expect("write");
+    stream.write_all(b"after").await.expect("write");
+    stream.shutdown().await.expect("shutdown");
+    let mut back = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut back))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert_eq!(back, "v1 203.0.113.9 198.51.100.1 5555 443 | after");
+}
