@@ -8,10 +8,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::backend::BackendState;
@@ -204,6 +204,12 @@ const TUNNEL_CHUNK: usize = 16 * 1024;
 /// fails, or nothing moves for `idle`. This is the forwarder for connections where one side is
 /// TLS (splice needs both sides plain); `initial` goes to the backend first. When one side
 /// closes its write side, the other direction keeps running (half-close).
+///
+/// One future polls both directions, each with its own buffer, so a destination that does not
+/// take bytes holds up only its own direction. Waiting on one direction's write while the other
+/// is not read would deadlock with any peer that reads only once its own writes are done (an
+/// echo server, a database streaming results while the client streams a bulk load): each side
+/// would wait for the other to read.
 pub async fn tunnel(
     client: &mut Stream,
     backend: &mut Stream,
@@ -212,67 +218,126 @@ pub async fn tunnel(
     stats: &BackendState,
 ) -> (io::Result<()>, Moved) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut moved = Moved::default();
-    if !initial.is_empty() {
-        match tokio::time::timeout(idle, backend.write_all_flush(initial)).await {
-            Ok(Ok(())) => moved.upstream += initial.len() as u64,
-            Ok(Err(error)) => return (Err(error), moved),
-            Err(_) => return (Err(io::ErrorKind::TimedOut.into()), moved),
+    let mut up = Flow::new(initial);
+    let mut down = Flow::new(&[]);
+    let mut last_activity = tokio::time::Instant::now();
+    let mut timer = Box::pin(tokio::time::sleep(idle));
+    let result = std::future::poll_fn(|cx| {
+        let before = (up.moved, down.moved, up.eof, down.eof);
+        let up_state = up.poll(cx, client, backend);
+        let down_state = down.poll(cx, backend, client);
+        if up.moved > before.0 {
+            stats.bytes_sent.fetch_add(up.moved - before.0, Relaxed);
         }
-    }
-    let mut up = vec![0u8; TUNNEL_CHUNK];
-    let mut down = vec![0u8; TUNNEL_CHUNK];
-    let (mut client_open, mut backend_open) = (true, true);
-    enum Read {
-        Client(io::Result<usize>),
-        Backend(io::Result<usize>),
-    }
-    while client_open || backend_open {
-        let read = tokio::time::timeout(idle, async {
-            tokio::select! {
-                n = client.read(&mut up), if client_open => Read::Client(n),
-                n = backend.read(&mut down), if backend_open => Read::Backend(n),
-            }
-        })
-        .await;
-        let result = match read {
-            Err(_) => return (Ok(()), moved),
-            // A failed shutdown means the other side is gone, which its own read will show.
-            Ok(Read::Client(Ok(0))) => {
-                client_open = false;
-                let _ = backend.shutdown().await;
-                Ok(())
-            }
-            Ok(Read::Backend(Ok(0))) => {
-                backend_open = false;
-                let _ = client.shutdown().await;
-                Ok(())
-            }
-            Ok(Read::Client(Ok(n))) => {
-                moved.upstream += n as u64;
-                stats.bytes_sent.fetch_add(n as u64, Relaxed);
-                write_idle(backend, &up[..n], idle).await
-            }
-            Ok(Read::Backend(Ok(n))) => {
-                moved.downstream += n as u64;
-                stats.bytes_received.fetch_add(n as u64, Relaxed);
-                write_idle(client, &down[..n], idle).await
-            }
-            Ok(Read::Client(Err(error)) | Read::Backend(Err(error))) => Err(error),
-        };
-        if let Err(error) = result {
-            return (Err(error), moved);
+        if down.moved > before.1 {
+            stats
+                .bytes_received
+                .fetch_add(down.moved - before.1, Relaxed);
         }
-    }
-    (Ok(()), moved)
+        match (up_state, down_state) {
+            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => {
+                return Poll::Ready(Err(error));
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
+            _ => {}
+        }
+        if before != (up.moved, down.moved, up.eof, down.eof) {
+            last_activity = tokio::time::Instant::now();
+        }
+        // Re-armed only when it fires, not per byte.
+        while timer.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(Ok(()));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    let moved = Moved {
+        upstream: up.moved,
+        downstream: down.moved,
+    };
+    (result, moved)
 }
 
-async fn write_idle(stream: &mut Stream, data: &[u8], idle: Duration) -> io::Result<()> {
-    match tokio::time::timeout(idle, stream.write_all_flush(data)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the peer stopped reading",
-        )),
+/// One direction of [`tunnel`].
+struct Flow {
+    buf: Box<[u8]>,
+    /// `buf[start..end]` has been read and not yet written.
+    start: usize,
+    end: usize,
+    /// The source reached its end.
+    eof: bool,
+    /// The end was passed on: the destination's write side is shut down.
+    done: bool,
+    /// Bytes were written since the last flush (TLS keeps records until flushed).
+    unflushed: bool,
+    /// Bytes written to the destination.
+    moved: u64,
+}
+
+impl Flow {
+    fn new(initial: &[u8]) -> Flow {
+        let mut buf = vec![0u8; TUNNEL_CHUNK.max(initial.len())].into_boxed_slice();
+        buf[..initial.len()].copy_from_slice(initial);
+        Flow {
+            buf,
+            start: 0,
+            end: initial.len(),
+            eof: false,
+            done: false,
+            unflushed: false,
+            moved: 0,
+        }
+    }
+
+    /// Moves what it can from `src` to `dst`; `Ready(Ok)` once the end has been passed on.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Stream,
+        dst: &mut Stream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while self.start < self.end {
+                let n =
+                    ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.moved += n as u64;
+                self.unflushed = true;
+            }
+            if self.eof {
+                // A failed shutdown means the other side is gone, which its own read will show.
+                let _ = ready!(Pin::new(&mut *dst).poll_shutdown(cx));
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    self.start = 0;
+                    self.end = n;
+                    self.eof = n == 0;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what the TLS layer holds.
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 }

@@ -1221,3 +1221,86 @@ fn switchyard_check_warns_about_expiry_and_fails_on_a_mismatched_key() {
         "{stderr}"
     );
 }
+
+/// Both ends stream at once, and the backend reads only once it has written everything (as a
+/// server that sends a whole response before reading what else came does): the proxy must
+/// keep the backend-to-client direction moving while the backend does not read, or each side
+/// ends up waiting for the other to read.
+#[tokio::test]
+async fn a_tls_terminated_tcp_connection_moves_both_ways_at_once() {
+    // More than the socket buffers along the way can hold.
+    const TOTAL: usize = 32 << 20;
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
+    let backend = Backend::start(|mut stream| async move {
+        let chunk = vec![5u8; 1 << 16];
+        for _ in 0..TOTAL / chunk.len() {
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let mut sink = vec![0u8; 1 << 16];
+        let mut got = 0;
+        while got < TOTAL {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = stream.write_all(b"all read").await;
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "tls-tcp"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "p"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+        [pools.p]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        backend.addr
+    ));
+    let stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 1 << 16];
+        for _ in 0..TOTAL / chunk.len() {
+            w.write_all(&chunk).await.expect("write");
+        }
+        w.flush().await.expect("flush");
+        w
+    });
+    let mut got = 0usize;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = tokio::time::timeout(PATIENCE, r.read(&mut buf))
+            .await
+            .expect("the backend's bytes keep coming")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        // Only the count of the stream and its last bytes matter.
+        received.extend_from_slice(&buf[..n]);
+        if received.len() > 64 {
+            let keep = received.split_off(received.len() - 64);
+            received = keep;
+        }
+        got += n;
+    }
+    assert_eq!(got, TOTAL + b"all read".len());
+    assert!(received.ends_with(b"all read"), "the backend read it all");
+    tokio::time::timeout(PATIENCE, writer)
+        .await
+        .expect("the client's bytes all went")
+        .expect("writer");
+}
