@@ -6,6 +6,7 @@
 //! proxy's functions are compiled once, and the plain case costs one predictable branch per
 //! read or write.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -200,10 +201,21 @@ pub struct Moved {
 /// Size of each direction's buffer in [`tunnel`].
 const TUNNEL_CHUNK: usize = 16 * 1024;
 
+/// Why [`tunnel`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their write side and everything was delivered.
+    Closed,
+    /// Nothing moved either way for the idle timeout.
+    IdleTimeout,
+    /// The caller's `stop` future resolved (a backend's drain deadline).
+    Stopped,
+}
+
 /// Moves bytes both ways between a client and a backend until both sides have closed, either
-/// fails, or nothing moves for `idle`. This is the forwarder for connections where one side is
-/// TLS (splice needs both sides plain); `initial` goes to the backend first. When one side
-/// closes its write side, the other direction keeps running (half-close).
+/// fails, nothing moves for `idle`, or `stop` resolves. This is the forwarder for connections
+/// where one side is TLS (splice needs both sides plain); `initial` goes to the backend first.
+/// When one side closes its write side, the other direction keeps running (half-close).
 ///
 /// One future polls both directions, each with its own buffer, so a destination that does not
 /// take bytes holds up only its own direction. Waiting on one direction's write while the other
@@ -216,13 +228,18 @@ pub async fn tunnel(
     initial: &[u8],
     idle: Duration,
     stats: &BackendState,
-) -> (io::Result<()>, Moved) {
+    stop: impl Future<Output = ()>,
+) -> (io::Result<TunnelEnd>, Moved) {
     use std::sync::atomic::Ordering::Relaxed;
+    let mut stop = std::pin::pin!(stop);
     let mut up = Flow::new(initial);
     let mut down = Flow::new(&[]);
     let mut last_activity = tokio::time::Instant::now();
     let mut timer = Box::pin(tokio::time::sleep(idle));
     let result = std::future::poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(TunnelEnd::Stopped));
+        }
         let before = (up.moved, down.moved, up.eof, down.eof);
         let up_state = up.poll(cx, client, backend);
         let down_state = down.poll(cx, backend, client);
@@ -238,7 +255,9 @@ pub async fn tunnel(
             (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => {
                 return Poll::Ready(Err(error));
             }
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                return Poll::Ready(Ok(TunnelEnd::Closed));
+            }
             _ => {}
         }
         if before != (up.moved, down.moved, up.eof, down.eof) {
@@ -248,7 +267,7 @@ pub async fn tunnel(
         while timer.as_mut().poll(cx).is_ready() {
             let deadline = last_activity + idle;
             if tokio::time::Instant::now() >= deadline {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(TunnelEnd::IdleTimeout));
             }
             timer.as_mut().reset(deadline);
         }

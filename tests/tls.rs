@@ -1304,3 +1304,104 @@ async fn a_tls_terminated_tcp_connection_moves_both_ways_at_once() {
         .expect("the client's bytes all went")
         .expect("writer");
 }
+
+/// A tcp listener that terminates TLS, with an access log, in front of `backend`.
+fn terminating_tcp(pki: &Pki, backend: std::net::SocketAddr, log: &Path) -> Proxy {
+    let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
+    Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "tls-tcp"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "p"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+        access_log = {{ path = "{}" }}
+
+        [pools.p]
+        backends = ["{}"]
+        "#,
+        p(&cert),
+        p(&key),
+        p(log),
+        backend
+    ))
+}
+
+#[tokio::test]
+async fn a_tls_terminated_tcp_connection_gets_its_access_log_line() {
+    let pki = Pki::new();
+    let backend = Backend::echo().await;
+    let log = pki.path("access.log");
+    let proxy = terminating_tcp(&pki, backend.addr, &log);
+    let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    stream.write_all(b"hello").await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut back = [0u8; 5];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("echo");
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the line is written", || lines().lines().count() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    assert_eq!(line["protocol"], "tcp");
+    assert_eq!(line["listener"], "tls-tcp");
+    assert_eq!(line["backend"], backend.addr.to_string());
+    assert_eq!(line["bytes_sent"], 5);
+    assert_eq!(line["bytes_received"], 5);
+    assert_eq!(line["outcome"], "closed");
+}
+
+#[tokio::test]
+async fn a_client_reset_on_a_tls_terminated_tcp_listener_reaches_the_backend_as_a_reset() {
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (end_tx, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let (seen_tx, end_tx) = (seen_tx.clone(), end_tx.clone());
+        async move {
+            let mut first = [0u8; 7];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            let _ = seen_tx.send(());
+            let mut rest = Vec::new();
+            let end = stream.read_to_end(&mut rest).await.map_err(|e| e.kind());
+            let _ = end_tx.send(end);
+        }
+    })
+    .await;
+    let mut seen_rx = seen_rx;
+    let pki = Pki::new();
+    let log = pki.path("access.log");
+    let proxy = terminating_tcp(&pki, backend.addr, &log);
+    let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    stream.write_all(b"partial").await.expect("write");
+    stream.flush().await.expect("flush");
+    tokio::time::timeout(PATIENCE, seen_rx.recv())
+        .await
+        .expect("the backend got the bytes in time");
+    // The client fails: its socket is reset.
+    let _ = socket2::SockRef::from(stream.get_ref().0).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+    let end = tokio::time::timeout(PATIENCE, end_rx.recv())
+        .await
+        .expect("the backend's connection ended in time")
+        .expect("an end");
+    // Not a FIN, which the backend would take for the end of what the client meant to send.
+    assert_eq!(end.err(), Some(std::io::ErrorKind::ConnectionReset));
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the line is written", || lines().lines().count() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    assert_eq!(line["outcome"], "error");
+    assert_eq!(line["bytes_sent"], 7);
+}

@@ -961,9 +961,11 @@ impl HttpProxy {
                         &initial,
                         UPGRADE_IDLE_TIMEOUT,
                         guard.state(),
+                        // The drain deadline is awaited below, for both kinds of tunnel.
+                        std::future::pending(),
                     )
                     .await;
-                    (result, moved.upstream, moved.downstream)
+                    (result.map(|_| ()), moved.upstream, moved.downstream)
                 }
             };
             let (result, up, down) = tokio::select! {

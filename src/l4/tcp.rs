@@ -231,7 +231,7 @@ impl TcpProxy {
         mut client: TcpStream,
         peer: SocketAddr,
     ) -> Result<(), RefuseReason> {
-        use crate::stream::Stream;
+        use crate::stream::{Stream, TunnelEnd};
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (source, destination, initial) = self.accept_proxy_header(&mut client, peer).await?;
         let local = client.local_addr().ok();
@@ -257,24 +257,38 @@ impl TcpProxy {
         }
         let mut backend = Stream::Plain(backend);
         debug!(listener = %self.name, client = %source, %addr, "forwarding (TLS terminated)");
-        let tunnel = crate::stream::tunnel(
+        let started = std::time::Instant::now();
+        let (result, moved) = crate::stream::tunnel(
             &mut client,
             &mut backend,
             &[],
             self.settings.idle_timeout,
             guard.state(),
-        );
-        let (result, moved) = tokio::select! {
-            done = tunnel => done,
-            () = closer.cancelled() => {
-                debug!(listener = %self.name, client = %source, %addr, "closed at the backend's drain deadline");
-                return Ok(());
-            }
+            closer.cancelled(),
+        )
+        .await;
+        let outcome = match &result {
+            Ok(TunnelEnd::Closed) => "closed",
+            Ok(TunnelEnd::IdleTimeout) => "idle_timeout",
+            Ok(TunnelEnd::Stopped) => "drained",
+            Err(_) => "error",
         };
         debug!(
             listener = %self.name, client = %source, %addr, ?result,
-            up = moved.upstream, down = moved.downstream, "closed"
+            up = moved.upstream, down = moved.downstream, outcome, "closed"
         );
+        if result.is_err() {
+            // As for plain connections (see `Forwarding::poll`): a failure reaches both sides
+            // as a reset, never as a clean end.
+            for socket in [client.tcp(), backend.tcp()] {
+                let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+            }
+        }
+        let moved = Transferred {
+            upstream: moved.upstream,
+            downstream: moved.downstream,
+        };
+        log_connection(self, source, &guard, moved, started, outcome);
         Ok(())
     }
 
