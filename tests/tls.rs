@@ -1405,3 +1405,41 @@ async fn a_client_reset_on_a_tls_terminated_tcp_listener_reaches_the_backend_as_
     assert_eq!(line["outcome"], "error");
     assert_eq!(line["bytes_sent"], 7);
 }
+
+#[tokio::test]
+async fn an_sni_route_written_with_a_trailing_dot_matches_its_name() {
+    let pki = Pki::new();
+    let (a_cert, a_key) = pki.issue("a", "a", &["a.example.com", "x.b.example.com"], false);
+    let a = https_backend("pool-a", pki.server(&a_cert, &a_key, &[])).await;
+    let d = https_backend("pool-default", pki.server(&a_cert, &a_key, &[])).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "pass"
+        bind = "127.0.0.1:0"
+        protocol = "tcp"
+        pool = "default"
+        sni_routes = [
+            {{ sni = "A.Example.com.", pool = "a" }},
+            {{ sni = "*.b.example.com.", pool = "a" }},
+        ]
+
+        [pools.a]
+        backends = ["{}"]
+        [pools.default]
+        backends = ["{}"]
+        "#,
+        a.addr, d.addr
+    ));
+    for name in ["a.example.com", "x.b.example.com"] {
+        let mut stream = tls_connect(proxy.addr("pass"), pki.client(&[]), name)
+            .await
+            .expect("handshake with the backend");
+        let reply = get(&mut stream, "/", "").await;
+        assert!(
+            reply.text().starts_with("pool-a\n"),
+            "{name}: {}",
+            reply.text()
+        );
+    }
+}

@@ -2134,6 +2134,12 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
 
 fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     let host = text.to_ascii_lowercase();
+    // A trailing dot names the same host, and names compared with patterns (Host fields, SNI)
+    // lose theirs: kept here, the pattern could never match.
+    let host = match host.strip_suffix('.') {
+        Some(stripped) if !stripped.is_empty() => stripped.to_owned(),
+        _ => host,
+    };
     let valid = |s: &str| {
         !s.is_empty()
             && s.bytes()
@@ -2208,6 +2214,14 @@ mod tests {
         assert_eq!(
             parse_host_pattern("admin.*"),
             Ok(HostPattern::Prefix("admin.".into()))
+        );
+        assert_eq!(
+            parse_host_pattern("Admin.Example.com."),
+            Ok(HostPattern::Exact("admin.example.com".into()))
+        );
+        assert_eq!(
+            parse_host_pattern("*.example.com."),
+            Ok(HostPattern::Suffix(".example.com".into()))
         );
         assert!(parse_host_pattern("a*b").is_err());
         assert!(parse_host_pattern("*.*").is_err());
