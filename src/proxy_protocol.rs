@@ -184,9 +184,13 @@ pub fn parse(
         }
         _ => {}
     }
+    // A dual-stack proxy in front may state an IPv4 client as ::ffff:a.b.c.d; it is the same
+    // client, and is treated as IPv4 like a peer connecting that way (trust, hashing, logs,
+    // forwarding headers).
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     Ok(Some(Received {
-        source,
-        destination,
+        source: source.map(canonical),
+        destination: destination.map(canonical),
         leftover: buf[len..].to_vec(),
     }))
 }
@@ -346,13 +350,27 @@ mod tests {
     }
 
     #[test]
+    fn mapped_addresses_received_are_read_as_ipv4() {
+        let bytes = encode(
+            ProxyProtocolVersion::V2,
+            addr("[::ffff:192.0.2.7]:4000"),
+            addr("[2001:db8::1]:443"),
+        );
+        let got = parse(&bytes, ProxyProtocolVersions::Any).unwrap().unwrap();
+        assert_eq!(got.source, Some(addr("192.0.2.7:4000")));
+        assert_eq!(got.destination, Some(addr("[2001:db8::1]:443")));
+    }
+
+    #[test]
     fn mixed_families_map_to_v6() {
         let bytes = encode(
             ProxyProtocolVersion::V2,
             addr("10.0.0.1:1"),
             addr("[::1]:2"),
         );
+        // Encoded as IPv6 (both addresses must share a family), read back as the IPv4 it is.
+        assert_eq!(bytes[13], 0x21, "TCP over IPv6");
         let got = parse(&bytes, ProxyProtocolVersions::Any).unwrap().unwrap();
-        assert_eq!(got.source, Some(addr("[::ffff:10.0.0.1]:1")));
+        assert_eq!(got.source, Some(addr("10.0.0.1:1")));
     }
 }

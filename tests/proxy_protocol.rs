@@ -258,3 +258,46 @@ async fn a_v1_header_split_before_its_last_port_is_read_whole() {
         .expect("read");
     assert_eq!(back, "v1 203.0.113.9 198.51.100.1 5555 443 | after");
 }
+
+#[tokio::test]
+async fn an_ipv4_mapped_client_in_a_header_is_treated_as_ipv4() {
+    // A dual-stack proxy in front states an IPv4 client as ::ffff:a.b.c.d.
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+proxy_protocol = "v2"
+trusted_proxies = ["127.0.0.1"]
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let mut header = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "[::ffff:203.0.113.9]:5555"
+                .parse::<SocketAddr>()
+                .expect("addr"),
+            "[::ffff:198.51.100.1]:80"
+                .parse::<SocketAddr>()
+                .expect("addr"),
+        ),
+    )
+    .build()
+    .expect("header");
+    header.extend_from_slice(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    client.send(&header).await;
+    let reply = client.reply().await.expect("a reply");
+    assert_eq!(reply.status, 200);
+    let text = reply.text().to_ascii_lowercase();
+    assert!(text.contains("x-forwarded-for: 203.0.113.9\n"), "{text}");
+    assert!(text.contains("x-real-ip: 203.0.113.9\n"), "{text}");
+}
