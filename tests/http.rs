@@ -1198,6 +1198,45 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
     }
 }
 
+/// An upgraded connection whose backend fails ends for the client with a reset, as a tcp
+/// listener's does: a FIN would pass for an orderly end of the stream.
+#[tokio::test]
+async fn an_upgraded_connection_whose_backend_fails_ends_with_a_reset() {
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n").await.is_none() {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\npartial")
+            .await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+        .await
+        .expect("ended in time");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.ends_with("\r\n\r\npartial"), "{text}");
+    assert_eq!(
+        read.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{text}"
+    );
+}
+
 /// A backend that answers with two Set-Cookie fields, a Server field and a header it was asked
 /// for, plus the usual report of what it received.
 async fn cookie_backend() -> Backend {

@@ -979,6 +979,14 @@ impl HttpProxy {
                 listener = %self.name, client = %client.source, ?result,
                 up, down, "upgraded connection ended"
             );
+            if result.is_err() {
+                // As on a tcp listener, a failure reaches both sides as a reset: a FIN would
+                // pass for an orderly end of the stream.
+                for stream in [&client.stream, &conn.stream] {
+                    let _ = socket2::SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
+                }
+                return Err(Failure::Abort);
+            }
             return Ok(Next::Close);
         }
 
