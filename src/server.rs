@@ -109,6 +109,9 @@ struct Running {
     stop: CancellationToken,
     /// Whether its loop has been spawned (listeners bound before `run` start there).
     started: bool,
+    /// An http listener's earlier settings, as long as connections still use them (see
+    /// `Shared::update`).
+    older: Vec<std::sync::Weak<HttpProxy>>,
 }
 
 /// What the server runs now.
@@ -407,6 +410,9 @@ pub struct ListenerInfo {
     pub active: u64,
     /// Datagrams a udp listener dropped (0 for the others).
     pub dropped: u64,
+    /// Earlier settings of an http listener that connections opened before a reload still
+    /// use (0 for the others): what keeps old routers and rules in memory.
+    pub older_settings: u64,
 }
 
 /// What a reload changed.
@@ -526,6 +532,7 @@ impl ServerHandle {
                     Proxy::Udp(_, stats) => stats.dropped.load(Relaxed),
                     _ => 0,
                 },
+                older_settings: l.older.iter().filter(|w| w.strong_count() > 0).count() as u64,
             })
             .collect()
     }
@@ -778,6 +785,7 @@ impl Shared {
             max_connections,
             stop: self.shutdown.child_token(),
             started: false,
+            older: Vec::new(),
         })
     }
 
@@ -788,7 +796,20 @@ impl Shared {
             (Proxy::Http(current), Built::Http(mut new)) => {
                 new.retired = current.load().retired.clone();
                 let new = Arc::new(new);
-                current.swap(Arc::clone(&new)).successor.store(Some(new));
+                let previous = current.swap(Arc::clone(&new));
+                running.older.push(Arc::downgrade(&previous));
+                drop(previous);
+                // Every earlier generation still in use leads straight to the newest, so a
+                // connection that keeps an old one (a WebSocket, an idle keep-alive client)
+                // keeps no generation in between: frequent reloads do not pile up settings,
+                // routers and open log files behind it.
+                running.older.retain(|weak| match weak.upgrade() {
+                    Some(old) => {
+                        old.successor.store(Some(Arc::clone(&new)));
+                        true
+                    }
+                    None => false,
+                });
             }
             (Proxy::Udp(current, _), Built::Udp(new)) => current.store(Arc::new(new)),
             _ => unreachable_kind(),

@@ -381,3 +381,35 @@ async fn http2_clients_of_a_removed_listener_get_goaway_after_their_streams() {
         .expect("joins")
         .expect("a clean end");
 }
+
+/// A connection opened before many reloads keeps only its own settings and the newest, not
+/// every generation in between: frequent reloads must not pile up memory behind one long-lived
+/// client.
+#[tokio::test]
+async fn a_long_lived_client_keeps_no_settings_between_its_own_and_the_newest() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let pools = format!(
+        "[pools.a]\nbackends = [\"{}\"]\n[pools.b]\nbackends = [\"{}\"]\n",
+        a.addr, b.addr
+    );
+    let proxy = Proxy::start(&web("a", "", &pools));
+    let older = || {
+        proxy
+            .handle
+            .listener_stats()
+            .iter()
+            .find(|l| l.name == "web")
+            .map(|l| l.older_settings)
+    };
+    let mut kept = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(kept.get("/", "").await.header("x-backend"), Some("a"));
+    for pool in ["b", "a", "b", "a"] {
+        proxy.reload(&web(pool, "", &pools)).await.expect("reloads");
+    }
+    // Four reloads: the client's settings are all that is left of the four earlier ones.
+    assert_eq!(older(), Some(1));
+    // Its next request follows to the newest, and nothing old is left.
+    assert_eq!(kept.get("/", "").await.header("x-backend"), Some("a"));
+    eventually("the first settings are released", || older() == Some(0)).await;
+}

@@ -44,6 +44,7 @@ pub fn state(handle: &ServerHandle) -> Value {
                 }
                 ListenerKind::Http(settings) => {
                     value["default_pool"] = json!(settings.default_pool);
+                    value["older_settings_in_use"] = json!(live.map_or(0, |s| s.older_settings));
                     value["routes"] = settings
                         .routes
                         .iter()
