@@ -730,3 +730,97 @@ fn pool_keepalive_settings_load_and_are_checked() {
         "greater than zero",
     );
 }
+
+/// An http listener, bound to `127.0.0.1:80`, with `extra` keys and the minimal pool `p`.
+fn http_listener(extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\n{extra}\n{MINIMAL_POOL}"
+    )
+}
+
+#[test]
+fn a_bad_trusted_proxy_on_an_http_listener_is_reported_once() {
+    let found = problems(&http_listener(
+        "default_pool = \"p\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].0, "listeners[0].trusted_proxies[0]");
+}
+
+#[test]
+fn a_split_whose_entries_are_wrong_reports_only_what_is_wrong() {
+    // The only entry names an unknown pool: that is the problem, not a sum of weights of 0.
+    let found = problems(&http_listener(
+        r#"routes = [{ match = { path = "/" }, pools = [{ pool = "nope", weight = 5 }] }]"#,
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].0, "listeners[0].routes[0].pools[0].pool");
+    let found = problems(&http_listener(
+        r#"routes = [{ match = { path = "/" }, pools = [{ pool = "p", weight = -1 }] }]"#,
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].0, "listeners[0].routes[0].pools[0].weight");
+}
+
+#[test]
+fn a_route_that_redirects_cannot_also_name_a_pool() {
+    assert_problem(
+        &http_listener(
+            r#"routes = [{ match = { path = "/" }, pool = "p", redirect = { to = "https://{host}{path}" } }]"#,
+        ),
+        "listeners[0].routes[0].pool",
+        "redirect",
+    );
+    assert_problem(
+        &http_listener(
+            r#"routes = [{ match = { path = "/" }, pools = [{ pool = "p" }], redirect = { to = "https://{host}{path}" } }]"#,
+        ),
+        "listeners[0].routes[0].pools",
+        "redirect",
+    );
+}
+
+#[test]
+fn a_backend_on_port_0_is_refused() {
+    let text = tcp_listener("").replace("127.0.0.1:1\"", "127.0.0.1:0\"");
+    assert_problem(&text, "pools.p.backends[0]", "port 0");
+}
+
+#[test]
+fn binds_that_would_collide_at_bind_time_are_reported() {
+    let second = |bind: &str, protocol: &str| {
+        format!(
+            "{}\n[[listeners]]\nname = \"b\"\nbind = \"{bind}\"\nprotocol = \"{protocol}\"\npool = \"p\"\n",
+            tcp_listener("").replace("127.0.0.1:1000", "0.0.0.0:1000")
+        )
+    };
+    // A wildcard address takes the port on every address of its family.
+    assert_problem(
+        &second("127.0.0.1:1000", "tcp"),
+        "listeners[1].bind",
+        "0.0.0.0:1000",
+    );
+    // An IPv6 wildcard takes the IPv4 addresses too (a dual-stack socket).
+    assert_problem(
+        &second("[::]:1000", "tcp"),
+        "listeners[1].bind",
+        "0.0.0.0:1000",
+    );
+    // udp and tcp do not share ports, even under a wildcard.
+    Config::from_toml(&second("127.0.0.1:1000", "udp"), Path::new("ok.toml"))
+        .expect("tcp and udp may share a port");
+    // Nor do two IPv4 addresses of the same port.
+    Config::from_toml(
+        &format!(
+            "{}\n[[listeners]]\nname = \"b\"\nbind = \"127.0.0.2:1000\"\nprotocol = \"tcp\"\npool = \"p\"\n",
+            tcp_listener("")
+        ),
+        Path::new("ok.toml"),
+    )
+    .expect("two addresses, one port");
+    // The admin API listens on TCP too.
+    let admin = |bind: &str| format!("[admin]\nbind = \"{bind}\"\n\n{}", tcp_listener(""));
+    assert_problem(&admin("127.0.0.1:1000"), "admin.bind", "listeners[0].bind");
+    assert_problem(&admin("0.0.0.0:1000"), "admin.bind", "listeners[0].bind");
+    Config::from_toml(&admin("127.0.0.1:1001"), Path::new("ok.toml")).expect("another port");
+}

@@ -197,7 +197,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     }
     let mut listeners = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
-    let mut binds: HashMap<(SocketAddr, bool), usize> = HashMap::new();
+    // (address, udp, index) of each valid listener so far.
+    let mut binds: Vec<(SocketAddr, bool, usize)> = Vec::new();
     for (index, listener) in raw.listeners.into_iter().enumerate() {
         let at = format!("listeners[{index}]");
         if let Some(name) = &listener.name
@@ -210,18 +211,12 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         }
         if let Some(listener) = validate_listener(&mut problems, &at, listener, &pool_names, base) {
             let udp = matches!(listener.kind, ListenerKind::Udp(_));
-            // Port 0 asks the kernel for a fresh port each time, so it never collides.
-            if listener.bind.port() != 0
-                && let Some(first) = binds.insert((listener.bind, udp), index)
-            {
-                problems.push(
-                    format!("{at}.bind"),
-                    format!(
-                        "duplicate bind address {} (also listeners[{first}].bind)",
-                        listener.bind
-                    ),
-                );
+            if let Some(&(other, _, first)) = binds.iter().find(|&&(other, other_udp, _)| {
+                other_udp == udp && binds_collide(listener.bind, other)
+            }) {
+                problems.push(format!("{at}.bind"), collision(listener.bind, other, first));
             }
+            binds.push((listener.bind, udp, index));
             listeners.push(listener);
         }
     }
@@ -229,6 +224,15 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let admin = raw
         .admin
         .and_then(|admin| validate_admin(&mut problems, admin));
+    // The admin API is a TCP listener too: sharing a port with a tcp or http listener would
+    // pass `check` and fail at start.
+    if let Some(admin) = &admin
+        && let Some(&(other, _, first)) = binds
+            .iter()
+            .find(|&&(other, udp, _)| !udp && binds_collide(admin.bind, other))
+    {
+        problems.push("admin.bind", collision(admin.bind, other, first));
+    }
 
     if problems.0.is_empty() {
         Ok(Config {
@@ -242,6 +246,33 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
             file: file.to_path_buf(),
             problems: problems.0,
         })
+    }
+}
+
+/// Whether two sockets of the same kind (both TCP or both UDP) bound to `a` and `b` could not
+/// both be bound. Port 0 asks the kernel for a fresh port each time, so it never collides. A
+/// wildcard address takes its port on every address of its family, and an IPv6 wildcard also
+/// on IPv4 ones: listening sockets are dual-stack (Linux's default `bindv6only = 0`).
+fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
+        wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// The reason given when a bind collides with listener `first`'s, bound to `other`.
+fn collision(bind: SocketAddr, other: SocketAddr, first: usize) -> String {
+    if bind == other {
+        format!("duplicate bind address {bind} (also listeners[{first}].bind)")
+    } else {
+        format!(
+            "{bind} and {other} (listeners[{first}].bind) take the same port: a wildcard \
+             address holds it on every address (an IPv6 one on IPv4 addresses too)"
+        )
     }
 }
 
@@ -270,6 +301,17 @@ fn validate_listener(
         Some(bind) => problems.check(format!("{at}.bind"), parse_address(bind)),
     };
     let protocol = raw.protocol.as_deref().unwrap_or("");
+    // Parsed once: http listeners use the list for X-Forwarded-For and the PROXY protocol
+    // alike, and a bad entry is one problem, not one per use.
+    let trusted_proxies: Vec<IpNet> = raw
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, cidr)| {
+            problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
+        })
+        .collect();
     let max_connections = positive(
         problems,
         &format!("{at}.max_connections"),
@@ -524,19 +566,10 @@ fn validate_listener(
                     validate_route(problems, &format!("{at}.routes[{i}]"), route, pools)
                 })
                 .collect();
-            let trusted_proxies = raw
-                .trusted_proxies
-                .iter()
-                .flatten()
-                .enumerate()
-                .filter_map(|(i, cidr)| {
-                    problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
-                })
-                .collect();
             Some(ListenerKind::Http(Box::new(HttpSettings {
                 routes,
                 default_pool,
-                trusted_proxies,
+                trusted_proxies: trusted_proxies.clone(),
                 client_header_timeout: optional_duration(
                     problems,
                     &format!("{at}.client_header_timeout"),
@@ -589,7 +622,7 @@ fn validate_listener(
         }
     };
 
-    let proxy_protocol = validate_proxy_accept(problems, at, &raw);
+    let proxy_protocol = validate_proxy_accept(problems, at, &raw, trusted_proxies);
     let tls = match (&raw.tls, protocol) {
         (Some(tls), "tcp" | "http") => validate_listener_tls(problems, at, tls, base),
         _ => None,
@@ -612,16 +645,8 @@ fn validate_proxy_accept(
     problems: &mut Problems,
     at: &str,
     raw: &RawListener,
+    trusted: Vec<IpNet>,
 ) -> Option<ProxyProtocolAccept> {
-    let trusted: Vec<IpNet> = raw
-        .trusted_proxies
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(i, cidr)| {
-            problems.check(format!("{at}.trusted_proxies[{i}]"), parse_cidr(cidr))
-        })
-        .collect();
     let timeout = optional_duration(
         problems,
         &format!("{at}.proxy_protocol_timeout"),
@@ -693,6 +718,21 @@ fn validate_route(
         },
     );
     let redirects = raw.redirect.is_some();
+    // A route that redirects answers every request it matches itself: a pool beside it would
+    // never be used, so it is a mistake to report rather than a key to ignore.
+    if redirects {
+        for (present, key) in [(raw.pool.is_some(), "pool"), (raw.pools.is_some(), "pools")] {
+            if present {
+                problems.push(
+                    format!("{at}.{key}"),
+                    format!(
+                        "a route with `redirect` answers its requests itself, so `{key}` would \
+                         never be used: remove one of them"
+                    ),
+                );
+            }
+        }
+    }
     let target = match (&raw.pool, raw.pools) {
         (Some(pool), None) => {
             known_pool(problems, &format!("{at}.pool"), pool, pools).map(RouteTarget::Pool)
@@ -1070,6 +1110,7 @@ fn validate_split(
         return None;
     }
     let mut targets = Vec::new();
+    let mut valid = true;
     for (i, entry) in split.into_iter().enumerate() {
         let path = format!("{at}.pools[{i}]");
         let pool = match &entry.pool {
@@ -1090,9 +1131,15 @@ fn validate_split(
                 None
             }
         };
-        if let (Some(pool), Some(weight)) = (pool, weight) {
-            targets.push((pool, weight));
+        match (pool, weight) {
+            (Some(pool), Some(weight)) => targets.push((pool, weight)),
+            // The entry's own problem is reported (or its pool's, for a pool that failed
+            // validation); the sum of weights below would only add a misleading one.
+            _ => valid = false,
         }
+    }
+    if !valid {
+        return None;
     }
     if targets.iter().all(|(_, w)| *w == 0) {
         problems.push(
@@ -1215,7 +1262,21 @@ fn validate_pool(
                         problems.push(format!("{path}.address"), "missing");
                         None
                     }
-                    Some(address) => problems.check(&path, parse_address(&address)),
+                    Some(address) => {
+                        problems
+                            .check(&path, parse_address(&address))
+                            .filter(|addr| {
+                                // Port 0 is "any port" only to bind(); a connect to it is refused.
+                                let usable = addr.port() != 0;
+                                if !usable {
+                                    problems.push(
+                                        &path,
+                                        format!("{addr} has port 0, which no backend listens on"),
+                                    );
+                                }
+                                usable
+                            })
+                    }
                 };
                 let weight = match weight {
                     None => Some(1),
