@@ -250,25 +250,41 @@ struct ProbeResponse {
 /// connection is dropped after the probe.
 async fn read_response(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<ProbeResponse, String> {
     buf.clear();
-    let head_end = loop {
-        if let Some(i) = memchr::memmem::find(buf, b"\r\n\r\n") {
-            break i + 4;
+    // Interim responses (103 Early Hints, say) come before the final one and say nothing of
+    // health: they are passed over, or the probe would judge the backend by the 1xx and leave
+    // the final response to be read as the answer to the next probe. Every head read counts
+    // against MAX_PROBE_HEAD together.
+    let mut head_start = 0;
+    let (head_end, status) = loop {
+        let head_end = loop {
+            if let Some(i) = memchr::memmem::find(&buf[head_start..], b"\r\n\r\n") {
+                break head_start + i + 4;
+            }
+            if buf.len() >= MAX_PROBE_HEAD {
+                return Err("response head too long".into());
+            }
+            fill(stream, buf).await?;
+        };
+        let head = &buf[head_start..head_end];
+        let line_end = memchr::memchr(b'\n', head).unwrap_or(head.len());
+        let status = parse_status_line(&head[..line_end]).ok_or_else(|| {
+            format!(
+                "no valid status line: {:?}",
+                String::from_utf8_lossy(&head[..line_end.min(80)])
+            )
+        })?;
+        // 101 ends the exchange (nothing HTTP follows it), so it is the final status.
+        if (100..200).contains(&status) && status != 101 {
+            head_start = head_end;
+            continue;
         }
-        if buf.len() >= MAX_PROBE_HEAD {
-            return Err("response head too long".into());
-        }
-        fill(stream, buf).await?;
+        break (head_end, status);
     };
-    let head = &buf[..head_end];
+    let head = &buf[head_start..head_end];
     let line_end = memchr::memchr(b'\n', head).unwrap_or(head.len());
-    let status = parse_status_line(&head[..line_end]).ok_or_else(|| {
-        format!(
-            "no valid status line: {:?}",
-            String::from_utf8_lossy(&head[..line_end.min(80)])
-        )
-    })?;
     let mut length = None;
-    let mut reusable = head.starts_with(b"HTTP/1.1");
+    // After a 101 the connection speaks another protocol: it cannot carry the next probe.
+    let mut reusable = head.starts_with(b"HTTP/1.1") && status != 101;
     for line in head[line_end..].split(|&b| b == b'\n') {
         let Some(colon) = memchr::memchr(b':', line) else {
             continue;

@@ -569,3 +569,35 @@ async fn a_kept_probe_connection_the_backend_closed_is_not_a_failure() {
     assert_eq!(state.probes_failed.load(SeqCst), 0);
     assert!(state.is_usable());
 }
+
+#[tokio::test]
+async fn an_http_health_check_reads_past_interim_responses() {
+    // A backend that sends 103 Early Hints before every final response, on a kept connection.
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+            buf.drain(..end + 4);
+            let reply = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+                          HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if stream.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\"]\nhealth = {{ kind = \"http\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        backend.addr
+    )));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let probes = || state.probes_passed.load(SeqCst) + state.probes_failed.load(SeqCst);
+    eventually("five probes", || probes() >= 5).await;
+    assert_eq!(
+        state.probes_failed.load(SeqCst),
+        0,
+        "the 200 counts, not the 103"
+    );
+    assert!(state.is_usable());
+    // The kept connection stays in step: one connection carried every probe.
+    assert_eq!(backend.accepted(), 1);
+}
