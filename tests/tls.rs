@@ -451,6 +451,62 @@ async fn check_reports_expired_and_mismatched_certificates_and_missing_files() {
     );
 }
 
+#[test]
+fn a_missing_certificate_and_its_missing_key_are_both_reported() {
+    let pki = Pki::new();
+    let (good_cert, _) = pki.issue("good", "good", &["good.test"], false);
+    let garbage = pki.path("garbage.key");
+    std::fs::write(&garbage, "this is not PEM").expect("write");
+    let toml = format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}] }}
+
+        [pools.web]
+        backends = ["127.0.0.1:9"]
+        "#,
+        p(&pki.path("missing.pem")),
+        p(&pki.path("missing.key")),
+        p(&pki.path("missing.pem")),
+        p(&garbage),
+        p(&good_cert),
+        p(&pki.path("missing.key")),
+    );
+    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
+    let problems = TlsStore::build(&config).expect_err("bad files");
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.path.as_str(), p.reason.as_str()))
+        .collect();
+    let has =
+        |path: &str, reason: &str| found.iter().any(|(p, r)| *p == path && r.contains(reason));
+    assert!(
+        has("listeners[0].tls.certificates[0].cert", "cannot read"),
+        "{found:#?}"
+    );
+    assert!(
+        has("listeners[0].tls.certificates[0].key", "cannot read"),
+        "{found:#?}"
+    );
+    assert!(
+        has("listeners[0].tls.certificates[1].cert", "cannot read"),
+        "{found:#?}"
+    );
+    assert!(
+        has("listeners[0].tls.certificates[1].key", "no PEM private key"),
+        "{found:#?}"
+    );
+    assert!(
+        has("listeners[0].tls.certificates[2].key", "cannot read"),
+        "{found:#?}"
+    );
+    assert_eq!(found.len(), 5, "{found:#?}");
+}
+
 /// A backend that terminates TLS with `config` and answers as [`http_backend`] does.
 async fn https_backend(name: &'static str, config: Arc<rustls::ServerConfig>) -> Backend {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);

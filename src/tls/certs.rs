@@ -149,16 +149,14 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFil
     Ok(chain)
 }
 
-/// Reads a chain and its key, checks that they belong together, and reads the leaf's names and
-/// expiry.
-pub(super) fn load_certified_key(
-    files: &CertificateFiles,
+/// Reads a private key and loads it into the crypto provider.
+fn read_key(
+    path: &Path,
     provider: &CryptoProvider,
-) -> Result<Loaded, TlsFileError> {
-    let chain = read_certificates(&files.cert)?;
-    let pem = read_pem(&files.key)?;
+) -> Result<(PrivateKeyDer<'static>, Arc<dyn rustls::sign::SigningKey>), TlsFileError> {
+    let pem = read_pem(path)?;
     let no_key = |reason: String| TlsFileError::NoKey {
-        path: files.key.clone(),
+        path: path.to_path_buf(),
         reason,
     };
     let private_key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| no_key(e.to_string()))?;
@@ -166,14 +164,32 @@ pub(super) fn load_certified_key(
         .key_provider
         .load_private_key(private_key.clone_key())
         .map_err(|e| no_key(e.to_string()))?;
+    Ok((private_key, signing_key))
+}
+
+/// Reads a chain and its key, checks that they belong together, and reads the leaf's names and
+/// expiry. The certificate and the key are both read even when one fails, so that `check`
+/// reports what is wrong with each at once (a file holding both is reported once).
+pub(super) fn load_certified_key(
+    files: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<Loaded, Vec<TlsFileError>> {
+    let (chain, (private_key, signing_key)) = match (
+        read_certificates(&files.cert),
+        read_key(&files.key, provider),
+    ) {
+        (Ok(chain), Ok(key)) => (chain, key),
+        (Err(cert), Err(_)) if files.cert == files.key => return Err(vec![cert]),
+        (chain, key) => return Err(chain.err().into_iter().chain(key.err()).collect()),
+    };
     let key = CertifiedKey::new(chain.clone(), signing_key);
     match key.keys_match() {
         Ok(()) => {}
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(TlsFileError::KeyMismatch {
+            return Err(vec![TlsFileError::KeyMismatch {
                 cert: files.cert.clone(),
                 key: files.key.clone(),
-            });
+            }]);
         }
         // The provider cannot tell (an unusual key type): the handshake will show.
         Err(_) => {}
@@ -191,11 +207,11 @@ pub(super) fn load_certified_key(
             (names, leaf.validity().not_after.timestamp())
         }
         Err(error) => {
-            return Err(TlsFileError::BadCertificate {
+            return Err(vec![TlsFileError::BadCertificate {
                 path: files.cert.clone(),
                 index: 0,
                 reason: error.to_string(),
-            });
+            }]);
         }
     };
     Ok(Loaded {

@@ -233,7 +233,7 @@ fn server_tls(
                 }
                 loaded.push(entry);
             }
-            Err(error) => problems.push(error.problem(&at, Some(files))),
+            Err(errors) => problems.extend(errors.iter().map(|e| e.problem(&at, Some(files)))),
         }
     }
     let verifier = match &tls.client_ca {
@@ -329,8 +329,8 @@ fn upstream_tls(
                 }
                 Some((entry.chain, entry.private_key))
             }
-            Err(error) => {
-                problems.push(error.problem(&tls.at, Some(files)));
+            Err(errors) => {
+                problems.extend(errors.iter().map(|e| e.problem(&tls.at, Some(files))));
                 None
             }
         },
