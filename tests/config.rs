@@ -824,3 +824,12 @@ fn binds_that_would_collide_at_bind_time_are_reported() {
     assert_problem(&admin("0.0.0.0:1000"), "admin.bind", "listeners[0].bind");
     Config::from_toml(&admin("127.0.0.1:1001"), Path::new("ok.toml")).expect("another port");
 }
+
+#[test]
+fn an_empty_redirect_target_is_called_empty() {
+    assert_problem(
+        &http_listener("default_pool = \"p\"\nredirect = { to = \"\" }"),
+        "listeners[0].redirect.to",
+        "empty",
+    );
+}

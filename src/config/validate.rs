@@ -937,7 +937,13 @@ fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules
             }
             Some(to) => {
                 let without = to.replace("{host}", "").replace("{path}", "");
-                if to.is_empty() || without.contains(['{', '}']) {
+                if to.is_empty() {
+                    problems.push(
+                        format!("{path}.to"),
+                        "empty: where to send the client, e.g. \"https://{host}{path}\"",
+                    );
+                    None
+                } else if without.contains(['{', '}']) {
                     problems.push(
                         format!("{path}.to"),
                         "only {host} and {path} may be used as placeholders",
