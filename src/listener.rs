@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -104,25 +105,48 @@ pub async fn accept_loop<F, Fut>(
 /// each `accept`, and a reload that lowers `max_connections` takes permits out of circulation:
 /// neither is an open connection.
 pub struct Admission {
-    _permit: OwnedSemaphorePermit,
-    stats: Arc<ListenerStats>,
+    /// Always `Some` until dropped.
+    permit: Option<OwnedSemaphorePermit>,
+    /// One pointer for both: every connection's future carries this, and a few bytes more
+    /// would cost its task a larger allocation size.
+    shared: Arc<Admissions>,
+}
+
+/// What the admissions of one running listener share.
+#[derive(Debug, Default)]
+pub struct Admissions {
+    /// The listener's counters (open connections).
+    pub stats: Arc<ListenerStats>,
+    /// Permits a reload that lowered `max_connections` could not take out of circulation at
+    /// once, because connections held them: the connections that end first give theirs up.
+    pub owed: AtomicUsize,
 }
 
 impl Admission {
-    /// Counts a connection accepted under `permit` as open in `stats` until this is dropped.
-    pub fn new(permit: OwnedSemaphorePermit, stats: Arc<ListenerStats>) -> Self {
-        stats.connections.fetch_add(1, Relaxed);
-        stats.open.fetch_add(1, Relaxed);
+    /// Counts a connection accepted under `permit` as open in the listener's counters until
+    /// this is dropped.
+    pub fn new(permit: OwnedSemaphorePermit, shared: Arc<Admissions>) -> Self {
+        shared.stats.connections.fetch_add(1, Relaxed);
+        shared.stats.open.fetch_add(1, Relaxed);
         Admission {
-            _permit: permit,
-            stats,
+            permit: Some(permit),
+            shared,
         }
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.stats.open.fetch_sub(1, Relaxed);
+        self.shared.stats.open.fetch_sub(1, Relaxed);
+        if self
+            .shared
+            .owed
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+            && let Some(permit) = self.permit.take()
+        {
+            permit.forget();
+        }
         crate::sys::note_connection_released();
     }
 }

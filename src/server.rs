@@ -105,6 +105,10 @@ struct Running {
     /// The listener's `max_connections` permits (tcp and http).
     limit: Arc<Semaphore>,
     max_connections: usize,
+    /// Shared by its connections' admissions: among others, the permits a lowered
+    /// `max_connections` still has to take out of circulation (each connection that ends gives
+    /// its permit up instead of returning it, until none are owed).
+    admissions: Arc<listener::Admissions>,
     /// Stops this listener's accept or receive loop.
     stop: CancellationToken,
     /// Whether its loop has been spawned (listeners bound before `run` start there).
@@ -783,6 +787,10 @@ impl Shared {
             proxy,
             limit: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            admissions: Arc::new(listener::Admissions {
+                stats: self.metrics.listener(&l.name),
+                owed: Default::default(),
+            }),
             stop: self.shutdown.child_token(),
             started: false,
             older: Vec::new(),
@@ -816,17 +824,19 @@ impl Shared {
         }
         let wanted = l.max_connections.min(Semaphore::MAX_PERMITS);
         if wanted > running.max_connections {
-            running.limit.add_permits(wanted - running.max_connections);
+            // Permits an earlier reduction still owes are forgiven first; the rest are new.
+            let more = wanted - running.max_connections;
+            let forgiven = running
+                .admissions
+                .owed
+                .fetch_update(Relaxed, Relaxed, |owed| Some(owed - owed.min(more)))
+                .map_or(0, |owed| owed.min(more));
+            running.limit.add_permits(more - forgiven);
         } else if wanted < running.max_connections {
-            // Take the surplus out as connections end; the permits are then forgotten.
-            let surplus = (running.max_connections - wanted) as u32;
-            let limit = Arc::clone(&running.limit);
-            // Not tracked: a shutdown does not wait for it.
-            tokio::spawn(async move {
-                if let Ok(permits) = limit.acquire_many_owned(surplus).await {
-                    permits.forget();
-                }
-            });
+            // What is free goes now; what connections hold goes as they end.
+            let surplus = running.max_connections - wanted;
+            let taken = running.limit.forget_permits(surplus);
+            running.admissions.owed.fetch_add(surplus - taken, Relaxed);
         }
         running.max_connections = wanted;
     }
@@ -880,12 +890,12 @@ impl Shared {
     {
         let name = running.name.clone();
         let (socket, current) = (Arc::clone(socket), Arc::clone(current));
-        let (limit, stop, tasks) = (
+        let (limit, admissions, stop, tasks) = (
             Arc::clone(&running.limit),
+            Arc::clone(&running.admissions),
             running.stop.clone(),
             self.tasks.clone(),
         );
-        let stats = self.metrics.listener(&name);
         tokio::spawn(async move {
             listener::accept_loop(
                 &name,
@@ -894,7 +904,7 @@ impl Shared {
                 stop,
                 tasks,
                 move |stream, peer, permit| {
-                    let admission = listener::Admission::new(permit, Arc::clone(&stats));
+                    let admission = listener::Admission::new(permit, Arc::clone(&admissions));
                     serve(current.load_full(), stream, peer, admission)
                 },
             )

@@ -262,6 +262,54 @@ async fn max_connections_holds_new_clients_until_one_leaves() {
     assert_eq!(&one, b"b");
 }
 
+/// Opens `count` connections to `addr` and has each echo a byte, so all are being served.
+async fn served(addr: std::net::SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..count {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"a").await.expect("write");
+        let mut one = [0u8; 1];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut one))
+            .await
+            .expect("served")
+            .expect("echo");
+        open.push(s);
+    }
+    open
+}
+
+#[tokio::test]
+async fn max_connections_changed_by_reloads_while_connections_are_open_ends_as_the_file_says() {
+    let backend = Backend::echo().await;
+    let config = |n: usize| {
+        tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("max_connections = {n}"),
+        )
+    };
+    // From more than 2^32 (no limit to speak of) down to six, with four open...
+    let proxy = Proxy::start(&config(5_000_000_000));
+    let addr = proxy.addr("l4");
+    let held = served(addr, 4).await;
+    proxy.reload(&config(6)).await.expect("reloads");
+    // ...then below what is open and back before any connection ends: two slots are free.
+    proxy.reload(&config(1)).await.expect("reloads");
+    proxy.reload(&config(6)).await.expect("reloads");
+    let more = served(addr, 2).await;
+    // Lowered for good while six are open: once they end, two at a time.
+    proxy.reload(&config(2)).await.expect("reloads");
+    drop((held, more));
+    let _two = served(addr, 2).await;
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(b"b").await.expect("write");
+    let mut one = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut one)).await;
+    assert!(
+        early.is_err(),
+        "a third connection served past max_connections = 2"
+    );
+}
+
 #[tokio::test]
 async fn silent_clients_and_hanging_backends_do_not_affect_others() {
     // A backend that accepts and never answers (and never reads).
