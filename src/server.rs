@@ -42,13 +42,14 @@ use crate::tls::TlsStore;
 /// Why the server could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A listener's address could not be bound.
-    #[error("listener `{listener}`: cannot bind {addr}: {source}")]
+    /// A listener's address could not be bound. The reason is part of the message (not a
+    /// chained source), because the reload API and the log show the message alone; chained, it
+    /// would be printed twice at startup.
+    #[error("listener `{listener}`: cannot bind {addr}: {reason}")]
     Bind {
         listener: String,
         addr: SocketAddr,
-        #[source]
-        source: io::Error,
+        reason: io::Error,
     },
     /// A certificate, key or CA file named by the configuration cannot be used.
     #[error("{}", problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("\n"))]
@@ -63,12 +64,12 @@ pub enum ServerError {
     #[error("this server was not started from a file, so there is nothing to reload")]
     NoFile,
     /// An access log file cannot be opened.
-    #[error("listener `{listener}`: cannot open the access log {target}: {source}")]
+    /// The reason is part of the message, as for `Bind`.
+    #[error("listener `{listener}`: cannot open the access log {target}: {reason}")]
     AccessLog {
         listener: String,
         target: String,
-        #[source]
-        source: io::Error,
+        reason: io::Error,
     },
     /// The admin listener could not be bound.
     #[error(transparent)]
@@ -765,10 +766,10 @@ impl Shared {
             Socket::Tcp(s) => s.local_addr(),
             Socket::Udp(s) => s.local_addr(),
         }
-        .map_err(|source| ServerError::Bind {
+        .map_err(|reason| ServerError::Bind {
             listener: l.name.clone(),
             addr: l.bind,
-            source,
+            reason,
         })?;
         let proxy = match built {
             Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
@@ -994,10 +995,10 @@ impl Shared {
         let writer = self
             .logs
             .get(&log.target)
-            .map_err(|source| ServerError::AccessLog {
+            .map_err(|reason| ServerError::AccessLog {
                 listener: l.name.clone(),
                 target: format!("{:?}", log.target),
-                source,
+                reason,
             })?;
         Ok(Some((log.clone(), writer)))
     }
@@ -1030,10 +1031,10 @@ fn build_tls(config: &Config) -> Result<TlsStore, ServerError> {
 
 /// Makes a socket received from an old process this listener's.
 fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Socket, ServerError> {
-    let error = |source| ServerError::Bind {
+    let error = |reason| ServerError::Bind {
         listener: l.name.clone(),
         addr: l.bind,
-        source,
+        reason,
     };
     Ok(if udp {
         let socket = std::net::UdpSocket::from(fd);
@@ -1052,10 +1053,10 @@ fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Sock
 
 /// Binds the socket listener `l` needs.
 fn bind_socket(l: &ListenerConfig) -> Result<Socket, ServerError> {
-    let bind_error = |source| ServerError::Bind {
+    let bind_error = |reason| ServerError::Bind {
         listener: l.name.clone(),
         addr: l.bind,
-        source,
+        reason,
     };
     Ok(match &l.kind {
         ListenerKind::Udp(_) => {

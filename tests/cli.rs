@@ -94,6 +94,30 @@ fn version_and_help() {
     }
 }
 
+#[test]
+fn an_address_in_use_is_one_clear_line_and_exit_one() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let config = temp_config(
+        "in-use",
+        &format!(
+            "[[listeners]]\nname = \"db\"\nbind = \"{addr}\"\nprotocol = \"tcp\"\npool = \"p\"\n\n[pools.p]\nbackends = [\"127.0.0.1:9\"]\n"
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = format!("switchyard: listener `db`: cannot bind {addr}: ");
+    assert!(stderr.contains(&line), "{stderr}");
+    // The reason once, not once more as a chained source.
+    assert_eq!(stderr.matches("in use").count(), 1, "{stderr}");
+}
+
 /// A running `switchyard run` process and the address its listener got.
 async fn run_binary(name: &str, backend: std::net::SocketAddr, drain: &str) -> Running {
     spawn_binary(
