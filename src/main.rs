@@ -197,7 +197,8 @@ fn run(
     let path = path.to_path_buf();
     let path_for_reload = path.clone();
     let path_for_watch = path.clone();
-    runtime(threads)?.block_on(async {
+    let runtime = runtime(threads)?;
+    let result = runtime.block_on(async {
         // Signals are handled from the start: loading may wait on DNS, and a SIGTERM then
         // should end the process cleanly, not by the default action.
         let shutdown = CancellationToken::new();
@@ -270,7 +271,11 @@ fn run(
         let cut = server.run().await;
         info!(cut_off = cut, "switchyard stopped");
         Ok(())
-    })
+    });
+    // Everything is done; a blocking task still running (an upgrade hand-over waiting for a new
+    // process that went quiet) must not hold the exit for its own timeout.
+    runtime.shutdown_background();
+    result
 }
 
 fn demo(log_level: &str, any_port: bool) -> anyhow::Result<()> {

@@ -92,3 +92,43 @@ async fn the_hand_over_under_load_refuses_no_connection() {
     drop(new);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A new process that connects to the upgrade socket and then goes quiet leaves the old one's
+/// hand-over waiting (for up to a minute); a SIGTERM meanwhile still ends the old process as
+/// soon as it has drained.
+#[tokio::test]
+async fn a_sigterm_during_a_stalled_hand_over_exits_without_waiting_for_it() {
+    let backend = http_backend("a").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-stalled-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("upgrade.sock");
+    let config = format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let offer: [&OsStr; 2] = ["--upgrade-socket".as_ref(), socket.as_os_str()];
+    let mut old = spawn_binary_with("upgrade-stalled", &config, &offer).await;
+    eventually("the upgrade socket exists", || socket.exists()).await;
+    // The would-be new process: it takes the sockets' descriptions and never says READY.
+    let mut quiet = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("connect");
+    let mut first = [0u8; 4];
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_exact(&mut quiet, &mut first),
+    )
+    .await
+    .expect("the hand-over started")
+    .expect("read");
+    let pid = old.child.id().expect("pid") as libc::pid_t;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(PATIENCE, old.child.wait())
+        .await
+        .expect("exits without waiting out the hand-over")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    drop(quiet);
+    let _ = std::fs::remove_dir_all(&dir);
+}
