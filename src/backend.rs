@@ -109,6 +109,14 @@ pub struct BackendState {
     usable_since_ms: AtomicU64,
     /// Changes whenever an ejection starts, so a timer ends only its own ejection.
     ejection_generation: AtomicU64,
+    /// The active health checks' run of results, passes and failures in a row (one of them is
+    /// 0). Kept here, not in the prober, because a reload restarts the probers: were each to
+    /// count from zero, reloads more frequent than `interval` × `fall` would keep a dead
+    /// backend up for good.
+    health_streak: [AtomicU32; 2],
+    /// [`uptime`] in milliseconds, plus one, when the next health probe is due; 0 before the
+    /// first prober started. A prober restarted by a reload keeps to this schedule.
+    next_probe_ms: AtomicU64,
     /// Changes whenever a drain starts or ends, so a deadline closes only its own drain.
     drain_generation: AtomicU64,
     /// Peak-EWMA of response latency in nanoseconds, as `f64` bits; 0 before any sample.
@@ -149,6 +157,8 @@ impl BackendState {
             max_connections: AtomicU64::new(0),
             usable_since_ms: AtomicU64::new(0),
             ejection_generation: AtomicU64::new(0),
+            health_streak: Default::default(),
+            next_probe_ms: AtomicU64::new(0),
             drain_generation: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(0),
             ewma_at_ns: AtomicU64::new(0),
@@ -356,6 +366,34 @@ impl BackendState {
     /// Changes whenever an ejection starts or ends.
     pub fn ejection_generation(&self) -> u64 {
         self.ejection_generation.load(Relaxed)
+    }
+
+    /// The health checks' passes and failures in a row, as the last prober left them.
+    pub fn health_streak(&self) -> (u32, u32) {
+        (
+            self.health_streak[0].load(Relaxed),
+            self.health_streak[1].load(Relaxed),
+        )
+    }
+
+    /// Records the health checks' passes and failures in a row after a probe.
+    pub fn set_health_streak(&self, successes: u32, failures: u32) {
+        self.health_streak[0].store(successes, Relaxed);
+        self.health_streak[1].store(failures, Relaxed);
+    }
+
+    /// When (as [`uptime`]) the next health probe is due, if a prober has set it.
+    pub fn next_probe(&self) -> Option<Duration> {
+        match self.next_probe_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Sets when (as [`uptime`]) the next health probe is due.
+    pub fn set_next_probe(&self, due: Duration) {
+        let ms = u64::try_from(due.as_millis()).unwrap_or(u64::MAX - 1);
+        self.next_probe_ms.store(ms.saturating_add(1), Relaxed);
     }
 
     /// Brings an ejected backend back.

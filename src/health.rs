@@ -86,19 +86,31 @@ struct Probe {
 
 impl Probe {
     async fn run(mut self, offset: Duration, stop: CancellationToken) {
+        // Restarted by a reload: the next probe stays due when it was (at most an interval
+        // away), rather than at a new random point: reloads in quick succession would
+        // otherwise put it off again and again.
+        let now = crate::backend::uptime();
+        let offset = match self.state.next_probe() {
+            Some(due) => due.saturating_sub(now).min(self.config.interval),
+            None => {
+                self.state.set_next_probe(now + offset);
+                offset
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(offset) => {}
         }
         let mut ticks = tokio::time::interval(self.config.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let (mut successes, mut failures) = (0u32, 0u32);
         let mut ejection = self.state.ejection_generation();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
+            self.state
+                .set_next_probe(crate::backend::uptime() + self.config.interval);
             let outcome = match tokio::time::timeout(self.config.timeout, self.probe()).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
@@ -107,6 +119,8 @@ impl Probe {
                 }
             };
             let addr = self.state.addr;
+            // The run so far, as this prober or the one a reload replaced left it.
+            let (mut successes, mut failures) = self.state.health_streak();
             // A new ejection needs `rise` passes counted from its start to be ended early.
             let generation = self.state.ejection_generation();
             if generation != ejection {
@@ -138,6 +152,7 @@ impl Probe {
                     }
                 }
             }
+            self.state.set_health_streak(successes, failures);
         }
     }
 

@@ -276,6 +276,37 @@ async fn tcp_health_checks_notice_a_dead_backend() {
     );
 }
 
+/// Reloads restart the health probers; reloads more frequent than `interval` × `fall` must not
+/// keep a dead backend up by starting its count of failures over each time.
+#[tokio::test]
+async fn frequent_reloads_do_not_keep_a_dead_backend_up() {
+    let alive = Backend::named("alive").await;
+    let dead = dead_addr().await;
+    let config = |listener: &str| {
+        format!(
+            "[[listeners]]\nname = \"{listener}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\"]\nhealth = {{ kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", fall = 3, rise = 2 }}\n",
+            alive.addr, dead
+        )
+    };
+    let proxy = Proxy::start(&config("a"));
+    let state = proxy.registry.get("p", dead).expect("known");
+    // A reload every few milliseconds (each a new listener, so that each is a real change),
+    // for a bounded while: three failures take 300 ms of probing in all.
+    let started = std::time::Instant::now();
+    let mut reloads = 0u32;
+    while state.is_usable() && started.elapsed() < PATIENCE {
+        let name = if reloads.is_multiple_of(2) { "b" } else { "a" };
+        proxy.reload(&config(name)).await.expect("reloads");
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !state.is_usable(),
+        "still up after {reloads} reloads in {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn consecutive_failures_eject_a_backend_until_its_time_is_up() {
     let (ca, cb) = (Control::new(), Control::new());
