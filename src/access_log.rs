@@ -8,6 +8,7 @@
 //! blocking writes, batching what has piled up into one write. SIGUSR1 asks every file writer to reopen
 //! its file, for logrotate.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write;
@@ -18,6 +19,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use tracing::warn;
 
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
@@ -86,18 +88,17 @@ impl ConnectionLine {
     fn text(&self) -> String {
         match self.format {
             AccessLogFormat::Json => {
-                let mut line = serde_json::json!({
-                    "time": rfc3339(self.at),
-                    "listener": &*self.listener,
-                    "protocol": self.protocol,
-                    "client": self.client.to_string(),
-                    "backend": self.backend.to_string(),
-                    "bytes_sent": self.sent,
-                    "bytes_received": self.received,
-                    "duration_ms": self.duration.as_secs_f64() * 1e3,
-                    "outcome": self.outcome,
-                })
-                .to_string();
+                let mut line = to_json(&ConnectionJson {
+                    time: rfc3339(self.at),
+                    listener: &self.listener,
+                    protocol: self.protocol,
+                    client: self.client.to_string(),
+                    backend: self.backend.to_string(),
+                    bytes_sent: self.sent,
+                    bytes_received: self.received,
+                    duration_ms: self.duration.as_secs_f64() * 1e3,
+                    outcome: self.outcome,
+                });
                 line.push('\n');
                 line
             }
@@ -320,30 +321,71 @@ pub fn format(config: &AccessLogConfig, entry: &Entry<'_>) -> String {
 }
 
 fn json(e: &Entry<'_>) -> String {
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let mut value = serde_json::json!({
-        "time": rfc3339(SystemTime::now()),
-        "listener": e.listener,
-        "request_id": text(e.request_id),
-        "client": e.client.map(|c| c.to_string()),
-        "method": e.method,
-        "host": text(e.host),
-        "path": e.target,
-        "protocol": e.protocol,
-        "route": e.route,
-        "pool": e.pool,
-        "backend": e.backend.map(|b| b.to_string()),
-        "status": e.status,
-        "bytes": e.bytes,
-        "duration_ms": e.duration.as_secs_f64() * 1e3,
-        "upstream_ms": e.upstream.map(|u| u.as_secs_f64() * 1e3),
+    let mut line = to_json(&RequestJson {
+        time: rfc3339(SystemTime::now()),
+        listener: e.listener,
+        request_id: String::from_utf8_lossy(e.request_id),
+        client: e.client.map(|c| c.to_string()),
+        method: e.method,
+        host: String::from_utf8_lossy(e.host),
+        path: e.target,
+        protocol: e.protocol,
+        route: e.route,
+        pool: e.pool,
+        backend: e.backend.map(|b| b.to_string()),
+        status: e.status,
+        bytes: e.bytes,
+        duration_ms: e.duration.as_secs_f64() * 1e3,
+        upstream_ms: e.upstream.map(|u| u.as_secs_f64() * 1e3),
     });
-    if let Some(object) = value.as_object_mut() {
-        object.retain(|_, v| !v.is_null());
-    }
-    let mut line = value.to_string();
     line.push('\n');
     line
+}
+
+/// A request's JSON line. A struct rather than a `json!` map, whose keys come out sorted: the
+/// fields are written in the order the README lists them, which people reading the raw file
+/// (and tools matching it) rely on. Fields that do not apply are left out.
+#[derive(Serialize)]
+struct RequestJson<'a> {
+    time: String,
+    listener: &'a str,
+    request_id: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
+    method: &'a str,
+    host: Cow<'a, str>,
+    path: &'a str,
+    protocol: &'a str,
+    route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<String>,
+    status: u16,
+    bytes: u64,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ms: Option<f64>,
+}
+
+/// A TCP connection's or UDP session's JSON line, its fields in the README's order.
+#[derive(Serialize)]
+struct ConnectionJson<'a> {
+    time: String,
+    listener: &'a str,
+    protocol: &'a str,
+    client: String,
+    backend: String,
+    bytes_sent: u64,
+    bytes_received: u64,
+    duration_ms: f64,
+    outcome: &'a str,
+}
+
+/// Serialises a line's fields. Neither struct holds a map with non-string keys nor anything
+/// whose serialisation can fail, so the empty object is only a formality.
+fn to_json(fields: &impl Serialize) -> String {
+    serde_json::to_string(fields).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// The NGINX/Apache "combined" format, with the request id and the time in milliseconds

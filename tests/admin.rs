@@ -491,6 +491,20 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
     assert_eq!(line["bytes_sent"], 5);
     assert_eq!(line["bytes_received"], 5);
     assert_eq!(line["outcome"], "closed");
+    assert_eq!(
+        keys_in_order(lines().trim()),
+        [
+            "time",
+            "listener",
+            "protocol",
+            "client",
+            "backend",
+            "bytes_sent",
+            "bytes_received",
+            "duration_ms",
+            "outcome"
+        ]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -555,4 +569,276 @@ async fn changes_from_a_page_of_another_origin_are_refused() {
         )
         .await;
     assert_eq!(client.reply().await.expect("an answer").status, 200);
+}
+
+/// Parses an OpenMetrics text exposition strictly and returns its samples by series, with label
+/// values unescaped (`name{a="v",b="w"}`). Panics on anything a strict parser would refuse.
+fn parse_openmetrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    let mut families = std::collections::HashSet::new();
+    let mut family: Option<(String, String)> = None;
+    let mut buckets: Vec<(String, f64)> = Vec::new();
+    assert!(text.ends_with("# EOF\n"), "ends with # EOF:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" {
+            assert_eq!(i, lines.len() - 1, "# EOF is last");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(valid_name(name), "bad family name {name}");
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "kind {kind}"
+            );
+            assert!(families.insert(name.to_owned()), "family {name} twice");
+            family = Some((name.to_owned(), kind.to_owned()));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, _) = rest.split_once(' ').expect("HELP name text");
+            assert!(valid_name(name), "bad family name {name}");
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment {line}");
+        // A sample: name, optional labels, one space, a value.
+        let name_end = line.find(['{', ' ']).expect("a sample");
+        let name = &line[..name_end];
+        assert!(valid_name(name), "bad sample name in {line:?}");
+        let (fam, kind) = family.clone().expect("a sample after its TYPE");
+        let suffix = name
+            .strip_prefix(fam.as_str())
+            .unwrap_or_else(|| panic!("sample {name} outside its family {fam}"));
+        let allowed: &[&str] = match kind.as_str() {
+            "counter" => &["_total"],
+            "gauge" => &[""],
+            _ => &["_bucket", "_sum", "_count"],
+        };
+        assert!(allowed.contains(&suffix), "{name} in {kind} {fam}");
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            let end = loop {
+                let Some(&(start, c)) = chars.peek() else {
+                    panic!("unterminated labels in {line:?}")
+                };
+                if c == '}' {
+                    break start;
+                }
+                let eq = inner[start..].find('=').expect("label =") + start;
+                let label = &inner[start..eq];
+                assert!(valid_name(label), "bad label name {label:?} in {line:?}");
+                while chars.peek().is_some_and(|&(i, _)| i <= eq) {
+                    chars.next();
+                }
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line:?}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().map(|(_, c)| c) {
+                        Some('"') => break,
+                        Some('\\') => match chars.next().map(|(_, c)| c) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            other => panic!("bad escape {other:?} in {line:?}"),
+                        },
+                        Some(c) => value.push(c),
+                        None => panic!("unterminated value in {line:?}"),
+                    }
+                }
+                labels.push(format!("{label}=\"{value}\""));
+                match chars.peek().map(|&(_, c)| c) {
+                    Some(',') => {
+                        chars.next();
+                    }
+                    Some('}') => {}
+                    other => panic!("expected , or }} not {other:?} in {line:?}"),
+                }
+            };
+            rest = &inner[end + 1..];
+        }
+        let value = rest.strip_prefix(' ').expect("one space before the value");
+        assert!(
+            !value.contains(' '),
+            "timestamps or exemplars unexpected: {line:?}"
+        );
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        if kind == "counter" {
+            assert!(value >= 0.0, "negative counter {line:?}");
+        }
+        let series = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}{{{}}}", labels.join(","))
+        };
+        if suffix == "_bucket" {
+            let key: Vec<&String> = labels.iter().filter(|l| !l.starts_with("le=")).collect();
+            let key = format!("{fam}{key:?}");
+            if let Some((last_key, last)) = buckets.last()
+                && *last_key == key
+            {
+                assert!(value >= *last, "buckets cumulative: {line:?}");
+            } else {
+                buckets.clear();
+            }
+            buckets.push((key, value));
+        }
+        assert!(
+            samples.insert(series.clone(), value).is_none(),
+            "{series} twice"
+        );
+    }
+    samples
+}
+
+/// Names that need escaping everywhere they are shown: quotes, backslashes, a newline, markup.
+const ODD_LISTENER: &str = "we\"b\\1\n</script><img src=x onerror=alert(1)>";
+const ODD_POOL: &str = "p\"q\\r\n<b>&amp;";
+
+fn odd_config(a: SocketAddr, extra: &str) -> String {
+    let toml = |s: &str| serde_json::to_string(s).expect("a JSON string is a TOML basic string");
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = {}\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = {}\n{extra}\n\n[pools.{}]\nbackends = [\"{a}\"]\n",
+        toml(ODD_LISTENER),
+        toml(ODD_POOL),
+        toml(ODD_POOL)
+    )
+}
+
+#[tokio::test]
+async fn odd_names_are_escaped_in_metrics_and_state() {
+    let a = http_backend("a").await;
+    let proxy = Proxy::start(&odd_config(a.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(proxy.addr(ODD_LISTENER)).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/", "").await.status, 200);
+    }
+    let reply = admin(api, "GET", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200);
+    let samples = parse_openmetrics(&reply.text());
+    let series = format!(
+        "switchyard_http_requests_total{{listener=\"{ODD_LISTENER}\",route=\"default\",class=\"2xx\"}}"
+    );
+    assert_eq!(samples.get(&series), Some(&3.0), "{}", reply.text());
+    let series = format!(
+        "switchyard_backend_responses_total{{pool=\"{ODD_POOL}\",backend=\"{}\",class=\"2xx\"}}",
+        a.addr
+    );
+    assert_eq!(samples.get(&series), Some(&3.0), "{}", reply.text());
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["listeners"][0]["name"], ODD_LISTENER);
+    assert_eq!(state["listeners"][0]["default_pool"], ODD_POOL);
+    assert_eq!(state["pools"][0]["name"], ODD_POOL);
+    assert_eq!(state["pools"][0]["backends"][0]["responses"]["2xx"], 3);
+}
+
+/// The keys of a flat JSON object, in the order the line has them.
+fn keys_in_order(line: &str) -> Vec<String> {
+    let value: serde_json::Value = serde_json::from_str(line).expect("json");
+    let object = value.as_object().expect("an object");
+    let mut keys: Vec<(usize, String)> = object
+        .keys()
+        .map(|k| {
+            let at = line
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} in {line}"));
+            (at, k.clone())
+        })
+        .collect();
+    keys.sort();
+    keys.into_iter().map(|(_, k)| k).collect()
+}
+
+#[tokio::test]
+async fn hostile_request_values_keep_one_line_per_request_in_the_order_documented() {
+    let a = http_backend("a").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json_log = dir.join("json.log");
+    let combined_log = dir.join("combined.log");
+    let extra = |path: &std::path::Path, format: &str| {
+        format!(
+            "access_log = {{ path = \"{}\", format = \"{format}\" }}",
+            path.display()
+        )
+    };
+    let json_proxy = Proxy::start(&odd_config(a.addr, &extra(&json_log, "json")));
+    let combined_proxy = Proxy::start(&odd_config(a.addr, &extra(&combined_log, "combined")));
+    let mut request = b"GET /a'b?d=(e) HTTP/1.1\r\nHost: test\r\nUser-Agent: ua\"\\\t\xff\xfe end\r\nReferer: r\"\\\r\nX-Request-ID: id\"1\r\n\r\n".to_vec();
+    request.extend_from_slice(b"GET /plain HTTP/1.1\r\nHost: test\r\n\r\n");
+    for proxy in [&json_proxy, &combined_proxy] {
+        let mut client = HttpClient::connect(proxy.addr(ODD_LISTENER)).await;
+        client.send(&request).await;
+        assert_eq!(client.reply().await.expect("first").status, 200);
+        assert_eq!(client.reply().await.expect("second").status, 200);
+    }
+    let read = |path: &std::path::Path| std::fs::read(path).unwrap_or_default();
+    eventually("two json lines", || {
+        read(&json_log).iter().filter(|&&b| b == b'\n').count() == 2
+    })
+    .await;
+    eventually("two combined lines", || {
+        read(&combined_log).iter().filter(|&&b| b == b'\n').count() == 2
+    })
+    .await;
+    let text = String::from_utf8(read(&json_log)).expect("json lines are UTF-8");
+    let lines: Vec<&str> = text.lines().collect();
+    let first: serde_json::Value = serde_json::from_str(lines[0]).expect("valid json");
+    assert_eq!(first["listener"], ODD_LISTENER);
+    assert_eq!(first["pool"], ODD_POOL);
+    assert_eq!(first["path"], "/a'b?d=(e)");
+    assert_eq!(first["user_agent"], serde_json::Value::Null);
+    assert_eq!(first["request_id"], "id\"1");
+    assert_eq!(
+        keys_in_order(lines[0]),
+        [
+            "time",
+            "listener",
+            "request_id",
+            "client",
+            "method",
+            "host",
+            "path",
+            "protocol",
+            "route",
+            "pool",
+            "backend",
+            "status",
+            "bytes",
+            "duration_ms",
+            "upstream_ms"
+        ]
+    );
+    let combined = read(&combined_log);
+    assert!(
+        combined
+            .iter()
+            .all(|&b| b == b'\n' || (b' '..=b'~').contains(&b)),
+        "printable ASCII only: {}",
+        String::from_utf8_lossy(&combined)
+    );
+    let combined = String::from_utf8(combined).expect("ascii");
+    let first = combined.lines().next().expect("a line");
+    // Quoted fields: request line, referer, user agent; none ends early.
+    let quoted: Vec<&str> = first.split('"').collect();
+    assert_eq!(quoted.len(), 7, "{first}");
+    assert_eq!(quoted[1], "GET /a'b?d=(e) HTTP/1.1");
+    assert_eq!(quoted[3], "r\\x22\\x5C");
+    assert_eq!(quoted[5], "ua\\x22\\x5C\\x09\\xFF\\xFE end");
+    assert!(quoted[6].starts_with(" id\\x221 "), "{first}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
