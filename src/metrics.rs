@@ -20,6 +20,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::backend::{DISABLED, DOWN, DRAINING, EJECTED};
+use crate::config::{ListenerConfig, ListenerKind};
 use crate::server::ServerHandle;
 
 /// Upper bounds of the latency buckets, in seconds (the last one is +Inf).
@@ -136,6 +137,24 @@ impl ListenerStats {
         Arc::clone(routes.entry(label.to_owned()).or_default())
     }
 
+    /// Forgets the counters of routes past the first `routes` of an http listener (all of
+    /// them when `routes` is `None`: the listener is no longer http), keeping `default` and
+    /// `unrouted` of an http one.
+    fn retain_routes(&self, routes: Option<usize>) {
+        let mut all = self
+            .routes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        all.retain(|label, _| match routes {
+            None => false,
+            Some(count) => {
+                label == "default"
+                    || label == "unrouted"
+                    || label.parse::<usize>().is_ok_and(|i| i < count)
+            }
+        });
+    }
+
     fn routes(&self) -> Vec<(String, Arc<RouteStats>)> {
         let routes = self
             .routes
@@ -150,7 +169,7 @@ impl ListenerStats {
     }
 }
 
-/// Every listener's counters, by name; they outlive reloads.
+/// Every listener's counters, by name; they outlive reloads that keep the listener.
 #[derive(Debug, Default)]
 pub struct Metrics {
     listeners: Mutex<HashMap<String, Arc<ListenerStats>>>,
@@ -164,6 +183,28 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         Arc::clone(listeners.entry(name.to_owned()).or_default())
+    }
+
+    /// Forgets the counters of listeners and routes a new configuration no longer has, so
+    /// their series leave `/metrics` with them: without this, every listener or route a reload
+    /// ever removed would be exported until the process ends, and the series would no longer be
+    /// bounded by the file in force. Connections of a removed listener that are still draining
+    /// count on in the counters they hold, unseen.
+    pub fn retain(&self, listeners: &[ListenerConfig]) {
+        let mut all = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        all.retain(|name, stats| {
+            let Some(listener) = listeners.iter().find(|l| &l.name == name) else {
+                return false;
+            };
+            stats.retain_routes(match &listener.kind {
+                ListenerKind::Http(settings) => Some(settings.routes.len()),
+                ListenerKind::Tcp(_) | ListenerKind::Udp(_) => None,
+            });
+            true
+        });
     }
 
     fn all(&self) -> Vec<(String, Arc<ListenerStats>)> {

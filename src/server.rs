@@ -741,6 +741,7 @@ impl ServerHandle {
             summary.stopped.push(running.name);
         }
         state.listeners = listeners;
+        shared.metrics.retain(&config.listeners);
         state.config = Arc::new(config);
         state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;

@@ -842,3 +842,40 @@ async fn hostile_request_values_keep_one_line_per_request_in_the_order_documente
     assert!(quoted[6].starts_with(" id\\x221 "), "{first}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn counters_survive_a_reload_and_leave_with_their_listener() {
+    let a = http_backend("a").await;
+    let two = |names: &[&str]| {
+        let mut toml = String::new();
+        for name in names {
+            toml += &format!(
+                "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n"
+            );
+        }
+        toml + &format!("[pools.p]\nbackends = [\"{}\"]\n", a.addr)
+    };
+    let proxy = Proxy::start(&two(&["stays", "goes"]));
+    for name in ["stays", "goes"] {
+        let mut client = HttpClient::connect(proxy.addr(name)).await;
+        assert_eq!(client.get("/", "Connection: close\r\n").await.status, 200);
+    }
+    let stays =
+        "switchyard_http_requests_total{listener=\"stays\",route=\"default\",class=\"2xx\"}";
+    let before = parse_openmetrics(&switchyard::metrics::render(&proxy.handle));
+    assert_eq!(before.get(stays), Some(&1.0));
+    proxy.reload(&two(&["stays"])).await.expect("reloads");
+    let text = switchyard::metrics::render(&proxy.handle);
+    let after = parse_openmetrics(&text);
+    assert_eq!(after.get(stays), Some(&1.0), "{text}");
+    assert_eq!(
+        after.get("switchyard_connections_total{listener=\"stays\"}"),
+        Some(&1.0)
+    );
+    assert!(
+        !after
+            .keys()
+            .any(|series| series.contains("listener=\"goes\"")),
+        "a removed listener's series are gone:\n{text}"
+    );
+}
