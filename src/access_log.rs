@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTarget};
+use crate::metrics::ListenerStats;
 
 /// Lines a destination's queue holds before new ones are dropped.
 pub const QUEUE_LINES: usize = 8192;
@@ -30,12 +31,19 @@ pub const QUEUE_LINES: usize = 8192;
 /// One destination: a queue and the thread that writes it.
 #[derive(Debug)]
 pub struct Writer {
-    queue: SyncSender<Line>,
-    /// Lines dropped because the queue was full.
-    pub dropped: AtomicU64,
+    queue: SyncSender<Queued>,
     reopen: Arc<AtomicBool>,
     /// Lines queued and not yet written.
     pending: Arc<AtomicU64>,
+}
+
+/// A line in the queue, with the counters of the listener it belongs to: a line the writer
+/// thread cannot write (a full disk, a closed pipe) is lost as surely as one a full queue
+/// refused, and counts in the same listener's `switchyard_access_log_dropped_total`.
+#[derive(Debug)]
+struct Queued {
+    line: Line,
+    owner: Arc<ListenerStats>,
 }
 
 /// What the writer thread is handed: a line, or a connection's record that it formats itself.
@@ -118,26 +126,29 @@ impl ConnectionLine {
 }
 
 impl Writer {
-    /// Queues one line (with its newline); drops it when the queue is full.
-    pub fn write(&self, line: String) -> bool {
-        self.queue(Line::Text(line))
+    /// Queues one line (with its newline) of the listener that `owner` counts for; drops it,
+    /// and counts it there, when the queue is full.
+    pub fn write(&self, line: String, owner: &Arc<ListenerStats>) {
+        self.queue(Line::Text(line), owner);
     }
 
-    /// Queues a connection's line, which the writer thread formats; drops it when the queue is
-    /// full.
-    pub fn write_connection(&self, line: Box<ConnectionLine>) -> bool {
-        self.queue(Line::Connection(line))
+    /// Queues a connection's line, which the writer thread formats; drops and counts it when
+    /// the queue is full.
+    pub fn write_connection(&self, line: Box<ConnectionLine>, owner: &Arc<ListenerStats>) {
+        self.queue(Line::Connection(line), owner);
     }
 
-    fn queue(&self, line: Line) -> bool {
+    fn queue(&self, line: Line, owner: &Arc<ListenerStats>) {
         self.pending.fetch_add(1, Relaxed);
-        match self.queue.try_send(line) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.pending.fetch_sub(1, Relaxed);
-                self.dropped.fetch_add(1, Relaxed);
-                false
-            }
+        let queued = Queued {
+            line,
+            owner: Arc::clone(owner),
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.queue.try_send(queued)
+        {
+            self.pending.fetch_sub(1, Relaxed);
+            owner.log_dropped.fetch_add(1, Relaxed);
         }
     }
 }
@@ -171,7 +182,6 @@ impl Writers {
             .spawn(move || drain(lines, output, &target_for_thread, &flag, &written))?;
         let writer = Arc::new(Writer {
             queue,
-            dropped: AtomicU64::new(0),
             reopen,
             pending,
         });
@@ -246,25 +256,29 @@ impl Output {
 
 /// The writer thread: until every sender is gone, write what arrives, in batches.
 fn drain(
-    lines: Receiver<Line>,
+    lines: Receiver<Queued>,
     mut output: Output,
     target: &AccessLogTarget,
     reopen: &AtomicBool,
     pending: &AtomicU64,
 ) {
     let mut batch = String::new();
-    let mut count = 0u64;
+    // The listener of each line in the batch, to count the lines a failed write loses.
+    let mut owners: Vec<Arc<ListenerStats>> = Vec::new();
+    // Whether the last write failed: a full disk fails every write, and one warning (and one
+    // when writes work again) says it without flooding the log.
+    let mut failing = false;
+    let add = |queued: Queued, batch: &mut String, owners: &mut Vec<Arc<ListenerStats>>| {
+        batch.push_str(&queued.line.text());
+        owners.push(queued.owner);
+    };
     loop {
         match lines.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                batch.push_str(&line.text());
-                count += 1;
+            Ok(queued) => {
+                add(queued, &mut batch, &mut owners);
                 while batch.len() < 64 * 1024 {
                     match lines.try_recv() {
-                        Ok(line) => {
-                            batch.push_str(&line.text());
-                            count += 1;
-                        }
+                        Ok(queued) => add(queued, &mut batch, &mut owners),
                         Err(_) => break,
                     }
                 }
@@ -281,12 +295,26 @@ fn drain(
             }
         }
         if !batch.is_empty() {
-            if let Err(error) = output.write_all(batch.as_bytes()) {
-                warn!(?target, %error, "access log write failed");
+            match output.write_all(batch.as_bytes()) {
+                Ok(()) => {
+                    if failing {
+                        info!(?target, "access log writes work again");
+                    }
+                    failing = false;
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!(?target, %error, "access log write failed: lines are dropped and counted until writes work again");
+                    }
+                    failing = true;
+                    for owner in &owners {
+                        owner.log_dropped.fetch_add(1, Relaxed);
+                    }
+                }
             }
             batch.clear();
-            pending.fetch_sub(count, Relaxed);
-            count = 0;
+            pending.fetch_sub(owners.len() as u64, Relaxed);
+            owners.clear();
         }
     }
 }

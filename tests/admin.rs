@@ -879,3 +879,24 @@ async fn counters_survive_a_reload_and_leave_with_their_listener() {
         "a removed listener's series are gone:\n{text}"
     );
 }
+
+#[tokio::test]
+async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // Every write to /dev/full fails with ENOSPC, as on a full disk.
+    let proxy = Proxy::start(&config(
+        a.addr,
+        b.addr,
+        "access_log = { path = \"/dev/full\" }",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    for _ in 0..5 {
+        assert_eq!(client.get("/", "").await.status, 200);
+    }
+    let stats = proxy.handle.metrics().listener("web");
+    eventually("the five lost lines are counted", || {
+        stats.log_dropped.load(SeqCst) == 5
+    })
+    .await;
+}

@@ -420,9 +420,7 @@ impl HttpProxy {
                 user_agent: request.user_agent,
             },
         );
-        if !writer.write(line) {
-            self.stats.log_dropped.fetch_add(1, Relaxed);
-        }
+        writer.write(line, &self.stats);
     }
 
     /// The settings in force for this listener now: these, or their latest successor.

@@ -602,9 +602,7 @@ fn log_connection(
         outcome,
         at: std::time::SystemTime::now(),
     });
-    if !writer.write_connection(line) {
-        proxy.stats.log_dropped.fetch_add(1, Relaxed);
-    }
+    writer.write_connection(line, &proxy.stats);
 }
 
 impl Forwarding {

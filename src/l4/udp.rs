@@ -128,9 +128,7 @@ impl Drop for Session {
             outcome: self.outcome,
             at: std::time::SystemTime::now(),
         });
-        if !log.writer.write_connection(line) {
-            log.stats.log_dropped.fetch_add(1, Relaxed);
-        }
+        log.writer.write_connection(line, &log.stats);
     }
 }
 
