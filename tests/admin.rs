@@ -900,3 +900,92 @@ async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tcp_counters_in_metrics_and_state_agree_with_what_was_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = Backend::echo().await;
+    let dead = dead_addr().await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"up\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"e\"\n\n[[listeners]]\nname = \"down\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"d\"\n\n[pools.e]\nbackends = [\"{}\"]\n\n[pools.d]\nbackends = [\"{dead}\"]\n",
+        echo.addr
+    ));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("up"))
+            .await
+            .expect("connect");
+        stream.write_all(b"hello").await.expect("write");
+        let mut back = [0u8; 5];
+        stream.read_exact(&mut back).await.expect("echo");
+        stream.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("eof");
+    }
+    {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("down"))
+            .await
+            .expect("connect");
+        let mut rest = Vec::new();
+        // The proxy closes a connection no backend took.
+        let _ = stream.read_to_end(&mut rest).await;
+    }
+    let e = format!("{{pool=\"e\",backend=\"{}\"}}", echo.addr);
+    let d = format!("{{pool=\"d\",backend=\"{dead}\"}}");
+    // Polled until the echo connection has ended on the proxy's side too.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let samples = loop {
+        let reply = admin(api, "GET", "/metrics", Some(TOKEN), "").await;
+        let parsed = parse_openmetrics(&reply.text());
+        if parsed.get(&format!("switchyard_backend_active{e}")) == Some(&0.0) {
+            break parsed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection ends"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    let get = |series: String| {
+        *samples
+            .get(&series)
+            .unwrap_or_else(|| panic!("no {series}"))
+    };
+    assert_eq!(get(format!("switchyard_backend_sent_bytes_total{e}")), 5.0);
+    assert_eq!(
+        get(format!("switchyard_backend_received_bytes_total{e}")),
+        5.0
+    );
+    assert_eq!(get(format!("switchyard_backend_connections_total{e}")), 1.0);
+    assert_eq!(
+        get(format!("switchyard_backend_connect_failures_total{e}")),
+        0.0
+    );
+    assert_eq!(
+        get(format!("switchyard_backend_connect_failures_total{d}")),
+        1.0
+    );
+    assert_eq!(get(format!("switchyard_backend_connections_total{d}")), 0.0);
+    assert_eq!(
+        get("switchyard_connections_total{listener=\"up\"}".into()),
+        1.0
+    );
+    assert_eq!(
+        get("switchyard_connections_total{listener=\"down\"}".into()),
+        1.0
+    );
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    let backend = |pool: &str| {
+        state["pools"]
+            .as_array()
+            .and_then(|pools| pools.iter().find(|p| p["name"] == pool))
+            .map(|p| p["backends"][0].clone())
+            .expect("the pool")
+    };
+    assert_eq!(backend("e")["bytes_sent"], 5);
+    assert_eq!(backend("e")["bytes_received"], 5);
+    assert_eq!(backend("e")["total"], 1);
+    assert_eq!(backend("d")["connect_failures"], 1);
+    assert_eq!(state["listeners"][0]["connections"], 1);
+    assert_eq!(state["listeners"][1]["connections"], 1);
+}
