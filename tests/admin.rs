@@ -846,12 +846,16 @@ async fn hostile_request_values_keep_one_line_per_request_in_the_order_documente
 #[tokio::test]
 async fn counters_survive_a_reload_and_leave_with_their_listener() {
     let a = http_backend("a").await;
+    // Listener `stays` has a route while `goes` is there too.
     let two = |names: &[&str]| {
         let mut toml = String::new();
         for name in names {
             toml += &format!(
                 "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n"
             );
+            if names.len() == 2 && *name == "stays" {
+                toml += "  [[listeners.routes]]\n  match = { path_prefix = \"/r\" }\n  pool = \"p\"\n\n";
+            }
         }
         toml + &format!("[pools.p]\nbackends = [\"{}\"]\n", a.addr)
     };
@@ -860,17 +864,26 @@ async fn counters_survive_a_reload_and_leave_with_their_listener() {
         let mut client = HttpClient::connect(proxy.addr(name)).await;
         assert_eq!(client.get("/", "Connection: close\r\n").await.status, 200);
     }
+    let mut client = HttpClient::connect(proxy.addr("stays")).await;
+    assert_eq!(client.get("/r", "Connection: close\r\n").await.status, 200);
     let stays =
         "switchyard_http_requests_total{listener=\"stays\",route=\"default\",class=\"2xx\"}";
+    let route = "switchyard_http_requests_total{listener=\"stays\",route=\"0\",class=\"2xx\"}";
     let before = parse_openmetrics(&switchyard::metrics::render(&proxy.handle));
     assert_eq!(before.get(stays), Some(&1.0));
+    assert_eq!(before.get(route), Some(&1.0));
     proxy.reload(&two(&["stays"])).await.expect("reloads");
     let text = switchyard::metrics::render(&proxy.handle);
     let after = parse_openmetrics(&text);
     assert_eq!(after.get(stays), Some(&1.0), "{text}");
     assert_eq!(
         after.get("switchyard_connections_total{listener=\"stays\"}"),
-        Some(&1.0)
+        Some(&2.0)
+    );
+    assert_eq!(
+        after.get(route),
+        None,
+        "the removed route's series are gone:\n{text}"
     );
     assert!(
         !after
