@@ -1002,3 +1002,51 @@ async fn tcp_counters_in_metrics_and_state_agree_with_what_was_sent() {
     assert_eq!(state["listeners"][0]["connections"], 1);
     assert_eq!(state["listeners"][1]["connections"], 1);
 }
+
+#[tokio::test]
+async fn failed_exchanges_are_logged_with_their_status() {
+    let dir = std::env::temp_dir().join(format!("switchyard-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("fail.log");
+    let dead = dead_addr().await;
+    // Reads requests and never answers.
+    let silent = Backend::start(|mut stream| async move {
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink).await;
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"dead\"\naccess_log = {{ path = \"{}\" }}\n  [[listeners.routes]]\n  match = {{ path_prefix = \"/slow\" }}\n  pool = \"silent\"\n\n[pools.dead]\nbackends = [\"{dead}\"]\n\n[pools.silent]\nbackends = [\"{}\"]\nresponse_timeout = \"200ms\"\n",
+        log.display(),
+        silent.addr
+    ));
+    let web = proxy.addr("web");
+    let mut client = HttpClient::connect(web).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+    let mut client = HttpClient::connect(web).await;
+    assert_eq!(client.get("/slow", "").await.status, 504);
+    // A client that leaves in the middle of its request body.
+    let mut client = HttpClient::connect(web).await;
+    client
+        .send(b"POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await;
+    eventually("the silent backend got the request", || {
+        silent.accepted() >= 2
+    })
+    .await;
+    drop(client);
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("three lines", || lines().lines().count() == 3).await;
+    let parsed: Vec<serde_json::Value> = lines()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(parsed[0]["status"], 502);
+    assert_eq!(parsed[0]["pool"], "dead");
+    assert_eq!(parsed[1]["status"], 504);
+    assert_eq!(parsed[1]["backend"], silent.addr.to_string());
+    assert_eq!(parsed[2]["status"], 499, "{}", lines());
+    assert_eq!(parsed[2]["method"], "POST");
+    assert_eq!(parsed[2]["backend"], silent.addr.to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -429,7 +429,7 @@ async fn handle(
     let mut ended = Ended {
         proxy: Arc::clone(proxy),
         trace: super::Trace {
-            status: CLIENT_CLOSED,
+            status: super::CLIENT_CLOSED,
             ..super::Trace::default()
         },
         started,
@@ -452,9 +452,6 @@ async fn handle(
     // HTTP/1.1.
     response.map(|body| ResponseBody::Logged(Box::new(Logged { body, ended })))
 }
-
-/// The status recorded for a stream the client reset before its response head.
-const CLIENT_CLOSED: u16 = 499;
 
 /// A response body that counts what it delivers; the stream is recorded when it ends.
 pub struct Logged {

@@ -340,6 +340,10 @@ impl std::fmt::Debug for Parking {
     }
 }
 
+/// The status recorded for a request whose client went away before its response head (NGINX's
+/// "client closed request").
+pub(crate) const CLIENT_CLOSED: u16 = 499;
+
 /// How an exchange ended, for the connection loop.
 enum Next {
     /// Read the next request on this connection.
@@ -765,6 +769,12 @@ impl HttpProxy {
             Ok(next) => next,
             Err(Failure::Abort) => {
                 graceful = false;
+                // Gone (or its body broken) before any response head: still a request, counted
+                // and logged as NGINX does a client that closed its request, and as an HTTP/2
+                // stream reset at the same point is.
+                if trace.status == 0 {
+                    trace.status = CLIENT_CLOSED;
+                }
                 Next::Close
             }
             Err(Failure::Cut) => {
