@@ -207,6 +207,18 @@ impl Writers {
         }
     }
 
+    /// Forgets the destinations no listener of a new configuration logs to. Their writer
+    /// threads write what is still queued (and what connections of the old settings still
+    /// send), then end and close their files once the last of those lets go: otherwise a file a
+    /// reload moved away from stayed open, with its thread, until the process ended, and each
+    /// SIGUSR1 created it again.
+    pub fn retain(&self, in_use: &[&AccessLogTarget]) {
+        self.writers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .retain(|target, _| in_use.contains(&target));
+    }
+
     /// Asks every file writer to reopen its file (SIGUSR1).
     pub fn reopen(&self) {
         let writers = self

@@ -742,6 +742,13 @@ impl ServerHandle {
         }
         state.listeners = listeners;
         shared.metrics.retain(&config.listeners);
+        let logs: Vec<&crate::config::AccessLogTarget> = config
+            .listeners
+            .iter()
+            .filter_map(access_log)
+            .map(|log| &log.target)
+            .collect();
+        shared.logs.retain(&logs);
         state.config = Arc::new(config);
         state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;
@@ -985,12 +992,7 @@ impl Shared {
         )>,
         ServerError,
     > {
-        let log = match &l.kind {
-            ListenerKind::Http(settings) => settings.access_log.as_ref(),
-            ListenerKind::Tcp(settings) => settings.access_log.as_ref(),
-            ListenerKind::Udp(settings) => settings.access_log.as_ref(),
-        };
-        let Some(log) = log else {
+        let Some(log) = access_log(l) else {
             return Ok(None);
         };
         let writer = self
@@ -1002,6 +1004,15 @@ impl Shared {
                 reason,
             })?;
         Ok(Some((log.clone(), writer)))
+    }
+}
+
+/// A listener's access log settings, whatever its protocol.
+fn access_log(l: &ListenerConfig) -> Option<&crate::config::AccessLogConfig> {
+    match &l.kind {
+        ListenerKind::Http(settings) => settings.access_log.as_ref(),
+        ListenerKind::Tcp(settings) => settings.access_log.as_ref(),
+        ListenerKind::Udp(settings) => settings.access_log.as_ref(),
     }
 }
 

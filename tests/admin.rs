@@ -1050,3 +1050,42 @@ async fn failed_exchanges_are_logged_with_their_status() {
     assert_eq!(parsed[2]["backend"], silent.addr.to_string());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whether this process holds `path` open.
+fn holds_open(path: &std::path::Path) -> bool {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_log_file_no_listener_uses_after_a_reload_is_closed() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let dir = std::env::temp_dir().join(format!("switchyard-logswap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (old, new) = (dir.join("old.log"), dir.join("new.log"));
+    let with = |log: &std::path::Path| {
+        config(
+            a.addr,
+            b.addr,
+            &format!("access_log = {{ path = \"{}\" }}", log.display()),
+        )
+    };
+    let proxy = Proxy::start(&with(&old));
+    assert!(holds_open(&old));
+    proxy.reload(&with(&new)).await.expect("reloads");
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    let lines = || std::fs::read_to_string(&new).unwrap_or_default();
+    eventually("the line goes to the new file", || {
+        lines().lines().count() == 1
+    })
+    .await;
+    // Else it stays open (and a SIGUSR1 creates it again) until the process ends.
+    eventually("the old file is closed", || !holds_open(&old)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
