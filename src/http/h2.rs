@@ -1015,7 +1015,7 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let (mut sender, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+    let (sender, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
         Ok(found) => found,
         Err(status) => return status_response(status),
     };
@@ -1032,10 +1032,7 @@ async fn forward_h2(
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
-    let sent = async {
-        sender.ready().await?;
-        sender.send_request(request).await
-    };
+    let sent = proxy.h2_upstream.send(sender, addr, pool, request);
     let sent = tokio::select! {
         sent = timeout(pool.response_timeout, sent) => sent,
         () = closer.cancelled() => {

@@ -2,8 +2,10 @@
 //! services that need HTTP/2 end to end.
 //!
 //! One multiplexed connection per backend address is kept and shared by every request of the
-//! process; a closed or failed one is replaced on the next request. Request and response bodies
-//! pass through as HTTP/2 frames, trailers included, so gRPC's `grpc-status` arrives intact.
+//! process; a closed or failed one is replaced on the next request, and a request that a
+//! connection did not take (the backend had sent a GOAWAY, or closed it, since it was last used)
+//! goes on a fresh one. Request and response bodies pass through as HTTP/2 frames, trailers
+//! included, so gRPC's `grpc-status` arrives intact.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,6 +15,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -132,6 +135,44 @@ impl H2Pool {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, sender.clone());
         Ok(sender)
+    }
+
+    /// Sends `request` to backend `addr` of `pool` on `sender`, its pooled connection. A request
+    /// the connection did not take goes once more, on a fresh connection to the same backend:
+    /// nothing of it was sent. That is the case of the first request after the backend sent a
+    /// GOAWAY (gracefully, while other streams still run on the connection): the connection is
+    /// still open, so it looked usable, but takes no new stream.
+    pub async fn send(
+        &self,
+        mut sender: SendRequest<UpstreamBody>,
+        addr: SocketAddr,
+        pool: &Pool,
+        request: Request<UpstreamBody>,
+    ) -> io::Result<Response<Incoming>> {
+        let mut request = request;
+        for fresh in [false, true] {
+            if fresh {
+                self.forget(addr, pool);
+                sender = self.sender(addr, pool).await?;
+            }
+            // A closed connection fails `ready` with the request still in hand.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(returned) => {
+                        debug!(backend = %addr, error = %error.error(), "http/2 backend connection did not take a request");
+                        request = returned;
+                    }
+                    None => return Err(io::Error::other(error.into_error())),
+                },
+            }
+        }
+        Err(io::Error::other(
+            "the backend's connections did not take the request",
+        ))
     }
 
     /// Forgets the connection to backend `addr` of `pool` after it failed a request.

@@ -1379,7 +1379,7 @@ impl HttpProxy {
         let method =
             http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
 
-        let (mut sender, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
+        let (sender, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
             .await
             .map_err(Failure::Status)?;
         let guard = picked.guard;
@@ -1401,10 +1401,7 @@ impl HttpProxy {
         *request.uri_mut() = uri;
         *request.version_mut() = http::Version::HTTP_2;
         *request.headers_mut() = headers;
-        let send = async {
-            sender.ready().await?;
-            sender.send_request(request).await
-        };
+        let send = self.h2_upstream.send(sender, addr, pool, request);
         let pump = pump_request_body(
             client,
             head.framing,

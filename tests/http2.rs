@@ -1,0 +1,381 @@
+//! HTTP/2 edge cases through the real proxy: gRPC-style streaming, HTTP/2 backends that go away
+//! or limit their streams, and HTTP/2 clients that give up half-way.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use tokio::sync::Notify;
+
+/// A proxy listener "l7" in front of `backends`, with `pool_extra` in the pool's table.
+fn proxy_for(backends: &[std::net::SocketAddr], pool_extra: &str) -> Proxy {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+
+[pools.p]
+backends = [{}]
+{pool_extra}
+"#,
+        list.join(", ")
+    ))
+}
+
+/// An HTTP/2 connection with prior knowledge to `addr`, driven by a task of its own.
+async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// A gRPC-style request head for `path`.
+fn grpc_request(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://svc{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request")
+}
+
+/// Waits for a response head, within [`PATIENCE`].
+async fn head_of(
+    response: h2::client::ResponseFuture,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("a response head in time")
+}
+
+/// Reads a body to its end, then its trailers.
+async fn read_all(body: &mut h2::RecvStream) -> (Vec<u8>, Option<http::HeaderMap>) {
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("data in time")
+    {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = tokio::time::timeout(PATIENCE, body.trailers())
+        .await
+        .expect("trailers in time")
+        .expect("trailers");
+    (data, trailers)
+}
+
+/// gRPC trailers with `grpc-status: 0`.
+fn ok_trailers() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers
+}
+
+/// An HTTP/2 backend for streaming: `/sum` reads the whole request body and answers its length
+/// (client streaming); `/echo` answers at once and echoes each piece of the body as it comes
+/// (bidirectional streaming); `/only` answers with a trailers-only response (`grpc-status: 5`
+/// in a head that ends the stream).
+async fn streaming_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let path = request.uri().path().to_owned();
+                let mut body = request.into_body();
+                let head = |status: u16| {
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .expect("response")
+                };
+                match path.as_str() {
+                    "/only" => {
+                        let response = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", "5")
+                            .header("grpc-message", "not found")
+                            .body(())
+                            .expect("response");
+                        let _ = respond.send_response(response, true);
+                    }
+                    "/echo" => {
+                        let Ok(mut send) = respond.send_response(head(200), false) else {
+                            return;
+                        };
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            if send.send_data(chunk, false).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = send.send_trailers(ok_trailers());
+                    }
+                    _ => {
+                        let mut total = 0usize;
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            total += chunk.len();
+                        }
+                        let Ok(mut send) = respond.send_response(head(200), false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from(total.to_string()), false);
+                        let _ = send.send_trailers(ok_trailers());
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bidirectional_streams_flow_both_ways_through_the_proxy() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/echo"), false)
+        .expect("send");
+    // The head comes before the request body ends.
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    for i in 0..5 {
+        let message = format!("ping {i}");
+        stream
+            .send_data(Bytes::from(message.clone()), false)
+            .expect("data");
+        // Each message is echoed before the next one is sent: nothing waits for the end.
+        let chunk = tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("echo in time")
+            .expect("a chunk")
+            .expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        assert_eq!(chunk, message.as_bytes());
+    }
+    stream.send_data(Bytes::new(), true).expect("end");
+    let (rest, trailers) = read_all(&mut body).await;
+    assert!(rest.is_empty());
+    assert!(trailers.is_some_and(|t| t.get("grpc-status").is_some()));
+}
+
+#[tokio::test]
+async fn a_trailers_only_response_reaches_both_kinds_of_client() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (response, _) = sender
+        .send_request(grpc_request("/only"), true)
+        .expect("send");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let status = response.headers().get("grpc-status").cloned();
+    let message = response.headers().get("grpc-message").cloned();
+    let mut body = response.into_body();
+    let (data, _) = read_all(&mut body).await;
+    assert!(data.is_empty());
+    assert_eq!(status, Some(http::HeaderValue::from_static("5")));
+    assert_eq!(message, Some(http::HeaderValue::from_static("not found")));
+
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/only", "TE: trailers\r\n").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("grpc-status"), Some("5"));
+}
+
+/// An HTTP/2 backend whose `/hold` streams send a head and a first piece of body, then stay
+/// open until `release` is notified; `/bye` is answered, then the connection is shut down
+/// gracefully (GOAWAY, in-flight streams finish); anything else is answered at once.
+async fn goaway_backend(release: Arc<Notify>, max_streams: Option<u32>) -> Backend {
+    Backend::start(move |stream| {
+        let release = Arc::clone(&release);
+        async move {
+            let mut builder = h2::server::Builder::new();
+            if let Some(max) = max_streams {
+                builder.max_concurrent_streams(max);
+            }
+            let Ok(mut connection) = builder.handshake::<_, Bytes>(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let path = request.uri().path().to_owned();
+                let head = http::Response::builder()
+                    .status(200)
+                    .body(())
+                    .expect("response");
+                let Ok(mut send) = respond.send_response(head, false) else {
+                    continue;
+                };
+                match path.as_str() {
+                    "/hold" => {
+                        let release = Arc::clone(&release);
+                        let _ = send.send_data(Bytes::from_static(b"first"), false);
+                        tokio::spawn(async move {
+                            release.notified().await;
+                            let _ = send.send_data(Bytes::from_static(b"last"), true);
+                        });
+                    }
+                    "/bye" => {
+                        let _ = send.send_data(Bytes::from_static(b"bye"), true);
+                        connection.graceful_shutdown();
+                    }
+                    _ => {
+                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Sends a bodiless GET for `path` and returns the status and, for a 200, the whole body.
+async fn get(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> (u16, Vec<u8>) {
+    let request = http::Request::builder()
+        .uri(format!("http://svc{path}"))
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let (data, _) = read_all(&mut body).await;
+    (status, data)
+}
+
+/// Has [`goaway_backend`] go away gracefully with a stream in flight, then sends requests:
+/// the first from an HTTP/1.1 client when `http1_first`, else from an HTTP/2 one.
+async fn requests_after_a_graceful_goaway(http1_first: bool) {
+    let release = Arc::new(Notify::new());
+    let backend = goaway_backend(Arc::clone(&release), None).await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // A long stream in flight keeps the backend's connection open after its GOAWAY.
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let held = head_of(held).await.expect("response");
+    let mut held = held.into_body();
+    let first = tokio::time::timeout(PATIENCE, held.data())
+        .await
+        .expect("first piece in time");
+    assert!(first.is_some());
+    assert_eq!(get(&mut sender, "/bye").await, (200, b"bye".to_vec()));
+    // The connection no longer takes streams: later requests go to a new one.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    if http1_first {
+        let reply = client.get("/next", "").await;
+        assert_eq!((reply.status, reply.body), (200, b"ok".to_vec()));
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&mut sender, "/next").await, (200, b"ok".to_vec()));
+    }
+    let reply = client.get("/next", "").await;
+    assert_eq!((reply.status, reply.body), (200, b"ok".to_vec()));
+    assert_eq!(backend.accepted(), 2);
+    // The stream in flight finishes on the old connection.
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"last");
+}
+
+#[tokio::test]
+async fn a_backend_going_away_gracefully_does_not_fail_the_next_http2_streams() {
+    requests_after_a_graceful_goaway(false).await;
+}
+
+#[tokio::test]
+async fn a_backend_going_away_gracefully_does_not_fail_the_next_http11_requests() {
+    requests_after_a_graceful_goaway(true).await;
+}
+
+#[tokio::test]
+async fn requests_over_a_backends_stream_limit_wait_for_a_free_stream() {
+    let release = Arc::new(Notify::new());
+    let backend = goaway_backend(Arc::clone(&release), Some(1)).await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let held = head_of(held).await.expect("response");
+    let mut held = held.into_body();
+    // The backend's only stream is taken; the next request is answered once it is free.
+    let mut second = sender.clone();
+    let waiting = tokio::spawn(async move { get(&mut second, "/next").await });
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"firstlast");
+    let answered = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("answered in time")
+        .expect("task");
+    assert_eq!(answered, (200, b"ok".to_vec()));
+}
+
+#[tokio::test]
+async fn an_upload_reset_half_way_does_not_leave_its_backend_connection_in_the_pool() {
+    let backend = http_backend("b").await;
+    let proxy = proxy_for(&[backend.addr], "");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://svc/upload")
+        .header("content-length", "100")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("send");
+    stream
+        .send_data(Bytes::from_static(b"half of it"), false)
+        .expect("data");
+    eventually("backend connected", || backend.accepted() == 1).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    // The next requests are answered whole, on a connection that did not carry the cut upload.
+    for _ in 0..3 {
+        let (status, body) = get(&mut sender, "/after").await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).expect("utf-8");
+        assert!(text.starts_with("b\nGET /after "), "{text}");
+    }
+    // A request without a length goes chunked and arrives whole.
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://svc/chunked")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("send");
+    stream
+        .send_data(Bytes::from_static(b"one,"), false)
+        .expect("data");
+    stream.send_data(Bytes::new(), false).expect("empty data");
+    stream
+        .send_data(Bytes::from_static(b"two"), true)
+        .expect("data");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (data, _) = read_all(&mut body).await;
+    let text = String::from_utf8(data).expect("utf-8");
+    assert!(text.ends_with("\n\none,two"), "{text}");
+}
