@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -141,6 +142,69 @@ async fn streaming_backend() -> Backend {
         }
     })
     .await
+}
+
+#[tokio::test]
+async fn a_client_stream_that_outlasts_the_response_timeout_is_not_cut() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    // The client keeps sending for well over the response timeout; the backend answers only
+    // at the end of the stream, as a client-streaming call does.
+    for _ in 0..8 {
+        stream
+            .send_data(Bytes::from_static(b"0123456789"), false)
+            .expect("data");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stream.send_data(Bytes::new(), true).expect("end");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (data, trailers) = read_all(&mut body).await;
+    assert_eq!(data, b"80");
+    assert_eq!(
+        trailers.and_then(|t| t.get("grpc-status").cloned()),
+        Some(http::HeaderValue::from_static("0"))
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_answering_a_finished_request_still_times_out() {
+    let backend = Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        // Takes requests, never answers them.
+        let mut held = Vec::new();
+        while let Some(Ok(exchange)) = connection.accept().await {
+            held.push(exchange);
+        }
+    })
+    .await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    stream
+        .send_data(Bytes::from_static(b"x"), true)
+        .expect("end");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 504);
+    let (response, _) = sender
+        .send_request(grpc_request("/sum"), true)
+        .expect("send");
+    assert_eq!(head_of(response).await.expect("response").status(), 504);
 }
 
 #[tokio::test]

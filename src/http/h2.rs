@@ -1027,17 +1027,27 @@ async fn forward_h2(
     trace.attempts = tried;
     trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
-    let mut request = Request::new(UpstreamBody::Incoming(body));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let mut request = Request::new(UpstreamBody::Incoming(body, Arc::clone(&progress)));
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
     let sent = proxy.h2_upstream.send(sender, addr, pool, request);
-    let sent = tokio::select! {
-        sent = timeout(pool.response_timeout, sent) => sent,
-        () = closer.cancelled() => {
-            debug!(backend = %addr, "no response before the backend's drain deadline");
-            return status_response(504);
+    tokio::pin!(sent);
+    // The response timeout runs from the request body's last progress, as on HTTP/1.1 where it
+    // starts once the body is sent: a client stream (gRPC client streaming) may well outlast it.
+    // A body that makes no progress (a backend that does not take it, a stream waiting for a
+    // free slot on the backend's connection) leaves it running.
+    let sent = loop {
+        tokio::select! {
+            sent = &mut sent => break Ok(sent),
+            () = progress.notified() => {}
+            () = tokio::time::sleep(pool.response_timeout) => break Err(()),
+            () = closer.cancelled() => {
+                debug!(backend = %addr, "no response before the backend's drain deadline");
+                return status_response(504);
+            }
         }
     };
     let response = match sent {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::upstream::ConnKey;
@@ -30,8 +31,10 @@ use crate::stream::Stream;
 pub enum UpstreamBody {
     /// No body.
     Empty,
-    /// An HTTP/2 client's body, passed on frame by frame (trailers too).
-    Incoming(Incoming),
+    /// An HTTP/2 client's body, passed on frame by frame (trailers too). The `Notify` is told of
+    /// every frame taken and of the end: the response timeout counts from the body's last
+    /// progress, so a client stream that outlasts it is not cut while it still sends.
+    Incoming(Incoming, Arc<Notify>),
     /// An HTTP/1.1 client's body, decoded from its framing by the connection's task.
     Channel(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
 }
@@ -46,9 +49,13 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Incoming(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|f| f.map_err(io::Error::other))),
+            UpstreamBody::Incoming(body, progress) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if polled.is_ready() {
+                    progress.notify_one();
+                }
+                polled.map(|frame| frame.map(|f| f.map_err(io::Error::other)))
+            }
             UpstreamBody::Channel(rx) => rx.poll_recv(cx),
         }
     }
@@ -56,7 +63,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Incoming(body) => body.is_end_stream(),
+            UpstreamBody::Incoming(body, _) => body.is_end_stream(),
             UpstreamBody::Channel(_) => false,
         }
     }
@@ -64,7 +71,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Incoming(body) => body.size_hint(),
+            UpstreamBody::Incoming(body, _) => body.size_hint(),
             UpstreamBody::Channel(_) => SizeHint::default(),
         }
     }
