@@ -443,3 +443,136 @@ async fn an_upload_reset_half_way_does_not_leave_its_backend_connection_in_the_p
     let text = String::from_utf8(data).expect("utf-8");
     assert!(text.ends_with("\n\none,two"), "{text}");
 }
+
+/// Opens a stream for `path` on `sender` and returns the response once its head is there,
+/// without reading any of its body: the client's window for it fills and stays full.
+async fn stalled(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
+    let request = http::Request::builder()
+        .uri(format!("http://svc{path}"))
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    response.into_body()
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_releases_its_http11_backend() {
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&finished);
+    let backend = Backend::start(move |mut stream| {
+        let flag = Arc::clone(&flag);
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let body = vec![b'x'; 64 * 1024 * 1024];
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            // Ends (with an error) only when the proxy lets go of the connection.
+            let _ = stream.write_all(&body).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "response_timeout = \"300ms\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let body = stalled(&mut sender, "/big").await;
+    eventually("backend connection released", || {
+        finished.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // The stream does not look complete.
+    let mut body = body;
+    let mut ended_cleanly = true;
+    loop {
+        match tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("data in time")
+        {
+            Some(Ok(chunk)) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Some(Err(_)) => {
+                ended_cleanly = false;
+                break;
+            }
+            None => break,
+        }
+    }
+    assert!(!ended_cleanly, "a cut body must not end cleanly");
+}
+
+/// Bytes [`big_h2_backend`] has sent in all.
+type Sent = Arc<std::sync::atomic::AtomicUsize>;
+
+/// An HTTP/2 backend whose `/big` streams send 8 MiB as fast as flow control lets them,
+/// counting what went out in `sent`, and whose other paths answer "ok".
+async fn big_h2_backend(sent: Sent) -> Backend {
+    Backend::start(move |stream| {
+        let sent = Arc::clone(&sent);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let sent = Arc::clone(&sent);
+                tokio::spawn(async move {
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        return;
+                    };
+                    if request.uri().path() != "/big" {
+                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                        return;
+                    }
+                    let mut left = 8 * 1024 * 1024usize;
+                    while left > 0 {
+                        send.reserve_capacity(left.min(64 * 1024));
+                        let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                        else {
+                            return;
+                        };
+                        if n == 0 {
+                            continue;
+                        }
+                        if send.send_data(Bytes::from(vec![b'x'; n]), false).is_err() {
+                            return;
+                        }
+                        sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                        left -= n;
+                    }
+                    let _ = send.send_data(Bytes::new(), true);
+                });
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_a_shared_http2_backend_connection() {
+    let sent: Sent = Arc::default();
+    let backend = big_h2_backend(Arc::clone(&sent)).await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+    );
+    // Clients that read nothing of big responses, enough of them to fill the whole window of
+    // the backend connection they share with everyone else.
+    let mut stalled_bodies = Vec::new();
+    for _ in 0..4 {
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        stalled_bodies.push(stalled(&mut sender, "/big").await);
+        stalled_bodies.push(stalled(&mut sender, "/big").await);
+    }
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // Another client is still served, once the stalled streams are given up.
+    assert_eq!(get(&mut sender, "/small").await, (200, b"ok".to_vec()));
+    assert!(sent.load(std::sync::atomic::Ordering::SeqCst) >= 5 * 1024 * 1024);
+    drop(stalled_bodies);
+}

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -188,16 +188,9 @@ pub enum ResponseBody {
     Empty,
     /// A complete body.
     Full(Option<Bytes>),
-    /// Frames coming from the task that reads the backend.
-    Stream(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
-    /// An HTTP/2 backend's body, passed through (trailers too); the guard counts the request
-    /// as in flight on its backend until the body is done, and the body ends with an error at
-    /// the backend's drain deadline.
-    Upstream(
-        Incoming,
-        ActiveGuard,
-        Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    ),
+    /// Frames coming from the task that reads the backend (an HTTP/1.1 one, or an HTTP/2 one
+    /// whose frames pass through, trailers too).
+    Stream(Relayed),
     /// Another body, counted, and recorded (metrics, access log) when it ends.
     Logged(Box<Logged>),
     /// Another body, compressed on its way (one from an HTTP/2 backend: the HTTP/1.1 ones are
@@ -255,17 +248,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBody::Stream(rx) => rx.poll_recv(cx),
-            ResponseBody::Upstream(body, _, closer) => {
-                if closer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(io::Error::other(
-                        "the backend's drain deadline passed",
-                    ))));
-                }
-                Pin::new(body)
-                    .poll_frame(cx)
-                    .map(|frame| frame.map(|f| f.map_err(io::Error::other)))
-            }
+            ResponseBody::Stream(relayed) => relayed.poll_frame(cx),
             ResponseBody::Logged(logged) => {
                 let polled = Pin::new(&mut logged.body).poll_frame(cx);
                 match &polled {
@@ -288,7 +271,6 @@ impl Body for ResponseBody {
             ResponseBody::Empty => true,
             ResponseBody::Full(data) => data.is_none(),
             ResponseBody::Stream(_) => false,
-            ResponseBody::Upstream(body, _, _) => body.is_end_stream(),
             ResponseBody::Logged(logged) => logged.body.is_end_stream(),
             ResponseBody::Compressed(compressing) => {
                 compressing.encoder.is_none() && compressing.trailers.is_none()
@@ -302,9 +284,103 @@ impl Body for ResponseBody {
             ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
             ResponseBody::Stream(_) => SizeHint::default(),
-            ResponseBody::Upstream(body, _, _) => body.size_hint(),
             ResponseBody::Logged(logged) => logged.body.size_hint(),
             ResponseBody::Compressed(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A response body relayed from a backend by a task of its own, through a bounded queue.
+///
+/// The task, not the client, sets the pace at which the backend is read, and it gives up on a
+/// client that takes nothing for the pool's `response_timeout`: HTTP/2 only polls a body when
+/// the client has window for it, so a client that stops reading would otherwise hold the
+/// backend's connection (HTTP/1.1) or its stream's share of a backend connection window that
+/// other clients' streams use too (HTTP/2) for as long as it likes.
+pub struct Relayed {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
+    /// Set by the task once the whole body is queued; a queue that closes without it is a body
+    /// cut short, which must reach the client as an error (a reset), never as a clean end.
+    done: Arc<AtomicBool>,
+}
+
+impl Relayed {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None if self.done.load(Ordering::Acquire) => Poll::Ready(None),
+            None => Poll::Ready(Some(Err(io::Error::other(
+                "the response body was cut short",
+            )))),
+        }
+    }
+}
+
+/// The task's end of a [`Relayed`] body.
+struct Relay {
+    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    done: Arc<AtomicBool>,
+    /// How long the client may take nothing before it is given up on.
+    stall: Duration,
+}
+
+impl Relay {
+    fn new(stall: Duration) -> (Relay, ResponseBody) {
+        let (tx, rx) = mpsc::channel(BODY_QUEUE);
+        let done = Arc::new(AtomicBool::new(false));
+        let relayed = Relayed {
+            rx,
+            done: Arc::clone(&done),
+        };
+        (Relay { tx, done, stall }, ResponseBody::Stream(relayed))
+    }
+
+    /// Queues a frame; an error when the client went away or took nothing for too long.
+    async fn send(&self, frame: Frame<Bytes>) -> io::Result<()> {
+        self.tx
+            .send_timeout(Ok(frame), self.stall)
+            .await
+            .map_err(|error| match error {
+                mpsc::error::SendTimeoutError::Timeout(_) => {
+                    io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+                }
+                mpsc::error::SendTimeoutError::Closed(_) => gone(),
+            })
+    }
+
+    /// Marks the body complete: the client's stream ends cleanly once the queue is drained.
+    fn finish(self) {
+        self.done.store(true, Ordering::Release);
+    }
+}
+
+/// Relays an HTTP/2 backend's body (trailers too) to the client. The guard counts the request
+/// as in flight on its backend until the body is done; the body is cut at the backend's drain
+/// deadline, and the backend's stream is dropped (reset) as soon as the client's goes away.
+async fn relay_upstream(
+    mut body: Incoming,
+    relay: Relay,
+    guard: ActiveGuard,
+    closer: tokio_util::sync::CancellationToken,
+) {
+    let _guard = guard;
+    loop {
+        let frame = tokio::select! {
+            frame = http_body_util::BodyExt::frame(&mut body) => frame,
+            () = closer.cancelled() => return,
+            () = relay.tx.closed() => return,
+        };
+        match frame {
+            None => return relay.finish(),
+            Some(Ok(frame)) => {
+                if relay.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(error)) => {
+                debug!(%error, "http/2 backend body failed");
+                return;
+            }
         }
     }
 }
@@ -915,7 +991,7 @@ async fn proceed(
         }
         ResponseBody::Empty
     } else {
-        let (tx, rx) = mpsc::channel(BODY_QUEUE);
+        let (relay, body) = Relay::new(pool.response_timeout);
         let upstream = Arc::clone(&proxy.upstream);
         let idle = pool.response_timeout;
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
@@ -926,18 +1002,21 @@ async fn proceed(
             let _guard = guard;
             let mut conn = conn;
             let pumped = tokio::select! {
-                pumped = pump_body(&mut conn, framing, &tx, idle, encoder) => pumped,
+                pumped = pump_body(&mut conn, framing, &relay, idle, encoder) => pumped,
                 () = closer.cancelled() => Err(io::Error::other("the backend's drain deadline passed")),
             };
             match pumped {
-                Ok(()) if reusable => upstream.checkin(conn, keepalive),
-                Ok(()) => {}
-                Err(error) => {
-                    let _ = tx.send(Err(error)).await;
+                Ok(()) => {
+                    relay.finish();
+                    if reusable {
+                        upstream.checkin(conn, keepalive);
+                    }
                 }
+                // The client's stream ends in an error, as the relay was not finished.
+                Err(error) => debug!(%error, "response body relay ended early"),
             }
         });
-        ResponseBody::Stream(rx)
+        body
     };
     builder.body(body).unwrap_or_else(|_| status_response(502))
 }
@@ -1099,7 +1178,16 @@ async fn forward_h2(
     if compression.is_some() {
         builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
     }
-    let body = ResponseBody::Upstream(body, guard, Box::pin(closer.cancelled_owned()));
+    // An empty body (a trailers-only gRPC answer, say) ends the stream with the head, as the
+    // backend sent it.
+    let body = if body.is_end_stream() {
+        drop(guard);
+        ResponseBody::Empty
+    } else {
+        let (relay, relayed) = Relay::new(pool.response_timeout);
+        tokio::spawn(relay_upstream(body, relay, guard, closer));
+        relayed
+    };
     let body = match encoder {
         Some(encoder) => ResponseBody::Compressed(Box::new(Compressing {
             body,
@@ -1334,7 +1422,7 @@ async fn send_and_read(
 async fn pump_body(
     conn: &mut UpstreamConn,
     framing: Framing,
-    tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    tx: &Relay,
     idle: std::time::Duration,
     mut encoder: Option<super::compress::Encoder>,
 ) -> io::Result<()> {
@@ -1403,16 +1491,12 @@ async fn pump_body(
             if let Some(encoder) = encoder.take() {
                 let rest = encoder.finish()?;
                 if !rest.is_empty() {
-                    tx.send(Ok(Frame::data(Bytes::from(rest))))
-                        .await
-                        .map_err(|_| gone())?;
+                    tx.send(Frame::data(Bytes::from(rest))).await?;
                 }
             }
             if !decoder.trailers.is_empty() {
                 let trailers = parse_trailers(&decoder.trailers);
-                tx.send(Ok(Frame::trailers(trailers)))
-                    .await
-                    .map_err(|_| gone())?;
+                tx.send(Frame::trailers(trailers)).await?;
             }
             return Ok(());
         }
@@ -1426,7 +1510,7 @@ fn gone() -> io::Error {
 
 /// Sends body bytes as a data frame, compressed first if there is an encoder.
 async fn send_data(
-    tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    tx: &Relay,
     data: Bytes,
     encoder: &mut Option<super::compress::Encoder>,
 ) -> io::Result<()> {
@@ -1437,7 +1521,7 @@ async fn send_data(
     if data.is_empty() {
         return Ok(());
     }
-    tx.send(Ok(Frame::data(data))).await.map_err(|_| gone())
+    tx.send(Frame::data(data)).await
 }
 
 /// The trailer section of a chunked body as header fields; invalid lines are dropped.
