@@ -576,3 +576,144 @@ async fn clients_that_stop_reading_do_not_stall_a_shared_http2_backend_connectio
     assert!(sent.load(std::sync::atomic::Ordering::SeqCst) >= 5 * 1024 * 1024);
     drop(stalled_bodies);
 }
+
+#[tokio::test]
+async fn informational_answers_head_and_large_fields_pass_from_http11_backends_to_http2() {
+    let backend = Backend::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = Vec::new();
+        loop {
+            let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let big = "v".repeat(20_000);
+            let reply = if head.starts_with("HEAD ") {
+                "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_owned()
+            } else {
+                format!(
+                    "HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+                     HTTP/1.1 100 Continue\r\n\r\n\
+                     HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 5\r\n\r\nhello"
+                )
+            };
+            if stream.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (status, body) = get(&mut sender, "/hints").await;
+    assert_eq!((status, body), (200, b"hello".to_vec()));
+    let request = http::Request::builder()
+        .method("HEAD")
+        .uri("http://svc/head")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-length")
+            .map(|v| v.as_bytes()),
+        Some(&b"1000"[..])
+    );
+    let mut body = response.into_body();
+    let (data, _) = read_all(&mut body).await;
+    assert!(data.is_empty());
+    // The connection is still in step afterwards.
+    let request = http::Request::builder()
+        .uri("http://svc/hints")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(
+        response.headers().get("x-big").map(|v| v.len()),
+        Some(20_000)
+    );
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_http2_backend_during_the_upload_and_during_the_response() {
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let backend = Backend::start(move |stream| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    if request.uri().path() == "/upload" {
+                        let mut body = request.into_body();
+                        while let Some(chunk) = body.data().await {
+                            if chunk.is_err() {
+                                let _ = events.send("upload reset");
+                                return;
+                            }
+                        }
+                        let _ = events.send("upload ended");
+                        return;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        return;
+                    };
+                    let _ = send.send_data(Bytes::from_static(b"first"), false);
+                    // A quiet server stream: only the client's reset ends it.
+                    let reset = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                    let _ = events.send(if reset.is_ok() {
+                        "response reset"
+                    } else {
+                        "response failed"
+                    });
+                });
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/upload"), false)
+        .expect("send");
+    stream
+        .send_data(Bytes::from_static(b"part"), false)
+        .expect("data");
+    eventually("backend connected", || backend.accepted() == 1).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    let event = tokio::time::timeout(PATIENCE, seen.recv())
+        .await
+        .expect("in time");
+    assert_eq!(event, Some("upload reset"));
+
+    let request = http::Request::builder()
+        .uri("http://svc/watch")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("first piece in time");
+    assert!(first.is_some());
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(body);
+    let event = tokio::time::timeout(PATIENCE, seen.recv())
+        .await
+        .expect("in time");
+    assert_eq!(event, Some("response reset"));
+}
