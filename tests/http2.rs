@@ -12,6 +12,11 @@ use tokio::sync::Notify;
 
 /// A proxy listener "l7" in front of `backends`, with `pool_extra` in the pool's table.
 fn proxy_for(backends: &[std::net::SocketAddr], pool_extra: &str) -> Proxy {
+    proxy_with(backends, "", pool_extra)
+}
+
+/// Like [`proxy_for`], with `listener_extra` in the listener's table.
+fn proxy_with(backends: &[std::net::SocketAddr], listener_extra: &str, pool_extra: &str) -> Proxy {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
     Proxy::start(&format!(
         r#"
@@ -20,6 +25,7 @@ name = "l7"
 bind = "127.0.0.1:0"
 protocol = "http"
 default_pool = "p"
+{listener_extra}
 
 [pools.p]
 backends = [{}]
@@ -716,4 +722,44 @@ async fn a_client_reset_reaches_the_http2_backend_during_the_upload_and_during_t
         .await
         .expect("in time");
     assert_eq!(event, Some("response reset"));
+}
+
+#[tokio::test]
+async fn a_connection_whose_response_still_streams_is_not_idle() {
+    let release = Arc::new(Notify::new());
+    let backend = goaway_backend(Arc::clone(&release), None).await;
+    let proxy = proxy_with(
+        &[backend.addr],
+        "keepalive_timeout = \"200ms\"",
+        "upstream_protocol = \"h2\"",
+    );
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    let (mut sender, mut connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let driven = async {
+        let held = head_of(held).await.expect("response");
+        let mut held = held.into_body();
+        let first = tokio::time::timeout(PATIENCE, held.data())
+            .await
+            .expect("first piece in time");
+        assert!(first.is_some());
+        // The response streams on for several keepalive timeouts (a server stream that
+        // pauses between messages): the connection is in use, not idle.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        release.notify_one();
+        let (rest, _) = read_all(&mut held).await;
+        assert_eq!(rest, b"last");
+        // New streams are still taken on the same connection.
+        assert_eq!(get(&mut sender, "/next").await, (200, b"ok".to_vec()));
+    };
+    tokio::select! {
+        () = driven => {}
+        ended = &mut connection => panic!("the connection ended: {ended:?}"),
+    }
 }

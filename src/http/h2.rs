@@ -86,10 +86,12 @@ pub async fn serve(
         let streams = Arc::clone(&streams);
         let tls = Arc::clone(&tls);
         async move {
-            // Counted out when dropped: hyper drops this future when the client resets the
-            // stream before the response head, and the count must not stay up then.
-            let _open = Open::new(streams);
-            let response = handle(&proxy, request, source, peer_trusted, &tls).await;
+            // Counted out when dropped: with the response body once it is done (a server
+            // stream may run long after its head, and its connection is not idle then), or
+            // with this future, which hyper drops when the client resets the stream before
+            // the response head.
+            let open = Open::new(streams);
+            let response = handle(&proxy, request, source, peer_trusted, &tls, open).await;
             Ok::<_, Infallible>(response)
         }
     });
@@ -471,6 +473,7 @@ async fn handle(
     source: SocketAddr,
     peer_trusted: bool,
     tls: &Option<Negotiated>,
+    open: Open,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
     // What the access log shows, copied only when there is one.
@@ -526,13 +529,21 @@ async fn handle(
     // From here the stream is recorded when its body is done (or dropped, when the client resets
     // it), so that the line has the bytes sent and the duration of the whole exchange, as on
     // HTTP/1.1.
-    response.map(|body| ResponseBody::Logged(Box::new(Logged { body, ended })))
+    response.map(|body| {
+        ResponseBody::Logged(Box::new(Logged {
+            body,
+            ended,
+            _open: open,
+        }))
+    })
 }
 
 /// A response body that counts what it delivers; the stream is recorded when it ends.
 pub struct Logged {
     body: ResponseBody,
     ended: Ended,
+    /// Keeps the stream counted as open on its connection until its body is done.
+    _open: Open,
 }
 
 /// What the metrics and the access log need of a finished stream. Recorded once: when the body
