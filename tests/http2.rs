@@ -763,3 +763,149 @@ async fn a_connection_whose_response_still_streams_is_not_idle() {
         ended = &mut connection => panic!("the connection ended: {ended:?}"),
     }
 }
+
+/// A bare HTTP/2 backend written frame by frame: it answers the preface with its SETTINGS and
+/// acknowledges the proxy's, and when a request's HEADERS arrive it either sends a GOAWAY that
+/// takes none of the streams (`last-stream-id` 0) and keeps the connection open, or closes
+/// the connection (`close`).
+async fn refusing_h2_backend(close: bool) -> Backend {
+    Backend::start(move |mut stream| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        if stream.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
+            return;
+        }
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length =
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; length];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if head[3] != 1 {
+                continue;
+            }
+            if close {
+                return;
+            }
+            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            if stream.write_all(&goaway).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn requests_an_http2_backend_refuses_or_drops_are_answered_not_hung() {
+    for close in [false, true] {
+        let backend = refusing_h2_backend(close).await;
+        let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let (status, _) = get(&mut sender, "/refused").await;
+        assert!(status == 502 || status == 503, "close {close}: {status}");
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let status = tokio::time::timeout(PATIENCE, client.get("/refused", ""))
+            .await
+            .expect("answered in time")
+            .status;
+        assert!(status == 502 || status == 503, "close {close}: {status}");
+    }
+}
+
+#[tokio::test]
+async fn streams_reset_by_either_side_after_their_head_get_one_log_line_each() {
+    let cut_now = Arc::new(Notify::new());
+    let trigger = Arc::clone(&cut_now);
+    let backend = Backend::start(move |stream| {
+        let cut_now = Arc::clone(&trigger);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let cut_now = Arc::clone(&cut_now);
+                tokio::spawn(async move {
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        return;
+                    };
+                    let _ = send.send_data(Bytes::from_static(b"first"), false);
+                    if request.uri().path() == "/cut" {
+                        cut_now.notified().await;
+                        send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    } else {
+                        let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                    }
+                });
+            }
+        }
+    })
+    .await;
+    let log = std::env::temp_dir().join(format!("switchyard-h2resets-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let proxy = proxy_with(
+        &[backend.addr],
+        &format!(
+            "access_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+        "upstream_protocol = \"h2\"",
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // The backend resets its stream after the head: the client's ends in an error.
+    let mut cut = stalled(&mut sender, "/cut").await;
+    cut_now.notify_one();
+    let mut failed = false;
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, cut.data())
+        .await
+        .expect("in time")
+    {
+        if chunk.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a reset body must not end cleanly");
+    // The client resets its stream after the head.
+    let request = http::Request::builder()
+        .uri("http://svc/watch")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    let mut body = response.into_body();
+    assert!(
+        tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("in time")
+            .is_some()
+    );
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(body);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("a line for each stream", || text().lines().count() >= 2).await;
+    let mut paths = Vec::new();
+    for line in text().lines() {
+        let line: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["backend"], backend.addr.to_string());
+        paths.push(line["path"].as_str().unwrap_or("").to_owned());
+    }
+    paths.sort();
+    assert_eq!(paths, ["/cut", "/watch"]);
+    let _ = std::fs::remove_file(&log);
+}
