@@ -909,3 +909,53 @@ async fn streams_reset_by_either_side_after_their_head_get_one_log_line_each() {
     assert_eq!(paths, ["/cut", "/watch"]);
     let _ = std::fs::remove_file(&log);
 }
+
+#[tokio::test]
+async fn a_client_reset_during_a_quiet_http11_response_releases_the_backend_at_once() {
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let backend = Backend::start(move |mut stream| {
+        let events = events.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = Vec::new();
+            if read_until(&mut stream, &mut buf, b"\r\n\r\n").await.is_none() {
+                return;
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            // A quiet stream of events: only the proxy letting go ends it.
+            let mut rest = [0u8; 64];
+            while let Ok(n) = stream.read(&mut rest).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = events.send("closed");
+        }
+    })
+    .await;
+    // The default response timeout (30 s) is far longer than the test's patience.
+    let proxy = proxy_for(&[backend.addr], "");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/events")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("response");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("first event in time")
+        .expect("a chunk")
+        .expect("data");
+    assert_eq!(first, b"first"[..]);
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(body);
+    let event = tokio::time::timeout(PATIENCE, seen.recv())
+        .await
+        .expect("released in time");
+    assert_eq!(event, Some("closed"));
+}

@@ -1015,6 +1015,9 @@ async fn proceed(
             let pumped = tokio::select! {
                 pumped = pump_body(&mut conn, framing, &relay, idle, encoder) => pumped,
                 () = closer.cancelled() => Err(io::Error::other("the backend's drain deadline passed")),
+                // A client that resets its stream while the backend is quiet (a stream of
+                // events between two events) lets go of the backend at once.
+                () = relay.tx.closed() => Err(gone()),
             };
             match pumped {
                 Ok(()) => {
