@@ -959,3 +959,54 @@ async fn a_client_reset_during_a_quiet_http11_response_releases_the_backend_at_o
         .expect("released in time");
     assert_eq!(event, Some("closed"));
 }
+
+/// Sends the HTTP/2 preface and empty SETTINGS on a raw connection to the proxy, then `frame`
+/// over and over until the proxy closes the connection; whether it did within a million frames.
+async fn flood_is_cut_off(proxy: std::net::SocketAddr, first: &[u8], frame: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 * 1024];
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    opening.extend_from_slice(first);
+    if write.write_all(&opening).await.is_err() {
+        return true;
+    }
+    let batch: Vec<u8> = frame.repeat(1000);
+    for _ in 0..1000 {
+        if write.write_all(&batch).await.is_err() {
+            return true;
+        }
+        if reader.is_finished() {
+            return true;
+        }
+    }
+    tokio::time::timeout(PATIENCE, reader).await.is_ok()
+}
+
+#[tokio::test]
+async fn continuation_and_window_update_floods_are_cut_off() {
+    let backend = http_backend("b").await;
+    let proxy = proxy_for(&[backend.addr], "");
+    // HEADERS without END_HEADERS (`:method: GET`), then empty CONTINUATION frames forever.
+    let headers = [0, 0, 1, 1, 0, 0, 0, 0, 1, 0x82];
+    let continuation = [0, 0, 0, 9, 0, 0, 0, 0, 1];
+    assert!(flood_is_cut_off(proxy.addr("l7"), &headers, &continuation).await);
+    // A storm of connection window updates overflows the window (a flow-control error).
+    let update = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff];
+    assert!(flood_is_cut_off(proxy.addr("l7"), &[], &update).await);
+    // The proxy serves others as usual.
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (status, _) = get(&mut sender, "/").await;
+    assert_eq!(status, 200);
+}
