@@ -1010,3 +1010,60 @@ async fn continuation_and_window_update_floods_are_cut_off() {
     let (status, _) = get(&mut sender, "/").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete() {
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let backend = Backend::start(move |stream| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, _respond))) = connection.accept().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    let mut got = Vec::new();
+                    loop {
+                        match body.data().await {
+                            Some(Ok(chunk)) => {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                got.extend_from_slice(&chunk);
+                            }
+                            Some(Err(_)) => {
+                                let _ = events.send("reset".to_owned());
+                                return;
+                            }
+                            None => {
+                                let text = String::from_utf8_lossy(&got).into_owned();
+                                let _ = events.send(format!("complete: {text}"));
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    for (framing, first) in [
+        ("Transfer-Encoding: chunked", "5\r\nhello\r\n"),
+        ("Content-Length: 100", "hello"),
+    ] {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        client
+            .send(
+                format!("POST /upload HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n{first}").as_bytes(),
+            )
+            .await;
+        eventually("the backend has the stream", || backend.accepted() == 1).await;
+        // The client goes away half-way through its body.
+        drop(client);
+        let event = tokio::time::timeout(PATIENCE, seen.recv())
+            .await
+            .expect("the backend hears of it in time");
+        assert_eq!(event.as_deref(), Some("reset"), "{framing}");
+    }
+}
