@@ -1067,3 +1067,24 @@ async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete()
         assert_eq!(event.as_deref(), Some("reset"), "{framing}");
     }
 }
+
+#[tokio::test]
+async fn a_burst_of_first_requests_shares_one_connection_to_an_http2_backend() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let sender = h2_connect(proxy.addr("l7")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let (response, _) = sender
+                .send_request(grpc_request("/sum"), true)
+                .expect("send");
+            head_of(response).await.expect("response").status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    assert_eq!(backend.accepted(), 1);
+}

@@ -80,8 +80,19 @@ impl Body for UpstreamBody {
 /// The shared HTTP/2 connections to backends, one per address.
 #[derive(Default)]
 pub struct H2Pool {
-    senders: Mutex<HashMap<ConnKey, SendRequest<UpstreamBody>>>,
+    /// Per backend, its connection once open, or the connect in progress: requests that find
+    /// none wait for the same connect instead of each opening a connection of its own (a burst
+    /// of requests at start, or after a backend came back, would otherwise open one each).
+    senders: Mutex<HashMap<ConnKey, Slot>>,
 }
+
+/// A backend's connection: set once by whichever request connects, awaited by the others. A
+/// connect whose request went away before it finished is taken over by the next request.
+type Slot = Arc<tokio::sync::OnceCell<Result<SendRequest<UpstreamBody>, Failed>>>;
+
+/// Why a connect failed, for every request that waited on it (`io::Error` is not `Clone`).
+#[derive(Clone, Debug)]
+struct Failed(io::ErrorKind, String);
 
 impl std::fmt::Debug for H2Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,50 +109,31 @@ impl H2Pool {
         pool: &Pool,
     ) -> io::Result<SendRequest<UpstreamBody>> {
         let key = pool.conn_key(addr);
-        {
-            let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(sender) = senders.get(&key)
-                && !sender.is_closed()
-            {
-                return Ok(sender.clone());
-            }
-        }
-        let connect_timeout = pool.connect_timeout;
-        let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
-        };
-        tcp.set_nodelay(true)?;
-        let stream = match &pool.tls {
-            None => Stream::Plain(tcp),
-            Some(tls) => {
-                let stream = tls.connect(tcp, addr, connect_timeout).await?;
-                if stream.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
-                    return Err(io::Error::other(
-                        "the backend did not agree to HTTP/2 through ALPN",
-                    ));
+        let slot = {
+            let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+            match senders.get(&key).map(|slot| (slot.get(), slot)) {
+                Some((Some(Ok(sender)), _)) if !sender.is_closed() => return Ok(sender.clone()),
+                // A connect in progress: wait for it.
+                Some((None, slot)) => Arc::clone(slot),
+                // None yet, or closed, or failed: start afresh.
+                _ => {
+                    let slot = Slot::default();
+                    senders.insert(key, Arc::clone(&slot));
+                    slot
                 }
-                Stream::Tls(Box::new(stream.into()))
             }
         };
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(super::h2::PING_INTERVAL)
-            .keep_alive_timeout(super::h2::PING_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(backend = %addr, %error, "http/2 backend connection ended");
-            }
-        });
-        self.senders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, sender.clone());
-        Ok(sender)
+        let connected = slot
+            .get_or_init(|| async {
+                connect(addr, pool)
+                    .await
+                    .map_err(|error| Failed(error.kind(), error.to_string()))
+            })
+            .await;
+        match connected {
+            Ok(sender) => Ok(sender.clone()),
+            Err(Failed(kind, message)) => Err(io::Error::new(*kind, message.clone())),
+        }
     }
 
     /// Sends `request` to backend `addr` of `pool` on `sender`, its pooled connection. A request
@@ -189,4 +181,41 @@ impl H2Pool {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&pool.conn_key(addr));
     }
+}
+
+/// Opens a connection to backend `addr` of `pool` (within the pool's connect timeout, with its
+/// TLS settings) and starts its task.
+async fn connect(addr: SocketAddr, pool: &Pool) -> io::Result<SendRequest<UpstreamBody>> {
+    let connect_timeout = pool.connect_timeout;
+    let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timeout")),
+    };
+    tcp.set_nodelay(true)?;
+    let stream = match &pool.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let stream = tls.connect(tcp, addr, connect_timeout).await?;
+            if stream.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+                return Err(io::Error::other(
+                    "the backend did not agree to HTTP/2 through ALPN",
+                ));
+            }
+            Stream::Tls(Box::new(stream.into()))
+        }
+    };
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(super::h2::PING_INTERVAL)
+        .keep_alive_timeout(super::h2::PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(backend = %addr, %error, "http/2 backend connection ended");
+        }
+    });
+    Ok(sender)
 }
