@@ -1088,3 +1088,40 @@ async fn a_burst_of_first_requests_shares_one_connection_to_an_http2_backend() {
     }
     assert_eq!(backend.accepted(), 1);
 }
+
+#[tokio::test]
+async fn max_body_size_holds_for_http2_clients_of_http2_backends() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_with(
+        &[backend.addr],
+        "max_body_size = 10",
+        "upstream_protocol = \"h2\"",
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // A declared length over the limit: refused before any backend is contacted.
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://svc/sum")
+        .header("content-length", "100")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("send");
+    let _ = stream.send_data(Bytes::from(vec![b'x'; 100]), true);
+    assert_eq!(head_of(response).await.expect("response").status(), 413);
+    assert_eq!(backend.accepted(), 0);
+    // A streamed body that grows past it.
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    let _ = stream.send_data(Bytes::from(vec![b'x'; 100]), true);
+    assert_eq!(head_of(response).await.expect("response").status(), 413);
+    // Within the limit, as usual.
+    let (response, mut stream) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    let _ = stream.send_data(Bytes::from_static(b"12345"), true);
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert_eq!(read_all(&mut body).await.0, b"5");
+}

@@ -27,7 +27,7 @@ use tokio::time::timeout;
 use tracing::debug;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
-use super::h2_upstream::UpstreamBody;
+use super::h2_upstream::{BodyWatch, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{HttpProxy, new_request_id, valid_request_id};
@@ -822,6 +822,20 @@ async fn proceed(
         _ => new_request_id(&mut generated).to_vec(),
     };
     let input = super::persist::pick_input(pool, &view, source.ip());
+    // A declared length over the limit is refused before any backend is contacted, whatever
+    // the backend speaks.
+    let length = match parts.headers.get(http::header::CONTENT_LENGTH) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => return status_response(400),
+        },
+    };
+    if let (Some(n), Some(max)) = (length, proxy.max_body_size)
+        && n > max
+    {
+        return status_response(413);
+    }
     if pool.upstream_protocol == UpstreamProtocol::H2 {
         let host = view.host().map(<[u8]>::to_vec);
         return forward_h2(
@@ -838,18 +852,6 @@ async fn proceed(
             trace,
         )
         .await;
-    }
-    let length = match parts.headers.get(http::header::CONTENT_LENGTH) {
-        None => None,
-        Some(value) => match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
-            Some(n) => Some(n),
-            None => return status_response(400),
-        },
-    };
-    if let (Some(n), Some(max)) = (length, proxy.max_body_size)
-        && n > max
-    {
-        return status_response(413);
     }
     let framing = match length {
         Some(0) => Framing::Empty,
@@ -1120,8 +1122,12 @@ async fn forward_h2(
     trace.attempts = tried;
     trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
-    let progress = Arc::new(tokio::sync::Notify::new());
-    let mut request = Request::new(UpstreamBody::Incoming(body, Arc::clone(&progress)));
+    let watch = Arc::new(BodyWatch::default());
+    let mut request = Request::new(UpstreamBody::Incoming(
+        body,
+        Arc::clone(&watch),
+        Limit::new(proxy.max_body_size),
+    ));
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
@@ -1135,7 +1141,7 @@ async fn forward_h2(
     let sent = loop {
         tokio::select! {
             sent = &mut sent => break Ok(sent),
-            () = progress.notified() => {}
+            () = watch.progress.notified() => {}
             () = tokio::time::sleep(pool.response_timeout) => break Err(()),
             () = closer.cancelled() => {
                 debug!(backend = %addr, "no response before the backend's drain deadline");
@@ -1145,6 +1151,8 @@ async fn forward_h2(
     };
     let response = match sent {
         Ok(Ok(response)) => response,
+        // The client's fault, not the backend's: its stream there was reset.
+        Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return status_response(413),
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
             proxy.h2_upstream.forget(addr, pool);

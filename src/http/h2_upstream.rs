@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -31,10 +32,9 @@ use crate::stream::Stream;
 pub enum UpstreamBody {
     /// No body.
     Empty,
-    /// An HTTP/2 client's body, passed on frame by frame (trailers too). The `Notify` is told of
-    /// every frame taken and of the end: the response timeout counts from the body's last
-    /// progress, so a client stream that outlasts it is not cut while it still sends.
-    Incoming(Incoming, Arc<Notify>),
+    /// An HTTP/2 client's body, passed on frame by frame (trailers too), watched and held to
+    /// `max_body_size`.
+    Incoming(Incoming, Arc<BodyWatch>, Limit),
     /// An HTTP/1.1 client's body, decoded from its framing by the connection's task.
     Channel(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, io::Error>>),
 }
@@ -49,10 +49,20 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Incoming(body, progress) => {
+            UpstreamBody::Incoming(body, watch, limit) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 if polled.is_ready() {
-                    progress.notify_one();
+                    watch.progress.notify_one();
+                }
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                    && !limit.take(data.len())
+                {
+                    watch.too_large.store(true, Ordering::Relaxed);
+                    // The error resets the backend's stream.
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the request body grew past max_body_size",
+                    ))));
                 }
                 polled.map(|frame| frame.map(|f| f.map_err(io::Error::other)))
             }
@@ -63,7 +73,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Incoming(body, _) => body.is_end_stream(),
+            UpstreamBody::Incoming(body, _, _) => body.is_end_stream(),
             UpstreamBody::Channel(_) => false,
         }
     }
@@ -71,8 +81,43 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Incoming(body, _) => body.size_hint(),
+            UpstreamBody::Incoming(body, _, _) => body.size_hint(),
             UpstreamBody::Channel(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// What the stream's task learns of an HTTP/2 client's body as it goes to the backend.
+#[derive(Default)]
+pub struct BodyWatch {
+    /// Told of every frame taken and of the end: the response timeout counts from the body's
+    /// last progress, so a client stream that outlasts it is not cut while it still sends.
+    pub progress: Notify,
+    /// Set when the body grew past `max_body_size`: the client gets a 413, and the backend is
+    /// not blamed for the reset of its stream.
+    pub too_large: AtomicBool,
+}
+
+/// The bytes a request body may still have under `max_body_size` (`None`: no limit).
+pub struct Limit(Option<u64>);
+
+impl Limit {
+    /// The limit for a whole body of at most `max` bytes.
+    pub fn new(max: Option<u64>) -> Limit {
+        Limit(max)
+    }
+
+    /// Counts `n` more bytes; `false` once the body is over the limit.
+    fn take(&mut self, n: usize) -> bool {
+        match &mut self.0 {
+            None => true,
+            Some(left) => match left.checked_sub(n as u64) {
+                Some(rest) => {
+                    *left = rest;
+                    true
+                }
+                None => false,
+            },
         }
     }
 }
