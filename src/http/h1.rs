@@ -153,6 +153,10 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The backend will close after this response.
     pub close: bool,
+    /// The backend answered before it took the whole request body (it stopped reading): the
+    /// client's connection still holds body bytes nobody will read, so it ends with this
+    /// response, and so does the backend's.
+    pub request_cut: bool,
 }
 
 /// Offset of `part` inside `base`; `part` must be a subslice of `base`.
@@ -749,6 +753,7 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
         fields: kept,
         framing,
         close,
+        request_cut: false,
     }))
 }
 

@@ -1033,6 +1033,7 @@ impl HttpProxy {
         // tied to the backend (by a sticky cookie, or by a proxy of its own in between).
         let close = head.close
             || head.ambiguous
+            || response.request_cut
             || client_framing == Framing::UntilClose
             || self.closing()
             || guard.state().flags() & DRAINING != 0;
@@ -1929,7 +1930,7 @@ async fn send_request(
                 .await
                 .map_err(upstream_error)?;
             let mut scratch = BytesMut::new();
-            transfer_body(
+            let sent = transfer_body(
                 &mut client.stream,
                 &mut client.buf,
                 &mut conn.stream,
@@ -1944,19 +1945,54 @@ async fn send_request(
                 },
                 &mut None,
             )
-            .await
-            .map_err(|error| match error {
-                BodyError::Write(error) => upstream_error(error),
-                BodyError::TooLarge => SendError::TooLarge,
-                BodyError::Read(_)
-                | BodyError::Malformed
-                | BodyError::Timeout
-                | BodyError::Compress(_) => SendError::Client,
-            })?;
+            .await;
+            match sent {
+                Ok(_) => {}
+                // The backend stopped taking the body: it may have answered already (a 413, a
+                // 401), and that answer is what the client should get, as it would without a
+                // proxy. Read on; without an answer, the failed write is the error.
+                Err(BodyError::Write(error)) => {
+                    let deadline = Instant::now() + response_timeout;
+                    let answer =
+                        read_response(client, head, conn, deadline, response_timeout, listener);
+                    return match answer.await {
+                        Ok(mut response) => {
+                            debug!(
+                                status = response.status,
+                                "the backend answered before taking the whole request body"
+                            );
+                            response.request_cut = true;
+                            response.close = true;
+                            Ok(response)
+                        }
+                        Err(_) => Err(upstream_error(error)),
+                    };
+                }
+                Err(BodyError::TooLarge) => return Err(SendError::TooLarge),
+                Err(
+                    BodyError::Read(_)
+                    | BodyError::Malformed
+                    | BodyError::Timeout
+                    | BodyError::Compress(_),
+                ) => return Err(SendError::Client),
+            }
             None
         }
     };
     let deadline = sent_at.unwrap_or_else(Instant::now) + response_timeout;
+    read_response(client, head, conn, deadline, response_timeout, listener).await
+}
+
+/// Reads the response head from `conn` by `deadline`, forwarding interim 1xx responses to the
+/// client on the way.
+async fn read_response(
+    client: &mut Client,
+    head: &RequestHead,
+    conn: &mut UpstreamConn,
+    deadline: Instant,
+    response_timeout: Duration,
+    listener: &HttpProxy,
+) -> Result<ResponseHead, SendError> {
     loop {
         if !conn.buf.is_empty() {
             match h1::parse_response(&mut conn.buf, head.is_head()) {
