@@ -122,6 +122,9 @@ pub struct ListenerStats {
     pub spliced: AtomicU64,
     /// Access log lines dropped because the writer fell behind.
     pub log_dropped: AtomicU64,
+    /// TLS handshakes of clients that failed (a bad or unsupported hello, a handshake that
+    /// timed out, a client that left): the only trace they leave besides a debug log line.
+    pub tls_failures: AtomicU64,
     /// Per-route counters by label: a route's position, `default` or `unrouted`.
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
 }
@@ -367,6 +370,14 @@ impl Collector for Scrape {
             "Access log lines dropped because the writer fell behind.",
             MetricType::Counter,
             by_listener(&|s| s.log_dropped.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_tls_handshake_failures",
+            "Client TLS handshakes that failed on a listener that terminates TLS.",
+            MetricType::Counter,
+            by_listener(&|s| s.tls_failures.load(Relaxed)),
             counter,
         )?;
         let mut requests = Vec::new();

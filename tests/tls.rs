@@ -874,6 +874,12 @@ async fn plain_http_and_stalled_handshakes_on_a_tls_port() {
         );
     }
     assert_eq!(backend.accepted(), 1);
+    // Each failed handshake is counted: the plain request and the two stalled ones.
+    let failures = &proxy.handle.metrics().listener("https").tls_failures;
+    eventually("three failed handshakes counted", || {
+        failures.load(std::sync::atomic::Ordering::SeqCst) == 3
+    })
+    .await;
 }
 
 /// Accepts any certificate, for tests that look at which one is shown.
@@ -988,6 +994,20 @@ async fn a_tcp_listener_terminates_tls_and_forwards_the_plain_bytes() {
         p(&key),
         backend.addr
     ));
+    // Plain bytes where a ClientHello belongs: refused, and counted.
+    let mut plain = TcpStream::connect(proxy.addr("tls-tcp"))
+        .await
+        .expect("connect");
+    plain.write_all(b"HELLO?\r\n").await.expect("send");
+    let mut nothing = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut nothing))
+        .await
+        .expect("closed in time");
+    let failures = &proxy.handle.metrics().listener("tls-tcp").tls_failures;
+    eventually("the failed handshake counted", || {
+        failures.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
     let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
         .await
         .expect("handshake");

@@ -517,6 +517,7 @@ impl HttpProxy {
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
+                    self.stats.tls_failures.fetch_add(1, Relaxed);
                     return None;
                 }
             },

@@ -235,7 +235,11 @@ impl TcpProxy {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (source, destination, initial) = self.accept_proxy_header(&mut client, peer).await?;
         let local = client.local_addr().ok();
-        let (stream, _) = crate::tls::accept(tls, client, &initial, false).await?;
+        let (stream, _) = crate::tls::accept(tls, client, &initial, false)
+            .await
+            .inspect_err(|_| {
+                self.stats.tls_failures.fetch_add(1, Relaxed);
+            })?;
         let mut client = Stream::Tls(Box::new(stream.into()));
         let snapshot = self.snapshot.load_full();
         let pool = snapshot
