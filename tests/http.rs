@@ -105,29 +105,6 @@ backends = ["{}"]
     assert_eq!(api.accepted(), 1);
 }
 
-fn single_pool(
-    backends: &[std::net::SocketAddr],
-    listener_extra: &str,
-    pool_extra: &str,
-) -> String {
-    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"
-[[listeners]]
-name = "l7"
-bind = "127.0.0.1:0"
-protocol = "http"
-default_pool = "p"
-{listener_extra}
-
-[pools.p]
-backends = [{}]
-{pool_extra}
-"#,
-        list.join(", ")
-    )
-}
-
 /// A proxy in front of one backend, with the listener's `splice` set as given.
 fn splicing(backend: std::net::SocketAddr, splice: bool, pool_extra: &str) -> Proxy {
     Proxy::start(&single_pool(
@@ -1632,14 +1609,6 @@ async fn h2_request(
         data.extend_from_slice(&chunk);
     }
     (status, headers, data)
-}
-
-/// An HTTP/2 connection with prior knowledge to `addr`, driven by a task of its own.
-async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    sender
 }
 
 /// Sends a bodiless HTTP/2 request and waits for the response head.

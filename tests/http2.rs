@@ -17,30 +17,7 @@ fn proxy_for(backends: &[std::net::SocketAddr], pool_extra: &str) -> Proxy {
 
 /// Like [`proxy_for`], with `listener_extra` in the listener's table.
 fn proxy_with(backends: &[std::net::SocketAddr], listener_extra: &str, pool_extra: &str) -> Proxy {
-    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    Proxy::start(&format!(
-        r#"
-[[listeners]]
-name = "l7"
-bind = "127.0.0.1:0"
-protocol = "http"
-default_pool = "p"
-{listener_extra}
-
-[pools.p]
-backends = [{}]
-{pool_extra}
-"#,
-        list.join(", ")
-    ))
-}
-
-/// An HTTP/2 connection with prior knowledge to `addr`, driven by a task of its own.
-async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    sender
+    Proxy::start(&single_pool(backends, listener_extra, pool_extra))
 }
 
 /// A gRPC-style request head for `path`.

@@ -601,3 +601,32 @@ pub async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>)
     }
     Some(reply)
 }
+
+/// The config of one http listener `l7` whose default pool `p` has `backends`, with
+/// `listener_extra` and `pool_extra` added to their tables.
+pub fn single_pool(backends: &[SocketAddr], listener_extra: &str, pool_extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+{listener_extra}
+
+[pools.p]
+backends = [{}]
+{pool_extra}
+"#,
+        list.join(", ")
+    )
+}
+
+/// An HTTP/2 connection with prior knowledge to `addr`, driven by a task of its own.
+pub async fn h2_connect(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
