@@ -1,5 +1,6 @@
 //! The `switchyard` command: parses flags, sets up logging and the runtime, calls the library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -151,6 +152,11 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A line that cannot be written (standard error's reader gone: a closed pipe, a
+        // restarted journal) is lost, and nothing else: the default reports the failure with
+        // `eprintln!`, which panics on that same broken stream, in whatever task was logging,
+        // the signal handler included.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
@@ -284,7 +290,8 @@ fn demo(log_level: &str, any_port: bool) -> anyhow::Result<()> {
     runtime(None)?.block_on(async {
         let (server, help) = switchyard::demo::start(any_port).await?;
         stop_on_signals(server.shutdown_token())?;
-        println!("{help}");
+        // Not `println!`: with standard output closed (`demo | head -3`) it would panic.
+        let _ = writeln!(std::io::stdout(), "{help}");
         server.run().await;
         Ok(())
     })

@@ -171,6 +171,64 @@ async fn sigterm_lets_an_open_connection_finish_then_exits_zero() {
     assert!(status.success(), "{status}");
 }
 
+/// Standard error can break under a running process (its reader gone: a pipe's end closed, a
+/// journal restarted). Log lines are then lost, but serving and SIGTERM must go on as before.
+#[tokio::test]
+async fn a_broken_standard_error_neither_stops_serving_nor_the_shutdown() {
+    let backend = Backend::echo().await;
+    let config = temp_config(
+        "broken-stderr",
+        &format!(
+            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--threads", "1", "--log-level", "debug", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if let Some(addr) = line.split("addr=").nth(1) {
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    // The reader goes: every log line from now on fails to be written.
+    drop(lines);
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(PATIENCE, client.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(&buf, b"ping");
+    }
+    sigterm(&child);
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("status");
+    let _ = std::fs::remove_file(&config);
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test]
 async fn the_drain_deadline_closes_what_is_left_and_exits_zero() {
     let backend = Backend::echo().await;
