@@ -863,7 +863,7 @@ impl HttpProxy {
         }
         // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing.
         if let Some(redirect) = &self.rules.redirect {
-            return self.redirect(client, head, redirect, None).await;
+            return Box::pin(self.redirect(client, head, redirect, None)).await;
         }
         // Phase 2: route.
         let Some(routed) = self.router.route(head) else {
@@ -881,7 +881,7 @@ impl HttpProxy {
         if let Some(rules) = route_rules
             && let Some(redirect) = &rules.redirect
         {
-            return self.redirect(client, head, redirect, Some(rules)).await;
+            return Box::pin(self.redirect(client, head, redirect, Some(rules))).await;
         }
         let snapshot = self.snapshot.load_full();
         let pool = routed
@@ -906,9 +906,19 @@ impl HttpProxy {
         }
         let input = persist::pick_input(pool, head, client.source.ip());
         if pool.upstream_protocol == crate::config::UpstreamProtocol::H2 {
-            return self
-                .forward_to_h2(client, head, pool, input, request_id, route_rules, trace)
-                .await;
+            // Boxed, as the redirects above and the upgrade below: the state of the rare paths
+            // would otherwise make every exchange's future as large as the largest of them,
+            // and that future is moved and copied on every request.
+            return Box::pin(self.forward_to_h2(
+                client,
+                head,
+                pool,
+                input,
+                request_id,
+                route_rules,
+                trace,
+            ))
+            .await;
         }
         // A spare buffer: it holds the upstream head, then the response head and body pieces,
         // and goes back for the next exchange on this thread when the response is done.
@@ -949,7 +959,7 @@ impl HttpProxy {
                 .await
                 .map_err(|_| Failure::Abort)?;
             let initial = client.buf.split().to_vec();
-            let tunnel = async {
+            let tunnel = Box::pin(async {
                 if let (Stream::Plain(client_tcp), Stream::Plain(backend_tcp)) =
                     (&client.stream, &conn.stream)
                 {
@@ -976,7 +986,7 @@ impl HttpProxy {
                     .await;
                     (result.map(|_| ()), moved.upstream, moved.downstream)
                 }
-            };
+            });
             let (result, up, down) = tokio::select! {
                 done = tunnel => done,
                 () = closer.cancelled() => {
@@ -1744,7 +1754,12 @@ impl HttpProxy {
             loop {
                 let mut conn = match pooled.take() {
                     Some(conn) => conn,
-                    None => match timed(&state.connect_time, connect(addr, pool, client)).await {
+                    // Boxed: a connection of the pool is the common case, and the state of a
+                    // connect (with its TLS handshake) would triple the size of every
+                    // exchange's future.
+                    None => match Box::pin(timed(&state.connect_time, connect(addr, pool, client)))
+                        .await
+                    {
                         Ok(conn) => conn,
                         Err(error) => {
                             state.connect_failures.fetch_add(1, Relaxed);
@@ -1931,7 +1946,9 @@ async fn send_request(
                 .await
                 .map_err(upstream_error)?;
             let mut scratch = BytesMut::new();
-            let sent = transfer_body(
+            // Boxed: most requests have no body, and the state of a body transfer would more
+            // than double the size of every request's future.
+            let sent = Box::pin(transfer_body(
                 &mut client.stream,
                 &mut client.buf,
                 &mut conn.stream,
@@ -1945,7 +1962,7 @@ async fn send_request(
                     then_close: false,
                 },
                 &mut None,
-            )
+            ))
             .await;
             match sent {
                 Ok(_) => {}
@@ -1954,8 +1971,14 @@ async fn send_request(
                 // proxy. Read on; without an answer, the failed write is the error.
                 Err(BodyError::Write(error)) => {
                     let deadline = Instant::now() + response_timeout;
-                    let answer =
-                        read_response(client, head, conn, deadline, response_timeout, listener);
+                    let answer = Box::pin(read_response(
+                        client,
+                        head,
+                        conn,
+                        deadline,
+                        response_timeout,
+                        listener,
+                    ));
                     return match answer.await {
                         Ok(mut response) => {
                             debug!(
