@@ -193,21 +193,7 @@ async fn a_broken_standard_error_neither_stops_serving_nor_the_shutdown() {
         .spawn()
         .expect("starts");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr: std::net::SocketAddr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            if let Some(addr) = line.split("addr=").nth(1) {
-                return addr
-                    .split_whitespace()
-                    .next()
-                    .expect("addr")
-                    .parse()
-                    .expect("addr");
-            }
-        }
-        panic!("exited before listening");
-    })
-    .await
-    .expect("listening in time");
+    let addr = listening_addr(&mut lines).await;
     // The reader goes: every log line from now on fails to be written.
     drop(lines);
     for _ in 0..3 {
@@ -273,22 +259,7 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
         .spawn()
         .expect("starts");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr: std::net::SocketAddr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("log") {
-            if line.contains("listening") {
-                let addr = line.split("addr=").nth(1).expect("addr");
-                return addr
-                    .split_whitespace()
-                    .next()
-                    .expect("addr")
-                    .parse()
-                    .expect("addr");
-            }
-        }
-        panic!("exited before listening");
-    })
-    .await
-    .expect("listening in time");
+    let addr = listening_addr(&mut lines).await;
     let (saw_tx, saw_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut saw_tx = Some(saw_tx);

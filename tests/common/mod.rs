@@ -64,8 +64,21 @@ pub async fn spawn_binary_with(name: &str, toml: &str, args: &[&std::ffi::OsStr]
         .expect("starts");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = tokio::io::BufReader::new(stderr).lines();
-    // The "listening" log line names the bound address.
-    let addr = tokio::time::timeout(PATIENCE, async {
+    let addr = listening_addr(&mut lines).await;
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Running {
+        child,
+        addr,
+        config,
+    }
+}
+
+/// The address in the first "listening" line of a process's log (its first listener's).
+pub async fn listening_addr(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) -> SocketAddr {
+    tokio::time::timeout(PATIENCE, async {
         while let Some(line) = lines.next_line().await.expect("read log") {
             if line.contains("listening") {
                 let addr = line.split("addr=").nth(1).expect("addr field");
@@ -80,14 +93,7 @@ pub async fn spawn_binary_with(name: &str, toml: &str, args: &[&std::ffi::OsStr]
         panic!("exited before listening");
     })
     .await
-    .expect("listening in time");
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Running {
-        child,
-        addr,
-        config,
-    }
+    .expect("listening in time")
 }
 
 /// Upper bound for anything a test waits on; reaching it is a failure, not synchronisation.
