@@ -99,7 +99,6 @@ pub struct Proxy {
     pub handle: switchyard::server::ServerHandle,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
-    pub udp_stats: Vec<(String, Arc<switchyard::l4::udp::UdpStats>)>,
     pub task: JoinHandle<usize>,
 }
 
@@ -107,25 +106,11 @@ impl Proxy {
     /// Loads `toml`, binds and runs it.
     pub fn start(toml: &str) -> Proxy {
         let config = Config::from_toml(toml, Path::new("test.toml")).expect("test config is valid");
-        let names: Vec<(String, bool)> = config
-            .listeners
-            .iter()
-            .map(|l| {
-                (
-                    l.name.clone(),
-                    matches!(l.kind, switchyard::config::ListenerKind::Udp(_)),
-                )
-            })
-            .collect();
+        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
         let server = Server::bind(config).expect("binds");
         let server_addrs = names
             .iter()
-            .map(|(n, _)| (n.clone(), server.local_addr(n).expect("bound")))
-            .collect();
-        let udp_stats = names
-            .iter()
-            .filter(|(_, udp)| *udp)
-            .map(|(n, _)| (n.clone(), server.udp_stats(n).expect("udp")))
+            .map(|n| (n.clone(), server.local_addr(n).expect("bound")))
             .collect();
         let registry = server.registry();
         let shutdown = server.shutdown_token();
@@ -136,7 +121,6 @@ impl Proxy {
             server_addrs,
             registry,
             shutdown,
-            udp_stats,
             task,
         }
     }
@@ -173,13 +157,9 @@ impl Proxy {
         self.handle.reload(config).await
     }
 
-    /// UDP counters of listener `name`.
-    pub fn udp(&self, name: &str) -> Arc<switchyard::l4::udp::UdpStats> {
-        self.udp_stats
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| Arc::clone(s))
-            .expect("udp listener exists")
+    /// The counters of listener `name` (for udp: sessions opened and open, datagrams dropped).
+    pub fn stats(&self, name: &str) -> Arc<switchyard::metrics::ListenerStats> {
+        self.handle.metrics().listener(name)
     }
 }
 
