@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -484,4 +485,312 @@ fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Listener `l4`'s connections open now.
+fn open_connections(proxy: &Proxy) -> u64 {
+    proxy.stats("l4").open.load(Ordering::Relaxed)
+}
+
+/// Reads until EOF or an error; `Err` carries the error's kind.
+async fn read_to_end_or_error(
+    stream: &mut TcpStream,
+    within: Duration,
+) -> (Vec<u8>, Result<(), std::io::ErrorKind>) {
+    let mut got = Vec::new();
+    let result = tokio::time::timeout(within, stream.read_to_end(&mut got))
+        .await
+        .expect("the end arrives in time");
+    (got, result.map(|_| ()).map_err(|e| e.kind()))
+}
+
+#[tokio::test]
+async fn silent_clients_and_silent_backends_are_closed_at_the_idle_timeout() {
+    // A backend that accepts and never answers or reads.
+    let mute = Backend::start(|stream| async move {
+        tokio::time::sleep(PATIENCE * 2).await;
+        drop(stream);
+    })
+    .await;
+    for park in ["\"50ms\"", "\"off\""] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", mute.addr),
+            &format!("idle_timeout = \"300ms\"\npark_idle_after = {park}"),
+        ));
+        let addr = proxy.addr("l4");
+        // One client that sends nothing, one whose request the backend never answers.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut asking = TcpStream::connect(addr).await.expect("connect");
+        asking.write_all(b"anyone there?").await.expect("write");
+        let started = tokio::time::Instant::now();
+        for stream in [&mut silent, &mut asking] {
+            let (got, _) = read_to_end_or_error(stream, PATIENCE).await;
+            assert!(got.is_empty(), "park = {park}");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "closed by the idle timeout, not before (park = {park})"
+        );
+        let state = proxy.registry.get("p", mute.addr).expect("state");
+        eventually("both connections let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+    }
+}
+
+/// A backend that reads `before_reset` bytes, then resets the connection.
+async fn resetting_after(before_reset: usize) -> Backend {
+    Backend::start(move |mut stream| async move {
+        let mut buf = vec![0u8; before_reset];
+        let _ = stream.read_exact(&mut buf).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_reset_during_an_upload_reaches_the_client_promptly() {
+    let backend = resetting_after(64 * 1024).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-upload-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for splice in [true, false] {
+        let log = dir.join(format!("splice-{splice}.log"));
+        let _ = std::fs::remove_file(&log);
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!(
+                "splice = {splice}\nidle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+                log.display()
+            ),
+        ));
+        let stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        let (mut r, mut w) = stream.into_split();
+        // The client uploads far more than the backend reads before it fails.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 * 1024];
+            for _ in 0..1024 {
+                if let Err(error) = w.write_all(&chunk).await {
+                    return Some(error.kind());
+                }
+            }
+            None
+        });
+        // Reading and writing both end within seconds, not at the idle timeout. Which of the
+        // two takes the reset depends on timing: the other then sees the end or a broken pipe.
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut got))
+            .await
+            .expect("the end reaches the reading client within 3 s");
+        assert!(got.is_empty(), "splice = {splice}");
+        let write = tokio::time::timeout(Duration::from_secs(3), writer)
+            .await
+            .expect("the upload ends within 3 s")
+            .expect("writer");
+        let read = read.map_err(|e| e.kind()).err();
+        assert!(
+            read == Some(std::io::ErrorKind::ConnectionReset)
+                || write == Some(std::io::ErrorKind::ConnectionReset),
+            "a reset, not a clean close (read {read:?}, write {write:?}, splice = {splice})"
+        );
+        let state = proxy.registry.get("p", backend.addr).expect("state");
+        eventually("the connection let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+        // The proxy saw a failure, and passed it on as one.
+        eventually("the connection's line", || {
+            std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == 1)
+        })
+        .await;
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert!(text.contains("\"outcome\":\"error\""), "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_backend_reset_after_the_client_half_closed_reaches_it_as_a_reset() {
+    // Reads the whole request, answers part of it, then fails.
+    let backend = Backend::start(|mut stream| async move {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request).await;
+        let _ = stream.write_all(b"partial").await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        stream.write_all(b"request").await.expect("write");
+        stream.shutdown().await.expect("half-close");
+        let (got, end) = read_to_end_or_error(&mut stream, Duration::from_secs(3)).await;
+        assert_eq!(got, b"partial", "splice = {splice}");
+        assert_eq!(
+            end,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_parked_connection_whose_backend_resets_or_closes_is_told_at_once() {
+    // Greets, waits for one byte from the client, then resets or closes cleanly.
+    let reset = Backend::start(|mut stream| async move {
+        let _ = stream.write_all(b"hi").await;
+        let mut one = [0u8; 1];
+        let _ = stream.read_exact(&mut one).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", reset.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\"\npark_idle_after = \"20ms\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        let mut hi = [0u8; 2];
+        stream.read_exact(&mut hi).await.expect("greeting");
+        stream.write_all(b"x").await.expect("write");
+        // Idle while the backend waits: parked, then the backend fails.
+        eventually("the idle connection is parked", || {
+            proxy.handle.parked_connections() == 1
+        })
+        .await;
+        let (got, end) = read_to_end_or_error(&mut stream, Duration::from_secs(3)).await;
+        assert!(got.is_empty());
+        assert_eq!(
+            end,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_first_still_receives_what_the_client_sends() {
+    // Greets and closes its write side at once, then reads the client's bytes to the end and
+    // reports how many arrived.
+    let (counted, mut counts) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let counted = counted.clone();
+        async move {
+            let _ = stream.write_all(b"bye").await;
+            let _ = stream.shutdown().await;
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got).await;
+            let _ = counted.send(got.len());
+        }
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\npark_idle_after = \"20ms\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        // The backend's side ends first...
+        let (got, end) = read_to_end_or_error(&mut stream, PATIENCE).await;
+        assert_eq!(got, b"bye", "splice = {splice}");
+        assert_eq!(end, Ok(()), "splice = {splice}");
+        // ...and, after a pause longer than the parking threshold, the client's side still
+        // flows the other way until the client closes it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let data = vec![9u8; 300_000];
+        stream
+            .write_all(&data)
+            .await
+            .expect("write after the backend's FIN");
+        stream.shutdown().await.expect("half-close");
+        let arrived = tokio::time::timeout(PATIENCE, counts.recv())
+            .await
+            .expect("the backend reports in time")
+            .expect("a count");
+        assert_eq!(arrived, data.len(), "splice = {splice}");
+        let state = proxy.registry.get("p", backend.addr).expect("state");
+        eventually("the connection let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_to_baseline() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\"]", backend.addr),
+        "max_connections = 20",
+    ));
+    let addr = proxy.addr("l4");
+    assert_eq!(round_trip(addr, b"warm").await, b"warm");
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    eventually("warm-up closed", || {
+        state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+    })
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+    let fds_before = open_descriptors();
+    // Clients that give up while they wait past the cap: the proxy accepts them later and must
+    // let go of them as well.
+    let impatient: Vec<_> = futures_connect(addr, 20).await;
+    // Ten times the cap at once, each echoing a few bytes.
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let (peak, stats) = (Arc::clone(&peak), proxy.stats("l4"));
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(stats.open.load(Ordering::Relaxed), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    drop(impatient);
+    let clients: Vec<_> = (0..200u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&i.to_be_bytes()).await?;
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back).await?;
+                assert_eq!(back, i.to_be_bytes());
+                s.shutdown().await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .collect();
+    for c in clients {
+        tokio::time::timeout(PATIENCE * 3, c)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("echo");
+    }
+    eventually("every connection closed", || {
+        state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+    })
+    .await;
+    watcher.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 20, "{peak} open at once past max_connections = 20");
+    assert_eq!(proxy.stats("l4").connections.load(Ordering::Relaxed), 221);
+    eventually("tasks back to baseline", || {
+        metrics.num_alive_tasks() <= tasks_before
+    })
+    .await;
+    eventually("descriptors back to baseline", || {
+        open_descriptors() <= fds_before + 2 * 64 * 2
+    })
+    .await;
 }
