@@ -391,3 +391,112 @@ async fn counters_survive_a_reload_that_rebinds_the_listener() {
     assert_eq!(state["listeners"][0]["connections"], 2);
     assert_eq!(state["listeners"][0]["active"], 2);
 }
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_in_session_keeps_its_answers_through_a_flood_past_the_cap() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&udp_config(
+        &[a],
+        "idle_timeout = \"300ms\"\nmax_sessions = 20",
+    ));
+    let addr = proxy.addr("dns");
+    let stats = proxy.stats("dns");
+    let regular = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&regular, addr, b"before").await, "a: before");
+    let fds_before = open_descriptors();
+    // A thousand source ports, a few datagrams each, while the regular client goes on asking.
+    let flood = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        for _ in 0..1000 {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            for _ in 0..3 {
+                let _ = socket.send_to(b"flood", addr).await;
+            }
+            sockets.push(socket);
+            tokio::task::yield_now().await;
+        }
+        sockets
+    });
+    let mut asked = 0;
+    while !flood.is_finished() || asked < 20 {
+        let question = format!("q{asked}");
+        assert_eq!(
+            ask(&regular, addr, question.as_bytes()).await,
+            format!("a: {question}")
+        );
+        assert!(stats.open.load(Ordering::Relaxed) <= 20, "past the cap");
+        asked += 1;
+    }
+    let sockets = flood.await.expect("flood");
+    assert!(stats.datagrams_dropped.load(Ordering::Relaxed) > 0);
+    assert!(stats.open.load(Ordering::Relaxed) <= 20, "past the cap");
+    drop(sockets);
+    // Every session ends at its idle timeout; what they held is given back.
+    eventually("sessions expired", || {
+        stats.open.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let state = proxy.registry.get("p", a).expect("state");
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    eventually("descriptors back to baseline", || {
+        open_descriptors() <= fds_before
+    })
+    .await;
+    assert_eq!(ask(&regular, addr, b"after").await, "a: after");
+}
+
+#[tokio::test]
+async fn a_draining_backend_keeps_its_sessions_until_the_deadline_then_they_move() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let (log, lines) = session_log("drain");
+    let proxy = Proxy::start(&udp_config(
+        &[a, b],
+        &format!(
+            "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+    ));
+    let addr = proxy.addr("dns");
+    // Two clients in session, one on each backend (round robin).
+    let on_a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let on_b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let first = ask(&on_a, addr, b"1").await;
+    let second = ask(&on_b, addr, b"2").await;
+    let (on_a, on_b) = if first.starts_with("a:") {
+        (on_a, on_b)
+    } else {
+        (on_b, on_a)
+    };
+    assert_ne!(first[..1], second[..1]);
+    let state = proxy.registry.get("p", a).expect("state");
+    state.start_drain(std::time::Duration::from_millis(400));
+    // New clients go elsewhere; the session on the draining backend stays where it is.
+    for _ in 0..3 {
+        let newcomer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        assert_eq!(ask(&newcomer, addr, b"new").await, "b: new");
+    }
+    assert_eq!(ask(&on_a, addr, b"still").await, "a: still");
+    // At the deadline its session ends, logged as drained, and the client's next datagram
+    // opens one on another backend.
+    eventually("the drained session's line", || {
+        lines().iter().any(|l| l["outcome"] == "drained")
+    })
+    .await;
+    let drained: Vec<_> = lines()
+        .into_iter()
+        .filter(|l| l["outcome"] == "drained")
+        .collect();
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!(drained[0]["backend"], a.to_string());
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    assert_eq!(ask(&on_a, addr, b"moved").await, "b: moved");
+    assert_eq!(ask(&on_b, addr, b"same").await, "b: same");
+    assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 5);
+}
