@@ -794,3 +794,146 @@ async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_t
     })
     .await;
 }
+
+/// Runs the binary on `toml` (written to a temp file named after `name`) with at most `limit` open descriptors (soft and hard), and waits
+/// until its first listener is up.
+async fn spawn_with_fd_limit(name: &str, toml: &str, limit: usize) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let config = temp_config(&format!("{name}-fd-limit-{limit}"), toml);
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(BIN)
+        .args(["run", "--threads", "2", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if let Some(addr) = line.split("addr=").nth(1)
+                && line.contains("listening")
+            {
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("socket addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Running {
+        child,
+        addr,
+        config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    // One failure ejects a backend, and every backend may be ejected: a connect failure the
+    // proxy caused itself would leave the pool with nothing to serve from.
+    let config = format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+splice = false
+
+[pools.p]
+backends = ["{}", "{}"]
+outlier = {{ consecutive_failures = 1, max_ejected_percent = 100 }}
+"#,
+        a.addr, b.addr
+    );
+    // Each connection served takes two descriptors; with an odd number left, the last client
+    // accepted finds none for its backend connection. One of two neighbouring limits has that.
+    for limit in [40, 41] {
+        let running = spawn_with_fd_limit("blame", &config, limit).await;
+        exhaust_then_recover(running.addr).await;
+        drop(running);
+    }
+}
+
+/// Sends more clients to `addr` than the process has descriptors for, each asking for an echo,
+/// keeps them connected for a second (what is being tested: a second without descriptors, in
+/// which health probes run five times), then lets them go and waits until a client is served
+/// again.
+async fn exhaust_then_recover(addr: std::net::SocketAddr) {
+    let clients: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.ok()?;
+                s.write_all(b"x").await.ok()?;
+                let mut one = [0u8; 1];
+                // Served, refused, or still waiting in the backlog after a second.
+                let _ = tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await;
+                Some(s)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in clients {
+        held.push(c.await.expect("client"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Descriptors come back; the backends, which did nothing wrong, still serve.
+    drop(held);
+    eventually_async("a client is served again", || async move {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+        else {
+            return false;
+        };
+        if s.write_all(b"again").await.is_err() {
+            return false;
+        }
+        let mut back = [0u8; 5];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut back)).await,
+            Ok(Ok(_))
+        ) && &back == b"again"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_does_not_fail_health_checks() {
+    let a = Backend::echo().await;
+    // One failed probe takes the backend down, and it takes 100 passes (twenty seconds) to come
+    // back: a probe the proxy could not make must count as neither.
+    let config = format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+splice = false
+
+[pools.p]
+backends = ["{}"]
+health = {{ kind = "tcp", interval = "200ms", timeout = "100ms", fall = 1, rise = 100 }}
+"#,
+        a.addr
+    );
+    // With an even number of descriptors left, the served connections take them all.
+    for limit in [40, 41] {
+        let running = spawn_with_fd_limit("health", &config, limit).await;
+        exhaust_then_recover(running.addr).await;
+        drop(running);
+    }
+}
