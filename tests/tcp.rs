@@ -937,3 +937,49 @@ health = {{ kind = "tcp", interval = "200ms", timeout = "100ms", fall = 1, rise 
         drop(running);
     }
 }
+
+#[tokio::test]
+async fn a_backend_that_never_completes_a_connect_is_given_up_at_connect_timeout() {
+    // A listener with a backlog of one, never accepting, whose backlog is already taken: the
+    // kernel drops further SYNs, so a connect to it neither succeeds nor fails.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let stuck = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let _queued = tokio::time::timeout(PATIENCE, TcpStream::connect(stuck))
+        .await
+        .expect("the first connect is queued")
+        .expect("queued");
+    let live = Backend::named("live").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!(
+            "connect_timeout = \"200ms\"\nbackends = [\"{stuck}\", \"{}\"]",
+            live.addr
+        ),
+        "",
+    ));
+    let started = tokio::time::Instant::now();
+    let counts = distribution(proxy.addr("l4"), 4).await;
+    assert_eq!(counts.get("live"), Some(&4));
+    let state = proxy.registry.get("p", stuck).expect("state");
+    let failures = state.connect_failures.load(Ordering::Relaxed);
+    assert!(failures >= 1, "{failures}");
+    // Each try of the stuck backend cost one connect_timeout, no more.
+    assert!(
+        started.elapsed() < Duration::from_millis(200) * (failures as u32 + 4),
+        "{:?} for {failures} timeouts",
+        started.elapsed()
+    );
+}
