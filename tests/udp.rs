@@ -500,3 +500,33 @@ async fn a_draining_backend_keeps_its_sessions_until_the_deadline_then_they_move
     assert_eq!(ask(&on_b, addr, b"same").await, "b: same");
     assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 5);
 }
+
+#[tokio::test]
+async fn a_refused_session_whose_backend_a_reload_removed_opens_again_elsewhere() {
+    let (live, _task) = udp_named("live").await;
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let proxy = Proxy::start(&udp_config(&[live, dead], ""));
+    let addr = proxy.addr("dns");
+    // Round robin: the first client lands on `live`, the second on `dead`, which refuses.
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&first, addr, b"one").await, "live: one");
+    let second = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    second.send_to(b"two", addr).await.expect("send");
+    let state = proxy.registry.get("p", dead).expect("state");
+    eventually("the refusal", || {
+        state.connect_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // The refusing backend leaves the pool; its session is still in the table, broken.
+    proxy
+        .reload(&udp_config(&[live], ""))
+        .await
+        .expect("reloads");
+    // The client's next datagram opens a session on what the pool has now.
+    assert_eq!(ask(&second, addr, b"again").await, "live: again");
+    let third = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&third, addr, b"three").await, "live: three");
+}

@@ -104,10 +104,9 @@ struct Session {
     replies: AbortHandle,
     /// Counts the session as active on its backend.
     guard: ActiveGuard,
-    /// Set when the backend refuses the session's datagrams; the next datagram re-picks.
+    /// Set when the backend refuses the session's datagrams; the next datagram re-picks,
+    /// passing over this backend (`guard.state().addr`).
     broken: Arc<AtomicBool>,
-    /// The backend's index in its pool, excluded from the re-pick after a refusal.
-    backend: usize,
     /// Cancelled at the backend's drain deadline: the session ends, the client's next datagram
     /// opens a new one elsewhere.
     closer: CancellationToken,
@@ -193,7 +192,7 @@ impl UdpProxy {
                         // this datagram opens a new one, picked among the other backends.
                         else {
                             session.outcome = "refused";
-                            refused = sessions.remove(&client).map(|s| s.backend);
+                            refused = sessions.remove(&client).map(|s| s.guard.state().addr);
                         }
                     }
                     this = current.load_full();
@@ -274,7 +273,7 @@ impl UdpProxy {
         client: SocketAddr,
         epoch: Instant,
         first: &[u8],
-        refused: Option<usize>,
+        refused: Option<SocketAddr>,
     ) -> io::Result<Session> {
         let snapshot = self.snapshot.load();
         let pool = snapshot
@@ -287,16 +286,20 @@ impl UdpProxy {
             refresh: false,
         };
         let mut attempts = Attempts::new(pool, input);
-        if let Some(index) = refused {
+        // The refusing backend is found by its address: a reload since the session opened
+        // may have moved it in the pool, or taken it out.
+        if let Some(index) =
+            refused.and_then(|addr| pool.candidates.iter().position(|c| c.state.addr == addr))
+        {
             pool.report(&pool.candidates[index].state, false);
             attempts.exclude(index);
         }
         // No waiting in a queue here: this runs on the listener's receive loop.
         let Picked {
-            index,
             candidate,
             guard,
             closer,
+            ..
         } = attempts.next_now().ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
@@ -343,7 +346,6 @@ impl UdpProxy {
             replies,
             guard,
             broken,
-            backend: index,
             closer,
         })
     }
