@@ -983,3 +983,46 @@ async fn a_backend_that_never_completes_a_connect_is_given_up_at_connect_timeout
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_backend_as_a_reset_with_splice_and_copy() {
+    // Reports how its connection ended: after the client's first bytes, reading on to the end.
+    let (ends, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let ends = ends.clone();
+        async move {
+            let mut first = [0u8; 7];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            // Something for the client to read while it is still there.
+            let _ = stream.write_all(&[5u8; 2000]).await;
+            let mut rest = Vec::new();
+            let _ = ends.send(stream.read_to_end(&mut rest).await.map_err(|e| e.kind()));
+        }
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        stream.write_all(b"partial").await.expect("write");
+        let mut some = [0u8; 1000];
+        stream.read_exact(&mut some).await.expect("a first part");
+        // The client fails mid-answer.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+        let end = tokio::time::timeout(Duration::from_secs(3), end_rx.recv())
+            .await
+            .expect("the backend hears of it within 3 s")
+            .expect("an end");
+        // Not a FIN, which the backend would take for the end of what the client meant to send.
+        assert_eq!(
+            end.err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
