@@ -115,7 +115,10 @@ impl Probe {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     self.conn = None;
-                    Err(format!("no answer within {:?}", self.config.timeout))
+                    Err(ProbeError::Failed(format!(
+                        "no answer within {:?}",
+                        self.config.timeout
+                    )))
                 }
             };
             let addr = self.state.addr;
@@ -141,7 +144,11 @@ impl Probe {
                         }
                     }
                 }
-                Err(reason) => {
+                // Out of descriptors, say: the backend was not asked, and the streak stays.
+                Err(ProbeError::NotMade(reason)) => {
+                    debug!(pool = %self.pool, backend = %addr, %reason, "health check not made");
+                }
+                Err(ProbeError::Failed(reason)) => {
                     self.state.probes_failed.fetch_add(1, Relaxed);
                     self.conn = None;
                     successes = 0;
@@ -160,13 +167,11 @@ impl Probe {
     /// probes when the backend allows it (as Envoy does): a new TCP connection per probe costs
     /// several times the probe itself, and a thousand backends probed every second would
     /// otherwise take a tenth of a core.
-    async fn probe(&mut self) -> Result<(), String> {
+    async fn probe(&mut self) -> Result<(), ProbeError> {
         let addr = self.state.addr;
         let config = Arc::clone(&self.config);
         let HealthKind::Http { expect, .. } = &config.kind else {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
+            let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
             // Closed with a reset, as HAProxy closes its checks: the connect was the check, and
             // a thousand probes a second would otherwise leave thousands of sockets in
             // TIME_WAIT and cost a closing handshake each.
@@ -200,7 +205,7 @@ impl Probe {
         {
             Ok(())
         } else {
-            Err(format!("status {}", response.status))
+            Err(ProbeError::Failed(format!("status {}", response.status)))
         }
     }
 
@@ -215,11 +220,9 @@ impl Probe {
 
     /// A new connection for HTTP probes, with the pool's PROXY header when it sends one and its
     /// TLS when it has some (the PROXY header first, in the clear, as on the data path).
-    async fn connect(&self) -> Result<Stream, String> {
+    async fn connect(&self) -> Result<Stream, ProbeError> {
         let addr = self.state.addr;
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut stream = TcpStream::connect(addr).await.map_err(connect_error)?;
         let _ = stream.set_nodelay(true);
         if let Some(version) = self.proxy_protocol {
             let local = stream.local_addr().map_err(|e| e.to_string())?;
@@ -239,6 +242,31 @@ impl Probe {
                 Stream::Tls(Box::new(tls_stream.into()))
             }
         })
+    }
+}
+
+/// Why a probe did not pass.
+enum ProbeError {
+    /// The backend failed it.
+    Failed(String),
+    /// It could not be made: this process is out of descriptors or memory. That says nothing
+    /// of the backend, so it counts neither as a pass nor as a failure.
+    NotMade(String),
+}
+
+impl From<String> for ProbeError {
+    fn from(reason: String) -> Self {
+        ProbeError::Failed(reason)
+    }
+}
+
+/// A failed connect: the backend's failure, unless the socket could not even be created.
+fn connect_error(error: std::io::Error) -> ProbeError {
+    let reason = format!("connect: {error}");
+    if crate::listener::is_resource_exhaustion(&error) {
+        ProbeError::NotMade(reason)
+    } else {
+        ProbeError::Failed(reason)
     }
 }
 

@@ -151,7 +151,9 @@ impl Drop for Admission {
     }
 }
 
-fn is_resource_exhaustion(error: &io::Error) -> bool {
+/// Whether `error` says the process (or the system) is out of descriptors or memory: a local
+/// condition, no fault of the peer, that passes once connections end.
+pub(crate) fn is_resource_exhaustion(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

@@ -111,10 +111,13 @@ impl RouteStats {
 /// Counters of one listener, kept across reloads by its name.
 #[derive(Debug, Default)]
 pub struct ListenerStats {
-    /// Connections accepted.
+    /// Connections accepted (tcp and http), or sessions opened (udp: a datagram from a new
+    /// client address that a backend was picked for).
     pub connections: AtomicU64,
-    /// Connections open now (tcp and http), parked ones included.
+    /// Connections open now (tcp and http, parked ones included), or sessions (udp).
     pub open: AtomicU64,
+    /// Datagrams a udp listener dropped, either way (see `switchyard_udp_datagrams_dropped`).
+    pub datagrams_dropped: AtomicU64,
     /// HTTP requests that tried more than one backend.
     pub retries: AtomicU64,
     /// HTTP body bytes moved with splice(2), never entering user space: shows whether the
@@ -310,7 +313,7 @@ impl Collector for Scrape {
         family(
             &mut encoder,
             "switchyard_connections",
-            "Client connections accepted (tcp and http listeners).",
+            "Client connections accepted (tcp and http listeners), or sessions opened (udp).",
             MetricType::Counter,
             by_listener(&|s| s.connections.load(Relaxed)),
             counter,

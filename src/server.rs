@@ -33,7 +33,7 @@ use crate::http::h2_upstream::H2Pool;
 use crate::http::router::Router;
 use crate::http::upstream::UpstreamPool;
 use crate::l4::tcp::TcpProxy;
-use crate::l4::udp::{UdpProxy, UdpStats};
+use crate::l4::udp::UdpProxy;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::pool::Snapshot;
@@ -91,7 +91,7 @@ enum Socket {
 enum Proxy {
     Tcp(Arc<ArcSwap<TcpProxy>>),
     Http(Arc<ArcSwap<HttpProxy>>),
-    Udp(Arc<ArcSwap<UdpProxy>>, Arc<UdpStats>),
+    Udp(Arc<ArcSwap<UdpProxy>>),
 }
 
 /// One listener of the running configuration.
@@ -301,19 +301,6 @@ impl Server {
         Arc::clone(&self.shared.registry)
     }
 
-    /// Session and drop counters of UDP listener `name`.
-    pub fn udp_stats(&self, name: &str) -> Option<Arc<UdpStats>> {
-        self.shared
-            .lock()
-            .listeners
-            .iter()
-            .find(|l| l.name == name)
-            .and_then(|l| match &l.proxy {
-                Proxy::Udp(_, stats) => Some(Arc::clone(stats)),
-                _ => None,
-            })
-    }
-
     /// Cancelling this token starts a graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
@@ -521,23 +508,22 @@ impl ServerHandle {
             .lock()
             .listeners
             .iter()
-            .map(|l| ListenerInfo {
-                name: l.name.clone(),
-                protocol: match &l.proxy {
-                    Proxy::Tcp(_) => "tcp",
-                    Proxy::Http(_) => "http",
-                    Proxy::Udp(..) => "udp",
-                },
-                addr: l.addr,
-                active: match &l.proxy {
-                    Proxy::Udp(_, stats) => stats.sessions.load(Relaxed),
-                    _ => self.0.metrics.listener(&l.name).open.load(Relaxed),
-                },
-                dropped: match &l.proxy {
-                    Proxy::Udp(_, stats) => stats.dropped.load(Relaxed),
-                    _ => 0,
-                },
-                older_settings: l.older.iter().filter(|w| w.strong_count() > 0).count() as u64,
+            .map(|l| {
+                // Kept by name, so they count on across a reload that rebinds the listener
+                // (whose old loop still serves its connections or sessions).
+                let stats = self.0.metrics.listener(&l.name);
+                ListenerInfo {
+                    name: l.name.clone(),
+                    protocol: match &l.proxy {
+                        Proxy::Tcp(_) => "tcp",
+                        Proxy::Http(_) => "http",
+                        Proxy::Udp(_) => "udp",
+                    },
+                    addr: l.addr,
+                    active: stats.open.load(Relaxed),
+                    dropped: stats.datagrams_dropped.load(Relaxed),
+                    older_settings: l.older.iter().filter(|w| w.strong_count() > 0).count() as u64,
+                }
             })
             .collect()
     }
@@ -782,10 +768,7 @@ impl Shared {
         let proxy = match built {
             Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
             Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
-            Built::Udp(p) => Proxy::Udp(
-                Arc::new(ArcSwap::from_pointee(p)),
-                Arc::new(UdpStats::default()),
-            ),
+            Built::Udp(p) => Proxy::Udp(Arc::new(ArcSwap::from_pointee(p))),
         };
         let max_connections = l.max_connections.min(Semaphore::MAX_PERMITS);
         Ok(Running {
@@ -828,7 +811,7 @@ impl Shared {
                     None => false,
                 });
             }
-            (Proxy::Udp(current, _), Built::Udp(new)) => current.store(Arc::new(new)),
+            (Proxy::Udp(current), Built::Udp(new)) => current.store(Arc::new(new)),
             _ => unreachable_kind(),
         }
         let wanted = l.max_connections.min(Semaphore::MAX_PERMITS);
@@ -868,12 +851,11 @@ impl Shared {
                     p.serve(stream, peer, admission)
                 });
             }
-            (Socket::Udp(socket), Proxy::Udp(current, stats)) => {
+            (Socket::Udp(socket), Proxy::Udp(current)) => {
                 self.tasks
                     .spawn(self.udp_loops.track_future(UdpProxy::serve(
                         Arc::clone(current),
                         Arc::clone(socket),
-                        Arc::clone(stats),
                         running.stop.clone(),
                         self.drain_over.clone(),
                     )));
@@ -1095,7 +1077,7 @@ fn same_kind(proxy: &Proxy, kind: &ListenerKind) -> bool {
         (proxy, kind),
         (Proxy::Tcp(_), ListenerKind::Tcp(_))
             | (Proxy::Http(_), ListenerKind::Http(_))
-            | (Proxy::Udp(..), ListenerKind::Udp(_))
+            | (Proxy::Udp(_), ListenerKind::Udp(_))
     )
 }
 

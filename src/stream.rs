@@ -242,7 +242,14 @@ pub async fn tunnel(
         }
         let before = (up.moved, down.moved, up.eof, down.eof);
         let up_state = up.poll(cx, client, backend);
-        let down_state = down.poll(cx, backend, client);
+        // As in `l4::forward`: after a failure the other direction is not polled, since a
+        // write that failed with the peer's reset has taken it, and a read would then see a
+        // clean end and pass it on (close_notify and FIN) before the reset.
+        let down_state = if matches!(up_state, Poll::Ready(Err(_))) {
+            Poll::Pending
+        } else {
+            down.poll(cx, backend, client)
+        };
         if up.moved > before.0 {
             stats.bytes_sent.fetch_add(up.moved - before.0, Relaxed);
         }

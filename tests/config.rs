@@ -833,3 +833,70 @@ fn an_empty_redirect_target_is_called_empty() {
         "empty",
     );
 }
+
+#[test]
+fn pool_keys_that_no_listener_of_the_pool_reads_are_errors() {
+    let with = |protocol: &str, pool_keys: &str| {
+        tcp_listener("")
+            .replace("protocol = \"tcp\"", &format!("protocol = \"{protocol}\""))
+            .replace("backends = [", &format!("{pool_keys}\nbackends = ["))
+    };
+    // Keys only http listeners read, on a pool only tcp or udp listeners use.
+    for protocol in ["tcp", "udp"] {
+        for key in [
+            "response_timeout = \"3s\"",
+            "keepalive_connections = 4",
+            "keepalive_timeout = \"5s\"",
+        ] {
+            let name = key.split(' ').next().expect("key");
+            assert_problem(
+                &with(protocol, key),
+                &format!("pools.p.{name}"),
+                &format!(
+                    "only http listeners read it, and pool `p` is used only by {protocol} listeners (listeners[0])"
+                ),
+            );
+        }
+    }
+    // Keys about connecting, on a pool only udp listeners use: UDP does not connect, and a
+    // session never waits in a queue.
+    let queued = with("udp", "queue = { size = 10 }").replace(
+        "backends = [\"127.0.0.1:1\"]",
+        "backends = [{ address = \"127.0.0.1:1\", max_connections = 5 }]",
+    );
+    for (name, text) in [
+        ("connect_timeout", with("udp", "connect_timeout = \"1s\"")),
+        ("connect_attempts", with("udp", "connect_attempts = 2")),
+        ("queue", queued),
+    ] {
+        assert_problem(
+            &text,
+            &format!("pools.p.{name}"),
+            "only tcp and http listeners read it, and pool `p` is used only by udp listeners (listeners[0])",
+        );
+    }
+    // Read by one of the pool's users: fine.
+    let both = format!(
+        "{}\n[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:1001\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n",
+        with("tcp", "response_timeout = \"3s\"\nconnect_timeout = \"1s\"")
+    );
+    Config::from_toml(&both, Path::new("ok.toml")).expect("a pool shared with an http listener");
+    let tcp = with("tcp", "connect_timeout = \"1s\"\nconnect_attempts = 2");
+    Config::from_toml(&tcp, Path::new("ok.toml")).expect("tcp listeners connect");
+    // A pool no listener uses is left alone (the admin API shows it, a reload may use it).
+    let unused = format!(
+        "{}\n[pools.spare]\nbackends = [\"127.0.0.1:2\"]\nresponse_timeout = \"3s\"\n",
+        tcp_listener("")
+    );
+    Config::from_toml(&unused, Path::new("ok.toml")).expect("an unused pool");
+    // Several users of different kinds are named.
+    let text = format!(
+        "{}\n[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:1001\"\nprotocol = \"udp\"\npool = \"p\"\n",
+        with("tcp", "keepalive_timeout = \"5s\"")
+    );
+    assert_problem(
+        &text,
+        "pools.p.keepalive_timeout",
+        "used only by tcp and udp listeners (listeners[0], listeners[1])",
+    );
+}

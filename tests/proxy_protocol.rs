@@ -301,3 +301,90 @@ backends = ["{}"]
     assert!(text.contains("x-forwarded-for: 203.0.113.9\n"), "{text}");
     assert!(text.contains("x-real-ip: 203.0.113.9\n"), "{text}");
 }
+
+/// A v2 header from `203.0.113.9:5555` with a TLV of `tlv_len` bytes (a NOOP, as padding).
+fn v2_header_with_tlv(tlv_len: usize) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "203.0.113.9:5555".parse::<SocketAddr>().expect("addr"),
+            "198.51.100.1:443".parse::<SocketAddr>().expect("addr"),
+        ),
+    )
+    .write_tlv(ppp::v2::Type::NoOp, &vec![0u8; tlv_len])
+    .expect("tlv")
+    .build()
+    .expect("header")
+}
+
+#[tokio::test]
+async fn a_v2_header_with_tlvs_sent_a_few_bytes_at_a_time_then_data_is_read_whole() {
+    let backend = header_reporter().await;
+    let proxy = Proxy::start(&config("v2", "\"127.0.0.1\"", "v1", backend.addr));
+    // Longer than one read of the header (256 bytes), shorter than the cap.
+    let mut bytes = v2_header_with_tlv(600);
+    assert!(bytes.len() > 600 && bytes.len() < 1024);
+    bytes.extend_from_slice(b"payload");
+    let mut stream = TcpStream::connect(proxy.addr("edge"))
+        .await
+        .expect("connect");
+    for piece in bytes.chunks(7) {
+        stream.write_all(piece).await.expect("write");
+        stream.flush().await.expect("flush");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    stream.shutdown().await.expect("shutdown");
+    let mut back = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut back))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert_eq!(back, "v1 203.0.113.9 198.51.100.1 5555 443 | payload");
+}
+
+#[tokio::test]
+async fn a_header_followed_at_once_by_a_long_payload_loses_nothing_with_splice_and_copy() {
+    let echo = Backend::echo().await;
+    let payload: Vec<u8> = (0..300_000).map(|_| fastrand::u8(..)).collect();
+    for splice in [true, false] {
+        let proxy = Proxy::start(&format!(
+            r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+proxy_protocol = "any"
+trusted_proxies = ["127.0.0.1"]
+splice = {splice}
+
+[pools.p]
+backends = ["{}"]
+"#,
+            echo.addr
+        ));
+        for header in [V1_HEADER.to_vec(), v2_header_with_tlv(300)] {
+            // Header and payload in one write: the first read takes the header and the start
+            // of the payload together.
+            let mut bytes = header;
+            bytes.extend_from_slice(&payload);
+            let stream = TcpStream::connect(proxy.addr("edge"))
+                .await
+                .expect("connect");
+            let (mut r, mut w) = stream.into_split();
+            let writer = tokio::spawn(async move {
+                w.write_all(&bytes).await.expect("write");
+                w.shutdown().await.expect("shutdown");
+            });
+            let mut back = Vec::new();
+            tokio::time::timeout(PATIENCE, r.read_to_end(&mut back))
+                .await
+                .expect("echoed in time")
+                .expect("read");
+            writer.await.expect("writer");
+            assert_eq!(back.len(), payload.len(), "splice = {splice}");
+            assert!(back == payload, "bytes differ (splice = {splice})");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -484,4 +485,544 @@ fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Listener `l4`'s connections open now.
+fn open_connections(proxy: &Proxy) -> u64 {
+    proxy.stats("l4").open.load(Ordering::Relaxed)
+}
+
+/// Reads until EOF or an error; `Err` carries the error's kind.
+async fn read_to_end_or_error(
+    stream: &mut TcpStream,
+    within: Duration,
+) -> (Vec<u8>, Result<(), std::io::ErrorKind>) {
+    let mut got = Vec::new();
+    let result = tokio::time::timeout(within, stream.read_to_end(&mut got))
+        .await
+        .expect("the end arrives in time");
+    (got, result.map(|_| ()).map_err(|e| e.kind()))
+}
+
+#[tokio::test]
+async fn silent_clients_and_silent_backends_are_closed_at_the_idle_timeout() {
+    // A backend that accepts and never answers or reads.
+    let mute = Backend::start(|stream| async move {
+        tokio::time::sleep(PATIENCE * 2).await;
+        drop(stream);
+    })
+    .await;
+    for park in ["\"50ms\"", "\"off\""] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", mute.addr),
+            &format!("idle_timeout = \"300ms\"\npark_idle_after = {park}"),
+        ));
+        let addr = proxy.addr("l4");
+        // One client that sends nothing, one whose request the backend never answers.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut asking = TcpStream::connect(addr).await.expect("connect");
+        asking.write_all(b"anyone there?").await.expect("write");
+        let started = tokio::time::Instant::now();
+        for stream in [&mut silent, &mut asking] {
+            let (got, _) = read_to_end_or_error(stream, PATIENCE).await;
+            assert!(got.is_empty(), "park = {park}");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "closed by the idle timeout, not before (park = {park})"
+        );
+        let state = proxy.registry.get("p", mute.addr).expect("state");
+        eventually("both connections let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+    }
+}
+
+/// A backend that reads `before_reset` bytes, then resets the connection.
+async fn resetting_after(before_reset: usize) -> Backend {
+    Backend::start(move |mut stream| async move {
+        let mut buf = vec![0u8; before_reset];
+        let _ = stream.read_exact(&mut buf).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_reset_during_an_upload_reaches_the_client_promptly() {
+    let backend = resetting_after(64 * 1024).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-upload-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for splice in [true, false] {
+        let log = dir.join(format!("splice-{splice}.log"));
+        let _ = std::fs::remove_file(&log);
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!(
+                "splice = {splice}\nidle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+                log.display()
+            ),
+        ));
+        let stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        let (mut r, mut w) = stream.into_split();
+        // The client uploads far more than the backend reads before it fails.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 * 1024];
+            for _ in 0..1024 {
+                if let Err(error) = w.write_all(&chunk).await {
+                    return Some(error.kind());
+                }
+            }
+            None
+        });
+        // Reading and writing both end within seconds, not at the idle timeout. Which of the
+        // two takes the reset depends on timing: the other then sees the end or a broken pipe.
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut got))
+            .await
+            .expect("the end reaches the reading client within 3 s");
+        assert!(got.is_empty(), "splice = {splice}");
+        let write = tokio::time::timeout(Duration::from_secs(3), writer)
+            .await
+            .expect("the upload ends within 3 s")
+            .expect("writer");
+        let read = read.map_err(|e| e.kind()).err();
+        assert!(
+            read == Some(std::io::ErrorKind::ConnectionReset)
+                || write == Some(std::io::ErrorKind::ConnectionReset),
+            "a reset, not a clean close (read {read:?}, write {write:?}, splice = {splice})"
+        );
+        let state = proxy.registry.get("p", backend.addr).expect("state");
+        eventually("the connection let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+        // The proxy saw a failure, and passed it on as one.
+        eventually("the connection's line", || {
+            std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == 1)
+        })
+        .await;
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert!(text.contains("\"outcome\":\"error\""), "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_backend_reset_after_the_client_half_closed_reaches_it_as_a_reset() {
+    // Reads the whole request, answers part of it, then fails.
+    let backend = Backend::start(|mut stream| async move {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request).await;
+        let _ = stream.write_all(b"partial").await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        stream.write_all(b"request").await.expect("write");
+        stream.shutdown().await.expect("half-close");
+        let (got, end) = read_to_end_or_error(&mut stream, Duration::from_secs(3)).await;
+        assert_eq!(got, b"partial", "splice = {splice}");
+        assert_eq!(
+            end,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_parked_connection_whose_backend_resets_is_told_at_once() {
+    // Greets, waits for one byte from the client, then resets after a pause.
+    let reset = Backend::start(|mut stream| async move {
+        let _ = stream.write_all(b"hi").await;
+        let mut one = [0u8; 1];
+        let _ = stream.read_exact(&mut one).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", reset.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\"\npark_idle_after = \"20ms\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        let mut hi = [0u8; 2];
+        stream.read_exact(&mut hi).await.expect("greeting");
+        stream.write_all(b"x").await.expect("write");
+        // Idle while the backend waits: parked, then the backend fails.
+        eventually("the idle connection is parked", || {
+            proxy.handle.parked_connections() == 1
+        })
+        .await;
+        let (got, end) = read_to_end_or_error(&mut stream, Duration::from_secs(3)).await;
+        assert!(got.is_empty());
+        assert_eq!(
+            end,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_first_still_receives_what_the_client_sends() {
+    // Greets and closes its write side at once, then reads the client's bytes to the end and
+    // reports how many arrived.
+    let (counted, mut counts) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let counted = counted.clone();
+        async move {
+            let _ = stream.write_all(b"bye").await;
+            let _ = stream.shutdown().await;
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got).await;
+            let _ = counted.send(got.len());
+        }
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\npark_idle_after = \"20ms\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        // The backend's side ends first...
+        let (got, end) = read_to_end_or_error(&mut stream, PATIENCE).await;
+        assert_eq!(got, b"bye", "splice = {splice}");
+        assert_eq!(end, Ok(()), "splice = {splice}");
+        // ...and, after a pause longer than the parking threshold, the client's side still
+        // flows the other way until the client closes it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let data = vec![9u8; 300_000];
+        stream
+            .write_all(&data)
+            .await
+            .expect("write after the backend's FIN");
+        stream.shutdown().await.expect("half-close");
+        let arrived = tokio::time::timeout(PATIENCE, counts.recv())
+            .await
+            .expect("the backend reports in time")
+            .expect("a count");
+        assert_eq!(arrived, data.len(), "splice = {splice}");
+        let state = proxy.registry.get("p", backend.addr).expect("state");
+        eventually("the connection let go", || {
+            state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_to_baseline() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!("backends = [\"{}\"]", backend.addr),
+        "max_connections = 20",
+    ));
+    let addr = proxy.addr("l4");
+    assert_eq!(round_trip(addr, b"warm").await, b"warm");
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    eventually("warm-up closed", || {
+        state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+    })
+    .await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+    let fds_before = open_descriptors();
+    // Clients that give up while they wait past the cap: the proxy accepts them later and must
+    // let go of them as well.
+    let impatient: Vec<_> = futures_connect(addr, 20).await;
+    // Ten times the cap at once, each echoing a few bytes.
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let (peak, stats) = (Arc::clone(&peak), proxy.stats("l4"));
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(stats.open.load(Ordering::Relaxed), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    drop(impatient);
+    let clients: Vec<_> = (0..200u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&i.to_be_bytes()).await?;
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back).await?;
+                assert_eq!(back, i.to_be_bytes());
+                s.shutdown().await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .collect();
+    for c in clients {
+        tokio::time::timeout(PATIENCE * 3, c)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("echo");
+    }
+    eventually("every connection closed", || {
+        state.active.load(Ordering::Relaxed) == 0 && open_connections(&proxy) == 0
+    })
+    .await;
+    watcher.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 20, "{peak} open at once past max_connections = 20");
+    assert_eq!(proxy.stats("l4").connections.load(Ordering::Relaxed), 221);
+    eventually("tasks back to baseline", || {
+        metrics.num_alive_tasks() <= tasks_before
+    })
+    .await;
+    eventually("descriptors back to baseline", || {
+        open_descriptors() <= fds_before + 2 * 64 * 2
+    })
+    .await;
+}
+
+/// Runs the binary on `toml` (written to a temp file named after `name`) with at most `limit` open descriptors (soft and hard), and waits
+/// until its first listener is up.
+async fn spawn_with_fd_limit(name: &str, toml: &str, limit: usize) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let config = temp_config(&format!("{name}-fd-limit-{limit}"), toml);
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(BIN)
+        .args(["run", "--threads", "2", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if let Some(addr) = line.split("addr=").nth(1)
+                && line.contains("listening")
+            {
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse()
+                    .expect("socket addr");
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Running {
+        child,
+        addr,
+        config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    // One failure ejects a backend, and every backend may be ejected: a connect failure the
+    // proxy caused itself would leave the pool with nothing to serve from.
+    let config = format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+splice = false
+
+[pools.p]
+backends = ["{}", "{}"]
+outlier = {{ consecutive_failures = 1, max_ejected_percent = 100 }}
+"#,
+        a.addr, b.addr
+    );
+    // Each connection served takes two descriptors; with an odd number left, the last client
+    // accepted finds none for its backend connection. One of two neighbouring limits has that.
+    for limit in [40, 41] {
+        let running = spawn_with_fd_limit("blame", &config, limit).await;
+        exhaust_then_recover(running.addr).await;
+        drop(running);
+    }
+}
+
+/// Sends more clients to `addr` than the process has descriptors for, each asking for an echo,
+/// keeps them connected for a second (what is being tested: a second without descriptors, in
+/// which health probes run five times), then lets them go and waits until a client is served
+/// again.
+async fn exhaust_then_recover(addr: std::net::SocketAddr) {
+    let clients: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.ok()?;
+                s.write_all(b"x").await.ok()?;
+                let mut one = [0u8; 1];
+                // Served, refused, or still waiting in the backlog after a second.
+                let _ = tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await;
+                Some(s)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in clients {
+        held.push(c.await.expect("client"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Descriptors come back; the backends, which did nothing wrong, still serve.
+    drop(held);
+    eventually_async("a client is served again", || async move {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+        else {
+            return false;
+        };
+        if s.write_all(b"again").await.is_err() {
+            return false;
+        }
+        let mut back = [0u8; 5];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut back)).await,
+            Ok(Ok(_))
+        ) && &back == b"again"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_does_not_fail_health_checks() {
+    let a = Backend::echo().await;
+    // One failed probe takes the backend down, and it takes 100 passes (twenty seconds) to come
+    // back: a probe the proxy could not make must count as neither.
+    let config = format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+splice = false
+
+[pools.p]
+backends = ["{}"]
+health = {{ kind = "tcp", interval = "200ms", timeout = "100ms", fall = 1, rise = 100 }}
+"#,
+        a.addr
+    );
+    // With an even number of descriptors left, the served connections take them all.
+    for limit in [40, 41] {
+        let running = spawn_with_fd_limit("health", &config, limit).await;
+        exhaust_then_recover(running.addr).await;
+        drop(running);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_never_completes_a_connect_is_given_up_at_connect_timeout() {
+    // A listener with a backlog of one, never accepting, whose backlog is already taken: the
+    // kernel drops further SYNs, so a connect to it neither succeeds nor fails.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let stuck = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let _queued = tokio::time::timeout(PATIENCE, TcpStream::connect(stuck))
+        .await
+        .expect("the first connect is queued")
+        .expect("queued");
+    let live = Backend::named("live").await;
+    let proxy = Proxy::start(&tcp_config(
+        &format!(
+            "connect_timeout = \"200ms\"\nbackends = [\"{stuck}\", \"{}\"]",
+            live.addr
+        ),
+        "",
+    ));
+    let started = tokio::time::Instant::now();
+    let counts = distribution(proxy.addr("l4"), 4).await;
+    assert_eq!(counts.get("live"), Some(&4));
+    let state = proxy.registry.get("p", stuck).expect("state");
+    let failures = state.connect_failures.load(Ordering::Relaxed);
+    assert!(failures >= 1, "{failures}");
+    // Each try of the stuck backend cost one connect_timeout, no more.
+    assert!(
+        started.elapsed() < Duration::from_millis(200) * (failures as u32 + 4),
+        "{:?} for {failures} timeouts",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_backend_as_a_reset_with_splice_and_copy() {
+    // Reports how its connection ended: after the client's first bytes, reading on to the end.
+    let (ends, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let ends = ends.clone();
+        async move {
+            let mut first = [0u8; 7];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            // Something for the client to read while it is still there.
+            let _ = stream.write_all(&[5u8; 2000]).await;
+            let mut rest = Vec::new();
+            let _ = ends.send(stream.read_to_end(&mut rest).await.map_err(|e| e.kind()));
+        }
+    })
+    .await;
+    for splice in [true, false] {
+        let proxy = Proxy::start(&tcp_config(
+            &format!("backends = [\"{}\"]", backend.addr),
+            &format!("splice = {splice}\nidle_timeout = \"1h\""),
+        ));
+        let mut stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
+        stream.write_all(b"partial").await.expect("write");
+        let mut some = [0u8; 1000];
+        stream.read_exact(&mut some).await.expect("a first part");
+        // The client fails mid-answer.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+        let end = tokio::time::timeout(Duration::from_secs(3), end_rx.recv())
+            .await
+            .expect("the backend hears of it within 3 s")
+            .expect("an end");
+        // Not a FIN, which the backend would take for the end of what the client meant to send.
+        assert_eq!(
+            end.err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "splice = {splice}"
+        );
+    }
 }

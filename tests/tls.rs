@@ -1519,3 +1519,39 @@ async fn an_sni_route_written_with_a_trailing_dot_matches_its_name() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_backend_reset_during_an_upload_reaches_a_tls_client_as_a_failure() {
+    // Reads a little of the upload, then resets.
+    let backend = Backend::start(|mut stream| async move {
+        let mut some = vec![0u8; 64 * 1024];
+        let _ = stream.read_exact(&mut some).await;
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+        drop(stream);
+    })
+    .await;
+    let pki = Pki::new();
+    let log = pki.path("access.log");
+    let proxy = terminating_tcp(&pki, backend.addr, &log);
+    for _ in 0..5 {
+        let stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+            .await
+            .expect("handshake");
+        let (mut r, mut w) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 * 1024];
+            for _ in 0..1024 {
+                if w.write_all(&chunk).await.is_err() || w.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(3), r.read_to_end(&mut got))
+            .await
+            .expect("the end reaches the client within 3 s");
+        // A close_notify would tell the client the stream ended as the backend meant it to.
+        assert!(end.is_err(), "a clean TLS close after a backend's reset");
+        let _ = writer.await;
+    }
+}

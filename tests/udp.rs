@@ -94,13 +94,13 @@ async fn sessions_expire_when_idle() {
         ),
     ));
     let addr = proxy.addr("dns");
-    let stats = proxy.udp("dns");
+    let stats = proxy.stats("dns");
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     ask(&client, addr, b"hello").await;
-    assert_eq!(stats.sessions.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.open.load(Ordering::Relaxed), 1);
     let state = proxy.registry.get("p", a).expect("state");
     eventually("session expired", || {
-        stats.sessions.load(Ordering::Relaxed) == 0
+        stats.open.load(Ordering::Relaxed) == 0
     })
     .await;
     assert_eq!(state.active.load(Ordering::Relaxed), 0);
@@ -130,7 +130,7 @@ async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
         "idle_timeout = \"200ms\"\nmax_sessions = 50",
     ));
     let addr = proxy.addr("dns");
-    let stats = proxy.udp("dns");
+    let stats = proxy.stats("dns");
     let mut clients = Vec::new();
     for _ in 0..300 {
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
@@ -138,11 +138,11 @@ async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
         clients.push(client);
     }
     eventually("all 300 datagrams handled", || {
-        stats.sessions.load(Ordering::Relaxed) + stats.dropped.load(Ordering::Relaxed) >= 300
+        stats.open.load(Ordering::Relaxed) + stats.datagrams_dropped.load(Ordering::Relaxed) >= 300
     })
     .await;
-    assert_eq!(stats.sessions.load(Ordering::Relaxed), 50);
-    assert_eq!(stats.dropped.load(Ordering::Relaxed), 250);
+    assert_eq!(stats.open.load(Ordering::Relaxed), 50);
+    assert_eq!(stats.datagrams_dropped.load(Ordering::Relaxed), 250);
     // Operators see the drops.
     let metrics = switchyard::metrics::render(&proxy.handle);
     assert!(
@@ -150,7 +150,7 @@ async fn a_flood_from_many_ports_is_capped_and_returns_to_baseline() {
         "{metrics}"
     );
     eventually("sessions expired", || {
-        stats.sessions.load(Ordering::Relaxed) == 0
+        stats.open.load(Ordering::Relaxed) == 0
     })
     .await;
     let state = proxy.registry.get("p", a).expect("state");
@@ -260,4 +260,273 @@ async fn sessions_open_at_the_drain_deadline_are_logged_as_closed() {
     let text = std::fs::read_to_string(&log).expect("the log");
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains(&format!("\"UDP {a}\" closed 5 2 ")), "{text}");
+}
+
+/// The value of `series` (`name{labels}`) in a metrics exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+/// `GET /api/state` from the admin listener, as JSON.
+async fn api_state(proxy: &Proxy) -> serde_json::Value {
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(api).await;
+    client
+        .send(b"GET /api/state HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("an answer");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    serde_json::from_slice(&reply.body).expect("json")
+}
+
+#[tokio::test]
+async fn sessions_count_as_accepted_and_active_connections() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        udp_config(&[a], "idle_timeout = \"300ms\"\nmax_sessions = 3")
+    ));
+    let addr = proxy.addr("dns");
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // Several datagrams of one client are one session: one connection.
+        for j in 0..3 {
+            assert_eq!(
+                ask(&client, addr, format!("{i}.{j}").as_bytes()).await,
+                format!("a: {i}.{j}")
+            );
+        }
+        clients.push(client);
+    }
+    // A client past max_sessions opens no session: its datagram is dropped, not accepted.
+    let late = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    late.send_to(b"late", addr).await.expect("send");
+    let accepted = "switchyard_connections_total{listener=\"dns\"}";
+    let active = "switchyard_connections_active{listener=\"dns\"}";
+    let dropped = "switchyard_udp_datagrams_dropped_total{listener=\"dns\"}";
+    eventually("the late datagram is dropped", || {
+        sample(&switchyard::metrics::render(&proxy.handle), dropped) == Some(1.0)
+    })
+    .await;
+    let text = switchyard::metrics::render(&proxy.handle);
+    assert_eq!(sample(&text, accepted), Some(3.0), "{text}");
+    assert_eq!(sample(&text, active), Some(3.0), "{text}");
+    let state = api_state(&proxy).await;
+    let listener = &state["listeners"][0];
+    assert_eq!(listener["protocol"], "udp");
+    assert_eq!(listener["connections"], 3, "{listener}");
+    assert_eq!(listener["active"], 3, "{listener}");
+    assert_eq!(listener["max_sessions"], 3, "{listener}");
+    assert_eq!(listener["datagrams_dropped"], 1, "{listener}");
+    // Sessions that expire are no longer active; they stay counted as accepted.
+    eventually("the sessions expire", || {
+        sample(&switchyard::metrics::render(&proxy.handle), active) == Some(0.0)
+    })
+    .await;
+    let text = switchyard::metrics::render(&proxy.handle);
+    assert_eq!(sample(&text, accepted), Some(3.0), "{text}");
+    let state = api_state(&proxy).await;
+    assert_eq!(state["listeners"][0]["active"], 0);
+    assert_eq!(state["listeners"][0]["connections"], 3);
+}
+
+#[tokio::test]
+async fn counters_survive_a_reload_that_rebinds_the_listener() {
+    let (a, _ta) = udp_named("a").await;
+    let config = |bind: &str| {
+        udp_config(&[a], "idle_timeout = \"1h\"\nmax_sessions = 1").replace("127.0.0.1:0", bind)
+    };
+    let proxy = Proxy::start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        config("127.0.0.1:0")
+    ));
+    let before = proxy.addr("dns");
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&first, before, b"one").await, "a: one");
+    // Past max_sessions: dropped.
+    let second = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    second.send_to(b"two", before).await.expect("send");
+    let accepted = "switchyard_connections_total{listener=\"dns\"}";
+    let active = "switchyard_connections_active{listener=\"dns\"}";
+    let dropped = "switchyard_udp_datagrams_dropped_total{listener=\"dns\"}";
+    eventually("the second client's datagram is dropped", || {
+        sample(&switchyard::metrics::render(&proxy.handle), dropped) == Some(1.0)
+    })
+    .await;
+
+    // The listener moves to another address: a new socket and a new receive loop; the old
+    // loop serves its session on.
+    let summary = proxy
+        .reload(&format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+            config("127.0.0.2:0")
+        ))
+        .await
+        .expect("reloads");
+    assert_eq!(summary.started, ["dns"]);
+    let after = proxy.addr("dns");
+    assert_ne!(after, before);
+    let text = switchyard::metrics::render(&proxy.handle);
+    assert_eq!(sample(&text, dropped), Some(1.0), "{text}");
+    assert_eq!(sample(&text, accepted), Some(1.0), "{text}");
+    assert_eq!(sample(&text, active), Some(1.0), "{text}");
+
+    // The new loop counts on from there.
+    let third = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&third, after, b"three").await, "a: three");
+    let fourth = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    fourth.send_to(b"four", after).await.expect("send");
+    eventually("the fourth client's datagram is dropped", || {
+        sample(&switchyard::metrics::render(&proxy.handle), dropped) == Some(2.0)
+    })
+    .await;
+    let text = switchyard::metrics::render(&proxy.handle);
+    assert_eq!(sample(&text, accepted), Some(2.0), "{text}");
+    assert_eq!(sample(&text, active), Some(2.0), "{text}");
+    let state = api_state(&proxy).await;
+    assert_eq!(state["listeners"][0]["datagrams_dropped"], 2);
+    assert_eq!(state["listeners"][0]["connections"], 2);
+    assert_eq!(state["listeners"][0]["active"], 2);
+}
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_in_session_keeps_its_answers_through_a_flood_past_the_cap() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&udp_config(
+        &[a],
+        "idle_timeout = \"300ms\"\nmax_sessions = 20",
+    ));
+    let addr = proxy.addr("dns");
+    let stats = proxy.stats("dns");
+    let regular = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&regular, addr, b"before").await, "a: before");
+    let fds_before = open_descriptors();
+    // A thousand source ports, a few datagrams each, while the regular client goes on asking.
+    let flood = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        for _ in 0..1000 {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+            for _ in 0..3 {
+                let _ = socket.send_to(b"flood", addr).await;
+            }
+            sockets.push(socket);
+            tokio::task::yield_now().await;
+        }
+        sockets
+    });
+    let mut asked = 0;
+    while !flood.is_finished() || asked < 20 {
+        let question = format!("q{asked}");
+        assert_eq!(
+            ask(&regular, addr, question.as_bytes()).await,
+            format!("a: {question}")
+        );
+        assert!(stats.open.load(Ordering::Relaxed) <= 20, "past the cap");
+        asked += 1;
+    }
+    let sockets = flood.await.expect("flood");
+    assert!(stats.datagrams_dropped.load(Ordering::Relaxed) > 0);
+    assert!(stats.open.load(Ordering::Relaxed) <= 20, "past the cap");
+    drop(sockets);
+    // Every session ends at its idle timeout; what they held is given back.
+    eventually("sessions expired", || {
+        stats.open.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let state = proxy.registry.get("p", a).expect("state");
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    eventually("descriptors back to baseline", || {
+        open_descriptors() <= fds_before
+    })
+    .await;
+    assert_eq!(ask(&regular, addr, b"after").await, "a: after");
+}
+
+#[tokio::test]
+async fn a_draining_backend_keeps_its_sessions_until_the_deadline_then_they_move() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let (log, lines) = session_log("drain");
+    let proxy = Proxy::start(&udp_config(
+        &[a, b],
+        &format!(
+            "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+            log.display()
+        ),
+    ));
+    let addr = proxy.addr("dns");
+    // Two clients in session, one on each backend (round robin).
+    let on_a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let on_b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let first = ask(&on_a, addr, b"1").await;
+    let second = ask(&on_b, addr, b"2").await;
+    let (on_a, on_b) = if first.starts_with("a:") {
+        (on_a, on_b)
+    } else {
+        (on_b, on_a)
+    };
+    assert_ne!(first[..1], second[..1]);
+    let state = proxy.registry.get("p", a).expect("state");
+    state.start_drain(std::time::Duration::from_millis(400));
+    // New clients go elsewhere; the session on the draining backend stays where it is.
+    for _ in 0..3 {
+        let newcomer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        assert_eq!(ask(&newcomer, addr, b"new").await, "b: new");
+    }
+    assert_eq!(ask(&on_a, addr, b"still").await, "a: still");
+    // At the deadline its session ends, logged as drained, and the client's next datagram
+    // opens one on another backend.
+    eventually("the drained session's line", || {
+        lines().iter().any(|l| l["outcome"] == "drained")
+    })
+    .await;
+    let drained: Vec<_> = lines()
+        .into_iter()
+        .filter(|l| l["outcome"] == "drained")
+        .collect();
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!(drained[0]["backend"], a.to_string());
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    assert_eq!(ask(&on_a, addr, b"moved").await, "b: moved");
+    assert_eq!(ask(&on_b, addr, b"same").await, "b: same");
+    assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn a_refused_session_whose_backend_a_reload_removed_opens_again_elsewhere() {
+    let (live, _task) = udp_named("live").await;
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let proxy = Proxy::start(&udp_config(&[live, dead], ""));
+    let addr = proxy.addr("dns");
+    // Round robin: the first client lands on `live`, the second on `dead`, which refuses.
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&first, addr, b"one").await, "live: one");
+    let second = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    second.send_to(b"two", addr).await.expect("send");
+    let state = proxy.registry.get("p", dead).expect("state");
+    eventually("the refusal", || {
+        state.connect_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // The refusing backend leaves the pool; its session is still in the table, broken.
+    proxy
+        .reload(&udp_config(&[live], ""))
+        .await
+        .expect("reloads");
+    // The client's next datagram opens a session on what the pool has now.
+    assert_eq!(ask(&second, addr, b"again").await, "live: again");
+    let third = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&third, addr, b"three").await, "live: three");
 }

@@ -40,6 +40,9 @@ pub fn state(handle: &ServerHandle) -> Value {
                 }
                 ListenerKind::Udp(settings) => {
                     value["pool"] = json!(settings.pool);
+                    // A udp listener's cap is on sessions, the connections it counts.
+                    value["max_connections"] = json!(null);
+                    value["max_sessions"] = json!(settings.max_sessions);
                     value["datagrams_dropped"] = json!(live.map_or(0, |s| s.dropped));
                 }
                 ListenerKind::Http(settings) => {

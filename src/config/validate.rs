@@ -178,6 +178,9 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     );
 
     let declared = raw.pools.keys().cloned().collect();
+    // Taken before the raw values are consumed: checked against the pools' users below.
+    let readers = pool_keys_by_reader(&raw.pools);
+    let users = pool_users(&raw.listeners);
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
         if let Some(pool) = validate_pool(&mut problems, &name, pool, base) {
@@ -221,6 +224,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         }
     }
 
+    check_pool_keys_are_read(&mut problems, &readers, &users);
+
     let admin = raw
         .admin
         .and_then(|admin| validate_admin(&mut problems, admin));
@@ -246,6 +251,122 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
             file: file.to_path_buf(),
             problems: problems.0,
         })
+    }
+}
+
+/// Pool keys that only some kinds of listener read, as `(key, the protocols that read it)`.
+/// The rest (backends, balance, health, outlier detection, slow start, drains) apply to every
+/// listener of the pool, and keys that a listener's kind cannot use at all (tls, sticky, a
+/// request hash, send_proxy_protocol on udp) are reported at the listener's `pool`.
+const POOL_KEY_READERS: [(&str, &[&str]); 6] = [
+    ("response_timeout", &["http"]),
+    ("keepalive_connections", &["http"]),
+    ("keepalive_timeout", &["http"]),
+    // UDP has no connect, and a session never waits in the queue.
+    ("connect_timeout", &["tcp", "http"]),
+    ("connect_attempts", &["tcp", "http"]),
+    ("queue", &["tcp", "http"]),
+];
+
+/// For each pool, the keys of [`POOL_KEY_READERS`] the file sets.
+fn pool_keys_by_reader(pools: &BTreeMap<String, RawPool>) -> Vec<(String, &'static str)> {
+    let mut set = Vec::new();
+    for (name, pool) in pools {
+        let present = [
+            pool.response_timeout.is_some(),
+            pool.keepalive_connections.is_some(),
+            pool.keepalive_timeout.is_some(),
+            pool.connect_timeout.is_some(),
+            pool.connect_attempts.is_some(),
+            pool.queue.is_some(),
+        ];
+        for ((key, _), present) in POOL_KEY_READERS.iter().zip(present) {
+            if present {
+                set.push((name.clone(), *key));
+            }
+        }
+    }
+    set
+}
+
+/// For each pool name, the listeners that name it (anywhere: `pool`, `default_pool`, routes,
+/// splits, SNI routes) as `(index, protocol)`. Read from the raw listeners, so that one with
+/// mistakes of its own still counts as a user; `None` for a protocol that is missing or
+/// unknown (reported at the listener).
+fn pool_users(listeners: &[RawListener]) -> HashMap<String, Vec<(usize, Option<&'static str>)>> {
+    let mut users: HashMap<String, Vec<(usize, Option<&'static str>)>> = HashMap::new();
+    for (index, l) in listeners.iter().enumerate() {
+        let protocol = ["tcp", "udp", "http"]
+            .into_iter()
+            .find(|p| l.protocol.as_deref() == Some(*p));
+        let routes = l.routes.iter().flatten();
+        let named = l
+            .pool
+            .iter()
+            .chain(&l.default_pool)
+            .chain(routes.clone().filter_map(|r| r.pool.as_ref()))
+            .chain(
+                routes
+                    .flat_map(|r| r.pools.iter().flatten())
+                    .filter_map(|w| w.pool.as_ref()),
+            )
+            .chain(
+                l.sni_routes
+                    .iter()
+                    .flatten()
+                    .filter_map(|r| r.pool.as_ref()),
+            );
+        for pool in named {
+            let entry = users.entry(pool.clone()).or_default();
+            if !entry.iter().any(|&(i, _)| i == index) {
+                entry.push((index, protocol));
+            }
+        }
+    }
+    users
+}
+
+/// A pool key that none of the pool's listeners reads would have no effect: an error at the
+/// key, naming the listeners. A pool no listener uses is left alone.
+fn check_pool_keys_are_read(
+    problems: &mut Problems,
+    set: &[(String, &'static str)],
+    users: &HashMap<String, Vec<(usize, Option<&'static str>)>>,
+) {
+    for (pool, key) in set {
+        let Some(users) = users.get(pool) else {
+            continue;
+        };
+        let Some(protocols) = users.iter().map(|&(_, p)| p).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        let readers = POOL_KEY_READERS
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&[][..], |(_, readers)| *readers);
+        if protocols.iter().any(|p| readers.contains(p)) {
+            continue;
+        }
+        let mut kinds: Vec<&str> = Vec::new();
+        for p in &protocols {
+            if !kinds.contains(p) {
+                kinds.push(p);
+            }
+        }
+        let listeners: Vec<String> = users
+            .iter()
+            .map(|(i, _)| format!("listeners[{i}]"))
+            .collect();
+        problems.push(
+            format!("pools.{pool}.{key}"),
+            format!(
+                "only {} listeners read it, and pool `{pool}` is used only by {} listeners ({}), \
+                 so it would have no effect",
+                readers.join(" and "),
+                kinds.join(" and "),
+                listeners.join(", ")
+            ),
+        );
     }
 }
 

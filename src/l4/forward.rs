@@ -148,7 +148,15 @@ impl Forwarder {
         let up_before = up.bytes;
         let down_before = down.bytes;
         let up_state = up.poll(cx, client, backend, splice);
-        let down_state = down.poll(cx, backend, client, splice);
+        // Once a direction failed, the other is not polled again. The kernel reports a peer's
+        // reset once: a write that failed with it has taken it, and a read of that socket now
+        // ends as if the peer had closed cleanly, so the other direction would pass a FIN on
+        // before the connection closes with its reset.
+        let down_state = if matches!(up_state, Poll::Ready(Err(_))) {
+            Poll::Pending
+        } else {
+            down.poll(cx, backend, client, splice)
+        };
         let moved_up = up.bytes - up_before;
         let moved_down = down.bytes - down_before;
         if moved_up > 0 {

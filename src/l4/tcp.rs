@@ -84,6 +84,8 @@ enum RefuseReason {
     NoPool(String),
     #[error("no backend of pool `{pool}` accepted a connection ({attempts} tried)")]
     NoBackend { pool: String, attempts: usize },
+    #[error("no socket for a backend connection: {0}")]
+    Exhausted(io::Error),
     #[error("sending the PROXY protocol header to {backend}: {source}")]
     Announce {
         backend: SocketAddr,
@@ -356,6 +358,12 @@ async fn connect(
                 state.connect_time.observe(started.elapsed());
                 pool.report(state, true);
                 return Ok((stream, addr, picked.guard, picked.closer));
+            }
+            // The process is out of descriptors or memory: no fault of the backend's, which
+            // must not be counted as failing (or ejected), and no other backend would fare
+            // better. The client is closed, which gives its descriptor back.
+            Err(error) if crate::listener::is_resource_exhaustion(&error) => {
+                return Err(RefuseReason::Exhausted(error));
             }
             Err(error) => {
                 state.connect_failures.fetch_add(1, Relaxed);

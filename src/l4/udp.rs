@@ -28,6 +28,7 @@ use tracing::{debug, info};
 
 use crate::backend::{ActiveGuard, BackendState};
 use crate::config::UdpSettings;
+use crate::metrics::ListenerStats;
 use crate::pool::{Attempts, PickInput, Picked, Snapshot};
 
 /// Receive buffer size: larger than any UDP payload (IPv4 allows 65,507 bytes, IPv6 65,527), so
@@ -49,8 +50,10 @@ pub struct UdpProxy {
         crate::config::AccessLogConfig,
         Arc<crate::access_log::Writer>,
     )>,
-    /// The listener's counters.
-    pub stats: Arc<crate::metrics::ListenerStats>,
+    /// The listener's counters, kept by its name: sessions opened (`connections`), sessions
+    /// open now (`open`) and datagrams dropped. A loop that a reload stopped (the listener
+    /// moved to another address) serves its sessions on and counts in the same ones.
+    pub stats: Arc<ListenerStats>,
 }
 
 impl std::fmt::Debug for UdpProxy {
@@ -68,7 +71,6 @@ struct SessionLog {
     listener: Arc<str>,
     format: crate::config::AccessLogFormat,
     writer: Arc<crate::access_log::Writer>,
-    stats: Arc<crate::metrics::ListenerStats>,
 }
 
 /// What a session's receive loop and its reply task both update.
@@ -96,14 +98,15 @@ struct Session {
     outcome: &'static str,
     /// Where its log line goes, when the listener has a log.
     log: Option<Arc<SessionLog>>,
+    /// The listener's counters, where the session counts as open until it is dropped.
+    stats: Arc<ListenerStats>,
     /// The task relaying replies; aborted on expiry.
     replies: AbortHandle,
     /// Counts the session as active on its backend.
     guard: ActiveGuard,
-    /// Set when the backend refuses the session's datagrams; the next datagram re-picks.
+    /// Set when the backend refuses the session's datagrams; the next datagram re-picks,
+    /// passing over this backend (`guard.state().addr`).
     broken: Arc<AtomicBool>,
-    /// The backend's index in its pool, excluded from the re-pick after a refusal.
-    backend: usize,
     /// Cancelled at the backend's drain deadline: the session ends, the client's next datagram
     /// opens a new one elsewhere.
     closer: CancellationToken,
@@ -112,6 +115,7 @@ struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.replies.abort();
+        self.stats.open.fetch_sub(1, Relaxed);
         let Some(log) = &self.log else {
             return;
         };
@@ -128,17 +132,8 @@ impl Drop for Session {
             outcome: self.outcome,
             at: std::time::SystemTime::now(),
         });
-        log.writer.write_connection(line, &log.stats);
+        log.writer.write_connection(line, &self.stats);
     }
-}
-
-/// Sessions and drops, for tests and logs.
-#[derive(Debug, Default)]
-pub struct UdpStats {
-    /// Sessions open now.
-    pub sessions: AtomicU64,
-    /// Datagrams dropped: session cap reached, no backend, or a full socket buffer.
-    pub dropped: AtomicU64,
 }
 
 impl UdpProxy {
@@ -150,7 +145,6 @@ impl UdpProxy {
     pub async fn serve(
         current: Arc<ArcSwap<UdpProxy>>,
         socket: Arc<UdpSocket>,
-        stats: Arc<UdpStats>,
         shutdown: CancellationToken,
         drain_over: CancellationToken,
     ) {
@@ -191,19 +185,19 @@ impl UdpProxy {
                             sessions.remove(&client);
                         } else if !session.broken.load(Relaxed) {
                             session.activity.last_seen.store(now, Relaxed);
-                            send_upstream(session, datagram, &stats);
+                            send_upstream(session, datagram);
                             continue;
                         }
                         // Its backend refused (ICMP port unreachable): forget the session so
                         // this datagram opens a new one, picked among the other backends.
                         else {
                             session.outcome = "refused";
-                            refused = sessions.remove(&client).map(|s| s.backend);
+                            refused = sessions.remove(&client).map(|s| s.guard.state().addr);
                         }
                     }
                     this = current.load_full();
                     if stopping || sessions.len() >= this.settings.max_sessions {
-                        stats.dropped.fetch_add(1, Relaxed);
+                        this.stats.datagrams_dropped.fetch_add(1, Relaxed);
                         debug!(listener = %this.name, %client, "udp session refused (cap or shutdown)");
                         continue;
                     }
@@ -211,13 +205,12 @@ impl UdpProxy {
                         log = this.session_log();
                         logged_by = Arc::clone(&this);
                     }
-                    match this.open((&log, &stats), &socket, client, epoch, datagram, refused).await {
+                    match this.open(&log, &socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
                             sessions.insert(client, session);
-                            stats.sessions.store(sessions.len() as u64, Relaxed);
                         }
                         Err(error) => {
-                            stats.dropped.fetch_add(1, Relaxed);
+                            this.stats.datagrams_dropped.fetch_add(1, Relaxed);
                             debug!(listener = %this.name, %client, %error, "udp session not opened");
                         }
                     }
@@ -243,7 +236,6 @@ impl UdpProxy {
                         }
                         true
                     });
-                    stats.sessions.store(sessions.len() as u64, Relaxed);
                     if stopping && sessions.is_empty() {
                         break;
                     }
@@ -265,21 +257,23 @@ impl UdpProxy {
             listener: Arc::from(self.name.as_str()),
             format: config.format,
             writer: Arc::clone(writer),
-            stats: Arc::clone(&self.stats),
         }))
     }
 
     /// Opens a session for `client`: picks a backend, connects a socket to it and sends the
     /// client's first datagram. That send waits for the new socket to be writable: a fresh socket
     /// has no readiness yet, so a `try_send` would drop the datagram.
+    ///
+    /// The session counts as a connection accepted, and as open until it is dropped, as a tcp
+    /// connection does from its accept: operators read one pair of counters for both.
     async fn open(
         &self,
-        (log, stats): (&Option<Arc<SessionLog>>, &Arc<UdpStats>),
+        log: &Option<Arc<SessionLog>>,
         listener: &Arc<UdpSocket>,
         client: SocketAddr,
         epoch: Instant,
         first: &[u8],
-        refused: Option<usize>,
+        refused: Option<SocketAddr>,
     ) -> io::Result<Session> {
         let snapshot = self.snapshot.load();
         let pool = snapshot
@@ -292,16 +286,20 @@ impl UdpProxy {
             refresh: false,
         };
         let mut attempts = Attempts::new(pool, input);
-        if let Some(index) = refused {
+        // The refusing backend is found by its address: a reload since the session opened
+        // may have moved it in the pool, or taken it out.
+        if let Some(index) =
+            refused.and_then(|addr| pool.candidates.iter().position(|c| c.state.addr == addr))
+        {
             pool.report(&pool.candidates[index].state, false);
             attempts.exclude(index);
         }
         // No waiting in a queue here: this runs on the listener's receive loop.
         let Picked {
-            index,
             candidate,
             guard,
             closer,
+            ..
         } = attempts.next_now().ok_or_else(|| {
             io::Error::other(format!("no usable backend in pool `{}`", pool.name))
         })?;
@@ -331,9 +329,11 @@ impl UdpProxy {
             backend: Arc::clone(&candidate.state),
             epoch,
             broken: Arc::clone(&broken),
-            stats: Arc::clone(stats),
+            stats: Arc::clone(&self.stats),
         }))
         .abort_handle();
+        self.stats.connections.fetch_add(1, Relaxed);
+        self.stats.open.fetch_add(1, Relaxed);
         Ok(Session {
             upstream,
             client,
@@ -342,17 +342,17 @@ impl UdpProxy {
             started: std::time::Instant::now(),
             outcome: "closed",
             log: log.clone(),
+            stats: Arc::clone(&self.stats),
             replies,
             guard,
             broken,
-            backend: index,
             closer,
         })
     }
 }
 
 /// Sends one client datagram to the session's backend, or drops it if the socket is full.
-fn send_upstream(session: &mut Session, datagram: &[u8], stats: &UdpStats) {
+fn send_upstream(session: &mut Session, datagram: &[u8]) {
     let backend = session.guard.state();
     match session.upstream.try_send(datagram) {
         Ok(n) => {
@@ -360,7 +360,7 @@ fn send_upstream(session: &mut Session, datagram: &[u8], stats: &UdpStats) {
             session.sent += n as u64;
         }
         Err(error) => {
-            stats.dropped.fetch_add(1, Relaxed);
+            session.stats.datagrams_dropped.fetch_add(1, Relaxed);
             if error.kind() == io::ErrorKind::ConnectionRefused {
                 mark_broken(&session.broken, backend);
             }
@@ -389,7 +389,7 @@ struct Relay {
     backend: Arc<BackendState>,
     epoch: Instant,
     broken: Arc<AtomicBool>,
-    stats: Arc<UdpStats>,
+    stats: Arc<ListenerStats>,
 }
 
 /// Relays the backend's datagrams to the client until the session is aborted, or until the
@@ -451,7 +451,7 @@ async fn relay_replies(relay: Relay) {
                 }
             }
             Ok(None) => {
-                stats.dropped.fetch_add(1, Relaxed);
+                stats.datagrams_dropped.fetch_add(1, Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {

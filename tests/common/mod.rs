@@ -105,7 +105,6 @@ pub struct Proxy {
     pub handle: switchyard::server::ServerHandle,
     pub registry: Arc<Registry>,
     pub shutdown: CancellationToken,
-    pub udp_stats: Vec<(String, Arc<switchyard::l4::udp::UdpStats>)>,
     pub task: JoinHandle<usize>,
 }
 
@@ -113,25 +112,11 @@ impl Proxy {
     /// Loads `toml`, binds and runs it.
     pub fn start(toml: &str) -> Proxy {
         let config = Config::from_toml(toml, Path::new("test.toml")).expect("test config is valid");
-        let names: Vec<(String, bool)> = config
-            .listeners
-            .iter()
-            .map(|l| {
-                (
-                    l.name.clone(),
-                    matches!(l.kind, switchyard::config::ListenerKind::Udp(_)),
-                )
-            })
-            .collect();
+        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
         let server = Server::bind(config).expect("binds");
         let server_addrs = names
             .iter()
-            .map(|(n, _)| (n.clone(), server.local_addr(n).expect("bound")))
-            .collect();
-        let udp_stats = names
-            .iter()
-            .filter(|(_, udp)| *udp)
-            .map(|(n, _)| (n.clone(), server.udp_stats(n).expect("udp")))
+            .map(|n| (n.clone(), server.local_addr(n).expect("bound")))
             .collect();
         let registry = server.registry();
         let shutdown = server.shutdown_token();
@@ -142,7 +127,6 @@ impl Proxy {
             server_addrs,
             registry,
             shutdown,
-            udp_stats,
             task,
         }
     }
@@ -179,13 +163,9 @@ impl Proxy {
         self.handle.reload(config).await
     }
 
-    /// UDP counters of listener `name`.
-    pub fn udp(&self, name: &str) -> Arc<switchyard::l4::udp::UdpStats> {
-        self.udp_stats
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| Arc::clone(s))
-            .expect("udp listener exists")
+    /// The counters of listener `name` (for udp: sessions opened and open, datagrams dropped).
+    pub fn stats(&self, name: &str) -> Arc<switchyard::metrics::ListenerStats> {
+        self.handle.metrics().listener(name)
     }
 }
 
