@@ -2874,3 +2874,65 @@ async fn an_http2_connection_closes_when_idle_after_a_stream_reset_before_its_re
     let closed = tokio::time::timeout(PATIENCE, connection).await;
     assert!(closed.is_ok(), "the idle connection was never closed");
 }
+
+/// A backend connect that fails because this process is out of descriptors says nothing of the
+/// backend: it must not be counted against it, or a burst of clients would eject every healthy
+/// backend of the pool and leave it with nothing to serve from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
+    // The backends hold every answer until released, so each client keeps a backend
+    // connection of its own open meanwhile.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = move |name: &'static str| {
+        let released = released.clone();
+        Backend::start(move |stream| {
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                serve_http(stream, name).await;
+            }
+        })
+    };
+    let (a, b) = (held("a").await, held("b").await);
+    // One failure ejects a backend, and every backend may be ejected.
+    let config = single_pool(
+        &[a.addr, b.addr],
+        "",
+        "outlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
+    );
+    let running = spawn_with_fd_limit("http-blame", &config, 40).await;
+    let addr = running.addr;
+    // A client answered before the backends are released is one whose backend connection
+    // found no descriptor.
+    let (early_tx, mut early) = tokio::sync::mpsc::unbounded_channel();
+    let clients: Vec<_> = (0..30)
+        .map(|_| {
+            let early_tx = early_tx.clone();
+            tokio::spawn(async move {
+                let mut client = HttpClient::connect(addr).await;
+                client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let reply = tokio::time::timeout(PATIENCE, client.reply()).await;
+                if let Ok(Some(reply)) = &reply {
+                    let _ = early_tx.send(reply.status);
+                }
+            })
+        })
+        .collect();
+    let status = tokio::time::timeout(PATIENCE, early.recv())
+        .await
+        .expect("a client found the proxy out of descriptors")
+        .expect("status");
+    assert_eq!(status, 503);
+    // Every answer goes out now, and the clients leave.
+    release.send(true).expect("backends listen");
+    for c in clients {
+        c.await.expect("client");
+    }
+    // Descriptors come back, and the backends, which did nothing wrong, still serve.
+    eventually_async("a client is served again", || async move {
+        let mut client = HttpClient::connect(addr).await;
+        let reply = tokio::time::timeout(Duration::from_millis(500), client.get("/", "")).await;
+        matches!(reply, Ok(r) if r.status == 200)
+    })
+    .await;
+}

@@ -795,49 +795,6 @@ async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_t
     .await;
 }
 
-/// Runs the binary on `toml` (written to a temp file named after `name`) with at most `limit` open descriptors (soft and hard), and waits
-/// until its first listener is up.
-async fn spawn_with_fd_limit(name: &str, toml: &str, limit: usize) -> Running {
-    use tokio::io::AsyncBufReadExt;
-    let config = temp_config(&format!("{name}-fd-limit-{limit}"), toml);
-    let mut child = tokio::process::Command::new("prlimit")
-        .arg(format!("--nofile={limit}:{limit}"))
-        .arg(BIN)
-        .args(["run", "--threads", "2", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prlimit starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            if let Some(addr) = line.split("addr=").nth(1)
-                && line.contains("listening")
-            {
-                return addr
-                    .split_whitespace()
-                    .next()
-                    .expect("addr")
-                    .parse()
-                    .expect("socket addr");
-            }
-        }
-        panic!("exited before listening");
-    })
-    .await
-    .expect("listening in time");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Running {
-        child,
-        addr,
-        config,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
     let a = Backend::echo().await;

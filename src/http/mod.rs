@@ -1761,6 +1761,13 @@ impl HttpProxy {
                         .await
                     {
                         Ok(conn) => conn,
+                        // This process is out of descriptors or memory: no fault of the
+                        // backend's, which must not be counted as failing (or ejected), and no
+                        // other backend would fare better.
+                        Err(error) if crate::listener::is_resource_exhaustion(&error) => {
+                            debug!(pool = %pool.name, backend = %addr, %error, "no socket for a backend connection");
+                            return Err(Failure::Status(503));
+                        }
                         Err(error) => {
                             state.connect_failures.fetch_add(1, Relaxed);
                             pool.report(state, false);

@@ -50,12 +50,31 @@ pub async fn spawn_binary(name: &str, toml: &str) -> Running {
 
 /// Like [`spawn_binary`], with more arguments for `run`.
 pub async fn spawn_binary_with(name: &str, toml: &str, args: &[&std::ffi::OsStr]) -> Running {
-    use tokio::io::AsyncBufReadExt;
     let config = temp_config(name, toml);
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--threads", "2", "--config"])
+    let mut command = tokio::process::Command::new(BIN);
+    command.arg("run").args(args);
+    spawn_run(command, config).await
+}
+
+/// Like [`spawn_binary`], with at most `limit` open descriptors (soft and hard), set by
+/// `prlimit`: for what happens when the process runs out of them.
+pub async fn spawn_with_fd_limit(name: &str, toml: &str, limit: usize) -> Running {
+    let config = temp_config(&format!("{name}-fd-limit-{limit}"), toml);
+    let mut command = tokio::process::Command::new("prlimit");
+    command
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(BIN)
+        .arg("run");
+    spawn_run(command, config).await
+}
+
+/// Finishes `command` (a `run` of the binary) with two threads and `config`, starts it and
+/// waits until its first listener is up.
+async fn spawn_run(mut command: tokio::process::Command, config: std::path::PathBuf) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = command
+        .args(["--threads", "2", "--config"])
         .arg(&config)
-        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
