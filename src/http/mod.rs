@@ -1048,6 +1048,8 @@ impl HttpProxy {
             let weak_etag;
             if let Some(encoder) = &encoder {
                 extra.push(("content-encoding", encoder.token().as_bytes()));
+                // Byte ranges of the original do not address the compressed bytes.
+                drop.push("accept-ranges");
                 // The compressed bytes are a different representation: a strong validator
                 // for the original must not describe them.
                 if let Some(etag) = response.header("etag")
@@ -2589,8 +2591,10 @@ fn encoding_for<'h>(
 }
 
 /// The fields of a response that an encoder is about to compress (an HTTP/2 one, or one from an
-/// HTTP/2 backend): its length goes, its encoding is named, and a strong validator of the
-/// original is weakened, since the compressed bytes are a different representation. With
+/// HTTP/2 backend): its length goes, its encoding is named, a strong validator of the original
+/// is weakened, since the compressed bytes are a different representation, and `Accept-Ranges`
+/// goes, since byte ranges of the original do not address the compressed bytes (a download
+/// resumed with one would splice the two; NGINX's gzip drops it too). With
 /// compression configured, `Vary: Accept-Encoding` is added whether or not this one is
 /// compressed: caches must not serve it to a client that accepts otherwise.
 fn mark_compressed(
@@ -2601,6 +2605,7 @@ fn mark_compressed(
     use http::{HeaderValue, header};
     if let Some(token) = encoding {
         headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::ACCEPT_RANGES);
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(token));
         if let Some(etag) = headers.get(header::ETAG)
             && !etag.as_bytes().starts_with(b"W/")
