@@ -1423,6 +1423,177 @@ backends = ["{}"]
     assert_eq!(backend.accepted(), 1);
 }
 
+/// The Set-Cookie values of an HTTP/1.1 reply, in order.
+fn set_cookies(reply: &Reply) -> Vec<String> {
+    reply
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// The Set-Cookie values of an HTTP/2 response, in order.
+fn h2_set_cookies(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_routes_cookie_flags_override_the_listeners_and_reach_every_set_cookie() {
+    let backend = cookie_backend().await;
+    let h2 = h2_echo_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+cookie_flags = ["Secure", "SameSite=Lax"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/strict/" }}
+  pool = "p"
+  cookie_flags = ["secure", "SameSite=Strict", "HttpOnly"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/grpc/" }}
+  pool = "g"
+
+[pools.p]
+backends = ["{}"]
+sticky = {{ cookie = "SWY" }}
+
+[pools.g]
+backends = ["{}"]
+upstream_protocol = "h2"
+sticky = {{ cookie = "SWY" }}
+"#,
+        backend.addr, h2.addr
+    ));
+    // Each attribute once, the route's SameSite in place of the listener's, and the proxy's own
+    // sticky cookie flagged like the backend's (it keeps its own SameSite).
+    let listener = |sticky: &str| {
+        vec![
+            "a=1; Path=/; Secure; SameSite=Lax".to_owned(),
+            "b=2; Secure; SameSite=Strict".to_owned(),
+            format!("{sticky}; Secure"),
+        ]
+    };
+    let route = |sticky: &str| {
+        vec![
+            "a=1; Path=/; secure; SameSite=Strict; HttpOnly".to_owned(),
+            "b=2; Secure; SameSite=Strict; HttpOnly".to_owned(),
+            format!("{sticky}; secure"),
+        ]
+    };
+    let sticky_of = |cookies: &[String]| {
+        let last = cookies.last().cloned().unwrap_or_default();
+        assert!(last.starts_with("SWY="), "{cookies:?}");
+        assert!(
+            last.contains("; HttpOnly; SameSite=Lax"),
+            "the sticky cookie keeps its own attributes: {cookies:?}"
+        );
+        last.split("; Secure")
+            .next()
+            .and_then(|c| c.split("; secure").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let cookies = set_cookies(&client.get("/other", "").await);
+    assert_eq!(cookies, listener(&sticky_of(&cookies)));
+    let cookies = set_cookies(&client.get("/strict/x", "").await);
+    assert_eq!(cookies, route(&sticky_of(&cookies)));
+    // From an HTTP/2 backend, which sets no cookie of its own.
+    let cookies = set_cookies(&client.get("/grpc/x", "").await);
+    assert_eq!(cookies, [format!("{}; Secure", sticky_of(&cookies))]);
+
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (_, headers, _) = h2_request(&mut sender, "GET", "http://x/other", None).await;
+    let cookies = h2_set_cookies(&headers);
+    assert_eq!(cookies, listener(&sticky_of(&cookies)));
+    let (_, headers, _) = h2_request(&mut sender, "GET", "http://x/strict/x", None).await;
+    let cookies = h2_set_cookies(&headers);
+    assert_eq!(cookies, route(&sticky_of(&cookies)));
+}
+
+#[tokio::test]
+async fn a_cookie_match_reads_every_cookie_field_of_an_http2_request() {
+    let web = http_backend("web").await;
+    let canary = http_backend("canary").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+routes = [{{ match = {{ cookie = {{ name = "canary", value = "yes" }} }}, pool = "canary" }}]
+
+[pools.web]
+backends = ["{}"]
+
+[pools.canary]
+backends = ["{}"]
+"#,
+        web.addr, canary.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/", "Cookie: a=1; canary=yes\r\n").await;
+    assert_eq!(reply.header("x-backend"), Some("canary"));
+
+    // Browsers speaking HTTP/2 send each cookie in a field of its own (RFC 9113 section 8.2.3).
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (fields, expected) in [
+        (&["a=1", "canary=yes"][..], "canary"),
+        (&["canary=yes; a=1"][..], "canary"),
+        (&["a=1", "canary=no"][..], "web"),
+    ] {
+        let mut request = http::Request::builder().uri("http://x/");
+        for field in fields {
+            request = request.header("cookie", *field);
+        }
+        let response = h2_head(&mut sender, request.body(()).expect("request")).await;
+        assert_eq!(
+            response.headers().get("x-backend").map(|v| v.as_bytes()),
+            Some(expected.as_bytes()),
+            "{fields:?}"
+        );
+    }
+}
+
+/// An HTTP/2 backend (h2c) that answers every request with what it received: `METHOD URI`,
+/// then each field as `name: value`, one a line.
+async fn h2_echo_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let mut seen = format!("{} {}\n", request.method(), request.uri());
+            for (name, value) in request.headers() {
+                seen.push_str(&format!(
+                    "{name}: {}\n",
+                    String::from_utf8_lossy(value.as_bytes())
+                ));
+            }
+            let response = http::Response::builder()
+                .status(200)
+                .body(())
+                .expect("response");
+            if let Ok(mut send) = respond.send_response(response, false) {
+                let _ = send.send_data(bytes::Bytes::from(seen), true);
+            }
+        }
+    })
+    .await
+}
+
 fn big_text() -> Vec<u8> {
     (0..20_000)
         .map(|i| b"the quick brown fox "[i % 20])

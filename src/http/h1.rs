@@ -346,6 +346,38 @@ fn map_parse_error(error: httparse::Error) -> HeadError {
     }
 }
 
+/// Writes one response field, with `cookie_flags` added to a Set-Cookie that lacks them.
+fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8], cookie_flags: &[&str]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    if !cookie_flags.is_empty() && name.eq_ignore_ascii_case(b"set-cookie") {
+        for flag in cookie_flags {
+            if !has_cookie_attribute(value, flag) {
+                out.put_slice(b"; ");
+                out.put_slice(flag.as_bytes());
+            }
+        }
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The cookie flags in force for a request: the listener's, then the route's, where a route's
+/// flag replaces the listener's for the same attribute (`SameSite=Strict` on a route wins over
+/// `SameSite=Lax` on its listener, as a route's `set` wins over the listener's), so that no
+/// attribute is added twice.
+pub(super) fn merge_cookie_flags<'a>(listener: &'a [String], route: &'a [String]) -> Vec<&'a str> {
+    fn attribute(flag: &str) -> &str {
+        flag.split('=').next().unwrap_or(flag)
+    }
+    let mut flags: Vec<&str> = Vec::with_capacity(listener.len() + route.len());
+    for flag in listener.iter().chain(route) {
+        flags.retain(|kept| !attribute(kept).eq_ignore_ascii_case(attribute(flag)));
+        flags.push(flag);
+    }
+    flags
+}
+
 /// Whether a Set-Cookie value already has the attribute that `flag` sets (compared by
 /// attribute name: `SameSite=Lax` is present if any SameSite is).
 pub(super) fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
@@ -795,25 +827,11 @@ impl ResponseHead {
             if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
                 continue;
             }
-            out.put_slice(name);
-            out.put_slice(b": ");
-            let value = &self.raw[value.clone()];
-            out.put_slice(value);
-            if !cookie_flags.is_empty() && name.eq_ignore_ascii_case(b"set-cookie") {
-                for flag in cookie_flags {
-                    if !has_cookie_attribute(value, flag) {
-                        out.put_slice(b"; ");
-                        out.put_slice(flag.as_bytes());
-                    }
-                }
-            }
-            out.put_slice(b"\r\n");
+            put_field(out, name, &self.raw[value.clone()], cookie_flags);
         }
+        // Cookies of the proxy's own (sticky sessions, header rules) get the flags too.
         for (name, value) in extra {
-            out.put_slice(name.as_bytes());
-            out.put_slice(b": ");
-            out.put_slice(value);
-            out.put_slice(b"\r\n");
+            put_field(out, name.as_bytes(), value, cookie_flags);
         }
         match framing {
             Framing::Length(n) => {

@@ -742,32 +742,40 @@ fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Re
     Ok(())
 }
 
-/// Response header edits and cookie flags.
+/// Response header edits (the listener's, then the route's), then the cookie flags in force
+/// (see [`h1::merge_cookie_flags`]) on every Set-Cookie, as on HTTP/1.1.
 pub(super) fn apply_response_rules(headers: &mut HeaderMap, rules: &[&Rules]) {
     for rules in rules {
         edit_headers(headers, &rules.response_headers);
-        if rules.cookie_flags.is_empty() {
-            continue;
+    }
+    let flags = match rules {
+        [] => return,
+        [only] => h1::merge_cookie_flags(&only.cookie_flags, &[]),
+        [listener, route, ..] => {
+            h1::merge_cookie_flags(&listener.cookie_flags, &route.cookie_flags)
         }
-        let cookies: Vec<HeaderValue> = headers
-            .get_all(http::header::SET_COOKIE)
-            .iter()
-            .map(|value| {
-                let mut text = value.as_bytes().to_vec();
-                for flag in &rules.cookie_flags {
-                    if !h1::has_cookie_attribute(&text, flag) {
-                        text.extend_from_slice(b"; ");
-                        text.extend_from_slice(flag.as_bytes());
-                    }
+    };
+    if flags.is_empty() {
+        return;
+    }
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .map(|value| {
+            let mut text = value.as_bytes().to_vec();
+            for flag in &flags {
+                if !h1::has_cookie_attribute(value.as_bytes(), flag) {
+                    text.extend_from_slice(b"; ");
+                    text.extend_from_slice(flag.as_bytes());
                 }
-                HeaderValue::from_bytes(&text).unwrap_or_else(|_| value.clone())
-            })
-            .collect();
-        if !cookies.is_empty() {
-            headers.remove(http::header::SET_COOKIE);
-            for cookie in cookies {
-                headers.append(http::header::SET_COOKIE, cookie);
             }
+            HeaderValue::from_bytes(&text).unwrap_or_else(|_| value.clone())
+        })
+        .collect();
+    if !cookies.is_empty() {
+        headers.remove(http::header::SET_COOKIE);
+        for cookie in cookies {
+            headers.append(http::header::SET_COOKIE, cookie);
         }
     }
 }

@@ -1505,6 +1505,10 @@ impl HttpProxy {
                 )
             })
             .and_then(|encoding| compress::Encoder::new(encoding).ok());
+        // The sticky cookie first, so that cookie flags reach it as they reach the backend's.
+        if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            parts.headers.append(http::header::SET_COOKIE, cookie);
+        }
         h2::apply_response_rules(&mut parts.headers, &rules);
         mark_compressed(
             &mut parts.headers,
@@ -1543,11 +1547,6 @@ impl HttpProxy {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(request_id);
         out.extend_from_slice(b"\r\n");
-        if let Some(cookie) = &set_cookie {
-            out.extend_from_slice(b"set-cookie: ");
-            out.extend_from_slice(cookie.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
         match framing {
             Framing::Length(n) => {
                 out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
@@ -1655,7 +1654,10 @@ impl HttpProxy {
     ) -> ResponseEdits<'a> {
         let mut drop = vec!["x-request-id"];
         let mut extra: Vec<(&str, &[u8])> = vec![("x-request-id", request_id)];
-        let mut flags = Vec::new();
+        let flags = h1::merge_cookie_flags(
+            &self.rules.cookie_flags,
+            route_rules.map_or(&[][..], |r| &r.cookie_flags),
+        );
         for rules in [Some(&self.rules), route_rules].into_iter().flatten() {
             let edits = &rules.response_headers;
             drop.extend(edits.remove.iter().map(String::as_str));
@@ -1666,7 +1668,6 @@ impl HttpProxy {
             });
             extra.extend(edits.set.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
             extra.extend(edits.add.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
-            flags.extend(rules.cookie_flags.iter().map(String::as_str));
         }
         (drop, extra, flags)
     }
