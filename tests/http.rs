@@ -1594,6 +1594,103 @@ async fn h2_echo_backend() -> Backend {
     .await
 }
 
+#[tokio::test]
+async fn request_rules_edit_the_forwarding_fields_on_every_path() {
+    let h1 = http_backend("b").await;
+    let h2 = h2_echo_backend().await;
+    // Behind a load balancer that terminated TLS: the scheme the client used is https, and the
+    // address X-Real-IP would carry is the other balancer's, so it goes.
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "h1"
+request_headers = {{ set = {{ X-Forwarded-Proto = "https" }}, remove = ["X-Real-IP"] }}
+host_rewrite = "internal.local"
+routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
+
+[pools.h1]
+backends = ["{}"]
+
+[pools.h2]
+backends = ["{}"]
+upstream_protocol = "h2"
+"#,
+        h1.addr, h2.addr
+    ));
+    let check = |seen: &str, why: &str| {
+        let seen = seen.to_ascii_lowercase();
+        assert!(seen.contains("x-forwarded-proto: https\n"), "{why}: {seen}");
+        assert!(!seen.contains("x-forwarded-proto: http\n"), "{why}: {seen}");
+        assert!(!seen.contains("x-real-ip"), "{why}: {seen}");
+        // The Host the client asked for, not the rewritten one.
+        assert!(
+            seen.contains("x-forwarded-host: edge.example\n"),
+            "{why}: {seen}"
+        );
+        assert!(
+            seen.contains("x-forwarded-for: 127.0.0.1\n"),
+            "{why}: {seen}"
+        );
+    };
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        client
+            .send(format!("GET {path} HTTP/1.1\r\nHost: edge.example\r\n\r\n").as_bytes())
+            .await;
+        let reply = client.reply().await.expect("a reply");
+        check(&reply.text(), &format!("HTTP/1.1 {path}"));
+    }
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        let (status, _, body) = h2_request(
+            &mut sender,
+            "GET",
+            &format!("http://edge.example{path}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        check(&String::from_utf8_lossy(&body), &format!("HTTP/2 {path}"));
+    }
+}
+
+#[tokio::test]
+async fn a_listener_redirect_answers_http2_requests_no_route_matches() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+redirect = {{ to = "https://{{host}}{{path}}", status = 308 }}
+routes = [{{ match = {{ path_prefix = "/api/" }}, pool = "p" }}]
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/elsewhere?a=1", "").await;
+    assert_eq!(
+        (reply.status, reply.header("location")),
+        (308, Some("https://test/elsewhere?a=1"))
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (status, headers, _) =
+        h2_request(&mut sender, "GET", "http://test:8080/elsewhere?a=1", None).await;
+    assert_eq!(status, 308);
+    assert_eq!(
+        headers.get("location").map(|v| v.as_bytes()),
+        Some(&b"https://test/elsewhere?a=1"[..])
+    );
+    assert_eq!(backend.accepted(), 0);
+}
+
 fn big_text() -> Vec<u8> {
     (0..20_000)
         .map(|i| b"the quick brown fox "[i % 20])
