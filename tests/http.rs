@@ -1658,6 +1658,166 @@ upstream_protocol = "h2"
 }
 
 #[tokio::test]
+async fn dot_segments_are_removed_before_routing_and_never_reach_a_backend() {
+    let public = http_backend("public").await;
+    let web = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/internal/" }}
+  redirect = {{ to = "/denied", status = 302 }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/public/" }}
+  pool = "public"
+
+[pools.public]
+backends = ["{}"]
+
+[pools.web]
+backends = ["{}"]
+"#,
+        public.addr, web.addr
+    ));
+    // (target sent, where it goes: a backend and the target it receives, or the redirect)
+    let cases = [
+        ("/public/../internal/x", None),
+        ("/public/%2e%2e/internal/x", None),
+        ("/public/%2E./internal/x", None),
+        ("/public/.%2e/internal/x", None),
+        (
+            "/public/./a/../b?q=/../x",
+            Some(("public", "/public/b?q=/../x")),
+        ),
+        ("/public/a/.", Some(("public", "/public/a/"))),
+        ("/public/a/..", Some(("public", "/public/"))),
+        ("/..", Some(("web", "/"))),
+        ("/public/../../../etc/passwd", Some(("web", "/etc/passwd"))),
+        // Not dot segments: kept as they are.
+        (
+            "/public/..%2Finternal",
+            Some(("public", "/public/..%2Finternal")),
+        ),
+        (
+            "/public/%252e%252e/x",
+            Some(("public", "/public/%252e%252e/x")),
+        ),
+        ("/public/...", Some(("public", "/public/..."))),
+        (
+            "/public/.well-known/a",
+            Some(("public", "/public/.well-known/a")),
+        ),
+    ];
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (target, expected) in cases {
+        let reply = client.get(target, "").await;
+        let (status, headers, body) =
+            h2_request(&mut sender, "GET", &format!("http://test{target}"), None).await;
+        let h2_backend = headers.get("x-backend").map(|v| v.to_str().unwrap_or("?"));
+        let h2_seen = String::from_utf8_lossy(&body).into_owned();
+        match expected {
+            None => {
+                assert_eq!(
+                    (reply.status, reply.header("location")),
+                    (302, Some("/denied")),
+                    "{target}"
+                );
+                assert_eq!(status, 302, "HTTP/2 {target}");
+            }
+            Some((backend, received)) => {
+                let line = format!("GET {received} HTTP/1.1\n");
+                assert_eq!(reply.header("x-backend"), Some(backend), "{target}");
+                assert!(reply.text().contains(&line), "{target}: {}", reply.text());
+                assert_eq!(h2_backend, Some(backend), "HTTP/2 {target}");
+                assert!(h2_seen.contains(&line), "HTTP/2 {target}: {h2_seen}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rewrite_keeps_the_query_and_never_sends_a_dot_segment_or_an_invalid_target() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/api", add_prefix = "/v1/public" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/files/" }}
+  pool = "p"
+  rewrite = {{ regex = '^/files/x(.*)$', replace = '/store/public/$1' }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/strip" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/strip" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/broken/" }}
+  pool = "p"
+  rewrite = {{ regex = '^/broken/(.*)$', replace = 'no-slash/$1' }}
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let cases = [
+        ("/api/users?page=2", Ok("/v1/public/users?page=2")),
+        ("/api", Ok("/v1/public/")),
+        ("/strip", Ok("/")),
+        ("/strip?x=1", Ok("/?x=1")),
+        ("/strip/", Ok("/")),
+        ("/files/xa/b", Ok("/store/public/a/b")),
+        // Dot segments go before routing: this one no longer matches `/api`.
+        ("/api/%2e%2e", Ok("/")),
+        ("/api/x/../users", Ok("/v1/public/users")),
+        // What the client sent has no dot segment, but what the rewrite made of it does: it
+        // would climb out of the prefix the rewrite puts it under.
+        ("/api../private", Err(400)),
+        ("/files/x../private", Err(400)),
+        ("/files/x%2e%2e/private", Err(400)),
+        // A rewrite that cannot make a valid target is the configuration's fault.
+        ("/broken/a", Err(500)),
+    ];
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (target, expected) in cases {
+        let reply = client.get(target, "").await;
+        let (status, _, body) =
+            h2_request(&mut sender, "GET", &format!("http://test{target}"), None).await;
+        match expected {
+            Ok(received) => {
+                let line = format!("GET {received} HTTP/1.1\n");
+                assert!(reply.text().contains(&line), "{target}: {}", reply.text());
+                let seen = String::from_utf8_lossy(&body).into_owned();
+                assert!(seen.contains(&line), "HTTP/2 {target}: {seen}");
+            }
+            Err(code) => {
+                assert_eq!(reply.status, code, "{target}");
+                assert_eq!(status, code, "HTTP/2 {target}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_listener_redirect_answers_http2_requests_no_route_matches() {
     let backend = http_backend("b").await;
     let proxy = Proxy::start(&format!(

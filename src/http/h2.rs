@@ -537,6 +537,8 @@ async fn handle(
     open: Open,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
+    let mut request = request;
+    let clean = remove_dot_segments(request.uri_mut());
     // What the access log shows, copied only when there is one.
     let logged = proxy.access_log.is_some().then(|| {
         let header = |name: &str| {
@@ -582,7 +584,11 @@ async fn handle(
         user_agent,
         recorded: false,
     };
-    let response = handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await;
+    let response = if clean {
+        handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await
+    } else {
+        status_response(400)
+    };
     ended.trace.status = response.status().as_u16();
     if let Some(id) = response.headers().get("x-request-id") {
         ended.request_id = id.as_bytes().to_vec();
@@ -597,6 +603,27 @@ async fn handle(
             _open: open,
         }))
     })
+}
+
+/// Removes the dot segments of a request's path (see [`h1::without_dot_segments`]), so that
+/// routes, rewrites and the backend see it as HTTP/1.1 requests are seen; `false` if the result
+/// could not be made a URI again.
+fn remove_dot_segments(uri: &mut http::Uri) -> bool {
+    let Some(clean) = uri
+        .path_and_query()
+        .and_then(|p| h1::without_dot_segments(p.as_str()))
+    else {
+        return true;
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = clean.parse().ok();
+    match http::Uri::from_parts(parts) {
+        Ok(clean) => {
+            *uri = clean;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// A response body that counts what it delivers; the stream is recorded when it ends.
@@ -712,8 +739,10 @@ async fn handle_stream(
         _ => new_request_id(&mut generated).to_vec(),
     };
     set_forwarding_fields(&mut parts, source, peer_trusted, tls, &request_id);
-    if !rules.is_empty() && apply_request_rules(&mut parts, &rules).is_err() {
-        return status_response(500);
+    if !rules.is_empty()
+        && let Err(status) = apply_request_rules(&mut parts, &rules)
+    {
+        return status_response(status);
     }
     let mut response = proceed(
         proxy,
@@ -793,9 +822,10 @@ impl Negotiation<'_> {
 #[derive(Clone, Copy)]
 struct Chosen(Option<&'static str>);
 
-/// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` when a rewrite
-/// produced something that is not a valid target or host.
-fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Result<(), ()> {
+/// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` with the status
+/// to answer when a rewrite produced a target that may not be sent (see
+/// [`super::check_rewritten`]).
+fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Result<(), u16> {
     let mut target = parts
         .uri
         .path_and_query()
@@ -812,13 +842,11 @@ fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Re
             host = Some(rewritten.clone());
         }
     }
-    if !h1::is_valid_origin_target(&target) {
-        return Err(());
-    }
+    super::check_rewritten(&target)?;
     let authority = host.unwrap_or_else(|| "backend".to_owned());
     parts.uri = format!("http://{authority}{target}")
         .parse()
-        .map_err(|_| ())?;
+        .map_err(|_| 500u16)?;
     parts.headers.remove(http::header::HOST);
     Ok(())
 }

@@ -1280,10 +1280,10 @@ impl HttpProxy {
             }
         }
         if let Some(target) = &target
-            && !h1::is_valid_origin_target(target)
+            && let Err(status) = check_rewritten(target)
         {
-            debug!(listener = %self.name, %target, "rewrite produced an invalid target");
-            return Err(Failure::Status(500));
+            debug!(listener = %self.name, %target, "rewrite produced a target that may not be sent");
+            return Err(Failure::Status(status));
         }
         head.write_upstream(out, host, target.as_deref(), &drop, &extra);
         Ok(())
@@ -1374,9 +1374,7 @@ impl HttpProxy {
                 authority = host.clone();
             }
         }
-        if !h1::is_valid_origin_target(&target) {
-            return Err(Failure::Status(500));
-        }
+        check_rewritten(&target).map_err(Failure::Status)?;
         let uri: http::Uri = format!("http://{authority}{target}")
             .parse()
             .map_err(|_| Failure::Status(400))?;
@@ -2685,6 +2683,22 @@ fn strip_port(host: &[u8]) -> &[u8] {
             None => host,
         }
     }
+}
+
+/// Whether a target the rewrite rules made may be sent: `Err(500)` if it is not a valid
+/// origin-form target (the rules' fault), `Err(400)` if its path has a dot segment. The client's
+/// own were removed before routing, so such a segment was made by the rewrite out of the
+/// client's path (`/api../x` with `strip_prefix = "/api"`, or a regex group that cut a segment
+/// in two), and would climb out of the prefix the rewrite put the path under.
+fn check_rewritten(target: &str) -> Result<(), u16> {
+    if !h1::is_valid_origin_target(target) {
+        return Err(500);
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if h1::has_dot_segment(path) {
+        return Err(400);
+    }
+    Ok(())
 }
 
 /// Applies a path rewrite to a target, keeping its query.
