@@ -409,6 +409,14 @@ fn modification_rules_are_checked() {
         "listeners[0].request_headers.set.Content-Length",
         "managed by the proxy",
     );
+    // Names are case-insensitive: two keys for one field would send it twice.
+    assert_problem(
+        &http(
+            "response_headers = { set = { X-Frame-Options = \"DENY\", x-frame-options = \"SAMEORIGIN\" } }",
+        ),
+        "listeners[0].response_headers.set.x-frame-options",
+        "also set as `X-Frame-Options`",
+    );
     assert_problem(
         &http("response_headers = { remove = [\"bad name\"] }"),
         "listeners[0].response_headers.remove[0]",

@@ -1086,11 +1086,24 @@ fn validate_header_rules(
         }
     };
     for (kind, map) in [("add", &raw.add), ("set", &raw.set)] {
+        let mut seen: Vec<&str> = Vec::new();
         for (name, value) in map.iter().flatten() {
             let path = format!("{at}.{kind}.{name}");
             if !check_name(problems, path.clone(), name) {
                 continue;
             }
+            // Names are case-insensitive, TOML keys are not: two keys would send two fields.
+            if let Some(first) = seen.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+                problems.push(
+                    path,
+                    format!(
+                        "also {} as `{first}`, and names are case-insensitive: keep one",
+                        if kind == "set" { "set" } else { "added" }
+                    ),
+                );
+                continue;
+            }
+            seen.push(name);
             if !value
                 .bytes()
                 .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
