@@ -1711,8 +1711,9 @@ impl HttpProxy {
 
     /// Sends the request to a backend and reads the response head, moving to another backend (or
     /// a fresh connection) when that is safe: on connect failure always; on a connection that
-    /// fails before any response byte, when the request had no body and the connection was a
-    /// reused one (the backend may have closed it while idle) or the method is idempotent.
+    /// fails before any response byte, only for an idempotent request without a body, on a
+    /// fresh connection to the same backend when the failed one was reused (the backend may
+    /// have closed it while idle), else on the next backend. Never after a timeout.
     async fn upstream_exchange<'p>(
         &self,
         client: &mut Client,
