@@ -223,6 +223,62 @@ async fn sticky_cookies_persist_survive_a_second_instance_and_repick_when_the_ba
 }
 
 #[tokio::test]
+async fn a_sticky_cookie_yields_while_its_backend_drains_and_after_a_reload_removes_it() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let c = http_backend("c").await;
+    let pool = |backends: &[SocketAddr]| {
+        let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+        http_config(&format!(
+            "backends = [{}]\nsticky = {{ cookie = \"SWY\" }}",
+            list.join(", ")
+        ))
+    };
+    let proxy = Proxy::start(&pool(&[a.addr, b.addr, c.addr]));
+    let addr = proxy.addr("web");
+    // A cookie for each backend.
+    let mut cookies = std::collections::HashMap::new();
+    while cookies.len() < 3 {
+        let reply = get(addr, "/", "").await;
+        let cookie = reply.header("set-cookie").expect("a sticky cookie");
+        let cookie = cookie.split(';').next().expect("name=value").to_owned();
+        cookies.insert(
+            reply.header("x-backend").expect("served").to_owned(),
+            cookie,
+        );
+    }
+    let with = |name: &str| format!("Cookie: {}\r\n", cookies[name]);
+
+    // Draining: the cookie's requests go elsewhere, with a new cookie; once the drain ends, the
+    // old cookie is honoured again.
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    state.start_drain(Duration::from_secs(30));
+    let reply = get(addr, "/", &with("a")).await;
+    let elsewhere = reply.header("x-backend").expect("served").to_owned();
+    assert_ne!(elsewhere, "a");
+    let renewed = reply.header("set-cookie").expect("a new cookie");
+    assert!(renewed.starts_with("SWY="), "{renewed}");
+    state.end_drain();
+    assert_eq!(served_by(addr, "/", &with("a")).await, "a");
+
+    // A reload that removes `b`: its cookie's requests go elsewhere, with a new cookie; the
+    // cookies of the backends that stay still hold.
+    proxy
+        .reload(&pool(&[a.addr, c.addr]))
+        .await
+        .expect("reloads");
+    let reply = get(addr, "/", &with("b")).await;
+    let now = reply.header("x-backend").expect("served").to_owned();
+    assert!(now == "a" || now == "c", "{now}");
+    assert!(reply.header("set-cookie").is_some());
+    for name in ["a", "c"] {
+        let reply = get(addr, "/", &with(name)).await;
+        assert_eq!(reply.header("x-backend"), Some(name));
+        assert_eq!(reply.header("set-cookie"), None, "{name}: not set again");
+    }
+}
+
+#[tokio::test]
 async fn health_checks_take_a_failing_backend_out_and_bring_it_back() {
     let (ca, cb) = (Control::new(), Control::new());
     let a = controlled("a", Arc::clone(&ca)).await;

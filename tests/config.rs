@@ -409,6 +409,14 @@ fn modification_rules_are_checked() {
         "listeners[0].request_headers.set.Content-Length",
         "managed by the proxy",
     );
+    // Names are case-insensitive: two keys for one field would send it twice.
+    assert_problem(
+        &http(
+            "response_headers = { set = { X-Frame-Options = \"DENY\", x-frame-options = \"SAMEORIGIN\" } }",
+        ),
+        "listeners[0].response_headers.set.x-frame-options",
+        "also set as `X-Frame-Options`",
+    );
     assert_problem(
         &http("response_headers = { remove = [\"bad name\"] }"),
         "listeners[0].response_headers.remove[0]",
@@ -439,6 +447,77 @@ fn modification_rules_are_checked() {
         "listeners[0].cookie_flags",
         "applies only to http",
     );
+}
+
+#[test]
+fn a_host_rewrite_must_be_a_host_and_port() {
+    let http = |value: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\nhost_rewrite = \"{value}\"\n{MINIMAL_POOL}"
+        )
+    };
+    // What the proxy itself refuses from clients as a Host: sent on, a backend could read a
+    // path or a second host out of it (and an HTTP/2 request's authority would swallow the
+    // path after a `/`).
+    for bad in [
+        "internal/admin",
+        "a,b",
+        "user@internal",
+        "internal:80x",
+        "a;b",
+    ] {
+        assert_problem(
+            &http(bad),
+            "listeners[0].host_rewrite",
+            "host name, with an optional port",
+        );
+    }
+    for good in [
+        "internal.local",
+        "internal.local:8080",
+        "10.0.0.1",
+        "[::1]:80",
+    ] {
+        Config::from_toml(&http(good), Path::new("good.toml"))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+#[test]
+fn a_rewrite_replacement_names_only_groups_its_regex_has() {
+    let http = |replace: &str| {
+        format!(
+            "[[listeners]]\nname = \"h\"\nbind = \"127.0.0.1:80\"\nprotocol = \"http\"\ndefault_pool = \"p\"\nrewrite = {{ regex = '^/old/(?P<id>[0-9]+)/(.*)$', replace = '{replace}' }}\n{MINIMAL_POOL}"
+        )
+    };
+    // `$2_x` reads as the group named `2_x`, which does not exist: it would silently become
+    // empty on every request. (`${` starts an environment variable in any string of the file,
+    // so a braced group is written `$${2}`.)
+    assert_problem(
+        &http("/new/$2_x"),
+        "listeners[0].rewrite.replace",
+        "$${2}_x",
+    );
+    assert_problem(&http("/new/$3"), "listeners[0].rewrite.replace", "`3`");
+    assert_problem(
+        &http("/new/$${name}"),
+        "listeners[0].rewrite.replace",
+        "`name`",
+    );
+    assert_problem(
+        &http("/new/${id}"),
+        "listeners[0].rewrite.replace",
+        "$${id}",
+    );
+    for good in [
+        "/new/$${2}_x/$id",
+        "/new/$1/$$",
+        "/new/$${id}.html",
+        "/new/$0",
+    ] {
+        Config::from_toml(&http(good), Path::new("good.toml"))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
 }
 
 /// A tcp listener on pool `p` with the given pool keys.

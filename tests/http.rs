@@ -1423,6 +1423,434 @@ backends = ["{}"]
     assert_eq!(backend.accepted(), 1);
 }
 
+/// The Set-Cookie values of an HTTP/1.1 reply, in order.
+fn set_cookies(reply: &Reply) -> Vec<String> {
+    reply
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// The Set-Cookie values of an HTTP/2 response, in order.
+fn h2_set_cookies(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_routes_cookie_flags_override_the_listeners_and_reach_every_set_cookie() {
+    let backend = cookie_backend().await;
+    let h2 = h2_echo_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+cookie_flags = ["Secure", "SameSite=Lax"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/strict/" }}
+  pool = "p"
+  cookie_flags = ["secure", "SameSite=Strict", "HttpOnly"]
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/grpc/" }}
+  pool = "g"
+
+[pools.p]
+backends = ["{}"]
+sticky = {{ cookie = "SWY" }}
+
+[pools.g]
+backends = ["{}"]
+upstream_protocol = "h2"
+sticky = {{ cookie = "SWY" }}
+"#,
+        backend.addr, h2.addr
+    ));
+    // Each attribute once, the route's SameSite in place of the listener's, and the proxy's own
+    // sticky cookie flagged like the backend's (it keeps its own SameSite).
+    let listener = |sticky: &str| {
+        vec![
+            "a=1; Path=/; Secure; SameSite=Lax".to_owned(),
+            "b=2; Secure; SameSite=Strict".to_owned(),
+            format!("{sticky}; Secure"),
+        ]
+    };
+    let route = |sticky: &str| {
+        vec![
+            "a=1; Path=/; secure; SameSite=Strict; HttpOnly".to_owned(),
+            "b=2; Secure; SameSite=Strict; HttpOnly".to_owned(),
+            format!("{sticky}; secure"),
+        ]
+    };
+    let sticky_of = |cookies: &[String]| {
+        let last = cookies.last().cloned().unwrap_or_default();
+        assert!(last.starts_with("SWY="), "{cookies:?}");
+        assert!(
+            last.contains("; HttpOnly; SameSite=Lax"),
+            "the sticky cookie keeps its own attributes: {cookies:?}"
+        );
+        last.split("; Secure")
+            .next()
+            .and_then(|c| c.split("; secure").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let cookies = set_cookies(&client.get("/other", "").await);
+    assert_eq!(cookies, listener(&sticky_of(&cookies)));
+    let cookies = set_cookies(&client.get("/strict/x", "").await);
+    assert_eq!(cookies, route(&sticky_of(&cookies)));
+    // From an HTTP/2 backend, which sets no cookie of its own.
+    let cookies = set_cookies(&client.get("/grpc/x", "").await);
+    assert_eq!(cookies, [format!("{}; Secure", sticky_of(&cookies))]);
+
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (_, headers, _) = h2_request(&mut sender, "GET", "http://x/other", None).await;
+    let cookies = h2_set_cookies(&headers);
+    assert_eq!(cookies, listener(&sticky_of(&cookies)));
+    let (_, headers, _) = h2_request(&mut sender, "GET", "http://x/strict/x", None).await;
+    let cookies = h2_set_cookies(&headers);
+    assert_eq!(cookies, route(&sticky_of(&cookies)));
+}
+
+#[tokio::test]
+async fn a_cookie_match_reads_every_cookie_field_of_an_http2_request() {
+    let web = http_backend("web").await;
+    let canary = http_backend("canary").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+routes = [{{ match = {{ cookie = {{ name = "canary", value = "yes" }} }}, pool = "canary" }}]
+
+[pools.web]
+backends = ["{}"]
+
+[pools.canary]
+backends = ["{}"]
+"#,
+        web.addr, canary.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/", "Cookie: a=1; canary=yes\r\n").await;
+    assert_eq!(reply.header("x-backend"), Some("canary"));
+
+    // Browsers speaking HTTP/2 send each cookie in a field of its own (RFC 9113 section 8.2.3).
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (fields, expected) in [
+        (&["a=1", "canary=yes"][..], "canary"),
+        (&["canary=yes; a=1"][..], "canary"),
+        (&["a=1", "canary=no"][..], "web"),
+    ] {
+        let mut request = http::Request::builder().uri("http://x/");
+        for field in fields {
+            request = request.header("cookie", *field);
+        }
+        let response = h2_head(&mut sender, request.body(()).expect("request")).await;
+        assert_eq!(
+            response.headers().get("x-backend").map(|v| v.as_bytes()),
+            Some(expected.as_bytes()),
+            "{fields:?}"
+        );
+    }
+}
+
+/// An HTTP/2 backend (h2c) that answers every request with what it received: `METHOD URI`,
+/// then each field as `name: value`, one a line.
+async fn h2_echo_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let mut seen = format!("{} {}\n", request.method(), request.uri());
+            for (name, value) in request.headers() {
+                seen.push_str(&format!(
+                    "{name}: {}\n",
+                    String::from_utf8_lossy(value.as_bytes())
+                ));
+            }
+            let response = http::Response::builder()
+                .status(200)
+                .body(())
+                .expect("response");
+            if let Ok(mut send) = respond.send_response(response, false) {
+                let _ = send.send_data(bytes::Bytes::from(seen), true);
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn request_rules_edit_the_forwarding_fields_on_every_path() {
+    let h1 = http_backend("b").await;
+    let h2 = h2_echo_backend().await;
+    // Behind a load balancer that terminated TLS: the scheme the client used is https, and the
+    // address X-Real-IP would carry is the other balancer's, so it goes.
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "h1"
+request_headers = {{ set = {{ X-Forwarded-Proto = "https" }}, remove = ["X-Real-IP"] }}
+host_rewrite = "internal.local"
+routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
+
+[pools.h1]
+backends = ["{}"]
+
+[pools.h2]
+backends = ["{}"]
+upstream_protocol = "h2"
+"#,
+        h1.addr, h2.addr
+    ));
+    let check = |seen: &str, why: &str| {
+        let seen = seen.to_ascii_lowercase();
+        assert!(seen.contains("x-forwarded-proto: https\n"), "{why}: {seen}");
+        assert!(!seen.contains("x-forwarded-proto: http\n"), "{why}: {seen}");
+        assert!(!seen.contains("x-real-ip"), "{why}: {seen}");
+        // The Host the client asked for, not the rewritten one.
+        assert!(
+            seen.contains("x-forwarded-host: edge.example\n"),
+            "{why}: {seen}"
+        );
+        assert!(
+            seen.contains("x-forwarded-for: 127.0.0.1\n"),
+            "{why}: {seen}"
+        );
+    };
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        client
+            .send(format!("GET {path} HTTP/1.1\r\nHost: edge.example\r\n\r\n").as_bytes())
+            .await;
+        let reply = client.reply().await.expect("a reply");
+        check(&reply.text(), &format!("HTTP/1.1 {path}"));
+    }
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        let (status, _, body) = h2_request(
+            &mut sender,
+            "GET",
+            &format!("http://edge.example{path}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        check(&String::from_utf8_lossy(&body), &format!("HTTP/2 {path}"));
+    }
+}
+
+#[tokio::test]
+async fn dot_segments_are_removed_before_routing_and_never_reach_a_backend() {
+    let public = http_backend("public").await;
+    let web = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/internal/" }}
+  redirect = {{ to = "/denied", status = 302 }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/public/" }}
+  pool = "public"
+
+[pools.public]
+backends = ["{}"]
+
+[pools.web]
+backends = ["{}"]
+"#,
+        public.addr, web.addr
+    ));
+    // (target sent, where it goes: a backend and the target it receives, or the redirect)
+    let cases = [
+        ("/public/../internal/x", None),
+        ("/public/%2e%2e/internal/x", None),
+        ("/public/%2E./internal/x", None),
+        ("/public/.%2e/internal/x", None),
+        (
+            "/public/./a/../b?q=/../x",
+            Some(("public", "/public/b?q=/../x")),
+        ),
+        ("/public/a/.", Some(("public", "/public/a/"))),
+        ("/public/a/..", Some(("public", "/public/"))),
+        ("/..", Some(("web", "/"))),
+        ("/public/../../../etc/passwd", Some(("web", "/etc/passwd"))),
+        // Not dot segments: kept as they are.
+        (
+            "/public/..%2Finternal",
+            Some(("public", "/public/..%2Finternal")),
+        ),
+        (
+            "/public/%252e%252e/x",
+            Some(("public", "/public/%252e%252e/x")),
+        ),
+        ("/public/...", Some(("public", "/public/..."))),
+        (
+            "/public/.well-known/a",
+            Some(("public", "/public/.well-known/a")),
+        ),
+    ];
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (target, expected) in cases {
+        let reply = client.get(target, "").await;
+        let (status, headers, body) =
+            h2_request(&mut sender, "GET", &format!("http://test{target}"), None).await;
+        let h2_backend = headers.get("x-backend").map(|v| v.to_str().unwrap_or("?"));
+        let h2_seen = String::from_utf8_lossy(&body).into_owned();
+        match expected {
+            None => {
+                assert_eq!(
+                    (reply.status, reply.header("location")),
+                    (302, Some("/denied")),
+                    "{target}"
+                );
+                assert_eq!(status, 302, "HTTP/2 {target}");
+            }
+            Some((backend, received)) => {
+                let line = format!("GET {received} HTTP/1.1\n");
+                assert_eq!(reply.header("x-backend"), Some(backend), "{target}");
+                assert!(reply.text().contains(&line), "{target}: {}", reply.text());
+                assert_eq!(h2_backend, Some(backend), "HTTP/2 {target}");
+                assert!(h2_seen.contains(&line), "HTTP/2 {target}: {h2_seen}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rewrite_keeps_the_query_and_never_sends_a_dot_segment_or_an_invalid_target() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/api" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/api", add_prefix = "/v1/public" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/files/" }}
+  pool = "p"
+  rewrite = {{ regex = '^/files/x(.*)$', replace = '/store/public/$1' }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/strip" }}
+  pool = "p"
+  rewrite = {{ strip_prefix = "/strip" }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/broken/" }}
+  pool = "p"
+  rewrite = {{ regex = '^/broken/(.*)$', replace = 'no-slash/$1' }}
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let cases = [
+        ("/api/users?page=2", Ok("/v1/public/users?page=2")),
+        ("/api", Ok("/v1/public/")),
+        ("/strip", Ok("/")),
+        ("/strip?x=1", Ok("/?x=1")),
+        ("/strip/", Ok("/")),
+        ("/files/xa/b", Ok("/store/public/a/b")),
+        // Dot segments go before routing: this one no longer matches `/api`.
+        ("/api/%2e%2e", Ok("/")),
+        ("/api/x/../users", Ok("/v1/public/users")),
+        // What the client sent has no dot segment, but what the rewrite made of it does: it
+        // would climb out of the prefix the rewrite puts it under.
+        ("/api../private", Err(400)),
+        ("/files/x../private", Err(400)),
+        ("/files/x%2e%2e/private", Err(400)),
+        // A rewrite that cannot make a valid target is the configuration's fault.
+        ("/broken/a", Err(500)),
+    ];
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (target, expected) in cases {
+        let reply = client.get(target, "").await;
+        let (status, _, body) =
+            h2_request(&mut sender, "GET", &format!("http://test{target}"), None).await;
+        match expected {
+            Ok(received) => {
+                let line = format!("GET {received} HTTP/1.1\n");
+                assert!(reply.text().contains(&line), "{target}: {}", reply.text());
+                let seen = String::from_utf8_lossy(&body).into_owned();
+                assert!(seen.contains(&line), "HTTP/2 {target}: {seen}");
+            }
+            Err(code) => {
+                assert_eq!(reply.status, code, "{target}");
+                assert_eq!(status, code, "HTTP/2 {target}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_listener_redirect_answers_http2_requests_no_route_matches() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+redirect = {{ to = "https://{{host}}{{path}}", status = 308 }}
+routes = [{{ match = {{ path_prefix = "/api/" }}, pool = "p" }}]
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let reply = client.get("/elsewhere?a=1", "").await;
+    assert_eq!(
+        (reply.status, reply.header("location")),
+        (308, Some("https://test/elsewhere?a=1"))
+    );
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let (status, headers, _) =
+        h2_request(&mut sender, "GET", "http://test:8080/elsewhere?a=1", None).await;
+    assert_eq!(status, 308);
+    assert_eq!(
+        headers.get("location").map(|v| v.as_bytes()),
+        Some(&b"https://test/elsewhere?a=1"[..])
+    );
+    assert_eq!(backend.accepted(), 0);
+}
+
 fn big_text() -> Vec<u8> {
     (0..20_000)
         .map(|i| b"the quick brown fox "[i % 20])
@@ -1448,7 +1876,7 @@ async fn content_backend() -> Backend {
             let body = big_text();
             let response = match path.as_str() {
                 "/big.txt" => [
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\netag: \"v1\"\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\netag: \"v1\"\r\naccept-ranges: bytes\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
                     body,
                 ]
                 .concat(),
@@ -1542,6 +1970,9 @@ async fn compression_cases(client: &mut HttpClient, trailers: &[(&str, &str)]) {
             assert_eq!(decode(expected, &reply.body), big_text(), "{why}");
             if path == "/big.txt" {
                 assert_eq!(reply.header("etag"), Some("W/\"v1\""), "{why}");
+                // Byte ranges of the original do not address the compressed bytes (a resumed
+                // download would splice the two): not offered, as NGINX's gzip does not.
+                assert_eq!(reply.header("accept-ranges"), None, "{why}");
             } else {
                 let got: Vec<(&str, &str)> = reply
                     .trailers
@@ -1573,6 +2004,9 @@ async fn compression_cases(client: &mut HttpClient, trailers: &[(&str, &str)]) {
         assert_eq!(reply.header("vary"), Some("Accept-Encoding"), "{why}");
         if path != "/small.txt" {
             assert_eq!(reply.body, big_text(), "{why}");
+        }
+        if path == "/big.txt" {
+            assert_eq!(reply.header("accept-ranges"), Some("bytes"), "{why}");
         }
     }
 }
@@ -2272,6 +2706,7 @@ async fn http2_responses_are_compressed_too() {
             head.headers.get("vary").map(|v| v.as_bytes()),
             Some(&b"Accept-Encoding"[..])
         );
+        assert!(head.headers.get("accept-ranges").is_none(), "{path}");
         assert_eq!(decode("br", &data), big_text(), "{path}");
     }
 }
@@ -2290,6 +2725,7 @@ async fn h2_content_backend() -> Backend {
                     http::Response::builder()
                         .header("content-type", "text/plain; charset=utf-8")
                         .header("etag", "\"v1\"")
+                        .header("accept-ranges", "bytes")
                         .header("content-length", body.len()),
                     vec![body],
                 ),
@@ -2390,6 +2826,7 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
         assert_eq!(header("vary"), Some(&b"Accept-Encoding"[..]), "{why}");
         if expected.is_some() {
             assert_eq!(header("content-length"), None, "{why}");
+            assert_eq!(header("accept-ranges"), None, "{why}");
         }
         let data = match expected {
             Some(encoding) => decode(encoding, &data),

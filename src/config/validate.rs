@@ -44,7 +44,7 @@ fn expand_env(value: &str) -> Result<String, String> {
             (Err(_), Some(default)) => out.push_str(default),
             (Err(_), None) => {
                 return Err(format!(
-                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default, or `$${{{name}}}` for a literal `${{{name}}}`, such as a rewrite's group)"
                 ));
             }
         }
@@ -999,9 +999,15 @@ fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules
             (None, None, Some(pattern), Some(replace)) => compile_regex(pattern)
                 .map_err(|reason| problems.push(format!("{path}.regex"), reason))
                 .ok()
-                .map(|regex| Rewrite::Regex {
-                    regex,
-                    replace: replace.clone(),
+                .and_then(|regex| {
+                    problems.check(
+                        format!("{path}.replace"),
+                        check_replacement(&regex, replace),
+                    )?;
+                    Some(Rewrite::Regex {
+                        regex,
+                        replace: replace.clone(),
+                    })
                 }),
             (strip, add, None, None) if strip.is_some() || add.is_some() => {
                 for (key, value) in [("strip_prefix", strip), ("add_prefix", add)] {
@@ -1026,10 +1032,13 @@ fn validate_rules(problems: &mut Problems, at: &str, raw: RawRules<'_>) -> Rules
         };
     }
     if let Some(host) = raw.host_rewrite {
-        if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+        if !valid_authority(host) {
             problems.push(
                 format!("{at}.host_rewrite"),
-                "must be a host name, e.g. \"internal.local\"",
+                format!(
+                    "`{host}` is not a host name, with an optional port, e.g. \"internal.local\" \
+                     or \"10.0.0.1:8080\""
+                ),
             );
         } else {
             rules.host_rewrite = Some(host.clone());
@@ -1198,11 +1207,24 @@ fn validate_header_rules(
         }
     };
     for (kind, map) in [("add", &raw.add), ("set", &raw.set)] {
+        let mut seen: Vec<&str> = Vec::new();
         for (name, value) in map.iter().flatten() {
             let path = format!("{at}.{kind}.{name}");
             if !check_name(problems, path.clone(), name) {
                 continue;
             }
+            // Names are case-insensitive, TOML keys are not: two keys would send two fields.
+            if let Some(first) = seen.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+                problems.push(
+                    path,
+                    format!(
+                        "also {} as `{first}`, and names are case-insensitive: keep one",
+                        if kind == "set" { "set" } else { "added" }
+                    ),
+                );
+                continue;
+            }
+            seen.push(name);
             if !value
                 .bytes()
                 .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
@@ -2347,6 +2369,93 @@ fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     Err(format!(
         "`{text}` is not a host name, `*.suffix` or `prefix.*` pattern"
     ))
+}
+
+/// Whether `text` is a Host value as the proxy accepts one from clients: a host name or IPv4
+/// address (letters, digits, `-`, `.`, `_`, `~`) or a bracketed IPv6 address, then optionally
+/// `:` and a port. Nothing a backend could read a path, a user or a second host out of.
+fn valid_authority(text: &str) -> bool {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((inside, port)) => {
+                if inside.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                (None, port)
+            }
+            None => return false,
+        },
+        None => match text.split_once(':') {
+            Some((host, _)) => (Some(host), &text[host.len()..]),
+            None => (Some(text), ""),
+        },
+    };
+    let host_ok = host.is_none_or(|h| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    });
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+    host_ok && port_ok
+}
+
+/// Checks that every group a rewrite's `replace` names (`$1`, `$name`, `${name}`) exists in its
+/// regex. The regex crate reads `$1_x` as the group `1_x` and puts nothing where a group is
+/// missing, so a typo would silently drop part of every path.
+fn check_replacement(regex: &regex::Regex, replace: &str) -> Result<(), String> {
+    let mut rest = replace;
+    while let Some(dollar) = rest.find('$') {
+        rest = &rest[dollar + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+            continue;
+        }
+        let (name, braced) = match rest.strip_prefix('{') {
+            Some(inner) => match inner.find('}') {
+                Some(end) => {
+                    rest = &inner[end + 1..];
+                    (&inner[..end], true)
+                }
+                // No closing brace: the regex crate writes a literal `$`.
+                None => continue,
+            },
+            None => {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let name = &rest[..end];
+                rest = &rest[end..];
+                (name, false)
+            }
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let exists = match name.parse::<usize>() {
+            Ok(index) => index < regex.captures_len(),
+            Err(_) => regex.capture_names().flatten().any(|n| n == name),
+        };
+        if exists {
+            continue;
+        }
+        let digits = name.bytes().take_while(u8::is_ascii_digit).count();
+        return Err(if !braced && digits > 0 && digits < name.len() {
+            format!(
+                "`${name}` names the group `{name}`, which the regex does not have: write \
+                 `$${{{}}}{}` for group {} followed by `{}`",
+                &name[..digits],
+                &name[digits..],
+                &name[..digits],
+                &name[digits..]
+            )
+        } else {
+            format!("the regex has no group `{name}`")
+        });
+    }
+    Ok(())
 }
 
 /// RFC 9110 token characters.

@@ -135,7 +135,8 @@ enum Target {
     /// An absolute-form target with neither path nor query: `/` (RFC 9112 section 3.2.1).
     Root,
     /// An absolute-form target with a query but no path (`http://a?q`): `/` and the query,
-    /// which are not contiguous in the head. Rare enough to be worth its allocation.
+    /// which are not contiguous in the head; or a target whose dot segments were removed.
+    /// Rare enough to be worth its allocation.
     Owned(Box<str>),
 }
 
@@ -346,6 +347,38 @@ fn map_parse_error(error: httparse::Error) -> HeadError {
     }
 }
 
+/// Writes one response field, with `cookie_flags` added to a Set-Cookie that lacks them.
+fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8], cookie_flags: &[&str]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    if !cookie_flags.is_empty() && name.eq_ignore_ascii_case(b"set-cookie") {
+        for flag in cookie_flags {
+            if !has_cookie_attribute(value, flag) {
+                out.put_slice(b"; ");
+                out.put_slice(flag.as_bytes());
+            }
+        }
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The cookie flags in force for a request: the listener's, then the route's, where a route's
+/// flag replaces the listener's for the same attribute (`SameSite=Strict` on a route wins over
+/// `SameSite=Lax` on its listener, as a route's `set` wins over the listener's), so that no
+/// attribute is added twice.
+pub(super) fn merge_cookie_flags<'a>(listener: &'a [String], route: &'a [String]) -> Vec<&'a str> {
+    fn attribute(flag: &str) -> &str {
+        flag.split('=').next().unwrap_or(flag)
+    }
+    let mut flags: Vec<&str> = Vec::with_capacity(listener.len() + route.len());
+    for flag in listener.iter().chain(route) {
+        flags.retain(|kept| !attribute(kept).eq_ignore_ascii_case(attribute(flag)));
+        flags.push(flag);
+    }
+    flags
+}
+
 /// Whether a Set-Cookie value already has the attribute that `flag` sets (compared by
 /// attribute name: `SameSite=Lax` is present if any SameSite is).
 pub(super) fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
@@ -355,6 +388,82 @@ pub(super) fn has_cookie_attribute(value: &[u8], flag: &str) -> bool {
         let key = attribute.split(|&b| b == b'=').next().unwrap_or(attribute);
         key.trim_ascii().eq_ignore_ascii_case(name)
     })
+}
+
+/// The number of dots a path segment stands for when it is a dot segment (`.`, `..`, either
+/// with any of its dots written `%2e` or `%2E`, which backends decode), else 0.
+fn dot_segment(segment: &[u8]) -> usize {
+    let mut dots = 0;
+    let mut rest = segment;
+    while !rest.is_empty() {
+        rest = if let Some(after) = rest.strip_prefix(b".") {
+            after
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            &rest[3..]
+        } else {
+            return 0;
+        };
+        dots += 1;
+    }
+    if dots <= 2 { dots } else { 0 }
+}
+
+/// Whether a path has a dot segment (see [`dot_segment`]).
+pub fn has_dot_segment(path: &str) -> bool {
+    let path = path.as_bytes();
+    // Quick: a dot segment starts right after a `/` with `.` or `%`.
+    path.iter().enumerate().any(|(i, &b)| {
+        b == b'/' && matches!(path.get(i + 1), Some(b'.' | b'%')) && {
+            let segment = &path[i + 1..];
+            let end = segment
+                .iter()
+                .position(|&b| b == b'/')
+                .unwrap_or(segment.len());
+            dot_segment(&segment[..end]) > 0
+        }
+    })
+}
+
+/// The target with the dot segments of its path removed (RFC 3986 section 5.2.4: `.` goes,
+/// `..` takes the segment before it along, never above the root), its query untouched; `None`
+/// when there are none, which is nearly always. A dot written `%2e` counts, since backends
+/// decode it; anything else stays as it was sent (`%2F` is not a separator, `%252e` not a dot),
+/// and so do empty segments (`//`).
+pub fn without_dot_segments(target: &str) -> Option<String> {
+    let (path, query) = match target.find('?') {
+        Some(q) => target.split_at(q),
+        None => (target, ""),
+    };
+    if !path.starts_with('/') || !has_dot_segment(path) {
+        return None;
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    let last = segments.len() - 1;
+    for (i, segment) in segments.into_iter().enumerate() {
+        match dot_segment(segment.as_bytes()) {
+            0 => kept.push(segment),
+            dots => {
+                if dots == 2 {
+                    kept.pop();
+                }
+                // `/a/..` is `/`, and `/a/.` is `/a/`: the path still ends in a directory.
+                if i == last {
+                    kept.push("");
+                }
+            }
+        }
+    }
+    let mut clean = String::with_capacity(target.len());
+    for segment in kept {
+        clean.push('/');
+        clean.push_str(segment);
+    }
+    if clean.is_empty() {
+        clean.push('/');
+    }
+    clean.push_str(query);
+    Some(clean)
 }
 
 /// Whether `target` can be sent as an origin-form request target (after a rewrite).
@@ -540,6 +649,18 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     if minor_version == 1 && host.is_none() {
         return Err(HeadError::Malformed("HTTP/1.1 request without Host"));
     }
+    // Routes, rewrites and the backend all see the target without dot segments.
+    let target_form = {
+        let current = match &target_form {
+            Target::Raw(range) => std::str::from_utf8(&base[range.clone()]).unwrap_or("/"),
+            Target::Root => "/",
+            Target::Owned(owned) => owned,
+        };
+        match without_dot_segments(current) {
+            Some(clean) => Target::Owned(clean.into_boxed_str()),
+            None => target_form,
+        }
+    };
 
     let framing = if fields.chunked {
         Framing::Chunked
@@ -795,25 +916,11 @@ impl ResponseHead {
             if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
                 continue;
             }
-            out.put_slice(name);
-            out.put_slice(b": ");
-            let value = &self.raw[value.clone()];
-            out.put_slice(value);
-            if !cookie_flags.is_empty() && name.eq_ignore_ascii_case(b"set-cookie") {
-                for flag in cookie_flags {
-                    if !has_cookie_attribute(value, flag) {
-                        out.put_slice(b"; ");
-                        out.put_slice(flag.as_bytes());
-                    }
-                }
-            }
-            out.put_slice(b"\r\n");
+            put_field(out, name, &self.raw[value.clone()], cookie_flags);
         }
+        // Cookies of the proxy's own (sticky sessions, header rules) get the flags too.
         for (name, value) in extra {
-            out.put_slice(name.as_bytes());
-            out.put_slice(b": ");
-            out.put_slice(value);
-            out.put_slice(b"\r\n");
+            put_field(out, name.as_bytes(), value, cookie_flags);
         }
         match framing {
             Framing::Length(n) => {
@@ -1455,6 +1562,33 @@ mod tests {
         encode_chunk(&mut out, &[b'x'; 26]);
         encode_last_chunk(&mut out, b"");
         assert_eq!(&out[..], b"1a\r\nxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        for (target, clean) in [
+            ("/a/b/../c", Some("/a/c")),
+            ("/a/./b", Some("/a/b")),
+            ("/a/.", Some("/a/")),
+            ("/a/..", Some("/")),
+            ("/..", Some("/")),
+            ("/.", Some("/")),
+            ("/../../a", Some("/a")),
+            ("/a/%2e%2E/b?x=/../y", Some("/b?x=/../y")),
+            ("/a/.%2e/b", Some("/b")),
+            ("//a/../b", Some("//b")),
+            ("/a/b/", None),
+            ("/a/.../b", None),
+            ("/a/..b/c", None),
+            ("/a/%2e%2e%2e", None),
+            ("/a/..%2Fb", None),
+            ("/a/%252e%252e/b", None),
+            ("/.well-known/x", None),
+            ("/a?x=/../y", None),
+            ("*", None),
+        ] {
+            assert_eq!(without_dot_segments(target).as_deref(), clean, "{target}");
+        }
     }
 
     #[test]

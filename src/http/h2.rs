@@ -443,8 +443,14 @@ impl RequestView for View<'_> {
 }
 
 /// Fields that are connection-specific in HTTP/1.1 and must not be sent on (RFC 9113 section
-/// 8.2.2 forbids them in HTTP/2, and `te` is only ever "trailers" there).
+/// 8.2.2 forbids them in HTTP/2, and `te` is only ever "trailers" there), the framing and Host
+/// fields the proxy writes itself, and the [forwarding fields](is_forwarding_field).
 pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
+    is_hop_or_framing(name) || is_forwarding_field(name)
+}
+
+/// Hop-by-hop fields, and the framing and Host fields the proxy writes itself.
+fn is_hop_or_framing(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -456,7 +462,15 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "upgrade"
             | "content-length"
             | "host"
-            | "x-forwarded-for"
+    )
+}
+
+/// Fields the proxy sets on every request it forwards, replacing whatever the client sent; on
+/// responses, a backend's own are not passed on.
+fn is_forwarding_field(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for"
             | "x-real-ip"
             | "x-forwarded-proto"
             | "x-forwarded-host"
@@ -464,6 +478,53 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "x-client-cert-subject"
             | "x-client-cert-san"
     )
+}
+
+/// Puts the forwarding fields of a stream in its request, in place of the client's (a trusted
+/// peer's X-Forwarded-For is extended): done before the request rules, so that a rule can
+/// change or remove them as on HTTP/1.1, and X-Forwarded-Host is the Host the client asked
+/// for, not a `host_rewrite`.
+fn set_forwarding_fields(
+    parts: &mut http::request::Parts,
+    source: SocketAddr,
+    peer_trusted: bool,
+    tls: &Option<Negotiated>,
+    request_id: &[u8],
+) {
+    let ip = source.ip().to_string();
+    let forwarded_for = match parts.headers.get("x-forwarded-for") {
+        Some(existing) if peer_trusted => [existing.as_bytes(), b", ", ip.as_bytes()].concat(),
+        _ => ip.clone().into_bytes(),
+    };
+    let host = View { parts: &*parts }.host().map(<[u8]>::to_vec);
+    let cert = tls.as_ref().and_then(|t| t.client_cert.as_deref());
+    let fields: [(&'static str, &[u8]); 7] = [
+        ("x-forwarded-for", &forwarded_for),
+        ("x-real-ip", ip.as_bytes()),
+        (
+            "x-forwarded-proto",
+            if tls.is_some() { b"https" } else { b"http" },
+        ),
+        ("x-forwarded-host", host.as_deref().unwrap_or(b"")),
+        ("x-request-id", request_id),
+        (
+            super::CLIENT_CERT_FIELDS[0],
+            cert.map_or(&b""[..], |c| c.subject.as_bytes()),
+        ),
+        (
+            super::CLIENT_CERT_FIELDS[1],
+            cert.map_or(&b""[..], |c| c.san.as_bytes()),
+        ),
+    ];
+    for (name, value) in fields {
+        parts.headers.remove(name);
+        if value.is_empty() && name.starts_with("x-client-cert") {
+            continue;
+        }
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            parts.headers.insert(HeaderName::from_static(name), value);
+        }
+    }
 }
 
 /// One HTTP/2 stream: route, forward to a backend over HTTP/1.1, answer.
@@ -476,6 +537,8 @@ async fn handle(
     open: Open,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
+    let mut request = request;
+    let clean = remove_dot_segments(request.uri_mut());
     // What the access log shows, copied only when there is one.
     let logged = proxy.access_log.is_some().then(|| {
         let header = |name: &str| {
@@ -521,7 +584,11 @@ async fn handle(
         user_agent,
         recorded: false,
     };
-    let response = handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await;
+    let response = if clean {
+        handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await
+    } else {
+        status_response(400)
+    };
     ended.trace.status = response.status().as_u16();
     if let Some(id) = response.headers().get("x-request-id") {
         ended.request_id = id.as_bytes().to_vec();
@@ -536,6 +603,27 @@ async fn handle(
             _open: open,
         }))
     })
+}
+
+/// Removes the dot segments of a request's path (see [`h1::without_dot_segments`]), so that
+/// routes, rewrites and the backend see it as HTTP/1.1 requests are seen; `false` if the result
+/// could not be made a URI again.
+fn remove_dot_segments(uri: &mut http::Uri) -> bool {
+    let Some(clean) = uri
+        .path_and_query()
+        .and_then(|p| h1::without_dot_segments(p.as_str()))
+    else {
+        return true;
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = clean.parse().ok();
+    match http::Uri::from_parts(parts) {
+        Ok(clean) => {
+            *uri = clean;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// A response body that counts what it delivers; the stream is recorded when it ends.
@@ -606,6 +694,11 @@ async fn handle_stream(
     if parts.method == http::Method::CONNECT {
         return status_response(501);
     }
+    // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing, as on
+    // HTTP/1.1.
+    if let Some(redirect) = &proxy.rules.redirect {
+        return redirect_response(&parts, redirect, &[&proxy.rules]);
+    }
     let view = View { parts: &parts };
     let Some(routed) = proxy.router.route(&view) else {
         return status_response(404);
@@ -625,22 +718,8 @@ async fn handle_stream(
         .into_iter()
         .flatten()
         .collect();
-    if let Some(redirect) = rules.iter().find_map(|r| r.redirect.as_ref()) {
-        let host = view.host().map(super::strip_port).unwrap_or_default();
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let location = redirect
-            .to
-            .replace("{host}", &String::from_utf8_lossy(host))
-            .replace("{path}", target);
-        let mut response = Response::new(ResponseBody::Empty);
-        *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
-        if let Ok(location) = HeaderValue::from_str(&location) {
-            response
-                .headers_mut()
-                .insert(http::header::LOCATION, location);
-        }
-        apply_response_rules(response.headers_mut(), &rules);
-        return response;
+    if let Some(redirect) = route_rules.and_then(|r| r.redirect.as_ref()) {
+        return redirect_response(&parts, redirect, &rules);
     }
     // A route's compression replaces the listener's. It is decided on what the client sent,
     // before request rules edit the fields (one may remove Accept-Encoding so that the backend
@@ -654,8 +733,16 @@ async fn handle_stream(
             accept_encoding: parts.headers.get("accept-encoding").cloned(),
             ranged: parts.headers.contains_key(http::header::RANGE),
         });
-    if !rules.is_empty() && apply_request_rules(&mut parts, &rules).is_err() {
-        return status_response(500);
+    let mut generated = [0u8; 32];
+    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
+        Some(id) if valid_request_id(id) => id.to_vec(),
+        _ => new_request_id(&mut generated).to_vec(),
+    };
+    set_forwarding_fields(&mut parts, source, peer_trusted, tls, &request_id);
+    if !rules.is_empty()
+        && let Err(status) = apply_request_rules(&mut parts, &rules)
+    {
+        return status_response(status);
     }
     let mut response = proceed(
         proxy,
@@ -663,9 +750,8 @@ async fn handle_stream(
         parts,
         body,
         source,
-        peer_trusted,
+        &request_id,
         compression.as_ref(),
-        tls,
         trace,
     )
     .await;
@@ -675,6 +761,30 @@ async fn handle_stream(
     if let Some(Chosen(encoding)) = response.extensions_mut().remove::<Chosen>() {
         super::mark_compressed(response.headers_mut(), encoding, true);
     }
+    response
+}
+
+/// A redirect of the proxy's own, with the response header rules applied.
+fn redirect_response(
+    parts: &http::request::Parts,
+    redirect: &crate::config::Redirect,
+    rules: &[&Rules],
+) -> Response<ResponseBody> {
+    let view = View { parts };
+    let host = view.host().map(super::strip_port).unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = redirect
+        .to
+        .replace("{host}", &String::from_utf8_lossy(host))
+        .replace("{path}", target);
+    let mut response = Response::new(ResponseBody::Empty);
+    *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response
+            .headers_mut()
+            .insert(http::header::LOCATION, location);
+    }
+    apply_response_rules(response.headers_mut(), rules);
     response
 }
 
@@ -712,9 +822,10 @@ impl Negotiation<'_> {
 #[derive(Clone, Copy)]
 struct Chosen(Option<&'static str>);
 
-/// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` when a rewrite
-/// produced something that is not a valid target or host.
-fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Result<(), ()> {
+/// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` with the status
+/// to answer when a rewrite produced a target that may not be sent (see
+/// [`super::check_rewritten`]).
+fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Result<(), u16> {
     let mut target = parts
         .uri
         .path_and_query()
@@ -731,43 +842,49 @@ fn apply_request_rules(parts: &mut http::request::Parts, rules: &[&Rules]) -> Re
             host = Some(rewritten.clone());
         }
     }
-    if !h1::is_valid_origin_target(&target) {
-        return Err(());
-    }
+    super::check_rewritten(&target)?;
     let authority = host.unwrap_or_else(|| "backend".to_owned());
     parts.uri = format!("http://{authority}{target}")
         .parse()
-        .map_err(|_| ())?;
+        .map_err(|_| 500u16)?;
     parts.headers.remove(http::header::HOST);
     Ok(())
 }
 
-/// Response header edits and cookie flags.
+/// Response header edits (the listener's, then the route's), then the cookie flags in force
+/// (see [`h1::merge_cookie_flags`]) on every Set-Cookie, as on HTTP/1.1.
 pub(super) fn apply_response_rules(headers: &mut HeaderMap, rules: &[&Rules]) {
     for rules in rules {
         edit_headers(headers, &rules.response_headers);
-        if rules.cookie_flags.is_empty() {
-            continue;
+    }
+    let flags = match rules {
+        [] => return,
+        [only] => h1::merge_cookie_flags(&only.cookie_flags, &[]),
+        [listener, route, ..] => {
+            h1::merge_cookie_flags(&listener.cookie_flags, &route.cookie_flags)
         }
-        let cookies: Vec<HeaderValue> = headers
-            .get_all(http::header::SET_COOKIE)
-            .iter()
-            .map(|value| {
-                let mut text = value.as_bytes().to_vec();
-                for flag in &rules.cookie_flags {
-                    if !h1::has_cookie_attribute(&text, flag) {
-                        text.extend_from_slice(b"; ");
-                        text.extend_from_slice(flag.as_bytes());
-                    }
+    };
+    if flags.is_empty() {
+        return;
+    }
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .map(|value| {
+            let mut text = value.as_bytes().to_vec();
+            for flag in &flags {
+                if !h1::has_cookie_attribute(value.as_bytes(), flag) {
+                    text.extend_from_slice(b"; ");
+                    text.extend_from_slice(flag.as_bytes());
                 }
-                HeaderValue::from_bytes(&text).unwrap_or_else(|_| value.clone())
-            })
-            .collect();
-        if !cookies.is_empty() {
-            headers.remove(http::header::SET_COOKIE);
-            for cookie in cookies {
-                headers.append(http::header::SET_COOKIE, cookie);
             }
+            HeaderValue::from_bytes(&text).unwrap_or_else(|_| value.clone())
+        })
+        .collect();
+    if !cookies.is_empty() {
+        headers.remove(http::header::SET_COOKIE);
+        for cookie in cookies {
+            headers.append(http::header::SET_COOKIE, cookie);
         }
     }
 }
@@ -803,9 +920,8 @@ async fn proceed(
     parts: http::request::Parts,
     body: Incoming,
     source: SocketAddr,
-    peer_trusted: bool,
+    request_id: &[u8],
     compression: Option<&Negotiation<'_>>,
-    tls: &Option<Negotiated>,
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let view = View { parts: &parts };
@@ -816,11 +932,6 @@ async fn proceed(
     if proxy.access_log.is_some() {
         trace.pool = Some(pool.name.clone());
     }
-    let mut generated = [0u8; 32];
-    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
-        Some(id) if valid_request_id(id) => id.to_vec(),
-        _ => new_request_id(&mut generated).to_vec(),
-    };
     let input = super::persist::pick_input(pool, &view, source.ip());
     // A declared length over the limit is refused before any backend is contacted, whatever
     // the backend speaks.
@@ -844,11 +955,9 @@ async fn proceed(
             input,
             parts,
             body,
-            source,
-            peer_trusted,
-            &request_id,
+            request_id,
             host,
-            (tls, compression),
+            compression,
             trace,
         )
         .await;
@@ -860,7 +969,8 @@ async fn proceed(
         None => Framing::Chunked,
     };
 
-    // The upstream head: the request re-serialised as HTTP/1.1, with forwarding fields.
+    // The upstream head: the request re-serialised as HTTP/1.1 (its forwarding fields are
+    // already among its fields).
     let mut head = BytesMut::with_capacity(1024);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.extend_from_slice(b" ");
@@ -870,7 +980,7 @@ async fn proceed(
     head.extend_from_slice(view.host().unwrap_or(b""));
     head.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        if is_connection_specific(name) || name == http::header::COOKIE {
+        if is_hop_or_framing(name) || name == http::header::COOKIE {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -894,38 +1004,6 @@ async fn proceed(
             head.extend_from_slice(cookie.as_bytes());
         }
         head.extend_from_slice(b"\r\n");
-    }
-    let ip = source.ip().to_string();
-    head.extend_from_slice(b"x-forwarded-for: ");
-    if peer_trusted && let Some(existing) = parts.headers.get("x-forwarded-for") {
-        head.extend_from_slice(existing.as_bytes());
-        head.extend_from_slice(b", ");
-    }
-    head.extend_from_slice(ip.as_bytes());
-    head.extend_from_slice(b"\r\nx-real-ip: ");
-    head.extend_from_slice(ip.as_bytes());
-    head.extend_from_slice(if tls.is_some() {
-        b"\r\nx-forwarded-proto: https\r\nx-forwarded-host: "
-    } else {
-        b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
-    });
-    head.extend_from_slice(view.host().unwrap_or(b""));
-    head.extend_from_slice(b"\r\nx-request-id: ");
-    head.extend_from_slice(&request_id);
-    head.extend_from_slice(b"\r\n");
-    if let Some(cert) = tls.as_ref().and_then(|t| t.client_cert.as_deref()) {
-        for (name, value) in [
-            (super::CLIENT_CERT_FIELDS[0], &cert.subject),
-            (super::CLIENT_CERT_FIELDS[1], &cert.san),
-        ] {
-            if value.is_empty() {
-                continue;
-            }
-            head.extend_from_slice(name.as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
     }
     match framing {
         Framing::Length(n) => {
@@ -966,7 +1044,7 @@ async fn proceed(
             builder = builder.header(name, value);
         }
     }
-    if let Ok(id) = HeaderValue::from_bytes(&request_id) {
+    if let Ok(id) = HeaderValue::from_bytes(request_id) {
         builder = builder.header("x-request-id", id);
     }
     if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -1048,57 +1126,22 @@ async fn forward_h2(
     input: PickInput,
     parts: http::request::Parts,
     body: Incoming,
-    source: SocketAddr,
-    peer_trusted: bool,
     request_id: &[u8],
     host: Option<Vec<u8>>,
-    (tls, compression): (&Option<Negotiated>, Option<&Negotiation<'_>>),
+    compression: Option<&Negotiation<'_>>,
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let is_head = parts.method == http::Method::HEAD;
-    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
+    // The forwarding fields are already among the request's fields.
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
         let keep = match name.as_str() {
             "te" => value.as_bytes().eq_ignore_ascii_case(b"trailers"),
             "content-length" => true,
-            _ => !is_connection_specific(name),
+            _ => !is_hop_or_framing(name),
         };
         if keep {
             headers.append(name.clone(), value.clone());
-        }
-    }
-    let ip = source.ip().to_string();
-    let forwarded_for = match parts.headers.get("x-forwarded-for") {
-        Some(existing) if peer_trusted => {
-            format!("{}, {ip}", String::from_utf8_lossy(existing.as_bytes()))
-        }
-        _ => ip.clone(),
-    };
-    let cert = tls.as_ref().and_then(|t| t.client_cert.as_deref());
-    let fields: [(&str, &[u8]); 7] = [
-        ("x-forwarded-for", forwarded_for.as_bytes()),
-        ("x-real-ip", ip.as_bytes()),
-        (
-            "x-forwarded-proto",
-            if tls.is_some() { b"https" } else { b"http" },
-        ),
-        ("x-forwarded-host", host.as_deref().unwrap_or(b"")),
-        ("x-request-id", request_id),
-        (
-            super::CLIENT_CERT_FIELDS[0],
-            cert.map_or(&b""[..], |c| c.subject.as_bytes()),
-        ),
-        (
-            super::CLIENT_CERT_FIELDS[1],
-            cert.map_or(&b""[..], |c| c.san.as_bytes()),
-        ),
-    ];
-    for (name, value) in fields {
-        if value.is_empty() && name.starts_with("x-client-cert") {
-            continue;
-        }
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            headers.insert(HeaderName::from_static(name), value);
         }
     }
     let authority = host

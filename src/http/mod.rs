@@ -1058,6 +1058,8 @@ impl HttpProxy {
             let weak_etag;
             if let Some(encoder) = &encoder {
                 extra.push(("content-encoding", encoder.token().as_bytes()));
+                // Byte ranges of the original do not address the compressed bytes.
+                drop.push("accept-ranges");
                 // The compressed bytes are a different representation: a strong validator
                 // for the original must not describe them.
                 if let Some(etag) = response.header("etag")
@@ -1288,10 +1290,10 @@ impl HttpProxy {
             }
         }
         if let Some(target) = &target
-            && !h1::is_valid_origin_target(target)
+            && let Err(status) = check_rewritten(target)
         {
-            debug!(listener = %self.name, %target, "rewrite produced an invalid target");
-            return Err(Failure::Status(500));
+            debug!(listener = %self.name, %target, "rewrite produced a target that may not be sent");
+            return Err(Failure::Status(status));
         }
         head.write_upstream(out, host, target.as_deref(), &drop, &extra);
         Ok(())
@@ -1382,9 +1384,7 @@ impl HttpProxy {
                 authority = host.clone();
             }
         }
-        if !h1::is_valid_origin_target(&target) {
-            return Err(Failure::Status(500));
-        }
+        check_rewritten(&target).map_err(Failure::Status)?;
         let uri: http::Uri = format!("http://{authority}{target}")
             .parse()
             .map_err(|_| Failure::Status(400))?;
@@ -1513,6 +1513,10 @@ impl HttpProxy {
                 )
             })
             .and_then(|encoding| compress::Encoder::new(encoding).ok());
+        // The sticky cookie first, so that cookie flags reach it as they reach the backend's.
+        if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            parts.headers.append(http::header::SET_COOKIE, cookie);
+        }
         h2::apply_response_rules(&mut parts.headers, &rules);
         mark_compressed(
             &mut parts.headers,
@@ -1551,11 +1555,6 @@ impl HttpProxy {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(request_id);
         out.extend_from_slice(b"\r\n");
-        if let Some(cookie) = &set_cookie {
-            out.extend_from_slice(b"set-cookie: ");
-            out.extend_from_slice(cookie.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
         match framing {
             Framing::Length(n) => {
                 out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
@@ -1663,7 +1662,10 @@ impl HttpProxy {
     ) -> ResponseEdits<'a> {
         let mut drop = vec!["x-request-id"];
         let mut extra: Vec<(&str, &[u8])> = vec![("x-request-id", request_id)];
-        let mut flags = Vec::new();
+        let flags = h1::merge_cookie_flags(
+            &self.rules.cookie_flags,
+            route_rules.map_or(&[][..], |r| &r.cookie_flags),
+        );
         for rules in [Some(&self.rules), route_rules].into_iter().flatten() {
             let edits = &rules.response_headers;
             drop.extend(edits.remove.iter().map(String::as_str));
@@ -1674,7 +1676,6 @@ impl HttpProxy {
             });
             extra.extend(edits.set.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
             extra.extend(edits.add.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
-            flags.extend(rules.cookie_flags.iter().map(String::as_str));
         }
         (drop, extra, flags)
     }
@@ -1720,8 +1721,9 @@ impl HttpProxy {
 
     /// Sends the request to a backend and reads the response head, moving to another backend (or
     /// a fresh connection) when that is safe: on connect failure always; on a connection that
-    /// fails before any response byte, when the request had no body and the connection was a
-    /// reused one (the backend may have closed it while idle) or the method is idempotent.
+    /// fails before any response byte, only for an idempotent request without a body, on a
+    /// fresh connection to the same backend when the failed one was reused (the backend may
+    /// have closed it while idle), else on the next backend. Never after a timeout.
     async fn upstream_exchange<'p>(
         &self,
         client: &mut Client,
@@ -2619,8 +2621,10 @@ fn encoding_for<'h>(
 }
 
 /// The fields of a response that an encoder is about to compress (an HTTP/2 one, or one from an
-/// HTTP/2 backend): its length goes, its encoding is named, and a strong validator of the
-/// original is weakened, since the compressed bytes are a different representation. With
+/// HTTP/2 backend): its length goes, its encoding is named, a strong validator of the original
+/// is weakened, since the compressed bytes are a different representation, and `Accept-Ranges`
+/// goes, since byte ranges of the original do not address the compressed bytes (a download
+/// resumed with one would splice the two; NGINX's gzip drops it too). With
 /// compression configured, `Vary: Accept-Encoding` is added whether or not this one is
 /// compressed: caches must not serve it to a client that accepts otherwise.
 fn mark_compressed(
@@ -2631,6 +2635,7 @@ fn mark_compressed(
     use http::{HeaderValue, header};
     if let Some(token) = encoding {
         headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::ACCEPT_RANGES);
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(token));
         if let Some(etag) = headers.get(header::ETAG)
             && !etag.as_bytes().starts_with(b"W/")
@@ -2709,6 +2714,22 @@ fn strip_port(host: &[u8]) -> &[u8] {
             None => host,
         }
     }
+}
+
+/// Whether a target the rewrite rules made may be sent: `Err(500)` if it is not a valid
+/// origin-form target (the rules' fault), `Err(400)` if its path has a dot segment. The client's
+/// own were removed before routing, so such a segment was made by the rewrite out of the
+/// client's path (`/api../x` with `strip_prefix = "/api"`, or a regex group that cut a segment
+/// in two), and would climb out of the prefix the rewrite put the path under.
+fn check_rewritten(target: &str) -> Result<(), u16> {
+    if !h1::is_valid_origin_target(target) {
+        return Err(500);
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if h1::has_dot_segment(path) {
+        return Err(400);
+    }
+    Ok(())
 }
 
 /// Applies a path rewrite to a target, keeping its query.

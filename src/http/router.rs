@@ -222,8 +222,10 @@ impl Route {
         {
             return false;
         }
+        // The same lookup as sticky sessions and cookie hashing: the first cookie of that name,
+        // in whichever Cookie field (HTTP/2 clients send one field per cookie).
         if let Some((name, value)) = &m.cookie
-            && !cookie_has(request.header("cookie"), name, value)
+            && request.cookie(name) != Some(value.as_bytes())
         {
             return false;
         }
@@ -269,18 +271,6 @@ fn decoded_eq(encoded: &str, plain: &str) -> bool {
         }
     }
     expected.next().is_none()
-}
-
-/// Whether the Cookie header has cookie `name` equal to `value`.
-fn cookie_has(header: Option<&[u8]>, name: &str, value: &str) -> bool {
-    let Some(header) = header else { return false };
-    header.split(|&b| b == b';').any(|pair| {
-        let pair = pair.trim_ascii();
-        match pair.iter().position(|&b| b == b'=') {
-            Some(eq) => &pair[..eq] == name.as_bytes() && &pair[eq + 1..] == value.as_bytes(),
-            None => false,
-        }
-    })
 }
 
 /// Lower-cases a Host and strips its port, into `buf`. `None` if it is not a plausible host.
@@ -487,9 +477,25 @@ mod tests {
         assert!(!query_has(Some("a=%zz"), "a", "?"));
         assert!(query_has(Some("flag"), "flag", ""));
         assert!(!query_has(None, "a", "1"));
-        assert!(cookie_has(Some(b"a=1; canary=yes"), "canary", "yes"));
-        assert!(!cookie_has(Some(b"a=1; canary=no"), "canary", "yes"));
-        assert!(!cookie_has(Some(b"xcanary=yes"), "canary", "yes"));
+        let r = Router::new(
+            &[route(
+                "canary",
+                RouteMatch {
+                    cookie: Some(("canary".into(), "yes".into())),
+                    ..Default::default()
+                },
+            )],
+            Some("web"),
+        );
+        let with_cookie = |cookie: &'static str| req("/", None, vec![("cookie", cookie)]);
+        assert_eq!(pool_of(&r, &with_cookie("a=1; canary=yes")), Some("canary"));
+        assert_eq!(pool_of(&r, &with_cookie("a=1; canary=no")), Some("web"));
+        assert_eq!(pool_of(&r, &with_cookie("xcanary=yes")), Some("web"));
+        // The first cookie of the name counts, as for sticky sessions (and most servers).
+        assert_eq!(
+            pool_of(&r, &with_cookie("canary=no; canary=yes")),
+            Some("web")
+        );
     }
 
     #[test]
