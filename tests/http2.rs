@@ -997,9 +997,19 @@ async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete()
             let Ok(mut connection) = h2::server::handshake(stream).await else {
                 return;
             };
-            while let Some(Ok((request, _respond))) = connection.accept().await {
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
                 let events = events.clone();
                 tokio::spawn(async move {
+                    // `/early` answers with its head at once, before it reads the body.
+                    let _send = if request.uri().path() == "/early" {
+                        let head = http::Response::builder()
+                            .status(200)
+                            .body(())
+                            .expect("response");
+                        respond.send_response(head, false).ok()
+                    } else {
+                        None
+                    };
                     let mut body = request.into_body();
                     let mut got = Vec::new();
                     loop {
@@ -1025,23 +1035,26 @@ async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete()
     })
     .await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
-    for (framing, first) in [
-        ("Transfer-Encoding: chunked", "5\r\nhello\r\n"),
-        ("Content-Length: 100", "hello"),
-    ] {
-        let mut client = HttpClient::connect(proxy.addr("l7")).await;
-        client
-            .send(
-                format!("POST /upload HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n{first}").as_bytes(),
-            )
-            .await;
-        eventually("the backend has the stream", || backend.accepted() == 1).await;
-        // The client goes away half-way through its body.
-        drop(client);
-        let event = tokio::time::timeout(PATIENCE, seen.recv())
-            .await
-            .expect("the backend hears of it in time");
-        assert_eq!(event.as_deref(), Some("reset"), "{framing}");
+    for path in ["/upload", "/early"] {
+        for (framing, first) in [
+            ("Transfer-Encoding: chunked", "5\r\nhello\r\n"),
+            ("Content-Length: 100", "hello"),
+        ] {
+            let mut client = HttpClient::connect(proxy.addr("l7")).await;
+            let head = format!("POST {path} HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n{first}");
+            client.send(head.as_bytes()).await;
+            eventually("the backend has the stream", || backend.accepted() == 1).await;
+            if path == "/early" {
+                // The answer's head has reached the proxy.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The client goes away half-way through its body.
+            drop(client);
+            let event = tokio::time::timeout(PATIENCE, seen.recv())
+                .await
+                .expect("the backend hears of it in time");
+            assert_eq!(event.as_deref(), Some("reset"), "{path} {framing}");
+        }
     }
 }
 
@@ -1101,4 +1114,274 @@ async fn max_body_size_holds_for_http2_clients_of_http2_backends() {
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     assert_eq!(read_all(&mut body).await.0, b"5");
+}
+
+/// An HTTP/2 backend that answers before it has read any of the request body, as RFC 9113
+/// section 8.1 allows: `/reset` with a 413, then RST_STREAM(NO_ERROR) (the h2 crate's reset of a
+/// stream whose request body is dropped unread once the response is sent); `/end` with a 200
+/// whose stream ends, the request body left unread and its stream open (neither read nor reset).
+async fn early_answer_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let reset = request.uri().path() == "/reset";
+                let (status, text) = if reset {
+                    (413, "too big!")
+                } else {
+                    (200, "early")
+                };
+                let head = http::Response::builder()
+                    .status(status)
+                    .header("content-length", text.len())
+                    .body(())
+                    .expect("response");
+                let Ok(mut send) = respond.send_response(head, false) else {
+                    return;
+                };
+                let _ = send.send_data(Bytes::from_static(text.as_bytes()), true);
+                if !reset {
+                    let _unread = request.into_body();
+                    tokio::time::sleep(PATIENCE).await;
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// Sends a large upload to `path` from an HTTP/1.1 client and returns what came back before
+/// the proxy closed, or once `until` arrived.
+async fn http11_upload_answer(proxy: std::net::SocketAddr, path: &str, until: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let size = 16 << 20;
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+    let upload = tokio::spawn(async move {
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(until.as_bytes()) {
+        match tokio::time::timeout(PATIENCE, reader.read(&mut buf))
+            .await
+            .expect("an answer in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    upload.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn an_early_answer_from_an_http2_backend_reaches_both_kinds_of_client() {
+    let backend = early_answer_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (path, status, text) in [("/reset", 413, "too big!"), ("/end", 200, "early")] {
+        // An HTTP/2 client, its body still coming (more than the backend's windows).
+        let request = http::Request::builder()
+            .method("PUT")
+            .uri(format!("http://svc{path}"))
+            .body(())
+            .expect("request");
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        let _ = stream.send_data(Bytes::from(vec![b'u'; 1 << 20]), false);
+        let response = head_of(response).await.expect("response");
+        assert_eq!(response.status(), status, "{path}");
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("data in time")
+        {
+            data.extend_from_slice(&chunk.expect("data"));
+        }
+        assert_eq!(data, text.as_bytes(), "{path}");
+        drop(stream);
+
+        // An HTTP/1.1 client: the answer, then the connection closes (the rest of the body
+        // is not read).
+        let answer = http11_upload_answer(proxy.addr("l7"), path, text).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("connection: close\r\n"), "{path}: {answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\n{text}")),
+            "{path}: {answer}"
+        );
+    }
+}
+
+/// An HTTP/2 backend for uploads: `/ack` answers with its head at once, then reads the whole
+/// body and sends its length; `/deaf` neither reads the body nor answers; `/te` answers at once
+/// with the `te` fields it got (comma-separated, `none` without one).
+async fn upload_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let head = http::Response::builder()
+                    .status(200)
+                    .body(())
+                    .expect("response");
+                match request.uri().path() {
+                    "/deaf" => {
+                        let _unread = request.into_body();
+                        tokio::time::sleep(PATIENCE).await;
+                    }
+                    "/te" => {
+                        let te: Vec<&str> = request
+                            .headers()
+                            .get_all("te")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?"))
+                            .collect();
+                        let text = if te.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            te.join(",")
+                        };
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from(text), true);
+                    }
+                    _ => {
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let mut body = request.into_body();
+                        let mut total = 0usize;
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            total += chunk.len();
+                        }
+                        let _ = send.send_data(Bytes::from(format!("got {total}")), true);
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http11_upload_to_an_http2_backend_that_answers_first_goes_through_whole() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let size = 1 << 20;
+    let head = format!("PUT /ack HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+    client.send(head.as_bytes()).await;
+    client.send(&vec![b'u'; size]).await;
+    let reply = tokio::time::timeout(PATIENCE, client.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply");
+    assert_eq!((reply.status, reply.text()), (200, format!("got {size}")));
+    // The whole body was read: the connection goes on.
+    assert_ne!(reply.header("connection"), Some("close"));
+    let reply = client.get("/te", "").await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn an_http11_upload_an_http2_backend_does_not_take_times_out() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+    );
+    let answer = http11_upload_answer(proxy.addr("l7"), "/deaf", "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+}
+
+#[tokio::test]
+async fn te_trailers_and_nothing_else_reaches_an_http2_backend() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    // From an HTTP/2 client (where `trailers` is the only value TE may have).
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for te in [Some("trailers"), None] {
+        let mut request = http::Request::builder().uri("http://svc/te");
+        if let Some(te) = te {
+            request = request.header("te", te);
+        }
+        let request = request.body(()).expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("response");
+        let mut body = response.into_body();
+        let (data, _) = read_all(&mut body).await;
+        assert_eq!(
+            String::from_utf8_lossy(&data),
+            te.unwrap_or("none"),
+            "{te:?}"
+        );
+    }
+    // From HTTP/1.1 clients, whose TE may list transfer codings as well.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for (te, expected) in [
+        ("TE: trailers\r\nConnection: TE\r\n", "trailers"),
+        ("TE: gzip, Trailers\r\n", "trailers"),
+        ("TE: deflate;q=0.5\r\nTE: trailers\r\n", "trailers"),
+        ("TE: gzip\r\n", "none"),
+        ("TE: trailersx\r\n", "none"),
+        ("", "none"),
+    ] {
+        let reply = client.get("/te", te).await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, expected),
+            "{te}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_burst_after_a_graceful_goaway_opens_one_new_connection_not_one_each() {
+    let release = Arc::new(Notify::new());
+    let backend = goaway_backend(Arc::clone(&release), None).await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let held = head_of(held).await.expect("response");
+    let mut held = held.into_body();
+    assert_eq!(get(&mut sender, "/bye").await, (200, b"bye".to_vec()));
+    // Every request of the burst finds the old connection, which takes none of them.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move { get(&mut sender, "/next").await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), (200, b"ok".to_vec()));
+    }
+    assert_eq!(backend.accepted(), 2);
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"firstlast");
 }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -27,7 +26,7 @@ use tokio::time::timeout;
 use tracing::debug;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
-use super::h2_upstream::{BodyWatch, Limit, UpstreamBody};
+use super::h2_upstream::{BodyWatch, Lease, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{HttpProxy, new_request_id, valid_request_id};
@@ -464,6 +463,19 @@ pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
             | "x-client-cert-subject"
             | "x-client-cert-san"
     )
+}
+
+/// Whether a request's TE fields ask for trailers: what an HTTP/2 backend is told of them, as
+/// `te: trailers` (RFC 9113 section 8.2.2 allows no other value; gRPC servers require it).
+/// An HTTP/1.1 client's TE may list transfer codings beside it (`TE: gzip, trailers`): those
+/// are for its own connection, and dropped.
+pub(super) fn te_trailers<'v>(fields: impl IntoIterator<Item = &'v HeaderValue>) -> bool {
+    fields.into_iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|member| member.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    })
 }
 
 /// One HTTP/2 stream: route, forward to a backend over HTTP/1.1, answer.
@@ -1058,14 +1070,12 @@ async fn forward_h2(
     let is_head = parts.method == http::Method::HEAD;
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
-        let keep = match name.as_str() {
-            "te" => value.as_bytes().eq_ignore_ascii_case(b"trailers"),
-            "content-length" => true,
-            _ => !is_connection_specific(name),
-        };
-        if keep {
+        if name == http::header::CONTENT_LENGTH || !is_connection_specific(name) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if te_trailers(parts.headers.get_all(http::header::TE)) {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
     let ip = source.ip().to_string();
     let forwarded_for = match parts.headers.get("x-forwarded-for") {
@@ -1110,7 +1120,7 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let (sender, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+    let (lease, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
         Ok(found) => found,
         Err(status) => return status_response(status),
     };
@@ -1132,7 +1142,7 @@ async fn forward_h2(
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
-    let sent = proxy.h2_upstream.send(sender, addr, pool, request);
+    let sent = proxy.h2_upstream.send(&lease, addr, pool, request);
     tokio::pin!(sent);
     // The response timeout runs from the request body's last progress, as on HTTP/1.1 where it
     // starts once the body is sent: a client stream (gRPC client streaming) may well outlast it.
@@ -1155,13 +1165,13 @@ async fn forward_h2(
         Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return status_response(413),
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.forget(addr, pool);
+            proxy.h2_upstream.forget(addr, pool, &lease);
             pool.report(&state, false);
             return status_response(502);
         }
         Err(_) => {
             // A backend that stopped answering may sit on a dead connection: start afresh.
-            proxy.h2_upstream.forget(addr, pool);
+            proxy.h2_upstream.forget(addr, pool, &lease);
             pool.report(&state, false);
             return status_response(504);
         }
@@ -1228,7 +1238,7 @@ pub(super) async fn h2_sender<'p>(
     upstream: &super::h2_upstream::H2Pool,
     pool: &'p Pool,
     input: PickInput,
-) -> Result<(SendRequest<UpstreamBody>, Picked<'p>, usize), u16> {
+) -> Result<(Lease, Picked<'p>, usize), u16> {
     let mut attempts = Attempts::new(pool, input);
     loop {
         let picked = match attempts.next().await {
@@ -1238,7 +1248,7 @@ pub(super) async fn h2_sender<'p>(
         };
         let state = &picked.candidate.state;
         match upstream.sender(state.addr, pool).await {
-            Ok(sender) => return Ok((sender, picked, attempts.count())),
+            Ok(lease) => return Ok((lease, picked, attempts.count())),
             Err(error) => {
                 state
                     .connect_failures
