@@ -1385,3 +1385,256 @@ async fn a_burst_after_a_graceful_goaway_opens_one_new_connection_not_one_each()
     let (rest, _) = read_all(&mut held).await;
     assert_eq!(rest, b"firstlast");
 }
+
+#[tokio::test]
+async fn an_http2_client_that_stalls_or_resets_its_upload_is_not_held_against_the_backend() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"\noutlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
+    );
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // A client stream whose body stops coming half-way: the client's fault, not the backend's.
+    let (response, mut stalled) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    stalled
+        .send_data(Bytes::from_static(b"part"), false)
+        .expect("data");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 408);
+    // One that resets its stream half-way.
+    let (response, mut reset) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    reset
+        .send_data(Bytes::from_static(b"part"), false)
+        .expect("data");
+    eventually("the backend has both streams", || {
+        backend.accepted() == 1 && state.active.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    reset.send_reset(h2::Reason::CANCEL);
+    let _ = tokio::time::timeout(PATIENCE, response).await;
+    // The backend was not blamed, and its connection is still the pooled one.
+    assert_eq!(
+        state
+            .consecutive_failures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(state.is_usable());
+    let (response, mut whole) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    whole
+        .send_data(Bytes::from_static(b"12345"), true)
+        .expect("data");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// An HTTP/2 backend written frame by frame, to send what the h2 crate would not: it answers
+/// each request's HEADERS with `frames(stream_id)`, as they are.
+async fn raw_h2_backend(frames: fn(u32) -> Vec<u8>) -> Backend {
+    Backend::start(move |mut stream| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        if stream.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
+            return;
+        }
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length =
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; length];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if head[3] != 1 {
+                continue;
+            }
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if stream.write_all(&frames(id)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let length = payload.len() as u32;
+    let mut out = length.to_be_bytes()[1..].to_vec();
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A 200 (with `content-length: 100` when `declared`) whose body stops after five bytes with
+/// RST_STREAM(NO_ERROR): not a complete response, whatever the error code says.
+fn cut_with_no_error(id: u32, declared: bool) -> Vec<u8> {
+    // `:status: 200` (static index 8), then `content-length: 100` (a literal on index 28).
+    let block: &[u8] = if declared {
+        &[0x88, 0x5c, 3, b'1', b'0', b'0']
+    } else {
+        &[0x88]
+    };
+    let mut out = frame(1, 0x4, id, block);
+    out.extend(frame(0, 0, id, b"short"));
+    out.extend(frame(3, 0, id, &[0, 0, 0, 0]));
+    out
+}
+
+#[tokio::test]
+async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let declared = raw_h2_backend(|id| cut_with_no_error(id, true)).await;
+    let undeclared = raw_h2_backend(|id| cut_with_no_error(id, false)).await;
+    for (backend, length) in [(declared.addr, true), (undeclared.addr, false)] {
+        let proxy = proxy_for(&[backend], "upstream_protocol = \"h2\"");
+        // An HTTP/2 client: the stream ends in a reset, not with the body's end.
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let request = http::Request::builder()
+            .uri("http://svc/cut")
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("response");
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        let ended = loop {
+            match tokio::time::timeout(PATIENCE, body.data())
+                .await
+                .expect("data in time")
+            {
+                Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+                Some(Err(error)) => break Err(error),
+                None => break Ok(()),
+            }
+        };
+        // What came before the reset may or may not reach the client before the reset does.
+        assert!(b"short".starts_with(&data), "length {length}: {data:?}");
+        assert!(
+            ended.is_err(),
+            "length {length}: the cut body ended cleanly"
+        );
+        // An HTTP/1.1 client: the connection closes, the body not ended (no keep-alive on a
+        // body shorter than its Content-Length, no last chunk).
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        // The head and what came may not have been written yet when the reset arrived: the
+        // connection then closes with nothing.
+        let text = String::from_utf8_lossy(&got);
+        let tail = if length {
+            "\r\n\r\nshort"
+        } else {
+            "\r\n\r\n5\r\nshort\r\n"
+        };
+        assert!(
+            text.is_empty() || (text.starts_with("HTTP/1.1 200") && text.ends_with(tail)),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upload_an_http2_client_resets_with_no_error_half_way_is_not_complete() {
+    // An HTTP/1.1 backend that tells whether the chunked body it got was ended or cut.
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let h1 = {
+        let events = events.clone();
+        Backend::start(move |mut stream| {
+            let events = events.clone();
+            async move {
+                let mut buf = Vec::new();
+                if read_until(&mut stream, &mut buf, b"part\r\n")
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                let _ = events.send("data");
+                let ended = read_until(&mut stream, &mut buf, b"0\r\n\r\n").await;
+                let _ = events.send(if ended.is_some() { "complete" } else { "cut" });
+            }
+        })
+        .await
+    };
+    // An HTTP/2 one.
+    let h2 = Backend::start(move |stream| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, _respond))) = connection.accept().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    let mut reported = false;
+                    loop {
+                        match body.data().await {
+                            Some(Ok(chunk)) => {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                if !std::mem::replace(&mut reported, true) {
+                                    let _ = events.send("data");
+                                }
+                            }
+                            Some(Err(_)) => {
+                                let _ = events.send("cut");
+                                return;
+                            }
+                            None => {
+                                let _ = events.send("complete");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    })
+    .await;
+    for (backend, extra) in [(h1.addr, ""), (h2.addr, "upstream_protocol = \"h2\"")] {
+        let proxy = proxy_for(&[backend], extra);
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://svc/upload")
+            .body(())
+            .expect("request");
+        let (_response, mut stream) = sender.send_request(request, false).expect("send");
+        stream
+            .send_data(Bytes::from_static(b"part"), false)
+            .expect("data");
+        let event = tokio::time::timeout(PATIENCE, seen.recv()).await;
+        assert_eq!(event.expect("in time"), Some("data"), "{extra}");
+        // A reset is a reset, whatever its code: the rest of the body is not coming.
+        stream.send_reset(h2::Reason::NO_ERROR);
+        let event = tokio::time::timeout(PATIENCE, seen.recv()).await;
+        assert_eq!(event.expect("in time"), Some("cut"), "{extra}");
+    }
+}

@@ -372,7 +372,13 @@ async fn relay_upstream(
             () = relay.tx.closed() => return,
         };
         match frame {
-            None => return relay.finish(),
+            None if body.is_end_stream() => return relay.finish(),
+            // hyper ends a body cleanly when its stream is reset with NO_ERROR, which RFC 9113
+            // allows only after a complete response: a stream that saw no END_STREAM was cut.
+            None => {
+                debug!("http/2 backend reset its stream before the body's end");
+                return;
+            }
             Some(Ok(frame)) => {
                 if relay.send(frame).await.is_err() {
                     return;
@@ -1147,7 +1153,8 @@ async fn forward_h2(
     // The response timeout runs from the request body's last progress, as on HTTP/1.1 where it
     // starts once the body is sent: a client stream (gRPC client streaming) may well outlast it.
     // A body that makes no progress (a backend that does not take it, a stream waiting for a
-    // free slot on the backend's connection) leaves it running.
+    // free slot on the backend's connection, a client that stopped sending) leaves it running;
+    // which side it was waiting on decides whose failure the timeout is.
     let sent = loop {
         tokio::select! {
             sent = &mut sent => break Ok(sent),
@@ -1163,6 +1170,14 @@ async fn forward_h2(
         Ok(Ok(response)) => response,
         // The client's fault, not the backend's: its stream there was reset.
         Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return status_response(413),
+        Ok(Err(_)) if watch.client_failed.load(Ordering::Relaxed) => return status_response(400),
+        // The client's body stalled (a client stream that stopped sending): as on HTTP/1.1,
+        // its stream is given up on, and nothing is held against the backend or its
+        // connection, which other streams share.
+        Err(()) if watch.awaiting_client.load(Ordering::Relaxed) => {
+            debug!(backend = %addr, "the client's request body stalled");
+            return status_response(408);
+        }
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
             proxy.h2_upstream.forget(addr, pool, &lease);
@@ -1396,7 +1411,10 @@ async fn send_and_read(
     loop {
         let frame = match timeout(idle, http_body_util::BodyExt::frame(body)).await {
             Ok(Some(frame)) => frame,
-            Ok(None) => break,
+            Ok(None) if body.is_end_stream() => break,
+            // The client reset its stream with NO_ERROR, which hyper passes off as the body's
+            // end: the backend must not get the last chunk of a body that was cut.
+            Ok(None) => return Err(Attempt::Client(400)),
             Err(_) => return Err(Attempt::Client(408)),
         };
         let Ok(frame) = frame else {

@@ -87,14 +87,32 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Incoming(body, watch, limit) => {
-                let polled = Pin::new(body).poll_frame(cx);
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                watch
+                    .awaiting_client
+                    .store(polled.is_pending(), Ordering::Relaxed);
                 if polled.is_ready() {
                     watch.progress.notify_one();
+                }
+                if let Poll::Ready(Some(Err(_))) = &polled {
+                    watch.client_failed.store(true, Ordering::Relaxed);
+                }
+                // hyper ends a body cleanly when its stream is reset with NO_ERROR: a client
+                // stream that saw no END_STREAM was cut, and so is the backend's.
+                if let Poll::Ready(None) = &polled
+                    && !body.is_end_stream()
+                {
+                    watch.client_failed.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client's stream was reset before its body's end",
+                    ))));
                 }
                 if let Poll::Ready(Some(Ok(frame))) = &polled
                     && let Some(data) = frame.data_ref()
                     && !limit.take(data.len())
                 {
+                    watch.client_failed.store(true, Ordering::Relaxed);
                     watch.too_large.store(true, Ordering::Relaxed);
                     // The error resets the backend's stream.
                     return Poll::Ready(Some(Err(io::Error::other(
@@ -133,9 +151,11 @@ impl Body for UpstreamBody {
 }
 
 /// An HTTP/2 backend's response body, some of whose first frames may have been taken already
-/// (while the request body was still being sent), and are given back first.
+/// (while the request body was still being sent), and are given back first. A body whose
+/// stream was reset before its END_STREAM fails, even when the reset said NO_ERROR (hyper ends
+/// such a body cleanly: RFC 9113 allows that code only after a complete response).
 pub struct Prefetched {
-    taken: VecDeque<Result<Frame<Bytes>, hyper::Error>>,
+    taken: VecDeque<io::Result<Frame<Bytes>>>,
     /// Bytes of data in `taken`.
     bytes: usize,
     /// The body ended (or failed) within `taken`.
@@ -169,7 +189,7 @@ impl Prefetched {
 
     /// Takes the body's next frame and keeps it. Cancel-safe: a frame is kept once taken.
     pub async fn prefetch(&mut self) {
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut self.rest).poll_frame(cx)).await;
+        let frame = std::future::poll_fn(|cx| Self::poll_rest(&mut self.rest, cx)).await;
         match frame {
             Some(Ok(frame)) => {
                 self.bytes += frame.data_ref().map_or(0, Bytes::len);
@@ -183,16 +203,31 @@ impl Prefetched {
             None => self.ended = true,
         }
     }
+
+    /// The next frame of the backend's body, failing a body that was cut by a reset.
+    fn poll_rest(
+        rest: &mut Incoming,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        match std::task::ready!(Pin::new(&mut *rest).poll_frame(cx)) {
+            Some(frame) => Poll::Ready(Some(frame.map_err(io::Error::other))),
+            None if rest.is_end_stream() => Poll::Ready(None),
+            None => Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the backend reset its stream before the body's end",
+            )))),
+        }
+    }
 }
 
 impl Body for Prefetched {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
         if let Some(frame) = this.taken.pop_front() {
             return Poll::Ready(Some(frame));
@@ -200,7 +235,7 @@ impl Body for Prefetched {
         if this.ended {
             return Poll::Ready(None);
         }
-        Pin::new(&mut this.rest).poll_frame(cx)
+        Self::poll_rest(&mut this.rest, cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -225,6 +260,12 @@ pub struct BodyWatch {
     /// Set when the body grew past `max_body_size`: the client gets a 413, and the backend is
     /// not blamed for the reset of its stream.
     pub too_large: AtomicBool,
+    /// Set when the body failed on the client's side (it reset its stream, or grew too large):
+    /// the backend's stream was reset for it, which is not the backend's failure.
+    pub client_failed: AtomicBool,
+    /// Whether the body was last found waiting for the client: a response timeout that runs
+    /// out then is the client's stall (a 408, as on the other paths), not the backend's.
+    pub awaiting_client: AtomicBool,
 }
 
 /// The bytes a request body may still have under `max_body_size` (`None`: no limit).
