@@ -1638,3 +1638,94 @@ async fn an_upload_an_http2_client_resets_with_no_error_half_way_is_not_complete
         assert_eq!(event.expect("in time"), Some("cut"), "{extra}");
     }
 }
+
+#[tokio::test]
+async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by_a_new_connection()
+{
+    let release = Arc::new(Notify::new());
+    let bye = Arc::new(Notify::new());
+    let backend = {
+        let (release, bye) = (Arc::clone(&release), Arc::clone(&bye));
+        Backend::start(move |stream| {
+            let (release, bye) = (Arc::clone(&release), Arc::clone(&bye));
+            async move {
+                let mut builder = h2::server::Builder::new();
+                builder.max_concurrent_streams(1);
+                let Ok(mut connection) = builder.handshake::<_, Bytes>(stream).await else {
+                    return;
+                };
+                let mut leaving = false;
+                loop {
+                    let accepted = tokio::select! {
+                        accepted = connection.accept() => accepted,
+                        () = bye.notified(), if !leaving => {
+                            leaving = true;
+                            connection.graceful_shutdown();
+                            continue;
+                        }
+                    };
+                    let Some(Ok((request, mut respond))) = accepted else {
+                        return;
+                    };
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        continue;
+                    };
+                    if request.uri().path() == "/hold" {
+                        let release = Arc::clone(&release);
+                        tokio::spawn(async move {
+                            release.notified().await;
+                            let _ = send.send_data(Bytes::from_static(b"held"), true);
+                        });
+                    } else {
+                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            }
+        })
+        .await
+    };
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let mut held = head_of(held).await.expect("response").into_body();
+    // The backend's only stream is taken: the next requests wait for one at the proxy.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut h2 = sender.clone();
+        waiting.push(tokio::spawn(async move { get(&mut h2, "/next").await }));
+    }
+    let mut h1 = HttpClient::connect(proxy.addr("l7")).await;
+    h1.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    eventually("the requests wait for a stream", || {
+        state.active.load(std::sync::atomic::Ordering::SeqCst) == 4
+    })
+    .await;
+    // The backend goes away gracefully: the waiting streams were never sent, and go on a new
+    // connection rather than fail.
+    bye.notify_one();
+    for task in waiting {
+        let answer = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("answered in time")
+            .expect("task");
+        assert_eq!(answer, (200, b"ok".to_vec()));
+    }
+    let reply = tokio::time::timeout(PATIENCE, h1.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"held");
+    assert_eq!(backend.accepted(), 2);
+}

@@ -1139,11 +1139,12 @@ async fn forward_h2(
     trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
     let watch = Arc::new(BodyWatch::default());
-    let mut request = Request::new(UpstreamBody::Incoming(
-        body,
-        Arc::clone(&watch),
-        Limit::new(proxy.max_body_size),
-    ));
+    // A request without a body may be sent again if the backend never got it.
+    let mut request = Request::new(if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Incoming(body, Arc::clone(&watch), Limit::new(proxy.max_body_size))
+    });
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;

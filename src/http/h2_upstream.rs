@@ -378,11 +378,17 @@ impl H2Pool {
     }
 
     /// Sends `request` to backend `addr` of `pool` on `lease`, its pooled connection. A request
-    /// the connection did not take goes once more, on a fresh connection to the same backend
-    /// (which `lease` then holds): nothing of it was sent. That is the case of the first
-    /// requests after the backend sent a GOAWAY (gracefully, while other streams still run on
-    /// the connection): the connection is still open, so it looked usable, but takes no new
-    /// stream. Of a burst of them, the first opens the fresh connection and the others share it.
+    /// the backend never got goes once more, on a fresh connection to the same backend (which
+    /// `lease` then holds):
+    /// - one the connection did not take (hyper hands it back untouched). That is the case of
+    ///   the first requests after the backend sent a GOAWAY (gracefully, while other streams
+    ///   still run on the connection): the connection is still open, so it looked usable, but
+    ///   takes no new stream. Of a burst of them, the first opens the fresh connection and the
+    ///   others share it;
+    /// - one without a body that the connection dropped before sending it (it waited for a
+    ///   free stream when the backend went away), or that the backend refused
+    ///   (REFUSED_STREAM: RFC 9113 section 8.7 says it was not processed). It is sent again
+    ///   from a copy of its head.
     pub async fn send(
         &self,
         lease: &Lease,
@@ -390,11 +396,25 @@ impl H2Pool {
         pool: &Pool,
         request: Request<UpstreamBody>,
     ) -> io::Result<Response<Incoming>> {
+        // The head of a bodiless request, to send it again if the backend never got it.
+        let again = matches!(request.body(), UpstreamBody::Empty).then(|| {
+            let mut copy = Request::new(());
+            *copy.method_mut() = request.method().clone();
+            *copy.uri_mut() = request.uri().clone();
+            *copy.version_mut() = request.version();
+            *copy.headers_mut() = request.headers().clone();
+            copy
+        });
         let mut request = request;
         let mut sender = lease.sender();
-        for fresh in [false, true] {
-            if fresh {
-                self.forget(addr, pool, lease);
+        // Whether the connection is done with: the next try forgets it (if it is still the
+        // pooled one) and goes on a fresh one.
+        let mut done_with = false;
+        for retry in [false, true, true] {
+            if retry {
+                if done_with {
+                    self.forget(addr, pool, lease);
+                }
                 let renewed = self.sender(addr, pool).await?;
                 sender = renewed.sender();
                 *lease.held.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -402,6 +422,7 @@ impl H2Pool {
             }
             // A closed connection fails `ready` with the request still in hand.
             if sender.ready().await.is_err() {
+                done_with = true;
                 continue;
             }
             match sender.try_send_request(request).await {
@@ -410,8 +431,20 @@ impl H2Pool {
                     Some(returned) => {
                         debug!(backend = %addr, error = %error.error(), "http/2 backend connection did not take a request");
                         request = returned;
+                        done_with = true;
                     }
-                    None => return Err(io::Error::other(error.into_error())),
+                    None => {
+                        let error = error.into_error();
+                        let Some(head) = again.as_ref().filter(|_| never_sent(&error)) else {
+                            return Err(io::Error::other(error));
+                        };
+                        debug!(backend = %addr, %error, "http/2 backend did not get a request");
+                        request = head.clone().map(|()| UpstreamBody::Empty);
+                        // Dropped unsent: the connection is gone. Refused: it may well take
+                        // the request now (a backend's stream limit, say, which a new
+                        // connection learns only from the backend's first SETTINGS).
+                        done_with = error.is_user();
+                    }
                 },
             }
         }
@@ -433,6 +466,17 @@ impl H2Pool {
             senders.remove(&key);
         }
     }
+}
+
+/// Whether a request that failed never reached the backend: hyper dropped it unsent (its
+/// connection ended while it waited for a free stream), or the backend refused its stream.
+fn never_sent(error: &hyper::Error) -> bool {
+    error.is_user()
+        || std::error::Error::source(error)
+            .and_then(|source| source.downcast_ref::<h2::Error>())
+            .is_some_and(|h2| {
+                h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            })
 }
 
 /// Opens a connection to backend `addr` of `pool` (within the pool's connect timeout, with its
