@@ -1306,7 +1306,7 @@ async fn an_http11_upload_to_an_http2_backend_that_answers_first_goes_through_wh
 }
 
 #[tokio::test]
-async fn an_http11_upload_an_http2_backend_does_not_take_times_out() {
+async fn an_upload_an_http2_backend_does_not_take_times_out() {
     let backend = upload_backend().await;
     let proxy = proxy_for(
         &[backend.addr],
@@ -1314,6 +1314,16 @@ async fn an_http11_upload_an_http2_backend_does_not_take_times_out() {
     );
     let answer = http11_upload_answer(proxy.addr("l7"), "/deaf", "\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    // From an HTTP/2 client, whose body is still coming: the backend's stall, not the client's.
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method("PUT")
+        .uri("http://svc/deaf")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("send");
+    let _ = stream.send_data(Bytes::from(vec![b'u'; 4 << 20]), false);
+    assert_eq!(head_of(response).await.expect("response").status(), 504);
 }
 
 #[tokio::test]
