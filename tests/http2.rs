@@ -1542,8 +1542,9 @@ async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete()
             ended.is_err(),
             "length {length}: the cut body ended cleanly"
         );
-        // An HTTP/1.1 client: the connection closes, the body not ended (no keep-alive on a
-        // body shorter than its Content-Length, no last chunk).
+        // An HTTP/1.1 client: a 502 when none of the answer had been written yet; else what
+        // came, and the connection closes with the body not ended (no keep-alive on a body
+        // shorter than its Content-Length, no last chunk).
         let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
             .await
             .expect("connect");
@@ -1552,11 +1553,16 @@ async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete()
             .await
             .expect("send");
         let mut got = Vec::new();
-        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
-            .await
-            .expect("closed in time");
-        // The head and what came may not have been written yet when the reset arrived: the
-        // connection then closes with nothing.
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"502 Bad Gateway\n") {
+            match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+                .await
+                .expect("an answer or a close in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
         let text = String::from_utf8_lossy(&got);
         let tail = if length {
             "\r\n\r\nshort"
@@ -1564,7 +1570,8 @@ async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete()
             "\r\n\r\n5\r\nshort\r\n"
         };
         assert!(
-            text.is_empty() || (text.starts_with("HTTP/1.1 200") && text.ends_with(tail)),
+            text.starts_with("HTTP/1.1 502")
+                || (text.starts_with("HTTP/1.1 200") && text.ends_with(tail)),
             "{text}"
         );
     }
@@ -1738,4 +1745,23 @@ async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by
     let (rest, _) = read_all(&mut held).await;
     assert_eq!(rest, b"held");
     assert_eq!(backend.accepted(), 2);
+}
+
+#[tokio::test]
+async fn an_http2_backend_that_resets_right_after_its_head_is_a_502_for_http11_clients() {
+    // `:status: 200`, then RST_STREAM(CANCEL) before any of the body.
+    let backend = raw_h2_backend(|id| {
+        let mut out = frame(1, 0x4, id, &[0x88]);
+        out.extend(frame(3, 0, id, &[0, 0, 0, 8]));
+        out
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = tokio::time::timeout(PATIENCE, client.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply, not an empty close");
+    assert_eq!(reply.status, 502);
 }
