@@ -1651,16 +1651,13 @@ impl HttpProxy {
                 let frame = match next {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,
-                    // Nothing has reached the client yet (the head waits for the first piece
-                    // of the body): it can still get a status of ours rather than a close.
+                    // Nothing has reached the client yet (the head goes out with what of the
+                    // body is there, or once the body has to be waited for): it can still get
+                    // a status of ours rather than a close.
                     Ok(Some(Err(_))) if trace.bytes == 0 => {
                         debug!(backend = %addr, "http/2 backend failed its response before its body");
                         pool.report(&state, false);
                         return Err(Failure::Status(502));
-                    }
-                    Err(_) if trace.bytes == 0 => {
-                        pool.report(&state, false);
-                        return Err(Failure::Status(504));
                     }
                     Ok(Some(Err(_))) | Err(_) => return Err(cut),
                 };
