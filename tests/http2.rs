@@ -997,9 +997,19 @@ async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete()
             let Ok(mut connection) = h2::server::handshake(stream).await else {
                 return;
             };
-            while let Some(Ok((request, _respond))) = connection.accept().await {
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
                 let events = events.clone();
                 tokio::spawn(async move {
+                    // `/early` answers with its head at once, before it reads the body.
+                    let _send = if request.uri().path() == "/early" {
+                        let head = http::Response::builder()
+                            .status(200)
+                            .body(())
+                            .expect("response");
+                        respond.send_response(head, false).ok()
+                    } else {
+                        None
+                    };
                     let mut body = request.into_body();
                     let mut got = Vec::new();
                     loop {
@@ -1025,23 +1035,26 @@ async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete()
     })
     .await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
-    for (framing, first) in [
-        ("Transfer-Encoding: chunked", "5\r\nhello\r\n"),
-        ("Content-Length: 100", "hello"),
-    ] {
-        let mut client = HttpClient::connect(proxy.addr("l7")).await;
-        client
-            .send(
-                format!("POST /upload HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n{first}").as_bytes(),
-            )
-            .await;
-        eventually("the backend has the stream", || backend.accepted() == 1).await;
-        // The client goes away half-way through its body.
-        drop(client);
-        let event = tokio::time::timeout(PATIENCE, seen.recv())
-            .await
-            .expect("the backend hears of it in time");
-        assert_eq!(event.as_deref(), Some("reset"), "{framing}");
+    for path in ["/upload", "/early"] {
+        for (framing, first) in [
+            ("Transfer-Encoding: chunked", "5\r\nhello\r\n"),
+            ("Content-Length: 100", "hello"),
+        ] {
+            let mut client = HttpClient::connect(proxy.addr("l7")).await;
+            let head = format!("POST {path} HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n{first}");
+            client.send(head.as_bytes()).await;
+            eventually("the backend has the stream", || backend.accepted() == 1).await;
+            if path == "/early" {
+                // The answer's head has reached the proxy.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The client goes away half-way through its body.
+            drop(client);
+            let event = tokio::time::timeout(PATIENCE, seen.recv())
+                .await
+                .expect("the backend hears of it in time");
+            assert_eq!(event.as_deref(), Some("reset"), "{path} {framing}");
+        }
     }
 }
 
@@ -1101,4 +1114,654 @@ async fn max_body_size_holds_for_http2_clients_of_http2_backends() {
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     assert_eq!(read_all(&mut body).await.0, b"5");
+}
+
+/// An HTTP/2 backend that answers before it has read any of the request body, as RFC 9113
+/// section 8.1 allows: `/reset` with a 413, then RST_STREAM(NO_ERROR) (the h2 crate's reset of a
+/// stream whose request body is dropped unread once the response is sent); `/end` with a 200
+/// whose stream ends, the request body left unread and its stream open (neither read nor reset).
+async fn early_answer_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let reset = request.uri().path() == "/reset";
+                let (status, text) = if reset {
+                    (413, "too big!")
+                } else {
+                    (200, "early")
+                };
+                let head = http::Response::builder()
+                    .status(status)
+                    .header("content-length", text.len())
+                    .body(())
+                    .expect("response");
+                let Ok(mut send) = respond.send_response(head, false) else {
+                    return;
+                };
+                let _ = send.send_data(Bytes::from_static(text.as_bytes()), true);
+                if !reset {
+                    let _unread = request.into_body();
+                    tokio::time::sleep(PATIENCE).await;
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// Sends a large upload to `path` from an HTTP/1.1 client and returns what came back before
+/// the proxy closed, or once `until` arrived.
+async fn http11_upload_answer(proxy: std::net::SocketAddr, path: &str, until: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let size = 16 << 20;
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+    let upload = tokio::spawn(async move {
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(until.as_bytes()) {
+        match tokio::time::timeout(PATIENCE, reader.read(&mut buf))
+            .await
+            .expect("an answer in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    upload.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn an_early_answer_from_an_http2_backend_reaches_both_kinds_of_client() {
+    let backend = early_answer_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for (path, status, text) in [("/reset", 413, "too big!"), ("/end", 200, "early")] {
+        // An HTTP/2 client, its body still coming (more than the backend's windows).
+        let request = http::Request::builder()
+            .method("PUT")
+            .uri(format!("http://svc{path}"))
+            .body(())
+            .expect("request");
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        let _ = stream.send_data(Bytes::from(vec![b'u'; 1 << 20]), false);
+        let response = head_of(response).await.expect("response");
+        assert_eq!(response.status(), status, "{path}");
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("data in time")
+        {
+            data.extend_from_slice(&chunk.expect("data"));
+        }
+        assert_eq!(data, text.as_bytes(), "{path}");
+        drop(stream);
+
+        // An HTTP/1.1 client: the answer, then the connection closes (the rest of the body
+        // is not read).
+        let answer = http11_upload_answer(proxy.addr("l7"), path, text).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("connection: close\r\n"), "{path}: {answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\n{text}")),
+            "{path}: {answer}"
+        );
+    }
+}
+
+/// An HTTP/2 backend for uploads: `/ack` answers with its head at once, then reads the whole
+/// body and sends its length; `/deaf` neither reads the body nor answers; `/te` answers at once
+/// with the `te` fields it got (comma-separated, `none` without one).
+async fn upload_backend() -> Backend {
+    Backend::start(|stream| async move {
+        let Ok(mut connection) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let head = http::Response::builder()
+                    .status(200)
+                    .body(())
+                    .expect("response");
+                match request.uri().path() {
+                    "/deaf" => {
+                        let _unread = request.into_body();
+                        tokio::time::sleep(PATIENCE).await;
+                    }
+                    "/te" => {
+                        let te: Vec<&str> = request
+                            .headers()
+                            .get_all("te")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?"))
+                            .collect();
+                        let text = if te.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            te.join(",")
+                        };
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from(text), true);
+                    }
+                    _ => {
+                        let Ok(mut send) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let mut body = request.into_body();
+                        let mut total = 0usize;
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            total += chunk.len();
+                        }
+                        let _ = send.send_data(Bytes::from(format!("got {total}")), true);
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http11_upload_to_an_http2_backend_that_answers_first_goes_through_whole() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let size = 1 << 20;
+    let head = format!("PUT /ack HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+    client.send(head.as_bytes()).await;
+    client.send(&vec![b'u'; size]).await;
+    let reply = tokio::time::timeout(PATIENCE, client.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply");
+    assert_eq!((reply.status, reply.text()), (200, format!("got {size}")));
+    // The whole body was read: the connection goes on.
+    assert_ne!(reply.header("connection"), Some("close"));
+    let reply = client.get("/te", "").await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn an_upload_an_http2_backend_does_not_take_times_out() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+    );
+    let answer = http11_upload_answer(proxy.addr("l7"), "/deaf", "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    // From an HTTP/2 client, whose body is still coming: the backend's stall, not the client's.
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method("PUT")
+        .uri("http://svc/deaf")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("send");
+    let _ = stream.send_data(Bytes::from(vec![b'u'; 4 << 20]), false);
+    assert_eq!(head_of(response).await.expect("response").status(), 504);
+}
+
+#[tokio::test]
+async fn te_trailers_and_nothing_else_reaches_an_http2_backend() {
+    let backend = upload_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    // From an HTTP/2 client (where `trailers` is the only value TE may have).
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for te in [Some("trailers"), None] {
+        let mut request = http::Request::builder().uri("http://svc/te");
+        if let Some(te) = te {
+            request = request.header("te", te);
+        }
+        let request = request.body(()).expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("response");
+        let mut body = response.into_body();
+        let (data, _) = read_all(&mut body).await;
+        assert_eq!(
+            String::from_utf8_lossy(&data),
+            te.unwrap_or("none"),
+            "{te:?}"
+        );
+    }
+    // From HTTP/1.1 clients, whose TE may list transfer codings as well.
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for (te, expected) in [
+        ("TE: trailers\r\nConnection: TE\r\n", "trailers"),
+        ("TE: gzip, Trailers\r\n", "trailers"),
+        ("TE: deflate;q=0.5\r\nTE: trailers\r\n", "trailers"),
+        ("TE: gzip\r\n", "none"),
+        ("TE: trailersx\r\n", "none"),
+        ("", "none"),
+    ] {
+        let reply = client.get("/te", te).await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, expected),
+            "{te}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_burst_after_a_graceful_goaway_opens_one_new_connection_not_one_each() {
+    let release = Arc::new(Notify::new());
+    let backend = goaway_backend(Arc::clone(&release), None).await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let held = head_of(held).await.expect("response");
+    let mut held = held.into_body();
+    assert_eq!(get(&mut sender, "/bye").await, (200, b"bye".to_vec()));
+    // Every request of the burst finds the old connection, which takes none of them.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move { get(&mut sender, "/next").await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), (200, b"ok".to_vec()));
+    }
+    assert_eq!(backend.accepted(), 2);
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"firstlast");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stalls_or_resets_its_upload_is_not_held_against_the_backend() {
+    let backend = streaming_backend().await;
+    let proxy = proxy_for(
+        &[backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"\noutlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
+    );
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // A client stream whose body stops coming half-way: the client's fault, not the backend's.
+    let (response, mut stalled) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    stalled
+        .send_data(Bytes::from_static(b"part"), false)
+        .expect("data");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 408);
+    // One that resets its stream half-way.
+    let (response, mut reset) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    reset
+        .send_data(Bytes::from_static(b"part"), false)
+        .expect("data");
+    eventually("the backend has both streams", || {
+        backend.accepted() == 1 && state.active.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    reset.send_reset(h2::Reason::CANCEL);
+    let _ = tokio::time::timeout(PATIENCE, response).await;
+    // The backend was not blamed, and its connection is still the pooled one.
+    assert_eq!(
+        state
+            .consecutive_failures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(state.is_usable());
+    let (response, mut whole) = sender
+        .send_request(grpc_request("/sum"), false)
+        .expect("send");
+    whole
+        .send_data(Bytes::from_static(b"12345"), true)
+        .expect("data");
+    let response = head_of(response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// An HTTP/2 backend written frame by frame, to send what the h2 crate would not: it answers
+/// each request's HEADERS with `frames(stream_id)`, as they are.
+async fn raw_h2_backend(frames: fn(u32) -> Vec<u8>) -> Backend {
+    Backend::start(move |mut stream| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        if stream.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
+            return;
+        }
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length =
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; length];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if head[3] != 1 {
+                continue;
+            }
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if stream.write_all(&frames(id)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let length = payload.len() as u32;
+    let mut out = length.to_be_bytes()[1..].to_vec();
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A 200 (with `content-length: 100` when `declared`) whose body stops after five bytes with
+/// RST_STREAM(NO_ERROR): not a complete response, whatever the error code says.
+fn cut_with_no_error(id: u32, declared: bool) -> Vec<u8> {
+    // `:status: 200` (static index 8), then `content-length: 100` (a literal on index 28).
+    let block: &[u8] = if declared {
+        &[0x88, 0x5c, 3, b'1', b'0', b'0']
+    } else {
+        &[0x88]
+    };
+    let mut out = frame(1, 0x4, id, block);
+    out.extend(frame(0, 0, id, b"short"));
+    out.extend(frame(3, 0, id, &[0, 0, 0, 0]));
+    out
+}
+
+#[tokio::test]
+async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let declared = raw_h2_backend(|id| cut_with_no_error(id, true)).await;
+    let undeclared = raw_h2_backend(|id| cut_with_no_error(id, false)).await;
+    for (backend, length) in [(declared.addr, true), (undeclared.addr, false)] {
+        let proxy = proxy_for(&[backend], "upstream_protocol = \"h2\"");
+        // An HTTP/2 client: the stream ends in a reset, not with the body's end.
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let request = http::Request::builder()
+            .uri("http://svc/cut")
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("response");
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        let ended = loop {
+            match tokio::time::timeout(PATIENCE, body.data())
+                .await
+                .expect("data in time")
+            {
+                Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+                Some(Err(error)) => break Err(error),
+                None => break Ok(()),
+            }
+        };
+        // What came before the reset may or may not reach the client before the reset does.
+        assert!(b"short".starts_with(&data), "length {length}: {data:?}");
+        assert!(
+            ended.is_err(),
+            "length {length}: the cut body ended cleanly"
+        );
+        // An HTTP/1.1 client: a 502 when none of the answer had been written yet; else what
+        // came, and the connection closes with the body not ended (no keep-alive on a body
+        // shorter than its Content-Length, no last chunk).
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"502 Bad Gateway\n") {
+            match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+                .await
+                .expect("an answer or a close in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        let tail = if length {
+            "\r\n\r\nshort"
+        } else {
+            "\r\n\r\n5\r\nshort\r\n"
+        };
+        assert!(
+            text.starts_with("HTTP/1.1 502")
+                || (text.starts_with("HTTP/1.1 200") && text.ends_with(tail)),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upload_an_http2_client_resets_with_no_error_half_way_is_not_complete() {
+    // An HTTP/1.1 backend that tells whether the chunked body it got was ended or cut.
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let h1 = {
+        let events = events.clone();
+        Backend::start(move |mut stream| {
+            let events = events.clone();
+            async move {
+                let mut buf = Vec::new();
+                if read_until(&mut stream, &mut buf, b"part\r\n")
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                let _ = events.send("data");
+                let ended = read_until(&mut stream, &mut buf, b"0\r\n\r\n").await;
+                let _ = events.send(if ended.is_some() { "complete" } else { "cut" });
+            }
+        })
+        .await
+    };
+    // An HTTP/2 one.
+    let h2 = Backend::start(move |stream| {
+        let events = events.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, _respond))) = connection.accept().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    let mut reported = false;
+                    loop {
+                        match body.data().await {
+                            Some(Ok(chunk)) => {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                if !std::mem::replace(&mut reported, true) {
+                                    let _ = events.send("data");
+                                }
+                            }
+                            Some(Err(_)) => {
+                                let _ = events.send("cut");
+                                return;
+                            }
+                            None => {
+                                let _ = events.send("complete");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    })
+    .await;
+    for (backend, extra) in [(h1.addr, ""), (h2.addr, "upstream_protocol = \"h2\"")] {
+        let proxy = proxy_for(&[backend], extra);
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://svc/upload")
+            .body(())
+            .expect("request");
+        let (_response, mut stream) = sender.send_request(request, false).expect("send");
+        stream
+            .send_data(Bytes::from_static(b"part"), false)
+            .expect("data");
+        let event = tokio::time::timeout(PATIENCE, seen.recv()).await;
+        assert_eq!(event.expect("in time"), Some("data"), "{extra}");
+        // A reset is a reset, whatever its code: the rest of the body is not coming.
+        stream.send_reset(h2::Reason::NO_ERROR);
+        let event = tokio::time::timeout(PATIENCE, seen.recv()).await;
+        assert_eq!(event.expect("in time"), Some("cut"), "{extra}");
+    }
+}
+
+#[tokio::test]
+async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by_a_new_connection()
+{
+    let release = Arc::new(Notify::new());
+    let bye = Arc::new(Notify::new());
+    let backend = {
+        let (release, bye) = (Arc::clone(&release), Arc::clone(&bye));
+        Backend::start(move |stream| {
+            let (release, bye) = (Arc::clone(&release), Arc::clone(&bye));
+            async move {
+                let mut builder = h2::server::Builder::new();
+                builder.max_concurrent_streams(1);
+                let Ok(mut connection) = builder.handshake::<_, Bytes>(stream).await else {
+                    return;
+                };
+                let mut leaving = false;
+                loop {
+                    let accepted = tokio::select! {
+                        accepted = connection.accept() => accepted,
+                        () = bye.notified(), if !leaving => {
+                            leaving = true;
+                            connection.graceful_shutdown();
+                            continue;
+                        }
+                    };
+                    let Some(Ok((request, mut respond))) = accepted else {
+                        return;
+                    };
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        continue;
+                    };
+                    if request.uri().path() == "/hold" {
+                        let release = Arc::clone(&release);
+                        tokio::spawn(async move {
+                            release.notified().await;
+                            let _ = send.send_data(Bytes::from_static(b"held"), true);
+                        });
+                    } else {
+                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            }
+        })
+        .await
+    };
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://svc/hold")
+        .body(())
+        .expect("request");
+    let (held, _) = sender.send_request(request, true).expect("send");
+    let mut held = head_of(held).await.expect("response").into_body();
+    // The backend's only stream is taken: the next requests wait for one at the proxy.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut h2 = sender.clone();
+        waiting.push(tokio::spawn(async move { get(&mut h2, "/next").await }));
+    }
+    let mut h1 = HttpClient::connect(proxy.addr("l7")).await;
+    h1.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    eventually("the requests wait for a stream", || {
+        state.active.load(std::sync::atomic::Ordering::SeqCst) == 4
+    })
+    .await;
+    // The backend goes away gracefully: the waiting streams were never sent, and go on a new
+    // connection rather than fail.
+    bye.notify_one();
+    for task in waiting {
+        let answer = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("answered in time")
+            .expect("task");
+        assert_eq!(answer, (200, b"ok".to_vec()));
+    }
+    let reply = tokio::time::timeout(PATIENCE, h1.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+    release.notify_one();
+    let (rest, _) = read_all(&mut held).await;
+    assert_eq!(rest, b"held");
+    assert_eq!(backend.accepted(), 2);
+}
+
+#[tokio::test]
+async fn an_http2_backend_that_resets_right_after_its_head_is_a_502_for_http11_clients() {
+    // `:status: 200`, then RST_STREAM(CANCEL) before any of the body.
+    let backend = raw_h2_backend(|id| {
+        let mut out = frame(1, 0x4, id, &[0x88]);
+        out.extend(frame(3, 0, id, &[0, 0, 0, 8]));
+        out
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = tokio::time::timeout(PATIENCE, client.reply())
+        .await
+        .expect("answered in time")
+        .expect("a reply, not an empty close");
+    assert_eq!(reply.status, 502);
 }

@@ -119,6 +119,9 @@ pub struct RequestHead {
     /// A WebSocket upgrade request (`Connection: upgrade`, `Upgrade: websocket`, GET, HTTP/1.1,
     /// no body). Other upgrades (h2c, ...) are not forwarded.
     pub websocket: bool,
+    /// The client's TE (a hop-by-hop field, not among `fields`) lists `trailers`: it will take
+    /// trailers. An HTTP/2 backend is told so with `te: trailers`, which gRPC servers require.
+    pub te_trailers: bool,
     /// Readable one way only by us, but a shape other servers may read differently (a body on
     /// GET or HEAD, a repeated Content-Length). It is forwarded re-framed, and both connections
     /// are closed after the response so that no other request can share the ambiguity.
@@ -193,6 +196,8 @@ struct FramingFields {
     /// Connection names `upgrade` and Upgrade asks for WebSocket.
     connection_upgrade: bool,
     websocket: bool,
+    /// TE lists `trailers`.
+    te_trailers: bool,
     /// Lower-cased names listed in Connection; those fields are hop-by-hop too.
     connection_names: Vec<Vec<u8>>,
 }
@@ -304,6 +309,10 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
             && comma_list(h.value).any(|p| p.eq_ignore_ascii_case(b"websocket"))
         {
             f.websocket = true;
+        } else if name.eq_ignore_ascii_case(b"te")
+            && comma_list(h.value).any(|c| c.eq_ignore_ascii_case(b"trailers"))
+        {
+            f.te_trailers = true;
         }
     }
     if f.transfer_encoding && f.content_length.is_some() {
@@ -703,6 +712,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         close,
         expect_continue: fields.expect_continue,
         websocket,
+        te_trailers: fields.te_trailers,
         ambiguous,
         host,
     }))

@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -27,7 +26,7 @@ use tokio::time::timeout;
 use tracing::debug;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
-use super::h2_upstream::{BodyWatch, Limit, UpstreamBody};
+use super::h2_upstream::{BodyWatch, Lease, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{HttpProxy, new_request_id, valid_request_id};
@@ -373,7 +372,13 @@ async fn relay_upstream(
             () = relay.tx.closed() => return,
         };
         match frame {
-            None => return relay.finish(),
+            None if body.is_end_stream() => return relay.finish(),
+            // hyper ends a body cleanly when its stream is reset with NO_ERROR, which RFC 9113
+            // allows only after a complete response: a stream that saw no END_STREAM was cut.
+            None => {
+                debug!("http/2 backend reset its stream before the body's end");
+                return;
+            }
             Some(Ok(frame)) => {
                 if relay.send(frame).await.is_err() {
                     return;
@@ -525,6 +530,19 @@ fn set_forwarding_fields(
             parts.headers.insert(HeaderName::from_static(name), value);
         }
     }
+}
+
+/// Whether a request's TE fields ask for trailers: what an HTTP/2 backend is told of them, as
+/// `te: trailers` (RFC 9113 section 8.2.2 allows no other value; gRPC servers require it).
+/// An HTTP/1.1 client's TE may list transfer codings beside it (`TE: gzip, trailers`): those
+/// are for its own connection, and dropped.
+pub(super) fn te_trailers<'v>(fields: impl IntoIterator<Item = &'v HeaderValue>) -> bool {
+    fields.into_iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|member| member.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    })
 }
 
 /// One HTTP/2 stream: route, forward to a backend over HTTP/1.1, answer.
@@ -1135,14 +1153,12 @@ async fn forward_h2(
     // The forwarding fields are already among the request's fields.
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
-        let keep = match name.as_str() {
-            "te" => value.as_bytes().eq_ignore_ascii_case(b"trailers"),
-            "content-length" => true,
-            _ => !is_hop_or_framing(name),
-        };
-        if keep {
+        if name == http::header::CONTENT_LENGTH || !is_hop_or_framing(name) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if te_trailers(parts.headers.get_all(http::header::TE)) {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
     let authority = host
         .as_deref()
@@ -1153,7 +1169,7 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let (sender, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+    let (lease, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
         Ok(found) => found,
         Err(status) => return status_response(status),
     };
@@ -1166,21 +1182,23 @@ async fn forward_h2(
     trace.backend = Some(addr);
     let started = tokio::time::Instant::now();
     let watch = Arc::new(BodyWatch::default());
-    let mut request = Request::new(UpstreamBody::Incoming(
-        body,
-        Arc::clone(&watch),
-        Limit::new(proxy.max_body_size),
-    ));
+    // A request without a body may be sent again if the backend never got it.
+    let mut request = Request::new(if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Incoming(body, Arc::clone(&watch), Limit::new(proxy.max_body_size))
+    });
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
-    let sent = proxy.h2_upstream.send(sender, addr, pool, request);
+    let sent = proxy.h2_upstream.send(&lease, addr, pool, request);
     tokio::pin!(sent);
     // The response timeout runs from the request body's last progress, as on HTTP/1.1 where it
     // starts once the body is sent: a client stream (gRPC client streaming) may well outlast it.
     // A body that makes no progress (a backend that does not take it, a stream waiting for a
-    // free slot on the backend's connection) leaves it running.
+    // free slot on the backend's connection, a client that stopped sending) leaves it running;
+    // which side it was waiting on decides whose failure the timeout is.
     let sent = loop {
         tokio::select! {
             sent = &mut sent => break Ok(sent),
@@ -1196,15 +1214,23 @@ async fn forward_h2(
         Ok(Ok(response)) => response,
         // The client's fault, not the backend's: its stream there was reset.
         Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return status_response(413),
+        Ok(Err(_)) if watch.client_failed.load(Ordering::Relaxed) => return status_response(400),
+        // The client's body stalled (a client stream that stopped sending): as on HTTP/1.1,
+        // its stream is given up on, and nothing is held against the backend or its
+        // connection, which other streams share.
+        Err(()) if watch.awaiting_client.load(Ordering::Relaxed) => {
+            debug!(backend = %addr, "the client's request body stalled");
+            return status_response(408);
+        }
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.forget(addr, pool);
+            proxy.h2_upstream.forget(addr, pool, &lease);
             pool.report(&state, false);
             return status_response(502);
         }
         Err(_) => {
             // A backend that stopped answering may sit on a dead connection: start afresh.
-            proxy.h2_upstream.forget(addr, pool);
+            proxy.h2_upstream.forget(addr, pool, &lease);
             pool.report(&state, false);
             return status_response(504);
         }
@@ -1271,7 +1297,7 @@ pub(super) async fn h2_sender<'p>(
     upstream: &super::h2_upstream::H2Pool,
     pool: &'p Pool,
     input: PickInput,
-) -> Result<(SendRequest<UpstreamBody>, Picked<'p>, usize), u16> {
+) -> Result<(Lease, Picked<'p>, usize), u16> {
     let mut attempts = Attempts::new(pool, input);
     loop {
         let picked = match attempts.next().await {
@@ -1281,7 +1307,7 @@ pub(super) async fn h2_sender<'p>(
         };
         let state = &picked.candidate.state;
         match upstream.sender(state.addr, pool).await {
-            Ok(sender) => return Ok((sender, picked, attempts.count())),
+            Ok(lease) => return Ok((lease, picked, attempts.count())),
             Err(error) => {
                 state
                     .connect_failures
@@ -1429,7 +1455,10 @@ async fn send_and_read(
     loop {
         let frame = match timeout(idle, http_body_util::BodyExt::frame(body)).await {
             Ok(Some(frame)) => frame,
-            Ok(None) => break,
+            Ok(None) if body.is_end_stream() => break,
+            // The client reset its stream with NO_ERROR, which hyper passes off as the body's
+            // end: the backend must not get the last chunk of a body that was cut.
+            Ok(None) => return Err(Attempt::Client(400)),
             Err(_) => return Err(Attempt::Client(408)),
         };
         let Ok(frame) = frame else {

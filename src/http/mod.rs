@@ -1330,6 +1330,10 @@ impl HttpProxy {
                 headers.append(name, value);
             }
         }
+        // TE is hop-by-hop, but its `trailers` is what an HTTP/2 backend may be told of it.
+        if head.te_trailers {
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         let ip = client.source.ip().to_string();
         let forwarded_for = match head.header("x-forwarded-for") {
             Some(existing) if client.peer_trusted => {
@@ -1391,7 +1395,7 @@ impl HttpProxy {
         let method =
             http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
 
-        let (sender, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
+        let (lease, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
             .await
             .map_err(Failure::Status)?;
         let guard = picked.guard;
@@ -1402,41 +1406,56 @@ impl HttpProxy {
         trace.backend = Some(addr);
         trace.attempts = tried;
         let started = Instant::now();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let body = if head.framing == Framing::Empty {
-            h2_upstream::UpstreamBody::Empty
+        // Kept to the end of the exchange unless the body is sent whole: dropped, it resets the
+        // backend's stream, which must not cut an answer still coming on it.
+        let (mut body_tx, body) = if head.framing == Framing::Empty {
+            (None, h2_upstream::UpstreamBody::Empty)
         } else {
-            h2_upstream::UpstreamBody::Channel(rx)
+            let (tx, body) = h2_upstream::body_channel();
+            (Some(tx), body)
         };
         let mut request = http::Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.version_mut() = http::Version::HTTP_2;
         *request.headers_mut() = headers;
-        let send = self.h2_upstream.send(sender, addr, pool, request);
-        let pump = pump_request_body(
-            client,
-            head.framing,
-            tx,
-            self.max_body_size,
-            pool.response_timeout,
-        );
-        // The body streams while the response is awaited; the response timeout starts once the
-        // body is sent, as on the HTTP/1.1 path (an upload may take longer than it).
-        let (sent, pumped) = {
+        // Set when the backend stopped taking the body before its end (it answered early, and
+        // reset its stream or stopped reading): the rest of the body is not read, so the
+        // connection closes after the answer, as on the HTTP/1.1 path.
+        let mut request_cut = false;
+        let (response, early) = {
+            let send = self.h2_upstream.send(&lease, addr, pool, request);
+            let pump = pump_request_body(
+                client,
+                head.framing,
+                &mut body_tx,
+                self.max_body_size,
+                pool.response_timeout,
+            );
             tokio::pin!(send);
             tokio::pin!(pump);
-            let mut sent = None;
+            // The body streams while the response is awaited; the response timeout starts once
+            // the body is sent, as on the HTTP/1.1 path (an upload may take longer than it). A
+            // backend that takes none of the body for that long times out as well.
             let mut pumped = false;
             let deadline = tokio::time::sleep(Duration::MAX / 4);
             tokio::pin!(deadline);
-            while sent.is_none() {
+            let sent = loop {
                 tokio::select! {
-                    response = &mut send => sent = Some(response),
+                    sent = &mut send => break sent,
                     result = &mut pump, if !pumped => {
                         match result {
                             Ok(()) => {}
                             Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                            Err(BodyError::Write(error)) if error.kind() == io::ErrorKind::TimedOut => {
+                                debug!(backend = %addr, "the backend stopped taking the request body");
+                                self.h2_upstream.forget(addr, pool, &lease);
+                                pool.report(&state, false);
+                                return Err(Failure::Status(504));
+                            }
+                            // The backend's stream ended: its answer may be on its way (an
+                            // early one, before a reset with NO_ERROR), or its failure.
+                            Err(BodyError::Write(_)) => request_cut = true,
                             Err(_) => return Err(Failure::Abort),
                         }
                         pumped = true;
@@ -1445,7 +1464,7 @@ impl HttpProxy {
                             .reset(tokio::time::Instant::now() + pool.response_timeout);
                     }
                     _ = &mut deadline, if pumped => {
-                        self.h2_upstream.forget(addr, pool);
+                        self.h2_upstream.forget(addr, pool, &lease);
                         pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
@@ -1454,28 +1473,52 @@ impl HttpProxy {
                         return Err(Failure::Status(504));
                     }
                 }
-            }
-            (sent, pumped)
-        };
-        if !pumped {
-            // An early answer (an error, say) before the whole body was sent: the rest of the
-            // body is not read, so the connection cannot be kept.
-            if head.framing != Framing::Empty {
-                if let Some(Ok(response)) = &sent {
-                    pool.report(&state, response.status().as_u16() < 500);
+            };
+            let response = match sent {
+                Ok(response) => response,
+                Err(error) => {
+                    debug!(backend = %addr, %error, "http/2 backend request failed");
+                    self.h2_upstream.forget(addr, pool, &lease);
+                    pool.report(&state, false);
+                    return Err(Failure::Status(502));
                 }
-                return Err(Failure::Abort);
+            };
+            let (parts, body) = response.into_parts();
+            let mut early = h2_upstream::Prefetched::new(body);
+            // An early answer, before the whole body was sent (RFC 9113 section 8.1): the body
+            // goes on while the backend takes it, and the answer's first frames are taken
+            // meanwhile. Once the backend stops taking the body (its stream reset, or no room
+            // for the response timeout), or once the answer is complete (the backend will not
+            // want the rest), the answer goes to the client, which must not wait for it on an
+            // upload it does not need.
+            while !pumped {
+                tokio::select! {
+                    biased;
+                    result = &mut pump => {
+                        match result {
+                            Ok(()) => {}
+                            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                            Err(BodyError::Write(_)) => request_cut = true,
+                            Err(_) => return Err(Failure::Abort),
+                        }
+                        pumped = true;
+                    }
+                    () = early.prefetch(), if early.wants_more() => {
+                        if early.ended() {
+                            request_cut = true;
+                            pumped = true;
+                        }
+                    }
+                    () = closer.cancelled() => {
+                        debug!(backend = %addr, "no response before the backend's drain deadline");
+                        return Err(Failure::Status(504));
+                    }
+                }
             }
-        }
-        let response = match sent {
-            Some(Ok(response)) => response,
-            Some(Err(error)) => {
-                debug!(backend = %addr, %error, "http/2 backend request failed");
-                self.h2_upstream.forget(addr, pool);
-                pool.report(&state, false);
-                return Err(Failure::Status(502));
+            if request_cut {
+                debug!(backend = %addr, status = parts.status.as_u16(), "the backend answered before taking the whole request body");
             }
-            None => return Err(Failure::Status(502)),
+            (http::Response::from_parts(parts, ()), early)
         };
         guard.established();
         let elapsed = started.elapsed();
@@ -1486,7 +1529,8 @@ impl HttpProxy {
         trace.status = response.status().as_u16();
         pool.report(&state, response.status().as_u16() < 500);
 
-        let (mut parts, mut body) = response.into_parts();
+        let (mut parts, ()) = response.into_parts();
+        let mut body = early;
         let mut known_length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -1534,6 +1578,7 @@ impl HttpProxy {
         };
         let close = head.close
             || head.ambiguous
+            || request_cut
             || framing == Framing::UntilClose
             || self.closing()
             || state.flags() & DRAINING != 0;
@@ -1615,6 +1660,14 @@ impl HttpProxy {
                 let frame = match next {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,
+                    // Nothing has reached the client yet (the head goes out with what of the
+                    // body is there, or once the body has to be waited for): it can still get
+                    // a status of ours rather than a close.
+                    Ok(Some(Err(_))) if trace.bytes == 0 => {
+                        debug!(backend = %addr, "http/2 backend failed its response before its body");
+                        pool.report(&state, false);
+                        return Err(Failure::Status(502));
+                    }
                     Ok(Some(Err(_))) | Err(_) => return Err(cut),
                 };
                 match frame.into_data() {
@@ -2764,16 +2817,19 @@ fn rewrite_target(rewrite: &Rewrite, target: &str) -> String {
 }
 
 /// Reads a client's request body (per its HTTP/1.1 framing) and sends it as HTTP/2 frames,
-/// trailers included, for an HTTP/2 backend.
+/// trailers included, for an HTTP/2 backend. `body` is finished (taken) once the body is
+/// whole; on a failure it is left to the caller, whose dropping it resets the backend's stream.
 async fn pump_request_body(
     client: &mut Client,
     framing: Framing,
-    tx: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, io::Error>>,
+    body: &mut Option<h2_upstream::BodySender>,
     limit: Option<u64>,
     idle: Duration,
 ) -> Result<(), BodyError> {
     use hyper::body::Frame;
-    let closed = || BodyError::Write(io::ErrorKind::BrokenPipe.into());
+    let Some(tx) = body.as_ref() else {
+        return Ok(());
+    };
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => 0,
@@ -2787,7 +2843,7 @@ async fn pump_request_body(
                 let take = (client.buf.len() as u64).min(left) as usize;
                 if take > 0 {
                     let data = client.buf.split_to(take).freeze();
-                    tx.send(Ok(Frame::data(data))).await.map_err(|_| closed())?;
+                    send_body_frame(tx, Frame::data(data), idle).await?;
                 }
                 left -= take as u64;
                 left == 0
@@ -2817,23 +2873,22 @@ async fn pump_request_body(
                 }
                 let consumed = client.buf.split_to(pos).freeze();
                 for range in pieces {
-                    tx.send(Ok(Frame::data(consumed.slice(range))))
-                        .await
-                        .map_err(|_| closed())?;
+                    send_body_frame(tx, Frame::data(consumed.slice(range)), idle).await?;
                 }
                 if ended && !decoder.trailers.is_empty() {
                     if !decoder.trailers_valid() {
                         return Err(BodyError::Malformed);
                     }
                     let trailers = h2::parse_trailers(&decoder.trailers);
-                    tx.send(Ok(Frame::trailers(trailers)))
-                        .await
-                        .map_err(|_| closed())?;
+                    send_body_frame(tx, Frame::trailers(trailers), idle).await?;
                 }
                 ended
             }
         };
         if finished {
+            if let Some(tx) = body.take() {
+                tx.finish();
+            }
             return Ok(());
         }
         client.buf.reserve(BODY_CHUNK);
@@ -2843,6 +2898,21 @@ async fn pump_request_body(
             Ok(Err(error)) => return Err(BodyError::Read(error)),
             Err(_) => return Err(BodyError::Timeout),
         }
+    }
+}
+
+/// Hands one frame of a client's body to the HTTP/2 connection. A backend that takes none of
+/// it for `idle` (its stream's window stays shut) fails it as timed out; one whose stream
+/// ended, as a broken pipe.
+async fn send_body_frame(
+    tx: &h2_upstream::BodySender,
+    frame: hyper::body::Frame<bytes::Bytes>,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    match timeout(idle, tx.send(frame)).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BodyError::Write(io::ErrorKind::BrokenPipe.into())),
+        Err(_) => Err(BodyError::Write(io::ErrorKind::TimedOut.into())),
     }
 }
 
