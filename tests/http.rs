@@ -1851,6 +1851,58 @@ backends = ["{}"]
     assert_eq!(backend.accepted(), 0);
 }
 
+/// A redirect that starts with the request's path stays on this site whatever the path is:
+/// `//evil.example/` would otherwise make the browser leave for another host. One that names
+/// the request's host gets 400 from a request that has none, rather than a Location without a
+/// host.
+#[tokio::test]
+async fn redirects_stay_on_the_site_and_need_a_host_to_name_one() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+routes = [
+  {{ match = {{ path_prefix = "/secure/" }}, redirect = {{ to = "https://{{host}}{{path}}", status = 308 }} }},
+  {{ match = {{ path_regex = "^/[^?]*[^/?]$" }}, redirect = {{ to = "{{path}}/", status = 301 }} }},
+]
+default_pool = "p"
+
+[pools.p]
+backends = ["{}"]
+"#,
+        backend.addr
+    ));
+    let addr = proxy.addr("l7");
+    let mut client = HttpClient::connect(addr).await;
+    for (path, location) in [
+        ("/docs", "/docs/"),
+        ("//evil.example", "/evil.example/"),
+        ("///evil.example", "/evil.example/"),
+    ] {
+        let reply = client.get(path, "").await;
+        assert_eq!(
+            (reply.status, reply.header("location")),
+            (301, Some(location)),
+            "{path}"
+        );
+    }
+    let mut sender = h2_connect(addr).await;
+    let (status, headers, _) =
+        h2_request(&mut sender, "GET", "http://test//evil.example", None).await;
+    assert_eq!(status, 301);
+    assert_eq!(
+        headers.get("location").map(|v| v.as_bytes()),
+        Some(&b"/evil.example/"[..])
+    );
+    let mut client = HttpClient::connect(addr).await;
+    client.send(b"GET /secure/x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(client.reply().await.expect("reply").status, 400);
+    assert_eq!(backend.accepted(), 0);
+}
+
 fn big_text() -> Vec<u8> {
     (0..20_000)
         .map(|i| b"the quick brown fox "[i % 20])

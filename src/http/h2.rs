@@ -791,10 +791,9 @@ fn redirect_response(
     let view = View { parts };
     let host = view.host().map(super::strip_port).unwrap_or_default();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let location = redirect
-        .to
-        .replace("{host}", &String::from_utf8_lossy(host))
-        .replace("{path}", target);
+    let Some(location) = super::redirect_location(&redirect.to, host, target) else {
+        return status_response(400);
+    };
     let mut response = Response::new(ResponseBody::Empty);
     *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND);
     if let Ok(location) = HeaderValue::from_str(&location) {

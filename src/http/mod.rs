@@ -1742,10 +1742,9 @@ impl HttpProxy {
         route_rules: Option<&Rules>,
     ) -> Result<Next, Failure> {
         let host = head.host().map(strip_port).unwrap_or_default();
-        let location = redirect
-            .to
-            .replace("{host}", &String::from_utf8_lossy(host))
-            .replace("{path}", head.target());
+        let Some(location) = redirect_location(&redirect.to, host, head.target()) else {
+            return Err(Failure::Status(400));
+        };
         // As for a proxied response: while draining, or once a reload removed the listener,
         // the client is told not to send another request on this connection.
         let close = head.close || head.framing != Framing::Empty || self.closing();
@@ -1906,6 +1905,26 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// Where a redirect of the proxy's own sends the client: `to` with `{host}` (without its port)
+/// and `{path}` (path and query) filled in. `None` when `to` needs a host the request did not
+/// give (an HTTP/1.0 request without Host): `https:///x` would name no site at all.
+///
+/// A `to` that starts with `{path}` is a reference on this site, but a path that starts with
+/// `//` (or `/\`, which browsers read the same) would make it one to another host
+/// (`//evil.example/`): the leading slashes become one, so the redirect stays on this site.
+fn redirect_location(to: &str, host: &[u8], target: &str) -> Option<String> {
+    if host.is_empty() && to.contains("{host}") {
+        return None;
+    }
+    let location = to
+        .replace("{host}", &String::from_utf8_lossy(host))
+        .replace("{path}", target);
+    if to.starts_with("{path}") && (location.starts_with("//") || location.starts_with("/\\")) {
+        return Some(format!("/{}", location.trim_start_matches(['/', '\\'])));
+    }
+    Some(location)
 }
 
 /// Runs `connect`, recording how long a successful one took.
