@@ -94,9 +94,12 @@ pub async fn start(any_port: bool) -> Result<(Server, String), DemoError> {
     };
     let (http, tcp, udp) = (addr("http-demo"), addr("tcp-demo"), addr("udp-demo"));
     let moved = if any_port || (http.port(), tcp.port(), udp.port()) == preferred {
-        ""
+        String::new()
     } else {
-        "\n(ports 8080/7000/7001 were taken, so the demo listens on free ports instead)\n"
+        format!(
+            "\n(one of the ports {HTTP_PORT}/{TCP_PORT}/{UDP_PORT} was taken, so the demo \
+             listens on free ports instead)\n"
+        )
     };
     let help = format!(
         "Switchyard demo is running.{moved}\n\
@@ -280,4 +283,24 @@ async fn udp_backend(name: String) -> io::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quick start tells a stranger where each demo listener is; it must be where the demo
+    /// puts it.
+    #[test]
+    fn the_readme_names_the_demo_ports() {
+        let readme = include_str!("../README.md");
+        for (name, port) in [
+            ("http-demo", HTTP_PORT),
+            ("tcp-demo", TCP_PORT),
+            ("udp-demo", UDP_PORT),
+        ] {
+            let said = format!("`{name}` on `127.0.0.1:{port}`");
+            assert!(readme.contains(&said), "README lacks {said}");
+        }
+    }
 }

@@ -1,15 +1,22 @@
 //! The README's promises, checked: its configuration reference names exactly the keys the parser
-//! accepts, table by table.
+//! accepts, table by table; and the quick start's demo routes as its table says and does what
+//! every command it prints says.
 //!
 //! The parser refuses unknown keys, and its error lists every key the table takes ("unknown
 //! field `x`, expected one of `a`, `b`"). Each test case provokes that error in one table and
 //! compares the list with the keys the README documents for that table, so a key added without
 //! its documentation, or documented but refused, fails here by name.
 
-use std::collections::BTreeSet;
-use std::path::Path;
+mod common;
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use common::*;
 use switchyard::Config;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const README: &str = include_str!("../README.md");
 
@@ -398,5 +405,272 @@ fn the_modification_rules_section_covers_the_rule_keys_of_listeners_and_routes()
             .flat_map(|row| backticked(&row[0]))
             .collect();
         assert_eq!(pointed, described, "{heading}");
+    }
+}
+
+/// A `switchyard demo` on free ports and the help it printed; killed when dropped.
+struct Demo {
+    _child: tokio::process::Child,
+    help: Vec<String>,
+}
+
+async fn start_demo() -> Demo {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["demo", "--any-port", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut help = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            let done = line.starts_with("Press Ctrl-C");
+            help.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("the demo ended its help early: {help:#?}");
+    })
+    .await
+    .expect("help printed");
+    Demo {
+        _child: child,
+        help,
+    }
+}
+
+/// `line` split into words as a shell would, for the simple quoting the demo prints.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                word.get_or_insert_with(String::new);
+            }
+            c if c.is_whitespace() && !quoted => words.extend(word.take()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
+/// What a request sent as `curl` would send it gets back: its status and body.
+async fn http_request(addr: SocketAddr, path: &str, headers: &[String]) -> (u16, String) {
+    let mut head = format!("GET {path} HTTP/1.1\r\n");
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+    {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for header in headers {
+        head.push_str(&format!("{header}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut client = HttpClient::connect(addr).await;
+    client.send(head.as_bytes()).await;
+    let reply = client.reply().await.expect("a reply");
+    (reply.status, reply.text())
+}
+
+/// The names in a hint such as `web-1, web-2` or `tcp-backend-1..3`.
+fn backend_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for word in text.split(|c: char| c.is_whitespace() || "(),:".contains(c)) {
+        if let Some((stem, last)) = word.split_once("..") {
+            let (prefix, first) = stem.rsplit_once('-').expect("a range like name-1..3");
+            let first: u32 = first.parse().expect("a number");
+            let last: u32 = last.parse().expect("a number");
+            names.extend((first..=last).map(|i| format!("{prefix}-{i}")));
+        } else if word
+            .rsplit_once('-')
+            .is_some_and(|(_, n)| n.parse::<u32>().is_ok())
+        {
+            names.insert(word.to_owned());
+        }
+    }
+    names
+}
+
+/// Sends requests until every backend of `expected` answered, with at most three rounds of
+/// them; every answer must come from one of them.
+async fn answered_by<F, Fut>(what: &str, expected: &BTreeSet<String>, mut ask: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 * expected.len() {
+        let name = ask().await;
+        assert!(
+            expected.contains(&name),
+            "{what}: answered by {name}, not one of {expected:?}"
+        );
+        seen.insert(name);
+        if &seen == expected {
+            return;
+        }
+    }
+    panic!("{what}: only {seen:?} of {expected:?} answered");
+}
+
+/// Every command the demo prints works and shows what its comment says: the pool (and its
+/// backends) answering, or the status.
+#[tokio::test]
+async fn every_command_the_demo_prints_does_what_its_comment_says() {
+    let demo = start_demo().await;
+    let mut tried = 0;
+    for (i, line) in demo.help.iter().enumerate() {
+        let line = line.trim();
+        if !line.starts_with("curl ") && !line.starts_with("echo ") {
+            continue;
+        }
+        // The comment is on the line, or alone on the next one.
+        let (command, comment) = match line.split_once(" # ") {
+            Some((command, comment)) => (command.trim(), comment.trim()),
+            None => (
+                line,
+                demo.help
+                    .get(i + 1)
+                    .and_then(|next| next.trim().strip_prefix("# "))
+                    .unwrap_or_else(|| panic!("no comment says what `{line}` shows")),
+            ),
+        };
+        let words = shell_words(command);
+        let target = words.iter().find(|w| w.contains("://")).map(String::as_str);
+        let expected = backend_names(comment);
+        match target {
+            Some(url) if url.starts_with("http://") => {
+                let rest = &url["http://".len()..];
+                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                let addr: SocketAddr = authority.parse().expect("an address");
+                let path = if path.is_empty() { "/" } else { path };
+                let headers: Vec<String> = words
+                    .windows(2)
+                    .filter(|w| w[0] == "-H")
+                    .map(|w| w[1].clone())
+                    .collect();
+                if let Some(status) = comment.strip_prefix("ambiguous framing: ") {
+                    let (got, _) = http_request(addr, path, &headers).await;
+                    assert_eq!(got.to_string(), status, "`{command}`");
+                } else {
+                    // "web pool (web-1, web-2)"; a pool of one backend lists none: NAME-1.
+                    let pool = comment.split(' ').next().expect("a pool");
+                    let expected = if expected.is_empty() {
+                        BTreeSet::from([format!("{pool}-1")])
+                    } else {
+                        expected
+                    };
+                    answered_by(command, &expected, || async {
+                        let (status, body) = http_request(addr, path, &headers).await;
+                        assert_eq!(status, 200, "`{command}`: {body}");
+                        let name = body.trim().strip_prefix("hello from ");
+                        name.unwrap_or_else(|| panic!("`{command}`: {body}"))
+                            .to_owned()
+                    })
+                    .await;
+                }
+            }
+            Some(url) if url.starts_with("telnet://") => {
+                let addr: SocketAddr = url["telnet://".len()..].parse().expect("an address");
+                answered_by(command, &expected, || async move {
+                    let line = first_line(addr).await;
+                    line.strip_prefix("hello from ")
+                        .unwrap_or_else(|| panic!("`{command}`: {line}"))
+                        .to_owned()
+                })
+                .await;
+            }
+            _ => {
+                // `echo hello | nc -u -w1 IP PORT`
+                let at = words.iter().position(|w| w == "-u").expect("nc -u");
+                let ip = words.iter().skip(at + 1).find(|w| !w.starts_with('-'));
+                let addr: SocketAddr =
+                    format!("{}:{}", ip.expect("an ip"), words.last().expect("a port"))
+                        .parse()
+                        .expect("an address");
+                answered_by(command, &expected, || async move {
+                    // nc uses a new port each time: a new session.
+                    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind");
+                    socket.send_to(b"hello\n", addr).await.expect("send");
+                    let mut buf = [0u8; 256];
+                    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
+                        .await
+                        .expect("an answer in time")
+                        .expect("recv");
+                    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let (name, echoed) = answer.split_once(": ").expect("NAME: datagram");
+                    assert_eq!(echoed, "hello\n");
+                    name.to_owned()
+                })
+                .await;
+            }
+        }
+        tried += 1;
+    }
+    assert!(
+        tried >= 8,
+        "only {tried} commands found in {:#?}",
+        demo.help
+    );
+}
+
+/// The demo routes as the README's quick-start table says, to the backends it names.
+#[tokio::test]
+async fn the_demo_routes_as_the_quick_start_table_says() {
+    let demo = start_demo().await;
+    let http: SocketAddr = demo
+        .help
+        .iter()
+        .find_map(|line| line.strip_prefix("Layer 7, http-demo on "))
+        .and_then(|rest| {
+            rest.split(':')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(":")
+                .parse()
+                .ok()
+        })
+        .expect("the http address printed");
+    let table = rows(&section("## Quick start"));
+    assert!(table.len() >= 5, "{table:#?}");
+    for row in table {
+        let (request, pool) = (&row[0], &row[1]);
+        let code = backticked(request);
+        let (path, headers) = if let Some(prefix) = request.strip_prefix("path starts with ") {
+            (format!("{}x", backticked(prefix)[0]), vec![])
+        } else if request == "anything else" {
+            ("/".to_owned(), vec![])
+        } else if let [field] = code.as_slice() {
+            // `Host: admin.*`, or header `X-API-Version: v2`
+            let field = field.replace(".*", ".example.com");
+            ("/".to_owned(), vec![field])
+        } else {
+            panic!("a request the test cannot make: {request}")
+        };
+        let name = &backticked(pool)[0];
+        let mut expected = backend_names(pool);
+        if expected.is_empty() {
+            expected.insert(format!("{name}-1"));
+        }
+        answered_by(request, &expected, || async {
+            let (status, body) = http_request(http, &path, &headers).await;
+            assert_eq!(status, 200, "{request}: {body}");
+            body.trim()
+                .strip_prefix("hello from ")
+                .unwrap_or_else(|| panic!("{request}: {body}"))
+                .to_owned()
+        })
+        .await;
     }
 }
