@@ -75,6 +75,14 @@ fn every_example_config_passes_check() {
                     path.display(),
                     String::from_utf8_lossy(&out.stderr)
                 );
+                // Not even a warning (a certificate near its end, `verify = false`): an example
+                // is what people copy.
+                assert!(
+                    out.stderr.is_empty(),
+                    "{} draws warnings:\n{}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 checked += 1;
             }
         }

@@ -674,3 +674,27 @@ async fn the_demo_routes_as_the_quick_start_table_says() {
         .await;
     }
 }
+
+/// The README's list of examples is the `examples/` directory: no file missing from the list,
+/// none listed that is not there. (`tests/cli.rs` runs `check` on each.)
+#[test]
+fn the_examples_section_lists_every_example_and_no_other() {
+    let listed: BTreeSet<String> = section("## Examples")
+        .iter()
+        .filter_map(|line| line.strip_prefix("- [`"))
+        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name.to_owned()))
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let present: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("examples/")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".toml"))
+        .collect();
+    assert_eq!(listed, present);
+}
