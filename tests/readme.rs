@@ -698,3 +698,143 @@ fn the_examples_section_lists_every_example_and_no_other() {
         .collect();
     assert_eq!(listed, present);
 }
+
+/// A value of `key` that a listener of a protocol that takes it accepts, with the keys it needs
+/// beside it unless `alone`.
+fn listener_key_probe(key: &str, alone: bool) -> String {
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/certs");
+    let value = match key {
+        "name" => "\"n\"",
+        "bind" => "\"127.0.0.1:0\"",
+        "protocol" => "\"tcp\"",
+        "pool" | "default_pool" => "\"p\"",
+        "routes" => "[{ match = { path = \"/\" }, pool = \"p\" }]",
+        "max_connections" | "max_sessions" | "max_body_size" => "10",
+        "idle_timeout" | "client_header_timeout" | "keepalive_timeout" | "park_idle_after" => {
+            "\"1s\""
+        }
+        "splice" | "forwarded_header" => "true",
+        "trusted_proxies" if alone => "[\"10.0.0.0/8\"]",
+        "proxy_protocol_timeout" | "client_hello_timeout" if alone => "\"1s\"",
+        "proxy_protocol" | "trusted_proxies" | "proxy_protocol_timeout" => {
+            return format!(
+                "proxy_protocol = \"v1\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n{}",
+                if key == "proxy_protocol_timeout" {
+                    "proxy_protocol_timeout = \"1s\"\n"
+                } else {
+                    ""
+                }
+            );
+        }
+        "request_headers" | "response_headers" => "{ add = { X-A = \"b\" } }",
+        "rewrite" => "{ add_prefix = \"/v\" }",
+        "host_rewrite" => "\"a.example\"",
+        "redirect" => "{ to = \"https://a.example{path}\" }",
+        "cookie_flags" => "[\"Secure\"]",
+        "compression" => "{}",
+        "access_log" => "{ path = \"stderr\" }",
+        "tls" => {
+            return format!(
+                "tls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}\n",
+                certs.join("example.com.pem"),
+                certs.join("example.com.key")
+            );
+        }
+        "sni_routes" | "client_hello_timeout" => {
+            return format!(
+                "sni_routes = [{{ sni = \"a.example\", pool = \"p\" }}]\n{}",
+                if key == "client_hello_timeout" {
+                    "client_hello_timeout = \"1s\"\n"
+                } else {
+                    ""
+                }
+            );
+        }
+        other => panic!("the test has no value for the listener key `{other}`: add one"),
+    };
+    format!("{key} = {value}\n")
+}
+
+/// Whether a listener of `protocol` that also holds `probe` is refused at `key` (at the key or
+/// inside it), with every problem found.
+fn refused_at(protocol: &str, key: &str, probe: &str) -> (bool, Vec<String>) {
+    let base = match protocol {
+        "http" => {
+            "name = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n"
+                .to_owned()
+        }
+        _ => format!(
+            "name = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\npool = \"p\"\n"
+        ),
+    };
+    // A key the listener already has is not written twice.
+    let probe = if base
+        .lines()
+        .any(|line| line.starts_with(&format!("{key} = ")))
+    {
+        ""
+    } else {
+        probe
+    };
+    let text = format!("[[listeners]]\n{base}{probe}\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n");
+    let problems: Vec<String> = match Config::from_toml(&text, Path::new("probe.toml")) {
+        Ok(_) => Vec::new(),
+        Err(error) => error
+            .problems()
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.reason))
+            .collect(),
+    };
+    let at = format!("listeners[0].{key}");
+    let refused = problems.iter().any(|p| {
+        p.strip_prefix(&at).is_some_and(|rest| {
+            rest.starts_with(':') || rest.starts_with('.') || rest.starts_with('[')
+        })
+    });
+    (refused, problems)
+}
+
+/// The ✓ and ✗ of the listener table hold: a key marked ✗ for a protocol is refused on a
+/// listener of that protocol, at that key; one marked ✓ is taken there; one marked "with
+/// `other`" is taken with the other key and refused without it.
+#[test]
+fn the_listener_table_says_which_protocols_take_each_key() {
+    let table = rows(&section("### `[[listeners]]`"));
+    assert!(table.len() > 20, "{table:#?}");
+    let mut wrong = Vec::new();
+    for row in &table {
+        for (column, protocol) in [(3, "tcp"), (4, "udp"), (5, "http")] {
+            let mark = row[column].as_str();
+            for key in backticked(&row[0]) {
+                let with = listener_key_probe(&key, false);
+                let alone = listener_key_probe(&key, true);
+                let (taken, refused) = match mark {
+                    // `protocol` itself: no mark.
+                    "" => continue,
+                    "✓" => (Some(&with), None),
+                    "✗" => (None, Some(&alone)),
+                    m if m.starts_with("with ") => (Some(&with), Some(&alone)),
+                    m => {
+                        wrong.push(format!("`{key}`: the test cannot read the mark `{m}`"));
+                        continue;
+                    }
+                };
+                if let Some(probe) = taken
+                    && let (true, problems) = refused_at(protocol, &key, probe)
+                {
+                    wrong.push(format!(
+                        "`{key}` is marked {mark} for {protocol} but refused: {problems:?}"
+                    ));
+                }
+                if let Some(probe) = refused
+                    && let (false, problems) = refused_at(protocol, &key, probe)
+                {
+                    wrong.push(format!(
+                        "`{key}` is marked {mark} for {protocol} but taken alone: {problems:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
