@@ -838,3 +838,64 @@ fn the_listener_table_says_which_protocols_take_each_key() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The pool table's "http." and "tcp and http." hold: such a key is refused on a pool that only
+/// listeners of the other protocols use, and taken on one a listener of those protocols uses.
+#[test]
+fn the_pool_table_says_which_listeners_a_key_is_for() {
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/certs/ca.pem");
+    let table = rows(&section("### `[pools.NAME]`"));
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for row in &table {
+        let meaning = row.last().expect("a meaning");
+        let for_protocols: &[&str] = if meaning.starts_with("http.") {
+            &["http"]
+        } else if meaning.starts_with("tcp and http.") {
+            &["tcp", "http"]
+        } else {
+            continue;
+        };
+        let [key] = backticked(&row[0]).try_into().expect("one key a row");
+        let value = match key.as_str() {
+            "sticky" => "{ cookie = \"S\" }".to_owned(),
+            "queue" => "{ size = 1 }".to_owned(),
+            "connect_timeout" | "response_timeout" | "keepalive_timeout" => "\"1s\"".to_owned(),
+            "connect_attempts" | "keepalive_connections" => "1".to_owned(),
+            "upstream_protocol" => "\"h2\"".to_owned(),
+            "tls" => format!("{{ ca = {ca:?} }}"),
+            "send_proxy_protocol" => "\"v1\"".to_owned(),
+            other => panic!("the test has no value for the pool key `{other}`: add one"),
+        };
+        for protocol in ["tcp", "udp", "http"] {
+            let pool = match protocol {
+                "http" => "default_pool = \"p\"",
+                _ => "pool = \"p\"",
+            };
+            let text = format!(
+                "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n\
+                 {pool}\n\n[pools.p]\nbackends = [{{ address = \"127.0.0.1:1\", \
+                 max_connections = 1 }}]\n{key} = {value}\n"
+            );
+            let problems: Vec<String> = match Config::from_toml(&text, Path::new("probe.toml")) {
+                Ok(_) => Vec::new(),
+                Err(error) => error
+                    .problems()
+                    .into_iter()
+                    .map(|p| format!("{}: {}", p.path, p.reason))
+                    .collect(),
+            };
+            let meant = for_protocols.contains(&protocol);
+            if meant && !problems.is_empty() {
+                wrong.push(format!(
+                    "`{key}` is for {protocol} but refused: {problems:?}"
+                ));
+            } else if !meant && problems.is_empty() {
+                wrong.push(format!("`{key}` is not for {protocol} but taken"));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 24, "only {checked} probes");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
