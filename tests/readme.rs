@@ -899,3 +899,153 @@ fn the_pool_table_says_which_listeners_a_key_is_for() {
     assert!(checked >= 24, "only {checked} probes");
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// A default as the code holds it.
+enum DefaultValue {
+    Duration(std::time::Duration),
+    Number(u64),
+    Bool(bool),
+}
+
+/// The defaults the README's tables give are the code's `DEFAULT_*` values.
+#[test]
+fn every_default_the_reference_gives_is_the_code_s() {
+    use DefaultValue::*;
+    use switchyard::config::*;
+    let n = |v: usize| Number(v as u64);
+    let listeners = "### `[[listeners]]`";
+    let pools = "### `[pools.NAME]`";
+    let health = "#### Health checks";
+    let cases = [
+        (
+            "### `[global]`",
+            "drain_timeout",
+            Duration(DEFAULT_DRAIN_TIMEOUT),
+        ),
+        (listeners, "max_connections", n(DEFAULT_MAX_CONNECTIONS)),
+        (listeners, "max_sessions", n(DEFAULT_MAX_SESSIONS)),
+        (listeners, "splice", Bool(DEFAULT_SPLICE)),
+        (
+            listeners,
+            "proxy_protocol_timeout",
+            Duration(DEFAULT_PROXY_PROTOCOL_TIMEOUT),
+        ),
+        (
+            listeners,
+            "client_header_timeout",
+            Duration(DEFAULT_CLIENT_HEADER_TIMEOUT),
+        ),
+        (
+            listeners,
+            "keepalive_timeout",
+            Duration(DEFAULT_KEEPALIVE_TIMEOUT),
+        ),
+        (
+            listeners,
+            "park_idle_after",
+            Duration(DEFAULT_PARK_IDLE_AFTER),
+        ),
+        (
+            listeners,
+            "client_hello_timeout",
+            Duration(DEFAULT_CLIENT_HELLO_TIMEOUT),
+        ),
+        (
+            "#### TLS",
+            "tls.handshake_timeout",
+            Duration(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+        ),
+        (pools, "maglev_table_size", n(DEFAULT_MAGLEV_TABLE_SIZE)),
+        (pools, "ring_vnodes", Number(DEFAULT_RING_VNODES.into())),
+        (
+            pools,
+            "drain_timeout",
+            Duration(DEFAULT_BACKEND_DRAIN_TIMEOUT),
+        ),
+        (pools, "connect_timeout", Duration(DEFAULT_CONNECT_TIMEOUT)),
+        (pools, "connect_attempts", n(DEFAULT_CONNECT_ATTEMPTS)),
+        (
+            pools,
+            "response_timeout",
+            Duration(DEFAULT_RESPONSE_TIMEOUT),
+        ),
+        (
+            pools,
+            "keepalive_connections",
+            n(DEFAULT_KEEPALIVE_CONNECTIONS),
+        ),
+        (
+            pools,
+            "keepalive_timeout",
+            Duration(DEFAULT_UPSTREAM_KEEPALIVE_TIMEOUT),
+        ),
+        (health, "interval", Duration(DEFAULT_HEALTH_INTERVAL)),
+        (health, "timeout", Duration(DEFAULT_HEALTH_TIMEOUT)),
+        (health, "rise", Number(DEFAULT_HEALTH_RISE.into())),
+        (health, "fall", Number(DEFAULT_HEALTH_FALL.into())),
+    ];
+    let mut wrong = Vec::new();
+    for (heading, key, expected) in cases {
+        let rows = rows(&section(heading));
+        let header = README
+            .lines()
+            .skip_while(|line| *line != heading)
+            .find(|line| line.starts_with("| key"))
+            .expect("a table");
+        let column = header
+            .trim_matches('|')
+            .split('|')
+            .position(|cell| cell.trim() == "default")
+            .expect("a default column");
+        let Some(row) = rows.iter().find(|row| backticked(&row[0]) == [key]) else {
+            panic!("no row for `{key}` under `{heading}`");
+        };
+        // The first value written: `"30s"`, `10000`, `true` (a note may follow it).
+        let cell = &row[column];
+        let written = backticked(cell).into_iter().next().unwrap_or_default();
+        let written = written.trim_matches('"');
+        let holds = match &expected {
+            Duration(d) => parse_duration(written).is_ok_and(|w| w == *d),
+            Number(v) => written.parse::<u64>().is_ok_and(|w| w == *v),
+            Bool(b) => written.parse::<bool>().is_ok_and(|w| w == *b),
+        };
+        if !holds {
+            wrong.push(format!("{heading} `{key}`: the README says {cell}"));
+        }
+    }
+    // The forms that show their defaults.
+    for (key, expected) in [
+        (
+            "consecutive_failures",
+            Number(DEFAULT_CONSECUTIVE_FAILURES.into()),
+        ),
+        ("base_ejection_time", Duration(DEFAULT_BASE_EJECTION_TIME)),
+        ("max_ejection_time", Duration(DEFAULT_MAX_EJECTION_TIME)),
+        (
+            "max_ejected_percent",
+            Number(DEFAULT_MAX_EJECTED_PERCENT.into()),
+        ),
+    ] {
+        let rows = rows(&section(pools));
+        let row = rows
+            .iter()
+            .find(|row| backticked(&row[0]) == ["outlier"])
+            .expect("outlier");
+        let form = backticked(&row[1]).join(" ");
+        let written = form
+            .split(&format!("{key} = "))
+            .nth(1)
+            .and_then(|rest| rest.split([',', ' ', '}']).next())
+            .unwrap_or_default()
+            .trim_matches('"');
+        let holds = match &expected {
+            Duration(d) => parse_duration(written).is_ok_and(|w| w == *d),
+            Number(v) => written.parse::<u64>().is_ok_and(|w| w == *v),
+            Bool(_) => false,
+        };
+        if !holds {
+            wrong.push(format!("outlier `{key}`: the README shows `{written}`"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
