@@ -1049,3 +1049,49 @@ fn every_default_the_reference_gives_is_the_code_s() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The README's sample of `check` output is what `check` prints for such a file, line for line.
+#[test]
+fn the_sample_check_output_is_what_check_prints() {
+    let sample: Vec<&str> = README
+        .lines()
+        .skip_while(|line| !line.starts_with("app.toml: "))
+        .take_while(|line| !line.starts_with("```"))
+        .collect();
+    assert!(sample.len() >= 2, "no sample of check's output");
+    let dir = std::env::temp_dir().join(format!("switchyard-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // The mistakes the sample shows: a misspelt pool, a weight out of range.
+    std::fs::write(
+        dir.join("app.toml"),
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "web"
+
+[[listeners]]
+name = "db"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "mysq"
+
+[pools.web]
+backends = ["127.0.0.1:1", "127.0.0.1:2", { address = "127.0.0.1:3", weight = 300 }]
+
+[pools.mysql]
+backends = ["127.0.0.1:4"]
+"#,
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", "app.toml"])
+        .current_dir(&dir)
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let printed = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(printed.lines().collect::<Vec<_>>(), sample);
+}
