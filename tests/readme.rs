@@ -1,6 +1,7 @@
 //! The README's promises, checked: its configuration reference names exactly the keys the parser
 //! accepts, table by table; and the quick start's demo routes as its table says and does what
-//! every command it prints says.
+//! every command it prints says; the examples it lists, its sample of `check` output, its
+//! defaults and its table of metrics are what the code has.
 //!
 //! The parser refuses unknown keys, and its error lists every key the table takes ("unknown
 //! field `x`, expected one of `a`, `b`"). Each test case provokes that error in one table and
@@ -1094,4 +1095,104 @@ backends = ["127.0.0.1:4"]
     assert_eq!(out.status.code(), Some(1));
     let printed = String::from_utf8_lossy(&out.stderr);
     assert_eq!(printed.lines().collect::<Vec<_>>(), sample);
+}
+
+/// The README's table of metrics is what `/metrics` serves: every family, its type and its
+/// labels, and no family the table leaves out.
+#[tokio::test]
+async fn the_metrics_table_is_what_metrics_serves() {
+    let backend = http_backend("a").await;
+    let (udp_backend, _udp) = udp_named("u").await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n\
+         [[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"u\"\n\n\
+         [pools.p]\nbackends = [\"{}\"]\n\n[pools.u]\nbackends = [\"{udp_backend}\"]\n",
+        backend.addr
+    ));
+    // A response, so that the families of responses have a series.
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    let admin = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(admin).await;
+    client
+        .send(format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes())
+        .await;
+    let reply = client.reply().await.expect("metrics");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let metrics = reply.text();
+
+    // name → (type, label names), from what is served.
+    let mut served = std::collections::BTreeMap::<String, (String, BTreeSet<String>)>::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').expect("# TYPE name type");
+            // OpenMetrics names a counter's family without the `_total` of its samples.
+            let name = match kind {
+                "counter" => format!("{family}_total"),
+                _ => family.to_owned(),
+            };
+            served.insert(name, (kind.to_owned(), BTreeSet::new()));
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let (series, _) = line.rsplit_once(' ').expect("name value");
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let family = ["_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|f| served.contains_key(*f))
+                .unwrap_or(name);
+            let entry = served
+                .get_mut(family)
+                .unwrap_or_else(|| panic!("no TYPE for {name}"));
+            for pair in labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+            {
+                let (label, _) = pair.split_once('=').expect("label=value");
+                if label != "le" {
+                    entry.1.insert(label.to_owned());
+                }
+            }
+        }
+    }
+
+    let mut documented = std::collections::BTreeMap::<String, (String, BTreeSet<String>)>::new();
+    for row in rows(&section("### Metrics")) {
+        // Labels: names before any parenthesis; `none` or nothing for none.
+        let mut labels = String::new();
+        let mut depth = 0;
+        for c in row[2].chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                c if depth == 0 => labels.push(c),
+                _ => {}
+            }
+        }
+        let labels: BTreeSet<String> = labels
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && *l != "none")
+            .map(str::to_owned)
+            .collect();
+        for name in backticked(&row[0]) {
+            documented.insert(name, (row[1].clone(), labels.clone()));
+        }
+    }
+    let mut wrong = Vec::new();
+    for (name, (kind, labels)) in &documented {
+        match served.get(name) {
+            None => wrong.push(format!("`{name}` is in the README but not served")),
+            Some((k, l)) if k != kind || l != labels => wrong.push(format!(
+                "`{name}`: the README says {kind} with {labels:?}, served as {k} with {l:?}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in served.keys().filter(|n| !documented.contains_key(*n)) {
+        wrong.push(format!("`{name}` is served but not in the README"));
+    }
+    assert!(documented.len() > 20, "{documented:#?}");
+    assert!(wrong.is_empty(), "{}\n{metrics}", wrong.join("\n"));
 }
