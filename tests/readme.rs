@@ -1,7 +1,8 @@
 //! The README's promises, checked: its configuration reference names exactly the keys the parser
-//! accepts, table by table; and the quick start's demo routes as its table says and does what
-//! every command it prints says; the examples it lists, its sample of `check` output, its
-//! defaults and its table of metrics are what the code has.
+//! accepts, table by table, with the code's defaults and the protocols that take them; the
+//! quick start's demo routes as its table says and does what every command it prints says; and
+//! the examples it lists, its sample of `check` output and its table of metrics are what the
+//! code has.
 //!
 //! The parser refuses unknown keys, and its error lists every key the table takes ("unknown
 //! field `x`, expected one of `a`, `b`"). Each test case provokes that error in one table and
