@@ -742,9 +742,26 @@ impl BalanceKind {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|error| {
+            // Where the first byte that is not UTF-8 is, so that an editor can find it.
+            let bytes = error.as_bytes();
+            let at = error.utf8_error().valid_up_to();
+            let before = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+            let (line, column) = validate::line_column(before, at);
+            ConfigError::Syntax {
+                file: path.to_path_buf(),
+                path: String::new(),
+                line,
+                column,
+                reason: format!(
+                    "not UTF-8 text: byte 0x{:02X} here (save the file as UTF-8)",
+                    bytes[at]
+                ),
+            }
         })?;
         Config::from_toml(&text, path)
     }
