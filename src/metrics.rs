@@ -125,6 +125,10 @@ pub struct ListenerStats {
     /// TLS handshakes of clients that failed (a bad or unsupported hello, a handshake that
     /// timed out, a client that left): the only trace they leave besides a debug log line.
     pub tls_failures: AtomicU64,
+    /// Datagrams a udp listener dropped, shared with the running listener's
+    /// [`UdpStats`](crate::l4::udp::UdpStats): kept here, by name, it outlives a reload that
+    /// gives the listener another socket.
+    pub datagrams_dropped: Arc<AtomicU64>,
     /// Per-route counters by label: a route's position, `default` or `unrouted`.
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
 }

@@ -784,7 +784,10 @@ impl Shared {
             Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
             Built::Udp(p) => Proxy::Udp(
                 Arc::new(ArcSwap::from_pointee(p)),
-                Arc::new(UdpStats::default()),
+                Arc::new(UdpStats {
+                    sessions: Default::default(),
+                    dropped: Arc::clone(&self.metrics.listener(&l.name).datagrams_dropped),
+                }),
             ),
         };
         let max_connections = l.max_connections.min(Semaphore::MAX_PERMITS);

@@ -1089,3 +1089,51 @@ async fn a_log_file_no_listener_uses_after_a_reload_is_closed() {
     eventually("the old file is closed", || !holds_open(&old)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_udp_listener_moved_to_another_address_keeps_counting_its_drops() {
+    let (a, _backend) = udp_named("a").await;
+    let udp = |bind: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"dns\"\nbind = \"{bind}\"\nprotocol = \"udp\"\npool = \"p\"\nmax_sessions = 1\nidle_timeout = \"1m\"\n\n[pools.p]\nbackends = [\"{a}\"]\n"
+        )
+    };
+    let proxy = Proxy::start(&udp("127.0.0.1:0"));
+    // One session fills the listener; the next client's datagrams are dropped.
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let second = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dropped = "switchyard_udp_datagrams_dropped_total{listener=\"dns\"}";
+    let count = |proxy: &Proxy| {
+        parse_openmetrics(&switchyard::metrics::render(&proxy.handle))
+            .get(dropped)
+            .copied()
+    };
+    first
+        .send_to(b"one", proxy.addr("dns"))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(PATIENCE, first.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("recv");
+    for _ in 0..3 {
+        second
+            .send_to(b"two", proxy.addr("dns"))
+            .await
+            .expect("send");
+    }
+    eventually("three drops", || count(&proxy) == Some(3.0)).await;
+
+    // The same listener on another address: a new socket, and the counter goes on.
+    let summary = proxy.reload(&udp("127.0.0.2:0")).await.expect("reloads");
+    assert_eq!(summary.started, ["dns"], "{summary:?}");
+    assert_eq!(count(&proxy), Some(3.0), "a counter never goes back");
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["listeners"][0]["datagrams_dropped"], 3, "{state}");
+}

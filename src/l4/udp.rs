@@ -137,8 +137,10 @@ impl Drop for Session {
 pub struct UdpStats {
     /// Sessions open now.
     pub sessions: AtomicU64,
-    /// Datagrams dropped: session cap reached, no backend, or a full socket buffer.
-    pub dropped: AtomicU64,
+    /// Datagrams dropped: session cap reached, no backend, or a full socket buffer. Shared
+    /// with the listener's name-keyed counters, so that a reload that gives the listener a new
+    /// socket (a new address) does not start the count, a Prometheus counter, again from zero.
+    pub dropped: Arc<AtomicU64>,
 }
 
 impl UdpProxy {
