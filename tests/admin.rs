@@ -1137,3 +1137,99 @@ async fn a_udp_listener_moved_to_another_address_keeps_counting_its_drops() {
     let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
     assert_eq!(state["listeners"][0]["datagrams_dropped"], 3, "{state}");
 }
+
+/// The metric names the README's table under "### Metrics" lists, as they appear in samples
+/// (`_total` on counters).
+fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme
+        .split("\n### Metrics\n")
+        .nth(1)
+        .expect("a Metrics section")
+        .split("\n#")
+        .next()
+        .expect("its text");
+    section
+        .lines()
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|row| row.split(" | ").next())
+        .flat_map(|cell| cell.split(", "))
+        .filter_map(|name| name.strip_prefix('`')?.strip_suffix('`'))
+        .filter(|name| name.starts_with("switchyard_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_exported_is_documented_and_every_documented_one_exported() {
+    let a = http_backend("a").await;
+    let (u, _udp_backend) = udp_named("u").await;
+    // One listener of each protocol and health checks, so that every family has a series.
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n\
+         [[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n\n\
+         [[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"u\"\n\n\
+         [pools.p]\nbackends = [\"{}\"]\nhealth = {{ kind = \"tcp\", interval = \"1s\" }}\n\n\
+         [pools.u]\nbackends = [\"{u}\"]\n",
+        a.addr
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    let reply = admin(api, "GET", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    let _ = parse_openmetrics(&text);
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| match rest.split_once(' ') {
+            Some((name, "counter")) => format!("{name}_total"),
+            Some((name, _)) => name.to_owned(),
+            None => panic!("bad TYPE line {rest}"),
+        })
+        .collect();
+    let documented = documented_metrics();
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "exported but not in the README: {undocumented:?}\nin the README but not exported: {missing:?}\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_weight_set_through_the_api_shows_in_state_and_metrics_alike() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    let series = format!(
+        "switchyard_backend_weight{{pool=\"p\",backend=\"{}\"}}",
+        a.addr
+    );
+    let weights = || async {
+        let state = json(&admin(api, "GET", "/api/state", t, "").await);
+        let reply = admin(api, "GET", "/metrics", t, "").await;
+        let metrics = parse_openmetrics(&reply.text());
+        (
+            state["pools"][0]["backends"][0]["weight"].clone(),
+            metrics.get(&series).copied(),
+        )
+    };
+    assert_eq!(weights().await, (serde_json::json!(1), Some(1.0)));
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let reply = admin(api, "PUT", &path, t, "{\"weight\": 5}").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(weights().await, (serde_json::json!(5), Some(5.0)));
+    // A reload puts the file's weight back, in both.
+    proxy
+        .reload(&config(a.addr, b.addr, ""))
+        .await
+        .expect("reloads");
+    assert_eq!(weights().await, (serde_json::json!(1), Some(1.0)));
+}
