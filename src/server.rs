@@ -36,7 +36,7 @@ use crate::l4::tcp::TcpProxy;
 use crate::l4::udp::{UdpProxy, UdpStats};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::pool::Snapshot;
+use crate::pool::{Pool, Snapshot};
 use crate::tls::TlsStore;
 
 /// Why the server could not start, or a reload was refused.
@@ -542,14 +542,30 @@ impl ServerHandle {
             .collect()
     }
 
-    /// Builds the pools again from the configuration in force, with the weights the admin API
-    /// set; health checks and drains go on as they are.
-    pub async fn rebuild_pools(&self) {
+    /// Builds pool `name` again from the configuration in force, with the weights the admin
+    /// API set; health checks and drains go on as they are, and the other pools are kept as
+    /// they are. The build (a maglev table may have millions of slots) runs on a blocking
+    /// thread: a weight change must not stall the connections the runtime's threads serve.
+    pub async fn rebuild_pool(&self, name: &str) {
         // Not while a reload is being applied: it would store pools of the old file.
         let _one_at_a_time = self.0.reloading.lock().await;
-        let state = self.0.lock();
-        let snapshot = Snapshot::new(&state.config, &self.0.registry, &state.tls);
-        self.0.snapshot.store(Arc::new(snapshot));
+        let (config, tls) = {
+            let state = self.0.lock();
+            (Arc::clone(&state.config), Arc::clone(&state.tls))
+        };
+        let registry = Arc::clone(&self.0.registry);
+        let name = name.to_owned();
+        let built = tokio::task::spawn_blocking(move || {
+            let pool = config.pools.get(&name)?;
+            Some(Pool::new(pool, &registry, &tls))
+        })
+        .await;
+        let Ok(Some(pool)) = built else {
+            return;
+        };
+        let mut pools = self.0.snapshot.load().pools.clone();
+        pools.insert(pool.name.clone(), Arc::new(pool));
+        self.0.snapshot.store(Arc::new(Snapshot { pools }));
     }
 
     /// Asks every access log file to be reopened (after logrotate moved it).

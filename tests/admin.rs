@@ -3,6 +3,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 
 use common::*;
@@ -1232,4 +1233,62 @@ async fn a_weight_set_through_the_api_shows_in_state_and_metrics_alike() {
         .await
         .expect("reloads");
     assert_eq!(weights().await, (serde_json::json!(1), Some(1.0)));
+}
+
+#[tokio::test]
+async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // A pool whose balancer takes long to build: a maglev table of a million slots.
+    let toml = config(a.addr, b.addr, "")
+        + &format!(
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 1000003\nbackends = [\"{}\"]\n",
+            a.addr
+        );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+
+    // A weight in pool p leaves pool big as it was.
+    let before = proxy.handle.snapshot();
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    assert_eq!(
+        admin(api, "PUT", &path, t, "{\"weight\": 2}").await.status,
+        200
+    );
+    let after = proxy.handle.snapshot();
+    assert!(
+        Arc::ptr_eq(&before.pools["big"], &after.pools["big"]),
+        "pool big was built again for a weight in pool p"
+    );
+    assert!(!Arc::ptr_eq(&before.pools["p"], &after.pools["p"]));
+
+    // A weight in pool big: its table is built again, but not on the thread that serves
+    // traffic (this test's runtime has one thread). A ticker measures the longest stall.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut longest = std::time::Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while !stop.load(SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        }
+    });
+    let started = std::time::Instant::now();
+    let path = format!("/api/pools/big/backends/{}/weight", a.addr);
+    let reply = admin(api, "PUT", &path, t, "{\"weight\": 3}").await;
+    let took = started.elapsed();
+    stop.store(true, SeqCst);
+    let stalled = ticker.await.expect("ticker");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(json(&reply)["weight"], 3);
+    assert!(
+        stalled < took / 2,
+        "traffic stalled {stalled:?} during a weight change that took {took:?}"
+    );
 }

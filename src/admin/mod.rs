@@ -362,7 +362,7 @@ impl Api {
             }
         };
         state.set_weight_override(weight);
-        self.handle.rebuild_pools().await;
+        self.handle.rebuild_pool(pool).await;
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
         match snapshot.pool(pool) {
