@@ -18,12 +18,23 @@ async fn admin(
     token: Option<&str>,
     body: &str,
 ) -> Reply {
-    let mut client = HttpClient::connect(addr).await;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    admin_with(addr, method, path, &auth, body).await
+}
+
+/// An HTTP request to the admin API with `headers` (each ended by CRLF) of the caller's own.
+async fn admin_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Reply {
+    let mut client = HttpClient::connect(addr).await;
     client
         .send(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "{method} {path} HTTP/1.1\r\nHost: admin\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
@@ -1291,4 +1302,156 @@ async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
         stalled < took / 2,
         "traffic stalled {stalled:?} during a weight change that took {took:?}"
     );
+}
+
+#[tokio::test]
+async fn the_token_is_taken_under_any_case_of_bearer_and_a_refusal_says_why() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // The scheme's name is case-insensitive (RFC 9110, section 11.1).
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let reply = admin_with(
+            api,
+            "GET",
+            "/api/state",
+            &format!("Authorization: {scheme} {TOKEN}\r\n"),
+            "",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{scheme}: {}", reply.text());
+    }
+    // No token, or another scheme: a challenge naming the scheme (RFC 6750, section 3).
+    for headers in ["", "Authorization: Basic dXNlcjpwYXNz\r\n"] {
+        let reply = admin_with(api, "GET", "/metrics", headers, "").await;
+        assert_eq!(reply.status, 401, "{headers:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"switchyard\""),
+            "{headers:?}"
+        );
+    }
+    // A wrong token (of the right length too): the challenge says it is invalid.
+    let wrong = "x".repeat(TOKEN.len());
+    for token in [wrong.as_str(), "short"] {
+        let reply = admin(api, "GET", "/api/state", Some(token), "").await;
+        assert_eq!(reply.status, 401, "{token:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"switchyard\", error=\"invalid_token\""),
+            "{token:?}"
+        );
+        assert!(json(&reply)["error"].as_str().is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let json_type = "Content-Type: application/json\r\n";
+    for (content_type, body, status, reason) in [
+        (
+            "Content-Type: text/plain\r\n",
+            "{\"weight\": 5}",
+            415,
+            "application/json",
+        ),
+        (
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            "weight=5",
+            415,
+            "application/json",
+        ),
+        (
+            json_type,
+            "{\"weight\": 5, \"drain\": true}",
+            400,
+            "`drain`",
+        ),
+        (json_type, "{\"wieght\": 5}", 400, "`wieght`"),
+        (json_type, "{\"weight\": 2.5}", 400, "whole number"),
+        (json_type, "{\"weight\": \"3\"}", 400, "whole number"),
+        (json_type, "{\"weight\": -1}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 0}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 257}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 1e400}", 400, "not JSON"),
+        (
+            json_type,
+            "{\"weight\": 99999999999999999999999}",
+            400,
+            "1 to 256",
+        ),
+        (json_type, "{\"weight\": 5", 400, "not JSON"),
+        (json_type, "", 400, "not JSON"),
+        (json_type, "[5]", 400, "{\"weight\": N}"),
+    ] {
+        let reply = admin_with(api, "PUT", &path, &format!("{auth}{content_type}"), body).await;
+        assert_eq!(
+            reply.status,
+            status,
+            "{content_type:?} {body:?}: {}",
+            reply.text()
+        );
+        let error = json(&reply)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(error.contains(reason), "{body:?}: {error}");
+    }
+    let big = format!("{{\"weight\": 5, \"pad\": \"{}\"}}", "x".repeat(5000));
+    let reply = admin_with(api, "PUT", &path, &format!("{auth}{json_type}"), &big).await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    assert_eq!(state.weight_override(), None, "nothing changed");
+    // What works: JSON with a charset, or no type at all, and a bare number.
+    for (content_type, body) in [
+        (
+            "Content-Type: application/json; charset=utf-8\r\n",
+            "{\"weight\": 4}",
+        ),
+        ("", "{\"weight\": 3}"),
+        (json_type, "2"),
+    ] {
+        let reply = admin_with(api, "PUT", &path, &format!("{auth}{content_type}"), body).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{content_type:?} {body:?}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(state.weight_override(), Some(2));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_is_answered_408_and_lets_go() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(api).await;
+    client
+        .send(
+            format!(
+                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 20\r\n\r\n{{\"wei",
+                a.addr
+            )
+            .as_bytes(),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let reply = client.reply().await.expect("an answer");
+    assert_eq!(reply.status, 408, "{}", reply.text());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert!(client.closed().await);
 }

@@ -36,6 +36,8 @@ const MAX_CONNECTIONS: usize = 32;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request body accepted (a weight is a few bytes).
 const MAX_BODY: usize = 4096;
+/// Time a request's body may take to arrive once its head has.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The dashboard: one page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -202,16 +204,20 @@ impl Api {
                 "a change requested by a page of another origin is refused",
             );
         }
-        if !self.authorized(&request) {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "a bearer token is required: Authorization: Bearer <admin.token>",
-            );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
+        match self.authorize(&request) {
+            Auth::Granted => {}
+            Auth::Missing => {
+                return unauthorized(
+                    "a bearer token is required: Authorization: Bearer <admin.token>",
+                    "Bearer realm=\"switchyard\"",
+                );
+            }
+            Auth::Invalid => {
+                return unauthorized(
+                    "the bearer token is not admin.token",
+                    "Bearer realm=\"switchyard\", error=\"invalid_token\"",
+                );
+            }
         }
         let segments: Vec<String> = path
             .trim_start_matches('/')
@@ -233,6 +239,9 @@ impl Api {
                 self.backend_action(pool, address, action)
             }
             (&Method::PUT, ["api", "pools", pool, "backends", address, "weight"]) => {
+                if let Some(refused) = not_json(&request) {
+                    return refused;
+                }
                 let body = match read_body(request).await {
                     Ok(body) => body,
                     Err(response) => return response,
@@ -247,20 +256,28 @@ impl Api {
         }
     }
 
-    /// Whether the request carries the token (always, when none is configured). Compared in
+    /// Whether the request carries the token (always granted when none is configured). The
+    /// scheme's name is taken in any case (RFC 9110, section 11.1); the token is compared in
     /// constant time.
-    fn authorized(&self, request: &Request<Incoming>) -> bool {
+    fn authorize(&self, request: &Request<Incoming>) -> Auth {
         let Some(token) = &self.token else {
-            return true;
+            return Auth::Granted;
         };
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let (a, b) = (given.as_bytes(), token.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+            .and_then(|v| {
+                let v = v.as_bytes();
+                let space = v.iter().position(|&b| b == b' ')?;
+                Some((&v[..space], &v[space + 1..]))
+            })
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer"))
+            .map(|(_, credentials)| credentials.trim_ascii());
+        match given {
+            None => Auth::Missing,
+            Some(given) if same_secret(given, token.as_bytes()) => Auth::Granted,
+            Some(_) => Auth::Invalid,
+        }
     }
 
     async fn reload(&self) -> Response<Full<Bytes>> {
@@ -353,13 +370,8 @@ impl Api {
             Err(response) => return *response,
         };
         let weight = match parse_weight(body) {
-            Some(w) if (1..=MAX_WEIGHT).contains(&w) => w,
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("the body must be {{\"weight\": N}} with N from 1 to {MAX_WEIGHT}"),
-                );
-            }
+            Ok(weight) => weight,
+            Err(reason) => return error(StatusCode::BAD_REQUEST, &reason),
         };
         state.set_weight_override(weight);
         self.handle.rebuild_pool(pool).await;
@@ -423,24 +435,122 @@ fn same_origin<B>(request: &Request<B>) -> bool {
     matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-/// `{"weight": N}` or a bare `N`.
-fn parse_weight(body: &[u8]) -> Option<u32> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let n = match &value {
-        serde_json::Value::Number(n) => n.as_u64()?,
-        serde_json::Value::Object(o) => o.get("weight")?.as_u64()?,
-        _ => return None,
-    };
-    u32::try_from(n).ok()
+/// What the `Authorization` header of a request says.
+enum Auth {
+    /// The token, or no token is configured.
+    Granted,
+    /// No bearer token (no header, or another scheme).
+    Missing,
+    /// A bearer token that is not the one configured.
+    Invalid,
 }
 
-/// Reads a small request body.
+/// Whether `given` is `token`, in a time that depends on the length of `given` (which the
+/// client knows) but on nothing of the token's: neither its bytes nor its length.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let mut differ = u8::from(given.len() != token.len());
+    for (i, &byte) in given.iter().enumerate() {
+        differ |= byte ^ token[i % token.len()];
+    }
+    std::hint::black_box(differ) == 0
+}
+
+/// A 401 with its challenge (RFC 6750, section 3).
+fn unauthorized(reason: &str, challenge: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error(StatusCode::UNAUTHORIZED, reason);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// A 415 for a body that says it is something other than JSON. A body without a type is taken
+/// as JSON (`curl -X PUT --data-binary @file` sends none), and so is any `…+json`.
+fn not_json<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let value = request.headers().get(header::CONTENT_TYPE)?;
+    let media = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/json" || media.ends_with("+json") {
+        return None;
+    }
+    Some(error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &format!(
+            "the body is JSON: send it with Content-Type: application/json, not `{}`",
+            String::from_utf8_lossy(value.as_bytes())
+        ),
+    ))
+}
+
+/// `{"weight": N}` or a bare `N`, with N from 1 to [`MAX_WEIGHT`]; else why not, in words an
+/// operator at a terminal can act on.
+fn parse_weight(body: &[u8]) -> Result<u32, String> {
+    let shape = || {
+        format!("the body must be {{\"weight\": N}} (or a bare N) with N from 1 to {MAX_WEIGHT}")
+    };
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not JSON ({e}); {}", shape()))?;
+    let n = match value {
+        serde_json::Value::Number(n) => n,
+        serde_json::Value::Object(mut object) => {
+            if let Some(key) = object.keys().find(|k| *k != "weight") {
+                return Err(format!("unknown key `{key}`: {}", shape()));
+            }
+            match object.remove("weight") {
+                Some(serde_json::Value::Number(n)) => n,
+                Some(other) => {
+                    return Err(format!(
+                        "`weight` must be a whole number from 1 to {MAX_WEIGHT}, not {other}"
+                    ));
+                }
+                None => return Err(shape()),
+            }
+        }
+        _ => return Err(shape()),
+    };
+    let out_of_range = || format!("weight {n} is out of range: a weight is 1 to {MAX_WEIGHT}");
+    if let Some(weight) = n.as_u64() {
+        return u32::try_from(weight)
+            .ok()
+            .filter(|w| (1..=MAX_WEIGHT).contains(w))
+            .ok_or_else(out_of_range);
+    }
+    match n.as_f64() {
+        // Negative, or too large for u64 (serde_json reads those as floats).
+        Some(f) if n.is_i64() || (f.is_finite() && f.fract() == 0.0) => Err(out_of_range()),
+        _ => Err(format!(
+            "`weight` must be a whole number from 1 to {MAX_WEIGHT}, not {n}"
+        )),
+    }
+}
+
+/// Reads a small request body, within [`BODY_TIMEOUT`]: a client that stops sending it does
+/// not hold one of the admin listener's few connections for the whole request deadline.
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(error(
+    let body = Limited::new(request.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "the body is too large or broken",
+            &format!("the body is larger than {MAX_BODY} bytes"),
+        )),
+        Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body is broken")),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
         )),
     }
 }
@@ -512,10 +622,18 @@ mod tests {
 
     #[test]
     fn weights_and_paths() {
-        assert_eq!(parse_weight(b"{\"weight\": 7}"), Some(7));
-        assert_eq!(parse_weight(b"12"), Some(12));
-        assert_eq!(parse_weight(b"{\"weight\": -1}"), None);
-        assert_eq!(parse_weight(b"nonsense"), None);
+        assert_eq!(parse_weight(b"{\"weight\": 7}"), Ok(7));
+        assert_eq!(parse_weight(b"12"), Ok(12));
+        assert!(parse_weight(b"{\"weight\": -1}").is_err());
+        assert!(parse_weight(b"nonsense").is_err());
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeF", b"0123456789abcdef"));
+        assert!(!same_secret(
+            b"0123456789abcdef0123456789abcdef",
+            b"0123456789abcdef"
+        ));
+        assert!(!same_secret(b"", b"0123456789abcdef"));
+        assert!(!same_secret(b"", b""));
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
