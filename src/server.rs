@@ -166,6 +166,12 @@ pub struct Shared {
     admin: Mutex<Option<crate::admin::Admin>>,
     /// Where the admin listener is bound, if there is one.
     admin_addr: Option<SocketAddr>,
+    /// The `admin.bind` it was bound for: a reload's `[admin]` with the same one brings its
+    /// token in force.
+    admin_bind: Option<SocketAddr>,
+    /// The admin token in force: the one it was bound with, then the one of the last reload
+    /// whose `[admin]` named the same address.
+    admin_token: arc_swap::ArcSwapOption<String>,
     /// The admin listener's socket, handed over in a binary upgrade.
     admin_socket: Option<Arc<TcpListener>>,
 }
@@ -269,6 +275,18 @@ impl Server {
             reload_failures: AtomicU64::new(0),
             admin: Mutex::new(admin),
             admin_addr,
+            admin_bind: config
+                .admin
+                .as_ref()
+                .map(|a| a.bind)
+                .filter(|_| admin_addr.is_some()),
+            admin_token: arc_swap::ArcSwapOption::new(
+                config
+                    .admin
+                    .as_ref()
+                    .and_then(|a| a.token.clone())
+                    .map(Arc::new),
+            ),
             admin_socket,
         });
         let mut listeners = Vec::new();
@@ -510,6 +528,11 @@ impl ServerHandle {
         self.0.admin_addr
     }
 
+    /// The token the admin API asks for now, if any.
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.0.admin_token.load_full()
+    }
+
     /// Every listener's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.0.metrics)
@@ -672,9 +695,6 @@ impl ServerHandle {
             return Err(ServerError::ShuttingDown);
         }
         let tls = build_tls(&config)?;
-        if config.admin != shared.lock().config.admin {
-            warn!("[admin] changed: the admin listener keeps its settings until the next start");
-        }
 
         // Phase 1, fallible and without effect: sockets for listeners that need new ones. A
         // listener that stays (same name, address and protocol) keeps its own; one that takes
@@ -765,6 +785,18 @@ impl ServerHandle {
             .map(|log| &log.target)
             .collect();
         shared.logs.retain(&logs);
+        if config.admin != state.config.admin {
+            // A token is in force for the address the listener was bound for, never another.
+            match (&config.admin, shared.admin_bind) {
+                (Some(admin), Some(bound)) if admin.bind == bound => {
+                    shared.admin_token.store(admin.token.clone().map(Arc::new));
+                    info!("[admin] changed: the token in the file is in force from this reload");
+                }
+                _ => warn!(
+                    "[admin] changed: the admin listener keeps its address and token until the next start"
+                ),
+            }
+        }
         state.config = Arc::new(config);
         state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;

@@ -1455,3 +1455,34 @@ async fn a_client_that_stops_sending_its_body_is_answered_408_and_lets_go() {
     );
     assert!(client.closed().await);
 }
+
+#[tokio::test]
+async fn a_reload_rotates_the_token_but_a_moved_admin_listener_keeps_its_own() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let status = |token: &'static str| async move {
+        admin(api, "GET", "/api/state", Some(token), "")
+            .await
+            .status
+    };
+    assert_eq!(status(TOKEN).await, 200);
+
+    // A new token in the file: the old one stops working at the reload.
+    const ROTATED: &str = "a-rotated-token-of-some-length";
+    let rotated = config(a.addr, b.addr, "").replace(TOKEN, ROTATED);
+    proxy.reload(&rotated).await.expect("reloads");
+    assert_eq!(status(TOKEN).await, 401);
+    assert_eq!(status(ROTATED).await, 200);
+
+    // Another address and token: the listener stays where it is, and so does its token (a
+    // token meant for a loopback address must not guard one that is not).
+    const MOVED: &str = "a-token-for-an-address-not-bound";
+    let moved = rotated
+        .replacen("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.2:0\"", 1)
+        .replace(ROTATED, MOVED);
+    proxy.reload(&moved).await.expect("reloads");
+    assert_eq!(status(MOVED).await, 401);
+    assert_eq!(status(ROTATED).await, 200);
+}

@@ -7,7 +7,8 @@
 //! runtime, but never a lock the data path takes per request.
 //!
 //! Changes made here (drain, enable, weight) are logged at info and override the file until the
-//! next reload, which puts the file back in charge.
+//! next reload, which puts the file back in charge. A reload also brings a new `admin.token` in
+//! force (while `admin.bind` stays what the listener was bound for).
 
 mod state;
 
@@ -56,10 +57,10 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// A bound admin listener, not yet serving.
+/// A bound admin listener, not yet serving. Its token is the server's to keep (a reload may
+/// bring a new one in force): see [`ServerHandle::admin_token`].
 pub struct Admin {
     listener: Arc<TcpListener>,
-    token: Option<Arc<str>>,
 }
 
 /// The name the admin socket goes by in a binary upgrade's hand-over.
@@ -90,7 +91,6 @@ impl Admin {
         };
         Ok(Admin {
             listener: Arc::new(listener),
-            token: config.token.as_deref().map(Arc::from),
         })
     }
 
@@ -107,10 +107,7 @@ impl Admin {
     /// Serves until `shutdown`.
     pub async fn serve(self, handle: ServerHandle, shutdown: CancellationToken) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let api = Arc::new(Api {
-            handle,
-            token: self.token,
-        });
+        let api = Arc::new(Api { handle });
         info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
         loop {
             let permit = tokio::select! {
@@ -162,14 +159,15 @@ impl Admin {
     }
 }
 
-/// The API's state: the server and the token.
+/// The API's state: the server.
 struct Api {
     handle: ServerHandle,
-    token: Option<Arc<str>>,
 }
 
 impl Api {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        // The token in force: the one the listener was bound with, or a reload's.
+        let token = self.handle.admin_token();
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
         if path == "/" || path == "/index.html" {
@@ -192,7 +190,7 @@ impl Api {
         }
         // Without a token, only names that cannot be rebound to another site's address: a page
         // of a site whose name was pointed at loopback (DNS rebinding) is not served data.
-        if self.token.is_none() && !loopback_host(&request) {
+        if token.is_none() && !loopback_host(&request) {
             return error(
                 StatusCode::FORBIDDEN,
                 "without admin.token, the API answers only to an IP address or localhost in Host",
@@ -204,7 +202,7 @@ impl Api {
                 "a change requested by a page of another origin is refused",
             );
         }
-        match self.authorize(&request) {
+        match authorize(token.as_deref().map(String::as_str), &request) {
             Auth::Granted => {}
             Auth::Missing => {
                 return unauthorized(
@@ -253,30 +251,6 @@ impl Api {
             (_, ["api", "pools", _, "backends", _, "weight"]) => method_not_allowed("PUT"),
             (_, ["api", "pools", _, "backends", _, _]) => method_not_allowed("POST"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
-        }
-    }
-
-    /// Whether the request carries the token (always granted when none is configured). The
-    /// scheme's name is taken in any case (RFC 9110, section 11.1); the token is compared in
-    /// constant time.
-    fn authorize(&self, request: &Request<Incoming>) -> Auth {
-        let Some(token) = &self.token else {
-            return Auth::Granted;
-        };
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| {
-                let v = v.as_bytes();
-                let space = v.iter().position(|&b| b == b' ')?;
-                Some((&v[..space], &v[space + 1..]))
-            })
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer"))
-            .map(|(_, credentials)| credentials.trim_ascii());
-        match given {
-            None => Auth::Missing,
-            Some(given) if same_secret(given, token.as_bytes()) => Auth::Granted,
-            Some(_) => Auth::Invalid,
         }
     }
 
@@ -433,6 +407,29 @@ fn same_origin<B>(request: &Request<B>) -> bool {
         .and_then(|h| h.to_str().ok());
     let origin = origin.to_str().ok().and_then(|o| o.strip_prefix("http://"));
     matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+/// Whether the request carries `token` (always granted when there is none). The scheme's name
+/// is taken in any case (RFC 9110, section 11.1); the token is compared in constant time.
+fn authorize<B>(token: Option<&str>, request: &Request<B>) -> Auth {
+    let Some(token) = token else {
+        return Auth::Granted;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| {
+            let v = v.as_bytes();
+            let space = v.iter().position(|&b| b == b' ')?;
+            Some((&v[..space], &v[space + 1..]))
+        })
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer"))
+        .map(|(_, credentials)| credentials.trim_ascii());
+    match given {
+        None => Auth::Missing,
+        Some(given) if same_secret(given, token.as_bytes()) => Auth::Granted,
+        Some(_) => Auth::Invalid,
+    }
 }
 
 /// What the `Authorization` header of a request says.
