@@ -256,7 +256,14 @@ impl Api {
 
     async fn reload(&self) -> Response<Full<Bytes>> {
         info!("admin: reload requested");
-        match self.handle.reload_file().await {
+        // On a task of its own: a client that leaves, or the request deadline, stops only the
+        // wait for the answer. Dropped halfway, a reload would never end: never applied nor
+        // counted nor logged, and the service manager told RELOADING=1 with no READY=1 after.
+        let handle = self.handle.clone();
+        let Ok(result) = tokio::spawn(async move { handle.reload_file().await }).await else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed");
+        };
+        match result {
             Ok(summary) => json(
                 StatusCode::OK,
                 &serde_json::json!({
