@@ -1486,3 +1486,41 @@ async fn a_reload_rotates_the_token_but_a_moved_admin_listener_keeps_its_own() {
     assert_eq!(status(MOVED).await, 401);
     assert_eq!(status(ROTATED).await, 200);
 }
+
+#[tokio::test]
+async fn a_weight_change_whose_client_leaves_is_applied_whole() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // A pool that takes a while to build (a maglev table of a million slots).
+    let toml = config(a.addr, b.addr, "")
+        + &format!(
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 1000003\nbackends = [\"{}\", \"{}\"]\n",
+            a.addr, b.addr
+        );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(api).await;
+    let body = "{\"weight\": 9}";
+    client
+        .send(
+            format!(
+                "PUT /api/pools/big/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                a.addr,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    let state = proxy.registry.get("big", a.addr).expect("known");
+    eventually("the override is set", || state.weight_override() == Some(9)).await;
+    drop(client);
+    // The pool in force has the weight the override says, in /api/state and /metrics alike.
+    let weight = || {
+        proxy.handle.snapshot().pools["big"]
+            .candidates
+            .iter()
+            .find(|c| c.state.addr == a.addr)
+            .map(|c| c.weight)
+    };
+    eventually("the pool built with the new weight", || weight() == Some(9)).await;
+}

@@ -354,8 +354,19 @@ impl Api {
             Ok(weight) => weight,
             Err(reason) => return error(StatusCode::BAD_REQUEST, &reason),
         };
-        state.set_weight_override(weight);
-        self.handle.rebuild_pool(pool).await;
+        // The override and the pool built with it, on a task of its own: a client that leaves
+        // halfway must not leave an override that the pool in force does not have.
+        let (handle, name, backend) = (self.handle.clone(), pool.to_owned(), Arc::clone(&state));
+        let applied = tokio::spawn(async move {
+            backend.set_weight_override(weight);
+            handle.rebuild_pool(&name).await;
+        });
+        if applied.await.is_err() {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the weight change failed",
+            );
+        }
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
         match snapshot.pool(pool) {
