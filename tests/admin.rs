@@ -1524,3 +1524,39 @@ async fn a_weight_change_whose_client_leaves_is_applied_whole() {
     };
     eventually("the pool built with the new weight", || weight() == Some(9)).await;
 }
+
+#[tokio::test]
+async fn head_is_answered_wherever_get_is() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    for path in ["/metrics", "/api/state", "/"] {
+        let mut client = HttpClient::connect(api).await;
+        client
+            .send(
+                format!(
+                    "HEAD {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let mut all = Vec::new();
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut client.stream, &mut all),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("read");
+        let head = String::from_utf8_lossy(&all).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200 "), "HEAD {path}: {head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "HEAD {path} has no body: {head}"
+        );
+    }
+    let reply = admin(api, "DELETE", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+}

@@ -224,12 +224,14 @@ impl Api {
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => respond(
+            (&Method::GET | &Method::HEAD, ["metrics"]) => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 crate::metrics::render(&self.handle),
             ),
-            (&Method::GET, ["api", "state"]) => json(StatusCode::OK, &state::state(&self.handle)),
+            (&Method::GET | &Method::HEAD, ["api", "state"]) => {
+                json(StatusCode::OK, &state::state(&self.handle))
+            }
             (&Method::POST, ["api", "reload"]) => self.reload().await,
             (&Method::POST, ["api", "pools", pool, "backends", address, action])
                 if *action != "weight" =>
@@ -246,7 +248,7 @@ impl Api {
                 };
                 self.set_weight(pool, address, &body).await
             }
-            (_, ["metrics"] | ["api", "state"]) => method_not_allowed("GET"),
+            (_, ["metrics"] | ["api", "state"]) => method_not_allowed("GET, HEAD"),
             (_, ["api", "reload"]) => method_not_allowed("POST"),
             (_, ["api", "pools", _, "backends", _, "weight"]) => method_not_allowed("PUT"),
             (_, ["api", "pools", _, "backends", _, _]) => method_not_allowed("POST"),
