@@ -111,7 +111,7 @@ impl RouteStats {
 /// Counters of one listener, kept across reloads by its name.
 #[derive(Debug, Default)]
 pub struct ListenerStats {
-    /// Connections accepted.
+    /// Connections accepted (udp: sessions opened).
     pub connections: AtomicU64,
     /// Connections open now (tcp and http), parked ones included.
     pub open: AtomicU64,
@@ -314,7 +314,7 @@ impl Collector for Scrape {
         family(
             &mut encoder,
             "switchyard_connections",
-            "Client connections accepted (tcp and http listeners).",
+            "Client connections accepted (tcp and http listeners), or UDP sessions opened.",
             MetricType::Counter,
             by_listener(&|s| s.connections.load(Relaxed)),
             counter,

@@ -830,13 +830,17 @@ impl Shared {
         let proxy = match built {
             Built::Tcp(p) => Proxy::Tcp(Arc::new(ArcSwap::from_pointee(p))),
             Built::Http(p) => Proxy::Http(Arc::new(ArcSwap::from_pointee(p))),
-            Built::Udp(p) => Proxy::Udp(
-                Arc::new(ArcSwap::from_pointee(p)),
-                Arc::new(UdpStats {
-                    sessions: Default::default(),
-                    dropped: Arc::clone(&self.metrics.listener(&l.name).datagrams_dropped),
-                }),
-            ),
+            Built::Udp(p) => {
+                let listener = self.metrics.listener(&l.name);
+                Proxy::Udp(
+                    Arc::new(ArcSwap::from_pointee(p)),
+                    Arc::new(UdpStats {
+                        sessions: Default::default(),
+                        dropped: Arc::clone(&listener.datagrams_dropped),
+                        listener,
+                    }),
+                )
+            }
         };
         let max_connections = l.max_connections.min(Semaphore::MAX_PERMITS);
         Ok(Running {

@@ -1560,3 +1560,39 @@ async fn head_is_answered_wherever_get_is() {
     assert_eq!(reply.status, 405);
     assert_eq!(reply.header("allow"), Some("GET, HEAD"));
 }
+
+#[tokio::test]
+async fn udp_sessions_count_as_the_listeners_connections_in_metrics_and_state() {
+    let (a, _backend) = udp_named("a").await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\n\n[pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // Three clients, one session each (the second datagram of a client is no new session).
+    for _ in 0..3 {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        for _ in 0..2 {
+            client.send_to(b"q", proxy.addr("dns")).await.expect("send");
+            let mut buf = [0u8; 64];
+            tokio::time::timeout(PATIENCE, client.recv_from(&mut buf))
+                .await
+                .expect("an answer")
+                .expect("recv");
+        }
+    }
+    let metrics = parse_openmetrics(&admin(api, "GET", "/metrics", Some(TOKEN), "").await.text());
+    assert_eq!(
+        metrics.get("switchyard_connections_total{listener=\"dns\"}"),
+        Some(&3.0)
+    );
+    assert_eq!(
+        metrics.get("switchyard_connections_active{listener=\"dns\"}"),
+        Some(&3.0)
+    );
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["listeners"][0]["connections"], 3, "{state}");
+    assert_eq!(state["listeners"][0]["active"], 3, "{state}");
+}

@@ -141,6 +141,9 @@ pub struct UdpStats {
     /// with the listener's name-keyed counters, so that a reload that gives the listener a new
     /// socket (a new address) does not start the count, a Prometheus counter, again from zero.
     pub dropped: Arc<AtomicU64>,
+    /// The listener's counters, kept by name: a session opened counts as a connection
+    /// accepted, as `switchyard_connections_active` counts sessions.
+    pub listener: Arc<crate::metrics::ListenerStats>,
 }
 
 impl UdpProxy {
@@ -215,6 +218,7 @@ impl UdpProxy {
                     }
                     match this.open((&log, &stats), &socket, client, epoch, datagram, refused).await {
                         Ok(session) => {
+                            stats.listener.connections.fetch_add(1, Relaxed);
                             sessions.insert(client, session);
                             stats.sessions.store(sessions.len() as u64, Relaxed);
                         }
