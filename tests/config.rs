@@ -833,3 +833,20 @@ fn an_empty_redirect_target_is_called_empty() {
         "empty",
     );
 }
+
+#[test]
+fn the_admin_token_never_shows_in_a_debug_print_of_the_configuration() {
+    let token = "a-secret-token-nobody-may-log";
+    let config = Config::from_toml(
+        &format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let admin = config.admin.as_ref().expect("admin");
+    assert_eq!(admin.token.as_deref(), Some(token));
+    let printed = format!("{config:?}");
+    assert!(!printed.contains(token), "{printed}");
+    assert!(printed.contains("token: Some(\"<redacted>\")"), "{printed}");
+}

@@ -10,6 +10,7 @@ mod raw;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,12 +109,23 @@ pub struct Config {
 }
 
 /// `[admin]`: where the admin API listens and the token it wants.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Where to listen.
     pub bind: SocketAddr,
     /// Bearer token every API and metrics request must carry; required off loopback.
     pub token: Option<String>,
+}
+
+/// Without the token: a configuration printed into a log or a panic message must not hand out
+/// the key to the admin API.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `access_log = { path, format }`.
