@@ -323,3 +323,48 @@ async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
     proxy.wait_for("configuration reloaded").await;
     writer.await.expect("writer").expect("written");
 }
+
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log_that_logrotate_moved() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let dir = TempDir::new("usr1");
+    let log = dir.0.join("access.log");
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\naccess_log = {{ path = \"{}\", format = \"json\" }}\n[pools.p]\nbackends = [\"{}\"]\n",
+            log.display(),
+            backend.addr
+        ),
+    )
+    .expect("write");
+    let mut proxy = Started::new(&path, &[], &[]).await;
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let addr = proxy.addr;
+    let connect = || async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.expect("echo");
+    };
+    connect().await;
+    eventually("the first line", || lines(&log) == 1).await;
+
+    // logrotate: move the file, then SIGUSR1 (postrotate); the file is opened again at once,
+    // before any new line, and new lines go there.
+    let rotated = dir.0.join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    proxy.signal(libc::SIGUSR1);
+    proxy.wait_for("reopening access logs").await;
+    eventually("the log file opened again", || log.exists()).await;
+    connect().await;
+    eventually("the second line in the new file", || lines(&log) == 1).await;
+    assert_eq!(lines(&rotated), 1);
+}
