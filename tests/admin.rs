@@ -1596,3 +1596,36 @@ async fn udp_sessions_count_as_the_listeners_connections_in_metrics_and_state() 
     assert_eq!(state["listeners"][0]["connections"], 3, "{state}");
     assert_eq!(state["listeners"][0]["active"], 3, "{state}");
 }
+
+#[tokio::test]
+async fn an_unknown_pool_or_backend_is_answered_with_the_names_there_are() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    let reply = admin(api, "POST", "/api/pools/q/backends/1.2.3.4:5/drain", t, "").await;
+    assert_eq!(reply.status, 404);
+    let error = json(&reply)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("no pool `q`") && error.contains("pools: p"),
+        "{error}"
+    );
+    // A backend the pool does not have, as an address or as a host name.
+    for address in ["1.2.3.4:5", "localhost:80", "%3Cscript%3E"] {
+        let path = format!("/api/pools/p/backends/{address}/weight");
+        let reply = admin(api, "PUT", &path, t, "{\"weight\": 2}").await;
+        assert_eq!(reply.status, 404, "{address}");
+        let error = json(&reply)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            error.contains(&a.addr.to_string()) && error.contains(&b.addr.to_string()),
+            "{error}"
+        );
+    }
+}

@@ -292,9 +292,14 @@ impl Api {
     fn backend(&self, pool: &str, address: &str) -> Result<Found, Box<Response<Full<Bytes>>>> {
         let snapshot = self.handle.snapshot();
         let Some(found) = snapshot.pool(pool) else {
+            let mut names: Vec<&str> = snapshot.pools.keys().map(String::as_str).collect();
+            names.sort_unstable();
             return Err(Box::new(error(
                 StatusCode::NOT_FOUND,
-                &format!("no pool `{pool}` in the running configuration"),
+                &format!(
+                    "no pool `{pool}` in the running configuration (pools: {})",
+                    names.join(", ")
+                ),
             )));
         };
         let state = found
@@ -306,7 +311,15 @@ impl Api {
             Some(state) => Ok((Arc::clone(found), state)),
             None => Err(Box::new(error(
                 StatusCode::NOT_FOUND,
-                &format!("pool `{pool}` has no backend `{address}`"),
+                &format!(
+                    "pool `{pool}` has no backend `{address}` (backends, as ip:port: {})",
+                    found
+                        .candidates
+                        .iter()
+                        .map(|c| c.state.addr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ))),
         }
     }
