@@ -465,3 +465,16 @@ fn check_reports_every_environment_variable_mistake_at_its_key() {
     assert_eq!(lines.len(), 8, "one line per mistake:\n{stderr}");
     let _ = std::fs::remove_file(config);
 }
+
+#[test]
+fn check_of_an_endless_file_stops_at_a_limit_instead_of_filling_memory() {
+    // A device that never ends (a mistyped path, a tool's output given as the file).
+    let started = std::time::Instant::now();
+    let (code, stderr) = check_with_env(std::path::Path::new("/dev/zero"), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.starts_with("/dev/zero: cannot read: ") && stderr.contains("MiB"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

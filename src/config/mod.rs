@@ -751,10 +751,31 @@ impl BalanceKind {
     }
 }
 
+/// The largest configuration file read: far beyond any real one (thousands of backends take
+/// a few hundred KiB).
+pub const MAX_FILE: u64 = 64 << 20;
+
+/// The bytes of a configuration file, refused past [`MAX_FILE`]: a file that never ends (a
+/// device, a mistyped path) is an error rather than read until memory runs out.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, the most a configuration file may be",
+            MAX_FILE >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        let bytes = read_file(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
         })?;
