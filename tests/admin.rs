@@ -1629,3 +1629,68 @@ async fn an_unknown_pool_or_backend_is_answered_with_the_names_there_are() {
         );
     }
 }
+
+/// usable, draining, disabled, as /api/state says them.
+type Flags = (Option<bool>, Option<bool>, Option<bool>);
+/// switchyard_backend_up and the draining and disabled states, as /metrics says them.
+type Gauges = (Option<f64>, Option<f64>, Option<f64>);
+
+#[tokio::test]
+async fn drains_and_disables_through_the_api_show_in_state_and_metrics_alike() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    // What /api/state and /metrics say of backend a: usable, draining, disabled.
+    let both = || async {
+        let state = json(&admin(api, "GET", "/api/state", t, "").await);
+        let backend = &state["pools"][0]["backends"][0];
+        let metrics = parse_openmetrics(&admin(api, "GET", "/metrics", t, "").await.text());
+        let gauge = |name: &str, state: Option<&str>| {
+            let extra = state.map_or(String::new(), |s| format!(",state=\"{s}\""));
+            metrics
+                .get(&format!(
+                    "{name}{{pool=\"p\",backend=\"{}\"{extra}}}",
+                    a.addr
+                ))
+                .copied()
+        };
+        (
+            (
+                backend["usable"].as_bool(),
+                backend["draining"].as_bool(),
+                backend["disabled"].as_bool(),
+            ),
+            (
+                gauge("switchyard_backend_up", None),
+                gauge("switchyard_backend_state", Some("draining")),
+                gauge("switchyard_backend_state", Some("disabled")),
+            ),
+        )
+    };
+    let agree = |(state, metrics): (Flags, Gauges)| {
+        let as_f = |b: Option<bool>| b.map(|b| if b { 1.0 } else { 0.0 });
+        assert_eq!(
+            (as_f(state.0), as_f(state.1), as_f(state.2)),
+            metrics,
+            "/api/state and /metrics disagree"
+        );
+        state
+    };
+    assert_eq!(agree(both().await), (Some(true), Some(false), Some(false)));
+    for (action, want) in [
+        ("drain", (Some(false), Some(true), Some(false))),
+        ("disable", (Some(false), Some(true), Some(true))),
+        ("undrain", (Some(false), Some(false), Some(true))),
+        ("enable", (Some(true), Some(false), Some(false))),
+    ] {
+        let path = format!("/api/pools/p/backends/{}/{action}", a.addr);
+        assert_eq!(
+            admin(api, "POST", &path, t, "").await.status,
+            200,
+            "{action}"
+        );
+        assert_eq!(agree(both().await), want, "after {action}");
+    }
+}
