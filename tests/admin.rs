@@ -1694,3 +1694,50 @@ async fn drains_and_disables_through_the_api_show_in_state_and_metrics_alike() {
         assert_eq!(agree(both().await), want, "after {action}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_a_large_answer_is_let_go() {
+    let a = http_backend("a").await;
+    // Metrics of thousands of backends: megabytes, more than socket buffers hold.
+    let backends: Vec<String> = (0..3000)
+        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    let toml = config(a.addr, a.addr, "").replace(
+        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
+        &format!("backends = [{}]", backends.join(", ")),
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let full = admin(api, "GET", "/metrics", Some(TOKEN), "")
+        .await
+        .body
+        .len();
+    assert!(full > 8 << 20, "only {full} bytes of metrics");
+
+    // A client that asks for them with a tiny receive window and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stuck = socket.connect(api).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stuck,
+        format!("GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("send");
+    // Past the time a write may stall, the connection is given up: what was queued for it
+    // arrives, then its end, well short of the whole answer.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stuck, &mut got),
+    )
+    .await
+    .expect("the end of the connection in time")
+    .ok();
+    assert!(
+        got.len() < full,
+        "the whole answer ({full} bytes) was still sent"
+    );
+}
