@@ -1250,10 +1250,11 @@ async fn a_weight_set_through_the_api_shows_in_state_and_metrics_alike() {
 async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    // A pool whose balancer takes long to build: a maglev table of a million slots.
+    // A pool whose balancer takes long to build (long beside the scheduling noise of a busy
+    // machine): a maglev table of four million slots.
     let toml = config(a.addr, b.addr, "")
         + &format!(
-            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 1000003\nbackends = [\"{}\"]\n",
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 4000037\nbackends = [\"{}\"]\n",
             a.addr
         );
     let proxy = Proxy::start(&toml);
