@@ -1742,3 +1742,61 @@ async fn a_client_that_never_reads_a_large_answer_is_let_go() {
         "the whole answer ({full} bytes) was still sent"
     );
 }
+
+#[tokio::test]
+async fn large_metrics_and_state_are_rendered_off_the_data_path() {
+    let a = http_backend("a").await;
+    // Thousands of backends: /metrics is megabytes, /api/state about as large.
+    let backends: Vec<String> = (0..3000)
+        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    let toml = config(a.addr, a.addr, "").replace(
+        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
+        &format!("backends = [{}]", backends.join(", ")),
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    for path in ["/metrics", "/api/state"] {
+        // A ticker on this test's one runtime thread measures the longest stall.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move {
+                let mut longest = std::time::Duration::ZERO;
+                let mut last = std::time::Instant::now();
+                while !stop.load(SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                longest
+            }
+        });
+        // The answer read raw, so that the client's own work stays small.
+        let started = std::time::Instant::now();
+        let mut client = HttpClient::connect(api).await;
+        client
+            .send(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+        let mut answer = Vec::with_capacity(16 << 20);
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut client.stream, &mut answer),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("read");
+        let took = started.elapsed();
+        stop.store(true, SeqCst);
+        let stalled = ticker.await.expect("ticker");
+        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{path}");
+        assert!(answer.len() > 1 << 20, "{path}: {} bytes", answer.len());
+        assert!(
+            stalled < took / 2,
+            "{path}: traffic stalled {stalled:?} during an answer that took {took:?}"
+        );
+    }
+}

@@ -313,13 +313,21 @@ impl Api {
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET | &Method::HEAD, ["metrics"]) => respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::render(&self.handle),
-            ),
+            (&Method::GET | &Method::HEAD, ["metrics"]) => {
+                match self.render(crate::metrics::render).await {
+                    Some(text) => respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    None => error(StatusCode::INTERNAL_SERVER_ERROR, "no metrics"),
+                }
+            }
             (&Method::GET | &Method::HEAD, ["api", "state"]) => {
-                json(StatusCode::OK, &state::state(&self.handle))
+                match self.render(|h| state::state(h).to_string()).await {
+                    Some(text) => respond(StatusCode::OK, "application/json", text),
+                    None => error(StatusCode::INTERNAL_SERVER_ERROR, "no state"),
+                }
             }
             (&Method::POST, ["api", "reload"]) => self.reload().await,
             (&Method::POST, ["api", "pools", pool, "backends", address, action])
@@ -343,6 +351,15 @@ impl Api {
             (_, ["api", "pools", _, "backends", _, _]) => method_not_allowed("POST"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
+    }
+
+    /// Renders an answer that grows with the configuration (megabytes of metrics for thousands
+    /// of backends) on a blocking thread, not on one that serves traffic.
+    async fn render(&self, render: fn(&ServerHandle) -> String) -> Option<String> {
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || render(&handle))
+            .await
+            .ok()
     }
 
     async fn reload(&self) -> Response<Full<Bytes>> {
