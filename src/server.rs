@@ -667,6 +667,8 @@ impl ServerHandle {
 
     /// Applies `config`: validated already, it is checked against what the running server can
     /// do (certificates, addresses) before anything changes; on any error nothing changes.
+    /// Once that check has passed, the reload is applied to its end: a caller that may give up
+    /// waiting (a client of the admin API) runs it on a task of its own rather than drop it.
     pub async fn reload(&self, config: Config) -> Result<ReloadSummary, ServerError> {
         let result = self.apply(config).await;
         match &result {
@@ -729,15 +731,28 @@ impl ServerHandle {
             .map(|l| shared.proxy(l, &tls))
             .collect::<Result<Vec<_>, _>>()?;
 
-        // Phase 2, which cannot fail: new pools, then listeners, all under the state lock (a
-        // weight change through the admin API takes it too, so it cannot interleave). The file
-        // is in charge again: changes made through the admin API end here.
-        let mut summary = ReloadSummary::default();
-        let mut state = shared.lock();
+        // Phase 2, which cannot fail: new pools, then listeners (a weight change through the
+        // admin API waits for `reloading`, so it cannot interleave). The file is in charge
+        // again: changes made through the admin API end here. The pools are built on a blocking
+        // thread, since a maglev table of millions of slots must not stall a runtime thread
+        // that serves traffic; the rest happens under the state lock.
         for (_, backend) in shared.registry.all() {
             backend.clear_overrides();
         }
-        let snapshot = Arc::new(Snapshot::new(&config, &shared.registry, &tls));
+        let registry = Arc::clone(&shared.registry);
+        let (config, tls, snapshot) = tokio::task::spawn_blocking(move || {
+            let snapshot = Snapshot::new(&config, &registry, &tls);
+            (config, tls, snapshot)
+        })
+        .await
+        .map_err(|failed| match failed.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is going away, and the process with it.
+            Err(_) => ServerError::ShuttingDown,
+        })?;
+        let mut summary = ReloadSummary::default();
+        let mut state = shared.lock();
+        let snapshot = Arc::new(snapshot);
         shared.snapshot.store(Arc::clone(&snapshot));
         shared.registry.retain(&config);
         state.checks.cancel();
