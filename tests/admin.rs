@@ -1364,10 +1364,17 @@ async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing
             "application/json",
         ),
         (
-            "Content-Type: application/x-www-form-urlencoded\r\n",
-            "weight=5",
+            "Content-Type: multipart/form-data; boundary=x\r\n",
+            "{\"weight\": 5}",
             415,
             "application/json",
+        ),
+        // What curl sends by default is taken, but the body must be JSON all the same.
+        (
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            "weight=5",
+            400,
+            "not JSON",
         ),
         (
             json_type,
@@ -1410,11 +1417,15 @@ async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing
     assert_eq!(reply.status, 413, "{}", reply.text());
     let state = proxy.registry.get("p", a.addr).expect("known");
     assert_eq!(state.weight_override(), None, "nothing changed");
-    // What works: JSON with a charset, or no type at all, and a bare number.
+    // What works: JSON with a charset, curl's default type, no type at all, a bare number.
     for (content_type, body) in [
         (
             "Content-Type: application/json; charset=utf-8\r\n",
             "{\"weight\": 4}",
+        ),
+        (
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            "{\"weight\": 5}",
         ),
         ("", "{\"weight\": 3}"),
         (json_type, "2"),

@@ -605,7 +605,10 @@ fn unauthorized(reason: &str, challenge: &'static str) -> Response<Full<Bytes>> 
 }
 
 /// A 415 for a body that says it is something other than JSON. A body without a type is taken
-/// as JSON (`curl -X PUT --data-binary @file` sends none), and so is any `…+json`.
+/// as JSON, and so is any `…+json`, and so is `application/x-www-form-urlencoded`, which curl
+/// sends for `-d` and `--data-binary` unless told otherwise: refusing it would refuse the
+/// commonest way to set a weight by hand, and would guard nothing (a page of another origin is
+/// refused already, and a form cannot send PUT).
 fn not_json<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
     let value = request.headers().get(header::CONTENT_TYPE)?;
     let media = value
@@ -616,7 +619,10 @@ fn not_json<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if media == "application/json" || media.ends_with("+json") {
+    if media == "application/json"
+        || media.ends_with("+json")
+        || media == "application/x-www-form-urlencoded"
+    {
         return None;
     }
     Some(error(
