@@ -3,7 +3,8 @@
 
 Checks: the page lists the pool's backends; a click on Drain makes the page show the backend
 draining and /api/state say `draining: true`; Disable likewise; a weight typed into its field
-reaches the API; with a token configured, the page asks for it, refuses a wrong one and works
+reaches the API; names that are markup, quotes or URL syntax are shown as text, and the buttons
+of a backend in a pool so named reach the API; with a token configured, the page asks for it, refuses a wrong one and works
 with the right one; when the API goes away, the page shows its error banner.
 
 Only the standard library: Chromium is spoken to over the DevTools protocol on a pipe
@@ -76,8 +77,13 @@ def start_backend(name):
 # ---- the proxy under test ----
 
 
+def toml_string(text):
+    """`text` as a TOML basic string (a JSON string is one)."""
+    return json.dumps(text)
+
+
 class Proxy:
-    def __init__(self, binary, work, name, backends, token=None):
+    def __init__(self, binary, work, name, backends, token=None, pool="app", extra=""):
         self.log_path = os.path.join(work, f"{name}.log")
         config = os.path.join(work, f"{name}.toml")
         admin = '[admin]\nbind = "127.0.0.1:0"\n'
@@ -88,9 +94,11 @@ class Proxy:
             f.write(
                 admin
                 + '\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:0"\nprotocol = "http"\n'
-                + 'default_pool = "app"\n\n  [[listeners.routes]]\n  match = { path_prefix = "/static/" }\n'
-                + '  pool = "app"\n\n[pools.app]\n'
+                + f"default_pool = {toml_string(pool)}\n\n  [[listeners.routes]]\n"
+                + '  match = { path_prefix = "/static/" }\n'
+                + f"  pool = {toml_string(pool)}\n\n[pools.{toml_string(pool)}]\n"
                 + f"backends = [{addresses}]\n"
+                + extra
             )
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -121,9 +129,11 @@ class Proxy:
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
 
-    def backend(self, address):
-        for pool in self.state()["pools"]:
-            for backend in pool["backends"]:
+    def backend(self, address, pool=None):
+        for found in self.state()["pools"]:
+            if pool is not None and found["name"] != pool:
+                continue
+            for backend in found["backends"]:
                 if backend["address"] == address:
                     return backend
         raise Failure(f"/api/state has no backend {address}")
@@ -360,6 +370,53 @@ def click_and_check(browser, proxy, address, action, state, field):
         raise Failure(f"after the click on {action}, /api/state says {field} = {backend[field]} for {address}")
 
 
+# Names that break out of HTML, attributes, scripts and URL paths if anything renders them as
+# markup or puts them in a path unescaped: each would set window.__xss.
+ODD_POOL = 'a/b?c#d %41 <img src=x onerror="window.__xss=1"> \'q\' & "dq"'
+ODD_LISTENER = "</script><script>window.__xss=2</script><svg onload=window.__xss=3>"
+
+
+def check_odd_names(browser, proxy, address):
+    """Names from the file are shown as text, and the buttons of a backend in a pool with an
+    odd name reach the API (its path segments are encoded)."""
+    find_pool = (
+        "[...document.querySelectorAll('[data-pool]')]"
+        f".find(e => e.dataset.pool === {json.dumps(ODD_POOL)})"
+    )
+    browser.wait_for(
+        "the pool with an odd name, its name as text",
+        f"(() => {{ const p = {find_pool}; return p && p.textContent.includes({json.dumps(ODD_POOL)}); }})()",
+    )
+    browser.wait_for(
+        "the listener with an odd name, its name as text",
+        "[...document.querySelectorAll('tr[data-listener]')]"
+        f".some(r => r.dataset.listener === {json.dumps(ODD_LISTENER)}"
+        f" && r.textContent.includes({json.dumps(ODD_LISTENER)}))",
+    )
+    injected = browser.eval(
+        "(() => [window.__xss, document.querySelectorAll('img[src=\"x\"], svg[onload], script:not([data-page])').length])()"
+    )
+    # The page's own script is the one <script> element; nothing else may have been made.
+    if injected[0] is not None or injected[1] > 1:
+        raise Failure(f"a name was rendered as markup: window.__xss = {injected[0]}, elements = {injected[1]}")
+    marked = browser.eval(
+        f"""(() => {{ const p = {find_pool};
+          const b = p && [...p.querySelectorAll('tr[data-backend]')].find(r => r.dataset.backend === {json.dumps(address)});
+          const button = b && b.querySelector('button[data-action="drain"]');
+          if (!button) return false;
+          button.id = "odd-drain";
+          return true; }})()"""
+    )
+    if not marked:
+        raise Failure("no Drain button for the backend of the pool with an odd name")
+    browser.click("#odd-drain")
+    for _ in deadline_loop("the drain of the backend in the pool with an odd name to reach the API"):
+        if proxy.backend(address, pool=ODD_POOL)["draining"]:
+            break
+    if proxy.backend(address, pool="app")["draining"]:
+        raise Failure("the drain reached the same backend in another pool")
+
+
 def main():
     if len(sys.argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -421,6 +478,20 @@ def main():
             browser.screenshot(os.path.join(shots, "2-drained-dark.png"))
             browser.call("Emulation.setEmulatedMedia", {"features": []})
         print(f"dashboard: backends listed, drain, disable and weight work ({time.monotonic() - started:.1f} s)")
+
+        # Names that would inject markup or break a URL path if not escaped.
+        odd = (
+            f"\n[[listeners]]\nname = {toml_string(ODD_LISTENER)}\nbind = \"127.0.0.1:0\"\n"
+            + f"protocol = \"http\"\ndefault_pool = {toml_string(ODD_POOL)}\n\n"
+            + f"[pools.{toml_string(ODD_POOL)}]\nbackends = [\"{addresses[0]}\"]\n"
+        )
+        proxy = Proxy(binary, work, "odd", backends, extra=odd)
+        proxies.append(proxy)
+        browser.navigate(f"http://{proxy.admin}/")
+        check_odd_names(browser, proxy, addresses[0])
+        if shots:
+            browser.screenshot(os.path.join(shots, "2-odd-names.png"))
+        print(f"dashboard: odd names are shown as text and their buttons work ({time.monotonic() - started:.1f} s)")
 
         # With a token: the page asks for it.
         proxy = Proxy(binary, work, "locked", backends, token=TOKEN)

@@ -451,7 +451,7 @@ fn combined(e: &Entry<'_>) -> String {
         e.bytes,
         quoted(e.referer),
         quoted(e.user_agent),
-        escape(e.request_id),
+        escape_unquoted(e.request_id),
         e.duration.as_secs_f64() * 1e3,
     );
     line
@@ -461,9 +461,20 @@ fn combined(e: &Entry<'_>) -> String {
 /// control and non-ASCII bytes become `\xHH` (as NGINX writes them), so no value can end its
 /// field or forge a line.
 fn escape(bytes: &[u8]) -> String {
+    escape_except(bytes, b' ')
+}
+
+/// Like [`escape`], for a field that is not quoted: a space becomes `\x20` too, so that the
+/// value stays one field.
+fn escape_unquoted(bytes: &[u8]) -> String {
+    escape_except(bytes, 0)
+}
+
+/// `bytes` with everything but printable ASCII other than `"` and `\`, and `keep`, as `\xHH`.
+fn escape_except(bytes: &[u8], keep: u8) -> String {
     let mut out = String::with_capacity(bytes.len());
     for &b in bytes {
-        if (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ' {
+        if (b.is_ascii_graphic() && b != b'"' && b != b'\\') || (b == keep && keep != 0) {
             out.push(b as char);
         } else {
             let _ = write!(out, "\\x{b:02X}");
@@ -529,6 +540,25 @@ mod tests {
             escape(b"a\" 200 1 \"x\\\n\xff"),
             "a\\x22 200 1 \\x22x\\x5C\\x0A\\xFF"
         );
+    }
+
+    #[test]
+    fn an_unquoted_field_cannot_split_into_more() {
+        // The request id stands unquoted between the user agent and the duration: a space in
+        // it (an id a backend or a header rule set) must not make more fields of one.
+        let entry = Entry {
+            request_id: b"id 200 9 \"x\"",
+            method: "GET",
+            target: "/",
+            protocol: "HTTP/2.0",
+            status: 200,
+            ..Entry::default()
+        };
+        let line = combined(&entry);
+        let after_agent = line.rsplit_once("\"-\" ").expect("the user agent field").1;
+        let fields: Vec<&str> = after_agent.split_whitespace().collect();
+        assert_eq!(fields.len(), 2, "{line}");
+        assert_eq!(fields[0], "id\\x20200\\x209\\x20\\x22x\\x22", "{line}");
     }
 
     #[test]

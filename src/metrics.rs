@@ -426,6 +426,7 @@ impl Collector for Scrape {
         // Backends.
         let snapshot = handle.snapshot();
         let mut backends = Vec::new();
+        let mut weights = Vec::new();
         let mut pools: Vec<_> = snapshot.pools.values().collect();
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         for pool in pools {
@@ -434,6 +435,13 @@ impl Collector for Scrape {
                     pool.name.clone(),
                     c.state.addr.to_string(),
                     Arc::clone(&c.state),
+                ));
+                weights.push((
+                    vec![
+                        ("pool", pool.name.clone()),
+                        ("backend", c.state.addr.to_string()),
+                    ],
+                    i64::from(c.weight),
                 ));
             }
         }
@@ -475,6 +483,14 @@ impl Collector for Scrape {
             "1 for each reason the backend is out: down (health checks), ejected (outlier detection), draining, disabled.",
             MetricType::Gauge,
             states,
+            gauge,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_backend_weight",
+            "The backend's weight in force: the file's, or one set through the admin API until the next reload.",
+            MetricType::Gauge,
+            weights,
             gauge,
         )?;
         family(

@@ -36,7 +36,7 @@ use crate::l4::tcp::TcpProxy;
 use crate::l4::udp::UdpProxy;
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::pool::Snapshot;
+use crate::pool::{Pool, Snapshot};
 use crate::tls::TlsStore;
 
 /// Why the server could not start, or a reload was refused.
@@ -166,6 +166,12 @@ pub struct Shared {
     admin: Mutex<Option<crate::admin::Admin>>,
     /// Where the admin listener is bound, if there is one.
     admin_addr: Option<SocketAddr>,
+    /// The `admin.bind` it was bound for: a reload's `[admin]` with the same one brings its
+    /// token in force.
+    admin_bind: Option<SocketAddr>,
+    /// The admin token in force: the one it was bound with, then the one of the last reload
+    /// whose `[admin]` named the same address.
+    admin_token: arc_swap::ArcSwapOption<String>,
     /// The admin listener's socket, handed over in a binary upgrade.
     admin_socket: Option<Arc<TcpListener>>,
 }
@@ -269,6 +275,18 @@ impl Server {
             reload_failures: AtomicU64::new(0),
             admin: Mutex::new(admin),
             admin_addr,
+            admin_bind: config
+                .admin
+                .as_ref()
+                .map(|a| a.bind)
+                .filter(|_| admin_addr.is_some()),
+            admin_token: arc_swap::ArcSwapOption::new(
+                config
+                    .admin
+                    .as_ref()
+                    .and_then(|a| a.token.clone())
+                    .map(Arc::new),
+            ),
             admin_socket,
         });
         let mut listeners = Vec::new();
@@ -497,6 +515,11 @@ impl ServerHandle {
         self.0.admin_addr
     }
 
+    /// The token the admin API asks for now, if any.
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.0.admin_token.load_full()
+    }
+
     /// Every listener's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.0.metrics)
@@ -528,14 +551,30 @@ impl ServerHandle {
             .collect()
     }
 
-    /// Builds the pools again from the configuration in force, with the weights the admin API
-    /// set; health checks and drains go on as they are.
-    pub async fn rebuild_pools(&self) {
+    /// Builds pool `name` again from the configuration in force, with the weights the admin
+    /// API set; health checks and drains go on as they are, and the other pools are kept as
+    /// they are. The build (a maglev table may have millions of slots) runs on a blocking
+    /// thread: a weight change must not stall the connections the runtime's threads serve.
+    pub async fn rebuild_pool(&self, name: &str) {
         // Not while a reload is being applied: it would store pools of the old file.
         let _one_at_a_time = self.0.reloading.lock().await;
-        let state = self.0.lock();
-        let snapshot = Snapshot::new(&state.config, &self.0.registry, &state.tls);
-        self.0.snapshot.store(Arc::new(snapshot));
+        let (config, tls) = {
+            let state = self.0.lock();
+            (Arc::clone(&state.config), Arc::clone(&state.tls))
+        };
+        let registry = Arc::clone(&self.0.registry);
+        let name = name.to_owned();
+        let built = tokio::task::spawn_blocking(move || {
+            let pool = config.pools.get(&name)?;
+            Some(Pool::new(pool, &registry, &tls))
+        })
+        .await;
+        let Ok(Some(pool)) = built else {
+            return;
+        };
+        let mut pools = self.0.snapshot.load().pools.clone();
+        pools.insert(pool.name.clone(), Arc::new(pool));
+        self.0.snapshot.store(Arc::new(Snapshot { pools }));
     }
 
     /// Asks every access log file to be reopened (after logrotate moved it).
@@ -614,6 +653,8 @@ impl ServerHandle {
 
     /// Applies `config`: validated already, it is checked against what the running server can
     /// do (certificates, addresses) before anything changes; on any error nothing changes.
+    /// Once that check has passed, the reload is applied to its end: a caller that may give up
+    /// waiting (a client of the admin API) runs it on a task of its own rather than drop it.
     pub async fn reload(&self, config: Config) -> Result<ReloadSummary, ServerError> {
         let result = self.apply(config).await;
         match &result {
@@ -642,9 +683,6 @@ impl ServerHandle {
             return Err(ServerError::ShuttingDown);
         }
         let tls = build_tls(&config)?;
-        if config.admin != shared.lock().config.admin {
-            warn!("[admin] changed: the admin listener keeps its settings until the next start");
-        }
 
         // Phase 1, fallible and without effect: sockets for listeners that need new ones. A
         // listener that stays (same name, address and protocol) keeps its own; one that takes
@@ -679,15 +717,28 @@ impl ServerHandle {
             .map(|l| shared.proxy(l, &tls))
             .collect::<Result<Vec<_>, _>>()?;
 
-        // Phase 2, which cannot fail: new pools, then listeners, all under the state lock (a
-        // weight change through the admin API takes it too, so it cannot interleave). The file
-        // is in charge again: changes made through the admin API end here.
-        let mut summary = ReloadSummary::default();
-        let mut state = shared.lock();
+        // Phase 2, which cannot fail: new pools, then listeners (a weight change through the
+        // admin API waits for `reloading`, so it cannot interleave). The file is in charge
+        // again: changes made through the admin API end here. The pools are built on a blocking
+        // thread, since a maglev table of millions of slots must not stall a runtime thread
+        // that serves traffic; the rest happens under the state lock.
         for (_, backend) in shared.registry.all() {
             backend.clear_overrides();
         }
-        let snapshot = Arc::new(Snapshot::new(&config, &shared.registry, &tls));
+        let registry = Arc::clone(&shared.registry);
+        let (config, tls, snapshot) = tokio::task::spawn_blocking(move || {
+            let snapshot = Snapshot::new(&config, &registry, &tls);
+            (config, tls, snapshot)
+        })
+        .await
+        .map_err(|failed| match failed.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is going away, and the process with it.
+            Err(_) => ServerError::ShuttingDown,
+        })?;
+        let mut summary = ReloadSummary::default();
+        let mut state = shared.lock();
+        let snapshot = Arc::new(snapshot);
         shared.snapshot.store(Arc::clone(&snapshot));
         shared.registry.retain(&config);
         state.checks.cancel();
@@ -735,6 +786,18 @@ impl ServerHandle {
             .map(|log| &log.target)
             .collect();
         shared.logs.retain(&logs);
+        if config.admin != state.config.admin {
+            // A token is in force for the address the listener was bound for, never another.
+            match (&config.admin, shared.admin_bind) {
+                (Some(admin), Some(bound)) if admin.bind == bound => {
+                    shared.admin_token.store(admin.token.clone().map(Arc::new));
+                    info!("[admin] changed: the token in the file is in force from this reload");
+                }
+                _ => warn!(
+                    "[admin] changed: the admin listener keeps its address and token until the next start"
+                ),
+            }
+        }
         state.config = Arc::new(config);
         state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;

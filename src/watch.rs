@@ -181,7 +181,7 @@ impl Watcher {
 }
 
 fn read(path: &Path) -> Seen {
-    match std::fs::read(path) {
+    match crate::config::read_file(path) {
         Ok(bytes) => Seen::Content(bytes),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Seen::Missing,
         Err(error) => {

@@ -3,6 +3,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 
 use common::*;
@@ -17,12 +18,23 @@ async fn admin(
     token: Option<&str>,
     body: &str,
 ) -> Reply {
-    let mut client = HttpClient::connect(addr).await;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    admin_with(addr, method, path, &auth, body).await
+}
+
+/// An HTTP request to the admin API with `headers` (each ended by CRLF) of the caller's own.
+async fn admin_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Reply {
+    let mut client = HttpClient::connect(addr).await;
     client
         .send(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "{method} {path} HTTP/1.1\r\nHost: admin\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
@@ -1088,4 +1100,714 @@ async fn a_log_file_no_listener_uses_after_a_reload_is_closed() {
     // Else it stays open (and a SIGUSR1 creates it again) until the process ends.
     eventually("the old file is closed", || !holds_open(&old)).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_udp_listener_moved_to_another_address_keeps_counting_its_drops() {
+    let (a, _backend) = udp_named("a").await;
+    let udp = |bind: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"dns\"\nbind = \"{bind}\"\nprotocol = \"udp\"\npool = \"p\"\nmax_sessions = 1\nidle_timeout = \"1m\"\n\n[pools.p]\nbackends = [\"{a}\"]\n"
+        )
+    };
+    let proxy = Proxy::start(&udp("127.0.0.1:0"));
+    // One session fills the listener; the next client's datagrams are dropped.
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let second = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dropped = "switchyard_udp_datagrams_dropped_total{listener=\"dns\"}";
+    let count = |proxy: &Proxy| {
+        parse_openmetrics(&switchyard::metrics::render(&proxy.handle))
+            .get(dropped)
+            .copied()
+    };
+    first
+        .send_to(b"one", proxy.addr("dns"))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(PATIENCE, first.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("recv");
+    for _ in 0..3 {
+        second
+            .send_to(b"two", proxy.addr("dns"))
+            .await
+            .expect("send");
+    }
+    eventually("three drops", || count(&proxy) == Some(3.0)).await;
+
+    // The same listener on another address: a new socket, and the counter goes on.
+    let summary = proxy.reload(&udp("127.0.0.2:0")).await.expect("reloads");
+    assert_eq!(summary.started, ["dns"], "{summary:?}");
+    assert_eq!(count(&proxy), Some(3.0), "a counter never goes back");
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["listeners"][0]["datagrams_dropped"], 3, "{state}");
+}
+
+/// The metric names the README's table under "### Metrics" lists, as they appear in samples
+/// (`_total` on counters).
+fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme
+        .split("\n### Metrics\n")
+        .nth(1)
+        .expect("a Metrics section")
+        .split("\n#")
+        .next()
+        .expect("its text");
+    section
+        .lines()
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|row| row.split(" | ").next())
+        .flat_map(|cell| cell.split(", "))
+        .filter_map(|name| name.strip_prefix('`')?.strip_suffix('`'))
+        .filter(|name| name.starts_with("switchyard_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_exported_is_documented_and_every_documented_one_exported() {
+    let a = http_backend("a").await;
+    let (u, _udp_backend) = udp_named("u").await;
+    // One listener of each protocol and health checks, so that every family has a series.
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n\
+         [[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n\n\
+         [[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"u\"\n\n\
+         [pools.p]\nbackends = [\"{}\"]\nhealth = {{ kind = \"tcp\", interval = \"1s\" }}\n\n\
+         [pools.u]\nbackends = [\"{u}\"]\n",
+        a.addr
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+    let reply = admin(api, "GET", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    let _ = parse_openmetrics(&text);
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| match rest.split_once(' ') {
+            Some((name, "counter")) => format!("{name}_total"),
+            Some((name, _)) => name.to_owned(),
+            None => panic!("bad TYPE line {rest}"),
+        })
+        .collect();
+    let documented = documented_metrics();
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "exported but not in the README: {undocumented:?}\nin the README but not exported: {missing:?}\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_weight_set_through_the_api_shows_in_state_and_metrics_alike() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    let series = format!(
+        "switchyard_backend_weight{{pool=\"p\",backend=\"{}\"}}",
+        a.addr
+    );
+    let weights = || async {
+        let state = json(&admin(api, "GET", "/api/state", t, "").await);
+        let reply = admin(api, "GET", "/metrics", t, "").await;
+        let metrics = parse_openmetrics(&reply.text());
+        (
+            state["pools"][0]["backends"][0]["weight"].clone(),
+            metrics.get(&series).copied(),
+        )
+    };
+    assert_eq!(weights().await, (serde_json::json!(1), Some(1.0)));
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let reply = admin(api, "PUT", &path, t, "{\"weight\": 5}").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(weights().await, (serde_json::json!(5), Some(5.0)));
+    // A reload puts the file's weight back, in both.
+    proxy
+        .reload(&config(a.addr, b.addr, ""))
+        .await
+        .expect("reloads");
+    assert_eq!(weights().await, (serde_json::json!(1), Some(1.0)));
+}
+
+#[tokio::test]
+async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // A pool whose balancer takes long to build (long beside the scheduling noise of a busy
+    // machine): a maglev table of four million slots.
+    let toml = config(a.addr, b.addr, "")
+        + &format!(
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 4000037\nbackends = [\"{}\"]\n",
+            a.addr
+        );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+
+    // A weight in pool p leaves pool big as it was.
+    let before = proxy.handle.snapshot();
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    assert_eq!(
+        admin(api, "PUT", &path, t, "{\"weight\": 2}").await.status,
+        200
+    );
+    let after = proxy.handle.snapshot();
+    assert!(
+        Arc::ptr_eq(&before.pools["big"], &after.pools["big"]),
+        "pool big was built again for a weight in pool p"
+    );
+    assert!(!Arc::ptr_eq(&before.pools["p"], &after.pools["p"]));
+
+    // A weight in pool big: its table is built again, but not on the thread that serves
+    // traffic (this test's runtime has one thread). A ticker measures the longest stall.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut longest = std::time::Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while !stop.load(SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        }
+    });
+    let started = std::time::Instant::now();
+    let path = format!("/api/pools/big/backends/{}/weight", a.addr);
+    let reply = admin(api, "PUT", &path, t, "{\"weight\": 3}").await;
+    let took = started.elapsed();
+    stop.store(true, SeqCst);
+    let stalled = ticker.await.expect("ticker");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(json(&reply)["weight"], 3);
+    assert!(
+        stalled < took / 2,
+        "traffic stalled {stalled:?} during a weight change that took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_token_is_taken_under_any_case_of_bearer_and_a_refusal_says_why() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // The scheme's name is case-insensitive (RFC 9110, section 11.1).
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let reply = admin_with(
+            api,
+            "GET",
+            "/api/state",
+            &format!("Authorization: {scheme} {TOKEN}\r\n"),
+            "",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{scheme}: {}", reply.text());
+    }
+    // No token, or another scheme: a challenge naming the scheme (RFC 6750, section 3).
+    for headers in ["", "Authorization: Basic dXNlcjpwYXNz\r\n"] {
+        let reply = admin_with(api, "GET", "/metrics", headers, "").await;
+        assert_eq!(reply.status, 401, "{headers:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"switchyard\""),
+            "{headers:?}"
+        );
+    }
+    // A wrong token (of the right length too): the challenge says it is invalid.
+    let wrong = "x".repeat(TOKEN.len());
+    for token in [wrong.as_str(), "short"] {
+        let reply = admin(api, "GET", "/api/state", Some(token), "").await;
+        assert_eq!(reply.status, 401, "{token:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"switchyard\", error=\"invalid_token\""),
+            "{token:?}"
+        );
+        assert!(json(&reply)["error"].as_str().is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let path = format!("/api/pools/p/backends/{}/weight", a.addr);
+    let json_type = "Content-Type: application/json\r\n";
+    for (content_type, body, status, reason) in [
+        (
+            "Content-Type: text/plain\r\n",
+            "{\"weight\": 5}",
+            415,
+            "application/json",
+        ),
+        (
+            "Content-Type: multipart/form-data; boundary=x\r\n",
+            "{\"weight\": 5}",
+            415,
+            "application/json",
+        ),
+        // What curl sends by default is taken, but the body must be JSON all the same.
+        (
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            "weight=5",
+            400,
+            "not JSON",
+        ),
+        (
+            json_type,
+            "{\"weight\": 5, \"drain\": true}",
+            400,
+            "`drain`",
+        ),
+        (json_type, "{\"wieght\": 5}", 400, "`wieght`"),
+        (json_type, "{\"weight\": 2.5}", 400, "whole number"),
+        (json_type, "{\"weight\": \"3\"}", 400, "whole number"),
+        (json_type, "{\"weight\": -1}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 0}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 257}", 400, "1 to 256"),
+        (json_type, "{\"weight\": 1e400}", 400, "not JSON"),
+        (
+            json_type,
+            "{\"weight\": 99999999999999999999999}",
+            400,
+            "1 to 256",
+        ),
+        (json_type, "{\"weight\": 5", 400, "not JSON"),
+        (json_type, "", 400, "not JSON"),
+        (json_type, "[5]", 400, "{\"weight\": N}"),
+    ] {
+        let reply = admin_with(api, "PUT", &path, &format!("{auth}{content_type}"), body).await;
+        assert_eq!(
+            reply.status,
+            status,
+            "{content_type:?} {body:?}: {}",
+            reply.text()
+        );
+        let error = json(&reply)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(error.contains(reason), "{body:?}: {error}");
+    }
+    let big = format!("{{\"weight\": 5, \"pad\": \"{}\"}}", "x".repeat(5000));
+    let reply = admin_with(api, "PUT", &path, &format!("{auth}{json_type}"), &big).await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    let state = proxy.registry.get("p", a.addr).expect("known");
+    assert_eq!(state.weight_override(), None, "nothing changed");
+    // What works: JSON with a charset, curl's default type, no type at all, a bare number.
+    for (content_type, body) in [
+        (
+            "Content-Type: application/json; charset=utf-8\r\n",
+            "{\"weight\": 4}",
+        ),
+        (
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+            "{\"weight\": 5}",
+        ),
+        ("", "{\"weight\": 3}"),
+        (json_type, "2"),
+    ] {
+        let reply = admin_with(api, "PUT", &path, &format!("{auth}{content_type}"), body).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{content_type:?} {body:?}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(state.weight_override(), Some(2));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_is_answered_408_and_lets_go() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(api).await;
+    client
+        .send(
+            format!(
+                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 20\r\n\r\n{{\"wei",
+                a.addr
+            )
+            .as_bytes(),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let reply = client.reply().await.expect("an answer");
+    assert_eq!(reply.status, 408, "{}", reply.text());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn a_reload_rotates_the_token_but_a_moved_admin_listener_keeps_its_own() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let status = |token: &'static str| async move {
+        admin(api, "GET", "/api/state", Some(token), "")
+            .await
+            .status
+    };
+    assert_eq!(status(TOKEN).await, 200);
+
+    // A new token in the file: the old one stops working at the reload.
+    const ROTATED: &str = "a-rotated-token-of-some-length";
+    let rotated = config(a.addr, b.addr, "").replace(TOKEN, ROTATED);
+    proxy.reload(&rotated).await.expect("reloads");
+    assert_eq!(status(TOKEN).await, 401);
+    assert_eq!(status(ROTATED).await, 200);
+
+    // Another address and token: the listener stays where it is, and so does its token (a
+    // token meant for a loopback address must not guard one that is not).
+    const MOVED: &str = "a-token-for-an-address-not-bound";
+    let moved = rotated
+        .replacen("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.2:0\"", 1)
+        .replace(ROTATED, MOVED);
+    proxy.reload(&moved).await.expect("reloads");
+    assert_eq!(status(MOVED).await, 401);
+    assert_eq!(status(ROTATED).await, 200);
+}
+
+#[tokio::test]
+async fn a_weight_change_whose_client_leaves_is_applied_whole() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    // A pool that takes a while to build (a maglev table of a million slots).
+    let toml = config(a.addr, b.addr, "")
+        + &format!(
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 1000003\nbackends = [\"{}\", \"{}\"]\n",
+            a.addr, b.addr
+        );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let mut client = HttpClient::connect(api).await;
+    let body = "{\"weight\": 9}";
+    client
+        .send(
+            format!(
+                "PUT /api/pools/big/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                a.addr,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    let state = proxy.registry.get("big", a.addr).expect("known");
+    eventually("the override is set", || state.weight_override() == Some(9)).await;
+    drop(client);
+    // The pool in force has the weight the override says, in /api/state and /metrics alike.
+    let weight = || {
+        proxy.handle.snapshot().pools["big"]
+            .candidates
+            .iter()
+            .find(|c| c.state.addr == a.addr)
+            .map(|c| c.weight)
+    };
+    eventually("the pool built with the new weight", || weight() == Some(9)).await;
+}
+
+#[tokio::test]
+async fn head_is_answered_wherever_get_is() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    for path in ["/metrics", "/api/state", "/"] {
+        let mut client = HttpClient::connect(api).await;
+        client
+            .send(
+                format!(
+                    "HEAD {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let mut all = Vec::new();
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut client.stream, &mut all),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("read");
+        let head = String::from_utf8_lossy(&all).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200 "), "HEAD {path}: {head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "HEAD {path} has no body: {head}"
+        );
+    }
+    let reply = admin(api, "DELETE", "/metrics", Some(TOKEN), "").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+}
+
+#[tokio::test]
+async fn udp_sessions_count_as_the_listeners_connections_in_metrics_and_state() {
+    let (a, _backend) = udp_named("a").await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\n\n[pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // Three clients, one session each (the second datagram of a client is no new session).
+    for _ in 0..3 {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        for _ in 0..2 {
+            client.send_to(b"q", proxy.addr("dns")).await.expect("send");
+            let mut buf = [0u8; 64];
+            tokio::time::timeout(PATIENCE, client.recv_from(&mut buf))
+                .await
+                .expect("an answer")
+                .expect("recv");
+        }
+    }
+    let metrics = parse_openmetrics(&admin(api, "GET", "/metrics", Some(TOKEN), "").await.text());
+    assert_eq!(
+        metrics.get("switchyard_connections_total{listener=\"dns\"}"),
+        Some(&3.0)
+    );
+    assert_eq!(
+        metrics.get("switchyard_connections_active{listener=\"dns\"}"),
+        Some(&3.0)
+    );
+    let state = json(&admin(api, "GET", "/api/state", Some(TOKEN), "").await);
+    assert_eq!(state["listeners"][0]["connections"], 3, "{state}");
+    assert_eq!(state["listeners"][0]["active"], 3, "{state}");
+}
+
+#[tokio::test]
+async fn an_unknown_pool_or_backend_is_answered_with_the_names_there_are() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    let reply = admin(api, "POST", "/api/pools/q/backends/1.2.3.4:5/drain", t, "").await;
+    assert_eq!(reply.status, 404);
+    let error = json(&reply)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("no pool `q`") && error.contains("pools: p"),
+        "{error}"
+    );
+    // A backend the pool does not have, as an address or as a host name.
+    for address in ["1.2.3.4:5", "localhost:80", "%3Cscript%3E"] {
+        let path = format!("/api/pools/p/backends/{address}/weight");
+        let reply = admin(api, "PUT", &path, t, "{\"weight\": 2}").await;
+        assert_eq!(reply.status, 404, "{address}");
+        let error = json(&reply)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            error.contains(&a.addr.to_string()) && error.contains(&b.addr.to_string()),
+            "{error}"
+        );
+    }
+}
+
+/// usable, draining, disabled, as /api/state says them.
+type Flags = (Option<bool>, Option<bool>, Option<bool>);
+/// switchyard_backend_up and the draining and disabled states, as /metrics says them.
+type Gauges = (Option<f64>, Option<f64>, Option<f64>);
+
+#[tokio::test]
+async fn drains_and_disables_through_the_api_show_in_state_and_metrics_alike() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let t = Some(TOKEN);
+    // What /api/state and /metrics say of backend a: usable, draining, disabled.
+    let both = || async {
+        let state = json(&admin(api, "GET", "/api/state", t, "").await);
+        let backend = &state["pools"][0]["backends"][0];
+        let metrics = parse_openmetrics(&admin(api, "GET", "/metrics", t, "").await.text());
+        let gauge = |name: &str, state: Option<&str>| {
+            let extra = state.map_or(String::new(), |s| format!(",state=\"{s}\""));
+            metrics
+                .get(&format!(
+                    "{name}{{pool=\"p\",backend=\"{}\"{extra}}}",
+                    a.addr
+                ))
+                .copied()
+        };
+        (
+            (
+                backend["usable"].as_bool(),
+                backend["draining"].as_bool(),
+                backend["disabled"].as_bool(),
+            ),
+            (
+                gauge("switchyard_backend_up", None),
+                gauge("switchyard_backend_state", Some("draining")),
+                gauge("switchyard_backend_state", Some("disabled")),
+            ),
+        )
+    };
+    let agree = |(state, metrics): (Flags, Gauges)| {
+        let as_f = |b: Option<bool>| b.map(|b| if b { 1.0 } else { 0.0 });
+        assert_eq!(
+            (as_f(state.0), as_f(state.1), as_f(state.2)),
+            metrics,
+            "/api/state and /metrics disagree"
+        );
+        state
+    };
+    assert_eq!(agree(both().await), (Some(true), Some(false), Some(false)));
+    for (action, want) in [
+        ("drain", (Some(false), Some(true), Some(false))),
+        ("disable", (Some(false), Some(true), Some(true))),
+        ("undrain", (Some(false), Some(false), Some(true))),
+        ("enable", (Some(true), Some(false), Some(false))),
+    ] {
+        let path = format!("/api/pools/p/backends/{}/{action}", a.addr);
+        assert_eq!(
+            admin(api, "POST", &path, t, "").await.status,
+            200,
+            "{action}"
+        );
+        assert_eq!(agree(both().await), want, "after {action}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_a_large_answer_is_let_go() {
+    let a = http_backend("a").await;
+    // Metrics of thousands of backends: megabytes, more than socket buffers hold.
+    let backends: Vec<String> = (0..3000)
+        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    let toml = config(a.addr, a.addr, "").replace(
+        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
+        &format!("backends = [{}]", backends.join(", ")),
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    let full = admin(api, "GET", "/metrics", Some(TOKEN), "")
+        .await
+        .body
+        .len();
+    assert!(full > 8 << 20, "only {full} bytes of metrics");
+
+    // A client that asks for them with a tiny receive window and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stuck = socket.connect(api).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stuck,
+        format!("GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("send");
+    // Past the time a write may stall, the connection is given up: what was queued for it
+    // arrives, then its end, well short of the whole answer.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut stuck, &mut got),
+    )
+    .await
+    .expect("the end of the connection in time")
+    .ok();
+    assert!(
+        got.len() < full,
+        "the whole answer ({full} bytes) was still sent"
+    );
+}
+
+#[tokio::test]
+async fn large_metrics_and_state_are_rendered_off_the_data_path() {
+    let a = http_backend("a").await;
+    // Thousands of backends: /metrics is megabytes, /api/state about as large.
+    let backends: Vec<String> = (0..3000)
+        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    let toml = config(a.addr, a.addr, "").replace(
+        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
+        &format!("backends = [{}]", backends.join(", ")),
+    );
+    let proxy = Proxy::start(&toml);
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    for path in ["/metrics", "/api/state"] {
+        // A ticker on this test's one runtime thread measures the longest stall.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move {
+                let mut longest = std::time::Duration::ZERO;
+                let mut last = std::time::Instant::now();
+                while !stop.load(SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                longest
+            }
+        });
+        // The answer read raw, so that the client's own work stays small.
+        let started = std::time::Instant::now();
+        let mut client = HttpClient::connect(api).await;
+        client
+            .send(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+        let mut answer = Vec::with_capacity(16 << 20);
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut client.stream, &mut answer),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("read");
+        let took = started.elapsed();
+        stop.store(true, SeqCst);
+        let stalled = ticker.await.expect("ticker");
+        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{path}");
+        assert!(answer.len() > 1 << 20, "{path}: {} bytes", answer.len());
+        assert!(
+            stalled < took / 2,
+            "{path}: traffic stalled {stalled:?} during an answer that took {took:?}"
+        );
+    }
 }

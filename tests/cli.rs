@@ -395,3 +395,123 @@ fn completions_are_printed_for_each_shell() {
         .expect("runs");
     assert!(!out.status.success());
 }
+
+/// Runs `check` on `path` with `env` set (and nothing removed), returning the exit code and
+/// stderr.
+fn check_with_env(path: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_names_each_file_that_cannot_be_a_configuration() {
+    // A directory, an empty file and a file that is not UTF-8: exit 1, with what is wrong.
+    let dir = std::env::temp_dir().join(format!("switchyard-test-{}-dir", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (code, stderr) = check_with_env(&dir, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot read"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let empty = temp_config("empty", "");
+    let (code, stderr) = check_with_env(&empty, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no listeners"), "{stderr}");
+
+    // The second line holds a Latin-1 `é` (0xE9): its position is named, line 2, column 12.
+    let latin1 = temp_config("latin1", "");
+    std::fs::write(
+        &latin1,
+        b"[[listeners]]\nname = \"caf\xe9\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n",
+    )
+    .expect("write");
+    let (code, stderr) = check_with_env(&latin1, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let want = format!("{}:2:12: ", latin1.display());
+    assert!(stderr.starts_with(&want), "{stderr}");
+    assert!(
+        stderr.contains("not UTF-8") && stderr.contains("0xE9"),
+        "{stderr}"
+    );
+    for path in [empty, latin1] {
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+#[test]
+fn check_reports_every_environment_variable_mistake_at_its_key() {
+    let config = temp_config(
+        "env-mistakes",
+        concat!(
+            "[[listeners]]\nname = \"a\"\n",
+            // Two unset variables in one value: both are named.
+            "bind = \"${SY_TEST_UNSET_HOST}:${SY_TEST_UNSET_PORT}\"\n",
+            "protocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\n",
+            "  \"${}\",\n",
+            "  \"${1BAD}:1\",\n",
+            // The shell's `${VAR-default}` is not what the file takes: `:-` is.
+            "  \"${SY_TEST_UNSET_X-127.0.0.1:1}\",\n",
+            // Defaults do not nest.
+            "  \"${SY_TEST_UNSET_X:-${SY_TEST_UNSET_Y}}\",\n",
+            // Set, but not UTF-8.
+            "  \"${SY_TEST_LATIN1}:1\",\n",
+            "  \"${SY_TEST_OPEN\",\n",
+            "]\n",
+        ),
+    );
+    let latin1 = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"caf\xe9");
+    let (code, stderr) = check_with_env(&config, &[("SY_TEST_LATIN1", latin1)]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = config.display().to_string();
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expect = |key: &str, needles: &[&str]| {
+        let prefix = format!("{file}: {key}: ");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&prefix) && needles.iter().all(|n| l.contains(n))),
+            "no line for {key} with {needles:?}:\n{stderr}"
+        );
+    };
+    expect("listeners[0].bind", &["`SY_TEST_UNSET_HOST` is not set"]);
+    expect("listeners[0].bind", &["`SY_TEST_UNSET_PORT` is not set"]);
+    expect("pools.p.backends[0]", &["`${}` names no variable"]);
+    expect("pools.p.backends[1]", &["`1BAD` is not a variable name"]);
+    expect(
+        "pools.p.backends[2]",
+        &[
+            "`SY_TEST_UNSET_X-127.0.0.1:1` is not a variable name",
+            "`${SY_TEST_UNSET_X:-127.0.0.1:1}`",
+        ],
+    );
+    expect("pools.p.backends[3]", &["a default cannot hold `${`"]);
+    expect(
+        "pools.p.backends[4]",
+        &["`SY_TEST_LATIN1` is set, but its value is not UTF-8"],
+    );
+    expect("pools.p.backends[5]", &["`${` without a closing `}`"]);
+    assert_eq!(lines.len(), 8, "one line per mistake:\n{stderr}");
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn check_of_an_endless_file_stops_at_a_limit_instead_of_filling_memory() {
+    // A device that never ends (a mistyped path, a tool's output given as the file).
+    let started = std::time::Instant::now();
+    let (code, stderr) = check_with_env(std::path::Path::new("/dev/zero"), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.starts_with("/dev/zero: cannot read: ") && stderr.contains("MiB"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

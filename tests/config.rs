@@ -979,3 +979,20 @@ fn pool_keys_that_no_listener_of_the_pool_reads_are_errors() {
         "used only by tcp and udp listeners (listeners[0], listeners[1])",
     );
 }
+
+#[test]
+fn the_admin_token_never_shows_in_a_debug_print_of_the_configuration() {
+    let token = "a-secret-token-nobody-may-log";
+    let config = Config::from_toml(
+        &format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let admin = config.admin.as_ref().expect("admin");
+    assert_eq!(admin.token.as_deref(), Some(token));
+    let printed = format!("{config:?}");
+    assert!(!printed.contains(token), "{printed}");
+    assert!(printed.contains("token: Some(\"<redacted>\")"), "{printed}");
+}

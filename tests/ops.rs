@@ -264,3 +264,107 @@ async fn a_sighup_during_the_drain_is_refused_with_a_reason_in_the_log() {
         .expect("status");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::named("a").await;
+    let dir = TempDir::new("api-reload-left");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
+    let path = dir.0.join("switchyard.toml");
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        l4_config(backend.addr)
+    );
+    std::fs::write(&path, &text).expect("write");
+    let mut proxy = Started::new(&path, &[], &[("NOTIFY_SOCKET", &socket_path)]).await;
+    let admin: std::net::SocketAddr = proxy
+        .wait_for("admin API listening")
+        .await
+        .split("Some(")
+        .nth(1)
+        .and_then(|a| a.split(')').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the admin address");
+    let ready = next_message(&socket).await;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+
+    // The file becomes a FIFO: reading it waits until something writes it, as a file on a
+    // hung network mount would.
+    std::fs::remove_file(&path).expect("remove");
+    let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    // A client asks for a reload and gives up before it is done.
+    let mut client = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("send");
+    let reloading = next_message(&socket).await;
+    assert_eq!(reloading[0], "RELOADING=1", "{reloading:?}");
+    drop(client);
+    // Time for the admin listener to see the client go (it does at once, on the FIN).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // The file arrives: the reload goes on to its end, and the service manager hears of it.
+    let writer = tokio::task::spawn_blocking(move || std::fs::write(&path, text));
+    let done = next_message(&socket).await;
+    assert_eq!(done[0], "READY=1", "{done:?}");
+    assert!(
+        done.iter()
+            .any(|l| l.starts_with("STATUS=serving configuration generation 2")),
+        "{done:?}"
+    );
+    proxy.wait_for("configuration reloaded").await;
+    writer.await.expect("writer").expect("written");
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log_that_logrotate_moved() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let dir = TempDir::new("usr1");
+    let log = dir.0.join("access.log");
+    let path = dir.0.join("switchyard.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\naccess_log = {{ path = \"{}\", format = \"json\" }}\n[pools.p]\nbackends = [\"{}\"]\n",
+            log.display(),
+            backend.addr
+        ),
+    )
+    .expect("write");
+    let mut proxy = Started::new(&path, &[], &[]).await;
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let addr = proxy.addr;
+    let connect = || async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.expect("echo");
+    };
+    connect().await;
+    eventually("the first line", || lines(&log) == 1).await;
+
+    // logrotate: move the file, then SIGUSR1 (postrotate); the file is opened again at once,
+    // before any new line, and new lines go there.
+    let rotated = dir.0.join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    proxy.signal(libc::SIGUSR1);
+    proxy.wait_for("reopening access logs").await;
+    eventually("the log file opened again", || log.exists()).await;
+    connect().await;
+    eventually("the second line in the new file", || lines(&log) == 1).await;
+    assert_eq!(lines(&rotated), 1);
+}

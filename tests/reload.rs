@@ -413,3 +413,47 @@ async fn a_long_lived_client_keeps_no_settings_between_its_own_and_the_newest() 
     assert_eq!(kept.get("/", "").await.header("x-backend"), Some("a"));
     eventually("the first settings are released", || older() == Some(0)).await;
 }
+
+#[tokio::test]
+async fn a_reload_builds_its_pools_off_the_data_path() {
+    let a = http_backend("a").await;
+    // A pool whose balancer takes long to build: a maglev table of four million slots.
+    let toml = single_pool(&[a.addr], "", "")
+        + &format!(
+            "\n[pools.big]\nbalance = \"maglev\"\nmaglev_table_size = 4000037\nbackends = [\"{}\"]\n",
+            a.addr
+        );
+    let proxy = Proxy::start(&toml);
+    // A ticker on this test's one runtime thread, which also serves the proxy, measures the
+    // longest stall while the reload runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut longest = std::time::Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while !stop.load(SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        }
+    });
+    let config =
+        switchyard::Config::from_toml(&toml, std::path::Path::new("test.toml")).expect("valid");
+    // The ticker ticks before the reload starts.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let started = std::time::Instant::now();
+    let summary = proxy.handle.reload(config).await.expect("reloads");
+    let took = started.elapsed();
+    stop.store(true, SeqCst);
+    let stalled = ticker.await.expect("ticker");
+    assert_eq!(summary.generation, 2);
+    assert!(
+        stalled < took / 2,
+        "traffic stalled {stalled:?} during a reload that took {took:?}"
+    );
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 200);
+}

@@ -7,13 +7,18 @@
 //! runtime, but never a lock the data path takes per request.
 //!
 //! Changes made here (drain, enable, weight) are logged at info and override the file until the
-//! next reload, which puts the file back in charge.
+//! next reload, which puts the file back in charge. A reload also brings a new `admin.token` in
+//! force (while `admin.bind` stays what the listener was bound for).
 
 mod state;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +26,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +42,10 @@ const MAX_CONNECTIONS: usize = 32;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request body accepted (a weight is a few bytes).
 const MAX_BODY: usize = 4096;
+/// Time a request's body may take to arrive once its head has.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client may take nothing of an answer before its connection is given up.
+const WRITE_STALL: Duration = Duration::from_secs(10);
 
 /// The dashboard: one page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -54,10 +64,10 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// A bound admin listener, not yet serving.
+/// A bound admin listener, not yet serving. Its token is the server's to keep (a reload may
+/// bring a new one in force): see [`ServerHandle::admin_token`].
 pub struct Admin {
     listener: Arc<TcpListener>,
-    token: Option<Arc<str>>,
 }
 
 /// The name the admin socket goes by in a binary upgrade's hand-over.
@@ -88,7 +98,6 @@ impl Admin {
         };
         Ok(Admin {
             listener: Arc::new(listener),
-            token: config.token.as_deref().map(Arc::from),
         })
     }
 
@@ -105,10 +114,7 @@ impl Admin {
     /// Serves until `shutdown`.
     pub async fn serve(self, handle: ServerHandle, shutdown: CancellationToken) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let api = Arc::new(Api {
-            handle,
-            token: self.token,
-        });
+        let api = Arc::new(Api { handle });
         info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
         loop {
             let permit = tokio::select! {
@@ -145,7 +151,7 @@ impl Admin {
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(TokioIo::new(WriteStall::new(stream)), service);
                 tokio::pin!(connection);
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -160,14 +166,97 @@ impl Admin {
     }
 }
 
-/// The API's state: the server and the token.
+/// A connection whose writes fail once the client has taken nothing for [`WRITE_STALL`]: a
+/// client that asks for a large answer (the metrics of thousands of backends are megabytes) and
+/// never reads it must not hold one of the few admin connections, and the answer's memory,
+/// for ever. Reads need no such guard: hyper times out a request head, and [`read_body`] a
+/// body.
+struct WriteStall<S> {
+    inner: S,
+    /// Armed when a write could not go on, disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStall<S> {
+    fn new(inner: S) -> Self {
+        WriteStall {
+            inner,
+            stalled: None,
+        }
+    }
+
+    /// What a write that made progress (`Ready`) or none (`Pending`) becomes.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of the answer",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
+    }
+}
+
+/// The API's state: the server.
 struct Api {
     handle: ServerHandle,
-    token: Option<Arc<str>>,
 }
 
 impl Api {
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        // The token in force: the one the listener was bound with, or a reload's.
+        let token = self.handle.admin_token();
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
         if path == "/" || path == "/index.html" {
@@ -190,7 +279,7 @@ impl Api {
         }
         // Without a token, only names that cannot be rebound to another site's address: a page
         // of a site whose name was pointed at loopback (DNS rebinding) is not served data.
-        if self.token.is_none() && !loopback_host(&request) {
+        if token.is_none() && !loopback_host(&request) {
             return error(
                 StatusCode::FORBIDDEN,
                 "without admin.token, the API answers only to an IP address or localhost in Host",
@@ -202,16 +291,20 @@ impl Api {
                 "a change requested by a page of another origin is refused",
             );
         }
-        if !self.authorized(&request) {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "a bearer token is required: Authorization: Bearer <admin.token>",
-            );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
+        match authorize(token.as_deref().map(String::as_str), &request) {
+            Auth::Granted => {}
+            Auth::Missing => {
+                return unauthorized(
+                    "a bearer token is required: Authorization: Bearer <admin.token>",
+                    "Bearer realm=\"switchyard\"",
+                );
+            }
+            Auth::Invalid => {
+                return unauthorized(
+                    "the bearer token is not admin.token",
+                    "Bearer realm=\"switchyard\", error=\"invalid_token\"",
+                );
+            }
         }
         let segments: Vec<String> = path
             .trim_start_matches('/')
@@ -220,12 +313,22 @@ impl Api {
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::render(&self.handle),
-            ),
-            (&Method::GET, ["api", "state"]) => json(StatusCode::OK, &state::state(&self.handle)),
+            (&Method::GET | &Method::HEAD, ["metrics"]) => {
+                match self.render(crate::metrics::render).await {
+                    Some(text) => respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    None => error(StatusCode::INTERNAL_SERVER_ERROR, "no metrics"),
+                }
+            }
+            (&Method::GET | &Method::HEAD, ["api", "state"]) => {
+                match self.render(|h| state::state(h).to_string()).await {
+                    Some(text) => respond(StatusCode::OK, "application/json", text),
+                    None => error(StatusCode::INTERNAL_SERVER_ERROR, "no state"),
+                }
+            }
             (&Method::POST, ["api", "reload"]) => self.reload().await,
             (&Method::POST, ["api", "pools", pool, "backends", address, action])
                 if *action != "weight" =>
@@ -233,13 +336,16 @@ impl Api {
                 self.backend_action(pool, address, action)
             }
             (&Method::PUT, ["api", "pools", pool, "backends", address, "weight"]) => {
+                if let Some(refused) = not_json(&request) {
+                    return refused;
+                }
                 let body = match read_body(request).await {
                     Ok(body) => body,
                     Err(response) => return response,
                 };
                 self.set_weight(pool, address, &body).await
             }
-            (_, ["metrics"] | ["api", "state"]) => method_not_allowed("GET"),
+            (_, ["metrics"] | ["api", "state"]) => method_not_allowed("GET, HEAD"),
             (_, ["api", "reload"]) => method_not_allowed("POST"),
             (_, ["api", "pools", _, "backends", _, "weight"]) => method_not_allowed("PUT"),
             (_, ["api", "pools", _, "backends", _, _]) => method_not_allowed("POST"),
@@ -247,25 +353,25 @@ impl Api {
         }
     }
 
-    /// Whether the request carries the token (always, when none is configured). Compared in
-    /// constant time.
-    fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let (a, b) = (given.as_bytes(), token.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    /// Renders an answer that grows with the configuration (megabytes of metrics for thousands
+    /// of backends) on a blocking thread, not on one that serves traffic.
+    async fn render(&self, render: fn(&ServerHandle) -> String) -> Option<String> {
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || render(&handle))
+            .await
+            .ok()
     }
 
     async fn reload(&self) -> Response<Full<Bytes>> {
         info!("admin: reload requested");
-        match self.handle.reload_file().await {
+        // On a task of its own: a client that leaves, or the request deadline, stops only the
+        // wait for the answer. Dropped halfway, a reload would never end: never applied nor
+        // counted nor logged, and the service manager told RELOADING=1 with no READY=1 after.
+        let handle = self.handle.clone();
+        let Ok(result) = tokio::spawn(async move { handle.reload_file().await }).await else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed");
+        };
+        match result {
             Ok(summary) => json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -292,9 +398,14 @@ impl Api {
     fn backend(&self, pool: &str, address: &str) -> Result<Found, Box<Response<Full<Bytes>>>> {
         let snapshot = self.handle.snapshot();
         let Some(found) = snapshot.pool(pool) else {
+            let mut names: Vec<&str> = snapshot.pools.keys().map(String::as_str).collect();
+            names.sort_unstable();
             return Err(Box::new(error(
                 StatusCode::NOT_FOUND,
-                &format!("no pool `{pool}` in the running configuration"),
+                &format!(
+                    "no pool `{pool}` in the running configuration (pools: {})",
+                    names.join(", ")
+                ),
             )));
         };
         let state = found
@@ -306,7 +417,15 @@ impl Api {
             Some(state) => Ok((Arc::clone(found), state)),
             None => Err(Box::new(error(
                 StatusCode::NOT_FOUND,
-                &format!("pool `{pool}` has no backend `{address}`"),
+                &format!(
+                    "pool `{pool}` has no backend `{address}` (backends, as ip:port: {})",
+                    found
+                        .candidates
+                        .iter()
+                        .map(|c| c.state.addr.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ))),
         }
     }
@@ -353,16 +472,22 @@ impl Api {
             Err(response) => return *response,
         };
         let weight = match parse_weight(body) {
-            Some(w) if (1..=MAX_WEIGHT).contains(&w) => w,
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("the body must be {{\"weight\": N}} with N from 1 to {MAX_WEIGHT}"),
-                );
-            }
+            Ok(weight) => weight,
+            Err(reason) => return error(StatusCode::BAD_REQUEST, &reason),
         };
-        state.set_weight_override(weight);
-        self.handle.rebuild_pools().await;
+        // The override and the pool built with it, on a task of its own: a client that leaves
+        // halfway must not leave an override that the pool in force does not have.
+        let (handle, name, backend) = (self.handle.clone(), pool.to_owned(), Arc::clone(&state));
+        let applied = tokio::spawn(async move {
+            backend.set_weight_override(weight);
+            handle.rebuild_pool(&name).await;
+        });
+        if applied.await.is_err() {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the weight change failed",
+            );
+        }
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
         match snapshot.pool(pool) {
@@ -423,24 +548,151 @@ fn same_origin<B>(request: &Request<B>) -> bool {
     matches!((origin, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-/// `{"weight": N}` or a bare `N`.
-fn parse_weight(body: &[u8]) -> Option<u32> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let n = match &value {
-        serde_json::Value::Number(n) => n.as_u64()?,
-        serde_json::Value::Object(o) => o.get("weight")?.as_u64()?,
-        _ => return None,
+/// Whether the request carries `token` (always granted when there is none). The scheme's name
+/// is taken in any case (RFC 9110, section 11.1); the token is compared in constant time.
+fn authorize<B>(token: Option<&str>, request: &Request<B>) -> Auth {
+    let Some(token) = token else {
+        return Auth::Granted;
     };
-    u32::try_from(n).ok()
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| {
+            let v = v.as_bytes();
+            let space = v.iter().position(|&b| b == b' ')?;
+            Some((&v[..space], &v[space + 1..]))
+        })
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer"))
+        .map(|(_, credentials)| credentials.trim_ascii());
+    match given {
+        None => Auth::Missing,
+        Some(given) if same_secret(given, token.as_bytes()) => Auth::Granted,
+        Some(_) => Auth::Invalid,
+    }
 }
 
-/// Reads a small request body.
+/// What the `Authorization` header of a request says.
+enum Auth {
+    /// The token, or no token is configured.
+    Granted,
+    /// No bearer token (no header, or another scheme).
+    Missing,
+    /// A bearer token that is not the one configured.
+    Invalid,
+}
+
+/// Whether `given` is `token`, in a time that depends on the length of `given` (which the
+/// client knows) but on nothing of the token's: neither its bytes nor its length.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let mut differ = u8::from(given.len() != token.len());
+    for (i, &byte) in given.iter().enumerate() {
+        differ |= byte ^ token[i % token.len()];
+    }
+    std::hint::black_box(differ) == 0
+}
+
+/// A 401 with its challenge (RFC 6750, section 3).
+fn unauthorized(reason: &str, challenge: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error(StatusCode::UNAUTHORIZED, reason);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// A 415 for a body that says it is something other than JSON. A body without a type is taken
+/// as JSON, and so is any `…+json`, and so is `application/x-www-form-urlencoded`, which curl
+/// sends for `-d` and `--data-binary` unless told otherwise: refusing it would refuse the
+/// commonest way to set a weight by hand, and would guard nothing (a page of another origin is
+/// refused already, and a form cannot send PUT).
+fn not_json<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let value = request.headers().get(header::CONTENT_TYPE)?;
+    let media = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/json"
+        || media.ends_with("+json")
+        || media == "application/x-www-form-urlencoded"
+    {
+        return None;
+    }
+    Some(error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &format!(
+            "the body is JSON: send it with Content-Type: application/json, not `{}`",
+            String::from_utf8_lossy(value.as_bytes())
+        ),
+    ))
+}
+
+/// `{"weight": N}` or a bare `N`, with N from 1 to [`MAX_WEIGHT`]; else why not, in words an
+/// operator at a terminal can act on.
+fn parse_weight(body: &[u8]) -> Result<u32, String> {
+    let shape = || {
+        format!("the body must be {{\"weight\": N}} (or a bare N) with N from 1 to {MAX_WEIGHT}")
+    };
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not JSON ({e}); {}", shape()))?;
+    let n = match value {
+        serde_json::Value::Number(n) => n,
+        serde_json::Value::Object(mut object) => {
+            if let Some(key) = object.keys().find(|k| *k != "weight") {
+                return Err(format!("unknown key `{key}`: {}", shape()));
+            }
+            match object.remove("weight") {
+                Some(serde_json::Value::Number(n)) => n,
+                Some(other) => {
+                    return Err(format!(
+                        "`weight` must be a whole number from 1 to {MAX_WEIGHT}, not {other}"
+                    ));
+                }
+                None => return Err(shape()),
+            }
+        }
+        _ => return Err(shape()),
+    };
+    let out_of_range = || format!("weight {n} is out of range: a weight is 1 to {MAX_WEIGHT}");
+    if let Some(weight) = n.as_u64() {
+        return u32::try_from(weight)
+            .ok()
+            .filter(|w| (1..=MAX_WEIGHT).contains(w))
+            .ok_or_else(out_of_range);
+    }
+    match n.as_f64() {
+        // Negative, or too large for u64 (serde_json reads those as floats).
+        Some(f) if n.is_i64() || (f.is_finite() && f.fract() == 0.0) => Err(out_of_range()),
+        _ => Err(format!(
+            "`weight` must be a whole number from 1 to {MAX_WEIGHT}, not {n}"
+        )),
+    }
+}
+
+/// Reads a small request body, within [`BODY_TIMEOUT`]: a client that stops sending it does
+/// not hold one of the admin listener's few connections for the whole request deadline.
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(error(
+    let body = Limited::new(request.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "the body is too large or broken",
+            &format!("the body is larger than {MAX_BODY} bytes"),
+        )),
+        Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body is broken")),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
         )),
     }
 }
@@ -512,10 +764,18 @@ mod tests {
 
     #[test]
     fn weights_and_paths() {
-        assert_eq!(parse_weight(b"{\"weight\": 7}"), Some(7));
-        assert_eq!(parse_weight(b"12"), Some(12));
-        assert_eq!(parse_weight(b"{\"weight\": -1}"), None);
-        assert_eq!(parse_weight(b"nonsense"), None);
+        assert_eq!(parse_weight(b"{\"weight\": 7}"), Ok(7));
+        assert_eq!(parse_weight(b"12"), Ok(12));
+        assert!(parse_weight(b"{\"weight\": -1}").is_err());
+        assert!(parse_weight(b"nonsense").is_err());
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeF", b"0123456789abcdef"));
+        assert!(!same_secret(
+            b"0123456789abcdef0123456789abcdef",
+            b"0123456789abcdef"
+        ));
+        assert!(!same_secret(b"", b"0123456789abcdef"));
+        assert!(!same_secret(b"", b""));
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");

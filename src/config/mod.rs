@@ -10,6 +10,7 @@ mod raw;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,12 +109,23 @@ pub struct Config {
 }
 
 /// `[admin]`: where the admin API listens and the token it wants.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Where to listen.
     pub bind: SocketAddr,
     /// Bearer token every API and metrics request must carry; required off loopback.
     pub token: Option<String>,
+}
+
+/// Without the token: a configuration printed into a log or a panic message must not hand out
+/// the key to the admin API.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `access_log = { path, format }`.
@@ -739,12 +751,50 @@ impl BalanceKind {
     }
 }
 
+/// The largest configuration file read: far beyond any real one (thousands of backends take
+/// a few hundred KiB).
+pub const MAX_FILE: u64 = 64 << 20;
+
+/// The bytes of a configuration file, refused past [`MAX_FILE`]: a file that never ends (a
+/// device, a mistyped path) is an error rather than read until memory runs out.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, the most a configuration file may be",
+            MAX_FILE >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_file(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|error| {
+            // Where the first byte that is not UTF-8 is, so that an editor can find it.
+            let bytes = error.as_bytes();
+            let at = error.utf8_error().valid_up_to();
+            let before = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+            let (line, column) = validate::line_column(before, at);
+            ConfigError::Syntax {
+                file: path.to_path_buf(),
+                path: String::new(),
+                line,
+                column,
+                reason: format!(
+                    "not UTF-8 text: byte 0x{:02X} here (save the file as UTF-8)",
+                    bytes[at]
+                ),
+            }
         })?;
         Config::from_toml(&text, path)
     }

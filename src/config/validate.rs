@@ -13,9 +13,11 @@ use super::*;
 /// Replaces `${NAME}` and `${NAME:-default}` in one string value with environment values, so
 /// one file can serve several deployments (the shared benchmark passes its ports this way).
 /// `$${` writes a literal `${`. Only string values are expanded, never comments or keys, and a
-/// value can never turn into TOML syntax.
-fn expand_env(value: &str) -> Result<String, String> {
+/// value can never turn into TOML syntax. Every mistake in the value is reported, not only the
+/// first: an operator fixing a deployment learns of all its unset variables at once.
+fn expand_env(value: &str) -> Result<String, Vec<String>> {
     let mut out = String::with_capacity(value.len());
+    let mut problems = Vec::new();
     let mut rest = value;
     while let Some(start) = rest.find('$') {
         out.push_str(&rest[..start]);
@@ -31,37 +33,89 @@ fn expand_env(value: &str) -> Result<String, String> {
             continue;
         };
         let Some(end) = inner.find('}') else {
-            return Err("`${` without a closing `}`".into());
+            problems.push("`${` without a closing `}`".to_owned());
+            break;
         };
-        let (name, default) = match inner[..end].split_once(":-") {
-            Some((name, default)) => (name, Some(default)),
-            None => (&inner[..end], None),
-        };
-        // Like the shell's `${NAME:-default}`: an empty value takes the default too.
-        match (std::env::var(name), default) {
-            (Ok(value), Some(default)) if value.is_empty() => out.push_str(default),
-            (Ok(value), _) => out.push_str(&value),
-            (Err(_), Some(default)) => out.push_str(default),
-            (Err(_), None) => {
-                return Err(format!(
-                    "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default, or `$${{{name}}}` for a literal `${{{name}}}`, such as a rewrite's group)"
-                ));
-            }
-        }
         rest = &inner[end + 1..];
+        match lookup(&inner[..end]) {
+            Ok(value) => out.push_str(&value),
+            Err(problem) => problems.push(problem),
+        }
     }
     out.push_str(rest);
-    Ok(out)
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The value of one `${...}`, given what stands between the braces.
+fn lookup(inner: &str) -> Result<String, String> {
+    let (name, default) = match inner.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (inner, None),
+    };
+    if name.is_empty() {
+        return Err(format!("`${{{inner}}}` names no variable"));
+    }
+    if !is_variable_name(name) {
+        let mut reason = format!(
+            "`{name}` is not a variable name (letters, digits and `_`, not starting with a digit)"
+        );
+        // The shell's `${NAME-default}` is the likeliest meaning.
+        if default.is_none()
+            && let Some((name, default)) = name.split_once('-')
+            && is_variable_name(name)
+        {
+            reason.push_str(&format!("; for a default, write `${{{name}:-{default}}}`"));
+        }
+        return Err(reason);
+    }
+    if let Some(default) = default
+        && default.contains("${")
+    {
+        return Err(format!(
+            "`${{{inner}}}`: a default cannot hold `${{` (defaults do not nest)"
+        ));
+    }
+    // Like the shell's `${NAME:-default}`: an empty value takes the default too.
+    match (
+        std::env::var_os(name).map(std::ffi::OsString::into_string),
+        default,
+    ) {
+        (Some(Ok(value)), Some(default)) if value.is_empty() => Ok(default.to_owned()),
+        (Some(Ok(value)), _) => Ok(value),
+        (Some(Err(_)), _) => Err(format!(
+            "environment variable `{name}` is set, but its value is not UTF-8"
+        )),
+        (None, Some(default)) => Ok(default.to_owned()),
+        (None, None) => Err(format!(
+            "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default, or `$${{{name}}}` for a literal `${{{name}}}`, such as a rewrite's group)"
+        )),
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, the names a shell can export.
+fn is_variable_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Expands every string value under `value`, naming the key path of a failure.
 fn expand_strings(value: &mut toml::Value, path: &str, problems: &mut Problems) {
     match value {
-        toml::Value::String(text) if text.contains("${") => {
-            if let Some(expanded) = problems.check(path, expand_env(text)) {
-                *text = expanded;
+        toml::Value::String(text) if text.contains("${") => match expand_env(text) {
+            Ok(expanded) => *text = expanded,
+            Err(reasons) => {
+                for reason in reasons {
+                    problems.push(path, reason);
+                }
             }
-        }
+        },
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 expand_strings(item, &format!("{path}[{i}]"), problems);
@@ -134,7 +188,7 @@ fn parse_shape(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 /// 1-based line and column of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
+pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
