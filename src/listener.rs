@@ -67,17 +67,21 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = BACKOFF_START;
+    // One wait for the shutdown, registered once for the life of the loop: a new one for every
+    // connection would take the token's lock twice per accept to register and unregister.
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
         let permit: OwnedSemaphorePermit = tokio::select! {
             permit = Arc::clone(&limit).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
             },
-            _ = shutdown.cancelled() => return,
+            () = &mut stopped => return,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
+            () = &mut stopped => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -88,7 +92,7 @@ pub async fn accept_loop<F, Fut>(
                 warn!(listener = name, %error, pause = ?backoff, "accept failed, backing off");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return,
+                    () = &mut stopped => return,
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
