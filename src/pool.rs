@@ -464,7 +464,6 @@ impl Drop for Waiting<'_> {
 
 /// Cookie persistence: the cookie names a backend by an id derived from the secret, so it
 /// reveals nothing about the backend and cannot be forged, and carries a signed expiry.
-#[derive(Debug)]
 pub struct Sticky {
     /// The cookie's name.
     pub cookie: String,
@@ -474,6 +473,17 @@ pub struct Sticky {
     ids: Vec<u64>,
     /// Candidate index by id.
     by_id: HashMap<u64, usize>,
+}
+
+/// Without the signing key, which would let whoever reads it forge cookies.
+impl std::fmt::Debug for Sticky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sticky")
+            .field("cookie", &self.cookie)
+            .field("ttl", &self.ttl)
+            .field("backends", &self.ids.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Characters of an encoded cookie value: 16 hex digits of id, 8 of expiry, 16 of signature.
@@ -711,6 +721,10 @@ mod tests {
             .unwrap();
         assert!(!value.contains("127.0.0.1"));
         assert_eq!(sticky.lookup(value.as_bytes()), Some((1, false)));
+        // Neither the secret nor the key derived from it shows in a debug print.
+        let printed = format!("{sticky:?} {sticky_config:?}");
+        assert!(!printed.contains("shared secret"), "{printed}");
+        assert!(!printed.contains(&sticky.key.0.to_string()), "{printed}");
         // The same secret elsewhere accepts it.
         let (other, _) = self::pool(&[(1, false), (2, false)], |c| {
             c.sticky = Some(sticky_config)

@@ -981,11 +981,12 @@ fn pool_keys_that_no_listener_of_the_pool_reads_are_errors() {
 }
 
 #[test]
-fn the_admin_token_never_shows_in_a_debug_print_of_the_configuration() {
+fn secrets_never_show_in_a_debug_print_of_the_configuration() {
     let token = "a-secret-token-nobody-may-log";
+    let secret = "a-sticky-secret-nobody-may-log";
     let config = Config::from_toml(
         &format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n"
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\nsticky = {{ cookie = \"SRV\", secret = \"{secret}\" }}\n"
         ),
         Path::new("t.toml"),
     )
@@ -995,4 +996,9 @@ fn the_admin_token_never_shows_in_a_debug_print_of_the_configuration() {
     let printed = format!("{config:?}");
     assert!(!printed.contains(token), "{printed}");
     assert!(printed.contains("token: Some(\"<redacted>\")"), "{printed}");
+    assert!(!printed.contains(secret), "{printed}");
+    assert!(
+        printed.contains("secret: Some(\"<redacted>\")"),
+        "{printed}"
+    );
 }

@@ -636,7 +636,7 @@ pub enum HashKey {
 }
 
 /// `sticky = { cookie, ttl, secret }`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StickyConfig {
     /// The cookie's name.
     pub cookie: String,
@@ -645,6 +645,18 @@ pub struct StickyConfig {
     /// Key for signing; instances that share it honour each other's cookies. Without it each
     /// process draws a random key.
     pub secret: Option<String>,
+}
+
+/// Without the secret: with it, anyone who reads a log line or a panic message could sign
+/// cookies that pick a backend.
+impl fmt::Debug for StickyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StickyConfig")
+            .field("cookie", &self.cookie)
+            .field("ttl", &self.ttl)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `health = { ... }`: how and how often each backend is probed.
