@@ -3425,3 +3425,43 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
     })
     .await;
 }
+
+/// The same for HTTP/2 backends, whose connection is opened once and shared: a connect that
+/// finds no descriptor left is a 503, not the backend's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
+    let (a, b) = (h2_backend("a").await, h2_backend("b").await);
+    let config = single_pool(
+        &[a.addr, b.addr],
+        "",
+        "upstream_protocol = \"h2\"\noutlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
+    );
+    let limit = 40;
+    let running = spawn_with_fd_limit("h2-blame", &config, limit).await;
+    let addr = running.addr;
+    let pid = running.child.id().expect("running");
+    let mut first = HttpClient::connect(addr).await;
+    // Idle clients take every descriptor the process has left (those it cannot accept wait
+    // in the listen queue).
+    let mut idle = Vec::new();
+    for _ in 0..limit {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    eventually("the proxy out of descriptors", || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()) >= limit
+    })
+    .await;
+    first.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let reply = tokio::time::timeout(PATIENCE, first.reply())
+        .await
+        .expect("answered")
+        .expect("reply");
+    assert_eq!(reply.status, 503);
+    drop(idle);
+    eventually_async("a client is served again", || async move {
+        let mut client = HttpClient::connect(addr).await;
+        let reply = tokio::time::timeout(Duration::from_millis(500), client.get("/", "")).await;
+        matches!(reply, Ok(r) if r.status == 200)
+    })
+    .await;
+}

@@ -1307,6 +1307,12 @@ pub(super) async fn h2_sender<'p>(
         let state = &picked.candidate.state;
         match upstream.sender(state.addr, pool).await {
             Ok(lease) => return Ok((lease, picked, attempts.count())),
+            // This process is out of descriptors or memory: no fault of the backend's, and no
+            // other backend would fare better (as on HTTP/1.1).
+            Err(error) if crate::listener::is_resource_exhaustion(&error) => {
+                debug!(backend = %state.addr, %error, "no socket for a backend connection");
+                return Err(503);
+            }
             Err(error) => {
                 state
                     .connect_failures

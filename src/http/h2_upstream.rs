@@ -305,9 +305,24 @@ pub struct H2Pool {
 /// connect whose request went away before it finished is taken over by the next request.
 type Slot = Arc<tokio::sync::OnceCell<Result<SendRequest<UpstreamBody>, Failed>>>;
 
-/// Why a connect failed, for every request that waited on it (`io::Error` is not `Clone`).
+/// Why a connect failed, for every request that waited on it (`io::Error` is not `Clone`). The
+/// system's error number is kept: running out of descriptors must still read as such (see
+/// `listener::is_resource_exhaustion`).
 #[derive(Clone, Debug)]
-struct Failed(io::ErrorKind, String);
+struct Failed(io::ErrorKind, String, Option<i32>);
+
+impl Failed {
+    fn of(error: &io::Error) -> Failed {
+        Failed(error.kind(), error.to_string(), error.raw_os_error())
+    }
+
+    fn to_error(&self) -> io::Error {
+        match self.2 {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.0, self.1.clone()),
+        }
+    }
+}
 
 /// A request's hold on a backend's shared connection, which also says which connection it is:
 /// a request that fails forgets that connection, not a newer one that another request opened
@@ -368,12 +383,12 @@ impl H2Pool {
             .get_or_init(|| async {
                 connect(addr, pool)
                     .await
-                    .map_err(|error| Failed(error.kind(), error.to_string()))
+                    .map_err(|error| Failed::of(&error))
             })
             .await;
         match connected {
             Ok(sender) => Ok(Lease::new(sender.clone(), Arc::clone(&slot))),
-            Err(Failed(kind, message)) => Err(io::Error::new(*kind, message.clone())),
+            Err(failed) => Err(failed.to_error()),
         }
     }
 
