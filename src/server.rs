@@ -155,6 +155,9 @@ pub struct Shared {
     state: Mutex<State>,
     /// Serialises reloads: one that arrives during another waits for it, and is not lost.
     reloading: tokio::sync::Mutex<()>,
+    /// Reloads of the file asked for and not over yet, queued ones included: the service
+    /// manager is told RELOADING=1 when the first starts and READY=1 when the last ends.
+    reloads_running: AtomicU64,
     /// The file the configuration was read from, for reloads.
     path: Option<PathBuf>,
     /// Configurations applied: 1 at start, one more per successful reload.
@@ -269,6 +272,7 @@ impl Server {
                 checks: shutdown.child_token(),
             }),
             reloading: tokio::sync::Mutex::new(()),
+            reloads_running: AtomicU64::new(0),
             path,
             generation: AtomicU64::new(1),
             reloads: AtomicU64::new(0),
@@ -620,9 +624,15 @@ impl ServerHandle {
             warn!(error = %ServerError::ShuttingDown, "reload refused; the running configuration is unchanged");
             return Err(ServerError::ShuttingDown);
         }
-        crate::notify::reloading();
+        // Reloads may overlap (a SIGHUP during one the API asked for): the service manager
+        // hears RELOADING=1 once and READY=1 only when no reload is left, never READY=1 while
+        // another still runs.
+        let in_flight = ReloadInFlight::start(&self.0.reloads_running);
+        if in_flight.first {
+            crate::notify::reloading();
+        }
         let result = self.load_and_reload().await;
-        if !self.0.shutdown.is_cancelled() {
+        if in_flight.finish() && !self.0.shutdown.is_cancelled() {
             crate::notify::ready(&match &result {
                 Ok(summary) => format!("serving configuration generation {}", summary.generation),
                 Err(error) => format!("reload refused: {error}"),
@@ -1194,3 +1204,31 @@ async fn release_memory(shutdown: CancellationToken) {
 /// Other C libraries keep no free memory back in the same way: nothing to do.
 #[cfg(not(target_env = "gnu"))]
 async fn release_memory(_shutdown: CancellationToken) {}
+
+/// One reload of the file in [`ServerHandle::reload_file`], counted while it runs (and no
+/// longer once dropped, even halfway).
+struct ReloadInFlight<'a> {
+    count: &'a AtomicU64,
+    /// No other reload was running when this one started.
+    first: bool,
+}
+
+impl<'a> ReloadInFlight<'a> {
+    fn start(count: &'a AtomicU64) -> ReloadInFlight<'a> {
+        let first = count.fetch_add(1, Relaxed) == 0;
+        ReloadInFlight { count, first }
+    }
+
+    /// Ends it; whether it was the last one running.
+    fn finish(self) -> bool {
+        let last = self.count.fetch_sub(1, Relaxed) == 1;
+        std::mem::forget(self);
+        last
+    }
+}
+
+impl Drop for ReloadInFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Relaxed);
+    }
+}

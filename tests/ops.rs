@@ -324,6 +324,85 @@ async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
     writer.await.expect("writer").expect("written");
 }
 
+/// Two reloads at once (a SIGHUP while one the API asked for waits on the file): the service
+/// manager hears RELOADING=1 once, and READY=1 only when both are over, never READY=1 while
+/// the second still runs.
+#[tokio::test]
+async fn overlapping_reloads_are_one_reload_to_the_service_manager() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::named("a").await;
+    let dir = TempDir::new("overlapping-reloads");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
+    let path = dir.0.join("switchyard.toml");
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        l4_config(backend.addr)
+    );
+    std::fs::write(&path, &text).expect("write");
+    let mut proxy = Started::new(&path, &[], &[("NOTIFY_SOCKET", &socket_path)]).await;
+    let admin: std::net::SocketAddr = proxy
+        .wait_for("admin API listening")
+        .await
+        .split("Some(")
+        .nth(1)
+        .and_then(|a| a.split(')').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the admin address");
+    let ready = next_message(&socket).await;
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+
+    // The file becomes a FIFO: each reload waits in reading it until something writes it.
+    std::fs::remove_file(&path).expect("remove");
+    let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    let mut client = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("send");
+    let reloading = next_message(&socket).await;
+    assert_eq!(reloading[0], "RELOADING=1", "{reloading:?}");
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_for("SIGHUP received").await;
+
+    // The file, for every reload that opens it: a FIFO opened for writing without blocking
+    // fails while no reader has it open. Bounded by the flag and by time.
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = Arc::clone(&done);
+        let path = path.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let until = std::time::Instant::now() + PATIENCE;
+            while !done.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path)
+                {
+                    Ok(mut file) => {
+                        let _ = file.write_all(text.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let next = next_message(&socket).await;
+    done.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert_eq!(next[0], "READY=1", "{next:?}");
+    drop(client);
+}
+
 #[tokio::test]
 async fn sigusr1_reopens_the_access_log_that_logrotate_moved() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
