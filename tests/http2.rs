@@ -741,46 +741,15 @@ async fn a_connection_whose_response_still_streams_is_not_idle() {
     }
 }
 
-/// A bare HTTP/2 backend written frame by frame: it answers the preface with its SETTINGS and
-/// acknowledges the proxy's, and when a request's HEADERS arrive it either sends a GOAWAY that
-/// takes none of the streams (`last-stream-id` 0) and keeps the connection open, or closes
-/// the connection (`close`).
+/// A bare HTTP/2 backend that, when a request's HEADERS arrive, either sends a GOAWAY that
+/// takes none of the streams (`last-stream-id` 0) and keeps the connection open, or closes the
+/// connection (`close`).
 async fn refusing_h2_backend(close: bool) -> Backend {
-    Backend::start(move |mut stream| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut preface = [0u8; 24];
-        if stream.read_exact(&mut preface).await.is_err() {
-            return;
-        }
-        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
-        if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
-            return;
-        }
-        loop {
-            let mut head = [0u8; 9];
-            if stream.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let length =
-                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let mut payload = vec![0u8; length];
-            if stream.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            if head[3] != 1 {
-                continue;
-            }
-            if close {
-                return;
-            }
-            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            if stream.write_all(&goaway).await.is_err() {
-                return;
-            }
-        }
-    })
-    .await
+    if close {
+        raw_h2_backend(|_| Vec::new()).await
+    } else {
+        raw_h2_backend(|_| frame(7, 0, 0, &[0; 8])).await
+    }
 }
 
 #[tokio::test]
@@ -1447,7 +1416,8 @@ async fn an_http2_client_that_stalls_or_resets_its_upload_is_not_held_against_th
 }
 
 /// An HTTP/2 backend written frame by frame, to send what the h2 crate would not: it answers
-/// each request's HEADERS with `frames(stream_id)`, as they are.
+/// the preface with its SETTINGS and acknowledges the proxy's, then each request's HEADERS with
+/// `frames(stream_id)`, as they are; no frames at all close the connection.
 async fn raw_h2_backend(frames: fn(u32) -> Vec<u8>) -> Backend {
     Backend::start(move |mut stream| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1475,7 +1445,8 @@ async fn raw_h2_backend(frames: fn(u32) -> Vec<u8>) -> Backend {
                 continue;
             }
             let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            if stream.write_all(&frames(id)).await.is_err() {
+            let answer = frames(id);
+            if answer.is_empty() || stream.write_all(&answer).await.is_err() {
                 return;
             }
         }

@@ -265,21 +265,29 @@ async fn a_sighup_during_the_drain_is_refused_with_a_reason_in_the_log() {
     assert!(status.success(), "{status}");
 }
 
-#[tokio::test]
-async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
-    use tokio::io::AsyncWriteExt;
-    let backend = Backend::named("a").await;
-    let dir = TempDir::new("api-reload-left");
+/// A running binary with an admin API, told to notify a socket of ours (it has said READY=1),
+/// whose configuration file has become a FIFO: a reload waits in reading it until something
+/// writes it, as on a hung network mount.
+struct Held {
+    dir: TempDir,
+    socket: tokio::net::UnixDatagram,
+    /// The FIFO.
+    path: PathBuf,
+    /// The configuration to write into it.
+    text: String,
+    proxy: Started,
+    admin: std::net::SocketAddr,
+}
+
+async fn held_reloads(name: &str, backend: std::net::SocketAddr) -> Held {
+    let dir = TempDir::new(name);
     let socket_path = dir.0.join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
     let path = dir.0.join("switchyard.toml");
-    let text = format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
-        l4_config(backend.addr)
-    );
+    let text = format!("[admin]\nbind = \"127.0.0.1:0\"\n\n{}", l4_config(backend));
     std::fs::write(&path, &text).expect("write");
     let mut proxy = Started::new(&path, &[], &[("NOTIFY_SOCKET", &socket_path)]).await;
-    let admin: std::net::SocketAddr = proxy
+    let admin = proxy
         .wait_for("admin API listening")
         .await
         .split("Some(")
@@ -289,13 +297,32 @@ async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
         .expect("the admin address");
     let ready = next_message(&socket).await;
     assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
-
-    // The file becomes a FIFO: reading it waits until something writes it, as a file on a
-    // hung network mount would.
     std::fs::remove_file(&path).expect("remove");
     let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     // SAFETY: mkfifo(3) with a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    Held {
+        dir,
+        socket,
+        path,
+        text,
+        proxy,
+        admin,
+    }
+}
+
+#[tokio::test]
+async fn a_reload_through_the_api_finishes_even_when_its_client_gives_up() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::named("a").await;
+    let Held {
+        dir: _dir,
+        socket,
+        path,
+        text,
+        mut proxy,
+        admin,
+    } = held_reloads("api-reload-left", backend.addr).await;
 
     // A client asks for a reload and gives up before it is done.
     let mut client = tokio::net::TcpStream::connect(admin)
@@ -333,32 +360,14 @@ async fn overlapping_reloads_are_one_reload_to_the_service_manager() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::AsyncWriteExt;
     let backend = Backend::named("a").await;
-    let dir = TempDir::new("overlapping-reloads");
-    let socket_path = dir.0.join("notify.sock");
-    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
-    let path = dir.0.join("switchyard.toml");
-    let text = format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
-        l4_config(backend.addr)
-    );
-    std::fs::write(&path, &text).expect("write");
-    let mut proxy = Started::new(&path, &[], &[("NOTIFY_SOCKET", &socket_path)]).await;
-    let admin: std::net::SocketAddr = proxy
-        .wait_for("admin API listening")
-        .await
-        .split("Some(")
-        .nth(1)
-        .and_then(|a| a.split(')').next())
-        .and_then(|a| a.parse().ok())
-        .expect("the admin address");
-    let ready = next_message(&socket).await;
-    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
-
-    // The file becomes a FIFO: each reload waits in reading it until something writes it.
-    std::fs::remove_file(&path).expect("remove");
-    let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    // SAFETY: mkfifo(3) with a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let Held {
+        dir: _dir,
+        socket,
+        path,
+        text,
+        mut proxy,
+        admin,
+    } = held_reloads("overlapping-reloads", backend.addr).await;
 
     let mut client = tokio::net::TcpStream::connect(admin)
         .await
