@@ -1419,39 +1419,63 @@ async fn an_http2_client_that_stalls_or_resets_its_upload_is_not_held_against_th
 /// the preface with its SETTINGS and acknowledges the proxy's, then each request's HEADERS with
 /// `frames(stream_id)`, as they are; no frames at all close the connection.
 async fn raw_h2_backend(frames: fn(u32) -> Vec<u8>) -> Backend {
-    Backend::start(move |mut stream| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut preface = [0u8; 24];
-        if stream.read_exact(&mut preface).await.is_err() {
-            return;
-        }
-        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
-        if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
-            return;
-        }
-        loop {
-            let mut head = [0u8; 9];
-            if stream.read_exact(&mut head).await.is_err() {
+    raw_h2_backend_seeing(frames).await.0
+}
+
+/// The frames a [`raw_h2_backend_seeing`] got from the proxy: type, stream id and payload.
+type Seen = Arc<std::sync::Mutex<Vec<(u8, u32, Vec<u8>)>>>;
+
+/// Like [`raw_h2_backend`], and keeps every frame it gets after the preface.
+async fn raw_h2_backend_seeing(frames: fn(u32) -> Vec<u8>) -> (Backend, Seen) {
+    let seen = Seen::default();
+    let log = Arc::clone(&seen);
+    let backend = Backend::start(move |mut stream| {
+        let log = Arc::clone(&log);
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut preface = [0u8; 24];
+            if stream.read_exact(&mut preface).await.is_err() {
                 return;
             }
-            let length =
-                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let mut payload = vec![0u8; length];
-            if stream.read_exact(&mut payload).await.is_err() {
+            let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+            let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+            if stream.write_all(&settings).await.is_err() || stream.write_all(&ack).await.is_err() {
                 return;
             }
-            if head[3] != 1 {
-                continue;
-            }
-            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let answer = frames(id);
-            if answer.is_empty() || stream.write_all(&answer).await.is_err() {
-                return;
+            loop {
+                let mut head = [0u8; 9];
+                if stream.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let length =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0u8; length];
+                if stream.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let kind = head[3];
+                log.lock().expect("log").push((kind, id, payload));
+                if kind != 1 {
+                    continue;
+                }
+                let answer = frames(id);
+                if answer.is_empty() || stream.write_all(&answer).await.is_err() {
+                    return;
+                }
             }
         }
     })
-    .await
+    .await;
+    (backend, seen)
+}
+
+/// Whether the proxy reset stream `id` with CANCEL, in what `seen` holds.
+fn cancelled(seen: &Seen, id: u32) -> bool {
+    seen.lock()
+        .expect("log")
+        .iter()
+        .any(|(kind, of, payload)| *kind == 3 && *of == id && payload[..] == [0, 0, 0, 8])
 }
 
 /// One HTTP/2 frame.
@@ -1735,4 +1759,63 @@ async fn an_http2_backend_that_resets_right_after_its_head_is_a_502_for_http11_c
         .expect("answered in time")
         .expect("a reply, not an empty close");
     assert_eq!(reply.status, 502);
+}
+
+/// Stream 1 is reset before its head (INTERNAL_ERROR), stream 3 gets no answer at all (the
+/// backend sends a PING instead), and every other stream gets a 200 with `ok`.
+fn one_reset_one_silent(id: u32) -> Vec<u8> {
+    match id {
+        1 => frame(3, 0, id, &[0, 0, 0, 2]),
+        3 => frame(6, 0, 0, &[0; 8]),
+        _ => {
+            let mut out = frame(1, 0x4, id, &[0x88]);
+            out.extend(frame(0, 0x1, id, b"ok"));
+            out
+        }
+    }
+}
+
+/// Sends a bodiless GET for `path` from an HTTP/1.1 client on a connection of its own, or from
+/// `sender`'s HTTP/2 one, and returns the status and the body.
+async fn get_either(
+    http1: bool,
+    proxy: std::net::SocketAddr,
+    sender: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (u16, Vec<u8>) {
+    if !http1 {
+        return get(sender, path).await;
+    }
+    let mut client = HttpClient::connect(proxy).await;
+    let reply = tokio::time::timeout(PATIENCE, client.get(path, ""))
+        .await
+        .expect("answered in time");
+    (reply.status, reply.body)
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_on_a_shared_http2_backend_connection_fails_alone() {
+    for http1 in [false, true] {
+        let (backend, seen) = raw_h2_backend_seeing(one_reset_one_silent).await;
+        let proxy = proxy_for(
+            &[backend.addr],
+            "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+        );
+        let addr = proxy.addr("l7");
+        let mut sender = h2_connect(addr).await;
+        // The backend resets one stream: that request fails alone.
+        let (status, _) = get_either(http1, addr, &mut sender, "/reset").await;
+        assert_eq!(status, 502, "http1 {http1}");
+        // Another one times out: its stream is cancelled at the backend, and only it.
+        let (status, _) = get_either(http1, addr, &mut sender, "/silent").await;
+        assert_eq!(status, 504, "http1 {http1}");
+        eventually("the silent stream is cancelled", || cancelled(&seen, 3)).await;
+        // The connection goes on serving the next requests.
+        for _ in 0..2 {
+            let answer = get_either(http1, addr, &mut sender, "/next").await;
+            assert_eq!(answer, (200, b"ok".to_vec()), "http1 {http1}");
+        }
+        assert_eq!(backend.accepted(), 1, "http1 {http1}");
+        assert!(!cancelled(&seen, 5), "http1 {http1}");
+    }
 }

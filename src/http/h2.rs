@@ -1223,13 +1223,14 @@ async fn forward_h2(
         }
         Ok(Err(error)) => {
             debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.forget(addr, pool, &lease);
+            proxy.h2_upstream.failed(addr, pool, &lease, &error);
             pool.report(&state, false);
             return status_response(502);
         }
+        // Only this stream is given up on (dropped, hyper resets it with CANCEL): the others
+        // on the connection are still answered, and a connection that died unnoticed is found
+        // out by its pings.
         Err(_) => {
-            // A backend that stopped answering may sit on a dead connection: start afresh.
-            proxy.h2_upstream.forget(addr, pool, &lease);
             pool.report(&state, false);
             return status_response(504);
         }

@@ -468,9 +468,20 @@ impl H2Pool {
         ))
     }
 
+    /// Takes note that a request sent on `lease` failed with `error` (as [`H2Pool::send`]
+    /// returned it). Only a failure of the connection (an I/O error, a GOAWAY with an error,
+    /// the connection closed) forgets it: a failure of the request's stream alone (the backend
+    /// reset it) says nothing of the other streams on the connection, which other requests
+    /// share, and a fresh connection would only cost the next requests a handshake.
+    pub fn failed(&self, addr: SocketAddr, pool: &Pool, lease: &Lease, error: &io::Error) {
+        if !stream_only(error) {
+            self.forget(addr, pool, lease);
+        }
+    }
+
     /// Forgets `lease`'s connection to backend `addr` of `pool` after it failed a request, if it
     /// is still the pooled one: a newer connection, opened by another request since, stays.
-    pub fn forget(&self, addr: SocketAddr, pool: &Pool, lease: &Lease) {
+    fn forget(&self, addr: SocketAddr, pool: &Pool, lease: &Lease) {
         let failed = lease.slot();
         let key = pool.conn_key(addr);
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
@@ -481,6 +492,17 @@ impl H2Pool {
             senders.remove(&key);
         }
     }
+}
+
+/// Whether a failed request's error is its stream's alone: the stream was reset (by the
+/// backend, or by hyper for it), and the connection goes on.
+fn stream_only(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<hyper::Error>())
+        .and_then(std::error::Error::source)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .is_some_and(h2::Error::is_reset)
 }
 
 /// Whether a request that failed never reached the backend: hyper dropped it unsent (its

@@ -1449,7 +1449,6 @@ impl HttpProxy {
                             Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
                             Err(BodyError::Write(error)) if error.kind() == io::ErrorKind::TimedOut => {
                                 debug!(backend = %addr, "the backend stopped taking the request body");
-                                self.h2_upstream.forget(addr, pool, &lease);
                                 pool.report(&state, false);
                                 return Err(Failure::Status(504));
                             }
@@ -1463,8 +1462,9 @@ impl HttpProxy {
                             .as_mut()
                             .reset(tokio::time::Instant::now() + pool.response_timeout);
                     }
+                    // Only this stream is given up on (dropped, hyper resets it with CANCEL);
+                    // a connection that died unnoticed is found out by its pings.
                     _ = &mut deadline, if pumped => {
-                        self.h2_upstream.forget(addr, pool, &lease);
                         pool.report(&state, false);
                         return Err(Failure::Status(504));
                     }
@@ -1478,7 +1478,7 @@ impl HttpProxy {
                 Ok(response) => response,
                 Err(error) => {
                     debug!(backend = %addr, %error, "http/2 backend request failed");
-                    self.h2_upstream.forget(addr, pool, &lease);
+                    self.h2_upstream.failed(addr, pool, &lease, &error);
                     pool.report(&state, false);
                     return Err(Failure::Status(502));
                 }
