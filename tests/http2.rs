@@ -1819,3 +1819,79 @@ async fn a_stream_that_fails_on_a_shared_http2_backend_connection_fails_alone() 
         assert!(!cancelled(&seen, 5), "http1 {http1}");
     }
 }
+
+/// Stream 1 gets a 200 head and five bytes of body, then nothing more (no end, no reset); every
+/// other stream gets a 200 with `ok`.
+fn stalls_after_its_head(id: u32) -> Vec<u8> {
+    let mut out = frame(1, 0x4, id, &[0x88]);
+    if id == 1 {
+        out.extend(frame(0, 0, id, b"first"));
+    } else {
+        out.extend(frame(0, 0x1, id, b"ok"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_body_an_http2_backend_stops_sending_is_cut_after_the_response_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for http1 in [false, true] {
+        let (backend, seen) = raw_h2_backend_seeing(stalls_after_its_head).await;
+        let proxy = proxy_for(
+            &[backend.addr],
+            "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+        );
+        let addr = proxy.addr("l7");
+        let mut sender = h2_connect(addr).await;
+        if http1 {
+            // The head is out: the connection closes with the body not ended.
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("send");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+                    .await
+                    .expect("a close in time")
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(text.ends_with("\r\n\r\n5\r\nfirst\r\n"), "{text}");
+        } else {
+            // The client's stream ends in a reset.
+            let request = http::Request::builder()
+                .uri("http://svc/stall")
+                .body(())
+                .expect("request");
+            let (response, _) = sender.send_request(request, true).expect("send");
+            let response = head_of(response).await.expect("response");
+            assert_eq!(response.status(), 200);
+            let mut body = response.into_body();
+            let mut data = Vec::new();
+            let ended = loop {
+                match tokio::time::timeout(PATIENCE, body.data())
+                    .await
+                    .expect("data or a reset in time")
+                {
+                    Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+                    Some(Err(error)) => break Err(error),
+                    None => break Ok(()),
+                }
+            };
+            assert_eq!(data, b"first");
+            assert!(ended.is_err(), "the stalled body ended cleanly");
+        }
+        // The backend's stream is reset, and its connection serves the next request.
+        eventually("the stalled stream is cancelled", || cancelled(&seen, 1)).await;
+        let answer = get_either(http1, addr, &mut sender, "/next").await;
+        assert_eq!(answer, (200, b"ok".to_vec()), "http1 {http1}");
+        assert_eq!(backend.accepted(), 1, "http1 {http1}");
+    }
+}

@@ -321,7 +321,8 @@ impl Relayed {
 struct Relay {
     tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
     done: Arc<AtomicBool>,
-    /// How long the client may take nothing before it is given up on.
+    /// How long the client may take nothing before it is given up on, and (in
+    /// [`relay_upstream`]) how long an HTTP/2 backend may send nothing.
     stall: Duration,
 }
 
@@ -357,7 +358,10 @@ impl Relay {
 
 /// Relays an HTTP/2 backend's body (trailers too) to the client. The guard counts the request
 /// as in flight on its backend until the body is done; the body is cut at the backend's drain
-/// deadline, and the backend's stream is dropped (reset) as soon as the client's goes away.
+/// deadline, and the backend's stream is dropped (reset) as soon as the client's goes away, or
+/// once the backend has sent nothing for the response timeout (a stream that stays open with
+/// nothing coming would otherwise hold the client's request, and a stream of the backend's
+/// connection, for ever).
 async fn relay_upstream(
     mut body: Incoming,
     relay: Relay,
@@ -366,8 +370,15 @@ async fn relay_upstream(
 ) {
     let _guard = guard;
     loop {
+        let next = tokio::time::timeout(relay.stall, http_body_util::BodyExt::frame(&mut body));
         let frame = tokio::select! {
-            frame = http_body_util::BodyExt::frame(&mut body) => frame,
+            frame = next => match frame {
+                Ok(frame) => frame,
+                Err(_) => {
+                    debug!("http/2 backend sent nothing of its body for the response timeout");
+                    return;
+                }
+            },
             () = closer.cancelled() => return,
             () = relay.tx.closed() => return,
         };
