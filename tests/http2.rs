@@ -1895,3 +1895,243 @@ async fn a_body_an_http2_backend_stops_sending_is_cut_after_the_response_timeout
         assert_eq!(backend.accepted(), 1, "http1 {http1}");
     }
 }
+
+#[tokio::test]
+async fn a_stream_its_client_resets_before_the_head_frees_its_backend_stream() {
+    // A backend that takes one stream at a time: `/hold` gets no answer (until it is reset),
+    // anything else a 200 with `ok`.
+    let (resets, mut reset) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let backend = Backend::start(move |stream| {
+        let resets = resets.clone();
+        async move {
+            let mut builder = h2::server::Builder::new();
+            builder.max_concurrent_streams(1);
+            let Ok(mut connection) = builder.handshake::<_, Bytes>(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                if request.uri().path() == "/hold" {
+                    let resets = resets.clone();
+                    tokio::spawn(async move {
+                        if std::future::poll_fn(|cx| respond.poll_reset(cx))
+                            .await
+                            .is_ok()
+                        {
+                            let _ = resets.send(());
+                        }
+                    });
+                    continue;
+                }
+                let head = http::Response::builder()
+                    .status(200)
+                    .body(())
+                    .expect("response");
+                if let Ok(mut send) = respond.send_response(head, false) {
+                    let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for round in 0..3 {
+        let request = http::Request::builder()
+            .uri("http://svc/hold")
+            .body(())
+            .expect("request");
+        let (response, mut stream) = sender.send_request(request, true).expect("send");
+        eventually("the backend has the stream", || {
+            state.active.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+        // The backend's stream is reset, and its only slot serves the next request.
+        let event = tokio::time::timeout(PATIENCE, reset.recv()).await;
+        assert_eq!(event.expect("reset in time"), Some(()), "round {round}");
+        assert_eq!(get(&mut sender, "/next").await, (200, b"ok".to_vec()));
+        eventually("no request in flight", || {
+            state.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// An HTTP/2 backend whose every answer is a 200 with a body of `size` bytes, sent as fast as
+/// flow control lets it; it counts the bytes of body it has sent.
+async fn bulk_h2_backend(size: usize) -> (Backend, Arc<std::sync::atomic::AtomicUsize>) {
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&sent);
+    let backend = Backend::start(move |stream| {
+        let count = Arc::clone(&count);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("content-length", size.to_string())
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        return;
+                    };
+                    let mut left = size;
+                    while left > 0 {
+                        send.reserve_capacity(left.min(64 * 1024));
+                        let Some(Ok(room)) =
+                            std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                        else {
+                            return;
+                        };
+                        let n = room.min(left);
+                        left -= n;
+                        if send
+                            .send_data(Bytes::from(vec![b'x'; n]), left == 0)
+                            .is_err()
+                        {
+                            return;
+                        }
+                        count.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        }
+    })
+    .await;
+    (backend, sent)
+}
+
+#[tokio::test]
+async fn clients_that_go_away_mid_body_give_back_the_backend_connections_window() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Each answer is larger than a stream's window, and a few of them larger than the whole
+    // connection's: the data of abandoned streams must be given back to the backend.
+    const SIZE: usize = 4 << 20;
+    // Nearly a stream's whole window (hyper's default, 2 MiB) of data the proxy holds.
+    const HELD: usize = 2_000_000;
+    let (backend, sent) = bulk_h2_backend(SIZE).await;
+    let sent_since = |before: usize| sent.load(std::sync::atomic::Ordering::SeqCst) - before;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let addr = proxy.addr("l7");
+    for round in 0..4 {
+        // An HTTP/2 client that takes a piece, then resets its stream.
+        let mut sender = h2_connect(addr).await;
+        let request = http::Request::builder()
+            .uri("http://svc/big")
+            .body(())
+            .expect("request");
+        let before = sent.load(std::sync::atomic::Ordering::SeqCst);
+        let (response, mut stream) = sender.send_request(request, true).expect("send");
+        let mut body = head_of(response).await.expect("response").into_body();
+        let piece = tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("data in time");
+        assert!(matches!(piece, Some(Ok(_))), "round {round}");
+        eventually("the backend filled the stream's window", || {
+            sent_since(before) >= HELD
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(body);
+        // An HTTP/1.1 client that reads a piece, then closes its connection.
+        let before = sent.load(std::sync::atomic::Ordering::SeqCst);
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("send");
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(PATIENCE, client.read(&mut buf))
+            .await
+            .expect("a piece in time")
+            .expect("read");
+        assert!(n > 0, "round {round}");
+        eventually("the backend filled the stream's window", || {
+            sent_since(before) >= HELD
+        })
+        .await;
+        drop(client);
+    }
+    // The connection still has the window for whole answers.
+    let mut sender = h2_connect(addr).await;
+    let (status, data) = get(&mut sender, "/big").await;
+    assert_eq!((status, data.len()), (200, SIZE));
+    let mut client = HttpClient::connect(addr).await;
+    let reply = tokio::time::timeout(PATIENCE, client.get("/big", ""))
+        .await
+        .expect("answered in time");
+    assert_eq!((reply.status, reply.body.len()), (200, SIZE));
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// Stream 1 gets no answer and no window for its body (the backend sends a PING instead);
+/// every other stream gets a 200 with `ok`.
+fn silent_first(id: u32) -> Vec<u8> {
+    if id == 1 {
+        return frame(6, 0, 0, &[0; 8]);
+    }
+    let mut out = frame(1, 0x4, id, &[0x88]);
+    out.extend(frame(0, 0x1, id, b"ok"));
+    out
+}
+
+#[tokio::test]
+async fn an_upload_an_http2_backend_stops_taking_fails_alone() {
+    // Far more than the backend's window for the stream (65,535 bytes), and than the proxy
+    // holds on its way: the rest is never taken.
+    const UPLOAD: usize = 2_000_000;
+    for http1 in [false, true] {
+        let (backend, seen) = raw_h2_backend_seeing(silent_first).await;
+        let proxy = proxy_for(
+            &[backend.addr],
+            "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
+        );
+        let addr = proxy.addr("l7");
+        let mut sender = h2_connect(addr).await;
+        let status = if http1 {
+            use tokio::io::AsyncWriteExt;
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut read, mut write) = stream.into_split();
+            let mut request =
+                format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {UPLOAD}\r\n\r\n")
+                    .into_bytes();
+            request.extend(std::iter::repeat_n(b'x', UPLOAD));
+            // Not all of it is read: the writer stops when the proxy answers and closes.
+            let writer = tokio::spawn(async move {
+                let _ = write.write_all(&request).await;
+                write
+            });
+            let mut buf = Vec::new();
+            let reply = tokio::time::timeout(PATIENCE, read_reply(&mut read, &mut buf))
+                .await
+                .expect("answered in time")
+                .expect("a reply");
+            writer.abort();
+            reply.status
+        } else {
+            let request = http::Request::builder()
+                .method("POST")
+                .uri("http://svc/upload")
+                .body(())
+                .expect("request");
+            let (response, mut stream) = sender.send_request(request, false).expect("send");
+            stream
+                .send_data(Bytes::from(vec![b'x'; UPLOAD]), true)
+                .expect("data");
+            head_of(response).await.expect("response").status().as_u16()
+        };
+        assert_eq!(status, 504, "http1 {http1}");
+        // The stream is cancelled at the backend, and the connection serves the next request.
+        eventually("the upload's stream is cancelled", || cancelled(&seen, 1)).await;
+        let answer = get_either(http1, addr, &mut sender, "/next").await;
+        assert_eq!(answer, (200, b"ok".to_vec()), "http1 {http1}");
+        assert_eq!(backend.accepted(), 1, "http1 {http1}");
+    }
+}
