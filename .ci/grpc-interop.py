@@ -255,7 +255,8 @@ backends = [{", ".join(f'"127.0.0.1:{b.port}"' for b in backends.values())}]
                     check.that(False, "no backend: UNAVAILABLE")
                 except grpc.RpcError as error:
                     check.that(
-                        error.code() == grpc.StatusCode.UNAVAILABLE,
+                        error.code() == grpc.StatusCode.UNAVAILABLE
+                        and error.details() in ("502 Bad Gateway", "503 Service Unavailable"),
                         f"no backend: UNAVAILABLE ({error.code()}, {error.details()!r})",
                     )
             check.that(process.poll() is None, "Switchyard still running")

@@ -58,6 +58,20 @@ async fn read_all(body: &mut h2::RecvStream) -> (Vec<u8>, Option<http::HeaderMap
     (data, trailers)
 }
 
+/// The status of one of the proxy's own errors: a gRPC call gets it as a gRPC status whose
+/// message starts with the HTTP status it stands for; anything else as the HTTP status.
+fn error_status(response: &http::Response<h2::RecvStream>) -> u16 {
+    match response.headers().get("grpc-message") {
+        Some(message) if response.headers().contains_key("grpc-status") => message
+            .to_str()
+            .ok()
+            .and_then(|m| m.get(..3))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0),
+        _ => response.status().as_u16(),
+    }
+}
+
 /// gRPC trailers with `grpc-status: 0`.
 fn ok_trailers() -> http::HeaderMap {
     let mut trailers = http::HeaderMap::new();
@@ -183,11 +197,14 @@ async fn a_backend_that_stops_answering_a_finished_request_still_times_out() {
         .send_data(Bytes::from_static(b"x"), true)
         .expect("end");
     let response = head_of(response).await.expect("response");
-    assert_eq!(response.status(), 504);
+    assert_eq!(error_status(&response), 504);
     let (response, _) = sender
         .send_request(grpc_request("/sum"), true)
         .expect("send");
-    assert_eq!(head_of(response).await.expect("response").status(), 504);
+    assert_eq!(
+        error_status(&head_of(response).await.expect("response")),
+        504
+    );
 }
 
 #[tokio::test]
@@ -1073,7 +1090,10 @@ async fn max_body_size_holds_for_http2_clients_of_http2_backends() {
         .send_request(grpc_request("/sum"), false)
         .expect("send");
     let _ = stream.send_data(Bytes::from(vec![b'x'; 100]), true);
-    assert_eq!(head_of(response).await.expect("response").status(), 413);
+    assert_eq!(
+        error_status(&head_of(response).await.expect("response")),
+        413
+    );
     // Within the limit, as usual.
     let (response, mut stream) = sender
         .send_request(grpc_request("/sum"), false)
@@ -1382,7 +1402,7 @@ async fn an_http2_client_that_stalls_or_resets_its_upload_is_not_held_against_th
         .send_data(Bytes::from_static(b"part"), false)
         .expect("data");
     let response = head_of(response).await.expect("response");
-    assert_eq!(response.status(), 408);
+    assert_eq!(error_status(&response), 408);
     // One that resets its stream half-way.
     let (response, mut reset) = sender
         .send_request(grpc_request("/sum"), false)
@@ -2133,5 +2153,75 @@ async fn an_upload_an_http2_backend_stops_taking_fails_alone() {
         let answer = get_either(http1, addr, &mut sender, "/next").await;
         assert_eq!(answer, (200, b"ok".to_vec()), "http1 {http1}");
         assert_eq!(backend.accepted(), 1, "http1 {http1}");
+    }
+}
+
+#[tokio::test]
+async fn grpc_calls_get_the_proxys_own_errors_as_grpc_statuses() {
+    let dead = dead_addr().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/svc." }}
+  pool = "p"
+
+[pools.p]
+upstream_protocol = "h2"
+backends = ["{dead}"]
+"#
+    ));
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    // (path, content type, expected HTTP status, expected grpc-status)
+    let cases = [
+        ("/svc.Echo/Call", "application/grpc", 200, Some("14")),
+        ("/svc.Echo/Call", "application/grpc+proto", 200, Some("14")),
+        ("/other.Echo/Call", "application/grpc", 200, Some("12")),
+        // Not gRPC: the plain HTTP error, gRPC-Web included (it carries its status otherwise).
+        ("/svc.Echo/Call", "application/grpc-web", 502, None),
+        ("/svc.Echo/Call", "application/json", 502, None),
+        ("/other.Echo/Call", "text/plain", 404, None),
+    ];
+    for (path, content_type, status, code) in cases {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://svc{path}"))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("response");
+        let what = format!("{path} as {content_type}");
+        assert_eq!(response.status(), status, "{what}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        assert_eq!(header("grpc-status").as_deref(), code, "{what}");
+        if code.is_some() {
+            assert_eq!(header("content-type").as_deref(), Some("application/grpc"));
+            let message = header("grpc-message").expect("grpc-message");
+            assert!(
+                message.starts_with(if path.starts_with("/svc.") {
+                    "502 "
+                } else {
+                    "404 "
+                }),
+                "{what}: {message}"
+            );
+            // Trailers-only: the head ends the stream.
+            assert!(response.body().is_end_stream(), "{what}");
+        }
+        let mut body = response.into_body();
+        let (data, _) = read_all(&mut body).await;
+        assert_eq!(data.is_empty(), code.is_some(), "{what}");
     }
 }

@@ -403,7 +403,8 @@ async fn relay_upstream(
     }
 }
 
-/// A response of our own: the status and a one-line body, as HTTP/1.1 errors have.
+/// A response of our own: the status and a one-line body, as HTTP/1.1 errors have. It is
+/// marked [`LocalReply`], so that a gRPC client can be given it in gRPC's own terms.
 fn status_response(status: u16) -> Response<ResponseBody> {
     let body = format!("{status} {}\n", h1::reason(status));
     let mut response = Response::new(ResponseBody::Full(Some(Bytes::from(body))));
@@ -412,7 +413,67 @@ fn status_response(status: u16) -> Response<ResponseBody> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain"),
     );
+    response.extensions_mut().insert(LocalReply);
     response
+}
+
+/// Marks an error response the proxy made itself (not a backend's).
+#[derive(Clone, Copy)]
+struct LocalReply;
+
+/// Whether a request is a gRPC call: `application/grpc`, alone or with a `+format` or
+/// parameters. gRPC-Web (`application/grpc-web…`) frames its status differently and is left
+/// alone.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
+/// The gRPC status code for an error status of the proxy's own. The codes gRPC's HTTP mapping
+/// lists (its doc/http-grpc-status-mapping.md) are kept, so a client learns the same as it
+/// would from the bare HTTP status; the others get the code that says what happened.
+fn grpc_code(status: u16) -> &'static str {
+    match status {
+        // INTERNAL: the request could not be read or forwarded as it was.
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        // UNIMPLEMENTED: no route, or a method the proxy does not serve.
+        404 | 501 => "12",
+        // DEADLINE_EXCEEDED: the client's own upload was too slow.
+        408 => "4",
+        // RESOURCE_EXHAUSTED: a message or its metadata over a limit.
+        413 | 431 => "8",
+        // UNAVAILABLE: no backend could take it, or it did not answer in time.
+        429 | 502 | 503 | 504 => "14",
+        _ => "2",
+    }
+}
+
+/// A gRPC client given a proxy error as plain HTTP learns only "unexpected HTTP status"; as a
+/// trailers-only gRPC response (HTTP 200, `grpc-status` and `grpc-message` in the one head that
+/// ends the stream, as Envoy answers too) it gets a status code and the reason.
+fn as_grpc_error(response: Response<ResponseBody>) -> Response<ResponseBody> {
+    let status = response.status();
+    let (mut parts, _) = response.into_parts();
+    parts.status = StatusCode::OK;
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts.headers.insert(
+        "grpc-status",
+        HeaderValue::from_static(grpc_code(status.as_u16())),
+    );
+    // Printable ASCII only, which gRPC's percent-encoding leaves as it is.
+    let message = format!("{} {}", status.as_u16(), h1::reason(status.as_u16()));
+    if let Ok(value) = HeaderValue::from_str(&message) {
+        parts.headers.insert("grpc-message", value);
+    }
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, ResponseBody::Empty)
 }
 
 /// A request as the router sees it.
@@ -613,12 +674,17 @@ async fn handle(
         user_agent,
         recorded: false,
     };
-    let response = if clean {
+    let grpc = is_grpc(request.headers());
+    let mut response = if clean {
         handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await
     } else {
         status_response(400)
     };
+    // Logs and metrics keep the HTTP status the error stands for.
     ended.trace.status = response.status().as_u16();
+    if grpc && response.extensions().get::<LocalReply>().is_some() {
+        response = as_grpc_error(response);
+    }
     if let Some(id) = response.headers().get("x-request-id") {
         ended.request_id = id.as_bytes().to_vec();
     }
