@@ -3465,3 +3465,52 @@ async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
     })
     .await;
 }
+
+/// An HTTP/2 request for `path` with `fields` (a name may repeat).
+fn h2_get(method: &str, path: &str, fields: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://x{path}"));
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
+    request.body(()).expect("request")
+}
+
+#[tokio::test]
+async fn a_compressed_body_cut_short_of_its_length_never_looks_complete() {
+    let backend = Backend::start(|mut stream| async move {
+        let mut head = Vec::new();
+        if read_until(&mut stream, &mut head, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let body = big_text();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        // Half of it, then the backend goes away.
+        let _ = stream.write_all(&body[..body.len() / 2]).await;
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], ALL_ALGORITHMS, ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    ends_without_its_last_chunk(&mut client).await;
+    let mut old = HttpClient::connect(proxy.addr("l7")).await;
+    old.send(b"GET / HTTP/1.0\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await;
+    ends_with_a_reset(&mut old).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for accept in ["gzip", "identity"] {
+        let request = h2_get("GET", "/", &[("accept-encoding", accept)]);
+        let response = h2_head(&mut sender, request).await;
+        ends_in_an_error(response.into_body()).await;
+    }
+}
