@@ -3514,3 +3514,39 @@ async fn a_compressed_body_cut_short_of_its_length_never_looks_complete() {
         ends_in_an_error(response.into_body()).await;
     }
 }
+
+#[tokio::test]
+async fn connection_specific_trailers_of_an_http11_backend_are_dropped_for_http2_clients() {
+    let backend = canned_backend(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-checksum: ok\r\nkeep-alive: timeout=5\r\nconnection: x-checksum\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let (head, data, trailers) = h2_exchange(&mut sender, h2_get("GET", "/", &[])).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(data, b"hello");
+        let trailers = trailers.expect("trailers");
+        assert!(trailers.get("keep-alive").is_none(), "{trailers:?}");
+        assert!(trailers.get("connection").is_none(), "{trailers:?}");
+    }
+}
+
+#[tokio::test]
+async fn connection_specific_trailers_of_an_http11_client_are_dropped_for_http2_backends() {
+    let backend = h2_backend("h2").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        "upstream_protocol = \"h2\"",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(b"POST /svc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 1\r\nkeep-alive: timeout=5\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("a reply");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "h2:hello");
+}

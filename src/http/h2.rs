@@ -1701,7 +1701,9 @@ async fn send_data(
     tx.send(Frame::data(data)).await
 }
 
-/// The trailer section of a chunked body as header fields; invalid lines are dropped.
+/// The trailer section of a chunked body as header fields. Invalid lines are dropped, and so
+/// are connection-specific and framing fields: HTTP/2 has none (RFC 9113 section 8.2.2), and a
+/// trailer section that carried one would fail the whole stream of a complete message.
 pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for line in raw.split(|&b| b == b'\n') {
@@ -1712,7 +1714,8 @@ pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&line[..colon]),
             HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) {
+        ) && !is_hop_or_framing(&name)
+        {
             map.append(name, value);
         }
     }
