@@ -1943,6 +1943,12 @@ async fn content_backend() -> Backend {
                     body,
                 ]
                 .concat(),
+                // Cache-Control as a list over two field lines.
+                "/no-transform" => [
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: public\r\ncache-control: no-transform\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes(),
+                    body,
+                ]
+                .concat(),
                 _ => {
                     // Chunked JSON, in two chunks.
                     let half = body.len() / 2;
@@ -2797,6 +2803,13 @@ async fn h2_content_backend() -> Backend {
                         .header("content-encoding", "gzip"),
                     vec![body],
                 ),
+                "/no-transform" => (
+                    http::Response::builder()
+                        .header("content-type", "text/plain")
+                        .header("cache-control", "public")
+                        .header("cache-control", "no-transform"),
+                    vec![body],
+                ),
                 _ => {
                     let half = body.len() / 2;
                     (
@@ -3549,4 +3562,116 @@ async fn connection_specific_trailers_of_an_http11_client_are_dropped_for_http2_
     let reply = client.reply().await.expect("a reply");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "h2:hello");
+}
+
+/// A proxy in front of [`content_backend`] (`h2` false) or [`h2_content_backend`], compressing
+/// with every algorithm.
+async fn compressing_proxy(h2: bool) -> (Proxy, Backend) {
+    let (backend, pool) = if h2 {
+        (h2_content_backend().await, "upstream_protocol = \"h2\"")
+    } else {
+        (content_backend().await, "")
+    };
+    let proxy = Proxy::start(&single_pool(&[backend.addr], ALL_ALGORITHMS, pool));
+    (proxy, backend)
+}
+
+#[tokio::test]
+async fn list_fields_sent_over_several_lines_are_read_as_one_list() {
+    for h2 in [false, true] {
+        let (proxy, _backend) = compressing_proxy(h2).await;
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        // Accept-Encoding in two lines is one list: gzip has the higher q-value.
+        let reply = client
+            .get(
+                "/big.txt",
+                "Accept-Encoding: br;q=0.5\r\nAccept-Encoding: gzip\r\n",
+            )
+            .await;
+        assert_eq!(reply.header("content-encoding"), Some("gzip"), "h2 {h2}");
+        assert_eq!(decode("gzip", &reply.body), big_text(), "h2 {h2}");
+        let request = h2_get(
+            "GET",
+            "/big.txt",
+            &[("accept-encoding", "br;q=0.5"), ("accept-encoding", "gzip")],
+        );
+        let (head, data, _) = h2_exchange(&mut sender, request).await;
+        assert_eq!(
+            head.headers.get("content-encoding").map(|v| v.as_bytes()),
+            Some(&b"gzip"[..]),
+            "h2 {h2}"
+        );
+        assert_eq!(decode("gzip", &data), big_text(), "h2 {h2}");
+        // So is a response's Cache-Control: its second line forbids transformation.
+        let reply = client
+            .get("/no-transform", "Accept-Encoding: gzip\r\n")
+            .await;
+        assert_eq!(reply.header("content-encoding"), None, "h2 {h2}");
+        assert_eq!(reply.body, big_text(), "h2 {h2}");
+        let request = h2_get("GET", "/no-transform", &[("accept-encoding", "gzip")]);
+        let (head, data, _) = h2_exchange(&mut sender, request).await;
+        assert!(head.headers.get("content-encoding").is_none(), "h2 {h2}");
+        assert_eq!(data, big_text(), "h2 {h2}");
+    }
+}
+
+#[tokio::test]
+async fn forwarding_fields_sent_over_several_lines_are_all_extended() {
+    let h1 = http_backend("b").await;
+    let h2 = h2_echo_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "h1"
+trusted_proxies = ["127.0.0.0/8"]
+forwarded_header = true
+routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
+
+[pools.h1]
+backends = ["{}"]
+
+[pools.h2]
+backends = ["{}"]
+upstream_protocol = "h2"
+"#,
+        h1.addr, h2.addr
+    ));
+    let chain = "x-forwarded-for: 203.0.113.7, 198.51.100.2, 127.0.0.1\n";
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        let seen = client
+            .get(
+                path,
+                "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 198.51.100.2\r\n\
+                 Forwarded: for=203.0.113.7\r\nForwarded: for=198.51.100.2\r\n",
+            )
+            .await
+            .text()
+            .to_ascii_lowercase();
+        assert!(seen.contains(chain), "HTTP/1.1 {path}: {seen}");
+        if path == "/a" {
+            assert!(
+                seen.contains("forwarded: for=203.0.113.7, for=198.51.100.2, for=127.0.0.1;"),
+                "HTTP/1.1 {path}: {seen}"
+            );
+        }
+    }
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for path in ["/a", "/grpc/a"] {
+        let request = h2_get(
+            "GET",
+            path,
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "198.51.100.2"),
+            ],
+        );
+        let (_, data, _) = h2_exchange(&mut sender, request).await;
+        let seen = String::from_utf8_lossy(&data).to_ascii_lowercase();
+        assert!(seen.contains(chain), "HTTP/2 {path}: {seen}");
+    }
 }

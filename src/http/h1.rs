@@ -10,6 +10,7 @@
 //! copy. What is sent on is always re-serialised from the parsed fields, with framing headers
 //! the proxy writes itself; hop-by-hop headers never pass.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -240,6 +241,21 @@ fn trim(value: &[u8]) -> &[u8] {
         .rposition(|b| !matches!(b, b' ' | b'\t'))
         .map_or(start, |i| i + 1);
     &value[start..end.max(start)]
+}
+
+/// The values of the lines of one list field, joined with commas: `None` without any line,
+/// borrowed when there is only one.
+pub(crate) fn join_lines<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Cow<'a, [u8]>> {
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(Cow::Borrowed(first));
+    };
+    let mut joined = [first, b", ", second].concat();
+    for value in values {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(value);
+    }
+    Some(Cow::Owned(joined))
 }
 
 fn comma_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -753,6 +769,17 @@ impl RequestHead {
             .map(|(_, v)| &self.raw[v.clone()])
     }
 
+    /// Every end-to-end field called `name` as one value: a list field sent over several
+    /// lines is one list (RFC 9110 section 5.3), which a client may split as it likes.
+    /// Borrowed unless there is more than one line.
+    pub fn header_list(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        join_lines(
+            self.fields()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v),
+        )
+    }
+
     /// The end-to-end fields, in order (hop-by-hop, framing and Host already gone).
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.fields
@@ -902,6 +929,15 @@ impl ResponseHead {
             .iter()
             .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| &self.raw[v.clone()])
+    }
+
+    /// Every end-to-end field called `name` as one value, as [`RequestHead::header_list`].
+    pub fn header_list(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        join_lines(
+            self.fields()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v),
+        )
     }
 
     /// Writes the head to send to the client, with `framing` (chosen by the caller: the

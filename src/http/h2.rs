@@ -7,6 +7,7 @@
 //! request and sent to the backend as a re-serialised HTTP/1.1 request over the shared pool of
 //! keep-alive connections; the response body streams back through a bounded channel.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -569,8 +570,16 @@ fn set_forwarding_fields(
     request_id: &[u8],
 ) {
     let ip = source.ip().to_string();
-    let forwarded_for = match parts.headers.get("x-forwarded-for") {
-        Some(existing) if peer_trusted => [existing.as_bytes(), b", ", ip.as_bytes()].concat(),
+    // Every line of a trusted peer's list, as one list.
+    let existing = h1::join_lines(
+        parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let forwarded_for = match existing {
+        Some(existing) if peer_trusted => [&existing, &b", "[..], ip.as_bytes()].concat(),
         _ => ip.clone().into_bytes(),
     };
     let host = View { parts: &*parts }.host().map(<[u8]>::to_vec);
@@ -825,7 +834,14 @@ async fn handle_stream(
         .find_map(|r| r.compression.as_ref())
         .map(|config| Negotiation {
             config,
-            accept_encoding: parts.headers.get("accept-encoding").cloned(),
+            accept_encoding: h1::join_lines(
+                parts
+                    .headers
+                    .get_all(http::header::ACCEPT_ENCODING)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+            .map(Cow::into_owned),
             ranged: parts.headers.contains_key(http::header::RANGE),
         });
     let mut generated = [0u8; 32];
@@ -886,7 +902,8 @@ fn redirect_response(
 /// client's own Accept-Encoding and Range.
 struct Negotiation<'a> {
     config: &'a crate::config::Compression,
-    accept_encoding: Option<HeaderValue>,
+    /// Every Accept-Encoding line, as one list.
+    accept_encoding: Option<Vec<u8>>,
     ranged: bool,
 }
 
@@ -897,11 +914,11 @@ impl Negotiation<'_> {
         status: u16,
         bodiless: bool,
         length: Option<u64>,
-        header: impl Fn(&str) -> Option<&'h [u8]>,
+        header: impl Fn(&str) -> Option<Cow<'h, [u8]>>,
     ) -> Option<super::compress::Encoder> {
         let encoding = super::encoding_for(
             self.config,
-            self.accept_encoding.as_ref().map(HeaderValue::as_bytes),
+            self.accept_encoding.as_deref(),
             self.ranged,
             (status, bodiless, length),
             header,
@@ -1153,7 +1170,7 @@ async fn proceed(
             response.status,
             response.framing == Framing::Empty,
             length,
-            |name| response.header(name),
+            |name| response.header_list(name),
         )
     });
     if compression.is_some() {
@@ -1340,7 +1357,13 @@ async fn forward_h2(
     let bodiless = is_head || status == 204 || status == 304 || body.is_end_stream();
     let encoder = compression.and_then(|negotiation| {
         negotiation.encoder(status, bodiless, length, |name| {
-            parts.headers.get(name).map(HeaderValue::as_bytes)
+            h1::join_lines(
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
         })
     });
     if compression.is_some() {

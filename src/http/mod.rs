@@ -17,6 +17,7 @@ pub mod persist;
 pub mod router;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -1016,7 +1017,7 @@ impl HttpProxy {
         let encoding = compression.and_then(|c| {
             choose_encoding(
                 c,
-                head.header("accept-encoding"),
+                head.header_list("accept-encoding").as_deref(),
                 head.header("range").is_some(),
                 &response,
             )
@@ -1070,8 +1071,8 @@ impl HttpProxy {
                     extra.push(("etag", &weak_etag));
                 }
             }
-            let varies = response.header("vary").is_some_and(|v| {
-                String::from_utf8_lossy(v)
+            let varies = response.header_list("vary").is_some_and(|v| {
+                String::from_utf8_lossy(&v)
                     .to_ascii_lowercase()
                     .contains("accept-encoding")
             });
@@ -1170,13 +1171,13 @@ impl HttpProxy {
         // nothing is allocated.
         let extended;
         let existing = if client.peer_trusted {
-            head.header("x-forwarded-for")
+            head.header_list("x-forwarded-for")
         } else {
             None
         };
         let forwarded_for: &[u8] = match existing {
             Some(existing) => {
-                extended = [existing, b", ", ip_text].concat();
+                extended = [&existing, &b", "[..], ip_text].concat();
                 &extended
             }
             None => ip_text,
@@ -1186,9 +1187,9 @@ impl HttpProxy {
         let mut forwarded = Vec::new();
         if self.forwarded_header {
             if client.peer_trusted
-                && let Some(existing) = head.header("forwarded")
+                && let Some(existing) = head.header_list("forwarded")
             {
-                forwarded.extend_from_slice(existing);
+                forwarded.extend_from_slice(&existing);
                 forwarded.extend_from_slice(b", ");
             }
             forwarded.extend_from_slice(b"for=");
@@ -1335,9 +1336,9 @@ impl HttpProxy {
             headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
         let ip = client.source.ip().to_string();
-        let forwarded_for = match head.header("x-forwarded-for") {
+        let forwarded_for = match head.header_list("x-forwarded-for") {
             Some(existing) if client.peer_trusted => {
-                format!("{}, {ip}", String::from_utf8_lossy(existing))
+                format!("{}, {ip}", String::from_utf8_lossy(&existing))
             }
             _ => ip.clone(),
         };
@@ -1546,14 +1547,22 @@ impl HttpProxy {
             .and_then(|config| {
                 encoding_for(
                     config,
-                    head.header("accept-encoding"),
+                    head.header_list("accept-encoding").as_deref(),
                     head.header("range").is_some(),
                     (
                         parts.status.as_u16(),
                         bodiless || hyper::body::Body::is_end_stream(&body),
                         known_length,
                     ),
-                    |name| parts.headers.get(name).map(HeaderValue::as_bytes),
+                    |name| {
+                        h1::join_lines(
+                            parts
+                                .headers
+                                .get_all(name)
+                                .iter()
+                                .map(HeaderValue::as_bytes),
+                        )
+                    },
                 )
             })
             .and_then(|encoding| compress::Encoder::new(encoding).ok());
@@ -2654,18 +2663,19 @@ fn choose_encoding(
         accept_encoding,
         has_range,
         (response.status, response.framing == Framing::Empty, length),
-        |name| response.header(name),
+        |name| response.header_list(name),
     )
 }
 
 /// [`choose_encoding`] for a response from any protocol: `shape` is its status, whether it has
-/// no body, and its length when known; `header` looks up its fields.
+/// no body, and its length when known; `header` gives every line of a field as one value (a
+/// `Cache-Control: no-transform` may come in a line of its own).
 fn encoding_for<'h>(
     config: &crate::config::Compression,
     accept_encoding: Option<&[u8]>,
     has_range: bool,
     (status, bodiless, length): (u16, bool, Option<u64>),
-    header: impl Fn(&str) -> Option<&'h [u8]>,
+    header: impl Fn(&str) -> Option<Cow<'h, [u8]>>,
 ) -> Option<crate::config::Encoding> {
     // An empty body gains nothing (and a compressed one would not be empty): HTTP/1.1 frames
     // `Content-Length: 0` as no body, an HTTP/2 backend may still send an empty DATA frame.
@@ -2676,11 +2686,11 @@ fn encoding_for<'h>(
         || header("content-encoding").is_some()
         || header("content-range").is_some()
         || header("cache-control").is_some_and(|v| {
-            String::from_utf8_lossy(v)
+            String::from_utf8_lossy(&v)
                 .to_ascii_lowercase()
                 .contains("no-transform")
         })
-        || !compress::compressible_type(config, header("content-type"))
+        || !compress::compressible_type(config, header("content-type").as_deref())
     {
         return None;
     }
@@ -2962,7 +2972,8 @@ mod tests {
             min_size: 0,
             types: vec!["text/*".into()],
         };
-        let text = |name: &str| (name == "content-type").then_some(&b"text/plain"[..]);
+        let text =
+            |name: &str| (name == "content-type").then_some(Cow::Borrowed(&b"text/plain"[..]));
         let decide = |shape| encoding_for(&config, Some(b"gzip"), false, shape, text);
         assert_eq!(
             decide((200, false, Some(1))),
