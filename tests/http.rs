@@ -1949,6 +1949,8 @@ async fn content_backend() -> Backend {
                     body,
                 ]
                 .concat(),
+                // What a conditional GET of /big.txt gets once it is cached.
+                "/not-modified" => b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n".to_vec(),
                 _ => {
                     // Chunked JSON, in two chunks.
                     let half = body.len() / 2;
@@ -1962,6 +1964,13 @@ async fn content_backend() -> Backend {
                     ]
                     .concat()
                 }
+            };
+            // A HEAD gets the head alone.
+            let response = if head.starts_with("HEAD ") {
+                let end = response.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+                response[..end + 4].to_vec()
+            } else {
+                response
             };
             if stream.write_all(&response).await.is_err() {
                 return;
@@ -2810,6 +2819,12 @@ async fn h2_content_backend() -> Backend {
                         .header("cache-control", "no-transform"),
                     vec![body],
                 ),
+                "/not-modified" => (
+                    http::Response::builder()
+                        .status(304)
+                        .header("etag", "\"v1\""),
+                    vec![],
+                ),
                 _ => {
                     let half = body.len() / 2;
                     (
@@ -2819,10 +2834,14 @@ async fn h2_content_backend() -> Backend {
                 }
             };
             let trailed = request.uri().path() == "/chunked.json";
-            let Ok(mut send) = respond.send_response(builder.body(()).expect("response"), false)
+            let empty = data.is_empty() || request.method() == http::Method::HEAD;
+            let Ok(mut send) = respond.send_response(builder.body(()).expect("response"), empty)
             else {
                 continue;
             };
+            if empty {
+                continue;
+            }
             let last = data.len() - 1;
             for (i, piece) in data.into_iter().enumerate() {
                 let _ = send.send_data(piece, i == last && !trailed);
@@ -2849,15 +2868,14 @@ async fn responses_from_http2_backends_are_compressed_for_both_kinds_of_client()
     // HTTP/1.1 clients: chunked, compressed, trailers after the compressed stream's end.
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     compression_cases(&mut client, &[("x-checksum", "ok")]).await;
-    // HEAD: the fields of the GET, nothing compressed.
+    // HEAD: the fields of the compressed GET, nothing compressed (see
+    // `a_head_answer_has_the_fields_the_compressed_get_answer_has`).
     let head = client
         .head_of(b"HEAD /big.txt HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
         .await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(!head.contains("content-encoding"), "{head}");
-    // The length the GET's body has, as the backend gave it.
-    let length = format!("content-length: {}", big_text().len());
-    assert!(head.split("\r\n").any(|line| line == length), "{head}");
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
     // An HTTP/1.0 client: compressed, delimited by the close.
     let mut old = HttpClient::connect(proxy.addr("l7")).await;
     old.send(b"GET /big.txt HTTP/1.0\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
@@ -3673,5 +3691,109 @@ upstream_protocol = "h2"
         let (_, data, _) = h2_exchange(&mut sender, request).await;
         let seen = String::from_utf8_lossy(&data).to_ascii_lowercase();
         assert!(seen.contains(chain), "HTTP/2 {path}: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn a_not_modified_answer_carries_the_validator_and_vary_of_the_compressed_answer() {
+    for h2 in [false, true] {
+        let (proxy, _backend) = compressing_proxy(h2).await;
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        // The compressed 200 has a weak validator; the 304 that confirms it must name the same
+        // one, or a cache cannot match the two.
+        let reply = client.get("/big.txt", "Accept-Encoding: gzip\r\n").await;
+        assert_eq!(reply.header("etag"), Some("W/\"v1\""), "h2 {h2}");
+        for (accept, etag) in [("gzip", "W/\"v1\""), ("identity", "\"v1\"")] {
+            let why = format!("h2 {h2}, accepting {accept}");
+            let reply = client
+                .get(
+                    "/not-modified",
+                    &format!("Accept-Encoding: {accept}\r\nIf-None-Match: {etag}\r\n"),
+                )
+                .await;
+            assert_eq!(reply.status, 304, "{why}");
+            assert_eq!(reply.header("etag"), Some(etag), "{why}");
+            assert_eq!(reply.header("vary"), Some("Accept-Encoding"), "{why}");
+            let request = h2_get(
+                "GET",
+                "/not-modified",
+                &[("accept-encoding", accept), ("if-none-match", etag)],
+            );
+            let (head, _, _) = h2_exchange(&mut sender, request).await;
+            assert_eq!(head.status, 304, "HTTP/2 client, {why}");
+            let header = |name: &str| head.headers.get(name).map(|v| v.as_bytes().to_vec());
+            assert_eq!(header("etag"), Some(etag.as_bytes().to_vec()), "{why}");
+            assert_eq!(header("vary"), Some(b"Accept-Encoding".to_vec()), "{why}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_head_answer_has_the_fields_the_compressed_get_answer_has() {
+    for h2 in [false, true] {
+        let (proxy, _backend) = compressing_proxy(h2).await;
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        for (accept, encoding) in [("gzip", Some("gzip")), ("identity", None)] {
+            let why = format!("h2 {h2}, accepting {accept}");
+            let head = client
+                .head_of(
+                    format!(
+                        "HEAD /big.txt HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            let has = |line: &str| head.split("\r\n").any(|l| l == line);
+            assert!(head.starts_with("http/1.1 200"), "{why}: {head}");
+            assert!(has("vary: accept-encoding"), "{why}: {head}");
+            let length = format!("content-length: {}", big_text().len());
+            match encoding {
+                Some(encoding) => {
+                    assert!(
+                        has(&format!("content-encoding: {encoding}")),
+                        "{why}: {head}"
+                    );
+                    assert!(has("etag: w/\"v1\""), "{why}: {head}");
+                    assert!(!head.contains("content-length"), "{why}: {head}");
+                    assert!(!head.contains("accept-ranges"), "{why}: {head}");
+                }
+                None => {
+                    assert!(!head.contains("content-encoding"), "{why}: {head}");
+                    assert!(has("etag: \"v1\""), "{why}: {head}");
+                    assert!(has(&length), "{why}: {head}");
+                }
+            }
+            // The connection goes on: nothing of a body was sent.
+            let reply = client.get("/small.txt", "").await;
+            assert_eq!(reply.body, b"small", "{why}");
+
+            let request = h2_get("HEAD", "/big.txt", &[("accept-encoding", accept)]);
+            let (head, data, _) = h2_exchange(&mut sender, request).await;
+            assert!(data.is_empty(), "{why}");
+            let header = |name: &str| {
+                head.headers
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            };
+            assert_eq!(
+                header("content-encoding").as_deref(),
+                encoding,
+                "HTTP/2 {why}"
+            );
+            assert_eq!(
+                header("vary").as_deref(),
+                Some("Accept-Encoding"),
+                "HTTP/2 {why}"
+            );
+            if encoding.is_some() {
+                assert_eq!(header("etag").as_deref(), Some("W/\"v1\""), "HTTP/2 {why}");
+                assert_eq!(header("content-length"), None, "HTTP/2 {why}");
+                assert_eq!(header("accept-ranges"), None, "HTTP/2 {why}");
+            } else {
+                assert_eq!(header("etag").as_deref(), Some("\"v1\""), "HTTP/2 {why}");
+            }
+        }
     }
 }

@@ -976,9 +976,12 @@ impl ResponseHead {
             }
             Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
             Framing::Empty | Framing::UntilClose => {
-                // A HEAD response or 304 keeps the Content-Length the backend gave; the body is
-                // empty either way.
+                // A HEAD response or 304 keeps the Content-Length the backend gave (unless it is
+                // dropped: a HEAD whose GET would be compressed); the body is empty either way.
                 if self.framing == Framing::Empty
+                    && !drop
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case("content-length"))
                     && let Some(length) = self.declared_length()
                 {
                     out.put_slice(b"content-length: ");

@@ -30,7 +30,7 @@ use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
 use super::h2_upstream::{BodyWatch, Lease, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
-use super::{HttpProxy, new_request_id, valid_request_id};
+use super::{Coding, HttpProxy, new_request_id, valid_request_id};
 use crate::backend::ActiveGuard;
 use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool};
@@ -869,8 +869,8 @@ async fn handle_stream(
     apply_response_rules(response.headers_mut(), &rules);
     // The compression fields last, as on HTTP/1.1: a rule that sets Vary or ETag must not
     // undo them.
-    if let Some(Chosen(encoding)) = response.extensions_mut().remove::<Chosen>() {
-        super::mark_compressed(response.headers_mut(), encoding, true);
+    if let Some(Chosen(coding)) = response.extensions_mut().remove::<Chosen>() {
+        super::mark_compressed(response.headers_mut(), coding, true);
     }
     response
 }
@@ -908,30 +908,27 @@ struct Negotiation<'a> {
 }
 
 impl Negotiation<'_> {
-    /// The encoder for a backend's response, if it is to be compressed.
-    fn encoder<'h>(
+    /// How a backend's response is to be compressed.
+    fn coding<'h>(
         &self,
-        status: u16,
-        bodiless: bool,
-        length: Option<u64>,
+        shape: super::Shape,
         header: impl Fn(&str) -> Option<Cow<'h, [u8]>>,
-    ) -> Option<super::compress::Encoder> {
-        let encoding = super::encoding_for(
+    ) -> Coding {
+        super::encoding_for(
             self.config,
             self.accept_encoding.as_deref(),
             self.ranged,
-            (status, bodiless, length),
+            shape,
             header,
-        )?;
-        super::compress::Encoder::new(encoding).ok()
+        )
     }
 }
 
-/// Left in a backend's response by [`proceed`] when compression is configured: the encoding
-/// its body is compressed with, if any. `handle_stream` edits the fields accordingly once the
-/// response rules have run.
+/// Left in a backend's response by [`proceed`] when compression is configured: what
+/// compression makes of it. `handle_stream` edits the fields accordingly once the response
+/// rules have run.
 #[derive(Clone, Copy)]
-struct Chosen(Option<&'static str>);
+struct Chosen(Coding);
 
 /// Header edits, path rewrites and Host rewrites on an HTTP/2 request. `Err` with the status
 /// to answer when a rewrite produced a target that may not be sent (see
@@ -1163,23 +1160,30 @@ async fn proceed(
     }
     let length = match response.framing {
         Framing::Length(n) => Some(n),
-        _ => None,
+        Framing::Empty => response
+            .declared_length()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse().ok()),
+        Framing::Chunked | Framing::UntilClose => None,
     };
-    let encoder = compression.and_then(|negotiation| {
-        negotiation.encoder(
-            response.status,
-            response.framing == Framing::Empty,
+    let (coding, encoder) = compression.map_or((Coding::Identity, None), |negotiation| {
+        let shape = super::Shape {
+            status: response.status,
+            head: parts.method == http::Method::HEAD,
+            bodiless: response.framing == Framing::Empty,
             length,
-            |name| response.header_list(name),
-        )
+        };
+        negotiation
+            .coding(shape, |name| response.header_list(name))
+            .start()
     });
     if compression.is_some() {
-        builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
+        builder = builder.extension(Chosen(coding));
     }
     // The length the backend announced, as an HTTP/1.1 client gets it: a download's size, and
     // on a HEAD response the field a GET would have had (RFC 9110 section 9.3.2). Not when the
-    // body is re-encoded, which changes it.
-    if encoder.is_none()
+    // body is (or a GET's would be) re-encoded, which changes it.
+    if coding.token().is_none()
         && let Some(length) = response
             .declared_length()
             .and_then(|v| HeaderValue::from_bytes(v).ok())
@@ -1355,19 +1359,27 @@ async fn forward_h2(
         .and_then(|v| v.parse::<u64>().ok());
     let status = parts.status.as_u16();
     let bodiless = is_head || status == 204 || status == 304 || body.is_end_stream();
-    let encoder = compression.and_then(|negotiation| {
-        negotiation.encoder(status, bodiless, length, |name| {
-            h1::join_lines(
-                parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            )
-        })
+    let (coding, encoder) = compression.map_or((Coding::Identity, None), |negotiation| {
+        let shape = super::Shape {
+            status,
+            head: is_head,
+            bodiless,
+            length,
+        };
+        negotiation
+            .coding(shape, |name| {
+                h1::join_lines(
+                    parts
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(HeaderValue::as_bytes),
+                )
+            })
+            .start()
     });
     if compression.is_some() {
-        builder = builder.extension(Chosen(encoder.as_ref().map(|e| e.token())));
+        builder = builder.extension(Chosen(coding));
     }
     // An empty body (a trailers-only gRPC answer, say) ends the stream with the head, as the
     // backend sent it.

@@ -1014,22 +1014,16 @@ impl HttpProxy {
         let compression = route_rules
             .and_then(|r| r.compression.as_ref())
             .or(self.rules.compression.as_ref());
-        let encoding = compression.and_then(|c| {
+        let coding = compression.map_or(Coding::Identity, |c| {
             choose_encoding(
                 c,
                 head.header_list("accept-encoding").as_deref(),
                 head.header("range").is_some(),
                 &response,
+                head.is_head(),
             )
         });
-        let mut encoder = match encoding.map(compress::Encoder::new) {
-            Some(Ok(encoder)) => Some(encoder),
-            Some(Err(error)) => {
-                debug!(listener = %self.name, %error, "compressor unavailable, sending as is");
-                None
-            }
-            None => None,
-        };
+        let (coding, mut encoder) = coding.start();
         let body_framing = if encoder.is_some() {
             Framing::UntilClose
         } else {
@@ -1057,19 +1051,24 @@ impl HttpProxy {
                 extra.push(("set-cookie", cookie.as_bytes()));
             }
             let weak_etag;
-            if let Some(encoder) = &encoder {
-                extra.push(("content-encoding", encoder.token().as_bytes()));
-                // Byte ranges of the original do not address the compressed bytes.
+            // What is compressed (or, to HEAD, would be) names its encoding and has neither
+            // the original's length nor its byte ranges, which do not address the compressed
+            // bytes.
+            let token = coding.token();
+            if let Some(token) = token {
+                extra.push(("content-encoding", token.as_bytes()));
                 drop.push("accept-ranges");
-                // The compressed bytes are a different representation: a strong validator
-                // for the original must not describe them.
-                if let Some(etag) = response.header("etag")
-                    && !etag.starts_with(b"W/")
-                {
-                    weak_etag = [b"W/", etag].concat();
-                    drop.push("etag");
-                    extra.push(("etag", &weak_etag));
-                }
+                drop.push("content-length");
+            }
+            // The compressed bytes are a different representation: a strong validator for the
+            // original must not describe them, nor the 304 that confirms them.
+            if (token.is_some() || coding == Coding::NotModified)
+                && let Some(etag) = response.header("etag")
+                && !etag.starts_with(b"W/")
+            {
+                weak_etag = [b"W/", etag].concat();
+                drop.push("etag");
+                extra.push(("etag", &weak_etag));
             }
             let varies = response.header_list("vary").is_some_and(|v| {
                 String::from_utf8_lossy(&v)
@@ -1543,40 +1542,36 @@ impl HttpProxy {
         let compression = route_rules
             .and_then(|r| r.compression.as_ref())
             .or(self.rules.compression.as_ref());
-        let mut encoder = compression
-            .and_then(|config| {
-                encoding_for(
-                    config,
-                    head.header_list("accept-encoding").as_deref(),
-                    head.header("range").is_some(),
-                    (
-                        parts.status.as_u16(),
-                        bodiless || hyper::body::Body::is_end_stream(&body),
-                        known_length,
-                    ),
-                    |name| {
-                        h1::join_lines(
-                            parts
-                                .headers
-                                .get_all(name)
-                                .iter()
-                                .map(HeaderValue::as_bytes),
-                        )
-                    },
-                )
-            })
-            .and_then(|encoding| compress::Encoder::new(encoding).ok());
+        let coding = compression.map_or(Coding::Identity, |config| {
+            encoding_for(
+                config,
+                head.header_list("accept-encoding").as_deref(),
+                head.header("range").is_some(),
+                Shape {
+                    status: parts.status.as_u16(),
+                    head: head.is_head(),
+                    bodiless: bodiless || hyper::body::Body::is_end_stream(&body),
+                    length: known_length,
+                },
+                |name| {
+                    h1::join_lines(
+                        parts
+                            .headers
+                            .get_all(name)
+                            .iter()
+                            .map(HeaderValue::as_bytes),
+                    )
+                },
+            )
+        });
+        let (coding, mut encoder) = coding.start();
         // The sticky cookie first, so that cookie flags reach it as they reach the backend's.
         if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
             parts.headers.append(http::header::SET_COOKIE, cookie);
         }
         h2::apply_response_rules(&mut parts.headers, &rules);
-        mark_compressed(
-            &mut parts.headers,
-            encoder.as_ref().map(compress::Encoder::token),
-            compression.is_some(),
-        );
-        if encoder.is_some() {
+        mark_compressed(&mut parts.headers, coding, compression.is_some());
+        if coding.token().is_some() {
             known_length = None;
         }
         let framing = match (bodiless, known_length, head.minor_version) {
@@ -2645,41 +2640,114 @@ fn finish_encoder(
     Ok(())
 }
 
-/// The encoding to compress a response with, if any: the client accepts one, the response is
-/// a compressible type of sufficient size, not already encoded, not partial, and does not
-/// forbid transformation.
+/// What compression makes of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Coding {
+    /// Nothing: the response goes as the backend gave it.
+    Identity,
+    /// Its body is compressed with this encoding.
+    Body(crate::config::Encoding),
+    /// A response to HEAD whose GET would have been compressed: it gets the fields the GET's
+    /// answer gets (RFC 9110 section 9.3.2), so that a cache that checks one against the other
+    /// finds them alike; there is no body to compress.
+    Head(crate::config::Encoding),
+    /// A 304 confirming a representation that would have been compressed: its validator is
+    /// weakened as the 200's was, or a cache could not match the two (RFC 9111 section 4.3.4).
+    NotModified,
+}
+
+impl Coding {
+    /// The Content-Encoding the response's fields name, if the proxy changes it.
+    pub(crate) fn token(self) -> Option<&'static str> {
+        match self {
+            Coding::Body(encoding) | Coding::Head(encoding) => Some(encoding.token()),
+            Coding::Identity | Coding::NotModified => None,
+        }
+    }
+
+    /// The compressor for the body, if it is to be compressed, and what holds once it is
+    /// asked for: a compressor that cannot start leaves the body and its fields as they are.
+    pub(crate) fn start(self) -> (Coding, Option<compress::Encoder>) {
+        let Coding::Body(encoding) = self else {
+            return (self, None);
+        };
+        match compress::Encoder::new(encoding) {
+            Ok(encoder) => (self, Some(encoder)),
+            Err(error) => {
+                debug!(%error, "compressor unavailable, sending as is");
+                (Coding::Identity, None)
+            }
+        }
+    }
+}
+
+/// What [`encoding_for`] needs to know of a response besides its fields.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// Its status.
+    pub status: u16,
+    /// It answers a HEAD.
+    pub head: bool,
+    /// It has no body (to HEAD, a 1xx, 204 or 304, or an empty one).
+    pub bodiless: bool,
+    /// The length of its body when known; for a response to HEAD and a 304, the length the
+    /// backend declared for the representation.
+    pub length: Option<u64>,
+}
+
+/// How to compress a response from a backend that speaks HTTP/1.1.
 fn choose_encoding(
     config: &crate::config::Compression,
     accept_encoding: Option<&[u8]>,
     has_range: bool,
     response: &ResponseHead,
-) -> Option<crate::config::Encoding> {
+    head: bool,
+) -> Coding {
     let length = match response.framing {
         Framing::Length(n) => Some(n),
-        _ => None,
+        Framing::Empty => response
+            .declared_length()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse().ok()),
+        Framing::Chunked | Framing::UntilClose => None,
     };
     encoding_for(
         config,
         accept_encoding,
         has_range,
-        (response.status, response.framing == Framing::Empty, length),
+        Shape {
+            status: response.status,
+            head,
+            bodiless: response.framing == Framing::Empty,
+            length,
+        },
         |name| response.header_list(name),
     )
 }
 
-/// [`choose_encoding`] for a response from any protocol: `shape` is its status, whether it has
-/// no body, and its length when known; `header` gives every line of a field as one value (a
-/// `Cache-Control: no-transform` may come in a line of its own).
-fn encoding_for<'h>(
+/// How to compress a response from any protocol: its body if the client accepts an encoding,
+/// the response is a compressible type of sufficient size, not already encoded, not partial,
+/// and does not forbid transformation; and a response to HEAD, or a 304, as the answer to a GET
+/// would be. `header` gives every line of a field as one value.
+pub(crate) fn encoding_for<'h>(
     config: &crate::config::Compression,
     accept_encoding: Option<&[u8]>,
     has_range: bool,
-    (status, bodiless, length): (u16, bool, Option<u64>),
+    shape: Shape,
     header: impl Fn(&str) -> Option<Cow<'h, [u8]>>,
-) -> Option<crate::config::Encoding> {
+) -> Coding {
+    let Shape {
+        status,
+        head,
+        bodiless,
+        length,
+    } = shape;
+    let not_modified = status == 304;
     // An empty body gains nothing (and a compressed one would not be empty): HTTP/1.1 frames
     // `Content-Length: 0` as no body, an HTTP/2 backend may still send an empty DATA frame.
-    if bodiless
+    if (bodiless && !head && !not_modified)
+        || (100..200).contains(&status)
+        || status == 204
         || length == Some(0)
         || status == 206
         || has_range
@@ -2690,41 +2758,48 @@ fn encoding_for<'h>(
                 .to_ascii_lowercase()
                 .contains("no-transform")
         })
-        || !compress::compressible_type(config, header("content-type").as_deref())
     {
-        return None;
+        return Coding::Identity;
     }
-    if let Some(n) = length
-        && n < config.min_size
-    {
-        return None;
+    let compressible = match header("content-type") {
+        // A 304 seldom names its type. Taken for one that would have been compressed, its
+        // validator is weakened: a weak validator still matches an uncompressed copy (weak
+        // comparison, RFC 9110 section 8.8.3.2), a strong one never matches a compressed one.
+        None if not_modified => true,
+        content_type => compress::compressible_type(config, content_type.as_deref()),
+    };
+    if !compressible || length.is_some_and(|n| n < config.min_size) {
+        return Coding::Identity;
     }
-    compress::negotiate(config, accept_encoding)
+    match compress::negotiate(config, accept_encoding) {
+        None => Coding::Identity,
+        Some(_) if not_modified => Coding::NotModified,
+        Some(encoding) if head => Coding::Head(encoding),
+        Some(encoding) => Coding::Body(encoding),
+    }
 }
 
-/// The fields of a response that an encoder is about to compress (an HTTP/2 one, or one from an
-/// HTTP/2 backend): its length goes, its encoding is named, a strong validator of the original
-/// is weakened, since the compressed bytes are a different representation, and `Accept-Ranges`
-/// goes, since byte ranges of the original do not address the compressed bytes (a download
-/// resumed with one would splice the two; NGINX's gzip drops it too). With
-/// compression configured, `Vary: Accept-Encoding` is added whether or not this one is
-/// compressed: caches must not serve it to a client that accepts otherwise.
-fn mark_compressed(
-    headers: &mut http::HeaderMap,
-    encoding: Option<&'static str>,
-    configured: bool,
-) {
+/// The fields of a response that compression changes (an HTTP/2 one, or one from an HTTP/2
+/// backend): a compressed one (or one to HEAD whose GET would be) loses its length, names its
+/// encoding, and loses `Accept-Ranges`, since byte ranges of the original do not address the
+/// compressed bytes (a download resumed with one would splice the two; NGINX's gzip drops it
+/// too). Its strong validator is weakened, since the compressed bytes are a different
+/// representation, and so is a 304's that confirms one. With compression configured,
+/// `Vary: Accept-Encoding` is added whether or not this one is compressed: caches must not
+/// serve it to a client that accepts otherwise.
+fn mark_compressed(headers: &mut http::HeaderMap, coding: Coding, configured: bool) {
     use http::{HeaderValue, header};
-    if let Some(token) = encoding {
+    if let Some(token) = coding.token() {
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(header::ACCEPT_RANGES);
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(token));
-        if let Some(etag) = headers.get(header::ETAG)
-            && !etag.as_bytes().starts_with(b"W/")
-            && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
-        {
-            headers.insert(header::ETAG, weak);
-        }
+    }
+    if coding != Coding::Identity
+        && let Some(etag) = headers.get(header::ETAG)
+        && !etag.as_bytes().starts_with(b"W/")
+        && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
+    {
+        headers.insert(header::ETAG, weak);
     }
     let varies = headers.get_all(header::VARY).iter().any(|v| {
         String::from_utf8_lossy(v.as_bytes())
@@ -2974,18 +3049,28 @@ mod tests {
         };
         let text =
             |name: &str| (name == "content-type").then_some(Cow::Borrowed(&b"text/plain"[..]));
-        let decide = |shape| encoding_for(&config, Some(b"gzip"), false, shape, text);
-        assert_eq!(
-            decide((200, false, Some(1))),
-            Some(crate::config::Encoding::Gzip)
-        );
-        assert_eq!(
-            decide((200, false, None)),
-            Some(crate::config::Encoding::Gzip)
-        );
+        let decide = |status, head, bodiless, length| {
+            let shape = Shape {
+                status,
+                head,
+                bodiless,
+                length,
+            };
+            encoding_for(&config, Some(b"gzip"), false, shape, text)
+        };
+        let gzip = Coding::Body(crate::config::Encoding::Gzip);
+        assert_eq!(decide(200, false, false, Some(1)), gzip);
+        assert_eq!(decide(200, false, false, None), gzip);
         // `content-length: 0` from an HTTP/2 backend, which may still send an empty DATA frame.
-        assert_eq!(decide((200, false, Some(0))), None);
-        assert_eq!(decide((204, true, None)), None);
-        assert_eq!(decide((206, false, Some(10))), None);
+        assert_eq!(decide(200, false, false, Some(0)), Coding::Identity);
+        assert_eq!(decide(200, false, true, None), Coding::Identity);
+        assert_eq!(decide(204, false, true, None), Coding::Identity);
+        assert_eq!(decide(206, false, false, Some(10)), Coding::Identity);
+        // To HEAD, and a 304: as the GET's answer would be, with no body to compress.
+        let head = Coding::Head(crate::config::Encoding::Gzip);
+        assert_eq!(decide(200, true, true, Some(10)), head);
+        assert_eq!(decide(200, true, true, Some(0)), Coding::Identity);
+        assert_eq!(decide(304, false, true, None), Coding::NotModified);
+        assert_eq!(decide(304, true, true, None), Coding::NotModified);
     }
 }
