@@ -3797,3 +3797,24 @@ async fn a_head_answer_has_the_fields_the_compressed_get_answer_has() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_answer_with_both_content_length_and_chunked_is_a_502_and_its_connection_is_dropped() {
+    // Framed one way it ends after "0", the other way it carries a second answer.
+    let backend = canned_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled",
+    )
+    .await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let reply = client.get("/", "").await;
+        assert_eq!(reply.status, 502);
+        assert!(!reply.text().contains("smuggled"), "{}", reply.text());
+        let (status, _, body) = h2_request(&mut sender, "GET", "http://x/", None).await;
+        assert_eq!(status, 502);
+        assert!(!String::from_utf8_lossy(&body).contains("smuggled"));
+    }
+}
