@@ -2462,7 +2462,8 @@ async fn x_forwarded_host_and_the_optional_forwarded_field() {
         ),
         "{seen}"
     );
-    // Without the key, no Forwarded field is written (a client's passes untouched).
+    // Without the key, no Forwarded field is written (and a client's is dropped, see
+    // `the_forwarded_field_is_the_proxys_on_every_path`).
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     let seen = client.get("/", "").await.text();
@@ -3659,6 +3660,7 @@ upstream_protocol = "h2"
         h1.addr, h2.addr
     ));
     let chain = "x-forwarded-for: 203.0.113.7, 198.51.100.2, 127.0.0.1\n";
+    let forwarded = "forwarded: for=203.0.113.7, for=198.51.100.2, for=127.0.0.1;";
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     for path in ["/a", "/grpc/a"] {
         let seen = client
@@ -3671,12 +3673,7 @@ upstream_protocol = "h2"
             .text()
             .to_ascii_lowercase();
         assert!(seen.contains(chain), "HTTP/1.1 {path}: {seen}");
-        if path == "/a" {
-            assert!(
-                seen.contains("forwarded: for=203.0.113.7, for=198.51.100.2, for=127.0.0.1;"),
-                "HTTP/1.1 {path}: {seen}"
-            );
-        }
+        assert!(seen.contains(forwarded), "HTTP/1.1 {path}: {seen}");
     }
     let mut sender = h2_connect(proxy.addr("l7")).await;
     for path in ["/a", "/grpc/a"] {
@@ -3686,11 +3683,14 @@ upstream_protocol = "h2"
             &[
                 ("x-forwarded-for", "203.0.113.7"),
                 ("x-forwarded-for", "198.51.100.2"),
+                ("forwarded", "for=203.0.113.7"),
+                ("forwarded", "for=198.51.100.2"),
             ],
         );
         let (_, data, _) = h2_exchange(&mut sender, request).await;
         let seen = String::from_utf8_lossy(&data).to_ascii_lowercase();
         assert!(seen.contains(chain), "HTTP/2 {path}: {seen}");
+        assert!(seen.contains(forwarded), "HTTP/2 {path}: {seen}");
     }
 }
 
@@ -3816,5 +3816,76 @@ async fn an_answer_with_both_content_length_and_chunked_is_a_502_and_its_connect
         let (status, _, body) = h2_request(&mut sender, "GET", "http://x/", None).await;
         assert_eq!(status, 502);
         assert!(!String::from_utf8_lossy(&body).contains("smuggled"));
+    }
+}
+
+#[tokio::test]
+async fn the_forwarded_field_is_the_proxys_on_every_path() {
+    let h1 = http_backend("b").await;
+    let h2 = h2_echo_backend().await;
+    let config = |listener_extra: &str| {
+        format!(
+            r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "h1"
+{listener_extra}
+routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
+
+[pools.h1]
+backends = ["{}"]
+
+[pools.h2]
+backends = ["{}"]
+upstream_protocol = "h2"
+"#,
+            h1.addr, h2.addr
+        )
+    };
+    // A client outside `trusted_proxies` claims to have been forwarded: with the key, the
+    // backend sees the proxy's element alone; without it, no Forwarded at all (as it sees no
+    // X-Forwarded-For but the proxy's).
+    for (extra, expected) in [
+        (
+            "forwarded_header = true",
+            Some("forwarded: for=127.0.0.1;proto=http;host=\"edge.example\"\n"),
+        ),
+        ("", None),
+    ] {
+        let proxy = Proxy::start(&config(extra));
+        let check = |seen: &str, why: &str| {
+            let seen = seen.to_ascii_lowercase();
+            assert!(!seen.contains("203.0.113.7"), "{why}: {seen}");
+            match expected {
+                Some(field) => assert!(seen.contains(field), "{why}: {seen}"),
+                None => assert!(!seen.contains("forwarded:"), "{why}: {seen}"),
+            }
+        };
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        for path in ["/a", "/grpc/a"] {
+            client
+                .send(
+                    format!(
+                        "GET {path} HTTP/1.1\r\nHost: edge.example\r\nForwarded: for=203.0.113.7\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            let reply = client.reply().await.expect("a reply");
+            check(&reply.text(), &format!("HTTP/1.1 {path} {extra:?}"));
+            let request = http::Request::builder()
+                .uri(format!("http://edge.example{path}"))
+                .header("forwarded", "for=203.0.113.7")
+                .body(())
+                .expect("request");
+            let (_, data, _) = h2_exchange(&mut sender, request).await;
+            check(
+                &String::from_utf8_lossy(&data),
+                &format!("HTTP/2 {path} {extra:?}"),
+            );
+        }
     }
 }

@@ -553,13 +553,15 @@ fn is_forwarding_field(name: &HeaderName) -> bool {
             | "x-forwarded-proto"
             | "x-forwarded-host"
             | "x-request-id"
+            | "forwarded"
             | "x-client-cert-subject"
             | "x-client-cert-san"
     )
 }
 
 /// Puts the forwarding fields of a stream in its request, in place of the client's (a trusted
-/// peer's X-Forwarded-For is extended): done before the request rules, so that a rule can
+/// peer's X-Forwarded-For and Forwarded are extended; Forwarded is written with
+/// `forwarded_header` only, and a client's never passes): done before the request rules, so that a rule can
 /// change or remove them as on HTTP/1.1, and X-Forwarded-Host is the Host the client asked
 /// for, not a `host_rewrite`.
 fn set_forwarding_fields(
@@ -568,6 +570,7 @@ fn set_forwarding_fields(
     peer_trusted: bool,
     tls: &Option<Negotiated>,
     request_id: &[u8],
+    forwarded_header: bool,
 ) {
     let ip = source.ip().to_string();
     // Every line of a trusted peer's list, as one list.
@@ -583,8 +586,25 @@ fn set_forwarding_fields(
         _ => ip.clone().into_bytes(),
     };
     let host = View { parts: &*parts }.host().map(<[u8]>::to_vec);
+    let forwarded = if forwarded_header {
+        let existing = h1::join_lines(
+            parts
+                .headers
+                .get_all(http::header::FORWARDED)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+        super::forwarded_field(
+            existing.as_deref().filter(|_| peer_trusted),
+            source.ip(),
+            tls.is_some(),
+            host.as_deref().unwrap_or(b""),
+        )
+    } else {
+        Vec::new()
+    };
     let cert = tls.as_ref().and_then(|t| t.client_cert.as_deref());
-    let fields: [(&'static str, &[u8]); 7] = [
+    let fields: [(&'static str, &[u8]); 8] = [
         ("x-forwarded-for", &forwarded_for),
         ("x-real-ip", ip.as_bytes()),
         (
@@ -601,10 +621,11 @@ fn set_forwarding_fields(
             super::CLIENT_CERT_FIELDS[1],
             cert.map_or(&b""[..], |c| c.san.as_bytes()),
         ),
+        ("forwarded", &forwarded),
     ];
     for (name, value) in fields {
         parts.headers.remove(name);
-        if value.is_empty() && name.starts_with("x-client-cert") {
+        if value.is_empty() && (name.starts_with("x-client-cert") || name == "forwarded") {
             continue;
         }
         if let Ok(value) = HeaderValue::from_bytes(value) {
@@ -849,7 +870,14 @@ async fn handle_stream(
         Some(id) if valid_request_id(id) => id.to_vec(),
         _ => new_request_id(&mut generated).to_vec(),
     };
-    set_forwarding_fields(&mut parts, source, peer_trusted, tls, &request_id);
+    set_forwarding_fields(
+        &mut parts,
+        source,
+        peer_trusted,
+        tls,
+        &request_id,
+        proxy.forwarded_header,
+    );
     if !rules.is_empty()
         && let Err(status) = apply_request_rules(&mut parts, &rules)
     {

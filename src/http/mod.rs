@@ -1182,38 +1182,17 @@ impl HttpProxy {
             None => ip_text,
         };
         let host = head.host().unwrap_or(b"");
-        // RFC 7239, when the listener asks for it: `for` quoted when it is an IPv6 address.
-        let mut forwarded = Vec::new();
-        if self.forwarded_header {
-            if client.peer_trusted
-                && let Some(existing) = head.header_list("forwarded")
-            {
-                forwarded.extend_from_slice(&existing);
-                forwarded.extend_from_slice(b", ");
-            }
-            forwarded.extend_from_slice(b"for=");
-            if ip.is_ipv6() {
-                forwarded.extend_from_slice(b"\"[");
-                forwarded.extend_from_slice(ip_text);
-                forwarded.extend_from_slice(b"]\"");
-            } else {
-                forwarded.extend_from_slice(ip_text);
-            }
-            forwarded.extend_from_slice(if client.tls.is_some() {
-                b";proto=https"
-            } else {
-                b";proto=http"
-            });
-            if !host.is_empty()
-                && host
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(b))
-            {
-                forwarded.extend_from_slice(b";host=\"");
-                forwarded.extend_from_slice(host);
-                forwarded.extend_from_slice(b"\"");
-            }
-        }
+        let forwarded = if self.forwarded_header {
+            let existing = head.header_list("forwarded");
+            forwarded_field(
+                existing.as_deref().filter(|_| client.peer_trusted),
+                ip,
+                client.tls.is_some(),
+                host,
+            )
+        } else {
+            Vec::new()
+        };
         let proto: &[u8] = if client.tls.is_some() {
             b"https"
         } else {
@@ -1364,6 +1343,17 @@ impl HttpProxy {
             if !cert.san.is_empty() {
                 fields.push((CLIENT_CERT_FIELDS[1], cert.san.as_bytes()));
             }
+        }
+        let forwarded;
+        if self.forwarded_header {
+            let existing = head.header_list("forwarded");
+            forwarded = forwarded_field(
+                existing.as_deref().filter(|_| client.peer_trusted),
+                client.source.ip(),
+                client.tls.is_some(),
+                head.host().unwrap_or(b""),
+            );
+            fields.push(("forwarded", &forwarded));
         }
         if !length.is_empty() {
             fields.push(("content-length", length.as_bytes()));
@@ -2809,6 +2799,44 @@ fn mark_compressed(headers: &mut http::HeaderMap, coding: Coding, configured: bo
     if configured && !varies {
         headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
+}
+
+/// The RFC 7239 Forwarded field to send on: a trusted peer's `existing` one (every line of it),
+/// extended with an element for the client at `ip`, `for` quoted when it is an IPv6 address.
+/// Any other Forwarded a client sent is replaced, on every path, so that a backend may believe
+/// the field.
+pub(crate) fn forwarded_field(
+    existing: Option<&[u8]>,
+    ip: IpAddr,
+    tls: bool,
+    host: &[u8],
+) -> Vec<u8> {
+    let mut ip_text = [0u8; 64];
+    let ip_text = format_ip(ip, &mut ip_text);
+    let mut forwarded = Vec::with_capacity(64);
+    if let Some(existing) = existing {
+        forwarded.extend_from_slice(existing);
+        forwarded.extend_from_slice(b", ");
+    }
+    forwarded.extend_from_slice(b"for=");
+    if ip.is_ipv6() {
+        forwarded.extend_from_slice(b"\"[");
+        forwarded.extend_from_slice(ip_text);
+        forwarded.extend_from_slice(b"]\"");
+    } else {
+        forwarded.extend_from_slice(ip_text);
+    }
+    forwarded.extend_from_slice(if tls { b";proto=https" } else { b";proto=http" });
+    if !host.is_empty()
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(b))
+    {
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(host);
+        forwarded.extend_from_slice(b"\"");
+    }
+    forwarded
 }
 
 /// Writes an IP address as text into `buf` without allocating.
