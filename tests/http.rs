@@ -3889,3 +3889,47 @@ upstream_protocol = "h2"
         }
     }
 }
+
+#[tokio::test]
+async fn the_etag_a_rule_leaves_is_the_one_compression_weakens_on_every_path() {
+    let h1 = content_backend().await;
+    let h2 = h2_content_backend().await;
+    for (rule, expected) in [
+        (
+            r#"response_headers = { set = { ETag = '"r1"' } }"#,
+            Some("W/\"r1\""),
+        ),
+        (r#"response_headers = { remove = ["ETag"] }"#, None),
+    ] {
+        for (backend, pool) in [(h1.addr, ""), (h2.addr, "upstream_protocol = \"h2\"")] {
+            let why = format!("{rule} {pool:?}");
+            let rules = format!("{ALL_ALGORITHMS}\n{rule}");
+            let proxy = Proxy::start(&single_pool(&[backend], &rules, pool));
+            let mut client = HttpClient::connect(proxy.addr("l7")).await;
+            let reply = client.get("/big.txt", "Accept-Encoding: gzip\r\n").await;
+            assert_eq!(reply.header("content-encoding"), Some("gzip"), "{why}");
+            let etags: Vec<&str> = reply
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("etag"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(
+                etags,
+                expected.into_iter().collect::<Vec<_>>(),
+                "HTTP/1.1 {why}"
+            );
+            let mut sender = h2_connect(proxy.addr("l7")).await;
+            let request = h2_get("GET", "/big.txt", &[("accept-encoding", "gzip")]);
+            let (head, _, _) = h2_exchange(&mut sender, request).await;
+            let etags: Vec<&[u8]> = head
+                .headers
+                .get_all("etag")
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            let wanted: Vec<&[u8]> = expected.into_iter().map(str::as_bytes).collect();
+            assert_eq!(etags, wanted, "HTTP/2 {why}");
+        }
+    }
+}

@@ -1061,14 +1061,26 @@ impl HttpProxy {
                 drop.push("content-length");
             }
             // The compressed bytes are a different representation: a strong validator for the
-            // original must not describe them, nor the 304 that confirms them.
-            if (token.is_some() || coding == Coding::NotModified)
-                && let Some(etag) = response.header("etag")
-                && !etag.starts_with(b"W/")
-            {
-                weak_etag = [b"W/", etag].concat();
-                drop.push("etag");
-                extra.push(("etag", &weak_etag));
+            // original must not describe them, nor the 304 that confirms them. The validator
+            // weakened is the one that goes out: a rule's, when a rule set one (as on HTTP/2,
+            // where the fields are marked after the rules), none when a rule removed it.
+            if token.is_some() || coding == Coding::NotModified {
+                if let Some(field) = extra
+                    .iter_mut()
+                    .find(|(name, _)| name.eq_ignore_ascii_case("etag"))
+                {
+                    if !field.1.starts_with(b"W/") {
+                        weak_etag = [b"W/", field.1].concat();
+                        field.1 = &weak_etag;
+                    }
+                } else if !drop.iter().any(|d| d.eq_ignore_ascii_case("etag"))
+                    && let Some(etag) = response.header("etag")
+                    && !etag.starts_with(b"W/")
+                {
+                    weak_etag = [b"W/", etag].concat();
+                    drop.push("etag");
+                    extra.push(("etag", &weak_etag));
+                }
             }
             let varies = response.header_list("vary").is_some_and(|v| {
                 String::from_utf8_lossy(&v)
