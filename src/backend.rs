@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,9 @@ pub struct BackendState {
     closer: ArcSwap<CancellationToken>,
     /// Woken when a slot frees on a backend with a connection limit; the pool's queue waits on it.
     released: Arc<Notify>,
+    /// Set when a reload took the backend out of its pool: work that can move without
+    /// breaking anything (a UDP session's next datagram) moves, and no pool lists it any more.
+    removed: AtomicBool,
 }
 
 impl BackendState {
@@ -164,6 +167,7 @@ impl BackendState {
             ewma_at_ns: AtomicU64::new(0),
             closer: ArcSwap::from_pointee(CancellationToken::new()),
             released,
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -186,6 +190,12 @@ impl BackendState {
     pub fn is_full(&self) -> bool {
         let max = self.max_connections.load(Relaxed);
         max != 0 && self.active.load(Relaxed) >= max
+    }
+
+    /// Whether a reload took the backend out of its pool (see [`Registry::retain`]).
+    #[inline]
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Relaxed)
     }
 
     /// The current flags.
@@ -502,18 +512,23 @@ impl Registry {
         Arc::clone(released.entry(pool.to_owned()).or_default())
     }
 
-    /// Forgets the backends `config` no longer has; connections still open to them keep
-    /// their state until they close. A backend that comes back later starts afresh.
+    /// Forgets the backends `config` no longer has, and marks them removed; connections still
+    /// open to them keep their state until they close. A backend that comes back later starts
+    /// afresh.
     pub fn retain(&self, config: &crate::config::Config) {
         let mut states = self
             .states
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        states.retain(|(pool, addr), _| {
-            config
+        states.retain(|(pool, addr), state| {
+            let kept = config
                 .pools
                 .get(pool)
-                .is_some_and(|p| p.backends.iter().any(|b| b.addr == *addr))
+                .is_some_and(|p| p.backends.iter().any(|b| b.addr == *addr));
+            if !kept {
+                state.removed.store(true, Relaxed);
+            }
+            kept
         });
     }
 

@@ -530,3 +530,95 @@ async fn a_refused_session_whose_backend_a_reload_removed_opens_again_elsewhere(
     let third = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     assert_eq!(ask(&third, addr, b"three").await, "live: three");
 }
+
+/// Two clients in session, one on each backend of `proxy` (round robin), returned as the one on
+/// `a` and the one on the other.
+async fn one_client_on_each(addr: std::net::SocketAddr) -> (UdpSocket, UdpSocket) {
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let second = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let one = ask(&first, addr, b"1").await;
+    let two = ask(&second, addr, b"2").await;
+    assert_ne!(one[..1], two[..1]);
+    if one.starts_with("a:") {
+        (first, second)
+    } else {
+        (second, first)
+    }
+}
+
+#[tokio::test]
+async fn sessions_on_a_backend_a_reload_removed_move_at_their_next_datagram() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let (log, lines) = session_log("removed");
+    let extra = format!(
+        "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
+        log.display()
+    );
+    let proxy = Proxy::start(&udp_config(&[a, b], &extra));
+    let addr = proxy.addr("dns");
+    let (on_a, on_b) = one_client_on_each(addr).await;
+    let state = proxy.registry.get("p", a).expect("state");
+    // `a` leaves the pool, though it still runs and answers.
+    proxy
+        .reload(&udp_config(&[b], &extra))
+        .await
+        .expect("reloads");
+    assert_eq!(ask(&on_a, addr, b"after").await, "b: after");
+    assert_eq!(ask(&on_a, addr, b"again").await, "b: again");
+    assert_eq!(ask(&on_b, addr, b"same").await, "b: same");
+    // The old session let go of `a` and was logged.
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+    eventually("the moved session's line", || {
+        lines().iter().any(|l| l["outcome"] == "moved")
+    })
+    .await;
+    let moved: Vec<_> = lines()
+        .into_iter()
+        .filter(|l| l["outcome"] == "moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(moved[0]["backend"], a.to_string());
+    assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn sessions_on_a_disabled_or_ejected_backend_move_at_their_next_datagram() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let proxy = Proxy::start(&udp_config(&[a, b], "idle_timeout = \"1h\""));
+    let addr = proxy.addr("dns");
+    let (on_a, on_b) = one_client_on_each(addr).await;
+    let state_a = proxy.registry.get("p", a).expect("state");
+    let state_b = proxy.registry.get("p", b).expect("state");
+    // Disabled as the admin API does it: the session moves.
+    state_a.set_usable(false);
+    assert_eq!(ask(&on_a, addr, b"x").await, "b: x");
+    assert_eq!(state_a.active.load(Ordering::Relaxed), 0);
+    state_a.set_usable(true);
+    // Ejected: both clients now on `b`, which is ejected while `a` is usable again.
+    state_b.eject(std::time::Duration::from_secs(3600));
+    assert_eq!(ask(&on_a, addr, b"y").await, "a: y");
+    assert_eq!(ask(&on_b, addr, b"z").await, "a: z");
+    assert_eq!(state_b.active.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn sessions_stay_on_an_ejected_backend_when_no_other_is_usable() {
+    let (a, _ta) = udp_named("a").await;
+    let proxy = Proxy::start(&udp_config(&[a], "idle_timeout = \"1h\""));
+    let addr = proxy.addr("dns");
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&client, addr, b"1").await, "a: 1");
+    let state = proxy.registry.get("p", a).expect("state");
+    state.eject(std::time::Duration::from_secs(3600));
+    // Nowhere to go: the session stays rather than the client losing its answers.
+    for i in 0..3 {
+        let question = format!("q{i}");
+        assert_eq!(
+            ask(&client, addr, question.as_bytes()).await,
+            format!("a: {question}")
+        );
+    }
+    assert_eq!(proxy.stats("dns").connections.load(Ordering::Relaxed), 1);
+}

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::backend::{ActiveGuard, BackendState};
+use crate::backend::{ActiveGuard, BackendState, DISABLED, DOWN, EJECTED};
 use crate::config::UdpSettings;
 use crate::metrics::ListenerStats;
 use crate::pool::{Attempts, PickInput, Picked, Snapshot};
@@ -183,16 +183,20 @@ impl UdpProxy {
                         if session.closer.is_cancelled() {
                             session.outcome = "drained";
                             sessions.remove(&client);
-                        } else if !session.broken.load(Relaxed) {
+                        } else if session.broken.load(Relaxed) {
+                            // Its backend refused (ICMP port unreachable): forget the session
+                            // so this datagram opens a new one, picked among the other backends.
+                            session.outcome = "refused";
+                            refused = sessions.remove(&client).map(|s| s.guard.state().addr);
+                        } else if session.displaced(&this) {
+                            // UDP has no connection to keep: the datagram opens a new session
+                            // on a backend the pool would pick now.
+                            session.outcome = "moved";
+                            sessions.remove(&client);
+                        } else {
                             session.activity.last_seen.store(now, Relaxed);
                             send_upstream(session, datagram);
                             continue;
-                        }
-                        // Its backend refused (ICMP port unreachable): forget the session so
-                        // this datagram opens a new one, picked among the other backends.
-                        else {
-                            session.outcome = "refused";
-                            refused = sessions.remove(&client).map(|s| s.guard.state().addr);
                         }
                     }
                     this = current.load_full();
@@ -348,6 +352,33 @@ impl UdpProxy {
             broken,
             closer,
         })
+    }
+}
+
+impl Session {
+    /// Whether the session's backend was taken out from under it: removed from its pool by a
+    /// reload, disabled through the admin API, or found failing (ejected, down) while the pool
+    /// has a usable backend to go to instead. A drain is not: its sessions finish, up to its
+    /// deadline. One atomic load or two for a session whose backend is fine.
+    fn displaced(&self, proxy: &UdpProxy) -> bool {
+        let state = self.guard.state();
+        if state.is_removed() {
+            return true;
+        }
+        let flags = state.flags();
+        if flags & DISABLED != 0 {
+            return true;
+        }
+        if flags & (DOWN | EJECTED) == 0 {
+            return false;
+        }
+        // Only here, for a failing backend, is the pool looked at: with nothing better to go to
+        // (panic mode), a new session on every datagram would help no one.
+        proxy
+            .snapshot
+            .load()
+            .pool(&proxy.pool)
+            .is_some_and(|pool| pool.candidates.iter().any(|c| c.state.is_usable()))
     }
 }
 
