@@ -76,8 +76,18 @@ pub struct Pool {
 
 impl Pool {
     /// Compiles a pool, taking live backend state from `registry` and its TLS settings from
-    /// `tls`.
+    /// `tls`, with the weights the admin API set in place of the file's.
     pub fn new(config: &PoolConfig, registry: &Registry, tls: &TlsStore) -> Pool {
+        Pool::build(config, registry, tls, true)
+    }
+
+    /// Compiles a pool with the file's weights alone: for a configuration about to be put in
+    /// charge, which ends the admin API's changes only once it is in force.
+    pub fn from_file(config: &PoolConfig, registry: &Registry, tls: &TlsStore) -> Pool {
+        Pool::build(config, registry, tls, false)
+    }
+
+    fn build(config: &PoolConfig, registry: &Registry, tls: &TlsStore, overrides: bool) -> Pool {
         let ordered = config
             .backends
             .iter()
@@ -88,7 +98,10 @@ impl Pool {
                 let state = registry.state(&config.name, b.addr);
                 state.set_max_connections(b.max_connections);
                 Candidate {
-                    weight: state.weight_override().unwrap_or(b.weight),
+                    weight: state
+                        .weight_override()
+                        .filter(|_| overrides)
+                        .unwrap_or(b.weight),
                     state,
                 }
             })
@@ -610,7 +623,8 @@ impl Snapshot {
         Snapshot::from_pools(&config.pools, registry, tls)
     }
 
-    /// Compiles these pools.
+    /// Compiles these pools, with the file's weights: the snapshot of a configuration put in
+    /// charge, where the admin API's weights end.
     pub fn from_pools(
         pools: &BTreeMap<String, PoolConfig>,
         registry: &Registry,
@@ -618,7 +632,7 @@ impl Snapshot {
     ) -> Snapshot {
         let pools = pools
             .values()
-            .map(|p| (p.name.clone(), Arc::new(Pool::new(p, registry, tls))))
+            .map(|p| (p.name.clone(), Arc::new(Pool::from_file(p, registry, tls))))
             .collect();
         Snapshot { pools }
     }

@@ -728,13 +728,11 @@ impl ServerHandle {
             .collect::<Result<Vec<_>, _>>()?;
 
         // Phase 2, which cannot fail: new pools, then listeners (a weight change through the
-        // admin API waits for `reloading`, so it cannot interleave). The file is in charge
-        // again: changes made through the admin API end here. The pools are built on a blocking
-        // thread, since a maglev table of millions of slots must not stall a runtime thread
-        // that serves traffic; the rest happens under the state lock.
-        for (_, backend) in shared.registry.all() {
-            backend.clear_overrides();
-        }
+        // admin API waits for `reloading`, so it cannot interleave). The pools are built on a
+        // blocking thread, since a maglev table of millions of slots must not stall a runtime
+        // thread that serves traffic; the rest happens under the state lock. The file is in
+        // charge again once its pools are: only then do the admin API's changes end, so a
+        // reload that never gets there (the runtime going away) leaves them as they were.
         let registry = Arc::clone(&shared.registry);
         let (config, tls, snapshot) = tokio::task::spawn_blocking(move || {
             let snapshot = Snapshot::new(&config, &registry, &tls);
@@ -750,6 +748,9 @@ impl ServerHandle {
         let mut state = shared.lock();
         let snapshot = Arc::new(snapshot);
         shared.snapshot.store(Arc::clone(&snapshot));
+        for (_, backend) in shared.registry.all() {
+            backend.clear_overrides();
+        }
         shared.registry.retain(&config);
         state.checks.cancel();
         state.checks = shared.shutdown.child_token();

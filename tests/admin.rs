@@ -1811,3 +1811,76 @@ async fn large_metrics_and_state_are_rendered_off_the_data_path() {
         );
     }
 }
+
+/// A reload that has passed its checks is not in force until its pools are built; until then
+/// the API's changes hold (the old pools are still the ones picking). The test's runtime has one
+/// blocking thread, held busy, so the reload waits where it builds its pools.
+#[test]
+fn api_changes_hold_until_a_reload_is_in_force() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let a = http_backend("a").await;
+        let b = http_backend("b").await;
+        let text = config(a.addr, b.addr, "");
+        let proxy = Proxy::start(&text);
+        let api = proxy.handle.admin_addr().expect("admin configured");
+        let web = proxy.addr("web");
+        let path = format!("/api/pools/p/backends/{}/disable", a.addr);
+        assert_eq!(admin(api, "POST", &path, Some(TOKEN), "").await.status, 200);
+        let path = format!("/api/pools/p/backends/{}/weight", b.addr);
+        let reply = admin(api, "PUT", &path, Some(TOKEN), "{\"weight\": 3}").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let state_a = proxy.registry.get("p", a.addr).expect("state");
+        let state_b = proxy.registry.get("p", b.addr).expect("state");
+
+        // A reload refused (its new listener's address is taken) changes nothing.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let refused = format!(
+            "{text}\n[[listeners]]\nname = \"more\"\nbind = \"{}\"\nprotocol = \"tcp\"\npool = \"p\"\n",
+            taken.local_addr().expect("addr")
+        );
+        assert!(proxy.reload(&refused).await.is_err());
+        assert!(!state_a.is_usable(), "still disabled");
+        assert_eq!(state_b.weight_override(), Some(3));
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (busy, started) = tokio::sync::oneshot::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            let _ = busy.send(());
+            let _ = held.recv();
+        });
+        started.await.expect("the blocking thread is held");
+        let handle = proxy.handle.clone();
+        let next = switchyard::Config::from_toml(&text, std::path::Path::new("test.toml"))
+            .expect("valid");
+        let reload = tokio::spawn(async move { handle.reload(next).await });
+        // The reload runs up to its pools' build, which waits for the blocking thread.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reload.is_finished());
+        assert_eq!(proxy.handle.generation(), 1);
+        assert!(!state_a.is_usable(), "still disabled");
+        assert_ne!(state_a.overrides(), 0);
+        assert_eq!(state_b.weight_override(), Some(3));
+        for _ in 0..4 {
+            assert_eq!(served_by(web).await, "b");
+        }
+
+        release.send(()).expect("release");
+        holder.await.expect("holder");
+        reload.await.expect("reload task").expect("reloads");
+        // In force now: the file is in charge again.
+        assert_eq!(proxy.handle.generation(), 2);
+        assert!(state_a.is_usable());
+        assert_eq!(state_a.overrides(), 0);
+        assert_eq!(state_b.weight_override(), None);
+        let snapshot = proxy.handle.snapshot();
+        let pool = snapshot.pool("p").expect("pool");
+        assert!(pool.candidates.iter().all(|c| c.weight == 1));
+    });
+}
