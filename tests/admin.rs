@@ -1884,3 +1884,53 @@ fn api_changes_hold_until_a_reload_is_in_force() {
         assert!(pool.candidates.iter().all(|c| c.weight == 1));
     });
 }
+
+#[tokio::test]
+async fn clients_that_send_nothing_do_not_keep_a_request_waiting() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // One silent client, then as many as the admin listener serves at once, and more.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(api).await.expect("connect"));
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            admin(api, "GET", "/api/state", Some(TOKEN), ""),
+        )
+        .await
+        .expect("answered at once, whoever else is connected and silent");
+        assert_eq!(reply.status, 200);
+    }
+    // A keep-alive client between its requests is idle too, and may be let go for a newcomer;
+    // one whose request is in service is not.
+    let mut slow = HttpClient::connect(api).await;
+    // Its head read, the API asks for its body: the request is in service.
+    let head = slow
+        .head_of(
+            format!(
+                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n",
+                a.addr
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert!(head.starts_with("http/1.1 100"), "{head}");
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(api).await.expect("connect"));
+    }
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        admin(api, "GET", "/api/state", Some(TOKEN), ""),
+    )
+    .await
+    .expect("answered at once");
+    assert_eq!(reply.status, 200);
+    slow.send(b"{\"weight\": 2}").await;
+    let reply = slow
+        .reply()
+        .await
+        .expect("the request in service is answered");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

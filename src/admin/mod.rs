@@ -12,12 +12,14 @@
 
 mod state;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -112,18 +114,17 @@ impl Admin {
     }
 
     /// Serves until `shutdown`.
+    ///
+    /// At the connection cap, a newcomer is not kept waiting by clients that are not in a
+    /// request (silent since they connected, part way through a head, or idle between
+    /// keep-alive requests): the one connected longest is let go to make room. Only when every
+    /// connection is in a request, each bounded by the request deadline, does a newcomer wait.
     pub async fn serve(self, handle: ServerHandle, shutdown: CancellationToken) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let open = Arc::new(Open::default());
         let api = Arc::new(Api { handle });
         info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
         loop {
-            let permit = tokio::select! {
-                permit = Arc::clone(&limit).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-                () = shutdown.cancelled() => return,
-            };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -134,17 +135,45 @@ impl Admin {
                 },
                 () = shutdown.cancelled() => return,
             };
+            let permit = loop {
+                if let Ok(permit) = Arc::clone(&limit).try_acquire_owned() {
+                    break permit;
+                }
+                let letting_go = open.let_one_go();
+                tokio::select! {
+                    permit = Arc::clone(&limit).acquire_owned() => match permit {
+                        Ok(permit) => break permit,
+                        Err(_) => return,
+                    },
+                    // Every connection was in a request; one has left it since, so it may go.
+                    () = open.became_idle.notified(), if !letting_go => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            };
+            let conn = open.add();
             let api = Arc::clone(&api);
             let shutdown = shutdown.clone();
+            let open = Arc::clone(&open);
             tokio::spawn(async move {
                 let _permit = permit;
+                let _listed = Listed {
+                    open: Arc::clone(&open),
+                    id: conn.id,
+                };
+                let in_service = Arc::clone(&conn);
                 let service = hyper::service::service_fn(move |request| {
                     let api = Arc::clone(&api);
+                    let guard = InService::start(Arc::clone(&in_service), Arc::clone(&open));
                     async move {
                         let response =
                             tokio::time::timeout(REQUEST_TIMEOUT, api.handle(request)).await;
-                        Ok::<_, Infallible>(response.unwrap_or_else(|_| {
+                        let response = response.unwrap_or_else(|_| {
                             error(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+                        });
+                        // In service until hyper has written the body and dropped it.
+                        Ok::<_, Infallible>(response.map(|body| Answer {
+                            body,
+                            _guard: guard,
                         }))
                     }
                 });
@@ -158,11 +187,137 @@ impl Admin {
                         if let Err(error) = result {
                             debug!(%peer, %error, "admin connection ended");
                         }
+                        return;
                     }
+                    () = shutdown.cancelled() => return,
+                    () = conn.close.cancelled() => {}
+                }
+                // Let go for a newcomer. A request that got in since it was chosen is answered
+                // first, and the connection closes after it.
+                if conn.busy.load(Relaxed) == 0 {
+                    debug!(%peer, "admin connection let go for a newcomer");
+                    return;
+                }
+                connection.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = connection.as_mut() => {}
                     () = shutdown.cancelled() => {}
                 }
             });
         }
+    }
+}
+
+/// The admin connections open, in the order they came, for the cap to choose one to let go.
+#[derive(Default)]
+struct Open {
+    next: AtomicU64,
+    conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    /// Signalled when a connection leaves its last request: a newcomer waiting at the cap may
+    /// take its place.
+    became_idle: Notify,
+}
+
+/// One admin connection, as the cap sees it.
+struct Conn {
+    id: u64,
+    /// Requests in service on it (one at a time on HTTP/1.1), from the head read to the last
+    /// byte of the answer handed to the socket.
+    busy: AtomicUsize,
+    /// Cancelled to let it go.
+    close: CancellationToken,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn add(&self) -> Arc<Conn> {
+        let id = self.next.fetch_add(1, Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            busy: AtomicUsize::new(0),
+            close: CancellationToken::new(),
+        });
+        self.lock().insert(id, Arc::clone(&conn));
+        conn
+    }
+
+    /// Lets go of the oldest connection that is in no request; false when every one is.
+    fn let_one_go(&self) -> bool {
+        let conns = self.lock();
+        let chosen = conns
+            .values()
+            .find(|c| c.busy.load(Relaxed) == 0 && !c.close.is_cancelled());
+        match chosen {
+            Some(conn) => {
+                conn.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Takes a connection off [`Open`] when its task ends.
+struct Listed {
+    open: Arc<Open>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.open.lock().remove(&self.id);
+    }
+}
+
+/// Counts a request as in service on its connection while it lives.
+struct InService {
+    conn: Arc<Conn>,
+    open: Arc<Open>,
+}
+
+impl InService {
+    fn start(conn: Arc<Conn>, open: Arc<Open>) -> InService {
+        conn.busy.fetch_add(1, Relaxed);
+        InService { conn, open }
+    }
+}
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        if self.conn.busy.fetch_sub(1, Relaxed) == 1 {
+            self.open.became_idle.notify_one();
+        }
+    }
+}
+
+/// An answer's body, which keeps its request counted as in service until hyper has written it.
+struct Answer {
+    body: Full<Bytes>,
+    _guard: InService,
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
