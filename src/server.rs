@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::access_log::Writers;
-use crate::backend::Registry;
+use crate::backend::{BackendState, Registry};
 use crate::config::{Config, ConfigError, ListenerConfig, ListenerKind};
 use crate::http::HttpProxy;
 use crate::http::h2_upstream::H2Pool;
@@ -360,7 +360,11 @@ impl Server {
             .unwrap_or_else(|poison| poison.into_inner())
             .take();
         if let Some(admin) = admin {
-            tokio::spawn(admin.serve(ServerHandle(Arc::clone(&shared)), shared.shutdown.clone()));
+            tokio::spawn(admin.serve(
+                ServerHandle(Arc::clone(&shared)),
+                shared.shutdown.clone(),
+                shared.tasks.clone(),
+            ));
         }
         let serving = shared.lock().listeners.len();
         crate::notify::ready(&format!("serving {serving} listener(s)"));
@@ -555,13 +559,29 @@ impl ServerHandle {
             .collect()
     }
 
-    /// Builds pool `name` again from the configuration in force, with the weights the admin
-    /// API set; health checks and drains go on as they are, and the other pools are kept as
-    /// they are. The build (a maglev table may have millions of slots) runs on a blocking
-    /// thread: a weight change must not stall the connections the runtime's threads serve.
-    pub async fn rebuild_pool(&self, name: &str) {
-        // Not while a reload is being applied: it would store pools of the old file.
-        let _one_at_a_time = self.0.reloading.lock().await;
+    /// Sets `backend`'s weight in pool `name` (the admin API's override, until the next reload)
+    /// and builds that pool again from the configuration in force; health checks and drains go
+    /// on as they are, and the other pools are kept as they are. The build (a maglev table may
+    /// have millions of slots) runs on a blocking thread: a weight change must not stall the
+    /// connections the runtime's threads serve.
+    ///
+    /// It waits for a reload being applied, so that a weight set meanwhile holds after it
+    /// rather than being cleared by it; once the shutdown has started it is refused, since the
+    /// drain holds reloads off until the process ends.
+    pub async fn set_weight(
+        &self,
+        name: &str,
+        backend: &BackendState,
+        weight: u32,
+    ) -> Result<(), ServerError> {
+        let _one_at_a_time = tokio::select! {
+            guard = self.0.reloading.lock() => guard,
+            () = self.0.shutdown.cancelled() => return Err(ServerError::ShuttingDown),
+        };
+        if self.0.shutdown.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        backend.set_weight_override(weight);
         let (config, tls) = {
             let state = self.0.lock();
             (Arc::clone(&state.config), Arc::clone(&state.tls))
@@ -574,11 +594,12 @@ impl ServerHandle {
         })
         .await;
         let Ok(Some(pool)) = built else {
-            return;
+            return Ok(());
         };
         let mut pools = self.0.snapshot.load().pools.clone();
         pools.insert(pool.name.clone(), Arc::new(pool));
         self.0.snapshot.store(Arc::new(Snapshot { pools }));
+        Ok(())
     }
 
     /// Asks every access log file to be reopened (after logrotate moved it).

@@ -1934,3 +1934,39 @@ async fn clients_that_send_nothing_do_not_keep_a_request_waiting() {
         .expect("the request in service is answered");
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+#[tokio::test]
+async fn a_request_in_service_when_the_drain_starts_is_answered() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let mut proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    // A weight change whose body is still to come: the request is in service.
+    let mut client = HttpClient::connect(api).await;
+    let head = client
+        .head_of(
+            format!(
+                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n",
+                a.addr
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert!(head.starts_with("http/1.1 100"), "{head}");
+    let idle = HttpClient::connect(api).await;
+    proxy.shutdown.cancel();
+    client.send(b"{\"weight\": 2}").await;
+    // Answered, and at once: no configuration is applied any more.
+    let reply = client
+        .reply()
+        .await
+        .expect("an answer, not a cut connection");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    let state = proxy.registry.get("p", a.addr).expect("state");
+    assert_eq!(state.weight_override(), None);
+    // A connection in no request is closed, and the drain is over with the answer.
+    let mut idle = idle;
+    assert!(idle.closed().await);
+    assert_eq!(proxy.drained().await, 0);
+}

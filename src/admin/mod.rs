@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backend::{DISABLED, OVERRIDE_DISABLE, OVERRIDE_DRAIN, OVERRIDE_UNDRAIN};
@@ -119,7 +120,17 @@ impl Admin {
     /// request (silent since they connected, part way through a head, or idle between
     /// keep-alive requests): the one connected longest is let go to make room. Only when every
     /// connection is in a request, each bounded by the request deadline, does a newcomer wait.
-    pub async fn serve(self, handle: ServerHandle, shutdown: CancellationToken) {
+    ///
+    /// At `shutdown` it stops accepting (after a binary upgrade the new process takes the
+    /// socket's connections) and closes the connections in no request; a request in service is
+    /// answered first, with `Connection: close`. Connections run in `tasks`, which the drain
+    /// waits for.
+    pub async fn serve(
+        self,
+        handle: ServerHandle,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let open = Arc::new(Open::default());
         let api = Arc::new(Api { handle });
@@ -154,7 +165,7 @@ impl Admin {
             let api = Arc::clone(&api);
             let shutdown = shutdown.clone();
             let open = Arc::clone(&open);
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _permit = permit;
                 let _listed = Listed {
                     open: Arc::clone(&open),
@@ -189,19 +200,19 @@ impl Admin {
                         }
                         return;
                     }
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => {}
                     () = conn.close.cancelled() => {}
                 }
-                // Let go for a newcomer. A request that got in since it was chosen is answered
-                // first, and the connection closes after it.
+                // Let go, for a newcomer or at shutdown. A request in service (one that got in
+                // since the connection was chosen, too) is answered first, within its
+                // deadline, and the connection closes after it.
                 if conn.busy.load(Relaxed) == 0 {
-                    debug!(%peer, "admin connection let go for a newcomer");
+                    debug!(%peer, "admin connection let go");
                     return;
                 }
                 connection.as_mut().graceful_shutdown();
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    () = shutdown.cancelled() => {}
+                if let Err(error) = connection.await {
+                    debug!(%peer, %error, "admin connection ended");
                 }
             });
         }
@@ -633,15 +644,21 @@ impl Api {
         // The override and the pool built with it, on a task of its own: a client that leaves
         // halfway must not leave an override that the pool in force does not have.
         let (handle, name, backend) = (self.handle.clone(), pool.to_owned(), Arc::clone(&state));
-        let applied = tokio::spawn(async move {
-            backend.set_weight_override(weight);
-            handle.rebuild_pool(&name).await;
-        });
-        if applied.await.is_err() {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the weight change failed",
-            );
+        let applied = tokio::spawn(async move { handle.set_weight(&name, &backend, weight).await });
+        match applied.await {
+            Ok(Ok(())) => {}
+            Ok(Err(crate::server::ServerError::ShuttingDown)) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting down: no configuration is applied any more",
+                );
+            }
+            Ok(Err(_)) | Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the weight change failed",
+                );
+            }
         }
         info!(%pool, backend = %address, weight, "admin: backend weight set (until the next reload)");
         let snapshot = self.handle.snapshot();
