@@ -622,3 +622,33 @@ async fn sessions_stay_on_an_ejected_backend_when_no_other_is_usable() {
     }
     assert_eq!(proxy.stats("dns").connections.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn at_the_cap_sessions_a_backend_refused_make_room_for_new_clients() {
+    let (live, _task) = udp_named("live").await;
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let proxy = Proxy::start(&udp_config(
+        &[live, dead],
+        "idle_timeout = \"1h\"\nmax_sessions = 2",
+    ));
+    let addr = proxy.addr("dns");
+    // Round robin: the first client lands on `live`, the second on `dead`, which refuses; its
+    // client, as DNS clients do, asks again from another port.
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&first, addr, b"one").await, "live: one");
+    let second = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    second.send_to(b"two", addr).await.expect("send");
+    let state = proxy.registry.get("p", dead).expect("state");
+    eventually("the refusal", || {
+        state.connect_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // The table is full, one of its two sessions dead: a new client takes its place.
+    let third = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&third, addr, b"three").await, "live: three");
+    assert_eq!(ask(&first, addr, b"again").await, "live: again");
+    assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 2);
+}

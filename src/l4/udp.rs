@@ -160,6 +160,8 @@ impl UdpProxy {
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        // Whether the table was rid of its ended sessions at the cap since the last sweep.
+        let mut purged = false;
 
         loop {
             tokio::select! {
@@ -200,6 +202,14 @@ impl UdpProxy {
                         }
                     }
                     this = current.load_full();
+                    if !stopping && sessions.len() >= this.settings.max_sessions && !purged {
+                        // At the cap, sessions that are over but not yet swept (their backend
+                        // refused them, its drain deadline passed, or it left the pool) make
+                        // room. At most once between sweeps: a flood of new clients at the cap
+                        // must not cost a walk of the table each.
+                        purged = true;
+                        sessions.retain(|_, s| s.still_open(&this));
+                    }
                     if stopping || sessions.len() >= this.settings.max_sessions {
                         this.stats.datagrams_dropped.fetch_add(1, Relaxed);
                         debug!(listener = %this.name, %client, "udp session refused (cap or shutdown)");
@@ -220,6 +230,7 @@ impl UdpProxy {
                     }
                 }
                 _ = sweep.tick() => {
+                    purged = false;
                     this = current.load_full();
                     let idle_ms = this.settings.idle_timeout.as_millis() as u64;
                     let now = epoch.elapsed().as_millis() as u64;
@@ -356,6 +367,20 @@ impl UdpProxy {
 }
 
 impl Session {
+    /// Whether the session still relays; if not, records why it ended (for its log line).
+    fn still_open(&mut self, proxy: &UdpProxy) -> bool {
+        self.outcome = if self.broken.load(Relaxed) {
+            "refused"
+        } else if self.closer.is_cancelled() {
+            "drained"
+        } else if self.displaced(proxy) {
+            "moved"
+        } else {
+            return true;
+        };
+        false
+    }
+
     /// Whether the session's backend was taken out from under it: removed from its pool by a
     /// reload, disabled through the admin API, or found failing (ejected, down) while the pool
     /// has a usable backend to go to instead. A drain is not: its sessions finish, up to its
