@@ -1970,3 +1970,54 @@ async fn a_request_in_service_when_the_drain_starts_is_answered() {
     assert!(idle.closed().await);
     assert_eq!(proxy.drained().await, 0);
 }
+
+/// A weight set while a reload is being applied waits for it, and holds after it: it came
+/// after the file.
+#[test]
+fn a_weight_set_during_a_reload_holds_after_it() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let a = http_backend("a").await;
+        let b = http_backend("b").await;
+        let text = config(a.addr, b.addr, "");
+        let proxy = Proxy::start(&text);
+        let state_b = proxy.registry.get("p", b.addr).expect("state");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (busy, started) = tokio::sync::oneshot::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            let _ = busy.send(());
+            let _ = held.recv();
+        });
+        started.await.expect("the blocking thread is held");
+        let handle = proxy.handle.clone();
+        let next =
+            switchyard::Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid");
+        let reload = tokio::spawn(async move { handle.reload(next).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let (handle, state) = (proxy.handle.clone(), Arc::clone(&state_b));
+        let weight = tokio::spawn(async move { handle.set_weight("p", &state, 3).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reload.is_finished() && !weight.is_finished());
+        release.send(()).expect("release");
+        holder.await.expect("holder");
+        reload.await.expect("reload task").expect("reloads");
+        weight.await.expect("weight task").expect("set");
+        assert_eq!(state_b.weight_override(), Some(3));
+        let snapshot = proxy.handle.snapshot();
+        let pool = snapshot.pool("p").expect("pool");
+        let weight = pool
+            .candidates
+            .iter()
+            .find(|c| c.state.addr == b.addr)
+            .map(|c| c.weight);
+        assert_eq!(weight, Some(3));
+    });
+}
