@@ -602,6 +602,18 @@ impl ServerHandle {
         Ok(())
     }
 
+    /// Runs `change` (an admin API change to a backend's state) when no reload is being
+    /// applied, so that a reload's end does not clear a change made while it ran: the change
+    /// came after the file. Once the shutdown has started no reload runs any more (the drain
+    /// holds them off), and `change` runs at once.
+    pub async fn between_reloads<T>(&self, change: impl FnOnce() -> T) -> T {
+        let _one_at_a_time = tokio::select! {
+            guard = self.0.reloading.lock() => Some(guard),
+            () = self.0.shutdown.cancelled() => None,
+        };
+        change()
+    }
+
     /// Asks every access log file to be reopened (after logrotate moved it).
     pub fn reopen_logs(&self) {
         self.0.logs.reopen();

@@ -2021,3 +2021,49 @@ fn a_weight_set_during_a_reload_holds_after_it() {
         assert_eq!(weight, Some(3));
     });
 }
+
+/// A backend disabled through the API while a reload is being applied stays disabled after it.
+#[test]
+fn a_backend_disabled_during_a_reload_stays_disabled_after_it() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let a = http_backend("a").await;
+        let b = http_backend("b").await;
+        let text = config(a.addr, b.addr, "");
+        let proxy = Proxy::start(&text);
+        let api = proxy.handle.admin_addr().expect("admin configured");
+        let web = proxy.addr("web");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (busy, started) = tokio::sync::oneshot::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            let _ = busy.send(());
+            let _ = held.recv();
+        });
+        started.await.expect("the blocking thread is held");
+        let handle = proxy.handle.clone();
+        let next =
+            switchyard::Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid");
+        let reload = tokio::spawn(async move { handle.reload(next).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let path = format!("/api/pools/p/backends/{}/disable", a.addr);
+        let disable = tokio::spawn(async move { admin(api, "POST", &path, Some(TOKEN), "").await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("release");
+        holder.await.expect("holder");
+        reload.await.expect("reload task").expect("reloads");
+        assert_eq!(disable.await.expect("disable task").status, 200);
+        let state = proxy.registry.get("p", a.addr).expect("state");
+        assert!(!state.is_usable(), "disabled after the reload");
+        for _ in 0..4 {
+            assert_eq!(served_by(web).await, "b");
+        }
+    });
+}

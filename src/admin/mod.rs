@@ -499,7 +499,7 @@ impl Api {
             (&Method::POST, ["api", "pools", pool, "backends", address, action])
                 if *action != "weight" =>
             {
-                self.backend_action(pool, address, action)
+                self.backend_action(pool, address, action).await
             }
             (&Method::PUT, ["api", "pools", pool, "backends", address, "weight"]) => {
                 if let Some(refused) = not_json(&request) {
@@ -596,7 +596,29 @@ impl Api {
         }
     }
 
-    fn backend_action(&self, pool: &str, address: &str, action: &str) -> Response<Full<Bytes>> {
+    /// Applies `action` between reloads (see [`ServerHandle::between_reloads`]), on a task of
+    /// its own so that a client that leaves does not decide whether it happens.
+    async fn backend_action(
+        &self,
+        pool: &str,
+        address: &str,
+        action: &str,
+    ) -> Response<Full<Bytes>> {
+        let api = Api {
+            handle: self.handle.clone(),
+        };
+        let (pool, address, action) = (pool.to_owned(), address.to_owned(), action.to_owned());
+        let applied = tokio::spawn(async move {
+            api.handle
+                .between_reloads(|| api.apply_action(&pool, &address, &action))
+                .await
+        });
+        applied
+            .await
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "the change failed"))
+    }
+
+    fn apply_action(&self, pool: &str, address: &str, action: &str) -> Response<Full<Bytes>> {
         let (found, state) = match self.backend(pool, address) {
             Ok(found) => found,
             Err(response) => return *response,
