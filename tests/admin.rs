@@ -1953,7 +1953,14 @@ async fn a_request_in_service_when_the_drain_starts_is_answered() {
         )
         .await;
     assert!(head.starts_with("http/1.1 100"), "{head}");
-    let idle = HttpClient::connect(api).await;
+    // A keep-alive client between two requests.
+    let mut idle = HttpClient::connect(api).await;
+    idle.send(
+        format!("GET /api/state HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(idle.reply().await.expect("an answer").status, 200);
     proxy.shutdown.cancel();
     client.send(b"{\"weight\": 2}").await;
     // Answered, and at once: no configuration is applied any more.
@@ -1966,7 +1973,6 @@ async fn a_request_in_service_when_the_drain_starts_is_answered() {
     let state = proxy.registry.get("p", a.addr).expect("state");
     assert_eq!(state.weight_override(), None);
     // A connection in no request is closed, and the drain is over with the answer.
-    let mut idle = idle;
     assert!(idle.closed().await);
     assert_eq!(proxy.drained().await, 0);
 }
