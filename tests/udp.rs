@@ -652,3 +652,22 @@ async fn at_the_cap_sessions_a_backend_refused_make_room_for_new_clients() {
     assert_eq!(ask(&first, addr, b"again").await, "live: again");
     assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 2);
 }
+
+#[tokio::test]
+async fn sessions_follow_a_reload_that_points_their_listener_at_another_pool() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let text = |pool: &str| {
+        format!(
+            "[[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"{pool}\"\nidle_timeout = \"1h\"\n\n[pools.p]\nbackends = [\"{a}\"]\n\n[pools.q]\nbackends = [\"{b}\"]\n"
+        )
+    };
+    let proxy = Proxy::start(&text("p"));
+    let addr = proxy.addr("dns");
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&client, addr, b"1").await, "a: 1");
+    proxy.reload(&text("q")).await.expect("reloads");
+    assert_eq!(ask(&client, addr, b"2").await, "b: 2");
+    let state = proxy.registry.get("p", a).expect("state");
+    assert_eq!(state.active.load(Ordering::Relaxed), 0);
+}

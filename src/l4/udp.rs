@@ -104,6 +104,8 @@ struct Session {
     replies: AbortHandle,
     /// Counts the session as active on its backend.
     guard: ActiveGuard,
+    /// The pool its backend was picked from; a reload may point the listener at another.
+    pool: Arc<str>,
     /// Set when the backend refuses the session's datagrams; the next datagram re-picks,
     /// passing over this backend (`guard.state().addr`).
     broken: Arc<AtomicBool>,
@@ -190,7 +192,7 @@ impl UdpProxy {
                             // so this datagram opens a new one, picked among the other backends.
                             session.outcome = "refused";
                             refused = sessions.remove(&client).map(|s| s.guard.state().addr);
-                        } else if session.displaced(&this) {
+                        } else if session.displaced(&current.load()) {
                             // UDP has no connection to keep: the datagram opens a new session
                             // on a backend the pool would pick now.
                             session.outcome = "moved";
@@ -360,6 +362,7 @@ impl UdpProxy {
             stats: Arc::clone(&self.stats),
             replies,
             guard,
+            pool: Arc::from(self.pool.as_str()),
             broken,
             closer,
         })
@@ -382,12 +385,13 @@ impl Session {
     }
 
     /// Whether the session's backend was taken out from under it: removed from its pool by a
-    /// reload, disabled through the admin API, or found failing (ejected, down) while the pool
+    /// reload (or its listener now uses another pool), disabled through the admin API, or found failing (ejected, down) while the pool
     /// has a usable backend to go to instead. A drain is not: its sessions finish, up to its
     /// deadline. One atomic load or two for a session whose backend is fine.
     fn displaced(&self, proxy: &UdpProxy) -> bool {
         let state = self.guard.state();
-        if state.is_removed() {
+        // A reload took the backend out of the pool, or pointed the listener at another pool.
+        if state.is_removed() || *self.pool != *proxy.pool {
             return true;
         }
         let flags = state.flags();
