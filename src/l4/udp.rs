@@ -385,9 +385,10 @@ impl Session {
     }
 
     /// Whether the session's backend was taken out from under it: removed from its pool by a
-    /// reload (or its listener now uses another pool), disabled through the admin API, or found failing (ejected, down) while the pool
-    /// has a usable backend to go to instead. A drain is not: its sessions finish, up to its
-    /// deadline. One atomic load or two for a session whose backend is fine.
+    /// reload (or its listener now uses another pool), disabled through the admin API, or found
+    /// failing (ejected, down) while the pool has a usable backend to go to instead. A drain is
+    /// not: its sessions finish, up to its deadline. For a session whose backend is fine this
+    /// is two atomic loads and a comparison of pool names.
     fn displaced(&self, proxy: &UdpProxy) -> bool {
         let state = self.guard.state();
         // A reload took the backend out of the pool, or pointed the listener at another pool.
