@@ -1050,6 +1050,7 @@ impl Shared {
                 route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
                 h2_upstream: Arc::clone(&self.h2_upstream),
                 forwarded_header: settings.forwarded_header,
+                abort_on_close: settings.abort_on_close,
                 splice: settings.splice,
                 shutdown: self.shutdown.clone(),
                 tls: tls.listener(&l.name),

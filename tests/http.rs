@@ -3383,6 +3383,118 @@ async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
 }
 
 #[tokio::test]
+async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_is_logged_as_499() {
+    let (backend, mut events) = silent_backend().await;
+    let log = std::env::temp_dir().join(format!("switchyard-h1gone-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let access_log = format!(
+        "access_log = {{ path = \"{}\", format = \"json\" }}",
+        log.display()
+    );
+    // A response timeout far beyond the test's patience: only the client's leaving can end it.
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        &access_log,
+        "response_timeout = \"5m\"",
+    ));
+    for close in ["close", "half-close"] {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("request")),
+            "{close}"
+        );
+        if close == "close" {
+            drop(client);
+        } else {
+            // Its sending side only: to the proxy, as to NGINX, that is the client gone.
+            client.shutdown().await.expect("shutdown");
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+                "{close}: not closed"
+            );
+            assert!(rest.is_empty(), "{close}: {rest:?}");
+        }
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("closed")),
+            "{close}: the backend connection is let go"
+        );
+    }
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("a line for each request", || text().lines().count() == 2).await;
+    for line in text().lines() {
+        let line: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(line["status"], 499);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_closed_only_its_sending_side_is_answered_with_abort_on_close_off() {
+    // The backend answers only once the client's end of stream has surely reached the proxy.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let backend = {
+        let release = Arc::clone(&release);
+        Backend::start(move |mut stream| {
+            let release = Arc::clone(&release);
+            async move {
+                let mut buf = Vec::new();
+                for answer in ["first", "second"] {
+                    buf.clear();
+                    if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
+                    if answer == "first" {
+                        release.notified().await;
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                }
+            }
+        })
+        .await
+    };
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "abort_on_close = false", ""));
+    let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    client.shutdown().await.expect("shutdown");
+    eventually("the first request at the backend", || {
+        backend.accepted() == 1
+    })
+    .await;
+    release.notify_one();
+    let mut answers = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answers))
+        .await
+        .expect("answers in time")
+        .expect("read");
+    let answers = String::from_utf8_lossy(&answers);
+    assert!(
+        answers.contains("first") && answers.ends_with("second"),
+        "{answers}"
+    );
+}
+
+#[tokio::test]
 async fn an_http2_connection_closes_when_idle_after_a_stream_reset_before_its_response() {
     let (backend, mut events) = silent_backend().await;
     let proxy = Proxy::start(&single_pool(

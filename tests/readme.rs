@@ -715,7 +715,7 @@ fn listener_key_probe(key: &str, alone: bool) -> String {
         "idle_timeout" | "client_header_timeout" | "keepalive_timeout" | "park_idle_after" => {
             "\"1s\""
         }
-        "splice" | "forwarded_header" => "true",
+        "splice" | "forwarded_header" | "abort_on_close" => "true",
         "trusted_proxies" if alone => "[\"10.0.0.0/8\"]",
         "proxy_protocol_timeout" | "client_hello_timeout" if alone => "\"1s\"",
         "proxy_protocol" | "trusted_proxies" | "proxy_protocol_timeout" => {

@@ -304,6 +304,10 @@ pub struct HttpSettings {
     pub max_body_size: Option<u64>,
     /// Add an RFC 7239 `Forwarded` field to requests (the X-Forwarded-* fields are always set).
     pub forwarded_header: bool,
+    /// An HTTP/1.1 client whose connection ends (end of stream or reset) while its response is
+    /// awaited has its request given up (499): a client that left would otherwise hold a
+    /// backend connection, and the backend's work, up to the response timeout.
+    pub abort_on_close: bool,
     /// Move long `Content-Length` bodies between plain TCP sockets with splice(2) rather than
     /// through a user-space buffer.
     pub splice: bool,

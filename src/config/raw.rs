@@ -85,6 +85,9 @@ pub struct RawListener {
     pub park_idle_after: Option<String>,
     /// http: add an RFC 7239 `Forwarded` field to requests.
     pub forwarded_header: Option<bool>,
+    /// http: give up a request whose client closed its connection while the response was
+    /// awaited.
+    pub abort_on_close: Option<bool>,
     /// http: largest request body accepted, `1048576` or `"1m"`.
     pub max_body_size: Option<toml::Value>,
     /// http: header changes on requests before they go upstream.

@@ -538,6 +538,7 @@ fn validate_listener(
                 (raw.cookie_flags.is_some(), "cookie_flags"),
                 (raw.compression.is_some(), "compression"),
                 (raw.forwarded_header.is_some(), "forwarded_header"),
+                (raw.abort_on_close.is_some(), "abort_on_close"),
             ] {
                 only(problems, present, key, "http");
             }
@@ -760,6 +761,7 @@ fn validate_listener(
                 park_idle_after: park_idle_after(problems, at, &raw),
                 splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
                 forwarded_header: raw.forwarded_header.unwrap_or(false),
+                abort_on_close: raw.abort_on_close.unwrap_or(true),
                 max_body_size: raw.max_body_size.as_ref().and_then(|value| {
                     problems.check(format!("{at}.max_body_size"), parse_size(value))
                 }),

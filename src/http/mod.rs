@@ -159,6 +159,8 @@ pub struct HttpProxy {
     pub h2_upstream: Arc<h2_upstream::H2Pool>,
     /// Add an RFC 7239 `Forwarded` field to requests.
     pub forwarded_header: bool,
+    /// Give up a request whose HTTP/1.1 client left while its response was awaited.
+    pub abort_on_close: bool,
     /// Long `Content-Length` bodies between plain TCP sockets move with splice(2).
     pub splice: bool,
     /// Cancelled when the process starts draining: keep-alive connections then close after
@@ -2145,16 +2147,27 @@ async fn read_response(
         }
         let before_response = conn.buf.is_empty();
         spare::reserve(&mut conn.buf);
+        // A client that leaves while its response is awaited gives up the backend's work too,
+        // as NGINX does by default. A closed sending side cannot be told from a closed
+        // connection; `abort_on_close = false` serves clients that close only the former. Not
+        // while pipelined requests wait in the buffer: such a client wants them answered.
+        let watched =
+            (listener.abort_on_close && client.buf.is_empty()).then(|| client.stream.tcp());
         let read = if conn.long_bodies && before_response && listener.splice {
             use bytes::BufMut;
-            read_within(
+            read_upstream(
                 &mut conn.stream,
                 &mut (&mut conn.buf).limit(HEAD_PROBE),
-                || deadline,
+                deadline,
+                watched,
             )
             .await
         } else {
-            read_within(&mut conn.stream, &mut conn.buf, || deadline).await
+            read_upstream(&mut conn.stream, &mut conn.buf, deadline, watched).await
+        };
+        let Ok(read) = read else {
+            debug!("client gone while its response was awaited");
+            return Err(SendError::Client);
         };
         match read {
             Some(Ok(0)) => {
@@ -2216,6 +2229,74 @@ async fn read_within<B: bytes::BufMut>(
         return Some(result);
     }
     tokio::time::timeout_at(deadline(), read).await.ok()
+}
+
+/// [`read_within`] for a backend's response, watching the client meanwhile: `Err(ClientGone)`
+/// when the client's connection ends (its end of stream or a reset) before the backend sent
+/// anything. The watch starts only when the read has to wait, and costs nothing more than the
+/// client socket's readiness.
+async fn read_upstream<B: bytes::BufMut>(
+    stream: &mut Stream,
+    buf: &mut B,
+    deadline: Instant,
+    client: Option<&TcpStream>,
+) -> Result<Option<io::Result<usize>>, ClientGone> {
+    let mut read = std::pin::pin!(stream.read_buf(buf));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(result) = first {
+        return Ok(Some(result));
+    }
+    let Some(client) = client else {
+        return Ok(tokio::time::timeout_at(deadline, read).await.ok());
+    };
+    tokio::select! {
+        biased;
+        read = tokio::time::timeout_at(deadline, read) => Ok(read.ok()),
+        () = client_gone(client) => Err(ClientGone),
+    }
+}
+
+/// The client's connection ended while the proxy waited on its behalf.
+struct ClientGone;
+
+/// Resolves when a peek at the client's socket finds its end of stream or an error; never when
+/// bytes are waiting there (a pipelined request, a TLS record), which are left for their reader.
+///
+/// Through `poll_read_ready`, the socket's single reader slot (free: nothing else reads the
+/// client meanwhile), not a readiness future: that one joins and leaves a list of waiters under
+/// a lock, which on every request cost more than the rest of the watch. The read of the request
+/// usually left the readiness cleared, so no peek is made until the client sends or closes.
+async fn client_gone(client: &TcpStream) {
+    let mut waiting = false;
+    std::future::poll_fn(|cx| {
+        if waiting {
+            // Bytes wait; only the other side of the select can end the wait now.
+            return std::task::Poll::Pending;
+        }
+        loop {
+            match client.poll_read_ready(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Err(_)) => return std::task::Poll::Ready(()),
+                std::task::Poll::Ready(Ok(())) => {}
+            }
+            let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+            let peeked = client.try_io(Interest::READABLE, || {
+                socket2::SockRef::from(client)
+                    .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            });
+            match peeked {
+                Ok(0) => return std::task::Poll::Ready(()),
+                Ok(_) => {
+                    waiting = true;
+                    return std::task::Poll::Pending;
+                }
+                // Readiness was stale and is cleared now: poll again, which registers.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return std::task::Poll::Ready(()),
+            }
+        }
+    })
+    .await
 }
 
 /// Writes all of `data` within `limit`: a peer that stops reading must not hold a connection
