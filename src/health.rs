@@ -106,12 +106,21 @@ impl Probe {
         let mut ejection = self.state.ejection_generation();
         loop {
             tokio::select! {
+                biased;
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
             self.state
                 .set_next_probe(crate::backend::uptime() + self.config.interval);
-            let outcome = match tokio::time::timeout(self.config.timeout, self.probe()).await {
+            // A probe in flight ends with its checks: finished, it would count for checks that
+            // are gone, and could take down a backend that a reload left without checks (and so
+            // without anything to bring it back).
+            let probe = tokio::time::timeout(self.config.timeout, self.probe());
+            let outcome = match tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                result = probe => result,
+            } {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     self.conn = None;

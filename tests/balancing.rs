@@ -688,3 +688,55 @@ async fn an_http_health_check_reads_past_interim_responses() {
     // The kept connection stays in step: one connection carried every probe.
     assert_eq!(backend.accepted(), 1);
 }
+
+#[tokio::test]
+async fn a_probe_in_flight_when_a_reload_removes_the_checks_ends_with_them() {
+    // Connections opened while `answer` is on are served; later ones (a probe of the second
+    // configuration) are handed to the test and never answered.
+    let answer = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+    let backend = {
+        let answer = Arc::clone(&answer);
+        Backend::start(move |stream| {
+            let answer = answer.load(SeqCst);
+            let held_tx = held_tx.clone();
+            async move {
+                if answer {
+                    serve_http(stream, "a").await;
+                } else {
+                    let _ = held_tx.send(stream);
+                }
+            }
+        })
+        .await
+    };
+    let config =
+        |health: &str| http_config(&format!("backends = [\"{}\"]\n{health}", backend.addr));
+    let proxy = Proxy::start(&config(
+        "health = { kind = \"http\", interval = \"50ms\", timeout = \"50ms\", rise = 1, fall = 1 }",
+    ));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    eventually("a probe passes", || state.probes_passed.load(SeqCst) >= 1).await;
+
+    // Checks with a long timeout: their first probe (due within 50 ms) waits on its answer.
+    answer.store(false, SeqCst);
+    proxy
+        .reload(&config(
+            "health = { kind = \"http\", interval = \"1m\", timeout = \"1m\", rise = 1, fall = 1 }",
+        ))
+        .await
+        .expect("reloads");
+    let mut held = tokio::time::timeout(PATIENCE, held_rx.recv())
+        .await
+        .expect("a probe in time")
+        .expect("held");
+
+    // The checks go: the probe in flight goes with them, rather than outliving them and
+    // taking down a backend that nothing would ever bring back.
+    proxy.reload(&config("")).await.expect("reloads");
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(PATIENCE, held.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "the probe's connection is still open");
+    assert!(state.is_usable(), "flags {}", state.flags());
+    assert_eq!(state.probes_failed.load(SeqCst), 0);
+}
