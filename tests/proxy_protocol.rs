@@ -388,3 +388,37 @@ backends = ["{}"]
         }
     }
 }
+
+#[tokio::test]
+async fn x_forwarded_for_is_extended_only_for_a_client_the_header_names_as_trusted() {
+    // The balancer in front (127.0.0.1) sends PROXY headers but writes no HTTP: the request's
+    // X-Forwarded-For is the client's own claim, kept only when that client is trusted.
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "proxy_protocol = \"v1\"\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]",
+        "",
+    ));
+    let request = "GET / HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+    for (header, expected) in [
+        // An Internet client: whatever it claims is replaced by its address.
+        (
+            "PROXY TCP4 203.0.113.9 198.51.100.1 5555 80\r\n",
+            "x-forwarded-for: 203.0.113.9\n",
+        ),
+        // A trusted proxy of its own (behind the balancer): its list is extended.
+        (
+            "PROXY TCP4 10.1.2.3 198.51.100.1 5555 80\r\n",
+            "x-forwarded-for: 6.6.6.6, 10.1.2.3\n",
+        ),
+        // No client named: the peer itself is the client, and it is trusted.
+        ("PROXY UNKNOWN\r\n", "x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+    ] {
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        client.send(format!("{header}{request}").as_bytes()).await;
+        let reply = client.reply().await.expect("a reply");
+        assert_eq!(reply.status, 200, "{header:?}");
+        let text = reply.text().to_ascii_lowercase();
+        assert!(text.contains(expected), "{header:?}: {text}");
+    }
+}

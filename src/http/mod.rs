@@ -262,7 +262,9 @@ struct Client {
     buf: BytesMut,
     /// The client address: the peer, or the one a trusted PROXY header named.
     source: SocketAddr,
-    /// Whether the direct peer is a trusted proxy (its X-Forwarded-For is kept).
+    /// Whether whoever wrote the requests is a trusted proxy (its X-Forwarded-For is kept): the
+    /// peer, or the client a PROXY header named, since a balancer that sends such a header
+    /// passes the client's bytes on untouched.
     peer_trusted: bool,
     /// What the TLS handshake established; `None` on plain connections.
     tls: Option<Negotiated>,
@@ -477,7 +479,7 @@ impl HttpProxy {
     async fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<(Client, bool)> {
         // TCP_NODELAY is already on: accepted sockets inherit it from the listener.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let mut peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
         let mut stream = stream;
         let mut source = peer;
         let mut buf = BytesMut::new();
@@ -490,6 +492,12 @@ impl HttpProxy {
             match read.await {
                 Ok(received) => {
                     source = received.source.unwrap_or(peer);
+                    // The requests come from the client the header names, whose own
+                    // X-Forwarded-For is only a claim unless it is a trusted proxy too.
+                    peer_trusted = self
+                        .trusted_proxies
+                        .iter()
+                        .any(|n| n.contains(&source.ip()));
                     buf.extend_from_slice(&received.leftover);
                 }
                 Err(error) => {
