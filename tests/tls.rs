@@ -1555,3 +1555,31 @@ async fn a_backend_reset_during_an_upload_reaches_a_tls_client_as_a_failure() {
         let _ = writer.await;
     }
 }
+
+#[tokio::test]
+async fn an_http10_client_that_offers_only_http10_through_alpn_is_served() {
+    // `curl --http1.0` offers ALPN "http/1.0" alone; a server that refuses a protocol it
+    // speaks would end the handshake with no_application_protocol.
+    let pki = Pki::new();
+    let backend = http_backend("web").await;
+    let proxy = terminating(&pki, backend.addr);
+    let mut stream = tls_connect(
+        proxy.addr("https"),
+        pki.client(&[b"http/1.0"]),
+        "a.example.com",
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    stream
+        .write_all(b"GET /old HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    let reply = tokio::time::timeout(PATIENCE, read_reply(&mut stream, &mut buf))
+        .await
+        .expect("reply in time")
+        .expect("a reply");
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("GET /old"), "{}", reply.text());
+}

@@ -46,6 +46,9 @@ const SESSION_CACHE_SIZE: usize = 4096;
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN protocol id of HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// ALPN protocol id of HTTP/1.0: offered too, because a client that names only it
+/// (`curl --http1.0`) would otherwise have its handshake refused, though it is served.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// Everything TLS the data path needs, compiled from one configuration.
 #[derive(Debug, Default)]
@@ -133,7 +136,9 @@ impl TlsStore {
         for listener in &config.listeners {
             let Some(tls) = &listener.tls else { continue };
             let alpn = match listener.kind {
-                ListenerKind::Http(_) => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
+                ListenerKind::Http(_) => {
+                    vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()]
+                }
                 _ => Vec::new(),
             };
             match server_tls(tls, alpn, now, &mut store.warnings) {
