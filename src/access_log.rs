@@ -484,8 +484,8 @@ fn escape_except(bytes: &[u8], keep: u8) -> String {
 }
 
 /// Days since 1970-01-01 to (year, month, day), in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil(days: i64) -> (i64, u32, u32) {
+/// (Howard Hinnant's `civil_from_days`). Also dates certificates in their warnings.
+pub(crate) fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

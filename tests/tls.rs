@@ -1583,3 +1583,51 @@ async fn an_http10_client_that_offers_only_http10_through_alpn_is_served() {
     assert_eq!(reply.status, 200);
     assert!(reply.text().contains("GET /old"), "{}", reply.text());
 }
+
+#[test]
+fn a_certificate_not_valid_yet_gets_a_warning() {
+    // Issued with a wrong clock, or installed ahead of its start: every client would refuse
+    // it, so `check` and the start say so, as they do for an expired one.
+    let pki = Pki::new();
+    let mut params = CertificateParams::new(vec!["early.test".to_owned()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, "early");
+    params.not_before = rcgen::date_time_ymd(2099, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &pki.ca).expect("sign");
+    let (cert_path, key_path) = (pki.path("early.pem"), pki.path("early.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    let config = Config::from_toml(
+        &format!(
+            r#"
+            [[listeners]]
+            name = "https"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+            [pools.web]
+            backends = ["127.0.0.1:9"]
+            "#,
+            p(&cert_path),
+            p(&key_path)
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let store = TlsStore::build(&config).expect("only a warning");
+    assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
+    assert_eq!(
+        store.warnings[0].path,
+        "listeners[0].tls.certificates[0].cert"
+    );
+    assert!(
+        store.warnings[0]
+            .reason
+            .contains("not valid before 2099-01-01"),
+        "{:?}",
+        store.warnings[0]
+    );
+}

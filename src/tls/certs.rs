@@ -105,6 +105,8 @@ pub(super) struct Loaded {
     /// DNS names of the leaf's subjectAltName extension, lower-cased (`*.example.com` kept as
     /// written).
     pub names: Vec<String>,
+    /// The leaf's notBefore, in seconds since the Unix epoch.
+    pub not_before: i64,
     /// The leaf's notAfter, in seconds since the Unix epoch.
     pub not_after: i64,
 }
@@ -194,38 +196,52 @@ pub(super) fn load_certified_key(
         // The provider cannot tell (an unusual key type): the handshake will show.
         Err(_) => {}
     }
-    let (names, not_after) = match x509_parser::parse_x509_certificate(chain[0].as_ref()) {
-        Ok((_, leaf)) => {
-            let mut names = Vec::new();
-            if let Ok(Some(san)) = leaf.subject_alternative_name() {
-                for name in &san.value.general_names {
-                    if let GeneralName::DNSName(dns) = name {
-                        names.push(dns.to_ascii_lowercase());
+    let (names, not_before, not_after) =
+        match x509_parser::parse_x509_certificate(chain[0].as_ref()) {
+            Ok((_, leaf)) => {
+                let mut names = Vec::new();
+                if let Ok(Some(san)) = leaf.subject_alternative_name() {
+                    for name in &san.value.general_names {
+                        if let GeneralName::DNSName(dns) = name {
+                            names.push(dns.to_ascii_lowercase());
+                        }
                     }
                 }
+                let validity = leaf.validity();
+                (
+                    names,
+                    validity.not_before.timestamp(),
+                    validity.not_after.timestamp(),
+                )
             }
-            (names, leaf.validity().not_after.timestamp())
-        }
-        Err(error) => {
-            return Err(vec![TlsFileError::BadCertificate {
-                path: files.cert.clone(),
-                index: 0,
-                reason: error.to_string(),
-            }]);
-        }
-    };
+            Err(error) => {
+                return Err(vec![TlsFileError::BadCertificate {
+                    path: files.cert.clone(),
+                    index: 0,
+                    reason: error.to_string(),
+                }]);
+            }
+        };
     Ok(Loaded {
         key: Arc::new(key),
         chain,
         private_key,
         names,
+        not_before,
         not_after,
     })
 }
 
-/// A warning when the leaf has expired or expires within [`super::EXPIRY_WARNING`].
+/// A warning when the leaf is not valid yet, has expired or expires within
+/// [`super::EXPIRY_WARNING`]: clients refuse it, or soon will.
 pub(super) fn expiry_warning(loaded: &Loaded, now: SystemTime) -> Option<String> {
     let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    if loaded.not_before > now {
+        let (year, month, day) = crate::access_log::civil(loaded.not_before.div_euclid(86_400));
+        return Some(format!(
+            "warning: the certificate is not valid before {year}-{month:02}-{day:02}"
+        ));
+    }
     let left = loaded.not_after - now;
     let days = left / 86_400;
     if left <= 0 {
