@@ -422,3 +422,71 @@ async fn x_forwarded_for_is_extended_only_for_a_client_the_header_names_as_trust
         assert!(text.contains(expected), "{header:?}: {text}");
     }
 }
+
+/// An HTTP backend that answers each connection's first request with the PROXY header line
+/// the connection started with, then closes.
+async fn proxy_line_reporter() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{line}",
+            line.len()
+        );
+        let _ = stream.write_all(reply.as_bytes()).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http_listeners_pass_on_the_destination_the_received_header_names() {
+    // What the client connected to is the balancer's address, which only the received header
+    // knows; HTTP/1.1 and HTTP/2 clients alike.
+    let backend = proxy_line_reporter().await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "proxy_protocol = \"v1\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        "send_proxy_protocol = \"v1\"",
+    ));
+    let received = b"PROXY TCP4 203.0.113.9 198.51.100.1 5555 80\r\n";
+    let expected = "PROXY TCP4 203.0.113.9 198.51.100.1 5555 80";
+
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let mut bytes = received.to_vec();
+    bytes.extend_from_slice(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+    client.send(&bytes).await;
+    let reply = client.reply().await.expect("a reply");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), expected, "HTTP/1.1");
+
+    let mut tcp = TcpStream::connect(proxy.addr("l7")).await.expect("connect");
+    tcp.write_all(received).await.expect("header");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://test/")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("data in time")
+    {
+        data.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(String::from_utf8_lossy(&data), expected, "HTTP/2");
+}

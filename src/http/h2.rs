@@ -58,12 +58,14 @@ pub(super) const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves an HTTP/2 client connection whose first bytes (the preface, maybe more) are in
-/// `read`. `tls` is what the TLS handshake established, on TLS connections.
+/// `read`. `tls` is what the TLS handshake established, on TLS connections. `destination` is
+/// the address the client connected to, as PROXY headers sent to backends name it.
 pub async fn serve(
     proxy: Arc<HttpProxy>,
     stream: Stream,
     read: BytesMut,
     source: SocketAddr,
+    destination: SocketAddr,
     peer_trusted: bool,
     tls: Option<Negotiated>,
 ) {
@@ -91,7 +93,16 @@ pub async fn serve(
             // with this future, which hyper drops when the client resets the stream before
             // the response head.
             let open = Open::new(streams);
-            let response = handle(&proxy, request, source, peer_trusted, &tls, open).await;
+            let response = handle(
+                &proxy,
+                request,
+                source,
+                destination,
+                peer_trusted,
+                &tls,
+                open,
+            )
+            .await;
             Ok::<_, Infallible>(response)
         }
     });
@@ -652,6 +663,7 @@ async fn handle(
     proxy: &Arc<HttpProxy>,
     request: Request<Incoming>,
     source: SocketAddr,
+    destination: SocketAddr,
     peer_trusted: bool,
     tls: &Option<Negotiated>,
     open: Open,
@@ -706,7 +718,17 @@ async fn handle(
     };
     let grpc = is_grpc(request.headers());
     let mut response = if clean {
-        handle_stream(proxy, request, source, peer_trusted, tls, &mut ended.trace).await
+        let trace = &mut ended.trace;
+        handle_stream(
+            proxy,
+            request,
+            source,
+            destination,
+            peer_trusted,
+            tls,
+            trace,
+        )
+        .await
     } else {
         status_response(400)
     };
@@ -808,6 +830,7 @@ async fn handle_stream(
     proxy: &HttpProxy,
     request: Request<Incoming>,
     source: SocketAddr,
+    destination: SocketAddr,
     peer_trusted: bool,
     tls: &Option<Negotiated>,
     trace: &mut super::Trace,
@@ -889,6 +912,7 @@ async fn handle_stream(
         parts,
         body,
         source,
+        destination,
         &request_id,
         compression.as_ref(),
         trace,
@@ -1056,6 +1080,7 @@ async fn proceed(
     parts: http::request::Parts,
     body: Incoming,
     source: SocketAddr,
+    destination: SocketAddr,
     request_id: &[u8],
     compression: Option<&Negotiation<'_>>,
     trace: &mut super::Trace,
@@ -1155,6 +1180,7 @@ async fn proceed(
         pool,
         input,
         source,
+        destination,
         &head,
         body,
         framing,
@@ -1474,6 +1500,8 @@ async fn exchange<'p>(
     pool: &'p Pool,
     input: PickInput,
     source: SocketAddr,
+    // The address the client connected to, for the pool's PROXY headers.
+    destination: SocketAddr,
     head: &[u8],
     mut body: Incoming,
     framing: Framing,
@@ -1496,7 +1524,7 @@ async fn exchange<'p>(
         {
             break (conn, picked);
         }
-        match connect(pool, state.addr, source).await {
+        match connect(pool, state.addr, source, destination).await {
             Ok(conn) => break (conn, picked),
             Err(_) => {
                 state
@@ -1541,7 +1569,7 @@ async fn exchange<'p>(
             }
             // An idle connection the backend closed says nothing of its health.
             Err(Attempt::Stale) if reused && retryable => {
-                conn = match connect(pool, conn.addr, source).await {
+                conn = match connect(pool, conn.addr, source, destination).await {
                     Ok(conn) => conn,
                     Err(_) => {
                         state
@@ -1579,8 +1607,13 @@ enum Attempt {
 }
 
 /// Opens a connection to a backend (with the pool's PROXY header and TLS, if any).
-async fn connect(pool: &Pool, addr: SocketAddr, source: SocketAddr) -> io::Result<UpstreamConn> {
-    super::connect_backend(addr, pool, source, addr).await
+async fn connect(
+    pool: &Pool,
+    addr: SocketAddr,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> io::Result<UpstreamConn> {
+    super::connect_backend(addr, pool, source, destination).await
 }
 
 /// Sends the head and the body (frame by frame, re-framed), then reads the response head.

@@ -266,6 +266,9 @@ struct Client {
     /// peer, or the client a PROXY header named, since a balancer that sends such a header
     /// passes the client's bytes on untouched.
     peer_trusted: bool,
+    /// The address the client connected to, when a PROXY header named it (a balancer's);
+    /// otherwise it is this socket's own, and PROXY headers sent on say so.
+    destination: Option<SocketAddr>,
     /// What the TLS handshake established; `None` on plain connections.
     tls: Option<Negotiated>,
     /// Requests answered on this connection so far.
@@ -292,6 +295,8 @@ pub struct ParkedClient {
     proxy: Arc<HttpProxy>,
     source: SocketAddr,
     peer_trusted: bool,
+    /// As [`Client`]'s; boxed, as it is rare, to keep parked connections small.
+    destination: Option<Box<SocketAddr>>,
     served: u32,
     /// The connection's place under `max_connections`, kept while parked.
     admission: Admission,
@@ -465,10 +470,15 @@ impl HttpProxy {
                 buf,
                 source,
                 peer_trusted,
+                destination,
                 tls,
                 ..
             } = client;
-            Box::pin(h2::serve(self, stream, buf, source, peer_trusted, tls)).await;
+            let Some(destination) = destination.or_else(|| stream.tcp().local_addr().ok()) else {
+                return;
+            };
+            let serve = h2::serve(self, stream, buf, source, destination, peer_trusted, tls);
+            Box::pin(serve).await;
             return;
         }
         self.keep_alive(client, admission).await;
@@ -482,6 +492,7 @@ impl HttpProxy {
         let mut peer_trusted = self.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
         let mut stream = stream;
         let mut source = peer;
+        let mut destination = None;
         let mut buf = BytesMut::new();
         if let Some(accept) = &self.proxy_protocol {
             if !accept.trusted.iter().any(|n| n.contains(&peer.ip())) {
@@ -492,6 +503,7 @@ impl HttpProxy {
             match read.await {
                 Ok(received) => {
                     source = received.source.unwrap_or(peer);
+                    destination = received.destination;
                     // The requests come from the client the header names, whose own
                     // X-Forwarded-For is only a claim unless it is a trusted proxy too.
                     peer_trusted = self
@@ -512,6 +524,7 @@ impl HttpProxy {
                 buf,
                 source,
                 peer_trusted,
+                destination,
                 tls: None,
                 served: 0,
                 unparkable: false,
@@ -522,6 +535,7 @@ impl HttpProxy {
                     buf: BytesMut::new(),
                     source,
                     peer_trusted,
+                    destination,
                     tls: Some(negotiated),
                     served: 0,
                     unparkable: false,
@@ -553,6 +567,7 @@ impl HttpProxy {
             proxy,
             source,
             peer_trusted,
+            destination,
             served,
             admission,
         } = parked;
@@ -564,6 +579,7 @@ impl HttpProxy {
             buf: BytesMut::new(),
             source,
             peer_trusted,
+            destination: destination.map(|d| *d),
             tls: None,
             served,
             unparkable: false,
@@ -634,6 +650,7 @@ impl HttpProxy {
                     proxy: Arc::clone(&self),
                     source: client.source,
                     peer_trusted: client.peer_trusted,
+                    destination: client.destination.map(Box::new),
                     served: client.served,
                     admission,
                 },
@@ -651,6 +668,7 @@ impl HttpProxy {
             buf: BytesMut::new(),
             source: refused.source,
             peer_trusted: refused.peer_trusted,
+            destination: refused.destination.map(|d| *d),
             tls: None,
             served: refused.served,
             unparkable: true,
@@ -1958,7 +1976,10 @@ async fn timed<T, E>(
 
 /// Opens a new connection to a backend (with our PROXY header if the pool asks for one).
 async fn connect(addr: SocketAddr, pool: &Pool, client: &Client) -> io::Result<UpstreamConn> {
-    let destination = client.stream.tcp().local_addr()?;
+    let destination = match client.destination {
+        Some(destination) => destination,
+        None => client.stream.tcp().local_addr()?,
+    };
     connect_backend(addr, pool, client.source, destination).await
 }
 
