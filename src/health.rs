@@ -3,9 +3,9 @@
 //!
 //! Probes of one pool are spread over the interval (each backend starts at its own offset), so
 //! a pool of a thousand backends is a steady trickle of probes, not a burst every interval. A
-//! probe is a TCP connect or one HTTP/1.1 GET (over the pool's TLS, if it has some) on a kept or
-//! fresh connection; the whole probe, connect included, must finish within `timeout`. State
-//! changes are logged at info.
+//! probe is a TCP connect or one GET (over the pool's TLS, if it has some; HTTP/2 on pools that
+//! speak it to their backends, HTTP/1.1 otherwise) on a kept or fresh connection; the whole
+//! probe, connect included, must finish within `timeout`. State changes are logged at info.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::backend::{BackendState, DOWN, EJECTED};
-use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion};
+use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion, UpstreamProtocol};
 use crate::pool::Pool;
 use crate::stream::Stream;
 use crate::tls::UpstreamConnector;
@@ -56,6 +56,9 @@ pub fn spawn(pool: &Pool, stop: CancellationToken) {
         let offset = Duration::from_millis((offset.as_millis() as u64).div_ceil(SLOT_MS) * SLOT_MS);
         let probe = Probe {
             request: probe_request(&config.kind, candidate.state.addr),
+            h2: (pool.upstream_protocol == UpstreamProtocol::H2)
+                .then(|| h2_probe_request(&config.kind, candidate.state.addr, pool.tls.is_some())),
+            h2_conn: None,
             state: Arc::clone(&candidate.state),
             config: Arc::clone(&config),
             proxy_protocol: pool.send_proxy_protocol,
@@ -76,6 +79,11 @@ struct Probe {
     pool: String,
     /// The HTTP request, built once.
     request: Vec<u8>,
+    /// On pools that speak HTTP/2 to their backends, the request as HTTP/2 sends it: such
+    /// backends may speak nothing else (gRPC servers), and over TLS their ALPN says `h2`.
+    h2: Option<http::Request<()>>,
+    /// The HTTP/2 connection kept from the last probe, on those pools.
+    h2_conn: Option<h2::client::SendRequest<bytes::Bytes>>,
     /// The connection kept from the last HTTP probe.
     conn: Option<Stream>,
     /// Read buffer, kept between probes.
@@ -124,6 +132,7 @@ impl Probe {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     self.conn = None;
+                    self.h2_conn = None;
                     Err(ProbeError::Failed(format!(
                         "no answer within {:?}",
                         self.config.timeout
@@ -160,6 +169,7 @@ impl Probe {
                 Err(ProbeError::Failed(reason)) => {
                     self.state.probes_failed.fetch_add(1, Relaxed);
                     self.conn = None;
+                    self.h2_conn = None;
                     successes = 0;
                     failures = failures.saturating_add(1);
                     debug!(pool = %self.pool, backend = %addr, %reason, "health check failed");
@@ -187,6 +197,17 @@ impl Probe {
             let _ = stream.set_zero_linger();
             return Ok(());
         };
+        if self.h2.is_some() {
+            let status = self.exchange_h2().await?;
+            return if expect
+                .iter()
+                .any(|&(low, high)| (low..=high).contains(&status))
+            {
+                Ok(())
+            } else {
+                Err(ProbeError::Failed(format!("status {status}")))
+            };
+        }
         // A kept connection the backend closed while idle fails before any response byte: that
         // says nothing of the backend's health, so the probe goes again on a fresh connection.
         let (stream, response) = match self.conn.take() {
@@ -216,6 +237,62 @@ impl Probe {
         } else {
             Err(ProbeError::Failed(format!("status {}", response.status)))
         }
+    }
+
+    /// The HTTP/2 probe: its request on the kept connection, or on a new one when there is
+    /// none or the kept one is gone before answering (which says nothing of the backend).
+    async fn exchange_h2(&mut self) -> Result<u16, ProbeError> {
+        let addr = self.state.addr;
+        if let Some(sender) = self.h2_conn.take() {
+            match self.request_h2(sender).await {
+                Ok(status) => return Ok(status),
+                Err(error) => {
+                    debug!(backend = %addr, %error, "kept health check connection gone");
+                }
+            }
+        }
+        let stream = self.connect().await?;
+        let (sender, connection) = h2::client::handshake(stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        // Ends when the probe lets go of the connection (the prober stopped, or the
+        // connection failed), or when the backend closes it.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(self.request_h2(sender).await?)
+    }
+
+    /// Sends the HTTP/2 probe request on `sender` and returns the status; the connection is
+    /// kept for the next probe once the body has been read.
+    async fn request_h2(
+        &mut self,
+        sender: h2::client::SendRequest<bytes::Bytes>,
+    ) -> Result<u16, String> {
+        let request = match &self.h2 {
+            Some(request) => request.clone(),
+            None => return Err("not an HTTP/2 pool".into()),
+        };
+        let mut sender = sender.ready().await.map_err(|e| format!("HTTP/2: {e}"))?;
+        let (response, _) = sender
+            .send_request(request, true)
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        let response = response.await.map_err(|e| format!("HTTP/2: {e}"))?;
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut read = 0;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| format!("HTTP/2 body: {e}"))?;
+            read += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if read > MAX_PROBE_BODY {
+                // Not worth reading: the stream is reset when the body is dropped, and the
+                // connection is not kept.
+                return Ok(status);
+            }
+        }
+        self.h2_conn = Some(sender);
+        Ok(status)
     }
 
     /// Sends the probe request on `stream` and reads the response.
@@ -287,6 +364,22 @@ fn probe_request(kind: &HealthKind, addr: SocketAddr) -> Vec<u8> {
     let host = host.clone().unwrap_or_else(|| addr.to_string());
     format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: switchyard-health-check\r\n\r\n")
         .into_bytes()
+}
+
+/// The request an HTTP probe sends over HTTP/2: the same path, `Host` as its authority.
+fn h2_probe_request(kind: &HealthKind, addr: SocketAddr, tls: bool) -> http::Request<()> {
+    let (path, host) = match kind {
+        HealthKind::Http { path, host, .. } => (path.as_str(), host.clone()),
+        _ => ("/", None),
+    };
+    let host = host.unwrap_or_else(|| addr.to_string());
+    let scheme = if tls { "https" } else { "http" };
+    http::Request::builder()
+        .method(http::Method::GET)
+        .uri(format!("{scheme}://{host}{path}"))
+        .header(http::header::USER_AGENT, "switchyard-health-check")
+        .body(())
+        .unwrap_or_default()
 }
 
 /// What a probe learns from a response.

@@ -1631,3 +1631,76 @@ fn a_certificate_not_valid_yet_gets_a_warning() {
         store.warnings[0]
     );
 }
+
+#[tokio::test]
+async fn http_health_checks_of_an_h2_pool_speak_http2() {
+    // A backend that speaks only HTTP/2 (ALPN h2, as gRPC servers do): a probe must use the
+    // protocol the pool's ALPN chose, or it fails on every backend.
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", "backend", &["grpc.internal"], false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&cert, &key, &[b"h2"]));
+    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&probes);
+    let backend = Backend::start(move |tcp| {
+        let acceptor = acceptor.clone();
+        let seen = Arc::clone(&seen);
+        async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.push(format!(
+                            "{} {} {:?}",
+                            request.method(),
+                            request.uri(),
+                            request.version()
+                        ));
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "plain"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "grpc"
+
+        [pools.grpc]
+        backends = ["{}"]
+        upstream_protocol = "h2"
+        tls = {{ sni = "grpc.internal", ca = "{}" }}
+        health = {{ kind = "http", path = "/healthz", host = "grpc.internal", interval = "200ms", timeout = "200ms", rise = 1, fall = 1 }}
+        "#,
+        backend.addr,
+        p(&pki.path("ca.pem")),
+    ));
+    let state = proxy.registry.get("grpc", backend.addr).expect("known");
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+    eventually("three probes", || {
+        count(&state.probes_passed) + count(&state.probes_failed) >= 3
+    })
+    .await;
+    assert_eq!(count(&state.probes_failed), 0, "{:?}", probes.lock().ok());
+    assert!(state.is_usable(), "flags {}", state.flags());
+    let seen = probes.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        seen.iter()
+            .all(|p| p == "GET https://grpc.internal/healthz HTTP/2.0"),
+        "{seen:?}"
+    );
+    // One connection carries the probes.
+    assert_eq!(backend.accepted(), 1);
+}
