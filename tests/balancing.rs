@@ -740,3 +740,36 @@ async fn a_probe_in_flight_when_a_reload_removes_the_checks_ends_with_them() {
     assert!(state.is_usable(), "flags {}", state.flags());
     assert_eq!(state.probes_failed.load(SeqCst), 0);
 }
+
+#[tokio::test]
+async fn http_health_checks_of_an_h2c_pool_speak_http2_with_prior_knowledge() {
+    // An h2c backend (gRPC without TLS) answers HTTP/2 only.
+    let backend = Backend::start(|stream| async move {
+        let service = hyper::service::service_fn(|request: http::Request<_>| async move {
+            let status = if request.uri().path() == "/healthz" {
+                200
+            } else {
+                404
+            };
+            let mut response = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\"]\nupstream_protocol = \"h2\"\nhealth = {{ kind = \"http\", path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        backend.addr
+    )));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    eventually("three probes pass", || {
+        state.probes_passed.load(SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(state.probes_failed.load(SeqCst), 0);
+    assert!(state.is_usable());
+    assert_eq!(backend.accepted(), 1, "one connection carries the probes");
+}
