@@ -354,6 +354,18 @@ impl Flow {
                     self.end = n;
                     self.eof = n == 0;
                 }
+                // A TLS peer that closed its connection without close_notify. Many do (a
+                // process that exits, libraries whose close skips it); HAProxy and NGINX take it
+                // as the end of the stream, and so does this: passed on as a reset, it would
+                // throw away the bytes still on their way to the other side. The protocol inside
+                // frames its own messages, as it must over plain TCP too.
+                Poll::Ready(Err(error))
+                    if error.kind() == io::ErrorKind::UnexpectedEof && src.is_tls() =>
+                {
+                    self.start = 0;
+                    self.end = 0;
+                    self.eof = true;
+                }
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {
                     // Nothing more to read for now: push out what the TLS layer holds.

@@ -1483,6 +1483,51 @@ async fn a_client_reset_on_a_tls_terminated_tcp_listener_reaches_the_backend_as_
 }
 
 #[tokio::test]
+async fn a_tls_client_that_closes_without_close_notify_ends_with_a_fin_and_loses_nothing() {
+    let (end_tx, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut stream| {
+        let end_tx = end_tx.clone();
+        async move {
+            // A greeting first: once the client has read it, it has read everything the proxy
+            // sent before (its session tickets), and its close is a FIN, not a reset for
+            // unread bytes.
+            let _ = stream.write_all(b"ready\n").await;
+            let mut got = Vec::new();
+            let end = stream.read_to_end(&mut got).await.map_err(|e| e.kind());
+            let _ = end_tx.send((end.map(|_| ()), got.len()));
+        }
+    })
+    .await;
+    let pki = Pki::new();
+    let log = pki.path("access.log");
+    let proxy = terminating_tcp(&pki, backend.addr, &log);
+    let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
+        .await
+        .expect("handshake");
+    let mut greeting = [0u8; 6];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut greeting))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    // Many clients end so: the last bytes, then the TCP connection closed, no close_notify.
+    let data = vec![b'x'; 256 * 1024];
+    stream.write_all(&data).await.expect("write");
+    stream.flush().await.expect("flush");
+    let (tcp, _) = stream.into_inner();
+    drop(tcp);
+    let (end, received) = tokio::time::timeout(PATIENCE, end_rx.recv())
+        .await
+        .expect("the backend's connection ended in time")
+        .expect("an end");
+    assert_eq!(end, Ok(()), "an end of stream, not a reset");
+    assert_eq!(received, data.len());
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the line is written", || lines().lines().count() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    assert_eq!(line["outcome"], "closed");
+}
+
+#[tokio::test]
 async fn an_sni_route_written_with_a_trailing_dot_matches_its_name() {
     let pki = Pki::new();
     let (a_cert, a_key) = pki.issue("a", "a", &["a.example.com", "x.b.example.com"], false);
