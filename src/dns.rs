@@ -1,0 +1,642 @@
+//! A small DNS client: A and AAAA lookups over UDP, for backends written `resolve = true`.
+//!
+//! A lookup asks each resolver in turn, with a timeout, and takes only a reply that comes from
+//! that resolver and carries the query's random id and its question. Replies are parsed here,
+//! by hand and bounded: name compression (a limited number of jumps), and CNAME chains inside
+//! the answer section (a limited number of links). A truncated reply (TC) is used as it is:
+//! the addresses it holds are enough to balance over, and there is no fallback to TCP. The
+//! calls block, so callers run them off the runtime's threads.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long one resolver has to answer both queries of a lookup before the next is asked.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The port resolvers listen on when a nameserver line names none.
+pub const DNS_PORT: u16 = 53;
+/// The longest reply read; without EDNS a server sends at most 512 bytes over UDP.
+const MAX_REPLY: usize = 4096;
+/// Datagrams read from one resolver per lookup before it is given up: stray or forged
+/// replies cannot keep a lookup reading for ever.
+const MAX_DATAGRAMS: usize = 64;
+/// Compression pointers followed while reading one name.
+const MAX_JUMPS: usize = 32;
+/// CNAME links followed from the name asked for.
+const MAX_CNAMES: usize = 16;
+/// The longest name on the wire (RFC 1035 §2.3.4).
+const MAX_NAME: usize = 255;
+
+const TYPE_A: u16 = 1;
+const TYPE_CNAME: u16 = 5;
+const TYPE_AAAA: u16 = 28;
+const CLASS_IN: u16 = 1;
+const RCODE_NXDOMAIN: u8 = 3;
+
+/// Why a lookup found no address.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The name cannot be sent in a query.
+    #[error("`{0}` is not a valid host name")]
+    BadName(String),
+    /// There is nobody to ask.
+    #[error("no resolver to ask")]
+    NoResolvers,
+    /// Every resolver failed; the last one's reason.
+    #[error("no resolver answered (last, {resolver}: {reason})")]
+    Unanswered {
+        /// The last resolver asked.
+        resolver: SocketAddr,
+        /// What went wrong with it.
+        reason: String,
+    },
+    /// The resolvers answered, with no address for the name.
+    #[error("`{0}` resolves to no address")]
+    NoAddress(String),
+}
+
+/// Why a reply was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// It ends before a field it announces.
+    #[error("cut short")]
+    Short,
+    /// Its id or question are not those of the query: a stray or forged datagram.
+    #[error("not the reply to this query")]
+    Mismatch,
+    /// A name in it is not well formed (bad label, pointer loop, too long).
+    #[error("bad name")]
+    BadName,
+    /// It is not a reply, or not to a standard query.
+    #[error("not a standard reply")]
+    NotReply,
+}
+
+/// What a reply says about the name asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The response code: 0 is no error, 3 is no such name.
+    pub rcode: u8,
+    /// The server cut the reply short (TC); what it holds is used anyway.
+    pub truncated: bool,
+    /// The addresses of the name, through CNAMEs in the answer section.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// The record types a lookup asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryType {
+    /// IPv4 addresses.
+    A,
+    /// IPv6 addresses.
+    Aaaa,
+}
+
+impl QueryType {
+    fn code(self) -> u16 {
+        match self {
+            QueryType::A => TYPE_A,
+            QueryType::Aaaa => TYPE_AAAA,
+        }
+    }
+}
+
+/// The nameservers of `/etc/resolv.conf` (port 53), what lookups use when the file names no
+/// `global.resolvers`. A missing file gives none.
+pub fn system_resolvers() -> Vec<SocketAddr> {
+    parse_resolv_conf(&std::fs::read_to_string(Path::new("/etc/resolv.conf")).unwrap_or_default())
+}
+
+/// The `nameserver` lines of a resolv.conf text; lines that are not an IP address (an IPv6
+/// one with a zone, say) are passed over.
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, DNS_PORT))
+        .collect()
+}
+
+/// The IPv4 and IPv6 addresses of `host`, asking `resolvers` in turn, each within
+/// `timeout`. A resolver that does not answer, or answers with a failure other than "no such
+/// name", passes the question to the next. The addresses are sorted, without duplicates.
+pub fn lookup(
+    host: &str,
+    resolvers: &[SocketAddr],
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, DnsError> {
+    let name = encode_name(host).ok_or_else(|| DnsError::BadName(host.to_owned()))?;
+    let mut last = None;
+    for &resolver in resolvers {
+        match ask(resolver, &name, timeout) {
+            Ok(mut addrs) => {
+                addrs.sort();
+                addrs.dedup();
+                if addrs.is_empty() {
+                    return Err(DnsError::NoAddress(host.to_owned()));
+                }
+                return Ok(addrs);
+            }
+            Err(reason) => last = Some((resolver, reason)),
+        }
+    }
+    match last {
+        None => Err(DnsError::NoResolvers),
+        Some((resolver, reason)) => Err(DnsError::Unanswered { resolver, reason }),
+    }
+}
+
+/// Sends the A and AAAA queries to one resolver and waits for both replies.
+fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAddr>, String> {
+    let local: SocketAddr = match resolver {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+    // Connected: the kernel drops datagrams from anyone else, and a closed port is reported.
+    socket.connect(resolver).map_err(|e| e.to_string())?;
+    let mut pending = Vec::with_capacity(2);
+    for qtype in [QueryType::A, QueryType::Aaaa] {
+        let id = fastrand::u16(..);
+        socket
+            .send(&build_query(id, name, qtype))
+            .map_err(|e| e.to_string())?;
+        pending.push((id, qtype));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut addrs = Vec::new();
+    let mut buf = vec![0; MAX_REPLY];
+    for _ in 0..MAX_DATAGRAMS {
+        if pending.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out".to_owned());
+        }
+        socket
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let (len, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("timed out".to_owned());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        if from != resolver {
+            continue;
+        }
+        let Some((at, reply)) = pending.iter().enumerate().find_map(|(at, &(id, qtype))| {
+            parse_reply(&buf[..len], id, name, qtype)
+                .ok()
+                .map(|reply| (at, reply))
+        }) else {
+            continue;
+        };
+        pending.swap_remove(at);
+        match reply.rcode {
+            0 => addrs.extend(reply.addrs),
+            RCODE_NXDOMAIN => {}
+            rcode => return Err(format!("answered with response code {rcode}")),
+        }
+    }
+    if !pending.is_empty() {
+        return Err("too many datagrams that are not replies".to_owned());
+    }
+    Ok(addrs)
+}
+
+/// `host` in wire form (length-prefixed labels, lower case, ending with the root), or `None`
+/// if it is not a host name: empty labels, labels over 63 bytes, a name over 255, or bytes
+/// other than letters, digits, `-` and `_`. One trailing dot is allowed.
+pub fn encode_name(host: &str) -> Option<Vec<u8>> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    let mut wire = Vec::with_capacity(host.len() + 2);
+    for label in host.split('.') {
+        let ok = (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return None;
+        }
+        wire.push(label.len() as u8);
+        wire.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+    }
+    wire.push(0);
+    (wire.len() <= MAX_NAME).then_some(wire)
+}
+
+/// A standard query with recursion desired for `name` (in wire form).
+pub fn build_query(id: u16, name: &[u8], qtype: QueryType) -> Vec<u8> {
+    let mut query = Vec::with_capacity(12 + name.len() + 4);
+    query.extend_from_slice(&id.to_be_bytes());
+    query.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
+    query.extend_from_slice(&1u16.to_be_bytes()); // one question
+    query.extend_from_slice(&[0; 6]); // no answers, authorities or additionals
+    query.extend_from_slice(name);
+    query.extend_from_slice(&qtype.code().to_be_bytes());
+    query.extend_from_slice(&CLASS_IN.to_be_bytes());
+    query
+}
+
+/// Reads `packet` as the reply to the query `id` for `name` (wire form, lower case) and
+/// `qtype`. Never panics and never loops unbounded, whatever the bytes.
+pub fn parse_reply(
+    packet: &[u8],
+    id: u16,
+    name: &[u8],
+    qtype: QueryType,
+) -> Result<Reply, ParseError> {
+    let header = packet.get(..12).ok_or(ParseError::Short)?;
+    let field = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
+    if field(0) != id {
+        return Err(ParseError::Mismatch);
+    }
+    let flags = field(2);
+    // QR set, opcode 0 (a standard query).
+    if flags & 0x8000 == 0 || (flags >> 11) & 0xf != 0 {
+        return Err(ParseError::NotReply);
+    }
+    if field(4) != 1 {
+        return Err(ParseError::Mismatch);
+    }
+    let answers = field(6);
+    let (question, mut pos) = read_name(packet, 12)?;
+    let qfields = packet.get(pos..pos + 4).ok_or(ParseError::Short)?;
+    if question != name
+        || u16::from_be_bytes([qfields[0], qfields[1]]) != qtype.code()
+        || u16::from_be_bytes([qfields[2], qfields[3]]) != CLASS_IN
+    {
+        return Err(ParseError::Mismatch);
+    }
+    pos += 4;
+    let truncated = flags & 0x0200 != 0;
+    let rcode = (flags & 0xf) as u8;
+
+    // The answer section; a truncated reply may hold fewer records than it announces.
+    let mut records: Vec<(Vec<u8>, u16, std::ops::Range<usize>)> = Vec::new();
+    for _ in 0..answers {
+        let (owner, next) = match read_name(packet, pos) {
+            Ok(read) => read,
+            Err(ParseError::Short) if truncated => break,
+            Err(e) => return Err(e),
+        };
+        let Some(fixed) = packet.get(next..next + 10) else {
+            if truncated {
+                break;
+            }
+            return Err(ParseError::Short);
+        };
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        let rdlength = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let start = next + 10;
+        if packet.len() < start + rdlength {
+            if truncated {
+                break;
+            }
+            return Err(ParseError::Short);
+        }
+        if class == CLASS_IN {
+            records.push((owner, rtype, start..start + rdlength));
+        }
+        pos = start + rdlength;
+    }
+
+    // The names that lead to the addresses: the one asked for, then each CNAME target.
+    let mut names = vec![name.to_vec()];
+    for _ in 0..MAX_CNAMES {
+        let current = &names[names.len() - 1];
+        let Some((_, _, rdata)) = records
+            .iter()
+            .find(|(owner, rtype, _)| *rtype == TYPE_CNAME && owner == current)
+        else {
+            break;
+        };
+        let (target, _) = read_name(packet, rdata.start)?;
+        if names.contains(&target) {
+            break;
+        }
+        names.push(target);
+    }
+    let addrs = records
+        .iter()
+        .filter(|(owner, rtype, _)| *rtype == qtype.code() && names.contains(owner))
+        .filter_map(|(_, _, rdata)| {
+            let data = &packet[rdata.clone()];
+            match qtype {
+                QueryType::A => <[u8; 4]>::try_from(data).ok().map(IpAddr::from),
+                QueryType::Aaaa => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
+            }
+        })
+        .collect();
+    Ok(Reply {
+        rcode,
+        truncated,
+        addrs,
+    })
+}
+
+/// The name at `pos`, in wire form with ASCII letters in lower case, and the position after
+/// it (after the first pointer, if it jumps).
+fn read_name(packet: &[u8], mut pos: usize) -> Result<(Vec<u8>, usize), ParseError> {
+    let mut name = Vec::new();
+    let mut after = None;
+    let mut jumps = 0;
+    loop {
+        let len = *packet.get(pos).ok_or(ParseError::Short)?;
+        match len & 0xc0 {
+            0x00 => {
+                let len = usize::from(len);
+                if len == 0 {
+                    name.push(0);
+                    if name.len() > MAX_NAME {
+                        return Err(ParseError::BadName);
+                    }
+                    return Ok((name, after.unwrap_or(pos + 1)));
+                }
+                let label = packet
+                    .get(pos + 1..pos + 1 + len)
+                    .ok_or(ParseError::Short)?;
+                name.push(len as u8);
+                name.extend(label.iter().map(u8::to_ascii_lowercase));
+                if name.len() >= MAX_NAME {
+                    return Err(ParseError::BadName);
+                }
+                pos += 1 + len;
+            }
+            0xc0 => {
+                let low = *packet.get(pos + 1).ok_or(ParseError::Short)?;
+                jumps += 1;
+                if jumps > MAX_JUMPS {
+                    return Err(ParseError::BadName);
+                }
+                after.get_or_insert(pos + 2);
+                pos = usize::from(u16::from_be_bytes([len & 0x3f, low]));
+            }
+            // 0x40 and 0x80: extended label types, not used in replies to these queries.
+            _ => return Err(ParseError::BadName),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply to `query` with `answers` (already encoded records) and `flags` ORed in.
+    fn reply(query: &[u8], flags: u16, answers: &[Vec<u8>]) -> Vec<u8> {
+        let mut packet = query.to_vec();
+        let f = u16::from_be_bytes([packet[2], packet[3]]) | 0x8000 | flags;
+        packet[2..4].copy_from_slice(&f.to_be_bytes());
+        packet[6..8].copy_from_slice(&(answers.len() as u16).to_be_bytes());
+        for answer in answers {
+            packet.extend_from_slice(answer);
+        }
+        packet
+    }
+
+    /// A record: owner (wire bytes, perhaps a pointer), type, rdata.
+    fn record(owner: &[u8], rtype: u16, rdata: &[u8]) -> Vec<u8> {
+        let mut r = owner.to_vec();
+        r.extend_from_slice(&rtype.to_be_bytes());
+        r.extend_from_slice(&CLASS_IN.to_be_bytes());
+        r.extend_from_slice(&300u32.to_be_bytes());
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(rdata);
+        r
+    }
+
+    /// A pointer to the question's name, which starts at offset 12.
+    const TO_QUESTION: [u8; 2] = [0xc0, 12];
+
+    fn name(host: &str) -> Vec<u8> {
+        encode_name(host).unwrap()
+    }
+
+    #[test]
+    fn names_are_checked_and_lowered() {
+        assert_eq!(name("Ab.c."), b"\x02ab\x01c\x00");
+        assert!(encode_name("").is_none());
+        assert!(encode_name("a..b").is_none());
+        assert!(encode_name("a b").is_none());
+        assert!(encode_name(&"x".repeat(64)).is_none());
+        assert!(encode_name(&["abcdefghi"; 30].join(".")).is_none());
+        assert!(encode_name("_srv.my-host.example").is_some());
+    }
+
+    #[test]
+    fn an_answer_through_a_pointer_is_read() {
+        let q = name("app.example");
+        let query = build_query(7, &q, QueryType::A);
+        let packet = reply(
+            &query,
+            0,
+            &[
+                record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 1]),
+                record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 2]),
+            ],
+        );
+        let got = parse_reply(&packet, 7, &q, QueryType::A).unwrap();
+        assert_eq!(
+            got.addrs,
+            [IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2])]
+        );
+        assert_eq!(got.rcode, 0);
+        assert!(!got.truncated);
+    }
+
+    #[test]
+    fn a_cname_chain_in_the_answers_is_followed() {
+        let q = name("www.example");
+        let query = build_query(9, &q, QueryType::Aaaa);
+        // www.example CNAME a.cdn (written out, at offset 12 + len(q) + 4 + 12)
+        let first_owner_at = 12 + q.len() + 4;
+        let cname_rdata_at = first_owner_at + 2 + 10;
+        let mut target = b"\x01a\x03cdn".to_vec();
+        target.push(0);
+        // a.cdn CNAME b.cdn, where "cdn" is a pointer into the first target.
+        let cdn_at = (cname_rdata_at + 2) as u16;
+        let b_cdn = [&b"\x01b"[..], &(0xc000 | cdn_at).to_be_bytes()].concat();
+        let a_owner = (0xc000 | cname_rdata_at as u16).to_be_bytes();
+        let second_rdata_at = cname_rdata_at + target.len() + 2 + 10;
+        let b_owner = (0xc000 | second_rdata_at as u16).to_be_bytes();
+        let packet = reply(
+            &query,
+            0,
+            &[
+                record(&TO_QUESTION, TYPE_CNAME, &target),
+                record(&a_owner, TYPE_CNAME, &b_cdn),
+                record(&b_owner, TYPE_AAAA, &[0xfd; 16]),
+                // An address of another name is not taken.
+                record(b"\x05other\x00", TYPE_AAAA, &[0xfe; 16]),
+            ],
+        );
+        let got = parse_reply(&packet, 9, &q, QueryType::Aaaa).unwrap();
+        assert_eq!(got.addrs, [IpAddr::from([0xfd; 16])]);
+    }
+
+    #[test]
+    fn replies_to_something_else_are_refused() {
+        let q = name("app.example");
+        let query = build_query(7, &q, QueryType::A);
+        let packet = reply(&query, 0, &[record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 1])]);
+        assert_eq!(
+            parse_reply(&packet, 8, &q, QueryType::A),
+            Err(ParseError::Mismatch)
+        );
+        assert_eq!(
+            parse_reply(&packet, 7, &name("other.example"), QueryType::A),
+            Err(ParseError::Mismatch)
+        );
+        assert_eq!(
+            parse_reply(&packet, 7, &q, QueryType::Aaaa),
+            Err(ParseError::Mismatch)
+        );
+        // The query itself, echoed back, is no reply.
+        assert_eq!(
+            parse_reply(&query, 7, &q, QueryType::A),
+            Err(ParseError::NotReply)
+        );
+    }
+
+    #[test]
+    fn the_question_may_differ_in_case() {
+        let q = name("app.example");
+        let query = build_query(7, &name("APP.Example"), QueryType::A);
+        let mut shouty = query.clone();
+        shouty[13..16].copy_from_slice(b"APP");
+        let packet = reply(&shouty, 0, &[record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 1])]);
+        assert_eq!(
+            parse_reply(&packet, 7, &q, QueryType::A)
+                .unwrap()
+                .addrs
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_truncated_reply_is_used_as_it_is() {
+        let q = name("app.example");
+        let query = build_query(7, &q, QueryType::A);
+        let mut packet = reply(
+            &query,
+            0x0200,
+            &[
+                record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 1]),
+                record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 2]),
+            ],
+        );
+        packet.truncate(packet.len() - 3);
+        let got = parse_reply(&packet, 7, &q, QueryType::A).unwrap();
+        assert!(got.truncated);
+        assert_eq!(got.addrs, [IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn pointer_loops_and_bad_labels_are_errors() {
+        let q = name("a");
+        let query = build_query(1, &q, QueryType::A);
+        // An owner that points at itself.
+        let at = (12 + q.len() + 4) as u16;
+        let looped = reply(
+            &query,
+            0,
+            &[record(&(0xc000 | at).to_be_bytes(), TYPE_A, &[1, 2, 3, 4])],
+        );
+        assert_eq!(
+            parse_reply(&looped, 1, &q, QueryType::A),
+            Err(ParseError::BadName)
+        );
+        let extended = reply(&query, 0, &[record(&[0x41, 0], TYPE_A, &[1, 2, 3, 4])]);
+        assert_eq!(
+            parse_reply(&extended, 1, &q, QueryType::A),
+            Err(ParseError::BadName)
+        );
+        // A name longer than 255 bytes, built of pointers to labels of 63.
+        let mut long = reply(&query, 0, &[]);
+        let labels_at = long.len();
+        for _ in 0..5 {
+            long.push(63);
+            long.extend_from_slice(&[b'x'; 63]);
+        }
+        long.push(0);
+        long[6..8].copy_from_slice(&1u16.to_be_bytes());
+        long.extend_from_slice(&record(
+            &(0xc000 | labels_at as u16).to_be_bytes(),
+            TYPE_A,
+            &[1, 2, 3, 4],
+        ));
+        assert_eq!(
+            parse_reply(&long, 1, &q, QueryType::A),
+            Err(ParseError::BadName)
+        );
+    }
+
+    #[test]
+    fn every_prefix_and_every_byte_flip_is_survived() {
+        let q = name("www.example");
+        let query = build_query(3, &q, QueryType::A);
+        let packet = reply(
+            &query,
+            0,
+            &[
+                record(&TO_QUESTION, TYPE_CNAME, b"\x01a\x03cdn\x00"),
+                record(b"\x01a\x03cdn\x00", TYPE_A, &[10, 0, 0, 1]),
+            ],
+        );
+        assert_eq!(
+            parse_reply(&packet, 3, &q, QueryType::A).unwrap().addrs,
+            [IpAddr::from([10, 0, 0, 1])]
+        );
+        for len in 0..packet.len() {
+            let _ = parse_reply(&packet[..len], 3, &q, QueryType::A);
+        }
+        for i in 0..packet.len() {
+            for byte in [0x00, 0x01, 0x3f, 0x40, 0x80, 0xc0, 0xc1, 0xff] {
+                let mut bent = packet.clone();
+                bent[i] = byte;
+                let _ = parse_reply(&bent, 3, &q, QueryType::A);
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..80);
+            let mut noise: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(len).collect();
+            if noise.len() >= 4 {
+                // Often a plausible header, so the parser gets past the first checks.
+                noise[0..2].copy_from_slice(&3u16.to_be_bytes());
+                noise[2] |= 0x80;
+                noise[2] &= 0x87;
+            }
+            let _ = parse_reply(&noise, 3, &q, QueryType::A);
+        }
+    }
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nnameserver 10.0.0.53\nsearch example\nnameserver ::1\nnameserver fe80::1%eth0\nnameserver\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            [
+                SocketAddr::from(([10, 0, 0, 53], 53)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 53)),
+            ]
+        );
+    }
+}
