@@ -9,6 +9,7 @@ pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod dns;
 pub mod health;
 pub mod http;

@@ -288,6 +288,20 @@ impl Collector for Scrape {
             vec![(vec![], handle.generation() as i64)],
             gauge,
         )?;
+        let [same, changed, failed] = handle.resolutions();
+        family(
+            &mut encoder,
+            "switchyard_dns_resolutions",
+            "Lookups of backend names with resolve = true, by result: the same addresses, \
+             other addresses, or failed (kept the last ones).",
+            MetricType::Counter,
+            vec![
+                (vec![("result", "ok".to_owned())], same),
+                (vec![("result", "changed".to_owned())], changed),
+                (vec![("result", "failed".to_owned())], failed),
+            ],
+            counter,
+        )?;
         family(
             &mut encoder,
             "switchyard_reloads",

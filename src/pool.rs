@@ -180,6 +180,19 @@ impl Pool {
         }
     }
 
+    /// Drains the backends the file marks `drain = true` among those not in `before`: the
+    /// addresses a name resolved to anew. The others keep their drain as it is, whether the
+    /// file's or the admin API's.
+    pub fn apply_drains_to_new(&self, before: &std::collections::HashSet<std::net::SocketAddr>) {
+        for b in self.config.backends.iter().filter(|b| b.drain) {
+            if !before.contains(&b.addr)
+                && let Some(c) = self.candidates.iter().find(|c| c.state.addr == b.addr)
+            {
+                c.state.start_drain(self.drain_timeout);
+            }
+        }
+    }
+
     /// One pick, without taking a slot: sticky backend, primaries, backups, then panic mode;
     /// slow start may pass over a backend that has just come back.
     fn pick_index(&self, input: &PickInput, tried: &[usize]) -> Option<usize> {
@@ -643,12 +656,19 @@ impl Snapshot {
     }
 
     /// Puts the snapshot's decisions in force: drains from the file, and health checks, which
-    /// run until `stop` is cancelled.
-    pub fn activate(&self, stop: &CancellationToken) {
-        for pool in self.pools.values() {
-            pool.apply_drains();
-            crate::health::spawn(pool, stop.clone());
-        }
+    /// run until `stop` is cancelled. Each pool's checks also stop with the token returned for
+    /// it, so that a pool rebuilt alone (its names resolved to other addresses) can restart
+    /// its own.
+    pub fn activate(&self, stop: &CancellationToken) -> HashMap<String, CancellationToken> {
+        self.pools
+            .values()
+            .map(|pool| {
+                pool.apply_drains();
+                let own = stop.child_token();
+                crate::health::spawn(pool, own.clone());
+                (pool.name.clone(), own)
+            })
+            .collect()
     }
 }
 

@@ -128,6 +128,8 @@ struct State {
     listeners: Vec<Running>,
     /// Stops the current snapshot's health checks.
     checks: CancellationToken,
+    /// Stops one pool's health checks (children of `checks`), for a pool rebuilt alone.
+    pool_checks: std::collections::HashMap<String, CancellationToken>,
 }
 
 /// What every part of a running server shares: the data path's snapshot and backend state,
@@ -177,6 +179,12 @@ pub struct Shared {
     admin_token: arc_swap::ArcSwapOption<String>,
     /// The admin listener's socket, handed over in a binary upgrade.
     admin_socket: Option<Arc<TcpListener>>,
+    /// Told of each reload, so that the lookups of `resolve = true` names start over with
+    /// the new settings and names.
+    resolve_wake: tokio::sync::Notify,
+    /// Lookups of `resolve = true` names by result: the same addresses, other addresses,
+    /// failed (or found none).
+    resolutions: [AtomicU64; 3],
 }
 
 /// A handle on a running (or about to run) server: reload, state, addresses.
@@ -270,6 +278,7 @@ impl Server {
                 tls: Arc::new(TlsStore::default()),
                 listeners: Vec::new(),
                 checks: shutdown.child_token(),
+                pool_checks: std::collections::HashMap::new(),
             }),
             reloading: tokio::sync::Mutex::new(()),
             reloads_running: AtomicU64::new(0),
@@ -292,6 +301,8 @@ impl Server {
                     .map(Arc::new),
             ),
             admin_socket,
+            resolve_wake: tokio::sync::Notify::new(),
+            resolutions: Default::default(),
         });
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -349,11 +360,13 @@ impl Server {
             let mut state = shared.lock();
             // Health checks and drain deadlines of this configuration; they stop with the
             // server or at the next reload.
-            shared.snapshot.load().activate(&state.checks);
+            state.pool_checks = shared.snapshot.load().activate(&state.checks);
             for running in &mut state.listeners {
                 shared.start(running);
             }
         }
+        // Backends given by host names follow the DNS until the shutdown.
+        tokio::spawn(crate::discovery::run(ServerHandle(Arc::clone(&shared))));
         let admin = shared
             .admin
             .lock()
@@ -602,6 +615,89 @@ impl ServerHandle {
         Ok(())
     }
 
+    /// Puts `pool` in force in place of the pool of its name: the same pool of the
+    /// configuration `expected`, with the addresses its `resolve = true` names resolve to now.
+    /// It is rebuilt as a weight change rebuilds one (on a blocking thread, the admin API's
+    /// changes kept), and addresses that left it are let go as a reload lets go of removed
+    /// backends: work in flight on them finishes. Its health checks start over, covering the
+    /// new addresses and no longer the old. Returns the configuration now in force, or `None`
+    /// when `expected` no longer is (a reload came first) or the server is shutting down.
+    pub(crate) async fn replace_pool(
+        &self,
+        expected: &Arc<Config>,
+        pool: crate::config::PoolConfig,
+    ) -> Option<Arc<Config>> {
+        let shared = &self.0;
+        let _one_at_a_time = tokio::select! {
+            guard = shared.reloading.lock() => guard,
+            () = shared.shutdown.cancelled() => return None,
+        };
+        if shared.shutdown.is_cancelled() {
+            return None;
+        }
+        let (config, tls) = {
+            let state = shared.lock();
+            (Arc::clone(&state.config), Arc::clone(&state.tls))
+        };
+        if !Arc::ptr_eq(&config, expected) {
+            return None;
+        }
+        let registry = Arc::clone(&shared.registry);
+        let built = {
+            let pool = pool.clone();
+            tokio::task::spawn_blocking(move || Pool::new(&pool, &registry, &tls))
+                .await
+                .ok()?
+        };
+        let name = pool.name.clone();
+        let before: std::collections::HashSet<SocketAddr> = config
+            .pools
+            .get(&name)
+            .map(|p| p.backends.iter().map(|b| b.addr).collect())
+            .unwrap_or_default();
+        let mut next = (*config).clone();
+        next.pools.insert(name.clone(), pool);
+        let next = Arc::new(next);
+        let built = Arc::new(built);
+
+        let mut state = shared.lock();
+        let mut pools = shared.snapshot.load().pools.clone();
+        pools.insert(name.clone(), Arc::clone(&built));
+        shared.snapshot.store(Arc::new(Snapshot { pools }));
+        shared.registry.retain(&next);
+        built.apply_drains_to_new(&before);
+        if let Some(stop) = state.pool_checks.remove(&name) {
+            stop.cancel();
+        }
+        let stop = state.checks.child_token();
+        crate::health::spawn(&built, stop.clone());
+        state.pool_checks.insert(name, stop);
+        state.config = Arc::clone(&next);
+        Some(next)
+    }
+
+    /// Resolves when a reload has put other settings or names in force (or at once, if one
+    /// did since the last call).
+    pub(crate) async fn reloaded(&self) {
+        self.0.resolve_wake.notified().await;
+    }
+
+    /// Counts one lookup of a `resolve = true` name: 0 the same addresses, 1 other ones, 2
+    /// failed.
+    pub(crate) fn count_resolution(&self, result: usize) {
+        if let Some(count) = self.0.resolutions.get(result) {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Lookups of `resolve = true` names so far: the same addresses, other addresses, failed.
+    pub fn resolutions(&self) -> [u64; 3] {
+        self.0
+            .resolutions
+            .each_ref()
+            .map(|count| count.load(Relaxed))
+    }
+
     /// Runs `change` (an admin API change to a backend's state) when no reload is being
     /// applied, so that a reload's end does not clear a change made while it ran: the change
     /// came after the file. Once the shutdown has started no reload runs any more (the drain
@@ -787,7 +883,7 @@ impl ServerHandle {
         shared.registry.retain(&config);
         state.checks.cancel();
         state.checks = shared.shutdown.child_token();
-        snapshot.activate(&state.checks);
+        state.pool_checks = snapshot.activate(&state.checks);
 
         let mut old: Vec<Option<Running>> = std::mem::take(&mut state.listeners)
             .into_iter()
@@ -845,6 +941,9 @@ impl ServerHandle {
         state.config = Arc::new(config);
         state.tls = Arc::new(tls);
         summary.generation = shared.generation.fetch_add(1, Relaxed) + 1;
+        // The names were just looked up, with this file's settings: the next lookup is an
+        // interval from now.
+        shared.resolve_wake.notify_one();
         Ok(summary)
     }
 }

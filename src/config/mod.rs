@@ -92,6 +92,12 @@ pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time to finish work on a backend that is drained.
 pub const DEFAULT_BACKEND_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often host names of backends with `resolve = true` are looked up again (HAProxy's
+/// resolvers hold answers for 10s, Envoy's STRICT_DNS refreshes every 5s; names behind a
+/// deployment change less often than that, and each lookup is a query to every resolver).
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// The shortest `resolve_interval`: more often would only load the resolvers.
+pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
 pub const MAX_WEIGHT: u32 = 256;
 
@@ -162,6 +168,11 @@ pub enum AccessLogFormat {
 pub struct GlobalConfig {
     /// How long open connections may finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// Where `resolve = true` names are looked up: the file's `resolvers`, else the system's
+    /// (empty when no backend needs them).
+    pub resolvers: Vec<SocketAddr>,
+    /// How often `resolve = true` names are looked up again.
+    pub resolve_interval: Duration,
 }
 
 /// One listener: an address, a protocol and where its traffic goes.
@@ -591,6 +602,86 @@ pub struct PoolConfig {
     pub queue: Option<QueueConfig>,
     /// How long connections and requests on a draining backend may go on before they are closed.
     pub drain_timeout: Duration,
+    /// Backends given by a host name with `resolve = true`, whose addresses follow the DNS.
+    pub discovery: Option<Discovery>,
+}
+
+/// The backends of a pool that come from the DNS, and what is needed to recompute the pool when
+/// their names resolve to other addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// The `resolve = true` entries, in file order.
+    pub names: Vec<ResolvedName>,
+    /// `backends[..fixed]` are the file's own addresses; the rest came from `names`, in their
+    /// order, an address already in the pool left out.
+    pub fixed: usize,
+    /// The file's `connect_attempts`, before it was lowered to the pool's size.
+    pub connect_attempts: usize,
+    /// Whether `maglev_table_size` is the default, which grows with the pool.
+    pub default_table: bool,
+}
+
+/// One backend entry with `resolve = true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedName {
+    /// The host name to look up.
+    pub host: String,
+    /// The port every address gets.
+    pub port: u16,
+    /// Weight, backup, drain and connection limit of every address (its `addr` is the first).
+    pub template: BackendConfig,
+    /// The addresses in force, sorted: the last lookup that found some.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl PoolConfig {
+    /// This pool with `answers[i]` as the addresses of `discovery.names[i]` (an empty answer
+    /// keeps what the name had), and the settings that follow from the pool's size.
+    pub fn with_answers(&self, answers: &[Vec<SocketAddr>]) -> PoolConfig {
+        let mut pool = self.clone();
+        let Some(discovery) = pool.discovery.as_mut() else {
+            return pool;
+        };
+        for (name, answer) in discovery.names.iter_mut().zip(answers) {
+            if !answer.is_empty() {
+                let mut addrs = answer.clone();
+                addrs.sort();
+                addrs.dedup();
+                name.addrs = addrs;
+            }
+        }
+        pool.backends.truncate(discovery.fixed);
+        expand_names(&mut pool.backends, &discovery.names);
+        pool.connect_attempts = discovery.connect_attempts.min(pool.backends.len());
+        if discovery.default_table {
+            pool.maglev_table_size = default_maglev_size(pool.backends.len());
+        }
+        pool
+    }
+}
+
+/// Appends every address of `names` to `backends`, with its entry's settings, passing over
+/// addresses already there.
+pub(crate) fn expand_names(backends: &mut Vec<BackendConfig>, names: &[ResolvedName]) {
+    for name in names {
+        for &addr in &name.addrs {
+            if !backends.iter().any(|b| b.addr == addr) {
+                backends.push(BackendConfig {
+                    addr,
+                    ..name.template.clone()
+                });
+            }
+        }
+    }
+}
+
+/// The default maglev table for a pool of `backends`: the default size, or the first prime of
+/// at least 100 slots per backend for larger pools.
+pub(crate) fn default_maglev_size(backends: usize) -> usize {
+    let minimum = (100 * backends).max(DEFAULT_MAGLEV_TABLE_SIZE);
+    (minimum..)
+        .find(|&n| validate::is_prime(n))
+        .unwrap_or(minimum)
 }
 
 impl PoolConfig {
@@ -619,6 +710,7 @@ impl PoolConfig {
             queue: None,
             drain_timeout: DEFAULT_BACKEND_DRAIN_TIMEOUT,
             tls: None,
+            discovery: None,
         }
     }
 }

@@ -47,6 +47,10 @@ pub struct RawAccessLog {
 pub struct RawGlobal {
     /// How long open connections may keep running after SIGTERM/SIGINT.
     pub drain_timeout: Option<String>,
+    /// Where backends with `resolve = true` are looked up.
+    pub resolvers: Option<Vec<String>>,
+    /// How often backends with `resolve = true` are looked up again.
+    pub resolve_interval: Option<String>,
 }
 
 /// One `[[listeners]]` entry.
@@ -399,4 +403,5 @@ pub struct RawBackendTable {
     pub backup: Option<bool>,
     pub drain: Option<bool>,
     pub max_connections: Option<i64>,
+    pub resolve: Option<bool>,
 }

@@ -231,13 +231,27 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         DEFAULT_DRAIN_TIMEOUT,
     );
 
+    let resolve_interval = optional_duration(
+        &mut problems,
+        "global.resolve_interval",
+        raw.global.resolve_interval.as_deref(),
+        DEFAULT_RESOLVE_INTERVAL,
+    );
+    if resolve_interval < MIN_RESOLVE_INTERVAL {
+        problems.push(
+            "global.resolve_interval",
+            format!("must be at least {MIN_RESOLVE_INTERVAL:?}"),
+        );
+    }
+    let resolvers = validate_resolvers(&mut problems, raw.global.resolvers.as_deref(), &raw.pools);
+
     let declared = raw.pools.keys().cloned().collect();
     // Taken before the raw values are consumed: checked against the pools' users below.
     let readers = pool_keys_by_reader(&raw.pools);
     let users = pool_users(&raw.listeners);
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
-        if let Some(pool) = validate_pool(&mut problems, &name, pool, base) {
+        if let Some(pool) = validate_pool(&mut problems, &name, pool, base, &resolvers) {
             pools.insert(name, pool);
         }
     }
@@ -295,7 +309,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
 
     if problems.0.is_empty() {
         Ok(Config {
-            global: GlobalConfig { drain_timeout },
+            global: GlobalConfig {
+                drain_timeout,
+                resolvers,
+                resolve_interval,
+            },
             listeners,
             pools,
             admin,
@@ -1430,15 +1448,116 @@ fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
         .map_err(|e| format!("invalid regular expression: {e}"))
 }
 
+/// `global.resolvers`, or when the file has none and a backend needs them, the system's.
+fn validate_resolvers(
+    problems: &mut Problems,
+    raw: Option<&[String]>,
+    pools: &BTreeMap<String, RawPool>,
+) -> Vec<SocketAddr> {
+    match raw {
+        Some([]) => {
+            problems.push(
+                "global.resolvers",
+                "empty: name at least one resolver, or leave the key out to use /etc/resolv.conf",
+            );
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let parsed = text
+                    .parse::<SocketAddr>()
+                    .or_else(|_| {
+                        text.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, crate::dns::DNS_PORT))
+                    })
+                    .map_err(|_| format!("`{text}` is not an IP address or IP:PORT"));
+                problems.check(format!("global.resolvers[{i}]"), parsed)
+            })
+            .collect(),
+        None => {
+            let needed = pools.values().any(|pool| {
+                pool.backends
+                    .iter()
+                    .flatten()
+                    .any(|b| matches!(b, RawBackend::Table(table) if table.resolve == Some(true)))
+            });
+            if !needed {
+                return Vec::new();
+            }
+            let system = crate::dns::system_resolvers();
+            if system.is_empty() {
+                problems.push(
+                    "global.resolvers",
+                    "not set, and /etc/resolv.conf names no nameserver: a backend with \
+                     `resolve = true` needs one",
+                );
+            }
+            system
+        }
+    }
+}
+
+/// A backend entry with `resolve = true`: its host name looked up with our own client.
+fn resolve_name(
+    problems: &mut Problems,
+    path: &str,
+    address: &str,
+    resolvers: &[SocketAddr],
+) -> Option<(String, u16, Vec<SocketAddr>)> {
+    if address.parse::<SocketAddr>().is_ok() {
+        problems.push(
+            format!("{path}.resolve"),
+            format!("applies only to a host name, and `{address}` is an IP address"),
+        );
+        return None;
+    }
+    let parsed = address
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+    let Some((host, port)) = parsed else {
+        problems.push(path, format!("`{address}` is not host:port"));
+        return None;
+    };
+    if port == 0 {
+        problems.push(
+            path,
+            format!("{address} has port 0, which no backend listens on"),
+        );
+        return None;
+    }
+    if resolvers.is_empty() {
+        // Said at global.resolvers already.
+        return None;
+    }
+    match crate::dns::lookup(host, resolvers, crate::dns::QUERY_TIMEOUT) {
+        Ok(ips) => Some((
+            host.to_owned(),
+            port,
+            ips.into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect(),
+        )),
+        Err(error) => {
+            problems.push(path, format!("cannot resolve `{host}`: {error}"));
+            None
+        }
+    }
+}
+
 fn validate_pool(
     problems: &mut Problems,
     name: &str,
     raw: RawPool,
     base: &Path,
+    resolvers: &[SocketAddr],
 ) -> Option<PoolConfig> {
     let at = format!("pools.{name}");
     let before = problems.0.len();
     let mut backends = Vec::new();
+    let mut names = Vec::new();
     match raw.backends {
         None => problems.push(format!("{at}.backends"), "missing: a pool needs backends"),
         Some(list) if list.is_empty() => problems.push(
@@ -1449,22 +1568,30 @@ fn validate_pool(
             let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
             for (i, backend) in list.into_iter().enumerate() {
                 let path = format!("{at}.backends[{i}]");
-                let (address, weight, backup, drain, max_connections) = match backend {
-                    RawBackend::Address(address) => (Some(address), None, false, false, None),
+                let (address, weight, backup, drain, max_connections, resolve) = match backend {
+                    RawBackend::Address(address) => {
+                        (Some(address), None, false, false, None, false)
+                    }
                     RawBackend::Table(table) => (
                         table.address,
                         table.weight,
                         table.backup.unwrap_or(false),
                         table.drain.unwrap_or(false),
                         table.max_connections,
+                        table.resolve.unwrap_or(false),
                     ),
                 };
                 let max_connections = max_connections.map(|n| {
                     positive(problems, &format!("{path}.max_connections"), Some(n), 1) as u64
                 });
+                let mut resolved = None;
                 let addr = match address {
                     None => {
                         problems.push(format!("{path}.address"), "missing");
+                        None
+                    }
+                    Some(address) if resolve => {
+                        resolved = resolve_name(problems, &path, &address, resolvers);
                         None
                     }
                     Some(address) => {
@@ -1494,7 +1621,20 @@ fn validate_pool(
                         None
                     }
                 };
-                if let (Some(addr), Some(weight)) = (addr, weight) {
+                if let (Some((host, port, addrs)), Some(weight)) = (resolved, weight) {
+                    names.push(ResolvedName {
+                        host,
+                        port,
+                        template: BackendConfig {
+                            addr: addrs[0],
+                            weight,
+                            backup,
+                            drain,
+                            max_connections,
+                        },
+                        addrs,
+                    });
+                } else if let (Some(addr), Some(weight)) = (addr, weight) {
                     if let Some(first) = seen.insert(addr, i) {
                         problems.push(
                             &path,
@@ -1512,6 +1652,9 @@ fn validate_pool(
             }
         }
     }
+    // The file's own addresses first, then those the names resolved to.
+    let fixed = backends.len();
+    expand_names(&mut backends, &names);
     let balance = match raw.balance.as_deref() {
         None | Some("round_robin") => BalanceKind::RoundRobin,
         Some("least_conn") => BalanceKind::LeastConn,
@@ -1805,7 +1948,14 @@ fn validate_pool(
     if problems.0.len() > before {
         return None;
     }
+    let discovery = (!names.is_empty()).then(|| Discovery {
+        names,
+        fixed,
+        connect_attempts,
+        default_table: raw.maglev_table_size.is_none(),
+    });
     Some(PoolConfig {
+        discovery,
         tls,
         hash_key,
         maglev_table_size,
@@ -2227,17 +2377,11 @@ fn parse_status_ranges(text: &str) -> Result<Vec<(u16, u16)>, String> {
         .collect()
 }
 
-fn is_prime(n: usize) -> bool {
+pub(super) fn is_prime(n: usize) -> bool {
     n >= 2
         && (2..)
             .take_while(|d| d * d <= n)
             .all(|d| !n.is_multiple_of(d))
-}
-
-/// 65537, or for pools of more than 655 backends the first prime of at least 100 per backend.
-fn default_maglev_size(backends: usize) -> usize {
-    let minimum = (100 * backends).max(DEFAULT_MAGLEV_TABLE_SIZE);
-    (minimum..).find(|&n| is_prime(n)).unwrap_or(minimum)
 }
 
 /// The pools a listener or route may name.

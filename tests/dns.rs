@@ -1,0 +1,467 @@
+//! Backends discovered through the DNS: a pool whose backend is a host name with
+//! `resolve = true` follows what a (test) DNS server answers for it, without a reload.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard::server::ServerHandle;
+use switchyard::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+
+/// How long a condition may take to hold: a few refresh intervals of one second.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// Waits until `condition` holds, checking every few milliseconds, up to [`PATIENCE`].
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A DNS server on 127.0.0.1:0 that answers A queries for any name with the addresses the
+/// test sets, AAAA queries with none, and stays silent while `silent` is set.
+struct DnsServer {
+    addr: SocketAddr,
+    answers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    silent: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl DnsServer {
+    async fn start(answers: &[Ipv4Addr]) -> DnsServer {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let shared = Arc::new(Mutex::new(answers.to_vec()));
+        let silent = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let answers = Arc::clone(&shared);
+            let silent = Arc::clone(&silent);
+            async move {
+                let mut buf = [0u8; 512];
+                loop {
+                    let Ok((len, from)) = socket.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    if silent.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let now = answers.lock().unwrap().clone();
+                    if let Some(reply) = answer(&buf[..len], &now) {
+                        let _ = socket.send_to(&reply, from).await;
+                    }
+                }
+            }
+        });
+        DnsServer {
+            addr,
+            answers: shared,
+            silent,
+            task,
+        }
+    }
+
+    fn set(&self, answers: &[Ipv4Addr]) {
+        *self.answers.lock().unwrap() = answers.to_vec();
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The reply to `query`: its header and question back, with one A record per address
+/// (through a pointer to the question's name) when it asks for A records.
+fn answer(query: &[u8], addrs: &[Ipv4Addr]) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let question_end = end + 5;
+    let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
+    let mut reply = query.get(..question_end)?.to_vec();
+    reply[2] |= 0x80; // a response
+    reply[3] = 0x80; // recursion available, no error
+    let records: &[Ipv4Addr] = if qtype == 1 { addrs } else { &[] };
+    reply[6..8].copy_from_slice(&(records.len() as u16).to_be_bytes());
+    reply[8..12].fill(0);
+    for ip in records {
+        reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+        reply.extend_from_slice(&ip.octets());
+    }
+    Some(reply)
+}
+
+/// A TCP backend on `ip`:`port` that counts its connections, writes its name first, then
+/// echoes.
+struct TcpBackend {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl TcpBackend {
+    async fn start(ip: Ipv4Addr, port: u16, name: &'static str, http: bool) -> Option<TcpBackend> {
+        let listener = TcpListener::bind((ip, port)).await.ok()?;
+        let port = listener.local_addr().ok()?.port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(if http {
+                    Box::pin(serve_http(stream, name))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+                } else {
+                    Box::pin(serve_echo(stream, name))
+                });
+            }
+        });
+        Some(TcpBackend {
+            port,
+            accepted,
+            task,
+        })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_echo(mut stream: TcpStream, name: &str) {
+    if stream
+        .write_all(format!("{name}\n").as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers every request head with `200` and the backend's name as the body.
+async fn serve_http(mut stream: TcpStream, name: &str) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                name.len()
+            );
+            if stream.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Backends on 127.0.0.1, 127.0.0.2, … that share one port, as the addresses of one name do.
+async fn backends(names: &[&'static str], http: bool) -> (u16, Vec<TcpBackend>) {
+    for _ in 0..20 {
+        let Some(first) = TcpBackend::start(Ipv4Addr::new(127, 0, 0, 1), 0, names[0], http).await
+        else {
+            continue;
+        };
+        let port = first.port;
+        let mut all = vec![first];
+        for (i, name) in names.iter().enumerate().skip(1) {
+            let ip = Ipv4Addr::new(127, 0, 0, 1 + i as u8);
+            match TcpBackend::start(ip, port, name, http).await {
+                Some(backend) => all.push(backend),
+                None => break,
+            }
+        }
+        if all.len() == names.len() {
+            return (port, all);
+        }
+    }
+    panic!("no port free on every loopback address");
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+/// Loads `toml` (its names looked up, off the runtime's threads) and runs it.
+async fn start(toml: String) -> (ServerHandle, tokio_util::sync::CancellationToken) {
+    let config = tokio::task::spawn_blocking(move || {
+        Config::from_toml(&toml, Path::new("dns.toml")).expect("test config is valid")
+    })
+    .await
+    .unwrap();
+    let server = Server::bind(config).expect("binds");
+    let handle = server.handle();
+    let shutdown = server.shutdown_token();
+    tokio::spawn(server.run());
+    (handle, shutdown)
+}
+
+fn config(protocol: &str, dns: SocketAddr, port: u16, pool_extra: &str) -> String {
+    format!(
+        r#"
+[global]
+resolvers = ["{dns}"]
+resolve_interval = "1s"
+
+[[listeners]]
+name = "front"
+bind = "127.0.0.1:0"
+protocol = "{protocol}"
+{pool}
+
+[pools.app]
+backends = [{{ address = "app.test:{port}", resolve = true }}]
+{pool_extra}
+"#,
+        pool = if protocol == "http" {
+            "default_pool = \"app\""
+        } else {
+            "pool = \"app\""
+        }
+    )
+}
+
+/// The first line a tcp backend writes through the proxy: its name.
+async fn tcp_name(front: SocketAddr) -> (String, TcpStream) {
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while name.len() < 16 {
+        match stream.read(&mut byte).await {
+            Ok(1) if byte[0] != b'\n' => name.push(byte[0]),
+            _ => break,
+        }
+    }
+    (String::from_utf8_lossy(&name).into_owned(), stream)
+}
+
+/// The body of one GET through the proxy: the name of the backend that answered.
+async fn http_name(front: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The names of the backends that answered `n` requests.
+async fn http_names(front: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        seen.insert(http_name(front).await);
+    }
+    seen
+}
+
+fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_traffic_follows_the_addresses_a_name_resolves_to() {
+    let (port, b) = backends(&["a", "b", "c"], false).await;
+    let dns = DnsServer::start(&[ip(1), ip(2)]).await;
+    let (handle, shutdown) = start(config("tcp", dns.addr, port, "")).await;
+    let front = handle.local_addr("front").unwrap();
+
+    // Both addresses are backends: round robin takes turns.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut held = None;
+    for _ in 0..4 {
+        let (name, stream) = tcp_name(front).await;
+        if name == "b" {
+            held = Some(stream);
+        }
+        seen.insert(name);
+    }
+    assert_eq!(seen, set(&["a", "b"]));
+    let mut held = held.expect("a connection to b");
+
+    // The name moves from b to c: c takes new connections, b none, without a reload.
+    dns.set(&[ip(1), ip(3)]);
+    eventually("a connection reaches c", || async {
+        tcp_name(front).await.0 == "c"
+    })
+    .await;
+    let b_before = b[1].accepted();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(tcp_name(front).await.0);
+    }
+    assert_eq!(seen, set(&["a", "c"]));
+    assert_eq!(b[1].accepted(), b_before, "b got a new connection");
+
+    // The connection open to b when it left the pool goes on.
+    held.write_all(b"still here").await.unwrap();
+    let mut echo = [0u8; 10];
+    tokio::time::timeout(PATIENCE, held.read_exact(&mut echo))
+        .await
+        .expect("b still echoes")
+        .unwrap();
+    assert_eq!(&echo, b"still here");
+
+    let [_, changed, _] = handle.resolutions();
+    assert!(changed >= 1);
+    let metrics = switchyard::metrics::render(&handle);
+    assert!(
+        metrics.contains("switchyard_dns_resolutions_total{result=\"changed\"}"),
+        "{metrics}"
+    );
+    assert_eq!(b[0].port, port);
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_traffic_follows_the_name_and_keeps_it_while_the_resolver_is_silent() {
+    let (port, _b) = backends(&["a", "b", "c"], true).await;
+    let dns = DnsServer::start(&[ip(1), ip(2)]).await;
+    let (handle, shutdown) = start(config(
+        "http",
+        dns.addr,
+        port,
+        r#"health = { kind = "tcp", interval = "1s", timeout = "1s" }"#,
+    ))
+    .await;
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(http_names(front, 6).await, set(&["a", "b"]));
+
+    dns.set(&[ip(1), ip(3)]);
+    eventually("a request reaches c", || async {
+        http_name(front).await == "c"
+    })
+    .await;
+    assert_eq!(http_names(front, 6).await, set(&["a", "c"]));
+
+    // The new address is health-checked, the one that left is not.
+    let c = format!("backend=\"{}\"", SocketAddr::from((ip(3), port)));
+    let b = format!("backend=\"{}\"", SocketAddr::from((ip(2), port)));
+    eventually("c is probed", || {
+        let metrics = switchyard::metrics::render(&handle);
+        let probed = metrics
+            .lines()
+            .any(|l| l.starts_with("switchyard_backend_health_checks_total") && l.contains(&c));
+        async move { probed }
+    })
+    .await;
+    let metrics = switchyard::metrics::render(&handle);
+    assert!(!metrics.contains(&b), "{metrics}");
+
+    // The resolver stops answering: the pool keeps the addresses it had.
+    dns.silent.store(true, Ordering::SeqCst);
+    let [_, _, failed] = handle.resolutions();
+    eventually("a lookup fails", || {
+        let now = handle.resolutions()[2];
+        async move { now > failed }
+    })
+    .await;
+    assert_eq!(http_names(front, 6).await, set(&["a", "c"]));
+    let addrs: Vec<IpAddr> = handle.config().pools["app"]
+        .backends
+        .iter()
+        .map(|b| b.addr.ip())
+        .collect();
+    assert_eq!(addrs, [IpAddr::from(ip(1)), IpAddr::from(ip(3))]);
+
+    // It answers again, with b back.
+    dns.silent.store(false, Ordering::SeqCst);
+    dns.set(&[ip(1), ip(2), ip(3)]);
+    eventually("a request reaches b again", || async {
+        http_name(front).await == "b"
+    })
+    .await;
+    shutdown.cancel();
+}
+
+fn load(toml: &str) -> Result<Config, String> {
+    Config::from_toml(toml, Path::new("dns.toml")).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_is_wrong_with_resolved_backends() {
+    let dns = DnsServer::start(&[]).await;
+    let addr = dns.addr;
+    let errors = tokio::task::spawn_blocking(move || {
+        let on_ip = load(&format!(
+            "[global]\nresolvers = [\"{addr}\"]\n[[listeners]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+             protocol = \"tcp\"\npool = \"p\"\n[pools.p]\n\
+             backends = [{{ address = \"127.0.0.1:80\", resolve = true }}]\n"
+        ))
+        .unwrap_err();
+        let too_often = load(&format!(
+            "[global]\nresolvers = [\"{addr}\"]\nresolve_interval = \"500ms\"\n[[listeners]]\n\
+             name = \"f\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\n\
+             backends = [\"127.0.0.1:80\"]\n"
+        ))
+        .unwrap_err();
+        let nothing = load(&format!(
+            "[global]\nresolvers = [\"{addr}\"]\n[[listeners]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+             protocol = \"tcp\"\npool = \"p\"\n[pools.p]\n\
+             backends = [{{ address = \"app.test:80\", resolve = true }}]\n"
+        ))
+        .unwrap_err();
+        (on_ip, too_often, nothing)
+    })
+    .await
+    .unwrap();
+    assert!(
+        errors
+            .0
+            .contains("pools.p.backends[0].resolve: applies only to a host name"),
+        "{}",
+        errors.0
+    );
+    assert!(
+        errors
+            .1
+            .contains("global.resolve_interval: must be at least"),
+        "{}",
+        errors.1
+    );
+    assert!(
+        errors
+            .2
+            .contains("pools.p.backends[0]: cannot resolve `app.test`"),
+        "{}",
+        errors.2
+    );
+}
