@@ -465,3 +465,39 @@ async fn check_names_what_is_wrong_with_resolved_backends() {
         errors.2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_follows_the_names_with_the_new_files_resolvers() {
+    let (port, _b) = backends(&["a", "b", "c"], true).await;
+    let first = DnsServer::start(&[ip(1)]).await;
+    let second = DnsServer::start(&[ip(2)]).await;
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-dns-test-{}-reload.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, config("http", first.addr, port, "")).unwrap();
+    let loaded = path.clone();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&loaded).unwrap())
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = Server::bind_from(loaded, Some(path.clone()), shutdown.clone()).unwrap();
+    let handle = server.handle();
+    tokio::spawn(server.run());
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(http_names(front, 4).await, set(&["a"]));
+
+    // The file now names the second resolver: its answer is in force after the reload, and
+    // it is the one asked from then on.
+    std::fs::write(&path, config("http", second.addr, port, "")).unwrap();
+    handle.reload_file().await.unwrap();
+    assert_eq!(http_names(front, 4).await, set(&["b"]));
+    second.set(&[ip(3)]);
+    eventually("a request reaches c", || async {
+        http_name(front).await == "c"
+    })
+    .await;
+    assert_eq!(http_names(front, 4).await, set(&["c"]));
+    shutdown.cancel();
+    let _ = std::fs::remove_file(&path);
+}
