@@ -25,7 +25,8 @@ const FAILED: usize = 2;
 /// Looks the names up every interval until the shutdown.
 pub async fn run(handle: ServerHandle) {
     let shutdown = handle.shutdown_token();
-    // The names whose last lookup failed: (pool, host, port).
+    // The names whose last lookup failed, (pool, host, port), and the pools whose last
+    // answers did not fit them, (pool, "", 0).
     let mut failing: HashSet<(String, String, u16)> = HashSet::new();
     loop {
         let config = handle.config();
@@ -118,6 +119,14 @@ fn follow(
     if next.backends == pool.backends {
         return None;
     }
+    let key = (pool.name.clone(), String::new(), 0);
+    if let Some(reason) = next.too_large() {
+        if failing.insert(key) {
+            warn!(pool = %pool.name, %reason, "the addresses the names resolve to do not fit the pool; keeping the last ones");
+        }
+        return None;
+    }
+    failing.remove(&key);
     let before: HashSet<SocketAddr> = pool.backends.iter().map(|b| b.addr).collect();
     let after: HashSet<SocketAddr> = next.backends.iter().map(|b| b.addr).collect();
     info!(

@@ -660,6 +660,32 @@ impl PoolConfig {
     }
 }
 
+impl PoolConfig {
+    /// Why this pool, grown by the addresses its names resolved to, cannot be built as the
+    /// file asks: a ring over [`MAX_RING_POINTS`] points, or a maglev table the file sized
+    /// below 100 slots per backend. Load-time validation says the same of the file's pools.
+    pub fn too_large(&self) -> Option<String> {
+        let points: u64 = self
+            .backends
+            .iter()
+            .map(|b| u64::from(b.weight) * u64::from(self.ring_vnodes))
+            .sum();
+        match self.balance {
+            BalanceKind::RingHash if points > MAX_RING_POINTS => Some(format!(
+                "the ring would hold {points} points, more than {MAX_RING_POINTS}"
+            )),
+            BalanceKind::Maglev if self.maglev_table_size < 100 * self.backends.len() => {
+                Some(format!(
+                    "maglev_table_size {} is under 100 slots for each of {} backends",
+                    self.maglev_table_size,
+                    self.backends.len()
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Appends every address of `names` to `backends`, with its entry's settings, passing over
 /// addresses already there.
 pub(crate) fn expand_names(backends: &mut Vec<BackendConfig>, names: &[ResolvedName]) {
@@ -956,5 +982,83 @@ mod tests {
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    fn backend(last: u8, weight: u32) -> BackendConfig {
+        BackendConfig {
+            addr: ([10, 0, 0, last], 80).into(),
+            weight,
+            backup: false,
+            drain: false,
+            max_connections: None,
+        }
+    }
+
+    /// A pool of the fixed backend .1 and a name that resolved to .2 and .3 (weight 2).
+    fn discovered() -> PoolConfig {
+        let addrs = vec![backend(2, 2).addr, backend(3, 2).addr];
+        let mut pool = PoolConfig::with_defaults("p", vec![backend(1, 1)]);
+        pool.connect_attempts = 3;
+        pool.discovery = Some(Discovery {
+            names: vec![ResolvedName {
+                host: "app".into(),
+                port: 80,
+                template: backend(2, 2),
+                addrs,
+            }],
+            fixed: 1,
+            connect_attempts: 3,
+            default_table: true,
+        });
+        let names = pool.discovery.as_ref().unwrap().names.clone();
+        expand_names(&mut pool.backends, &names);
+        pool
+    }
+
+    #[test]
+    fn answers_replace_a_names_addresses_and_keep_the_files_own() {
+        let pool = discovered();
+        assert_eq!(pool.backends, [backend(1, 1), backend(2, 2), backend(3, 2)]);
+
+        // .1 is the file's own backend already: one backend, with the file's weight.
+        let next = pool.with_answers(&[vec![backend(4, 1).addr, backend(1, 1).addr]]);
+        assert_eq!(next.backends, [backend(1, 1), backend(4, 2)]);
+        assert_eq!(next.connect_attempts, 2);
+        assert_eq!(
+            next.discovery.as_ref().unwrap().names[0].addrs,
+            [backend(1, 1).addr, backend(4, 1).addr]
+        );
+
+        // An empty answer keeps what the name had.
+        assert_eq!(next.with_answers(&[vec![]]).backends, next.backends);
+        // The maglev table the file left at its default grows with the pool.
+        let many: Vec<SocketAddr> = (0..1000u16)
+            .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)))
+            .collect();
+        let big = pool.with_answers(&[many]);
+        assert_eq!(big.backends.len(), 1001);
+        assert!(big.maglev_table_size >= 100_100);
+        assert_eq!(big.connect_attempts, 3);
+    }
+
+    #[test]
+    fn a_pool_the_answers_grow_too_far_is_said_to_be() {
+        let mut pool = discovered();
+        pool.balance = BalanceKind::RingHash;
+        pool.ring_vnodes = 10_000;
+        assert_eq!(pool.too_large(), None);
+        let many: Vec<SocketAddr> = (0..300u16)
+            .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)))
+            .collect();
+        assert!(
+            pool.with_answers(std::slice::from_ref(&many))
+                .too_large()
+                .is_some()
+        );
+        pool.balance = BalanceKind::Maglev;
+        pool.maglev_table_size = 1009;
+        pool.discovery.as_mut().unwrap().default_table = false;
+        assert_eq!(pool.too_large(), None);
+        assert!(pool.with_answers(&[many]).too_large().is_some());
     }
 }
