@@ -501,3 +501,53 @@ async fn a_reload_follows_the_names_with_the_new_files_resolvers() {
     shutdown.cancel();
     let _ = std::fs::remove_file(&path);
 }
+
+/// One request to the admin API; the whole answer, head and body.
+async fn admin(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_sees_the_addresses_and_its_drain_outlasts_a_change_of_them() {
+    let (port, _b) = backends(&["a", "b", "c"], true).await;
+    let dns = DnsServer::start(&[ip(1), ip(2)]).await;
+    let (handle, shutdown) = start(config(
+        "http",
+        dns.addr,
+        port,
+        "\n[admin]\nbind = \"127.0.0.1:0\"",
+    ))
+    .await;
+    let front = handle.local_addr("front").unwrap();
+    let api = handle.admin_addr().unwrap();
+    let a = SocketAddr::from((ip(1), port));
+    let drained = admin(api, "POST", &format!("/api/pools/app/backends/{a}/drain")).await;
+    assert!(drained.starts_with("HTTP/1.1 200"), "{drained}");
+    assert_eq!(http_names(front, 4).await, set(&["b"]));
+
+    dns.set(&[ip(1), ip(3)]);
+    eventually("a request reaches c", || async {
+        http_name(front).await == "c"
+    })
+    .await;
+    // a stayed in the pool, drained as the API asked; b left it.
+    assert_eq!(http_names(front, 4).await, set(&["c"]));
+    let state = admin(api, "GET", "/api/state").await;
+    assert!(state.contains(&format!("\"{a}\"")), "{state}");
+    assert!(
+        state.contains(&format!("\"{}\"", SocketAddr::from((ip(3), port)))),
+        "{state}"
+    );
+    assert!(
+        !state.contains(&format!("\"{}\"", SocketAddr::from((ip(2), port)))),
+        "{state}"
+    );
+    shutdown.cancel();
+}
