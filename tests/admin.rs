@@ -317,14 +317,9 @@ async fn metrics_parse_and_count_what_was_sent() {
 async fn access_log_lines_are_json_and_match_the_requests() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("log");
     let log = dir.join("access.log");
-    let extra = format!(
-        "access_log = {{ path = \"{}\", format = \"json\" }}",
-        log.display()
-    );
-    let proxy = Proxy::start(&config(a.addr, b.addr, &extra));
+    let proxy = Proxy::start(&config(a.addr, b.addr, &json_access_log(&log)));
     let web = proxy.addr("web");
     let mut client = HttpClient::connect(web).await;
     let reply = client
@@ -334,9 +329,7 @@ async fn access_log_lines_are_json_and_match_the_requests() {
         )
         .await;
     assert_eq!(reply.status, 200);
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("the line is written", || lines().lines().count() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    let line = &json_lines(&log, 1).await[0];
     assert_eq!(line["request_id"], "trace-me");
     assert_eq!(line["method"], "GET");
     assert_eq!(line["path"], "/api/items?x=1");
@@ -358,7 +351,7 @@ async fn access_log_lines_are_json_and_match_the_requests() {
     std::fs::rename(&log, &rotated).expect("rotate");
     proxy.handle.reopen_logs();
     assert_eq!(client.get("/", "").await.status, 200);
-    eventually("a new file", || lines().lines().count() == 1).await;
+    eventually("a new file", || log_text(&log).lines().count() == 1).await;
     assert_eq!(
         std::fs::read_to_string(&rotated)
             .expect("old")
@@ -373,8 +366,7 @@ async fn access_log_lines_are_json_and_match_the_requests() {
 async fn a_full_log_queue_drops_lines_and_requests_go_on() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-fifo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("fifo");
     let fifo = dir.join("stuck.log");
     let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
     // SAFETY: a valid C string and mode.
@@ -474,8 +466,7 @@ async fn a_flood_of_admin_connections_does_not_touch_the_data_path() {
 #[tokio::test]
 async fn a_tcp_listener_logs_one_line_per_connection() {
     let echo = Backend::echo().await;
-    let dir = std::env::temp_dir().join(format!("switchyard-tcplog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("tcplog");
     let log = dir.join("tcp.log");
     let proxy = Proxy::start(&format!(
         "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"e\"\naccess_log = {{ path = \"{}\" }}\n[pools.e]\nbackends = [\"{}\"]\n",
@@ -494,9 +485,7 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).await.expect("eof");
     }
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("the line is written", || lines().lines().count() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    let line = &json_lines(&log, 1).await[0];
     assert_eq!(line["protocol"], "tcp");
     assert_eq!(line["listener"], "l4");
     assert_eq!(line["backend"], echo.addr.to_string());
@@ -504,7 +493,7 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
     assert_eq!(line["bytes_received"], 5);
     assert_eq!(line["outcome"], "closed");
     assert_eq!(
-        keys_in_order(lines().trim()),
+        keys_in_order(log_text(&log).trim()),
         [
             "time",
             "listener",
@@ -778,8 +767,7 @@ fn keys_in_order(line: &str) -> Vec<String> {
 #[tokio::test]
 async fn hostile_request_values_keep_one_line_per_request_in_the_order_documented() {
     let a = http_backend("a").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("hostile");
     let json_log = dir.join("json.log");
     let combined_log = dir.join("combined.log");
     let extra = |path: &std::path::Path, format: &str| {
@@ -1017,8 +1005,7 @@ async fn tcp_counters_in_metrics_and_state_agree_with_what_was_sent() {
 
 #[tokio::test]
 async fn failed_exchanges_are_logged_with_their_status() {
-    let dir = std::env::temp_dir().join(format!("switchyard-fail-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("fail");
     let log = dir.join("fail.log");
     let dead = dead_addr().await;
     // Reads requests and never answers.
@@ -1047,17 +1034,12 @@ async fn failed_exchanges_are_logged_with_their_status() {
     })
     .await;
     drop(client);
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("three lines", || lines().lines().count() == 3).await;
-    let parsed: Vec<serde_json::Value> = lines()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let parsed = json_lines(&log, 3).await;
     assert_eq!(parsed[0]["status"], 502);
     assert_eq!(parsed[0]["pool"], "dead");
     assert_eq!(parsed[1]["status"], 504);
     assert_eq!(parsed[1]["backend"], silent.addr.to_string());
-    assert_eq!(parsed[2]["status"], 499, "{}", lines());
+    assert_eq!(parsed[2]["status"], 499, "{}", log_text(&log));
     assert_eq!(parsed[2]["method"], "POST");
     assert_eq!(parsed[2]["backend"], silent.addr.to_string());
     let _ = std::fs::remove_dir_all(&dir);
@@ -1077,8 +1059,7 @@ fn holds_open(path: &std::path::Path) -> bool {
 async fn a_log_file_no_listener_uses_after_a_reload_is_closed() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-logswap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("logswap");
     let (old, new) = (dir.join("old.log"), dir.join("new.log"));
     let with = |log: &std::path::Path| {
         config(
@@ -1092,9 +1073,8 @@ async fn a_log_file_no_listener_uses_after_a_reload_is_closed() {
     proxy.reload(&with(&new)).await.expect("reloads");
     let mut client = HttpClient::connect(proxy.addr("web")).await;
     assert_eq!(client.get("/", "").await.status, 200);
-    let lines = || std::fs::read_to_string(&new).unwrap_or_default();
     eventually("the line goes to the new file", || {
-        lines().lines().count() == 1
+        log_text(&new).lines().count() == 1
     })
     .await;
     // Else it stays open (and a SIGUSR1 creates it again) until the process ends.
@@ -1277,26 +1257,12 @@ async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
 
     // A weight in pool big: its table is built again, but not on the thread that serves
     // traffic (this test's runtime has one thread). A ticker measures the longest stall.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ticker = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move {
-            let mut longest = std::time::Duration::ZERO;
-            let mut last = std::time::Instant::now();
-            while !stop.load(SeqCst) {
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                longest = longest.max(last.elapsed());
-                last = std::time::Instant::now();
-            }
-            longest
-        }
-    });
+    let ticker = StallTicker::start();
     let started = std::time::Instant::now();
     let path = format!("/api/pools/big/backends/{}/weight", a.addr);
     let reply = admin(api, "PUT", &path, t, "{\"weight\": 3}").await;
     let took = started.elapsed();
-    stop.store(true, SeqCst);
-    let stalled = ticker.await.expect("ticker");
+    let stalled = ticker.stop().await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(json(&reply)["weight"], 3);
     assert!(
@@ -1769,20 +1735,7 @@ async fn large_metrics_and_state_are_rendered_off_the_data_path() {
     let api = proxy.handle.admin_addr().expect("admin configured");
     for path in ["/metrics", "/api/state"] {
         // A ticker on this test's one runtime thread measures the longest stall.
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ticker = tokio::spawn({
-            let stop = Arc::clone(&stop);
-            async move {
-                let mut longest = std::time::Duration::ZERO;
-                let mut last = std::time::Instant::now();
-                while !stop.load(SeqCst) {
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                    longest = longest.max(last.elapsed());
-                    last = std::time::Instant::now();
-                }
-                longest
-            }
-        });
+        let ticker = StallTicker::start();
         // The answer read raw, so that the client's own work stays small.
         let started = std::time::Instant::now();
         let mut client = HttpClient::connect(api).await;
@@ -1801,8 +1754,7 @@ async fn large_metrics_and_state_are_rendered_off_the_data_path() {
         .expect("an answer in time")
         .expect("read");
         let took = started.elapsed();
-        stop.store(true, SeqCst);
-        let stalled = ticker.await.expect("ticker");
+        let stalled = ticker.stop().await;
         assert!(answer.starts_with(b"HTTP/1.1 200 "), "{path}");
         assert!(answer.len() > 1 << 20, "{path}: {} bytes", answer.len());
         assert!(

@@ -635,3 +635,113 @@ pub async fn h2_connect(addr: SocketAddr) -> h2::client::SendRequest<bytes::Byte
     tokio::spawn(connection);
     sender
 }
+
+/// A directory of its own in the temp directory for test `name` (created if missing): tests of
+/// one binary run in one process, so the process id alone would not keep their files apart.
+pub fn temp_dir_for(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A log file path of its own for test `name`, with no file there yet: a line left by an
+/// earlier run must not be counted as this run's.
+pub fn fresh_log(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("switchyard-{name}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// The `access_log` key of a listener writing JSON lines to `path`, the format tests read back.
+pub fn json_access_log(path: &Path) -> String {
+    format!(
+        "access_log = {{ path = \"{}\", format = \"json\" }}",
+        path.display()
+    )
+}
+
+/// What the log at `path` holds so far; empty before the proxy first writes to it.
+pub fn log_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Waits until the JSON log at `path` holds `count` lines, then parses them: lines are written
+/// off the request path, after the client has its answer.
+pub async fn json_lines(path: &Path, count: usize) -> Vec<serde_json::Value> {
+    eventually(&format!("{count} log lines"), || {
+        log_text(path).lines().count() == count
+    })
+    .await;
+    log_text(path)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+/// Measures the longest stall of the runtime it runs on, for checks that some heavy work is
+/// kept off the threads that serve traffic: a task that wakes every 2 ms and notes the longest
+/// gap between two wakes.
+pub struct StallTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<Duration>,
+}
+
+impl StallTicker {
+    /// Starts ticking on the current runtime.
+    pub fn start() -> StallTicker {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move {
+                let mut longest = Duration::ZERO;
+                let mut last = std::time::Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                longest
+            }
+        });
+        StallTicker { stop, task }
+    }
+
+    /// Stops ticking and returns the longest stall seen.
+    pub async fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("ticker")
+    }
+}
+
+/// The head of a plain `200` answer, which most HTTP/2 test backends send.
+pub fn h2_ok() -> http::Response<()> {
+    http::Response::builder()
+        .status(200)
+        .body(())
+        .expect("response")
+}
+
+/// An HTTP/2 backend (h2c, prior knowledge) that runs `handler` on each stream in a task of its
+/// own, so that a stream held open never holds up the connection's others.
+pub async fn h2_backend_with<F, Fut>(handler: F) -> Backend
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Backend::start(move |stream| {
+        let handler = Arc::clone(&handler);
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                tokio::spawn(handler(request, respond));
+            }
+        }
+    })
+    .await
+}
