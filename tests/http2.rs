@@ -84,58 +84,51 @@ fn ok_trailers() -> http::HeaderMap {
 /// (bidirectional streaming); `/only` answers with a trailers-only response (`grpc-status: 5`
 /// in a head that ends the stream).
 async fn streaming_backend() -> Backend {
-    Backend::start(|stream| async move {
-        let Ok(mut connection) = h2::server::handshake(stream).await else {
-            return;
+    h2_backend_with(move |request, mut respond| async move {
+        let path = request.uri().path().to_owned();
+        let mut body = request.into_body();
+        let head = |status: u16| {
+            http::Response::builder()
+                .status(status)
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("response")
         };
-        while let Some(Ok((request, mut respond))) = connection.accept().await {
-            tokio::spawn(async move {
-                let path = request.uri().path().to_owned();
-                let mut body = request.into_body();
-                let head = |status: u16| {
-                    http::Response::builder()
-                        .status(status)
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .expect("response")
+        match path.as_str() {
+            "/only" => {
+                let response = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "5")
+                    .header("grpc-message", "not found")
+                    .body(())
+                    .expect("response");
+                let _ = respond.send_response(response, true);
+            }
+            "/echo" => {
+                let Ok(mut send) = respond.send_response(head(200), false) else {
+                    return;
                 };
-                match path.as_str() {
-                    "/only" => {
-                        let response = http::Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc")
-                            .header("grpc-status", "5")
-                            .header("grpc-message", "not found")
-                            .body(())
-                            .expect("response");
-                        let _ = respond.send_response(response, true);
-                    }
-                    "/echo" => {
-                        let Ok(mut send) = respond.send_response(head(200), false) else {
-                            return;
-                        };
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            if send.send_data(chunk, false).is_err() {
-                                return;
-                            }
-                        }
-                        let _ = send.send_trailers(ok_trailers());
-                    }
-                    _ => {
-                        let mut total = 0usize;
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            total += chunk.len();
-                        }
-                        let Ok(mut send) = respond.send_response(head(200), false) else {
-                            return;
-                        };
-                        let _ = send.send_data(Bytes::from(total.to_string()), false);
-                        let _ = send.send_trailers(ok_trailers());
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    if send.send_data(chunk, false).is_err() {
+                        return;
                     }
                 }
-            });
+                let _ = send.send_trailers(ok_trailers());
+            }
+            _ => {
+                let mut total = 0usize;
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    total += chunk.len();
+                }
+                let Ok(mut send) = respond.send_response(head(200), false) else {
+                    return;
+                };
+                let _ = send.send_data(Bytes::from(total.to_string()), false);
+                let _ = send.send_trailers(ok_trailers());
+            }
         }
     })
     .await
@@ -279,10 +272,7 @@ async fn goaway_backend(release: Arc<Notify>, max_streams: Option<u32>) -> Backe
             };
             while let Some(Ok((request, mut respond))) = connection.accept().await {
                 let path = request.uri().path().to_owned();
-                let head = http::Response::builder()
-                    .status(200)
-                    .body(())
-                    .expect("response");
+                let head = h2_ok();
                 let Ok(mut send) = respond.send_response(head, false) else {
                     continue;
                 };
@@ -510,45 +500,33 @@ type Sent = Arc<std::sync::atomic::AtomicUsize>;
 /// An HTTP/2 backend whose `/big` streams send 8 MiB as fast as flow control lets them,
 /// counting what went out in `sent`, and whose other paths answer "ok".
 async fn big_h2_backend(sent: Sent) -> Backend {
-    Backend::start(move |stream| {
+    h2_backend_with(move |request, mut respond| {
         let sent = Arc::clone(&sent);
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
+            let head = h2_ok();
+            let Ok(mut send) = respond.send_response(head, false) else {
                 return;
             };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let sent = Arc::clone(&sent);
-                tokio::spawn(async move {
-                    let head = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        return;
-                    };
-                    if request.uri().path() != "/big" {
-                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
-                        return;
-                    }
-                    let mut left = 8 * 1024 * 1024usize;
-                    while left > 0 {
-                        send.reserve_capacity(left.min(64 * 1024));
-                        let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
-                        else {
-                            return;
-                        };
-                        if n == 0 {
-                            continue;
-                        }
-                        if send.send_data(Bytes::from(vec![b'x'; n]), false).is_err() {
-                            return;
-                        }
-                        sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-                        left -= n;
-                    }
-                    let _ = send.send_data(Bytes::new(), true);
-                });
+            if request.uri().path() != "/big" {
+                let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                return;
             }
+            let mut left = 8 * 1024 * 1024usize;
+            while left > 0 {
+                send.reserve_capacity(left.min(64 * 1024));
+                let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+                    return;
+                };
+                if n == 0 {
+                    continue;
+                }
+                if send.send_data(Bytes::from(vec![b'x'; n]), false).is_err() {
+                    return;
+                }
+                sent.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                left -= n;
+            }
+            let _ = send.send_data(Bytes::new(), true);
         }
     })
     .await
@@ -642,43 +620,32 @@ async fn informational_answers_head_and_large_fields_pass_from_http11_backends_t
 #[tokio::test]
 async fn a_client_reset_reaches_the_http2_backend_during_the_upload_and_during_the_response() {
     let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    let backend = Backend::start(move |stream| {
+    let backend = h2_backend_with(move |request, mut respond| {
         let events = events.clone();
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
-                return;
-            };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    if request.uri().path() == "/upload" {
-                        let mut body = request.into_body();
-                        while let Some(chunk) = body.data().await {
-                            if chunk.is_err() {
-                                let _ = events.send("upload reset");
-                                return;
-                            }
-                        }
-                        let _ = events.send("upload ended");
+            if request.uri().path() == "/upload" {
+                let mut body = request.into_body();
+                while let Some(chunk) = body.data().await {
+                    if chunk.is_err() {
+                        let _ = events.send("upload reset");
                         return;
                     }
-                    let head = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        return;
-                    };
-                    let _ = send.send_data(Bytes::from_static(b"first"), false);
-                    // A quiet server stream: only the client's reset ends it.
-                    let reset = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
-                    let _ = events.send(if reset.is_ok() {
-                        "response reset"
-                    } else {
-                        "response failed"
-                    });
-                });
+                }
+                let _ = events.send("upload ended");
+                return;
             }
+            let head = h2_ok();
+            let Ok(mut send) = respond.send_response(head, false) else {
+                return;
+            };
+            let _ = send.send_data(Bytes::from_static(b"first"), false);
+            // A quiet server stream: only the client's reset ends it.
+            let reset = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+            let _ = events.send(if reset.is_ok() {
+                "response reset"
+            } else {
+                "response failed"
+            });
         }
     })
     .await;
@@ -790,42 +757,27 @@ async fn requests_an_http2_backend_refuses_or_drops_are_answered_not_hung() {
 async fn streams_reset_by_either_side_after_their_head_get_one_log_line_each() {
     let cut_now = Arc::new(Notify::new());
     let trigger = Arc::clone(&cut_now);
-    let backend = Backend::start(move |stream| {
+    let backend = h2_backend_with(move |request, mut respond| {
         let cut_now = Arc::clone(&trigger);
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
+            let head = h2_ok();
+            let Ok(mut send) = respond.send_response(head, false) else {
                 return;
             };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let cut_now = Arc::clone(&cut_now);
-                tokio::spawn(async move {
-                    let head = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        return;
-                    };
-                    let _ = send.send_data(Bytes::from_static(b"first"), false);
-                    if request.uri().path() == "/cut" {
-                        cut_now.notified().await;
-                        send.send_reset(h2::Reason::INTERNAL_ERROR);
-                    } else {
-                        let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
-                    }
-                });
+            let _ = send.send_data(Bytes::from_static(b"first"), false);
+            if request.uri().path() == "/cut" {
+                cut_now.notified().await;
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+            } else {
+                let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
             }
         }
     })
     .await;
-    let log = std::env::temp_dir().join(format!("switchyard-h2resets-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
+    let log = fresh_log("h2resets");
     let proxy = proxy_with(
         &[backend.addr],
-        &format!(
-            "access_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
+        &json_access_log(&log),
         "upstream_protocol = \"h2\"",
     );
     let mut sender = h2_connect(proxy.addr("l7")).await;
@@ -859,10 +811,12 @@ async fn streams_reset_by_either_side_after_their_head_get_one_log_line_each() {
     );
     stream.send_reset(h2::Reason::CANCEL);
     drop(body);
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("a line for each stream", || text().lines().count() >= 2).await;
+    eventually("a line for each stream", || {
+        log_text(&log).lines().count() >= 2
+    })
+    .await;
     let mut paths = Vec::new();
-    for line in text().lines() {
+    for line in log_text(&log).lines() {
         let line: serde_json::Value = serde_json::from_str(line).expect("json");
         assert_eq!(line["status"], 200);
         assert_eq!(line["backend"], backend.addr.to_string());
@@ -977,45 +931,34 @@ async fn continuation_and_window_update_floods_are_cut_off() {
 #[tokio::test]
 async fn an_http11_upload_cut_short_never_reaches_an_http2_backend_as_complete() {
     let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let backend = Backend::start(move |stream| {
+    let backend = h2_backend_with(move |request, mut respond| {
         let events = events.clone();
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
-                return;
+            // `/early` answers with its head at once, before it reads the body.
+            let _send = if request.uri().path() == "/early" {
+                let head = h2_ok();
+                respond.send_response(head, false).ok()
+            } else {
+                None
             };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    // `/early` answers with its head at once, before it reads the body.
-                    let _send = if request.uri().path() == "/early" {
-                        let head = http::Response::builder()
-                            .status(200)
-                            .body(())
-                            .expect("response");
-                        respond.send_response(head, false).ok()
-                    } else {
-                        None
-                    };
-                    let mut body = request.into_body();
-                    let mut got = Vec::new();
-                    loop {
-                        match body.data().await {
-                            Some(Ok(chunk)) => {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                                got.extend_from_slice(&chunk);
-                            }
-                            Some(Err(_)) => {
-                                let _ = events.send("reset".to_owned());
-                                return;
-                            }
-                            None => {
-                                let text = String::from_utf8_lossy(&got).into_owned();
-                                let _ = events.send(format!("complete: {text}"));
-                                return;
-                            }
-                        }
+            let mut body = request.into_body();
+            let mut got = Vec::new();
+            loop {
+                match body.data().await {
+                    Some(Ok(chunk)) => {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got.extend_from_slice(&chunk);
                     }
-                });
+                    Some(Err(_)) => {
+                        let _ = events.send("reset".to_owned());
+                        return;
+                    }
+                    None => {
+                        let text = String::from_utf8_lossy(&got).into_owned();
+                        let _ = events.send(format!("complete: {text}"));
+                        return;
+                    }
+                }
             }
         }
     })
@@ -1110,32 +1053,25 @@ async fn max_body_size_holds_for_http2_clients_of_http2_backends() {
 /// stream whose request body is dropped unread once the response is sent); `/end` with a 200
 /// whose stream ends, the request body left unread and its stream open (neither read nor reset).
 async fn early_answer_backend() -> Backend {
-    Backend::start(|stream| async move {
-        let Ok(mut connection) = h2::server::handshake(stream).await else {
+    h2_backend_with(move |request, mut respond| async move {
+        let reset = request.uri().path() == "/reset";
+        let (status, text) = if reset {
+            (413, "too big!")
+        } else {
+            (200, "early")
+        };
+        let head = http::Response::builder()
+            .status(status)
+            .header("content-length", text.len())
+            .body(())
+            .expect("response");
+        let Ok(mut send) = respond.send_response(head, false) else {
             return;
         };
-        while let Some(Ok((request, mut respond))) = connection.accept().await {
-            tokio::spawn(async move {
-                let reset = request.uri().path() == "/reset";
-                let (status, text) = if reset {
-                    (413, "too big!")
-                } else {
-                    (200, "early")
-                };
-                let head = http::Response::builder()
-                    .status(status)
-                    .header("content-length", text.len())
-                    .body(())
-                    .expect("response");
-                let Ok(mut send) = respond.send_response(head, false) else {
-                    return;
-                };
-                let _ = send.send_data(Bytes::from_static(text.as_bytes()), true);
-                if !reset {
-                    let _unread = request.into_body();
-                    tokio::time::sleep(PATIENCE).await;
-                }
-            });
+        let _ = send.send_data(Bytes::from_static(text.as_bytes()), true);
+        if !reset {
+            let _unread = request.into_body();
+            tokio::time::sleep(PATIENCE).await;
         }
     })
     .await
@@ -1223,52 +1159,42 @@ async fn an_early_answer_from_an_http2_backend_reaches_both_kinds_of_client() {
 /// body and sends its length; `/deaf` neither reads the body nor answers; `/te` answers at once
 /// with the `te` fields it got (comma-separated, `none` without one).
 async fn upload_backend() -> Backend {
-    Backend::start(|stream| async move {
-        let Ok(mut connection) = h2::server::handshake(stream).await else {
-            return;
-        };
-        while let Some(Ok((request, mut respond))) = connection.accept().await {
-            tokio::spawn(async move {
-                let head = http::Response::builder()
-                    .status(200)
-                    .body(())
-                    .expect("response");
-                match request.uri().path() {
-                    "/deaf" => {
-                        let _unread = request.into_body();
-                        tokio::time::sleep(PATIENCE).await;
-                    }
-                    "/te" => {
-                        let te: Vec<&str> = request
-                            .headers()
-                            .get_all("te")
-                            .iter()
-                            .map(|v| v.to_str().unwrap_or("?"))
-                            .collect();
-                        let text = if te.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            te.join(",")
-                        };
-                        let Ok(mut send) = respond.send_response(head, false) else {
-                            return;
-                        };
-                        let _ = send.send_data(Bytes::from(text), true);
-                    }
-                    _ => {
-                        let Ok(mut send) = respond.send_response(head, false) else {
-                            return;
-                        };
-                        let mut body = request.into_body();
-                        let mut total = 0usize;
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            total += chunk.len();
-                        }
-                        let _ = send.send_data(Bytes::from(format!("got {total}")), true);
-                    }
+    h2_backend_with(move |request, mut respond| async move {
+        let head = h2_ok();
+        match request.uri().path() {
+            "/deaf" => {
+                let _unread = request.into_body();
+                tokio::time::sleep(PATIENCE).await;
+            }
+            "/te" => {
+                let te: Vec<&str> = request
+                    .headers()
+                    .get_all("te")
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?"))
+                    .collect();
+                let text = if te.is_empty() {
+                    "none".to_owned()
+                } else {
+                    te.join(",")
+                };
+                let Ok(mut send) = respond.send_response(head, false) else {
+                    return;
+                };
+                let _ = send.send_data(Bytes::from(text), true);
+            }
+            _ => {
+                let Ok(mut send) = respond.send_response(head, false) else {
+                    return;
+                };
+                let mut body = request.into_body();
+                let mut total = 0usize;
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    total += chunk.len();
                 }
-            });
+                let _ = send.send_data(Bytes::from(format!("got {total}")), true);
+            }
         }
     })
     .await
@@ -1616,36 +1542,28 @@ async fn an_upload_an_http2_client_resets_with_no_error_half_way_is_not_complete
         .await
     };
     // An HTTP/2 one.
-    let h2 = Backend::start(move |stream| {
+    let h2 = h2_backend_with(move |request, _respond| {
         let events = events.clone();
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
-                return;
-            };
-            while let Some(Ok((request, _respond))) = connection.accept().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    let mut body = request.into_body();
-                    let mut reported = false;
-                    loop {
-                        match body.data().await {
-                            Some(Ok(chunk)) => {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                                if !std::mem::replace(&mut reported, true) {
-                                    let _ = events.send("data");
-                                }
-                            }
-                            Some(Err(_)) => {
-                                let _ = events.send("cut");
-                                return;
-                            }
-                            None => {
-                                let _ = events.send("complete");
-                                return;
-                            }
+            let mut body = request.into_body();
+            let mut reported = false;
+            loop {
+                match body.data().await {
+                    Some(Ok(chunk)) => {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        if !std::mem::replace(&mut reported, true) {
+                            let _ = events.send("data");
                         }
                     }
-                });
+                    Some(Err(_)) => {
+                        let _ = events.send("cut");
+                        return;
+                    }
+                    None => {
+                        let _ = events.send("complete");
+                        return;
+                    }
+                }
             }
         }
     })
@@ -1699,10 +1617,7 @@ async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by
                     let Some(Ok((request, mut respond))) = accepted else {
                         return;
                     };
-                    let head = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
+                    let head = h2_ok();
                     let Ok(mut send) = respond.send_response(head, false) else {
                         continue;
                     };
@@ -1942,10 +1857,7 @@ async fn a_stream_its_client_resets_before_the_head_frees_its_backend_stream() {
                     });
                     continue;
                 }
-                let head = http::Response::builder()
-                    .status(200)
-                    .body(())
-                    .expect("response");
+                let head = h2_ok();
                 if let Ok(mut send) = respond.send_response(head, false) {
                     let _ = send.send_data(Bytes::from_static(b"ok"), true);
                 }
@@ -1985,42 +1897,32 @@ async fn a_stream_its_client_resets_before_the_head_frees_its_backend_stream() {
 async fn bulk_h2_backend(size: usize) -> (Backend, Arc<std::sync::atomic::AtomicUsize>) {
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = Arc::clone(&sent);
-    let backend = Backend::start(move |stream| {
+    let backend = h2_backend_with(move |_request, mut respond| {
         let count = Arc::clone(&count);
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
+            let head = http::Response::builder()
+                .status(200)
+                .header("content-length", size.to_string())
+                .body(())
+                .expect("response");
+            let Ok(mut send) = respond.send_response(head, false) else {
                 return;
             };
-            while let Some(Ok((_request, mut respond))) = connection.accept().await {
-                let count = Arc::clone(&count);
-                tokio::spawn(async move {
-                    let head = http::Response::builder()
-                        .status(200)
-                        .header("content-length", size.to_string())
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        return;
-                    };
-                    let mut left = size;
-                    while left > 0 {
-                        send.reserve_capacity(left.min(64 * 1024));
-                        let Some(Ok(room)) =
-                            std::future::poll_fn(|cx| send.poll_capacity(cx)).await
-                        else {
-                            return;
-                        };
-                        let n = room.min(left);
-                        left -= n;
-                        if send
-                            .send_data(Bytes::from(vec![b'x'; n]), left == 0)
-                            .is_err()
-                        {
-                            return;
-                        }
-                        count.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-                    }
-                });
+            let mut left = size;
+            while left > 0 {
+                send.reserve_capacity(left.min(64 * 1024));
+                let Some(Ok(room)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+                    return;
+                };
+                let n = room.min(left);
+                left -= n;
+                if send
+                    .send_data(Bytes::from(vec![b'x'; n]), left == 0)
+                    .is_err()
+                {
+                    return;
+                }
+                count.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
             }
         }
     })
