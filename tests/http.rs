@@ -1582,10 +1582,7 @@ async fn h2_echo_backend() -> Backend {
                     String::from_utf8_lossy(value.as_bytes())
                 ));
             }
-            let response = http::Response::builder()
-                .status(200)
-                .body(())
-                .expect("response");
+            let response = h2_ok();
             if let Ok(mut send) = respond.send_response(response, false) {
                 let _ = send.send_data(bytes::Bytes::from(seen), true);
             }
@@ -2146,17 +2143,14 @@ async fn h2_exchange(
 async fn http2_streams_are_logged_when_their_body_is_done() {
     let backend = http_backend("b").await;
     let h2 = h2_backend("g").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-h2log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let log = dir.join("access.log");
-    let _ = std::fs::remove_file(&log);
+    let log = fresh_log("h2log");
     let proxy = Proxy::start(&format!(
         r#"
 [[listeners]]
 name = "l7"
 bind = "127.0.0.1:0"
 protocol = "http"
-access_log = {{ path = "{}", format = "json" }}
+{}
 
   [[listeners.routes]]
   match = {{ path_prefix = "/grpc/" }}
@@ -2173,25 +2167,17 @@ backends = ["{}"]
 upstream_protocol = "h2"
 backends = ["{}", "{}"]
 "#,
-        log.display(),
+        json_access_log(&log),
         backend.addr,
         dead_addr().await,
         h2.addr
     ));
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    let entries = || -> Vec<serde_json::Value> {
-        lines()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json"))
-            .collect()
-    };
 
     // To an HTTP/1.1 backend.
     let (status, _, body) = h2_request(&mut sender, "GET", "http://example.com/one", None).await;
     assert_eq!(status, 200);
-    eventually("the first line", || lines().lines().count() == 1).await;
-    let line = &entries()[0];
+    let line = &json_lines(&log, 1).await[0];
     assert_eq!(line["protocol"], "HTTP/2");
     assert_eq!(line["path"], "/one");
     assert_eq!(line["status"], 200);
@@ -2209,8 +2195,7 @@ backends = ["{}", "{}"]
     )
     .await;
     assert_eq!(status, 200);
-    eventually("the second line", || lines().lines().count() == 2).await;
-    let line = &entries()[1];
+    let line = &json_lines(&log, 2).await[1];
     assert_eq!(line["pool"], "g");
     assert_eq!(line["backend"], h2.addr.to_string());
     assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
@@ -2218,8 +2203,7 @@ backends = ["{}", "{}"]
     // A stream with no route: our own 404, logged without a pool.
     let (status, _, body) = h2_request(&mut sender, "GET", "http://example.com/none", None).await;
     assert_eq!(status, 404);
-    eventually("the 404 line", || lines().lines().count() == 3).await;
-    let line = &entries()[2];
+    let line = &json_lines(&log, 3).await[2];
     assert_eq!(line["status"], 404);
     assert!(line.get("pool").is_none(), "{line}");
     assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64));
@@ -2290,43 +2274,36 @@ async fn http2_clients_with_prior_knowledge_reach_http11_backends() {
 /// A gRPC-style HTTP/2 backend (h2c): answers each request with the request's body, prefixed by
 /// its name, then trailers `grpc-status: 0` and `x-seen-te` (what `te` it received).
 async fn h2_backend(name: &'static str) -> Backend {
-    Backend::start(move |stream| async move {
-        let Ok(mut connection) = h2::server::handshake(stream).await else {
+    h2_backend_with(move |request, mut respond| async move {
+        let te = request
+            .headers()
+            .get("te")
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .unwrap_or_default();
+        let forwarded = request.headers().get("x-forwarded-for").is_some();
+        let mut body = request.into_body();
+        let mut data = format!("{name}:").into_bytes();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let response = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("x-forwarded", if forwarded { "yes" } else { "no" })
+            .body(())
+            .expect("response");
+        let Ok(mut send) = respond.send_response(response, false) else {
             return;
         };
-        while let Some(Ok((request, mut respond))) = connection.accept().await {
-            tokio::spawn(async move {
-                let te = request
-                    .headers()
-                    .get("te")
-                    .map(|v| v.to_str().unwrap_or("?").to_owned())
-                    .unwrap_or_default();
-                let forwarded = request.headers().get("x-forwarded-for").is_some();
-                let mut body = request.into_body();
-                let mut data = format!("{name}:").into_bytes();
-                while let Some(Ok(chunk)) = body.data().await {
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    data.extend_from_slice(&chunk);
-                }
-                let response = http::Response::builder()
-                    .status(200)
-                    .header("content-type", "application/grpc")
-                    .header("x-forwarded", if forwarded { "yes" } else { "no" })
-                    .body(())
-                    .expect("response");
-                let Ok(mut send) = respond.send_response(response, false) else {
-                    return;
-                };
-                let _ = send.send_data(bytes::Bytes::from(data), false);
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                trailers.insert(
-                    "x-seen-te",
-                    http::HeaderValue::from_str(&te).unwrap_or(http::HeaderValue::from_static("?")),
-                );
-                let _ = send.send_trailers(trailers);
-            });
-        }
+        let _ = send.send_data(bytes::Bytes::from(data), false);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert(
+            "x-seen-te",
+            http::HeaderValue::from_str(&te).unwrap_or(http::HeaderValue::from_static("?")),
+        );
+        let _ = send.send_trailers(trailers);
     })
     .await
 }
@@ -2400,16 +2377,10 @@ async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
 #[tokio::test]
 async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers() {
     let backend = h2_backend("h2").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-h1h2log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let log = dir.join("access.log");
-    let _ = std::fs::remove_file(&log);
+    let log = fresh_log("h1h2log");
     let proxy = Proxy::start(&single_pool(
         &[backend.addr],
-        &format!(
-            "access_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
+        &json_access_log(&log),
         "upstream_protocol = \"h2\"",
     ));
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
@@ -2435,10 +2406,7 @@ async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers()
         "{text:?}"
     );
     // The log counts what the client was sent, head and body.
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("both lines", || lines().lines().count() == 2).await;
-    let last: serde_json::Value =
-        serde_json::from_str(lines().lines().last().expect("a line")).expect("json");
+    let last = &json_lines(&log, 2).await[1];
     assert_eq!(last["bytes"], raw.len());
 }
 
@@ -2938,29 +2906,21 @@ const FIRST_HALF_END: &[u8] = b"<end of the first half>";
 /// bytes of [`big_text`] followed by [`FIRST_HALF_END`], then pauses, and resets the stream once
 /// `cut` is notified.
 async fn h2_cut_backend(cut: Arc<tokio::sync::Notify>) -> Backend {
-    Backend::start(move |stream| {
+    h2_backend_with(move |_, mut respond| {
         let cut = Arc::clone(&cut);
         async move {
-            let Ok(mut connection) = h2::server::handshake(stream).await else {
+            let head = http::Response::builder()
+                .header("content-type", "text/plain")
+                .body(())
+                .expect("response");
+            let Ok(mut send) = respond.send_response(head, false) else {
                 return;
             };
-            while let Some(Ok((_, mut respond))) = connection.accept().await {
-                let cut = Arc::clone(&cut);
-                tokio::spawn(async move {
-                    let head = http::Response::builder()
-                        .header("content-type", "text/plain")
-                        .body(())
-                        .expect("response");
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        return;
-                    };
-                    let mut half = big_text()[..10_000].to_vec();
-                    half.extend_from_slice(FIRST_HALF_END);
-                    let _ = send.send_data(bytes::Bytes::from(half), false);
-                    cut.notified().await;
-                    send.send_reset(h2::Reason::INTERNAL_ERROR);
-                });
-            }
+            let mut half = big_text()[..10_000].to_vec();
+            half.extend_from_slice(FIRST_HALF_END);
+            let _ = send.send_data(bytes::Bytes::from(half), false);
+            cut.notified().await;
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
         }
     })
     .await
@@ -3362,12 +3322,8 @@ async fn reset_before_response(
 #[tokio::test]
 async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
     let (backend, mut events) = silent_backend().await;
-    let log = std::env::temp_dir().join(format!("switchyard-h2reset-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let access_log = format!(
-        "access_log = {{ path = \"{}\", format = \"json\" }}",
-        log.display()
-    );
+    let log = fresh_log("h2reset");
+    let access_log = json_access_log(&log);
     let proxy = Proxy::start(&single_pool(&[backend.addr], &access_log, ""));
     let _connection = reset_before_response(&proxy, &mut events).await;
     // The proxy lets go of the backend, and logs the stream.
@@ -3375,9 +3331,11 @@ async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
         tokio::time::timeout(PATIENCE, events.recv()).await,
         Ok(Some("closed"))
     );
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("a line for the reset stream", || text().contains("/slow")).await;
-    let line: serde_json::Value = serde_json::from_str(text().trim()).expect("json");
+    eventually("a line for the reset stream", || {
+        log_text(&log).contains("/slow")
+    })
+    .await;
+    let line: serde_json::Value = serde_json::from_str(log_text(&log).trim()).expect("json");
     assert_eq!(line["status"], 499);
     assert_eq!(line["backend"], backend.addr.to_string());
 }
@@ -3385,12 +3343,8 @@ async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
 #[tokio::test]
 async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_is_logged_as_499() {
     let (backend, mut events) = silent_backend().await;
-    let log = std::env::temp_dir().join(format!("switchyard-h1gone-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let access_log = format!(
-        "access_log = {{ path = \"{}\", format = \"json\" }}",
-        log.display()
-    );
+    let log = fresh_log("h1gone");
+    let access_log = json_access_log(&log);
     // A response timeout far beyond the test's patience: only the client's leaving can end it.
     let proxy = Proxy::start(&single_pool(
         &[backend.addr],
@@ -3429,10 +3383,7 @@ async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_
             "{close}: the backend connection is let go"
         );
     }
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("a line for each request", || text().lines().count() == 2).await;
-    for line in text().lines() {
-        let line: serde_json::Value = serde_json::from_str(line).expect("json");
+    for line in json_lines(&log, 2).await {
         assert_eq!(line["status"], 499);
     }
 }
