@@ -426,20 +426,7 @@ async fn a_reload_builds_its_pools_off_the_data_path() {
     let proxy = Proxy::start(&toml);
     // A ticker on this test's one runtime thread, which also serves the proxy, measures the
     // longest stall while the reload runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ticker = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move {
-            let mut longest = std::time::Duration::ZERO;
-            let mut last = std::time::Instant::now();
-            while !stop.load(SeqCst) {
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                longest = longest.max(last.elapsed());
-                last = std::time::Instant::now();
-            }
-            longest
-        }
-    });
+    let ticker = StallTicker::start();
     let config =
         switchyard::Config::from_toml(&toml, std::path::Path::new("test.toml")).expect("valid");
     // The ticker ticks before the reload starts.
@@ -447,8 +434,7 @@ async fn a_reload_builds_its_pools_off_the_data_path() {
     let started = std::time::Instant::now();
     let summary = proxy.handle.reload(config).await.expect("reloads");
     let took = started.elapsed();
-    stop.store(true, SeqCst);
-    let stalled = ticker.await.expect("ticker");
+    let stalled = ticker.stop().await;
     assert_eq!(summary.generation, 2);
     assert!(
         stalled < took / 2,
