@@ -553,16 +553,15 @@ async fn resetting_after(before_reset: usize) -> Backend {
 #[tokio::test]
 async fn a_backend_reset_during_an_upload_reaches_the_client_promptly() {
     let backend = resetting_after(64 * 1024).await;
-    let dir = std::env::temp_dir().join(format!("switchyard-upload-reset-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("upload-reset");
     for splice in [true, false] {
         let log = dir.join(format!("splice-{splice}.log"));
         let _ = std::fs::remove_file(&log);
         let proxy = Proxy::start(&tcp_config(
             &format!("backends = [\"{}\"]", backend.addr),
             &format!(
-                "splice = {splice}\nidle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
-                log.display()
+                "splice = {splice}\nidle_timeout = \"1h\"\n{}",
+                json_access_log(&log)
             ),
         ));
         let stream = TcpStream::connect(proxy.addr("l4")).await.expect("connect");
@@ -601,7 +600,7 @@ async fn a_backend_reset_during_an_upload_reaches_the_client_promptly() {
         .await;
         // The proxy saw a failure, and passed it on as one.
         eventually("the connection's line", || {
-            std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == 1)
+            log_text(&log).lines().count() == 1
         })
         .await;
         let text = std::fs::read_to_string(&log).expect("log");
