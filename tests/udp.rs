@@ -67,14 +67,10 @@ async fn datagrams_go_both_ways_over_two_backends() {
 
 /// A fresh access log file for one test, and a reader of its JSON lines.
 fn session_log(test: &str) -> (std::path::PathBuf, impl Fn() -> Vec<serde_json::Value>) {
-    let dir = std::env::temp_dir().join(format!("switchyard-udplog-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("udp.log");
-    let _ = std::fs::remove_file(&path);
+    let path = fresh_log(&format!("udplog-{test}"));
     let read = path.clone();
     let lines = move || {
-        std::fs::read_to_string(&read)
-            .unwrap_or_default()
+        log_text(&read)
             .lines()
             .map(|l| serde_json::from_str(l).expect("json"))
             .collect()
