@@ -12,8 +12,7 @@ use common::*;
 #[tokio::test]
 async fn the_hand_over_under_load_refuses_no_connection() {
     let backend = http_backend("a").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-upgrade-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("upgrade");
     let socket = dir.join("upgrade.sock");
     // A free port for the admin listener, which is handed over too.
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -99,8 +98,7 @@ async fn the_hand_over_under_load_refuses_no_connection() {
 #[tokio::test]
 async fn a_sigterm_during_a_stalled_hand_over_exits_without_waiting_for_it() {
     let backend = http_backend("a").await;
-    let dir = std::env::temp_dir().join(format!("switchyard-stalled-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = temp_dir_for("stalled");
     let socket = dir.join("upgrade.sock");
     let config = format!(
         "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
