@@ -1194,36 +1194,7 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     })
     .await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    let (mut reader, mut writer) = stream.into_split();
-    let size = 16 << 20;
-    let upload = tokio::spawn(async move {
-        let head = format!("PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
-        if writer.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        let chunk = vec![b'u'; 64 << 10];
-        for _ in 0..size / chunk.len() {
-            if writer.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(b"too big!") {
-        match tokio::time::timeout(PATIENCE, reader.read(&mut buf))
-            .await
-            .expect("an answer in time")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    upload.abort();
-    let text = String::from_utf8_lossy(&got);
+    let text = http11_upload_answer(proxy.addr("l7"), "/upload", "too big!").await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("connection: close\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\ntoo big!"), "{text}");

@@ -1077,42 +1077,6 @@ async fn early_answer_backend() -> Backend {
     .await
 }
 
-/// Sends a large upload to `path` from an HTTP/1.1 client and returns what came back before
-/// the proxy closed, or once `until` arrived.
-async fn http11_upload_answer(proxy: std::net::SocketAddr, path: &str, until: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect");
-    let (mut reader, mut writer) = stream.into_split();
-    let size = 16 << 20;
-    let head = format!("PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
-    let upload = tokio::spawn(async move {
-        if writer.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        let chunk = vec![b'u'; 64 << 10];
-        for _ in 0..size / chunk.len() {
-            if writer.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(until.as_bytes()) {
-        match tokio::time::timeout(PATIENCE, reader.read(&mut buf))
-            .await
-            .expect("an answer in time")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    upload.abort();
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 #[tokio::test]
 async fn an_early_answer_from_an_http2_backend_reaches_both_kinds_of_client() {
     let backend = early_answer_backend().await;

@@ -745,3 +745,67 @@ where
     })
     .await
 }
+
+/// Sends a large upload (16 MiB) to `path` from an HTTP/1.1 client and returns what came back
+/// before the proxy closed, or once `until` arrived: for answers given before the body is read,
+/// which must reach a client still busy sending.
+pub async fn http11_upload_answer(proxy: std::net::SocketAddr, path: &str, until: &str) -> String {
+    let stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let size = 16 << 20;
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+    let upload = tokio::spawn(async move {
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(until.as_bytes()) {
+        match tokio::time::timeout(PATIENCE, reader.read(&mut buf))
+            .await
+            .expect("an answer in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    upload.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The config of one tcp listener `l4` forwarding to pool `p`, whose table is `pool` (its
+/// `backends` line and any more keys), with `listener_extra` added to the listener's table.
+pub fn tcp_config(pool: &str, listener_extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "p"
+{listener_extra}
+
+[pools.p]
+{pool}
+"#
+    )
+}
+
+/// [`tcp_config`] for a pool of `backends` with `pool_extra` added to its table: the layer 4
+/// counterpart of [`single_pool`].
+pub fn single_tcp_pool(backends: &[SocketAddr], listener_extra: &str, pool_extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    tcp_config(
+        &format!("backends = [{}]\n{pool_extra}", list.join(", ")),
+        listener_extra,
+    )
+}
