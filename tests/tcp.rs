@@ -11,22 +11,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn tcp_config(pool: &str, listener_extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "l4"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-pool = "p"
-{listener_extra}
-
-[pools.p]
-{pool}
-"#
-    )
-}
-
 /// Sends `data` through, half-closes, and returns everything that comes back.
 async fn round_trip(proxy: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
     let stream = TcpStream::connect(proxy).await.expect("connect");
