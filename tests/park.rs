@@ -174,19 +174,10 @@ async fn parking_can_be_turned_off() {
 // Layer 4: forwarded connections with no bytes moving are parked too.
 
 fn l4(backend: SocketAddr, listener_extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "l4"
-bind = "127.0.0.1:0"
-protocol = "tcp"
-pool = "p"
-park_idle_after = "10ms"
-{listener_extra}
-
-[pools.p]
-backends = ["{backend}"]
-"#
+    single_tcp_pool(
+        &[backend],
+        &format!("park_idle_after = \"10ms\"\n{listener_extra}"),
+        "",
     )
 }
 
