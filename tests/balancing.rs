@@ -314,9 +314,10 @@ async fn tcp_health_checks_notice_a_dead_backend() {
     let alive = Backend::named("alive").await;
     let dying = Backend::named("dying").await;
     let dying_addr = dying.addr;
-    let proxy = Proxy::start(&format!(
-        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\"]\nhealth = {{ kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", fall = 2, rise = 2 }}\n",
-        alive.addr, dying_addr
+    let proxy = Proxy::start(&single_tcp_pool(
+        &[alive.addr, dying_addr],
+        "",
+        "health = { kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", fall = 2, rise = 2 }",
     ));
     drop(dying);
     backend_becomes(&proxy, dying_addr, "dead backend down", |s| !s.is_usable()).await;
@@ -554,10 +555,7 @@ async fn the_drain_deadline_closes_streams_that_are_left() {
     })
     .await;
     let b = Backend::named("b").await;
-    let proxy = Proxy::start(&format!(
-        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\"]\n",
-        a.addr, b.addr
-    ));
+    let proxy = Proxy::start(&single_tcp_pool(&[a.addr, b.addr], "", ""));
     let l4 = proxy.addr("l4");
     // Connections until one is on a.
     let mut stream = loop {
@@ -601,9 +599,10 @@ async fn l4_hashing_keeps_a_client_on_one_backend() {
     let a = Backend::named("a").await;
     let b = Backend::named("b").await;
     let c = Backend::named("c").await;
-    let proxy = Proxy::start(&format!(
-        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\", \"{}\", \"{}\"]\nbalance = \"maglev\"\n",
-        a.addr, b.addr, c.addr
+    let proxy = Proxy::start(&single_tcp_pool(
+        &[a.addr, b.addr, c.addr],
+        "",
+        "balance = \"maglev\"",
     ));
     let first = first_line(proxy.addr("l4")).await;
     for _ in 0..6 {
