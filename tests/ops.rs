@@ -96,9 +96,7 @@ impl Started {
 }
 
 fn l4_config(backend: std::net::SocketAddr) -> String {
-    format!(
-        "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{backend}\"]\n"
-    )
+    single_tcp_pool(&[backend], "", "")
 }
 
 /// Replaces `path` the way editors do: a new file renamed over the old one.
@@ -421,11 +419,7 @@ async fn sigusr1_reopens_the_access_log_that_logrotate_moved() {
     let path = dir.0.join("switchyard.toml");
     std::fs::write(
         &path,
-        format!(
-            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\naccess_log = {{ path = \"{}\", format = \"json\" }}\n[pools.p]\nbackends = [\"{}\"]\n",
-            log.display(),
-            backend.addr
-        ),
+        single_tcp_pool(&[backend.addr], &json_access_log(&log), ""),
     )
     .expect("write");
     let mut proxy = Started::new(&path, &[], &[]).await;
