@@ -184,13 +184,7 @@ async fn sigterm_lets_an_open_connection_finish_then_exits_zero() {
 #[tokio::test]
 async fn a_broken_standard_error_neither_stops_serving_nor_the_shutdown() {
     let backend = Backend::echo().await;
-    let config = temp_config(
-        "broken-stderr",
-        &format!(
-            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
-            backend.addr
-        ),
-    );
+    let config = temp_config("broken-stderr", &single_tcp_pool(&[backend.addr], "", ""));
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--threads", "1", "--log-level", "debug", "--config"])
         .arg(&config)
@@ -246,13 +240,7 @@ async fn the_drain_deadline_closes_what_is_left_and_exits_zero() {
 #[tokio::test]
 async fn running_out_of_descriptors_backs_off_and_recovers() {
     let backend = Backend::echo().await;
-    let config = temp_config(
-        "emfile",
-        &format!(
-            "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
-            backend.addr
-        ),
-    );
+    let config = temp_config("emfile", &single_tcp_pool(&[backend.addr], "", ""));
     // A hard limit of 48 descriptors: a few connections exhaust it.
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
