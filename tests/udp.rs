@@ -84,10 +84,7 @@ async fn sessions_expire_when_idle() {
     let (log, lines) = session_log("expire");
     let proxy = Proxy::start(&udp_config(
         &[a],
-        &format!(
-            "idle_timeout = \"100ms\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
+        &format!("idle_timeout = \"100ms\"\n{}", json_access_log(&log)),
     ));
     let addr = proxy.addr("dns");
     let stats = proxy.stats("dns");
@@ -164,13 +161,7 @@ async fn a_refusing_backend_does_not_trap_a_client_that_keeps_its_port() {
     };
     let (live, _task) = udp_named("live").await;
     let (log, lines) = session_log("refused");
-    let proxy = Proxy::start(&udp_config(
-        &[dead, live],
-        &format!(
-            "access_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
-    ));
+    let proxy = Proxy::start(&udp_config(&[dead, live], &json_access_log(&log)));
     let addr = proxy.addr("dns");
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let mut buf = vec![0u8; 1024];
@@ -209,10 +200,7 @@ async fn a_refused_session_whose_client_moves_on_is_logged_as_refused() {
     let (log, lines) = session_log("moved-on");
     let proxy = Proxy::start(&udp_config(
         &[dead],
-        &format!(
-            "idle_timeout = \"100ms\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
+        &format!("idle_timeout = \"100ms\"\n{}", json_access_log(&log)),
     ));
     // One query from a port that is never used again, as DNS clients do.
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
@@ -454,10 +442,7 @@ async fn a_draining_backend_keeps_its_sessions_until_the_deadline_then_they_move
     let (log, lines) = session_log("drain");
     let proxy = Proxy::start(&udp_config(
         &[a, b],
-        &format!(
-            "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
-            log.display()
-        ),
+        &format!("idle_timeout = \"1h\"\n{}", json_access_log(&log)),
     ));
     let addr = proxy.addr("dns");
     // Two clients in session, one on each backend (round robin).
@@ -547,10 +532,7 @@ async fn sessions_on_a_backend_a_reload_removed_move_at_their_next_datagram() {
     let (a, _ta) = udp_named("a").await;
     let (b, _tb) = udp_named("b").await;
     let (log, lines) = session_log("removed");
-    let extra = format!(
-        "idle_timeout = \"1h\"\naccess_log = {{ path = \"{}\", format = \"json\" }}",
-        log.display()
-    );
+    let extra = format!("idle_timeout = \"1h\"\n{}", json_access_log(&log));
     let proxy = Proxy::start(&udp_config(&[a, b], &extra));
     let addr = proxy.addr("dns");
     let (on_a, on_b) = one_client_on_each(addr).await;
