@@ -1673,18 +1673,23 @@ async fn drains_and_disables_through_the_api_show_in_state_and_metrics_alike() {
     }
 }
 
+/// [`config`] with 3000 backends (none listening) in pool `p`: its metrics and state run to
+/// megabytes, more than socket buffers hold.
+fn thousands_of_backends(a: SocketAddr) -> String {
+    let backends: Vec<String> = (0..3000)
+        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    config(a, a, "").replace(
+        &format!("backends = [\"{a}\", \"{a}\"]"),
+        &format!("backends = [{}]", backends.join(", ")),
+    )
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_a_large_answer_is_let_go() {
     let a = http_backend("a").await;
     // Metrics of thousands of backends: megabytes, more than socket buffers hold.
-    let backends: Vec<String> = (0..3000)
-        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
-        .collect();
-    let toml = config(a.addr, a.addr, "").replace(
-        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
-        &format!("backends = [{}]", backends.join(", ")),
-    );
-    let proxy = Proxy::start(&toml);
+    let proxy = Proxy::start(&thousands_of_backends(a.addr));
     let api = proxy.handle.admin_addr().expect("admin configured");
     let full = admin(api, "GET", "/metrics", Some(TOKEN), "")
         .await
@@ -1724,14 +1729,7 @@ async fn a_client_that_never_reads_a_large_answer_is_let_go() {
 async fn large_metrics_and_state_are_rendered_off_the_data_path() {
     let a = http_backend("a").await;
     // Thousands of backends: /metrics is megabytes, /api/state about as large.
-    let backends: Vec<String> = (0..3000)
-        .map(|i| format!("\"127.1.{}.{}:80\"", i / 250, i % 250 + 1))
-        .collect();
-    let toml = config(a.addr, a.addr, "").replace(
-        &format!("backends = [\"{}\", \"{}\"]", a.addr, a.addr),
-        &format!("backends = [{}]", backends.join(", ")),
-    );
-    let proxy = Proxy::start(&toml);
+    let proxy = Proxy::start(&thousands_of_backends(a.addr));
     let api = proxy.handle.admin_addr().expect("admin configured");
     for path in ["/metrics", "/api/state"] {
         // A ticker on this test's one runtime thread measures the longest stall.
