@@ -17,14 +17,16 @@ fn web(default_pool: &str, extra_listener: &str, pools: &str) -> String {
     )
 }
 
+/// Pools `a` and `b` of one backend each, for reloads that move [`web`] from one to the other.
+fn two_pools(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
+    format!("[pools.a]\nbackends = [\"{a}\"]\n[pools.b]\nbackends = [\"{b}\"]\n")
+}
+
 #[tokio::test]
 async fn a_reload_changes_routes_and_keeps_the_socket() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    let pools = format!(
-        "[pools.a]\nbackends = [\"{}\"]\n[pools.b]\nbackends = [\"{}\"]\n",
-        a.addr, b.addr
-    );
+    let pools = two_pools(a.addr, b.addr);
     let proxy = Proxy::start(&web("a", "", &pools));
     let addr = proxy.addr("web");
     let mut kept = HttpClient::connect(addr).await;
@@ -389,10 +391,7 @@ async fn http2_clients_of_a_removed_listener_get_goaway_after_their_streams() {
 async fn a_long_lived_client_keeps_no_settings_between_its_own_and_the_newest() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;
-    let pools = format!(
-        "[pools.a]\nbackends = [\"{}\"]\n[pools.b]\nbackends = [\"{}\"]\n",
-        a.addr, b.addr
-    );
+    let pools = two_pools(a.addr, b.addr);
     let proxy = Proxy::start(&web("a", "", &pools));
     let older = || {
         proxy
