@@ -3359,6 +3359,129 @@ async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_
     }
 }
 
+/// An HTTP/2 backend that never answers: it reports each stream it gets (`request`), then how
+/// that stream ends (`reset` when the proxy resets it, `failed` when its connection fails).
+async fn silent_h2_backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    let (events, seen) = tokio::sync::mpsc::unbounded_channel();
+    let backend = h2_backend_with(move |request, mut respond| {
+        let events = events.clone();
+        async move {
+            let _held = request;
+            let _ = events.send("request");
+            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+            let _ = events.send(if reset.is_ok() { "reset" } else { "failed" });
+        }
+    })
+    .await;
+    (backend, seen)
+}
+
+#[tokio::test]
+async fn an_http11_client_that_leaves_before_an_http2_backends_response_cancels_its_stream_and_is_logged_as_499()
+ {
+    let (backend, mut events) = silent_h2_backend().await;
+    let log = fresh_log("h1gone-h2");
+    // A response timeout far beyond the test's patience: only the client's leaving can end it.
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        &json_access_log(&log),
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"5m\"",
+    ));
+    let cases = [
+        ("close", "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("half-close", "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"),
+        // With a body, all of it sent before the client leaves.
+        (
+            "close after a body",
+            "POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+    ];
+    for (close, request) in cases {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
+            .await
+            .expect("connect");
+        client.write_all(request.as_bytes()).await.expect("write");
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("request")),
+            "{close}"
+        );
+        if close == "half-close" {
+            // Its sending side only: to the proxy, as to NGINX, that is the client gone.
+            client.shutdown().await.expect("shutdown");
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+                "{close}: not closed"
+            );
+            assert!(rest.is_empty(), "{close}: {rest:?}");
+        } else {
+            drop(client);
+        }
+        assert_eq!(
+            tokio::time::timeout(PATIENCE, events.recv()).await,
+            Ok(Some("reset")),
+            "{close}: the backend's stream is cancelled"
+        );
+    }
+    for line in json_lines(&log, cases.len()).await {
+        assert_eq!(line["status"], 499);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_closed_only_its_sending_side_gets_an_http2_backends_answer_with_abort_on_close_off()
+ {
+    // The backend answers only once it has the request, after the client's end of stream.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let backend = {
+        let release = Arc::clone(&release);
+        h2_backend_with(move |request, mut respond| {
+            let release = Arc::clone(&release);
+            let events = events.clone();
+            async move {
+                let _held = request;
+                let _ = events.send("request");
+                release.notified().await;
+                if let Ok(mut send) = respond.send_response(h2_ok(), false) {
+                    let _ = send.send_data(bytes::Bytes::from_static(b"late"), true);
+                }
+            }
+        })
+        .await
+    };
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "abort_on_close = false",
+        "upstream_protocol = \"h2\"",
+    ));
+    let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    client.shutdown().await.expect("shutdown");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, seen.recv()).await,
+        Ok(Some("request"))
+    );
+    release.notify_one();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("late"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_closed_only_its_sending_side_is_answered_with_abort_on_close_off() {
     // The backend answers only once the client's end of stream has surely reached the proxy.

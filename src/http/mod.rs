@@ -1455,28 +1455,35 @@ impl HttpProxy {
         let mut request_cut = false;
         let (response, early) = {
             let send = self.h2_upstream.send(&lease, addr, pool, request);
-            let pump = pump_request_body(
-                client,
-                head.framing,
-                &mut body_tx,
-                self.max_body_size,
-                pool.response_timeout,
-            );
             tokio::pin!(send);
-            tokio::pin!(pump);
-            // The body streams while the response is awaited; the response timeout starts once
-            // the body is sent, as on the HTTP/1.1 path (an upload may take longer than it). A
-            // backend that takes none of the body for that long times out as well.
-            let mut pumped = false;
-            let deadline = tokio::time::sleep(Duration::MAX / 4);
-            tokio::pin!(deadline);
-            let sent = loop {
-                tokio::select! {
-                    sent = &mut send => break sent,
-                    result = &mut pump, if !pumped => {
+            let response_parts = |sent: Result<http::Response<_>, _>| match sent {
+                Ok(response) => Ok(http::Response::into_parts(response)),
+                Err(error) => {
+                    debug!(backend = %addr, %error, "http/2 backend request failed");
+                    self.h2_upstream.failed(addr, pool, &lease, &error);
+                    pool.report(&state, false);
+                    Err(Failure::Status(502))
+                }
+            };
+            // The body streams while the response is awaited. The pump borrows the client, so
+            // it lives in a scope of its own: once the body is sent, the client's socket is
+            // free to be watched while the rest of the response is awaited.
+            let answered_early = {
+                let pump = pump_request_body(
+                    client,
+                    head.framing,
+                    &mut body_tx,
+                    self.max_body_size,
+                    pool.response_timeout,
+                );
+                tokio::pin!(pump);
+                let sent = tokio::select! {
+                    sent = &mut send => Some(sent),
+                    result = &mut pump => {
                         match result {
                             Ok(()) => {}
                             Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                            // A backend that takes none of the body for the response timeout.
                             Err(BodyError::Write(error)) if error.kind() == io::ErrorKind::TimedOut => {
                                 debug!(backend = %addr, "the backend stopped taking the request body");
                                 pool.report(&state, false);
@@ -1487,64 +1494,90 @@ impl HttpProxy {
                             Err(BodyError::Write(_)) => request_cut = true,
                             Err(_) => return Err(Failure::Abort),
                         }
-                        pumped = true;
-                        deadline
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + pool.response_timeout);
-                    }
-                    // Only this stream is given up on (dropped, hyper resets it with CANCEL);
-                    // a connection that died unnoticed is found out by its pings.
-                    _ = &mut deadline, if pumped => {
-                        pool.report(&state, false);
-                        return Err(Failure::Status(504));
+                        None
                     }
                     () = closer.cancelled() => {
                         debug!(backend = %addr, "no response before the backend's drain deadline");
                         return Err(Failure::Status(504));
                     }
+                };
+                match sent {
+                    None => None,
+                    Some(sent) => {
+                        let (parts, body) = response_parts(sent)?;
+                        let mut early = h2_upstream::Prefetched::new(body);
+                        // An early answer, before the whole body was sent (RFC 9113 section
+                        // 8.1): the body goes on while the backend takes it, and the answer's
+                        // first frames are taken meanwhile. Once the backend stops taking the
+                        // body (its stream reset, or no room for the response timeout), or once
+                        // the answer is complete (the backend will not want the rest), the
+                        // answer goes to the client, which must not wait for it on an upload
+                        // it does not need.
+                        let mut pumped = false;
+                        while !pumped {
+                            tokio::select! {
+                                biased;
+                                result = &mut pump => {
+                                    match result {
+                                        Ok(()) => {}
+                                        Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                                        Err(BodyError::Write(_)) => request_cut = true,
+                                        Err(_) => return Err(Failure::Abort),
+                                    }
+                                    pumped = true;
+                                }
+                                () = early.prefetch(), if early.wants_more() => {
+                                    if early.ended() {
+                                        request_cut = true;
+                                        pumped = true;
+                                    }
+                                }
+                                () = closer.cancelled() => {
+                                    debug!(backend = %addr, "no response before the backend's drain deadline");
+                                    return Err(Failure::Status(504));
+                                }
+                            }
+                        }
+                        Some((parts, early))
+                    }
                 }
             };
-            let response = match sent {
-                Ok(response) => response,
-                Err(error) => {
-                    debug!(backend = %addr, %error, "http/2 backend request failed");
-                    self.h2_upstream.failed(addr, pool, &lease, &error);
-                    pool.report(&state, false);
-                    return Err(Failure::Status(502));
+            let (parts, early) = match answered_early {
+                Some(answered) => answered,
+                None => {
+                    // The whole body is sent: the response timeout starts now, as on the
+                    // HTTP/1.1 path (an upload may take longer than it). A client that leaves
+                    // meanwhile gives the request up, as there (`abort_on_close`); not while
+                    // pipelined requests wait in its buffer.
+                    let watched =
+                        (self.abort_on_close && client.buf.is_empty()).then(|| client.stream.tcp());
+                    let gone = async {
+                        match watched {
+                            Some(tcp) => client_gone(tcp).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let sent = tokio::select! {
+                        sent = &mut send => sent,
+                        // Only this stream is given up on (dropped, hyper resets it with
+                        // CANCEL); a connection that died unnoticed is found out by its pings.
+                        () = tokio::time::sleep(pool.response_timeout) => {
+                            pool.report(&state, false);
+                            return Err(Failure::Status(504));
+                        }
+                        () = closer.cancelled() => {
+                            debug!(backend = %addr, "no response before the backend's drain deadline");
+                            return Err(Failure::Status(504));
+                        }
+                        () = gone => {
+                            debug!(backend = %addr, "client gone while its response was awaited");
+                            return Err(Failure::Abort);
+                        }
+                    };
+                    let (parts, body) = response_parts(sent)?;
+                    (parts, h2_upstream::Prefetched::new(body))
                 }
             };
-            let (parts, body) = response.into_parts();
-            let mut early = h2_upstream::Prefetched::new(body);
-            // An early answer, before the whole body was sent (RFC 9113 section 8.1): the body
-            // goes on while the backend takes it, and the answer's first frames are taken
-            // meanwhile. Once the backend stops taking the body (its stream reset, or no room
-            // for the response timeout), or once the answer is complete (the backend will not
-            // want the rest), the answer goes to the client, which must not wait for it on an
-            // upload it does not need.
-            while !pumped {
-                tokio::select! {
-                    biased;
-                    result = &mut pump => {
-                        match result {
-                            Ok(()) => {}
-                            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
-                            Err(BodyError::Write(_)) => request_cut = true,
-                            Err(_) => return Err(Failure::Abort),
-                        }
-                        pumped = true;
-                    }
-                    () = early.prefetch(), if early.wants_more() => {
-                        if early.ended() {
-                            request_cut = true;
-                            pumped = true;
-                        }
-                    }
-                    () = closer.cancelled() => {
-                        debug!(backend = %addr, "no response before the backend's drain deadline");
-                        return Err(Failure::Status(504));
-                    }
-                }
-            }
             if request_cut {
                 debug!(backend = %addr, status = parts.status.as_u16(), "the backend answered before taking the whole request body");
             }
