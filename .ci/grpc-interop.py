@@ -42,11 +42,27 @@ class Backend:
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
         }
+        # The standard health service, answered by hand (HealthCheckRequest and
+        # HealthCheckResponse are one field each): the proxy's gRPC health checks call it.
+        self.serving = True
+        self.health_asked = set()
+        health = {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+            (
+                grpc.method_handlers_generic_handler(SERVICE, handlers),
+                grpc.method_handlers_generic_handler("grpc.health.v1.Health", health),
+            )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
+
+    def check(self, request, context):
+        # Field 1 (tag 0x0a), a one-byte length, the service name.
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        self.health_asked.add(service)
+        if service != SERVICE:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return b"\x08\x01" if self.serving else b"\x08\x02"
 
     def trailers(self, context):
         context.set_trailing_metadata(
@@ -226,6 +242,7 @@ tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }}
 [pools.grpc]
 upstream_protocol = "h2"
 backends = [{", ".join(f'"127.0.0.1:{b.port}"' for b in backends.values())}]
+health = {{ kind = "grpc", service = "{SERVICE}", interval = "200ms", timeout = "200ms", rise = 1, fall = 1 }}
 """
     check = Checks()
     with tempfile.TemporaryDirectory() as workdir:
@@ -239,6 +256,35 @@ backends = [{", ".join(f'"127.0.0.1:{b.port}"' for b in backends.values())}]
                 f"localhost:{ports['grpc-tls']}", credentials
             ) as channel:
                 exercise(channel, "tls", backends, check)
+            # Health: a backend that says NOT_SERVING is taken out of the pool, and back in
+            # once it serves again.
+            check.that(
+                all(b.health_asked == {SERVICE} for b in backends.values()),
+                "the proxy's gRPC health checks ask about the configured service",
+            )
+            with grpc.insecure_channel(f"127.0.0.1:{ports['grpc-h2c']}") as channel:
+                unary = channel.unary_unary(f"/{SERVICE}/Unary")
+
+                def backends_seen(calls):
+                    return [
+                        dict(unary.with_call(b"x", timeout=PATIENCE)[1].trailing_metadata()).get(
+                            "x-backend"
+                        )
+                        for _ in range(calls)
+                    ]
+
+                def settles(wanted):
+                    deadline = time.monotonic() + PATIENCE
+                    while time.monotonic() < deadline:
+                        if set(backends_seen(6)) == wanted:
+                            return True
+                        time.sleep(0.05)
+                    return False
+
+                backends["grpc-2"].serving = False
+                check.that(settles({"grpc-1"}), "NOT_SERVING takes a backend out of the pool")
+                backends["grpc-2"].serving = True
+                check.that(settles({"grpc-1", "grpc-2"}), "SERVING again brings it back")
             # A backend goes away: its calls move to the other one; with none left, the
             # client learns it from the status, as from any gRPC server.
             backends["grpc-2"].server.stop(None).wait(PATIENCE)

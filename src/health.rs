@@ -3,9 +3,10 @@
 //!
 //! Probes of one pool are spread over the interval (each backend starts at its own offset), so
 //! a pool of a thousand backends is a steady trickle of probes, not a burst every interval. A
-//! probe is a TCP connect or one GET (over the pool's TLS, if it has some; HTTP/2 on pools that
-//! speak it to their backends, HTTP/1.1 otherwise) on a kept or fresh connection; the whole
-//! probe, connect included, must finish within `timeout`. State changes are logged at info.
+//! probe is a TCP connect, one GET (over the pool's TLS, if it has some; HTTP/2 on pools that
+//! speak it to their backends, HTTP/1.1 otherwise) or one gRPC health check (`Check` of
+//! `grpc.health.v1.Health`, over HTTP/2) on a kept or fresh connection; the whole probe, connect
+//! included, must finish within `timeout`. State changes are logged at info.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +59,7 @@ pub fn spawn(pool: &Pool, stop: CancellationToken) {
             request: probe_request(&config.kind, candidate.state.addr),
             h2: (pool.upstream_protocol == UpstreamProtocol::H2)
                 .then(|| h2_probe_request(&config.kind, candidate.state.addr, pool.tls.is_some())),
+            grpc_body: grpc_check_body(&config.kind),
             h2_conn: None,
             state: Arc::clone(&candidate.state),
             config: Arc::clone(&config),
@@ -82,6 +84,8 @@ struct Probe {
     /// On pools that speak HTTP/2 to their backends, the request as HTTP/2 sends it: such
     /// backends may speak nothing else (gRPC servers), and over TLS their ALPN says `h2`.
     h2: Option<http::Request<()>>,
+    /// The framed `HealthCheckRequest` a gRPC check sends as the HTTP/2 request's body.
+    grpc_body: Option<bytes::Bytes>,
     /// The HTTP/2 connection kept from the last probe, on those pools.
     h2_conn: Option<h2::client::SendRequest<bytes::Bytes>>,
     /// The connection kept from the last HTTP probe.
@@ -189,16 +193,23 @@ impl Probe {
     async fn probe(&mut self) -> Result<(), ProbeError> {
         let addr = self.state.addr;
         let config = Arc::clone(&self.config);
-        let HealthKind::Http { expect, .. } = &config.kind else {
-            let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
-            // Closed with a reset, as HAProxy closes its checks: the connect was the check, and
-            // a thousand probes a second would otherwise leave thousands of sockets in
-            // TIME_WAIT and cost a closing handshake each.
-            let _ = stream.set_zero_linger();
-            return Ok(());
+        let expect = match &config.kind {
+            HealthKind::Tcp => {
+                let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
+                // Closed with a reset, as HAProxy closes its checks: the connect was the check,
+                // and a thousand probes a second would otherwise leave thousands of sockets in
+                // TIME_WAIT and cost a closing handshake each.
+                let _ = stream.set_zero_linger();
+                return Ok(());
+            }
+            HealthKind::Grpc { .. } => {
+                let answer = self.exchange_h2().await?;
+                return grpc_verdict(&answer).map_err(ProbeError::Failed);
+            }
+            HealthKind::Http { expect, .. } => expect,
         };
         if self.h2.is_some() {
-            let status = self.exchange_h2().await?;
+            let status = self.exchange_h2().await?.status;
             return if expect
                 .iter()
                 .any(|&(low, high)| (low..=high).contains(&status))
@@ -241,7 +252,7 @@ impl Probe {
 
     /// The HTTP/2 probe: its request on the kept connection, or on a new one when there is
     /// none or the kept one is gone before answering (which says nothing of the backend).
-    async fn exchange_h2(&mut self) -> Result<u16, ProbeError> {
+    async fn exchange_h2(&mut self) -> Result<H2Answer, ProbeError> {
         let addr = self.state.addr;
         if let Some(sender) = self.h2_conn.take() {
             match self.request_h2(sender).await {
@@ -263,36 +274,51 @@ impl Probe {
         Ok(self.request_h2(sender).await?)
     }
 
-    /// Sends the HTTP/2 probe request on `sender` and returns the status; the connection is
-    /// kept for the next probe once the body has been read.
+    /// Sends the HTTP/2 probe request on `sender` and returns what came back; the connection
+    /// is kept for the next probe once the body (and any trailers) has been read.
     async fn request_h2(
         &mut self,
         sender: h2::client::SendRequest<bytes::Bytes>,
-    ) -> Result<u16, String> {
+    ) -> Result<H2Answer, String> {
         let request = match &self.h2 {
             Some(request) => request.clone(),
             None => return Err("not an HTTP/2 pool".into()),
         };
         let mut sender = sender.ready().await.map_err(|e| format!("HTTP/2: {e}"))?;
-        let (response, _) = sender
-            .send_request(request, true)
+        let (response, mut upload) = sender
+            .send_request(request, self.grpc_body.is_none())
             .map_err(|e| format!("HTTP/2: {e}"))?;
+        if let Some(body) = &self.grpc_body {
+            // A few bytes, well within the initial window.
+            upload
+                .send_data(body.clone(), true)
+                .map_err(|e| format!("HTTP/2: {e}"))?;
+        }
         let response = response.await.map_err(|e| format!("HTTP/2: {e}"))?;
         let status = response.status().as_u16();
-        let mut body = response.into_body();
-        let mut read = 0;
+        let (parts, mut body) = response.into_parts();
+        let mut answer = H2Answer {
+            status,
+            body: Vec::new(),
+            grpc_status: grpc_field(&parts.headers, "grpc-status"),
+            grpc_message: grpc_field(&parts.headers, "grpc-message"),
+        };
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| format!("HTTP/2 body: {e}"))?;
-            read += chunk.len();
             let _ = body.flow_control().release_capacity(chunk.len());
-            if read > MAX_PROBE_BODY {
+            if answer.body.len() + chunk.len() > MAX_PROBE_BODY {
                 // Not worth reading: the stream is reset when the body is dropped, and the
                 // connection is not kept.
-                return Ok(status);
+                return Ok(answer);
             }
+            answer.body.extend_from_slice(&chunk);
+        }
+        if let Some(trailers) = body.trailers().await.map_err(|e| format!("HTTP/2: {e}"))? {
+            answer.grpc_status = grpc_field(&trailers, "grpc-status").or(answer.grpc_status);
+            answer.grpc_message = grpc_field(&trailers, "grpc-message").or(answer.grpc_message);
         }
         self.h2_conn = Some(sender);
-        Ok(status)
+        Ok(answer)
     }
 
     /// Sends the probe request on `stream` and reads the response.
@@ -366,20 +392,149 @@ fn probe_request(kind: &HealthKind, addr: SocketAddr) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The request an HTTP probe sends over HTTP/2: the same path, `Host` as its authority.
+/// The request an HTTP probe sends over HTTP/2: the same path, `Host` as its authority. For a
+/// gRPC check, the `Check` call of the standard health service.
 fn h2_probe_request(kind: &HealthKind, addr: SocketAddr, tls: bool) -> http::Request<()> {
-    let (path, host) = match kind {
-        HealthKind::Http { path, host, .. } => (path.as_str(), host.clone()),
-        _ => ("/", None),
+    let (path, host, grpc) = match kind {
+        HealthKind::Http { path, host, .. } => (path.as_str(), host.clone(), false),
+        HealthKind::Grpc { host, .. } => (GRPC_CHECK_PATH, host.clone(), true),
+        HealthKind::Tcp => ("/", None, false),
     };
     let host = host.unwrap_or_else(|| addr.to_string());
     let scheme = if tls { "https" } else { "http" };
-    http::Request::builder()
-        .method(http::Method::GET)
+    let builder = http::Request::builder()
         .uri(format!("{scheme}://{host}{path}"))
-        .header(http::header::USER_AGENT, "switchyard-health-check")
-        .body(())
-        .unwrap_or_default()
+        .header(http::header::USER_AGENT, "switchyard-health-check");
+    let builder = if grpc {
+        builder
+            .method(http::Method::POST)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+    } else {
+        builder.method(http::Method::GET)
+    };
+    builder.body(()).unwrap_or_default()
+}
+
+/// The method of the gRPC health checking protocol (grpc/grpc, doc/health-checking.md).
+const GRPC_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// What an HTTP/2 probe learned: the status, the start of the body, and for gRPC the status
+/// and message (from the trailers, or from the head of a trailers-only answer).
+struct H2Answer {
+    status: u16,
+    body: Vec<u8>,
+    grpc_status: Option<String>,
+    grpc_message: Option<String>,
+}
+
+fn grpc_field(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// The body of a gRPC check: `HealthCheckRequest { service }` in protobuf (field 1, a string,
+/// left out when empty), behind gRPC's five-byte message prefix (not compressed, length).
+fn grpc_check_body(kind: &HealthKind) -> Option<bytes::Bytes> {
+    let HealthKind::Grpc { service, .. } = kind else {
+        return None;
+    };
+    let mut message = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        message.push(0x0a);
+        let mut len = service.len();
+        while len >= 0x80 {
+            message.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        message.push(len as u8);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    Some(framed.into())
+}
+
+/// Whether a gRPC check passed: HTTP 200, `grpc-status: 0`, and a `HealthCheckResponse` whose
+/// status is `SERVING`. The reason otherwise.
+fn grpc_verdict(answer: &H2Answer) -> Result<(), String> {
+    if answer.status != 200 {
+        return Err(format!("status {}", answer.status));
+    }
+    match answer.grpc_status.as_deref() {
+        Some("0") => {}
+        Some(code) => {
+            return Err(format!(
+                "grpc-status {code}{}",
+                answer
+                    .grpc_message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ));
+        }
+        None => return Err("no grpc-status".into()),
+    }
+    match serving_status(&answer.body) {
+        Some(1) => Ok(()),
+        Some(0) => Err("UNKNOWN".into()),
+        Some(2) => Err("NOT_SERVING".into()),
+        Some(3) => Err("SERVICE_UNKNOWN".into()),
+        Some(other) => Err(format!("serving status {other}")),
+        None => Err("not a HealthCheckResponse".into()),
+    }
+}
+
+/// The `status` (field 1, a varint) of the one `HealthCheckResponse` in a gRPC body; 0, the
+/// protobuf default, when the field is left out. `None` for anything that is not exactly one
+/// uncompressed, well-formed message.
+fn serving_status(body: &[u8]) -> Option<u64> {
+    let (&flag, rest) = body.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let (length, mut message) = rest.split_at(4);
+    let length = u32::from_be_bytes(length.try_into().ok()?) as usize;
+    if message.len() != length {
+        return None;
+    }
+    let mut status = 0;
+    while !message.is_empty() {
+        let key = varint(&mut message)?;
+        match key & 7 {
+            0 => {
+                let value = varint(&mut message)?;
+                if key >> 3 == 1 {
+                    status = value;
+                }
+            }
+            1 => message = message.get(8..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut message)?).ok()?;
+                message = message.get(len..)?;
+            }
+            5 => message = message.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+/// Reads one protobuf varint (at most ten bytes) off the front of `data`.
+fn varint(data: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let (&byte, rest) = data.split_first()?;
+        *data = rest;
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// What a probe learns from a response.
@@ -492,5 +647,81 @@ mod tests {
         assert_eq!(parse_status_line(b"HTTP/2 200"), None);
         assert_eq!(parse_status_line(b"HTTP/1.1 2x0 OK"), None);
         assert_eq!(parse_status_line(b"garbage"), None);
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(message);
+        body
+    }
+
+    #[test]
+    fn grpc_check_requests_name_their_service() {
+        let body = |service: &str| {
+            grpc_check_body(&HealthKind::Grpc {
+                service: service.into(),
+                host: None,
+            })
+            .expect("a body")
+        };
+        assert_eq!(&body("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &body("a.B")[..],
+            &[0, 0, 0, 0, 5, 0x0a, 3, b'a', b'.', b'B']
+        );
+        // A name of 200 bytes takes a two-byte length.
+        let long = "s".repeat(200);
+        assert_eq!(&body(&long)[..8], &[0, 0, 0, 0, 203, 0x0a, 0xc8, 0x01]);
+    }
+
+    #[test]
+    fn grpc_check_responses_are_read_strictly() {
+        assert_eq!(serving_status(&framed(&[0x08, 0x01])), Some(1));
+        assert_eq!(serving_status(&framed(&[0x08, 0x02])), Some(2));
+        // The field left out is its default, UNKNOWN; other fields are skipped.
+        assert_eq!(serving_status(&framed(&[])), Some(0));
+        assert_eq!(
+            serving_status(&framed(&[
+                0x12, 0x02, b'h', b'i', 0x08, 0x01, 0x1d, 1, 2, 3, 4
+            ])),
+            Some(1)
+        );
+        // Compressed, cut short, longer than said, a varint that never ends, a bad wire type.
+        assert_eq!(serving_status(&[1, 0, 0, 0, 2, 0x08, 0x01]), None);
+        assert_eq!(serving_status(&[0, 0, 0, 0, 3, 0x08, 0x01]), None);
+        assert_eq!(serving_status(&[0, 0, 0]), None);
+        let mut endless = vec![0x08];
+        endless.extend_from_slice(&[0x80; 11]);
+        assert_eq!(serving_status(&framed(&endless)), None);
+        assert_eq!(serving_status(&framed(&[0x08, 0x80])), None);
+        assert_eq!(serving_status(&framed(&[0x0b, 0x01])), None);
+        assert_eq!(serving_status(&framed(&[0x12, 0x09, 1])), None);
+        let answer = |status: u16, grpc: Option<&str>, body: Vec<u8>| H2Answer {
+            status,
+            body,
+            grpc_status: grpc.map(str::to_owned),
+            grpc_message: Some("why".into()),
+        };
+        assert_eq!(
+            grpc_verdict(&answer(200, Some("0"), framed(&[0x08, 0x01]))),
+            Ok(())
+        );
+        assert_eq!(
+            grpc_verdict(&answer(200, Some("0"), framed(&[0x08, 0x02]))),
+            Err("NOT_SERVING".into())
+        );
+        assert_eq!(
+            grpc_verdict(&answer(200, Some("12"), Vec::new())),
+            Err("grpc-status 12: why".into())
+        );
+        assert_eq!(
+            grpc_verdict(&answer(503, None, Vec::new())),
+            Err("status 503".into())
+        );
+        assert_eq!(
+            grpc_verdict(&answer(200, None, framed(&[0x08, 0x01]))),
+            Err("no grpc-status".into())
+        );
     }
 }

@@ -772,3 +772,103 @@ async fn http_health_checks_of_an_h2c_pool_speak_http2_with_prior_knowledge() {
     assert!(state.is_usable());
     assert_eq!(backend.accepted(), 1, "one connection carries the probes");
 }
+
+/// A gRPC server (h2c) with the standard health service: `Check` answers with the serving
+/// status `serving` holds (1 SERVING, 2 NOT_SERVING) for the service `svc`, SERVICE_UNKNOWN
+/// (as `grpc-status: 5`, NOT_FOUND) for any other; the service names it was asked about are
+/// recorded.
+async fn grpc_health_backend(
+    serving: Arc<std::sync::atomic::AtomicU8>,
+    asked: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+) -> Backend {
+    h2_backend_with(move |request, mut respond| {
+        let (serving, asked) = (Arc::clone(&serving), Arc::clone(&asked));
+        async move {
+            let ok = request.uri().path() == "/grpc.health.v1.Health/Check"
+                && request.method() == http::Method::POST
+                && request.headers().get("content-type").map(|v| v.as_bytes())
+                    == Some(b"application/grpc");
+            let mut body = request.into_body();
+            let mut message = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                message.extend_from_slice(&chunk);
+            }
+            // The service name: after the 5-byte prefix, field 1 (0x0a, a one-byte length).
+            let service = message.get(7..).unwrap_or_default().to_vec();
+            asked.lock().expect("lock").push(service.clone());
+            let head = http::Response::builder()
+                .status(if ok { 200 } else { 404 })
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("head");
+            let Ok(mut stream) = respond.send_response(head, false) else {
+                return;
+            };
+            let mut trailers = http::HeaderMap::new();
+            if service == b"svc" {
+                let status = serving.load(SeqCst);
+                let _ =
+                    stream.send_data(bytes::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            } else {
+                trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static("unknown service"),
+                );
+            }
+            let _ = stream.send_trailers(trailers);
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn grpc_health_checks_follow_the_servers_own_serving_status() {
+    let serving = Arc::new(std::sync::atomic::AtomicU8::new(1));
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = grpc_health_backend(Arc::clone(&serving), Arc::clone(&asked)).await;
+    let other = grpc_health_backend(
+        Arc::new(std::sync::atomic::AtomicU8::new(1)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+
+[pools.p]
+upstream_protocol = "h2"
+backends = ["{}"]
+health = {{ kind = "grpc", service = "svc", interval = "100ms", timeout = "100ms", rise = 1, fall = 1 }}
+
+[pools.q]
+upstream_protocol = "h2"
+backends = ["{}"]
+health = {{ kind = "grpc", service = "other", interval = "100ms", timeout = "100ms", rise = 1, fall = 1 }}
+"#,
+        backend.addr, other.addr
+    ));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    eventually("probes pass while the server serves", || {
+        state.probes_passed.load(SeqCst) >= 2
+    })
+    .await;
+    assert!(state.is_usable());
+    assert_eq!(asked.lock().expect("lock")[0], b"svc");
+    assert_eq!(backend.accepted(), 1, "one connection carries the probes");
+    // The server says it no longer serves: down, though it answers every probe.
+    serving.store(2, SeqCst);
+    eventually("down on NOT_SERVING", || !state.is_usable()).await;
+    serving.store(1, SeqCst);
+    eventually("up again on SERVING", || state.is_usable()).await;
+    // A service the server does not know fails by its grpc-status.
+    let unknown = proxy.registry.get("q", other.addr).expect("known");
+    eventually("down for an unknown service", || !unknown.is_usable()).await;
+    assert_eq!(unknown.probes_passed.load(SeqCst), 0);
+}

@@ -601,6 +601,21 @@ fn balancing_mistakes_are_reported() {
         "empty range",
     );
     assert_problem(
+        &l4_pool("health = { kind = \"grpc\" }"),
+        "pools.p.health.kind",
+        "upstream_protocol = \"h2\"",
+    );
+    assert_problem(
+        &l4_pool("health = { kind = \"grpc\", path = \"/\" }"),
+        "pools.p.health.path",
+        "kind = \"http\"",
+    );
+    assert_problem(
+        &l4_pool("health = { kind = \"http\", service = \"svc\" }"),
+        "pools.p.health.service",
+        "kind = \"grpc\"",
+    );
+    assert_problem(
         &l4_pool("outlier = { max_ejected_percent = 150 }"),
         "pools.p.outlier.max_ejected_percent",
         "out of range",

@@ -810,6 +810,15 @@ pub enum HealthKind {
         /// Accepted status ranges, inclusive.
         expect: Vec<(u16, u16)>,
     },
+    /// The gRPC health checking protocol (`grpc.health.v1.Health/Check`), over the HTTP/2 a
+    /// pool with `upstream_protocol = "h2"` speaks: gRPC servers answer it with their own view
+    /// of whether they serve, where an HTTP GET gets nothing useful from them.
+    Grpc {
+        /// The service asked about; empty for the server as a whole.
+        service: String,
+        /// The request's authority; the backend's address when absent.
+        host: Option<String>,
+    },
 }
 
 /// `outlier = { ... }`: passive health.

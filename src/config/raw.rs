@@ -324,11 +324,12 @@ pub struct RawSticky {
     pub secret: Option<String>,
 }
 
-/// `health = { kind, path, expect_status, interval, timeout, rise, fall, host }`.
+/// `health = { kind, path, service, expect_status, interval, timeout, rise, fall, host }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub kind: Option<String>,
+    pub service: Option<String>,
     pub path: Option<String>,
     pub expect_status: Option<String>,
     pub interval: Option<String>,

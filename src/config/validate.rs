@@ -1860,7 +1860,7 @@ fn validate_pool(
     });
     let health = raw
         .health
-        .and_then(|raw| validate_health(problems, &format!("{at}.health"), raw));
+        .and_then(|raw| validate_health(problems, &format!("{at}.health"), raw, upstream_protocol));
     let outlier = raw.outlier.map(|raw| {
         let path = format!("{at}.outlier");
         let consecutive_failures = positive(
@@ -2261,6 +2261,7 @@ fn validate_health(
     problems: &mut Problems,
     path: &str,
     raw: super::raw::RawHealth,
+    upstream_protocol: UpstreamProtocol,
 ) -> Option<HealthConfig> {
     let before = problems.0.len();
     let http_only = |problems: &mut Problems, present: bool, key: &str| {
@@ -2268,14 +2269,41 @@ fn validate_health(
             problems.push(format!("{path}.{key}"), "applies only to kind = \"http\"");
         }
     };
+    let grpc_only = |problems: &mut Problems, present: bool, key: &str| {
+        if present {
+            problems.push(format!("{path}.{key}"), "applies only to kind = \"grpc\"");
+        }
+    };
+    let bad_host = |host: Option<&str>| {
+        host.is_some_and(|h| h.is_empty() || h.bytes().any(|b| b <= b' ' || b == 0x7f))
+    };
     let kind = match raw.kind.as_deref() {
         Some("tcp") => {
             http_only(problems, raw.path.is_some(), "path");
             http_only(problems, raw.host.is_some(), "host");
             http_only(problems, raw.expect_status.is_some(), "expect_status");
+            grpc_only(problems, raw.service.is_some(), "service");
             HealthKind::Tcp
         }
+        Some("grpc") => {
+            http_only(problems, raw.path.is_some(), "path");
+            http_only(problems, raw.expect_status.is_some(), "expect_status");
+            if upstream_protocol != UpstreamProtocol::H2 {
+                problems.push(
+                    format!("{path}.kind"),
+                    "gRPC checks need a pool that speaks HTTP/2: upstream_protocol = \"h2\"",
+                );
+            }
+            if bad_host(raw.host.as_deref()) {
+                problems.push(format!("{path}.host"), "not a valid authority");
+            }
+            HealthKind::Grpc {
+                service: raw.service.unwrap_or_default(),
+                host: raw.host,
+            }
+        }
         Some("http") => {
+            grpc_only(problems, raw.service.is_some(), "service");
             let probe_path = raw.path.unwrap_or_else(|| "/".to_owned());
             if !probe_path.starts_with('/') || probe_path.bytes().any(|b| b <= b' ' || b == 0x7f) {
                 problems.push(
@@ -2283,11 +2311,7 @@ fn validate_health(
                     "must start with `/` and contain no spaces or control characters",
                 );
             }
-            if raw
-                .host
-                .as_deref()
-                .is_some_and(|h| h.is_empty() || h.bytes().any(|b| b <= b' ' || b == 0x7f))
-            {
+            if bad_host(raw.host.as_deref()) {
                 problems.push(format!("{path}.host"), "not a valid Host value");
             }
             let expect = match raw.expect_status.as_deref() {
@@ -2303,13 +2327,16 @@ fn validate_health(
             }
         }
         None => {
-            problems.push(format!("{path}.kind"), "missing: \"tcp\" or \"http\"");
+            problems.push(
+                format!("{path}.kind"),
+                "missing: \"tcp\", \"http\" or \"grpc\"",
+            );
             return None;
         }
         Some(other) => {
             problems.push(
                 format!("{path}.kind"),
-                format!("unknown kind `{other}` (expected \"tcp\" or \"http\")"),
+                format!("unknown kind `{other}` (expected \"tcp\", \"http\" or \"grpc\")"),
             );
             return None;
         }
