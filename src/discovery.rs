@@ -3,7 +3,8 @@
 //! other addresses is rebuilt with them (`ServerHandle::replace_pool`).
 //!
 //! One task does it for the whole process, from `Server::run` to the shutdown. The lookups
-//! block (`dns::lookup`), so each round runs on a blocking thread. A name that cannot be
+//! block (`dns::lookup_all`), so each round runs on a blocking thread, its names looked up
+//! together so that a resolver that does not answer costs a round one timeout, not one a name. A name that cannot be
 //! resolved, or resolves to nothing, keeps the addresses it had: a resolver that is down must
 //! not empty a pool. That is logged once when it starts and once when it ends, not every
 //! interval. A reload looks every name up itself, so it starts the interval over.
@@ -46,22 +47,31 @@ pub async fn run(handle: ServerHandle) {
         }
         let resolvers = config.global.resolvers.clone();
         let looked_up = tokio::task::spawn_blocking(move || {
+            // Every name of every pool at once: a resolver that times out on one name must
+            // not hold the others' answers back by as long again.
+            let hosts: Vec<&str> = pools
+                .iter()
+                .flat_map(|pool| pool.discovery.iter().flat_map(|d| &d.names))
+                .map(|name| name.host.as_str())
+                .collect();
+            let mut answers = dns::lookup_all(&hosts, &resolvers, dns::QUERY_TIMEOUT).into_iter();
             pools
-                .into_iter()
+                .iter()
                 .map(|pool| {
                     let answers = pool
                         .discovery
                         .iter()
                         .flat_map(|d| &d.names)
-                        .map(|name| {
-                            dns::lookup(&name.host, &resolvers, dns::QUERY_TIMEOUT).map(|ips| {
+                        .zip(answers.by_ref())
+                        .map(|(name, answer)| {
+                            answer.map(|ips| {
                                 ips.into_iter()
                                     .map(|ip| SocketAddr::new(ip, name.port))
                                     .collect::<Vec<_>>()
                             })
                         })
                         .collect::<Vec<_>>();
-                    (pool, answers)
+                    (pool.clone(), answers)
                 })
                 .collect::<Vec<_>>()
         })

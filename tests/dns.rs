@@ -551,3 +551,68 @@ async fn the_admin_api_sees_the_addresses_and_its_drain_outlasts_a_change_of_the
     );
     shutdown.cancel();
 }
+
+/// Every lookup of `handle`'s names so far, whatever its result.
+fn lookups(handle: &ServerHandle) -> u64 {
+    handle.resolutions().iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_does_not_answer_costs_one_timeout_not_one_for_each_name() {
+    let (port, _b) = backends(&["a"], false).await;
+    let dns = DnsServer::start(&[ip(1)]).await;
+    // Asked first, and never answers: each name waits out its timeout (2 s) on it.
+    let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dead = dead.local_addr().unwrap();
+    let names: Vec<String> = (0..6)
+        .map(|i| format!("{{ address = \"n{i}.test:{port}\", resolve = true }}"))
+        .collect();
+    let toml = format!(
+        r#"
+[global]
+resolvers = ["{dead}", "{}"]
+resolve_interval = "1s"
+
+[[listeners]]
+name = "front"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+pool = "app"
+
+[pools.app]
+backends = [{}]
+"#,
+        dns.addr,
+        names.join(", ")
+    );
+    // Six names one after another would take 12 s; together, one timeout.
+    let started = std::time::Instant::now();
+    let (handle, shutdown) = start(toml).await;
+    let loading = started.elapsed();
+    assert!(loading < Duration::from_secs(6), "loading took {loading:?}");
+    assert_eq!(tcp_name(handle.local_addr("front").unwrap()).await.0, "a");
+
+    // A round of lookups too: from the end of one to the end of the next is the interval
+    // and one timeout, not six.
+    let before = lookups(&handle);
+    eventually("a round ends", || {
+        let now = lookups(&handle);
+        async move { now > before }
+    })
+    .await;
+    let round_ended = std::time::Instant::now();
+    let before = lookups(&handle);
+    eventually("another round ends", || {
+        let now = lookups(&handle);
+        async move { now > before }
+    })
+    .await;
+    let round = round_ended.elapsed();
+    assert!(round < Duration::from_secs(6), "a round took {round:?}");
+    assert_eq!(
+        lookups(&handle) % 6,
+        0,
+        "every name is looked up each round"
+    );
+    shutdown.cancel();
+}

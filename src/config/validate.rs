@@ -244,6 +244,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         );
     }
     let resolvers = validate_resolvers(&mut problems, raw.global.resolvers.as_deref(), &raw.pools);
+    let answers = look_up_names(&raw.pools, &resolvers);
 
     let declared = raw.pools.keys().cloned().collect();
     // Taken before the raw values are consumed: checked against the pools' users below.
@@ -251,7 +252,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let users = pool_users(&raw.listeners);
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
-        if let Some(pool) = validate_pool(&mut problems, &name, pool, base, &resolvers) {
+        if let Some(pool) = validate_pool(&mut problems, &name, pool, base, &answers) {
             pools.insert(name, pool);
         }
     }
@@ -1499,12 +1500,51 @@ fn validate_resolvers(
     }
 }
 
-/// A backend entry with `resolve = true`: its host name looked up with our own client.
+/// The answers for the host names of `resolve = true` entries, looked up together: a
+/// resolver that does not answer costs a load one timeout, not one for each name.
+type Answers = HashMap<String, Result<Vec<std::net::IpAddr>, crate::dns::DnsError>>;
+
+/// Looks up, all at once, every host name that [`resolve_name`] will ask about.
+fn look_up_names(pools: &BTreeMap<String, RawPool>, resolvers: &[SocketAddr]) -> Answers {
+    if resolvers.is_empty() {
+        return Answers::new();
+    }
+    let mut hosts: Vec<&str> = pools
+        .values()
+        .flat_map(|pool| pool.backends.iter().flatten())
+        .filter_map(|backend| match backend {
+            RawBackend::Table(table) if table.resolve == Some(true) => table
+                .address
+                .as_deref()
+                .and_then(host_and_port)
+                .map(|(host, _)| host),
+            _ => None,
+        })
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let results = crate::dns::lookup_all(&hosts, resolvers, crate::dns::QUERY_TIMEOUT);
+    hosts.into_iter().map(str::to_owned).zip(results).collect()
+}
+
+/// The host name and port of a `resolve = true` entry's address, unless it is an IP address
+/// or not `host:port`.
+fn host_and_port(address: &str) -> Option<(&str, u16)> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    address
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+}
+
+/// A backend entry with `resolve = true`: its host name, looked up with our own client.
 fn resolve_name(
     problems: &mut Problems,
     path: &str,
     address: &str,
-    resolvers: &[SocketAddr],
+    answers: &Answers,
 ) -> Option<(String, u16, Vec<SocketAddr>)> {
     if address.parse::<SocketAddr>().is_ok() {
         problems.push(
@@ -1513,11 +1553,7 @@ fn resolve_name(
         );
         return None;
     }
-    let parsed = address
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty())
-        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
-    let Some((host, port)) = parsed else {
+    let Some((host, port)) = host_and_port(address) else {
         problems.push(path, format!("`{address}` is not host:port"));
         return None;
     };
@@ -1528,17 +1564,12 @@ fn resolve_name(
         );
         return None;
     }
-    if resolvers.is_empty() {
-        // Said at global.resolvers already.
-        return None;
-    }
-    match crate::dns::lookup(host, resolvers, crate::dns::QUERY_TIMEOUT) {
+    // No answer: there was no resolver to ask, which is said at global.resolvers already.
+    match answers.get(host)? {
         Ok(ips) => Some((
             host.to_owned(),
             port,
-            ips.into_iter()
-                .map(|ip| SocketAddr::new(ip, port))
-                .collect(),
+            ips.iter().map(|&ip| SocketAddr::new(ip, port)).collect(),
         )),
         Err(error) => {
             problems.push(path, format!("cannot resolve `{host}`: {error}"));
@@ -1552,7 +1583,7 @@ fn validate_pool(
     name: &str,
     raw: RawPool,
     base: &Path,
-    resolvers: &[SocketAddr],
+    answers: &Answers,
 ) -> Option<PoolConfig> {
     let at = format!("pools.{name}");
     let before = problems.0.len();
@@ -1591,7 +1622,7 @@ fn validate_pool(
                         None
                     }
                     Some(address) if resolve => {
-                        resolved = resolve_name(problems, &path, &address, resolvers);
+                        resolved = resolve_name(problems, &path, &address, answers);
                         None
                     }
                     Some(address) => {
