@@ -1,7 +1,8 @@
 //! A small DNS client: A and AAAA lookups over UDP, for backends written `resolve = true`.
 //!
 //! A lookup asks each resolver in turn, with a timeout, and takes only a reply that comes from
-//! that resolver and carries the query's random id and its question. Replies are parsed here,
+//! that resolver and carries the query's random id and its question (a failure without the
+//! question, as some servers send, passes the name on to the next resolver). Replies are parsed here,
 //! by hand and bounded: name compression (a limited number of jumps), and CNAME chains inside
 //! the answer section (a limited number of links). A truncated reply (TC) is used as it is:
 //! the addresses it holds are enough to balance over, and there is no fallback to TCP. The
@@ -324,6 +325,17 @@ pub fn parse_reply(
     if flags & 0x8000 == 0 || (flags >> 11) & 0xf != 0 {
         return Err(ParseError::NotReply);
     }
+    let rcode = (flags & 0xf) as u8;
+    if field(4) == 0 && rcode != 0 && rcode != RCODE_NXDOMAIN {
+        // A failure (a refusal, a query the server cannot parse) may come without the
+        // question. Its id is all that ties it to the query, which is enough to ask the next
+        // resolver rather than wait out the timeout, and never enough to take an answer.
+        return Ok(Reply {
+            rcode,
+            truncated: false,
+            addrs: Vec::new(),
+        });
+    }
     if field(4) != 1 {
         return Err(ParseError::Mismatch);
     }
@@ -338,7 +350,6 @@ pub fn parse_reply(
     }
     pos += 4;
     let truncated = flags & 0x0200 != 0;
-    let rcode = (flags & 0xf) as u8;
 
     // The answer section; a truncated reply may hold fewer records than it announces.
     let mut records: Vec<(Vec<u8>, u16, std::ops::Range<usize>)> = Vec::new();
@@ -679,6 +690,80 @@ mod tests {
             }
             let _ = parse_reply(&noise, 3, &q, QueryType::A);
         }
+    }
+
+    /// A resolver on 127.0.0.1:0 that answers each of the first `n` queries it gets with
+    /// `answer(query)`.
+    fn resolver(n: usize, answer: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0; 512];
+            for _ in 0..n {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    return;
+                };
+                let _ = socket.send_to(&answer(&buf[..len]), from);
+            }
+        });
+        addr
+    }
+
+    /// The answer of a resolver that knows 10.0.0.1 as every name's only address.
+    fn knows(query: &[u8]) -> Vec<u8> {
+        let a = query[query.len() - 4..query.len() - 2] == TYPE_A.to_be_bytes();
+        let answers = if a {
+            vec![record(&TO_QUESTION, TYPE_A, &[10, 0, 0, 1])]
+        } else {
+            vec![]
+        };
+        reply(query, 0, &answers)
+    }
+
+    /// The header alone, with `rcode`: what some servers send when they refuse a query.
+    fn header_only(query: &[u8], rcode: u16) -> Vec<u8> {
+        let mut packet = query[..12].to_vec();
+        packet[2..4].copy_from_slice(&(0x8180 | rcode).to_be_bytes());
+        packet[4..12].fill(0);
+        packet
+    }
+
+    #[test]
+    fn a_refusal_without_the_question_passes_the_name_on_at_once() {
+        let refuses = resolver(2, |query| header_only(query, 5));
+        let answers = resolver(2, knows);
+        let started = Instant::now();
+        let got = lookup("app.example", &[refuses, answers], Duration::from_secs(5));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        // Only as a failure: a header alone cannot say the name has no address.
+        let q = name("app.example");
+        let query = build_query(4, &q, QueryType::A);
+        assert_eq!(
+            parse_reply(&header_only(&query, 0), 4, &q, QueryType::A),
+            Err(ParseError::Mismatch)
+        );
+        assert_eq!(
+            parse_reply(&header_only(&query, 3), 4, &q, QueryType::A),
+            Err(ParseError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn a_failure_asks_the_next_resolver_and_no_such_name_does_not() {
+        let fails = resolver(2, |query| reply(query, 2, &[]));
+        let answers = resolver(2, knows);
+        let got = lookup("app.example", &[fails, answers], Duration::from_secs(5));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+
+        let unknown = resolver(2, |query| reply(query, 3, &[]));
+        let answers = resolver(2, knows);
+        let got = lookup("app.example", &[unknown, answers], Duration::from_secs(5));
+        assert!(matches!(got, Err(DnsError::NoAddress(_))), "{got:?}");
     }
 
     #[test]
