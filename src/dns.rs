@@ -9,7 +9,7 @@
 //! calls block, so callers run them off the runtime's threads.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -112,17 +112,31 @@ pub fn system_resolvers() -> Vec<SocketAddr> {
     parse_resolv_conf(&std::fs::read_to_string(Path::new("/etc/resolv.conf")).unwrap_or_default())
 }
 
-/// The `nameserver` lines of a resolv.conf text; lines that are not an IP address (an IPv6
-/// one with a zone, say) are passed over.
+/// The `nameserver` lines of a resolv.conf text. An IPv6 link-local address keeps the
+/// interface its zone names (`fe80::1%eth0`, or by index, `%2`), without which it could not be
+/// reached, as on networks whose routers announce their own address as the resolver. Lines that
+/// are not an IP address, or name an interface that does not exist, are passed over.
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             (words.next() == Some("nameserver")).then(|| words.next())?
         })
-        .filter_map(|ip| ip.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, DNS_PORT))
+        .filter_map(nameserver)
         .collect()
+}
+
+/// The address of one `nameserver` value, at the DNS port.
+fn nameserver(value: &str) -> Option<SocketAddr> {
+    let Some((ip, zone)) = value.split_once('%') else {
+        return Some(SocketAddr::new(value.parse().ok()?, DNS_PORT));
+    };
+    let ip: Ipv6Addr = ip.parse().ok()?;
+    let scope = match zone.parse::<u32>() {
+        Ok(index) => index,
+        Err(_) => crate::sys::interface_index(zone)?,
+    };
+    Some(SocketAddrV6::new(ip, DNS_PORT, 0, scope).into())
 }
 
 /// The IPv4 and IPv6 addresses of `host`, asking `resolvers` in turn, each within
@@ -768,12 +782,29 @@ mod tests {
 
     #[test]
     fn resolv_conf_nameservers() {
-        let text = "# comment\nnameserver 10.0.0.53\nsearch example\nnameserver ::1\nnameserver fe80::1%eth0\nnameserver\n";
+        let text = "# comment\nnameserver 10.0.0.53\nsearch example\n; another\noptions timeout:1 rotate\n\
+                    nameserver ::1 # trailing\n  nameserver\t10.0.0.54\nnameserver\nnameserver not-an-ip\n";
         assert_eq!(
             parse_resolv_conf(text),
             [
                 SocketAddr::from(([10, 0, 0, 53], 53)),
                 SocketAddr::from((Ipv6Addr::LOCALHOST, 53)),
+                SocketAddr::from(([10, 0, 0, 54], 53)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_link_local_nameserver_keeps_its_interface() {
+        let link_local: Ipv6Addr = "fe80::1".parse().unwrap();
+        let lo = crate::sys::interface_index("lo").expect("a loopback interface");
+        let text = "nameserver fe80::1%lo\nnameserver fe80::1%7\nnameserver fe80::1%no-such-if0\n\
+                    nameserver fe80::1%\nnameserver 10.0.0.1%lo\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            [
+                SocketAddr::from(SocketAddrV6::new(link_local, 53, 0, lo)),
+                SocketAddr::from(SocketAddrV6::new(link_local, 53, 0, 7)),
             ]
         );
     }

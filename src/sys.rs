@@ -42,6 +42,15 @@ pub fn tune_allocator() {
     }
 }
 
+/// The index of the network interface `name` (`eth0`), what an IPv6 link-local address needs
+/// to say which link it is on; `None` if there is no such interface.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads the NUL-terminated string we own and keeps no pointer to it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 /// `CLOCK_MONOTONIC_COARSE`: the monotonic clock at the resolution of the kernel's tick (1 to
 /// 4 ms). Reading it costs a few nanoseconds against a few tens for the precise clock (on a VM
 /// often more), so it serves timestamps that are only compared with timeouts of seconds, such
