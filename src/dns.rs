@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How long one resolver has to answer both queries of a lookup before the next is asked.
+/// How long one resolver has to answer both queries of a lookup before the next is asked;
+/// halfway, the queries it has not answered yet are sent again.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The port resolvers listen on when a nameserver line names none.
 pub const DNS_PORT: u16 = 53;
@@ -236,13 +237,25 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         pending.push((id, qtype));
     }
     let deadline = Instant::now() + timeout;
+    // Halfway, the queries still unanswered are sent once more (with their ids): a datagram
+    // lost on the way must not fail the name, nor, with one resolver, a reload.
+    let mut resend_at = Some(Instant::now() + timeout / 2);
     let mut addrs = Vec::new();
     let mut buf = vec![0; MAX_REPLY];
     for _ in 0..MAX_DATAGRAMS {
         if pending.is_empty() {
             break;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        if resend_at.is_some_and(|at| at <= now) {
+            resend_at = None;
+            for &(id, qtype) in &pending {
+                socket
+                    .send(&build_query(id, name, qtype))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let left = resend_at.unwrap_or(deadline).saturating_duration_since(now);
         if left.is_zero() {
             return Err("timed out".to_owned());
         }
@@ -257,6 +270,10 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
+                if resend_at.is_some() {
+                    // Time to send again.
+                    continue;
+                }
                 return Err("timed out".to_owned());
             }
             Err(e) => return Err(e.to_string()),
@@ -765,6 +782,29 @@ mod tests {
             parse_reply(&header_only(&query, 3), 4, &q, QueryType::A),
             Err(ParseError::Mismatch)
         );
+    }
+
+    #[test]
+    fn a_lost_query_is_sent_again_within_the_timeout() {
+        // The first query is lost on the way; the resolver answers what comes after.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let lossy = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0; 512];
+            for i in 0..4 {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    return;
+                };
+                if i > 0 {
+                    let _ = socket.send_to(&knows(&buf[..len]), from);
+                }
+            }
+        });
+        let got = lookup("app.example", &[lossy], Duration::from_secs(2));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
     }
 
     #[test]
