@@ -32,24 +32,33 @@ where
     }
 }
 
+/// A query a [`DnsServer`] holds, and who sent it.
+type Held = (Vec<u8>, SocketAddr);
+
 /// A DNS server on 127.0.0.1:0 that answers A queries for any name with the addresses the
 /// test sets, AAAA queries with none, and stays silent while `silent` is set.
 struct DnsServer {
     addr: SocketAddr,
     answers: Arc<Mutex<Vec<Ipv4Addr>>>,
     silent: Arc<AtomicBool>,
+    /// While set, queries wait here, with whom to answer, until [`DnsServer::release`].
+    held: Arc<Mutex<Option<Vec<Held>>>>,
+    socket: Arc<UdpSocket>,
     task: JoinHandle<()>,
 }
 
 impl DnsServer {
     async fn start(answers: &[Ipv4Addr]) -> DnsServer {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = socket.local_addr().unwrap();
         let shared = Arc::new(Mutex::new(answers.to_vec()));
         let silent = Arc::new(AtomicBool::new(false));
+        let held: Arc<Mutex<Option<Vec<Held>>>> = Arc::new(Mutex::new(None));
         let task = tokio::spawn({
             let answers = Arc::clone(&shared);
             let silent = Arc::clone(&silent);
+            let held = Arc::clone(&held);
+            let socket = Arc::clone(&socket);
             async move {
                 let mut buf = [0u8; 512];
                 loop {
@@ -57,6 +66,10 @@ impl DnsServer {
                         return;
                     };
                     if silent.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    if let Some(queue) = held.lock().unwrap().as_mut() {
+                        queue.push((buf[..len].to_vec(), from));
                         continue;
                     }
                     let now = answers.lock().unwrap().clone();
@@ -70,12 +83,34 @@ impl DnsServer {
             addr,
             answers: shared,
             silent,
+            held,
+            socket,
             task,
         }
     }
 
     fn set(&self, answers: &[Ipv4Addr]) {
         *self.answers.lock().unwrap() = answers.to_vec();
+    }
+
+    /// Keeps the queries from now on unanswered, until [`DnsServer::release`].
+    fn hold(&self) {
+        *self.held.lock().unwrap() = Some(Vec::new());
+    }
+
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().as_ref().map_or(0, Vec::len)
+    }
+
+    /// Answers the queries held, with the addresses set now, and those that come after.
+    async fn release(&self) {
+        let queued = self.held.lock().unwrap().take().unwrap_or_default();
+        let now = self.answers.lock().unwrap().clone();
+        for (query, from) in queued {
+            if let Some(reply) = answer(&query, &now) {
+                let _ = self.socket.send_to(&reply, from).await;
+            }
+        }
     }
 }
 
@@ -615,4 +650,94 @@ backends = [{}]
         "every name is looked up each round"
     );
     shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_another_order_or_with_repeats_leave_the_pool_as_it_is() {
+    let (port, _b) = backends(&["a", "b"], false).await;
+    let dns = DnsServer::start(&[ip(1), ip(2)]).await;
+    let (handle, shutdown) = start(config("tcp", dns.addr, port, "")).await;
+    let config = handle.config();
+
+    // The same two addresses, the other way round and one of them twice.
+    dns.set(&[ip(2), ip(1), ip(2)]);
+    let before = lookups(&handle);
+    eventually("two rounds of lookups", || {
+        let now = lookups(&handle);
+        async move { now >= before + 2 }
+    })
+    .await;
+    let [same, changed, failed] = handle.resolutions();
+    assert_eq!((changed, failed), (0, 0));
+    assert!(same >= 2);
+    assert!(
+        std::sync::Arc::ptr_eq(&config, &handle.config()),
+        "the pool was rebuilt"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_reload_overtook_are_not_put_in_force_after_it() {
+    let (port, _b) = backends(&["a", "b", "c"], false).await;
+    let first = DnsServer::start(&[ip(1)]).await;
+    let second = DnsServer::start(&[ip(2)]).await;
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-dns-test-{}-overtaken.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, config("tcp", first.addr, port, "")).unwrap();
+    let loaded = path.clone();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&loaded).unwrap())
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = Server::bind_from(loaded, Some(path.clone()), shutdown.clone()).unwrap();
+    let handle = server.handle();
+    tokio::spawn(server.run());
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(tcp_name(front).await.0, "a");
+
+    // A lookup of the first resolver is in flight, and will come back with c...
+    first.set(&[ip(3)]);
+    first.hold();
+    eventually("a lookup waits on the first resolver", || {
+        let held = first.held();
+        async move { held >= 2 }
+    })
+    .await;
+    // ...when a reload has put the second resolver, and its answer b, in force.
+    std::fs::write(&path, config("tcp", second.addr, port, "")).unwrap();
+    handle.reload_file().await.unwrap();
+    let [same, changed, _] = handle.resolutions();
+    first.release().await;
+
+    // The overtaken answer is counted, and then a round with the second resolver ends: it
+    // finds b's address in force, as it never left, rather than c's.
+    eventually("the overtaken answer comes back", || {
+        let now = handle.resolutions()[1];
+        async move { now > changed }
+    })
+    .await;
+    eventually("a round with the second resolver ends", || {
+        let now = handle.resolutions()[0];
+        async move { now > same }
+    })
+    .await;
+    assert_eq!(
+        handle.resolutions()[1],
+        changed + 1,
+        "the pool changed for the overtaken answer, and back"
+    );
+    let addrs: Vec<SocketAddr> = handle.config().pools["app"]
+        .backends
+        .iter()
+        .map(|b| b.addr)
+        .collect();
+    assert_eq!(addrs, [SocketAddr::from((ip(2), port))]);
+    for _ in 0..3 {
+        assert_eq!(tcp_name(front).await.0, "b");
+    }
+    shutdown.cancel();
+    let _ = std::fs::remove_file(&path);
 }
