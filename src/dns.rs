@@ -808,6 +808,24 @@ mod tests {
     }
 
     #[test]
+    fn a_name_with_only_ipv6_addresses_or_written_unusually_resolves() {
+        let v6 = resolver(2, |query| {
+            let aaaa = query[query.len() - 4..query.len() - 2] == TYPE_AAAA.to_be_bytes();
+            let answers = if aaaa {
+                vec![record(&TO_QUESTION, TYPE_AAAA, &[0xfd; 16])]
+            } else {
+                vec![]
+            };
+            reply(query, 0, &answers)
+        });
+        let got = lookup("app.example", &[v6], Duration::from_secs(5));
+        assert_eq!(got.unwrap(), [IpAddr::from([0xfd; 16])]);
+        let answers = resolver(2, knows);
+        let got = lookup("App.EXAMPLE.", &[answers], Duration::from_secs(5));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    #[test]
     fn a_failure_asks_the_next_resolver_and_no_such_name_does_not() {
         let fails = resolver(2, |query| reply(query, 2, &[]));
         let answers = resolver(2, knows);
