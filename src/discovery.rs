@@ -4,13 +4,14 @@
 //!
 //! One task does it for the whole process, from `Server::run` to the shutdown. The lookups
 //! block (`dns::lookup_all`), so each round runs on a blocking thread, its names looked up
-//! together so that a resolver that does not answer costs a round one timeout, not one a name. A name that cannot be
-//! resolved, or resolves to nothing, keeps the addresses it had: a resolver that is down must
-//! not empty a pool. That is logged once when it starts and once when it ends, not every
-//! interval. A reload looks every name up itself, so it starts the interval over.
+//! together (each once) so that a resolver that does not answer costs a round one timeout, not
+//! one a name. A name that cannot be resolved, or resolves to nothing, keeps the addresses it
+//! had: a resolver that is down must not empty a pool. That is logged once when it starts and
+//! once when it ends, not every interval. A reload looks every name up itself, so it starts
+//! the interval over.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
 use tracing::{info, warn};
 
@@ -47,14 +48,21 @@ pub async fn run(handle: ServerHandle) {
         }
         let resolvers = config.global.resolvers.clone();
         let looked_up = tokio::task::spawn_blocking(move || {
-            // Every name of every pool at once: a resolver that times out on one name must
-            // not hold the others' answers back by as long again.
-            let hosts: Vec<&str> = pools
+            // Every name of every pool at once, and each once however many entries name it:
+            // a resolver that times out on one name must not hold the others' answers back by
+            // as long again.
+            let mut hosts: Vec<&str> = pools
                 .iter()
                 .flat_map(|pool| pool.discovery.iter().flat_map(|d| &d.names))
                 .map(|name| name.host.as_str())
                 .collect();
-            let mut answers = dns::lookup_all(&hosts, &resolvers, dns::QUERY_TIMEOUT).into_iter();
+            hosts.sort_unstable();
+            hosts.dedup();
+            let answers: HashMap<&str, Result<Vec<IpAddr>, DnsError>> = hosts
+                .iter()
+                .copied()
+                .zip(dns::lookup_all(&hosts, &resolvers, dns::QUERY_TIMEOUT))
+                .collect();
             pools
                 .iter()
                 .map(|pool| {
@@ -62,13 +70,13 @@ pub async fn run(handle: ServerHandle) {
                         .discovery
                         .iter()
                         .flat_map(|d| &d.names)
-                        .zip(answers.by_ref())
-                        .map(|(name, answer)| {
-                            answer.map(|ips| {
-                                ips.into_iter()
-                                    .map(|ip| SocketAddr::new(ip, name.port))
-                                    .collect::<Vec<_>>()
-                            })
+                        .map(|name| match answers.get(name.host.as_str()) {
+                            Some(Ok(ips)) => Ok(ips
+                                .iter()
+                                .map(|&ip| SocketAddr::new(ip, name.port))
+                                .collect::<Vec<_>>()),
+                            Some(Err(error)) => Err(error.clone()),
+                            None => Err(DnsError::NoAddress(name.host.clone())),
                         })
                         .collect::<Vec<_>>();
                     (pool.clone(), answers)

@@ -40,7 +40,7 @@ const CLASS_IN: u16 = 1;
 const RCODE_NXDOMAIN: u8 = 3;
 
 /// Why a lookup found no address.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DnsError {
     /// The name cannot be sent in a query.
     #[error("`{0}` is not a valid host name")]

@@ -43,6 +43,8 @@ struct DnsServer {
     silent: Arc<AtomicBool>,
     /// While set, queries wait here, with whom to answer, until [`DnsServer::release`].
     held: Arc<Mutex<Option<Vec<Held>>>>,
+    /// Queries received so far.
+    queries: Arc<AtomicUsize>,
     socket: Arc<UdpSocket>,
     task: JoinHandle<()>,
 }
@@ -54,7 +56,9 @@ impl DnsServer {
         let shared = Arc::new(Mutex::new(answers.to_vec()));
         let silent = Arc::new(AtomicBool::new(false));
         let held: Arc<Mutex<Option<Vec<Held>>>> = Arc::new(Mutex::new(None));
+        let queries = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn({
+            let queries = Arc::clone(&queries);
             let answers = Arc::clone(&shared);
             let silent = Arc::clone(&silent);
             let held = Arc::clone(&held);
@@ -65,6 +69,7 @@ impl DnsServer {
                     let Ok((len, from)) = socket.recv_from(&mut buf).await else {
                         return;
                     };
+                    queries.fetch_add(1, Ordering::SeqCst);
                     if silent.load(Ordering::SeqCst) {
                         continue;
                     }
@@ -84,6 +89,7 @@ impl DnsServer {
             answers: shared,
             silent,
             held,
+            queries,
             socket,
             task,
         }
@@ -740,4 +746,39 @@ async fn answers_a_reload_overtook_are_not_put_in_force_after_it() {
     }
     shutdown.cancel();
     let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_written_twice_is_asked_once_a_round() {
+    let (port, _a) = backends(&["a"], false).await;
+    let (other, _b) = backends(&["b"], false).await;
+    let dns = DnsServer::start(&[ip(1)]).await;
+    let toml = config("tcp", dns.addr, port, "").replace(
+        "resolve = true }]",
+        &format!("resolve = true }}, {{ address = \"app.test:{other}\", resolve = true }}]"),
+    );
+    let (handle, shutdown) = start(toml).await;
+    assert_eq!(handle.config().pools["app"].backends.len(), 2);
+    assert_eq!(
+        dns.queries.load(Ordering::SeqCst),
+        2,
+        "the load asks for A and AAAA once"
+    );
+
+    // From the end of one round to the end of the next: one A and one AAAA query.
+    let before = lookups(&handle);
+    eventually("a round ends", || {
+        let now = lookups(&handle);
+        async move { now > before }
+    })
+    .await;
+    let queries = dns.queries.load(Ordering::SeqCst);
+    let before = lookups(&handle);
+    eventually("another round ends", || {
+        let now = lookups(&handle);
+        async move { now > before }
+    })
+    .await;
+    assert_eq!(dns.queries.load(Ordering::SeqCst) - queries, 2);
+    shutdown.cancel();
 }
