@@ -453,9 +453,11 @@ async fn two_thousand_connections_at_once_then_back_to_baseline() {
     .await;
     assert_eq!(state.total.load(Ordering::Relaxed), 2001);
     // Tasks and descriptors return to where they were (the backend's per-connection tasks end
-    // when they see EOF, so allow for those still finishing).
+    // when they see EOF, so allow for those still finishing). Two tasks of slack: one run on a
+    // loaded two-core machine ended one task above the baseline, not explained so far; a task
+    // left per connection, the leak this looks for, would be hundreds.
     eventually("tasks back to baseline", || {
-        metrics.num_alive_tasks() <= tasks_before
+        metrics.num_alive_tasks() <= tasks_before + 2
     })
     .await;
     // A few descriptors of slack: splice pipes pooled per worker thread.
