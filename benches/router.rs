@@ -58,6 +58,7 @@ fn route(pool: &str, matcher: RouteMatch) -> RouteConfig {
         matcher,
         target: Some(RouteTarget::Pool(pool.into())),
         rules: Rules::default(),
+        access: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) only parses flags and calls into this library. See ARCHITECTURE.md for
 //! the map of the modules and the life of a connection.
 
+pub mod access;
 pub mod access_log;
 pub mod admin;
 pub mod backend;

@@ -125,6 +125,9 @@ pub struct ListenerStats {
     pub spliced: AtomicU64,
     /// Access log lines dropped because the writer fell behind.
     pub log_dropped: AtomicU64,
+    /// Connections, udp datagrams and http requests refused by the `allow` and `deny` lists of
+    /// the listener or of a route.
+    pub denied: AtomicU64,
     /// TLS handshakes of clients that failed (a bad or unsupported hello, a handshake that
     /// timed out, a client that left): the only trace they leave besides a debug log line.
     pub tls_failures: AtomicU64,
@@ -395,6 +398,15 @@ impl Collector for Scrape {
             "Client TLS handshakes that failed on a listener that terminates TLS.",
             MetricType::Counter,
             by_listener(&|s| s.tls_failures.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_denied",
+            "Connections (tcp), datagrams (udp) and requests (http) refused by the allow and deny \
+             lists of a listener or route.",
+            MetricType::Counter,
+            by_listener(&|s| s.denied.load(Relaxed)),
             counter,
         )?;
         let mut requests = Vec::new();

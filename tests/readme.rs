@@ -733,6 +733,7 @@ fn listener_key_probe(key: &str, alone: bool) -> String {
         "host_rewrite" => "\"a.example\"",
         "redirect" => "{ to = \"https://a.example{path}\" }",
         "cookie_flags" => "[\"Secure\"]",
+        "allow" | "deny" => "[\"10.0.0.0/8\"]",
         "compression" => "{}",
         "access_log" => "{ path = \"stderr\" }",
         "tls" => {

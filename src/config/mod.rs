@@ -188,6 +188,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocolAccept>,
     /// TLS terminated on this listener (tcp and http), if any.
     pub tls: Option<ListenerTls>,
+    /// Which clients are served: a tcp connection from others is closed at once, a udp
+    /// datagram dropped, an http request answered 403.
+    pub access: crate::access::AccessList,
     /// What kind of listener this is, with the settings that only make sense for that kind.
     pub kind: ListenerKind,
 }
@@ -462,6 +465,8 @@ pub struct RouteConfig {
     pub target: Option<RouteTarget>,
     /// Modification rules of this route, applied after the listener's.
     pub rules: Rules,
+    /// Clients this route serves (others get 403), on top of the listener's list.
+    pub access: crate::access::AccessList,
 }
 
 /// Where a route sends requests.

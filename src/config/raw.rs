@@ -80,6 +80,10 @@ pub struct RawListener {
     /// CIDRs allowed to send a PROXY protocol header (and, on http, whose X-Forwarded-For is
     /// believed).
     pub trusted_proxies: Option<Vec<String>>,
+    /// Clients served (addresses or CIDRs); empty or absent: everyone not denied.
+    pub allow: Option<Vec<String>>,
+    /// Clients refused (addresses or CIDRs), checked before `allow`.
+    pub deny: Option<Vec<String>>,
     /// http: time a client has to send a whole request head once it started.
     pub client_header_timeout: Option<String>,
     /// http: how long an idle keep-alive client connection is kept.
@@ -171,6 +175,10 @@ pub struct RawRoute {
     pub pool: Option<String>,
     /// ...or a weighted split over several (canary, A/B).
     pub pools: Option<Vec<RawWeightedPool>>,
+    /// Clients this route serves; others get 403.
+    pub allow: Option<Vec<String>>,
+    /// Clients this route refuses with 403, checked before `allow`.
+    pub deny: Option<Vec<String>>,
     /// http: header changes on requests before they go upstream.
     pub request_headers: Option<RawHeaderRules>,
     /// http: header changes on responses before they go to the client.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::raw::{RawBackend, RawConfig, RawListener, RawPool, RawRoute, StringOrList};
 use super::*;
+use crate::access::AccessList;
 
 /// Replaces `${NAME}` and `${NAME:-default}` in one string value with environment values, so
 /// one file can serve several deployments (the shared benchmark passes its ports this way).
@@ -819,6 +820,7 @@ fn validate_listener(
     };
 
     let proxy_protocol = validate_proxy_accept(problems, at, &raw, trusted_proxies);
+    let access = validate_access(problems, at, raw.allow.as_deref(), raw.deny.as_deref());
     let tls = match (&raw.tls, protocol) {
         (Some(tls), "tcp" | "http") => validate_listener_tls(problems, at, tls, base),
         _ => None,
@@ -833,6 +835,7 @@ fn validate_listener(
         max_connections,
         proxy_protocol,
         tls,
+        access,
         kind: kind?,
     })
 }
@@ -913,6 +916,7 @@ fn validate_route(
             compression: raw.compression.as_ref(),
         },
     );
+    let access = validate_access(problems, at, raw.allow.as_deref(), raw.deny.as_deref());
     let redirects = raw.redirect.is_some();
     // A route that redirects answers every request it matches itself: a pool beside it would
     // never be used, so it is a mistake to report rather than a key to ignore.
@@ -1026,7 +1030,39 @@ fn validate_route(
         matcher,
         target,
         rules,
+        access,
     })
+}
+
+/// The `allow` and `deny` lists of a listener or route at `at`.
+fn validate_access(
+    problems: &mut Problems,
+    at: &str,
+    allow: Option<&[String]>,
+    deny: Option<&[String]>,
+) -> AccessList {
+    let mut lists: [Vec<IpNet>; 2] = Default::default();
+    for ((key, raw), list) in [("allow", allow), ("deny", deny)]
+        .into_iter()
+        .zip(&mut lists)
+    {
+        let Some(raw) = raw else { continue };
+        if raw.is_empty() {
+            // `allow = []` reads as "nobody" but would mean "everyone": refused rather than
+            // guessed.
+            problems.push(
+                format!("{at}.{key}"),
+                "an empty list changes nothing; remove the key (to refuse every client, \
+                 write deny = [\"0.0.0.0/0\", \"::/0\"])",
+            );
+        }
+        list.extend(
+            raw.iter().enumerate().filter_map(|(i, cidr)| {
+                problems.check(format!("{at}.{key}[{i}]"), parse_cidr(cidr))
+            }),
+        );
+    }
+    AccessList::new(&lists[0], &lists[1])
 }
 
 /// The raw rule keys of a listener or route, borrowed for validation.

@@ -1247,6 +1247,7 @@ pub fn reason(status: u16) -> &'static str {
         308 => "Permanent Redirect",
         500 => "Internal Server Error",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         413 => "Content Too Large",

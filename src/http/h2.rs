@@ -844,6 +844,10 @@ async fn handle_stream(
     }
     // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing, as on
     // HTTP/1.1.
+    if !proxy.access.permits(source.ip()) {
+        proxy.stats.denied.fetch_add(1, Ordering::Relaxed);
+        return status_response(403);
+    }
     if let Some(redirect) = &proxy.rules.redirect {
         return redirect_response(&parts, redirect, &[&proxy.rules]);
     }
@@ -856,6 +860,9 @@ async fn handle_stream(
             .route
             .unwrap_or(proxy.route_stats.len().saturating_sub(2)),
     );
+    if !proxy.route_permits(routed.route, source.ip()) {
+        return status_response(403);
+    }
     // The listener's rules, then the route's, as on HTTP/1.1.
     let listener_rules = Some(&proxy.rules).filter(|r| !r.is_empty());
     let route_rules = routed

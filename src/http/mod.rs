@@ -155,6 +155,11 @@ pub struct HttpProxy {
     pub rules: Rules,
     /// Each route's own rules, by route index.
     pub route_rules: Vec<Rules>,
+    /// Clients served; others get 403 (checked before redirects, so a refused client learns
+    /// nothing of the site).
+    pub access: crate::access::AccessList,
+    /// Each route's own client list, by route index, checked after the listener's.
+    pub route_access: Vec<crate::access::AccessList>,
     /// Multiplexed connections to HTTP/2 backends, shared by every http listener.
     pub h2_upstream: Arc<h2_upstream::H2Pool>,
     /// Add an RFC 7239 `Forwarded` field to requests.
@@ -890,6 +895,10 @@ impl HttpProxy {
         {
             return Err(Failure::Status(413));
         }
+        if !self.access.permits(client.source.ip()) {
+            self.stats.denied.fetch_add(1, Relaxed);
+            return Err(Failure::Status(403));
+        }
         // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing.
         if let Some(redirect) = &self.rules.redirect {
             return Box::pin(self.redirect(client, head, redirect, None)).await;
@@ -903,6 +912,9 @@ impl HttpProxy {
                 .route
                 .unwrap_or(self.route_stats.len().saturating_sub(2)),
         );
+        if !self.route_permits(routed.route, client.source.ip()) {
+            return Err(Failure::Status(403));
+        }
         let route_rules = routed
             .route
             .and_then(|i| self.route_rules.get(i))
@@ -1195,6 +1207,18 @@ impl HttpProxy {
     /// plus X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and X-Request-ID, then the listener's
     /// and the route's rules (headers, path rewrite, Host). X-Forwarded-For is extended only
     /// when the peer is a trusted proxy; otherwise whatever the client claimed is replaced.
+    /// Whether route `route` (`None`: the default pool) serves a client at `ip`; counts a
+    /// refusal.
+    pub(crate) fn route_permits(&self, route: Option<usize>, ip: std::net::IpAddr) -> bool {
+        let permits = route
+            .and_then(|i| self.route_access.get(i))
+            .is_none_or(|access| access.permits(ip));
+        if !permits {
+            self.stats.denied.fetch_add(1, Relaxed);
+        }
+        permits
+    }
+
     fn request_filter(
         &self,
         client: &Client,

@@ -343,6 +343,7 @@ mod tests {
             matcher: m,
             target: Some(RouteTarget::Pool(pool.into())),
             rules: Default::default(),
+            access: Default::default(),
         }
     }
 
@@ -511,6 +512,7 @@ mod tests {
                     ("v2".into(), 5),
                 ])),
                 rules: Default::default(),
+                access: Default::default(),
             }],
             None,
         );

@@ -40,6 +40,8 @@ pub struct TcpProxy {
     pub settings: TcpSettings,
     /// PROXY protocol expected from peers, if any.
     pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// Clients served; others are closed before anything is read past a PROXY header.
+    pub access: crate::access::AccessList,
     /// The current configuration snapshot.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Where this listener's connection log lines go, and how they are written.
@@ -78,6 +80,8 @@ impl std::fmt::Debug for TcpParking {
 enum RefuseReason {
     #[error("PROXY protocol header from untrusted peer {0}")]
     Untrusted(SocketAddr),
+    #[error("client {0} is not allowed on this listener")]
+    Denied(SocketAddr),
     #[error(transparent)]
     ProxyProtocol(#[from] proxy_protocol::ProxyProtocolError),
     #[error("pool `{0}` is not in the current configuration")]
@@ -306,17 +310,25 @@ impl TcpProxy {
         peer: SocketAddr,
     ) -> Result<(SocketAddr, Option<SocketAddr>, Vec<u8>), RefuseReason> {
         let Some(accept) = &self.proxy_protocol else {
-            return Ok((peer, None, Vec::new()));
+            return self.admit(peer).map(|()| (peer, None, Vec::new()));
         };
         if !accept.trusted.iter().any(|net| net.contains(&peer.ip())) {
             return Err(RefuseReason::Untrusted(peer));
         }
         let received = proxy_protocol::read_header(client, accept.version, accept.timeout).await?;
-        Ok((
-            received.source.unwrap_or(peer),
-            received.destination,
-            received.leftover,
-        ))
+        let source = received.source.unwrap_or(peer);
+        self.admit(source)?;
+        Ok((source, received.destination, received.leftover))
+    }
+
+    /// The listener's `allow` and `deny` lists, applied to the client address.
+    fn admit(&self, client: SocketAddr) -> Result<(), RefuseReason> {
+        if self.access.permits(client.ip()) {
+            Ok(())
+        } else {
+            self.stats.denied.fetch_add(1, Relaxed);
+            Err(RefuseReason::Denied(client))
+        }
     }
 }
 
@@ -791,6 +803,7 @@ mod tests {
                 access_log: None,
             },
             proxy_protocol: None,
+            access: Default::default(),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot {
                 pools: Default::default(),
             })),

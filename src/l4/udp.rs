@@ -43,6 +43,9 @@ pub struct UdpProxy {
     pub pool: String,
     /// Listener settings.
     pub settings: UdpSettings,
+    /// Clients served; datagrams from others are dropped, and a reload that denies a client
+    /// ends its session at its next datagram.
+    pub access: crate::access::AccessList,
     /// The current configuration snapshot.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Where this listener's session log lines go, and how they are written.
@@ -192,6 +195,10 @@ impl UdpProxy {
                             // so this datagram opens a new one, picked among the other backends.
                             session.outcome = "refused";
                             refused = sessions.remove(&client).map(|s| s.guard.state().addr);
+                        } else if !current.load().access.permits(client.ip()) {
+                            // A reload denied this client: its session ends here.
+                            session.outcome = "denied";
+                            sessions.remove(&client);
                         } else if session.displaced(&current.load()) {
                             // UDP has no connection to keep: the datagram opens a new session
                             // on a backend the pool would pick now.
@@ -204,6 +211,11 @@ impl UdpProxy {
                         }
                     }
                     this = current.load_full();
+                    if !this.access.permits(client.ip()) {
+                        this.stats.denied.fetch_add(1, Relaxed);
+                        debug!(listener = %this.name, %client, "udp datagram from a denied client dropped");
+                        continue;
+                    }
                     if !stopping && sessions.len() >= this.settings.max_sessions && !purged {
                         // At the cap, sessions that are over but not yet swept (their backend
                         // refused them, its drain deadline passed, or it left the pool) make
