@@ -1749,3 +1749,139 @@ async fn http_health_checks_of_an_h2_pool_speak_http2() {
     // One connection carries the probes.
     assert_eq!(backend.accepted(), 1);
 }
+
+#[tokio::test]
+async fn a_session_of_another_listener_does_not_resume_past_a_client_certificate_requirement() {
+    // Resumption skips the client's certificate: a session from a listener that asks for none
+    // must not open one that requires it (the same name, the same process).
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+        [[listeners]]
+        name = "open"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }}
+
+        [[listeners]]
+        name = "required"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}], client_ca = "{ca}", client_auth = "required" }}
+
+        [pools.web]
+        backends = ["{backend}"]
+        "#,
+        cert = p(&cert),
+        key = p(&key),
+        ca = p(&pki.path("ca.pem")),
+        backend = backend.addr,
+    ));
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[version])
+                .with_root_certificates(pki.ca_roots())
+                .with_no_client_auth(),
+        );
+        let mut stream = tls_connect(proxy.addr("open"), Arc::clone(&client), "a.example.com")
+            .await
+            .expect("handshake");
+        assert_eq!(get(&mut stream, "/", "").await.status, 200);
+        drop(stream);
+        // The same client session store offers that session to the other listener.
+        let refused = async {
+            let mut stream =
+                tls_connect(proxy.addr("required"), Arc::clone(&client), "a.example.com").await?;
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await?;
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte).await? {
+                0 => Err(std::io::Error::other("closed")),
+                _ => Ok(stream.get_ref().1.handshake_kind()),
+            }
+        };
+        let outcome = refused.await;
+        assert!(
+            outcome.is_err(),
+            "{version:?}: served without a certificate ({outcome:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_client_ca_ends_the_sessions_it_vouched_for() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let (client_cert, client_key) = pki.issue("alice", "alice", &["alice.clients.example"], false);
+    let backend = http_backend("web").await;
+    let config = |ca: &Path| {
+        format!(
+            r#"
+            [[listeners]]
+            name = "required"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], client_ca = "{}", client_auth = "required" }}
+
+            [pools.web]
+            backends = ["{}"]
+            "#,
+            p(&cert),
+            p(&key),
+            p(ca),
+            backend.addr,
+        )
+    };
+    let proxy = Proxy::start(&config(&pki.path("ca.pem")));
+    let addr = proxy.addr("required");
+    let alice = pki.client_with_cert(&client_cert, &client_key);
+    let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+    drop(stream);
+
+    // The same file again: sessions resume (the ticket keys and session cache are kept).
+    proxy
+        .reload(&config(&pki.path("ca.pem")))
+        .await
+        .expect("reload");
+    let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com")
+        .await
+        .expect("handshake");
+    assert_eq!(
+        stream.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(get(&mut stream, "/", "").await.status, 200);
+    drop(stream);
+
+    // Alice's CA is no longer trusted: her session must not carry her in.
+    proxy
+        .reload(&config(&other.path("ca.pem")))
+        .await
+        .expect("reload");
+    let refused = async {
+        let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com").await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await?;
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(stream.get_ref().1.handshake_kind()),
+        }
+    };
+    let outcome = refused.await;
+    assert!(
+        outcome.is_err(),
+        "served after the CA changed ({outcome:?})"
+    );
+}

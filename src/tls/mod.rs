@@ -39,8 +39,10 @@ pub use certs::{ClientCert, TlsFileError};
 
 /// A certificate that expires within this long gets a warning from `check` and at startup.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
-/// TLS 1.2 sessions remembered for resumption by session id, per listener.
+/// TLS 1.2 sessions remembered for resumption by session id, per resumption scope.
 const SESSION_CACHE_SIZE: usize = 4096;
+/// Makes the scope of a client CA file that could not be read again unique.
+static SCOPE_SALT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// ALPN protocol id of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -208,12 +210,44 @@ fn provider() -> Arc<CryptoProvider> {
     }))
 }
 
-/// Session ticket keys, shared by every listener and every store built in this process, so
-/// that rebuilding the store does not end resumption. They rotate every six hours.
-fn ticketer() -> Option<Arc<dyn rustls::server::ProducesTickets>> {
-    static TICKETER: OnceLock<Option<Arc<dyn rustls::server::ProducesTickets>>> = OnceLock::new();
-    TICKETER
-        .get_or_init(|| provider::Ticketer::new().ok())
+/// What a resumed session skips, and so what must be the same where it resumes: the check of
+/// the client's certificate. A session opened on a listener that asks for no certificate (or
+/// trusts other CAs, or makes it optional) must not resume on one that requires it, as a
+/// resumed session brings its old certificate, or none, without a new check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ResumptionScope {
+    /// The client CA file's contents (not its path: a reload that changes the file changes
+    /// the scope); `None` without mutual TLS.
+    client_ca: Option<Vec<u8>>,
+    /// Whether a certificate is required (or only checked when given).
+    required: bool,
+}
+
+/// Session ticket keys and the TLS 1.2 session cache of one [`ResumptionScope`].
+#[derive(Clone)]
+struct Resumption {
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    sessions: Arc<ServerSessionMemoryCache>,
+}
+
+/// The resumption state of `scope`, shared by every listener of that scope and kept across
+/// rebuilds of the store, so that a reload does not end resumption (the ticket keys rotate
+/// every six hours). A scope no listener uses any more is forgotten at the next lookup.
+fn resumption(scope: ResumptionScope) -> Resumption {
+    static SCOPES: OnceLock<std::sync::Mutex<HashMap<ResumptionScope, Resumption>>> =
+        OnceLock::new();
+    let mut scopes = SCOPES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    // Only this map holds it: no configuration in use has it.
+    scopes.retain(|_, r| Arc::strong_count(&r.sessions) > 1);
+    scopes
+        .entry(scope)
+        .or_insert_with(|| Resumption {
+            ticketer: provider::Ticketer::new().ok(),
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+        })
         .clone()
 }
 
@@ -241,10 +275,18 @@ fn server_tls(
             Err(errors) => problems.extend(errors.iter().map(|e| e.problem(&at, Some(files)))),
         }
     }
+    let mut client_ca_bytes = None;
     let verifier = match &tls.client_ca {
         None => None,
         Some(path) => match certs::load_roots(path) {
             Ok(roots) => {
+                // The scope of resumption (see `ResumptionScope`). Read again rather than
+                // threaded out of `load_roots`; a file that vanished in between gets a scope
+                // of its own that nothing shares.
+                client_ca_bytes = Some(std::fs::read(path).unwrap_or_else(|_| {
+                    let unique = SCOPE_SALT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    format!("unreadable #{unique}").into_bytes()
+                }));
                 let builder =
                     WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider));
                 let builder = match tls.client_auth {
@@ -290,8 +332,12 @@ fn server_tls(
     };
     let mut config = builder.with_cert_resolver(Arc::new(certs::SniResolver::new(loaded)));
     config.alpn_protocols = alpn;
-    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
-    if let Some(ticketer) = ticketer() {
+    let resumption = resumption(ResumptionScope {
+        client_ca: client_ca_bytes,
+        required: mutual && tls.client_auth == ClientAuth::Required,
+    });
+    config.session_storage = resumption.sessions;
+    if let Some(ticketer) = resumption.ticketer {
         config.ticketer = ticketer;
     }
     Ok(ServerTls {
