@@ -7,10 +7,16 @@
 //! speak it to their backends, HTTP/1.1 otherwise) or one gRPC health check (`Check` of
 //! `grpc.health.v1.Health`, over HTTP/2) on a kept or fresh connection; the whole probe, connect
 //! included, must finish within `timeout`. State changes are logged at info.
+//!
+//! An HTTP probe is judged on the status of the response head, as HAProxy judges it: a health
+//! endpoint whose body comes late, streams or never ends must not hold the probe until its
+//! timeout. The body is never waited for; what the next probe needs of it is taken then.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +37,8 @@ use crate::tls::UpstreamConnector;
 const SLOT_MS: u64 = 10;
 /// The largest response head a probe reads.
 const MAX_PROBE_HEAD: usize = 8 * 1024;
-/// The largest body a probe reads to keep its connection; a larger one closes it instead.
+/// The largest body a probe lets follow its verdict on a kept HTTP/1.1 connection (the next
+/// probe skips it), and the largest gRPC answer read; a larger one closes the connection.
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
 /// Starts probing every backend of `pool`, if it has health checks, until `stop`.
@@ -89,7 +96,7 @@ struct Probe {
     /// The HTTP/2 connection kept from the last probe, on those pools.
     h2_conn: Option<h2::client::SendRequest<bytes::Bytes>>,
     /// The connection kept from the last HTTP probe.
-    conn: Option<Stream>,
+    conn: Option<Kept>,
     /// Read buffer, kept between probes.
     buf: Vec<u8>,
     /// The pool's TLS toward its backends: HTTP probes speak it too.
@@ -219,9 +226,22 @@ impl Probe {
                 Err(ProbeError::Failed(format!("status {status}")))
             };
         }
+        // The last probe's body, if it had one, came after its verdict: the kept connection
+        // carries this probe only once that body is all there (it had an interval to come).
+        let kept = match self.conn.take() {
+            Some(Kept { mut stream, owed }) => {
+                if skip_owed(&mut stream, owed).await {
+                    Some(stream)
+                } else {
+                    debug!(backend = %addr, owed, "kept health check connection still owes a body");
+                    None
+                }
+            }
+            None => None,
+        };
         // A kept connection the backend closed while idle fails before any response byte: that
         // says nothing of the backend's health, so the probe goes again on a fresh connection.
-        let (stream, response) = match self.conn.take() {
+        let (stream, response) = match kept {
             Some(mut kept) => match self.exchange(&mut kept).await {
                 Ok(response) => (kept, response),
                 Err(error) => {
@@ -237,8 +257,8 @@ impl Probe {
                 (fresh, response)
             }
         };
-        if response.reusable {
-            self.conn = Some(stream);
+        if let Some(owed) = response.owed {
+            self.conn = Some(Kept { stream, owed });
         }
         if expect
             .iter()
@@ -274,8 +294,11 @@ impl Probe {
         Ok(self.request_h2(sender).await?)
     }
 
-    /// Sends the HTTP/2 probe request on `sender` and returns what came back; the connection
-    /// is kept for the next probe once the body (and any trailers) has been read.
+    /// Sends the HTTP/2 probe request on `sender` and returns what came back, and keeps the
+    /// connection for the next probe. An HTTP check needs only the head: the part of the body
+    /// already there is taken, and a body that goes on is cancelled with its stream (which
+    /// leaves the connection as it was). A gRPC check reads its one message and the trailers,
+    /// and gives up on an answer that is more than that.
     async fn request_h2(
         &mut self,
         sender: h2::client::SendRequest<bytes::Bytes>,
@@ -303,15 +326,29 @@ impl Probe {
             grpc_status: grpc_field(&parts.headers, "grpc-status"),
             grpc_message: grpc_field(&parts.headers, "grpc-message"),
         };
+        if self.grpc_body.is_none() {
+            // What of the body is already there is taken, so that one that came with the head
+            // ends its stream cleanly; a body still to come is not waited for, and its stream
+            // is reset as this function returns and drops it.
+            let mut taken = 0;
+            while taken <= MAX_PROBE_BODY
+                && let Some(Some(Ok(chunk))) = ready_now(body.data()).await
+            {
+                taken += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            self.h2_conn = Some(sender);
+            return Ok(answer);
+        }
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| format!("HTTP/2 body: {e}"))?;
             let _ = body.flow_control().release_capacity(chunk.len());
-            if answer.body.len() + chunk.len() > MAX_PROBE_BODY {
-                // Not worth reading: the stream is reset when the body is dropped, and the
-                // connection is not kept.
-                return Ok(answer);
-            }
             answer.body.extend_from_slice(&chunk);
+            // One message is the whole answer: more, or one longer than any health answer,
+            // fails without waiting for the rest.
+            if let Err(reason) = grpc_message_so_far(&answer.body) {
+                return Err(reason.into());
+            }
         }
         if let Some(trailers) = body.trailers().await.map_err(|e| format!("HTTP/2: {e}"))? {
             answer.grpc_status = grpc_field(&trailers, "grpc-status").or(answer.grpc_status);
@@ -355,6 +392,39 @@ impl Probe {
             }
         })
     }
+}
+
+/// A connection kept from the last HTTP/1.1 probe.
+struct Kept {
+    stream: Stream,
+    /// The bytes of that probe's body that had not come with its head.
+    owed: usize,
+}
+
+/// Reads and drops the `owed` bytes of the last probe's body, if they are all there, without
+/// waiting for any; whether they were. A body still not complete an interval after its head is
+/// not worth waiting for: the connection is dropped, and the probe goes on a fresh one.
+async fn skip_owed(stream: &mut Stream, mut owed: usize) -> bool {
+    let mut chunk = [0u8; 4096];
+    while owed > 0 {
+        let want = owed.min(chunk.len());
+        match ready_now(stream.read(&mut chunk[..want])).await {
+            Some(Ok(n)) if n > 0 => owed -= n,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// What `future` gives if it is ready now, without waiting for it (it is dropped otherwise, so
+/// it must be cancel-safe).
+async fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// Why a probe did not pass.
@@ -523,6 +593,24 @@ fn serving_status(body: &[u8]) -> Option<u64> {
     Some(status)
 }
 
+/// Checks the part of a gRPC answer's body read so far: an error once it is more than one
+/// message, or announces a message larger than [`MAX_PROBE_BODY`] (no health answer is).
+fn grpc_message_so_far(body: &[u8]) -> Result<(), &'static str> {
+    let Some(length) = body.get(1..5) else {
+        return Ok(());
+    };
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(length);
+    let whole = 5 + u32::from_be_bytes(bytes) as usize;
+    if whole > MAX_PROBE_BODY {
+        Err("a message too large for a HealthCheckResponse")
+    } else if body.len() > whole {
+        Err("more than one message")
+    } else {
+        Ok(())
+    }
+}
+
 /// Reads one protobuf varint (at most ten bytes) off the front of `data`.
 fn varint(data: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
@@ -540,14 +628,15 @@ fn varint(data: &mut &[u8]) -> Option<u64> {
 /// What a probe learns from a response.
 struct ProbeResponse {
     status: u16,
-    /// Whether the connection can carry the next probe: the whole body was read and nobody
-    /// asked to close.
-    reusable: bool,
+    /// When the connection can carry the next probe (nobody asked to close, and the body's end
+    /// is known and near), the bytes of the body still to come, which that probe skips first.
+    owed: Option<usize>,
 }
 
-/// Reads one response: the head, and a Content-Length body of up to [`MAX_PROBE_BODY`] so the
-/// connection can be kept; anything else (chunked, until-close, larger) is not read and the
-/// connection is dropped after the probe.
+/// Reads one response head. Its body is not waited for: the status decides. A Content-Length
+/// body of up to [`MAX_PROBE_BODY`] leaves the connection to the next probe, which skips what
+/// did not come with the head; after anything else (chunked, until-close, larger) the
+/// connection is dropped unread.
 async fn read_response(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<ProbeResponse, String> {
     buf.clear();
     // Interim responses (103 Early Hints, say) come before the final one and say nothing of
@@ -601,17 +690,16 @@ async fn read_response(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<ProbeRe
         }
     }
     let bodiless = status == 204 || status == 304 || (100..200).contains(&status);
-    match (bodiless, length) {
-        (true, _) => {}
-        (false, Some(n)) if n <= MAX_PROBE_BODY && reusable => {
-            while buf.len() < head_end + n {
-                fill(stream, buf).await?;
-            }
-            reusable = buf.len() == head_end + n;
-        }
-        _ => reusable = false,
-    }
-    Ok(ProbeResponse { status, reusable })
+    let body = match (bodiless, length) {
+        (true, _) => Some(0),
+        (false, Some(n)) if n <= MAX_PROBE_BODY => Some(n),
+        _ => None,
+    };
+    // Bytes past the body's end would be read as the next probe's answer.
+    let owed = body
+        .filter(|_| reusable)
+        .and_then(|n| n.checked_sub(buf.len() - head_end));
+    Ok(ProbeResponse { status, owed })
 }
 
 async fn fill(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(), String> {
@@ -673,6 +761,19 @@ mod tests {
         // A name of 200 bytes takes a two-byte length.
         let long = "s".repeat(200);
         assert_eq!(&body(&long)[..8], &[0, 0, 0, 0, 203, 0x0a, 0xc8, 0x01]);
+    }
+
+    #[test]
+    fn grpc_answers_are_read_no_further_than_one_message() {
+        // Not even a length yet, part of a message, the whole message: read on.
+        assert_eq!(grpc_message_so_far(&[0, 0, 0]), Ok(()));
+        assert_eq!(grpc_message_so_far(&[0, 0, 0, 0, 2, 0x08]), Ok(()));
+        assert_eq!(grpc_message_so_far(&framed(&[0x08, 0x01])), Ok(()));
+        // A second message, or one announced larger than any health answer: stop.
+        let mut two = framed(&[0x08, 0x01]);
+        two.push(0);
+        assert!(grpc_message_so_far(&two).is_err());
+        assert!(grpc_message_so_far(&[0, 0, 1, 0, 0]).is_err());
     }
 
     #[test]

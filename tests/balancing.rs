@@ -688,6 +688,82 @@ async fn an_http_health_check_reads_past_interim_responses() {
     assert_eq!(backend.accepted(), 1);
 }
 
+/// HTTP probes are judged on the response's status: a body that comes late, never, or for ever
+/// must not hold a probe until its timeout (and fail it), as a health endpoint that streams
+/// would otherwise be taken down by the checks themselves.
+#[tokio::test]
+async fn http_health_checks_judge_the_status_without_waiting_for_the_body() {
+    // Says 200 with a body of 1000 bytes, then sends none of it.
+    let held = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_some()
+        {
+            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n";
+            if stream.write_all(head).await.is_ok() {
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink).await;
+            }
+        }
+    })
+    .await;
+    // Says 200, then streams chunks until the prober leaves (a minute's worth at most).
+    let endless = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_some()
+        {
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            let mut ticks = tokio::time::interval(Duration::from_millis(10));
+            for _ in 0..6000 {
+                ticks.tick().await;
+                if stream.write_all(b"5\r\nevent\r\n").await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    // Keeps its connections; each body follows its head a moment later, in a write of its own.
+    let late = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+            buf.drain(..end + 4);
+            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+            if stream.write_all(head).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if stream.write_all(b"ok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\", \"{}\", \"{}\"]\nhealth = {{ kind = \"http\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        held.addr, endless.addr, late.addr
+    )));
+    for (name, addr) in [
+        ("held", held.addr),
+        ("endless", endless.addr),
+        ("late", late.addr),
+    ] {
+        let state = proxy.registry.get("p", addr).expect("known");
+        let probes = || state.probes_passed.load(SeqCst) + state.probes_failed.load(SeqCst);
+        eventually("four probes", || probes() >= 4).await;
+        assert_eq!(state.probes_failed.load(SeqCst), 0, "{name}");
+        assert!(state.is_usable(), "{name}");
+    }
+    // A body that came after the verdict, before the next probe, lets the connection carry it.
+    assert_eq!(late.accepted(), 1);
+}
+
 #[tokio::test]
 async fn a_probe_in_flight_when_a_reload_removes_the_checks_ends_with_them() {
     // Connections opened while `answer` is on are served; later ones (a probe of the second
@@ -771,6 +847,45 @@ async fn http_health_checks_of_an_h2c_pool_speak_http2_with_prior_knowledge() {
     assert_eq!(state.probes_failed.load(SeqCst), 0);
     assert!(state.is_usable());
     assert_eq!(backend.accepted(), 1, "one connection carries the probes");
+}
+
+/// HTTP/2 probes too are judged on the status: a health endpoint whose body goes on has its
+/// stream cancelled once the head is in, and the connection carries the next probe.
+#[tokio::test]
+async fn http_health_checks_of_an_h2_pool_do_not_wait_for_a_body_that_goes_on() {
+    let resets = Arc::new(AtomicUsize::new(0));
+    let backend = h2_backend_with({
+        let resets = Arc::clone(&resets);
+        move |_request, mut respond| {
+            let resets = Arc::clone(&resets);
+            async move {
+                let Ok(mut stream) = respond.send_response(h2_ok(), false) else {
+                    return;
+                };
+                let _ = stream.send_data(bytes::Bytes::from_static(b"streaming"), false);
+                // Nothing more: the stream stays open until the prober resets it.
+                if std::future::poll_fn(|cx| stream.poll_reset(cx))
+                    .await
+                    .is_ok()
+                {
+                    resets.fetch_add(1, SeqCst);
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&http_config(&format!(
+        "backends = [\"{}\"]\nupstream_protocol = \"h2\"\nhealth = {{ kind = \"http\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        backend.addr
+    )));
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let probes = || state.probes_passed.load(SeqCst) + state.probes_failed.load(SeqCst);
+    eventually("four probes", || probes() >= 4).await;
+    assert_eq!(state.probes_failed.load(SeqCst), 0);
+    assert!(state.is_usable());
+    // Each probe let go of its stream, and one connection carried them all.
+    eventually("the probes' streams reset", || resets.load(SeqCst) >= 3).await;
+    assert_eq!(backend.accepted(), 1);
 }
 
 /// A gRPC server (h2c) with the standard health service: `Check` answers with the serving
