@@ -482,6 +482,85 @@ async fn a_draining_backend_keeps_its_sessions_until_the_deadline_then_they_move
     assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 5);
 }
 
+/// A drain, or a reload that removes a backend, lets its sessions finish; one that has gone idle
+/// has finished, and ends at the listener's idle timeout rather than at the drain's deadline.
+#[tokio::test]
+async fn idle_sessions_on_a_draining_or_removed_backend_end_at_the_idle_timeout() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let (c, _tc) = udp_named("c").await;
+    let (log, lines) = session_log("idle-drain");
+    let extra = format!("idle_timeout = \"500ms\"\n{}", json_access_log(&log));
+    let proxy = Proxy::start(&udp_config(&[a, b, c], &extra));
+    let addr = proxy.addr("dns");
+    // One client on each backend (round robin); the one on `a` is kept.
+    let mut on_a = None;
+    for _ in 0..3 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        if ask(&client, addr, b"hi").await.starts_with("a:") {
+            on_a = Some(client);
+        }
+    }
+    let on_a = on_a.expect("a client on a");
+    let (state_a, state_b) = (
+        proxy.registry.get("p", a).expect("state"),
+        proxy.registry.get("p", b).expect("state"),
+    );
+    // `b` leaves the pool; `a` drains with an hour to go (after the reload, which would end a
+    // drain of the admin API's). Both still have their session.
+    proxy
+        .reload(&udp_config(&[a, c], &extra))
+        .await
+        .expect("reloads");
+    assert!(state_b.is_removed());
+    assert_eq!(state_b.active.load(Ordering::Relaxed), 1);
+    state_a.start_drain(std::time::Duration::from_secs(3600));
+    assert_eq!(ask(&on_a, addr, b"still").await, "a: still");
+    eventually("the three sessions' lines", || lines().len() == 3).await;
+    for line in lines() {
+        assert_eq!(line["outcome"], "idle_timeout", "{line}");
+    }
+    assert_eq!(state_a.active.load(Ordering::Relaxed), 0);
+    assert_eq!(state_b.active.load(Ordering::Relaxed), 0);
+    assert_eq!(proxy.stats("dns").open.load(Ordering::Relaxed), 0);
+}
+
+/// A shutdown serves the sessions that are open until they go idle; those that are idle
+/// already do not keep the process until the drain's deadline.
+#[tokio::test]
+async fn a_shutdown_waits_for_idle_sessions_only_up_to_the_idle_timeout() {
+    let (a, _ta) = udp_named("a").await;
+    let (b, _tb) = udp_named("b").await;
+    let (log, lines) = session_log("idle-shutdown");
+    let mut proxy = Proxy::start(&format!(
+        "[global]\ndrain_timeout = \"1h\"\n\n{}",
+        udp_config(
+            &[a, b],
+            &format!("idle_timeout = \"300ms\"\n{}", json_access_log(&log)),
+        )
+    ));
+    let addr = proxy.addr("dns");
+    let (on_a, _on_b) = one_client_on_each(addr).await;
+    // One of the two backends drains too, as an operator would have it before a stop.
+    proxy
+        .registry
+        .get("p", a)
+        .expect("state")
+        .start_drain(std::time::Duration::from_secs(3600));
+    assert_eq!(ask(&on_a, addr, b"last").await, "a: last");
+    proxy.shutdown.cancel();
+    assert_eq!(
+        proxy.drained().await,
+        0,
+        "nothing was left for the deadline"
+    );
+    let lines = lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in lines {
+        assert_eq!(line["outcome"], "idle_timeout", "{line}");
+    }
+}
+
 #[tokio::test]
 async fn a_refused_session_whose_backend_a_reload_removed_opens_again_elsewhere() {
     let (live, _task) = udp_named("live").await;
