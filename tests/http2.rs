@@ -2091,3 +2091,150 @@ backends = ["{dead}"]
         assert_eq!(data.is_empty(), code.is_some(), "{what}");
     }
 }
+
+/// An HTTP/2 backend whose `/hold` streams get no answer and whose `/trickle` streams get a 200
+/// and a piece of body every 10 ms (for a minute at most), both until the proxy resets them,
+/// which `resets` counts; anything else gets a 200 with `ok`.
+async fn cancelled_backend(resets: Arc<std::sync::atomic::AtomicUsize>) -> Backend {
+    h2_backend_with(move |request, mut respond| {
+        let resets = Arc::clone(&resets);
+        async move {
+            let path = request.uri().path().to_owned();
+            let reset = match path.as_str() {
+                "/hold" => std::future::poll_fn(|cx| respond.poll_reset(cx)).await,
+                "/trickle" => {
+                    let Ok(mut send) = respond.send_response(h2_ok(), false) else {
+                        return;
+                    };
+                    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+                    let mut reset = None;
+                    for _ in 0..6000 {
+                        tokio::select! {
+                            r = std::future::poll_fn(|cx| send.poll_reset(cx)) => {
+                                reset = Some(r);
+                                break;
+                            }
+                            _ = ticks.tick() => {
+                                let _ = send.send_data(Bytes::from_static(b"tick\n"), false);
+                            }
+                        }
+                    }
+                    match reset {
+                        Some(reset) => reset,
+                        None => return,
+                    }
+                }
+                _ => {
+                    if let Ok(mut send) = respond.send_response(h2_ok(), false) {
+                        let _ = send.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                    return;
+                }
+            };
+            if reset.is_ok() {
+                resets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .await
+}
+
+/// A client that gives its request up (an HTTP/2 stream reset before or after the response
+/// head, an HTTP/1.1 client that leaves) has the backend's stream cancelled: the backend did
+/// nothing wrong, and outlier detection must not count it, or impatient clients would get
+/// healthy backends ejected. A stream the backend leaves unanswered past `response_timeout` is
+/// the backend's failure, and counts.
+#[tokio::test]
+async fn streams_their_clients_cancel_are_not_held_against_an_http2_backend() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = cancelled_backend(Arc::clone(&resets)).await;
+    // One failure would eject the backend, and it may be ejected.
+    let outlier = "outlier = { consecutive_failures = 1, max_ejected_percent = 100 }";
+    let proxy = proxy_for(
+        &[backend.addr],
+        &format!("upstream_protocol = \"h2\"\nresponse_timeout = \"1m\"\n{outlier}"),
+    );
+    let addr = proxy.addr("l7");
+    let state = proxy.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(addr).await;
+    let request = |path: &str| {
+        http::Request::builder()
+            .uri(format!("http://svc{path}"))
+            .body(())
+            .expect("request")
+    };
+    let mut cancelled = 0;
+    for round in 0..3 {
+        // An HTTP/2 client resets its stream before the response head.
+        let (response, mut stream) = sender.send_request(request("/hold"), true).expect("send");
+        eventually("the backend has the stream", || {
+            state.active.load(SeqCst) == 1
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+        cancelled += 1;
+        eventually("the backend's stream reset", || {
+            resets.load(SeqCst) == cancelled
+        })
+        .await;
+        // One resets its stream while the body comes.
+        let (response, mut stream) = sender
+            .send_request(request("/trickle"), true)
+            .expect("send");
+        let mut body = head_of(response).await.expect("response").into_body();
+        let first = tokio::time::timeout(PATIENCE, body.data()).await;
+        assert!(matches!(first, Ok(Some(Ok(_)))), "round {round}");
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(body);
+        cancelled += 1;
+        eventually("the backend's stream reset", || {
+            resets.load(SeqCst) == cancelled
+        })
+        .await;
+        // An HTTP/1.1 client leaves while its answer is awaited, and one while the body comes.
+        let mut client = HttpClient::connect(addr).await;
+        client
+            .send(b"GET /hold HTTP/1.1\r\nHost: svc\r\n\r\n")
+            .await;
+        eventually("the backend has the stream", || {
+            state.active.load(SeqCst) == 1
+        })
+        .await;
+        drop(client);
+        cancelled += 1;
+        eventually("the backend's stream reset", || {
+            resets.load(SeqCst) == cancelled
+        })
+        .await;
+        let mut client = HttpClient::connect(addr).await;
+        let head = client
+            .head_of(b"GET /trickle HTTP/1.1\r\nHost: svc\r\n\r\n")
+            .await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        drop(client);
+        cancelled += 1;
+        eventually("the backend's stream reset", || {
+            resets.load(SeqCst) == cancelled
+        })
+        .await;
+    }
+    assert_eq!(state.consecutive_failures.load(SeqCst), 0);
+    assert_eq!(state.ejections.load(SeqCst), 0);
+    assert!(state.is_usable());
+    assert_eq!(get(&mut sender, "/next").await, (200, b"ok".to_vec()));
+    // Every stream went on the one connection: no cancel was taken for its failure.
+    assert_eq!(backend.accepted(), 1);
+
+    // The same backend, left without an answer past the response timeout: that counts.
+    let impatient = proxy_for(
+        &[backend.addr],
+        &format!("upstream_protocol = \"h2\"\nresponse_timeout = \"100ms\"\n{outlier}"),
+    );
+    let state = impatient.registry.get("p", backend.addr).expect("known");
+    let mut sender = h2_connect(impatient.addr("l7")).await;
+    assert_eq!(get(&mut sender, "/hold").await.0, 504);
+    assert_eq!(state.consecutive_failures.load(SeqCst), 1);
+    assert_eq!(state.ejections.load(SeqCst), 1);
+}
