@@ -29,6 +29,10 @@ const MAX_JUMPS: usize = 32;
 const MAX_CNAMES: usize = 16;
 /// The longest name on the wire (RFC 1035 §2.3.4).
 const MAX_NAME: usize = 255;
+/// The share of the timeout that the second family (A or AAAA) has left once the first is
+/// answered: a resolver that answered one query has the name at hand, so the other is late only
+/// when it was lost or dropped, and waiting for it must not cost the whole timeout.
+const SECOND_FAMILY_SHARE: f64 = 0.25;
 /// Names [`lookup_all`] looks up at once: a resolver that does not answer costs each name its
 /// timeout, and names waiting on one another would add those timeouts up.
 pub const MAX_PARALLEL_LOOKUPS: usize = 16;
@@ -219,7 +223,11 @@ pub fn lookup_all(
         .collect()
 }
 
-/// Sends the A and AAAA queries to one resolver and waits for both replies.
+/// Sends the A and AAAA queries to one resolver and waits for both replies. Once one reply has
+/// come, the other has [`SECOND_FAMILY_SHARE`] of the timeout left: a resolver (or a middlebox
+/// before it) that never answers AAAA queries, or refuses them, must not fail a name it gave
+/// IPv4 addresses for. What came back is used. The resolver counts as failed, and the next is
+/// asked, only when it gave no address and did not say so for both families.
 fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAddr>, String> {
     let local: SocketAddr = match resolver {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -236,15 +244,18 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
             .map_err(|e| e.to_string())?;
         pending.push((id, qtype));
     }
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     // Halfway, the queries still unanswered are sent once more (with their ids): a datagram
     // lost on the way must not fail the name, nor, with one resolver, a reload.
     let mut resend_at = Some(Instant::now() + timeout / 2);
     let mut addrs = Vec::new();
+    // Whether a reply came, and the failure one of them reported.
+    let mut replied = false;
+    let mut failed = None;
     let mut buf = vec![0; MAX_REPLY];
     for _ in 0..MAX_DATAGRAMS {
         if pending.is_empty() {
-            break;
+            return settle(addrs, true, failed);
         }
         let now = Instant::now();
         if resend_at.is_some_and(|at| at <= now) {
@@ -257,7 +268,7 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         }
         let left = resend_at.unwrap_or(deadline).saturating_duration_since(now);
         if left.is_zero() {
-            return Err("timed out".to_owned());
+            return settle(addrs, false, failed);
         }
         socket
             .set_read_timeout(Some(left))
@@ -274,7 +285,7 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
                     // Time to send again.
                     continue;
                 }
-                return Err("timed out".to_owned());
+                return settle(addrs, false, failed);
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -290,15 +301,46 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         };
         pending.swap_remove(at);
         match reply.rcode {
-            0 => addrs.extend(reply.addrs),
-            RCODE_NXDOMAIN => {}
-            rcode => return Err(format!("answered with response code {rcode}")),
+            0 | RCODE_NXDOMAIN => addrs.extend(reply.addrs),
+            rcode => failed = Some(format!("answered with response code {rcode}")),
+        }
+        if !replied && !pending.is_empty() {
+            replied = true;
+            let now = Instant::now();
+            let rest = timeout.mul_f64(SECOND_FAMILY_SHARE);
+            deadline = deadline.min(now + rest);
+            resend_at = resend_at.map(|at| at.min(now + rest / 2));
         }
     }
-    if !pending.is_empty() {
-        return Err("too many datagrams that are not replies".to_owned());
+    if pending.is_empty() {
+        return settle(addrs, true, failed);
     }
-    Ok(addrs)
+    settle(
+        addrs,
+        false,
+        failed.or(Some("too many datagrams that are not replies".to_owned())),
+    )
+}
+
+/// What one resolver's replies come to: the addresses, if any family gave some; no address
+/// when both families were answered without a failure; otherwise a failure of the resolver
+/// (`failed`, or a timeout), so that the next is asked.
+fn settle(
+    addrs: Vec<IpAddr>,
+    all_replied: bool,
+    failed: Option<String>,
+) -> Result<Vec<IpAddr>, String> {
+    if !addrs.is_empty() {
+        if let Some(reason) = failed {
+            tracing::debug!(%reason, "one family of a lookup failed; using the other's");
+        }
+        return Ok(addrs);
+    }
+    match failed {
+        Some(reason) => Err(reason),
+        None if all_replied => Ok(addrs),
+        None => Err("timed out".to_owned()),
+    }
 }
 
 /// `host` in wire form (length-prefixed labels, lower case, ending with the root), or `None`
@@ -822,6 +864,72 @@ mod tests {
         assert_eq!(got.unwrap(), [IpAddr::from([0xfd; 16])]);
         let answers = resolver(2, knows);
         let got = lookup("App.EXAMPLE.", &[answers], Duration::from_secs(5));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    /// Whether `query` asks for AAAA records.
+    fn asks_aaaa(query: &[u8]) -> bool {
+        query[query.len() - 4..query.len() - 2] == TYPE_AAAA.to_be_bytes()
+    }
+
+    /// A resolver on 127.0.0.1:0 that answers A queries as [`knows`] does and never AAAA
+    /// ones, as behind some middleboxes.
+    fn drops_aaaa() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0; 512];
+            for _ in 0..8 {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    return;
+                };
+                if !asks_aaaa(&buf[..len]) {
+                    let _ = socket.send_to(&knows(&buf[..len]), from);
+                }
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn an_answered_family_is_enough_when_the_other_is_never_answered() {
+        let started = Instant::now();
+        let got = lookup("app.example", &[drops_aaaa()], Duration::from_secs(4));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        // The other family gets a short wait once the first answered, not the whole timeout.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+
+        // A family refused, rather than dropped, does not fail the other either.
+        let refuses_aaaa = resolver(2, |query| {
+            if asks_aaaa(query) {
+                reply(query, 5, &[])
+            } else {
+                knows(query)
+            }
+        });
+        let got = lookup("app.example", &[refuses_aaaa], Duration::from_secs(4));
+        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+
+        // One family with no address and the other unanswered says nothing of the name: the
+        // next resolver is asked.
+        let v6_dropped = resolver(2, |query| {
+            // An empty datagram, which is no reply: the AAAA query goes unanswered.
+            if asks_aaaa(query) {
+                Vec::new()
+            } else {
+                reply(query, 0, &[])
+            }
+        });
+        let answers = resolver(2, knows);
+        let got = lookup(
+            "app.example",
+            &[v6_dropped, answers],
+            Duration::from_secs(4),
+        );
         assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
     }
 
