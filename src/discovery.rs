@@ -16,8 +16,11 @@ use std::net::{IpAddr, SocketAddr};
 use tracing::{info, warn};
 
 use crate::config::PoolConfig;
-use crate::dns::{self, DnsError};
+use crate::dns::{self, DnsError, Resolved};
 use crate::server::ServerHandle;
+
+/// The answer for each name of a round.
+type Answers = HashMap<String, Result<Resolved, DnsError>>;
 
 /// Index of each result in `ServerHandle::resolutions`.
 const SAME: usize = 0;
@@ -30,6 +33,8 @@ pub async fn run(handle: ServerHandle) {
     // The names whose last lookup failed, (pool, host, port), and the pools whose last
     // answers did not fit them, (pool, "", 0).
     let mut failing: HashSet<(String, String, u16)> = HashSet::new();
+    // The addresses each name's last answer held that no backend can have.
+    let mut skipped: HashMap<String, Vec<IpAddr>> = HashMap::new();
     loop {
         let config = handle.config();
         tokio::select! {
@@ -47,46 +52,43 @@ pub async fn run(handle: ServerHandle) {
             continue;
         }
         let resolvers = config.global.resolvers.clone();
+        // Every name of every pool at once, and each once however many entries name it: a
+        // resolver that times out on one name must not hold the others' answers back by as
+        // long again.
+        let mut hosts: Vec<String> = pools
+            .iter()
+            .flat_map(|pool| pool.discovery.iter().flat_map(|d| &d.names))
+            .map(|name| name.host.clone())
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
         let looked_up = tokio::task::spawn_blocking(move || {
-            // Every name of every pool at once, and each once however many entries name it:
-            // a resolver that times out on one name must not hold the others' answers back by
-            // as long again.
-            let mut hosts: Vec<&str> = pools
-                .iter()
-                .flat_map(|pool| pool.discovery.iter().flat_map(|d| &d.names))
-                .map(|name| name.host.as_str())
-                .collect();
-            hosts.sort_unstable();
-            hosts.dedup();
-            let answers: HashMap<&str, Result<Vec<IpAddr>, DnsError>> = hosts
-                .iter()
-                .copied()
-                .zip(dns::lookup_all(&hosts, &resolvers, dns::QUERY_TIMEOUT))
-                .collect();
-            pools
-                .iter()
-                .map(|pool| {
-                    let answers = pool
-                        .discovery
-                        .iter()
-                        .flat_map(|d| &d.names)
-                        .map(|name| match answers.get(name.host.as_str()) {
-                            Some(Ok(ips)) => Ok(ips
-                                .iter()
-                                .map(|&ip| SocketAddr::new(ip, name.port))
-                                .collect::<Vec<_>>()),
-                            Some(Err(error)) => Err(error.clone()),
-                            None => Err(DnsError::NoAddress(name.host.clone())),
-                        })
-                        .collect::<Vec<_>>();
-                    (pool.clone(), answers)
-                })
-                .collect::<Vec<_>>()
+            let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let results = dns::lookup_all(&names, &resolvers, dns::QUERY_TIMEOUT);
+            hosts.into_iter().zip(results).collect::<Answers>()
         })
         .await;
-        let Ok(looked_up) = looked_up else {
+        let Ok(answers) = looked_up else {
             continue;
         };
+        warn_of_skipped(&mut skipped, &answers);
+        let looked_up = pools.into_iter().map(|pool| {
+            let answers = pool
+                .discovery
+                .iter()
+                .flat_map(|d| &d.names)
+                .map(|name| match answers.get(&name.host) {
+                    Some(Ok(resolved)) => Ok(resolved
+                        .addrs
+                        .iter()
+                        .map(|&ip| SocketAddr::new(ip, name.port))
+                        .collect::<Vec<_>>()),
+                    Some(Err(error)) => Err(error.clone()),
+                    None => Err(DnsError::NoAddress(name.host.clone())),
+                })
+                .collect::<Vec<_>>();
+            (pool, answers)
+        });
         let mut current = config;
         for (pool, answers) in looked_up {
             let Some(next) = follow(&handle, &mut failing, &pool, answers) else {
@@ -154,4 +156,27 @@ fn follow(
         "backends follow the DNS"
     );
     Some(next)
+}
+
+/// Warns of the addresses no backend can have in `answers`, once for each name while they stay
+/// the same; `skipped` holds those of the last answers.
+fn warn_of_skipped(skipped: &mut HashMap<String, Vec<IpAddr>>, answers: &Answers) {
+    for (host, answer) in answers {
+        let now: &[IpAddr] = match answer {
+            Ok(resolved) => &resolved.skipped,
+            Err(DnsError::Unusable { skipped, .. }) => skipped,
+            // Nothing is known of a name that was not answered.
+            Err(_) => continue,
+        };
+        if now.is_empty() {
+            skipped.remove(host);
+        } else if skipped
+            .get(host)
+            .is_none_or(|before| before.as_slice() != now)
+        {
+            warn!(name = %host, skipped = ?now, "a backend name resolves to addresses no backend can have; passing over them");
+            skipped.insert(host.clone(), now.to_vec());
+        }
+    }
+    skipped.retain(|host, _| answers.contains_key(host));
 }

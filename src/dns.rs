@@ -63,6 +63,41 @@ pub enum DnsError {
     /// The resolvers answered, with no address for the name.
     #[error("`{0}` resolves to no address")]
     NoAddress(String),
+    /// The resolvers answered with addresses that no backend can have, and no other.
+    #[error("`{host}` resolves only to addresses no backend can have ({})", list(.skipped))]
+    Unusable {
+        /// The name looked up.
+        host: String,
+        /// What it resolved to.
+        skipped: Vec<IpAddr>,
+    },
+}
+
+/// `addrs` written out for a message.
+fn list(addrs: &[IpAddr]) -> String {
+    addrs
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The addresses a backend can have, sorted, without duplicates; never empty.
+    pub addrs: Vec<IpAddr>,
+    /// The addresses of the answer that no backend can have (see [`usable`]), sorted, without
+    /// duplicates: left out, for the caller to warn about.
+    pub skipped: Vec<IpAddr>,
+}
+
+/// Whether a backend can have `ip`: not the unspecified address (`0.0.0.0`, `::`, which some
+/// resolvers give for names they block, and a connect to which reaches this host), a multicast
+/// address, or the IPv4 broadcast address, none of which a TCP connection can go to.
+pub fn usable(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    !ip.is_unspecified() && !ip.is_multicast() && ip != IpAddr::V4(Ipv4Addr::BROADCAST)
 }
 
 /// Why a reply was not taken.
@@ -146,12 +181,12 @@ fn nameserver(value: &str) -> Option<SocketAddr> {
 
 /// The IPv4 and IPv6 addresses of `host`, asking `resolvers` in turn, each within
 /// `timeout`. A resolver that does not answer, or answers with a failure other than "no such
-/// name", passes the question to the next. The addresses are sorted, without duplicates.
+/// name", passes the question to the next. Addresses no backend can have are set apart.
 pub fn lookup(
     host: &str,
     resolvers: &[SocketAddr],
     timeout: Duration,
-) -> Result<Vec<IpAddr>, DnsError> {
+) -> Result<Resolved, DnsError> {
     let name = encode_name(host).ok_or_else(|| DnsError::BadName(host.to_owned()))?;
     let mut last = None;
     for &resolver in resolvers {
@@ -159,10 +194,16 @@ pub fn lookup(
             Ok(mut addrs) => {
                 addrs.sort();
                 addrs.dedup();
-                if addrs.is_empty() {
-                    return Err(DnsError::NoAddress(host.to_owned()));
-                }
-                return Ok(addrs);
+                let (addrs, skipped): (Vec<IpAddr>, Vec<IpAddr>) =
+                    addrs.into_iter().partition(|&ip| usable(ip));
+                return match (addrs.is_empty(), skipped.is_empty()) {
+                    (false, _) => Ok(Resolved { addrs, skipped }),
+                    (true, true) => Err(DnsError::NoAddress(host.to_owned())),
+                    (true, false) => Err(DnsError::Unusable {
+                        host: host.to_owned(),
+                        skipped,
+                    }),
+                };
             }
             Err(reason) => last = Some((resolver, reason)),
         }
@@ -180,7 +221,7 @@ pub fn lookup_all(
     hosts: &[&str],
     resolvers: &[SocketAddr],
     timeout: Duration,
-) -> Vec<Result<Vec<IpAddr>, DnsError>> {
+) -> Vec<Result<Resolved, DnsError>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     // Each worker takes the next name not taken yet, until there is none.
     let work = || {
@@ -193,7 +234,7 @@ pub fn lookup_all(
             done.push((i, lookup(host, resolvers, timeout)));
         }
     };
-    let mut results: Vec<Option<Result<Vec<IpAddr>, DnsError>>> =
+    let mut results: Vec<Option<Result<Resolved, DnsError>>> =
         std::iter::repeat_with(|| None).take(hosts.len()).collect();
     std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..hosts.len().min(MAX_PARALLEL_LOOKUPS))
@@ -810,7 +851,7 @@ mod tests {
         let answers = resolver(2, knows);
         let started = Instant::now();
         let got = lookup("app.example", &[refuses, answers], Duration::from_secs(5));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
         let took = started.elapsed();
         assert!(took < Duration::from_secs(3), "took {took:?}");
         // Only as a failure: a header alone cannot say the name has no address.
@@ -846,7 +887,7 @@ mod tests {
             }
         });
         let got = lookup("app.example", &[lossy], Duration::from_secs(2));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
     }
 
     #[test]
@@ -861,10 +902,10 @@ mod tests {
             reply(query, 0, &answers)
         });
         let got = lookup("app.example", &[v6], Duration::from_secs(5));
-        assert_eq!(got.unwrap(), [IpAddr::from([0xfd; 16])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([0xfd; 16])]);
         let answers = resolver(2, knows);
         let got = lookup("App.EXAMPLE.", &[answers], Duration::from_secs(5));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
     }
 
     /// Whether `query` asks for AAAA records.
@@ -898,7 +939,7 @@ mod tests {
     fn an_answered_family_is_enough_when_the_other_is_never_answered() {
         let started = Instant::now();
         let got = lookup("app.example", &[drops_aaaa()], Duration::from_secs(4));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
         // The other family gets a short wait once the first answered, not the whole timeout.
         let took = started.elapsed();
         assert!(took < Duration::from_secs(3), "took {took:?}");
@@ -912,7 +953,7 @@ mod tests {
             }
         });
         let got = lookup("app.example", &[refuses_aaaa], Duration::from_secs(4));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
 
         // One family with no address and the other unanswered says nothing of the name: the
         // next resolver is asked.
@@ -930,7 +971,56 @@ mod tests {
             &[v6_dropped, answers],
             Duration::from_secs(4),
         );
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn addresses_no_backend_can_have_are_set_apart() {
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+        ] {
+            assert!(!usable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["127.0.0.1", "10.0.0.1", "::1", "fd00::1", "192.168.1.255"] {
+            assert!(usable(ip.parse().unwrap()), "{ip}");
+        }
+        let mixed = resolver(2, |query| {
+            let answers = if asks_aaaa(query) {
+                vec![record(&TO_QUESTION, TYPE_AAAA, &[0; 16])]
+            } else {
+                [[0, 0, 0, 0], [10, 0, 0, 1], [239, 1, 1, 1]]
+                    .iter()
+                    .map(|ip| record(&TO_QUESTION, TYPE_A, ip))
+                    .collect()
+            };
+            reply(query, 0, &answers)
+        });
+        let got = lookup("app.example", &[mixed], Duration::from_secs(4)).unwrap();
+        assert_eq!(got.addrs, [IpAddr::from([10, 0, 0, 1])]);
+        let skipped: Vec<IpAddr> = ["0.0.0.0", "239.1.1.1", "::"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        assert_eq!(got.skipped, skipped);
+
+        let blocked = resolver(2, |query| {
+            let answers = if asks_aaaa(query) {
+                vec![]
+            } else {
+                vec![record(&TO_QUESTION, TYPE_A, &[0, 0, 0, 0])]
+            };
+            reply(query, 0, &answers)
+        });
+        let got = lookup("app.example", &[blocked], Duration::from_secs(4));
+        assert!(
+            matches!(&got, Err(DnsError::Unusable { skipped, .. }) if skipped == &[IpAddr::from([0, 0, 0, 0])]),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -938,7 +1028,7 @@ mod tests {
         let fails = resolver(2, |query| reply(query, 2, &[]));
         let answers = resolver(2, knows);
         let got = lookup("app.example", &[fails, answers], Duration::from_secs(5));
-        assert_eq!(got.unwrap(), [IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(got.unwrap().addrs, [IpAddr::from([10, 0, 0, 1])]);
 
         let unknown = resolver(2, |query| reply(query, 3, &[]));
         let answers = resolver(2, knows);

@@ -782,3 +782,43 @@ async fn a_name_written_twice_is_asked_once_a_round() {
     assert_eq!(dns.queries.load(Ordering::SeqCst) - queries, 2);
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_no_backend_can_have_are_passed_over() {
+    let (port, _b) = backends(&["a", "b"], false).await;
+    let unusable = [
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::new(224, 0, 0, 1),
+        Ipv4Addr::BROADCAST,
+    ];
+    let dns = DnsServer::start(&[&unusable[..], &[ip(1)]].concat()).await;
+    let (handle, shutdown) = start(config("tcp", dns.addr, port, "")).await;
+    let addrs = |handle: &ServerHandle| -> Vec<SocketAddr> {
+        handle.config().pools["app"]
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect()
+    };
+    assert_eq!(addrs(&handle), [SocketAddr::from((ip(1), port))]);
+
+    // Later answers too; and one with nothing else keeps the last usable addresses.
+    dns.set(&[&unusable[..], &[ip(2)]].concat());
+    eventually("the name moves to b", || {
+        let now = addrs(&handle);
+        async move { now == [SocketAddr::from((ip(2), port))] }
+    })
+    .await;
+    let [_, _, failed] = handle.resolutions();
+    dns.set(&unusable);
+    eventually("a lookup finds nothing usable", || {
+        let now = handle.resolutions()[2];
+        async move { now > failed }
+    })
+    .await;
+    assert_eq!(addrs(&handle), [SocketAddr::from((ip(2), port))]);
+    for _ in 0..3 {
+        assert_eq!(tcp_name(handle.local_addr("front").unwrap()).await.0, "b");
+    }
+    shutdown.cancel();
+}

@@ -1538,7 +1538,7 @@ fn validate_resolvers(
 
 /// The answers for the host names of `resolve = true` entries, looked up together: a
 /// resolver that does not answer costs a load one timeout, not one for each name.
-type Answers = HashMap<String, Result<Vec<std::net::IpAddr>, crate::dns::DnsError>>;
+type Answers = HashMap<String, Result<crate::dns::Resolved, crate::dns::DnsError>>;
 
 /// Looks up, all at once, every host name that [`resolve_name`] will ask about.
 fn look_up_names(pools: &BTreeMap<String, RawPool>, resolvers: &[SocketAddr]) -> Answers {
@@ -1602,10 +1602,14 @@ fn resolve_name(
     }
     // No answer: there was no resolver to ask, which is said at global.resolvers already.
     match answers.get(host)? {
-        Ok(ips) => Some((
+        Ok(resolved) => Some((
             host.to_owned(),
             port,
-            ips.iter().map(|&ip| SocketAddr::new(ip, port)).collect(),
+            resolved
+                .addrs
+                .iter()
+                .map(|&ip| SocketAddr::new(ip, port))
+                .collect(),
         )),
         Err(error) => {
             problems.push(path, format!("cannot resolve `{host}`: {error}"));
