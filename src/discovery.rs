@@ -12,10 +12,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::config::PoolConfig;
+use crate::config::{MIN_RESOLVE_INTERVAL, PoolConfig};
 use crate::dns::{self, DnsError, Resolved};
 use crate::server::ServerHandle;
 
@@ -35,12 +36,31 @@ pub async fn run(handle: ServerHandle) {
     let mut failing: HashSet<(String, String, u16)> = HashSet::new();
     // The addresses each name's last answer held that no backend can have.
     let mut skipped: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    // The TTL of each name's last answer: those the load found, after a start or a reload
+    // (which looks every name up itself), then those of the rounds.
+    let mut ttls: HashMap<String, Duration> = HashMap::new();
+    let mut reloaded = true;
     loop {
         let config = handle.config();
+        if std::mem::take(&mut reloaded) {
+            ttls.clear();
+            for name in config
+                .pools
+                .values()
+                .flat_map(|pool| pool.discovery.iter().flat_map(|d| &d.names))
+            {
+                let ttl = ttls.entry(name.host.clone()).or_insert(name.ttl);
+                *ttl = name.ttl.min(*ttl);
+            }
+        }
+        let wait = next_round(config.global.resolve_interval, ttls.values().copied());
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = handle.reloaded() => continue,
-            () = tokio::time::sleep(config.global.resolve_interval) => {}
+            () = handle.reloaded() => {
+                reloaded = true;
+                continue;
+            }
+            () = tokio::time::sleep(wait) => {}
         }
         let pools: Vec<PoolConfig> = config
             .pools
@@ -72,6 +92,13 @@ pub async fn run(handle: ServerHandle) {
             continue;
         };
         warn_of_skipped(&mut skipped, &answers);
+        // A name that failed keeps the TTL it had, as it keeps its addresses.
+        ttls.retain(|host, _| answers.contains_key(host));
+        for (host, answer) in &answers {
+            if let Ok(resolved) = answer {
+                ttls.insert(host.clone(), resolved.ttl);
+            }
+        }
         let looked_up = pools.into_iter().map(|pool| {
             let answers = pool
                 .discovery
@@ -102,6 +129,14 @@ pub async fn run(handle: ServerHandle) {
             }
         }
     }
+}
+
+/// How long to wait for the next round: `interval`, or the shortest of `ttls` if that is
+/// shorter (NGINX and Envoy also follow the TTL), but never less than [`MIN_RESOLVE_INTERVAL`],
+/// so that records with a TTL of 0 (as some service registries give) do not have the
+/// resolvers asked without pause.
+fn next_round(interval: Duration, ttls: impl Iterator<Item = Duration>) -> Duration {
+    ttls.fold(interval, Duration::min).max(MIN_RESOLVE_INTERVAL)
 }
 
 /// Counts and logs the answers for `pool`'s names; returns the pool with them when its
@@ -179,4 +214,28 @@ fn warn_of_skipped(skipped: &mut HashMap<String, Vec<IpAddr>>, answers: &Answers
         }
     }
     skipped.retain(|host, _| answers.contains_key(host));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_round_follows_a_shorter_ttl_down_to_a_floor() {
+        let secs = Duration::from_secs;
+        let interval = secs(30);
+        assert_eq!(next_round(interval, std::iter::empty()), interval);
+        assert_eq!(
+            next_round(interval, [secs(300), secs(60)].into_iter()),
+            interval
+        );
+        assert_eq!(
+            next_round(interval, [secs(300), secs(5)].into_iter()),
+            secs(5)
+        );
+        assert_eq!(
+            next_round(interval, [secs(0), secs(5)].into_iter()),
+            MIN_RESOLVE_INTERVAL
+        );
+    }
 }

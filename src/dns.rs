@@ -90,6 +90,8 @@ pub struct Resolved {
     /// The addresses of the answer that no backend can have (see [`usable`]), sorted, without
     /// duplicates: left out, for the caller to warn about.
     pub skipped: Vec<IpAddr>,
+    /// How long the answer may be kept: the shortest TTL of the records it came from.
+    pub ttl: Duration,
 }
 
 /// Whether a backend can have `ip`: not the unspecified address (`0.0.0.0`, `::`, which some
@@ -126,6 +128,9 @@ pub struct Reply {
     pub truncated: bool,
     /// The addresses of the name, through CNAMEs in the answer section.
     pub addrs: Vec<IpAddr>,
+    /// How long the addresses may be kept, in seconds: the shortest TTL of the records that
+    /// led to them (their own and the CNAMEs'); `None` without addresses.
+    pub ttl: Option<u32>,
 }
 
 /// The record types a lookup asks for.
@@ -191,13 +196,17 @@ pub fn lookup(
     let mut last = None;
     for &resolver in resolvers {
         match ask(resolver, &name, timeout) {
-            Ok(mut addrs) => {
+            Ok(Answer { mut addrs, ttl }) => {
                 addrs.sort();
                 addrs.dedup();
                 let (addrs, skipped): (Vec<IpAddr>, Vec<IpAddr>) =
                     addrs.into_iter().partition(|&ip| usable(ip));
                 return match (addrs.is_empty(), skipped.is_empty()) {
-                    (false, _) => Ok(Resolved { addrs, skipped }),
+                    (false, _) => Ok(Resolved {
+                        addrs,
+                        skipped,
+                        ttl: Duration::from_secs(u64::from(ttl.unwrap_or(u32::MAX))),
+                    }),
                     (true, true) => Err(DnsError::NoAddress(host.to_owned())),
                     (true, false) => Err(DnsError::Unusable {
                         host: host.to_owned(),
@@ -269,7 +278,7 @@ pub fn lookup_all(
 /// before it) that never answers AAAA queries, or refuses them, must not fail a name it gave
 /// IPv4 addresses for. What came back is used. The resolver counts as failed, and the next is
 /// asked, only when it gave no address and did not say so for both families.
-fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAddr>, String> {
+fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Answer, String> {
     let local: SocketAddr = match resolver {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -289,14 +298,14 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
     // Halfway, the queries still unanswered are sent once more (with their ids): a datagram
     // lost on the way must not fail the name, nor, with one resolver, a reload.
     let mut resend_at = Some(Instant::now() + timeout / 2);
-    let mut addrs = Vec::new();
+    let mut answer = Answer::default();
     // Whether a reply came, and the failure one of them reported.
     let mut replied = false;
     let mut failed = None;
     let mut buf = vec![0; MAX_REPLY];
     for _ in 0..MAX_DATAGRAMS {
         if pending.is_empty() {
-            return settle(addrs, true, failed);
+            return settle(answer, true, failed);
         }
         let now = Instant::now();
         if resend_at.is_some_and(|at| at <= now) {
@@ -309,7 +318,7 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         }
         let left = resend_at.unwrap_or(deadline).saturating_duration_since(now);
         if left.is_zero() {
-            return settle(addrs, false, failed);
+            return settle(answer, false, failed);
         }
         socket
             .set_read_timeout(Some(left))
@@ -326,7 +335,7 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
                     // Time to send again.
                     continue;
                 }
-                return settle(addrs, false, failed);
+                return settle(answer, false, failed);
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -342,7 +351,13 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         };
         pending.swap_remove(at);
         match reply.rcode {
-            0 | RCODE_NXDOMAIN => addrs.extend(reply.addrs),
+            0 | RCODE_NXDOMAIN => {
+                answer.addrs.extend(reply.addrs);
+                answer.ttl = match (answer.ttl, reply.ttl) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
             rcode => failed = Some(format!("answered with response code {rcode}")),
         }
         if !replied && !pending.is_empty() {
@@ -354,32 +369,35 @@ fn ask(resolver: SocketAddr, name: &[u8], timeout: Duration) -> Result<Vec<IpAdd
         }
     }
     if pending.is_empty() {
-        return settle(addrs, true, failed);
+        return settle(answer, true, failed);
     }
     settle(
-        addrs,
+        answer,
         false,
         failed.or(Some("too many datagrams that are not replies".to_owned())),
     )
 }
 
+/// The addresses one resolver gave for both families, and their shortest TTL.
+#[derive(Debug, Default)]
+struct Answer {
+    addrs: Vec<IpAddr>,
+    ttl: Option<u32>,
+}
+
 /// What one resolver's replies come to: the addresses, if any family gave some; no address
 /// when both families were answered without a failure; otherwise a failure of the resolver
 /// (`failed`, or a timeout), so that the next is asked.
-fn settle(
-    addrs: Vec<IpAddr>,
-    all_replied: bool,
-    failed: Option<String>,
-) -> Result<Vec<IpAddr>, String> {
-    if !addrs.is_empty() {
+fn settle(answer: Answer, all_replied: bool, failed: Option<String>) -> Result<Answer, String> {
+    if !answer.addrs.is_empty() {
         if let Some(reason) = failed {
             tracing::debug!(%reason, "one family of a lookup failed; using the other's");
         }
-        return Ok(addrs);
+        return Ok(answer);
     }
     match failed {
         Some(reason) => Err(reason),
-        None if all_replied => Ok(addrs),
+        None if all_replied => Ok(answer),
         None => Err("timed out".to_owned()),
     }
 }
@@ -448,6 +466,7 @@ pub fn parse_reply(
             rcode,
             truncated: false,
             addrs: Vec::new(),
+            ttl: None,
         });
     }
     if field(4) != 1 {
@@ -466,7 +485,8 @@ pub fn parse_reply(
     let truncated = flags & 0x0200 != 0;
 
     // The answer section; a truncated reply may hold fewer records than it announces.
-    let mut records: Vec<(Vec<u8>, u16, std::ops::Range<usize>)> = Vec::new();
+    // Owner, type, TTL and where the data is, of each record of class IN.
+    let mut records: Vec<(Vec<u8>, u16, u32, std::ops::Range<usize>)> = Vec::new();
     for _ in 0..answers {
         let (owner, next) = match read_name(packet, pos) {
             Ok(read) => read,
@@ -481,6 +501,9 @@ pub fn parse_reply(
         };
         let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
         let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        // A TTL with the top bit set is read as 0 (RFC 2181 §8).
+        let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
         let rdlength = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
         let start = next + 10;
         if packet.len() < start + rdlength {
@@ -490,18 +513,19 @@ pub fn parse_reply(
             return Err(ParseError::Short);
         }
         if class == CLASS_IN {
-            records.push((owner, rtype, start..start + rdlength));
+            records.push((owner, rtype, ttl, start..start + rdlength));
         }
         pos = start + rdlength;
     }
 
     // The names that lead to the addresses: the one asked for, then each CNAME target.
     let mut names = vec![name.to_vec()];
+    let mut chain_ttl = None::<u32>;
     for _ in 0..MAX_CNAMES {
         let current = &names[names.len() - 1];
-        let Some((_, _, rdata)) = records
+        let Some((_, _, ttl, rdata)) = records
             .iter()
-            .find(|(owner, rtype, _)| *rtype == TYPE_CNAME && owner == current)
+            .find(|(owner, rtype, _, _)| *rtype == TYPE_CNAME && owner == current)
         else {
             break;
         };
@@ -509,23 +533,30 @@ pub fn parse_reply(
         if names.contains(&target) {
             break;
         }
+        chain_ttl = Some(chain_ttl.map_or(*ttl, |t| t.min(*ttl)));
         names.push(target);
     }
-    let addrs = records
+    let mut addrs = Vec::new();
+    let mut ttl = None::<u32>;
+    for (_, _, record_ttl, rdata) in records
         .iter()
-        .filter(|(owner, rtype, _)| *rtype == qtype.code() && names.contains(owner))
-        .filter_map(|(_, _, rdata)| {
-            let data = &packet[rdata.clone()];
-            match qtype {
-                QueryType::A => <[u8; 4]>::try_from(data).ok().map(IpAddr::from),
-                QueryType::Aaaa => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
-            }
-        })
-        .collect();
+        .filter(|(owner, rtype, _, _)| *rtype == qtype.code() && names.contains(owner))
+    {
+        let data = &packet[rdata.clone()];
+        let addr = match qtype {
+            QueryType::A => <[u8; 4]>::try_from(data).ok().map(IpAddr::from),
+            QueryType::Aaaa => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
+        };
+        if let Some(addr) = addr {
+            addrs.push(addr);
+            ttl = Some(ttl.map_or(*record_ttl, |t| t.min(*record_ttl)));
+        }
+    }
     Ok(Reply {
         rcode,
         truncated,
         addrs,
+        ttl: ttl.map(|t| chain_ttl.map_or(t, |c| c.min(t))),
     })
 }
 
@@ -588,12 +619,17 @@ mod tests {
         packet
     }
 
-    /// A record: owner (wire bytes, perhaps a pointer), type, rdata.
+    /// A record: owner (wire bytes, perhaps a pointer), type, rdata; a TTL of 300 seconds.
     fn record(owner: &[u8], rtype: u16, rdata: &[u8]) -> Vec<u8> {
+        record_ttl(owner, rtype, 300, rdata)
+    }
+
+    /// A record with the TTL `ttl`.
+    fn record_ttl(owner: &[u8], rtype: u16, ttl: u32, rdata: &[u8]) -> Vec<u8> {
         let mut r = owner.to_vec();
         r.extend_from_slice(&rtype.to_be_bytes());
         r.extend_from_slice(&CLASS_IN.to_be_bytes());
-        r.extend_from_slice(&300u32.to_be_bytes());
+        r.extend_from_slice(&ttl.to_be_bytes());
         r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
         r.extend_from_slice(rdata);
         r
@@ -666,6 +702,33 @@ mod tests {
         );
         let got = parse_reply(&packet, 9, &q, QueryType::Aaaa).unwrap();
         assert_eq!(got.addrs, [IpAddr::from([0xfd; 16])]);
+    }
+
+    #[test]
+    fn the_ttl_is_the_shortest_of_the_records_that_led_to_the_addresses() {
+        let q = name("www.example");
+        let query = build_query(5, &q, QueryType::A);
+        let cdn = b"\x01a\x03cdn\x00";
+        let packet = |cname_ttl: u32, a_ttls: [u32; 2]| {
+            reply(
+                &query,
+                0,
+                &[
+                    record_ttl(&TO_QUESTION, TYPE_CNAME, cname_ttl, cdn),
+                    record_ttl(cdn, TYPE_A, a_ttls[0], &[10, 0, 0, 1]),
+                    record_ttl(cdn, TYPE_A, a_ttls[1], &[10, 0, 0, 2]),
+                    // Not on the way to the addresses: its TTL does not count.
+                    record_ttl(b"\x05other\x00", TYPE_A, 1, &[10, 0, 0, 3]),
+                ],
+            )
+        };
+        let ttl = |bytes: Vec<u8>| parse_reply(&bytes, 5, &q, QueryType::A).unwrap().ttl;
+        assert_eq!(ttl(packet(600, [60, 30])), Some(30));
+        assert_eq!(ttl(packet(20, [60, 30])), Some(20));
+        // A TTL with its top bit set counts as 0.
+        assert_eq!(ttl(packet(600, [0x8000_0000, 30])), Some(0));
+        // No address, no TTL.
+        assert_eq!(ttl(reply(&query, 0, &[])), None);
     }
 
     #[test]

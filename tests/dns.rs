@@ -822,3 +822,21 @@ async fn addresses_no_backend_can_have_are_passed_over() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_shorter_than_the_interval_brings_the_next_lookup_forward() {
+    let (port, _b) = backends(&["a", "b"], false).await;
+    // The test server's records live for one second; the file asks every minute.
+    let dns = DnsServer::start(&[ip(1)]).await;
+    let toml = config("tcp", dns.addr, port, "")
+        .replace("resolve_interval = \"1s\"", "resolve_interval = \"60s\"");
+    let (handle, shutdown) = start(toml).await;
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(tcp_name(front).await.0, "a");
+    dns.set(&[ip(2)]);
+    eventually("a connection reaches b", || async {
+        tcp_name(front).await.0 == "b"
+    })
+    .await;
+    shutdown.cancel();
+}

@@ -637,6 +637,9 @@ pub struct ResolvedName {
     pub template: BackendConfig,
     /// The addresses in force, sorted: the last lookup that found some.
     pub addrs: Vec<SocketAddr>,
+    /// How long the answer looked up at load may be kept (the shortest TTL of its records),
+    /// which brings the first lookup after it forward when shorter than `resolve_interval`.
+    pub ttl: Duration,
 }
 
 impl PoolConfig {
@@ -1019,6 +1022,7 @@ mod tests {
                 port: 80,
                 template: backend(2, 2),
                 addrs,
+                ttl: Duration::from_secs(30),
             }],
             fixed: 1,
             connect_attempts: 3,

@@ -1581,7 +1581,7 @@ fn resolve_name(
     path: &str,
     address: &str,
     answers: &Answers,
-) -> Option<(String, u16, Vec<SocketAddr>)> {
+) -> Option<(String, u16, Vec<SocketAddr>, Duration)> {
     if address.parse::<SocketAddr>().is_ok() {
         problems.push(
             format!("{path}.resolve"),
@@ -1610,6 +1610,7 @@ fn resolve_name(
                 .iter()
                 .map(|&ip| SocketAddr::new(ip, port))
                 .collect(),
+            resolved.ttl,
         )),
         Err(error) => {
             problems.push(path, format!("cannot resolve `{host}`: {error}"));
@@ -1692,10 +1693,11 @@ fn validate_pool(
                         None
                     }
                 };
-                if let (Some((host, port, addrs)), Some(weight)) = (resolved, weight) {
+                if let (Some((host, port, addrs, ttl)), Some(weight)) = (resolved, weight) {
                     names.push(ResolvedName {
                         host,
                         port,
+                        ttl,
                         template: BackendConfig {
                             addr: addrs[0],
                             weight,
