@@ -1,18 +1,20 @@
 //! Backends discovered through the DNS: the host names of entries with `resolve = true` are
-//! looked up again every `global.resolve_interval`, and a pool whose names now resolve to
-//! other addresses is rebuilt with them (`ServerHandle::replace_pool`).
+//! looked up again every `global.resolve_interval`, or sooner when their records' TTL is
+//! shorter, and a pool whose names now resolve to other addresses is rebuilt with them
+//! (`ServerHandle::replace_pool`).
 //!
 //! One task does it for the whole process, from `Server::run` to the shutdown. The lookups
 //! block (`dns::lookup_all`), so each round runs on a blocking thread, its names looked up
 //! together (each once) so that a resolver that does not answer costs a round one timeout, not
-//! one a name. A name that cannot be resolved, or resolves to nothing, keeps the addresses it
-//! had: a resolver that is down must not empty a pool. That is logged once when it starts and
-//! once when it ends, not every interval. A reload looks every name up itself, so it starts
-//! the interval over.
+//! one a name. A name that cannot be resolved keeps the addresses it had: a resolver that is
+//! down must not empty a pool. That is logged once when it starts and once when it ends, not
+//! every interval. A name the resolvers answer for with no address keeps them only for
+//! `global.resolve_hold`: the addresses of a service that is gone may soon be another's. A
+//! reload looks every name up itself, so it starts the interval over.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -39,10 +41,14 @@ pub async fn run(handle: ServerHandle) {
     // The TTL of each name's last answer: those the load found, after a start or a reload
     // (which looks every name up itself), then those of the rounds.
     let mut ttls: HashMap<String, Duration> = HashMap::new();
+    // Since when the resolvers have said that each name has no address, for `resolve_hold`.
+    let mut absent: HashMap<String, Instant> = HashMap::new();
     let mut reloaded = true;
     loop {
         let config = handle.config();
         if std::mem::take(&mut reloaded) {
+            // The reload found an address for every name.
+            absent.clear();
             ttls.clear();
             for name in config
                 .pools
@@ -53,7 +59,16 @@ pub async fn run(handle: ServerHandle) {
                 *ttl = name.ttl.min(*ttl);
             }
         }
-        let wait = next_round(config.global.resolve_interval, ttls.values().copied());
+        let hold = config.global.resolve_hold;
+        let now = Instant::now();
+        // The round after a hold ends comes when it ends, so that the addresses leave then.
+        let holds = absent
+            .values()
+            .map(|&since| (since + hold).saturating_duration_since(now));
+        let wait = next_round(
+            config.global.resolve_interval,
+            ttls.values().copied().chain(holds),
+        );
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = handle.reloaded() => {
@@ -91,6 +106,14 @@ pub async fn run(handle: ServerHandle) {
         let Ok(answers) = looked_up else {
             continue;
         };
+        // A name found, or not answered for (nothing is known of it then), starts over.
+        let now = Instant::now();
+        absent.retain(|host, _| matches!(answers.get(host), Some(Err(e)) if e.is_answer()));
+        for (host, answer) in &answers {
+            if matches!(answer, Err(e) if e.is_answer()) {
+                absent.entry(host.clone()).or_insert(now);
+            }
+        }
         warn_of_skipped(&mut skipped, &answers);
         // A name that failed keeps the TTL it had, as it keeps its addresses.
         ttls.retain(|host, _| answers.contains_key(host));
@@ -105,13 +128,22 @@ pub async fn run(handle: ServerHandle) {
                 .iter()
                 .flat_map(|d| &d.names)
                 .map(|name| match answers.get(&name.host) {
-                    Some(Ok(resolved)) => Ok(resolved
-                        .addrs
-                        .iter()
-                        .map(|&ip| SocketAddr::new(ip, name.port))
-                        .collect::<Vec<_>>()),
-                    Some(Err(error)) => Err(error.clone()),
-                    None => Err(DnsError::NoAddress(name.host.clone())),
+                    Some(Ok(resolved)) => Outcome::Found(
+                        resolved
+                            .addrs
+                            .iter()
+                            .map(|&ip| SocketAddr::new(ip, name.port))
+                            .collect(),
+                    ),
+                    Some(Err(error))
+                        if absent
+                            .get(&name.host)
+                            .is_some_and(|&since| now.duration_since(since) >= hold) =>
+                    {
+                        Outcome::Gone(error.clone())
+                    }
+                    Some(Err(error)) => Outcome::Failed(error.clone()),
+                    None => Outcome::Failed(DnsError::Unfinished(name.host.clone())),
                 })
                 .collect::<Vec<_>>();
             (pool, answers)
@@ -139,34 +171,52 @@ fn next_round(interval: Duration, ttls: impl Iterator<Item = Duration>) -> Durat
     ttls.fold(interval, Duration::min).max(MIN_RESOLVE_INTERVAL)
 }
 
+/// What a round makes of one name.
+enum Outcome {
+    /// The addresses it resolves to now.
+    Found(Vec<SocketAddr>),
+    /// No address this time: the name keeps the ones it had.
+    Failed(DnsError),
+    /// The resolvers have said for `resolve_hold` that it has no address: its addresses leave.
+    Gone(DnsError),
+}
+
 /// Counts and logs the answers for `pool`'s names; returns the pool with them when its
 /// addresses changed.
 fn follow(
     handle: &ServerHandle,
     failing: &mut HashSet<(String, String, u16)>,
     pool: &PoolConfig,
-    answers: Vec<Result<Vec<SocketAddr>, DnsError>>,
+    answers: Vec<Outcome>,
 ) -> Option<PoolConfig> {
     let discovery = pool.discovery.as_ref()?;
     let mut kept = Vec::with_capacity(answers.len());
     for (name, answer) in discovery.names.iter().zip(answers) {
         let key = (pool.name.clone(), name.host.clone(), name.port);
         match answer {
-            Err(error) => {
+            Outcome::Failed(error) => {
                 handle.count_resolution(FAILED);
                 if failing.insert(key) {
                     warn!(pool = %pool.name, name = %name.host, %error, kept = ?name.addrs, "cannot resolve a backend name; keeping its last addresses");
                 }
-                kept.push(Vec::new());
+                kept.push(None);
             }
-            Ok(mut addrs) => {
+            Outcome::Gone(error) => {
+                handle.count_resolution(FAILED);
+                failing.insert(key);
+                if !name.addrs.is_empty() {
+                    warn!(pool = %pool.name, name = %name.host, %error, removed = ?name.addrs, "a backend name has had no address for resolve_hold; its addresses leave the pool");
+                }
+                kept.push(Some(Vec::new()));
+            }
+            Outcome::Found(mut addrs) => {
                 if failing.remove(&key) {
                     info!(pool = %pool.name, name = %name.host, "a backend name resolves again");
                 }
                 addrs.sort();
                 addrs.dedup();
                 handle.count_resolution(if addrs == name.addrs { SAME } else { CHANGED });
-                kept.push(addrs);
+                kept.push(Some(addrs));
             }
         }
     }

@@ -63,6 +63,9 @@ pub enum DnsError {
     /// The resolvers answered, with no address for the name.
     #[error("`{0}` resolves to no address")]
     NoAddress(String),
+    /// The lookup of the name did not run to its end.
+    #[error("the lookup of `{0}` did not finish")]
+    Unfinished(String),
     /// The resolvers answered with addresses that no backend can have, and no other.
     #[error("`{host}` resolves only to addresses no backend can have ({})", list(.skipped))]
     Unusable {
@@ -71,6 +74,14 @@ pub enum DnsError {
         /// What it resolved to.
         skipped: Vec<IpAddr>,
     },
+}
+
+impl DnsError {
+    /// Whether the resolvers answered that the name has no address a backend can have (no
+    /// such name, no record, or only unusable addresses), rather than failed to answer.
+    pub fn is_answer(&self) -> bool {
+        matches!(self, DnsError::NoAddress(_) | DnsError::Unusable { .. })
+    }
 }
 
 /// `addrs` written out for a message.
@@ -268,7 +279,7 @@ pub fn lookup_all(
         .into_iter()
         .zip(hosts)
         .map(|(result, host)| {
-            result.unwrap_or_else(|| Err(DnsError::NoAddress((*host).to_owned())))
+            result.unwrap_or_else(|| Err(DnsError::Unfinished((*host).to_owned())))
         })
         .collect()
 }

@@ -840,3 +840,75 @@ async fn a_ttl_shorter_than_the_interval_brings_the_next_lookup_forward() {
     .await;
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_resolvers_say_has_no_address_leaves_the_pool_after_the_hold() {
+    let (port, _b) = backends(&["a", "b"], true).await;
+    let dns = DnsServer::start(&[ip(1)]).await;
+    let toml = config("http", dns.addr, port, "").replace(
+        "resolve_interval = \"1s\"",
+        "resolve_interval = \"1s\"\nresolve_hold = \"3s\"",
+    );
+    let (handle, shutdown) = start(toml).await;
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(http_names(front, 2).await, set(&["a"]));
+    let backends = |handle: &ServerHandle| handle.config().pools["app"].backends.len();
+
+    // The name is gone from the DNS (an answer without records): its address stays for the
+    // hold, then leaves, and the pool has no backend to offer.
+    let [_, _, failed] = handle.resolutions();
+    dns.set(&[]);
+    eventually("a lookup finds no address", || {
+        let now = handle.resolutions()[2];
+        async move { now > failed }
+    })
+    .await;
+    assert_eq!(
+        backends(&handle),
+        1,
+        "the address left before the hold ended"
+    );
+    eventually("the address leaves", || {
+        let now = backends(&handle);
+        async move { now == 0 }
+    })
+    .await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+
+    // It comes back with another address.
+    dns.set(&[ip(2)]);
+    eventually("a request reaches b", || async {
+        http_name(front).await == "b"
+    })
+    .await;
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_hold_must_be_a_duration() {
+    let dns = DnsServer::start(&[ip(1)]).await;
+    let toml = config("tcp", dns.addr, 80, "")
+        .replace("resolve_interval = \"1s\"", "resolve_hold = \"soon\"");
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(error.contains("global.resolve_hold"), "{error}");
+    let toml = config("tcp", dns.addr, 80, "")
+        .replace("resolve_interval = \"1s\"", "resolve_hold = \"0s\"");
+    let loaded = tokio::task::spawn_blocking(move || load(&toml))
+        .await
+        .unwrap();
+    assert_eq!(
+        loaded.unwrap().global.resolve_hold,
+        Duration::ZERO,
+        "0 drops a name's addresses at the first answer without any"
+    );
+}

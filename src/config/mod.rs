@@ -98,6 +98,11 @@ pub const DEFAULT_BACKEND_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// The shortest `resolve_interval`: more often would only load the resolvers.
 pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a name keeps its addresses once the resolvers say it has none (HAProxy's `hold nx`
+/// default): long enough to ride out a record that is briefly missing while it is replaced,
+/// short enough that addresses a deleted service left, which may soon belong to something
+/// else, stop taking traffic.
+pub const DEFAULT_RESOLVE_HOLD: Duration = Duration::from_secs(30);
 /// The largest backend weight. It bounds the precomputed smooth round-robin sequence.
 pub const MAX_WEIGHT: u32 = 256;
 
@@ -173,6 +178,9 @@ pub struct GlobalConfig {
     pub resolvers: Vec<SocketAddr>,
     /// How often `resolve = true` names are looked up again.
     pub resolve_interval: Duration,
+    /// How long a `resolve = true` name keeps its last addresses once the resolvers answer
+    /// that it has none (no such name, no record, or only addresses no backend can have).
+    pub resolve_hold: Duration,
 }
 
 /// One listener: an address, a protocol and where its traffic goes.
@@ -635,7 +643,8 @@ pub struct ResolvedName {
     pub port: u16,
     /// Weight, backup, drain and connection limit of every address (its `addr` is the first).
     pub template: BackendConfig,
-    /// The addresses in force, sorted: the last lookup that found some.
+    /// The addresses in force, sorted: the last lookup that found some; none once the
+    /// resolvers have said for `resolve_hold` that the name has none.
     pub addrs: Vec<SocketAddr>,
     /// How long the answer looked up at load may be kept (the shortest TTL of its records),
     /// which brings the first lookup after it forward when shorter than `resolve_interval`.
@@ -643,15 +652,16 @@ pub struct ResolvedName {
 }
 
 impl PoolConfig {
-    /// This pool with `answers[i]` as the addresses of `discovery.names[i]` (an empty answer
-    /// keeps what the name had), and the settings that follow from the pool's size.
-    pub fn with_answers(&self, answers: &[Vec<SocketAddr>]) -> PoolConfig {
+    /// This pool with `answers[i]` as the addresses of `discovery.names[i]` (`None` keeps what
+    /// the name had; an empty list takes them all out), and the settings that follow from the
+    /// pool's size.
+    pub fn with_answers(&self, answers: &[Option<Vec<SocketAddr>>]) -> PoolConfig {
         let mut pool = self.clone();
         let Some(discovery) = pool.discovery.as_mut() else {
             return pool;
         };
         for (name, answer) in discovery.names.iter_mut().zip(answers) {
-            if !answer.is_empty() {
+            if let Some(answer) = answer {
                 let mut addrs = answer.clone();
                 addrs.sort();
                 addrs.dedup();
@@ -1039,7 +1049,7 @@ mod tests {
         assert_eq!(pool.backends, [backend(1, 1), backend(2, 2), backend(3, 2)]);
 
         // .1 is the file's own backend already: one backend, with the file's weight.
-        let next = pool.with_answers(&[vec![backend(4, 1).addr, backend(1, 1).addr]]);
+        let next = pool.with_answers(&[Some(vec![backend(4, 1).addr, backend(1, 1).addr])]);
         assert_eq!(next.backends, [backend(1, 1), backend(4, 2)]);
         assert_eq!(next.connect_attempts, 2);
         assert_eq!(
@@ -1047,13 +1057,18 @@ mod tests {
             [backend(1, 1).addr, backend(4, 1).addr]
         );
 
-        // An empty answer keeps what the name had.
-        assert_eq!(next.with_answers(&[vec![]]).backends, next.backends);
+        // No answer keeps what the name had; an empty one takes its addresses out, and the
+        // file's own backend stays.
+        assert_eq!(next.with_answers(&[None]).backends, next.backends);
+        let gone = next.with_answers(&[Some(vec![])]);
+        assert_eq!(gone.backends, [backend(1, 1)]);
+        assert_eq!(gone.connect_attempts, 1);
+        assert!(gone.discovery.as_ref().unwrap().names[0].addrs.is_empty());
         // The maglev table the file left at its default grows with the pool.
         let many: Vec<SocketAddr> = (0..1000u16)
             .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)))
             .collect();
-        let big = pool.with_answers(&[many]);
+        let big = pool.with_answers(&[Some(many)]);
         assert_eq!(big.backends.len(), 1001);
         assert!(big.maglev_table_size >= 100_100);
         assert_eq!(big.connect_attempts, 3);
@@ -1069,7 +1084,7 @@ mod tests {
             .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)))
             .collect();
         assert!(
-            pool.with_answers(std::slice::from_ref(&many))
+            pool.with_answers(&[Some(many.clone())])
                 .too_large()
                 .is_some()
         );
@@ -1077,6 +1092,6 @@ mod tests {
         pool.maglev_table_size = 1009;
         pool.discovery.as_mut().unwrap().default_table = false;
         assert_eq!(pool.too_large(), None);
-        assert!(pool.with_answers(&[many]).too_large().is_some());
+        assert!(pool.with_answers(&[Some(many)]).too_large().is_some());
     }
 }

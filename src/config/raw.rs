@@ -51,6 +51,8 @@ pub struct RawGlobal {
     pub resolvers: Option<Vec<String>>,
     /// How often backends with `resolve = true` are looked up again.
     pub resolve_interval: Option<String>,
+    /// How long a name the resolvers say has no address keeps its last addresses.
+    pub resolve_hold: Option<String>,
 }
 
 /// One `[[listeners]]` entry.

@@ -244,6 +244,13 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
             format!("must be at least {MIN_RESOLVE_INTERVAL:?}"),
         );
     }
+    // Zero is allowed: the addresses leave at the first answer without any, as Envoy does.
+    let resolve_hold = match raw.global.resolve_hold.as_deref() {
+        None => DEFAULT_RESOLVE_HOLD,
+        Some(text) => problems
+            .check("global.resolve_hold", parse_duration(text))
+            .unwrap_or(DEFAULT_RESOLVE_HOLD),
+    };
     let resolvers = validate_resolvers(&mut problems, raw.global.resolvers.as_deref(), &raw.pools);
     let answers = look_up_names(&raw.pools, &resolvers);
 
@@ -315,6 +322,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
                 drain_timeout,
                 resolvers,
                 resolve_interval,
+                resolve_hold,
             },
             listeners,
             pools,
