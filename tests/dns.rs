@@ -912,3 +912,17 @@ async fn resolve_hold_must_be_a_duration() {
         "0 drops a name's addresses at the first answer without any"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_name_that_does_not_resolve_is_said_to_need_writing_in_full() {
+    let dns = DnsServer::start(&[]).await;
+    let toml = config("tcp", dns.addr, 80, "").replace("app.test:80", "app:80");
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        error.contains("pools.app.backends[0]: cannot resolve `app`")
+            && error.contains("search domains"),
+        "{error}"
+    );
+}

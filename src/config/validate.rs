@@ -1621,7 +1621,14 @@ fn resolve_name(
             resolved.ttl,
         )),
         Err(error) => {
-            problems.push(path, format!("cannot resolve `{host}`: {error}"));
+            // A short name that would have resolved with resolv.conf's search domains: say
+            // that they are not tried, rather than leave the user to wonder why.
+            let hint = if error.is_answer() && !host.contains('.') {
+                " (the search domains of /etc/resolv.conf are not tried: write the name in full)"
+            } else {
+                ""
+            };
+            problems.push(path, format!("cannot resolve `{host}`: {error}{hint}"));
             None
         }
     }
