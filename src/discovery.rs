@@ -164,7 +164,7 @@ pub async fn run(handle: ServerHandle) {
 }
 
 /// How long to wait for the next round: `interval`, or the shortest of `ttls` if that is
-/// shorter (NGINX and Envoy also follow the TTL), but never less than [`MIN_RESOLVE_INTERVAL`],
+/// shorter (as NGINX follows it), but never less than [`MIN_RESOLVE_INTERVAL`],
 /// so that records with a TTL of 0 (as some service registries give) do not have the
 /// resolvers asked without pause.
 fn next_round(interval: Duration, ttls: impl Iterator<Item = Duration>) -> Duration {

@@ -5,8 +5,10 @@
 //! question, as some servers send, passes the name on to the next resolver). Replies are parsed here,
 //! by hand and bounded: name compression (a limited number of jumps), and CNAME chains inside
 //! the answer section (a limited number of links). A truncated reply (TC) is used as it is:
-//! the addresses it holds are enough to balance over, and there is no fallback to TCP. The
-//! calls block, so callers run them off the runtime's threads.
+//! the addresses it holds are enough to balance over, and there is no fallback to TCP. One
+//! family answered is enough when the other's reply never comes or is a failure. A lookup
+//! also gives the shortest TTL of the records it used, and sets apart addresses that no
+//! backend can have. The calls block, so callers run them off the runtime's threads.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
