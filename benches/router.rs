@@ -59,6 +59,7 @@ fn route(pool: &str, matcher: RouteMatch) -> RouteConfig {
         target: Some(RouteTarget::Pool(pool.into())),
         rules: Rules::default(),
         access: Default::default(),
+        rate_limit: None,
     }
 }
 

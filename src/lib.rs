@@ -21,6 +21,7 @@ pub mod notify;
 pub mod park;
 pub mod pool;
 pub mod proxy_protocol;
+pub mod ratelimit;
 pub mod server;
 pub(crate) mod splice;
 pub mod stream;

@@ -131,6 +131,8 @@ pub struct ListenerStats {
     /// TLS handshakes of clients that failed (a bad or unsupported hello, a handshake that
     /// timed out, a client that left): the only trace they leave besides a debug log line.
     pub tls_failures: AtomicU64,
+    /// Requests answered 429 (http) and connections closed at accept (tcp) by `rate_limit`.
+    pub rate_limited: AtomicU64,
     /// Per-route counters by label: a route's position, `default` or `unrouted`.
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
 }
@@ -407,6 +409,15 @@ impl Collector for Scrape {
              lists of a listener or route.",
             MetricType::Counter,
             by_listener(&|s| s.denied.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_rate_limited",
+            "Requests answered 429 (http) and connections closed as they were accepted (tcp) \
+             because their client was over a rate_limit.",
+            MetricType::Counter,
+            by_listener(&|s| s.rate_limited.load(Relaxed)),
             counter,
         )?;
         let mut requests = Vec::new();

@@ -37,6 +37,7 @@ use crate::l4::udp::UdpProxy;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Snapshot};
+use crate::ratelimit::Limiter;
 use crate::tls::TlsStore;
 
 /// Why the server could not start, or a reload was refused.
@@ -119,6 +120,9 @@ struct Running {
     older: Vec<std::sync::Weak<HttpProxy>>,
 }
 
+/// Rate limiters by listener name and route index (`None`: the listener's own).
+type Limiters = std::collections::HashMap<(String, Option<usize>), Arc<Limiter>>;
+
 /// What the server runs now.
 struct State {
     config: Arc<Config>,
@@ -140,6 +144,9 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     /// Access log writers, by destination.
     logs: Arc<Writers>,
+    /// The rate limits in force, by listener and route (`None`: the listener's own), so that a
+    /// reload that leaves a limit as it was keeps its buckets.
+    limiters: Mutex<Limiters>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     upstream: Arc<UpstreamPool>,
     h2_upstream: Arc<H2Pool>,
@@ -263,6 +270,7 @@ impl Server {
         let shared = Arc::new(Shared {
             registry,
             metrics: Arc::new(Metrics::default()),
+            limiters: Mutex::default(),
             logs: Arc::new(Writers::default()),
             snapshot,
             upstream: Arc::new(UpstreamPool::default()),
@@ -319,6 +327,7 @@ impl Server {
         }
         let mut state = shared.lock();
         state.listeners = listeners;
+        shared.keep_limiters(&state.listeners);
         state.tls = Arc::new(tls);
         drop(state);
         Ok(Server { shared })
@@ -918,6 +927,7 @@ impl ServerHandle {
             summary.stopped.push(running.name);
         }
         state.listeners = listeners;
+        shared.keep_limiters(&state.listeners);
         shared.metrics.retain(&config.listeners);
         let logs: Vec<&crate::config::AccessLogTarget> = config
             .listeners
@@ -1109,6 +1119,60 @@ impl Shared {
         });
     }
 
+    /// The limiter of `limit` on listener `listener` (on its route `route`, or the listener's
+    /// own): the one in force when the limit is the same, so a reload keeps its buckets;
+    /// otherwise a new one.
+    fn limiter(
+        &self,
+        listener: &str,
+        route: Option<usize>,
+        limit: Option<&crate::config::RateLimit>,
+    ) -> Option<Arc<Limiter>> {
+        let limit = limit?;
+        let limiters = self
+            .limiters
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Some(
+            limiters
+                .get(&(listener.to_owned(), route))
+                .filter(|kept| kept.config() == limit)
+                .map_or_else(|| Arc::new(Limiter::new(limit.clone())), Arc::clone),
+        )
+    }
+
+    /// Makes the limiters of `listeners` (the configuration now in force) the ones a later
+    /// reload may keep, and forgets the others.
+    fn keep_limiters(&self, listeners: &[Running]) {
+        let mut kept = Limiters::new();
+        for running in listeners {
+            let name = &running.name;
+            match &running.proxy {
+                Proxy::Tcp(proxy) => {
+                    if let Some(limiter) = &proxy.load().rate_limit {
+                        kept.insert((name.clone(), None), Arc::clone(limiter));
+                    }
+                }
+                Proxy::Http(proxy) => {
+                    let proxy = proxy.load();
+                    if let Some(limiter) = &proxy.rate_limit {
+                        kept.insert((name.clone(), None), Arc::clone(limiter));
+                    }
+                    for (i, limiter) in proxy.route_limits.iter().enumerate() {
+                        if let Some(limiter) = limiter {
+                            kept.insert((name.clone(), Some(i)), Arc::clone(limiter));
+                        }
+                    }
+                }
+                Proxy::Udp(_) => {}
+            }
+        }
+        *self
+            .limiters
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = kept;
+    }
+
     /// The data-path object of one listener for this configuration.
     fn proxy(&self, l: &ListenerConfig, tls: &TlsStore) -> Result<Built, ServerError> {
         let stats = self.metrics.listener(&l.name);
@@ -1127,6 +1191,7 @@ impl Shared {
                     .park_idle_after
                     .zip(self.tcp_lot.clone())
                     .map(|(after, lot)| crate::l4::tcp::TcpParking { after, lot }),
+                rate_limit: self.limiter(&l.name, None, settings.rate_limit.as_ref()),
             }),
             ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
                 name: l.name.clone(),
@@ -1170,6 +1235,13 @@ impl Shared {
                     .zip(self.lot.clone())
                     .map(|(after, lot)| crate::http::Parking { after, lot }),
                 access_log: self.log_writer(l)?,
+                rate_limit: self.limiter(&l.name, None, settings.rate_limit.as_ref()),
+                route_limits: settings
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| self.limiter(&l.name, Some(i), r.rate_limit.as_ref()))
+                    .collect(),
             }),
         })
     }

@@ -1017,3 +1017,100 @@ fn secrets_never_show_in_a_debug_print_of_the_configuration() {
         "{printed}"
     );
 }
+
+/// An http listener with `listener` added to its table and one route with `route` added to its.
+fn limited_http(listener: &str, route: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{listener}\n[[listeners.routes]]\nmatch = {{ path_prefix = \"/api\" }}\npool = \"p\"\n{route}\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n"
+    )
+}
+
+#[test]
+fn rate_limits_load_with_their_defaults() {
+    use std::time::Duration;
+    use switchyard::config::{RateKey, RateLimit};
+    let text = limited_http(
+        "rate_limit = { rate = 100 }",
+        "rate_limit = { rate = 5, per = \"1m\", burst = 2, key = { header = \"X-API-Key\" } }",
+    );
+    let config = Config::from_toml(&text, Path::new("ok.toml")).expect("valid");
+    let ListenerKind::Http(http) = &config.listeners[0].kind else {
+        panic!("an http listener");
+    };
+    assert_eq!(
+        http.rate_limit,
+        Some(RateLimit {
+            rate: 100,
+            per: Duration::from_secs(1),
+            burst: 0,
+            key: RateKey::ClientIp,
+        })
+    );
+    assert_eq!(
+        http.routes[0].rate_limit,
+        Some(RateLimit {
+            rate: 5,
+            per: Duration::from_secs(60),
+            burst: 2,
+            key: RateKey::Header("x-api-key".into()),
+        })
+    );
+    let tcp = "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\nrate_limit = { rate = 10, key = \"client_ip\" }\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n";
+    assert_problem(tcp, "listeners[0].rate_limit.key", "by client address only");
+    let tcp = tcp.replace(", key = \"client_ip\"", ", burst = 5");
+    let config = Config::from_toml(&tcp, Path::new("ok.toml")).expect("valid");
+    let ListenerKind::Tcp(settings) = &config.listeners[0].kind else {
+        panic!("a tcp listener");
+    };
+    assert_eq!(settings.rate_limit.as_ref().map(|l| l.burst), Some(5));
+}
+
+#[test]
+fn rate_limit_mistakes_are_reported_at_their_key() {
+    let at = "listeners[0].rate_limit";
+    for (limit, key, reason) in [
+        ("{ per = \"1s\" }", "rate", "missing"),
+        ("{ rate = 0 }", "rate", "out of range"),
+        ("{ rate = -3 }", "rate", "out of range"),
+        ("{ rate = 2000000 }", "rate", "out of range"),
+        ("{ rate = 1, per = \"0s\" }", "per", "out of range"),
+        ("{ rate = 1, per = \"2d\" }", "per", ""),
+        ("{ rate = 1, per = \"soon\" }", "per", ""),
+        ("{ rate = 1, burst = -1 }", "burst", "out of range"),
+        ("{ rate = 1, burst = 100001 }", "burst", "out of range"),
+        (
+            "{ rate = 1, key = \"cookie\" }",
+            "key",
+            "unknown key `cookie`",
+        ),
+        (
+            "{ rate = 1, key = { header = \"a b\" } }",
+            "key.header",
+            "not a valid",
+        ),
+        ("{ rate = 1, key = {} }", "key.header", "missing"),
+    ] {
+        let text = limited_http(&format!("rate_limit = {limit}"), "");
+        assert_problem(&text, &format!("{at}.{key}"), reason);
+        // The same on a route, at the route's path.
+        let text = limited_http("", &format!("rate_limit = {limit}"));
+        assert_problem(
+            &text,
+            &format!("listeners[0].routes[0].rate_limit.{key}"),
+            reason,
+        );
+    }
+    // A mistyped key inside the table is named as the unknown key it is.
+    let text = limited_http("rate_limit = { rate = 1, brust = 2 }", "");
+    assert_problem(&text, &format!("{at}.brust"), "unknown field");
+    let text = limited_http("rate_limit = { rate = 1, key = { headr = \"x\" } }", "");
+    assert_problem(&text, &format!("{at}.key.headr"), "unknown field");
+    // Every mistake is reported, not only the first.
+    let text = limited_http("rate_limit = { rate = 0, burst = -1 }", "");
+    let found = problems(&text);
+    assert!(found.iter().any(|(p, _)| p == &format!("{at}.rate")));
+    assert!(found.iter().any(|(p, _)| p == &format!("{at}.burst")));
+    // udp listeners see no connections to limit.
+    let udp = "[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\nrate_limit = { rate = 1 }\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n";
+    assert_problem(udp, at, "applies only to tcp and http listeners");
+}

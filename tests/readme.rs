@@ -328,6 +328,40 @@ fn cases() -> Vec<Case> {
             documented: documented_keys("#### Health checks", ""),
         },
     ];
+    // A rate limit takes the same keys on a listener and on a route, and its form is in both
+    // tables as well as in its own section.
+    let limits = "#### Rate limits";
+    for (text, path, heading) in [
+        (
+            in_listener(&format!("rate_limit = {{ {z} = 1 }}")),
+            "listeners[0].rate_limit.",
+            listeners,
+        ),
+        (
+            in_route(&format!("rate_limit = {{ {z} = 1 }}")),
+            "listeners[0].routes[0].rate_limit.",
+            routes,
+        ),
+    ] {
+        cases.push(Case {
+            table: "rate_limit",
+            text: text.clone(),
+            path: path.to_owned(),
+            documented: documented_keys(limits, ""),
+        });
+        cases.push(Case {
+            table: "rate_limit, as its row writes it",
+            text,
+            path: path.to_owned(),
+            documented: documented_form(heading, "rate_limit"),
+        });
+    }
+    cases.push(Case {
+        table: "a rate limit's key",
+        text: in_listener(&format!("rate_limit = {{ key = {{ {z} = 1 }} }}")),
+        path: "listeners[0].rate_limit.key.".to_owned(),
+        documented: documented_form(limits, "key"),
+    });
     for key in ["sticky", "outlier", "queue", "tls"] {
         cases.push(Case {
             table: key,
@@ -736,6 +770,7 @@ fn listener_key_probe(key: &str, alone: bool) -> String {
         "allow" | "deny" => "[\"10.0.0.0/8\"]",
         "compression" => "{}",
         "access_log" => "{ path = \"stderr\" }",
+        "rate_limit" => "{ rate = 1 }",
         "tls" => {
             return format!(
                 "tls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}\n",
@@ -986,6 +1021,7 @@ fn every_default_the_reference_gives_is_the_code_s() {
         (health, "timeout", Duration(DEFAULT_HEALTH_TIMEOUT)),
         (health, "rise", Number(DEFAULT_HEALTH_RISE.into())),
         (health, "fall", Number(DEFAULT_HEALTH_FALL.into())),
+        ("#### Rate limits", "per", Duration(DEFAULT_RATE_LIMIT_PER)),
     ];
     let mut wrong = Vec::new();
     for (heading, key, expected) in cases {

@@ -233,7 +233,43 @@ pub struct TcpSettings {
     pub park_idle_after: Option<Duration>,
     /// One line per connection, when configured.
     pub access_log: Option<AccessLogConfig>,
+    /// New connections per client address; past it a connection is closed as it is accepted.
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// `rate_limit`: how often one client may be served, as a token bucket (GCRA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests (or connections) per `per` at the sustained rate.
+    pub rate: u32,
+    /// The period `rate` is counted over.
+    pub per: Duration,
+    /// How many more a client that has been quiet may send at once, beyond the first.
+    pub burst: u32,
+    /// What one bucket belongs to.
+    pub key: RateKey,
+}
+
+/// Whose bucket a request is counted in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client's address (the one a PROXY protocol header names, when there is one).
+    ClientIp,
+    /// The value of this request header (lower-cased name); requests without it are counted by
+    /// their client's address.
+    Header(String),
+}
+
+/// The largest `rate_limit.rate`.
+pub const MAX_RATE_LIMIT_RATE: u32 = 1_000_000;
+/// The largest `rate_limit.burst`.
+pub const MAX_RATE_LIMIT_BURST: u32 = 100_000;
+/// The shortest `rate_limit.per`: with `MAX_RATE_LIMIT_RATE`, one request a nanosecond.
+pub const MIN_RATE_LIMIT_PER: Duration = Duration::from_millis(1);
+/// The longest `rate_limit.per`.
+pub const MAX_RATE_LIMIT_PER: Duration = Duration::from_secs(86_400);
+/// Default `rate_limit.per`.
+pub const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(1);
 
 /// One entry of a tcp listener's `sni_routes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,6 +373,8 @@ pub struct HttpSettings {
     pub rules: Rules,
     /// One line per request, when configured.
     pub access_log: Option<AccessLogConfig>,
+    /// Requests per client for the whole listener (429 past it), checked before routing.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Changes made to requests and responses on the way through, parsed at load time.
@@ -475,6 +513,8 @@ pub struct RouteConfig {
     pub rules: Rules,
     /// Clients this route serves (others get 403), on top of the listener's list.
     pub access: crate::access::AccessList,
+    /// Requests per client for this route, on top of the listener's limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Where a route sends requests.

@@ -122,6 +122,64 @@ pub struct RawListener {
     pub access_log: Option<RawAccessLog>,
     /// tcp with sni_routes: time a client has to send its whole ClientHello.
     pub client_hello_timeout: Option<String>,
+    /// tcp: new connections per client address; http: requests per client.
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// `rate_limit = { rate = 100, per = "1s", burst = 20, key = "client_ip" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub rate: Option<i64>,
+    pub per: Option<String>,
+    pub burst: Option<i64>,
+    /// http: `"client_ip"` or `{ header = "X-API-Key" }`.
+    pub key: Option<RawRateKey>,
+}
+
+/// `"client_ip"` or `{ header = "NAME" }`.
+///
+/// Deserialized by hand, as backends are, so that a typo inside the table form is reported as
+/// the unknown key it is.
+#[derive(Debug)]
+pub enum RawRateKey {
+    Name(String),
+    Table(RawRateKeyTable),
+}
+
+impl<'de> Deserialize<'de> for RawRateKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = RawRateKey;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#""client_ip" or { header = "NAME" }"#)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawRateKey, E> {
+                Ok(RawRateKey::Name(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawRateKey, A::Error> {
+                RawRateKeyTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawRateKey::Table)
+            }
+        }
+
+        deserializer.deserialize_any(KeyVisitor)
+    }
+}
+
+/// The table form of a rate limit's key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateKeyTable {
+    pub header: Option<String>,
 }
 
 /// `tls = { certificates = [...], client_ca, client_auth, handshake_timeout }` on a listener.
@@ -195,6 +253,8 @@ pub struct RawRoute {
     pub cookie_flags: Option<Vec<String>>,
     /// http: response compression.
     pub compression: Option<RawCompression>,
+    /// Requests per client for this route, on top of the listener's limit.
+    pub rate_limit: Option<RawRateLimit>,
 }
 
 /// `{ add = { NAME = "value" }, set = { ... }, remove = ["NAME"] }`.

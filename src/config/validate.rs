@@ -675,6 +675,9 @@ fn validate_listener(
                         access_log: raw.access_log.as_ref().and_then(|log| {
                             validate_access_log(problems, &format!("{at}.access_log"), log, base)
                         }),
+                        rate_limit: raw.rate_limit.as_ref().and_then(|limit| {
+                            validate_rate_limit(problems, &format!("{at}.rate_limit"), limit, false)
+                        }),
                     })
                 })
             } else {
@@ -693,6 +696,12 @@ fn validate_listener(
                 }
                 only(problems, raw.splice.is_some(), "splice", "tcp and http");
                 only(problems, raw.tls.is_some(), "tls", "tcp and http");
+                only(
+                    problems,
+                    raw.rate_limit.is_some(),
+                    "rate_limit",
+                    "tcp and http",
+                );
                 only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
                 only(
                     problems,
@@ -808,6 +817,9 @@ fn validate_listener(
                 ),
                 access_log: raw.access_log.as_ref().and_then(|log| {
                     validate_access_log(problems, &format!("{at}.access_log"), log, base)
+                }),
+                rate_limit: raw.rate_limit.as_ref().and_then(|limit| {
+                    validate_rate_limit(problems, &format!("{at}.rate_limit"), limit, true)
                 }),
             })))
         }
@@ -925,6 +937,10 @@ fn validate_route(
         },
     );
     let access = validate_access(problems, at, raw.allow.as_deref(), raw.deny.as_deref());
+    let rate_limit = raw
+        .rate_limit
+        .as_ref()
+        .and_then(|limit| validate_rate_limit(problems, &format!("{at}.rate_limit"), limit, true));
     let redirects = raw.redirect.is_some();
     // A route that redirects answers every request it matches itself: a pool beside it would
     // never be used, so it is a mistake to report rather than a key to ignore.
@@ -1039,6 +1055,7 @@ fn validate_route(
         target,
         rules,
         access,
+        rate_limit,
     })
 }
 
@@ -2095,6 +2112,103 @@ fn validate_access_log(
         }
     };
     Some(AccessLogConfig { target, format })
+}
+
+/// `rate_limit` at `at`; `keyed`: whether `key` may be set (http), or only the client address
+/// counts (tcp, which sees no request).
+fn validate_rate_limit(
+    problems: &mut Problems,
+    at: &str,
+    raw: &super::raw::RawRateLimit,
+    keyed: bool,
+) -> Option<RateLimit> {
+    use super::raw::RawRateKey;
+    let before = problems.0.len();
+    let rate = match raw.rate {
+        None => {
+            problems.push(format!("{at}.rate"), "missing: e.g. rate = 100");
+            0
+        }
+        Some(rate) => match u32::try_from(rate) {
+            Ok(rate @ 1..=MAX_RATE_LIMIT_RATE) => rate,
+            _ => {
+                problems.push(
+                    format!("{at}.rate"),
+                    format!("{rate} is out of range: 1 to {MAX_RATE_LIMIT_RATE}"),
+                );
+                0
+            }
+        },
+    };
+    let per = match raw.per.as_deref().map(parse_duration) {
+        None => DEFAULT_RATE_LIMIT_PER,
+        Some(Ok(per)) if (MIN_RATE_LIMIT_PER..=MAX_RATE_LIMIT_PER).contains(&per) => per,
+        Some(Ok(_)) => {
+            problems.push(format!("{at}.per"), "out of range: \"1ms\" to \"24h\"");
+            DEFAULT_RATE_LIMIT_PER
+        }
+        Some(Err(reason)) => {
+            problems.push(format!("{at}.per"), reason);
+            DEFAULT_RATE_LIMIT_PER
+        }
+    };
+    let burst = match raw.burst {
+        None => 0,
+        Some(burst) => match u32::try_from(burst) {
+            Ok(burst @ 0..=MAX_RATE_LIMIT_BURST) => burst,
+            _ => {
+                problems.push(
+                    format!("{at}.burst"),
+                    format!("{burst} is out of range: 0 to {MAX_RATE_LIMIT_BURST}"),
+                );
+                0
+            }
+        },
+    };
+    let key = match &raw.key {
+        None => RateKey::ClientIp,
+        Some(_) if !keyed => {
+            problems.push(
+                format!("{at}.key"),
+                "a tcp listener limits new connections by client address only; `key` is for \
+                 http listeners and routes",
+            );
+            RateKey::ClientIp
+        }
+        Some(RawRateKey::Name(name)) if name == "client_ip" => RateKey::ClientIp,
+        Some(RawRateKey::Name(other)) => {
+            problems.push(
+                format!("{at}.key"),
+                format!(
+                    "unknown key `{other}` (expected \"client_ip\" or {{ header = \"NAME\" }})"
+                ),
+            );
+            RateKey::ClientIp
+        }
+        Some(RawRateKey::Table(table)) => match table.header.as_deref() {
+            None => {
+                problems.push(
+                    format!("{at}.key.header"),
+                    "missing: e.g. key = { header = \"X-API-Key\" }",
+                );
+                RateKey::ClientIp
+            }
+            Some(name) if valid_header_name(name) => RateKey::Header(name.to_ascii_lowercase()),
+            Some(name) => {
+                problems.push(
+                    format!("{at}.key.header"),
+                    format!("`{name}` is not a valid header name"),
+                );
+                RateKey::ClientIp
+            }
+        },
+    };
+    (problems.0.len() == before).then_some(RateLimit {
+        rate,
+        per,
+        burst,
+        key,
+    })
 }
 
 fn validate_admin(problems: &mut Problems, raw: super::raw::RawAdmin) -> Option<AdminConfig> {

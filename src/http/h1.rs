@@ -1251,6 +1251,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         408 => "Request Timeout",
         413 => "Content Too Large",
+        429 => "Too Many Requests",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
@@ -1263,6 +1264,16 @@ pub fn reason(status: u16) -> &'static str {
 
 /// A complete response the proxy sends itself: a short text body saying what happened.
 pub fn error_response(status: u16, persistence: Persistence) -> BytesMut {
+    error_response_after(status, persistence, None)
+}
+
+/// [`error_response`] with a `Retry-After` of this many seconds, when given: a 429 tells the
+/// client when it would be served.
+pub fn error_response_after(
+    status: u16,
+    persistence: Persistence,
+    retry_after: Option<u64>,
+) -> BytesMut {
     let reason = reason(status);
     let body_len = 3 + 1 + reason.len() + 1;
     let mut out = BytesMut::with_capacity(160);
@@ -1273,6 +1284,11 @@ pub fn error_response(status: u16, persistence: Persistence) -> BytesMut {
     out.put_slice(b"\r\ncontent-type: text/plain\r\ncontent-length: ");
     out.put_slice(itoa::Buffer::new().format(body_len).as_bytes());
     out.put_slice(b"\r\n");
+    if let Some(seconds) = retry_after {
+        out.put_slice(b"retry-after: ");
+        out.put_slice(itoa::Buffer::new().format(seconds).as_bytes());
+        out.put_slice(b"\r\n");
+    }
     out.put_slice(persistence.field());
     out.put_slice(b"\r\n");
     out.put_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -1660,5 +1676,11 @@ mod tests {
         assert_eq!(head.status, 404);
         assert_eq!(head.framing, Framing::Length(buf.len() as u64));
         assert_eq!(&buf[..], b"404 Not Found\n");
+        let out = error_response_after(429, Persistence::Close, Some(7));
+        let mut buf = out.clone();
+        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, 429);
+        assert_eq!(head.header("retry-after"), Some(&b"7"[..]));
+        assert_eq!(&buf[..], b"429 Too Many Requests\n");
     }
 }

@@ -429,6 +429,15 @@ fn status_response(status: u16) -> Response<ResponseBody> {
     response
 }
 
+/// The answer to a client over a `rate_limit`: a 429 saying when it would be served.
+fn too_many_requests(retry_after: u64) -> Response<ResponseBody> {
+    let mut response = status_response(429);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
 /// Marks an error response the proxy made itself (not a backend's).
 #[derive(Clone, Copy)]
 struct LocalReply;
@@ -842,12 +851,17 @@ async fn handle_stream(
     if parts.method == http::Method::CONNECT {
         return status_response(501);
     }
-    // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing, as on
-    // HTTP/1.1.
     if !proxy.access.permits(source.ip()) {
         proxy.stats.denied.fetch_add(1, Ordering::Relaxed);
         return status_response(403);
     }
+    // A refused client's requests count against no limit: the limits come after the lists.
+    let header = |name: &str| parts.headers.get(name).map(HeaderValue::as_bytes);
+    if let Some(seconds) = proxy.over_limit(proxy.rate_limit.as_deref(), source.ip(), header) {
+        return too_many_requests(seconds);
+    }
+    // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing, as on
+    // HTTP/1.1.
     if let Some(redirect) = &proxy.rules.redirect {
         return redirect_response(&parts, redirect, &[&proxy.rules]);
     }
@@ -862,6 +876,13 @@ async fn handle_stream(
     );
     if !proxy.route_permits(routed.route, source.ip()) {
         return status_response(403);
+    }
+    let route_limit = routed
+        .route
+        .and_then(|i| proxy.route_limits.get(i))
+        .and_then(Option::as_deref);
+    if let Some(seconds) = proxy.over_limit(route_limit, source.ip(), header) {
+        return too_many_requests(seconds);
     }
     // The listener's rules, then the route's, as on HTTP/1.1.
     let listener_rules = Some(&proxy.rules).filter(|r| !r.is_empty());

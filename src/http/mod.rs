@@ -193,6 +193,10 @@ pub struct HttpProxy {
         crate::config::AccessLogConfig,
         Arc<crate::access_log::Writer>,
     )>,
+    /// The listener's `rate_limit`, checked for every request before routing.
+    pub rate_limit: Option<Arc<crate::ratelimit::Limiter>>,
+    /// Each route's own `rate_limit`, by route index, checked once the route is known.
+    pub route_limits: Vec<Option<Arc<crate::ratelimit::Limiter>>>,
 }
 
 /// The request fields an access log line shows.
@@ -372,6 +376,8 @@ enum Next {
 enum Failure {
     /// The proxy answers with this status, then closes if `close`.
     Status(u16),
+    /// The client is over a `rate_limit`: a 429 with a `Retry-After` of this many seconds.
+    Limited(u64),
     /// The client went away or broke the protocol mid-body: close without a response.
     Abort,
     /// A response whose body ends at the close was cut off (its backend failed): the
@@ -440,6 +446,32 @@ impl HttpProxy {
             },
         );
         writer.write(line, &self.stats);
+    }
+
+    /// Counts a request of `client` against `limiter` (the listener's or a route's, if it has
+    /// one; `header` reads the request's fields for a limit keyed on one). `Some(seconds)`:
+    /// refused, to be answered 429 with that `Retry-After`.
+    pub(crate) fn over_limit<'h>(
+        &self,
+        limiter: Option<&crate::ratelimit::Limiter>,
+        client: IpAddr,
+        header: impl FnOnce(&str) -> Option<&'h [u8]>,
+    ) -> Option<u64> {
+        use crate::ratelimit::{Key, Verdict};
+        let limiter = limiter?;
+        let config = limiter.config();
+        let value = match &config.key {
+            crate::config::RateKey::Header(name) => header(name),
+            crate::config::RateKey::ClientIp => None,
+        };
+        match limiter.check(Key::of(config, client, value)) {
+            Verdict::Allow => None,
+            Verdict::Deny(wait) => {
+                self.stats.rate_limited.fetch_add(1, Relaxed);
+                debug!(listener = %self.name, %client, "over rate_limit");
+                Some(Verdict::retry_after_secs(wait))
+            }
+        }
     }
 
     /// The settings in force for this listener now: these, or their latest successor.
@@ -821,12 +853,20 @@ impl HttpProxy {
                 graceful = false;
                 Next::Close
             }
-            Err(Failure::Status(status)) => {
+            Err(failure @ (Failure::Status(_) | Failure::Limited(_))) => {
+                let (status, retry_after) = match failure {
+                    Failure::Limited(seconds) => (429, Some(seconds)),
+                    Failure::Status(status) => (status, None),
+                    Failure::Abort | Failure::Cut => (500, None),
+                };
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
                 let close = head.close || has_body || self.closing();
-                let response =
-                    h1::error_response(status, h1::Persistence::of(close, head.minor_version));
+                let response = h1::error_response_after(
+                    status,
+                    h1::Persistence::of(close, head.minor_version),
+                    retry_after,
+                );
                 trace.status = status;
                 trace.bytes = response.len() as u64;
                 let _ = write_pair_within(
@@ -899,6 +939,14 @@ impl HttpProxy {
             self.stats.denied.fetch_add(1, Relaxed);
             return Err(Failure::Status(403));
         }
+        // A refused client's requests count against no limit: the limits come after the lists.
+        if let Some(seconds) =
+            self.over_limit(self.rate_limit.as_deref(), client.source.ip(), |name| {
+                head.header(name)
+            })
+        {
+            return Err(Failure::Limited(seconds));
+        }
         // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing.
         if let Some(redirect) = &self.rules.redirect {
             return Box::pin(self.redirect(client, head, redirect, None)).await;
@@ -914,6 +962,15 @@ impl HttpProxy {
         );
         if !self.route_permits(routed.route, client.source.ip()) {
             return Err(Failure::Status(403));
+        }
+        let route_limit = routed
+            .route
+            .and_then(|i| self.route_limits.get(i))
+            .and_then(Option::as_deref);
+        if let Some(seconds) =
+            self.over_limit(route_limit, client.source.ip(), |name| head.header(name))
+        {
+            return Err(Failure::Limited(seconds));
         }
         let route_rules = routed
             .route

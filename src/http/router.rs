@@ -344,6 +344,7 @@ mod tests {
             target: Some(RouteTarget::Pool(pool.into())),
             rules: Default::default(),
             access: Default::default(),
+            rate_limit: None,
         }
     }
 
@@ -513,6 +514,7 @@ mod tests {
                 ])),
                 rules: Default::default(),
                 access: Default::default(),
+                rate_limit: None,
             }],
             None,
         );

@@ -55,6 +55,8 @@ pub struct TcpProxy {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Where idle forwarded connections are parked, unless parking is off.
     pub parking: Option<TcpParking>,
+    /// New connections per client address, when the listener has `rate_limit`.
+    pub rate_limit: Option<Arc<crate::ratelimit::Limiter>>,
 }
 
 /// Where and when a tcp listener parks its idle connections.
@@ -95,6 +97,8 @@ enum RefuseReason {
         backend: SocketAddr,
         source: io::Error,
     },
+    #[error("client {0} over the listener's rate_limit")]
+    RateLimited(std::net::IpAddr),
     #[error("SNI routing: {0}")]
     ClientHello(#[from] crate::tls::client_hello::HelloError),
     #[error(transparent)]
@@ -182,6 +186,7 @@ impl TcpProxy {
         // this point (trust checks, hashing, logs, PROXY headers) sees it as the IPv4 it is.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (source, destination, mut initial) = self.accept_proxy_header(client, peer).await?;
+        self.within_rate(source)?;
         let pool_name = if self.settings.sni_routes.is_empty() {
             &self.pool
         } else {
@@ -240,6 +245,7 @@ impl TcpProxy {
         use crate::stream::{Stream, TunnelEnd};
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (source, destination, initial) = self.accept_proxy_header(&mut client, peer).await?;
+        self.within_rate(source)?;
         let local = client.local_addr().ok();
         let (stream, _) = crate::tls::accept(tls, client, &initial, false)
             .await
@@ -300,6 +306,22 @@ impl TcpProxy {
         };
         log_connection(self, source, &guard, moved, started, outcome);
         Ok(())
+    }
+
+    /// Phase 1b: the listener's `rate_limit`, counted against the client address the PROXY
+    /// header named (or the peer's), once its `allow` and `deny` lists let it in. A refused
+    /// connection is closed before anything more is read from it or sent on.
+    fn within_rate(&self, source: SocketAddr) -> Result<(), RefuseReason> {
+        let Some(limiter) = &self.rate_limit else {
+            return Ok(());
+        };
+        match limiter.check(crate::ratelimit::Key::Ip(source.ip())) {
+            crate::ratelimit::Verdict::Allow => Ok(()),
+            crate::ratelimit::Verdict::Deny(_) => {
+                self.stats.rate_limited.fetch_add(1, Relaxed);
+                Err(RefuseReason::RateLimited(source.ip()))
+            }
+        }
     }
 
     /// Phase 1: the client address. With the PROXY protocol on, it comes from the header, which
@@ -801,6 +823,7 @@ mod tests {
                 client_hello_timeout: Duration::from_secs(1),
                 park_idle_after: None,
                 access_log: None,
+                rate_limit: None,
             },
             proxy_protocol: None,
             access: Default::default(),
@@ -811,6 +834,7 @@ mod tests {
             access_log: None,
             stats: Default::default(),
             parking: None,
+            rate_limit: None,
         });
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
