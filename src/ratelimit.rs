@@ -326,6 +326,25 @@ mod tests {
     }
 
     #[test]
+    fn threads_checking_one_key_at_once_are_served_exactly_the_burst() {
+        // As with `--threads N`: every check of one key is counted once, none lost or doubled.
+        let limiter = limit(1, Duration::from_secs(60), 99);
+        let served = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        if limiter.check_at(ip(1), 0) == Verdict::Allow {
+                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(served.into_inner(), 100);
+    }
+
+    #[test]
     fn retry_after_is_whole_seconds_rounded_up() {
         assert_eq!(Verdict::retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(Verdict::retry_after_secs(Duration::from_secs(1)), 1);
