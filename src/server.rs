@@ -357,7 +357,9 @@ impl Server {
     /// connections get until `global.drain_timeout` to finish. Returns how many were cut off.
     pub async fn run(self) -> usize {
         let shared = self.shared;
-        // The process's own tasks first, so that they exist before the first connection.
+        // The process's own tasks first, so that they exist before the first connection: one
+        // may be served as soon as the first accept loop runs, on another thread, while this
+        // one is still starting the rest.
         tokio::spawn(release_memory(shared.shutdown.clone()));
         if let Some(lot) = &shared.lot {
             lot.start();
@@ -365,6 +367,8 @@ impl Server {
         if let Some(lot) = &shared.tcp_lot {
             lot.start();
         }
+        // Backends given by host names follow the DNS until the shutdown.
+        tokio::spawn(crate::discovery::run(ServerHandle(Arc::clone(&shared))));
         {
             let mut state = shared.lock();
             // Health checks and drain deadlines of this configuration; they stop with the
@@ -374,8 +378,8 @@ impl Server {
                 shared.start(running);
             }
         }
-        // Backends given by host names follow the DNS until the shutdown.
-        tokio::spawn(crate::discovery::run(ServerHandle(Arc::clone(&shared))));
+        // The admin server last: its "listening" line comes after the listeners', the first of
+        // which names the first listener's address, and a reload it runs finds them started.
         let admin = shared
             .admin
             .lock()
