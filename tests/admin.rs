@@ -1685,6 +1685,23 @@ fn thousands_of_backends(a: SocketAddr) -> String {
     )
 }
 
+/// The state the kernel lists for the TCP connection from `local` to `remote` (both on
+/// 127.0.0.1): 1 established, 3 its handshake not yet acknowledged, others closing; `None`
+/// when it lists none.
+fn tcp_state(local: SocketAddr, remote: SocketAddr) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("the kernel's TCP table");
+    let (local, remote) = (
+        format!("0100007F:{:04X}", local.port()),
+        format!("0100007F:{:04X}", remote.port()),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| u8::from_str_radix(fields.get(3)?, 16).ok())
+            .flatten()
+    })
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_a_large_answer_is_let_go() {
     let a = http_backend("a").await;
@@ -1708,9 +1725,27 @@ async fn a_client_that_never_reads_a_large_answer_is_let_go() {
     )
     .await
     .expect("send");
-    // Past the time a write may stall, the connection is given up: what was queued for it
-    // arrives, then its end, well short of the whole answer.
-    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    // Past the time a write may stall, the connection is given up. Reading before would be
+    // progress, which keeps the connection: its end is watched on the proxy's side of the
+    // socket, which leaves the established state once closed, with bytes still unsent. The
+    // wait is the stall's ten seconds after however long the answer takes to fill the buffers.
+    let (local, peer) = (stuck.local_addr().expect("address"), api);
+    let deadline = tokio::time::Instant::now() + PATIENCE * 6;
+    let mut seen = false;
+    loop {
+        match tcp_state(peer, local) {
+            Some(1 | 3) => seen = true,
+            None if !seen => {}
+            // Closing, or gone.
+            _ => break,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled connection is still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // What was queued for it arrives, then its end, well short of the whole answer.
     let mut got = Vec::new();
     tokio::time::timeout(
         PATIENCE,
