@@ -40,8 +40,18 @@ async fn admin_with(
             .as_bytes(),
         )
         .await;
-    client.reply().await.expect("an answer")
+    let mut rest = Vec::new();
+    tokio::time::timeout(ANSWER_PATIENCE, read_reply(&mut client.stream, &mut rest))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
 }
+
+/// How long a test waits for the admin API's answer: the API's own deadline for a request,
+/// after which it answers 504 itself (30 s, as the README says), and some. Its heavy requests
+/// (a maglev table of millions of slots rebuilt, the metrics of thousands of backends) take
+/// seconds on a loaded machine, which [`PATIENCE`] is too short for.
+const ANSWER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(40);
 
 fn json(reply: &Reply) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.text()))
