@@ -292,11 +292,7 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
         }
         let mut two = [0u8; 2];
         matches!(
-            tokio::time::timeout(
-                std::time::Duration::from_millis(500),
-                s.read_exact(&mut two)
-            )
-            .await,
+            tokio::time::timeout(PATIENCE, s.read_exact(&mut two)).await,
             Ok(Ok(_))
         ) && &two == b"ok"
     })

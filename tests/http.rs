@@ -3629,9 +3629,9 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
     }
     // Descriptors come back, and the backends, which did nothing wrong, still serve.
     eventually_async("a client is served again", || async move {
+        // Every try is answered: a 503 while descriptors are still short.
         let mut client = HttpClient::connect(addr).await;
-        let reply = tokio::time::timeout(Duration::from_millis(500), client.get("/", "")).await;
-        matches!(reply, Ok(r) if r.status == 200)
+        client.get("/", "").await.status == 200
     })
     .await;
 }
@@ -3677,9 +3677,9 @@ async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
     assert_eq!(reply.status, 503);
     drop(idle);
     eventually_async("a client is served again", || async move {
+        // Every try is answered: a 503 while descriptors are still short.
         let mut client = HttpClient::connect(addr).await;
-        let reply = tokio::time::timeout(Duration::from_millis(500), client.get("/", "")).await;
-        matches!(reply, Ok(r) if r.status == 200)
+        client.get("/", "").await.status == 200
     })
     .await;
 }

@@ -697,13 +697,13 @@ async fn a_backend_reset_during_an_upload_reaches_the_client_promptly() {
         // Reading and writing both end within seconds, not at the idle timeout. Which of the
         // two takes the reset depends on timing: the other then sees the end or a broken pipe.
         let mut got = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut got))
+        let read = tokio::time::timeout(PATIENCE, r.read_to_end(&mut got))
             .await
-            .expect("the end reaches the reading client within 3 s");
+            .expect("the end reaches the reading client in time");
         assert!(got.is_empty(), "splice = {splice}");
-        let write = tokio::time::timeout(Duration::from_secs(3), writer)
+        let write = tokio::time::timeout(PATIENCE, writer)
             .await
-            .expect("the upload ends within 3 s")
+            .expect("the upload ends in time")
             .expect("writer");
         let read = read.map_err(|e| e.kind()).err();
         assert!(
@@ -967,9 +967,7 @@ async fn exhaust_then_recover(addr: std::net::SocketAddr) {
     // Descriptors come back; the backends, which did nothing wrong, still serve.
     drop(held);
     eventually_async("a client is served again", || async move {
-        let Ok(Ok(mut s)) =
-            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
-        else {
+        let Ok(Ok(mut s)) = tokio::time::timeout(PATIENCE, TcpStream::connect(addr)).await else {
             return false;
         };
         if s.write_all(b"again").await.is_err() {
@@ -977,7 +975,7 @@ async fn exhaust_then_recover(addr: std::net::SocketAddr) {
         }
         let mut back = [0u8; 5];
         matches!(
-            tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut back)).await,
+            tokio::time::timeout(PATIENCE, s.read_exact(&mut back)).await,
             Ok(Ok(_))
         ) && &back == b"again"
     })
@@ -1088,9 +1086,9 @@ async fn a_client_reset_reaches_the_backend_as_a_reset_with_splice_and_copy() {
         // The client fails mid-answer.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         drop(stream);
-        let end = tokio::time::timeout(Duration::from_secs(3), end_rx.recv())
+        let end = tokio::time::timeout(PATIENCE, end_rx.recv())
             .await
-            .expect("the backend hears of it within 3 s")
+            .expect("the backend hears of it in time")
             .expect("an end");
         // Not a FIN, which the backend would take for the end of what the client meant to send.
         assert_eq!(

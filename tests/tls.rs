@@ -1592,9 +1592,9 @@ async fn a_backend_reset_during_an_upload_reaches_a_tls_client_as_a_failure() {
             }
         });
         let mut got = Vec::new();
-        let end = tokio::time::timeout(std::time::Duration::from_secs(3), r.read_to_end(&mut got))
+        let end = tokio::time::timeout(PATIENCE, r.read_to_end(&mut got))
             .await
-            .expect("the end reaches the client within 3 s");
+            .expect("the end reaches the client in time");
         // A close_notify would tell the client the stream ended as the backend meant it to.
         assert!(end.is_err(), "a clean TLS close after a backend's reset");
         let _ = writer.await;
