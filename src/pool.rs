@@ -382,6 +382,16 @@ impl<'p> Attempts<'p> {
         }
     }
 
+    /// No backend tried yet, for an http request: at most the pool's `retry.attempts` will be,
+    /// when it has `retry`, else its `connect_attempts`.
+    pub fn for_request(pool: &'p Pool, input: PickInput) -> Self {
+        let mut attempts = Attempts::new(pool, input);
+        if let Some(retry) = &pool.config.retry {
+            attempts.limit = retry.attempts.clamp(1, MAX_CONNECT_ATTEMPTS);
+        }
+        attempts
+    }
+
     /// How many backends were handed out so far.
     pub fn count(&self) -> usize {
         self.count

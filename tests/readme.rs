@@ -362,7 +362,7 @@ fn cases() -> Vec<Case> {
         path: "listeners[0].rate_limit.key.".to_owned(),
         documented: documented_form(limits, "key"),
     });
-    for key in ["sticky", "outlier", "queue", "tls"] {
+    for key in ["sticky", "outlier", "queue", "retry", "tls"] {
         cases.push(Case {
             table: key,
             text: in_pool(&format!("{key} = {{ {z} = 1 }}")),
@@ -898,6 +898,7 @@ fn the_pool_table_says_which_listeners_a_key_is_for() {
         let value = match key.as_str() {
             "sticky" => "{ cookie = \"S\" }".to_owned(),
             "queue" => "{ size = 1 }".to_owned(),
+            "retry" => "{ on = [\"503\"] }".to_owned(),
             "connect_timeout" | "response_timeout" | "keepalive_timeout" => "\"1s\"".to_owned(),
             "connect_attempts" | "keepalive_connections" => "1".to_owned(),
             "upstream_protocol" => "\"h2\"".to_owned(),

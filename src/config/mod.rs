@@ -653,6 +653,8 @@ pub struct PoolConfig {
     pub slow_start: Option<Duration>,
     /// Where requests wait when every backend is at its `max_connections`.
     pub queue: Option<QueueConfig>,
+    /// http: what besides a failed connect or a reset sends a request to another backend.
+    pub retry: Option<RetryConfig>,
     /// How long connections and requests on a draining backend may go on before they are closed.
     pub drain_timeout: Duration,
     /// Backends given by a host name with `resolve = true`, whose addresses follow the DNS.
@@ -792,6 +794,7 @@ impl PoolConfig {
             panic_mode: false,
             slow_start: None,
             queue: None,
+            retry: None,
             drain_timeout: DEFAULT_BACKEND_DRAIN_TIMEOUT,
             tls: None,
             discovery: None,
@@ -899,6 +902,52 @@ pub struct QueueConfig {
     pub size: usize,
     /// The longest wait.
     pub timeout: Duration,
+}
+
+/// `retry = { on, attempts }`: answers and timeouts that send a replayable request (idempotent,
+/// without a body) to another backend, as NGINX's `proxy_next_upstream` and Envoy's `retry_on`
+/// do. A failed connect, and a reset before any answer, are retried without it, as always.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Statuses 400 to 655 whose answers are retried, a bit each from 400 (a set, so that a
+    /// response is looked up in constant time).
+    statuses: [u64; 4],
+    /// A backend that does not start its answer within `response_timeout` is retried.
+    pub timeout: bool,
+    /// Backends one request may try in all, replacing `connect_attempts` for http requests.
+    pub attempts: usize,
+}
+
+impl RetryConfig {
+    /// The lowest status a condition may name: below it an answer is a success or a redirect,
+    /// which another backend has no reason to answer differently.
+    pub const LOWEST_STATUS: u16 = 400;
+
+    /// Retries on nothing beyond connects and resets, over `attempts` backends.
+    pub fn new(attempts: usize) -> RetryConfig {
+        RetryConfig {
+            statuses: [0; 4],
+            timeout: false,
+            attempts,
+        }
+    }
+
+    /// Adds `status` (400 to 599) to the statuses retried.
+    pub fn add_status(&mut self, status: u16) {
+        if let Some(bit) = status.checked_sub(Self::LOWEST_STATUS)
+            && bit < 200
+        {
+            self.statuses[usize::from(bit / 64)] |= 1 << (bit % 64);
+        }
+    }
+
+    /// Whether an answer with `status` is retried.
+    pub fn retries_status(&self, status: u16) -> bool {
+        match status.checked_sub(Self::LOWEST_STATUS) {
+            Some(bit) if bit < 200 => self.statuses[usize::from(bit / 64)] & (1 << (bit % 64)) != 0,
+            _ => false,
+        }
+    }
 }
 
 /// The protocol an http listener speaks to a pool's backends.

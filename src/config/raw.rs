@@ -381,6 +381,8 @@ pub struct RawPool {
     pub slow_start: Option<String>,
     /// Waiting room when every backend is at its `max_connections`.
     pub queue: Option<RawQueue>,
+    /// http: answers and timeouts that send a request to another backend.
+    pub retry: Option<RawRetry>,
     /// How long work in flight on a draining backend may go on before it is closed.
     pub drain_timeout: Option<String>,
 }
@@ -425,6 +427,15 @@ pub struct RawOutlier {
 pub struct RawQueue {
     pub size: Option<i64>,
     pub timeout: Option<String>,
+}
+
+/// `retry = { on, attempts }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Statuses (`"503"`), `"5xx"`, `"timeout"`.
+    pub on: Option<Vec<String>>,
+    pub attempts: Option<i64>,
 }
 
 /// A backend: `"host:port"` or `{ address = "host:port", weight = N }`.

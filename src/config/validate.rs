@@ -340,8 +340,9 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
 /// The rest (backends, balance, health, outlier detection, slow start, drains) apply to every
 /// listener of the pool, and keys that a listener's kind cannot use at all (tls, sticky, a
 /// request hash, send_proxy_protocol on udp) are reported at the listener's `pool`.
-const POOL_KEY_READERS: [(&str, &[&str]); 6] = [
+const POOL_KEY_READERS: [(&str, &[&str]); 7] = [
     ("response_timeout", &["http"]),
+    ("retry", &["http"]),
     ("keepalive_connections", &["http"]),
     ("keepalive_timeout", &["http"]),
     // UDP has no connect, and a session never waits in the queue.
@@ -356,6 +357,7 @@ fn pool_keys_by_reader(pools: &BTreeMap<String, RawPool>) -> Vec<(String, &'stat
     for (name, pool) in pools {
         let present = [
             pool.response_timeout.is_some(),
+            pool.retry.is_some(),
             pool.keepalive_connections.is_some(),
             pool.keepalive_timeout.is_some(),
             pool.connect_timeout.is_some(),
@@ -2044,6 +2046,9 @@ fn validate_pool(
             ),
         }
     });
+    let retry = raw
+        .retry
+        .map(|raw| validate_retry(problems, &format!("{at}.retry"), raw, connect_attempts));
     let drain_timeout = optional_duration(
         problems,
         &format!("{at}.drain_timeout"),
@@ -2071,6 +2076,7 @@ fn validate_pool(
         panic_mode: raw.panic_mode.unwrap_or(false),
         slow_start,
         queue,
+        retry,
         drain_timeout,
         response_timeout,
         keepalive_connections,
@@ -2083,6 +2089,47 @@ fn validate_pool(
         connect_timeout,
         send_proxy_protocol,
     })
+}
+
+/// `retry = { on, attempts }`: each condition a status from 400 to 599, `"5xx"` or `"timeout"`;
+/// `attempts` as `connect_attempts` (which it defaults to) allows.
+fn validate_retry(
+    problems: &mut Problems,
+    at: &str,
+    raw: super::raw::RawRetry,
+    connect_attempts: usize,
+) -> RetryConfig {
+    let attempts = match raw.attempts {
+        None => connect_attempts,
+        Some(n) if (1..=MAX_CONNECT_ATTEMPTS as i64).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(
+                format!("{at}.attempts"),
+                format!("{n} is out of range: 1 to {MAX_CONNECT_ATTEMPTS}"),
+            );
+            connect_attempts
+        }
+    };
+    let mut retry = RetryConfig::new(attempts);
+    for (i, condition) in raw.on.iter().flatten().enumerate() {
+        match condition.as_str() {
+            "timeout" => retry.timeout = true,
+            "5xx" => (500..600).for_each(|status| retry.add_status(status)),
+            text => match text.parse::<u16>() {
+                Ok(status) if text.len() == 3 && (400..600).contains(&status) => {
+                    retry.add_status(status);
+                }
+                _ => problems.push(
+                    format!("{at}.on[{i}]"),
+                    format!(
+                        "unknown condition `{text}` (expected a status from \"400\" to \"599\", \
+                         \"5xx\" or \"timeout\")"
+                    ),
+                ),
+            },
+        }
+    }
+    retry
 }
 
 fn validate_access_log(

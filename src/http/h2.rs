@@ -1348,10 +1348,12 @@ async fn forward_h2(
         return status_response(400);
     };
 
-    let (lease, picked, tried) = match h2_sender(&proxy.h2_upstream, pool, input).await {
+    let mut attempts = Attempts::for_request(pool, input);
+    let (lease, picked) = match h2_sender(&proxy.h2_upstream, pool, &mut attempts).await {
         Ok(found) => found,
         Err(status) => return status_response(status),
     };
+    let tried = attempts.count();
     let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
     let guard = picked.guard;
     let closer = picked.closer;
@@ -1485,14 +1487,13 @@ async fn forward_h2(
 }
 
 /// Picks a backend of an HTTP/2 pool and its shared connection, moving on to the next backend
-/// when one cannot be reached. Also says how many backends were tried (for the access log and
-/// the retry counter).
+/// when one cannot be reached; `attempts` keeps what was tried (for the access log, the retry
+/// counter, and the pool's `retry`, which goes on from there).
 pub(super) async fn h2_sender<'p>(
     upstream: &super::h2_upstream::H2Pool,
     pool: &'p Pool,
-    input: PickInput,
-) -> Result<(Lease, Picked<'p>, usize), u16> {
-    let mut attempts = Attempts::new(pool, input);
+    attempts: &mut Attempts<'p>,
+) -> Result<(Lease, Picked<'p>), u16> {
     loop {
         let picked = match attempts.next().await {
             Ok(picked) => picked,
@@ -1501,7 +1502,7 @@ pub(super) async fn h2_sender<'p>(
         };
         let state = &picked.candidate.state;
         match upstream.sender(state.addr, pool).await {
-            Ok(lease) => return Ok((lease, picked, attempts.count())),
+            Ok(lease) => return Ok((lease, picked)),
             // This process is out of descriptors or memory: no fault of the backend's, and no
             // other backend would fare better (as on HTTP/1.1).
             Err(error) if crate::listener::is_resource_exhaustion(&error) => {
@@ -1537,7 +1538,7 @@ async fn exchange<'p>(
     trace: &mut super::Trace,
 ) -> Result<(UpstreamConn, ResponseHead, Picked<'p>), u16> {
     let is_head = method == http::Method::HEAD;
-    let mut attempts = Attempts::new(pool, input);
+    let mut attempts = Attempts::for_request(pool, input);
     let (mut conn, picked) = loop {
         let picked = match attempts.next().await {
             Ok(picked) => picked,

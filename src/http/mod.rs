@@ -284,6 +284,9 @@ struct Client {
     served: u32,
     /// The lot would not take this connection: it is not offered again.
     unparkable: bool,
+    /// An interim response (103 Early Hints, say) of the request in hand reached the client:
+    /// its answer may no longer come from another backend than the one that sent it.
+    interim_sent: bool,
 }
 
 /// What waiting for the next request head found.
@@ -565,6 +568,7 @@ impl HttpProxy {
                 tls: None,
                 served: 0,
                 unparkable: false,
+                interim_sent: false,
             },
             Some(tls) => match crate::tls::accept(tls, stream, &buf, true).await {
                 Ok((stream, negotiated)) => Client {
@@ -576,6 +580,7 @@ impl HttpProxy {
                     tls: Some(negotiated),
                     served: 0,
                     unparkable: false,
+                    interim_sent: false,
                 },
                 Err(error) => {
                     debug!(listener = %self.name, client = %source, %error, "TLS refused");
@@ -620,6 +625,7 @@ impl HttpProxy {
             tls: None,
             served,
             unparkable: false,
+            interim_sent: false,
         };
         proxy.keep_alive(client, admission).await;
     }
@@ -709,6 +715,7 @@ impl HttpProxy {
             tls: None,
             served: refused.served,
             unparkable: true,
+            interim_sent: false,
         };
         Some((client, refused.admission))
     }
@@ -1506,172 +1513,236 @@ impl HttpProxy {
         let method =
             http::Method::from_bytes(head.method().as_bytes()).map_err(|_| Failure::Status(400))?;
 
-        let (lease, picked, tried) = h2::h2_sender(&self.h2_upstream, pool, input)
-            .await
-            .map_err(Failure::Status)?;
-        let guard = picked.guard;
-        let closer = picked.closer;
-        let state = Arc::clone(guard.state());
-        let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
-        let addr = state.addr;
-        trace.backend = Some(addr);
-        trace.attempts = tried;
-        let started = Instant::now();
-        // Kept to the end of the exchange unless the body is sent whole: dropped, it resets the
-        // backend's stream, which must not cut an answer still coming on it.
-        let (mut body_tx, body) = if head.framing == Framing::Empty {
-            (None, h2_upstream::UpstreamBody::Empty)
-        } else {
-            let (tx, body) = h2_upstream::body_channel();
-            (Some(tx), body)
-        };
-        let mut request = http::Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = http::Version::HTTP_2;
-        *request.headers_mut() = headers;
-        // Set when the backend stopped taking the body before its end (it answered early, and
-        // reset its stream or stopped reading): the rest of the body is not read, so the
-        // connection closes after the answer, as on the HTTP/1.1 path.
-        let mut request_cut = false;
-        let (response, early) = {
-            let send = self.h2_upstream.send(&lease, addr, pool, request);
-            tokio::pin!(send);
-            let response_parts = |sent: Result<http::Response<_>, _>| match sent {
-                Ok(response) => Ok(http::Response::into_parts(response)),
-                Err(error) => {
-                    debug!(backend = %addr, %error, "http/2 backend request failed");
-                    self.h2_upstream.failed(addr, pool, &lease, &error);
-                    pool.report(&state, false);
-                    Err(Failure::Status(502))
-                }
-            };
-            // The body streams while the response is awaited. The pump borrows the client, so
-            // it lives in a scope of its own: once the body is sent, the client's socket is
-            // free to be watched while the rest of the response is awaited.
-            let answered_early = {
-                let pump = pump_request_body(
-                    client,
-                    head.framing,
-                    &mut body_tx,
-                    self.max_body_size,
-                    pool.response_timeout,
-                );
-                tokio::pin!(pump);
-                let sent = tokio::select! {
-                    sent = &mut send => Some(sent),
-                    result = &mut pump => {
-                        match result {
-                            Ok(()) => {}
-                            Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
-                            // A backend that takes none of the body for the response timeout.
-                            Err(BodyError::Write(error)) if error.kind() == io::ErrorKind::TimedOut => {
-                                debug!(backend = %addr, "the backend stopped taking the request body");
-                                pool.report(&state, false);
+        // Answers and timeouts are retried only for a request that can be sent again as it
+        // was, as on HTTP/1.1 backends: idempotent and without a body. gRPC calls are POSTs, so
+        // they never are.
+        let retry = pool
+            .config()
+            .retry
+            .as_ref()
+            .filter(|_| head.framing == Framing::Empty && head.is_idempotent());
+        let mut attempts = Attempts::for_request(pool, input);
+        let mut passed: Option<H2Answer> = None;
+        let outcome: Result<H2Answer, Failure> = async {
+            let passed = &mut passed;
+            loop {
+                let (lease, picked) = h2::h2_sender(&self.h2_upstream, pool, &mut attempts)
+                    .await
+                    .map_err(Failure::Status)?;
+                let guard = picked.guard;
+                let closer = picked.closer;
+                let state = Arc::clone(guard.state());
+                let set_cookie = persist::sticky_cookie(pool, &input, picked.index);
+                let addr = state.addr;
+                trace.backend = Some(addr);
+                trace.attempts = attempts.count();
+                let started = Instant::now();
+                // Kept to the end of the exchange unless the body is sent whole: dropped, it resets
+                // the backend's stream, which must not cut an answer still coming on it.
+                let (mut body_tx, body) = if head.framing == Framing::Empty {
+                    (None, h2_upstream::UpstreamBody::Empty)
+                } else {
+                    let (tx, body) = h2_upstream::body_channel();
+                    (Some(tx), body)
+                };
+                let mut request = http::Request::new(body);
+                *request.method_mut() = method.clone();
+                *request.uri_mut() = uri.clone();
+                *request.version_mut() = http::Version::HTTP_2;
+                *request.headers_mut() = headers.clone();
+                // Set when the backend stopped taking the body before its end (it answered early,
+                // and reset its stream or stopped reading): the rest of the body is not read, so
+                // the connection closes after the answer, as on the HTTP/1.1 path.
+                let mut request_cut = false;
+                let (response, early) = {
+                    let send = self.h2_upstream.send(&lease, addr, pool, request);
+                    tokio::pin!(send);
+                    let response_parts = |sent: Result<http::Response<_>, _>| match sent {
+                        Ok(response) => Ok(http::Response::into_parts(response)),
+                        Err(error) => {
+                            debug!(backend = %addr, %error, "http/2 backend request failed");
+                            self.h2_upstream.failed(addr, pool, &lease, &error);
+                            pool.report(&state, false);
+                            Err(Failure::Status(502))
+                        }
+                    };
+                    // The body streams while the response is awaited. The pump borrows the client,
+                    // so it lives in a scope of its own: once the body is sent, the client's socket
+                    // is free to be watched while the rest of the response is awaited.
+                    let answered_early = {
+                        let pump = pump_request_body(
+                            client,
+                            head.framing,
+                            &mut body_tx,
+                            self.max_body_size,
+                            pool.response_timeout,
+                        );
+                        tokio::pin!(pump);
+                        let sent = tokio::select! {
+                            sent = &mut send => Some(sent),
+                            result = &mut pump => {
+                                match result {
+                                    Ok(()) => {}
+                                    Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                                    // A backend that takes none of the body for the response
+                                    // timeout.
+                                    Err(BodyError::Write(error)) if error.kind() == io::ErrorKind::TimedOut => {
+                                        debug!(backend = %addr, "the backend stopped taking the request body");
+                                        pool.report(&state, false);
+                                        return Err(Failure::Status(504));
+                                    }
+                                    // The backend's stream ended: its answer may be on its way (an
+                                    // early one, before a reset with NO_ERROR), or its failure.
+                                    Err(BodyError::Write(_)) => request_cut = true,
+                                    Err(_) => return Err(Failure::Abort),
+                                }
+                                None
+                            }
+                            () = closer.cancelled() => {
+                                debug!(backend = %addr, "no response before the backend's drain deadline");
                                 return Err(Failure::Status(504));
                             }
-                            // The backend's stream ended: its answer may be on its way (an
-                            // early one, before a reset with NO_ERROR), or its failure.
-                            Err(BodyError::Write(_)) => request_cut = true,
-                            Err(_) => return Err(Failure::Abort),
-                        }
-                        None
-                    }
-                    () = closer.cancelled() => {
-                        debug!(backend = %addr, "no response before the backend's drain deadline");
-                        return Err(Failure::Status(504));
-                    }
-                };
-                match sent {
-                    None => None,
-                    Some(sent) => {
-                        let (parts, body) = response_parts(sent)?;
-                        let mut early = h2_upstream::Prefetched::new(body);
-                        // An early answer, before the whole body was sent (RFC 9113 section
-                        // 8.1): the body goes on while the backend takes it, and the answer's
-                        // first frames are taken meanwhile. Once the backend stops taking the
-                        // body (its stream reset, or no room for the response timeout), or once
-                        // the answer is complete (the backend will not want the rest), the
-                        // answer goes to the client, which must not wait for it on an upload
-                        // it does not need.
-                        let mut pumped = false;
-                        while !pumped {
-                            tokio::select! {
-                                biased;
-                                result = &mut pump => {
-                                    match result {
-                                        Ok(()) => {}
-                                        Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
-                                        Err(BodyError::Write(_)) => request_cut = true,
-                                        Err(_) => return Err(Failure::Abort),
+                        };
+                        match sent {
+                            None => None,
+                            Some(sent) => {
+                                let (parts, body) = response_parts(sent)?;
+                                let mut early = h2_upstream::Prefetched::new(body);
+                                // An early answer, before the whole body was sent (RFC 9113 section
+                                // 8.1): the body goes on while the backend takes it, and the
+                                // answer's first frames are taken meanwhile. Once the backend stops
+                                // taking the body (its stream reset, or no room for the response
+                                // timeout), or once the answer is complete (the backend will not
+                                // want the rest), the answer goes to the client, which must not
+                                // wait for it on an upload it does not need.
+                                let mut pumped = false;
+                                while !pumped {
+                                    tokio::select! {
+                                        biased;
+                                        result = &mut pump => {
+                                            match result {
+                                                Ok(()) => {}
+                                                Err(BodyError::TooLarge) => return Err(Failure::Status(413)),
+                                                Err(BodyError::Write(_)) => request_cut = true,
+                                                Err(_) => return Err(Failure::Abort),
+                                            }
+                                            pumped = true;
+                                        }
+                                        () = early.prefetch(), if early.wants_more() => {
+                                            if early.ended() {
+                                                request_cut = true;
+                                                pumped = true;
+                                            }
+                                        }
+                                        () = closer.cancelled() => {
+                                            debug!(backend = %addr, "no response before the backend's drain deadline");
+                                            return Err(Failure::Status(504));
+                                        }
                                     }
-                                    pumped = true;
                                 }
-                                () = early.prefetch(), if early.wants_more() => {
-                                    if early.ended() {
-                                        request_cut = true;
-                                        pumped = true;
+                                Some((parts, early))
+                            }
+                        }
+                    };
+                    let (parts, early) = match answered_early {
+                        Some(answered) => answered,
+                        None => {
+                            // The whole body is sent: the response timeout starts now, as on the
+                            // HTTP/1.1 path (an upload may take longer than it). A client that
+                            // leaves meanwhile gives the request up, as there (`abort_on_close`);
+                            // not while pipelined requests wait in its buffer.
+                            let watched =
+                                (self.abort_on_close && client.buf.is_empty()).then(|| client.stream.tcp());
+                            let gone = async {
+                                match watched {
+                                    Some(tcp) => client_gone(tcp).await,
+                                    None => std::future::pending().await,
+                                }
+                            };
+                            let sent = tokio::select! {
+                                sent = &mut send => sent,
+                                // Only this stream is given up on (dropped, hyper resets it with
+                                // CANCEL); a connection that died unnoticed is found out by its
+                                // pings.
+                                () = tokio::time::sleep(pool.response_timeout) => {
+                                    pool.report(&state, false);
+                                    if retry.is_some_and(|r| r.timeout) {
+                                        debug!(backend = %addr, "response timeout, retried on another backend");
+                                        continue;
                                     }
+                                    return Err(Failure::Status(504));
                                 }
                                 () = closer.cancelled() => {
                                     debug!(backend = %addr, "no response before the backend's drain deadline");
                                     return Err(Failure::Status(504));
                                 }
-                            }
+                                () = gone => {
+                                    debug!(backend = %addr, "client gone while its response was awaited");
+                                    return Err(Failure::Abort);
+                                }
+                            };
+                            let (parts, body) = response_parts(sent)?;
+                            (parts, h2_upstream::Prefetched::new(body))
                         }
-                        Some((parts, early))
+                    };
+                    if request_cut {
+                        debug!(backend = %addr, status = parts.status.as_u16(), "the backend answered before taking the whole request body");
                     }
+                    (http::Response::from_parts(parts, ()), early)
+                };
+                guard.established();
+                let elapsed = started.elapsed();
+                let status = response.status().as_u16();
+                state.observe_latency(elapsed);
+                state.response_time.observe(elapsed);
+                state.count_response(status);
+                trace.upstream = Some(elapsed);
+                // Counted against the backend that gave it, retried or not.
+                pool.report(&state, status < 500);
+                let answer = H2Answer {
+                    response,
+                    early,
+                    guard,
+                    closer,
+                    state,
+                    set_cookie,
+                    request_cut,
+                    body_tx,
+                    upstream: elapsed,
+                };
+                if retry.is_some_and(|r| r.retries_status(status)) {
+                    debug!(backend = %addr, status, "answer retried on another backend");
+                    // The one passed over before is dropped: its stream is cancelled.
+                    *passed = Some(answer);
+                    continue;
                 }
-            };
-            let (parts, early) = match answered_early {
-                Some(answered) => answered,
-                None => {
-                    // The whole body is sent: the response timeout starts now, as on the
-                    // HTTP/1.1 path (an upload may take longer than it). A client that leaves
-                    // meanwhile gives the request up, as there (`abort_on_close`); not while
-                    // pipelined requests wait in its buffer.
-                    let watched =
-                        (self.abort_on_close && client.buf.is_empty()).then(|| client.stream.tcp());
-                    let gone = async {
-                        match watched {
-                            Some(tcp) => client_gone(tcp).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let sent = tokio::select! {
-                        sent = &mut send => sent,
-                        // Only this stream is given up on (dropped, hyper resets it with
-                        // CANCEL); a connection that died unnoticed is found out by its pings.
-                        () = tokio::time::sleep(pool.response_timeout) => {
-                            pool.report(&state, false);
-                            return Err(Failure::Status(504));
-                        }
-                        () = closer.cancelled() => {
-                            debug!(backend = %addr, "no response before the backend's drain deadline");
-                            return Err(Failure::Status(504));
-                        }
-                        () = gone => {
-                            debug!(backend = %addr, "client gone while its response was awaited");
-                            return Err(Failure::Abort);
-                        }
-                    };
-                    let (parts, body) = response_parts(sent)?;
-                    (parts, h2_upstream::Prefetched::new(body))
-                }
-            };
-            if request_cut {
-                debug!(backend = %addr, status = parts.status.as_u16(), "the backend answered before taking the whole request body");
+                return Ok(answer);
             }
-            (http::Response::from_parts(parts, ()), early)
+        }
+        .await;
+        let H2Answer {
+            response,
+            early,
+            guard,
+            closer,
+            state,
+            set_cookie,
+            request_cut,
+            body_tx: _body_tx,
+            upstream,
+        } = match (outcome, passed) {
+            (Ok(answer), _) => answer,
+            // The backends after it failed without an answer, or none could be had: a
+            // backend's own answer tells the client more than a status of the proxy's.
+            (Err(Failure::Status(_)), Some(answer)) => {
+                trace.backend = Some(answer.state.addr);
+                answer
+            }
+            (Err(failure), _) => return Err(failure),
         };
-        guard.established();
-        let elapsed = started.elapsed();
-        state.observe_latency(elapsed);
-        state.response_time.observe(elapsed);
-        state.count_response(response.status().as_u16());
-        trace.upstream = Some(elapsed);
+        let addr = state.addr;
+        trace.upstream = Some(upstream);
         trace.status = response.status().as_u16();
-        pool.report(&state, response.status().as_u16() < 500);
 
         let (mut parts, ()) = response.into_parts();
         let mut body = early;
@@ -1923,7 +1994,10 @@ impl HttpProxy {
     /// a fresh connection) when that is safe: on connect failure always; on a connection that
     /// fails before any response byte, only for an idempotent request without a body, on a
     /// fresh connection to the same backend when the failed one was reused (the backend may
-    /// have closed it while idle), else on the next backend. Never after a timeout.
+    /// have closed it while idle), else on the next backend. With the pool's `retry`, such a
+    /// request also moves on after an answer whose status it lists, or a response timeout
+    /// when it lists `timeout`; an answer passed over is what the client gets when no backend
+    /// after it answers.
     async fn upstream_exchange<'p>(
         &self,
         client: &mut Client,
@@ -1933,8 +2007,46 @@ impl HttpProxy {
         request: &BytesMut,
         trace: &mut Trace,
     ) -> Result<(UpstreamConn, Picked<'p>, ResponseHead), Failure> {
+        client.interim_sent = false;
+        let mut passed = None;
+        let outcome = self
+            .try_backends(client, head, pool, input, request, trace, &mut passed)
+            .await;
+        match (outcome, passed) {
+            // The backends after it failed without an answer, or none could be had: a
+            // backend's own answer tells the client more than a status of the proxy's.
+            (Err(Failure::Status(_)), Some(passed)) => {
+                trace.backend = Some(passed.picked.candidate.state.addr);
+                trace.upstream = Some(passed.upstream);
+                Ok((passed.conn, passed.picked, passed.response))
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// The attempts of [`Self::upstream_exchange`]; an answer its `retry` passes over is left
+    /// in `passed` (the last one, and its connection, which is closed if another replaces it).
+    #[allow(clippy::too_many_arguments)]
+    async fn try_backends<'p>(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        pool: &'p Pool,
+        input: PickInput,
+        request: &BytesMut,
+        trace: &mut Trace,
+        passed: &mut Option<Passed<'p>>,
+    ) -> Result<(UpstreamConn, Picked<'p>, ResponseHead), Failure> {
         let has_body = head.framing != Framing::Empty;
-        let mut attempts = Attempts::new(pool, input);
+        // Answers and timeouts are retried only for a request that can be sent again as it
+        // was: idempotent (RFC 9110 section 9.2.2), and without a body, which streamed to the
+        // backend as it came and of which the proxy kept no copy.
+        let retry = pool
+            .config()
+            .retry
+            .as_ref()
+            .filter(|_| !has_body && head.is_idempotent());
+        let mut attempts = Attempts::for_request(pool, input);
         let mut last_status = 503;
         loop {
             let picked = match attempts.next().await {
@@ -2009,7 +2121,21 @@ impl HttpProxy {
                         state.response_time.observe(elapsed);
                         state.count_response(response.status);
                         trace.upstream = Some(elapsed);
+                        // Counted against the backend that gave it, retried or not.
                         pool.report(state, response.status < 500);
+                        if !client.interim_sent
+                            && retry.is_some_and(|r| r.retries_status(response.status))
+                        {
+                            debug!(pool = %pool.name, backend = %addr, status = response.status, "answer retried on another backend");
+                            // The one passed over before is closed: its body is not read.
+                            *passed = Some(Passed {
+                                conn,
+                                picked,
+                                response,
+                                upstream: elapsed,
+                            });
+                            break;
+                        }
                         return Ok((conn, picked, response));
                     }
                     Err(SendError::Client) => return Err(Failure::Abort),
@@ -2017,6 +2143,10 @@ impl HttpProxy {
                     Err(SendError::Timeout) => {
                         debug!(pool = %pool.name, backend = %addr, "response timeout");
                         pool.report(state, false);
+                        if !client.interim_sent && retry.is_some_and(|r| r.timeout) {
+                            last_status = 504;
+                            break;
+                        }
                         return Err(Failure::Status(504));
                     }
                     Err(SendError::Invalid(error)) => {
@@ -2053,6 +2183,40 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// A response head from an HTTP/2 backend, and what its exchange holds until it is answered.
+struct H2Answer {
+    response: http::Response<()>,
+    /// The start of its body.
+    early: h2_upstream::Prefetched,
+    /// The backend's slot.
+    guard: crate::backend::ActiveGuard,
+    /// Cancelled at the backend's drain deadline.
+    closer: tokio_util::sync::CancellationToken,
+    state: Arc<crate::backend::BackendState>,
+    /// The sticky cookie naming its backend, when it is to be set.
+    set_cookie: Option<String>,
+    /// The backend stopped taking the request body before its end.
+    request_cut: bool,
+    /// The request body's sender, kept to the end of the exchange: dropped, it would reset the
+    /// backend's stream and cut an answer still coming on it.
+    body_tx: Option<h2_upstream::BodySender>,
+    /// The time to its head.
+    upstream: Duration,
+}
+
+/// An answer the pool's `retry` passed over, kept for the client in case no backend after it
+/// answers.
+struct Passed<'p> {
+    /// The connection it came on, its body unread.
+    conn: UpstreamConn,
+    /// Its backend, whose slot stays taken while the answer may still go out.
+    picked: Picked<'p>,
+    /// Its head.
+    response: ResponseHead,
+    /// The time to its head, for the access log.
+    upstream: Duration,
 }
 
 /// Where a redirect of the proxy's own sends the client: `to` with `{host}` (without its port)
@@ -2277,6 +2441,7 @@ async fn read_response(
                             &[],
                             &[],
                         );
+                        client.interim_sent = true;
                         write_within(&mut client.stream, &interim, response_timeout)
                             .await
                             .map_err(|_| SendError::Client)?;

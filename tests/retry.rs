@@ -1,0 +1,399 @@
+//! A pool's `retry`: answers with a listed status, and response timeouts, send a replayable
+//! request to another backend; the client sees the answer of the last backend tried.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use switchyard::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP/1.1 backend that answers every request with one status, and the requests it got.
+struct Answering {
+    backend: Backend,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Answering {
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// A keep-alive HTTP/1.1 backend answering each request with `status`, header `x-backend:
+/// NAME` and the body `NAME N`, where N is the request's place among all those that backends
+/// sharing `order` received (1 for the first). `None` for `status` never answers: it reads
+/// requests and holds them.
+async fn answering(status: Option<u16>, name: &'static str, order: &Arc<AtomicUsize>) -> Answering {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let order = Arc::clone(order);
+    let backend = Backend::start(move |mut stream| {
+        let requests = Arc::clone(&counted);
+        let order = Arc::clone(&order);
+        async move {
+            let mut buf = Vec::new();
+            // Bounded by the client: each round reads one request or ends.
+            loop {
+                let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                buf.drain(..end + 4);
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < length {
+                    if !fill(&mut stream, &mut buf).await {
+                        return;
+                    }
+                }
+                buf.drain(..length);
+                requests.fetch_add(1, Ordering::SeqCst);
+                let place = order.fetch_add(1, Ordering::SeqCst) + 1;
+                let Some(status) = status else {
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
+                    return;
+                };
+                let body = format!("{name} {place}");
+                let answer = format!(
+                    "HTTP/1.1 {status} Answer\r\ncontent-length: {}\r\nx-backend: {name}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    Answering { backend, requests }
+}
+
+/// An HTTP/2 backend answering every stream with `status` (none: never) and `x-backend: NAME`,
+/// and the streams it got.
+async fn answering_h2(status: Option<u16>, name: &'static str) -> Answering {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let backend = h2_backend_with(move |_request, mut respond| {
+        let requests = Arc::clone(&counted);
+        async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            let Some(status) = status else {
+                // Held, unanswered, until the proxy gives the stream up.
+                std::future::pending::<()>().await;
+                drop(respond);
+                return;
+            };
+            let response = http::Response::builder()
+                .status(status)
+                .header("x-backend", name)
+                .body(())
+                .expect("response");
+            if let Ok(mut body) = respond.send_response(response, false) {
+                let _ = body.send_data(bytes::Bytes::from(name), true);
+            }
+        }
+    })
+    .await;
+    Answering { backend, requests }
+}
+
+/// The proxy in front of `backends` with `pool_extra` in the pool's table.
+fn proxy(backends: &[SocketAddr], pool_extra: &str) -> Proxy {
+    Proxy::start(&single_pool(backends, "", pool_extra))
+}
+
+/// Requests the listener counted as having tried more than one backend.
+fn retries(proxy: &Proxy) -> usize {
+    proxy.stats("l7").retries.load(Ordering::SeqCst) as usize
+}
+
+/// Sends `raw` on a connection of its own and reads the answer.
+async fn ask(proxy: &Proxy, raw: &str) -> Reply {
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(raw.as_bytes()).await;
+    client.reply().await.expect("a reply")
+}
+
+const GET: &str = "GET /x HTTP/1.1\r\nHost: test\r\n\r\n";
+
+#[tokio::test]
+async fn an_answer_with_a_listed_status_is_retried_on_the_other_backend() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"502\", \"503\", \"504\"] }\noutlier = { consecutive_failures = 100 }",
+    );
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..4 {
+        let reply = client.get("/x", "").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+    // Round robin sends every other first try to the failing backend.
+    let passed_over = failing.requests();
+    assert!(passed_over >= 1, "the failing backend was never tried");
+    assert_eq!(healthy.requests(), 4);
+    assert_eq!(retries(&proxy), passed_over);
+    // A 503 passed over still counts against the backend that gave it.
+    let state = proxy.registry.state("p", failing.backend.addr);
+    assert_eq!(
+        state.consecutive_failures.load(Ordering::SeqCst) as usize,
+        passed_over
+    );
+    assert_eq!(
+        state.responses[4].load(Ordering::SeqCst) as usize,
+        passed_over
+    );
+}
+
+#[tokio::test]
+async fn a_post_is_not_retried() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"503\"] }",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let reply = ask(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
+        statuses.push(reply.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+    assert_eq!(failing.requests() + healthy.requests(), 2);
+    assert_eq!(retries(&proxy), 0);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_not_retried() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"503\"] }",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let reply = ask(
+            &proxy,
+            "PUT /x HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .await;
+        statuses.push(reply.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+    assert_eq!(failing.requests() + healthy.requests(), 2);
+    assert_eq!(retries(&proxy), 0);
+}
+
+#[tokio::test]
+async fn the_last_answer_reaches_the_client_when_every_backend_fails() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let first = answering(Some(503), "a", &order).await;
+    let second = answering(Some(503), "b", &order).await;
+    let proxy = proxy(
+        &[first.backend.addr, second.backend.addr],
+        "retry = { on = [\"5xx\"] }",
+    );
+    let reply = ask(&proxy, GET).await;
+    assert_eq!(reply.status, 503);
+    // Each backend tried once, and the answer is the second one's.
+    assert_eq!((first.requests(), second.requests()), (1, 1));
+    assert!(reply.text().ends_with(" 2"), "{}", reply.text());
+    assert_eq!(retries(&proxy), 1);
+}
+
+#[tokio::test]
+async fn attempts_bound_the_backends_one_request_tries() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(answering(Some(502), name, &order).await);
+    }
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.backend.addr).collect();
+    let proxy = proxy(&addrs, "retry = { on = [\"502\"], attempts = 2 }");
+    let reply = ask(&proxy, GET).await;
+    assert_eq!(reply.status, 502);
+    assert!(reply.text().ends_with(" 2"), "{}", reply.text());
+    let tried: usize = backends.iter().map(Answering::requests).sum();
+    assert_eq!(tried, 2);
+}
+
+#[tokio::test]
+async fn a_status_not_listed_is_passed_on() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(500), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"503\"] }",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(ask(&proxy, GET).await.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 500]);
+    assert_eq!(retries(&proxy), 0);
+}
+
+#[tokio::test]
+async fn a_response_timeout_is_retried_on_the_healthy_backend() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let silent = answering(None, "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[silent.backend.addr, healthy.backend.addr],
+        "response_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
+    );
+    for _ in 0..2 {
+        let reply = ask(&proxy, GET).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+    assert!(silent.requests() >= 1, "the silent backend was never tried");
+    assert_eq!(retries(&proxy), silent.requests());
+}
+
+#[tokio::test]
+async fn without_timeout_listed_a_response_timeout_is_a_504() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let silent = answering(None, "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[silent.backend.addr, healthy.backend.addr],
+        "response_timeout = \"200ms\"\nretry = { on = [\"503\"] }",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(ask(&proxy, GET).await.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 504]);
+}
+
+#[tokio::test]
+async fn an_h2_pool_retries_a_listed_status() {
+    let failing = answering_h2(Some(503), "a").await;
+    let healthy = answering_h2(Some(200), "b").await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "upstream_protocol = \"h2\"\nretry = { on = [\"503\"] }",
+    );
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..4 {
+        let reply = client.get("/x", "").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+    assert!(
+        failing.requests() >= 1,
+        "the failing backend was never tried"
+    );
+    assert_eq!(healthy.requests(), 4);
+    assert_eq!(retries(&proxy), failing.requests());
+}
+
+#[tokio::test]
+async fn an_h2_pool_does_not_retry_a_post() {
+    let failing = answering_h2(Some(503), "a").await;
+    let healthy = answering_h2(Some(200), "b").await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "upstream_protocol = \"h2\"\nretry = { on = [\"503\"] }",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let reply = ask(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
+        statuses.push(reply.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+    assert_eq!(retries(&proxy), 0);
+}
+
+#[tokio::test]
+async fn an_h2_pool_retries_a_response_timeout() {
+    let silent = answering_h2(None, "a").await;
+    let healthy = answering_h2(Some(200), "b").await;
+    let proxy = proxy(
+        &[silent.backend.addr, healthy.backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
+    );
+    for _ in 0..2 {
+        let reply = ask(&proxy, GET).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+    assert!(silent.requests() >= 1, "the silent backend was never tried");
+}
+
+/// The problems `check` would report for a pool of two backends with `retry`.
+fn problems(retry: &str) -> Vec<String> {
+    let text = format!(
+        "{}retry = {retry}\n",
+        single_pool(
+            &[
+                "127.0.0.1:1".parse().expect("addr"),
+                "127.0.0.1:2".parse().expect("addr")
+            ],
+            "",
+            ""
+        )
+    );
+    match Config::from_toml(&text, Path::new("retry.toml")) {
+        Ok(_) => Vec::new(),
+        Err(error) => error
+            .problems()
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.reason))
+            .collect(),
+    }
+}
+
+#[test]
+fn retry_settings_are_checked_with_their_key_paths() {
+    assert_eq!(
+        problems(
+            "{ on = [\"502\", \"503\", \"504\", \"5xx\", \"429\", \"timeout\"], attempts = 3 }"
+        ),
+        Vec::<String>::new()
+    );
+    let unknown = problems("{ on = [\"503\", \"http_502\", \"200\", \"5030\"] }");
+    assert_eq!(unknown.len(), 3, "{unknown:?}");
+    for (problem, index) in unknown.iter().zip(1..) {
+        assert!(
+            problem.starts_with(&format!("pools.p.retry.on[{index}]: unknown condition")),
+            "{problem}"
+        );
+    }
+    for attempts in [0, 17] {
+        let wrong = problems(&format!("{{ on = [\"503\"], attempts = {attempts} }}"));
+        assert_eq!(wrong.len(), 1, "{wrong:?}");
+        assert!(
+            wrong[0].starts_with("pools.p.retry.attempts: "),
+            "{}",
+            wrong[0]
+        );
+    }
+    let typo = problems("{ on = [\"503\"], tries = 2 }");
+    assert!(
+        typo.iter().any(|p| p.starts_with("pools.p.retry.tries")),
+        "{typo:?}"
+    );
+}
