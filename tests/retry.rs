@@ -343,6 +343,107 @@ async fn an_h2_pool_retries_a_response_timeout() {
     assert!(silent.requests() >= 1, "the silent backend was never tried");
 }
 
+/// Sends a bodiless `method` request from an HTTP/2 client and returns the status and the
+/// `x-backend` field of the answer.
+async fn ask_h2(proxy: &Proxy, method: &str) -> (u16, Option<String>) {
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method(method)
+        .uri("http://test/x")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("a response in time")
+        .expect("a response");
+    let backend = response
+        .headers()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (response.status().as_u16(), backend)
+}
+
+#[tokio::test]
+async fn an_http2_client_s_request_is_retried_on_an_http1_pool() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"503\"] }",
+    );
+    for _ in 0..4 {
+        assert_eq!(ask_h2(&proxy, "GET").await, (200, Some("b".to_owned())));
+    }
+    assert!(
+        failing.requests() >= 1,
+        "the failing backend was never tried"
+    );
+    assert_eq!(retries(&proxy), failing.requests());
+    // A POST is not.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(ask_h2(&proxy, "POST").await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+}
+
+#[tokio::test]
+async fn an_http2_client_s_request_is_retried_after_a_timeout_on_an_http1_pool() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let silent = answering(None, "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[silent.backend.addr, healthy.backend.addr],
+        "response_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
+    );
+    for _ in 0..2 {
+        assert_eq!(ask_h2(&proxy, "GET").await, (200, Some("b".to_owned())));
+    }
+    assert!(silent.requests() >= 1, "the silent backend was never tried");
+}
+
+#[tokio::test]
+async fn an_http2_client_s_request_is_retried_on_an_h2_pool() {
+    let failing = answering_h2(Some(503), "a").await;
+    let healthy = answering_h2(Some(200), "b").await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "upstream_protocol = \"h2\"\nretry = { on = [\"503\"] }",
+    );
+    for _ in 0..4 {
+        assert_eq!(ask_h2(&proxy, "GET").await, (200, Some("b".to_owned())));
+    }
+    assert!(
+        failing.requests() >= 1,
+        "the failing backend was never tried"
+    );
+    assert_eq!(retries(&proxy), failing.requests());
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(ask_h2(&proxy, "POST").await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+}
+
+#[tokio::test]
+async fn an_http2_client_gets_the_last_answer_when_every_backend_fails() {
+    let first = answering_h2(Some(503), "a").await;
+    let second = answering_h2(Some(503), "b").await;
+    let proxy = proxy(
+        &[first.backend.addr, second.backend.addr],
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"200ms\"\nretry = { on = [\"503\"] }",
+    );
+    let (status, backend) = ask_h2(&proxy, "GET").await;
+    assert_eq!(status, 503);
+    assert!(backend.is_some(), "a backend's own answer");
+    assert_eq!((first.requests(), second.requests()), (1, 1));
+}
+
 /// The problems `check` would report for a pool of two backends with `retry`.
 fn problems(retry: &str) -> Vec<String> {
     let text = format!(

@@ -1314,8 +1314,9 @@ async fn proceed(
 
 /// Forwards one stream to an HTTP/2 backend: headers re-built (connection-specific ones
 /// dropped, `te: trailers` kept as gRPC requires, forwarding fields added), body and trailers
-/// passed through both ways. Only a failed connect moves on to another backend: once sent, the
-/// request body is gone.
+/// passed through both ways. A failed connect moves on to another backend; so, with the pool's
+/// `retry`, do an answer or a timeout it lists, for an idempotent request without a body (once
+/// sent, a body is gone).
 #[allow(clippy::too_many_arguments)]
 async fn forward_h2(
     proxy: &HttpProxy,
@@ -1348,81 +1349,134 @@ async fn forward_h2(
         return status_response(400);
     };
 
+    // Answers and timeouts are retried only for a request that can be sent again as it was:
+    // idempotent and without a body (gRPC calls are POSTs, so they never are).
+    let retry = pool
+        .config()
+        .retry
+        .as_ref()
+        .filter(|_| body.is_end_stream() && idempotent(&parts.method));
+    let mut body = Some(body);
     let mut attempts = Attempts::for_request(pool, input);
-    let (lease, picked) = match h2_sender(&proxy.h2_upstream, pool, &mut attempts).await {
-        Ok(found) => found,
-        Err(status) => return status_response(status),
-    };
-    let tried = attempts.count();
-    let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
-    let guard = picked.guard;
-    let closer = picked.closer;
-    let state = Arc::clone(guard.state());
-    let addr = state.addr;
-    trace.attempts = tried;
-    trace.backend = Some(addr);
-    let started = tokio::time::Instant::now();
-    let watch = Arc::new(BodyWatch::default());
-    // A request without a body may be sent again if the backend never got it.
-    let mut request = Request::new(if body.is_end_stream() {
-        UpstreamBody::Empty
-    } else {
-        UpstreamBody::Incoming(body, Arc::clone(&watch), Limit::new(proxy.max_body_size))
-    });
-    *request.method_mut() = parts.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_2;
-    *request.headers_mut() = headers;
-    let sent = proxy.h2_upstream.send(&lease, addr, pool, request);
-    tokio::pin!(sent);
-    // The response timeout runs from the request body's last progress, as on HTTP/1.1 where it
-    // starts once the body is sent: a client stream (gRPC client streaming) may well outlast it.
-    // A body that makes no progress (a backend that does not take it, a stream waiting for a
-    // free slot on the backend's connection, a client that stopped sending) leaves it running;
-    // which side it was waiting on decides whose failure the timeout is.
-    let sent = loop {
-        tokio::select! {
-            sent = &mut sent => break Ok(sent),
-            () = watch.progress.notified() => {}
-            () = tokio::time::sleep(pool.response_timeout) => break Err(()),
-            () = closer.cancelled() => {
-                debug!(backend = %addr, "no response before the backend's drain deadline");
-                return status_response(504);
+    let mut passed: Option<H2Answer> = None;
+    let outcome: Result<H2Answer, u16> = async {
+        let passed = &mut passed;
+        loop {
+            let (lease, picked) = h2_sender(&proxy.h2_upstream, pool, &mut attempts).await?;
+            let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
+            let guard = picked.guard;
+            let closer = picked.closer;
+            let state = Arc::clone(guard.state());
+            let addr = state.addr;
+            trace.attempts = attempts.count();
+            trace.backend = Some(addr);
+            let started = tokio::time::Instant::now();
+            let watch = Arc::new(BodyWatch::default());
+            // A request without a body may be sent again if the backend never got it.
+            let mut request = Request::new(match body.take() {
+                Some(body) if !body.is_end_stream() => UpstreamBody::Incoming(
+                    body,
+                    Arc::clone(&watch),
+                    Limit::new(proxy.max_body_size),
+                ),
+                _ => UpstreamBody::Empty,
+            });
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.version_mut() = http::Version::HTTP_2;
+            *request.headers_mut() = headers.clone();
+            let sent = proxy.h2_upstream.send(&lease, addr, pool, request);
+            tokio::pin!(sent);
+            // The response timeout runs from the request body's last progress, as on HTTP/1.1
+            // where it starts once the body is sent: a client stream (gRPC client streaming) may
+            // well outlast it. A body that makes no progress (a backend that does not take it,
+            // a stream waiting for a free slot on the backend's connection, a client that
+            // stopped sending) leaves it running; which side it was waiting on decides whose
+            // failure the timeout is.
+            let sent = loop {
+                tokio::select! {
+                    sent = &mut sent => break Ok(sent),
+                    () = watch.progress.notified() => {}
+                    () = tokio::time::sleep(pool.response_timeout) => break Err(()),
+                    () = closer.cancelled() => {
+                        debug!(backend = %addr, "no response before the backend's drain deadline");
+                        return Err(504);
+                    }
+                }
+            };
+            let response = match sent {
+                Ok(Ok(response)) => response,
+                // The client's fault, not the backend's: its stream there was reset.
+                Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return Err(413),
+                Ok(Err(_)) if watch.client_failed.load(Ordering::Relaxed) => return Err(400),
+                // The client's body stalled (a client stream that stopped sending): as on
+                // HTTP/1.1, its stream is given up on, and nothing is held against the backend
+                // or its connection, which other streams share.
+                Err(()) if watch.awaiting_client.load(Ordering::Relaxed) => {
+                    debug!(backend = %addr, "the client's request body stalled");
+                    return Err(408);
+                }
+                Ok(Err(error)) => {
+                    debug!(backend = %addr, %error, "http/2 backend request failed");
+                    proxy.h2_upstream.failed(addr, pool, &lease, &error);
+                    pool.report(&state, false);
+                    return Err(502);
+                }
+                // Only this stream is given up on (dropped, hyper resets it with CANCEL): the
+                // others on the connection are still answered, and a connection that died
+                // unnoticed is found out by its pings.
+                Err(_) => {
+                    pool.report(&state, false);
+                    if retry.is_some_and(|r| r.timeout) {
+                        debug!(backend = %addr, "response timeout, retried on another backend");
+                        continue;
+                    }
+                    return Err(504);
+                }
+            };
+            guard.established();
+            let elapsed = started.elapsed();
+            let status = response.status().as_u16();
+            trace.upstream = Some(elapsed);
+            state.observe_latency(elapsed);
+            state.response_time.observe(elapsed);
+            state.count_response(status);
+            // Counted against the backend that gave it, retried or not.
+            pool.report(&state, status < 500);
+            let answer = H2Answer {
+                response,
+                guard,
+                closer,
+                set_cookie,
+                upstream: elapsed,
+            };
+            if retry.is_some_and(|r| r.retries_status(status)) {
+                debug!(backend = %addr, status, "answer retried on another backend");
+                // The one passed over before is dropped: its stream is cancelled.
+                *passed = Some(answer);
+                continue;
             }
+            return Ok(answer);
         }
+    }
+    .await;
+    let H2Answer {
+        response,
+        guard,
+        closer,
+        set_cookie,
+        upstream,
+    } = match (outcome, passed) {
+        (Ok(answer), _) => answer,
+        // The backends after it failed without an answer, or none could be had: a backend's
+        // own answer tells the client more than a status of the proxy's.
+        (Err(status), Some(answer)) if status >= 500 => {
+            trace.backend = Some(answer.guard.state().addr);
+            answer
+        }
+        (Err(status), _) => return status_response(status),
     };
-    let response = match sent {
-        Ok(Ok(response)) => response,
-        // The client's fault, not the backend's: its stream there was reset.
-        Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return status_response(413),
-        Ok(Err(_)) if watch.client_failed.load(Ordering::Relaxed) => return status_response(400),
-        // The client's body stalled (a client stream that stopped sending): as on HTTP/1.1,
-        // its stream is given up on, and nothing is held against the backend or its
-        // connection, which other streams share.
-        Err(()) if watch.awaiting_client.load(Ordering::Relaxed) => {
-            debug!(backend = %addr, "the client's request body stalled");
-            return status_response(408);
-        }
-        Ok(Err(error)) => {
-            debug!(backend = %addr, %error, "http/2 backend request failed");
-            proxy.h2_upstream.failed(addr, pool, &lease, &error);
-            pool.report(&state, false);
-            return status_response(502);
-        }
-        // Only this stream is given up on (dropped, hyper resets it with CANCEL): the others
-        // on the connection are still answered, and a connection that died unnoticed is found
-        // out by its pings.
-        Err(_) => {
-            pool.report(&state, false);
-            return status_response(504);
-        }
-    };
-    guard.established();
-    trace.upstream = Some(started.elapsed());
-    state.observe_latency(started.elapsed());
-    state.response_time.observe(started.elapsed());
-    state.count_response(response.status().as_u16());
-    pool.report(&state, response.status().as_u16() < 500);
+    trace.upstream = Some(upstream);
     let (parts, body) = response.into_parts();
     let mut builder = Response::builder().status(parts.status);
     for (name, value) in &parts.headers {
@@ -1486,6 +1540,32 @@ async fn forward_h2(
     builder.body(body).unwrap_or_else(|_| status_response(502))
 }
 
+/// A response head from an HTTP/2 backend, and what its stream holds until it is answered.
+struct H2Answer {
+    response: Response<Incoming>,
+    /// The backend's slot.
+    guard: ActiveGuard,
+    /// Cancelled at the backend's drain deadline.
+    closer: tokio_util::sync::CancellationToken,
+    /// The sticky cookie naming its backend, when it is to be set.
+    set_cookie: Option<String>,
+    /// The time to its head.
+    upstream: Duration,
+}
+
+/// Whether a request with `method` may be repeated (RFC 9110 section 9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
 /// Picks a backend of an HTTP/2 pool and its shared connection, moving on to the next backend
 /// when one cannot be reached; `attempts` keeps what was tried (for the access log, the retry
 /// counter, and the pool's `retry`, which goes on from there).
@@ -1521,8 +1601,10 @@ pub(super) async fn h2_sender<'p>(
 }
 
 /// Picks a backend, sends the head and the client's body, and reads the response head.
-/// Connect failures move on to the next backend; anything after the request was sent is a 502
-/// (or 504 on the response timeout).
+/// Connect failures move on to the next backend; so, with the pool's `retry`, do an answer or
+/// a response timeout it lists, for an idempotent request without a body. Anything else after
+/// the request was sent is a 502 (or 504 on the response timeout), unless an answer passed
+/// over is at hand, which the client gets instead.
 #[allow(clippy::too_many_arguments)]
 async fn exchange<'p>(
     proxy: &HttpProxy,
@@ -1538,91 +1620,118 @@ async fn exchange<'p>(
     trace: &mut super::Trace,
 ) -> Result<(UpstreamConn, ResponseHead, Picked<'p>), u16> {
     let is_head = method == http::Method::HEAD;
+    let retryable = framing == Framing::Empty && idempotent(method);
+    let retry = pool.config().retry.as_ref().filter(|_| retryable);
     let mut attempts = Attempts::for_request(pool, input);
-    let (mut conn, picked) = loop {
-        let picked = match attempts.next().await {
-            Ok(picked) => picked,
-            Err(NoBackend::Exhausted) => return Err(502),
-            Err(_) => return Err(503),
-        };
-        let state = &picked.candidate.state;
-        if pool.send_proxy_protocol.is_none()
-            && let Some(conn) = proxy
-                .upstream
-                .checkout(pool.conn_key(state.addr), pool.keepalive)
-        {
-            break (conn, picked);
-        }
-        match connect(pool, state.addr, source, destination).await {
-            Ok(conn) => break (conn, picked),
-            Err(_) => {
-                state
-                    .connect_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                pool.report(state, false);
-            }
-        }
-    };
-    let state = Arc::clone(&picked.candidate.state);
-    trace.attempts = attempts.count();
-    trace.backend = Some(state.addr);
-    // A pooled connection the backend closed while it sat idle fails before any response: a
-    // bodiless idempotent request then gets one fresh connection to the same backend.
-    let retryable = framing == Framing::Empty
-        && matches!(
-            *method,
-            http::Method::GET
-                | http::Method::HEAD
-                | http::Method::OPTIONS
-                | http::Method::TRACE
-                | http::Method::PUT
-                | http::Method::DELETE
-        );
-    loop {
-        let reused = conn.reused;
-        let started = tokio::time::Instant::now();
-        let attempt = send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head);
-        let attempt = tokio::select! {
-            attempt = attempt => attempt,
-            () = picked.closer.cancelled() => Err(Attempt::Client(504)),
-        };
-        match attempt {
-            Ok(response) => {
-                picked.guard.established();
-                trace.upstream = Some(started.elapsed());
-                state.observe_latency(started.elapsed());
-                state.response_time.observe(started.elapsed());
-                state.count_response(response.status);
-                pool.report(&state, response.status < 500);
-                return Ok((conn, response, picked));
-            }
-            // An idle connection the backend closed says nothing of its health.
-            Err(Attempt::Stale) if reused && retryable => {
-                conn = match connect(pool, conn.addr, source, destination).await {
-                    Ok(conn) => conn,
+    let mut passed: Option<(UpstreamConn, ResponseHead, Picked<'p>, Duration)> = None;
+    let outcome = async {
+        let passed = &mut passed;
+        loop {
+            let (mut conn, picked) = loop {
+                let picked = match attempts.next().await {
+                    Ok(picked) => picked,
+                    Err(NoBackend::Exhausted) => return Err(502),
+                    Err(_) => return Err(503),
+                };
+                let state = &picked.candidate.state;
+                if pool.send_proxy_protocol.is_none()
+                    && let Some(conn) = proxy
+                        .upstream
+                        .checkout(pool.conn_key(state.addr), pool.keepalive)
+                {
+                    break (conn, picked);
+                }
+                match connect(pool, state.addr, source, destination).await {
+                    Ok(conn) => break (conn, picked),
                     Err(_) => {
                         state
                             .connect_failures
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        pool.report(&state, false);
+                        pool.report(state, false);
+                    }
+                }
+            };
+            let state = Arc::clone(&picked.candidate.state);
+            trace.attempts = attempts.count();
+            trace.backend = Some(state.addr);
+            // A pooled connection the backend closed while it sat idle fails before any
+            // response: a bodiless idempotent request then gets one fresh connection to the
+            // same backend.
+            loop {
+                let reused = conn.reused;
+                let started = tokio::time::Instant::now();
+                let attempt =
+                    send_and_read(proxy, pool, &mut conn, head, &mut body, framing, is_head);
+                let attempt = tokio::select! {
+                    attempt = attempt => attempt,
+                    () = picked.closer.cancelled() => Err(Attempt::Client(504)),
+                };
+                match attempt {
+                    Ok(response) => {
+                        picked.guard.established();
+                        let elapsed = started.elapsed();
+                        trace.upstream = Some(elapsed);
+                        state.observe_latency(elapsed);
+                        state.response_time.observe(elapsed);
+                        state.count_response(response.status);
+                        // Counted against the backend that gave it, retried or not.
+                        pool.report(&state, response.status < 500);
+                        if retry.is_some_and(|r| r.retries_status(response.status)) {
+                            debug!(backend = %state.addr, status = response.status, "answer retried on another backend");
+                            // The one passed over before is closed: its body is not read.
+                            *passed = Some((conn, response, picked, elapsed));
+                            break;
+                        }
+                        return Ok((conn, response, picked));
+                    }
+                    // An idle connection the backend closed says nothing of its health.
+                    Err(Attempt::Stale) if reused && retryable => {
+                        conn = match connect(pool, conn.addr, source, destination).await {
+                            Ok(conn) => conn,
+                            Err(_) => {
+                                state
+                                    .connect_failures
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                pool.report(&state, false);
+                                return Err(502);
+                            }
+                        };
+                    }
+                    Err(Attempt::Stale) => {
+                        if !reused {
+                            pool.report(&state, false);
+                        }
                         return Err(502);
                     }
-                };
-            }
-            Err(Attempt::Stale) => {
-                if !reused {
-                    pool.report(&state, false);
+                    Err(Attempt::Status(status)) => {
+                        pool.report(&state, false);
+                        if status == TIMED_OUT && retry.is_some_and(|r| r.timeout) {
+                            debug!(backend = %state.addr, "response timeout, retried on another backend");
+                            break;
+                        }
+                        return Err(status);
+                    }
+                    Err(Attempt::Client(status)) => return Err(status),
                 }
-                return Err(502);
             }
-            Err(Attempt::Status(status)) => {
-                pool.report(&state, false);
-                return Err(status);
-            }
-            Err(Attempt::Client(status)) => return Err(status),
         }
     }
+    .await;
+    match (outcome, passed) {
+        (Ok(answer), _) => Ok(answer),
+        // The backends after it failed without an answer, or none could be had: a backend's
+        // own answer tells the client more than a status of the proxy's.
+        (Err(status), Some((conn, response, picked, upstream))) if status >= 500 => {
+            trace.backend = Some(picked.candidate.state.addr);
+            trace.upstream = Some(upstream);
+            Ok((conn, response, picked))
+        }
+        (Err(status), _) => Err(status),
+    }
 }
+
+/// The status of an attempt whose response head did not come within `response_timeout`.
+const TIMED_OUT: u16 = 504;
 
 /// How one attempt on one backend connection failed.
 enum Attempt {
@@ -1714,7 +1823,7 @@ async fn send_and_read(
             Ok(Ok(0)) | Ok(Err(_)) if before_response => return Err(Attempt::Stale),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(Attempt::Status(502)),
             Ok(Ok(_)) => {}
-            Err(_) => return Err(Attempt::Status(504)),
+            Err(_) => return Err(Attempt::Status(TIMED_OUT)),
         }
     }
 }
