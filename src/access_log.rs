@@ -348,6 +348,9 @@ pub struct Entry<'a> {
     pub bytes: u64,
     pub duration: Duration,
     pub upstream: Option<Duration>,
+    /// Backends tried: written only when more than one was, so that a retry shows which
+    /// requests it concerned without lengthening every line.
+    pub attempts: usize,
     pub referer: &'a [u8],
     pub user_agent: &'a [u8],
 }
@@ -377,6 +380,7 @@ fn json(e: &Entry<'_>) -> String {
         bytes: e.bytes,
         duration_ms: e.duration.as_secs_f64() * 1e3,
         upstream_ms: e.upstream.map(|u| u.as_secs_f64() * 1e3),
+        attempts: (e.attempts > 1).then_some(e.attempts),
     });
     line.push('\n');
     line
@@ -406,6 +410,8 @@ struct RequestJson<'a> {
     duration_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<usize>,
 }
 
 /// A TCP connection's or UDP session's JSON line, its fields in the README's order.

@@ -158,6 +158,35 @@ async fn an_answer_with_a_listed_status_is_retried_on_the_other_backend() {
 }
 
 #[tokio::test]
+async fn the_access_log_names_the_backends_tried_and_the_one_that_answered() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let log = fresh_log("retry_access_log");
+    let proxy = Proxy::start(&single_pool(
+        &[failing.backend.addr, healthy.backend.addr],
+        &json_access_log(&log),
+        "retry = { on = [\"503\"] }",
+    ));
+    for _ in 0..2 {
+        assert_eq!(ask(&proxy, GET).await.status, 200);
+    }
+    let lines = json_lines(&log, 2).await;
+    let retried: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line.get("attempts").is_some())
+        .collect();
+    assert_eq!(retried.len(), failing.requests(), "{lines:?}");
+    for line in lines.iter() {
+        assert_eq!(line["backend"], healthy.backend.addr.to_string(), "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+    }
+    for line in retried {
+        assert_eq!(line["attempts"], 2, "{line}");
+    }
+}
+
+#[tokio::test]
 async fn a_post_is_not_retried() {
     let order = Arc::new(AtomicUsize::new(0));
     let failing = answering(Some(503), "a", &order).await;

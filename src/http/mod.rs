@@ -444,6 +444,7 @@ impl HttpProxy {
                 bytes: trace.bytes,
                 duration: elapsed,
                 upstream: trace.upstream,
+                attempts: trace.attempts,
                 referer: request.referer,
                 user_agent: request.user_agent,
             },
