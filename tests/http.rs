@@ -3684,6 +3684,69 @@ async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
     .await;
 }
 
+#[tokio::test]
+async fn running_out_of_descriptors_is_not_blamed_on_the_backends_of_http2_clients() {
+    let (a, b) = (http_backend("a").await, http_backend("b").await);
+    let config = single_pool(
+        &[a.addr, b.addr],
+        "",
+        "outlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
+    );
+    let limit = 40;
+    let running = spawn_with_fd_limit("h2-client-blame", &config, limit).await;
+    let addr = running.addr;
+    let pid = running.child.id().expect("running");
+    let mut sender = h2_connect(addr).await;
+    let mut idle = Vec::new();
+    for _ in 0..limit {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    eventually("the proxy out of descriptors", || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<usize>().ok())
+                .filter(|&fd| fd < limit)
+                .count()
+        }) >= limit
+    })
+    .await;
+    let status = |sender: &mut h2::client::SendRequest<bytes::Bytes>| {
+        let (response, _) = sender
+            .send_request(h2_get("GET", "/", &[]), true)
+            .expect("send");
+        async move {
+            tokio::time::timeout(PATIENCE, response)
+                .await
+                .expect("answered")
+                .expect("response")
+                .status()
+        }
+    };
+    // Neither backend is at fault: not a 502, and neither is ejected.
+    assert_eq!(status(&mut sender).await, 503);
+    assert_eq!(status(&mut sender).await, 503);
+    drop(idle);
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    eventually_async("both backends serve again", || {
+        let mut sender = sender.clone();
+        let served = std::sync::Arc::clone(&served);
+        async move {
+            let (response, _) = sender
+                .send_request(h2_get("GET", "/", &[]), true)
+                .expect("send");
+            let Ok(Ok(response)) = tokio::time::timeout(PATIENCE, response).await else {
+                return false;
+            };
+            let mut served = served.lock().expect("lock");
+            if let Some(name) = response.headers().get("x-backend") {
+                served.push(name.as_bytes().to_vec());
+            }
+            served.contains(&b"a".to_vec()) && served.contains(&b"b".to_vec())
+        }
+    })
+    .await;
+}
+
 /// An HTTP/2 request for `path` with `fields` (a name may repeat).
 fn h2_get(method: &str, path: &str, fields: &[(&str, &str)]) -> http::Request<()> {
     let mut request = http::Request::builder()

@@ -1643,6 +1643,12 @@ async fn exchange<'p>(
                 }
                 match connect(pool, state.addr, source, destination).await {
                     Ok(conn) => break (conn, picked),
+                    // This process is out of descriptors or memory: no fault of the backend's,
+                    // and no other backend would fare better (as on HTTP/1.1).
+                    Err(error) if crate::listener::is_resource_exhaustion(&error) => {
+                        debug!(backend = %state.addr, %error, "no socket for a backend connection");
+                        return Err(503);
+                    }
                     Err(_) => {
                         state
                             .connect_failures
@@ -1688,6 +1694,10 @@ async fn exchange<'p>(
                     Err(Attempt::Stale) if reused && retryable => {
                         conn = match connect(pool, conn.addr, source, destination).await {
                             Ok(conn) => conn,
+                            Err(error) if crate::listener::is_resource_exhaustion(&error) => {
+                                debug!(backend = %state.addr, %error, "no socket for a backend connection");
+                                return Err(503);
+                            }
                             Err(_) => {
                                 state
                                     .connect_failures
