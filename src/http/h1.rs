@@ -216,6 +216,21 @@ fn looks_like_hop_by_hop(name: &[u8]) -> bool {
         || normalized[..name.len()].eq_ignore_ascii_case(b"host")
 }
 
+/// Whether two field names name the same field to every server: compared without regard to
+/// case, and with `_` read as `-`, as CGI, WSGI and Rack servers read them (`X_Real_IP` reaches
+/// their applications as `HTTP_X_REAL_IP`, as `X-Real-IP` does). A field the proxy drops must
+/// be dropped in either spelling, or a client could set it under the other.
+pub fn same_field_name(a: &[u8], b: &[u8]) -> bool {
+    fn fold(b: u8) -> u8 {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    }
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| fold(x) == fold(y))
+}
+
 /// Whether `name` is a hop-by-hop field that never crosses the proxy.
 fn is_hop_by_hop(name: &[u8]) -> bool {
     const HOP: [&[u8]; 8] = [
@@ -822,7 +837,7 @@ impl RequestHead {
         out.put_slice(b"\r\n");
         for (name, value) in &self.fields {
             let name = &self.raw[name.clone()];
-            if drop.iter().any(|d| d.as_bytes().eq_ignore_ascii_case(name)) {
+            if drop.iter().any(|d| same_field_name(d.as_bytes(), name)) {
                 continue;
             }
             out.put_slice(name);

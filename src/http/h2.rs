@@ -565,18 +565,11 @@ fn is_hop_or_framing(name: &HeaderName) -> bool {
 
 /// Fields the proxy sets on every request it forwards, replacing whatever the client sent; on
 /// responses, a backend's own are not passed on.
+/// A name spelt with `_` for `-` counts too (`h1::same_field_name`).
 fn is_forwarding_field(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "x-forwarded-for"
-            | "x-real-ip"
-            | "x-forwarded-proto"
-            | "x-forwarded-host"
-            | "x-request-id"
-            | "forwarded"
-            | "x-client-cert-subject"
-            | "x-client-cert-san"
-    )
+    super::FORWARDING_FIELDS
+        .iter()
+        .any(|f| h1::same_field_name(f.as_bytes(), name.as_str().as_bytes()))
 }
 
 /// Puts the forwarding fields of a stream in its request, in place of the client's (a trusted
@@ -643,6 +636,18 @@ fn set_forwarding_fields(
         ),
         ("forwarded", &forwarded),
     ];
+    // The client's own, in any spelling (`x_real_ip` is `X-Real-IP` to a CGI server).
+    if parts.headers.keys().any(|n| n.as_str().contains('_')) {
+        let disguised: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|n| n.as_str().contains('_') && is_forwarding_field(n))
+            .cloned()
+            .collect();
+        for name in disguised {
+            parts.headers.remove(name);
+        }
+    }
     for (name, value) in fields {
         parts.headers.remove(name);
         if value.is_empty() && (name.starts_with("x-client-cert") || name == "forwarded") {
@@ -1081,6 +1086,23 @@ pub(super) fn apply_response_rules(headers: &mut HeaderMap, rules: &[&Rules]) {
 pub(super) fn edit_headers(headers: &mut HeaderMap, edits: &crate::config::HeaderRules) {
     for name in &edits.remove {
         headers.remove(name.as_str());
+    }
+    // A removed field goes in every spelling, as on HTTP/1.1 (`h1::same_field_name`).
+    if !edits.remove.is_empty() && headers.keys().any(|n| n.as_str().contains('_')) {
+        let disguised: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| {
+                n.as_str().contains('_')
+                    && edits
+                        .remove
+                        .iter()
+                        .any(|r| h1::same_field_name(r.as_bytes(), n.as_str().as_bytes()))
+            })
+            .cloned()
+            .collect();
+        for name in disguised {
+            headers.remove(name);
+        }
     }
     for (name, value) in &edits.set {
         if let (Ok(name), Ok(value)) = (

@@ -237,6 +237,20 @@ pub(crate) struct Trace {
 /// incoming request, on every listener, so a client can never forge them.
 pub const CLIENT_CERT_FIELDS: [&str; 2] = ["x-client-cert-subject", "x-client-cert-san"];
 
+/// The fields the proxy writes on every request it forwards (when it writes them at all), in
+/// place of any a client sent under those names or spelt with `_` for `-`: a backend must be
+/// able to trust what they say of the client.
+pub const FORWARDING_FIELDS: [&str; 8] = [
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "forwarded",
+    CLIENT_CERT_FIELDS[0],
+    CLIENT_CERT_FIELDS[1],
+];
+
 /// Response fields to drop, fields to add, and Set-Cookie attributes to add.
 type ResponseEdits<'a> = (Vec<&'a str>, Vec<(&'a str, &'a [u8])>, Vec<&'a str>);
 
@@ -1359,16 +1373,7 @@ impl HttpProxy {
             count += 1;
         }
         let fields = &fields[..count];
-        const FORWARDING: [&str; 8] = [
-            "x-forwarded-for",
-            "x-real-ip",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-request-id",
-            "forwarded",
-            CLIENT_CERT_FIELDS[0],
-            CLIENT_CERT_FIELDS[1],
-        ];
+        const FORWARDING: [&str; 8] = FORWARDING_FIELDS;
         let listener_rules = Some(&self.rules).filter(|r| !r.is_empty());
         if listener_rules.is_none() && route_rules.is_none() {
             head.write_upstream(out, None, None, &FORWARDING, fields);
