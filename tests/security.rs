@@ -79,3 +79,65 @@ async fn forwarding_fields_disguised_with_underscores_never_reach_a_backend() {
     assert!(report.contains("x-forwarded-for: 127.0.0.1"), "{report}");
     assert_eq!(forged_in(&report), Vec::<String>::new(), "{report}");
 }
+
+/// A backend that answers one chunked request with every byte it received, trailers included
+/// (the common backend reads trailers but does not report them).
+async fn raw_backend() -> Backend {
+    Backend::start(|mut stream| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // The test's body is one chunk: its last chunk, then trailers to an empty line.
+        let complete = |buf: &[u8]| {
+            buf.windows(5)
+                .position(|w| w == b"\r\n0\r\n")
+                .is_some_and(|last| buf[last..].ends_with(b"\r\n\r\n"))
+        };
+        while !complete(&buf) && buf.len() < 65536 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let mut reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            buf.len()
+        )
+        .into_bytes();
+        reply.extend_from_slice(&buf);
+        let _ = stream.write_all(&reply).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forwarding_fields_in_a_request_trailer_never_reach_a_backend() {
+    // Some servers merge trailers into the head (Apache httpd did, CVE-2013-5704), so a
+    // trailer may not carry what the proxy vouches for, nor framing or Host.
+    let backend = raw_backend().await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client
+        .send(
+            b"POST /upload HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\
+              X-Client-Cert-Subject: CN=mallory\r\nx_forwarded_for: 203.0.113.66\r\n\
+              X-Real-IP: 203.0.113.66\r\nHost: elsewhere.example\r\n\
+              Content-Length: 5\r\nX-Checksum: 42\r\n\r\n",
+        )
+        .await;
+    let reply = client.reply().await.expect("a reply");
+    assert_eq!(reply.status, 200);
+    let received = reply.text();
+    assert!(received.contains("hello"), "{received}");
+    // The trailer the proxy has no reason to drop is passed on.
+    assert!(received.contains("X-Checksum: 42"), "{received}");
+    for forged in [
+        "mallory",
+        "203.0.113.66",
+        "elsewhere.example",
+        "Content-Length: 5",
+    ] {
+        assert!(!received.contains(forged), "{forged} passed: {received}");
+    }
+}

@@ -1209,6 +1209,41 @@ impl ChunkedDecoder {
         }
     }
 
+    /// The trailer section as it may be passed on: without the fields a trailer may not carry
+    /// (RFC 9110 section 6.5.1: framing, hop-by-hop fields, Host), nor the fields the proxy
+    /// writes for its clients, in either spelling (`same_field_name`): a server that merges
+    /// trailers into the head (Apache httpd did) would take them for the proxy's own.
+    /// Borrowed when nothing is dropped.
+    pub fn forwardable_trailers(&self) -> Cow<'_, [u8]> {
+        let dropped = |line: &[u8]| {
+            let name = line
+                .iter()
+                .position(|&b| b == b':')
+                .map_or(line, |colon| &line[..colon]);
+            is_hop_by_hop(name)
+                || looks_like_hop_by_hop(name)
+                || name.eq_ignore_ascii_case(b"host")
+                || super::FORWARDING_FIELDS
+                    .iter()
+                    .any(|f| same_field_name(f.as_bytes(), name))
+        };
+        let lines = || {
+            self.trailers
+                .split_inclusive(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+        };
+        if !lines().any(dropped) {
+            return Cow::Borrowed(&self.trailers);
+        }
+        Cow::Owned(
+            lines()
+                .filter(|line| !dropped(line))
+                .flatten()
+                .copied()
+                .collect(),
+        )
+    }
+
     /// Whether the trailer section is well formed: each line is `name: value`.
     pub fn trailers_valid(&self) -> bool {
         self.trailers

@@ -1969,7 +1969,8 @@ async fn send_data(
 
 /// The trailer section of a chunked body as header fields. Invalid lines are dropped, and so
 /// are connection-specific and framing fields: HTTP/2 has none (RFC 9113 section 8.2.2), and a
-/// trailer section that carried one would fail the whole stream of a complete message.
+/// trailer section that carried one would fail the whole stream of a complete message; and so
+/// are the forwarding fields, which only the proxy writes (`ChunkedDecoder::forwardable_trailers`).
 pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for line in raw.split(|&b| b == b'\n') {
@@ -1981,6 +1982,7 @@ pub(super) fn parse_trailers(raw: &[u8]) -> HeaderMap {
             HeaderName::from_bytes(&line[..colon]),
             HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
         ) && !is_hop_or_framing(&name)
+            && !is_forwarding_field(&name)
         {
             map.append(name, value);
         }

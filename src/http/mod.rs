@@ -2845,7 +2845,7 @@ async fn transfer_body(
         if finished {
             finish_encoder(out, chunked_out, encoder)?;
             if chunked_out {
-                h1::encode_last_chunk(out, &decoder.trailers);
+                h1::encode_last_chunk(out, &decoder.forwardable_trailers());
             }
             if !out.is_empty() {
                 written += out.len() as u64;
