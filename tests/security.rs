@@ -141,3 +141,58 @@ async fn forwarding_fields_in_a_request_trailer_never_reach_a_backend() {
         assert!(!received.contains(forged), "{forged} passed: {received}");
     }
 }
+
+#[tokio::test]
+async fn a_route_list_covers_its_path_however_unreserved_characters_are_encoded() {
+    // `/%61dmin/` is `/admin/` (RFC 3986 section 6.2.2.2), and a backend decodes it so: a
+    // route's list must not be passed by encoding a letter of its prefix.
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        r#"  [[listeners.routes]]
+  match = { path_prefix = "/admin/" }
+  pool = "p"
+  deny = ["127.0.0.1"]"#,
+        "",
+    ));
+    let addr = proxy.addr("l7");
+    let mut client = HttpClient::connect(addr).await;
+    for target in [
+        "/admin/x",
+        "/%61dmin/x",
+        "/%61%64%6D%69%6e/x",
+        "/x/%2e%2E/%61dmin/",
+    ] {
+        let reply = client.get(target, "").await;
+        assert_eq!(reply.status, 403, "{target}: {}", reply.text());
+    }
+    // What is not unreserved stays encoded; the backend sees the path the router saw.
+    let reply = client.get("/%7Euser/%41%2F%25%20?q=%61", "").await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .text()
+            .contains("GET /~user/A%2F%25%20?q=%61 HTTP/1.1"),
+        "{}",
+        reply.text()
+    );
+
+    // HTTP/2's :path too.
+    let mut sender = h2_connect(addr).await;
+    let request = http::Request::get("http://test/%61dmin/x")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("sent");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        proxy
+            .stats("l7")
+            .denied
+            .load(std::sync::atomic::Ordering::SeqCst),
+        5
+    );
+}

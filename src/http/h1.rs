@@ -464,18 +464,24 @@ pub fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-/// The target with the dot segments of its path removed (RFC 3986 section 5.2.4: `.` goes,
-/// `..` takes the segment before it along, never above the root), its query untouched; `None`
-/// when there are none, which is nearly always. A dot written `%2e` counts, since backends
-/// decode it; anything else stays as it was sent (`%2F` is not a separator, `%252e` not a dot),
-/// and so do empty segments (`//`).
+/// The target with its path normalised, its query untouched; `None` when there is nothing to
+/// do, which is nearly always. Unreserved characters written `%XX` are decoded (RFC 3986
+/// section 6.2.2.2: `/%61dmin/` is `/admin/`, and backends read it so, so a route for `/admin/`
+/// must see it too), then dot segments are removed (section 5.2.4: `.` goes, `..` takes the
+/// segment before it along, never above the root). Anything else stays as it was sent (`%2F`
+/// is not a separator, `%25` not a `%`, `%252e` not a dot), and so do empty segments (`//`).
 pub fn without_dot_segments(target: &str) -> Option<String> {
     let (path, query) = match target.find('?') {
         Some(q) => target.split_at(q),
         None => (target, ""),
     };
-    if !path.starts_with('/') || !has_dot_segment(path) {
+    if !path.starts_with('/') {
         return None;
+    }
+    let decoded = decode_unreserved(path);
+    let path = decoded.as_deref().unwrap_or(path);
+    if !has_dot_segment(path) {
+        return decoded.map(|path| path + query);
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
     let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
@@ -504,6 +510,38 @@ pub fn without_dot_segments(target: &str) -> Option<String> {
     }
     clean.push_str(query);
     Some(clean)
+}
+
+/// `path` with every `%XX` that stands for an unreserved character (letters, digits, `-`, `.`,
+/// `_`, `~`) replaced by it; `None` when there is none.
+fn decode_unreserved(path: &str) -> Option<String> {
+    fn unreserved_at(bytes: &[u8], i: usize) -> Option<u8> {
+        let hex = |b: u8| (b as char).to_digit(16);
+        let (high, low) = (hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?);
+        let byte = u8::try_from(high * 16 + low).ok()?;
+        (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)).then_some(byte)
+    }
+    let bytes = path.as_bytes();
+    let first = bytes
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b == b'%' && unreserved_at(bytes, i).is_some())?;
+    let mut out = String::with_capacity(path.len());
+    out.push_str(&path[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        match (bytes[i], unreserved_at(bytes, i)) {
+            (b'%', Some(byte)) => {
+                out.push(char::from(byte));
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(char::from(byte));
+                i += 1;
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Whether `target` can be sent as an origin-form request target (after a rewrite).
@@ -1696,12 +1734,16 @@ mod tests {
             ("/a/b/", None),
             ("/a/.../b", None),
             ("/a/..b/c", None),
-            ("/a/%2e%2e%2e", None),
+            ("/a/%2e%2e%2e", Some("/a/...")),
             ("/a/..%2Fb", None),
             ("/a/%252e%252e/b", None),
             ("/.well-known/x", None),
             ("/a?x=/../y", None),
             ("*", None),
+            ("/%61dmin/%7e?q=%61", Some("/admin/~?q=%61")),
+            ("/a/%2F%25%20%c3%a9%4", None),
+            ("/%2e%2E/%41", Some("/A")),
+            ("/%%41%", Some("/%A%")),
         ] {
             assert_eq!(without_dot_segments(target).as_deref(), clean, "{target}");
         }
