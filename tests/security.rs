@@ -196,3 +196,58 @@ async fn a_route_list_covers_its_path_however_unreserved_characters_are_encoded(
         5
     );
 }
+
+#[tokio::test]
+async fn an_http2_host_field_that_is_no_host_is_refused_as_on_http11() {
+    // Without :authority an HTTP/2 request names its host in a Host field (RFC 9113 section
+    // 8.3.1). `admin.example, www.example` matches no route, yet a backend that reads a list's
+    // first member would serve it as admin.example, past that route's list.
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        r#"  [[listeners.routes]]
+  match = { host = "admin.example" }
+  pool = "p"
+  deny = ["127.0.0.1"]"#,
+        "",
+    ));
+    let addr = proxy.addr("l7");
+    let mut client = HttpClient::connect(addr).await;
+    let reply = client.get("/", "").await;
+    assert_eq!(reply.status, 200);
+    let head = HttpClient::connect(addr)
+        .await
+        .head_of(b"GET / HTTP/1.1\r\nHost: admin.example, www.example\r\n\r\n")
+        .await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+
+    let mut sender = h2_connect(addr).await;
+    for host in [
+        "admin.example, www.example",
+        "admin.example/x",
+        "admin.example x",
+    ] {
+        let request = http::Request::get("/")
+            .header("host", host)
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("sent");
+        let response = tokio::time::timeout(PATIENCE, response)
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(response.status(), 400, "{host}");
+    }
+    // A Host that names another host than :authority (RFC 9113 section 8.3.1: malformed).
+    let request = http::Request::get("http://www.example/")
+        .header("host", "admin.example")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("sent");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 400);
+    assert_eq!(backend.accepted(), 1, "only the first request reached it");
+}

@@ -588,7 +588,7 @@ fn strip_scheme(target: &str) -> Option<&str> {
 /// answer any other with 400: a backend may build links or route on a Host with a `/`, a space
 /// or a comma in it (a comma is how two Host fields look once joined), and read it differently
 /// from how the router did. The empty value is valid (a target without an authority).
-fn valid_host(value: &[u8]) -> bool {
+pub(crate) fn valid_host(value: &[u8]) -> bool {
     let (host, port) = if value.first() == Some(&b'[') {
         // IP-literal: an IPv6 address or IPvFuture between brackets.
         let Some(close) = value.iter().position(|&b| b == b']') else {

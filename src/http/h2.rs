@@ -856,6 +856,9 @@ async fn handle_stream(
     if parts.method == http::Method::CONNECT {
         return status_response(501);
     }
+    if !host_fields_agree(&parts) {
+        return status_response(400);
+    }
     if !proxy.access.permits(source.ip()) {
         proxy.stats.denied.fetch_add(1, Ordering::Relaxed);
         return status_response(403);
@@ -958,6 +961,24 @@ async fn handle_stream(
         super::mark_compressed(response.headers_mut(), coding, true);
     }
     response
+}
+
+/// Whether a stream's Host fields are what HTTP/1.1 requires of them (`h1::valid_host`): at
+/// most one, a host and port, and the host `:authority` names when there is one (RFC 9113
+/// section 8.3.1). Without `:authority` the Host field is what routes see and the backend is
+/// sent, so one a backend could read otherwise (`a, b`, `a/b`) must not pass.
+fn host_fields_agree(parts: &http::request::Parts) -> bool {
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return true;
+    };
+    if hosts.next().is_some() || !h1::valid_host(host.as_bytes()) {
+        return false;
+    }
+    parts
+        .uri
+        .authority()
+        .is_none_or(|a| a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
 }
 
 /// A redirect of the proxy's own, with the response header rules applied.
