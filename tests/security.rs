@@ -238,16 +238,23 @@ async fn an_http2_host_field_that_is_no_host_is_refused_as_on_http11() {
             .expect("response");
         assert_eq!(response.status(), 400, "{host}");
     }
-    // A Host that names another host than :authority (RFC 9113 section 8.3.1: malformed).
-    let request = http::Request::get("http://www.example/")
-        .header("host", "admin.example")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("sent");
-    let response = tokio::time::timeout(PATIENCE, response)
-        .await
-        .expect("in time")
-        .expect("response");
-    assert_eq!(response.status(), 400);
+    // A Host that names another host than :authority, and an :authority with userinfo (RFC
+    // 9113 section 8.3.1: malformed).
+    for (uri, host) in [
+        ("http://www.example/", Some("admin.example")),
+        ("http://mallory@www.example/", None),
+    ] {
+        let mut request = http::Request::get(uri);
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        let request = request.body(()).expect("request");
+        let (response, _) = sender.send_request(request, true).expect("sent");
+        let response = tokio::time::timeout(PATIENCE, response)
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(response.status(), 400, "{uri} {host:?}");
+    }
     assert_eq!(backend.accepted(), 1, "only the first request reached it");
 }

@@ -963,11 +963,19 @@ async fn handle_stream(
     response
 }
 
-/// Whether a stream's Host fields are what HTTP/1.1 requires of them (`h1::valid_host`): at
-/// most one, a host and port, and the host `:authority` names when there is one (RFC 9113
-/// section 8.3.1). Without `:authority` the Host field is what routes see and the backend is
+/// Whether a stream's `:authority` and Host fields are what HTTP/1.1 requires of a Host
+/// (`h1::valid_host`): a host and port, at most one Host field, which names the host
+/// `:authority` names when there is one (RFC 9113 section 8.3.1). Without `:authority` the Host field is what routes see and the backend is
 /// sent, so one a backend could read otherwise (`a, b`, `a/b`) must not pass.
 fn host_fields_agree(parts: &http::request::Parts) -> bool {
+    // No userinfo either (RFC 9113 section 8.3.1), which the URI's parser lets through.
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| !h1::valid_host(a.as_str().as_bytes()))
+    {
+        return false;
+    }
     let mut hosts = parts.headers.get_all(http::header::HOST).iter();
     let Some(host) = hosts.next() else {
         return true;
