@@ -339,17 +339,32 @@ pub struct ClientCert {
 }
 
 /// Reads subject and SAN from a verified client certificate; control characters are dropped,
-/// so that the values can always be sent as header fields.
+/// so that the values can always be sent as header fields. Values are escaped, so that no
+/// value passes for more of them: a CA that signs the names it is asked for would otherwise
+/// let a common name `mallory, CN=admin` read as two, or a DNS name `a, DNS:b` as two names.
 pub(super) fn client_cert(der: &[u8]) -> Option<ClientCert> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let clean = |text: String| -> String { text.chars().filter(|c| !c.is_control()).collect() };
+    // In a SAN entry, the separator and the escape character are escaped.
+    let entry = |kind: &str, value: &str| -> String {
+        let mut out = String::with_capacity(kind.len() + value.len() + 1);
+        out.push_str(kind);
+        out.push(':');
+        for c in value.chars() {
+            if c == ',' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
     let mut san = Vec::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
             match name {
-                GeneralName::DNSName(dns) => san.push(format!("DNS:{dns}")),
-                GeneralName::URI(uri) => san.push(format!("URI:{uri}")),
-                GeneralName::RFC822Name(mail) => san.push(format!("email:{mail}")),
+                GeneralName::DNSName(dns) => san.push(entry("DNS", dns)),
+                GeneralName::URI(uri) => san.push(entry("URI", uri)),
+                GeneralName::RFC822Name(mail) => san.push(entry("email", mail)),
                 GeneralName::IPAddress(bytes) => {
                     let ip = match bytes.len() {
                         4 => <[u8; 4]>::try_from(*bytes)
@@ -369,9 +384,62 @@ pub(super) fn client_cert(der: &[u8]) -> Option<ClientCert> {
         }
     }
     Some(ClientCert {
-        subject: clean(cert.subject().to_string()),
+        subject: clean(subject_text(cert.subject())),
         san: clean(san.join(", ")),
     })
+}
+
+/// A distinguished name as RFC 4514 writes it, in the certificate's order: attributes
+/// `TYPE=value` joined by `, `, those of one multi-valued RDN by ` + `, with the characters that
+/// would end a value escaped (section 2.4). A type without a short name is its dotted OID; a
+/// value that is not text is `#` and its bytes in hex.
+fn subject_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in name.iter_rdn().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attribute) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match x509_parser::objects::oid2abbrev(attribute.attr_type(), registry) {
+                Ok(short) => out.push_str(short),
+                Err(_) => out.push_str(&attribute.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let text = attribute
+                .as_str()
+                .ok()
+                .or_else(|| std::str::from_utf8(attribute.as_slice()).ok());
+            match text {
+                Some(text) => escape_dn_value(text, &mut out),
+                None => {
+                    out.push('#');
+                    for byte in attribute.as_slice() {
+                        out.push_str(&format!("{byte:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Appends an attribute value with RFC 4514's escapes: `"+,;<>\` anywhere, `#` or a space at
+/// the start, a space at the end.
+fn escape_dn_value(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && matches!(c, '#' | ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
 }
 
 /// Accepts any backend certificate (`verify = false`), while still checking that the backend
@@ -421,5 +489,44 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(cn: &str, names: &[&str]) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn client_certificate_values_cannot_pass_for_more_attributes_or_names() {
+        let plain = client_cert(&cert("alice", &["alice.example"])).expect("parsed");
+        assert_eq!(plain.subject, "CN=alice, O=Example");
+        assert_eq!(plain.san, "DNS:alice.example");
+
+        // A CA that signs the names it is asked for must not let a holder claim others.
+        let forged = client_cert(&cert(
+            "mallory, CN=admin",
+            &["mallory.example, DNS:admin.example"],
+        ))
+        .expect("parsed");
+        assert_eq!(forged.subject, r"CN=mallory\, CN=admin, O=Example");
+        assert_eq!(forged.san, r"DNS:mallory.example\, DNS:admin.example");
+        let odd = client_cert(&cert(r#"#a+b;c<d>e"f\g "#, &[])).expect("parsed");
+        assert_eq!(odd.subject, r#"CN=\#a\+b\;c\<d\>e\"f\\g\ , O=Example"#);
+        let spaced = client_cert(&cert(" a", &[])).expect("parsed");
+        assert_eq!(spaced.subject, r"CN=\ a, O=Example");
     }
 }
