@@ -258,3 +258,76 @@ async fn an_http2_host_field_that_is_no_host_is_refused_as_on_http11() {
     }
     assert_eq!(backend.accepted(), 1, "only the first request reached it");
 }
+
+#[tokio::test]
+async fn forwarding_fields_in_trailers_never_reach_an_http2_backend() {
+    // The backend answers with the names of the request trailers it received.
+    let backend = h2_backend_with(|request, mut respond| async move {
+        let mut body = request.into_body();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let names = match body.trailers().await {
+            Ok(Some(trailers)) => trailers
+                .keys()
+                .map(|n| n.as_str().to_owned())
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => String::new(),
+        };
+        let Ok(mut send) = respond.send_response(h2_ok(), false) else {
+            return;
+        };
+        let _ = send.send_data(bytes::Bytes::from(format!("trailers:{names}")), true);
+    })
+    .await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "",
+        r#"upstream_protocol = "h2""#,
+    ));
+    let addr = proxy.addr("l7");
+
+    // An HTTP/2 client's trailers.
+    let mut sender = h2_connect(addr).await;
+    let request = http::Request::post("http://test/upload")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = sender.send_request(request, false).expect("sent");
+    stream
+        .send_data(bytes::Bytes::from_static(b"hello"), false)
+        .expect("data");
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert(
+        "x-client-cert-subject",
+        "CN=mallory".parse().expect("value"),
+    );
+    trailers.insert("x_real_ip", "203.0.113.66".parse().expect("value"));
+    trailers.insert("x-checksum", "42".parse().expect("value"));
+    stream.send_trailers(trailers).expect("trailers");
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .expect("body in time")
+    {
+        text.extend_from_slice(&chunk.expect("body"));
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "trailers:x-checksum");
+
+    // An HTTP/1.1 client's chunked trailers.
+    let mut client = HttpClient::connect(addr).await;
+    client
+        .send(
+            b"POST /upload HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\nX-Client-Cert-Subject: CN=mallory\r\n\
+              X_Real_IP: 203.0.113.66\r\nX-Checksum: 42\r\n\r\n",
+        )
+        .await;
+    let reply = client.reply().await.expect("a reply");
+    assert_eq!(reply.text(), "trailers:x-checksum");
+}

@@ -566,7 +566,7 @@ fn is_hop_or_framing(name: &HeaderName) -> bool {
 /// Fields the proxy sets on every request it forwards, replacing whatever the client sent; on
 /// responses, a backend's own are not passed on.
 /// A name spelt with `_` for `-` counts too (`h1::same_field_name`).
-fn is_forwarding_field(name: &HeaderName) -> bool {
+pub(super) fn is_forwarding_field(name: &HeaderName) -> bool {
     super::FORWARDING_FIELDS
         .iter()
         .any(|f| h1::same_field_name(f.as_bytes(), name.as_str().as_bytes()))

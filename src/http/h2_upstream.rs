@@ -119,7 +119,27 @@ impl Body for UpstreamBody {
                         "the request body grew past max_body_size",
                     ))));
                 }
-                polled.map(|frame| frame.map(|f| f.map_err(io::Error::other)))
+                // The client's trailers lose the fields only the proxy writes, as on every
+                // other path (`h1::ChunkedDecoder::forwardable_trailers`).
+                polled.map(|frame| {
+                    frame.map(|f| {
+                        f.map_err(io::Error::other)
+                            .map(|frame| match frame.into_trailers() {
+                                Ok(mut trailers) => {
+                                    let forged: Vec<_> = trailers
+                                        .keys()
+                                        .filter(|n| super::h2::is_forwarding_field(n))
+                                        .cloned()
+                                        .collect();
+                                    for name in forged {
+                                        trailers.remove(name);
+                                    }
+                                    Frame::trailers(trailers)
+                                }
+                                Err(frame) => frame,
+                            })
+                    })
+                })
             }
             UpstreamBody::Channel(rx, whole) => match rx.poll_recv(cx) {
                 Poll::Ready(Some(frame)) => Poll::Ready(Some(Ok(frame))),
