@@ -527,3 +527,57 @@ fn retry_settings_are_checked_with_their_key_paths() {
         "{typo:?}"
     );
 }
+
+/// A backend that reads each request's head and closes the connection without answering.
+async fn resetting() -> (Backend, Arc<AtomicUsize>) {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let backend = Backend::start(move |mut stream| {
+        let requests = Arc::clone(&counted);
+        async move {
+            let mut buf = Vec::new();
+            if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+                .await
+                .is_some()
+            {
+                requests.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    })
+    .await;
+    (backend, requests)
+}
+
+#[tokio::test]
+async fn an_http2_client_s_request_moves_on_when_a_fresh_connection_fails_before_an_answer() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let (failing, tried) = resetting().await;
+    let healthy = answering(Some(200), "b", &order).await;
+    // No `retry`: a reset before any answer moves an idempotent request without a body to
+    // another backend anyway, as for an HTTP/1.1 client.
+    let proxy = proxy(&[failing.addr, healthy.backend.addr], "");
+    for _ in 0..4 {
+        assert_eq!(ask_h2(&proxy, "GET").await, (200, Some("b".to_owned())));
+    }
+    assert!(
+        tried.load(Ordering::SeqCst) >= 1,
+        "the failing backend was never tried"
+    );
+}
+
+#[tokio::test]
+async fn an_http1_client_s_request_moves_on_when_a_fresh_connection_fails_before_an_answer() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let (failing, tried) = resetting().await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(&[failing.addr, healthy.backend.addr], "");
+    for _ in 0..4 {
+        let reply = ask(&proxy, GET).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+    assert!(
+        tried.load(Ordering::SeqCst) >= 1,
+        "the failing backend was never tried"
+    );
+}

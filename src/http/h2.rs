@@ -1762,6 +1762,11 @@ async fn exchange<'p>(
                         if !reused {
                             pool.report(&state, false);
                         }
+                        // A fresh connection that failed before any answer: a bodiless
+                        // idempotent request goes on to another backend, as on HTTP/1.1.
+                        if retryable {
+                            break;
+                        }
                         return Err(502);
                     }
                     Err(Attempt::Status(status)) => {
