@@ -253,6 +253,26 @@ async fn http2_streams_of_denied_clients_get_403() {
     assert_eq!(backend.accepted(), 0);
 }
 
+#[tokio::test]
+async fn a_reload_s_http_lists_apply_from_the_next_request_of_an_open_connection() {
+    let backend = http_backend("web").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+    let addr = proxy.addr("l7");
+    let mut client = HttpClient::from_stream(connect_from(2, addr).await);
+    assert_eq!(client.get("/", "").await.status, 200);
+    proxy
+        .reload(&single_pool(&[backend.addr], r#"deny = ["127.0.0.2"]"#, ""))
+        .await
+        .expect("reload");
+    assert_eq!(client.get("/", "").await.status, 403);
+    // And a reload that drops the list serves that client again on the same connection.
+    proxy
+        .reload(&single_pool(&[backend.addr], "", ""))
+        .await
+        .expect("reload");
+    assert_eq!(client.get("/", "").await.status, 200);
+}
+
 fn problems(text: &str) -> Vec<(String, String)> {
     match switchyard::Config::from_toml(text, Path::new("bad.toml")) {
         Ok(_) => panic!("expected an error for:\n{text}"),
