@@ -66,6 +66,50 @@ async fn a_client_over_the_listener_limit_gets_429_with_retry_after_and_others_a
 }
 
 #[tokio::test]
+async fn a_refused_request_with_a_body_is_answered_then_its_connection_closed() {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "rate_limit = { rate = 1, per = \"1h\" }",
+        "",
+    ));
+    let addr = proxy.addr("l7");
+    // The one request the bucket allows.
+    assert_eq!(
+        client_from([127, 0, 0, 3], addr)
+            .await
+            .get("/", "")
+            .await
+            .status,
+        200
+    );
+    for body in [
+        "content-length: 5\r\n\r\nhello",
+        "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let mut client = client_from([127, 0, 0, 3], addr).await;
+        // The body, and a request after it in the same write, are never read as requests.
+        client
+            .send(
+                format!(
+                    "POST / HTTP/1.1\r\nhost: x\r\n{body}GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let first = client.reply().await.expect("a reply");
+        assert_eq!(first.status, 429);
+        assert_eq!(first.header("connection"), Some("close"));
+        assert!(
+            client.closed().await,
+            "the connection is closed after the 429"
+        );
+    }
+    // The requests after the bodies were never read: only the two refused ones count.
+    assert_eq!(proxy.stats("l7").rate_limited.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn a_header_key_gives_each_value_its_own_bucket_and_requests_without_it_their_address() {
     let backend = http_backend("b").await;
     let proxy = Proxy::start(&single_pool(
