@@ -581,3 +581,42 @@ async fn an_http1_client_s_request_moves_on_when_a_fresh_connection_fails_before
         "the failing backend was never tried"
     );
 }
+
+#[tokio::test]
+async fn a_sticky_request_retried_elsewhere_gets_a_cookie_naming_the_backend_that_answered() {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(Some(503), "a", &order).await;
+    let healthy = answering(Some(200), "b", &order).await;
+    let proxy = proxy(
+        &[failing.backend.addr, healthy.backend.addr],
+        "retry = { on = [\"503\"] }\nsticky = { cookie = \"SWY\", ttl = \"1h\", secret = \"a secret of sixteen or more\" }",
+    );
+    // Requests until one went to the failing backend first: its answer names the other.
+    let mut cookie = None;
+    for _ in 0..4 {
+        let reply = ask(&proxy, GET).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("b"));
+        cookie = reply
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned);
+    }
+    assert!(
+        failing.requests() >= 1,
+        "the failing backend was never tried"
+    );
+    let cookie = cookie.expect("a sticky cookie");
+    // That cookie brings the next requests straight to the backend that answered.
+    let before = failing.requests();
+    for _ in 0..3 {
+        let reply = ask(
+            &proxy,
+            &format!("GET /x HTTP/1.1\r\nHost: test\r\nCookie: {cookie}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(reply.header("x-backend"), Some("b"));
+        assert_eq!(reply.header("set-cookie"), None, "already on its backend");
+    }
+    assert_eq!(failing.requests(), before);
+}
