@@ -620,3 +620,32 @@ async fn a_sticky_request_retried_elsewhere_gets_a_cookie_naming_the_backend_tha
     }
     assert_eq!(failing.requests(), before);
 }
+
+#[tokio::test]
+async fn a_request_whose_every_connect_fails_counts_as_retried_from_either_client() {
+    let dead = [dead_addr().await, dead_addr().await];
+    let http1 = proxy(&dead, "");
+    let reply = ask(&http1, GET).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        retries(&http1),
+        1,
+        "an HTTP/1.1 client's request tried both"
+    );
+    assert_eq!(ask_h2(&http1, "GET").await.0, 502);
+    // Counted once its stream is recorded, after its response went out.
+    eventually("the HTTP/2 request counted as retried", || {
+        retries(&http1) == 2
+    })
+    .await;
+
+    // And on an HTTP/2 pool.
+    let h2 = proxy(&dead, "upstream_protocol = \"h2\"");
+    assert_eq!(ask(&h2, GET).await.status, 502);
+    assert_eq!(retries(&h2), 1);
+    assert_eq!(ask_h2(&h2, "GET").await.0, 502);
+    eventually("the HTTP/2 request counted as retried", || {
+        retries(&h2) == 2
+    })
+    .await;
+}

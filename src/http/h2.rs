@@ -1413,7 +1413,7 @@ async fn forward_h2(
     let outcome: Result<H2Answer, u16> = async {
         let passed = &mut passed;
         loop {
-            let (lease, picked) = h2_sender(&proxy.h2_upstream, pool, &mut attempts).await?;
+            let (lease, picked) = h2_sender(&proxy.h2_upstream, pool, &mut attempts, trace).await?;
             let set_cookie = super::persist::sticky_cookie(pool, &input, picked.index);
             let guard = picked.guard;
             let closer = picked.closer;
@@ -1624,6 +1624,7 @@ pub(super) async fn h2_sender<'p>(
     upstream: &super::h2_upstream::H2Pool,
     pool: &'p Pool,
     attempts: &mut Attempts<'p>,
+    trace: &mut super::Trace,
 ) -> Result<(Lease, Picked<'p>), u16> {
     loop {
         let picked = match attempts.next().await {
@@ -1632,6 +1633,9 @@ pub(super) async fn h2_sender<'p>(
             Err(_) => return Err(503),
         };
         let state = &picked.candidate.state;
+        // Each backend tried counts, the ones that could not be reached too, as on HTTP/1.1.
+        trace.attempts = attempts.count();
+        trace.backend = Some(state.addr);
         match upstream.sender(state.addr, pool).await {
             Ok(lease) => return Ok((lease, picked)),
             // This process is out of descriptors or memory: no fault of the backend's, and no
@@ -1685,6 +1689,10 @@ async fn exchange<'p>(
                     Err(_) => return Err(503),
                 };
                 let state = &picked.candidate.state;
+                // Each backend tried counts, the ones that could not be reached too, as on
+                // HTTP/1.1.
+                trace.attempts = attempts.count();
+                trace.backend = Some(state.addr);
                 if pool.send_proxy_protocol.is_none()
                     && let Some(conn) = proxy
                         .upstream

@@ -1532,7 +1532,7 @@ impl HttpProxy {
         let outcome: Result<H2Answer, Failure> = async {
             let passed = &mut passed;
             loop {
-                let (lease, picked) = h2::h2_sender(&self.h2_upstream, pool, &mut attempts)
+                let (lease, picked) = h2::h2_sender(&self.h2_upstream, pool, &mut attempts, trace)
                     .await
                     .map_err(Failure::Status)?;
                 let guard = picked.guard;
