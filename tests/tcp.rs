@@ -407,7 +407,9 @@ async fn a_backend_reset_midway_reaches_the_client_as_a_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_connections_at_once_then_back_to_baseline() {
     let _ = switchyard::sys::raise_fd_limit();
-    let backend = Backend::echo().await;
+    // The backend runs on a runtime of its own, so that the tasks counted below are the
+    // proxy's (and this test's), not the backend's 2000 connections winding down.
+    let backend = EchoElsewhere::start();
     let proxy = Proxy::start(&tcp_config(
         &format!("backends = [\"{}\"]", backend.addr),
         "",
@@ -455,15 +457,82 @@ async fn two_thousand_connections_at_once_then_back_to_baseline() {
     // Tasks and descriptors return to where they were (the backend's per-connection tasks end
     // when they see EOF, so allow for those still finishing). The server's own tasks were all
     // running before the warm-up was served, so they are in the baseline.
-    eventually("tasks back to baseline", || {
-        metrics.num_alive_tasks() <= tasks_before
-    })
-    .await;
+    tasks_back_to(tasks_before, &proxy, &backend).await;
     // A few descriptors of slack: splice pipes pooled per worker thread.
     eventually("descriptors back to baseline", || {
         open_descriptors() <= fds_before + 2 * 64 * 2
     })
     .await;
+}
+
+/// Waits until the runtime has no more tasks alive than `before`, and says what was still
+/// open when it does not come to that.
+async fn tasks_back_to(before: usize, proxy: &Proxy, backend: &EchoElsewhere) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let settled = tokio::time::timeout(PATIENCE, async {
+        while metrics.num_alive_tasks() > before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "tasks back to baseline: {} alive, {before} before; {} parked, {} open at the \
+         listener, {} open at the backend",
+        metrics.num_alive_tasks(),
+        proxy.handle.parked_connections(),
+        proxy.stats("l4").open.load(Ordering::Relaxed),
+        backend.open.load(Ordering::Relaxed),
+    );
+}
+
+/// An echo backend on a runtime (and thread) of its own, which ends when this is dropped.
+struct EchoElsewhere {
+    addr: std::net::SocketAddr,
+    /// Connections accepted and not yet closed.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl EchoElsewhere {
+    fn start() -> EchoElsewhere {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counted = Arc::clone(&open);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("backend runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let accepting = async {
+                    while let Ok((mut stream, _)) = listener.accept().await {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        let counted = Arc::clone(&counted);
+                        tokio::spawn(async move {
+                            let (mut r, mut w) = stream.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                            counted.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accepting => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        EchoElsewhere {
+            addr,
+            open,
+            _stop: stop,
+        }
+    }
 }
 
 /// A connection may be served as soon as a server's first accept loop runs, on another thread
@@ -842,7 +911,7 @@ async fn a_backend_that_closes_first_still_receives_what_the_client_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_to_baseline() {
-    let backend = Backend::echo().await;
+    let backend = EchoElsewhere::start();
     let proxy = Proxy::start(&tcp_config(
         &format!("backends = [\"{}\"]", backend.addr),
         "max_connections = 20",
@@ -902,10 +971,7 @@ async fn a_burst_past_max_connections_is_served_in_turn_and_everything_returns_t
     let peak = peak.load(Ordering::Relaxed);
     assert!(peak <= 20, "{peak} open at once past max_connections = 20");
     assert_eq!(proxy.stats("l4").connections.load(Ordering::Relaxed), 221);
-    eventually("tasks back to baseline", || {
-        metrics.num_alive_tasks() <= tasks_before
-    })
-    .await;
+    tasks_back_to(tasks_before, &proxy, &backend).await;
     eventually("descriptors back to baseline", || {
         open_descriptors() <= fds_before + 2 * 64 * 2
     })
