@@ -4182,3 +4182,448 @@ async fn the_etag_a_rule_leaves_is_the_one_compression_weakens_on_every_path() {
         }
     }
 }
+
+/// How a test client speaks to the proxy in [`local_answers_carry_the_request_id_and_the_header_rules`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Speech {
+    Http11,
+    Http11Tls,
+    H2c,
+    H2Tls,
+}
+
+impl Speech {
+    fn tls(self) -> bool {
+        matches!(self, Speech::Http11Tls | Speech::H2Tls)
+    }
+
+    fn h2(self) -> bool {
+        matches!(self, Speech::H2c | Speech::H2Tls)
+    }
+}
+
+/// One answer the proxy gives itself, and what it must carry.
+struct LocalCase {
+    /// The kind of listener asked: `main` (routes), `denied` (refuses everyone), `limited`
+    /// (one request a day), `redirecting` (a listener-wide redirect).
+    listener: &'static str,
+    method: &'static str,
+    path: &'static str,
+    /// Extra request fields.
+    fields: &'static [(&'static str, &'static str)],
+    /// A declared body of this many bytes, sent whole.
+    body: usize,
+    /// A Host that is no host: refused before anything else reads the request.
+    bad_host: bool,
+    /// Sent twice, the second answer checked (the first may pass a limit).
+    twice: bool,
+    /// The status the proxy answers with (a gRPC client over HTTP/2 gets it as grpc-message).
+    status: u16,
+    /// Whether the route's rules apply: the route was chosen before the answer.
+    route: bool,
+}
+
+/// The answer as a test client sees it, whatever the protocol.
+struct LocalAnswer {
+    status: u16,
+    fields: Vec<(String, String)>,
+}
+
+impl LocalAnswer {
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.fields
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn one(&self, name: &str) -> Option<&str> {
+        self.all(name).first().copied()
+    }
+}
+
+/// Sends `case` once over `speech` to `addr`, carrying `id` as X-Request-ID when given.
+async fn ask_locally(
+    speech: Speech,
+    addr: std::net::SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    case: &LocalCase,
+    id: Option<&str>,
+) -> LocalAnswer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    if speech.tls() {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let stream = tokio::time::timeout(
+            PATIENCE,
+            tokio_rustls::TlsConnector::from(Arc::clone(tls)).connect(name, tcp),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        if speech.h2() {
+            ask_h2(stream, case, id).await
+        } else {
+            ask_h1(stream, case, id).await
+        }
+    } else if speech.h2() {
+        ask_h2(tcp, case, id).await
+    } else {
+        ask_h1(tcp, case, id).await
+    }
+}
+
+async fn ask_h1<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    case: &LocalCase,
+    id: Option<&str>,
+) -> LocalAnswer {
+    let host = if case.bad_host { "a b" } else { "svc" };
+    let mut request = format!("{} {} HTTP/1.1\r\nHost: {host}\r\n", case.method, case.path);
+    for (name, value) in case.fields {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(id) = id {
+        request.push_str(&format!("X-Request-ID: {id}\r\n"));
+    }
+    if case.body > 0 {
+        request.push_str(&format!("Content-Length: {}\r\n", case.body));
+    }
+    request.push_str("\r\n");
+    request.push_str(&"x".repeat(case.body));
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut buf = Vec::new();
+    let reply = tokio::time::timeout(PATIENCE, read_reply(&mut stream, &mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    LocalAnswer {
+        status: reply.status,
+        fields: reply.headers,
+    }
+}
+
+async fn ask_h2<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    case: &LocalCase,
+    id: Option<&str>,
+) -> LocalAnswer {
+    let (mut sender, connection) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(case.method)
+        .uri(format!("http://svc{}", case.path));
+    if case.bad_host {
+        request = request.header("host", "a b");
+    }
+    for (name, value) in case.fields {
+        request = request.header(*name, *value);
+    }
+    if let Some(id) = id {
+        request = request.header("x-request-id", id);
+    }
+    if case.body > 0 {
+        request = request.header("content-length", case.body.to_string());
+    }
+    let request = request.body(()).expect("request");
+    let (response, mut stream) = sender.send_request(request, case.body == 0).expect("send");
+    if case.body > 0 {
+        // The proxy may answer before taking it.
+        let _ = stream.send_data(bytes::Bytes::from(vec![b'x'; case.body]), true);
+    }
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    // A gRPC client is told the status in gRPC's terms.
+    let status = match response.headers().get("grpc-message") {
+        Some(message) => message
+            .to_str()
+            .ok()
+            .and_then(|m| m.get(..3))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0),
+        None => response.status().as_u16(),
+    };
+    LocalAnswer {
+        status,
+        fields: response
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn local_answers_carry_the_request_id_and_the_header_rules() {
+    // Every answer the proxy gives itself, over HTTP/1.1 and HTTP/2, plain and over TLS: it
+    // carries the request's id (the client's, else a fresh one) as its access log line does,
+    // and the listener's response rules; the route's too once the route was chosen. The
+    // framing stays the proxy's own.
+    let up = http_backend("up").await;
+    let silent = Backend::start(|mut stream| async move {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    })
+    .await;
+    let dead = dead_addr().await;
+    let dir = temp_dir_for("local-answers");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).expect("root");
+    let mut client_tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_tls.alpn_protocols = vec![b"h2".to_vec()];
+    let h2_tls = Arc::new(client_tls.clone());
+    client_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let h1_tls = Arc::new(client_tls);
+
+    let route_rules = r#"response_headers = { set = { X-Route = "r" } }"#;
+    let mut toml = String::new();
+    let mut logs = Vec::new();
+    for kind in ["main", "denied", "limited", "redirecting"] {
+        for tls in [false, true] {
+            let name = format!("{kind}{}", if tls { "_tls" } else { "" });
+            let log = fresh_log(&format!("local-answers-{name}"));
+            let own = match kind {
+                "main" => String::new(),
+                "denied" => "default_pool = \"up\"\ndeny = [\"127.0.0.1\"]".to_owned(),
+                "limited" => "default_pool = \"up\"\nrate_limit = { rate = 1, per = \"24h\" }"
+                    .to_owned(),
+                _ => "default_pool = \"up\"\nredirect = { to = \"https://{host}{path}\", status = 308 }"
+                    .to_owned(),
+            };
+            let tls = if tls {
+                format!(
+                    "tls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}",
+                    cert.display(),
+                    key.display()
+                )
+            } else {
+                String::new()
+            };
+            toml.push_str(&format!(
+                r#"
+[[listeners]]
+name = "{name}"
+bind = "127.0.0.1:0"
+protocol = "http"
+max_body_size = 10
+{tls}
+{own}
+{}
+response_headers = {{ set = {{ Strict-Transport-Security = "max-age=600" }}, add = {{ X-Content-Type-Options = "nosniff" }} }}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/ok/" }}
+  pool = "up"
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/denied/" }}
+  pool = "up"
+  deny = ["127.0.0.1"]
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/limited/" }}
+  pool = "up"
+  rate_limit = {{ rate = 1, per = "24h" }}
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/dead/" }}
+  pool = "dead"
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/gone/" }}
+  pool = "gone"
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/silent/" }}
+  pool = "silent"
+  {route_rules}
+
+  [[listeners.routes]]
+  match = {{ path_prefix = "/moved/" }}
+  redirect = {{ to = "https://{{host}}/elsewhere" }}
+  {route_rules}
+"#,
+                json_access_log(&log),
+            ));
+            logs.push((name, log));
+        }
+    }
+    toml.push_str(&format!(
+        r#"
+[pools.up]
+backends = ["{}"]
+[pools.dead]
+backends = ["{dead}"]
+[pools.gone]
+backends = ["{}"]
+[pools.silent]
+backends = ["{}"]
+response_timeout = "300ms"
+"#,
+        up.addr, up.addr, silent.addr
+    ));
+    let proxy = Proxy::start(&toml);
+    // The one backend of `gone` may not be picked: no backend is left for its requests.
+    proxy
+        .registry
+        .get("gone", up.addr)
+        .expect("state")
+        .set_usable(false);
+
+    const NONE: &[(&str, &str)] = &[];
+    let case = |listener, method, path, status, route| LocalCase {
+        listener,
+        method,
+        path,
+        fields: NONE,
+        body: 0,
+        bad_host: false,
+        twice: false,
+        status,
+        route,
+    };
+    let cases = [
+        LocalCase {
+            bad_host: true,
+            ..case("main", "GET", "/ok/", 400, false)
+        },
+        case("main", "GET", "/nowhere", 404, false),
+        LocalCase {
+            fields: &[("content-type", "application/grpc"), ("te", "trailers")],
+            ..case("main", "POST", "/nowhere", 404, false)
+        },
+        case("denied", "GET", "/ok/", 403, false),
+        LocalCase {
+            twice: true,
+            ..case("limited", "GET", "/ok/", 429, false)
+        },
+        case("redirecting", "GET", "/ok/", 308, false),
+        case("main", "GET", "/denied/", 403, true),
+        LocalCase {
+            twice: true,
+            ..case("main", "GET", "/limited/", 429, true)
+        },
+        LocalCase {
+            body: 100,
+            ..case("main", "POST", "/ok/", 413, true)
+        },
+        case("main", "GET", "/dead/", 502, true),
+        case("main", "GET", "/gone/", 503, true),
+        case("main", "GET", "/silent/", 504, true),
+        case("main", "GET", "/moved/", 301, true),
+    ];
+
+    // (listener, id, status) of every answer, to be found in the access logs.
+    let mut expected: Vec<(String, String, u16)> = Vec::new();
+    let mut problems = Vec::new();
+    for speech in [
+        Speech::Http11,
+        Speech::Http11Tls,
+        Speech::H2c,
+        Speech::H2Tls,
+    ] {
+        let tls = if speech.h2() { &h2_tls } else { &h1_tls };
+        for (i, case) in cases.iter().enumerate() {
+            let listener = format!(
+                "{}{}",
+                case.listener,
+                if speech.tls() { "_tls" } else { "" }
+            );
+            let addr = proxy.addr(&listener);
+            let sent = format!("case-{i}-{speech:?}");
+            // An HTTP/1.1 head that cannot be parsed has no id the proxy could read.
+            let readable = !case.bad_host || speech.h2();
+            if case.twice {
+                ask_locally(speech, addr, tls, case, None).await;
+            }
+            let answer = ask_locally(speech, addr, tls, case, Some(&sent)).await;
+            let what = format!(
+                "{} {} on {listener} over {speech:?}",
+                case.method, case.path
+            );
+            let mut check = |holds: bool, says: String| {
+                if !holds {
+                    problems.push(format!("{what}: {says}"));
+                }
+            };
+            check(
+                answer.status == case.status,
+                format!("status {}", answer.status),
+            );
+            let ids = answer.all("x-request-id");
+            check(ids.len() == 1, format!("one request id, not {ids:?}"));
+            let id = ids.first().copied().unwrap_or_default().to_owned();
+            if readable {
+                check(id == sent, format!("the client's id, not {id:?}"));
+            } else {
+                check(
+                    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    format!("a fresh id, not {id:?}"),
+                );
+            }
+            check(
+                answer.all("strict-transport-security") == ["max-age=600"],
+                "the listener's set".to_owned(),
+            );
+            check(
+                answer.all("x-content-type-options") == ["nosniff"],
+                "the listener's add".to_owned(),
+            );
+            check(
+                answer.one("x-route").is_some() == case.route,
+                format!("the route's rules apply: {}", case.route),
+            );
+            if !speech.h2() {
+                check(
+                    answer.all("content-length").len() == 1
+                        && answer.all("transfer-encoding").is_empty()
+                        && answer.all("connection").len() <= 1,
+                    format!("the proxy's own framing, once: {:?}", answer.fields),
+                );
+            }
+            // A head the proxy could not read is no request: it has no log line.
+            if readable {
+                expected.push((listener, id, case.status));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    for (listener, id, status) in &expected {
+        let log = &logs
+            .iter()
+            .find(|(name, _)| name == listener)
+            .expect("log")
+            .1;
+        let found = || {
+            log_text(log).lines().any(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).expect("json");
+                line["request_id"] == id.as_str() && line["status"] == *status
+            })
+        };
+        eventually(
+            &format!("a {status} line with id {id} in {listener}'s log"),
+            found,
+        )
+        .await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1350,39 +1350,50 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A complete response the proxy sends itself: a short text body saying what happened.
-pub fn error_response(status: u16, persistence: Persistence) -> BytesMut {
-    error_response_after(status, persistence, None)
+/// What follows the head of an answer of the proxy's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalBody {
+    /// The status and its reason on one line, as every error of the proxy's own says it.
+    Status,
+    /// Nothing (a redirect: its `Location` says it all).
+    Empty,
 }
 
-/// [`error_response`] with a `Retry-After` of this many seconds, when given: a 429 tells the
-/// client when it would be served.
-pub fn error_response_after(
+/// A complete answer of the proxy's own (an error says what happened in a short text body):
+/// the status line, then `fields` as given (the response rules have already edited them), then
+/// framing fields that only this function writes, so that no rule can make the head disagree
+/// with the body.
+pub fn local_response(
     status: u16,
+    fields: &[(&str, &[u8])],
+    body: LocalBody,
     persistence: Persistence,
-    retry_after: Option<u64>,
 ) -> BytesMut {
     let reason = reason(status);
-    let body_len = 3 + 1 + reason.len() + 1;
+    let body_len = match body {
+        LocalBody::Status => 3 + 1 + reason.len() + 1,
+        LocalBody::Empty => 0,
+    };
     let mut out = BytesMut::with_capacity(160);
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(itoa::Buffer::new().format(status).as_bytes());
     out.put_u8(b' ');
     out.put_slice(reason.as_bytes());
-    out.put_slice(b"\r\ncontent-type: text/plain\r\ncontent-length: ");
+    out.put_slice(b"\r\n");
+    for (name, value) in fields {
+        put_field(&mut out, name.as_bytes(), value, &[]);
+    }
+    out.put_slice(b"content-length: ");
     out.put_slice(itoa::Buffer::new().format(body_len).as_bytes());
     out.put_slice(b"\r\n");
-    if let Some(seconds) = retry_after {
-        out.put_slice(b"retry-after: ");
-        out.put_slice(itoa::Buffer::new().format(seconds).as_bytes());
-        out.put_slice(b"\r\n");
-    }
     out.put_slice(persistence.field());
     out.put_slice(b"\r\n");
-    out.put_slice(itoa::Buffer::new().format(status).as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(reason.as_bytes());
-    out.put_u8(b'\n');
+    if body == LocalBody::Status {
+        out.put_slice(itoa::Buffer::new().format(status).as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(reason.as_bytes());
+        out.put_u8(b'\n');
+    }
     out
 }
 
@@ -1762,17 +1773,26 @@ mod tests {
 
     #[test]
     fn error_responses_are_well_formed() {
-        let out = error_response(404, Persistence::Implied);
+        let fields: [(&str, &[u8]); 1] = [("content-type", b"text/plain")];
+        let out = local_response(404, &fields, LocalBody::Status, Persistence::Implied);
         let mut buf = out.clone();
         let head = parse_response(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.status, 404);
         assert_eq!(head.framing, Framing::Length(buf.len() as u64));
         assert_eq!(&buf[..], b"404 Not Found\n");
-        let out = error_response_after(429, Persistence::Close, Some(7));
+        let fields: [(&str, &[u8]); 2] = [("retry-after", b"7"), ("x-request-id", b"abc")];
+        let out = local_response(429, &fields, LocalBody::Status, Persistence::Close);
         let mut buf = out.clone();
         let head = parse_response(&mut buf, false).unwrap().unwrap();
         assert_eq!(head.status, 429);
         assert_eq!(head.header("retry-after"), Some(&b"7"[..]));
+        assert_eq!(head.header("x-request-id"), Some(&b"abc"[..]));
+        assert!(head.close);
         assert_eq!(&buf[..], b"429 Too Many Requests\n");
+        let fields: [(&str, &[u8]); 1] = [("location", b"/x")];
+        let mut buf = local_response(308, &fields, LocalBody::Empty, Persistence::Implied);
+        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Empty);
+        assert!(buf.is_empty());
     }
 }

@@ -416,7 +416,8 @@ async fn relay_upstream(
 }
 
 /// A response of our own: the status and a one-line body, as HTTP/1.1 errors have. It is
-/// marked [`LocalReply`], so that a gRPC client can be given it in gRPC's own terms.
+/// marked [`LocalReply`]: `handle` gives it the request id and the response rules, and a gRPC
+/// client gets it in gRPC's own terms.
 fn status_response(status: u16) -> Response<ResponseBody> {
     let body = format!("{status} {}\n", h1::reason(status));
     let mut response = Response::new(ResponseBody::Full(Some(Bytes::from(body))));
@@ -425,7 +426,7 @@ fn status_response(status: u16) -> Response<ResponseBody> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain"),
     );
-    response.extensions_mut().insert(LocalReply);
+    response.extensions_mut().insert(LocalReply::Error);
     response
 }
 
@@ -438,9 +439,15 @@ fn too_many_requests(retry_after: u64) -> Response<ResponseBody> {
     response
 }
 
-/// Marks an error response the proxy made itself (not a backend's).
-#[derive(Clone, Copy)]
-struct LocalReply;
+/// Marks a response the proxy made itself (not a backend's), which `handle` completes as
+/// HTTP/1.1 answers of the proxy's own are (`HttpProxy::local_answer`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LocalReply {
+    /// An error status, which a gRPC client is given as a gRPC status.
+    Error,
+    /// A redirect.
+    Redirect,
+}
 
 /// Whether a request is a gRPC call: `application/grpc`, alone or with a `+format` or
 /// parameters. gRPC-Web (`application/grpc-web…`) frames its status differently and is left
@@ -706,12 +713,17 @@ async fn handle(
                 .authority()
                 .map(|a| a.as_str().as_bytes().to_vec())
                 .unwrap_or_else(|| header("host")),
-            header("x-request-id"),
             header("referer"),
             header("user-agent"),
         )
     });
-    let (method, target, host, sent_id, referer, user_agent) = logged.unwrap_or_default();
+    let (method, target, host, referer, user_agent) = logged.unwrap_or_default();
+    // The request id first, so that every answer, the proxy's own included, and the access
+    // log line carry it.
+    let request_id = match request.headers().get("x-request-id") {
+        Some(id) if valid_request_id(id.as_bytes()) => id.as_bytes().to_vec(),
+        _ => new_request_id(&mut [0u8; 32]).to_vec(),
+    };
     // Recorded when dropped. hyper drops this future when the client resets the stream before
     // the response head; the stream is then recorded as 499 (NGINX's "client closed request").
     let mut ended = Ended {
@@ -722,7 +734,7 @@ async fn handle(
         },
         started,
         client: source,
-        request_id: sent_id,
+        request_id,
         method,
         target,
         host,
@@ -732,7 +744,6 @@ async fn handle(
     };
     let grpc = is_grpc(request.headers());
     let mut response = if clean {
-        let trace = &mut ended.trace;
         handle_stream(
             proxy,
             request,
@@ -740,7 +751,8 @@ async fn handle(
             destination,
             peer_trusted,
             tls,
-            trace,
+            &ended.request_id,
+            &mut ended.trace,
         )
         .await
     } else {
@@ -748,11 +760,11 @@ async fn handle(
     };
     // Logs and metrics keep the HTTP status the error stands for.
     ended.trace.status = response.status().as_u16();
-    if grpc && response.extensions().get::<LocalReply>().is_some() {
-        response = as_grpc_error(response);
-    }
-    if let Some(id) = response.headers().get("x-request-id") {
-        ended.request_id = id.as_bytes().to_vec();
+    if let Some(&local) = response.extensions().get::<LocalReply>() {
+        complete_local(proxy, &mut response, &ended.request_id, ended.trace.route);
+        if grpc && local == LocalReply::Error {
+            response = as_grpc_error(response);
+        }
     }
     // From here the stream is recorded when its body is done (or dropped, when the client resets
     // it), so that the line has the bytes sent and the duration of the whole exchange, as on
@@ -839,7 +851,27 @@ impl Drop for Ended {
     }
 }
 
+/// Gives an answer of the proxy's own what a proxied one has: the request id, then the
+/// listener's response rules and, once a route was chosen (`route`, as the trace has it), the
+/// route's. Not the cookie flags or compression, which are for what backends send.
+fn complete_local(
+    proxy: &HttpProxy,
+    response: &mut Response<ResponseBody>,
+    request_id: &[u8],
+    route: Option<usize>,
+) {
+    let headers = response.headers_mut();
+    if let Ok(id) = HeaderValue::from_bytes(request_id) {
+        headers.insert("x-request-id", id);
+    }
+    edit_headers(headers, &proxy.rules.response_headers);
+    if let Some(rules) = route.and_then(|i| proxy.route_rules.get(i)) {
+        edit_headers(headers, &rules.response_headers);
+    }
+}
+
 /// One HTTP/2 stream, routed and forwarded.
+#[allow(clippy::too_many_arguments)]
 async fn handle_stream(
     proxy: &HttpProxy,
     request: Request<Incoming>,
@@ -847,6 +879,7 @@ async fn handle_stream(
     destination: SocketAddr,
     peer_trusted: bool,
     tls: &Option<Negotiated>,
+    request_id: &[u8],
     trace: &mut super::Trace,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = request.into_parts();
@@ -871,7 +904,7 @@ async fn handle_stream(
     // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing, as on
     // HTTP/1.1.
     if let Some(redirect) = &proxy.rules.redirect {
-        return redirect_response(&parts, redirect, &[&proxy.rules]);
+        return redirect_response(&parts, redirect);
     }
     let view = View { parts: &parts };
     let Some(routed) = proxy.router.route(&view) else {
@@ -903,7 +936,7 @@ async fn handle_stream(
         .flatten()
         .collect();
     if let Some(redirect) = route_rules.and_then(|r| r.redirect.as_ref()) {
-        return redirect_response(&parts, redirect, &rules);
+        return redirect_response(&parts, redirect);
     }
     // A route's compression replaces the listener's. It is decided on what the client sent,
     // before request rules edit the fields (one may remove Accept-Encoding so that the backend
@@ -924,17 +957,12 @@ async fn handle_stream(
             .map(Cow::into_owned),
             ranged: parts.headers.contains_key(http::header::RANGE),
         });
-    let mut generated = [0u8; 32];
-    let request_id = match parts.headers.get("x-request-id").map(HeaderValue::as_bytes) {
-        Some(id) if valid_request_id(id) => id.to_vec(),
-        _ => new_request_id(&mut generated).to_vec(),
-    };
     set_forwarding_fields(
         &mut parts,
         source,
         peer_trusted,
         tls,
-        &request_id,
+        request_id,
         proxy.forwarded_header,
     );
     if !rules.is_empty()
@@ -949,12 +977,15 @@ async fn handle_stream(
         body,
         source,
         destination,
-        &request_id,
+        request_id,
         compression.as_ref(),
         trace,
     )
     .await;
-    apply_response_rules(response.headers_mut(), &rules);
+    // An answer of the proxy's own gets the rules with its id, in `handle`.
+    if response.extensions().get::<LocalReply>().is_none() {
+        apply_response_rules(response.headers_mut(), &rules);
+    }
     // The compression fields last, as on HTTP/1.1: a rule that sets Vary or ETag must not
     // undo them.
     if let Some(Chosen(coding)) = response.extensions_mut().remove::<Chosen>() {
@@ -989,11 +1020,10 @@ fn host_fields_agree(parts: &http::request::Parts) -> bool {
         .is_none_or(|a| a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
 }
 
-/// A redirect of the proxy's own, with the response header rules applied.
+/// A redirect of the proxy's own; `handle` adds the request id and the response rules.
 fn redirect_response(
     parts: &http::request::Parts,
     redirect: &crate::config::Redirect,
-    rules: &[&Rules],
 ) -> Response<ResponseBody> {
     let view = View { parts };
     let host = view.host().map(super::strip_port).unwrap_or_default();
@@ -1008,7 +1038,7 @@ fn redirect_response(
             .headers_mut()
             .insert(http::header::LOCATION, location);
     }
-    apply_response_rules(response.headers_mut(), rules);
+    response.extensions_mut().insert(LocalReply::Redirect);
     response
 }
 

@@ -229,8 +229,6 @@ pub(crate) struct Trace {
     pub upstream: Option<Duration>,
     /// Backends tried.
     pub attempts: usize,
-    /// The request id, kept only when the listener writes an access log.
-    pub request_id: Option<Vec<u8>>,
 }
 
 /// Fields that carry a verified client certificate to backends. They are removed from every
@@ -386,6 +384,15 @@ enum Next {
     KeepAlive,
     /// Close the connection.
     Close,
+}
+
+/// What kind of answer of its own the proxy gives (see [`HttpProxy::local_answer`]).
+#[derive(Debug, Clone, Copy)]
+enum Local<'a> {
+    /// An error, with a `Retry-After` of this many seconds when given.
+    Error(Option<u64>),
+    /// A redirect to this location.
+    Redirect(&'a [u8]),
 }
 
 /// Failures that end an exchange with a status of our own, if nothing was sent yet.
@@ -662,12 +669,17 @@ impl HttpProxy {
                     }
                 },
                 Err(status) => {
-                    let _ = write_within(
-                        &mut client.stream,
-                        &h1::error_response(status, h1::Persistence::Close),
-                        proxy.keepalive_timeout,
-                    )
-                    .await;
+                    // No request could be read, so no id either: the answer has a fresh one.
+                    let mut generated = [0u8; 32];
+                    let answer = proxy.local_answer(
+                        status,
+                        Local::Error(None),
+                        new_request_id(&mut generated),
+                        None,
+                        h1::Persistence::Close,
+                    );
+                    let _ =
+                        write_within(&mut client.stream, &answer, proxy.keepalive_timeout).await;
                     return;
                 }
             };
@@ -852,9 +864,16 @@ impl HttpProxy {
         let has_body = head.framing != Framing::Empty;
         let started = Instant::now();
         let mut trace = Trace::default();
+        // The request id first, so that every answer, the proxy's own included, and the
+        // access log line carry it.
+        let mut generated = [0u8; 32];
+        let request_id = match head.header("x-request-id") {
+            Some(id) if valid_request_id(id) => id,
+            _ => new_request_id(&mut generated),
+        };
         // Whether a connection that ends here may end with a FIN (not after a failure).
         let mut graceful = true;
-        let next = match self.forward(client, &head, &mut trace).await {
+        let next = match self.forward(client, &head, request_id, &mut trace).await {
             Ok(next) => next,
             Err(Failure::Abort) => {
                 graceful = false;
@@ -884,10 +903,14 @@ impl HttpProxy {
                 // A body we may not have read leaves the stream unreadable: close after
                 // answering.
                 let close = head.close || has_body || self.closing();
-                let response = h1::error_response_after(
+                // A route's rules apply to what is answered once it was chosen.
+                let route_rules = trace.route.and_then(|i| self.route_rules.get(i));
+                let response = self.local_answer(
                     status,
+                    Local::Error(retry_after),
+                    request_id,
+                    route_rules,
                     h1::Persistence::of(close, head.minor_version),
-                    retry_after,
                 );
                 trace.status = status;
                 trace.bytes = response.len() as u64;
@@ -911,9 +934,8 @@ impl HttpProxy {
             // bytes the client sent are left unread (a body we answered without reading).
             let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
         }
-        let request_id = trace.request_id.take().unwrap_or_default();
         let finished = Finished {
-            request_id: &request_id,
+            request_id,
             client: client.source,
             method: head.method(),
             host: head.host().unwrap_or_default(),
@@ -941,22 +963,9 @@ impl HttpProxy {
         &self,
         client: &mut Client,
         head: &RequestHead,
+        request_id: &[u8],
         trace: &mut Trace,
     ) -> Result<Next, Failure> {
-        // The request id first, so that even a request refused below has one in its log line.
-        let mut generated = [0u8; 32];
-        let request_id = match head.header("x-request-id") {
-            Some(id) if valid_request_id(id) => id,
-            _ => new_request_id(&mut generated),
-        };
-        if self.access_log.is_some() {
-            trace.request_id = Some(request_id.to_vec());
-        }
-        if let (Framing::Length(n), Some(max)) = (head.framing, self.max_body_size)
-            && n > max
-        {
-            return Err(Failure::Status(413));
-        }
         if !self.access.permits(client.source.ip()) {
             self.stats.denied.fetch_add(1, Relaxed);
             return Err(Failure::Status(403));
@@ -971,7 +980,7 @@ impl HttpProxy {
         }
         // A listener-wide redirect (plain HTTP to HTTPS, say) answers before any routing.
         if let Some(redirect) = &self.rules.redirect {
-            return Box::pin(self.redirect(client, head, redirect, None)).await;
+            return Box::pin(self.redirect(client, head, redirect, request_id, None, trace)).await;
         }
         // Phase 2: route.
         let Some(routed) = self.router.route(head) else {
@@ -1001,13 +1010,21 @@ impl HttpProxy {
         if let Some(rules) = route_rules
             && let Some(redirect) = &rules.redirect
         {
-            return Box::pin(self.redirect(client, head, redirect, Some(rules))).await;
+            return Box::pin(self.redirect(client, head, redirect, request_id, Some(rules), trace))
+                .await;
         }
         let snapshot = self.snapshot.load_full();
         let pool = routed
             .pool
             .and_then(|name| snapshot.pool(name))
             .ok_or(Failure::Status(503))?;
+        // A declared length over the limit is refused before any backend is contacted, at the
+        // point HTTP/2 streams are: the route is known, so its rules apply to the 413.
+        if let (Framing::Length(n), Some(max)) = (head.framing, self.max_body_size)
+            && n > max
+        {
+            return Err(Failure::Status(413));
+        }
 
         // Phase 3: request filter — request id, forwarding headers, rules, our own 100 Continue.
         if self.access_log.is_some() {
@@ -1964,7 +1981,9 @@ impl HttpProxy {
         client: &mut Client,
         head: &RequestHead,
         redirect: &Redirect,
+        request_id: &[u8],
         route_rules: Option<&Rules>,
+        trace: &mut Trace,
     ) -> Result<Next, Failure> {
         let host = head.host().map(strip_port).unwrap_or_default();
         let Some(location) = redirect_location(&redirect.to, host, head.target()) else {
@@ -1973,27 +1992,57 @@ impl HttpProxy {
         // As for a proxied response: while draining, or once a reload removed the listener,
         // the client is told not to send another request on this connection.
         let close = head.close || head.framing != Framing::Empty || self.closing();
-        let mut out = BytesMut::with_capacity(256);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(itoa::Buffer::new().format(redirect.status).as_bytes());
-        out.extend_from_slice(b" ");
-        out.extend_from_slice(h1::reason(redirect.status).as_bytes());
-        out.extend_from_slice(b"\r\nlocation: ");
-        out.extend_from_slice(location.as_bytes());
-        out.extend_from_slice(b"\r\ncontent-length: 0\r\n");
-        let (_, extra, _) = self.response_edits(route_rules, b"");
-        for (name, value) in extra.iter().filter(|(n, _)| *n != "x-request-id") {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
-        out.extend_from_slice(b"\r\n");
+        let out = self.local_answer(
+            redirect.status,
+            Local::Redirect(location.as_bytes()),
+            request_id,
+            route_rules,
+            h1::Persistence::of(close, head.minor_version),
+        );
+        trace.status = redirect.status;
         write_pair_within(&mut client.stream, &out, &[], self.keepalive_timeout, close)
             .await
             .map_err(|_| Failure::Abort)?;
+        trace.bytes = out.len() as u64;
         Ok(if close { Next::Close } else { Next::KeepAlive })
+    }
+
+    /// An answer of the proxy's own, as HTTP/1.1: its fields, then the request id, then the
+    /// listener's response rules and, once a route was chosen, the route's (`route_rules`), as
+    /// on a proxied response. The cookie flags and compression are for what backends send; the
+    /// framing is the proxy's own, which no rule reaches.
+    fn local_answer(
+        &self,
+        status: u16,
+        kind: Local<'_>,
+        request_id: &[u8],
+        route_rules: Option<&Rules>,
+        persistence: h1::Persistence,
+    ) -> BytesMut {
+        let mut seconds = itoa::Buffer::new();
+        let own: [(&str, &[u8]); 2] = match kind {
+            Local::Error(retry_after) => [
+                ("content-type", b"text/plain"),
+                match retry_after {
+                    Some(s) => ("retry-after", seconds.format(s).as_bytes()),
+                    None => ("", b""),
+                },
+            ],
+            Local::Redirect(location) => [("location", location), ("", b"")],
+        };
+        let (drop, extra, _) = self.response_edits(route_rules, request_id);
+        let fields: Vec<(&str, &[u8])> = own
+            .into_iter()
+            .filter(|(name, _)| {
+                !name.is_empty() && !drop.iter().any(|d| d.eq_ignore_ascii_case(name))
+            })
+            .chain(extra)
+            .collect();
+        let body = match kind {
+            Local::Error(_) => h1::LocalBody::Status,
+            Local::Redirect(_) => h1::LocalBody::Empty,
+        };
+        h1::local_response(status, &fields, body, persistence)
     }
 
     /// Sends the request to a backend and reads the response head, moving to another backend (or
