@@ -368,6 +368,8 @@ pub struct Attempts<'p> {
     tried: [usize; MAX_CONNECT_ATTEMPTS],
     count: usize,
     limit: usize,
+    /// `next` never waits in the queue: the caller holds a slot another waiter may need.
+    holding: bool,
 }
 
 impl<'p> Attempts<'p> {
@@ -379,6 +381,7 @@ impl<'p> Attempts<'p> {
             tried: [0; MAX_CONNECT_ATTEMPTS],
             count: 0,
             limit: pool.connect_attempts.clamp(1, MAX_CONNECT_ATTEMPTS),
+            holding: false,
         }
     }
 
@@ -397,8 +400,16 @@ impl<'p> Attempts<'p> {
         self.count
     }
 
+    /// From now on, [`Self::next`] takes only a slot that is free now, and never waits in the
+    /// queue (nor takes a slot ahead of those who do). For a retry that keeps the answer it
+    /// passed over, and so that answer's slot: two such requests could each wait for the slot
+    /// the other holds until the queue timeout, when either answer was there to give at once.
+    pub fn hold_answer(&mut self) {
+        self.holding = true;
+    }
+
     /// The next backend, with a slot taken on it; waits in the pool's queue when every
-    /// backend is full and the pool has one.
+    /// backend is full and the pool has one (unless [`Self::hold_answer`] said not to).
     pub async fn next(&mut self) -> Result<Picked<'p>, NoBackend> {
         if self.count == self.limit {
             return Err(NoBackend::Exhausted);
@@ -417,7 +428,7 @@ impl<'p> Attempts<'p> {
         } else {
             NoBackend::Exhausted
         };
-        let Some(queue) = pool.queue else {
+        let Some(queue) = pool.queue.filter(|_| !self.holding) else {
             return Err(exhausted);
         };
         if !pool.any_full(&self.tried[..self.count]) {

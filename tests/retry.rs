@@ -24,17 +24,54 @@ impl Answering {
     }
 }
 
+/// Holds the first `count` requests of the backends sharing it until all of them arrived, so
+/// that each holds its backend's slot at the same time; later requests pass at once.
+#[derive(Clone)]
+struct Gate {
+    arrived: Arc<AtomicUsize>,
+    barrier: Arc<tokio::sync::Barrier>,
+    count: usize,
+}
+
+impl Gate {
+    fn new(count: usize) -> Gate {
+        Gate {
+            arrived: Arc::new(AtomicUsize::new(0)),
+            barrier: Arc::new(tokio::sync::Barrier::new(count)),
+            count,
+        }
+    }
+
+    /// Waits, up to [`PATIENCE`], for the others of the first `count` requests.
+    async fn pass(&self) {
+        if self.arrived.fetch_add(1, Ordering::SeqCst) < self.count {
+            let _ = tokio::time::timeout(PATIENCE, self.barrier.wait()).await;
+        }
+    }
+}
+
 /// A keep-alive HTTP/1.1 backend answering each request with `status`, header `x-backend:
 /// NAME` and the body `NAME N`, where N is the request's place among all those that backends
 /// sharing `order` received (1 for the first). `None` for `status` never answers: it reads
 /// requests and holds them.
 async fn answering(status: Option<u16>, name: &'static str, order: &Arc<AtomicUsize>) -> Answering {
+    answering_through(status, name, order, None).await
+}
+
+/// [`answering`], with each request passing `gate` before its answer.
+async fn answering_through(
+    status: Option<u16>,
+    name: &'static str,
+    order: &Arc<AtomicUsize>,
+    gate: Option<Gate>,
+) -> Answering {
     let requests = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&requests);
     let order = Arc::clone(order);
     let backend = Backend::start(move |mut stream| {
         let requests = Arc::clone(&counted);
         let order = Arc::clone(&order);
+        let gate = gate.clone();
         async move {
             let mut buf = Vec::new();
             // Bounded by the client: each round reads one request or ends.
@@ -56,6 +93,9 @@ async fn answering(status: Option<u16>, name: &'static str, order: &Arc<AtomicUs
                 }
                 buf.drain(..length);
                 requests.fetch_add(1, Ordering::SeqCst);
+                if let Some(gate) = &gate {
+                    gate.pass().await;
+                }
                 let place = order.fetch_add(1, Ordering::SeqCst) + 1;
                 let Some(status) = status else {
                     let mut rest = Vec::new();
@@ -80,12 +120,25 @@ async fn answering(status: Option<u16>, name: &'static str, order: &Arc<AtomicUs
 /// An HTTP/2 backend answering every stream with `status` (none: never) and `x-backend: NAME`,
 /// and the streams it got.
 async fn answering_h2(status: Option<u16>, name: &'static str) -> Answering {
+    answering_h2_through(status, name, None).await
+}
+
+/// [`answering_h2`], with each stream passing `gate` before its answer.
+async fn answering_h2_through(
+    status: Option<u16>,
+    name: &'static str,
+    gate: Option<Gate>,
+) -> Answering {
     let requests = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&requests);
     let backend = h2_backend_with(move |_request, mut respond| {
         let requests = Arc::clone(&counted);
+        let gate = gate.clone();
         async move {
             requests.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &gate {
+                gate.pass().await;
+            }
             let Some(status) = status else {
                 // Held, unanswered, until the proxy gives the stream up.
                 std::future::pending::<()>().await;
@@ -648,4 +701,84 @@ async fn a_request_whose_every_connect_fails_counts_as_retried_from_either_clien
         retries(&h2) == 2
     })
     .await;
+}
+
+/// Two requests at once to a pool of two backends that take one request each and answer 503,
+/// from HTTP/2 clients or HTTP/1.1 ones, to an HTTP/2 pool or an HTTP/1.1 one: each request
+/// holds the slot of the answer its retry passed over, and the other's retry would need that
+/// slot. Neither waits in the queue for it: both are answered well before its timeout.
+async fn crossed_retries_are_answered_at_once(h2_client: bool, h2_pool: bool) {
+    let order = Arc::new(AtomicUsize::new(0));
+    let gate = Gate::new(2);
+    let (a, b) = if h2_pool {
+        (
+            answering_h2_through(Some(503), "a", Some(gate.clone())).await,
+            answering_h2_through(Some(503), "b", Some(gate)).await,
+        )
+    } else {
+        (
+            answering_through(Some(503), "a", &order, Some(gate.clone())).await,
+            answering_through(Some(503), "b", &order, Some(gate)).await,
+        )
+    };
+    let protocol = if h2_pool {
+        "upstream_protocol = \"h2\""
+    } else {
+        ""
+    };
+    let proxy = Proxy::start(&format!(
+        r#"
+[[listeners]]
+name = "l7"
+bind = "127.0.0.1:0"
+protocol = "http"
+default_pool = "p"
+
+[pools.p]
+backends = [{{ address = "{}", max_connections = 1 }}, {{ address = "{}", max_connections = 1 }}]
+queue = {{ size = 8, timeout = "60s" }}
+retry = {{ on = ["503"] }}
+{protocol}
+"#,
+        a.backend.addr, b.backend.addr
+    ));
+    let one = || async {
+        if h2_client {
+            ask_h2(&proxy, "GET").await
+        } else {
+            let reply = ask(&proxy, GET).await;
+            (reply.status, reply.header("x-backend").map(str::to_owned))
+        }
+    };
+    let answers = tokio::time::timeout(PATIENCE, async { tokio::join!(one(), one()) })
+        .await
+        .expect("both answered long before the queue timeout");
+    for (status, backend) in [answers.0, answers.1] {
+        assert_eq!(status, 503);
+        assert!(backend.is_some(), "a backend's own answer");
+    }
+    assert!(
+        a.requests() >= 1 && b.requests() >= 1,
+        "both backends answered"
+    );
+}
+
+#[tokio::test]
+async fn crossed_retries_of_http1_clients_on_an_http1_pool_do_not_wait() {
+    crossed_retries_are_answered_at_once(false, false).await;
+}
+
+#[tokio::test]
+async fn crossed_retries_of_http1_clients_on_an_h2_pool_do_not_wait() {
+    crossed_retries_are_answered_at_once(false, true).await;
+}
+
+#[tokio::test]
+async fn crossed_retries_of_http2_clients_on_an_http1_pool_do_not_wait() {
+    crossed_retries_are_answered_at_once(true, false).await;
+}
+
+#[tokio::test]
+async fn crossed_retries_of_http2_clients_on_an_h2_pool_do_not_wait() {
+    crossed_retries_are_answered_at_once(true, true).await;
 }

@@ -1535,6 +1535,7 @@ async fn forward_h2(
                 debug!(backend = %addr, status, "answer retried on another backend");
                 // The one passed over before is dropped: its stream is cancelled.
                 *passed = Some(answer);
+                attempts.hold_answer();
                 continue;
             }
             return Ok(answer);
@@ -1775,6 +1776,7 @@ async fn exchange<'p>(
                             debug!(backend = %state.addr, status = response.status, "answer retried on another backend");
                             // The one passed over before is closed: its body is not read.
                             *passed = Some((conn, response, picked, elapsed));
+                            attempts.hold_answer();
                             break;
                         }
                         return Ok((conn, response, picked));

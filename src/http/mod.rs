@@ -1737,6 +1737,7 @@ impl HttpProxy {
                     debug!(backend = %addr, status, "answer retried on another backend");
                     // The one passed over before is dropped: its stream is cancelled.
                     *passed = Some(answer);
+                    attempts.hold_answer();
                     continue;
                 }
                 return Ok(answer);
@@ -2189,6 +2190,7 @@ impl HttpProxy {
                                 response,
                                 upstream: elapsed,
                             });
+                            attempts.hold_answer();
                             break;
                         }
                         return Ok((conn, picked, response));
