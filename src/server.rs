@@ -120,8 +120,47 @@ struct Running {
     older: Vec<std::sync::Weak<HttpProxy>>,
 }
 
-/// Rate limiters by listener name and route index (`None`: the listener's own).
-type Limiters = std::collections::HashMap<(String, Option<usize>), Arc<Limiter>>;
+/// Rate limiters by whose limit they are.
+type Limiters = std::collections::HashMap<LimitOwner, Arc<Limiter>>;
+
+/// Whose rate limit a limiter is, as a reload finds it again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LimitOwner {
+    /// The listener's name.
+    listener: String,
+    /// `None` for the listener's own limit; for a route's, its conditions (not its index,
+    /// which a route inserted before it changes), and which of the listener's routes with
+    /// those same conditions it is (0 for the first).
+    route: Option<(crate::config::RouteIdentity, usize)>,
+}
+
+impl LimitOwner {
+    /// Listener `name`'s own limit.
+    fn listener(name: &str) -> LimitOwner {
+        LimitOwner {
+            listener: name.to_owned(),
+            route: None,
+        }
+    }
+}
+
+/// The owners of the limits of `routes`, the routes of listener `listener`, in their order.
+fn route_owners(listener: &str, routes: &[crate::config::RouteConfig]) -> Vec<LimitOwner> {
+    let mut seen = std::collections::HashMap::new();
+    routes
+        .iter()
+        .map(|route| {
+            let identity = route.matcher.identity();
+            let nth = seen.entry(identity.clone()).or_insert(0usize);
+            let owner = LimitOwner {
+                listener: listener.to_owned(),
+                route: Some((identity, *nth)),
+            };
+            *nth += 1;
+            owner
+        })
+        .collect()
+}
 
 /// What the server runs now.
 struct State {
@@ -327,7 +366,7 @@ impl Server {
         }
         let mut state = shared.lock();
         state.listeners = listeners;
-        shared.keep_limiters(&state.listeners);
+        shared.keep_limiters(&state.listeners, &config.listeners);
         state.tls = Arc::new(tls);
         drop(state);
         Ok(Server { shared })
@@ -931,7 +970,7 @@ impl ServerHandle {
             summary.stopped.push(running.name);
         }
         state.listeners = listeners;
-        shared.keep_limiters(&state.listeners);
+        shared.keep_limiters(&state.listeners, &config.listeners);
         shared.metrics.retain(&config.listeners);
         let logs: Vec<&crate::config::AccessLogTarget> = config
             .listeners
@@ -1123,13 +1162,11 @@ impl Shared {
         });
     }
 
-    /// The limiter of `limit` on listener `listener` (on its route `route`, or the listener's
-    /// own): the one in force when the limit is the same, so a reload keeps its buckets;
-    /// otherwise a new one.
+    /// The limiter of `limit`, owned by `owner`: the one in force when the limit is the same,
+    /// so a reload keeps its buckets; otherwise a new one.
     fn limiter(
         &self,
-        listener: &str,
-        route: Option<usize>,
+        owner: &LimitOwner,
         limit: Option<&crate::config::RateLimit>,
     ) -> Option<Arc<Limiter>> {
         let limit = limit?;
@@ -1139,32 +1176,44 @@ impl Shared {
             .unwrap_or_else(|poison| poison.into_inner());
         Some(
             limiters
-                .get(&(listener.to_owned(), route))
+                .get(owner)
                 .filter(|kept| kept.config() == limit)
                 .map_or_else(|| Arc::new(Limiter::new(limit.clone())), Arc::clone),
         )
     }
 
-    /// Makes the limiters of `listeners` (the configuration now in force) the ones a later
-    /// reload may keep, and forgets the others.
-    fn keep_limiters(&self, listeners: &[Running]) {
+    /// Makes the limiters of `listeners` (the configuration now in force, whose listeners are
+    /// `configs`) the ones a later reload may keep, and forgets the others.
+    fn keep_limiters(&self, listeners: &[Running], configs: &[ListenerConfig]) {
         let mut kept = Limiters::new();
         for running in listeners {
             let name = &running.name;
             match &running.proxy {
                 Proxy::Tcp(proxy) => {
                     if let Some(limiter) = &proxy.load().rate_limit {
-                        kept.insert((name.clone(), None), Arc::clone(limiter));
+                        kept.insert(LimitOwner::listener(name), Arc::clone(limiter));
                     }
                 }
                 Proxy::Http(proxy) => {
                     let proxy = proxy.load();
                     if let Some(limiter) = &proxy.rate_limit {
-                        kept.insert((name.clone(), None), Arc::clone(limiter));
+                        kept.insert(LimitOwner::listener(name), Arc::clone(limiter));
                     }
-                    for (i, limiter) in proxy.route_limits.iter().enumerate() {
+                    let routes = configs
+                        .iter()
+                        .find(|l| &l.name == name)
+                        .and_then(|l| match &l.kind {
+                            ListenerKind::Http(settings) => Some(&settings.routes[..]),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    // The settings were built from these routes, one limit a route.
+                    for (owner, limiter) in route_owners(name, routes)
+                        .into_iter()
+                        .zip(proxy.route_limits.iter())
+                    {
                         if let Some(limiter) = limiter {
-                            kept.insert((name.clone(), Some(i)), Arc::clone(limiter));
+                            kept.insert(owner, Arc::clone(limiter));
                         }
                     }
                 }
@@ -1195,7 +1244,8 @@ impl Shared {
                     .park_idle_after
                     .zip(self.tcp_lot.clone())
                     .map(|(after, lot)| crate::l4::tcp::TcpParking { after, lot }),
-                rate_limit: self.limiter(&l.name, None, settings.rate_limit.as_ref()),
+                rate_limit: self
+                    .limiter(&LimitOwner::listener(&l.name), settings.rate_limit.as_ref()),
             }),
             ListenerKind::Udp(settings) => Built::Udp(UdpProxy {
                 name: l.name.clone(),
@@ -1239,12 +1289,12 @@ impl Shared {
                     .zip(self.lot.clone())
                     .map(|(after, lot)| crate::http::Parking { after, lot }),
                 access_log: self.log_writer(l)?,
-                rate_limit: self.limiter(&l.name, None, settings.rate_limit.as_ref()),
-                route_limits: settings
-                    .routes
+                rate_limit: self
+                    .limiter(&LimitOwner::listener(&l.name), settings.rate_limit.as_ref()),
+                route_limits: route_owners(&l.name, &settings.routes)
                     .iter()
-                    .enumerate()
-                    .map(|(i, r)| self.limiter(&l.name, Some(i), r.rate_limit.as_ref()))
+                    .zip(&settings.routes)
+                    .map(|(owner, r)| self.limiter(owner, r.rate_limit.as_ref()))
                     .collect(),
             }),
         })

@@ -338,6 +338,49 @@ async fn a_reload_keeps_the_buckets_of_an_unchanged_limit_and_resets_a_changed_o
 }
 
 #[tokio::test]
+async fn a_reload_that_inserts_or_reorders_routes_keeps_each_route_s_buckets() {
+    let backend = http_backend("b").await;
+    // Routes on the paths given, in that order, each with the same limit of one a minute.
+    let config = |paths: &[&str]| {
+        let mut text = String::from(
+            "[[listeners]]\nname = \"l7\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n",
+        );
+        for path in paths {
+            text.push_str(&format!(
+                "[[listeners.routes]]\nmatch = {{ path_prefix = \"{path}\" }}\npool = \"p\"\nrate_limit = {{ rate = 1, per = \"1m\" }}\n"
+            ));
+        }
+        text.push_str(&format!("[pools.p]\nbackends = [\"{}\"]\n", backend.addr));
+        text
+    };
+    let proxy = Proxy::start(&config(&["/a", "/b"]));
+    let status = |path: &'static str| {
+        let addr = proxy.addr("l7");
+        async move { HttpClient::connect(addr).await.get(path, "").await.status }
+    };
+    assert_eq!(status("/a").await, 200);
+    assert_eq!(status("/a").await, 429);
+    // A route inserted before them takes neither's buckets: /a's stays empty, /b's full.
+    proxy
+        .reload(&config(&["/new", "/a", "/b"]))
+        .await
+        .expect("reload");
+    assert_eq!(status("/a").await, 429);
+    assert_eq!(status("/new").await, 200);
+    assert_eq!(status("/b").await, 200);
+    assert_eq!(status("/b").await, 429);
+    // Nor does a new order hand one route's buckets to another: all three are spent.
+    proxy
+        .reload(&config(&["/b", "/a", "/other", "/new"]))
+        .await
+        .expect("reload");
+    for path in ["/a", "/b", "/new"] {
+        assert_eq!(status(path).await, 429, "{path}");
+    }
+    assert_eq!(status("/other").await, 200);
+}
+
+#[tokio::test]
 async fn a_flood_of_distinct_keys_is_bounded_and_leaves_known_clients_their_buckets() {
     // The listener answers with a redirect of its own, checked after the limit: requests
     // served cost no backend.

@@ -548,6 +548,57 @@ pub struct RouteMatch {
     pub cookie: Option<(String, String)>,
 }
 
+impl RouteMatch {
+    /// What tells this route apart from its listener's others whatever its place in the file:
+    /// its conditions, with regular expressions by their text. A reload that inserts or
+    /// reorders routes keeps what belongs to a route (its rate limit's buckets) by it, not by
+    /// its index, which may now be another route's.
+    pub fn identity(&self) -> RouteIdentity {
+        let mut methods = self.methods.clone();
+        methods.sort();
+        RouteIdentity {
+            path_prefix: self.path_prefix.clone(),
+            path: self.path.clone(),
+            path_regex: self.path_regex.as_ref().map(|r| r.as_str().to_owned()),
+            host: self.host.clone(),
+            header: self.header.as_ref().map(|h| {
+                let condition = match &h.condition {
+                    ValueMatch::Exact(value) => Condition::Exact(value.clone()),
+                    ValueMatch::Regex(regex) => Condition::Regex(regex.as_str().to_owned()),
+                    ValueMatch::Present => Condition::Present,
+                };
+                (h.name.clone(), condition)
+            }),
+            methods,
+            query: self.query.clone(),
+            cookie: self.cookie.clone(),
+        }
+    }
+}
+
+/// A route's conditions as a value that can be compared and hashed (see
+/// [`RouteMatch::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteIdentity {
+    path_prefix: Option<String>,
+    path: Option<String>,
+    path_regex: Option<String>,
+    host: Option<HostPattern>,
+    header: Option<(String, Condition)>,
+    /// Sorted: the order they are listed in matches the same requests.
+    methods: Vec<String>,
+    query: Option<(String, String)>,
+    cookie: Option<(String, String)>,
+}
+
+/// A [`ValueMatch`] by its text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Condition {
+    Exact(String),
+    Regex(String),
+    Present,
+}
+
 /// A condition on one request header.
 #[derive(Debug, Clone)]
 pub struct HeaderMatch {
@@ -569,7 +620,7 @@ pub enum ValueMatch {
 }
 
 /// A host name pattern, lower-cased at load time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostPattern {
     /// `admin.example.com`
     Exact(String),
