@@ -739,3 +739,38 @@ async fn sessions_follow_a_reload_that_points_their_listener_at_another_pool() {
     let state = proxy.registry.get("p", a).expect("state");
     assert_eq!(state.active.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_reload_that_shortens_the_idle_timeout_sweeps_at_the_new_pace() {
+    let (a, _ta) = udp_named("a").await;
+    // An hour: the sweep runs every second, the slowest it goes.
+    let proxy = Proxy::start(&udp_config(&[a], "idle_timeout = \"1h\""));
+    proxy
+        .reload(&udp_config(&[a], "idle_timeout = \"50ms\""))
+        .await
+        .expect("reloads");
+    let addr = proxy.addr("dns");
+    let stats = proxy.stats("dns");
+    // The first session ends at some sweep; the second opens right after it, a whole sweep
+    // interval of the old pace before the next one would come.
+    for round in 0..2 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let sent = std::time::Instant::now();
+        assert_eq!(ask(&client, addr, b"hello").await, "a: hello");
+        eventually("the idle session is gone", || {
+            stats.open.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        let lasted = sent.elapsed();
+        assert!(
+            lasted >= std::time::Duration::from_millis(50),
+            "round {round}: {lasted:?}"
+        );
+        if round == 1 {
+            assert!(
+                lasted < std::time::Duration::from_millis(600),
+                "gone {lasted:?} after its last datagram, not about the 50 ms idle timeout"
+            );
+        }
+    }
+}

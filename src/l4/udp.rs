@@ -160,10 +160,10 @@ impl UdpProxy {
         let epoch = Instant::now();
         let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
-        let sweep_every = (this.settings.idle_timeout / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut sweep = tokio::time::interval(sweep_every);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The sweep's pace follows the settings in force: a reload that shortens the idle
+        // timeout is in force from the next sweep, or the next new client, whichever comes
+        // first, rather than left to the pace of the first settings.
+        let mut sweep = Sweep::new(this.settings.idle_timeout);
         let mut stopping = false;
         // Whether the table was rid of its ended sessions at the cap since the last sweep.
         let mut purged = false;
@@ -211,6 +211,7 @@ impl UdpProxy {
                         }
                     }
                     this = current.load_full();
+                    sweep.follow(this.settings.idle_timeout);
                     if !this.access.permits(client.ip()) {
                         this.stats.denied.fetch_add(1, Relaxed);
                         debug!(listener = %this.name, %client, "udp datagram from a denied client dropped");
@@ -246,6 +247,7 @@ impl UdpProxy {
                 _ = sweep.tick() => {
                     purged = false;
                     this = current.load_full();
+                    sweep.follow(this.settings.idle_timeout);
                     let idle_ms = this.settings.idle_timeout.as_millis() as u64;
                     let now = epoch.elapsed().as_millis() as u64;
                     sessions.retain(|_, s| {
@@ -421,6 +423,53 @@ impl Session {
             .load()
             .pool(&proxy.pool)
             .is_some_and(|pool| pool.candidates.iter().any(|c| c.state.is_usable()))
+    }
+}
+
+/// The timer of the sweep that expires idle sessions.
+struct Sweep {
+    /// How often it runs: a quarter of the idle timeout, so a session expires at most a
+    /// quarter late, but never more often than every 10 ms (a walk of the table each) nor less
+    /// often than every second (drained sessions, and the end of a drain, wait for it).
+    pace: Duration,
+    timer: tokio::time::Interval,
+}
+
+impl Sweep {
+    /// A sweep for `idle_timeout`, running at once and then at its pace.
+    fn new(idle_timeout: Duration) -> Sweep {
+        let pace = Sweep::pace_for(idle_timeout);
+        Sweep {
+            pace,
+            timer: Sweep::timer(pace, tokio::time::Instant::now()),
+        }
+    }
+
+    /// The pace for `idle_timeout`.
+    fn pace_for(idle_timeout: Duration) -> Duration {
+        (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// A timer at `pace` from `start`; a sweep that comes late moves the next ones on rather
+    /// than bunching them.
+    fn timer(pace: Duration, start: tokio::time::Instant) -> tokio::time::Interval {
+        let mut timer = tokio::time::interval_at(start, pace);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    }
+
+    /// Moves to the pace of `idle_timeout` (a reload's) if it is not the one it runs at.
+    fn follow(&mut self, idle_timeout: Duration) {
+        let pace = Sweep::pace_for(idle_timeout);
+        if pace != self.pace {
+            self.pace = pace;
+            self.timer = Sweep::timer(pace, tokio::time::Instant::now() + pace);
+        }
+    }
+
+    /// Waits for the next sweep.
+    async fn tick(&mut self) {
+        self.timer.tick().await;
     }
 }
 
