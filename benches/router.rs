@@ -55,6 +55,7 @@ impl RequestView for Request {
 
 fn route(pool: &str, matcher: RouteMatch) -> RouteConfig {
     RouteConfig {
+        name: None,
         matcher,
         target: Some(RouteTarget::Pool(pool.into())),
         rules: Rules::default(),

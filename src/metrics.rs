@@ -148,20 +148,23 @@ impl ListenerStats {
         Arc::clone(routes.entry(label.to_owned()).or_default())
     }
 
-    /// Forgets the counters of routes past the first `routes` of an http listener (all of
-    /// them when `routes` is `None`: the listener is no longer http), keeping `default` and
-    /// `unrouted` of an http one.
-    fn retain_routes(&self, routes: Option<usize>) {
+    /// Forgets the counters of routes an http listener no longer has (of all routes when
+    /// `routes` is `None`: the listener is no longer http), keeping `default` and `unrouted` of
+    /// an http one.
+    fn retain_routes(&self, routes: Option<&[crate::config::RouteConfig]>) {
         let mut all = self
             .routes
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         all.retain(|label, _| match routes {
             None => false,
-            Some(count) => {
+            Some(routes) => {
                 label == "default"
                     || label == "unrouted"
-                    || label.parse::<usize>().is_ok_and(|i| i < count)
+                    || routes.iter().enumerate().any(|(i, r)| match &r.name {
+                        Some(name) => name == label,
+                        None => label.parse::<usize>() == Ok(i),
+                    })
             }
         });
     }
@@ -211,7 +214,7 @@ impl Metrics {
                 return false;
             };
             stats.retain_routes(match &listener.kind {
-                ListenerKind::Http(settings) => Some(settings.routes.len()),
+                ListenerKind::Http(settings) => Some(&settings.routes),
                 ListenerKind::Tcp(_) | ListenerKind::Udp(_) => None,
             });
             true

@@ -1256,47 +1256,57 @@ impl Shared {
                 access_log: self.log_writer(l)?,
                 stats,
             }),
-            ListenerKind::Http(settings) => Built::Http(HttpProxy {
-                name: l.name.clone(),
-                router: Router::new(&settings.routes, settings.default_pool.as_deref()),
-                trusted_proxies: settings.trusted_proxies.clone(),
-                proxy_protocol: l.proxy_protocol.clone(),
-                client_header_timeout: settings.client_header_timeout,
-                keepalive_timeout: settings.keepalive_timeout,
-                snapshot: Arc::clone(&self.snapshot),
-                upstream: Arc::clone(&self.upstream),
-                max_body_size: settings.max_body_size,
-                rules: settings.rules.clone(),
-                route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
-                access: l.access.clone(),
-                route_access: settings.routes.iter().map(|r| r.access.clone()).collect(),
-                h2_upstream: Arc::clone(&self.h2_upstream),
-                forwarded_header: settings.forwarded_header,
-                abort_on_close: settings.abort_on_close,
-                splice: settings.splice,
-                shutdown: self.shutdown.clone(),
-                tls: tls.listener(&l.name),
-                retired: CancellationToken::new(),
-                successor: arc_swap::ArcSwapOption::empty(),
-                route_stats: (0..settings.routes.len())
-                    .map(|i| i.to_string())
-                    .chain(["default".to_owned(), "unrouted".to_owned()])
-                    .map(|label| stats.route(&label))
-                    .collect(),
-                stats,
-                parking: settings
-                    .park_idle_after
-                    .zip(self.lot.clone())
-                    .map(|(after, lot)| crate::http::Parking { after, lot }),
-                access_log: self.log_writer(l)?,
-                rate_limit: self
-                    .limiter(&LimitOwner::listener(&l.name), settings.rate_limit.as_ref()),
-                route_limits: route_owners(&l.name, &settings.routes)
+            ListenerKind::Http(settings) => {
+                let route_labels: Vec<String> = settings
+                    .routes
                     .iter()
-                    .zip(&settings.routes)
-                    .map(|(owner, r)| self.limiter(owner, r.rate_limit.as_ref()))
-                    .collect(),
-            }),
+                    .enumerate()
+                    .map(|(i, r)| r.label(i))
+                    .collect();
+                Built::Http(HttpProxy {
+                    name: l.name.clone(),
+                    router: Router::new(&settings.routes, settings.default_pool.as_deref()),
+                    trusted_proxies: settings.trusted_proxies.clone(),
+                    proxy_protocol: l.proxy_protocol.clone(),
+                    client_header_timeout: settings.client_header_timeout,
+                    keepalive_timeout: settings.keepalive_timeout,
+                    snapshot: Arc::clone(&self.snapshot),
+                    upstream: Arc::clone(&self.upstream),
+                    max_body_size: settings.max_body_size,
+                    rules: settings.rules.clone(),
+                    route_rules: settings.routes.iter().map(|r| r.rules.clone()).collect(),
+                    access: l.access.clone(),
+                    route_access: settings.routes.iter().map(|r| r.access.clone()).collect(),
+                    h2_upstream: Arc::clone(&self.h2_upstream),
+                    forwarded_header: settings.forwarded_header,
+                    abort_on_close: settings.abort_on_close,
+                    splice: settings.splice,
+                    shutdown: self.shutdown.clone(),
+                    tls: tls.listener(&l.name),
+                    retired: CancellationToken::new(),
+                    successor: arc_swap::ArcSwapOption::empty(),
+                    route_stats: route_labels
+                        .iter()
+                        .map(String::as_str)
+                        .chain(["default", "unrouted"])
+                        .map(|label| stats.route(label))
+                        .collect(),
+                    route_labels,
+                    stats,
+                    parking: settings
+                        .park_idle_after
+                        .zip(self.lot.clone())
+                        .map(|(after, lot)| crate::http::Parking { after, lot }),
+                    access_log: self.log_writer(l)?,
+                    rate_limit: self
+                        .limiter(&LimitOwner::listener(&l.name), settings.rate_limit.as_ref()),
+                    route_limits: route_owners(&l.name, &settings.routes)
+                        .iter()
+                        .zip(&settings.routes)
+                        .map(|(owner, r)| self.limiter(owner, r.rate_limit.as_ref()))
+                        .collect(),
+                })
+            }
         })
     }
 

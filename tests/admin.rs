@@ -904,6 +904,77 @@ async fn counters_survive_a_reload_and_leave_with_their_listener() {
 }
 
 #[tokio::test]
+async fn access_log_lines_name_the_route_by_its_name_when_it_has_one() {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let dir = temp_dir_for("log-named");
+    let log = dir.join("access.log");
+    let named = config(a.addr, b.addr, &json_access_log(&log)).replace(
+        "  [[listeners.routes]]\n",
+        "  [[listeners.routes]]\n  name = \"api\"\n",
+    );
+    let proxy = Proxy::start(&named);
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/api/items", "").await.status, 200);
+    assert_eq!(client.get("/other", "").await.status, 200);
+    let lines = json_lines(&log, 2).await;
+    assert_eq!(lines[0]["route"], "api");
+    assert_eq!(lines[1]["route"], "default");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A named route's series carry its name, and keep counting when a reload puts another route
+/// in front of it; an unnamed route is known by its position.
+#[tokio::test]
+async fn a_named_route_keeps_its_counters_wherever_a_reload_moves_it() {
+    let a = http_backend("a").await;
+    let file = |routes: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\n{routes}\n[pools.p]\nbackends = [\"{}\"]\n",
+            a.addr
+        )
+    };
+    let shop = "  [[listeners.routes]]\n  name = \"shop\"\n  match = { path_prefix = \"/shop\" }\n  pool = \"p\"\n\n";
+    let new = "  [[listeners.routes]]\n  match = { path_prefix = \"/new\" }\n  pool = \"p\"\n\n";
+    let series = |route: &str| {
+        format!(
+            "switchyard_http_requests_total{{listener=\"web\",route=\"{route}\",class=\"2xx\"}}"
+        )
+    };
+    let proxy = Proxy::start(&file(shop));
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    assert_eq!(client.get("/shop/a", "").await.status, 200);
+    let before = parse_openmetrics(&switchyard::metrics::render(&proxy.handle));
+    assert_eq!(before.get(&series("shop")), Some(&1.0));
+    assert_eq!(before.get(&series("0")), None);
+
+    // A route inserted in front: `shop` is now second, and keeps its count.
+    proxy
+        .reload(&file(&format!("{new}{shop}")))
+        .await
+        .expect("reloads");
+    assert_eq!(client.get("/shop/b", "").await.status, 200);
+    assert_eq!(client.get("/new", "").await.status, 200);
+    let text = switchyard::metrics::render(&proxy.handle);
+    let after = parse_openmetrics(&text);
+    assert_eq!(after.get(&series("shop")), Some(&2.0), "{text}");
+    assert_eq!(after.get(&series("0")), Some(&1.0), "{text}");
+
+    // Renamed away, its series leave with it.
+    proxy
+        .reload(&file(&format!(
+            "{new}{}",
+            shop.replace("\"shop\"", "\"store\"")
+        )))
+        .await
+        .expect("reloads");
+    let text = switchyard::metrics::render(&proxy.handle);
+    let last = parse_openmetrics(&text);
+    assert_eq!(last.get(&series("shop")), None, "{text}");
+    assert_eq!(last.get(&series("0")), Some(&1.0), "{text}");
+}
+
+#[tokio::test]
 async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
     let a = http_backend("a").await;
     let b = http_backend("b").await;

@@ -1114,3 +1114,40 @@ fn rate_limit_mistakes_are_reported_at_their_key() {
     let udp = "[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\nrate_limit = { rate = 1 }\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n";
     assert_problem(udp, at, "applies only to tcp and http listeners");
 }
+
+#[test]
+fn route_names_are_unique_words_of_a_few_safe_characters() {
+    let file = |names: [&str; 2]| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n\
+             [[listeners.routes]]\nname = \"{}\"\nmatch = {{ path_prefix = \"/a\" }}\npool = \"p\"\n\n\
+             [[listeners.routes]]\nname = \"{}\"\nmatch = {{ path_prefix = \"/b\" }}\npool = \"p\"\n\n\
+             [pools.p]\nbackends = [\"127.0.0.1:1\"]\n",
+            names[0], names[1]
+        )
+    };
+    let config = Config::from_toml(&file(["shop", "shop-v2.beta_1"]), Path::new("ok.toml"))
+        .expect("valid names");
+    let ListenerKind::Http(settings) = &config.listeners[0].kind else {
+        panic!("http");
+    };
+    assert_eq!(settings.routes[0].label(0), "shop");
+    assert_eq!(settings.routes[1].label(1), "shop-v2.beta_1");
+
+    let at = "listeners[0].routes[1].name";
+    assert_problem(
+        &file(["shop", "shop"]),
+        at,
+        "also the name of listeners[0].routes[0]",
+    );
+    assert_problem(
+        &file(["shop", "7"]),
+        at,
+        "a number names the route at that position",
+    );
+    assert_problem(&file(["shop", "default"]), at, "requests no route took");
+    assert_problem(&file(["shop", "unrouted"]), at, "requests no route took");
+    assert_problem(&file(["shop", "a b"]), at, "letters, digits");
+    assert_problem(&file(["shop", ""]), at, "letters, digits");
+    assert_problem(&file(["shop", &"x".repeat(65)]), at, "letters, digits");
+}

@@ -194,6 +194,7 @@ fn route(index: usize, route: &RouteConfig) -> Value {
     };
     json!({
         "index": index,
+        "name": route.name,
         "match": conditions.join(", "),
         "pool": target,
         "redirect": route.rules.redirect.as_ref().map(|r| r.to.clone()),

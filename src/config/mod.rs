@@ -505,6 +505,8 @@ pub struct Redirect {
 /// One route of an http listener.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
+    /// The route's `name`, when the file gives one.
+    pub name: Option<String>,
     /// Conditions that must all hold.
     pub matcher: RouteMatch,
     /// Where matching requests go; `None` only for a route that redirects.
@@ -515,6 +517,14 @@ pub struct RouteConfig {
     pub access: crate::access::AccessList,
     /// Requests per client for this route, on top of the listener's limit.
     pub rate_limit: Option<RateLimit>,
+}
+
+impl RouteConfig {
+    /// What metrics, access logs and the admin API call the route at position `index`: its
+    /// name, or else its position. A named route's counters follow it when a reload moves it.
+    pub fn label(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| index.to_string())
+    }
 }
 
 /// Where a route sends requests.

@@ -229,6 +229,9 @@ pub struct RawUpstreamTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
+    /// A name for metrics, access logs and the admin API, kept across reloads that move the
+    /// route; without one, the route is known by its position.
+    pub name: Option<String>,
     #[serde(rename = "match")]
     pub match_: Option<RawMatch>,
     /// The one pool matching requests go to...

@@ -774,6 +774,7 @@ fn validate_listener(
                 .default_pool
                 .as_ref()
                 .and_then(|pool| known_pool(problems, &format!("{at}.default_pool"), pool, pools));
+            check_route_names(problems, at, &routes);
             let routes: Vec<_> = routes
                 .into_iter()
                 .enumerate()
@@ -918,6 +919,55 @@ fn validate_proxy_accept(
     })
 }
 
+/// The longest route name: a label of every series of the route, and a field of each of its
+/// access log lines.
+const MAX_ROUTE_NAME: usize = 64;
+
+/// Route names label metrics and access log lines next to the positions of unnamed routes and
+/// the `default` and `unrouted` labels, so each must be one of a kind among them: unique in its
+/// listener, not a number, not one of those two words, and made of characters that need no
+/// quoting anywhere they appear.
+fn check_route_names(problems: &mut Problems, at: &str, routes: &[RawRoute]) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, route) in routes.iter().enumerate() {
+        let Some(name) = route.name.as_deref() else {
+            continue;
+        };
+        let key = format!("{at}.routes[{i}].name");
+        if name.is_empty()
+            || name.len() > MAX_ROUTE_NAME
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            problems.push(
+                key,
+                format!(
+                    "`{name}`: a route name is 1 to {MAX_ROUTE_NAME} letters, digits, `-`, `_` \
+                     or `.`"
+                ),
+            );
+        } else if name.bytes().all(|b| b.is_ascii_digit()) {
+            problems.push(
+                key,
+                format!("`{name}`: a number names the route at that position; use a word"),
+            );
+        } else if name == "default" || name == "unrouted" {
+            problems.push(
+                key,
+                format!("`{name}` is the label of requests no route took; choose another name"),
+            );
+        } else if let Some(first) = seen.get(name) {
+            problems.push(
+                key,
+                format!("`{name}` is also the name of {at}.routes[{first}]"),
+            );
+        } else {
+            seen.insert(name, i);
+        }
+    }
+}
+
 fn validate_route(
     problems: &mut Problems,
     at: &str,
@@ -1053,6 +1103,7 @@ fn validate_route(
         return None;
     }
     Some(RouteConfig {
+        name: raw.name,
         matcher,
         target,
         rules,

@@ -186,6 +186,8 @@ pub struct HttpProxy {
     /// Counters per route: the routes in file order, then the default pool, then requests no
     /// route took (404s, the listener's own redirects).
     pub route_stats: Vec<Arc<crate::metrics::RouteStats>>,
+    /// What metrics and access logs call each route: its name, or its position.
+    pub route_labels: Vec<String>,
     /// Idle connections are parked after a while, unless parking is off.
     pub parking: Option<Parking>,
     /// Where this listener's access log lines go, and how they are written.
@@ -444,9 +446,8 @@ impl HttpProxy {
             return;
         };
         let route = match trace.route {
-            None => "unrouted".to_owned(),
-            Some(r) if r >= routes => "default".to_owned(),
-            Some(r) => r.to_string(),
+            None => "unrouted",
+            Some(r) => self.route_labels.get(r).map_or("default", String::as_str),
         };
         let line = crate::access_log::format(
             config,
@@ -458,7 +459,7 @@ impl HttpProxy {
                 host: request.host,
                 target: request.target,
                 protocol: request.protocol,
-                route: &route,
+                route,
                 pool: trace.pool.as_deref(),
                 backend: trace.backend,
                 status: trace.status,

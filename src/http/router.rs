@@ -340,6 +340,7 @@ mod tests {
 
     fn route(pool: &str, m: RouteMatch) -> RouteConfig {
         RouteConfig {
+            name: None,
             matcher: m,
             target: Some(RouteTarget::Pool(pool.into())),
             rules: Default::default(),
@@ -504,6 +505,7 @@ mod tests {
     fn weighted_split_follows_weights() {
         let r = Router::new(
             &[RouteConfig {
+                name: None,
                 matcher: RouteMatch {
                     path_prefix: Some("/".into()),
                     ..Default::default()
