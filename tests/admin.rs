@@ -923,6 +923,73 @@ async fn access_log_lines_name_the_route_by_its_name_when_it_has_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A head the proxy cannot read is answered, counted and logged with what of its request line
+/// could be read, as NGINX and HAProxy log them: probes and smuggling attempts leave a trace.
+#[tokio::test]
+async fn refused_heads_are_counted_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let dir = temp_dir_for("log-refused");
+    let log = dir.join("access.log");
+    let proxy = Proxy::start(&config(
+        a.addr,
+        b.addr,
+        &format!(
+            "{}\nclient_header_timeout = \"300ms\"",
+            json_access_log(&log)
+        ),
+    ));
+    let web = proxy.addr("web");
+    let exchange = |bytes: &'static [u8]| async move {
+        let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+        stream.write_all(bytes).await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // Whitespace before a colon: 400.
+    let refused = exchange(b"GET /probe?x=1 HTTP/1.1\r\nHost: a\r\nBad : x\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 400 "), "{refused}");
+    let id = refused
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("the answer carries a request id")
+        .to_owned();
+    // A head that never ends: 408 once its time is up.
+    let slow = exchange(b"POST /upload HTTP/1.1\r\nHost: a\r\n").await;
+    assert!(slow.starts_with("HTTP/1.1 408 "), "{slow}");
+
+    let lines = json_lines(&log, 2).await;
+    let bad = &lines[0];
+    assert_eq!(bad["status"], 400);
+    assert_eq!(bad["method"], "GET");
+    assert_eq!(bad["path"], "/probe?x=1");
+    assert_eq!(bad["protocol"], "HTTP/1.1");
+    assert_eq!(bad["route"], "unrouted");
+    assert_eq!(bad["request_id"], id.as_str());
+    let timed_out = &lines[1];
+    assert_eq!(timed_out["status"], 408);
+    assert_eq!(timed_out["method"], "POST");
+    assert!(
+        timed_out["duration_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 250.0),
+        "the wait for the head is its duration: {timed_out}"
+    );
+    let metrics = parse_openmetrics(&switchyard::metrics::render(&proxy.handle));
+    assert_eq!(
+        metrics.get(
+            "switchyard_http_requests_total{listener=\"web\",route=\"unrouted\",class=\"4xx\"}"
+        ),
+        Some(&2.0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A named route's series carry its name, and keep counting when a reload puts another route
 /// in front of it; an unnamed route is known by its position.
 #[tokio::test]

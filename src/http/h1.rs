@@ -1350,6 +1350,68 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// What can be read of the request line of a head that was refused, for the access log: each
+/// part that does not look like what it should be is `-`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestLine<'a> {
+    pub method: &'a str,
+    pub target: &'a str,
+    pub protocol: &'a str,
+}
+
+impl<'a> RequestLine<'a> {
+    /// The longest target kept: a refused head's line is evidence, not something to store whole.
+    const MAX_TARGET: usize = 1024;
+
+    /// Reads the first line of `buf` without judging it: a method of token characters, a
+    /// target of printable ASCII (the log escapes it anyway), an `HTTP/1.x` version. A line
+    /// that has not ended (a target too long, a head cut by the timeout) gives its method only.
+    pub fn lenient(buf: &'a [u8]) -> RequestLine<'a> {
+        let dash = RequestLine {
+            method: "-",
+            target: "-",
+            protocol: "-",
+        };
+        let (line, ended) = match memchr::memchr(b'\n', buf) {
+            Some(end) => (&buf[..end], true),
+            None => (buf, false),
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut parts = line.splitn(3, |&b| b == b' ');
+        let Some(method) = parts
+            .next()
+            .filter(|m| (1..=32).contains(&m.len()) && m.iter().all(|&b| is_tchar(b)))
+            .and_then(|m| std::str::from_utf8(m).ok())
+        else {
+            return dash;
+        };
+        let with_method = RequestLine { method, ..dash };
+        let (Some(target), true) = (parts.next(), ended) else {
+            return with_method;
+        };
+        let target = std::str::from_utf8(target)
+            .ok()
+            .filter(|t| !t.is_empty() && t.len() <= Self::MAX_TARGET)
+            .filter(|t| t.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or("-");
+        let protocol = match parts.next() {
+            Some(b"HTTP/1.1") => "HTTP/1.1",
+            Some(b"HTTP/1.0") => "HTTP/1.0",
+            _ => "-",
+        };
+        RequestLine {
+            method,
+            target,
+            protocol,
+        }
+    }
+}
+
+/// A token character (RFC 9110 section 5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// What follows the head of an answer of the proxy's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LocalBody {
@@ -1417,6 +1479,25 @@ mod tests {
         assert_eq!(head.header("x-y"), Some(&b"z"[..]));
         assert_eq!(head.framing, Framing::Empty);
         assert!(!head.close);
+    }
+
+    #[test]
+    fn refused_request_lines_are_read_for_the_log_without_trusting_them() {
+        let parts = |text: &'static [u8]| {
+            let l = RequestLine::lenient(text);
+            (l.method, l.target, l.protocol)
+        };
+        assert_eq!(
+            parts(b"GET /a?b HTTP/1.1\r\nHost: a\r\nBad header\r\n\r\n"),
+            ("GET", "/a?b", "HTTP/1.1")
+        );
+        assert_eq!(parts(b"POST /x HTTP/1.0\n"), ("POST", "/x", "HTTP/1.0"));
+        assert_eq!(parts(b"GET /x HTTP/9\r\n"), ("GET", "/x", "-"));
+        assert_eq!(parts(b"GET /very-long-and-not-ended"), ("GET", "-", "-"));
+        assert_eq!(parts(b"G\x01T / HTTP/1.1\r\n"), ("-", "-", "-"));
+        assert_eq!(parts(b"GET /\xff HTTP/1.1\r\n"), ("GET", "-", "HTTP/1.1"));
+        assert_eq!(parts(b"\x16\x03\x01\x02\x00"), ("-", "-", "-"));
+        assert_eq!(parts(b""), ("-", "-", "-"));
     }
 
     #[test]

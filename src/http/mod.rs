@@ -388,6 +388,13 @@ enum Next {
     Close,
 }
 
+/// A request head that could not be read: the status it is answered with, and when it began to
+/// arrive (for the access log's duration).
+struct BadHead {
+    status: u16,
+    began: Instant,
+}
+
 /// What kind of answer of its own the proxy gives (see [`HttpProxy::local_answer`]).
 #[derive(Debug, Clone, Copy)]
 enum Local<'a> {
@@ -669,18 +676,39 @@ impl HttpProxy {
                         continue;
                     }
                 },
-                Err(status) => {
+                Err(bad) => {
                     // No request could be read, so no id either: the answer has a fresh one.
                     let mut generated = [0u8; 32];
+                    let request_id = new_request_id(&mut generated);
                     let answer = proxy.local_answer(
-                        status,
+                        bad.status,
                         Local::Error(None),
-                        new_request_id(&mut generated),
+                        request_id,
                         None,
                         h1::Persistence::Close,
                     );
                     let _ =
                         write_within(&mut client.stream, &answer, proxy.keepalive_timeout).await;
+                    // Counted and logged as NGINX and HAProxy do such requests: with what of
+                    // the request line could be read, so that probes and smuggling attempts
+                    // leave a trace.
+                    let line = h1::RequestLine::lenient(&client.buf);
+                    let trace = Trace {
+                        status: bad.status,
+                        bytes: answer.len() as u64,
+                        ..Trace::default()
+                    };
+                    let finished = Finished {
+                        request_id,
+                        client: client.source,
+                        method: line.method,
+                        host: b"",
+                        target: line.target,
+                        protocol: line.protocol,
+                        referer: b"",
+                        user_agent: b"",
+                    };
+                    proxy.record(&finished, &trace, bad.began.elapsed());
                     return;
                 }
             };
@@ -780,8 +808,12 @@ impl HttpProxy {
 
     /// Phase 1: the next request head, or what happened instead; `Err(status)` for a head that
     /// gets an error.
-    async fn read_request(&self, client: &mut Client) -> Result<Read, u16> {
+    async fn read_request(&self, client: &mut Client) -> Result<Read, BadHead> {
         let mut deadline: Option<Instant> = None;
+        // When the head began to arrive: its deadline less the time it was given.
+        let began = |deadline: Option<Instant>| {
+            deadline.map_or_else(Instant::now, |d| d - self.client_header_timeout)
+        };
         loop {
             if !client.buf.is_empty() {
                 match h1::parse_request(&mut client.buf) {
@@ -789,7 +821,10 @@ impl HttpProxy {
                     Ok(None) => {}
                     Err(error) => {
                         debug!(listener = %self.name, client = %client.source, %error, "bad request");
-                        return Err(error.status());
+                        return Err(BadHead {
+                            status: error.status(),
+                            began: began(deadline),
+                        });
                     }
                 }
             }
@@ -854,7 +889,10 @@ impl HttpProxy {
                 Some(Err(_)) => return Ok(Read::Closed),
                 None => {
                     debug!(listener = %self.name, client = %client.source, "request head timeout");
-                    return Err(408);
+                    return Err(BadHead {
+                        status: 408,
+                        began: began(deadline),
+                    });
                 }
             }
         }
