@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -151,6 +151,55 @@ impl Writer {
             owner.log_dropped.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// Whether `target` can be opened as [`Writers::get`] opens it, found without keeping it open
+/// or leaving a file behind, so that `check` refuses what a start or a reload would: a file
+/// in a directory that does not exist, a directory, a file it may not write. A file that does
+/// not exist yet is created and removed again; a FIFO that no one reads yet passes (a start
+/// waits for its reader rather than failing).
+pub fn try_open(target: &AccessLogTarget) -> Result<(), String> {
+    use std::io::ErrorKind::{AlreadyExists, NotFound};
+    use std::os::unix::fs::OpenOptionsExt;
+    let AccessLogTarget::File(path) = target else {
+        return Ok(());
+    };
+    let mut options = std::fs::OpenOptions::new();
+    // Non-blocking, so that a FIFO without a reader answers at once instead of holding `check`.
+    options.append(true).custom_flags(libc::O_NONBLOCK);
+    let error = match options.open(path) {
+        Ok(_) => return Ok(()),
+        Err(error) if error.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+        Err(error) if error.kind() == NotFound => match options.create_new(true).open(path) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(path);
+                return Ok(());
+            }
+            // Made meanwhile, or a link to a file yet to be made: a start opens it.
+            Err(error) if error.kind() == AlreadyExists => return Ok(()),
+            Err(error) => error,
+        },
+        Err(error) => error,
+    };
+    Err(open_failure(path, &error))
+}
+
+/// Why the access log file `path` could not be opened, naming the directory when it is the
+/// directory that is missing (the system's "No such file or directory" would leave the reader
+/// looking for the file).
+pub fn open_failure(path: &Path, error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::NotFound
+        && let Some(dir) = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        return format!(
+            "cannot create {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    format!("cannot open {} for appending: {error}", path.display())
 }
 
 /// Every destination of the process, by target, so listeners that log to the same file share

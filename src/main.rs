@@ -113,20 +113,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            // The files the configuration names (certificates, keys, CAs) are read here, as a
-            // start or a reload would read them.
-            match switchyard::tls::TlsStore::build(&config) {
-                Ok(store) => {
-                    for warning in &store.warnings {
-                        eprintln!("{}: {}: {}", path.display(), warning.path, warning.reason);
-                    }
-                }
-                Err(problems) => {
-                    for problem in problems {
-                        eprintln!("{}: {}: {}", path.display(), problem.path, problem.reason);
-                    }
-                    return ExitCode::FAILURE;
-                }
+            // What a start would refuse beyond the values (certificates, keys and CAs that
+            // cannot be used, access logs that cannot be opened) is found as a start finds it.
+            let found = switchyard::server::preflight(&config);
+            for problem in found.problems.iter().chain(&found.warnings) {
+                eprintln!("{}", located(path, problem));
+            }
+            if !found.problems.is_empty() {
+                return ExitCode::FAILURE;
             }
             println!(
                 "{}: ok ({} listeners, {} pools)",
@@ -140,6 +134,16 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("{error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A problem as `check` prints it: `FILE: KEY.PATH: reason`, or `FILE: reason` for one that
+/// no key is to blame for.
+fn located(file: &std::path::Path, problem: &switchyard::config::Problem) -> String {
+    if problem.path.is_empty() {
+        format!("{}: {}", file.display(), problem.reason)
+    } else {
+        format!("{}: {}: {}", file.display(), problem.path, problem.reason)
     }
 }
 
@@ -244,12 +248,21 @@ fn run(
                     .context("taking over the sockets of the old process")?,
             ),
         };
+        // Said as `check` says it: the file, then the key to blame.
         let server = Server::bind_inheriting(
             config,
-            Some(path_for_reload),
+            Some(path_for_reload.clone()),
             shutdown.clone(),
             inherited.as_mut(),
-        )?;
+        )
+        .map_err(|error| {
+            let lines: Vec<String> = error
+                .problems()
+                .iter()
+                .map(|problem| located(&path_for_reload, problem))
+                .collect();
+            anyhow::anyhow!("{}", lines.join("\n"))
+        })?;
         // Every listener is listening now (connections queue until the accept loops start):
         // the old process may stop accepting.
         // A shutdown asked for meanwhile: the old process goes on serving.

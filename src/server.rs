@@ -65,12 +65,12 @@ pub enum ServerError {
     #[error("this server was not started from a file, so there is nothing to reload")]
     NoFile,
     /// An access log file cannot be opened.
-    /// The reason is part of the message, as for `Bind`.
-    #[error("listener `{listener}`: cannot open the access log {target}: {reason}")]
+    #[error("{at}: {reason}")]
     AccessLog {
-        listener: String,
-        target: String,
-        reason: io::Error,
+        /// The key that names the file, `listeners[N].access_log.path`.
+        at: String,
+        /// Why, naming the file.
+        reason: String,
     },
     /// The admin listener could not be bound.
     #[error(transparent)]
@@ -78,6 +78,26 @@ pub enum ServerError {
     /// The server is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+}
+
+impl ServerError {
+    /// Every problem as (key path, reason), as `check` reports them: the key path is empty
+    /// for what no key of the file is to blame for.
+    pub fn problems(&self) -> Vec<crate::config::Problem> {
+        use crate::config::Problem;
+        match self {
+            ServerError::Config(error) => error.problems(),
+            ServerError::Tls { problems } => problems.clone(),
+            ServerError::AccessLog { at, reason } => vec![Problem {
+                path: at.clone(),
+                reason: reason.clone(),
+            }],
+            other => vec![Problem {
+                path: String::new(),
+                reason: other.to_string(),
+            }],
+        }
+    }
 }
 
 /// A listening socket, shared so that it can pass from one accept loop to the next.
@@ -352,7 +372,7 @@ impl Server {
             resolutions: Default::default(),
         });
         let mut listeners = Vec::new();
-        for l in &config.listeners {
+        for (index, l) in config.listeners.iter().enumerate() {
             let udp = matches!(l.kind, ListenerKind::Udp(_));
             let socket = match inherited
                 .as_deref_mut()
@@ -361,7 +381,7 @@ impl Server {
                 Some(fd) => adopt(l, fd, udp)?,
                 None => bind_socket(l)?,
             };
-            let built = shared.proxy(l, &tls)?;
+            let built = shared.proxy(index, l, &tls)?;
             listeners.push(shared.running(l, socket, built)?);
         }
         let mut state = shared.lock();
@@ -905,7 +925,8 @@ impl ServerHandle {
         let built = config
             .listeners
             .iter()
-            .map(|l| shared.proxy(l, &tls))
+            .enumerate()
+            .map(|(index, l)| shared.proxy(index, l, &tls))
             .collect::<Result<Vec<_>, _>>()?;
 
         // Phase 2, which cannot fail: new pools, then listeners (a weight change through the
@@ -1226,8 +1247,13 @@ impl Shared {
             .unwrap_or_else(|poison| poison.into_inner()) = kept;
     }
 
-    /// The data-path object of one listener for this configuration.
-    fn proxy(&self, l: &ListenerConfig, tls: &TlsStore) -> Result<Built, ServerError> {
+    /// The data-path object of listener `index`, `l`, for this configuration.
+    fn proxy(
+        &self,
+        index: usize,
+        l: &ListenerConfig,
+        tls: &TlsStore,
+    ) -> Result<Built, ServerError> {
         let stats = self.metrics.listener(&l.name);
         Ok(match &l.kind {
             ListenerKind::Tcp(settings) => Built::Tcp(TcpProxy {
@@ -1238,7 +1264,7 @@ impl Shared {
                 access: l.access.clone(),
                 snapshot: Arc::clone(&self.snapshot),
                 tls: tls.listener(&l.name),
-                access_log: self.log_writer(l)?,
+                access_log: self.log_writer(index, l)?,
                 stats: Arc::clone(&stats),
                 parking: settings
                     .park_idle_after
@@ -1253,7 +1279,7 @@ impl Shared {
                 settings: settings.clone(),
                 access: l.access.clone(),
                 snapshot: Arc::clone(&self.snapshot),
-                access_log: self.log_writer(l)?,
+                access_log: self.log_writer(index, l)?,
                 stats,
             }),
             ListenerKind::Http(settings) => {
@@ -1297,7 +1323,7 @@ impl Shared {
                         .park_idle_after
                         .zip(self.lot.clone())
                         .map(|(after, lot)| crate::http::Parking { after, lot }),
-                    access_log: self.log_writer(l)?,
+                    access_log: self.log_writer(index, l)?,
                     rate_limit: self
                         .limiter(&LimitOwner::listener(&l.name), settings.rate_limit.as_ref()),
                     route_limits: route_owners(&l.name, &settings.routes)
@@ -1313,6 +1339,7 @@ impl Shared {
     /// The access log of listener `l`, if it has one, with its writer (started on first use).
     fn log_writer(
         &self,
+        index: usize,
         l: &ListenerConfig,
     ) -> Result<
         Option<(
@@ -1327,10 +1354,14 @@ impl Shared {
         let writer = self
             .logs
             .get(&log.target)
-            .map_err(|reason| ServerError::AccessLog {
-                listener: l.name.clone(),
-                target: format!("{:?}", log.target),
-                reason,
+            .map_err(|error| ServerError::AccessLog {
+                at: format!("listeners[{index}].access_log.path"),
+                reason: match &log.target {
+                    crate::config::AccessLogTarget::File(path) => {
+                        crate::access_log::open_failure(path, &error)
+                    }
+                    other => format!("cannot write to {other:?}: {error}"),
+                },
             })?;
         Ok(Some((log.clone(), writer)))
     }
@@ -1368,6 +1399,39 @@ fn build_tls(config: &Config) -> Result<TlsStore, ServerError> {
         warn!(key = %warning.path, "{}", warning.reason);
     }
     Ok(tls)
+}
+
+/// What a start of a configuration would refuse beyond the file's own values, or warn of.
+#[derive(Debug, Default)]
+pub struct Preflight {
+    /// What a start or a reload would refuse, each at the key to blame.
+    pub problems: Vec<crate::config::Problem>,
+    /// What a start would log as a warning (a certificate near its end, `verify = false`).
+    pub warnings: Vec<crate::config::Problem>,
+}
+
+/// Finds what a start of `config` would refuse beyond the file's own values, without binding
+/// a listener's port or keeping a file open, so that `switchyard check` accepts exactly what
+/// `run` and a reload accept: the certificate, key and CA files are read as a start reads
+/// them, and each access log file is opened as a start opens it. Every problem is reported,
+/// not only the first.
+pub fn preflight(config: &Config) -> Preflight {
+    let mut found = Preflight::default();
+    match TlsStore::build(config) {
+        Ok(store) => found.warnings = store.warnings,
+        Err(problems) => found.problems = problems,
+    }
+    for (index, l) in config.listeners.iter().enumerate() {
+        if let Some(log) = access_log(l)
+            && let Err(reason) = crate::access_log::try_open(&log.target)
+        {
+            found.problems.push(crate::config::Problem {
+                path: format!("listeners[{index}].access_log.path"),
+                reason,
+            });
+        }
+    }
+    found
 }
 
 /// Makes a socket received from an old process this listener's.

@@ -120,7 +120,10 @@ fn an_address_in_use_is_one_clear_line_and_exit_one() {
     let _ = std::fs::remove_file(&config);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = format!("switchyard: listener `db`: cannot bind {addr}: ");
+    let line = format!(
+        "switchyard: {}: listener `db`: cannot bind {addr}: ",
+        config.display()
+    );
     assert!(stderr.contains(&line), "{stderr}");
     // The reason once, not once more as a chained source.
     assert_eq!(stderr.matches("in use").count(), 1, "{stderr}");
@@ -498,4 +501,74 @@ fn check_of_an_endless_file_stops_at_a_limit_instead_of_filling_memory() {
         "{stderr}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// `switchyard run` on `path`, expected to fail before serving: its exit code and standard
+/// error. One that starts serving instead is killed, and the test fails.
+fn run_expecting_failure(path: &std::path::Path) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if child.try_wait().expect("status").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`run` started serving a configuration it should refuse");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_an_access_log_that_run_cannot_open_at_its_key() {
+    let dir = temp_dir_for("check-access-log");
+    let missing = dir.join("no-such-dir").join("access.log");
+    let fresh = dir.join("fresh.log");
+    let _ = std::fs::remove_file(&fresh);
+    let config = temp_config(
+        "access-log-dir",
+        &format!(
+            "[[listeners]]\nname = \"ok\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\naccess_log = {{ path = \"{}\" }}\n\
+             [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\naccess_log = {{ path = \"{}\" }}\n\
+             [[listeners]]\nname = \"dir\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\naccess_log = {{ path = \"{}\" }}\n\
+             [pools.p]\nbackends = [\"127.0.0.1:9\"]\n",
+            fresh.display(),
+            missing.display(),
+            dir.display()
+        ),
+    );
+    let (code, stderr) = check_with_env(&config, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = config.display().to_string();
+    let web = format!("{file}: listeners[1].access_log.path: ");
+    let udp = format!("{file}: listeners[2].access_log.path: ");
+    assert!(
+        stderr.contains(&web) && stderr.contains(&*missing.to_string_lossy()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains(&udp), "{stderr}");
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    // Checking leaves nothing behind: the log that could be created is not.
+    assert!(!fresh.exists(), "check created {}", fresh.display());
+
+    // `run` refuses the same file, at the same key.
+    let (code, stderr) = run_expecting_failure(&config);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&web), "{stderr}");
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_dir_all(dir);
 }
