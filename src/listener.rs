@@ -51,6 +51,41 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// Whether a socket of this kind could be bound to `addr`'s address on this machine, found by
+/// binding it with port 0 for a moment (never `addr`'s own port, which a running process may
+/// hold): an address that no interface has fails here as the listener's bind would at start.
+pub fn can_bind_address(addr: SocketAddr, udp: bool) -> io::Result<()> {
+    let kind = if udp { Type::DGRAM } else { Type::STREAM };
+    let socket = Socket::new(Domain::for_address(addr), kind, None)?;
+    let mut any_port = addr;
+    any_port.set_port(0);
+    socket.bind(&any_port.into())
+}
+
+/// Why binding `addr` failed, in words: the system's "Cannot assign requested address" is
+/// said as what it means.
+pub fn bind_failure(addr: SocketAddr, error: &io::Error) -> String {
+    let unscoped_link_local = match addr {
+        SocketAddr::V6(v6) => v6.ip().is_unicast_link_local() && v6.scope_id() == 0,
+        SocketAddr::V4(_) => false,
+    };
+    if error.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+        format!(
+            "cannot bind {addr}: {} is not an address of this machine ({error})",
+            addr.ip()
+        )
+    } else if error.raw_os_error() == Some(libc::EINVAL) && unscoped_link_local {
+        format!(
+            "cannot bind {addr}: a link-local address needs the index of its interface, \
+             as in [{}%2]:{} ({error})",
+            addr.ip(),
+            addr.port()
+        )
+    } else {
+        format!("cannot bind {addr}: {error}")
+    }
+}
+
 /// Accepts connections until `shutdown`, running `serve` for each in a task tracked by `tasks`.
 /// A connection runs only while it holds a permit of `limit` (the listener's `max_connections`);
 /// `serve` gets the permit and keeps it, in an [`Admission`], as long as the connection lives. The socket and the limit are shared so that

@@ -46,8 +46,10 @@ pub enum ServerError {
     /// A listener's address could not be bound. The reason is part of the message (not a
     /// chained source), because the reload API and the log show the message alone; chained, it
     /// would be printed twice at startup.
-    #[error("listener `{listener}`: cannot bind {addr}: {reason}")]
+    #[error("{at}: listener `{listener}`: {}", crate::listener::bind_failure(*addr, reason))]
     Bind {
+        /// The key to blame, `listeners[N].bind`.
+        at: String,
         listener: String,
         addr: SocketAddr,
         reason: io::Error,
@@ -91,6 +93,22 @@ impl ServerError {
             ServerError::AccessLog { at, reason } => vec![Problem {
                 path: at.clone(),
                 reason: reason.clone(),
+            }],
+            ServerError::Bind {
+                at,
+                listener,
+                addr,
+                reason,
+            } => vec![Problem {
+                path: at.clone(),
+                reason: format!(
+                    "listener `{listener}`: {}",
+                    crate::listener::bind_failure(*addr, reason)
+                ),
+            }],
+            ServerError::Admin(error) => vec![Problem {
+                path: "admin.bind".to_owned(),
+                reason: error.reason(),
             }],
             other => vec![Problem {
                 path: String::new(),
@@ -378,11 +396,11 @@ impl Server {
                 .as_deref_mut()
                 .and_then(|i| i.take(&l.name, l.bind, udp))
             {
-                Some(fd) => adopt(l, fd, udp)?,
-                None => bind_socket(l)?,
+                Some(fd) => adopt(index, l, fd, udp)?,
+                None => bind_socket(index, l)?,
             };
             let built = shared.proxy(index, l, &tls)?;
-            listeners.push(shared.running(l, socket, built)?);
+            listeners.push(shared.running(index, l, socket, built)?);
         }
         let mut state = shared.lock();
         state.listeners = listeners;
@@ -901,7 +919,7 @@ impl ServerHandle {
         let mut sockets = Vec::with_capacity(config.listeners.len());
         {
             let state = shared.lock();
-            for l in &config.listeners {
+            for (index, l) in config.listeners.iter().enumerate() {
                 let stays = state
                     .listeners
                     .iter()
@@ -916,7 +934,7 @@ impl ServerHandle {
                 sockets.push(match (stays, inherited) {
                     (true, _) => None,
                     (false, Some(socket)) => Some(socket),
-                    (false, None) => Some(bind_socket(l)?),
+                    (false, None) => Some(bind_socket(index, l)?),
                 });
             }
         }
@@ -963,7 +981,9 @@ impl ServerHandle {
             .map(Some)
             .collect();
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for ((l, socket), built) in config.listeners.iter().zip(sockets).zip(built) {
+        for (index, ((l, socket), built)) in
+            config.listeners.iter().zip(sockets).zip(built).enumerate()
+        {
             let same = old.iter().position(|r| {
                 r.as_ref().is_some_and(|r| {
                     r.name == l.name && r.bind == l.bind && same_kind(&r.proxy, &l.kind)
@@ -976,7 +996,7 @@ impl ServerHandle {
                 summary.updated.push(l.name.clone());
                 listeners.push(running);
             } else if let Some(socket) = socket {
-                let mut running = shared.running(l, socket, built)?;
+                let mut running = shared.running(index, l, socket, built)?;
                 shared.start(&mut running);
                 summary.started.push(l.name.clone());
                 listeners.push(running);
@@ -1029,9 +1049,10 @@ impl Shared {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// A listener's running state around a bound socket, not yet started.
+    /// The running state of listener `index`, `l`, around a bound socket, not yet started.
     fn running(
         &self,
+        index: usize,
         l: &ListenerConfig,
         socket: Socket,
         built: Built,
@@ -1041,6 +1062,7 @@ impl Shared {
             Socket::Udp(s) => s.local_addr(),
         }
         .map_err(|reason| ServerError::Bind {
+            at: format!("listeners[{index}].bind"),
             listener: l.name.clone(),
             addr: l.bind,
             reason,
@@ -1413,7 +1435,10 @@ pub struct Preflight {
 /// Finds what a start of `config` would refuse beyond the file's own values, without binding
 /// a listener's port or keeping a file open, so that `switchyard check` accepts exactly what
 /// `run` and a reload accept: the certificate, key and CA files are read as a start reads
-/// them, and each access log file is opened as a start opens it. Every problem is reported,
+/// them, each access log file is opened as a start opens it, and each bind address (the
+/// admin API's too) is bound with port 0 for a moment, which fails for an address that is
+/// not this machine's. A port in use is not looked for: the process `check` is run for
+/// usually holds its own. Every problem is reported,
 /// not only the first.
 pub fn preflight(config: &Config) -> Preflight {
     let mut found = Preflight::default();
@@ -1422,6 +1447,13 @@ pub fn preflight(config: &Config) -> Preflight {
         Err(problems) => found.problems = problems,
     }
     for (index, l) in config.listeners.iter().enumerate() {
+        let udp = matches!(l.kind, ListenerKind::Udp(_));
+        if let Err(error) = crate::listener::can_bind_address(l.bind, udp) {
+            found.problems.push(crate::config::Problem {
+                path: format!("listeners[{index}].bind"),
+                reason: crate::listener::bind_failure(l.bind, &error),
+            });
+        }
         if let Some(log) = access_log(l)
             && let Err(reason) = crate::access_log::try_open(&log.target)
         {
@@ -1431,12 +1463,26 @@ pub fn preflight(config: &Config) -> Preflight {
             });
         }
     }
+    if let Some(admin) = &config.admin
+        && let Err(error) = crate::listener::can_bind_address(admin.bind, false)
+    {
+        found.problems.push(crate::config::Problem {
+            path: "admin.bind".to_owned(),
+            reason: crate::listener::bind_failure(admin.bind, &error),
+        });
+    }
     found
 }
 
-/// Makes a socket received from an old process this listener's.
-fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Socket, ServerError> {
+/// Makes a socket received from an old process the socket of listener `index`, `l`.
+fn adopt(
+    index: usize,
+    l: &ListenerConfig,
+    fd: std::os::fd::OwnedFd,
+    udp: bool,
+) -> Result<Socket, ServerError> {
     let error = |reason| ServerError::Bind {
+        at: format!("listeners[{index}].bind"),
         listener: l.name.clone(),
         addr: l.bind,
         reason,
@@ -1456,9 +1502,10 @@ fn adopt(l: &ListenerConfig, fd: std::os::fd::OwnedFd, udp: bool) -> Result<Sock
     })
 }
 
-/// Binds the socket listener `l` needs.
-fn bind_socket(l: &ListenerConfig) -> Result<Socket, ServerError> {
+/// Binds the socket listener `index`, `l`, needs.
+fn bind_socket(index: usize, l: &ListenerConfig) -> Result<Socket, ServerError> {
     let bind_error = |reason| ServerError::Bind {
+        at: format!("listeners[{index}].bind"),
         listener: l.name.clone(),
         addr: l.bind,
         reason,

@@ -121,7 +121,7 @@ fn an_address_in_use_is_one_clear_line_and_exit_one() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = format!(
-        "switchyard: {}: listener `db`: cannot bind {addr}: ",
+        "switchyard: {}: listeners[0].bind: listener `db`: cannot bind {addr}: ",
         config.display()
     );
     assert!(stderr.contains(&line), "{stderr}");
@@ -571,4 +571,40 @@ fn check_refuses_an_access_log_that_run_cannot_open_at_its_key() {
     assert!(stderr.contains(&web), "{stderr}");
     let _ = std::fs::remove_file(config);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_refuses_a_bind_address_this_machine_does_not_have_as_run_does() {
+    // 192.0.2.0/24 is set aside for documentation: no machine has it.
+    let config = temp_config(
+        "foreign-bind",
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n\
+         [[listeners]]\nname = \"b\"\nbind = \"192.0.2.1:0\"\nprotocol = \"udp\"\npool = \"p\"\n\
+         [pools.p]\nbackends = [\"127.0.0.1:9\"]\n\
+         [admin]\nbind = \"192.0.2.1:0\"\ntoken = \"0123456789abcdef0123\"\n",
+    );
+    let (code, stderr) = check_with_env(&config, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = config.display().to_string();
+    for key in ["listeners[1].bind", "admin.bind"] {
+        let line = format!("{file}: {key}: ");
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&line) && l.contains("192.0.2.1")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+
+    let (code, stderr) = run_expecting_failure(&config);
+    assert_eq!(code, 1, "{stderr}");
+    // A start stops at the first socket it cannot bind.
+    assert!(
+        ["listeners[1].bind", "admin.bind"]
+            .iter()
+            .any(|key| stderr.contains(&format!("{file}: {key}: "))),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(config);
 }

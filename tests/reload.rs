@@ -97,6 +97,11 @@ async fn a_failing_reload_changes_nothing() {
         .await
         .expect_err("the address is taken");
     assert!(error.to_string().contains("cannot bind"), "{error}");
+    // At the key to blame, as `check` and a start say it.
+    assert!(
+        error.to_string().starts_with("listeners[1].bind: "),
+        "{error}"
+    );
     // A certificate that is garbage.
     let garbage =
         std::env::temp_dir().join(format!("switchyard-garbage-{}.pem", std::process::id()));

@@ -59,12 +59,20 @@ const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Why the admin listener could not start.
+/// The reason is part of the message (not a chained source), which names the key to blame as
+/// `check` does.
 #[derive(Debug, thiserror::Error)]
-#[error("admin listener: cannot bind {addr}")]
+#[error("admin.bind: {}", crate::listener::bind_failure(*addr, source))]
 pub struct AdminError {
     addr: SocketAddr,
-    #[source]
     source: std::io::Error,
+}
+
+impl AdminError {
+    /// Why, without the key (`admin.bind`) it is at.
+    pub fn reason(&self) -> String {
+        crate::listener::bind_failure(self.addr, &self.source)
+    }
 }
 
 /// A bound admin listener, not yet serving. Its token is the server's to keep (a reload may
