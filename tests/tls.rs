@@ -507,6 +507,77 @@ fn a_missing_certificate_and_its_missing_key_are_both_reported() {
     assert_eq!(found.len(), 5, "{found:#?}");
 }
 
+#[test]
+fn an_encrypted_key_or_one_of_an_unusable_kind_is_said_as_such_not_as_no_key() {
+    let pki = Pki::new();
+    let (cert, _) = pki.issue("good", "good", &["good.test"], false);
+    let pkcs8 = pki.path("pkcs8-encrypted.key");
+    std::fs::write(
+        &pkcs8,
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let legacy = pki.path("legacy-encrypted.key");
+    std::fs::write(
+        &legacy,
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    // A PKCS#8 section the crypto library cannot load (a curve or size it does not take).
+    let unusable = pki.path("unusable.key");
+    std::fs::write(
+        &unusable,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let toml = format!(
+        r#"
+        [[listeners]]
+        name = "https"
+        bind = "127.0.0.1:0"
+        protocol = "http"
+        default_pool = "web"
+        tls = {{ certificates = [{{ cert = "{0}", key = "{1}" }}, {{ cert = "{0}", key = "{2}" }}, {{ cert = "{0}", key = "{3}" }}] }}
+
+        [pools.web]
+        backends = ["127.0.0.1:9"]
+        "#,
+        p(&cert),
+        p(&pkcs8),
+        p(&legacy),
+        p(&unusable),
+    );
+    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
+    let problems = TlsStore::build(&config).expect_err("bad keys");
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.path.as_str(), p.reason.as_str()))
+        .collect();
+    let has =
+        |path: &str, reason: &str| found.iter().any(|(p, r)| *p == path && r.contains(reason));
+    for i in 0..2 {
+        assert!(
+            has(
+                &format!("listeners[0].tls.certificates[{i}].key"),
+                "holds an encrypted private key"
+            ),
+            "{found:#?}"
+        );
+    }
+    assert!(
+        has(
+            "listeners[0].tls.certificates[2].key",
+            "holds a private key that cannot be used"
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        found.iter().all(|(_, r)| !r.contains("no PEM private key")),
+        "{found:#?}"
+    );
+    assert_eq!(found.len(), 3, "{found:#?}");
+}
+
 /// A backend that terminates TLS with `config` and answers as [`http_backend`] does.
 async fn https_backend(name: &'static str, config: Arc<rustls::ServerConfig>) -> Backend {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);

@@ -65,6 +65,29 @@ pub enum TlsFileError {
         /// What the PEM reader or the crypto provider said.
         reason: String,
     },
+    /// The file holds a private key under a passphrase, which a start could not ask for.
+    #[error(
+        "{} holds an encrypted private key, which cannot be read without its passphrase: \
+         write it out unencrypted (openssl pkey -in KEY -out KEY.plain) and keep that file private",
+        path.display()
+    )]
+    EncryptedKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file holds a private key the crypto library cannot sign with (an RSA key under 2048
+    /// bits, a curve it does not take, a DER it cannot parse).
+    #[error(
+        "{} holds a private key that cannot be used ({reason}): TLS here takes RSA keys of \
+         2048 bits or more, ECDSA keys on P-256, P-384 or P-521, and Ed25519 keys",
+        path.display()
+    )]
+    UnusableKey {
+        /// The file.
+        path: PathBuf,
+        /// What the crypto library said.
+        reason: String,
+    },
     /// The key is not the certificate's.
     #[error("the key in {} does not match the certificate in {}", key.display(), cert.display())]
     KeyMismatch {
@@ -81,7 +104,10 @@ impl TlsFileError {
     pub(super) fn problem(&self, at: &str, files: Option<&CertificateFiles>) -> Problem {
         let key_file = |path: &PathBuf| files.is_some_and(|f| &f.key == path && f.cert != f.key);
         let key = match self {
-            TlsFileError::NoKey { .. } | TlsFileError::KeyMismatch { .. } => "key",
+            TlsFileError::NoKey { .. }
+            | TlsFileError::EncryptedKey { .. }
+            | TlsFileError::UnusableKey { .. }
+            | TlsFileError::KeyMismatch { .. } => "key",
             TlsFileError::Read { path, .. } | TlsFileError::TooLarge { path } if key_file(path) => {
                 "key"
             }
@@ -161,11 +187,28 @@ fn read_key(
         path: path.to_path_buf(),
         reason,
     };
+    // Encrypted keys come as a section of their own (PKCS#8), which the PEM reader passes
+    // over, or as an older section with headers, which it cannot decode: either way it would
+    // say that there is no key at all.
+    let text = String::from_utf8_lossy(&pem);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(TlsFileError::EncryptedKey {
+            path: path.to_path_buf(),
+        });
+    }
     let private_key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| no_key(e.to_string()))?;
     let signing_key = provider
         .key_provider
         .load_private_key(private_key.clone_key())
-        .map_err(|e| no_key(e.to_string()))?;
+        .map_err(|error| TlsFileError::UnusableKey {
+            path: path.to_path_buf(),
+            reason: match error {
+                rustls::Error::General(reason) => reason,
+                other => other.to_string(),
+            },
+        })?;
     Ok((private_key, signing_key))
 }
 
