@@ -1151,3 +1151,22 @@ fn route_names_are_unique_words_of_a_few_safe_characters() {
     assert_problem(&file(["shop", ""]), at, "letters, digits");
     assert_problem(&file(["shop", &"x".repeat(65)]), at, "letters, digits");
 }
+
+#[test]
+fn a_bad_regular_expression_is_one_line_that_says_what_and_where() {
+    let text = format!(
+        "{}\n[[listeners.routes]]\nmatch = {{ path_regex = \"^/a(b\" }}\npool = \"p\"\n",
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n"
+    );
+    let found = problems(&text);
+    let (path, reason) = &found[0];
+    assert_eq!(
+        path, "listeners[0].routes[0].match.path_regex",
+        "{found:#?}"
+    );
+    // One line, as `check` prints one problem per line.
+    assert!(!reason.contains('\n'), "{reason}");
+    assert!(reason.contains("unclosed group"), "{reason}");
+    assert!(reason.contains("^/a(b"), "{reason}");
+    assert!(reason.contains("character 4"), "{reason}");
+}

@@ -1560,7 +1560,35 @@ fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
     regex::RegexBuilder::new(pattern)
         .size_limit(1 << 20)
         .build()
-        .map_err(|e| format!("invalid regular expression: {e}"))
+        .map_err(|error| regex_failure(pattern, &error))
+}
+
+/// Why `pattern` is not a regular expression, in one line (`check` prints a problem a line):
+/// the regex crate draws the pattern and a caret under the mistake over several lines.
+fn regex_failure(pattern: &str, error: &regex::Error) -> String {
+    let regex::Error::Syntax(text) = error else {
+        return format!("invalid regular expression `{pattern}`: {error}");
+    };
+    let Some(what) = text.lines().rev().find_map(|l| l.strip_prefix("error: ")) else {
+        return format!(
+            "invalid regular expression `{pattern}`: {}",
+            text.lines().collect::<Vec<_>>().join(" ")
+        );
+    };
+    // The pattern is drawn indented by four spaces, and the caret under it; a pattern of
+    // several lines is drawn with line numbers, and then the caret is not counted here.
+    let caret = text
+        .lines()
+        // The heading and the pattern, which may itself be all carets.
+        .skip(2)
+        .find(|l| l.contains('^') && l.trim().chars().all(|c| c == '^'))
+        .and_then(|l| l.find('^'))
+        .filter(|_| !pattern.contains('\n'))
+        .and_then(|column| column.checked_sub(3));
+    match caret {
+        Some(at) => format!("invalid regular expression `{pattern}`: {what} (at character {at})"),
+        None => format!("invalid regular expression `{pattern}`: {what}"),
+    }
 }
 
 /// `global.resolvers`, or when the file has none and a backend needs them, the system's.
