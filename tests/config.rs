@@ -1170,3 +1170,47 @@ fn a_bad_regular_expression_is_one_line_that_says_what_and_where() {
     assert!(reason.contains("^/a(b"), "{reason}");
     assert!(reason.contains("character 4"), "{reason}");
 }
+
+#[test]
+fn a_duplicate_key_names_the_key_and_where_it_is() {
+    let pool = "[pools.p]\nbackends = [\"127.0.0.1:1\"]\n";
+    let listener = |n: usize| {
+        format!(
+            "[[listeners]]\nname = \"l{n}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n"
+        )
+    };
+    // A key given twice in an array of tables: the element it is in.
+    let text = format!(
+        "{}{}max_connections = 5\nmax_connections = 6\n{pool}",
+        listener(0),
+        listener(1)
+    );
+    let message = Config::from_toml(&text, Path::new("d.toml"))
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        message.starts_with("d.toml:12:1: listeners[1].max_connections: duplicate key"),
+        "{message}"
+    );
+    // A table given twice.
+    let text = format!("{}{pool}{pool}", listener(0));
+    let message = Config::from_toml(&text, Path::new("d.toml"))
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        message.starts_with("d.toml:8:8: pools.p: duplicate") && message.contains("[pools.p]"),
+        "{message}"
+    );
+    // Inside an inline table the key is still named, if not its whole path.
+    let text = format!(
+        "{}{pool}health = {{ kind = \"tcp\", kind = \"http\" }}\n",
+        listener(0)
+    );
+    let message = Config::from_toml(&text, Path::new("d.toml"))
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        message.starts_with("d.toml:8:") && message.contains("`kind`"),
+        "{message}"
+    );
+}

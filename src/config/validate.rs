@@ -178,14 +178,113 @@ fn parse_shape(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
             reason: error.message().trim().to_owned(),
         }
     };
-    let deserializer =
-        toml::Deserializer::parse(text).map_err(|error| syntax(error, String::new()))?;
+    let deserializer = toml::Deserializer::parse(text).map_err(|error| {
+        // The parser says "duplicate key", and neither which nor where: both are worked out
+        // from the text.
+        match error.span() {
+            Some(span) if error.message().trim() == "duplicate key" => {
+                let (line, column) = line_column(text, span.start);
+                let (path, reason) = duplicate_key(text, span);
+                ConfigError::Syntax {
+                    file: file.to_path_buf(),
+                    path,
+                    line,
+                    column,
+                    reason,
+                }
+            }
+            _ => syntax(error, String::new()),
+        }
+    })?;
     let mut track = serde_path_to_error::Track::new();
     let tracked = serde_path_to_error::Deserializer::new(deserializer, &mut track);
     RawConfig::deserialize(tracked).map_err(|error| {
         let path = track.path().to_string();
         syntax(error, if path == "?" { String::new() } else { path })
     })
+}
+
+/// The key path and the reason for a key the parser found given twice at `span`: the path of a
+/// table header given twice, or of a key at the start of its line in a table; for a key
+/// elsewhere (inside an inline table, after a dot) the key alone.
+fn duplicate_key(text: &str, span: std::ops::Range<usize>) -> (String, String) {
+    let written = text.get(span.clone()).unwrap_or("").trim();
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim_start();
+    let before = text[line_start..start].trim();
+    if line.starts_with('[') {
+        let header = line
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim();
+        let path = table_path(&text[..line_start], header).unwrap_or_default();
+        return (
+            path,
+            format!("duplicate table [{header}]: a table is written once, with all its keys"),
+        );
+    }
+    let reason = format!("duplicate key `{written}`: a key is given once in its table");
+    if !before.is_empty() {
+        return (String::new(), reason);
+    }
+    // The table the key is in is the last header above it (none: the top level).
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim_start)
+        .find(|l| l.starts_with('['));
+    let key = written.trim_matches(|c| c == '"' || c == '\'');
+    let path = match header {
+        None => Some(key.to_owned()),
+        Some(header) => {
+            let inner = header
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches('[')
+                .trim();
+            table_path(&text[..line_start], inner).map(|table| format!("{table}.{key}"))
+        }
+    };
+    (path.unwrap_or_default(), reason)
+}
+
+/// The key path of the table that header `[inner]` (or `[[inner]]`) opens, given the text
+/// before the key in question: an array of tables is at its last element so far. `None` when
+/// that cannot be told (the line is not a header after all, the text before does not parse).
+fn table_path(before: &str, inner: &str) -> Option<String> {
+    let mut keys = Vec::new();
+    let mut header: toml::Table = toml::from_str(&format!("{inner} = 0")).ok()?;
+    loop {
+        let (key, value) = header.into_iter().next()?;
+        keys.push(key);
+        match value {
+            toml::Value::Table(table) => header = table,
+            _ => break,
+        }
+    }
+    let parsed: toml::Table = toml::from_str(before).ok()?;
+    let mut path = String::new();
+    let mut at = Some(toml::Value::Table(parsed));
+    for key in keys {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(&key);
+        at = match at {
+            Some(toml::Value::Table(mut table)) => table.remove(&key),
+            _ => None,
+        };
+        if let Some(toml::Value::Array(mut items)) = at {
+            let last = items.len().checked_sub(1)?;
+            path.push_str(&format!("[{last}]"));
+            at = items.pop();
+        }
+    }
+    Some(path)
 }
 
 /// 1-based line and column of a byte offset.
