@@ -1214,3 +1214,37 @@ fn a_duplicate_key_names_the_key_and_where_it_is() {
         "{message}"
     );
 }
+
+#[test]
+fn connect_attempts_beside_retry_attempts_on_a_pool_of_http_listeners_only_is_an_error() {
+    let http = |pool_keys: &str, tcp: bool| {
+        let mut text = format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n\
+             [pools.p]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n{pool_keys}\n"
+        );
+        if tcp {
+            text.push_str(
+                "[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"p\"\n",
+            );
+        }
+        text
+    };
+    // `retry.attempts` replaces `connect_attempts` for http requests: with no tcp listener on
+    // the pool, the latter would have no effect.
+    assert_problem(
+        &http("connect_attempts = 2\nretry = { attempts = 2 }", false),
+        "pools.p.connect_attempts",
+        "retry.attempts",
+    );
+    // Either alone is read, and so is the pair when a tcp listener uses the pool.
+    for (keys, tcp) in [
+        ("connect_attempts = 2\nretry = { on = [\"503\"] }", false),
+        ("retry = { attempts = 2 }", false),
+        ("connect_attempts = 2\nretry = { attempts = 2 }", true),
+    ] {
+        let text = http(keys, tcp);
+        if let Err(error) = Config::from_toml(&text, Path::new("t.toml")) {
+            panic!("{keys}: {error}");
+        }
+    }
+}

@@ -450,8 +450,21 @@ const POOL_KEY_READERS: [(&str, &[&str]); 7] = [
     ("queue", &["tcp", "http"]),
 ];
 
-/// For each pool, the keys of [`POOL_KEY_READERS`] the file sets.
-fn pool_keys_by_reader(pools: &BTreeMap<String, RawPool>) -> Vec<(String, &'static str)> {
+/// A pool key the file sets that only some kinds of listener read.
+struct ReadBySome {
+    /// The pool.
+    pool: String,
+    /// The key.
+    key: &'static str,
+    /// The kinds of listener that read it.
+    readers: &'static [&'static str],
+    /// Why it is not read by the others, when the key's own meaning does not say it.
+    because: Option<&'static str>,
+}
+
+/// For each pool, the keys of [`POOL_KEY_READERS`] the file sets; `connect_attempts` beside
+/// `retry.attempts`, which replaces it for http requests, is read by tcp listeners only.
+fn pool_keys_by_reader(pools: &BTreeMap<String, RawPool>) -> Vec<ReadBySome> {
     let mut set = Vec::new();
     for (name, pool) in pools {
         let present = [
@@ -463,10 +476,25 @@ fn pool_keys_by_reader(pools: &BTreeMap<String, RawPool>) -> Vec<(String, &'stat
             pool.connect_attempts.is_some(),
             pool.queue.is_some(),
         ];
-        for ((key, _), present) in POOL_KEY_READERS.iter().zip(present) {
-            if present {
-                set.push((name.clone(), *key));
+        let replaced = pool.retry.as_ref().is_some_and(|r| r.attempts.is_some());
+        for ((key, readers), present) in POOL_KEY_READERS.iter().zip(present) {
+            if !present {
+                continue;
             }
+            let (readers, because) = if *key == "connect_attempts" && replaced {
+                (
+                    &["tcp"][..],
+                    Some("`retry.attempts` replaces it for http requests"),
+                )
+            } else {
+                (*readers, None)
+            };
+            set.push(ReadBySome {
+                pool: name.clone(),
+                key,
+                readers,
+                because,
+            });
         }
     }
     set
@@ -513,20 +541,22 @@ fn pool_users(listeners: &[RawListener]) -> HashMap<String, Vec<(usize, Option<&
 /// key, naming the listeners. A pool no listener uses is left alone.
 fn check_pool_keys_are_read(
     problems: &mut Problems,
-    set: &[(String, &'static str)],
+    set: &[ReadBySome],
     users: &HashMap<String, Vec<(usize, Option<&'static str>)>>,
 ) {
-    for (pool, key) in set {
+    for ReadBySome {
+        pool,
+        key,
+        readers,
+        because,
+    } in set
+    {
         let Some(users) = users.get(pool) else {
             continue;
         };
         let Some(protocols) = users.iter().map(|&(_, p)| p).collect::<Option<Vec<_>>>() else {
             continue;
         };
-        let readers = POOL_KEY_READERS
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or(&[][..], |(_, readers)| *readers);
         if protocols.iter().any(|p| readers.contains(p)) {
             continue;
         }
@@ -543,9 +573,10 @@ fn check_pool_keys_are_read(
         problems.push(
             format!("pools.{pool}.{key}"),
             format!(
-                "only {} listeners read it, and pool `{pool}` is used only by {} listeners ({}), \
-                 so it would have no effect",
+                "only {} listeners read it{}, and pool `{pool}` is used only by {} listeners \
+                 ({}), so it would have no effect",
                 readers.join(" and "),
+                because.map(|why| format!(" ({why})")).unwrap_or_default(),
                 kinds.join(" and "),
                 listeners.join(", ")
             ),
