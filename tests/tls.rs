@@ -1956,3 +1956,64 @@ async fn a_reload_that_changes_the_client_ca_ends_the_sessions_it_vouched_for() 
         "served after the CA changed ({outcome:?})"
     );
 }
+
+#[test]
+fn a_route_host_that_no_certificate_of_its_listener_names_gets_a_warning() {
+    // Clients asking for such a host get the first certificate, which does not name it, and
+    // refuse the connection: `check` says so, though a start serves it.
+    let pki = Pki::new();
+    let (a_cert, a_key) = pki.issue("a", "a", &["a.test", "*.wild.test"], false);
+    let (b_cert, b_key) = pki.issue("b", "b", &["b.test"], false);
+    let config = Config::from_toml(
+        &format!(
+            r#"
+            [[listeners]]
+            name = "https"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}] }}
+            routes = [
+                {{ match = {{ host = "b.test" }}, pool = "web" }},
+                {{ match = {{ host = "x.wild.test" }}, pool = "web" }},
+                {{ match = {{ host = "*.wild.test" }}, pool = "web" }},
+                {{ match = {{ host = "missing.test" }}, pool = "web" }},
+                {{ match = {{ host = "*.other.test" }}, pool = "web" }},
+                {{ match = {{ host = "admin.*" }}, pool = "web" }},
+            ]
+
+            [[listeners]]
+            name = "plain"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            routes = [{{ match = {{ host = "missing.test" }}, pool = "web" }}]
+
+            [pools.web]
+            backends = ["127.0.0.1:9"]
+            "#,
+            p(&a_cert),
+            p(&a_key),
+            p(&b_cert),
+            p(&b_key)
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let store = TlsStore::build(&config).expect("only warnings");
+    let paths: Vec<&str> = store.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "listeners[0].routes[3].match.host",
+            "listeners[0].routes[4].match.host"
+        ],
+        "{:#?}",
+        store.warnings
+    );
+    assert!(
+        store.warnings[0].reason.contains("missing.test")
+            && store.warnings[0].reason.contains("certificates[0]"),
+        "{:#?}",
+        store.warnings
+    );
+}

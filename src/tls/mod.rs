@@ -135,15 +135,24 @@ impl TlsStore {
         let mut store = TlsStore::default();
         let mut problems = Vec::new();
         let now = SystemTime::now();
-        for listener in &config.listeners {
+        for (index, listener) in config.listeners.iter().enumerate() {
             let Some(tls) = &listener.tls else { continue };
-            let alpn = match listener.kind {
-                ListenerKind::Http(_) => {
-                    vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()]
-                }
-                _ => Vec::new(),
+            let (alpn, hosts) = match &listener.kind {
+                ListenerKind::Http(settings) => (
+                    vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()],
+                    settings
+                        .routes
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, route)| {
+                            let path = format!("listeners[{index}].routes[{i}].match.host");
+                            route.matcher.host.as_ref().map(|host| (path, host))
+                        })
+                        .collect(),
+                ),
+                _ => (Vec::new(), Vec::new()),
             };
-            match server_tls(tls, alpn, now, &mut store.warnings) {
+            match server_tls(tls, &hosts, alpn, now, &mut store.warnings) {
                 Ok(server) => {
                     store
                         .listeners
@@ -223,6 +232,41 @@ struct ResumptionScope {
     required: bool,
 }
 
+/// The host a route matches, said as it is written, when no name of `names` (the DNS names of
+/// a listener's certificates, `*.` wildcards as written) covers it: a handshake for it would get
+/// the default certificate, which does not name it either. A `prefix.*` pattern, an IP address,
+/// and a `*.suffix` pattern that some name under the suffix covers in part, are not judged.
+fn uncovered(host: &crate::config::HostPattern, names: &[&str]) -> Option<String> {
+    use crate::config::HostPattern;
+    match host {
+        HostPattern::Exact(host) => {
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                return None;
+            }
+            let wildcard = host
+                .to_ascii_lowercase()
+                .split_once('.')
+                .map(|(_, parent)| format!("*.{parent}"));
+            let covered = names.iter().any(|n| {
+                n.eq_ignore_ascii_case(host)
+                    || wildcard
+                        .as_deref()
+                        .is_some_and(|w| n.eq_ignore_ascii_case(w))
+            });
+            (!covered).then(|| format!("`{host}`"))
+        }
+        // Stored as `.example.com`.
+        HostPattern::Suffix(suffix) => {
+            let covered = names.iter().any(|n| {
+                n.to_ascii_lowercase()
+                    .ends_with(&suffix.to_ascii_lowercase())
+            });
+            (!covered).then(|| format!("`*{suffix}`"))
+        }
+        HostPattern::Prefix(_) => None,
+    }
+}
+
 /// Session ticket keys and the TLS 1.2 session cache of one [`ResumptionScope`].
 #[derive(Clone)]
 struct Resumption {
@@ -251,8 +295,10 @@ fn resumption(scope: ResumptionScope) -> Resumption {
         .clone()
 }
 
+/// The TLS termination of one listener, whose routes match `hosts` (key path, pattern).
 fn server_tls(
     tls: &ListenerTls,
+    hosts: &[(String, &crate::config::HostPattern)],
     alpn: Vec<Vec<u8>>,
     now: SystemTime,
     warnings: &mut Vec<Problem>,
@@ -273,6 +319,24 @@ fn server_tls(
                 loaded.push(entry);
             }
             Err(errors) => problems.extend(errors.iter().map(|e| e.problem(&at, Some(files)))),
+        }
+    }
+    if problems.is_empty() {
+        let names: Vec<&str> = loaded
+            .iter()
+            .flat_map(|l| l.names.iter().map(String::as_str))
+            .collect();
+        for (path, host) in hosts {
+            if let Some(host) = uncovered(host, &names) {
+                warnings.push(Problem {
+                    path: path.clone(),
+                    reason: format!(
+                        "warning: no certificate of {} names {host}, so its clients get \
+                         certificates[0], which they refuse",
+                        tls.at
+                    ),
+                });
+            }
         }
     }
     let mut client_ca_bytes = None;
