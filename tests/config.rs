@@ -1248,3 +1248,17 @@ fn connect_attempts_beside_retry_attempts_on_a_pool_of_http_listeners_only_is_an
         }
     }
 }
+
+#[test]
+fn a_duration_written_wrong_is_told_how_to_write_it() {
+    let at = "listeners[0].idle_timeout";
+    let with = |value: &str| tcp_listener(&format!("idle_timeout = \"{value}\""));
+    // A fraction: the whole number of a smaller unit it stands for.
+    assert_problem(&with("1.5s"), at, "write \"1500ms\"");
+    assert_problem(&with("0.5m"), at, "write \"30s\"");
+    assert_problem(&with("-5s"), at, "cannot be negative");
+    assert_problem(&with("10 s"), at, "no space");
+    // A number too large for any unit is too large, not "not a whole number".
+    assert_problem(&with("99999999999999999999h"), at, "too large");
+    assert_problem(&with("5124095576031h"), at, "too large");
+}

@@ -1120,28 +1120,83 @@ impl Config {
 /// Parses a duration written as a number and a unit: `250ms`, `5s`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("`{text}`: a duration cannot be negative"));
+    }
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m or h, e.g. \"5s\")"))?;
     let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
-    let millis_per_unit = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "`{text}` has unknown unit `{unit}` (use ms, s, m or h)"
-            ));
-        }
+    if digits.is_empty() {
+        return Err(format!("`{text}` does not start with a whole number"));
+    }
+    // The digits are all digits: only a number too large for u64 fails here.
+    let too_large = || format!("`{text}` is too large");
+    let value: u64 = digits.parse().map_err(|_| too_large())?;
+    let Some(millis_per_unit) = unit_millis(unit) else {
+        return Err(misspelt_duration(text, digits, unit));
     };
     value
         .checked_mul(millis_per_unit)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .ok_or_else(too_large)
+}
+
+/// Milliseconds in one `unit` of a duration.
+fn unit_millis(unit: &str) -> Option<u64> {
+    match unit {
+        "ms" => Some(1),
+        "s" => Some(1_000),
+        "m" => Some(60_000),
+        "h" => Some(3_600_000),
+        _ => None,
+    }
+}
+
+/// Why `text` (`digits` then `unit`, which is not a unit) is not a duration, with the way to
+/// write what it likely means: a fraction as the whole number of a smaller unit, a number and
+/// unit without the space between them.
+fn misspelt_duration(text: &str, digits: &str, unit: &str) -> String {
+    if let Some(rest) = unit.strip_prefix('.') {
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (fraction, unit) = rest.split_at(end);
+        if let (Some(per_unit), Ok(whole), Ok(part)) = (
+            unit_millis(unit.trim_start()),
+            digits.parse::<u128>(),
+            fraction.parse::<u128>(),
+        ) && let Some(scale) = 10u128.checked_pow(fraction.len() as u32)
+            && let Some(millis) = whole
+                .checked_mul(scale)
+                .and_then(|n| n.checked_add(part))
+                .and_then(|n| n.checked_mul(u128::from(per_unit)))
+        {
+            if millis % scale == 0 {
+                let millis = millis / scale;
+                let written = [("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)]
+                    .into_iter()
+                    .find(|(_, size)| millis % size == 0 && millis > 0)
+                    .map_or("0ms".to_owned(), |(name, size)| {
+                        format!("{}{name}", millis / size)
+                    });
+                return format!(
+                    "`{text}`: a duration is a whole number of one unit; write \"{written}\""
+                );
+            }
+            return format!(
+                "`{text}`: a duration is a whole number of one unit, and this is not a whole \
+                 number of milliseconds"
+            );
+        }
+    }
+    if unit.starts_with(char::is_whitespace) && unit_millis(unit.trim_start()).is_some() {
+        return format!(
+            "`{text}`: no space between the number and its unit; write \"{digits}{}\"",
+            unit.trim_start()
+        );
+    }
+    format!("`{text}` has unknown unit `{unit}` (use ms, s, m or h)")
 }
 
 #[cfg(test)]
