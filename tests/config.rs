@@ -1262,3 +1262,20 @@ fn a_duration_written_wrong_is_told_how_to_write_it() {
     assert_problem(&with("99999999999999999999h"), at, "too large");
     assert_problem(&with("5124095576031h"), at, "too large");
 }
+
+#[test]
+fn a_size_written_wrong_is_told_how_to_write_it() {
+    let at = "listeners[0].max_body_size";
+    let with = |value: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\nmax_body_size = {value}\n{MINIMAL_POOL}"
+        )
+    };
+    assert_problem(&with("\"10MB\""), at, "write \"10m\"");
+    assert_problem(&with("\"512kb\""), at, "write \"512k\"");
+    assert_problem(&with("0"), at, "at least 1 byte");
+    assert_problem(&with("\"0k\""), at, "at least 1 byte");
+    assert_problem(&with("-1"), at, "at least 1 byte");
+    assert_problem(&with("\"99999999999g\""), at, "too large");
+    assert_problem(&with("\"1.5m\""), at, "whole number");
+}

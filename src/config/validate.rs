@@ -2954,33 +2954,55 @@ fn positive(problems: &mut Problems, path: &str, value: Option<i64>, default: us
 }
 
 /// A size in bytes: an integer, or a string with a binary suffix (`"512k"`, `"10m"`, `"1g"`).
+/// A mistake is said with the way to write what was likely meant.
 fn parse_size(value: &toml::Value) -> Result<u64, String> {
-    let bytes = match value {
-        toml::Value::Integer(n) if *n >= 1 => *n as u64,
-        toml::Value::String(text) => {
-            let text = text.trim();
-            let (digits, multiplier) = match text.char_indices().last() {
-                Some((i, 'k' | 'K')) => (&text[..i], 1u64 << 10),
-                Some((i, 'm' | 'M')) => (&text[..i], 1 << 20),
-                Some((i, 'g' | 'G')) => (&text[..i], 1 << 30),
-                _ => (text, 1),
-            };
-            digits
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(multiplier))
-                .filter(|&n| n >= 1)
-                .ok_or_else(|| {
-                    format!("`{text}` is not a size (e.g. 1048576, \"512k\", \"10m\")")
-                })?
-        }
-        other => {
-            return Err(format!(
-                "{other} is not a size (e.g. 1048576, \"512k\", \"10m\")"
-            ));
-        }
+    const EXAMPLES: &str = "(e.g. 1048576, \"512k\", \"10m\")";
+    let at_least_one = |written: &dyn std::fmt::Display| {
+        format!("{written} is not a size: a size is at least 1 byte {EXAMPLES}")
     };
-    Ok(bytes)
+    let text = match value {
+        toml::Value::Integer(n) if *n >= 1 => return Ok(*n as u64),
+        toml::Value::Integer(n) => return Err(at_least_one(n)),
+        toml::Value::String(text) => text.trim(),
+        other => return Err(format!("{other} is not a size {EXAMPLES}")),
+    };
+    // `10MB`, `512kb`: the suffix is the letter alone.
+    let unsuffixed = text
+        .strip_suffix(['b', 'B'])
+        .filter(|t| t.ends_with(['k', 'K', 'm', 'M', 'g', 'G']));
+    let (digits, multiplier) = match unsuffixed.unwrap_or(text).char_indices().last() {
+        Some((i, 'k' | 'K')) => (&text[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&text[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    let written = format!("`{text}`");
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return match digits
+            .parse::<u64>()
+            .ok()
+            .map(|n| n.checked_mul(multiplier))
+        {
+            Some(Some(0)) => Err(at_least_one(&written)),
+            Some(Some(bytes)) => match unsuffixed {
+                None => Ok(bytes),
+                Some(letter) => Err(format!(
+                    "{written} is not a size: the suffix is the letter alone; write \"{}\"",
+                    letter.to_ascii_lowercase()
+                )),
+            },
+            _ => Err(format!("{written} is too large: at most 2^64 - 1 bytes")),
+        };
+    }
+    if digits.starts_with('-') {
+        return Err(at_least_one(&written));
+    }
+    if digits.contains('.') {
+        return Err(format!(
+            "{written} is not a size: a size is a whole number, of bytes or of k, m or g {EXAMPLES}"
+        ));
+    }
+    Err(format!("{written} is not a size {EXAMPLES}"))
 }
 
 /// `ip:port`, `[v6]:port` or `host:port`; a host name is resolved now, once.
