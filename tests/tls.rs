@@ -2017,3 +2017,42 @@ fn a_route_host_that_no_certificate_of_its_listener_names_gets_a_warning() {
         store.warnings
     );
 }
+
+#[test]
+fn a_certificate_that_is_not_x509_is_named_by_its_place_in_the_file() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("good", "good", &["good.test"], false);
+    // A good leaf, then a block that is PEM but not a certificate.
+    let chain = pki.path("chain.pem");
+    let mut text = std::fs::read_to_string(&cert).expect("read");
+    text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    std::fs::write(&chain, text).expect("write");
+    let config = Config::from_toml(
+        &format!(
+            r#"
+            [[listeners]]
+            name = "https"
+            bind = "127.0.0.1:0"
+            protocol = "http"
+            default_pool = "web"
+            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
+
+            [pools.web]
+            backends = ["127.0.0.1:9"]
+            "#,
+            p(&chain),
+            p(&key)
+        ),
+        Path::new("t.toml"),
+    )
+    .expect("valid");
+    let problems = TlsStore::build(&config).expect_err("a bad certificate");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
+    assert!(
+        problems[0]
+            .reason
+            .contains("certificate 2 of the file is not an X.509 certificate"),
+        "{problems:#?}"
+    );
+}

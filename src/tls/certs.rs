@@ -48,11 +48,15 @@ pub enum TlsFileError {
         reason: String,
     },
     /// A certificate of the file is not valid DER/X.509.
-    #[error("{}: certificate {index} cannot be parsed: {reason}", path.display())]
+    #[error(
+        "{}: certificate {} of the file is not an X.509 certificate ({reason})",
+        path.display(),
+        index + 1
+    )]
     BadCertificate {
         /// The file.
         path: PathBuf,
-        /// Position in the file, from 0.
+        /// Position in the file, from 0 (said from 1).
         index: usize,
         /// What the parser said.
         reason: String,
@@ -302,12 +306,12 @@ pub(super) fn expiry_warning(loaded: &Loaded, now: SystemTime) -> Option<String>
 /// Reads a CA file into a root store.
 pub(super) fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsFileError> {
     let mut roots = RootCertStore::empty();
-    for cert in read_certificates(path)? {
+    for (index, cert) in read_certificates(path)?.into_iter().enumerate() {
         roots
             .add(cert)
             .map_err(|error| TlsFileError::BadCertificate {
                 path: path.to_path_buf(),
-                index: 0,
+                index,
                 reason: error.to_string(),
             })?;
     }
