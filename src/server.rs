@@ -1437,7 +1437,7 @@ pub struct Preflight {
 /// `run` and a reload accept: the certificate, key and CA files are read as a start reads
 /// them, each access log file is opened as a start opens it, and each bind address (the
 /// admin API's too) is bound with port 0 for a moment, which fails for an address that is
-/// not this machine's. A port in use is not looked for: the process `check` is run for
+/// not this machine's (a warning only). A port in use is not looked for: the process `check` is run for
 /// usually holds its own. Every problem is reported,
 /// not only the first.
 pub fn preflight(config: &Config) -> Preflight {
@@ -1449,10 +1449,11 @@ pub fn preflight(config: &Config) -> Preflight {
     for (index, l) in config.listeners.iter().enumerate() {
         let udp = matches!(l.kind, ListenerKind::Udp(_));
         if let Err(error) = crate::listener::can_bind_address(l.bind, udp) {
-            found.problems.push(crate::config::Problem {
-                path: format!("listeners[{index}].bind"),
-                reason: crate::listener::bind_failure(l.bind, &error),
-            });
+            found.warnings.push(foreign_address(
+                format!("listeners[{index}].bind"),
+                l.bind,
+                &error,
+            ));
         }
         if let Some(log) = access_log(l)
             && let Err(reason) = crate::access_log::try_open(&log.target)
@@ -1466,12 +1467,24 @@ pub fn preflight(config: &Config) -> Preflight {
     if let Some(admin) = &config.admin
         && let Err(error) = crate::listener::can_bind_address(admin.bind, false)
     {
-        found.problems.push(crate::config::Problem {
-            path: "admin.bind".to_owned(),
-            reason: crate::listener::bind_failure(admin.bind, &error),
-        });
+        found
+            .warnings
+            .push(foreign_address("admin.bind".to_owned(), admin.bind, &error));
     }
     found
+}
+
+/// A bind address this machine cannot bind, as `check` reports it: a warning, since a file is
+/// often checked on another machine than the one it is for (in a build pipeline, say), where
+/// the addresses of that machine are not to be had; a start here would refuse it.
+fn foreign_address(path: String, addr: SocketAddr, error: &io::Error) -> crate::config::Problem {
+    crate::config::Problem {
+        path,
+        reason: format!(
+            "warning: {} (a start on this machine would fail)",
+            crate::listener::bind_failure(addr, error)
+        ),
+    }
 }
 
 /// Makes a socket received from an old process the socket of listener `index`, `l`.

@@ -574,7 +574,7 @@ fn check_refuses_an_access_log_that_run_cannot_open_at_its_key() {
 }
 
 #[test]
-fn check_refuses_a_bind_address_this_machine_does_not_have_as_run_does() {
+fn check_warns_of_a_bind_address_this_machine_does_not_have_which_run_refuses() {
     // 192.0.2.0/24 is set aside for documentation: no machine has it.
     let config = temp_config(
         "foreign-bind",
@@ -583,11 +583,12 @@ fn check_refuses_a_bind_address_this_machine_does_not_have_as_run_does() {
          [pools.p]\nbackends = [\"127.0.0.1:9\"]\n\
          [admin]\nbind = \"192.0.2.1:0\"\ntoken = \"0123456789abcdef0123\"\n",
     );
+    // A warning only: the file may be meant for another machine.
     let (code, stderr) = check_with_env(&config, &[]);
-    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
     let file = config.display().to_string();
     for key in ["listeners[1].bind", "admin.bind"] {
-        let line = format!("{file}: {key}: ");
+        let line = format!("{file}: {key}: warning: ");
         assert!(
             stderr
                 .lines()
