@@ -85,7 +85,7 @@ pub struct ConnectionLine {
     /// How long it lasted.
     pub duration: Duration,
     /// How it ended: `closed`, `idle_timeout`, `drained` or `error`; a UDP session
-    /// `idle_timeout`, `drained`, `refused` or `closed`.
+    /// `idle_timeout`, `drained`, `refused`, `moved`, `denied` or `closed`.
     pub outcome: &'static str,
     /// When it ended.
     pub at: SystemTime,
