@@ -256,7 +256,7 @@ pub struct Shared {
     /// Where the admin listener is bound, if there is one.
     admin_addr: Option<SocketAddr>,
     /// The `admin.bind` it was bound for: a reload's `[admin]` with the same one brings its
-    /// token in force.
+    /// token in force, and a binary upgrade hands its socket over under this address.
     admin_bind: Option<SocketAddr>,
     /// The admin token in force: the one it was bound with, then the one of the last reload
     /// whose `[admin]` named the same address.
@@ -590,7 +590,10 @@ impl ServerHandle {
     pub fn sockets(&self) -> Vec<(crate::upgrade::Description, std::os::fd::OwnedFd)> {
         use std::os::fd::AsFd;
         let admin = self.0.admin_socket.as_ref().and_then(|socket| {
-            let bind = self.0.lock().config.admin.as_ref()?.bind;
+            // Described by the address it was bound for, not a reload's: a reload that moves
+            // `[admin]` takes effect at the next start, and the new process is that start, so
+            // it must not take this socket for the new address.
+            let bind = self.0.admin_bind?;
             let fd = socket.as_fd().try_clone_to_owned().ok()?;
             let description = crate::upgrade::Description {
                 name: crate::admin::UPGRADE_NAME.to_owned(),

@@ -130,3 +130,72 @@ async fn a_sigterm_during_a_stalled_hand_over_exits_without_waiting_for_it() {
     drop(quiet);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The answer to `GET /api/state` on an admin address, or `None` when nothing serves there.
+async fn admin_state(addr: std::net::SocketAddr) -> Option<String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut client = HttpClient::from_stream(stream);
+    client
+        .send(b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await;
+    client.reply().await.map(|reply| reply.text())
+}
+
+/// A reload that moves `[admin]` leaves the admin listener where it was until the next start.
+/// An upgrade is that start: the new process serves the admin API at the address its file
+/// names, not on the old process's socket for the address it was started with.
+#[tokio::test]
+async fn an_upgrade_binds_the_admin_address_a_reload_moved() {
+    let backend = http_backend("a").await;
+    let dir = temp_dir_for("upgrade-admin-moved");
+    let socket = dir.join("upgrade.sock");
+    // Two free ports, held together so that they differ.
+    let (first, second) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let b = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        (a.local_addr().expect("addr"), b.local_addr().expect("addr"))
+    };
+    let config = |admin: std::net::SocketAddr| {
+        format!(
+            "[admin]\nbind = \"{admin}\"\n[global]\ndrain_timeout = \"2s\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+            backend.addr
+        )
+    };
+    let offer: [&OsStr; 2] = ["--upgrade-socket".as_ref(), socket.as_os_str()];
+    let mut old = spawn_binary_with("upgrade-admin-old", &config(first), &offer).await;
+    eventually("the upgrade socket exists", || socket.exists()).await;
+
+    // The file moves the admin listener; the reload applies, the admin API stays put.
+    std::fs::write(&old.config, config(second)).expect("write");
+    let pid = old.child.id().expect("pid") as libc::pid_t;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually_async("the reload is in force", || async move {
+        admin_state(first)
+            .await
+            .is_some_and(|state| state.contains("\"generation\":2"))
+    })
+    .await;
+
+    let take: [&OsStr; 2] = ["--upgrade-from".as_ref(), socket.as_os_str()];
+    let new = spawn_binary_with("upgrade-admin-new", &config(second), &take).await;
+    let status = tokio::time::timeout(PATIENCE, old.child.wait())
+        .await
+        .expect("the old process drains and exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    let state = admin_state(second).await;
+    assert!(
+        state
+            .as_deref()
+            .is_some_and(|s| s.contains("\"generation\":1")),
+        "the new process's admin API at {second}: {state:?}"
+    );
+    assert_eq!(
+        admin_state(first).await,
+        None,
+        "nothing serves the old admin address"
+    );
+    drop(new);
+    let _ = std::fs::remove_dir_all(&dir);
+}
