@@ -504,12 +504,18 @@ impl Server {
         } else {
             let left = shared.tasks.len();
             warn!(left, "drain deadline reached, closing what is left");
-            // UDP sessions still open end now, with their log lines.
+            // UDP sessions still open end now, with their log lines; so do TCP connections,
+            // as a backend's drain deadline ends them, so that every connection has its line.
             shared.drain_over.cancel();
             shared.udp_loops.close();
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), shared.udp_loops.wait())
-                    .await;
+            for (_, state) in shared.registry.all() {
+                state.close_all();
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                shared.udp_loops.wait().await;
+                shared.tasks.wait().await;
+            })
+            .await;
             left
         };
         // The log lines of the last requests, before the process exits.

@@ -2206,3 +2206,37 @@ fn a_backend_disabled_during_a_reload_stays_disabled_after_it() {
         }
     });
 }
+
+/// A tcp connection still open when a shutdown's drain deadline passes is closed as a backend's
+/// drain deadline closes one, and logged so, as a udp session cut there is: the log has a line
+/// for every connection, not only those that ended before the deadline.
+#[tokio::test]
+async fn a_tcp_connection_the_shutdown_deadline_cuts_has_its_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = Backend::echo().await;
+    let dir = temp_dir_for("tcplog-deadline");
+    let log = dir.join("tcp.log");
+    let mut proxy = Proxy::start(&format!(
+        "[global]\ndrain_timeout = \"200ms\"\n[[listeners]]\nname = \"l4\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\npool = \"e\"\naccess_log = {{ path = \"{}\" }}\n[pools.e]\nbackends = [\"{}\"]\n",
+        log.display(),
+        echo.addr
+    ));
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
+        .await
+        .expect("connect");
+    stream.write_all(b"hello").await.expect("write");
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await.expect("echo");
+    proxy.shutdown.cancel();
+    assert_eq!(proxy.drained().await, 1, "the deadline cut the connection");
+    let line = &json_lines(&log, 1).await[0];
+    assert_eq!(line["protocol"], "tcp");
+    assert_eq!(line["bytes_sent"], 5);
+    assert_eq!(line["bytes_received"], 5);
+    assert_eq!(line["outcome"], "drained");
+    // The client is told: its connection ends rather than hanging open.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection was closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
