@@ -2240,3 +2240,33 @@ async fn a_tcp_connection_the_shutdown_deadline_cuts_has_its_line() {
     assert!(ended.is_ok(), "the connection was closed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A request still waiting for its answer when a shutdown's drain deadline passes is answered
+/// 504, as at a backend's drain deadline, and logged, rather than dropped without a word.
+#[tokio::test]
+async fn a_request_the_shutdown_deadline_cuts_is_answered_and_logged() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = silent.local_addr().expect("addr");
+    let dir = temp_dir_for("httplog-deadline");
+    let log = dir.join("http.log");
+    let mut proxy = Proxy::start(&format!(
+        "[global]\ndrain_timeout = \"200ms\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"s\"\naccess_log = {{ path = \"{}\" }}\n[pools.s]\nbackends = [\"{backend}\"]\n",
+        log.display()
+    ));
+    let mut client = HttpClient::connect(proxy.addr("web")).await;
+    client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    // The backend takes the request and never answers.
+    let (_held, _) = tokio::time::timeout(PATIENCE, silent.accept())
+        .await
+        .expect("the request reached the backend")
+        .expect("accept");
+    proxy.shutdown.cancel();
+    let reply = client.reply().await.expect("an answer");
+    assert_eq!(reply.status, 504);
+    proxy.drained().await;
+    let line = &json_lines(&log, 1).await[0];
+    assert_eq!(line["status"], 504);
+    let _ = std::fs::remove_dir_all(&dir);
+}
