@@ -112,7 +112,7 @@ class Proxy:
             if self.process.poll() is not None:
                 raise Failure(f"{name} exited with {self.process.returncode}:\n{self.read_log()}")
             text = self.read_log()
-            admin = re.search(r"admin API listening addr=Some\(([0-9.:]+)\)", text)
+            admin = re.search(r"admin API listening addr=([0-9.:]+)", text)
             web = re.search(r"listening listener=web addr=([0-9.:]+)", text)
             if admin and web:
                 self.admin, self.web = admin.group(1), web.group(1)

@@ -288,9 +288,9 @@ async fn held_reloads(name: &str, backend: std::net::SocketAddr) -> Held {
     let admin = proxy
         .wait_for("admin API listening")
         .await
-        .split("Some(")
+        .split("addr=")
         .nth(1)
-        .and_then(|a| a.split(')').next())
+        .and_then(|a| a.split_whitespace().next())
         .and_then(|a| a.parse().ok())
         .expect("the admin address");
     let ready = next_message(&socket).await;

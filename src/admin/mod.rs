@@ -142,7 +142,10 @@ impl Admin {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let open = Arc::new(Open::default());
         let api = Arc::new(Api { handle });
-        info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
+        match self.listener.local_addr() {
+            Ok(addr) => info!(%addr, "admin API listening"),
+            Err(error) => info!(%error, "admin API listening (its address is unknown)"),
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
