@@ -4627,3 +4627,21 @@ response_timeout = "300ms"
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_status_code_outside_100_to_599_is_a_502_for_both_kinds_of_client() {
+    for answer in [
+        &b"HTTP/1.1 000 Zero\r\ncontent-length: 2\r\n\r\nok"[..],
+        b"HTTP/1.1 099 Low\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 600 High\r\ncontent-length: 2\r\n\r\nok",
+    ] {
+        let backend = canned_backend(answer).await;
+        let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("http/1.1 502 "), "{head}");
+        let mut sender = h2_connect(proxy.addr("l7")).await;
+        let (status, _, body) = h2_request(&mut sender, "GET", "http://x/", None).await;
+        assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    }
+}

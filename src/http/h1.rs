@@ -923,9 +923,19 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
         }
         Err(error) => return Err(map_parse_error(error)),
     };
+    // A head read in one piece is held to the limit a head that arrives in pieces is.
+    if len > MAX_HEAD_SIZE {
+        return Err(HeadError::TooLarge);
+    }
     check_line_ends(&buf[..len])?;
     let base: &[u8] = buf;
     let status = response.code.ok_or(HeadError::Malformed("no status"))?;
+    // Three digits are all httparse asks for; RFC 9110 section 15 makes the others invalid. A
+    // status under 100 would go out as a status line of fewer than three digits, and one over
+    // 599 tells a client nothing it can act on: the backend failed either way.
+    if !(100..=599).contains(&status) {
+        return Err(HeadError::Malformed("status code outside 100-599"));
+    }
     let minor_version = response.version.ok_or(HeadError::Malformed("no version"))?;
     let reason = range_of(base, response.reason.unwrap_or("").as_bytes());
     let headers = response.headers;
@@ -1675,6 +1685,20 @@ mod tests {
                 false
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_response_head_over_the_limit_is_refused_even_when_it_arrived_whole() {
+        // A backend that sends its head in one write may have it read in one piece, past the
+        // limit a head that arrives in pieces is held to.
+        let text = format!(
+            "HTTP/1.1 200 OK\r\nX: {}\r\nContent-Length: 0\r\n\r\n",
+            "a".repeat(MAX_HEAD_SIZE)
+        );
+        assert_eq!(
+            parse_response(&mut BytesMut::from(text.as_bytes()), false).map(|_| ()),
+            Err(HeadError::TooLarge)
         );
     }
 
