@@ -2238,3 +2238,68 @@ async fn streams_their_clients_cancel_are_not_held_against_an_http2_backend() {
     assert_eq!(state.consecutive_failures.load(SeqCst), 1);
     assert_eq!(state.ejections.load(SeqCst), 1);
 }
+
+/// An HTTP/2 backend whose answers end with trailers carrying fields a trailer section may not
+/// (RFC 9110 section 6.5.1: framing and Host), beside one it may.
+async fn forbidden_trailers_backend() -> Backend {
+    h2_backend_with(|_request, mut respond| async move {
+        let Ok(mut stream) = respond.send_response(h2_ok(), false) else {
+            return;
+        };
+        let _ = stream.send_data(Bytes::from_static(b"hello"), false);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("ok"));
+        trailers.insert("content-length", http::HeaderValue::from_static("99"));
+        trailers.insert("host", http::HeaderValue::from_static("elsewhere.example"));
+        trailers.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("192.0.2.1"),
+        );
+        let _ = stream.send_trailers(trailers);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn framing_and_host_trailers_of_an_http2_backend_reach_no_client() {
+    let backend = forbidden_trailers_backend().await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let (response, _) = sender
+            .send_request(grpc_request("/svc"), true)
+            .expect("send");
+        let response = head_of(response).await.expect("a response");
+        assert_eq!(response.status(), 200);
+        let (data, trailers) = read_all(&mut response.into_body()).await;
+        assert_eq!(data, b"hello");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(
+            trailers.get("x-checksum").map(|v| v.as_bytes()),
+            Some(&b"ok"[..])
+        );
+        for name in ["content-length", "host", "x-forwarded-for"] {
+            assert!(trailers.get(name).is_none(), "{name}: {trailers:?}");
+        }
+    }
+
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        client
+            .send(b"GET /svc HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+            .await;
+        let reply = client.reply().await.expect("a reply");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "hello");
+        let names: Vec<String> = reply
+            .trailers
+            .iter()
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .collect();
+        assert!(names.iter().any(|n| n == "x-checksum"), "{names:?}");
+        for name in ["content-length", "host", "x-forwarded-for"] {
+            assert!(!names.iter().any(|n| n == name), "{name}: {names:?}");
+        }
+    }
+}

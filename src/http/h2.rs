@@ -403,6 +403,10 @@ async fn relay_upstream(
                 return;
             }
             Some(Ok(frame)) => {
+                let frame = match frame.into_trailers() {
+                    Ok(trailers) => Frame::trailers(forwardable_trailers(trailers)),
+                    Err(frame) => frame,
+                };
                 if relay.send(frame).await.is_err() {
                     return;
                 }
@@ -552,6 +556,23 @@ impl RequestView for View<'_> {
 /// fields the proxy writes itself, and the [forwarding fields](is_forwarding_field).
 pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
     is_hop_or_framing(name) || is_forwarding_field(name)
+}
+
+/// An HTTP/2 backend's trailer section as it may reach a client: without the fields a trailer
+/// may not carry (RFC 9110 section 6.5.1: framing, Host; the h2 crate already refuses the
+/// connection-specific ones) nor the forwarding fields, as an HTTP/1.1 backend's trailers lose
+/// them (`h1::ChunkedDecoder::forwardable_trailers`): a client or cache that merges trailers
+/// into the head would otherwise take a `content-length` or `host` from there.
+pub(super) fn forwardable_trailers(mut trailers: HeaderMap) -> HeaderMap {
+    let dropped: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| is_connection_specific(name))
+        .cloned()
+        .collect();
+    for name in dropped {
+        trailers.remove(name);
+    }
+    trailers
 }
 
 /// Hop-by-hop fields, and the framing and Host fields the proxy writes itself.

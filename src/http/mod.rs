@@ -1957,7 +1957,7 @@ impl HttpProxy {
                         .map_err(|_| cut)?,
                     Err(frame) => {
                         if let Ok(map) = frame.into_trailers() {
-                            for (name, value) in &map {
+                            for (name, value) in &h2::forwardable_trailers(map) {
                                 trailers.extend_from_slice(name.as_str().as_bytes());
                                 trailers.extend_from_slice(b": ");
                                 trailers.extend_from_slice(value.as_bytes());
