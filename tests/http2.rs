@@ -2303,3 +2303,80 @@ async fn framing_and_host_trailers_of_an_http2_backend_reach_no_client() {
         }
     }
 }
+
+/// An HTTP/1.1 backend that answers an upload at once with a 413 and closes with the body
+/// unread: an HTTP/2 client gets that answer, as an HTTP/1.1 client does, and the backend is not
+/// held to have failed.
+#[tokio::test]
+async fn an_early_answer_of_an_http11_backend_to_an_upload_reaches_http2_clients() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+            .await;
+        // Closed with most of the body unread: the proxy's next writes fail.
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .method("PUT")
+        .uri("http://a/upload")
+        .body(())
+        .expect("request");
+    let (response, mut upload) = sender.send_request(request, false).expect("send");
+    // Queued whole; the h2 crate sends it as the windows allow.
+    let _ = upload.send_data(Bytes::from(vec![b'u'; 16 << 20]), true);
+    let response = head_of(response).await.expect("a response");
+    assert_eq!(response.status(), 413);
+    let (data, _) = read_all(&mut response.into_body()).await;
+    assert_eq!(data, b"too big!");
+    let state = proxy.registry.get("p", backend.addr).expect("state");
+    assert_eq!(
+        state
+            .consecutive_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+/// A 101 to a request that asked for no upgrade leaves the backend's connection in a protocol
+/// the proxy does not speak: an HTTP/2 client gets a 502 at once, as an HTTP/1.1 client does,
+/// rather than waiting out the response timeout for a response that will never come.
+#[tokio::test]
+async fn a_101_nobody_asked_for_is_a_502_for_http2_clients_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            .await;
+        // Waits for the other protocol's bytes until the proxy closes.
+        while fill(&mut stream, &mut buf).await {}
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "response_timeout = \"60s\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://a/")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("a response");
+    assert_eq!(response.status(), 502);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+}

@@ -1920,23 +1920,65 @@ async fn send_and_read(
             Framing::Chunked => h1::encode_chunk(&mut out, &data),
             _ => out.extend_from_slice(&data),
         }
-        super::write_within(&mut conn.stream, &out, idle)
+        if super::write_within(&mut conn.stream, &out, idle)
             .await
-            .map_err(|_| Attempt::Status(502))?;
+            .is_err()
+        {
+            return early_answer(conn, is_head, idle).await;
+        }
     }
     match framing {
         Framing::Chunked => {
-            super::write_within(&mut conn.stream, b"0\r\n\r\n", idle)
-                .await
-                .map_err(|_| Attempt::Status(502))?;
+            let ended = super::write_within(&mut conn.stream, b"0\r\n\r\n", idle).await;
+            if ended.is_err() {
+                return early_answer(conn, is_head, idle).await;
+            }
         }
         Framing::Length(n) if sent != n => return Err(Attempt::Client(400)),
         _ => {}
     }
-    let deadline = tokio::time::Instant::now() + idle;
+    read_head(conn, is_head, tokio::time::Instant::now() + idle).await
+}
+
+/// The answer of a backend that stopped taking the request body: it may have answered before
+/// reading it all (a 413, a 401), and that answer is what the client gets, as it would without
+/// a proxy (and as an HTTP/1.1 client does), not a 502 that blames the backend. The connection
+/// is not used again: the backend never read the rest of the body.
+async fn early_answer(
+    conn: &mut UpstreamConn,
+    is_head: bool,
+    idle: std::time::Duration,
+) -> Result<ResponseHead, Attempt> {
+    match read_head(conn, is_head, tokio::time::Instant::now() + idle).await {
+        Ok(mut response) => {
+            debug!(
+                status = response.status,
+                "the backend answered before taking the whole request body"
+            );
+            response.close = true;
+            Ok(response)
+        }
+        Err(Attempt::Client(status)) => Err(Attempt::Client(status)),
+        // Without an answer, the failed write is the backend's failure.
+        Err(_) => Err(Attempt::Status(502)),
+    }
+}
+
+/// Reads a response head from `conn` by `deadline`, passing over interim responses (HTTP/2
+/// clients are not sent them). A 101 is a failure: no upgrade was asked for, and the connection
+/// now speaks a protocol the proxy does not, in which no response head will ever come.
+async fn read_head(
+    conn: &mut UpstreamConn,
+    is_head: bool,
+    deadline: tokio::time::Instant,
+) -> Result<ResponseHead, Attempt> {
     loop {
         if !conn.buf.is_empty() {
             match h1::parse_response(&mut conn.buf, is_head) {
+                Ok(Some(response)) if response.status == 101 => {
+                    debug!("a 101 to a request that asked for no upgrade");
+                    return Err(Attempt::Status(502));
+                }
                 Ok(Some(response)) if (100..200).contains(&response.status) => continue,
                 Ok(Some(response)) => return Ok(response),
                 Ok(None) => {}
