@@ -2380,3 +2380,28 @@ async fn a_101_nobody_asked_for_is_a_502_for_http2_clients_at_once() {
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     assert_eq!(client.get("/", "").await.status, 502);
 }
+
+#[tokio::test]
+async fn a_status_code_over_599_from_an_http2_backend_is_a_502_for_both_kinds_of_client() {
+    let backend = h2_backend_with(|_request, mut respond| async move {
+        let response = http::Response::builder()
+            .status(600)
+            .body(())
+            .expect("response");
+        if let Ok(mut stream) = respond.send_response(response, false) {
+            let _ = stream.send_data(Bytes::from_static(b"ok"), true);
+        }
+    })
+    .await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://a/")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = head_of(response).await.expect("a response");
+    assert_eq!(response.status(), 502);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+}

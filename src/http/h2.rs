@@ -1507,6 +1507,13 @@ async fn forward_h2(
                 }
             };
             let response = match sent {
+                // The h2 crate takes any three digits; RFC 9110 section 15 makes a status over
+                // 599 invalid, as `h1::parse_response` holds it to be.
+                Ok(Ok(response)) if response.status().as_u16() > 599 => {
+                    debug!(backend = %addr, status = response.status().as_u16(), "http/2 backend answered an invalid status");
+                    pool.report(&state, false);
+                    return Err(502);
+                }
                 Ok(Ok(response)) => response,
                 // The client's fault, not the backend's: its stream there was reset.
                 Ok(Err(_)) if watch.too_large.load(Ordering::Relaxed) => return Err(413),

@@ -1620,6 +1620,13 @@ impl HttpProxy {
                     let send = self.h2_upstream.send(&lease, addr, pool, request);
                     tokio::pin!(send);
                     let response_parts = |sent: Result<http::Response<_>, _>| match sent {
+                        // The h2 crate takes any three digits; RFC 9110 section 15 makes a
+                        // status over 599 invalid, as `h1::parse_response` holds it to be.
+                        Ok(response) if response.status().as_u16() > 599 => {
+                            debug!(backend = %addr, status = response.status().as_u16(), "http/2 backend answered an invalid status");
+                            pool.report(&state, false);
+                            Err(Failure::Status(502))
+                        }
                         Ok(response) => Ok(http::Response::into_parts(response)),
                         Err(error) => {
                             debug!(backend = %addr, %error, "http/2 backend request failed");
