@@ -2405,3 +2405,98 @@ async fn a_status_code_over_599_from_an_http2_backend_is_a_502_for_both_kinds_of
     let mut client = HttpClient::connect(proxy.addr("l7")).await;
     assert_eq!(client.get("/", "").await.status, 502);
 }
+
+/// A head with `connection: close`, which HTTP/2 forbids (RFC 9113 section 8.2.2).
+fn connection_field(id: u32) -> Vec<u8> {
+    let mut block = vec![0x88, 0x00, 10];
+    block.extend_from_slice(b"connection");
+    block.push(5);
+    block.extend_from_slice(b"close");
+    frame(1, 0x5, id, &block)
+}
+
+/// A head with `content-length: 10` and a body of five bytes that ends the stream.
+fn short_of_its_length(id: u32) -> Vec<u8> {
+    let mut out = frame(1, 0x4, id, &[0x88, 0x5c, 2, b'1', b'0']);
+    out.extend(frame(0, 0x1, id, b"short"));
+    out
+}
+
+#[tokio::test]
+async fn malformed_answers_of_http2_backends_never_reach_a_client_as_valid() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let forbidden = raw_h2_backend(connection_field).await;
+    let proxy = proxy_for(&[forbidden.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://a/")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    assert_eq!(head_of(response).await.expect("a response").status(), 502);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+    let state = proxy.registry.get("p", forbidden.addr).expect("state");
+    assert!(
+        state
+            .consecutive_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+
+    let short = raw_h2_backend(short_of_its_length).await;
+    let proxy = proxy_for(&[short.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let request = http::Request::builder()
+        .uri("http://a/")
+        .body(())
+        .expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    match head_of(response).await {
+        Ok(response) if response.status() == 200 => {
+            let mut body = response.into_body();
+            let ended = loop {
+                match tokio::time::timeout(PATIENCE, body.data())
+                    .await
+                    .expect("data in time")
+                {
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => break Err(error),
+                    None => break Ok(()),
+                }
+            };
+            assert!(ended.is_err(), "a body short of its length ended cleanly");
+        }
+        Ok(response) => assert_eq!(response.status(), 502),
+        Err(_) => {}
+    }
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"502 Bad Gateway\n") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("an answer or a close in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    // A 502, or the head with its length and less than that: never ten bytes of body.
+    assert!(
+        text.starts_with("HTTP/1.1 502")
+            || (text.starts_with("HTTP/1.1 200")
+                && text.contains("content-length: 10\r\n")
+                && text
+                    .split_once("\r\n\r\n")
+                    .is_some_and(|(_, body)| body.len() < 10)),
+        "{text}"
+    );
+}
