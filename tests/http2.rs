@@ -2500,3 +2500,40 @@ async fn malformed_answers_of_http2_backends_never_reach_a_client_as_valid() {
         "{text}"
     );
 }
+
+/// A 204 with `content-length: 4` that goes on with a DATA frame, neither of which a response
+/// without content may have (RFC 9110 sections 6.4.1 and 8.6).
+fn no_content_with_data(id: u32) -> Vec<u8> {
+    let mut out = frame(1, 0x4, id, &[0x89, 0x5c, 1, b'4']);
+    out.extend(frame(0, 0x1, id, b"oops"));
+    out
+}
+
+#[tokio::test]
+async fn content_an_http2_backend_sends_with_a_204_reaches_no_client() {
+    let backend = raw_h2_backend(no_content_with_data).await;
+    let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let request = http::Request::builder()
+            .uri("http://a/")
+            .body(())
+            .expect("request");
+        let (response, _) = sender.send_request(request, true).expect("send");
+        let response = head_of(response).await.expect("a response");
+        assert_eq!(response.status(), 204);
+        assert!(
+            response.headers().get("content-length").is_none(),
+            "{:?}",
+            response.headers()
+        );
+        let (data, _) = read_all(&mut response.into_body()).await;
+        assert!(data.is_empty(), "{data:?}");
+    }
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    for _ in 0..2 {
+        let head = client.head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(head.starts_with("http/1.1 204"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+    }
+}

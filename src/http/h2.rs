@@ -1588,9 +1588,12 @@ async fn forward_h2(
     };
     trace.upstream = Some(upstream);
     let (parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
     let mut builder = Response::builder().status(parts.status);
     for (name, value) in &parts.headers {
-        if !is_connection_specific(name) || name == http::header::CONTENT_LENGTH {
+        // A 204 has no Content-Length (RFC 9110 section 8.6), as on the HTTP/1.1 paths.
+        if !is_connection_specific(name) || (name == http::header::CONTENT_LENGTH && status != 204)
+        {
             builder = builder.header(name, value);
         }
     }
@@ -1605,8 +1608,10 @@ async fn forward_h2(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let status = parts.status.as_u16();
-    let bodiless = is_head || status == 204 || status == 304 || body.is_end_stream();
+    // A response without content (RFC 9110 section 6.4.1) gets none, whatever the backend
+    // sends after its head, as on the HTTP/1.1 paths.
+    let no_content = is_head || status == 204 || status == 304;
+    let bodiless = no_content || body.is_end_stream();
     let (coding, encoder) = compression.map_or((Coding::Identity, None), |negotiation| {
         let shape = super::Shape {
             status,
@@ -1630,8 +1635,9 @@ async fn forward_h2(
         builder = builder.extension(Chosen(coding));
     }
     // An empty body (a trailers-only gRPC answer, say) ends the stream with the head, as the
-    // backend sent it.
-    let body = if body.is_end_stream() {
+    // backend sent it. The backend's stream of a response without content is dropped (reset)
+    // if it goes on.
+    let body = if bodiless {
         drop(guard);
         ResponseBody::Empty
     } else {
