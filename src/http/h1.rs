@@ -182,7 +182,7 @@ fn check_line_ends(head: &[u8]) -> Result<(), HeadError> {
     Ok(())
 }
 
-/// What the framing-related fields of a head say.
+/// What the framing-related fields of a head say, and which fields go on.
 #[derive(Default)]
 struct FramingFields {
     content_length: Option<u64>,
@@ -199,21 +199,73 @@ struct FramingFields {
     websocket: bool,
     /// TE lists `trailers`.
     te_trailers: bool,
-    /// Lower-cased names listed in Connection; those fields are hop-by-hop too.
-    connection_names: Vec<Vec<u8>>,
+    /// How many Host fields there were (requests only), and the last one's value.
+    hosts: usize,
+    host: Option<Range<usize>>,
+    /// The end-to-end fields, as ranges into the head: neither hop-by-hop nor framing fields,
+    /// nor (in a request) Host. Fields named in Connection, and a request's Expect when it is
+    /// `100-continue`, are taken out after the pass, as they are known only at its end.
+    kept: Vec<(Range<usize>, Range<usize>)>,
+}
+
+/// The fields a proxy treats specially, each recognised by a look at a name's length and then
+/// one or two comparisons, so that a head's fields are classified in a single pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    Upgrade,
+    Expect,
+    Host,
+    /// Any other field: end-to-end.
+    Other,
+}
+
+impl FieldKind {
+    /// The kind of the field called `name` (compared without regard to case).
+    fn of(name: &[u8]) -> FieldKind {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => FieldKind::Te,
+            4 if is(b"host") => FieldKind::Host,
+            6 if is(b"expect") => FieldKind::Expect,
+            7 if is(b"upgrade") => FieldKind::Upgrade,
+            7 if is(b"trailer") => FieldKind::Trailer,
+            10 if is(b"connection") => FieldKind::Connection,
+            10 if is(b"keep-alive") => FieldKind::KeepAlive,
+            14 if is(b"content-length") => FieldKind::ContentLength,
+            16 if is(b"proxy-connection") => FieldKind::ProxyConnection,
+            17 if is(b"transfer-encoding") => FieldKind::TransferEncoding,
+            _ => FieldKind::Other,
+        }
+    }
+
+    /// Whether a field of this kind never crosses the proxy (hop-by-hop, or framing that the
+    /// proxy writes itself).
+    fn is_hop_by_hop(self) -> bool {
+        !matches!(self, FieldKind::Expect | FieldKind::Host | FieldKind::Other)
+    }
 }
 
 /// Whether `name` contains `_` and reads as a hop-by-hop or framing field once `_` is `-`.
 fn looks_like_hop_by_hop(name: &[u8]) -> bool {
-    if !name.contains(&b'_') || name.len() > 32 {
+    // Only a name as long as one of those fields can be one; most are not, and are not scanned.
+    if !matches!(name.len(), 2 | 4 | 7 | 10 | 14 | 16 | 17) || !name.contains(&b'_') {
         return false;
     }
-    let mut normalized = [0u8; 32];
+    let mut normalized = [0u8; 17];
     for (n, &b) in normalized.iter_mut().zip(name) {
         *n = if b == b'_' { b'-' } else { b };
     }
-    is_hop_by_hop(&normalized[..name.len()])
-        || normalized[..name.len()].eq_ignore_ascii_case(b"host")
+    match FieldKind::of(&normalized[..name.len()]) {
+        FieldKind::Host => true,
+        kind => kind.is_hop_by_hop(),
+    }
 }
 
 /// Whether two field names name the same field to every server: compared without regard to
@@ -233,17 +285,7 @@ pub fn same_field_name(a: &[u8], b: &[u8]) -> bool {
 
 /// Whether `name` is a hop-by-hop field that never crosses the proxy.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    FieldKind::of(name).is_hop_by_hop()
 }
 
 fn trim(value: &[u8]) -> &[u8] {
@@ -280,70 +322,102 @@ fn comma_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Reads the framing fields; `Err` for the combinations that must be refused.
-fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, HeadError> {
-    let mut f = FramingFields::default();
+/// Reads the framing fields of a request's head (`request`) or a response's, and which fields
+/// are end-to-end, in one pass; `Err` for the combinations that must be refused.
+fn framing_fields(
+    base: &[u8],
+    headers: &[httparse::Header<'_>],
+    request: bool,
+) -> Result<FramingFields, HeadError> {
+    let mut f = FramingFields {
+        kept: Vec::with_capacity(headers.len()),
+        ..FramingFields::default()
+    };
+    // Lower-cased names listed in Connection; those fields are hop-by-hop too.
+    let mut connection_names: Vec<Vec<u8>> = Vec::new();
     for h in headers {
         let name = h.name.as_bytes();
-        if looks_like_hop_by_hop(name) {
+        let kind = FieldKind::of(name);
+        if kind == FieldKind::Other && looks_like_hop_by_hop(name) {
             // `Transfer_Encoding` is `Transfer-Encoding` to servers that map `_` to `-` (CGI
             // does): forwarding it would hand them a framing we never saw.
             return Err(HeadError::Malformed(
                 "header name disguised as a hop-by-hop field",
             ));
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let value = trim(h.value);
-            if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::Malformed("invalid Content-Length"));
-            }
-            let n: u64 = value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'));
-            match f.content_length {
-                Some(previous) if previous != n => {
-                    return Err(HeadError::Malformed("conflicting Content-Length"));
+        match kind {
+            FieldKind::ContentLength => {
+                let value = trim(h.value);
+                if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+                    return Err(HeadError::Malformed("invalid Content-Length"));
                 }
-                Some(_) => f.duplicate_length = true,
-                None => f.content_length = Some(n),
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            f.transfer_encoding = true;
-            for coding in comma_list(h.value) {
-                if f.chunked {
-                    // Anything after chunked means the body is not chunked-delimited.
-                    return Err(HeadError::Malformed(
-                        "Transfer-Encoding does not end in chunked",
-                    ));
-                }
-                if coding.eq_ignore_ascii_case(b"chunked") {
-                    f.chunked = true;
-                } else {
-                    f.other_coding = true;
+                let n: u64 = value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'));
+                match f.content_length {
+                    Some(previous) if previous != n => {
+                        return Err(HeadError::Malformed("conflicting Content-Length"));
+                    }
+                    Some(_) => f.duplicate_length = true,
+                    None => f.content_length = Some(n),
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in comma_list(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    f.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    f.keep_alive = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    f.connection_upgrade = true;
-                } else {
-                    f.connection_names.push(token.to_ascii_lowercase());
+            FieldKind::TransferEncoding => {
+                f.transfer_encoding = true;
+                for coding in comma_list(h.value) {
+                    if f.chunked {
+                        // Anything after chunked means the body is not chunked-delimited.
+                        return Err(HeadError::Malformed(
+                            "Transfer-Encoding does not end in chunked",
+                        ));
+                    }
+                    if coding.eq_ignore_ascii_case(b"chunked") {
+                        f.chunked = true;
+                    } else {
+                        f.other_coding = true;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"expect")
-            && trim(h.value).eq_ignore_ascii_case(b"100-continue")
-        {
-            f.expect_continue = true;
-        } else if name.eq_ignore_ascii_case(b"upgrade")
-            && comma_list(h.value).any(|p| p.eq_ignore_ascii_case(b"websocket"))
-        {
-            f.websocket = true;
-        } else if name.eq_ignore_ascii_case(b"te")
-            && comma_list(h.value).any(|c| c.eq_ignore_ascii_case(b"trailers"))
-        {
-            f.te_trailers = true;
+            FieldKind::Connection => {
+                for token in comma_list(h.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        f.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        f.keep_alive = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        f.connection_upgrade = true;
+                    } else {
+                        connection_names.push(token.to_ascii_lowercase());
+                    }
+                }
+            }
+            FieldKind::Expect => {
+                if trim(h.value).eq_ignore_ascii_case(b"100-continue") {
+                    f.expect_continue = true;
+                }
+            }
+            FieldKind::Upgrade => {
+                if comma_list(h.value).any(|p| p.eq_ignore_ascii_case(b"websocket")) {
+                    f.websocket = true;
+                }
+            }
+            FieldKind::Te => {
+                if comma_list(h.value).any(|c| c.eq_ignore_ascii_case(b"trailers")) {
+                    f.te_trailers = true;
+                }
+            }
+            FieldKind::Host if request => {
+                f.hosts += 1;
+                f.host = Some(range_of(base, h.value));
+            }
+            FieldKind::KeepAlive
+            | FieldKind::ProxyConnection
+            | FieldKind::Trailer
+            | FieldKind::Host
+            | FieldKind::Other => {}
+        }
+        // A request's Host is kept apart (the proxy writes its own); a response's passes.
+        let dropped = kind.is_hop_by_hop() || (request && kind == FieldKind::Host);
+        if !dropped {
+            f.kept.push((range_of(base, name), range_of(base, h.value)));
         }
     }
     if f.transfer_encoding && f.content_length.is_some() {
@@ -351,28 +425,20 @@ fn framing_fields(headers: &[httparse::Header<'_>]) -> Result<FramingFields, Hea
             "both Content-Length and Transfer-Encoding",
         ));
     }
+    // A request's `Expect: 100-continue` is answered here, so no Expect goes on with it.
+    if request && f.expect_continue {
+        f.kept
+            .retain(|(name, _)| FieldKind::of(&base[name.clone()]) != FieldKind::Expect);
+    }
+    if !connection_names.is_empty() {
+        f.kept.retain(|(name, _)| {
+            let name = &base[name.clone()];
+            !connection_names
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(name))
+        });
+    }
     Ok(f)
-}
-
-/// The end-to-end fields of a head, as ranges into `base`.
-fn end_to_end(
-    base: &[u8],
-    headers: &[httparse::Header<'_>],
-    connection_names: &[Vec<u8>],
-    skip: &[&[u8]],
-) -> Vec<(Range<usize>, Range<usize>)> {
-    headers
-        .iter()
-        .filter(|h| {
-            let name = h.name.as_bytes();
-            !is_hop_by_hop(name)
-                && !skip.iter().any(|s| s.eq_ignore_ascii_case(name))
-                && !connection_names
-                    .iter()
-                    .any(|c| c.eq_ignore_ascii_case(name))
-        })
-        .map(|h| (range_of(base, h.name.as_bytes()), range_of(base, h.value)))
-        .collect()
 }
 
 fn map_parse_error(error: httparse::Error) -> HeadError {
@@ -659,7 +725,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let minor_version = request.version.ok_or(HeadError::Malformed("no version"))?;
     let headers = request.headers;
 
-    let fields = framing_fields(headers)?;
+    let fields = framing_fields(base, headers, true)?;
     if fields.transfer_encoding && minor_version == 0 {
         return Err(HeadError::Malformed(
             "Transfer-Encoding in an HTTP/1.0 request",
@@ -686,15 +752,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     }
 
     // Host: exactly one in HTTP/1.1 (RFC 9112 section 3.2); an absolute-form target names it.
-    let mut host = None;
-    let mut hosts = 0;
-    for h in headers.iter() {
-        if h.name.eq_ignore_ascii_case("host") {
-            hosts += 1;
-            host = Some(range_of(base, h.value));
-        }
-    }
-    if hosts > 1 {
+    let mut host = fields.host.clone();
+    if fields.hosts > 1 {
         return Err(HeadError::Malformed("more than one Host"));
     }
     if let Some(range) = &host
@@ -759,12 +818,6 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     }
     let ambiguous = fields.duplicate_length || (bodiless_method && framing != Framing::Empty);
     let method_range = range_of(base, method.as_bytes());
-    let skip: &[&[u8]] = if fields.expect_continue {
-        &[b"expect", b"host"]
-    } else {
-        &[b"host"]
-    };
-    let kept = end_to_end(base, headers, &fields.connection_names, skip);
     let websocket = fields.connection_upgrade
         && fields.websocket
         && minor_version == 1
@@ -776,7 +829,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         method: method_range,
         target: target_form,
         minor_version,
-        fields: kept,
+        fields: fields.kept,
         framing,
         close,
         expect_continue: fields.expect_continue,
@@ -939,7 +992,7 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
     let minor_version = response.version.ok_or(HeadError::Malformed("no version"))?;
     let reason = range_of(base, response.reason.unwrap_or("").as_bytes());
     let headers = response.headers;
-    let fields = framing_fields(headers)?;
+    let fields = framing_fields(base, headers, false)?;
     let framing = if head || (100..200).contains(&status) || status == 204 || status == 304 {
         Framing::Empty
     } else if fields.chunked {
@@ -964,14 +1017,13 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
     let close = fields.close
         || (minor_version == 0 && (!fields.keep_alive || fields.transfer_encoding))
         || framing == Framing::UntilClose;
-    let kept = end_to_end(base, headers, &fields.connection_names, &[]);
     let raw = buf.split_to(len).freeze();
     Ok(Some(ResponseHead {
         raw,
         status,
         reason,
         minor_version,
-        fields: kept,
+        fields: fields.kept,
         framing,
         close,
         request_cut: false,
@@ -1577,6 +1629,53 @@ mod tests {
         head.write_upstream(&mut out, None, None, &[], &[]);
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(text, "GET / HTTP/1.1\r\nhost: a\r\nX-Kept: 2\r\n\r\n");
+    }
+
+    #[test]
+    fn end_to_end_fields_are_chosen_in_one_pass() {
+        // A field named in a Connection that comes after it is dropped all the same, in any
+        // case; with `Expect: 100-continue`, which the proxy answers, every Expect goes.
+        let head = request(
+            "POST / HTTP/1.1\r\nX-Early: 1\r\nExpect: 100-continue\r\nHost: a\r\nEXPECT: x\r\nContent-Length: 1\r\nconnection: x-early\r\nTrailer: t\r\nX-Te: 3\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let fields: Vec<_> = head.fields().collect();
+        assert_eq!(fields, [(&b"X-Te"[..], &b"3"[..])]);
+        // Without it, Expect passes.
+        let head = request("GET / HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.header("expect"), Some(&b"x"[..]));
+        // A response keeps Host and Expect, and loses its hop-by-hop and framing fields.
+        let response = parse_response(
+            &mut BytesMut::from(
+                &b"HTTP/1.1 200 OK\r\nHost: h\r\nTE: trailers\r\nExpect: e\r\nContent-Length: 0\r\nKeep-Alive: 5\r\nProxy-Connection: x\r\nUpgrade: u\r\n\r\n"[..],
+            ),
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let fields: Vec<_> = response.fields().collect();
+        assert_eq!(
+            fields,
+            [(&b"Host"[..], &b"h"[..]), (&b"Expect"[..], &b"e"[..])]
+        );
+        // Disguised with `_`, each of them is refused, in either head.
+        for name in [
+            "Transfer_Encoding",
+            "content_length",
+            "Keep_Alive",
+            "Proxy_Connection",
+        ] {
+            let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{name}: 1\r\n\r\n");
+            assert!(request(&text).is_err(), "{name}");
+            let text = format!("HTTP/1.1 200 OK\r\n{name}: 1\r\n\r\n");
+            assert!(
+                parse_response(&mut BytesMut::from(text.as_bytes()), false).is_err(),
+                "{name}"
+            );
+        }
     }
 
     #[test]
