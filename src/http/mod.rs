@@ -1293,29 +1293,33 @@ impl HttpProxy {
                 (&client.stream, &conn.stream),
                 (Stream::Plain(_), Stream::Plain(_))
             );
-        let transfer = transfer_body(
-            &mut conn.stream,
-            &mut conn.buf,
-            &mut client.stream,
-            &mut out,
-            Body {
-                input: response.framing,
-                output: client_framing,
-                idle: pool.response_timeout,
-                limit: None,
-                splice: self.splice.then_some(&self.stats.spliced),
-                then_close: close,
-            },
-            &mut encoder,
-        );
-        let done = tokio::select! {
-            // The transfer first: once it is done, the drain token is not looked at again
-            // (each look takes its lock), and no random order is drawn.
-            biased;
-            done = transfer => done,
-            () = closer.cancelled() => Err(BodyError::Read(io::Error::other(
-                "the backend's drain deadline passed",
-            ))),
+        let done = {
+            // Pinned here, as the exchange is in `try_backends`: the select then moves a pointer,
+            // not the transfer's state.
+            let transfer = std::pin::pin!(transfer_body(
+                &mut conn.stream,
+                &mut conn.buf,
+                &mut client.stream,
+                &mut out,
+                Body {
+                    input: response.framing,
+                    output: client_framing,
+                    idle: pool.response_timeout,
+                    limit: None,
+                    splice: self.splice.then_some(&self.stats.spliced),
+                    then_close: close,
+                },
+                &mut encoder,
+            ));
+            tokio::select! {
+                // The transfer first: once it is done, the drain token is not looked at again
+                // (each look takes its lock), and no random order is drawn.
+                biased;
+                done = transfer => done,
+                () = closer.cancelled() => Err(BodyError::Read(io::Error::other(
+                    "the backend's drain deadline passed",
+                ))),
+            }
         };
         drop(guard);
         match done {
@@ -2195,22 +2199,26 @@ impl HttpProxy {
                 };
                 let reused = conn.reused;
                 let started = Instant::now();
-                let sent = send_request(
-                    client,
-                    head,
-                    &mut conn,
-                    request,
-                    started,
-                    pool.response_timeout,
-                    self,
-                );
-                let sent = tokio::select! {
-                    // The exchange first, as for the body in `forward`.
-                    biased;
-                    sent = sent => sent,
-                    () = picked.closer.cancelled() => {
-                        debug!(pool = %pool.name, backend = %addr, "no response before the backend's drain deadline");
-                        return Err(Failure::Status(504));
+                let sent = {
+                    // Pinned here, so that the select below moves a pointer rather than the whole
+                    // future, which holds the response read: a copy of a few hundred bytes, twice.
+                    let sending = std::pin::pin!(send_request(
+                        client,
+                        head,
+                        &mut conn,
+                        request,
+                        started,
+                        pool.response_timeout,
+                        self,
+                    ));
+                    tokio::select! {
+                        // The exchange first, as for the body in `forward`.
+                        biased;
+                        sent = sending => sent,
+                        () = picked.closer.cancelled() => {
+                            debug!(pool = %pool.name, backend = %addr, "no response before the backend's drain deadline");
+                            return Err(Failure::Status(504));
+                        }
                     }
                 };
                 match sent {
