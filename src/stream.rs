@@ -40,6 +40,24 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// Whether the TLS layer holds something not read yet: decrypted bytes (a record that went
+    /// on past the end of what was read from it) or the peer's close_notify. A connection that
+    /// does cannot be given another request, and a look at the socket alone would not see it.
+    /// Plain TCP holds nothing. What is looked at may be consumed: only for a connection about
+    /// to be given up when there is something.
+    pub fn tls_holds_unread(&mut self) -> bool {
+        use std::io::Read;
+        let Stream::Tls(tls) = self else {
+            return false;
+        };
+        let mut probe = [0u8; 1];
+        let read = match tls.as_mut() {
+            tokio_rustls::TlsStream::Client(client) => client.get_mut().1.reader().read(&mut probe),
+            tokio_rustls::TlsStream::Server(server) => server.get_mut().1.reader().read(&mut probe),
+        };
+        !matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// Writes what the socket takes at once without waiting: for TLS, what the TLS layer takes
     /// (it encrypts into its own buffer and writes what the socket takes). `WouldBlock` when
     /// nothing could be written; after a TLS write, [`Stream::try_flush`] says whether the
@@ -376,6 +394,125 @@ impl Flow {
                     return Poll::Pending;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A TLS connection over loopback: the client side, and the server side's stream.
+    async fn tls_pair() -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        tokio_rustls::server::TlsStream<TcpStream>,
+    ) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["backend.test".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let der = cert.der().clone();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = async {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(tcp)
+                .await
+                .expect("server handshake")
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("backend.test").expect("name");
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(name, tcp)
+                .await
+                .expect("client handshake")
+        };
+        let (server, client) = tokio::join!(accept, connect);
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn bytes_held_by_the_tls_layer_are_seen_though_the_socket_is_empty() {
+        let (mut client, mut server) = tls_pair().await;
+        // Two bytes in one record; the reader takes one, as a response ending inside a record.
+        server.write_all(b"ab").await.expect("write");
+        server.flush().await.expect("flush");
+        let mut one = [0u8; 1];
+        client.read_exact(&mut one).await.expect("read");
+        assert_eq!(&one, b"a");
+        let mut stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(client)));
+        let mut probe = [0u8; 1];
+        assert!(
+            matches!(stream.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "the socket itself has nothing"
+        );
+        assert!(
+            stream.tls_holds_unread(),
+            "the TLS layer holds the second byte"
+        );
+        // The look took it: nothing is left.
+        assert!(!stream.tls_holds_unread());
+    }
+
+    /// The pool of idle backend connections keeps a TLS one only when its TLS layer holds
+    /// nothing of the backend's beyond the response.
+    #[tokio::test]
+    async fn a_tls_backend_connection_holding_stray_bytes_is_not_kept() {
+        use crate::http::upstream::{Keepalive, UpstreamConn, UpstreamPool};
+        let limits = Keepalive {
+            connections: 8,
+            timeout: Duration::from_secs(60),
+        };
+        let pool = UpstreamPool::default();
+        for (stray, kept) in [(true, false), (false, true)] {
+            let (mut client, mut server) = tls_pair().await;
+            server
+                .write_all(if stray { b"ab" } else { b"a" })
+                .await
+                .expect("write");
+            server.flush().await.expect("flush");
+            let mut one = [0u8; 1];
+            client.read_exact(&mut one).await.expect("read");
+            let addr = client.get_ref().0.peer_addr().expect("peer");
+            let key = (addr, 0);
+            pool.checkin(
+                UpstreamConn {
+                    stream: Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(client))),
+                    addr,
+                    key,
+                    buf: bytes::BytesMut::new(),
+                    reused: false,
+                    long_bodies: false,
+                },
+                limits,
+            );
+            assert_eq!(
+                pool.checkout(key, limits).is_some(),
+                kept,
+                "stray bytes: {stray}"
+            );
+            drop(server);
         }
     }
 }

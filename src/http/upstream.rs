@@ -131,8 +131,10 @@ impl UpstreamPool {
     /// Returns a connection that is ready for another request, kept within `limits`.
     pub fn checkin(&self, mut conn: UpstreamConn, limits: Keepalive) {
         let key = conn.key;
-        if !conn.buf.is_empty() || limits.connections == 0 {
-            // The backend sent more than the response: it cannot be trusted with another one.
+        if !conn.buf.is_empty() || limits.connections == 0 || conn.stream.tls_holds_unread() {
+            // The backend sent more than the response (into the buffer, or into the TLS
+            // layer's when a read ended where the response did): it cannot be trusted with
+            // another one.
             return;
         }
         // An idle connection keeps no read buffer.
