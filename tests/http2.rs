@@ -498,10 +498,12 @@ async fn an_http2_client_that_stops_reading_releases_its_http11_backend() {
 type Sent = Arc<std::sync::atomic::AtomicUsize>;
 
 /// An HTTP/2 backend whose `/big` streams send 8 MiB as fast as flow control lets them,
-/// counting what went out in `sent`, and whose other paths answer "ok".
-async fn big_h2_backend(sent: Sent) -> Backend {
+/// counting what went out in `sent` and the streams ended by a reset (given up by the proxy)
+/// in `given_up`, and whose other paths answer "ok".
+async fn big_h2_backend(sent: Sent, given_up: Arc<tokio::sync::watch::Sender<usize>>) -> Backend {
     h2_backend_with(move |request, mut respond| {
         let sent = Arc::clone(&sent);
+        let given_up = Arc::clone(&given_up);
         async move {
             let head = h2_ok();
             let Ok(mut send) = respond.send_response(head, false) else {
@@ -515,6 +517,7 @@ async fn big_h2_backend(sent: Sent) -> Backend {
             while left > 0 {
                 send.reserve_capacity(left.min(64 * 1024));
                 let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+                    given_up.send_modify(|n| *n += 1);
                     return;
                 };
                 if n == 0 {
@@ -535,7 +538,8 @@ async fn big_h2_backend(sent: Sent) -> Backend {
 #[tokio::test]
 async fn clients_that_stop_reading_do_not_stall_a_shared_http2_backend_connection() {
     let sent: Sent = Arc::default();
-    let backend = big_h2_backend(Arc::clone(&sent)).await;
+    let (given_up, mut streams_given_up) = tokio::sync::watch::channel(0);
+    let backend = big_h2_backend(Arc::clone(&sent), Arc::new(given_up)).await;
     let proxy = proxy_for(
         &[backend.addr],
         "upstream_protocol = \"h2\"\nresponse_timeout = \"300ms\"",
@@ -548,8 +552,15 @@ async fn clients_that_stop_reading_do_not_stall_a_shared_http2_backend_connectio
         stalled_bodies.push(stalled(&mut sender, "/big").await);
         stalled_bodies.push(stalled(&mut sender, "/big").await);
     }
+    // The proxy gives them up (their backend streams are reset), which frees the window of
+    // the shared connection: waited for here rather than raced, as a loaded machine may give
+    // the next request's own pause limit no more slack than theirs.
+    tokio::time::timeout(PATIENCE, streams_given_up.wait_for(|n| *n >= 8))
+        .await
+        .expect("the stalled streams are given up in time")
+        .expect("backend alive");
+    // Another client is still served on that connection.
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    // Another client is still served, once the stalled streams are given up.
     assert_eq!(get(&mut sender, "/small").await, (200, b"ok".to_vec()));
     assert!(sent.load(std::sync::atomic::Ordering::SeqCst) >= 5 * 1024 * 1024);
     drop(stalled_bodies);
