@@ -11,12 +11,16 @@
 //! every interval. A name the resolvers answer for with no address keeps them only for
 //! `global.resolve_hold`: the addresses of a service that is gone may soon be another's. A
 //! reload looks every name up itself, so it starts the interval over.
+//!
+//! A short name is completed with the search list (`dns::resolve`) each time, in the same
+//! order, so the name that answers stays the one that answered while it has addresses; when
+//! another answers instead, that is logged at `info`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{MIN_RESOLVE_INTERVAL, PoolConfig};
 use crate::dns::{self, DnsError, Resolved};
@@ -43,6 +47,8 @@ pub async fn run(handle: ServerHandle) {
     let mut ttls: HashMap<String, Duration> = HashMap::new();
     // Since when the resolvers have said that each name has no address, for `resolve_hold`.
     let mut absent: HashMap<String, Instant> = HashMap::new();
+    // The name of the search list that last answered for each name written.
+    let mut answered: HashMap<String, String> = HashMap::new();
     let mut reloaded = true;
     loop {
         let config = handle.config();
@@ -50,6 +56,7 @@ pub async fn run(handle: ServerHandle) {
             // The reload found an address for every name.
             absent.clear();
             ttls.clear();
+            answered.clear();
             for name in config
                 .pools
                 .values()
@@ -57,6 +64,7 @@ pub async fn run(handle: ServerHandle) {
             {
                 let ttl = ttls.entry(name.host.clone()).or_insert(name.ttl);
                 *ttl = name.ttl.min(*ttl);
+                answered.insert(name.host.clone(), name.answered.clone());
             }
         }
         let hold = config.global.resolve_hold;
@@ -87,6 +95,7 @@ pub async fn run(handle: ServerHandle) {
             continue;
         }
         let resolvers = config.global.resolvers.clone();
+        let search = config.global.search.clone();
         // Every name of every pool at once, and each once however many entries name it: a
         // resolver that times out on one name must not hold the others' answers back by as
         // long again.
@@ -99,7 +108,7 @@ pub async fn run(handle: ServerHandle) {
         hosts.dedup();
         let looked_up = tokio::task::spawn_blocking(move || {
             let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
-            let results = dns::lookup_all(&names, &resolvers, dns::QUERY_TIMEOUT);
+            let results = dns::lookup_all(&names, &search, &resolvers, dns::QUERY_TIMEOUT);
             hosts.into_iter().zip(results).collect::<Answers>()
         })
         .await;
@@ -115,6 +124,7 @@ pub async fn run(handle: ServerHandle) {
             }
         }
         warn_of_skipped(&mut skipped, &answers);
+        note_answering_names(&mut answered, &answers);
         // A name that failed keeps the TTL it had, as it keeps its addresses.
         ttls.retain(|host, _| answers.contains_key(host));
         for (host, answer) in &answers {
@@ -241,6 +251,23 @@ fn follow(
         "backends follow the DNS"
     );
     Some(next)
+}
+
+/// Logs the name of the search list that answered for each name, at `info` when it is
+/// another than the one that answered last; `answered` holds those.
+fn note_answering_names(answered: &mut HashMap<String, String>, answers: &Answers) {
+    for (host, answer) in answers {
+        let Ok(resolved) = answer else {
+            continue;
+        };
+        match answered.insert(host.clone(), resolved.name.clone()) {
+            Some(before) if before != resolved.name => {
+                info!(name = %host, answered = %resolved.name, before = %before, "a backend name now resolves as another name of the search list");
+            }
+            Some(_) => {}
+            None => debug!(name = %host, answered = %resolved.name, "a backend name resolves"),
+        }
+    }
 }
 
 /// Warns of the addresses no backend can have in `answers`, once for each name while they stay

@@ -9,6 +9,12 @@
 //! family answered is enough when the other's reply never comes or is a failure. A lookup
 //! also gives the shortest TTL of the records it used, and sets apart addresses that no
 //! backend can have. The calls block, so callers run them off the runtime's threads.
+//!
+//! A name is completed as stub resolvers complete it (resolv.conf(5)): [`resolve`] asks the
+//! candidates [`candidates`] gives, in turn, and the first with addresses answers. One that
+//! has no address passes the name to the next; one whose lookup fails ends the search there,
+//! as musl's does, so that a resolver's hiccup never moves a backend to another domain's
+//! addresses.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
@@ -45,6 +51,11 @@ const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 const RCODE_NXDOMAIN: u8 = 3;
 
+/// The `ndots` resolv.conf(5) gives when it sets none.
+pub const DEFAULT_NDOTS: u8 = 1;
+/// The largest `ndots`: glibc and musl lower a larger one to it.
+pub const MAX_NDOTS: u8 = 15;
+
 /// Why a lookup found no address.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DnsError {
@@ -76,14 +87,43 @@ pub enum DnsError {
         /// What it resolved to.
         skipped: Vec<IpAddr>,
     },
+    /// The resolvers answered for every name of the search list, with no address.
+    #[error("no name of the search list has an address (asked {})", quoted(.tried))]
+    NoAddressSearched {
+        /// The name as written.
+        host: String,
+        /// The names asked, in order.
+        tried: Vec<String>,
+    },
+    /// The lookup of one name of the search list failed, which ends the search: the names
+    /// after it might be another service's.
+    #[error("asking for `{name}` failed, which ends the search ({})", .source)]
+    SearchFailed {
+        /// The name asked when it failed.
+        name: String,
+        /// Why it failed.
+        source: Box<DnsError>,
+    },
 }
 
 impl DnsError {
     /// Whether the resolvers answered that the name has no address a backend can have (no
     /// such name, no record, or only unusable addresses), rather than failed to answer.
     pub fn is_answer(&self) -> bool {
-        matches!(self, DnsError::NoAddress(_) | DnsError::Unusable { .. })
+        matches!(
+            self,
+            DnsError::NoAddress(_) | DnsError::Unusable { .. } | DnsError::NoAddressSearched { .. }
+        )
     }
+}
+
+/// `names` written out for a message, each in backquotes.
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|name| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `addrs` written out for a message.
@@ -105,6 +145,8 @@ pub struct Resolved {
     pub skipped: Vec<IpAddr>,
     /// How long the answer may be kept: the shortest TTL of the records it came from.
     pub ttl: Duration,
+    /// The name that answered: the one looked up, completed by a search domain when it was.
+    pub name: String,
 }
 
 /// Whether a backend can have `ip`: not the unspecified address (`0.0.0.0`, `::`, which some
@@ -164,24 +206,136 @@ impl QueryType {
     }
 }
 
-/// The nameservers of `/etc/resolv.conf` (port 53), what lookups use when the file names no
-/// `global.resolvers`. A missing file gives none.
-pub fn system_resolvers() -> Vec<SocketAddr> {
-    parse_resolv_conf(&std::fs::read_to_string(Path::new("/etc/resolv.conf")).unwrap_or_default())
+/// How a name is completed before it is asked: resolv.conf's `search` and `ndots`, or the
+/// file's `global.search` and `global.ndots`, so that short names (`api`, `api.prod`) resolve
+/// as they do for every other program on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Search {
+    /// The domains a name is completed with, in the order they are tried; none turns the
+    /// search off. Each is a valid name without its trailing dot.
+    pub domains: Vec<String>,
+    /// A name with at least this many dots is asked as written before it is completed; one
+    /// with fewer, after.
+    pub ndots: u8,
 }
 
-/// The `nameserver` lines of a resolv.conf text. An IPv6 link-local address keeps the
-/// interface its zone names (`fe80::1%eth0`, or by index, `%2`), without which it could not be
-/// reached, as on networks whose routers announce their own address as the resolver. Lines that
-/// are not an IP address, or name an interface that does not exist, are passed over.
-pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next() == Some("nameserver")).then(|| words.next())?
-        })
-        .filter_map(nameserver)
-        .collect()
+impl Default for Search {
+    fn default() -> Search {
+        Search {
+            domains: Vec::new(),
+            ndots: DEFAULT_NDOTS,
+        }
+    }
+}
+
+/// What `/etc/resolv.conf` says that lookups use: whom to ask, and how to complete names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvConf {
+    /// The `nameserver` lines, at the DNS port.
+    pub nameservers: Vec<SocketAddr>,
+    /// The `search` or `domain` line and `options ndots:`.
+    pub search: Search,
+}
+
+/// `/etc/resolv.conf`, with the `LOCALDOMAIN` and `RES_OPTIONS` environment variables applied
+/// as the C library applies them: what lookups use when the file names no `global.resolvers`,
+/// `global.search` or `global.ndots`. A missing file gives no nameserver and no search.
+pub fn system_conf() -> ResolvConf {
+    let mut conf = parse_resolv_conf(
+        &std::fs::read_to_string(Path::new("/etc/resolv.conf")).unwrap_or_default(),
+    );
+    apply_env(
+        &mut conf.search,
+        std::env::var("LOCALDOMAIN").ok().as_deref(),
+        std::env::var("RES_OPTIONS").ok().as_deref(),
+    );
+    conf
+}
+
+/// A resolv.conf text, as resolv.conf(5) reads it: the `nameserver` lines; the last `search`
+/// or `domain` line (`domain` is a search list of one); and `ndots:N` of the `options` lines,
+/// lowered to [`MAX_NDOTS`]. An IPv6 link-local nameserver keeps the interface its zone names
+/// (`fe80::1%eth0`, or by index, `%2`), without which it could not be reached, as on networks
+/// whose routers announce their own address as the resolver. Values that are not an IP address,
+/// an interface that does not exist, a domain that is not a valid name, or an `ndots` that is
+/// not a number are passed over. Unlike glibc, the host's own domain is not taken as a search
+/// list when the text has none (musl does not either).
+pub fn parse_resolv_conf(text: &str) -> ResolvConf {
+    let mut conf = ResolvConf::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => conf.nameservers.extend(words.next().and_then(nameserver)),
+            Some("search") => conf.search.domains = search_list(words),
+            Some("domain") => conf.search.domains = search_list(words.take(1)),
+            Some("options") => apply_options(&mut conf.search, words),
+            _ => {}
+        }
+    }
+    conf
+}
+
+/// The environment variables that override resolv.conf: `LOCALDOMAIN` is a search list that
+/// replaces the file's (empty, it turns the search off), and `RES_OPTIONS` holds options read
+/// after the file's.
+pub fn apply_env(search: &mut Search, localdomain: Option<&str>, res_options: Option<&str>) {
+    if let Some(domains) = localdomain {
+        search.domains = search_list(domains.split_whitespace());
+    }
+    if let Some(options) = res_options {
+        apply_options(search, options.split_whitespace());
+    }
+}
+
+/// The domains of a `search` line, up to a comment, without the invalid ones and repeats.
+fn search_list<'a>(words: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut domains: Vec<String> = Vec::new();
+    for word in words.take_while(|w| !w.starts_with(['#', ';'])) {
+        if let Some(domain) = search_domain(word)
+            && !domains.iter().any(|d| d.eq_ignore_ascii_case(&domain))
+        {
+            domains.push(domain);
+        }
+    }
+    domains
+}
+
+/// `word` as a search domain: a valid name, without its trailing dot, else `None`.
+pub fn search_domain(word: &str) -> Option<String> {
+    encode_name(word)?;
+    Some(word.strip_suffix('.').unwrap_or(word).to_owned())
+}
+
+/// The `ndots:N` among `options`; the other options do not concern these lookups.
+fn apply_options<'a>(search: &mut Search, options: impl Iterator<Item = &'a str>) {
+    for option in options {
+        if let Some(n) = option.strip_prefix("ndots:")
+            && let Ok(n) = n.parse::<u32>()
+        {
+            search.ndots = n.min(u32::from(MAX_NDOTS)) as u8;
+        }
+    }
+}
+
+/// The names asked for `host`, in order, as stub resolvers ask them: a name ending in a dot
+/// only as written; one with at least `ndots` dots as written, then completed by each search
+/// domain; one with fewer completed first, then as written. Completions that would be too
+/// long for a name are left out.
+pub fn candidates(host: &str, search: &Search) -> Vec<String> {
+    if host.ends_with('.') || search.domains.is_empty() {
+        return vec![host.to_owned()];
+    }
+    let completed = search
+        .domains
+        .iter()
+        .map(|domain| format!("{host}.{domain}"))
+        .filter(|name| encode_name(name).is_some());
+    let as_written = std::iter::once(host.to_owned());
+    if host.matches('.').count() >= usize::from(search.ndots) {
+        as_written.chain(completed).collect()
+    } else {
+        completed.chain(as_written).collect()
+    }
 }
 
 /// The address of one `nameserver` value, at the DNS port.
@@ -219,6 +373,7 @@ pub fn lookup(
                         addrs,
                         skipped,
                         ttl: Duration::from_secs(u64::from(ttl.unwrap_or(u32::MAX))),
+                        name: host.to_owned(),
                     }),
                     (true, true) => Err(DnsError::NoAddress(host.to_owned())),
                     (true, false) => Err(DnsError::Unusable {
@@ -236,11 +391,53 @@ pub fn lookup(
     }
 }
 
-/// [`lookup`] of every one of `hosts`, up to [`MAX_PARALLEL_LOOKUPS`] at a time, each on a
+/// [`lookup`] of the names [`candidates`] gives for `host`, in turn, until one has
+/// addresses. A name the resolvers say has none (no such name, no record) passes `host` to the
+/// next; one that resolves only to addresses no backend can have ends the search, as it would
+/// for a stub resolver, which would take those; one whose lookup fails (no resolver answered,
+/// each failed) ends it too, as musl's resolver does, where glibc's would go on after a
+/// `SERVFAIL`: the next name may be another domain's service, which a resolver's hiccup must
+/// never put in its place.
+pub fn resolve(
+    host: &str,
+    search: &Search,
+    resolvers: &[SocketAddr],
+    timeout: Duration,
+) -> Result<Resolved, DnsError> {
+    if encode_name(host).is_none() {
+        return Err(DnsError::BadName(host.to_owned()));
+    }
+    let names = candidates(host, search);
+    if let [only] = names.as_slice() {
+        return lookup(only, resolvers, timeout);
+    }
+    for name in &names {
+        match lookup(name, resolvers, timeout) {
+            Err(DnsError::NoAddress(_)) => {
+                tracing::debug!(%name, "no address; trying the next name of the search list");
+            }
+            Err(error @ DnsError::Unusable { .. }) => return Err(error),
+            Err(error) => {
+                return Err(DnsError::SearchFailed {
+                    name: name.clone(),
+                    source: Box::new(error),
+                });
+            }
+            found => return found,
+        }
+    }
+    Err(DnsError::NoAddressSearched {
+        host: host.to_owned(),
+        tried: names,
+    })
+}
+
+/// [`resolve`] of every one of `hosts`, up to [`MAX_PARALLEL_LOOKUPS`] at a time, each on a
 /// thread of its own: the whole takes about as long as the slowest name, not as long as all
 /// of them together. The results are in the order of `hosts`.
 pub fn lookup_all(
     hosts: &[&str],
+    search: &Search,
     resolvers: &[SocketAddr],
     timeout: Duration,
 ) -> Vec<Result<Resolved, DnsError>> {
@@ -253,7 +450,7 @@ pub fn lookup_all(
             let Some(host) = hosts.get(i) else {
                 return done;
             };
-            done.push((i, lookup(host, resolvers, timeout)));
+            done.push((i, resolve(host, search, resolvers, timeout)));
         }
     };
     let mut results: Vec<Option<Result<Resolved, DnsError>>> =
@@ -1117,13 +1314,216 @@ mod tests {
         let text = "# comment\nnameserver 10.0.0.53\nsearch example\n; another\noptions timeout:1 rotate\n\
                     nameserver ::1 # trailing\n  nameserver\t10.0.0.54\nnameserver\nnameserver not-an-ip\n";
         assert_eq!(
-            parse_resolv_conf(text),
+            parse_resolv_conf(text).nameservers,
             [
                 SocketAddr::from(([10, 0, 0, 53], 53)),
                 SocketAddr::from((Ipv6Addr::LOCALHOST, 53)),
                 SocketAddr::from(([10, 0, 0, 54], 53)),
             ]
         );
+    }
+
+    fn domains(list: &[&str]) -> Vec<String> {
+        list.iter().map(|d| (*d).to_owned()).collect()
+    }
+
+    #[test]
+    fn resolv_conf_search_domain_and_ndots() {
+        // Kubernetes' file for a pod.
+        let pod = "nameserver 10.96.0.10\nsearch prod.svc.cluster.local svc.cluster.local cluster.local\n\
+                   options ndots:5\n";
+        assert_eq!(
+            parse_resolv_conf(pod).search,
+            Search {
+                domains: domains(&[
+                    "prod.svc.cluster.local",
+                    "svc.cluster.local",
+                    "cluster.local"
+                ]),
+                ndots: 5,
+            }
+        );
+        // None of them: no search, ndots 1.
+        assert_eq!(
+            parse_resolv_conf("nameserver 10.0.0.1\n").search,
+            Search::default()
+        );
+        assert_eq!(Search::default().ndots, 1);
+        // The last search or domain line wins; domain is a list of one.
+        let text = "search a.example b.example\ndomain c.example d.example\n";
+        assert_eq!(
+            parse_resolv_conf(text).search.domains,
+            domains(&["c.example"])
+        );
+        let text = "domain c.example\nsearch a.example b.example\n";
+        assert_eq!(
+            parse_resolv_conf(text).search.domains,
+            domains(&["a.example", "b.example"])
+        );
+        // Trailing dots go, invalid names, repeats (in any case) and what follows a comment are
+        // passed over, and a search line without domains turns the search off.
+        let text = "search A.example. bad..name a.example . b.example # c.example\n";
+        assert_eq!(
+            parse_resolv_conf(text).search.domains,
+            domains(&["A.example", "b.example"])
+        );
+        assert_eq!(
+            parse_resolv_conf("domain a.example\nsearch\n")
+                .search
+                .domains,
+            Vec::<String>::new()
+        );
+        // ndots: the last one, at most 15, one that is not a number passed over.
+        for (options, ndots) in [
+            ("options ndots:2 timeout:1\noptions rotate ndots:3", 3),
+            ("options ndots:0", 0),
+            ("options ndots:40", 15),
+            ("options ndots:2\noptions ndots:x ndots:-1 ndots:", 2),
+            ("options ndots 4", 1),
+        ] {
+            assert_eq!(parse_resolv_conf(options).search.ndots, ndots, "{options}");
+        }
+    }
+
+    #[test]
+    fn localdomain_and_res_options_override_the_file() {
+        let file = parse_resolv_conf("search a.example\noptions ndots:2\n").search;
+        let mut search = file.clone();
+        apply_env(&mut search, None, None);
+        assert_eq!(search, file);
+        apply_env(
+            &mut search,
+            Some(" b.example  c.example "),
+            Some("rotate ndots:4"),
+        );
+        assert_eq!(
+            search,
+            Search {
+                domains: domains(&["b.example", "c.example"]),
+                ndots: 4,
+            }
+        );
+        apply_env(&mut search, Some(""), Some(""));
+        assert_eq!(
+            search,
+            Search {
+                domains: Vec::new(),
+                ndots: 4,
+            }
+        );
+    }
+
+    #[test]
+    fn the_names_asked_follow_ndots_and_a_trailing_dot() {
+        let search = Search {
+            domains: domains(&["prod.svc", "svc"]),
+            ndots: 1,
+        };
+        // Fewer dots than ndots: completed first.
+        assert_eq!(
+            candidates("api", &search),
+            ["api.prod.svc", "api.svc", "api"]
+        );
+        // As many or more: as written first.
+        assert_eq!(
+            candidates("api.prod", &search),
+            ["api.prod", "api.prod.prod.svc", "api.prod.svc"]
+        );
+        let five = Search {
+            ndots: 5,
+            ..search.clone()
+        };
+        assert_eq!(
+            candidates("api.prod", &five),
+            ["api.prod.prod.svc", "api.prod.svc", "api.prod"]
+        );
+        let zero = Search {
+            ndots: 0,
+            ..search.clone()
+        };
+        assert_eq!(candidates("api", &zero), ["api", "api.prod.svc", "api.svc"]);
+        // A name ending in a dot is only asked as written; so is any without a search list.
+        assert_eq!(candidates("api.", &search), ["api."]);
+        assert_eq!(candidates("api", &Search::default()), ["api"]);
+        // A completion too long for a name is left out: this one is 250 bytes, 3 short.
+        let long = "x".repeat(63);
+        let host = format!("{long}.{long}.{long}.{}", "y".repeat(58));
+        assert!(encode_name(&host).is_some());
+        assert_eq!(candidates(&host, &search), [host]);
+    }
+
+    /// A resolver on 127.0.0.1:0 that answers the first `n` queries: a name of `known` with
+    /// 10.0.0.1 as its only address, a name of `failing` with SERVFAIL, any other with NXDOMAIN.
+    fn zone(
+        n: usize,
+        known: &'static [&'static str],
+        failing: &'static [&'static str],
+    ) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0; 512];
+            for _ in 0..n {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    return;
+                };
+                let query = &buf[..len];
+                let is = |names: &[&str]| names.iter().any(|n| query[12..].starts_with(&name(n)));
+                let packet = if is(known) {
+                    knows(query)
+                } else if is(failing) {
+                    reply(query, 2, &[])
+                } else {
+                    reply(query, 3, &[])
+                };
+                let _ = socket.send_to(&packet, from);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn the_first_name_of_the_search_list_with_addresses_answers() {
+        let search = Search {
+            domains: domains(&["a.test", "b.test", "c.test"]),
+            ndots: 1,
+        };
+        let timeout = Duration::from_secs(4);
+        let dns = zone(8, &["app.b.test", "app.c.test"], &[]);
+        let got = resolve("app", &search, &[dns], timeout).unwrap();
+        assert_eq!(got.name, "app.b.test");
+        assert_eq!(got.addrs, [IpAddr::from([10, 0, 0, 1])]);
+
+        // None has an address: an answer, naming every name asked.
+        let dns = zone(8, &[], &[]);
+        let got = resolve("app", &search, &[dns], timeout).unwrap_err();
+        assert!(got.is_answer(), "{got:?}");
+        assert_eq!(
+            got.to_string(),
+            "no name of the search list has an address (asked `app.a.test`, `app.b.test`, \
+             `app.c.test`, `app`)"
+        );
+
+        // A failure ends the search: the next name, which has addresses, is not asked.
+        let dns = zone(8, &["app.b.test"], &["app.a.test"]);
+        let got = resolve("app", &search, &[dns], timeout).unwrap_err();
+        assert!(!got.is_answer(), "{got:?}");
+        assert!(
+            matches!(&got, DnsError::SearchFailed { name, .. } if name == "app.a.test"),
+            "{got:?}"
+        );
+        assert!(
+            got.to_string()
+                .starts_with("asking for `app.a.test` failed"),
+            "{got}"
+        );
+
+        // A name that is not one is said as written.
+        let got = resolve("app..x", &search, &[dns], timeout).unwrap_err();
+        assert!(matches!(got, DnsError::BadName(name) if name == "app..x"));
     }
 
     #[test]
@@ -1133,7 +1533,7 @@ mod tests {
         let text = "nameserver fe80::1%lo\nnameserver fe80::1%7\nnameserver fe80::1%no-such-if0\n\
                     nameserver fe80::1%\nnameserver 10.0.0.1%lo\n";
         assert_eq!(
-            parse_resolv_conf(text),
+            parse_resolv_conf(text).nameservers,
             [
                 SocketAddr::from(SocketAddrV6::new(link_local, 53, 0, lo)),
                 SocketAddr::from(SocketAddrV6::new(link_local, 53, 0, 7)),

@@ -1,6 +1,7 @@
 //! Backends discovered through the DNS: a pool whose backend is a host name with
 //! `resolve = true` follows what a (test) DNS server answers for it, without a reload.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,11 +36,27 @@ where
 /// A query a [`DnsServer`] holds, and who sent it.
 type Held = (Vec<u8>, SocketAddr);
 
+/// What a [`DnsServer`] with a zone answers for one name of it.
+#[derive(Clone)]
+enum Rule {
+    /// These A records, and no AAAA record.
+    Addrs(Vec<Ipv4Addr>),
+    /// SERVFAIL.
+    Fail,
+}
+
+/// The names a [`DnsServer`] knows, when it knows some and not every name.
+type Zone = Arc<Mutex<Option<HashMap<String, Rule>>>>;
+
 /// A DNS server on 127.0.0.1:0 that answers A queries for any name with the addresses the
-/// test sets, AAAA queries with none, and stays silent while `silent` is set.
+/// test sets, AAAA queries with none, and stays silent while `silent` is set. Once given a
+/// zone, it answers only for the names of it, and NXDOMAIN for any other.
 struct DnsServer {
     addr: SocketAddr,
     answers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    zone: Zone,
+    /// The names of the A queries received so far, in order.
+    asked: Arc<Mutex<Vec<String>>>,
     silent: Arc<AtomicBool>,
     /// While set, queries wait here, with whom to answer, until [`DnsServer::release`].
     held: Arc<Mutex<Option<Vec<Held>>>>,
@@ -57,8 +74,12 @@ impl DnsServer {
         let silent = Arc::new(AtomicBool::new(false));
         let held: Arc<Mutex<Option<Vec<Held>>>> = Arc::new(Mutex::new(None));
         let queries = Arc::new(AtomicUsize::new(0));
+        let zone: Zone = Arc::new(Mutex::new(None));
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn({
             let queries = Arc::clone(&queries);
+            let zone = Arc::clone(&zone);
+            let asked = Arc::clone(&asked);
             let answers = Arc::clone(&shared);
             let silent = Arc::clone(&silent);
             let held = Arc::clone(&held);
@@ -70,6 +91,9 @@ impl DnsServer {
                         return;
                     };
                     queries.fetch_add(1, Ordering::SeqCst);
+                    if let Some((name, 1)) = question(&buf[..len]) {
+                        asked.lock().unwrap().push(name);
+                    }
                     if silent.load(Ordering::SeqCst) {
                         continue;
                     }
@@ -77,8 +101,8 @@ impl DnsServer {
                         queue.push((buf[..len].to_vec(), from));
                         continue;
                     }
-                    let now = answers.lock().unwrap().clone();
-                    if let Some(reply) = answer(&buf[..len], &now) {
+                    let reply = respond(&buf[..len], &answers, &zone);
+                    if let Some(reply) = reply {
                         let _ = socket.send_to(&reply, from).await;
                     }
                 }
@@ -87,6 +111,8 @@ impl DnsServer {
         DnsServer {
             addr,
             answers: shared,
+            zone,
+            asked,
             silent,
             held,
             queries,
@@ -97,6 +123,20 @@ impl DnsServer {
 
     fn set(&self, answers: &[Ipv4Addr]) {
         *self.answers.lock().unwrap() = answers.to_vec();
+    }
+
+    /// Answers from now on for the names of `zone` only, NXDOMAIN for any other.
+    fn set_zone(&self, zone: &[(&str, Rule)]) {
+        let zone = zone
+            .iter()
+            .map(|(name, rule)| ((*name).to_owned(), rule.clone()))
+            .collect();
+        *self.zone.lock().unwrap() = Some(zone);
+    }
+
+    /// The names of the A queries received so far, in order.
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
     }
 
     /// Keeps the queries from now on unanswered, until [`DnsServer::release`].
@@ -111,9 +151,8 @@ impl DnsServer {
     /// Answers the queries held, with the addresses set now, and those that come after.
     async fn release(&self) {
         let queued = self.held.lock().unwrap().take().unwrap_or_default();
-        let now = self.answers.lock().unwrap().clone();
         for (query, from) in queued {
-            if let Some(reply) = answer(&query, &now) {
+            if let Some(reply) = respond(&query, &self.answers, &self.zone) {
                 let _ = self.socket.send_to(&reply, from).await;
             }
         }
@@ -126,9 +165,35 @@ impl Drop for DnsServer {
     }
 }
 
-/// The reply to `query`: its header and question back, with one A record per address
-/// (through a pointer to the question's name) when it asks for A records.
-fn answer(query: &[u8], addrs: &[Ipv4Addr]) -> Option<Vec<u8>> {
+/// The name `query` asks about (dotted, without the root's dot) and its type.
+fn question(query: &[u8]) -> Option<(String, u16)> {
+    let mut labels = Vec::new();
+    let mut at = 12;
+    while *query.get(at)? != 0 {
+        let len = usize::from(query[at]);
+        labels.push(String::from_utf8_lossy(query.get(at + 1..at + 1 + len)?).into_owned());
+        at += 1 + len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at + 1)?, *query.get(at + 2)?]);
+    Some((labels.join("."), qtype))
+}
+
+/// The reply to `query` from the addresses set for every name, or from the zone once set.
+fn respond(query: &[u8], answers: &Mutex<Vec<Ipv4Addr>>, zone: &Zone) -> Option<Vec<u8>> {
+    let Some(zone) = zone.lock().unwrap().clone() else {
+        return answer(query, &answers.lock().unwrap(), 0);
+    };
+    let (name, _) = question(query)?;
+    match zone.get(&name) {
+        Some(Rule::Addrs(addrs)) => answer(query, addrs, 0),
+        Some(Rule::Fail) => answer(query, &[], 2),
+        None => answer(query, &[], 3),
+    }
+}
+
+/// The reply to `query` with `rcode`: its header and question back, with one A record per
+/// address (through a pointer to the question's name) when it asks for A records.
+fn answer(query: &[u8], addrs: &[Ipv4Addr], rcode: u8) -> Option<Vec<u8>> {
     let mut end = 12;
     while *query.get(end)? != 0 {
         end += 1 + usize::from(query[end]);
@@ -137,7 +202,7 @@ fn answer(query: &[u8], addrs: &[Ipv4Addr]) -> Option<Vec<u8>> {
     let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
     let mut reply = query.get(..question_end)?.to_vec();
     reply[2] |= 0x80; // a response
-    reply[3] = 0x80; // recursion available, no error
+    reply[3] = 0x80 | rcode; // recursion available
     let records: &[Ipv4Addr] = if qtype == 1 { addrs } else { &[] };
     reply[6..8].copy_from_slice(&(records.len() as u16).to_be_bytes());
     reply[8..12].fill(0);
@@ -276,6 +341,7 @@ fn config(protocol: &str, dns: SocketAddr, port: u16, pool_extra: &str) -> Strin
 [global]
 resolvers = ["{dns}"]
 resolve_interval = "1s"
+search = []
 
 [[listeners]]
 name = "front"
@@ -925,4 +991,272 @@ async fn a_short_name_that_does_not_resolve_is_said_to_need_writing_in_full() {
             && error.contains("search domains"),
         "{error}"
     );
+}
+
+/// The file of [`config`] with `search` and `ndots` in `[global]`, and `name` as the host
+/// name of the backend.
+fn searched(protocol: &str, dns: SocketAddr, port: u16, name: &str, global: &str) -> String {
+    config(protocol, dns, port, "")
+        .replace("search = []", global)
+        .replace("app.test:", &format!("{name}:"))
+}
+
+/// The addresses of pool `app`.
+fn pool_addrs(handle: &ServerHandle) -> Vec<SocketAddr> {
+    handle.config().pools["app"]
+        .backends
+        .iter()
+        .map(|b| b.addr)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_name_resolves_through_the_search_list() {
+    let (port, _b) = backends(&["a", "b"], false).await;
+    let dns = DnsServer::start(&[]).await;
+    dns.set_zone(&[("app.svc.test", Rule::Addrs(vec![ip(1)]))]);
+    let toml = searched(
+        "tcp",
+        dns.addr,
+        port,
+        "app",
+        "search = [\"other.test\", \"svc.test\"]\nndots = 1",
+    );
+    let (handle, shutdown) = start(toml).await;
+    assert_eq!(tcp_name(handle.local_addr("front").unwrap()).await.0, "a");
+    // Completed in the order of the list, and the name as written never asked: a domain
+    // had it.
+    assert_eq!(dns.asked(), ["app.other.test", "app.svc.test"]);
+    let names = handle.config().pools["app"]
+        .discovery
+        .clone()
+        .unwrap()
+        .names;
+    assert_eq!(
+        (names[0].host.as_str(), names[0].answered.as_str()),
+        ("app", "app.svc.test")
+    );
+
+    // Every round asks in the same order again.
+    let before = lookups(&handle);
+    eventually("a round ends", || {
+        let now = lookups(&handle);
+        async move { now > before }
+    })
+    .await;
+    assert_eq!(
+        dns.asked()[..4],
+        [
+            "app.other.test",
+            "app.svc.test",
+            "app.other.test",
+            "app.svc.test"
+        ]
+    );
+    assert_eq!(handle.resolutions()[2], 0, "no lookup failed");
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndots_decides_whether_a_name_is_asked_as_written_first() {
+    let dns = DnsServer::start(&[]).await;
+    let resolved = |ndots: u8| {
+        let toml = searched(
+            "tcp",
+            dns.addr,
+            80,
+            "app.prod",
+            &format!("search = [\"svc.test\"]\nndots = {ndots}"),
+        );
+        async move {
+            let config = tokio::task::spawn_blocking(move || load(&toml))
+                .await
+                .unwrap()
+                .unwrap();
+            config.pools["app"]
+                .backends
+                .iter()
+                .map(|b| b.addr.ip())
+                .collect::<Vec<_>>()
+        }
+    };
+    dns.set_zone(&[
+        ("app.prod", Rule::Addrs(vec![ip(1)])),
+        ("app.prod.svc.test", Rule::Addrs(vec![ip(2)])),
+    ]);
+    // One dot, ndots 1: as written first.
+    assert_eq!(resolved(1).await, [IpAddr::from(ip(1))]);
+    assert_eq!(dns.asked(), ["app.prod"]);
+    // ndots 2: completed first.
+    assert_eq!(resolved(2).await, [IpAddr::from(ip(2))]);
+    assert_eq!(dns.asked()[1..], ["app.prod.svc.test"]);
+    // And as written once no completion has an address.
+    dns.set_zone(&[("app.prod", Rule::Addrs(vec![ip(1)]))]);
+    assert_eq!(resolved(2).await, [IpAddr::from(ip(1))]);
+    assert_eq!(dns.asked()[2..], ["app.prod.svc.test", "app.prod"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_ending_in_a_dot_is_asked_only_as_written() {
+    let dns = DnsServer::start(&[]).await;
+    dns.set_zone(&[("app.svc.test", Rule::Addrs(vec![ip(1)]))]);
+    let toml = searched("tcp", dns.addr, 80, "app.", "search = [\"svc.test\"]");
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        error.contains(
+            "pools.app.backends[0]: cannot resolve `app.`: `app.` resolves to no address"
+        ),
+        "{error}"
+    );
+    assert_eq!(dns.asked(), ["app"]);
+
+    dns.set_zone(&[("app", Rule::Addrs(vec![ip(2)]))]);
+    let toml = searched("tcp", dns.addr, 80, "app.", "search = [\"svc.test\"]");
+    let config = tokio::task::spawn_blocking(move || load(&toml))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        config.pools["app"].backends[0].addr,
+        SocketAddr::from((ip(2), 80))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_of_a_name_of_the_search_list_keeps_the_addresses_rather_than_take_the_next() {
+    let (port, _b) = backends(&["a", "b"], false).await;
+    let dns = DnsServer::start(&[]).await;
+    let global = "search = [\"one.test\", \"two.test\"]\nndots = 1";
+    dns.set_zone(&[
+        ("app.one.test", Rule::Addrs(vec![ip(1)])),
+        ("app.two.test", Rule::Addrs(vec![ip(2)])),
+    ]);
+    let (handle, shutdown) = start(searched("tcp", dns.addr, port, "app", global)).await;
+    let front = handle.local_addr("front").unwrap();
+    assert_eq!(tcp_name(front).await.0, "a");
+
+    // The first name fails (SERVFAIL): the pool keeps its address, round after round, and
+    // never takes the second name's.
+    dns.set_zone(&[
+        ("app.one.test", Rule::Fail),
+        ("app.two.test", Rule::Addrs(vec![ip(2)])),
+    ]);
+    let [_, _, failed] = handle.resolutions();
+    eventually("two lookups fail", || {
+        let now = handle.resolutions()[2];
+        async move { now >= failed + 2 }
+    })
+    .await;
+    assert_eq!(pool_addrs(&handle), [SocketAddr::from((ip(1), port))]);
+    assert_eq!(tcp_name(front).await.0, "a");
+    assert!(
+        !dns.asked()
+            .iter()
+            .skip(1)
+            .any(|name| name == "app.two.test"),
+        "{:?}",
+        dns.asked()
+    );
+
+    // The first name is gone (NXDOMAIN): the second answers, as for any stub resolver.
+    dns.set_zone(&[("app.two.test", Rule::Addrs(vec![ip(2)]))]);
+    eventually("a connection reaches b", || async {
+        tcp_name(front).await.0 == "b"
+    })
+    .await;
+    assert_eq!(pool_addrs(&handle), [SocketAddr::from((ip(2), port))]);
+
+    // At load, the failure is the error, naming the name that failed.
+    dns.set_zone(&[
+        ("app.one.test", Rule::Fail),
+        ("app.two.test", Rule::Addrs(vec![ip(2)])),
+    ]);
+    let toml = searched("tcp", dns.addr, port, "app", global);
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        error.contains(
+            "pools.app.backends[0]: cannot resolve `app`: asking for `app.one.test` failed, \
+             which ends the search (no resolver answered"
+        ),
+        "{error}"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_name_of_the_search_list_with_an_address_is_an_answer_of_none() {
+    let (port, _b) = backends(&["a"], false).await;
+    let dns = DnsServer::start(&[]).await;
+    let global = "search = [\"one.test\", \"two.test\"]\nndots = 1\nresolve_hold = \"0s\"";
+    // At load, the error names every name asked.
+    let toml = searched("tcp", dns.addr, port, "app", global);
+    dns.set_zone(&[]);
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        error.contains(
+            "pools.app.backends[0]: cannot resolve `app`: no name of the search list has an \
+             address (asked `app.one.test`, `app.two.test`, `app`)"
+        ),
+        "{error}"
+    );
+
+    // Later, it is an answer of no address, which ends the hold (none here).
+    dns.set_zone(&[("app.two.test", Rule::Addrs(vec![ip(1)]))]);
+    let (handle, shutdown) = start(searched("tcp", dns.addr, port, "app", global)).await;
+    assert_eq!(pool_addrs(&handle), [SocketAddr::from((ip(1), port))]);
+    dns.set_zone(&[]);
+    eventually("the address leaves", || {
+        let now = pool_addrs(&handle);
+        async move { now.is_empty() }
+    })
+    .await;
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_and_ndots_are_checked_at_their_keys() {
+    let dns = DnsServer::start(&[ip(1)]).await;
+    let toml = config("tcp", dns.addr, 80, "").replace(
+        "search = []",
+        "search = [\"bad..test\", \"ok.test\", \"OK.test.\", \"-\", \"\"]\nndots = 16",
+    );
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    for expected in [
+        "global.search[0]: `bad..test` is not a domain name",
+        "global.search[2]: `OK.test.` is also global.search[1]",
+        "global.search[4]: `` is not a domain name",
+        "global.ndots: 16 is out of range: ndots is 0 to 15",
+    ] {
+        assert!(error.contains(expected), "{expected}\n{error}");
+    }
+    assert!(!error.contains("global.search[1]:"), "{error}");
+    let toml = config("tcp", dns.addr, 80, "").replace("search = []", "ndots = -1");
+    let error = tokio::task::spawn_blocking(move || load(&toml).unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        error.contains("global.ndots: -1 is out of range"),
+        "{error}"
+    );
+    // The trailing dot of a domain goes; the bounds are allowed.
+    for ndots in [0, 15] {
+        let toml = config("tcp", dns.addr, 80, "").replace(
+            "search = []",
+            &format!("search = [\"svc.test.\"]\nndots = {ndots}"),
+        );
+        let config = tokio::task::spawn_blocking(move || load(&toml))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.global.search.domains, ["svc.test"]);
+        assert_eq!(config.global.search.ndots, ndots);
+    }
 }

@@ -181,6 +181,10 @@ pub struct GlobalConfig {
     /// How long a `resolve = true` name keeps its last addresses once the resolvers answer
     /// that it has none (no such name, no record, or only addresses no backend can have).
     pub resolve_hold: Duration,
+    /// How `resolve = true` names are completed: the file's `search` and `ndots`, else those
+    /// of the system's resolv.conf (no search when no backend needs it), so that short names
+    /// resolve as they do for the host's other programs.
+    pub search: crate::dns::Search,
 }
 
 /// One listener: an address, a protocol and where its traffic goes.
@@ -740,8 +744,10 @@ pub struct Discovery {
 /// One backend entry with `resolve = true`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedName {
-    /// The host name to look up.
+    /// The host name to look up, as written.
     pub host: String,
+    /// The name that answered at load: `host`, or `host` completed by a search domain.
+    pub answered: String,
     /// The port every address gets.
     pub port: u16,
     /// Weight, backup, drain and connection limit of every address (its `addr` is the first).
@@ -1234,6 +1240,7 @@ mod tests {
         pool.discovery = Some(Discovery {
             names: vec![ResolvedName {
                 host: "app".into(),
+                answered: "app.example".into(),
                 port: 80,
                 template: backend(2, 2),
                 addrs,

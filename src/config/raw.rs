@@ -53,6 +53,11 @@ pub struct RawGlobal {
     pub resolve_interval: Option<String>,
     /// How long a name the resolvers say has no address keeps its last addresses.
     pub resolve_hold: Option<String>,
+    /// The domains short `resolve = true` names are completed with, instead of resolv.conf's.
+    pub search: Option<Vec<String>>,
+    /// The dots a `resolve = true` name needs to be asked as written first, instead of
+    /// resolv.conf's `ndots`.
+    pub ndots: Option<i64>,
 }
 
 /// One `[[listeners]]` entry.

@@ -350,8 +350,30 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
             .check("global.resolve_hold", parse_duration(text))
             .unwrap_or(DEFAULT_RESOLVE_HOLD),
     };
-    let resolvers = validate_resolvers(&mut problems, raw.global.resolvers.as_deref(), &raw.pools);
-    let answers = look_up_names(&raw.pools, &resolvers);
+    let needs_dns = raw.pools.values().any(|pool| {
+        pool.backends
+            .iter()
+            .flatten()
+            .any(|b| matches!(b, RawBackend::Table(table) if table.resolve == Some(true)))
+    });
+    // resolv.conf is read once, and only when something the file leaves out is needed.
+    let system = (needs_dns
+        && (raw.global.resolvers.is_none()
+            || raw.global.search.is_none()
+            || raw.global.ndots.is_none()))
+    .then(crate::dns::system_conf);
+    let resolvers = validate_resolvers(
+        &mut problems,
+        raw.global.resolvers.as_deref(),
+        system.as_ref(),
+    );
+    let search = validate_search(
+        &mut problems,
+        raw.global.search.as_deref(),
+        raw.global.ndots,
+        system.as_ref(),
+    );
+    let answers = look_up_names(&raw.pools, &search, &resolvers);
 
     let declared = raw.pools.keys().cloned().collect();
     // Taken before the raw values are consumed: checked against the pools' users below.
@@ -359,7 +381,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let users = pool_users(&raw.listeners);
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
-        if let Some(pool) = validate_pool(&mut problems, &name, pool, base, &answers) {
+        if let Some(pool) = validate_pool(&mut problems, &name, pool, base, &answers, &search) {
             pools.insert(name, pool);
         }
     }
@@ -422,6 +444,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
                 resolvers,
                 resolve_interval,
                 resolve_hold,
+                search,
             },
             listeners,
             pools,
@@ -1721,11 +1744,12 @@ fn regex_failure(pattern: &str, error: &regex::Error) -> String {
     }
 }
 
-/// `global.resolvers`, or when the file has none and a backend needs them, the system's.
+/// `global.resolvers`, or when the file has none and a backend needs them (`system` is read
+/// then), the system's.
 fn validate_resolvers(
     problems: &mut Problems,
     raw: Option<&[String]>,
-    pools: &BTreeMap<String, RawPool>,
+    system: Option<&crate::dns::ResolvConf>,
 ) -> Vec<SocketAddr> {
     match raw {
         Some([]) => {
@@ -1750,26 +1774,78 @@ fn validate_resolvers(
             })
             .collect(),
         None => {
-            let needed = pools.values().any(|pool| {
-                pool.backends
-                    .iter()
-                    .flatten()
-                    .any(|b| matches!(b, RawBackend::Table(table) if table.resolve == Some(true)))
-            });
-            if !needed {
+            // No backend needs them.
+            let Some(system) = system else {
                 return Vec::new();
-            }
-            let system = crate::dns::system_resolvers();
-            if system.is_empty() {
+            };
+            if system.nameservers.is_empty() {
                 problems.push(
                     "global.resolvers",
                     "not set, and /etc/resolv.conf names no nameserver: a backend with \
                      `resolve = true` needs one",
                 );
             }
-            system
+            system.nameservers.clone()
         }
     }
+}
+
+/// `global.search` and `global.ndots`, each in place of the system's when the file sets it.
+fn validate_search(
+    problems: &mut Problems,
+    domains: Option<&[String]>,
+    ndots: Option<i64>,
+    system: Option<&crate::dns::ResolvConf>,
+) -> crate::dns::Search {
+    let from_system = system.map(|conf| conf.search.clone()).unwrap_or_default();
+    let domains = match domains {
+        None => from_system.domains,
+        Some(list) => {
+            // Each valid domain, and where it is in the list.
+            let mut domains: Vec<(usize, String)> = Vec::new();
+            for (i, text) in list.iter().enumerate() {
+                let Some(domain) = crate::dns::search_domain(text) else {
+                    problems.push(
+                        format!("global.search[{i}]"),
+                        format!(
+                            "`{text}` is not a domain name (labels of letters, digits, `-` \
+                             and `_`, 1 to 63 bytes each, separated by dots)"
+                        ),
+                    );
+                    continue;
+                };
+                if let Some((first, _)) = domains
+                    .iter()
+                    .find(|(_, other)| other.eq_ignore_ascii_case(&domain))
+                {
+                    problems.push(
+                        format!("global.search[{i}]"),
+                        format!("`{text}` is also global.search[{first}]"),
+                    );
+                    continue;
+                }
+                domains.push((i, domain));
+            }
+            domains.into_iter().map(|(_, domain)| domain).collect()
+        }
+    };
+    let ndots = match ndots {
+        None => from_system.ndots,
+        Some(n) => match u8::try_from(n) {
+            Ok(n) if n <= crate::dns::MAX_NDOTS => n,
+            _ => {
+                problems.push(
+                    "global.ndots",
+                    format!(
+                        "{n} is out of range: ndots is 0 to {}",
+                        crate::dns::MAX_NDOTS
+                    ),
+                );
+                crate::dns::DEFAULT_NDOTS
+            }
+        },
+    };
+    crate::dns::Search { domains, ndots }
 }
 
 /// The answers for the host names of `resolve = true` entries, looked up together: a
@@ -1777,7 +1853,11 @@ fn validate_resolvers(
 type Answers = HashMap<String, Result<crate::dns::Resolved, crate::dns::DnsError>>;
 
 /// Looks up, all at once, every host name that [`resolve_name`] will ask about.
-fn look_up_names(pools: &BTreeMap<String, RawPool>, resolvers: &[SocketAddr]) -> Answers {
+fn look_up_names(
+    pools: &BTreeMap<String, RawPool>,
+    search: &crate::dns::Search,
+    resolvers: &[SocketAddr],
+) -> Answers {
     if resolvers.is_empty() {
         return Answers::new();
     }
@@ -1795,7 +1875,7 @@ fn look_up_names(pools: &BTreeMap<String, RawPool>, resolvers: &[SocketAddr]) ->
         .collect();
     hosts.sort_unstable();
     hosts.dedup();
-    let results = crate::dns::lookup_all(&hosts, resolvers, crate::dns::QUERY_TIMEOUT);
+    let results = crate::dns::lookup_all(&hosts, search, resolvers, crate::dns::QUERY_TIMEOUT);
     hosts.into_iter().map(str::to_owned).zip(results).collect()
 }
 
@@ -1817,7 +1897,8 @@ fn resolve_name(
     path: &str,
     address: &str,
     answers: &Answers,
-) -> Option<(String, u16, Vec<SocketAddr>, Duration)> {
+    search: &crate::dns::Search,
+) -> Option<(String, u16, Vec<SocketAddr>, Duration, String)> {
     if address.parse::<SocketAddr>().is_ok() {
         problems.push(
             format!("{path}.resolve"),
@@ -1847,12 +1928,17 @@ fn resolve_name(
                 .map(|&ip| SocketAddr::new(ip, port))
                 .collect(),
             resolved.ttl,
+            resolved.name.clone(),
         )),
         Err(error) => {
-            // A short name that would have resolved with resolv.conf's search domains: say
-            // that they are not tried, rather than leave the user to wonder why.
-            let hint = if error.is_answer() && !host.contains('.') {
-                " (the search domains of /etc/resolv.conf are not tried: write the name in full)"
+            // A short name asked only as written: say that there was no search list to
+            // complete it with, rather than leave the user to wonder why.
+            let hint = if error.is_answer()
+                && !host.contains('.')
+                && crate::dns::candidates(host, search).len() == 1
+            {
+                " (there are no search domains to complete it with: write the name in full, \
+                 or set global.search)"
             } else {
                 ""
             };
@@ -1868,6 +1954,7 @@ fn validate_pool(
     raw: RawPool,
     base: &Path,
     answers: &Answers,
+    search: &crate::dns::Search,
 ) -> Option<PoolConfig> {
     let at = format!("pools.{name}");
     let before = problems.0.len();
@@ -1906,7 +1993,7 @@ fn validate_pool(
                         None
                     }
                     Some(address) if resolve => {
-                        resolved = resolve_name(problems, &path, &address, answers);
+                        resolved = resolve_name(problems, &path, &address, answers, search);
                         None
                     }
                     Some(address) => {
@@ -1936,9 +2023,11 @@ fn validate_pool(
                         None
                     }
                 };
-                if let (Some((host, port, addrs, ttl)), Some(weight)) = (resolved, weight) {
+                if let (Some((host, port, addrs, ttl, answered)), Some(weight)) = (resolved, weight)
+                {
                     names.push(ResolvedName {
                         host,
+                        answered,
                         port,
                         ttl,
                         template: BackendConfig {
