@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -484,6 +484,9 @@ impl Drop for ActiveGuard {
 #[derive(Debug, Default)]
 pub struct Registry {
     states: Mutex<HashMap<(String, SocketAddr), Arc<BackendState>>>,
+    /// Backends a reload took out of their pools, while work still runs on them: the process's
+    /// drain deadline must close that work too, and `states` no longer lists them.
+    removed: Mutex<Vec<Weak<BackendState>>>,
     /// One wake-up per pool, shared by its backends, for the pool's queue.
     released: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -520,6 +523,12 @@ impl Registry {
             .states
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        let mut removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        // Those whose work has all ended are forgotten for good.
+        removed.retain(|state| state.strong_count() > 0);
         states.retain(|(pool, addr), state| {
             let kept = config
                 .pools
@@ -527,9 +536,29 @@ impl Registry {
                 .is_some_and(|p| p.backends.iter().any(|b| b.addr == *addr));
             if !kept {
                 state.removed.store(true, Relaxed);
+                removed.push(Arc::downgrade(state));
             }
             kept
         });
+    }
+
+    /// Closes everything still running on every backend (see [`BackendState::close_all`]),
+    /// those a reload removed from their pools included: at the process's drain deadline, no
+    /// connection may outlive it because its backend left the configuration.
+    pub fn close_all(&self) {
+        for (_, state) in self.all() {
+            state.close_all();
+        }
+        let removed: Vec<Arc<BackendState>> = self
+            .removed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for state in removed {
+            state.close_all();
+        }
     }
 
     /// Every backend state, by pool and address.

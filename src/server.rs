@@ -505,12 +505,11 @@ impl Server {
             let left = shared.tasks.len();
             warn!(left, "drain deadline reached, closing what is left");
             // UDP sessions still open end now, with their log lines; so do TCP connections,
-            // as a backend's drain deadline ends them, so that every connection has its line.
+            // as a backend's drain deadline ends them (on backends a reload removed too), so
+            // that every connection has its line.
             shared.drain_over.cancel();
             shared.udp_loops.close();
-            for (_, state) in shared.registry.all() {
-                state.close_all();
-            }
+            shared.registry.close_all();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
                 shared.udp_loops.wait().await;
                 shared.tasks.wait().await;

@@ -450,3 +450,175 @@ async fn sigusr1_reopens_the_access_log_that_logrotate_moved() {
     eventually("the second line in the new file", || lines(&log) == 1).await;
     assert_eq!(lines(&rotated), 1);
 }
+
+/// The body of `GET path` on the admin API at `admin`.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect to the admin API");
+    // HTTP/1.0: the body comes as it is, not in chunks, and ends with the connection.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// Connections to a backend that a reload took out of its pool are no longer among the
+/// backends the registry lists, but the process's drain deadline still closes them, parked or
+/// not, each with its `drained` line, and the process exits then rather than losing their lines.
+#[tokio::test]
+async fn the_drain_deadline_closes_and_logs_connections_to_a_backend_a_reload_removed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    let dir = TempDir::new("deadline-removed");
+    let log = dir.0.join("access.log");
+    let path = dir.0.join("switchyard.toml");
+    let config = |backend: std::net::SocketAddr| {
+        format!(
+            "[global]\ndrain_timeout = \"300ms\"\n[admin]\nbind = \"127.0.0.1:0\"\n{}",
+            single_tcp_pool(&[backend], &json_access_log(&log), "")
+        )
+    };
+    std::fs::write(&path, config(a.addr)).expect("write");
+    let mut proxy = Started::new(&path, &[], &[]).await;
+    let admin: std::net::SocketAddr = proxy
+        .wait_for("admin API listening")
+        .await
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("the admin address");
+    let addr = proxy.addr;
+    let open = || async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.expect("echo");
+        stream
+    };
+    // Two connections to `a`, left idle until both are parked.
+    let mut busy = open().await;
+    let mut parked = open().await;
+    eventually_async("both connections parked", || async {
+        admin_get(admin, "/metrics")
+            .await
+            .lines()
+            .any(|l| l == "switchyard_connections_parked 2")
+    })
+    .await;
+
+    // The reload takes `a` out of the pool; its connections go on.
+    std::fs::write(&path, config(b.addr)).expect("write");
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_for("configuration reloaded").await;
+    let mut to_b = open().await;
+    busy.write_all(b"more").await.expect("write");
+    let mut buf = [0u8; 4];
+    busy.read_exact(&mut buf)
+        .await
+        .expect("echo after the reload");
+
+    proxy.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait())
+        .await
+        .expect("exits at the drain deadline")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 3, "a line for every connection: {lines:?}");
+    assert!(lines.iter().all(|l| l["outcome"] == "drained"), "{lines:?}");
+    let on_a = lines
+        .iter()
+        .filter(|l| l["backend"] == a.addr.to_string())
+        .count();
+    assert_eq!(on_a, 2, "{lines:?}");
+    // Every client is told: its connection ends.
+    for stream in [&mut busy, &mut parked, &mut to_b] {
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "the connection was closed");
+    }
+}
+
+/// A request waiting for its answer from a backend a reload removed is answered 504 and logged
+/// at the process's drain deadline, as one on a backend the pool still lists is.
+#[tokio::test]
+async fn a_request_on_a_removed_backend_is_answered_at_the_drain_deadline() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let removed = silent.local_addr().expect("addr");
+    let other = http_backend("other").await;
+    let dir = TempDir::new("deadline-removed-http");
+    let log = dir.0.join("http.log");
+    let config = |backend: std::net::SocketAddr| {
+        format!(
+            "[global]\ndrain_timeout = \"200ms\"\n{}",
+            single_pool(&[backend], &json_access_log(&log), "")
+        )
+    };
+    let mut proxy = Proxy::start(&config(removed));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    // The backend takes the request and never answers.
+    let (_held, _) = tokio::time::timeout(PATIENCE, silent.accept())
+        .await
+        .expect("the request reached the backend")
+        .expect("accept");
+    proxy.reload(&config(other.addr)).await.expect("reload");
+    proxy.shutdown.cancel();
+    let reply = client.reply().await.expect("an answer");
+    assert_eq!(reply.status, 504);
+    proxy.drained().await;
+    let line = &json_lines(&log, 1).await[0];
+    assert_eq!(line["status"], 504);
+    assert_eq!(line["backend"], removed.to_string());
+}
+
+/// A udp session on a backend a reload removed, still open at the process's drain deadline,
+/// ends there with its line, as every session does.
+#[tokio::test]
+async fn a_udp_session_on_a_removed_backend_ends_at_the_drain_deadline_with_its_line() {
+    let (removed, _a) = udp_named("a").await;
+    let (other, _b) = udp_named("b").await;
+    let dir = TempDir::new("deadline-removed-udp");
+    let log = dir.0.join("udp.log");
+    let config = |backend: std::net::SocketAddr| {
+        format!(
+            "[global]\ndrain_timeout = \"200ms\"\n[[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\nidle_timeout = \"1h\"\n{}\n[pools.p]\nbackends = [\"{backend}\"]\n",
+            json_access_log(&log)
+        )
+    };
+    let mut proxy = Proxy::start(&config(removed));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    client.send_to(b"q", proxy.addr("dns")).await.expect("send");
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(PATIENCE, client.recv_from(&mut buf))
+        .await
+        .expect("a reply in time")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"a: q");
+    proxy.reload(&config(other)).await.expect("reload");
+    proxy.shutdown.cancel();
+    proxy.drained().await;
+    let line = &json_lines(&log, 1).await[0];
+    assert_eq!(line["backend"], removed.to_string());
+    assert_eq!(line["outcome"], "closed");
+}
