@@ -81,7 +81,8 @@ pub struct BackendState {
     pub bytes_received: AtomicU64,
     /// Connect attempts that failed (refused, unreachable, timed out).
     pub connect_failures: AtomicU64,
-    /// Failures (connect failures, 5xx answers) since the last success; outlier detection reads it.
+    /// Failures (connect failures, 5xx answers, bodies cut off) since the last success; outlier
+    /// detection reads it.
     pub consecutive_failures: AtomicU32,
     /// Times outlier detection has ejected it; each ejection lasts longer than the one before.
     pub ejections: AtomicU32,
@@ -91,6 +92,9 @@ pub struct BackendState {
     pub probes_failed: AtomicU64,
     /// http: responses from it by status class (index 0 for 1xx ... 4 for 5xx).
     pub responses: [AtomicU64; 5],
+    /// http: responses whose body it failed after their head (a reset, a stall past
+    /// `response_timeout`, fewer bytes than announced): their status class says nothing of it.
+    pub body_failures: AtomicU64,
     /// http: time from sending a request to its response head.
     pub response_time: crate::metrics::Histogram,
     /// Time to connect to it.
@@ -152,6 +156,7 @@ impl BackendState {
             probes_passed: AtomicU64::new(0),
             probes_failed: AtomicU64::new(0),
             responses: Default::default(),
+            body_failures: AtomicU64::new(0),
             response_time: crate::metrics::Histogram::default(),
             connect_time: crate::metrics::Histogram::default(),
             overrides: AtomicU8::new(0),

@@ -578,6 +578,14 @@ impl Collector for Scrape {
         )?;
         family(
             &mut encoder,
+            "switchyard_backend_body_failures",
+            "HTTP responses whose body the backend failed after their head (reset, stalled or cut short).",
+            MetricType::Counter,
+            rows(&|s| s.body_failures.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
             "switchyard_backend_ejections",
             "Times outlier detection ejected the backend.",
             MetricType::Counter,

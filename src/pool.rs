@@ -268,8 +268,32 @@ impl Pool {
             .any(|(i, c)| !tried.contains(&i) && c.state.is_usable() && c.state.is_full())
     }
 
+    /// Records the head of a response, for outlier detection: a 5xx counts against its backend
+    /// at once; any other status waits for the end of its body ([`Pool::report_body`]), since
+    /// a backend that answers and then fails the body is failing, and a success counted at the
+    /// head would reset its count every time.
+    pub fn report_head(&self, state: &Arc<BackendState>, status: u16) {
+        if status >= 500 {
+            self.report(state, false);
+        }
+    }
+
+    /// Records how the body of a response whose head [`Pool::report_head`] saw ended: `failed`
+    /// when the backend failed it (reset it, stalled past `response_timeout`, sent less than it
+    /// announced), never when the client left or stopped reading, or a drain deadline cut it.
+    /// A failed body counts in `body_failures`, and against the backend as one failure unless
+    /// its 5xx head counted already.
+    pub fn report_body(&self, state: &Arc<BackendState>, status: u16, failed: bool) {
+        if failed {
+            state.body_failures.fetch_add(1, Relaxed);
+        }
+        if status < 500 {
+            self.report(state, !failed);
+        }
+    }
+
     /// Records how an exchange with a backend went, for outlier detection: `ok` is false for a
-    /// connect failure or a 5xx answer.
+    /// connect failure, a 5xx answer or a body the backend failed.
     pub fn report(&self, state: &Arc<BackendState>, ok: bool) {
         if ok {
             if state.consecutive_failures.load(Relaxed) != 0 {

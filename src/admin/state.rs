@@ -128,6 +128,7 @@ pub fn backend(pool: &Pool, state: &BackendState, weight: u32) -> Value {
         "bytes_sent": state.bytes_sent.load(Relaxed),
         "bytes_received": state.bytes_received.load(Relaxed),
         "ejections": state.ejections.load(Relaxed),
+        "body_failures": state.body_failures.load(Relaxed),
         "probes": { "passed": state.probes_passed.load(Relaxed), "failed": state.probes_failed.load(Relaxed) },
         "responses": {
             "1xx": state.responses[0].load(Relaxed),

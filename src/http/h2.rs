@@ -30,7 +30,7 @@ use super::h1::{self, ChunkedDecoder, Decoded, Framing, ResponseHead};
 use super::h2_upstream::{BodyWatch, Lease, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
-use super::{Coding, HttpProxy, new_request_id, valid_request_id};
+use super::{BodyError, Coding, HttpProxy, new_request_id, valid_request_id};
 use crate::backend::ActiveGuard;
 use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool};
@@ -375,12 +375,40 @@ impl Relay {
 /// nothing coming would otherwise hold the client's request, and a stream of the backend's
 /// connection, for ever).
 async fn relay_upstream(
-    mut body: Incoming,
+    body: Incoming,
     relay: Relay,
     guard: ActiveGuard,
     closer: tokio_util::sync::CancellationToken,
+    verdict: Verdict,
 ) {
-    let _guard = guard;
+    match relay_frames(body, &relay, &closer).await {
+        RelayEnd::Whole => {
+            verdict.give(guard.state(), false);
+            relay.finish();
+        }
+        // A client whose stream went away first left, whatever the backend did after.
+        RelayEnd::Failed => verdict.give(guard.state(), !relay.tx.is_closed()),
+        RelayEnd::Stopped => verdict.give(guard.state(), false),
+    }
+}
+
+/// How [`relay_frames`] ended.
+enum RelayEnd {
+    /// The whole body is queued.
+    Whole,
+    /// The backend failed the body: it reset its stream before the end, or sent nothing for
+    /// the response timeout.
+    Failed,
+    /// The client went away or stopped reading, or a drain deadline passed.
+    Stopped,
+}
+
+/// The loop of [`relay_upstream`].
+async fn relay_frames(
+    mut body: Incoming,
+    relay: &Relay,
+    closer: &tokio_util::sync::CancellationToken,
+) -> RelayEnd {
     loop {
         let next = tokio::time::timeout(relay.stall, http_body_util::BodyExt::frame(&mut body));
         let frame = tokio::select! {
@@ -388,19 +416,19 @@ async fn relay_upstream(
                 Ok(frame) => frame,
                 Err(_) => {
                     debug!("http/2 backend sent nothing of its body for the response timeout");
-                    return;
+                    return RelayEnd::Failed;
                 }
             },
-            () = closer.cancelled() => return,
-            () = relay.tx.closed() => return,
+            () = closer.cancelled() => return RelayEnd::Stopped,
+            () = relay.tx.closed() => return RelayEnd::Stopped,
         };
         match frame {
-            None if body.is_end_stream() => return relay.finish(),
+            None if body.is_end_stream() => return RelayEnd::Whole,
             // hyper ends a body cleanly when its stream is reset with NO_ERROR, which RFC 9113
             // allows only after a complete response: a stream that saw no END_STREAM was cut.
             None => {
                 debug!("http/2 backend reset its stream before the body's end");
-                return;
+                return RelayEnd::Failed;
             }
             Some(Ok(frame)) => {
                 let frame = match frame.into_trailers() {
@@ -408,14 +436,29 @@ async fn relay_upstream(
                     Err(frame) => frame,
                 };
                 if relay.send(frame).await.is_err() {
-                    return;
+                    return RelayEnd::Stopped;
                 }
             }
             Some(Err(error)) => {
                 debug!(%error, "http/2 backend body failed");
-                return;
+                return RelayEnd::Failed;
             }
         }
+    }
+}
+
+/// What a relay task needs to report how its backend's body ended ([`Pool::report_body`]): the
+/// pool (shared: the task outlives the request that borrowed it from its snapshot) and the
+/// head's status.
+struct Verdict {
+    pool: Arc<Pool>,
+    status: u16,
+}
+
+impl Verdict {
+    /// Reports the end of the body of `state`'s response.
+    fn give(self, state: &Arc<crate::backend::BackendState>, failed: bool) {
+        self.pool.report_body(state, self.status, failed);
     }
 }
 
@@ -1375,6 +1418,7 @@ async fn proceed(
         builder = builder.header(http::header::CONTENT_LENGTH, length);
     }
     let body = if response.framing == Framing::Empty {
+        pool.report_body(guard.state(), response.status, false);
         drop(guard);
         if !response.close {
             proxy.upstream.checkin(conn, pool.keepalive);
@@ -1387,17 +1431,28 @@ async fn proceed(
         let reusable = !response.close && pool.send_proxy_protocol.is_none();
         let keepalive = pool.keepalive;
         let framing = response.framing;
+        let verdict = Verdict {
+            pool: Arc::clone(pool),
+            status: response.status,
+        };
         tokio::spawn(async move {
             // The request stays in flight on its backend until the body is through.
-            let _guard = guard;
+            let guard = guard;
             let mut conn = conn;
             let pumped = tokio::select! {
                 pumped = pump_body(&mut conn, framing, &relay, idle, encoder) => pumped,
-                () = closer.cancelled() => Err(io::Error::other("the backend's drain deadline passed")),
+                () = closer.cancelled() => Err(BodyError::Stopped),
                 // A client that resets its stream while the backend is quiet (a stream of
                 // events between two events) lets go of the backend at once.
-                () = relay.tx.closed() => Err(gone()),
+                () = relay.tx.closed() => Err(BodyError::Write(gone())),
             };
+            // A client whose stream went away first left, whatever the backend did after.
+            verdict.give(
+                guard.state(),
+                pumped
+                    .as_ref()
+                    .is_err_and(|e| e.source_failed() && !relay.tx.is_closed()),
+            );
             match pumped {
                 Ok(()) => {
                     relay.finish();
@@ -1422,7 +1477,7 @@ async fn proceed(
 #[allow(clippy::too_many_arguments)]
 async fn forward_h2(
     proxy: &HttpProxy,
-    pool: &Pool,
+    pool: &Arc<Pool>,
     input: PickInput,
     parts: http::request::Parts,
     body: Incoming,
@@ -1550,8 +1605,9 @@ async fn forward_h2(
             state.observe_latency(elapsed);
             state.response_time.observe(elapsed);
             state.count_response(status);
-            // Counted against the backend that gave it, retried or not.
-            pool.report(&state, status < 500);
+            // Counted against the backend that gave it, retried or not: a 5xx now, anything
+            // else once its body is through.
+            pool.report_head(&state, status);
             let answer = H2Answer {
                 response,
                 guard,
@@ -1561,6 +1617,9 @@ async fn forward_h2(
             };
             if retry.is_some_and(|r| r.retries_status(status)) {
                 debug!(backend = %addr, status, "answer retried on another backend");
+                // Its body is not relayed unless no later backend answers: its head is all
+                // there is to judge it by.
+                pool.report_body(&state, status, false);
                 // The one passed over before is dropped: its stream is cancelled.
                 *passed = Some(answer);
                 attempts.hold_answer();
@@ -1638,11 +1697,16 @@ async fn forward_h2(
     // backend sent it. The backend's stream of a response without content is dropped (reset)
     // if it goes on.
     let body = if bodiless {
+        pool.report_body(guard.state(), status, false);
         drop(guard);
         ResponseBody::Empty
     } else {
         let (relay, relayed) = Relay::new(pool.response_timeout);
-        tokio::spawn(relay_upstream(body, relay, guard, closer));
+        let verdict = Verdict {
+            pool: Arc::clone(pool),
+            status,
+        };
+        tokio::spawn(relay_upstream(body, relay, guard, closer, verdict));
         relayed
     };
     let body = match encoder {
@@ -1804,10 +1868,14 @@ async fn exchange<'p>(
                         state.observe_latency(elapsed);
                         state.response_time.observe(elapsed);
                         state.count_response(response.status);
-                        // Counted against the backend that gave it, retried or not.
-                        pool.report(&state, response.status < 500);
+                        // Counted against the backend that gave it, retried or not: a 5xx
+                        // now, anything else once its body is through.
+                        pool.report_head(&state, response.status);
                         if retry.is_some_and(|r| r.retries_status(response.status)) {
                             debug!(backend = %state.addr, status = response.status, "answer retried on another backend");
+                            // Its body is not relayed unless no later backend answers: its
+                            // head is all there is to judge it by.
+                            pool.report_body(&state, response.status, false);
                             // The one passed over before is closed: its body is not read.
                             *passed = Some((conn, response, picked, elapsed));
                             attempts.hold_answer();
@@ -2018,7 +2086,7 @@ async fn pump_body(
     tx: &Relay,
     idle: std::time::Duration,
     mut encoder: Option<super::compress::Encoder>,
-) -> io::Result<()> {
+) -> Result<(), BodyError> {
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => 0,
@@ -2050,7 +2118,7 @@ async fn pump_body(
                 loop {
                     match decoder
                         .decode(&conn.buf, &mut pos)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+                        .map_err(|_| BodyError::Malformed)?
                     {
                         Decoded::Data(range) => pieces.push(range),
                         Decoded::End(_) => {
@@ -2073,23 +2141,27 @@ async fn pump_body(
             conn.buf.reserve(BODY_CHUNK);
             match timeout(idle, conn.stream.read_buf(&mut conn.buf)).await {
                 Ok(Ok(0)) if framing == Framing::UntilClose => true,
-                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
                 Ok(Ok(_)) => false,
-                Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+                Ok(Err(error)) => return Err(BodyError::Read(error)),
+                Err(_) => return Err(BodyError::Timeout),
             }
         };
         if eof {
             // The end of a compressed stream goes before any trailers.
             if let Some(encoder) = encoder.take() {
-                let rest = encoder.finish()?;
+                let rest = encoder.finish().map_err(BodyError::Compress)?;
                 if !rest.is_empty() {
-                    tx.send(Frame::data(Bytes::from(rest))).await?;
+                    tx.send(Frame::data(Bytes::from(rest)))
+                        .await
+                        .map_err(BodyError::Write)?;
                 }
             }
             if !decoder.trailers.is_empty() {
                 let trailers = parse_trailers(&decoder.trailers);
-                tx.send(Frame::trailers(trailers)).await?;
+                tx.send(Frame::trailers(trailers))
+                    .await
+                    .map_err(BodyError::Write)?;
             }
             return Ok(());
         }
@@ -2106,15 +2178,15 @@ async fn send_data(
     tx: &Relay,
     data: Bytes,
     encoder: &mut Option<super::compress::Encoder>,
-) -> io::Result<()> {
+) -> Result<(), BodyError> {
     let data = match encoder {
-        Some(encoder) => Bytes::from(encoder.push(&data)?),
+        Some(encoder) => Bytes::from(encoder.push(&data).map_err(BodyError::Compress)?),
         None => data,
     };
     if data.is_empty() {
         return Ok(());
     }
-    tx.send(Frame::data(data)).await
+    tx.send(Frame::data(data)).await.map_err(BodyError::Write)
 }
 
 /// The trailer section of a chunked body as header fields. Invalid lines are dropped, and so

@@ -1113,7 +1113,9 @@ impl HttpProxy {
         let id_field = [("x-request-id", request_id)];
 
         if response.status == 101 {
-            // The backend took the WebSocket upgrade: from here on, bytes both ways.
+            // The backend took the WebSocket upgrade: from here on, bytes both ways, whose end
+            // says nothing of the backend's health.
+            pool.report_body(guard.state(), 101, false);
             out.clear();
             response.write_downstream(
                 &mut out,
@@ -1316,11 +1318,15 @@ impl HttpProxy {
                 // (each look takes its lock), and no random order is drawn.
                 biased;
                 done = transfer => done,
-                () = closer.cancelled() => Err(BodyError::Read(io::Error::other(
-                    "the backend's drain deadline passed",
-                ))),
+                () = closer.cancelled() => Err(BodyError::Stopped),
             }
         };
+        pool.report_body(
+            guard.state(),
+            response.status,
+            done.as_ref()
+                .is_err_and(|e| e.source_failed() && !client_left(&client.stream)),
+        );
         drop(guard);
         match done {
             Ok(written) => {
@@ -1770,8 +1776,9 @@ impl HttpProxy {
                 state.response_time.observe(elapsed);
                 state.count_response(status);
                 trace.upstream = Some(elapsed);
-                // Counted against the backend that gave it, retried or not.
-                pool.report(&state, status < 500);
+                // Counted against the backend that gave it, retried or not: a 5xx now,
+                // anything else once its body is through.
+                pool.report_head(&state, status);
                 let answer = H2Answer {
                     response,
                     early,
@@ -1785,6 +1792,9 @@ impl HttpProxy {
                 };
                 if retry.is_some_and(|r| r.retries_status(status)) {
                     debug!(backend = %addr, status, "answer retried on another backend");
+                    // Its body is not relayed unless no later backend answers: its head is
+                    // all there is to judge it by.
+                    pool.report_body(&answer.state, status, false);
                     // The one passed over before is dropped: its stream is cancelled.
                     *passed = Some(answer);
                     attempts.hold_answer();
@@ -1911,90 +1921,106 @@ impl HttpProxy {
         }
         out.extend_from_slice(h1::Persistence::of(close, head.minor_version).field());
         out.extend_from_slice(b"\r\n");
-        if framing != Framing::Empty {
-            let mut trailers = Vec::new();
-            // How the body ends if the backend fails it from here on.
-            let cut = Failure::cut_off(framing);
-            loop {
-                // What is framed goes out before waiting for more: a backend that pauses (a
-                // stream of events, a gRPC server stream) must not have its bytes held back
-                // until more arrive. Frames already there are gathered into one write.
-                let ready = {
-                    let mut frame = http_body_util::BodyExt::frame(&mut body);
-                    std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(std::pin::Pin::new(&mut frame).poll(cx))
-                    })
-                    .await
-                };
-                let next = match ready {
-                    std::task::Poll::Ready(frame) => Ok(frame),
-                    std::task::Poll::Pending => {
-                        if !out.is_empty() {
-                            write_within(&mut client.stream, &out, pool.response_timeout)
-                                .await
-                                .map_err(|_| Failure::Abort)?;
-                            trace.bytes += out.len() as u64;
-                            out.clear();
+        // Set where the backend fails the body; the end of the body, however it comes, is
+        // reported below.
+        let mut backend_failed = false;
+        let relayed: Result<(), Failure> = async {
+            if framing != Framing::Empty {
+                let mut trailers = Vec::new();
+                // How the body ends if the backend fails it from here on.
+                let cut = Failure::cut_off(framing);
+                loop {
+                    // What is framed goes out before waiting for more: a backend that pauses (a
+                    // stream of events, a gRPC server stream) must not have its bytes held back
+                    // until more arrive. Frames already there are gathered into one write.
+                    let ready = {
+                        let mut frame = http_body_util::BodyExt::frame(&mut body);
+                        std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(std::pin::Pin::new(&mut frame).poll(cx))
+                        })
+                        .await
+                    };
+                    let next = match ready {
+                        std::task::Poll::Ready(frame) => Ok(frame),
+                        std::task::Poll::Pending => {
+                            if !out.is_empty() {
+                                write_within(&mut client.stream, &out, pool.response_timeout)
+                                    .await
+                                    .map_err(|_| Failure::Abort)?;
+                                trace.bytes += out.len() as u64;
+                                out.clear();
+                            }
+                            // The backend's pause is timed from here, after the write.
+                            let next = timeout(
+                                pool.response_timeout,
+                                http_body_util::BodyExt::frame(&mut body),
+                            );
+                            tokio::select! {
+                                next = next => next,
+                                () = closer.cancelled() => return Err(cut),
+                            }
                         }
-                        // The backend's pause is timed from here, after the write.
-                        let next = timeout(
-                            pool.response_timeout,
-                            http_body_util::BodyExt::frame(&mut body),
-                        );
-                        tokio::select! {
-                            next = next => next,
-                            () = closer.cancelled() => return Err(cut),
+                    };
+                    if closer.is_cancelled() {
+                        return Err(cut);
+                    }
+                    let frame = match next {
+                        Ok(Some(Ok(frame))) => frame,
+                        Ok(None) => break,
+                        // Nothing has reached the client yet (the head goes out with what of the
+                        // body is there, or once the body has to be waited for): it can still get
+                        // a status of ours rather than a close.
+                        Ok(Some(Err(_))) if trace.bytes == 0 => {
+                            debug!(backend = %addr, "http/2 backend failed its response before its body");
+                            backend_failed = true;
+                            return Err(Failure::Status(502));
                         }
-                    }
-                };
-                if closer.is_cancelled() {
-                    return Err(cut);
-                }
-                let frame = match next {
-                    Ok(Some(Ok(frame))) => frame,
-                    Ok(None) => break,
-                    // Nothing has reached the client yet (the head goes out with what of the
-                    // body is there, or once the body has to be waited for): it can still get
-                    // a status of ours rather than a close.
-                    Ok(Some(Err(_))) if trace.bytes == 0 => {
-                        debug!(backend = %addr, "http/2 backend failed its response before its body");
-                        pool.report(&state, false);
-                        return Err(Failure::Status(502));
-                    }
-                    Ok(Some(Err(_))) | Err(_) => return Err(cut),
-                };
-                match frame.into_data() {
-                    Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut encoder)
-                        .map_err(|_| cut)?,
-                    Err(frame) => {
-                        if let Ok(map) = frame.into_trailers() {
-                            for (name, value) in &h2::forwardable_trailers(map) {
-                                trailers.extend_from_slice(name.as_str().as_bytes());
-                                trailers.extend_from_slice(b": ");
-                                trailers.extend_from_slice(value.as_bytes());
-                                trailers.extend_from_slice(b"\r\n");
+                        Ok(Some(Err(_))) | Err(_) => {
+                            backend_failed = true;
+                            return Err(cut);
+                        }
+                    };
+                    match frame.into_data() {
+                        Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut encoder)
+                            .map_err(|_| cut)?,
+                        Err(frame) => {
+                            if let Ok(map) = frame.into_trailers() {
+                                for (name, value) in &h2::forwardable_trailers(map) {
+                                    trailers.extend_from_slice(name.as_str().as_bytes());
+                                    trailers.extend_from_slice(b": ");
+                                    trailers.extend_from_slice(value.as_bytes());
+                                    trailers.extend_from_slice(b"\r\n");
+                                }
                             }
                         }
                     }
+                    if out.len() >= READ_CHUNK {
+                        write_within(&mut client.stream, &out, pool.response_timeout)
+                            .await
+                            .map_err(|_| Failure::Abort)?;
+                        trace.bytes += out.len() as u64;
+                        out.clear();
+                    }
                 }
-                if out.len() >= READ_CHUNK {
-                    write_within(&mut client.stream, &out, pool.response_timeout)
-                        .await
-                        .map_err(|_| Failure::Abort)?;
-                    trace.bytes += out.len() as u64;
-                    out.clear();
+                // The end of a compressed stream goes before any trailers.
+                finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder).map_err(|_| cut)?;
+                if framing == Framing::Chunked {
+                    h1::encode_last_chunk(&mut out, &trailers);
                 }
             }
-            // The end of a compressed stream goes before any trailers.
-            finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder).map_err(|_| cut)?;
-            if framing == Framing::Chunked {
-                h1::encode_last_chunk(&mut out, &trailers);
-            }
+            write_pair_within(&mut client.stream, &out, &[], pool.response_timeout, close)
+                .await
+                .map_err(|_| Failure::Abort)?;
+            trace.bytes += out.len() as u64;
+            Ok(())
         }
-        write_pair_within(&mut client.stream, &out, &[], pool.response_timeout, close)
-            .await
-            .map_err(|_| Failure::Abort)?;
-        trace.bytes += out.len() as u64;
+        .await;
+        pool.report_body(
+            &state,
+            parts.status.as_u16(),
+            backend_failed && !client_left(&client.stream),
+        );
+        relayed?;
         drop(guard);
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
@@ -2231,11 +2257,15 @@ impl HttpProxy {
                         state.response_time.observe(elapsed);
                         state.count_response(response.status);
                         trace.upstream = Some(elapsed);
-                        // Counted against the backend that gave it, retried or not.
-                        pool.report(state, response.status < 500);
+                        // Counted against the backend that gave it, retried or not: a 5xx now,
+                        // anything else once its body is through.
+                        pool.report_head(state, response.status);
                         if !client.interim_sent
                             && retry.is_some_and(|r| r.retries_status(response.status))
                         {
+                            // Its body is not relayed unless no later backend answers: its
+                            // head is all there is to judge it by.
+                            pool.report_body(state, response.status, false);
                             debug!(pool = %pool.name, backend = %addr, status = response.status, "answer retried on another backend");
                             // The one passed over before is closed: its body is not read.
                             *passed = Some(Passed {
@@ -2504,7 +2534,8 @@ async fn send_request(
                     BodyError::Read(_)
                     | BodyError::Malformed
                     | BodyError::Timeout
-                    | BodyError::Compress(_),
+                    | BodyError::Compress(_)
+                    | BodyError::Stopped,
                 ) => return Err(SendError::Client),
             }
             None
@@ -2628,6 +2659,35 @@ enum BodyError {
     /// The compressor failed.
     #[error("compressing the body: {0}")]
     Compress(io::Error),
+    /// The backend's drain deadline (or the process's) cut the transfer.
+    #[error("the backend's drain deadline passed")]
+    Stopped,
+}
+
+impl BodyError {
+    /// Whether the body's source failed it: for a response, the backend's failure (a reset,
+    /// bytes short of the framing, broken chunks, a stall), which outlier detection counts,
+    /// rather than the destination's (a client that left or stopped reading) or the proxy's.
+    fn source_failed(&self) -> bool {
+        matches!(
+            self,
+            BodyError::Read(_) | BodyError::Malformed | BodyError::Timeout
+        )
+    }
+}
+
+/// Whether the client's connection has ended (its end of stream or a reset) by now, as a peek
+/// that does not wait finds it: a response body the backend failed after the client left is
+/// not held against the backend.
+fn client_left(client: &Stream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(client.tcp())
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => error.kind() != io::ErrorKind::WouldBlock,
+    }
 }
 
 /// Reads into `buf`, giving up at the deadline `deadline` returns (`None` then). The read is
