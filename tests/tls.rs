@@ -80,6 +80,24 @@ impl Pki {
         (cert_path, key_path)
     }
 
+    /// The `tls` table of a pool reaching its backends as `sni` and trusting this CA, with
+    /// `more` keys of that table (each starting with a comma).
+    fn pool_tls(&self, sni: &str, more: &str) -> String {
+        format!(
+            r#"tls = {{ sni = "{sni}", ca = "{}"{more} }}"#,
+            p(&self.path("ca.pem"))
+        )
+    }
+
+    /// The keys of a listener's `tls` table (each starting with a comma) that ask its clients
+    /// for a certificate this CA issued, as `auth` (required or optional) says.
+    fn client_auth(&self, auth: &str) -> String {
+        format!(
+            r#", client_ca = "{}", client_auth = "{auth}""#,
+            p(&self.path("ca.pem"))
+        )
+    }
+
     fn ca_roots(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).expect("root");
@@ -97,11 +115,7 @@ impl Pki {
 
     /// A client configuration presenting `cert` / `key`.
     fn client_with_cert(&self, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .expect("cert file")
-            .collect::<Result<_, _>>()
-            .expect("certs");
-        let key = PrivateKeyDer::from_pem_file(key).expect("key");
+        let (chain, key) = load_pair(cert, key);
         Arc::new(
             rustls::ClientConfig::builder()
                 .with_root_certificates(self.ca_roots())
@@ -112,11 +126,7 @@ impl Pki {
 
     /// A server configuration for a test backend with `cert` / `key`.
     fn server(&self, cert: &Path, key: &Path, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .expect("cert file")
-            .collect::<Result<_, _>>()
-            .expect("certs");
-        let key = PrivateKeyDer::from_pem_file(key).expect("key");
+        let (chain, key) = load_pair(cert, key);
         let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(chain, key)
@@ -126,8 +136,86 @@ impl Pki {
     }
 }
 
+/// The certificate chain at `cert` and the private key at `key`, as rustls takes them.
+fn load_pair(cert: &Path, key: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    (chain, PrivateKeyDer::from_pem_file(key).expect("key"))
+}
+
 fn p(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// The `tls` table of a listener serving the one certificate `cert` with its `key`, and `more`
+/// keys of that table (each starting with a comma): most listeners here need no more.
+fn one_certificate(cert: &Path, key: &Path, more: &str) -> String {
+    format!(
+        r#"tls = {{ certificates = [{{ cert = "{}", key = "{}" }}]{more} }}"#,
+        p(cert),
+        p(key)
+    )
+}
+
+/// A listener `name` of `protocol` (http or tcp) sending everything to pool `pool`, with
+/// `extra` lines in its table (its `tls` table, say).
+fn listener_toml(name: &str, protocol: &str, pool: &str, extra: &str) -> String {
+    let pool_key = if protocol == "tcp" {
+        "pool"
+    } else {
+        "default_pool"
+    };
+    format!(
+        r#"
+        [[listeners]]
+        name = "{name}"
+        bind = "127.0.0.1:0"
+        protocol = "{protocol}"
+        {pool_key} = "{pool}"
+        {extra}
+        "#
+    )
+}
+
+/// Pool `name` of the one `backend`, with `extra` lines in its table.
+fn pool_toml(name: &str, backend: impl std::fmt::Display, extra: &str) -> String {
+    format!(
+        r#"
+        [pools.{name}]
+        backends = ["{backend}"]
+        {extra}
+        "#
+    )
+}
+
+/// The `https` listener of a config only checked, never run, with `tls` as its table, in front
+/// of a pool nobody connects to.
+fn checked_https(tls: &str) -> String {
+    listener_toml("https", "http", "web", tls) + &pool_toml("web", "127.0.0.1:9", "")
+}
+
+/// What `check` makes of the certificates and keys `toml` names.
+fn tls_store(toml: &str) -> Result<TlsStore, Vec<switchyard::config::Problem>> {
+    let config = Config::from_toml(toml, Path::new("t.toml")).expect("valid");
+    TlsStore::build(&config)
+}
+
+/// The `(path, reason)` of each of `problems`, for asserting on them and printing them.
+fn found(problems: &[switchyard::config::Problem]) -> Vec<(&str, &str)> {
+    problems
+        .iter()
+        .map(|p| (p.path.as_str(), p.reason.as_str()))
+        .collect()
+}
+
+/// Whether the stream is closed (EOF or an error) within [`PATIENCE`], whatever came before.
+async fn closes<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .is_ok()
 }
 
 /// Connects with TLS, naming `sni`.
@@ -141,6 +229,66 @@ async fn tls_connect(
     tokio::time::timeout(PATIENCE, TlsConnector::from(config).connect(name, tcp))
         .await
         .expect("handshake in time")
+}
+
+/// Connects to `addr` as a.example.com with `config` and sends a request: an error if the
+/// handshake fails or the connection closes before an answer (TLS 1.3 reports a refused client
+/// certificate on the first read), else how the handshake went.
+async fn served(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Option<rustls::HandshakeKind>> {
+    let mut stream = tls_connect(addr, config, "a.example.com").await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await?;
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte).await? {
+        0 => Err(std::io::Error::other("closed")),
+        _ => Ok(stream.get_ref().1.handshake_kind()),
+    }
+}
+
+/// Sends `request` (a GET without a body) over HTTP/2 on `stream`, a TLS connection that
+/// negotiated h2, and returns the answer's status and body.
+async fn h2_exchange(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    request: http::request::Builder,
+) -> (http::StatusCode, String) {
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = request.body(http_body_util::Empty::new()).expect("request");
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sends `message` over `stream`, to an echoing backend, and checks that it comes back whole.
+async fn echoed<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: &[u8],
+) {
+    stream.write_all(message).await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut back = vec![0u8; message.len()];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(back, message);
 }
 
 /// The subject CN of the certificate the server showed.
@@ -268,26 +416,9 @@ async fn alpn_negotiates_http11_and_h2() {
         .await
         .expect("handshake");
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(h2))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .uri("https://a.example.com/over-h2")
-        .body(http_body_util::Empty::new())
-        .expect("request");
-    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
-        .await
-        .expect("in time")
-        .expect("response");
-    assert_eq!(response.status(), 200);
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8_lossy(&body);
+    let request = http::Request::builder().uri("https://a.example.com/over-h2");
+    let (status, text) = h2_exchange(h2, request).await;
+    assert_eq!(status, 200);
     assert!(text.contains("GET /over-h2"), "{text}");
     assert!(text.contains("x-forwarded-proto: https"), "{text}");
 }
@@ -383,31 +514,12 @@ async fn check_reports_expired_and_mismatched_certificates_and_missing_files() {
     let (_, other_key) = pki.issue("other", "other", &["other.test"], false);
     let garbage = pki.path("garbage.pem");
     std::fs::write(&garbage, "this is not PEM").expect("write");
-    let toml = |certificates: String| {
-        format!(
-            r#"
-            [[listeners]]
-            name = "https"
-            bind = "127.0.0.1:0"
-            protocol = "http"
-            default_pool = "web"
-            tls = {{ certificates = [{certificates}] }}
-
-            [pools.web]
-            backends = ["127.0.0.1:9"]
-            "#
-        )
-    };
-    let config = Config::from_toml(
-        &toml(format!(
-            r#"{{ cert = "{}", key = "{}" }}"#,
-            p(&expired_cert),
-            p(&expired_key)
-        )),
-        Path::new("t.toml"),
-    )
-    .expect("valid");
-    let store = TlsStore::build(&config).expect("an expired certificate is only a warning");
+    let store = tls_store(&checked_https(&one_certificate(
+        &expired_cert,
+        &expired_key,
+        "",
+    )))
+    .expect("an expired certificate is only a warning");
     assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
     assert_eq!(
         store.warnings[0].path,
@@ -415,20 +527,16 @@ async fn check_reports_expired_and_mismatched_certificates_and_missing_files() {
     );
     assert!(store.warnings[0].reason.contains("expired"));
 
-    let config = Config::from_toml(
-        &toml(format!(
-            r#"{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}"#,
-            p(&good_cert),
-            p(&other_key),
-            p(&pki.path("missing.pem")),
-            p(&other_key),
-            p(&garbage),
-            p(&other_key),
-        )),
-        Path::new("t.toml"),
-    )
-    .expect("valid");
-    let problems = TlsStore::build(&config).expect_err("bad files");
+    let problems = tls_store(&checked_https(&format!(
+        r#"tls = {{ certificates = [{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}] }}"#,
+        p(&good_cert),
+        p(&other_key),
+        p(&pki.path("missing.pem")),
+        p(&other_key),
+        p(&garbage),
+        p(&other_key),
+    )))
+    .expect_err("bad files");
     let text: Vec<String> = problems
         .iter()
         .map(|p| format!("{}: {}", p.path, p.reason))
@@ -457,31 +565,17 @@ fn a_missing_certificate_and_its_missing_key_are_both_reported() {
     let (good_cert, _) = pki.issue("good", "good", &["good.test"], false);
     let garbage = pki.path("garbage.key");
     std::fs::write(&garbage, "this is not PEM").expect("write");
-    let toml = format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}] }}
-
-        [pools.web]
-        backends = ["127.0.0.1:9"]
-        "#,
+    let problems = tls_store(&checked_https(&format!(
+        r#"tls = {{ certificates = [{{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}, {{ cert = "{}", key = "{}" }}] }}"#,
         p(&pki.path("missing.pem")),
         p(&pki.path("missing.key")),
         p(&pki.path("missing.pem")),
         p(&garbage),
         p(&good_cert),
         p(&pki.path("missing.key")),
-    );
-    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
-    let problems = TlsStore::build(&config).expect_err("bad files");
-    let found: Vec<(&str, &str)> = problems
-        .iter()
-        .map(|p| (p.path.as_str(), p.reason.as_str()))
-        .collect();
+    )))
+    .expect_err("bad files");
+    let found = found(&problems);
     let has =
         |path: &str, reason: &str| found.iter().any(|(p, r)| *p == path && r.contains(reason));
     assert!(
@@ -530,29 +624,15 @@ fn an_encrypted_key_or_one_of_an_unusable_kind_is_said_as_such_not_as_no_key() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .expect("write");
-    let toml = format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{0}", key = "{1}" }}, {{ cert = "{0}", key = "{2}" }}, {{ cert = "{0}", key = "{3}" }}] }}
-
-        [pools.web]
-        backends = ["127.0.0.1:9"]
-        "#,
+    let problems = tls_store(&checked_https(&format!(
+        r#"tls = {{ certificates = [{{ cert = "{0}", key = "{1}" }}, {{ cert = "{0}", key = "{2}" }}, {{ cert = "{0}", key = "{3}" }}] }}"#,
         p(&cert),
         p(&pkcs8),
         p(&legacy),
         p(&unusable),
-    );
-    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
-    let problems = TlsStore::build(&config).expect_err("bad keys");
-    let found: Vec<(&str, &str)> = problems
-        .iter()
-        .map(|p| (p.path.as_str(), p.reason.as_str()))
-        .collect();
+    )))
+    .expect_err("bad keys");
+    let found = found(&problems);
     let has =
         |path: &str, reason: &str| found.iter().any(|(p, r)| *p == path && r.contains(reason));
     for i in 0..2 {
@@ -592,36 +672,53 @@ async fn https_backend(name: &'static str, config: Arc<rustls::ServerConfig>) ->
     .await
 }
 
+/// A backend that speaks only HTTP/2 over TLS with `config` (ALPN h2, as gRPC servers do) and
+/// answers every request with the body `answer` makes of it.
+async fn h2_tls_backend<F>(config: Arc<rustls::ServerConfig>, answer: F) -> Backend
+where
+    F: Fn(&http::Request<hyper::body::Incoming>) -> String + Send + Sync + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let answer = Arc::new(answer);
+    Backend::start(move |tcp| {
+        let acceptor = acceptor.clone();
+        let answer = Arc::clone(&answer);
+        async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request| {
+                let body = answer(&request);
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn upstream_tls_verifies_the_backend_and_a_wrong_ca_gives_502() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
     let backend = https_backend("secure", pki.server(&cert, &key, &[b"http/1.1"])).await;
     let other = Pki::new();
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "good"
-
-          [[listeners.routes]]
-          match = {{ path_prefix = "/wrong/" }}
-          pool = "wrong"
-
-        [pools.good]
-        backends = ["{addr}"]
-        tls = {{ sni = "internal.example", ca = "{ca}" }}
-
-        [pools.wrong]
-        backends = ["{addr}"]
-        tls = {{ sni = "internal.example", ca = "{other_ca}" }}
-        "#,
-        addr = backend.addr,
-        ca = p(&pki.path("ca.pem")),
-        other_ca = p(&other.path("ca.pem")),
-    ));
+    let routes = r#"routes = [{ match = { path_prefix = "/wrong/" }, pool = "wrong" }]"#;
+    let proxy = Proxy::start(
+        &(listener_toml("plain", "http", "good", routes)
+            + &pool_toml("good", backend.addr, &pki.pool_tls("internal.example", ""))
+            + &pool_toml(
+                "wrong",
+                backend.addr,
+                &other.pool_tls("internal.example", ""),
+            )),
+    );
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     for _ in 0..3 {
         let reply = client.get("/ok", "").await;
@@ -638,46 +735,23 @@ async fn upstream_tls_verifies_the_backend_and_a_wrong_ca_gives_502() {
 async fn upstream_h2_over_tls_with_alpn() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", "backend", &["grpc.internal"], false);
-    let config = pki.server(&cert, &key, &[b"h2"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let backend = Backend::start(move |tcp| {
-        let acceptor = acceptor.clone();
-        async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = hyper::service::service_fn(|request: http::Request<_>| async move {
-                let proto = request
-                    .headers()
-                    .get("x-forwarded-proto")
-                    .map(|v| v.to_str().unwrap_or("").to_owned())
-                    .unwrap_or_default();
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from(format!("h2 backend {:?} {proto}", request.version())),
-                )))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        }
+    let backend = h2_tls_backend(pki.server(&cert, &key, &[b"h2"]), |request| {
+        let proto = request
+            .headers()
+            .get("x-forwarded-proto")
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        format!("h2 backend {:?} {proto}", request.version())
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "grpc"
-
-        [pools.grpc]
-        backends = ["{}"]
-        upstream_protocol = "h2"
-        tls = {{ sni = "grpc.internal", ca = "{}" }}
-        "#,
-        backend.addr,
-        p(&pki.path("ca.pem")),
-    ));
+    let pool_extra = format!(
+        "upstream_protocol = \"h2\"\n{}",
+        pki.pool_tls("grpc.internal", "")
+    );
+    let proxy = Proxy::start(
+        &(listener_toml("plain", "http", "grpc", "")
+            + &pool_toml("grpc", backend.addr, &pool_extra)),
+    );
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     let reply = client.get("/", "").await;
     assert_eq!(reply.status, 200);
@@ -691,55 +765,22 @@ async fn mutual_tls_requires_a_certificate_and_forwards_its_subject() {
     let (client_cert, client_key) = pki.issue("alice", "alice", &["alice.clients.example"], false);
     let backend = http_backend("web").await;
     let listener = |name: &str, auth: &str| {
-        format!(
-            r#"
-            [[listeners]]
-            name = "{name}"
-            bind = "127.0.0.1:0"
-            protocol = "http"
-            default_pool = "web"
-            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], client_ca = "{}", client_auth = "{auth}" }}
-            "#,
-            p(&cert),
-            p(&key),
-            p(&pki.path("ca.pem")),
-        )
+        let tls = one_certificate(&cert, &key, &pki.client_auth(auth));
+        listener_toml(name, "http", "web", &tls)
     };
-    let proxy = Proxy::start(&format!(
-        r#"
-        {}
-        {}
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-
-        [pools.web]
-        backends = ["{}"]
-        "#,
-        listener("required", "required"),
-        listener("optional", "optional"),
-        backend.addr
-    ));
+    let proxy = Proxy::start(
+        &(listener("required", "required")
+            + &listener("optional", "optional")
+            + &listener_toml("plain", "http", "web", "")
+            + &pool_toml("web", backend.addr, "")),
+    );
     let forged = "X-Client-Cert-Subject: CN=mallory\r\nx-client-cert-san: DNS:evil\r\n";
 
     // Required: no certificate, no service.
-    let refused = async {
-        let mut stream =
-            tls_connect(proxy.addr("required"), pki.client(&[]), "a.example.com").await?;
-        // TLS 1.3 reports the refusal on the first read.
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await?;
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte).await? {
-            0 => Err(std::io::Error::other("closed")),
-            _ => Ok(()),
-        }
-    };
     assert!(
-        refused.await.is_err(),
+        served(proxy.addr("required"), pki.client(&[]))
+            .await
+            .is_err(),
         "served a client without a certificate"
     );
 
@@ -775,28 +816,10 @@ async fn mutual_tls_requires_a_certificate_and_forwards_its_subject() {
     let stream = tls_connect(proxy.addr("required"), Arc::new(h2_config), "a.example.com")
         .await
         .expect("handshake");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                stream,
-            ))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(connection);
     let request = http::Request::builder()
         .uri("https://a.example.com/h2")
-        .header("x-client-cert-subject", "CN=mallory")
-        .body(http_body_util::Empty::new())
-        .expect("request");
-    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
-        .await
-        .expect("in time")
-        .expect("response");
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8_lossy(&body);
+        .header("x-client-cert-subject", "CN=mallory");
+    let (_, text) = h2_exchange(stream, request).await;
     assert!(text.contains("x-client-cert-subject: CN=alice"), "{text}");
     assert!(!text.contains("mallory"), "{text}");
 
@@ -872,9 +895,10 @@ async fn sni_passthrough_lands_each_name_on_its_pool() {
             .text()
             .starts_with("pool-a\n")
     );
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "a stalled ClientHello is cut off");
+    assert!(
+        closes(&mut stalled).await,
+        "a stalled ClientHello is cut off"
+    );
 
     // Garbage and an oversized record close only their own connection.
     let mut garbage = TcpStream::connect(addr).await.expect("connect");
@@ -882,18 +906,10 @@ async fn sni_passthrough_lands_each_name_on_its_pool() {
         .write_all(b"GET / HTTP/1.1\r\n\r\n")
         .await
         .expect("send");
-    assert!(
-        tokio::time::timeout(PATIENCE, garbage.read_to_end(&mut rest))
-            .await
-            .is_ok()
-    );
+    assert!(closes(&mut garbage).await);
     let mut huge = TcpStream::connect(addr).await.expect("connect");
     let _ = huge.write_all(&[22, 3, 1, 0xff, 0xff]).await;
-    assert!(
-        tokio::time::timeout(PATIENCE, huge.read_to_end(&mut rest))
-            .await
-            .is_ok()
-    );
+    assert!(closes(&mut huge).await);
     assert_eq!(a.accepted() + b.accepted() + d.accepted(), 4);
 }
 
@@ -902,22 +918,10 @@ async fn plain_http_and_stalled_handshakes_on_a_tls_port() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
     let backend = http_backend("web").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], handshake_timeout = "300ms" }}
-
-        [pools.web]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    ));
+    let tls = one_certificate(&cert, &key, r#", handshake_timeout = "300ms""#);
+    let proxy = Proxy::start(
+        &(listener_toml("https", "http", "web", &tls) + &pool_toml("web", backend.addr, "")),
+    );
     let addr = proxy.addr("https");
     // Plain HTTP gets a 400 that says why.
     let mut client = HttpClient::connect(addr).await;
@@ -935,14 +939,8 @@ async fn plain_http_and_stalled_handshakes_on_a_tls_port() {
         .await
         .expect("handshake");
     assert_eq!(get(&mut stream, "/", "").await.status, 200);
-    let mut rest = Vec::new();
     for stalled in [&mut half, &mut silent] {
-        assert!(
-            tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
-                .await
-                .is_ok(),
-            "stalled handshake closed"
-        );
+        assert!(closes(stalled).await, "stalled handshake closed");
     }
     assert_eq!(backend.accepted(), 1);
     // Each failed handshake is counted: the plain request and the two stalled ones.
@@ -1007,22 +1005,15 @@ async fn http_health_checks_speak_the_pools_tls() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
     let backend = https_backend("secure", pki.server(&cert, &key, &[b"http/1.1"])).await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "secure"
-
-        [pools.secure]
-        backends = ["{}"]
-        tls = {{ sni = "internal.example", ca = "{}" }}
-        health = {{ kind = "http", interval = "200ms", timeout = "200ms", rise = 1, fall = 2 }}
-        "#,
-        backend.addr,
-        p(&pki.path("ca.pem")),
-    ));
+    let pool_extra = format!(
+        "{}\n{}",
+        pki.pool_tls("internal.example", ""),
+        r#"health = { kind = "http", interval = "200ms", timeout = "200ms", rise = 1, fall = 2 }"#
+    );
+    let proxy = Proxy::start(
+        &(listener_toml("plain", "http", "secure", "")
+            + &pool_toml("secure", backend.addr, &pool_extra)),
+    );
     // Several probes pass: the backend speaks only TLS.
     let state = proxy
         .registry
@@ -1049,22 +1040,10 @@ async fn a_tcp_listener_terminates_tls_and_forwards_the_plain_bytes() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "tls-tcp"
-        bind = "127.0.0.1:0"
-        protocol = "tcp"
-        pool = "echo"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-        [pools.echo]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    ));
+    let proxy = Proxy::start(
+        &(listener_toml("tls-tcp", "tcp", "echo", &one_certificate(&cert, &key, ""))
+            + &pool_toml("echo", backend.addr, "")),
+    );
     // Plain bytes where a ClientHello belongs: refused, and counted.
     let mut plain = TcpStream::connect(proxy.addr("tls-tcp"))
         .await
@@ -1083,14 +1062,7 @@ async fn a_tcp_listener_terminates_tls_and_forwards_the_plain_bytes() {
         .await
         .expect("handshake");
     for message in [&b"hello"[..], &[7u8; 40_000][..]] {
-        stream.write_all(message).await.expect("write");
-        stream.flush().await.expect("flush");
-        let mut back = vec![0u8; message.len()];
-        tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
-            .await
-            .expect("in time")
-            .expect("echo");
-        assert_eq!(back, message);
+        echoed(&mut stream, message).await;
     }
     // Half-close: the client's close_notify ends the backend's input; the connection closes.
     stream.shutdown().await.expect("shutdown");
@@ -1120,22 +1092,10 @@ async fn websocket_upgrades_work_over_tls() {
         let _ = tokio::io::copy(&mut r, &mut w).await;
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "ws"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-        [pools.ws]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    ));
+    let proxy = Proxy::start(
+        &(listener_toml("https", "http", "ws", &one_certificate(&cert, &key, ""))
+            + &pool_toml("ws", backend.addr, "")),
+    );
     let mut stream = tls_connect(
         proxy.addr("https"),
         pki.client(&[b"http/1.1"]),
@@ -1155,14 +1115,7 @@ async fn websocket_upgrades_work_over_tls() {
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"));
-    stream.write_all(b"frame").await.expect("write");
-    stream.flush().await.expect("flush");
-    let mut back = [0u8; 5];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
-        .await
-        .expect("in time")
-        .expect("echo");
-    assert_eq!(&back, b"frame");
+    echoed(&mut stream, b"frame").await;
 }
 
 #[tokio::test]
@@ -1170,22 +1123,8 @@ async fn a_reload_rereads_certificates_and_refuses_garbage_keeping_the_old_one()
     let pki = Pki::new();
     let (cert, key) = pki.issue("server", "first", &["a.example.com"], false);
     let backend = http_backend("web").await;
-    let toml = format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-        [pools.web]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    );
+    let toml = listener_toml("https", "http", "web", &one_certificate(&cert, &key, ""))
+        + &pool_toml("web", backend.addr, "");
     let proxy = Proxy::start(&toml);
     let addr = proxy.addr("https");
     let resuming = pki.client(&[]);
@@ -1224,8 +1163,7 @@ async fn a_reload_rereads_certificates_and_refuses_garbage_keeping_the_old_one()
         text.contains("listeners[0].tls.certificates[0].cert") && text.contains(&p(&cert)),
         "{text}"
     );
-    let config = Config::from_toml(&toml, Path::new("t.toml")).expect("valid");
-    assert!(TlsStore::build(&config).is_err(), "check reports it too");
+    assert!(tls_store(&toml).is_err(), "check reports it too");
     let mut stream = tls_connect(addr, pki.client(&[]), "a.example.com")
         .await
         .expect("the old certificate still serves");
@@ -1238,23 +1176,15 @@ async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
     let backend = http_backend("web").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "https"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        max_connections = 4
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], handshake_timeout = "200ms" }}
-
-        [pools.web]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    ));
+    let tls = one_certificate(&cert, &key, r#", handshake_timeout = "200ms""#);
+    let proxy = Proxy::start(
+        &(listener_toml(
+            "https",
+            "http",
+            "web",
+            &format!("max_connections = 4\n{tls}"),
+        ) + &pool_toml("web", backend.addr, "")),
+    );
     let addr = proxy.addr("https");
     // Twelve clients that connect and never send a byte: at most four hold a slot at a time,
     // the others wait in the kernel's backlog, and each is cut off at the handshake timeout.
@@ -1267,12 +1197,7 @@ async fn a_flood_of_stalled_handshakes_is_bounded_and_drains() {
         .expect("served once the stalled handshakes time out");
     assert_eq!(get(&mut stream, "/", "").await.status, 200);
     for mut stalled in flood {
-        let mut rest = Vec::new();
-        assert!(
-            tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut rest))
-                .await
-                .is_ok()
-        );
+        assert!(closes(&mut stalled).await);
     }
 }
 
@@ -1281,43 +1206,34 @@ async fn a_pool_presents_its_client_certificate_to_backends_that_require_one() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", "backend", &["internal.example"], false);
     let (client_cert, client_key) = pki.issue("lb", "lb", &["lb.internal.example"], false);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
-        .expect("cert file")
-        .collect::<Result<_, _>>()
-        .expect("certs");
+    let (chain, key) = load_pair(&cert, &key);
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(pki.ca_roots()))
         .build()
         .expect("verifier");
     let config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key).expect("key"))
+        .with_single_cert(chain, key)
         .expect("server config");
     let backend = https_backend("mutual", Arc::new(config)).await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "with-cert"
-
-          [[listeners.routes]]
-          match = {{ path_prefix = "/without/" }}
-          pool = "without-cert"
-
-        [pools.with-cert]
-        backends = ["{addr}"]
-        tls = {{ sni = "internal.example", ca = "{ca}", cert = "{cert}", key = "{key}" }}
-
-        [pools.without-cert]
-        backends = ["{addr}"]
-        tls = {{ sni = "internal.example", ca = "{ca}" }}
-        "#,
-        addr = backend.addr,
-        ca = p(&pki.path("ca.pem")),
-        cert = p(&client_cert),
-        key = p(&client_key),
-    ));
+    let routes = r#"routes = [{ match = { path_prefix = "/without/" }, pool = "without-cert" }]"#;
+    let presented = format!(
+        r#", cert = "{}", key = "{}""#,
+        p(&client_cert),
+        p(&client_key)
+    );
+    let proxy = Proxy::start(
+        &(listener_toml("plain", "http", "with-cert", routes)
+            + &pool_toml(
+                "with-cert",
+                backend.addr,
+                &pki.pool_tls("internal.example", &presented),
+            )
+            + &pool_toml(
+                "without-cert",
+                backend.addr,
+                &pki.pool_tls("internal.example", ""),
+            )),
+    );
     let mut client = HttpClient::connect(proxy.addr("plain")).await;
     let reply = client.get("/", "").await;
     assert_eq!(reply.status, 200);
@@ -1397,22 +1313,10 @@ async fn a_tls_terminated_tcp_connection_moves_both_ways_at_once() {
         let _ = stream.write_all(b"all read").await;
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "tls-tcp"
-        bind = "127.0.0.1:0"
-        protocol = "tcp"
-        pool = "p"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-        [pools.p]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        backend.addr
-    ));
+    let proxy = Proxy::start(
+        &(listener_toml("tls-tcp", "tcp", "p", &one_certificate(&cert, &key, ""))
+            + &pool_toml("p", backend.addr, "")),
+    );
     let stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
         .await
         .expect("handshake");
@@ -1455,24 +1359,12 @@ async fn a_tls_terminated_tcp_connection_moves_both_ways_at_once() {
 /// A tcp listener that terminates TLS, with an access log, in front of `backend`.
 fn terminating_tcp(pki: &Pki, backend: std::net::SocketAddr, log: &Path) -> Proxy {
     let (cert, key) = pki.issue("server", "server", &["db.example.com"], false);
-    Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "tls-tcp"
-        bind = "127.0.0.1:0"
-        protocol = "tcp"
-        pool = "p"
-        tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-        access_log = {{ path = "{}" }}
-
-        [pools.p]
-        backends = ["{}"]
-        "#,
-        p(&cert),
-        p(&key),
-        p(log),
-        backend
-    ))
+    let tls = one_certificate(&cert, &key, "");
+    let log = format!(r#"access_log = {{ path = "{}" }}"#, p(log));
+    Proxy::start(
+        &(listener_toml("tls-tcp", "tcp", "p", &format!("{tls}\n{log}"))
+            + &pool_toml("p", backend, "")),
+    )
 }
 
 #[tokio::test]
@@ -1484,21 +1376,13 @@ async fn a_tls_terminated_tcp_connection_gets_its_access_log_line() {
     let mut stream = tls_connect(proxy.addr("tls-tcp"), pki.client(&[]), "db.example.com")
         .await
         .expect("handshake");
-    stream.write_all(b"hello").await.expect("write");
-    stream.flush().await.expect("flush");
-    let mut back = [0u8; 5];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
-        .await
-        .expect("in time")
-        .expect("echo");
+    echoed(&mut stream, b"hello").await;
     stream.shutdown().await.expect("shutdown");
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
         .await
         .expect("closed in time");
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("the line is written", || lines().lines().count() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    let line = json_lines(&log, 1).await.remove(0);
     assert_eq!(line["protocol"], "tcp");
     assert_eq!(line["listener"], "tls-tcp");
     assert_eq!(line["backend"], backend.addr.to_string());
@@ -1546,9 +1430,7 @@ async fn a_client_reset_on_a_tls_terminated_tcp_listener_reaches_the_backend_as_
         .expect("an end");
     // Not a FIN, which the backend would take for the end of what the client meant to send.
     assert_eq!(end.err(), Some(std::io::ErrorKind::ConnectionReset));
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("the line is written", || lines().lines().count() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    let line = json_lines(&log, 1).await.remove(0);
     assert_eq!(line["outcome"], "error");
     assert_eq!(line["bytes_sent"], 7);
 }
@@ -1592,9 +1474,7 @@ async fn a_tls_client_that_closes_without_close_notify_ends_with_a_fin_and_loses
         .expect("an end");
     assert_eq!(end, Ok(()), "an end of stream, not a reset");
     assert_eq!(received, data.len());
-    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually("the line is written", || lines().lines().count() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(lines().trim()).expect("json");
+    let line = json_lines(&log, 1).await.remove(0);
     assert_eq!(line["outcome"], "closed");
 }
 
@@ -1714,26 +1594,8 @@ fn a_certificate_not_valid_yet_gets_a_warning() {
     let (cert_path, key_path) = (pki.path("early.pem"), pki.path("early.key"));
     std::fs::write(&cert_path, cert.pem()).expect("write cert");
     std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-    let config = Config::from_toml(
-        &format!(
-            r#"
-            [[listeners]]
-            name = "https"
-            bind = "127.0.0.1:0"
-            protocol = "http"
-            default_pool = "web"
-            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-            [pools.web]
-            backends = ["127.0.0.1:9"]
-            "#,
-            p(&cert_path),
-            p(&key_path)
-        ),
-        Path::new("t.toml"),
-    )
-    .expect("valid");
-    let store = TlsStore::build(&config).expect("only a warning");
+    let store = tls_store(&checked_https(&one_certificate(&cert_path, &key_path, "")))
+        .expect("only a warning");
     assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
     assert_eq!(
         store.warnings[0].path,
@@ -1754,55 +1616,29 @@ async fn http_health_checks_of_an_h2_pool_speak_http2() {
     // protocol the pool's ALPN chose, or it fails on every backend.
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", "backend", &["grpc.internal"], false);
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server(&cert, &key, &[b"h2"]));
     let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = Arc::clone(&probes);
-    let backend = Backend::start(move |tcp| {
-        let acceptor = acceptor.clone();
-        let seen = Arc::clone(&seen);
-        async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = hyper::service::service_fn(move |request: http::Request<_>| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    if let Ok(mut seen) = seen.lock() {
-                        seen.push(format!(
-                            "{} {} {:?}",
-                            request.method(),
-                            request.uri(),
-                            request.version()
-                        ));
-                    }
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                    ))
-                }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+    let backend = h2_tls_backend(pki.server(&cert, &key, &[b"h2"]), move |request| {
+        if let Ok(mut seen) = seen.lock() {
+            seen.push(format!(
+                "{} {} {:?}",
+                request.method(),
+                request.uri(),
+                request.version()
+            ));
         }
+        "ok".to_owned()
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "plain"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "grpc"
-
-        [pools.grpc]
-        backends = ["{}"]
-        upstream_protocol = "h2"
-        tls = {{ sni = "grpc.internal", ca = "{}" }}
-        health = {{ kind = "http", path = "/healthz", host = "grpc.internal", interval = "200ms", timeout = "200ms", rise = 1, fall = 1 }}
-        "#,
-        backend.addr,
-        p(&pki.path("ca.pem")),
-    ));
+    let pool_extra = format!(
+        "upstream_protocol = \"h2\"\n{}\n{}",
+        pki.pool_tls("grpc.internal", ""),
+        r#"health = { kind = "http", path = "/healthz", host = "grpc.internal", interval = "200ms", timeout = "200ms", rise = 1, fall = 1 }"#
+    );
+    let proxy = Proxy::start(
+        &(listener_toml("plain", "http", "grpc", "")
+            + &pool_toml("grpc", backend.addr, &pool_extra)),
+    );
     let state = proxy.registry.get("grpc", backend.addr).expect("known");
     let count = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
     eventually("three probes", || {
@@ -1828,30 +1664,12 @@ async fn a_session_of_another_listener_does_not_resume_past_a_client_certificate
     let pki = Pki::new();
     let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
     let backend = http_backend("web").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-        [[listeners]]
-        name = "open"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }}
-
-        [[listeners]]
-        name = "required"
-        bind = "127.0.0.1:0"
-        protocol = "http"
-        default_pool = "web"
-        tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}], client_ca = "{ca}", client_auth = "required" }}
-
-        [pools.web]
-        backends = ["{backend}"]
-        "#,
-        cert = p(&cert),
-        key = p(&key),
-        ca = p(&pki.path("ca.pem")),
-        backend = backend.addr,
-    ));
+    let required = one_certificate(&cert, &key, &pki.client_auth("required"));
+    let proxy = Proxy::start(
+        &(listener_toml("open", "http", "web", &one_certificate(&cert, &key, ""))
+            + &listener_toml("required", "http", "web", &required)
+            + &pool_toml("web", backend.addr, "")),
+    );
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let client = Arc::new(
             rustls::ClientConfig::builder_with_protocol_versions(&[version])
@@ -1864,19 +1682,7 @@ async fn a_session_of_another_listener_does_not_resume_past_a_client_certificate
         assert_eq!(get(&mut stream, "/", "").await.status, 200);
         drop(stream);
         // The same client session store offers that session to the other listener.
-        let refused = async {
-            let mut stream =
-                tls_connect(proxy.addr("required"), Arc::clone(&client), "a.example.com").await?;
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                .await?;
-            let mut byte = [0u8; 1];
-            match stream.read(&mut byte).await? {
-                0 => Err(std::io::Error::other("closed")),
-                _ => Ok(stream.get_ref().1.handshake_kind()),
-            }
-        };
-        let outcome = refused.await;
+        let outcome = served(proxy.addr("required"), Arc::clone(&client)).await;
         assert!(
             outcome.is_err(),
             "{version:?}: served without a certificate ({outcome:?})"
@@ -1891,26 +1697,11 @@ async fn a_reload_that_changes_the_client_ca_ends_the_sessions_it_vouched_for() 
     let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
     let (client_cert, client_key) = pki.issue("alice", "alice", &["alice.clients.example"], false);
     let backend = http_backend("web").await;
-    let config = |ca: &Path| {
-        format!(
-            r#"
-            [[listeners]]
-            name = "required"
-            bind = "127.0.0.1:0"
-            protocol = "http"
-            default_pool = "web"
-            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}], client_ca = "{}", client_auth = "required" }}
-
-            [pools.web]
-            backends = ["{}"]
-            "#,
-            p(&cert),
-            p(&key),
-            p(ca),
-            backend.addr,
-        )
+    let config = |ca: &Pki| {
+        let tls = one_certificate(&cert, &key, &ca.client_auth("required"));
+        listener_toml("required", "http", "web", &tls) + &pool_toml("web", backend.addr, "")
     };
-    let proxy = Proxy::start(&config(&pki.path("ca.pem")));
+    let proxy = Proxy::start(&config(&pki));
     let addr = proxy.addr("required");
     let alice = pki.client_with_cert(&client_cert, &client_key);
     let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com")
@@ -1920,10 +1711,7 @@ async fn a_reload_that_changes_the_client_ca_ends_the_sessions_it_vouched_for() 
     drop(stream);
 
     // The same file again: sessions resume (the ticket keys and session cache are kept).
-    proxy
-        .reload(&config(&pki.path("ca.pem")))
-        .await
-        .expect("reload");
+    proxy.reload(&config(&pki)).await.expect("reload");
     let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com")
         .await
         .expect("handshake");
@@ -1935,22 +1723,8 @@ async fn a_reload_that_changes_the_client_ca_ends_the_sessions_it_vouched_for() 
     drop(stream);
 
     // Alice's CA is no longer trusted: her session must not carry her in.
-    proxy
-        .reload(&config(&other.path("ca.pem")))
-        .await
-        .expect("reload");
-    let refused = async {
-        let mut stream = tls_connect(addr, Arc::clone(&alice), "a.example.com").await?;
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await?;
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte).await? {
-            0 => Err(std::io::Error::other("closed")),
-            _ => Ok(stream.get_ref().1.handshake_kind()),
-        }
-    };
-    let outcome = refused.await;
+    proxy.reload(&config(&other)).await.expect("reload");
+    let outcome = served(addr, Arc::clone(&alice)).await;
     assert!(
         outcome.is_err(),
         "served after the CA changed ({outcome:?})"
@@ -1964,7 +1738,7 @@ fn a_route_host_that_no_certificate_of_its_listener_names_gets_a_warning() {
     let pki = Pki::new();
     let (a_cert, a_key) = pki.issue("a", "a", &["a.test", "*.wild.test"], false);
     let (b_cert, b_key) = pki.issue("b", "b", &["b.test"], false);
-    let config = Config::from_toml(
+    let store = tls_store(
         &format!(
             r#"
             [[listeners]]
@@ -1996,10 +1770,8 @@ fn a_route_host_that_no_certificate_of_its_listener_names_gets_a_warning() {
             p(&b_cert),
             p(&b_key)
         ),
-        Path::new("t.toml"),
     )
-    .expect("valid");
-    let store = TlsStore::build(&config).expect("only warnings");
+    .expect("only warnings");
     let paths: Vec<&str> = store.warnings.iter().map(|w| w.path.as_str()).collect();
     assert_eq!(
         paths,
@@ -2027,26 +1799,8 @@ fn a_certificate_that_is_not_x509_is_named_by_its_place_in_the_file() {
     let mut text = std::fs::read_to_string(&cert).expect("read");
     text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
     std::fs::write(&chain, text).expect("write");
-    let config = Config::from_toml(
-        &format!(
-            r#"
-            [[listeners]]
-            name = "https"
-            bind = "127.0.0.1:0"
-            protocol = "http"
-            default_pool = "web"
-            tls = {{ certificates = [{{ cert = "{}", key = "{}" }}] }}
-
-            [pools.web]
-            backends = ["127.0.0.1:9"]
-            "#,
-            p(&chain),
-            p(&key)
-        ),
-        Path::new("t.toml"),
-    )
-    .expect("valid");
-    let problems = TlsStore::build(&config).expect_err("a bad certificate");
+    let problems = tls_store(&checked_https(&one_certificate(&chain, &key, "")))
+        .expect_err("a bad certificate");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert_eq!(problems[0].path, "listeners[0].tls.certificates[0].cert");
     assert!(
