@@ -159,6 +159,20 @@ async fn answering_h2_through(
     Answering { backend, requests }
 }
 
+/// Backend `a` answering `status` (none: never) and backend `b` answering 200, numbering their
+/// answers in one sequence: the pair most tests here retry between.
+async fn failing_and_healthy(status: Option<u16>) -> (Answering, Answering) {
+    let order = Arc::new(AtomicUsize::new(0));
+    let failing = answering(status, "a", &order).await;
+    (failing, answering(Some(200), "b", &order).await)
+}
+
+/// [`failing_and_healthy`] with HTTP/2 backends.
+async fn failing_and_healthy_h2(status: Option<u16>) -> (Answering, Answering) {
+    let failing = answering_h2(status, "a").await;
+    (failing, answering_h2(Some(200), "b").await)
+}
+
 /// The proxy in front of `backends` with `pool_extra` in the pool's table.
 fn proxy(backends: &[SocketAddr], pool_extra: &str) -> Proxy {
     Proxy::start(&single_pool(backends, "", pool_extra))
@@ -178,11 +192,27 @@ async fn ask(proxy: &Proxy, raw: &str) -> Reply {
 
 const GET: &str = "GET /x HTTP/1.1\r\nHost: test\r\n\r\n";
 
+/// The statuses of two requests `raw`, each on a connection of its own, in ascending order:
+/// with round robin over two backends, one answer of each.
+async fn two_statuses(proxy: &Proxy, raw: &str) -> Vec<u16> {
+    let mut statuses = vec![ask(proxy, raw).await.status, ask(proxy, raw).await.status];
+    statuses.sort();
+    statuses
+}
+
+/// Sends `count` GETs, each on a connection of its own, and checks that backend `b` answers
+/// every one with 200.
+async fn all_answered_by_b(proxy: &Proxy, count: usize) {
+    for _ in 0..count {
+        let reply = ask(proxy, GET).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-backend"), Some("b"));
+    }
+}
+
 #[tokio::test]
 async fn an_answer_with_a_listed_status_is_retried_on_the_other_backend() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "retry = { on = [\"502\", \"503\", \"504\"] }\noutlier = { consecutive_failures = 100 }",
@@ -212,9 +242,7 @@ async fn an_answer_with_a_listed_status_is_retried_on_the_other_backend() {
 
 #[tokio::test]
 async fn the_access_log_names_the_backends_tried_and_the_one_that_answered() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     let log = fresh_log("retry_access_log");
     let proxy = Proxy::start(&single_pool(
         &[failing.backend.addr, healthy.backend.addr],
@@ -241,19 +269,12 @@ async fn the_access_log_names_the_backends_tried_and_the_one_that_answered() {
 
 #[tokio::test]
 async fn a_post_is_not_retried() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "retry = { on = [\"503\"] }",
     );
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        let reply = ask(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
-        statuses.push(reply.status);
-    }
-    statuses.sort();
+    let statuses = two_statuses(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
     assert_eq!(statuses, [200, 503]);
     assert_eq!(failing.requests() + healthy.requests(), 2);
     assert_eq!(retries(&proxy), 0);
@@ -261,23 +282,16 @@ async fn a_post_is_not_retried() {
 
 #[tokio::test]
 async fn a_request_with_a_body_is_not_retried() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "retry = { on = [\"503\"] }",
     );
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        let reply = ask(
-            &proxy,
-            "PUT /x HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
-        )
-        .await;
-        statuses.push(reply.status);
-    }
-    statuses.sort();
+    let statuses = two_statuses(
+        &proxy,
+        "PUT /x HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
     assert_eq!(statuses, [200, 503]);
     assert_eq!(failing.requests() + healthy.requests(), 2);
     assert_eq!(retries(&proxy), 0);
@@ -318,61 +332,42 @@ async fn attempts_bound_the_backends_one_request_tries() {
 
 #[tokio::test]
 async fn a_status_not_listed_is_passed_on() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(500), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(500)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "retry = { on = [\"503\"] }",
     );
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        statuses.push(ask(&proxy, GET).await.status);
-    }
-    statuses.sort();
+    let statuses = two_statuses(&proxy, GET).await;
     assert_eq!(statuses, [200, 500]);
     assert_eq!(retries(&proxy), 0);
 }
 
 #[tokio::test]
 async fn a_response_timeout_is_retried_on_the_healthy_backend() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let silent = answering(None, "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (silent, healthy) = failing_and_healthy(None).await;
     let proxy = proxy(
         &[silent.backend.addr, healthy.backend.addr],
         "response_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
     );
-    for _ in 0..2 {
-        let reply = ask(&proxy, GET).await;
-        assert_eq!(reply.status, 200);
-        assert_eq!(reply.header("x-backend"), Some("b"));
-    }
+    all_answered_by_b(&proxy, 2).await;
     assert!(silent.requests() >= 1, "the silent backend was never tried");
     assert_eq!(retries(&proxy), silent.requests());
 }
 
 #[tokio::test]
 async fn without_timeout_listed_a_response_timeout_is_a_504() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let silent = answering(None, "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (silent, healthy) = failing_and_healthy(None).await;
     let proxy = proxy(
         &[silent.backend.addr, healthy.backend.addr],
         "response_timeout = \"200ms\"\nretry = { on = [\"503\"] }",
     );
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        statuses.push(ask(&proxy, GET).await.status);
-    }
-    statuses.sort();
+    let statuses = two_statuses(&proxy, GET).await;
     assert_eq!(statuses, [200, 504]);
 }
 
 #[tokio::test]
 async fn an_h2_pool_retries_a_listed_status() {
-    let failing = answering_h2(Some(503), "a").await;
-    let healthy = answering_h2(Some(200), "b").await;
+    let (failing, healthy) = failing_and_healthy_h2(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "upstream_protocol = \"h2\"\nretry = { on = [\"503\"] }",
@@ -393,35 +388,24 @@ async fn an_h2_pool_retries_a_listed_status() {
 
 #[tokio::test]
 async fn an_h2_pool_does_not_retry_a_post() {
-    let failing = answering_h2(Some(503), "a").await;
-    let healthy = answering_h2(Some(200), "b").await;
+    let (failing, healthy) = failing_and_healthy_h2(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "upstream_protocol = \"h2\"\nretry = { on = [\"503\"] }",
     );
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        let reply = ask(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
-        statuses.push(reply.status);
-    }
-    statuses.sort();
+    let statuses = two_statuses(&proxy, "POST /x HTTP/1.1\r\nHost: test\r\n\r\n").await;
     assert_eq!(statuses, [200, 503]);
     assert_eq!(retries(&proxy), 0);
 }
 
 #[tokio::test]
 async fn an_h2_pool_retries_a_response_timeout() {
-    let silent = answering_h2(None, "a").await;
-    let healthy = answering_h2(Some(200), "b").await;
+    let (silent, healthy) = failing_and_healthy_h2(None).await;
     let proxy = proxy(
         &[silent.backend.addr, healthy.backend.addr],
         "upstream_protocol = \"h2\"\nresponse_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
     );
-    for _ in 0..2 {
-        let reply = ask(&proxy, GET).await;
-        assert_eq!(reply.status, 200);
-        assert_eq!(reply.header("x-backend"), Some("b"));
-    }
+    all_answered_by_b(&proxy, 2).await;
     assert!(silent.requests() >= 1, "the silent backend was never tried");
 }
 
@@ -449,9 +433,7 @@ async fn ask_h2(proxy: &Proxy, method: &str) -> (u16, Option<String>) {
 
 #[tokio::test]
 async fn an_http2_client_s_request_is_retried_on_an_http1_pool() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     h2_gets_are_retried_and_posts_not(&failing, &healthy, "retry = { on = [\"503\"] }").await;
 }
 
@@ -482,9 +464,7 @@ async fn h2_gets_are_retried_and_posts_not(
 
 #[tokio::test]
 async fn an_http2_client_s_request_is_retried_after_a_timeout_on_an_http1_pool() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let silent = answering(None, "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (silent, healthy) = failing_and_healthy(None).await;
     let proxy = proxy(
         &[silent.backend.addr, healthy.backend.addr],
         "response_timeout = \"200ms\"\nretry = { on = [\"timeout\"] }",
@@ -497,8 +477,7 @@ async fn an_http2_client_s_request_is_retried_after_a_timeout_on_an_http1_pool()
 
 #[tokio::test]
 async fn an_http2_client_s_request_is_retried_on_an_h2_pool() {
-    let failing = answering_h2(Some(503), "a").await;
-    let healthy = answering_h2(Some(200), "b").await;
+    let (failing, healthy) = failing_and_healthy_h2(Some(503)).await;
     h2_gets_are_retried_and_posts_not(
         &failing,
         &healthy,
@@ -598,9 +577,8 @@ async fn resetting() -> (Backend, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn an_http2_client_s_request_moves_on_when_a_fresh_connection_fails_before_an_answer() {
-    let order = Arc::new(AtomicUsize::new(0));
     let (failing, tried) = resetting().await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let healthy = answering(Some(200), "b", &Arc::new(AtomicUsize::new(0))).await;
     // No `retry`: a reset before any answer moves an idempotent request without a body to
     // another backend anyway, as for an HTTP/1.1 client.
     let proxy = proxy(&[failing.addr, healthy.backend.addr], "");
@@ -615,15 +593,10 @@ async fn an_http2_client_s_request_moves_on_when_a_fresh_connection_fails_before
 
 #[tokio::test]
 async fn an_http1_client_s_request_moves_on_when_a_fresh_connection_fails_before_an_answer() {
-    let order = Arc::new(AtomicUsize::new(0));
     let (failing, tried) = resetting().await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let healthy = answering(Some(200), "b", &Arc::new(AtomicUsize::new(0))).await;
     let proxy = proxy(&[failing.addr, healthy.backend.addr], "");
-    for _ in 0..4 {
-        let reply = ask(&proxy, GET).await;
-        assert_eq!(reply.status, 200);
-        assert_eq!(reply.header("x-backend"), Some("b"));
-    }
+    all_answered_by_b(&proxy, 4).await;
     assert!(
         tried.load(Ordering::SeqCst) >= 1,
         "the failing backend was never tried"
@@ -632,9 +605,7 @@ async fn an_http1_client_s_request_moves_on_when_a_fresh_connection_fails_before
 
 #[tokio::test]
 async fn a_sticky_request_retried_elsewhere_gets_a_cookie_naming_the_backend_that_answered() {
-    let order = Arc::new(AtomicUsize::new(0));
-    let failing = answering(Some(503), "a", &order).await;
-    let healthy = answering(Some(200), "b", &order).await;
+    let (failing, healthy) = failing_and_healthy(Some(503)).await;
     let proxy = proxy(
         &[failing.backend.addr, healthy.backend.addr],
         "retry = { on = [\"503\"] }\nsticky = { cookie = \"SWY\", ttl = \"1h\", secret = \"a secret of sixteen or more\" }",
