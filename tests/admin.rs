@@ -57,6 +57,16 @@ fn json(reply: &Reply) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.text()))
 }
 
+/// Backends `a` and `b` and the proxy of [`config`] over them, with its admin API's address: the
+/// start of most tests here.
+async fn proxy_and_api() -> (Backend, Backend, Proxy, SocketAddr) {
+    let a = http_backend("a").await;
+    let b = http_backend("b").await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
+    let api = proxy.handle.admin_addr().expect("admin configured");
+    (a, b, proxy, api)
+}
+
 fn config(a: SocketAddr, b: SocketAddr, extra: &str) -> String {
     format!(
         "[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\n{extra}\n  [[listeners.routes]]\n  match = {{ path_prefix = \"/api/\" }}\n  pool = \"p\"\n\n[pools.p]\nbackends = [\"{a}\", \"{b}\"]\n"
@@ -75,10 +85,7 @@ async fn served_by(addr: SocketAddr) -> String {
 
 #[tokio::test]
 async fn the_token_is_required_when_set() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (_a, _b, _proxy, api) = proxy_and_api().await;
     let denied = admin(api, "GET", "/api/state", None, "").await;
     assert_eq!(denied.status, 401);
     assert!(json(&denied)["error"].as_str().is_some());
@@ -112,10 +119,7 @@ async fn the_token_is_required_when_set() {
 
 #[tokio::test]
 async fn api_calls_change_the_state_and_the_traffic() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, b, proxy, api) = proxy_and_api().await;
     let web = proxy.addr("web");
     let t = Some(TOKEN);
 
@@ -231,10 +235,7 @@ async fn api_calls_change_the_state_and_the_traffic() {
 
 #[tokio::test]
 async fn a_wrong_method_on_a_backend_path_is_refused_as_such() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, proxy, api) = proxy_and_api().await;
     let t = Some(TOKEN);
     // `weight` is a path that takes PUT, not an unknown action.
     let path = format!("/api/pools/p/backends/{}/weight", a.addr);
@@ -255,10 +256,7 @@ async fn a_wrong_method_on_a_backend_path_is_refused_as_such() {
 
 #[tokio::test]
 async fn metrics_parse_and_count_what_was_sent() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, b, proxy, api) = proxy_and_api().await;
     let web = proxy.addr("web");
     let mut client = HttpClient::connect(web).await;
     for _ in 0..7 {
@@ -453,10 +451,7 @@ async fn reload_through_the_api() {
 
 #[tokio::test]
 async fn a_flood_of_admin_connections_does_not_touch_the_data_path() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (_a, _b, proxy, api) = proxy_and_api().await;
     let web = proxy.addr("web");
     // Twice the admin connection cap, held open without a request.
     let mut held = Vec::new();
@@ -473,6 +468,19 @@ async fn a_flood_of_admin_connections_does_not_touch_the_data_path() {
     assert_eq!(reply.status, 200);
 }
 
+/// One tcp connection through `addr` to an echo backend: five bytes each way, then closed from
+/// the client's side and seen closed from the other.
+async fn hello_through_echo(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(b"hello").await.expect("write");
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await.expect("echo");
+    stream.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.expect("eof");
+}
+
 #[tokio::test]
 async fn a_tcp_listener_logs_one_line_per_connection() {
     let echo = Backend::echo().await;
@@ -483,18 +491,7 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
         log.display(),
         echo.addr
     ));
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l4"))
-            .await
-            .expect("connect");
-        stream.write_all(b"hello").await.expect("write");
-        let mut back = [0u8; 5];
-        stream.read_exact(&mut back).await.expect("echo");
-        stream.shutdown().await.expect("shutdown");
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("eof");
-    }
+    hello_through_echo(proxy.addr("l4")).await;
     let line = &json_lines(&log, 1).await[0];
     assert_eq!(line["protocol"], "tcp");
     assert_eq!(line["listener"], "l4");
@@ -521,10 +518,7 @@ async fn a_tcp_listener_logs_one_line_per_connection() {
 
 #[tokio::test]
 async fn the_dashboard_is_one_page_with_no_external_assets() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (_a, _b, _proxy, api) = proxy_and_api().await;
     let page = admin(api, "GET", "/", None, "").await;
     assert_eq!(page.status, 200);
     let csp = page.header("content-security-policy").expect("a CSP");
@@ -551,10 +545,7 @@ async fn the_dashboard_is_one_page_with_no_external_assets() {
 
 #[tokio::test]
 async fn changes_from_a_page_of_another_origin_are_refused() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, _proxy, api) = proxy_and_api().await;
     let path = format!("/api/pools/p/backends/{}/drain", a.addr);
     let mut client = HttpClient::connect(api).await;
     client
@@ -1064,7 +1055,7 @@ async fn lines_a_full_disk_refuses_are_counted_as_dropped() {
 
 #[tokio::test]
 async fn tcp_counters_in_metrics_and_state_agree_with_what_was_sent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let echo = Backend::echo().await;
     let dead = dead_addr().await;
     let proxy = Proxy::start(&format!(
@@ -1072,17 +1063,7 @@ async fn tcp_counters_in_metrics_and_state_agree_with_what_was_sent() {
         echo.addr
     ));
     let api = proxy.handle.admin_addr().expect("admin configured");
-    {
-        let mut stream = tokio::net::TcpStream::connect(proxy.addr("up"))
-            .await
-            .expect("connect");
-        stream.write_all(b"hello").await.expect("write");
-        let mut back = [0u8; 5];
-        stream.read_exact(&mut back).await.expect("echo");
-        stream.shutdown().await.expect("shutdown");
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("eof");
-    }
+    hello_through_echo(proxy.addr("up")).await;
     {
         let mut stream = tokio::net::TcpStream::connect(proxy.addr("down"))
             .await
@@ -1343,10 +1324,7 @@ async fn every_metric_exported_is_documented_and_every_documented_one_exported()
 
 #[tokio::test]
 async fn a_weight_set_through_the_api_shows_in_state_and_metrics_alike() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, b, proxy, api) = proxy_and_api().await;
     let t = Some(TOKEN);
     let series = format!(
         "switchyard_backend_weight{{pool=\"p\",backend=\"{}\"}}",
@@ -1421,10 +1399,7 @@ async fn a_weight_change_rebuilds_only_its_pool_and_off_the_data_path() {
 
 #[tokio::test]
 async fn the_token_is_taken_under_any_case_of_bearer_and_a_refusal_says_why() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (_a, _b, _proxy, api) = proxy_and_api().await;
     // The scheme's name is case-insensitive (RFC 9110, section 11.1).
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let reply = admin_with(
@@ -1463,10 +1438,7 @@ async fn the_token_is_taken_under_any_case_of_bearer_and_a_refusal_says_why() {
 
 #[tokio::test]
 async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, proxy, api) = proxy_and_api().await;
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
     let path = format!("/api/pools/p/backends/{}/weight", a.addr);
     let json_type = "Content-Type: application/json\r\n";
@@ -1557,10 +1529,7 @@ async fn a_weight_that_is_not_one_is_refused_with_its_reason_and_changes_nothing
 
 #[tokio::test]
 async fn a_client_that_stops_sending_its_body_is_answered_408_and_lets_go() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, _proxy, api) = proxy_and_api().await;
     let mut client = HttpClient::connect(api).await;
     client
         .send(
@@ -1584,10 +1553,7 @@ async fn a_client_that_stops_sending_its_body_is_answered_408_and_lets_go() {
 
 #[tokio::test]
 async fn a_reload_rotates_the_token_but_a_moved_admin_listener_keeps_its_own() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, b, proxy, api) = proxy_and_api().await;
     let status = |token: &'static str| async move {
         admin(api, "GET", "/api/state", Some(token), "")
             .await
@@ -1653,10 +1619,7 @@ async fn a_weight_change_whose_client_leaves_is_applied_whole() {
 
 #[tokio::test]
 async fn head_is_answered_wherever_get_is() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (_a, _b, _proxy, api) = proxy_and_api().await;
     for path in ["/metrics", "/api/state", "/"] {
         let mut client = HttpClient::connect(api).await;
         client
@@ -1725,10 +1688,7 @@ async fn udp_sessions_count_as_the_listeners_connections_in_metrics_and_state() 
 
 #[tokio::test]
 async fn an_unknown_pool_or_backend_is_answered_with_the_names_there_are() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, b, _proxy, api) = proxy_and_api().await;
     let t = Some(TOKEN);
     let reply = admin(api, "POST", "/api/pools/q/backends/1.2.3.4:5/drain", t, "").await;
     assert_eq!(reply.status, 404);
@@ -1763,10 +1723,7 @@ type Gauges = (Option<f64>, Option<f64>, Option<f64>);
 
 #[tokio::test]
 async fn drains_and_disables_through_the_api_show_in_state_and_metrics_alike() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, _proxy, api) = proxy_and_api().await;
     let t = Some(TOKEN);
     // What /api/state and /metrics say of backend a: usable, draining, disabled.
     let both = || async {
@@ -1945,17 +1902,72 @@ async fn large_metrics_and_state_are_rendered_off_the_data_path() {
     }
 }
 
+/// A current-thread runtime with one blocking thread, which [`HeldReload`] holds busy.
+fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime")
+}
+
+/// Lets the runtime's other tasks run as far as they can before they wait.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A reload under way and held where it builds its pools: on a runtime of
+/// [`one_blocking_thread`], that thread is kept busy until [`HeldReload::finish`].
+struct HeldReload {
+    release: std::sync::mpsc::Sender<()>,
+    holder: tokio::task::JoinHandle<()>,
+    reload:
+        tokio::task::JoinHandle<Result<switchyard::server::ReloadSummary, switchyard::ServerError>>,
+}
+
+impl HeldReload {
+    /// Holds the blocking thread, then starts reloading `proxy` with `text` and lets it run
+    /// up to its pools' build.
+    async fn start(proxy: &Proxy, text: &str) -> HeldReload {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (busy, started) = tokio::sync::oneshot::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            let _ = busy.send(());
+            let _ = held.recv();
+        });
+        started.await.expect("the blocking thread is held");
+        let handle = proxy.handle.clone();
+        let next =
+            switchyard::Config::from_toml(text, std::path::Path::new("test.toml")).expect("valid");
+        let reload = tokio::spawn(async move { handle.reload(next).await });
+        settle().await;
+        HeldReload {
+            release,
+            holder,
+            reload,
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.reload.is_finished()
+    }
+
+    /// Frees the blocking thread and waits for the reload, which must succeed.
+    async fn finish(self) {
+        self.release.send(()).expect("release");
+        self.holder.await.expect("holder");
+        self.reload.await.expect("reload task").expect("reloads");
+    }
+}
+
 /// A reload that has passed its checks is not in force until its pools are built; until then
 /// the API's changes hold (the old pools are still the ones picking). The test's runtime has one
 /// blocking thread, held busy, so the reload waits where it builds its pools.
 #[test]
 fn api_changes_hold_until_a_reload_is_in_force() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    one_blocking_thread().block_on(async {
         let a = http_backend("a").await;
         let b = http_backend("b").await;
         let text = config(a.addr, b.addr, "");
@@ -1980,21 +1992,8 @@ fn api_changes_hold_until_a_reload_is_in_force() {
         assert!(!state_a.is_usable(), "still disabled");
         assert_eq!(state_b.weight_override(), Some(3));
 
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (busy, started) = tokio::sync::oneshot::channel();
-        let holder = tokio::task::spawn_blocking(move || {
-            let _ = busy.send(());
-            let _ = held.recv();
-        });
-        started.await.expect("the blocking thread is held");
-        let handle = proxy.handle.clone();
-        let next = switchyard::Config::from_toml(&text, std::path::Path::new("test.toml"))
-            .expect("valid");
-        let reload = tokio::spawn(async move { handle.reload(next).await });
         // The reload runs up to its pools' build, which waits for the blocking thread.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let reload = HeldReload::start(&proxy, &text).await;
         assert!(!reload.is_finished());
         assert_eq!(proxy.handle.generation(), 1);
         assert!(!state_a.is_usable(), "still disabled");
@@ -2004,9 +2003,7 @@ fn api_changes_hold_until_a_reload_is_in_force() {
             assert_eq!(served_by(web).await, "b");
         }
 
-        release.send(()).expect("release");
-        holder.await.expect("holder");
-        reload.await.expect("reload task").expect("reloads");
+        reload.finish().await;
         // In force now: the file is in charge again.
         assert_eq!(proxy.handle.generation(), 2);
         assert!(state_a.is_usable());
@@ -2018,12 +2015,25 @@ fn api_changes_hold_until_a_reload_is_in_force() {
     });
 }
 
+/// A client whose request to set `backend`'s weight is in service: its head sent with
+/// `Expect: 100-continue` and answered 100, its 13-byte body (`{"weight": 2}`, say) not yet.
+async fn weight_awaiting_its_body(api: SocketAddr, backend: SocketAddr) -> HttpClient {
+    let mut client = HttpClient::connect(api).await;
+    let head = client
+        .head_of(
+            format!(
+                "PUT /api/pools/p/backends/{backend}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert!(head.starts_with("http/1.1 100"), "{head}");
+    client
+}
+
 #[tokio::test]
 async fn clients_that_send_nothing_do_not_keep_a_request_waiting() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, _proxy, api) = proxy_and_api().await;
     // One silent client, then as many as the admin listener serves at once, and more.
     let mut held = Vec::new();
     for _ in 0..40 {
@@ -2038,18 +2048,8 @@ async fn clients_that_send_nothing_do_not_keep_a_request_waiting() {
     }
     // A keep-alive client between its requests is idle too, and may be let go for a newcomer;
     // one whose request is in service is not.
-    let mut slow = HttpClient::connect(api).await;
     // Its head read, the API asks for its body: the request is in service.
-    let head = slow
-        .head_of(
-            format!(
-                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n",
-                a.addr
-            )
-            .as_bytes(),
-        )
-        .await;
-    assert!(head.starts_with("http/1.1 100"), "{head}");
+    let mut slow = weight_awaiting_its_body(api, a.addr).await;
     for _ in 0..40 {
         held.push(tokio::net::TcpStream::connect(api).await.expect("connect"));
     }
@@ -2070,22 +2070,9 @@ async fn clients_that_send_nothing_do_not_keep_a_request_waiting() {
 
 #[tokio::test]
 async fn a_request_in_service_when_the_drain_starts_is_answered() {
-    let a = http_backend("a").await;
-    let b = http_backend("b").await;
-    let mut proxy = Proxy::start(&config(a.addr, b.addr, ""));
-    let api = proxy.handle.admin_addr().expect("admin configured");
+    let (a, _b, mut proxy, api) = proxy_and_api().await;
     // A weight change whose body is still to come: the request is in service.
-    let mut client = HttpClient::connect(api).await;
-    let head = client
-        .head_of(
-            format!(
-                "PUT /api/pools/p/backends/{}/weight HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n",
-                a.addr
-            )
-            .as_bytes(),
-        )
-        .await;
-    assert!(head.starts_with("http/1.1 100"), "{head}");
+    let mut client = weight_awaiting_its_body(api, a.addr).await;
     // A keep-alive client between two requests.
     let mut idle = HttpClient::connect(api).await;
     idle.send(
@@ -2114,40 +2101,18 @@ async fn a_request_in_service_when_the_drain_starts_is_answered() {
 /// after the file.
 #[test]
 fn a_weight_set_during_a_reload_holds_after_it() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    one_blocking_thread().block_on(async {
         let a = http_backend("a").await;
         let b = http_backend("b").await;
         let text = config(a.addr, b.addr, "");
         let proxy = Proxy::start(&text);
         let state_b = proxy.registry.get("p", b.addr).expect("state");
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (busy, started) = tokio::sync::oneshot::channel();
-        let holder = tokio::task::spawn_blocking(move || {
-            let _ = busy.send(());
-            let _ = held.recv();
-        });
-        started.await.expect("the blocking thread is held");
-        let handle = proxy.handle.clone();
-        let next =
-            switchyard::Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid");
-        let reload = tokio::spawn(async move { handle.reload(next).await });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let reload = HeldReload::start(&proxy, &text).await;
         let (handle, state) = (proxy.handle.clone(), Arc::clone(&state_b));
         let weight = tokio::spawn(async move { handle.set_weight("p", &state, 3).await });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         assert!(!reload.is_finished() && !weight.is_finished());
-        release.send(()).expect("release");
-        holder.await.expect("holder");
-        reload.await.expect("reload task").expect("reloads");
+        reload.finish().await;
         weight.await.expect("weight task").expect("set");
         assert_eq!(state_b.weight_override(), Some(3));
         let snapshot = proxy.handle.snapshot();
@@ -2164,40 +2129,18 @@ fn a_weight_set_during_a_reload_holds_after_it() {
 /// A backend disabled through the API while a reload is being applied stays disabled after it.
 #[test]
 fn a_backend_disabled_during_a_reload_stays_disabled_after_it() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    one_blocking_thread().block_on(async {
         let a = http_backend("a").await;
         let b = http_backend("b").await;
         let text = config(a.addr, b.addr, "");
         let proxy = Proxy::start(&text);
         let api = proxy.handle.admin_addr().expect("admin configured");
         let web = proxy.addr("web");
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (busy, started) = tokio::sync::oneshot::channel();
-        let holder = tokio::task::spawn_blocking(move || {
-            let _ = busy.send(());
-            let _ = held.recv();
-        });
-        started.await.expect("the blocking thread is held");
-        let handle = proxy.handle.clone();
-        let next =
-            switchyard::Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid");
-        let reload = tokio::spawn(async move { handle.reload(next).await });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let reload = HeldReload::start(&proxy, &text).await;
         let path = format!("/api/pools/p/backends/{}/disable", a.addr);
         let disable = tokio::spawn(async move { admin(api, "POST", &path, Some(TOKEN), "").await });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        release.send(()).expect("release");
-        holder.await.expect("holder");
-        reload.await.expect("reload task").expect("reloads");
+        settle().await;
+        reload.finish().await;
         assert_eq!(disable.await.expect("disable task").status, 200);
         let state = proxy.registry.get("p", a.addr).expect("state");
         assert!(!state.is_usable(), "disabled after the reload");
