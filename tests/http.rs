@@ -1179,20 +1179,7 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
 /// answer, as it would without a proxy, not a 502.
 #[tokio::test]
 async fn an_early_answer_to_an_upload_reaches_the_client() {
-    let backend = Backend::start(|mut stream| async move {
-        let mut buf = Vec::new();
-        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
-            .await
-            .is_none()
-        {
-            return;
-        }
-        let _ = stream
-            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
-            .await;
-        // Closed with most of the body unread: the proxy's next writes fail.
-    })
-    .await;
+    let backend = early_413_backend().await;
     let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
     let text = http11_upload_answer(proxy.addr("l7"), "/upload", "too big!").await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");

@@ -2320,21 +2320,7 @@ async fn framing_and_host_trailers_of_an_http2_backend_reach_no_client() {
 /// held to have failed.
 #[tokio::test]
 async fn an_early_answer_of_an_http11_backend_to_an_upload_reaches_http2_clients() {
-    use tokio::io::AsyncWriteExt;
-    let backend = Backend::start(|mut stream| async move {
-        let mut buf = Vec::new();
-        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
-            .await
-            .is_none()
-        {
-            return;
-        }
-        let _ = stream
-            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
-            .await;
-        // Closed with most of the body unread: the proxy's next writes fail.
-    })
-    .await;
+    let backend = early_413_backend().await;
     let proxy = proxy_for(&[backend.addr], "");
     let mut sender = h2_connect(proxy.addr("l7")).await;
     let request = http::Request::builder()

@@ -746,6 +746,25 @@ where
     .await
 }
 
+/// An HTTP/1.1 backend that answers each request as soon as its head is read, with a 413 and
+/// the body `too big!`, and closes with the body unread, so that the proxy's next writes fail:
+/// an early answer to an upload.
+pub async fn early_413_backend() -> Backend {
+    Backend::start(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+            .await;
+    })
+    .await
+}
+
 /// Sends a large upload (16 MiB) to `path` from an HTTP/1.1 client and returns what came back
 /// before the proxy closed, or once `until` arrived: for answers given before the body is read,
 /// which must reach a client still busy sending.
