@@ -40,6 +40,54 @@ async fn head_of(
         .expect("a response head in time")
 }
 
+/// Reads a body until it ends or fails, within [`PATIENCE`]: what came, and how it ended.
+async fn read_to_its_end(body: &mut h2::RecvStream) -> (Vec<u8>, Result<(), h2::Error>) {
+    let mut data = Vec::new();
+    loop {
+        match tokio::time::timeout(PATIENCE, body.data())
+            .await
+            .expect("data in time")
+        {
+            Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+            Some(Err(error)) => return (data, Err(error)),
+            None => return (data, Ok(())),
+        }
+    }
+}
+
+/// Sends `request` from an HTTP/1.1 client of listener `l7` and returns what came back, up to
+/// the end of the proxy's own 502 or the close.
+async fn answer_until_a_502_or_the_close(proxy: &Proxy, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    stream.write_all(request).await.expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"502 Bad Gateway\n") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("an answer or a close in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Sends a bodiless GET for `uri` on `sender` and waits for its response head, within
+/// [`PATIENCE`].
+async fn head_for(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    uri: &str,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let request = http::Request::builder().uri(uri).body(()).expect("request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    head_of(response).await
+}
+
 /// Reads a body to its end, then its trailers.
 async fn read_all(body: &mut h2::RecvStream) -> (Vec<u8>, Option<http::HeaderMap>) {
     let mut data = Vec::new();
@@ -301,12 +349,9 @@ async fn goaway_backend(release: Arc<Notify>, max_streams: Option<u32>) -> Backe
 
 /// Sends a bodiless GET for `path` and returns the status and, for a 200, the whole body.
 async fn get(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> (u16, Vec<u8>) {
-    let request = http::Request::builder()
-        .uri(format!("http://svc{path}"))
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let response = head_for(sender, &format!("http://svc{path}"))
+        .await
+        .expect("response");
     let status = response.status().as_u16();
     let mut body = response.into_body();
     let (data, _) = read_all(&mut body).await;
@@ -321,12 +366,9 @@ async fn requests_after_a_graceful_goaway(http1_first: bool) {
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
     // A long stream in flight keeps the backend's connection open after its GOAWAY.
-    let request = http::Request::builder()
-        .uri("http://svc/hold")
-        .body(())
-        .expect("request");
-    let (held, _) = sender.send_request(request, true).expect("send");
-    let held = head_of(held).await.expect("response");
+    let held = head_for(&mut sender, "http://svc/hold")
+        .await
+        .expect("response");
     let mut held = held.into_body();
     let first = tokio::time::timeout(PATIENCE, held.data())
         .await
@@ -367,12 +409,9 @@ async fn requests_over_a_backends_stream_limit_wait_for_a_free_stream() {
     let backend = goaway_backend(Arc::clone(&release), Some(1)).await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://svc/hold")
-        .body(())
-        .expect("request");
-    let (held, _) = sender.send_request(request, true).expect("send");
-    let held = head_of(held).await.expect("response");
+    let held = head_for(&mut sender, "http://svc/hold")
+        .await
+        .expect("response");
     let mut held = held.into_body();
     // The backend's only stream is taken; the next request is answered once it is free.
     let mut second = sender.clone();
@@ -437,12 +476,9 @@ async fn an_upload_reset_half_way_does_not_leave_its_backend_connection_in_the_p
 /// Opens a stream for `path` on `sender` and returns the response once its head is there,
 /// without reading any of its body: the client's window for it fills and stays full.
 async fn stalled(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
-    let request = http::Request::builder()
-        .uri(format!("http://svc{path}"))
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let response = head_for(sender, &format!("http://svc{path}"))
+        .await
+        .expect("response");
     assert_eq!(response.status(), 200);
     response.into_body()
 }
@@ -616,12 +652,9 @@ async fn informational_answers_head_and_large_fields_pass_from_http11_backends_t
     let (data, _) = read_all(&mut body).await;
     assert!(data.is_empty());
     // The connection is still in step afterwards.
-    let request = http::Request::builder()
-        .uri("http://svc/hints")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let response = head_for(&mut sender, "http://svc/hints")
+        .await
+        .expect("response");
     assert_eq!(
         response.headers().get("x-big").map(|v| v.len()),
         Some(20_000)
@@ -1263,12 +1296,9 @@ async fn a_burst_after_a_graceful_goaway_opens_one_new_connection_not_one_each()
     let backend = goaway_backend(Arc::clone(&release), None).await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://svc/hold")
-        .body(())
-        .expect("request");
-    let (held, _) = sender.send_request(request, true).expect("send");
-    let held = head_of(held).await.expect("response");
+    let held = head_for(&mut sender, "http://svc/hold")
+        .await
+        .expect("response");
     let mut held = held.into_body();
     assert_eq!(get(&mut sender, "/bye").await, (200, b"bye".to_vec()));
     // Every request of the burst finds the old connection, which takes none of them.
@@ -1427,31 +1457,16 @@ fn cut_with_no_error(id: u32, declared: bool) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let declared = raw_h2_backend(|id| cut_with_no_error(id, true)).await;
     let undeclared = raw_h2_backend(|id| cut_with_no_error(id, false)).await;
     for (backend, length) in [(declared.addr, true), (undeclared.addr, false)] {
         let proxy = proxy_for(&[backend], "upstream_protocol = \"h2\"");
         // An HTTP/2 client: the stream ends in a reset, not with the body's end.
         let mut sender = h2_connect(proxy.addr("l7")).await;
-        let request = http::Request::builder()
-            .uri("http://svc/cut")
-            .body(())
-            .expect("request");
-        let (response, _) = sender.send_request(request, true).expect("send");
-        let response = head_of(response).await.expect("response");
-        let mut body = response.into_body();
-        let mut data = Vec::new();
-        let ended = loop {
-            match tokio::time::timeout(PATIENCE, body.data())
-                .await
-                .expect("data in time")
-            {
-                Some(Ok(chunk)) => data.extend_from_slice(&chunk),
-                Some(Err(error)) => break Err(error),
-                None => break Ok(()),
-            }
-        };
+        let response = head_for(&mut sender, "http://svc/cut")
+            .await
+            .expect("response");
+        let (data, ended) = read_to_its_end(&mut response.into_body()).await;
         // What came before the reset may or may not reach the client before the reset does.
         assert!(b"short".starts_with(&data), "length {length}: {data:?}");
         assert!(
@@ -1461,25 +1476,8 @@ async fn a_body_an_http2_backend_resets_with_no_error_half_way_is_not_complete()
         // An HTTP/1.1 client: a 502 when none of the answer had been written yet; else what
         // came, and the connection closes with the body not ended (no keep-alive on a body
         // shorter than its Content-Length, no last chunk).
-        let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .expect("send");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(b"502 Bad Gateway\n") {
-            match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-                .await
-                .expect("an answer or a close in time")
-            {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let text = String::from_utf8_lossy(&got);
+        let text =
+            answer_until_a_502_or_the_close(&proxy, b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n").await;
         let tail = if length {
             "\r\n\r\nshort"
         } else {
@@ -1613,12 +1611,10 @@ async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let state = proxy.registry.get("p", backend.addr).expect("known");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://svc/hold")
-        .body(())
-        .expect("request");
-    let (held, _) = sender.send_request(request, true).expect("send");
-    let mut held = head_of(held).await.expect("response").into_body();
+    let mut held = head_for(&mut sender, "http://svc/hold")
+        .await
+        .expect("response")
+        .into_body();
     // The backend's only stream is taken: the next requests wait for one at the proxy.
     let mut waiting = Vec::new();
     for _ in 0..2 {
@@ -1776,12 +1772,9 @@ async fn a_body_an_http2_backend_stops_sending_is_cut_after_the_response_timeout
             assert!(text.ends_with("\r\n\r\n5\r\nfirst\r\n"), "{text}");
         } else {
             // The client's stream ends in a reset.
-            let request = http::Request::builder()
-                .uri("http://svc/stall")
-                .body(())
-                .expect("request");
-            let (response, _) = sender.send_request(request, true).expect("send");
-            let response = head_of(response).await.expect("response");
+            let response = head_for(&mut sender, "http://svc/stall")
+                .await
+                .expect("response");
             assert_eq!(response.status(), 200);
             let mut body = response.into_body();
             let mut data = Vec::new();
@@ -2344,6 +2337,17 @@ async fn an_early_answer_of_an_http11_backend_to_an_upload_reaches_http2_clients
     );
 }
 
+/// Checks that a GET from an HTTP/2 client, then one from an HTTP/1.1 client, are answered 502.
+async fn a_502_for_both_kinds_of_client(proxy: &Proxy) {
+    let mut sender = h2_connect(proxy.addr("l7")).await;
+    let response = head_for(&mut sender, "http://a/")
+        .await
+        .expect("a response");
+    assert_eq!(response.status(), 502);
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/", "").await.status, 502);
+}
+
 /// A 101 to a request that asked for no upgrade leaves the backend's connection in a protocol
 /// the proxy does not speak: an HTTP/2 client gets a 502 at once, as an HTTP/1.1 client does,
 /// rather than waiting out the response timeout for a response that will never come.
@@ -2366,16 +2370,7 @@ async fn a_101_nobody_asked_for_is_a_502_for_http2_clients_at_once() {
     })
     .await;
     let proxy = proxy_for(&[backend.addr], "response_timeout = \"60s\"");
-    let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://a/")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("a response");
-    assert_eq!(response.status(), 502);
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
-    assert_eq!(client.get("/", "").await.status, 502);
+    a_502_for_both_kinds_of_client(&proxy).await;
 }
 
 #[tokio::test]
@@ -2391,16 +2386,7 @@ async fn a_status_code_over_599_from_an_http2_backend_is_a_502_for_both_kinds_of
     })
     .await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
-    let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://a/")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("a response");
-    assert_eq!(response.status(), 502);
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
-    assert_eq!(client.get("/", "").await.status, 502);
+    a_502_for_both_kinds_of_client(&proxy).await;
 }
 
 /// A head with `connection: close`, which HTTP/2 forbids (RFC 9113 section 8.2.2).
@@ -2421,18 +2407,9 @@ fn short_of_its_length(id: u32) -> Vec<u8> {
 
 #[tokio::test]
 async fn malformed_answers_of_http2_backends_never_reach_a_client_as_valid() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let forbidden = raw_h2_backend(connection_field).await;
     let proxy = proxy_for(&[forbidden.addr], "upstream_protocol = \"h2\"");
-    let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://a/")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    assert_eq!(head_of(response).await.expect("a response").status(), 502);
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
-    assert_eq!(client.get("/", "").await.status, 502);
+    a_502_for_both_kinds_of_client(&proxy).await;
     let state = proxy.registry.get("p", forbidden.addr).expect("state");
     assert!(
         state
@@ -2444,48 +2421,15 @@ async fn malformed_answers_of_http2_backends_never_reach_a_client_as_valid() {
     let short = raw_h2_backend(short_of_its_length).await;
     let proxy = proxy_for(&[short.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://a/")
-        .body(())
-        .expect("request");
-    let (response, _) = sender.send_request(request, true).expect("send");
-    match head_of(response).await {
+    match head_for(&mut sender, "http://a/").await {
         Ok(response) if response.status() == 200 => {
-            let mut body = response.into_body();
-            let ended = loop {
-                match tokio::time::timeout(PATIENCE, body.data())
-                    .await
-                    .expect("data in time")
-                {
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => break Err(error),
-                    None => break Ok(()),
-                }
-            };
+            let (_, ended) = read_to_its_end(&mut response.into_body()).await;
             assert!(ended.is_err(), "a body short of its length ended cleanly");
         }
         Ok(response) => assert_eq!(response.status(), 502),
         Err(_) => {}
     }
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr("l7"))
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .expect("send");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(b"502 Bad Gateway\n") {
-        match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-            .await
-            .expect("an answer or a close in time")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&got);
+    let text = answer_until_a_502_or_the_close(&proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     // A 502, or the head with its length and less than that: never ten bytes of body.
     assert!(
         text.starts_with("HTTP/1.1 502")
@@ -2512,12 +2456,9 @@ async fn content_an_http2_backend_sends_with_a_204_reaches_no_client() {
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
     for _ in 0..2 {
-        let request = http::Request::builder()
-            .uri("http://a/")
-            .body(())
-            .expect("request");
-        let (response, _) = sender.send_request(request, true).expect("send");
-        let response = head_of(response).await.expect("a response");
+        let response = head_for(&mut sender, "http://a/")
+            .await
+            .expect("a response");
         assert_eq!(response.status(), 204);
         assert!(
             response.headers().get("content-length").is_none(),
