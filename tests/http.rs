@@ -2509,22 +2509,7 @@ fn goaway_code(mut bytes: &[u8]) -> Option<u32> {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_releases_its_backend() {
-    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = std::sync::Arc::clone(&finished);
-    let backend = Backend::start(move |mut stream| {
-        let flag = std::sync::Arc::clone(&flag);
-        async move {
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf).await;
-            let body = vec![b'x'; 64 * 1024 * 1024];
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-            let _ = stream.write_all(head.as_bytes()).await;
-            // Ends (with an error) only when the proxy lets go of the connection.
-            let _ = stream.write_all(&body).await;
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    })
-    .await;
+    let (backend, finished) = huge_answer_backend().await;
     let proxy = Proxy::start(&single_pool(
         &[backend.addr],
         "",

@@ -485,23 +485,7 @@ async fn stalled(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2:
 
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_releases_its_http11_backend() {
-    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = Arc::clone(&finished);
-    let backend = Backend::start(move |mut stream| {
-        let flag = Arc::clone(&flag);
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf).await;
-            let body = vec![b'x'; 64 * 1024 * 1024];
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-            let _ = stream.write_all(head.as_bytes()).await;
-            // Ends (with an error) only when the proxy lets go of the connection.
-            let _ = stream.write_all(&body).await;
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    })
-    .await;
+    let (backend, finished) = huge_answer_backend().await;
     let proxy = proxy_for(&[backend.addr], "response_timeout = \"300ms\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
     let body = stalled(&mut sender, "/big").await;

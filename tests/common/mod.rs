@@ -765,6 +765,28 @@ pub async fn early_413_backend() -> Backend {
     .await
 }
 
+/// An HTTP/1.1 backend that answers the first request of each connection with a 64 MiB body,
+/// and a flag it sets once that write ends, which it does (with an error) only when the proxy
+/// lets go of the connection: for clients that stop reading.
+pub async fn huge_answer_backend() -> (Backend, Arc<std::sync::atomic::AtomicBool>) {
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&finished);
+    let backend = Backend::start(move |mut stream| {
+        let flag = Arc::clone(&flag);
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let body = vec![b'x'; 64 * 1024 * 1024];
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            flag.store(true, Ordering::SeqCst);
+        }
+    })
+    .await;
+    (backend, finished)
+}
+
 /// Sends a large upload (16 MiB) to `path` from an HTTP/1.1 client and returns what came back
 /// before the proxy closed, or once `until` arrived: for answers given before the body is read,
 /// which must reach a client still busy sending.
