@@ -3304,6 +3304,37 @@ async fn an_http2_stream_reset_before_its_response_is_logged_as_499() {
     assert_eq!(line["backend"], backend.addr.to_string());
 }
 
+/// Sends `request` from an HTTP/1.1 client of its own, waits until the backend reports it
+/// (`events` says `request`), then leaves: for `close` "half-close" by closing its sending side
+/// only, which to the proxy, as to NGINX, is the client gone, and seeing the proxy close
+/// without a byte; for any other `close` by closing its socket.
+async fn leaves_once_it_reached_the_backend(
+    proxy: &Proxy,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    request: &str,
+    close: &str,
+) {
+    let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
+        .await
+        .expect("connect");
+    client.write_all(request.as_bytes()).await.expect("write");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some("request")),
+        "{close}"
+    );
+    if close == "half-close" {
+        client.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "{close}: not closed"
+        );
+        assert!(rest.is_empty(), "{close}: {rest:?}");
+    }
+}
+
 #[tokio::test]
 async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_is_logged_as_499() {
     let (backend, mut events) = silent_backend().await;
@@ -3316,31 +3347,8 @@ async fn an_http11_client_that_leaves_before_its_response_frees_the_backend_and_
         "response_timeout = \"5m\"",
     ));
     for close in ["close", "half-close"] {
-        let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
-            .await
-            .expect("connect");
-        client
-            .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        assert_eq!(
-            tokio::time::timeout(PATIENCE, events.recv()).await,
-            Ok(Some("request")),
-            "{close}"
-        );
-        if close == "close" {
-            drop(client);
-        } else {
-            // Its sending side only: to the proxy, as to NGINX, that is the client gone.
-            client.shutdown().await.expect("shutdown");
-            let mut rest = Vec::new();
-            let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
-            assert!(
-                matches!(read, Ok(Ok(_)) | Ok(Err(_))),
-                "{close}: not closed"
-            );
-            assert!(rest.is_empty(), "{close}: {rest:?}");
-        }
+        let request = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
+        leaves_once_it_reached_the_backend(&proxy, &mut events, request, close).await;
         assert_eq!(
             tokio::time::timeout(PATIENCE, events.recv()).await,
             Ok(Some("closed")),
@@ -3390,28 +3398,7 @@ async fn an_http11_client_that_leaves_before_an_http2_backends_response_cancels_
         ),
     ];
     for (close, request) in cases {
-        let mut client = tokio::net::TcpStream::connect(proxy.addr("l7"))
-            .await
-            .expect("connect");
-        client.write_all(request.as_bytes()).await.expect("write");
-        assert_eq!(
-            tokio::time::timeout(PATIENCE, events.recv()).await,
-            Ok(Some("request")),
-            "{close}"
-        );
-        if close == "half-close" {
-            // Its sending side only: to the proxy, as to NGINX, that is the client gone.
-            client.shutdown().await.expect("shutdown");
-            let mut rest = Vec::new();
-            let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
-            assert!(
-                matches!(read, Ok(Ok(_)) | Ok(Err(_))),
-                "{close}: not closed"
-            );
-            assert!(rest.is_empty(), "{close}: {rest:?}");
-        } else {
-            drop(client);
-        }
+        leaves_once_it_reached_the_backend(&proxy, &mut events, request, close).await;
         assert_eq!(
             tokio::time::timeout(PATIENCE, events.recv()).await,
             Ok(Some("reset")),
@@ -3571,7 +3558,7 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
         "",
         "outlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
     );
-    let running = spawn_with_fd_limit("http-blame", &config, 40).await;
+    let running = spawn_with_fd_limit("http-blame", &config, DESCRIPTORS).await;
     let addr = running.addr;
     // A client answered before the backends are released is one whose backend connection
     // found no descriptor.
@@ -3600,12 +3587,47 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_backends() {
         c.await.expect("client");
     }
     // Descriptors come back, and the backends, which did nothing wrong, still serve.
+    served_again(addr).await;
+}
+
+/// Waits until a client of `addr` is served a 200 again, every try being answered (a 503 while
+/// descriptors are still short).
+async fn served_again(addr: std::net::SocketAddr) {
     eventually_async("a client is served again", || async move {
-        // Every try is answered: a 503 while descriptors are still short.
         let mut client = HttpClient::connect(addr).await;
         client.get("/", "").await.status == 200
     })
     .await;
+}
+
+/// How many descriptors the binary runs with in the tests of what happens when it runs out.
+const DESCRIPTORS: usize = 40;
+
+/// Has idle clients take every descriptor `running` (started with [`DESCRIPTORS`] of them) has
+/// left, those it cannot accept waiting in the listen queue, and returns them once it is out.
+async fn out_of_descriptors(running: &Running) -> Vec<tokio::net::TcpStream> {
+    let pid = running.child.id().expect("running");
+    let mut idle = Vec::new();
+    for _ in 0..DESCRIPTORS {
+        idle.push(
+            tokio::net::TcpStream::connect(running.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Counted below the limit only: a descriptor the child inherited by accident (one another
+    // test of this process opened without close-on-exec as the child was spawned) may carry a
+    // number above it, and would make the count reach the limit with one slot still free.
+    eventually("the proxy out of descriptors", || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<usize>().ok())
+                .filter(|&fd| fd < DESCRIPTORS)
+                .count()
+        }) >= DESCRIPTORS
+    })
+    .await;
+    idle
 }
 
 /// The same for HTTP/2 backends, whose connection is opened once and shared: a connect that
@@ -3618,29 +3640,10 @@ async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
         "",
         "upstream_protocol = \"h2\"\noutlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
     );
-    let limit = 40;
-    let running = spawn_with_fd_limit("h2-blame", &config, limit).await;
+    let running = spawn_with_fd_limit("h2-blame", &config, DESCRIPTORS).await;
     let addr = running.addr;
-    let pid = running.child.id().expect("running");
     let mut first = HttpClient::connect(addr).await;
-    // Idle clients take every descriptor the process has left (those it cannot accept wait
-    // in the listen queue).
-    let mut idle = Vec::new();
-    for _ in 0..limit {
-        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-    }
-    // Counted below the limit only: a descriptor the child inherited by accident (one another
-    // test of this process opened without close-on-exec as the child was spawned) may carry a
-    // number above it, and would make the count reach the limit with one slot still free.
-    eventually("the proxy out of descriptors", || {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse::<usize>().ok())
-                .filter(|&fd| fd < limit)
-                .count()
-        }) >= limit
-    })
-    .await;
+    let idle = out_of_descriptors(&running).await;
     first.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let reply = tokio::time::timeout(PATIENCE, first.reply())
         .await
@@ -3648,12 +3651,7 @@ async fn running_out_of_descriptors_is_not_blamed_on_http2_backends() {
         .expect("reply");
     assert_eq!(reply.status, 503);
     drop(idle);
-    eventually_async("a client is served again", || async move {
-        // Every try is answered: a 503 while descriptors are still short.
-        let mut client = HttpClient::connect(addr).await;
-        client.get("/", "").await.status == 200
-    })
-    .await;
+    served_again(addr).await;
 }
 
 #[tokio::test]
@@ -3664,24 +3662,10 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_backends_of_http2_clien
         "",
         "outlier = { consecutive_failures = 1, max_ejected_percent = 100 }",
     );
-    let limit = 40;
-    let running = spawn_with_fd_limit("h2-client-blame", &config, limit).await;
+    let running = spawn_with_fd_limit("h2-client-blame", &config, DESCRIPTORS).await;
     let addr = running.addr;
-    let pid = running.child.id().expect("running");
     let mut sender = h2_connect(addr).await;
-    let mut idle = Vec::new();
-    for _ in 0..limit {
-        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-    }
-    eventually("the proxy out of descriptors", || {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse::<usize>().ok())
-                .filter(|&fd| fd < limit)
-                .count()
-        }) >= limit
-    })
-    .await;
+    let idle = out_of_descriptors(&running).await;
     let status = |sender: &mut h2::client::SendRequest<bytes::Bytes>| {
         let (response, _) = sender
             .send_request(h2_get("GET", "/", &[]), true)
