@@ -1128,12 +1128,8 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
     // A backend that accepts the upgrade, then echoes bytes (a stand-in for WebSocket frames).
     let backend = Backend::start(|mut stream| async move {
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if read_until(&mut stream, &mut buf, b"\r\n\r\n").await.is_none() {
+            return;
         }
         let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
         if !(head.contains("upgrade: websocket") && head.contains("connection: upgrade")) {
@@ -1231,15 +1227,11 @@ async fn an_upgraded_connection_whose_backend_fails_ends_with_a_reset() {
 async fn cookie_backend() -> Backend {
     Backend::start(|mut stream| async move {
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
         loop {
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+            let Some(head_end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                return;
+            };
+            let end = head_end + 4;
             let head: Vec<u8> = buf.drain(..end).collect();
             let body = String::from_utf8_lossy(&head).replace("\r\n", "\n");
             let response = format!(
@@ -1868,15 +1860,11 @@ fn big_text() -> Vec<u8> {
 async fn content_backend() -> Backend {
     Backend::start(|mut stream| async move {
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
         loop {
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+            let Some(head_end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                return;
+            };
+            let end = head_end + 4;
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
             buf.drain(..end);
             let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
@@ -2057,14 +2045,19 @@ async fn h2_request(
         .expect("response");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let mut body = response.into_body();
+    let data = h2_body(&mut response.into_body()).await;
+    (status, headers, data)
+}
+
+/// Reads an HTTP/2 body to its end, giving its window back as it goes.
+async fn h2_body(body: &mut h2::RecvStream) -> Vec<u8> {
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.expect("data");
         let _ = body.flow_control().release_capacity(chunk.len());
         data.extend_from_slice(&chunk);
     }
-    (status, headers, data)
+    data
 }
 
 /// Sends a bodiless HTTP/2 request and waits for the response head.
@@ -2087,12 +2080,7 @@ async fn h2_exchange(
 ) -> (http::response::Parts, Vec<u8>, Option<http::HeaderMap>) {
     let response = h2_head(sender, request).await;
     let (parts, mut body) = response.into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("data");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
+    let data = h2_body(&mut body).await;
     let trailers = body.trailers().await.expect("trailers");
     (parts, data, trailers)
 }
@@ -2299,13 +2287,7 @@ async fn grpc_style_http2_backends_keep_trailers_end_to_end() {
             Some(&b"yes"[..])
         );
         let mut body = response.into_body();
-        let mut data = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.expect("data");
-            let _ = body.flow_control().release_capacity(chunk.len());
-            data.extend_from_slice(&chunk);
-        }
-        let text = String::from_utf8(data).expect("utf-8");
+        let text = String::from_utf8(h2_body(&mut body).await).expect("utf-8");
         assert!(text.ends_with(&format!(":msg{i}")), "{text}");
         names.push(text[..1].to_owned());
         let trailers = body
