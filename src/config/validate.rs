@@ -692,27 +692,12 @@ fn validate_listener(
 
     let kind = match protocol {
         "tcp" | "udp" => {
-            only(problems, raw.routes.is_some(), "routes", "http");
-            only(problems, raw.default_pool.is_some(), "default_pool", "http");
-            only(
-                problems,
-                raw.client_header_timeout.is_some(),
-                "client_header_timeout",
-                "http",
-            );
-            only(
-                problems,
-                raw.keepalive_timeout.is_some(),
-                "keepalive_timeout",
-                "http",
-            );
-            only(
-                problems,
-                raw.max_body_size.is_some(),
-                "max_body_size",
-                "http",
-            );
             for (present, key) in [
+                (raw.routes.is_some(), "routes"),
+                (raw.default_pool.is_some(), "default_pool"),
+                (raw.client_header_timeout.is_some(), "client_header_timeout"),
+                (raw.keepalive_timeout.is_some(), "keepalive_timeout"),
+                (raw.max_body_size.is_some(), "max_body_size"),
                 (raw.request_headers.is_some(), "request_headers"),
                 (raw.response_headers.is_some(), "response_headers"),
                 (raw.rewrite.is_some(), "rewrite"),
@@ -901,21 +886,19 @@ fn validate_listener(
             }
         }
         "http" => {
-            only(problems, raw.pool.is_some(), "pool", "tcp and udp");
-            only(problems, raw.max_sessions.is_some(), "max_sessions", "udp");
-            only(problems, raw.sni_routes.is_some(), "sni_routes", "tcp");
-            only(
-                problems,
-                raw.client_hello_timeout.is_some(),
-                "client_hello_timeout",
-                "tcp",
-            );
-            only(
-                problems,
-                raw.idle_timeout.is_some(),
-                "idle_timeout",
-                "tcp and udp",
-            );
+            for (present, key, allowed) in [
+                (raw.pool.is_some(), "pool", "tcp and udp"),
+                (raw.max_sessions.is_some(), "max_sessions", "udp"),
+                (raw.sni_routes.is_some(), "sni_routes", "tcp"),
+                (
+                    raw.client_hello_timeout.is_some(),
+                    "client_hello_timeout",
+                    "tcp",
+                ),
+                (raw.idle_timeout.is_some(), "idle_timeout", "tcp and udp"),
+            ] {
+                only(problems, present, key, allowed);
+            }
             let routes = raw.routes.take().unwrap_or_default();
             if routes.is_empty() && raw.default_pool.is_none() {
                 problems.push(
