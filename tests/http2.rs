@@ -77,6 +77,17 @@ async fn answer_until_a_502_or_the_close(proxy: &Proxy, request: &[u8]) -> Strin
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Sends a bodiless GET for `uri` on `sender` and waits for its response head, keeping the
+/// stream's sending half: for a client that resets the stream later.
+async fn opened(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    uri: &str,
+) -> (http::Response<h2::RecvStream>, h2::SendStream<Bytes>) {
+    let request = http::Request::builder().uri(uri).body(()).expect("request");
+    let (response, stream) = sender.send_request(request, true).expect("send");
+    (head_of(response).await.expect("response"), stream)
+}
+
 /// Sends a bodiless GET for `uri` on `sender` and waits for its response head, within
 /// [`PATIENCE`].
 async fn head_for(
@@ -347,6 +358,15 @@ async fn goaway_backend(release: Arc<Notify>, max_streams: Option<u32>) -> Backe
     .await
 }
 
+/// Opens a `/hold` stream of [`goaway_backend`] and returns its body once the head is there:
+/// a stream in flight until the backend is released.
+async fn held(sender: &mut h2::client::SendRequest<Bytes>) -> h2::RecvStream {
+    head_for(sender, "http://svc/hold")
+        .await
+        .expect("response")
+        .into_body()
+}
+
 /// Sends a bodiless GET for `path` and returns the status and, for a 200, the whole body.
 async fn get(sender: &mut h2::client::SendRequest<Bytes>, path: &str) -> (u16, Vec<u8>) {
     let response = head_for(sender, &format!("http://svc{path}"))
@@ -366,10 +386,7 @@ async fn requests_after_a_graceful_goaway(http1_first: bool) {
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
     // A long stream in flight keeps the backend's connection open after its GOAWAY.
-    let held = head_for(&mut sender, "http://svc/hold")
-        .await
-        .expect("response");
-    let mut held = held.into_body();
+    let mut held = held(&mut sender).await;
     let first = tokio::time::timeout(PATIENCE, held.data())
         .await
         .expect("first piece in time");
@@ -409,10 +426,7 @@ async fn requests_over_a_backends_stream_limit_wait_for_a_free_stream() {
     let backend = goaway_backend(Arc::clone(&release), Some(1)).await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let held = head_for(&mut sender, "http://svc/hold")
-        .await
-        .expect("response");
-    let mut held = held.into_body();
+    let mut held = held(&mut sender).await;
     // The backend's only stream is taken; the next request is answered once it is free.
     let mut second = sender.clone();
     let waiting = tokio::spawn(async move { get(&mut second, "/next").await });
@@ -694,12 +708,7 @@ async fn a_client_reset_reaches_the_http2_backend_during_the_upload_and_during_t
         .expect("in time");
     assert_eq!(event, Some("upload reset"));
 
-    let request = http::Request::builder()
-        .uri("http://svc/watch")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let (response, mut stream) = opened(&mut sender, "http://svc/watch").await;
     let mut body = response.into_body();
     let first = tokio::time::timeout(PATIENCE, body.data())
         .await
@@ -824,12 +833,7 @@ async fn streams_reset_by_either_side_after_their_head_get_one_log_line_each() {
     }
     assert!(failed, "a reset body must not end cleanly");
     // The client resets its stream after the head.
-    let request = http::Request::builder()
-        .uri("http://svc/watch")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let (response, mut stream) = opened(&mut sender, "http://svc/watch").await;
     let mut body = response.into_body();
     assert!(
         tokio::time::timeout(PATIENCE, body.data())
@@ -884,12 +888,7 @@ async fn a_client_reset_during_a_quiet_http11_response_releases_the_backend_at_o
     // The default response timeout (30 s) is far longer than the test's patience.
     let proxy = proxy_for(&[backend.addr], "");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let request = http::Request::builder()
-        .uri("http://svc/events")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = sender.send_request(request, true).expect("send");
-    let response = head_of(response).await.expect("response");
+    let (response, mut stream) = opened(&mut sender, "http://svc/events").await;
     let mut body = response.into_body();
     let first = tokio::time::timeout(PATIENCE, body.data())
         .await
@@ -1280,10 +1279,7 @@ async fn a_burst_after_a_graceful_goaway_opens_one_new_connection_not_one_each()
     let backend = goaway_backend(Arc::clone(&release), None).await;
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let held = head_for(&mut sender, "http://svc/hold")
-        .await
-        .expect("response");
-    let mut held = held.into_body();
+    let mut held = held(&mut sender).await;
     assert_eq!(get(&mut sender, "/bye").await, (200, b"bye".to_vec()));
     // Every request of the burst finds the old connection, which takes none of them.
     let mut tasks = Vec::new();
@@ -1595,10 +1591,7 @@ async fn requests_queued_for_a_stream_when_the_backend_goes_away_are_answered_by
     let proxy = proxy_for(&[backend.addr], "upstream_protocol = \"h2\"");
     let state = proxy.registry.get("p", backend.addr).expect("known");
     let mut sender = h2_connect(proxy.addr("l7")).await;
-    let mut held = head_for(&mut sender, "http://svc/hold")
-        .await
-        .expect("response")
-        .into_body();
+    let mut held = held(&mut sender).await;
     // The backend's only stream is taken: the next requests wait for one at the proxy.
     let mut waiting = Vec::new();
     for _ in 0..2 {
