@@ -1541,31 +1541,45 @@ async fn h2_echo_backend() -> Backend {
     .await
 }
 
-#[tokio::test]
-async fn request_rules_edit_the_forwarding_fields_on_every_path() {
-    let h1 = http_backend("b").await;
-    let h2 = h2_echo_backend().await;
-    // Behind a load balancer that terminated TLS: the scheme the client used is https, and the
-    // address X-Real-IP would carry is the other balancer's, so it goes.
-    let proxy = Proxy::start(&format!(
+/// The config of listener `l7`, with `listener_extra` in its table, whose requests for `/grpc/`
+/// go to the HTTP/2 backend `h2` and the others to the HTTP/1.1 backend `h1`: both paths a
+/// request can take to a backend.
+fn h1_and_h2_paths(
+    h1: std::net::SocketAddr,
+    h2: std::net::SocketAddr,
+    listener_extra: &str,
+) -> String {
+    format!(
         r#"
 [[listeners]]
 name = "l7"
 bind = "127.0.0.1:0"
 protocol = "http"
 default_pool = "h1"
-request_headers = {{ set = {{ X-Forwarded-Proto = "https" }}, remove = ["X-Real-IP"] }}
-host_rewrite = "internal.local"
+{listener_extra}
 routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
 
 [pools.h1]
-backends = ["{}"]
+backends = ["{h1}"]
 
 [pools.h2]
-backends = ["{}"]
+backends = ["{h2}"]
 upstream_protocol = "h2"
-"#,
-        h1.addr, h2.addr
+"#
+    )
+}
+
+#[tokio::test]
+async fn request_rules_edit_the_forwarding_fields_on_every_path() {
+    let h1 = http_backend("b").await;
+    let h2 = h2_echo_backend().await;
+    // Behind a load balancer that terminated TLS: the scheme the client used is https, and the
+    // address X-Real-IP would carry is the other balancer's, so it goes.
+    let proxy = Proxy::start(&h1_and_h2_paths(
+        h1.addr,
+        h2.addr,
+        r#"request_headers = { set = { X-Forwarded-Proto = "https" }, remove = ["X-Real-IP"] }
+host_rewrite = "internal.local""#,
     ));
     let check = |seen: &str, why: &str| {
         let seen = seen.to_ascii_lowercase();
@@ -3826,25 +3840,10 @@ async fn list_fields_sent_over_several_lines_are_read_as_one_list() {
 async fn forwarding_fields_sent_over_several_lines_are_all_extended() {
     let h1 = http_backend("b").await;
     let h2 = h2_echo_backend().await;
-    let proxy = Proxy::start(&format!(
-        r#"
-[[listeners]]
-name = "l7"
-bind = "127.0.0.1:0"
-protocol = "http"
-default_pool = "h1"
-trusted_proxies = ["127.0.0.0/8"]
-forwarded_header = true
-routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
-
-[pools.h1]
-backends = ["{}"]
-
-[pools.h2]
-backends = ["{}"]
-upstream_protocol = "h2"
-"#,
-        h1.addr, h2.addr
+    let proxy = Proxy::start(&h1_and_h2_paths(
+        h1.addr,
+        h2.addr,
+        "trusted_proxies = [\"127.0.0.0/8\"]\nforwarded_header = true",
     ));
     let chain = "x-forwarded-for: 203.0.113.7, 198.51.100.2, 127.0.0.1\n";
     let forwarded = "forwarded: for=203.0.113.7, for=198.51.100.2, for=127.0.0.1;";
@@ -4010,27 +4009,6 @@ async fn an_answer_with_both_content_length_and_chunked_is_a_502_and_its_connect
 async fn the_forwarded_field_is_the_proxys_on_every_path() {
     let h1 = http_backend("b").await;
     let h2 = h2_echo_backend().await;
-    let config = |listener_extra: &str| {
-        format!(
-            r#"
-[[listeners]]
-name = "l7"
-bind = "127.0.0.1:0"
-protocol = "http"
-default_pool = "h1"
-{listener_extra}
-routes = [{{ match = {{ path_prefix = "/grpc/" }}, pool = "h2" }}]
-
-[pools.h1]
-backends = ["{}"]
-
-[pools.h2]
-backends = ["{}"]
-upstream_protocol = "h2"
-"#,
-            h1.addr, h2.addr
-        )
-    };
     // A client outside `trusted_proxies` claims to have been forwarded: with the key, the
     // backend sees the proxy's element alone; without it, no Forwarded at all (as it sees no
     // X-Forwarded-For but the proxy's).
@@ -4041,7 +4019,7 @@ upstream_protocol = "h2"
         ),
         ("", None),
     ] {
-        let proxy = Proxy::start(&config(extra));
+        let proxy = Proxy::start(&h1_and_h2_paths(h1.addr, h2.addr, extra));
         let check = |seen: &str, why: &str| {
             let seen = seen.to_ascii_lowercase();
             assert!(!seen.contains("203.0.113.7"), "{why}: {seen}");
