@@ -124,6 +124,15 @@ fn spliced(proxy: &Proxy) -> u64 {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// HTTP/1.1 backend `b` behind listener `l7` (with `listener_extra` in its table, `pool_extra`
+/// in its pool's), and a client of that listener: the start of most tests here.
+async fn behind_l7(listener_extra: &str, pool_extra: &str) -> (Backend, Proxy, HttpClient) {
+    let backend = http_backend("b").await;
+    let proxy = Proxy::start(&single_pool(&[backend.addr], listener_extra, pool_extra));
+    let client = HttpClient::connect(proxy.addr("l7")).await;
+    (backend, proxy, client)
+}
+
 #[tokio::test]
 async fn backend_connections_are_pooled_across_clients() {
     let backend = http_backend("b").await;
@@ -140,13 +149,7 @@ async fn backend_connections_are_pooled_across_clients() {
 
 #[tokio::test]
 async fn keepalive_connections_zero_opens_a_backend_connection_per_request() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(
-        &[backend.addr],
-        "",
-        "keepalive_connections = 0",
-    ));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (backend, _proxy, mut client) = behind_l7("", "keepalive_connections = 0").await;
     for _ in 0..4 {
         assert_eq!(client.get("/", "").await.status, 200);
     }
@@ -155,13 +158,7 @@ async fn keepalive_connections_zero_opens_a_backend_connection_per_request() {
 
 #[tokio::test]
 async fn an_idle_backend_connection_older_than_keepalive_timeout_is_not_reused() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(
-        &[backend.addr],
-        "",
-        "keepalive_timeout = \"50ms\"",
-    ));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (backend, _proxy, mut client) = behind_l7("", "keepalive_timeout = \"50ms\"").await;
     assert_eq!(client.get("/", "").await.status, 200);
     assert_eq!(client.get("/", "").await.status, 200);
     assert_eq!(backend.accepted(), 1, "reused while fresh");
@@ -178,9 +175,7 @@ async fn an_idle_backend_connection_older_than_keepalive_timeout_is_not_reused()
 
 #[tokio::test]
 async fn forwarding_headers_and_hop_by_hop_fields() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("", "").await;
     let reply = client
         .get(
             "/",
@@ -212,13 +207,7 @@ async fn forwarding_headers_and_hop_by_hop_fields() {
 
 #[tokio::test]
 async fn a_trusted_peer_extends_x_forwarded_for() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(
-        &[backend.addr],
-        "trusted_proxies = [\"127.0.0.0/8\"]",
-        "",
-    ));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("trusted_proxies = [\"127.0.0.0/8\"]", "").await;
     let seen = client
         .get("/", "X-Forwarded-For: 203.0.113.7\r\n")
         .await
@@ -231,9 +220,7 @@ async fn a_trusted_peer_extends_x_forwarded_for() {
 
 #[tokio::test]
 async fn request_bodies_arrive_intact_in_both_framings() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("", "").await;
     let body = "x".repeat(100_000);
     client
         .send(
@@ -352,9 +339,7 @@ async fn responses_of_every_size_follow_a_spliced_one_on_the_same_backend_connec
 async fn a_request_pipelined_behind_a_spliced_upload_is_answered() {
     // The upload is spliced to the backend: exactly its length must be taken from the client's
     // socket, leaving the next request there.
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, proxy, mut client) = behind_l7("", "").await;
     let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
     let mut both = format!(
         "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
@@ -674,9 +659,7 @@ async fn a_host_that_is_not_an_authority_gets_400_and_an_absolute_target_keeps_i
 
 #[tokio::test]
 async fn oversized_requests_get_414_and_431() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (backend, proxy, mut client) = behind_l7("", "").await;
     let long_path = format!("/{}", "a".repeat(20_000));
     client
         .send(format!("GET {long_path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
@@ -772,9 +755,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("", "").await;
     client
         .send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\nGET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .await;
@@ -861,9 +842,7 @@ async fn the_last_response_reaches_a_client_that_kept_sending() {
 
 #[tokio::test]
 async fn head_requests_and_http10_clients() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, proxy, mut client) = behind_l7("", "").await;
     client.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     // No body follows a HEAD response; the next request on the connection works.
     let mut raw = Vec::new();
@@ -929,9 +908,7 @@ async fn a_204_never_carries_a_content_length_and_a_304_keeps_its_own() {
 
 #[tokio::test]
 async fn an_http10_request_without_host_reaches_the_backend_with_an_empty_host() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("", "").await;
     client.send(b"GET /x HTTP/1.0\r\n\r\n").await;
     let reply = client.reply().await.expect("reply");
     // What goes upstream is HTTP/1.1, which must have a Host (RFC 9112 section 3.2): empty,
@@ -1078,9 +1055,7 @@ routes = [
 
 #[tokio::test]
 async fn request_ids_are_kept_or_generated_and_returned() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (_backend, _proxy, mut client) = behind_l7("", "").await;
     let reply = client.get("/", "X-Request-ID: abc-123\r\n").await;
     assert_eq!(reply.header("x-request-id"), Some("abc-123"));
     assert!(reply.text().contains("x-request-id: abc-123\n"));
@@ -1096,9 +1071,7 @@ async fn request_ids_are_kept_or_generated_and_returned() {
 
 #[tokio::test]
 async fn bodies_over_max_body_size_get_413() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(&[backend.addr], "max_body_size = \"1k\"", ""));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    let (backend, proxy, mut client) = behind_l7("max_body_size = \"1k\"", "").await;
     client
         .send(
             format!(
@@ -2366,13 +2339,11 @@ async fn http11_clients_reach_http2_backends_with_trailers_as_chunked_trailers()
 
 #[tokio::test]
 async fn x_forwarded_host_and_the_optional_forwarded_field() {
-    let backend = http_backend("b").await;
-    let proxy = Proxy::start(&single_pool(
-        &[backend.addr],
+    let (backend, _proxy, mut client) = behind_l7(
         "forwarded_header = true\ntrusted_proxies = [\"127.0.0.1\"]",
         "",
-    ));
-    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    )
+    .await;
     let seen = client
         .get("/", "Forwarded: for=192.0.2.60;proto=https\r\n")
         .await
