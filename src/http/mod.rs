@@ -257,12 +257,16 @@ type ResponseEdits<'a> = (Vec<&'a str>, Vec<(&'a str, &'a [u8])>, Vec<&'a str>);
 /// Idle time after which an upgraded (WebSocket) connection is closed.
 const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// How long a connection that has sent nothing yet may stay once the process starts draining.
-/// Browsers open connections ahead of need and may never use them: held to the drain deadline,
-/// such a connection would keep the process (an old one, during a binary upgrade) for all of
-/// it. A client that connected just before the drain gets this long for its first request,
-/// which follows the handshake by a round trip.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// How long a connection idle between requests, or that has sent nothing yet, may stay once the
+/// process starts draining. Browsers open connections ahead of need and may never use them: held
+/// to the drain deadline, such a connection would keep the process (an old one, during a binary
+/// upgrade) for all of it. Closed at once, though, a connection would lose the request its
+/// client may already have on the way (a client in the middle of a burst sends its next request
+/// as soon as it has its response, and a close crossing it leaves the client nothing to tell
+/// whether it was acted on). A client that connected just before the drain, or has just had its
+/// response, gets this long for its next request, which is then answered with `Connection:
+/// close`; a round trip or two is all it needs.
+const REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether an incoming X-Request-ID can be passed on as it is: 1 to 200 visible ASCII bytes.
 fn valid_request_id(id: &[u8]) -> bool {
@@ -790,14 +794,14 @@ impl HttpProxy {
                 self.client_header_timeout
             };
             spare::reserve(&mut client.buf);
-            // A shutdown leaves a connection that has sent nothing yet `FIRST_REQUEST_GRACE`
+            // A shutdown leaves a connection that has sent nothing yet `REQUEST_GRACE`
             // for its first request (it may have been accepted just before: during a binary
             // upgrade, just before the hand-over), which is then answered with `Connection:
             // close`.
             let read = tokio::select! {
                 read = timeout(wait, client.stream.read_buf(&mut client.buf)) => read,
                 () = self.shutdown.cancelled(), if client.buf.is_empty() => {
-                    timeout(FIRST_REQUEST_GRACE, client.stream.read_buf(&mut client.buf)).await
+                    timeout(REQUEST_GRACE, client.stream.read_buf(&mut client.buf)).await
                 }
             };
             if !matches!(read, Ok(Ok(n)) if n > 0) {
@@ -832,9 +836,9 @@ impl HttpProxy {
                 None if client.buf.is_empty() => {
                     // Idle between requests: hold no buffer while waiting.
                     spare::give(std::mem::take(&mut client.buf));
-                    // A shutdown closes idle keep-alive connections at once rather than at
-                    // the drain deadline; one that has not had its first request yet gets
-                    // `FIRST_REQUEST_GRACE` for it.
+                    // A shutdown closes idle keep-alive connections after `REQUEST_GRACE`
+                    // rather than at the drain deadline: a request already on its way is
+                    // answered (with `Connection: close`), not lost with the connection.
                     // A plain connection that has been served is parked once it stays idle
                     // for `park_after`; the lot then keeps it for the rest of the keep-alive
                     // timeout.
@@ -852,19 +856,11 @@ impl HttpProxy {
                             _ => return Ok(Read::Closed),
                         },
                         _ = self.shutdown.cancelled() => {
-                            if client.served == 0 {
-                                // Over TLS, the first request after the handshake.
-                                match timeout(FIRST_REQUEST_GRACE, client.stream.readable()).await {
-                                    Ok(Ok(())) => {}
-                                    _ => return Ok(Read::Closed),
-                                }
-                            } else if !bytes_waiting(client.stream.tcp()) {
-                                // Unless a request has already arrived: sent before the drain
-                                // on a connection that was open, it is answered (with
-                                // `Connection: close`), not lost with the connection. The
-                                // runtime may not have reported it readable yet, so the
-                                // socket itself is asked.
-                                return Ok(Read::Closed);
+                            // The first request (over TLS, the one after the handshake), or the
+                            // next one of a client that has just had its response.
+                            match timeout(REQUEST_GRACE, client.stream.readable()).await {
+                                Ok(Ok(())) => {}
+                                _ => return Ok(Read::Closed),
                             }
                         }
                     }
