@@ -70,6 +70,9 @@ pub async fn serve(
     tls: Option<Negotiated>,
 ) {
     let tls = Arc::new(tls);
+    // A second descriptor of the socket, for the close (see `linger`): hyper drops its own as
+    // soon as the connection is done.
+    let lingering = socket2::SockRef::from(stream.tcp()).try_clone().ok();
     let io = TokioIo::new(Rewind {
         prefix: read.freeze(),
         inner: stream,
@@ -115,8 +118,8 @@ pub async fn serve(
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_ERROR_RESETS);
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
+    // Boxed, so that it can be dropped before `linger` watches the socket in its place.
+    let mut connection = Box::pin(builder.serve_connection(io, service));
     let check_every = (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let mut closing = false;
     loop {
@@ -125,7 +128,7 @@ pub async fn serve(
                 if let Err(error) = result {
                     debug!(client = %source, %error, "http/2 connection ended with an error");
                 }
-                return;
+                break;
             }
             _ = proxy_shutdown.cancelled(), if !closing => {
                 // Draining: finish the streams in flight, accept no more (GOAWAY).
@@ -146,6 +149,37 @@ pub async fn serve(
                     closing = true;
                 }
             }
+        }
+    }
+    // hyper's descriptor goes first.
+    drop(connection);
+    if let Some(socket) = lingering {
+        linger(socket).await;
+    }
+}
+
+/// How long a finished HTTP/2 connection waits, at most, for its client to close.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a finished HTTP/2 connection so that what was written last arrives: the write side is
+/// shut (a FIN after whatever is still queued), then what the client still sends is read and
+/// dropped until it closes too, up to [`LINGER`]. Clients keep sending as they read (window
+/// updates, ping acknowledgements); a socket closed at once answers the next such frame with a
+/// reset, and the kernel throws away the end of the last responses still in its send queue,
+/// responses the access log counts as complete.
+async fn linger(socket: socket2::Socket) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let Ok(tcp) = tokio::net::TcpStream::from_std(socket.into()) else {
+        return;
+    };
+    let mut scratch = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while let Ok(Ok(())) = tokio::time::timeout_at(deadline, tcp.readable()).await {
+        match tcp.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }
