@@ -100,7 +100,7 @@ async fn a_client_that_hangs_up_while_parked_is_forgotten() {
 }
 
 #[tokio::test]
-async fn a_shutdown_closes_parked_connections_at_once() {
+async fn a_shutdown_closes_parked_connections_that_stay_silent() {
     let backend = http_backend("a").await;
     let mut proxy = Proxy::start(&web(backend.addr, ""));
     let mut client = HttpClient::connect(proxy.addr("web")).await;

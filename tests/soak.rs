@@ -164,3 +164,35 @@ async fn an_http2_response_finished_in_the_drain_reaches_a_client_that_still_sen
     drop(client);
     assert_eq!(proxy.drained().await, 0);
 }
+
+#[tokio::test]
+async fn a_request_sent_on_a_parked_connection_just_after_the_drain_began_is_answered() {
+    // The same for a client that pauses between requests long enough to be parked (a page's
+    // polling, an API client): its next request may cross the start of the drain too.
+    let backend = http_backend("b").await;
+    let mut proxy = Proxy::start(&single_pool(
+        &[backend.addr],
+        "park_idle_after = \"10ms\"",
+        "",
+    ));
+    let mut client = HttpClient::connect(proxy.addr("l7")).await;
+    assert_eq!(client.get("/first", "").await.status, 200);
+    eventually("the idle connection is parked", || {
+        proxy.handle.parked_connections() == 1
+    })
+    .await;
+    proxy.shutdown.cancel();
+    eventually("the lot lets go of it", || {
+        proxy.handle.parked_connections() == 0
+    })
+    .await;
+    client
+        .send(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let reply = client.reply().await.expect("answered, not dropped");
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("GET /second"), "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    assert_eq!(proxy.drained().await, 0);
+}

@@ -263,9 +263,9 @@ const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// upgrade) for all of it. Closed at once, though, a connection would lose the request its
 /// client may already have on the way (a client in the middle of a burst sends its next request
 /// as soon as it has its response, and a close crossing it leaves the client nothing to tell
-/// whether it was acted on). A client that connected just before the drain, or has just had its
-/// response, gets this long for its next request, which is then answered with `Connection:
-/// close`; a round trip or two is all it needs.
+/// whether it was acted on). A client that connected just before the drain, or is between
+/// requests (parked or not), gets this long for its next request, which is then answered with
+/// `Connection: close`; a round trip or two is all it needs.
 const REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether an incoming X-Request-ID can be passed on as it is: 1 to 200 visible ASCII bytes.
@@ -343,10 +343,12 @@ impl Parked for ParkedClient {
     }
 
     /// Closes it, unless its client's next request has arrived before the lot noticed (the
-    /// drain started, or the keep-alive deadline passed, at that moment): that request was sent
-    /// on an open connection and is served, as it would have been a moment earlier.
-    fn close(self, _why: Closing, tasks: &TaskTracker) {
-        if bytes_waiting(&self.stream) {
+    /// keep-alive deadline passed at that moment): that request was sent on an open connection
+    /// and is served, as it would have been a moment earlier. At shutdown it is resumed, to
+    /// wait `REQUEST_GRACE` for a request that may be on its way, as connections idle in their
+    /// own task do.
+    fn close(self, why: Closing, tasks: &TaskTracker) {
+        if matches!(why, Closing::Shutdown) || bytes_waiting(&self.stream) {
             self.resume(tasks);
         }
     }
@@ -857,7 +859,7 @@ impl HttpProxy {
                         },
                         _ = self.shutdown.cancelled() => {
                             // The first request (over TLS, the one after the handshake), or the
-                            // next one of a client that has just had its response.
+                            // next one of a client between requests.
                             match timeout(REQUEST_GRACE, client.stream.readable()).await {
                                 Ok(Ok(())) => {}
                                 _ => return Ok(Read::Closed),
