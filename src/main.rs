@@ -150,8 +150,11 @@ fn located(file: &std::path::Path, problem: &switchyard::config::Problem) -> Str
 fn init_logging(level: &str) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::new(env),
-        _ => tracing_subscriber::EnvFilter::try_new(level)
-            .with_context(|| format!("--log-level `{level}`"))?,
+        _ => quiet_peers(
+            tracing_subscriber::EnvFilter::try_new(level)
+                .with_context(|| format!("--log-level `{level}`"))?,
+            level,
+        ),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -164,6 +167,27 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
+}
+
+/// The TLS library warns about what a peer sent (an IP address as the server name, as `wrk`
+/// and some health checkers send it; a warning alert; a message out of order): one line per
+/// handshake, at a rate any client chooses. Those are per-connection events, which this
+/// process logs at `debug` only, so below `debug` the library's lines are kept to errors,
+/// unless `--log-level` names the library itself (`RUST_LOG` is always taken as written).
+fn quiet_peers(
+    filter: tracing_subscriber::EnvFilter,
+    level: &str,
+) -> tracing_subscriber::EnvFilter {
+    let detailed = filter
+        .max_level_hint()
+        .is_some_and(|hint| hint >= tracing_subscriber::filter::LevelFilter::DEBUG);
+    if detailed || level.contains("rustls") {
+        return filter;
+    }
+    match "rustls=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -425,7 +425,11 @@ async fn alpn_negotiates_http11_and_h2() {
 
 /// A ClientHello offering at most TLS 1.1 (no supported_versions extension), with SNI.
 fn tls11_client_hello() -> Vec<u8> {
-    let name = b"a.example.com";
+    tls11_client_hello_naming(b"a.example.com")
+}
+
+/// [`tls11_client_hello`] with `name` as its server name, whatever it is.
+fn tls11_client_hello_naming(name: &[u8]) -> Vec<u8> {
     let mut sni = Vec::new();
     sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
     sni.push(0);
@@ -449,6 +453,63 @@ fn tls11_client_hello() -> Vec<u8> {
     record.extend_from_slice(&(hello.len() as u16).to_be_bytes());
     record.extend_from_slice(&hello);
     record
+}
+
+/// The TLS library warns about what a peer sent (here an IP address as the server name, as
+/// `wrk` sends it): a line per handshake that any client could repeat at will. Such lines are
+/// for `debug` logs only, like every other per-connection event.
+#[tokio::test]
+async fn the_tls_librarys_warnings_about_a_peer_are_logged_at_debug_only() {
+    use tokio::io::AsyncBufReadExt;
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", "server", &["a.example.com"], false);
+    let config = pki.path("quiet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nname = \"https\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+             default_pool = \"web\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\
+             [pools.web]\nbackends = [\"127.0.0.1:9\"]\n",
+            p(&cert),
+            p(&key)
+        ),
+    )
+    .expect("write config");
+    for (level, shown) in [("info", false), ("debug", true)] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--threads", "1", "--log-level", level, "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starts");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = listening_addr(&mut lines).await;
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(&tls11_client_hello_naming(b"127.0.0.1"))
+            .await
+            .expect("send");
+        let mut reply = Vec::new();
+        tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut reply))
+            .await
+            .expect("the handshake is refused in time")
+            .expect("read");
+        // The library's line, if any, was written before the refusal reached the client.
+        child.start_kill().expect("kill");
+        let mut rest = String::new();
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(PATIENCE, lines.next_line()).await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        assert_eq!(
+            rest.contains("IP address presented as hostname"),
+            shown,
+            "--log-level {level}: {rest}"
+        );
+    }
 }
 
 #[tokio::test]
