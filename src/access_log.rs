@@ -380,6 +380,78 @@ fn drain(
     }
 }
 
+/// How an http exchange ended, when it did not end with the whole response delivered: what tells
+/// a backend that died mid-body from a client that left, both of which otherwise log the
+/// backend's status with part of its bytes. One byte, carried with the request's trace; only
+/// the states every path (HTTP/1.1 and HTTP/2 clients, HTTP/1.1 and HTTP/2 backends, compressed
+/// or spliced) can tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum End {
+    /// The whole response reached the client (or an answer of the proxy's own did): no field.
+    #[default]
+    Complete,
+    /// The backend ended the body before its end: it closed or reset its connection (an HTTP/2
+    /// backend its stream), sent fewer bytes than its Content-Length or no last chunk, or broke
+    /// its chunked framing. A reset and a short body are one state, as an HTTP/2 backend's
+    /// stream gives no way to tell them apart.
+    BackendCut,
+    /// The backend sent nothing of its body for the pool's `response_timeout`.
+    BackendTimeout,
+    /// The client went away: it closed or reset its connection, or reset its HTTP/2 stream,
+    /// before the response was through (a 499 is one that left before the response head).
+    ClientGone,
+    /// The client stopped reading: a write to it waited longer than allowed.
+    ClientStalled,
+    /// A drain deadline (its backend's, or the process's) cut the response or the upgraded
+    /// connection.
+    Drained,
+    /// The proxy failed the body itself (its compressor failed).
+    ProxyError,
+}
+
+impl End {
+    /// Every state but [`End::Complete`], in the order of their codes: the metric's rows.
+    pub const INCOMPLETE: [End; 6] = [
+        End::BackendCut,
+        End::BackendTimeout,
+        End::ClientGone,
+        End::ClientStalled,
+        End::Drained,
+        End::ProxyError,
+    ];
+
+    /// The word the access log and the metric use; `None` for an exchange that ended normally.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self {
+            End::Complete => return None,
+            End::BackendCut => "backend_cut",
+            End::BackendTimeout => "backend_timeout",
+            End::ClientGone => "client_gone",
+            End::ClientStalled => "client_stalled",
+            End::Drained => "drained",
+            End::ProxyError => "proxy_error",
+        })
+    }
+
+    /// Whether the backend ended it (and outlier detection counts it against the backend).
+    pub fn is_backends(self) -> bool {
+        matches!(self, End::BackendCut | End::BackendTimeout)
+    }
+
+    /// The state whose code is `code` (see [`End::code`]); `None` for any other byte.
+    pub fn from_code(code: u8) -> Option<End> {
+        std::iter::once(End::Complete)
+            .chain(End::INCOMPLETE)
+            .find(|end| end.code() == code)
+    }
+
+    /// The state as one byte, for an atomic shared with a task that relays a body.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
 /// What one request's line says.
 #[derive(Debug, Default)]
 pub struct Entry<'a> {
@@ -402,6 +474,8 @@ pub struct Entry<'a> {
     pub attempts: usize,
     pub referer: &'a [u8],
     pub user_agent: &'a [u8],
+    /// How the exchange ended: written only when it did not end normally.
+    pub end: End,
 }
 
 /// Formats `entry` as one line, newline included.
@@ -430,6 +504,7 @@ fn json(e: &Entry<'_>) -> String {
         duration_ms: e.duration.as_secs_f64() * 1e3,
         upstream_ms: e.upstream.map(|u| u.as_secs_f64() * 1e3),
         attempts: (e.attempts > 1).then_some(e.attempts),
+        end: e.end.name(),
     });
     line.push('\n');
     line
@@ -461,6 +536,8 @@ struct RequestJson<'a> {
     upstream_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     attempts: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end: Option<&'static str>,
 }
 
 /// A TCP connection's or UDP session's JSON line, its fields in the README's order.
@@ -484,7 +561,8 @@ fn to_json(fields: &impl Serialize) -> String {
 }
 
 /// The NGINX/Apache "combined" format, with the request id and the time in milliseconds
-/// appended.
+/// appended, and after them how the exchange ended when it did not end normally (a parser of
+/// the fields before it is not disturbed by one more at the end).
 fn combined(e: &Entry<'_>) -> String {
     let quoted = |b: &[u8]| {
         if b.is_empty() {
@@ -509,6 +587,12 @@ fn combined(e: &Entry<'_>) -> String {
         escape_unquoted(e.request_id),
         e.duration.as_secs_f64() * 1e3,
     );
+    if let Some(end) = e.end.name() {
+        line.pop();
+        line.push(' ');
+        line.push_str(end);
+        line.push('\n');
+    }
     line
 }
 
@@ -645,12 +729,31 @@ mod tests {
         assert_eq!(parsed["status"], 200);
         assert_eq!(parsed["path"], "/a?b=\"c\"");
         assert!(parsed.get("backend").is_none());
+        assert!(parsed.get("end").is_none(), "{line}");
         let line = combined(&entry);
         assert!(line.starts_with("- - - ["), "{line}");
         assert!(
             line.contains("\"GET /a?b=\\x22c\\x22 HTTP/1.1\" 200 12 \"-\" \"-\" abc"),
             "{line}"
         );
+        assert!(line.ends_with(".000\n"), "{line}");
+        let cut = Entry {
+            end: End::BackendCut,
+            ..entry
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&json(&cut)).expect("json");
+        assert_eq!(parsed["end"], "backend_cut");
+        let line = combined(&cut);
+        assert!(line.ends_with(" abc 0.000 backend_cut\n"), "{line}");
+    }
+
+    #[test]
+    fn end_codes_round_trip() {
+        for end in std::iter::once(End::Complete).chain(End::INCOMPLETE) {
+            assert_eq!(End::from_code(end.code()), Some(end));
+            assert_eq!(end.name().is_none(), end == End::Complete);
+        }
+        assert_eq!(End::from_code(u8::MAX), None);
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub struct ListenerStats {
     pub tls_failures: AtomicU64,
     /// Requests answered 429 (http) and connections closed at accept (tcp) by `rate_limit`.
     pub rate_limited: AtomicU64,
+    /// HTTP exchanges that did not end with the whole response delivered, by how they ended
+    /// (`End::INCOMPLETE`'s order): what the access log's `end` says, for those who log nothing.
+    pub incomplete: [AtomicU64; crate::access_log::End::INCOMPLETE.len()],
     /// Per-route counters by label: a route's position, `default` or `unrouted`.
     routes: Mutex<HashMap<String, Arc<RouteStats>>>,
 }
@@ -379,6 +382,37 @@ impl Collector for Scrape {
             "HTTP requests that tried more than one backend.",
             MetricType::Counter,
             by_listener(&|s| s.retries.load(Relaxed)),
+            counter,
+        )?;
+        family(
+            &mut encoder,
+            "switchyard_http_incomplete",
+            "HTTP exchanges that did not end with the whole response delivered, by how they \
+             ended (the access log's end): the backend cut or stalled its body, the client left \
+             or stopped reading, a drain deadline cut it, or the proxy failed it.",
+            MetricType::Counter,
+            stats
+                .iter()
+                .filter(|(name, _)| {
+                    listeners
+                        .iter()
+                        .any(|l| &l.name == name && l.protocol == "http")
+                })
+                .flat_map(|(name, s)| {
+                    crate::access_log::End::INCOMPLETE
+                        .iter()
+                        .zip(&s.incomplete)
+                        .map(|(end, count)| {
+                            (
+                                vec![
+                                    ("listener", name.clone()),
+                                    ("end", end.name().unwrap_or_default().to_owned()),
+                                ],
+                                count.load(Relaxed),
+                            )
+                        })
+                })
+                .collect(),
             counter,
         )?;
         family(

@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use super::h2_upstream::{BodyWatch, Lease, Limit, UpstreamBody};
 use super::router::RequestView;
 use super::upstream::UpstreamConn;
 use super::{BodyError, Coding, HttpProxy, new_request_id, valid_request_id};
+use crate::access_log::End;
 use crate::backend::ActiveGuard;
 use crate::config::{Rules, UpstreamProtocol};
 use crate::pool::{Attempts, NoBackend, PickInput, Picked, Pool};
@@ -284,6 +285,19 @@ impl Compressing {
     }
 }
 
+impl ResponseBody {
+    /// How the task relaying this body ended it, through a compressor or a count: `None` for a
+    /// body no task relays, or while it runs.
+    fn relay_end(&self) -> Option<End> {
+        match self {
+            ResponseBody::Stream(relayed) => relayed.end(),
+            ResponseBody::Logged(logged) => logged.body.relay_end(),
+            ResponseBody::Compressed(compressing) => compressing.body.relay_end(),
+            ResponseBody::Empty | ResponseBody::Full(_) => None,
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = io::Error;
@@ -304,7 +318,16 @@ impl Body for ResponseBody {
                             logged.ended.trace.bytes += data.len() as u64;
                         }
                     }
-                    Poll::Ready(_) => logged.ended.record(),
+                    Poll::Ready(Some(Err(_))) => {
+                        // The relay's task says why; only the compressor fails on its own.
+                        logged.ended.trace.end = logged
+                            .body
+                            .relay_end()
+                            .filter(|end| *end != End::Complete)
+                            .unwrap_or(End::ProxyError);
+                        logged.ended.record();
+                    }
+                    Poll::Ready(None) => logged.ended.record(),
                     Poll::Pending => {}
                 }
                 polled
@@ -346,16 +369,21 @@ impl Body for ResponseBody {
 /// other clients' streams use too (HTTP/2) for as long as it likes.
 pub struct Relayed {
     rx: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
-    /// Set by the task once the whole body is queued; a queue that closes without it is a body
-    /// cut short, which must reach the client as an error (a reset), never as a clean end.
-    done: Arc<AtomicBool>,
+    /// How the task ended the body ([`End::code`]; [`RELAYING`] while it runs): set to
+    /// [`End::Complete`] once the whole body is queued. A queue that closes without it is a
+    /// body cut short, which must reach the client as an error (a reset), never as a clean end,
+    /// and the access log says why.
+    end: Arc<AtomicU8>,
 }
+
+/// A relay's end while its task still runs.
+const RELAYING: u8 = u8::MAX;
 
 impl Relayed {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         match std::task::ready!(self.rx.poll_recv(cx)) {
             Some(frame) => Poll::Ready(Some(frame)),
-            None if self.done.load(Ordering::Acquire) => Poll::Ready(None),
+            None if self.end() == Some(End::Complete) => Poll::Ready(None),
             None => Poll::Ready(Some(Err(io::Error::other(
                 "the response body was cut short",
             )))),
@@ -363,10 +391,17 @@ impl Relayed {
     }
 }
 
+impl Relayed {
+    /// How the task ended the body; `None` while it runs.
+    fn end(&self) -> Option<End> {
+        End::from_code(self.end.load(Ordering::Acquire))
+    }
+}
+
 /// The task's end of a [`Relayed`] body.
 struct Relay {
     tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
-    done: Arc<AtomicBool>,
+    end: Arc<AtomicU8>,
     /// How long the client may take nothing before it is given up on, and (in
     /// [`relay_upstream`]) how long an HTTP/2 backend may send nothing.
     stall: Duration,
@@ -375,12 +410,12 @@ struct Relay {
 impl Relay {
     fn new(stall: Duration) -> (Relay, ResponseBody) {
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
-        let done = Arc::new(AtomicBool::new(false));
+        let end = Arc::new(AtomicU8::new(RELAYING));
         let relayed = Relayed {
             rx,
-            done: Arc::clone(&done),
+            end: Arc::clone(&end),
         };
-        (Relay { tx, done, stall }, ResponseBody::Stream(relayed))
+        (Relay { tx, end, stall }, ResponseBody::Stream(relayed))
     }
 
     /// Queues a frame; an error when the client went away or took nothing for too long.
@@ -398,7 +433,28 @@ impl Relay {
 
     /// Marks the body complete: the client's stream ends cleanly once the queue is drained.
     fn finish(self) {
-        self.done.store(true, Ordering::Release);
+        self.end.store(End::Complete.code(), Ordering::Release);
+    }
+
+    /// Ends the body short, saying how (before the queue closes, so that the client's stream
+    /// finds it when its error comes out). A client whose stream went away first left, whatever
+    /// went wrong after.
+    fn fail(self, end: End) {
+        let end = if self.tx.is_closed() {
+            End::ClientGone
+        } else {
+            end
+        };
+        self.end.store(end.code(), Ordering::Release);
+    }
+
+    /// How a failed [`Relay::send`] ended the body.
+    fn send_failed(error: &io::Error) -> End {
+        if error.kind() == io::ErrorKind::TimedOut {
+            End::ClientStalled
+        } else {
+            End::ClientGone
+        }
     }
 }
 
@@ -421,8 +477,14 @@ async fn relay_upstream(
             relay.finish();
         }
         // A client whose stream went away first left, whatever the backend did after.
-        RelayEnd::Failed => verdict.give(guard.state(), !relay.tx.is_closed()),
-        RelayEnd::Stopped => verdict.give(guard.state(), false),
+        RelayEnd::Failed(end) => {
+            verdict.give(guard.state(), !relay.tx.is_closed());
+            relay.fail(end);
+        }
+        RelayEnd::Stopped(end) => {
+            verdict.give(guard.state(), false);
+            relay.fail(end);
+        }
     }
 }
 
@@ -430,11 +492,12 @@ async fn relay_upstream(
 enum RelayEnd {
     /// The whole body is queued.
     Whole,
-    /// The backend failed the body: it reset its stream before the end, or sent nothing for
-    /// the response timeout.
-    Failed,
-    /// The client went away or stopped reading, or a drain deadline passed.
-    Stopped,
+    /// The backend failed the body: it reset its stream before the end
+    /// ([`End::BackendCut`]), or sent nothing for the response timeout
+    /// ([`End::BackendTimeout`]).
+    Failed(End),
+    /// The client went away or stopped reading, or a drain deadline passed (which of them).
+    Stopped(End),
 }
 
 /// The loop of [`relay_upstream`].
@@ -450,11 +513,11 @@ async fn relay_frames(
                 Ok(frame) => frame,
                 Err(_) => {
                     debug!("http/2 backend sent nothing of its body for the response timeout");
-                    return RelayEnd::Failed;
+                    return RelayEnd::Failed(End::BackendTimeout);
                 }
             },
-            () = closer.cancelled() => return RelayEnd::Stopped,
-            () = relay.tx.closed() => return RelayEnd::Stopped,
+            () = closer.cancelled() => return RelayEnd::Stopped(End::Drained),
+            () = relay.tx.closed() => return RelayEnd::Stopped(End::ClientGone),
         };
         match frame {
             None if body.is_end_stream() => return RelayEnd::Whole,
@@ -462,20 +525,20 @@ async fn relay_frames(
             // allows only after a complete response: a stream that saw no END_STREAM was cut.
             None => {
                 debug!("http/2 backend reset its stream before the body's end");
-                return RelayEnd::Failed;
+                return RelayEnd::Failed(End::BackendCut);
             }
             Some(Ok(frame)) => {
                 let frame = match frame.into_trailers() {
                     Ok(trailers) => Frame::trailers(forwardable_trailers(trailers)),
                     Err(frame) => frame,
                 };
-                if relay.send(frame).await.is_err() {
-                    return RelayEnd::Stopped;
+                if let Err(error) = relay.send(frame).await {
+                    return RelayEnd::Stopped(Relay::send_failed(&error));
                 }
             }
             Some(Err(error)) => {
                 debug!(%error, "http/2 backend body failed");
-                return RelayEnd::Failed;
+                return RelayEnd::Failed(End::BackendCut);
             }
         }
     }
@@ -828,6 +891,7 @@ async fn handle(
         proxy: Arc::clone(proxy),
         trace: super::Trace {
             status: super::CLIENT_CLOSED,
+            end: End::ClientGone,
             ..super::Trace::default()
         },
         started,
@@ -858,6 +922,7 @@ async fn handle(
     };
     // Logs and metrics keep the HTTP status the error stands for.
     ended.trace.status = response.status().as_u16();
+    ended.trace.end = End::Complete;
     if let Some(&local) = response.extensions().get::<LocalReply>() {
         complete_local(proxy, &mut response, &ended.request_id, ended.trace.route);
         if grpc && local == LocalReply::Error {
@@ -903,6 +968,21 @@ pub struct Logged {
     ended: Ended,
     /// Keeps the stream counted as open on its connection until its body is done.
     _open: Open,
+}
+
+impl Drop for Logged {
+    /// A body dropped before its end is a stream the client reset (or whose connection ended),
+    /// unless the relay had already ended it short for another reason (the client stopped
+    /// reading, the backend failed, a drain deadline) that the client never read as far as.
+    fn drop(&mut self) {
+        if !self.ended.recorded {
+            self.ended.trace.end = self
+                .body
+                .relay_end()
+                .filter(|end| *end != End::Complete)
+                .unwrap_or(End::ClientGone);
+        }
+    }
 }
 
 /// What the metrics and the access log need of a finished stream. Recorded once: when the body
@@ -1495,7 +1575,13 @@ async fn proceed(
                     }
                 }
                 // The client's stream ends in an error, as the relay was not finished.
-                Err(error) => debug!(%error, "response body relay ended early"),
+                Err(error) => {
+                    debug!(%error, "response body relay ended early");
+                    relay.fail(match &error {
+                        BodyError::Write(error) => Relay::send_failed(error),
+                        error => error.end(),
+                    });
+                }
             }
         });
         body

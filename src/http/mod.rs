@@ -35,6 +35,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::access_log::End;
 use crate::backend::DRAINING;
 use crate::config::{ProxyProtocolAccept, Redirect, Rewrite, Rules};
 use crate::listener::Admission;
@@ -231,6 +232,8 @@ pub(crate) struct Trace {
     pub upstream: Option<Duration>,
     /// Backends tried.
     pub attempts: usize,
+    /// How the exchange ended, when the client did not get the whole response.
+    pub end: crate::access_log::End,
 }
 
 /// Fields that carry a verified client certificate to backends. They are removed from every
@@ -455,6 +458,12 @@ impl HttpProxy {
         if trace.attempts > 1 {
             self.stats.retries.fetch_add(1, Relaxed);
         }
+        if let Some(count) = (trace.end.code() as usize)
+            .checked_sub(1)
+            .and_then(|i| self.stats.incomplete.get(i))
+        {
+            count.fetch_add(1, Relaxed);
+        }
         let Some((config, writer)) = &self.access_log else {
             return;
         };
@@ -482,6 +491,7 @@ impl HttpProxy {
                 attempts: trace.attempts,
                 referer: request.referer,
                 user_agent: request.user_agent,
+                end: trace.end,
             },
         );
         writer.write(line, &self.stats);
@@ -919,10 +929,18 @@ impl HttpProxy {
                 // stream reset at the same point is.
                 if trace.status == 0 {
                     trace.status = CLIENT_CLOSED;
+                    trace.end = End::ClientGone;
+                } else if trace.end == End::Complete && trace.status != 101 {
+                    // Mid-response, where no more was said: the client's write failed. (An
+                    // upgraded connection that failed says nothing of which side did.)
+                    trace.end = End::ClientGone;
                 }
                 Next::Close
             }
             Err(Failure::Cut) => {
+                if trace.end == End::Complete {
+                    trace.end = End::BackendCut;
+                }
                 // A reset says the exchange failed where a FIN would end the body. (Over TLS the
                 // missing close_notify says it.)
                 if let Stream::Plain(stream) = &client.stream {
@@ -1167,6 +1185,7 @@ impl HttpProxy {
                 done = tunnel => done,
                 () = closer.cancelled() => {
                     debug!(listener = %self.name, client = %client.source, "upgraded connection closed at the backend's drain deadline");
+                    trace.end = End::Drained;
                     return Ok(Next::Close);
                 }
             };
@@ -1293,6 +1312,7 @@ impl HttpProxy {
                 (&client.stream, &conn.stream),
                 (Stream::Plain(_), Stream::Plain(_))
             );
+        let mut written = 0;
         let done = {
             // Pinned here, as the exchange is in `try_backends`: the select then moves a pointer,
             // not the transfer's state.
@@ -1310,6 +1330,7 @@ impl HttpProxy {
                     then_close: close,
                 },
                 &mut encoder,
+                &mut written,
             ));
             tokio::select! {
                 // The transfer first: once it is done, the drain token is not looked at again
@@ -1319,12 +1340,14 @@ impl HttpProxy {
                 () = closer.cancelled() => Err(BodyError::Stopped),
             }
         };
-        pool.report_body(
-            guard.state(),
-            response.status,
-            done.as_ref()
-                .is_err_and(|e| e.source_failed() && !client_left(&client.stream)),
-        );
+        // A body its backend failed after the client left is the client's end, and not held
+        // against the backend.
+        let end = match &done {
+            Ok(_) => End::Complete,
+            Err(e) if e.source_failed() && client_left(&client.stream) => End::ClientGone,
+            Err(e) => e.end(),
+        };
+        pool.report_body(guard.state(), response.status, end.is_backends());
         drop(guard);
         match done {
             Ok(written) => {
@@ -1341,6 +1364,8 @@ impl HttpProxy {
             }
             Err(error) => {
                 debug!(listener = %self.name, client = %client.source, %error, "response body failed");
+                trace.bytes = written;
+                trace.end = end;
                 Err(Failure::cut_off(client_framing))
             }
         }
@@ -1944,7 +1969,7 @@ impl HttpProxy {
                             if !out.is_empty() {
                                 write_within(&mut client.stream, &out, pool.response_timeout)
                                     .await
-                                    .map_err(|_| Failure::Abort)?;
+                                    .map_err(|e| client_failed(trace, &e))?;
                                 trace.bytes += out.len() as u64;
                                 out.clear();
                             }
@@ -1955,11 +1980,15 @@ impl HttpProxy {
                             );
                             tokio::select! {
                                 next = next => next,
-                                () = closer.cancelled() => return Err(cut),
+                                () = closer.cancelled() => {
+                                    trace.end = End::Drained;
+                                    return Err(cut);
+                                }
                             }
                         }
                     };
                     if closer.is_cancelled() {
+                        trace.end = End::Drained;
                         return Err(cut);
                     }
                     let frame = match next {
@@ -1973,14 +2002,23 @@ impl HttpProxy {
                             backend_failed = true;
                             return Err(Failure::Status(502));
                         }
-                        Ok(Some(Err(_))) | Err(_) => {
+                        Ok(Some(Err(_))) => {
                             backend_failed = true;
+                            trace.end = End::BackendCut;
+                            return Err(cut);
+                        }
+                        Err(_) => {
+                            backend_failed = true;
+                            trace.end = End::BackendTimeout;
                             return Err(cut);
                         }
                     };
                     match frame.into_data() {
                         Ok(data) => emit(&mut out, &data, framing == Framing::Chunked, &mut encoder)
-                            .map_err(|_| cut)?,
+                            .map_err(|_| {
+                                trace.end = End::ProxyError;
+                                cut
+                            })?,
                         Err(frame) => {
                             if let Ok(map) = frame.into_trailers() {
                                 for (name, value) in &h2::forwardable_trailers(map) {
@@ -1995,29 +2033,34 @@ impl HttpProxy {
                     if out.len() >= READ_CHUNK {
                         write_within(&mut client.stream, &out, pool.response_timeout)
                             .await
-                            .map_err(|_| Failure::Abort)?;
+                            .map_err(|e| client_failed(trace, &e))?;
                         trace.bytes += out.len() as u64;
                         out.clear();
                     }
                 }
                 // The end of a compressed stream goes before any trailers.
-                finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder).map_err(|_| cut)?;
+                finish_encoder(&mut out, framing == Framing::Chunked, &mut encoder).map_err(|_| {
+                    trace.end = End::ProxyError;
+                    cut
+                })?;
                 if framing == Framing::Chunked {
                     h1::encode_last_chunk(&mut out, &trailers);
                 }
             }
             write_pair_within(&mut client.stream, &out, &[], pool.response_timeout, close)
                 .await
-                .map_err(|_| Failure::Abort)?;
+                .map_err(|e| client_failed(trace, &e))?;
             trace.bytes += out.len() as u64;
             Ok(())
         }
         .await;
-        pool.report_body(
-            &state,
-            parts.status.as_u16(),
-            backend_failed && !client_left(&client.stream),
-        );
+        // A body its backend failed after the client left is the client's end, and not held
+        // against the backend.
+        let backend_failed = backend_failed && !client_left(&client.stream);
+        if trace.end.is_backends() && !backend_failed {
+            trace.end = End::ClientGone;
+        }
+        pool.report_body(&state, parts.status.as_u16(), backend_failed);
         relayed?;
         drop(guard);
         Ok(if close { Next::Close } else { Next::KeepAlive })
@@ -2497,6 +2540,7 @@ async fn send_request(
                     then_close: false,
                 },
                 &mut None,
+                &mut 0,
             ))
             .await;
             match sent {
@@ -2671,6 +2715,36 @@ impl BodyError {
             self,
             BodyError::Read(_) | BodyError::Malformed | BodyError::Timeout
         )
+    }
+
+    /// How a response whose body failed so ended, for the access log.
+    fn end(&self) -> End {
+        match self {
+            BodyError::Read(_) | BodyError::Malformed => End::BackendCut,
+            BodyError::Timeout => End::BackendTimeout,
+            BodyError::Write(error) => client_end(error),
+            BodyError::Stopped => End::Drained,
+            // A response body has no limit; the compressor is the proxy's own.
+            BodyError::TooLarge | BodyError::Compress(_) => End::ProxyError,
+        }
+    }
+}
+
+/// Records in `trace` how a response ended whose write to the client failed with `error`, and
+/// gives the failure that ends the exchange.
+fn client_failed(trace: &mut Trace, error: &io::Error) -> Failure {
+    trace.end = client_end(error);
+    Failure::Abort
+}
+
+/// How a response ended whose write to the client failed with `error`: a write that waited past
+/// its limit ([`write_within`]'s `TimedOut`) is a client that stopped reading, anything else one
+/// that went away.
+fn client_end(error: &io::Error) -> End {
+    if error.kind() == io::ErrorKind::TimedOut {
+        End::ClientStalled
+    } else {
+        End::ClientGone
     }
 }
 
@@ -2868,6 +2942,8 @@ struct Body<'a> {
 /// `input` says how the source delimits it, `output` how the destination gets it (`Chunked`
 /// re-chunks, `UntilClose` and `Length` write the bytes as they are). `out` first holds the
 /// head to send; it is sent together with the first body bytes, in one write when it all fits.
+/// `written` counts the bytes handed to `dst` as they go, so that a transfer that fails still
+/// says how much of it went out (the access log's `bytes` of a response cut short).
 async fn transfer_body(
     src: &mut Stream,
     buf: &mut BytesMut,
@@ -2875,6 +2951,7 @@ async fn transfer_body(
     out: &mut BytesMut,
     body: Body<'_>,
     encoder: &mut Option<compress::Encoder>,
+    written: &mut u64,
 ) -> Result<u64, BodyError> {
     let Body {
         input,
@@ -2889,7 +2966,6 @@ async fn transfer_body(
     // `out` holds (the head, at first).
     let direct = !chunked_out && encoder.is_none();
     let mut total = 0u64;
-    let mut written = 0u64;
     let mut decoder = ChunkedDecoder::default();
     let mut left = match input {
         Framing::Length(n) => n,
@@ -2901,7 +2977,7 @@ async fn transfer_body(
             Framing::Empty => true,
             Framing::Length(_) if direct => {
                 let take = (buf.len() as u64).min(left) as usize;
-                written += (out.len() + take) as u64;
+                *written += (out.len() + take) as u64;
                 write_pair_within(
                     dst,
                     out,
@@ -2921,7 +2997,7 @@ async fn transfer_body(
                 {
                     let moved = moved?;
                     counter.fetch_add(moved, Relaxed);
-                    written += moved;
+                    *written += moved;
                     left = 0;
                 }
                 left == 0
@@ -2934,7 +3010,7 @@ async fn transfer_body(
                 left == 0
             }
             Framing::UntilClose if direct => {
-                written += (out.len() + buf.len()) as u64;
+                *written += (out.len() + buf.len()) as u64;
                 write_pair_within(dst, out, buf, idle, false)
                     .await
                     .map_err(BodyError::Write)?;
@@ -2989,7 +3065,7 @@ async fn transfer_body(
                         h1::encode_chunk_size(out, left);
                     }
                     if let Some(moved) = splice_exact(from, to, left, idle, out).await {
-                        written += moved?;
+                        *written += moved?;
                         counter.fetch_add(left, Relaxed);
                         total += left;
                         decoder.skip_data(left);
@@ -3011,16 +3087,16 @@ async fn transfer_body(
                 h1::encode_last_chunk(out, &decoder.forwardable_trailers());
             }
             if !out.is_empty() {
-                written += out.len() as u64;
+                *written += out.len() as u64;
                 write_pair_within(dst, out, &[], idle, then_close)
                     .await
                     .map_err(BodyError::Write)?;
                 out.clear();
             }
-            return Ok(written);
+            return Ok(*written);
         }
         if !out.is_empty() {
-            written += out.len() as u64;
+            *written += out.len() as u64;
             write_within(dst, out, idle)
                 .await
                 .map_err(BodyError::Write)?;
@@ -3037,13 +3113,13 @@ async fn transfer_body(
                     h1::encode_last_chunk(out, &[]);
                 }
                 if !out.is_empty() {
-                    written += out.len() as u64;
+                    *written += out.len() as u64;
                     write_within(dst, out, idle)
                         .await
                         .map_err(BodyError::Write)?;
                     out.clear();
                 }
-                return Ok(written);
+                return Ok(*written);
             }
             Some(Ok(0)) => return Err(BodyError::Read(io::ErrorKind::UnexpectedEof.into())),
             Some(Ok(_)) => {}
