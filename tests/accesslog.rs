@@ -25,13 +25,20 @@ struct Logged {
 }
 
 impl Logged {
-    /// `global` goes into `[global]`, `pool_extra` into `[pools.p]`.
-    fn start(name: &str, backend: SocketAddr, global: &str, pool_extra: &str) -> Logged {
+    /// `global` goes into `[global]`, `listener_extra` into both listeners, `pool_extra` into
+    /// `[pools.p]`.
+    fn start(
+        name: &str,
+        backend: SocketAddr,
+        global: &str,
+        listener_extra: &str,
+        pool_extra: &str,
+    ) -> Logged {
         let json = fresh_log(&format!("end-{name}-json"));
         let clf = fresh_log(&format!("end-{name}-clf"));
         let listener = |name: &str, path: &PathBuf, format: &str| {
             format!(
-                "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\naccess_log = {{ path = \"{}\", format = \"{format}\" }}\n",
+                "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ndefault_pool = \"p\"\naccess_log = {{ path = \"{}\", format = \"{format}\" }}\n{listener_extra}\n",
                 path.display()
             )
         };
@@ -124,12 +131,12 @@ async fn cut_backend(cut: Cut) -> Backend {
         let answer = match cut {
             Cut::NoLastChunk => {
                 format!(
-                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3e8\r\n{}\r\n",
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n3e8\r\n{}\r\n",
                     "x".repeat(1000)
                 )
             }
             _ => format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n{}",
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100000\r\n\r\n{}",
                 "x".repeat(1000)
             ),
         };
@@ -151,9 +158,15 @@ async fn cut_backend(cut: Cut) -> Backend {
 /// An HTTP/1.1 GET of `/` through `proxy`, read until the proxy closes: the status and how many
 /// body bytes came.
 async fn h1_get(proxy: SocketAddr) -> (u16, usize) {
+    let (status, body, _) = h1_get_with(proxy, "").await;
+    (status, body)
+}
+
+/// [`h1_get`] with `extra` header lines (each ended by CRLF); the response head too.
+async fn h1_get_with(proxy: SocketAddr, extra: &str) -> (u16, usize, String) {
     let mut stream = TcpStream::connect(proxy).await.expect("connect");
     stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .write_all(format!("GET / HTTP/1.1\r\nHost: a\r\n{extra}\r\n").as_bytes())
         .await
         .expect("send");
     let mut got = Vec::new();
@@ -172,17 +185,24 @@ async fn h1_get(proxy: SocketAddr) -> (u16, usize) {
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .expect("a status line");
-    let body = text.find("\r\n\r\n").map_or(0, |i| got.len() - i - 4);
-    (status, body)
+    let end = text.find("\r\n\r\n").map_or(got.len(), |i| i + 4);
+    (status, got.len() - end, text[..end].to_ascii_lowercase())
 }
 
 /// An HTTP/2 GET of `/` through `proxy`: the status, the body bytes, and whether the body ended
 /// in an error (a reset) rather than cleanly.
 async fn h2_get(proxy: SocketAddr) -> (u16, usize, bool) {
+    h2_get_with(proxy, None).await
+}
+
+/// [`h2_get`] with an `accept-encoding` field.
+async fn h2_get_with(proxy: SocketAddr, accept_encoding: Option<&str>) -> (u16, usize, bool) {
     let mut sender = h2_connect(proxy).await;
-    let request = http::Request::get(format!("http://{proxy}/"))
-        .body(())
-        .expect("request");
+    let mut request = http::Request::get(format!("http://{proxy}/"));
+    if let Some(coding) = accept_encoding {
+        request = request.header("accept-encoding", coding);
+    }
+    let request = request.body(()).expect("request");
     let (response, _) = sender.send_request(request, true).expect("send");
     let response = tokio::time::timeout(PATIENCE, response)
         .await
@@ -211,7 +231,7 @@ async fn h2_get(proxy: SocketAddr) -> (u16, usize, bool) {
 #[tokio::test]
 async fn a_complete_exchange_has_no_end() {
     let backend = http_backend("a").await;
-    let logged = Logged::start("complete", backend.addr, "", "");
+    let logged = Logged::start("complete", backend.addr, "", "", "");
     let [json, clf] = logged.addrs();
     let mut count = 0;
     for addr in [json, clf] {
@@ -247,7 +267,7 @@ async fn a_body_the_backend_cuts_is_backend_cut_for_both_kinds_of_client() {
         ("chunks", Cut::NoLastChunk),
     ] {
         let backend = cut_backend(cut).await;
-        let logged = Logged::start(&format!("cut-{name}"), backend.addr, "", "");
+        let logged = Logged::start(&format!("cut-{name}"), backend.addr, "", "", "");
         for addr in logged.addrs() {
             let (status, body) = h1_get(addr).await;
             assert_eq!(status, 200);
@@ -266,9 +286,38 @@ async fn a_body_the_backend_cuts_is_backend_cut_for_both_kinds_of_client() {
 }
 
 #[tokio::test]
+async fn a_compressed_body_the_backend_cuts_is_backend_cut_for_both_kinds_of_client() {
+    let backend = cut_backend(Cut::Close).await;
+    let logged = Logged::start(
+        "cut-gzip",
+        backend.addr,
+        "",
+        "compression = { algorithms = [\"gzip\"] }",
+        "",
+    );
+    for addr in logged.addrs() {
+        let (status, _, head) = h1_get_with(addr, "Accept-Encoding: gzip\r\n").await;
+        assert_eq!(status, 200);
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+    }
+    logged.expect(1, 200, End::BackendCut).await;
+    for addr in logged.addrs() {
+        let (status, _, failed) = h2_get_with(addr, Some("gzip")).await;
+        assert_eq!((status, failed), (200, true));
+    }
+    logged.expect(2, 200, End::BackendCut).await;
+}
+
+#[tokio::test]
 async fn a_body_the_backend_stalls_is_backend_timeout_for_both_kinds_of_client() {
     let backend = cut_backend(Cut::Stall).await;
-    let logged = Logged::start("timeout", backend.addr, "", "response_timeout = \"200ms\"");
+    let logged = Logged::start(
+        "timeout",
+        backend.addr,
+        "",
+        "",
+        "response_timeout = \"200ms\"",
+    );
     for addr in logged.addrs() {
         assert_eq!(h1_get(addr).await.0, 200);
     }
@@ -319,7 +368,13 @@ async fn h2_resetting_backend(go: Arc<Notify>) -> Backend {
 async fn an_http2_backend_resetting_its_stream_mid_body_is_backend_cut() {
     let go = Arc::new(Notify::new());
     let backend = h2_resetting_backend(Arc::clone(&go)).await;
-    let logged = Logged::start("h2-reset", backend.addr, "", "upstream_protocol = \"h2\"");
+    let logged = Logged::start(
+        "h2-reset",
+        backend.addr,
+        "",
+        "",
+        "upstream_protocol = \"h2\"",
+    );
     for addr in logged.addrs() {
         let mut client = HttpClient::connect(addr).await;
         client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
@@ -371,7 +426,7 @@ async fn an_http2_backend_resetting_its_stream_mid_body_is_backend_cut() {
 #[tokio::test]
 async fn a_client_that_leaves_mid_body_is_client_gone() {
     let (backend, _) = huge_answer_backend().await;
-    let logged = Logged::start("gone", backend.addr, "", "");
+    let logged = Logged::start("gone", backend.addr, "", "", "");
     for addr in logged.addrs() {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream
@@ -408,7 +463,7 @@ async fn a_client_gone_before_the_head_is_a_499_client_gone() {
         let _ = stream.read_to_end(&mut sink).await;
     })
     .await;
-    let logged = Logged::start("499", silent.addr, "", "");
+    let logged = Logged::start("499", silent.addr, "", "", "");
     for addr in logged.addrs() {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream
@@ -424,7 +479,13 @@ async fn a_client_gone_before_the_head_is_a_499_client_gone() {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_client_stalled() {
     let (backend, finished) = huge_answer_backend().await;
-    let logged = Logged::start("stalled", backend.addr, "", "response_timeout = \"300ms\"");
+    let logged = Logged::start(
+        "stalled",
+        backend.addr,
+        "",
+        "",
+        "response_timeout = \"300ms\"",
+    );
     let mut held = Vec::new();
     for addr in logged.addrs() {
         finished.store(false, Ordering::SeqCst);
@@ -470,6 +531,7 @@ async fn a_body_the_drain_deadline_cuts_is_drained() {
             backend.addr,
             "drain_timeout = \"200ms\"",
             "",
+            "",
         );
         let mut bodies = Vec::new();
         let mut h1 = Vec::new();
@@ -500,4 +562,27 @@ async fn a_body_the_drain_deadline_cuts_is_drained() {
         logged.proxy.drained().await;
         logged.expect(1, 200, End::Drained).await;
     }
+}
+
+#[tokio::test]
+async fn an_http2_backend_stalling_mid_body_is_backend_timeout() {
+    // Never notified: the backend holds its stream after the first bytes.
+    let backend = h2_resetting_backend(Arc::new(Notify::new())).await;
+    let logged = Logged::start(
+        "h2-stall",
+        backend.addr,
+        "",
+        "",
+        "upstream_protocol = \"h2\"\nresponse_timeout = \"200ms\"",
+    );
+    for addr in logged.addrs() {
+        let (status, body) = h1_get(addr).await;
+        assert_eq!((status, body >= 1000), (200, true));
+    }
+    logged.expect(1, 200, End::BackendTimeout).await;
+    for addr in logged.addrs() {
+        let (status, _, failed) = h2_get(addr).await;
+        assert_eq!((status, failed), (200, true));
+    }
+    logged.expect(2, 200, End::BackendTimeout).await;
 }
