@@ -586,3 +586,55 @@ async fn an_http2_backend_stalling_mid_body_is_backend_timeout() {
     }
     logged.expect(2, 200, End::BackendTimeout).await;
 }
+
+#[tokio::test]
+async fn a_spliced_body_the_backend_cuts_logs_the_bytes_that_went_out() {
+    // 1,000 bytes with the head; once the client has them (the proxy is past the head, into
+    // the body, which it splices), 50,000 more, and a close short of the 100,000 announced.
+    let go = Arc::new(Notify::new());
+    let more = Arc::clone(&go);
+    let backend = Backend::start(move |mut stream| {
+        let more = Arc::clone(&more);
+        async move {
+            let mut buf = Vec::new();
+            if read_until(&mut stream, &mut buf, b"\r\n\r\n")
+                .await
+                .is_none()
+            {
+                return;
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n{}",
+                "x".repeat(1000)
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            more.notified().await;
+            let _ = stream.write_all(&[b'y'; 50_000]).await;
+        }
+    })
+    .await;
+    let logged = Logged::start("cut-spliced", backend.addr, "", "splice = true", "");
+    for addr in logged.addrs() {
+        let mut client = HttpClient::connect(addr).await;
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        let mut got = Vec::new();
+        while !got.ends_with(b"x") || got.len() < 1000 {
+            assert!(
+                tokio::time::timeout(PATIENCE, fill(&mut client.stream, &mut got))
+                    .await
+                    .expect("the head and the first bytes in time"),
+                "closed early"
+            );
+        }
+        go.notify_one();
+        while tokio::time::timeout(PATIENCE, fill(&mut client.stream, &mut got))
+            .await
+            .expect("the close in time")
+        {}
+        let body = got.len() - got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") - 4;
+        assert_eq!(body, 51_000);
+    }
+    logged.expect(1, 200, End::BackendCut).await;
+    let (json, _) = logged.last(1).await;
+    assert!(json["bytes"].as_u64().is_some_and(|b| b > 51_000), "{json}");
+}

@@ -2993,11 +2993,10 @@ async fn transfer_body(
                 if let Some(counter) = splice
                     && left >= SPLICE_MIN
                     && let (Stream::Plain(from), Stream::Plain(to)) = (&*src, &*dst)
-                    && let Some(moved) = splice_exact(from, to, left, idle, &[]).await
+                    && let Some(spliced) = splice_exact(from, to, left, idle, &[], written).await
                 {
-                    let moved = moved?;
-                    counter.fetch_add(moved, Relaxed);
-                    *written += moved;
+                    spliced?;
+                    counter.fetch_add(left, Relaxed);
                     left = 0;
                 }
                 left == 0
@@ -3064,8 +3063,8 @@ async fn transfer_body(
                     if chunked_out {
                         h1::encode_chunk_size(out, left);
                     }
-                    if let Some(moved) = splice_exact(from, to, left, idle, out).await {
-                        *written += moved?;
+                    if let Some(spliced) = splice_exact(from, to, left, idle, out, written).await {
+                        spliced?;
                         counter.fetch_add(left, Relaxed);
                         total += left;
                         decoder.skip_data(left);
@@ -3132,8 +3131,9 @@ async fn transfer_body(
 /// Moves exactly `len` body bytes from `src` to `dst` through a pipe, so that they never enter
 /// user space: for a 64 KiB response that saves the two copies a read/write pair makes, which
 /// were most of the proxy's own work per response. `prefix` (a chunk's size line, say) is written
-/// to `dst` first, once the first bytes are in the pipe. Returns the bytes written, prefix
-/// included. `None` when splicing cannot start (no pipe, or the kernel refuses these sockets):
+/// to `dst` first, once the first bytes are in the pipe. `written` counts the bytes written,
+/// prefix included, as they go (a splice that fails midway counts what it moved). `None` when
+/// splicing cannot start (no pipe, or the kernel refuses these sockets):
 /// nothing has moved, the prefix was not written, and the caller copies instead.
 ///
 /// The pipe is only filled when empty: a full pipe and a drained socket both answer `EAGAIN`,
@@ -3145,7 +3145,8 @@ async fn splice_exact(
     len: u64,
     idle: Duration,
     prefix: &[u8],
-) -> Option<Result<u64, BodyError>> {
+    written: &mut u64,
+) -> Option<Result<(), BodyError>> {
     let pipe = match crate::splice::Pipe::take() {
         Ok(pipe) => pipe,
         Err(error) => {
@@ -3190,13 +3191,19 @@ async fn splice_exact(
         {
             return Some(Err(BodyError::Write(error)));
         }
+        if first {
+            *written += prefix.len() as u64;
+        }
         first = false;
         left -= in_pipe as u64;
         while in_pipe > 0 {
             match dst.try_io(Interest::WRITABLE, || {
                 crate::splice::splice(out_of, dst.as_raw_fd(), in_pipe)
             }) {
-                Ok(n) => in_pipe -= n,
+                Ok(n) => {
+                    in_pipe -= n;
+                    *written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     match timeout(idle, dst.writable()).await {
                         Ok(Ok(())) => {}
@@ -3214,7 +3221,7 @@ async fn splice_exact(
         }
     }
     pipe.give_back();
-    Some(Ok(prefix.len() as u64 + len))
+    Some(Ok(()))
 }
 
 /// Writes all of `data` to a plain socket, each wait for room limited to `idle`.
