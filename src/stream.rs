@@ -207,6 +207,40 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// How long a closing client connection waits, at most, for its client to close too.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// How much a closing client connection reads and drops, at most, before closing anyway.
+pub const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes a client connection whose write side is already shut (the FIN follows the last
+/// answer) only once its client has closed too, reading and dropping what it still sends, for
+/// at most [`LINGER`] and [`LINGER_BYTES`]. A socket closed with unread bytes in it, or one that
+/// more arrive on after its close, answers them with a reset, and a reset makes the client's
+/// stack throw away what it has not read yet: the end of the last answer, often the whole of an
+/// answer given before a request's body was read (a 413, a 403). Clients read an answer while
+/// sending, or stop sending when it comes, so the wait is short unless the client is slow or
+/// hostile, which the bounds are for.
+pub async fn linger(tcp: &TcpStream) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut scratch = [0u8; 4096];
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        if !matches!(
+            tokio::time::timeout_at(deadline, tcp.readable()).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        match tcp.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// Bytes moved by [`tunnel`]: toward the backend, and back.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Moved {

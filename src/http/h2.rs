@@ -159,30 +159,17 @@ pub async fn serve(
     }
 }
 
-/// How long a finished HTTP/2 connection waits, at most, for its client to close.
-const LINGER: Duration = Duration::from_secs(2);
-
 /// Closes a finished HTTP/2 connection so that what was written last arrives: the write side is
-/// shut (a FIN after whatever is still queued), then what the client still sends is read and
-/// dropped until it closes too, up to [`LINGER`]. Clients keep sending as they read (window
-/// updates, ping acknowledgements); a socket closed at once answers the next such frame with a
-/// reset, and the kernel throws away the end of the last responses still in its send queue,
-/// responses the access log counts as complete.
+/// shut, then [`crate::stream::linger`] reads what the client still sends until it closes too.
+/// Clients keep sending as they read (window updates, ping acknowledgements); a socket closed
+/// at once answers the next such frame with a reset, and the kernel throws away the end of the
+/// last responses still in its send queue, responses the access log counts as complete.
 async fn linger(socket: socket2::Socket) {
     let _ = socket.shutdown(std::net::Shutdown::Write);
     let Ok(tcp) = tokio::net::TcpStream::from_std(socket.into()) else {
         return;
     };
-    let mut scratch = [0u8; 512];
-    let deadline = tokio::time::Instant::now() + LINGER;
-    while let Ok(Ok(())) = tokio::time::timeout_at(deadline, tcp.readable()).await {
-        match tcp.try_read(&mut scratch) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
+    crate::stream::linger(&tcp).await;
 }
 
 /// One stream counted in [`Activity::open`] while it lives.

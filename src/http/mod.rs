@@ -395,6 +395,10 @@ enum Next {
     KeepAlive,
     /// Close the connection.
     Close,
+    /// Close the connection once its client has closed too, or [`crate::stream::linger`]'s
+    /// bounds are reached: an answer went out (its write side is shut) while the request's
+    /// bytes may not all have been read.
+    Linger,
 }
 
 /// A request head that could not be read: the status it is answered with, and when it began to
@@ -705,6 +709,9 @@ impl HttpProxy {
                     );
                     let _ =
                         write_within(&mut client.stream, &answer, proxy.keepalive_timeout).await;
+                    // Bytes of the request may follow what could be read (a 400 for a head
+                    // broken early, a 408 for one slow to come).
+                    close_write(&mut client.stream).await;
                     // Counted and logged as NGINX and HAProxy do such requests: with what of
                     // the request line could be read, so that probes and smuggling attempts
                     // leave a trace.
@@ -725,7 +732,7 @@ impl HttpProxy {
                         user_agent: b"",
                     };
                     proxy.record(&finished, &trace, bad.began.elapsed());
-                    return;
+                    return crate::stream::linger(client.stream.tcp()).await;
                 }
             };
             // A reload that kept this listener takes effect from the next request on.
@@ -739,6 +746,7 @@ impl HttpProxy {
             match next {
                 Next::KeepAlive => {}
                 Next::Close => return,
+                Next::Linger => return crate::stream::linger(client.stream.tcp()).await,
             }
         }
     }
@@ -980,15 +988,18 @@ impl HttpProxy {
                 if close { Next::Close } else { Next::KeepAlive }
             }
         };
-        if graceful
-            && matches!(next, Next::Close)
-            && let Stream::Plain(stream) = &client.stream
-        {
+        let next = if graceful && matches!(next, Next::Close) {
             // The FIN goes out now, with the tail the last write held back for it (see
-            // `write_pair_within`), and ahead of the reset that the close sends instead when
-            // bytes the client sent are left unread (a body we answered without reading).
-            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
-        }
+            // `write_pair_within`); the close waits for what the client may still send.
+            close_write(&mut client.stream).await;
+            if has_body || !client.buf.is_empty() || bytes_waiting(client.stream.tcp()) {
+                Next::Linger
+            } else {
+                Next::Close
+            }
+        } else {
+            next
+        };
         let finished = Finished {
             request_id,
             client: client.source,
@@ -1004,7 +1015,7 @@ impl HttpProxy {
             user_agent: head.header("user-agent").unwrap_or_default(),
         };
         self.record(&finished, &trace, started.elapsed());
-        if matches!(next, Next::Close) {
+        if matches!(next, Next::Close | Next::Linger) {
             // The connection ends: its read buffer goes back to the thread's spares for the
             // next connection (a connection per request would otherwise allocate one, and
             // split a head off it, every time). The head refers into it, so it goes first.
@@ -2873,6 +2884,21 @@ async fn write_within(stream: &mut Stream, mut data: &[u8], limit: Duration) -> 
             io::ErrorKind::TimedOut,
             "the peer stopped reading",
         )),
+    }
+}
+
+/// Shuts a client connection's write side after its last answer: for TLS, a close_notify goes
+/// first (within [`crate::stream::LINGER`], as a client that does not read could hold it up).
+/// The FIN then follows the answer whatever the close does later (see
+/// [`crate::stream::linger`]).
+async fn close_write(stream: &mut Stream) {
+    match stream {
+        Stream::Plain(tcp) => {
+            let _ = socket2::SockRef::from(&*tcp).shutdown(std::net::Shutdown::Write);
+        }
+        Stream::Tls(_) => {
+            let _ = timeout(crate::stream::LINGER, stream.shutdown()).await;
+        }
     }
 }
 
