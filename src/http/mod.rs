@@ -780,11 +780,9 @@ impl HttpProxy {
                 deadline,
             )
             .err()?;
-        // Not taken. While shutting down, an idle connection closes; otherwise (the lot could
-        // not watch the socket) it goes on waiting in its task, never to be parked again.
-        if self.shutdown.is_cancelled() {
-            return None;
-        }
+        // Not taken (the lot is closed for the drain, or could not watch the socket): it goes
+        // on waiting in its task, never to be parked again. While shutting down, that wait is
+        // `REQUEST_GRACE` for a request that may be on its way, as for every idle connection.
         let stream = TcpStream::from_std(refused.stream).ok()?;
         let client = Client {
             stream: Stream::Plain(stream),
