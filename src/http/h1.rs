@@ -579,34 +579,42 @@ pub fn without_dot_segments(target: &str) -> Option<String> {
 }
 
 /// `path` with every `%XX` that stands for an unreserved character (letters, digits, `-`, `.`,
-/// `_`, `~`) replaced by it; `None` when there is none.
+/// `_`, `~`) replaced by it; `None` when there is none. A `%` that starts no escape is written
+/// `%25`, which it stands for: left bare, it could start one with the characters decoded after
+/// it (`%6%31` would become `%61`), which the router would take as text and a backend decode
+/// again. Everything else, UTF-8 included, is copied as it is.
 fn decode_unreserved(path: &str) -> Option<String> {
-    fn unreserved_at(bytes: &[u8], i: usize) -> Option<u8> {
+    fn escaped_at(bytes: &[u8], i: usize) -> Option<u8> {
         let hex = |b: u8| (b as char).to_digit(16);
         let (high, low) = (hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?);
-        let byte = u8::try_from(high * 16 + low).ok()?;
-        (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)).then_some(byte)
+        u8::try_from(high * 16 + low).ok()
     }
+    let unreserved = |byte: u8| byte.is_ascii_alphanumeric() || b"-._~".contains(&byte);
     let bytes = path.as_bytes();
-    let first = bytes
-        .iter()
-        .enumerate()
-        .position(|(i, &b)| b == b'%' && unreserved_at(bytes, i).is_some())?;
-    let mut out = String::with_capacity(path.len());
-    out.push_str(&path[..first]);
-    let mut i = first;
-    while i < bytes.len() {
-        match (bytes[i], unreserved_at(bytes, i)) {
-            (b'%', Some(byte)) => {
-                out.push(char::from(byte));
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(char::from(byte));
-                i += 1;
-            }
-        }
+    if !memchr::memchr_iter(b'%', bytes).any(|i| escaped_at(bytes, i).is_some_and(unreserved)) {
+        return None;
     }
+    let mut out = String::with_capacity(path.len() + 8);
+    // `%` and hex digits are ASCII: every index sliced at is a character boundary.
+    let mut copied = 0;
+    while let Some(at) = memchr::memchr(b'%', &bytes[copied..]).map(|at| copied + at) {
+        out.push_str(&path[copied..at]);
+        copied = match escaped_at(bytes, at) {
+            Some(byte) if unreserved(byte) => {
+                out.push(char::from(byte));
+                at + 3
+            }
+            Some(_) => {
+                out.push_str(&path[at..at + 3]);
+                at + 3
+            }
+            None => {
+                out.push_str("%25");
+                at + 1
+            }
+        };
+    }
+    out.push_str(&path[copied..]);
     Some(out)
 }
 
@@ -1958,9 +1966,30 @@ mod tests {
             ("/%61dmin/%7e?q=%61", Some("/admin/~?q=%61")),
             ("/a/%2F%25%20%c3%a9%4", None),
             ("/%2e%2E/%41", Some("/A")),
-            ("/%%41%", Some("/%A%")),
+            ("/%%41%", Some("/%25A%25")),
         ] {
             assert_eq!(without_dot_segments(target).as_deref(), clean, "{target}");
+        }
+    }
+
+    #[test]
+    fn normalising_makes_no_new_escape_and_keeps_other_text() {
+        for (target, clean) in [
+            // A stray `%` next to a decoded digit would read as an escape once more: the
+            // route would see `/%61dmin` and the backend `/admin`.
+            ("/%6%31dmin", Some("/%2561dmin")),
+            ("/%2%65%2%65/x", Some("/%252e%252e/x")),
+            ("/100%/%41", Some("/100%25/A")),
+            ("/100%", None),
+            // Text that is not an escape goes on as it came, UTF-8 included.
+            ("/caf\u{e9}/%41?q=\u{e9}", Some("/caf\u{e9}/A?q=\u{e9}")),
+            ("/\u{1f600}/%2e%2e/%7E", Some("/~")),
+        ] {
+            let once = without_dot_segments(target);
+            assert_eq!(once.as_deref(), clean, "{target}");
+            if let Some(once) = once {
+                assert_eq!(without_dot_segments(&once), None, "{target}");
+            }
         }
     }
 
