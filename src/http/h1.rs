@@ -1442,6 +1442,9 @@ impl<'a> RequestLine<'a> {
             target: "-",
             protocol: "-",
         };
+        // The parser skips empty lines before the request line (RFC 9112 section 2.2).
+        let start = buf.iter().position(|&b| !matches!(b, b'\r' | b'\n'));
+        let buf = &buf[start.unwrap_or(buf.len())..];
         let (line, ended) = match memchr::memchr(b'\n', buf) {
             Some(end) => (&buf[..end], true),
             None => (buf, false),
@@ -1568,6 +1571,12 @@ mod tests {
         assert_eq!(parts(b"GET /\xff HTTP/1.1\r\n"), ("GET", "-", "HTTP/1.1"));
         assert_eq!(parts(b"\x16\x03\x01\x02\x00"), ("-", "-", "-"));
         assert_eq!(parts(b""), ("-", "-", "-"));
+        // Empty lines before the request line are skipped, as the parser skips them.
+        assert_eq!(
+            parts(b"\r\n\r\nGET /a HTTP/1.1\r\nBad\r\n\r\n"),
+            ("GET", "/a", "HTTP/1.1")
+        );
+        assert_eq!(parts(b"\r\n"), ("-", "-", "-"));
     }
 
     #[test]
