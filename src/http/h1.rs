@@ -998,7 +998,13 @@ pub fn parse_response(buf: &mut BytesMut, head: bool) -> Result<Option<ResponseH
         return Err(HeadError::Malformed("status code outside 100-599"));
     }
     let minor_version = response.version.ok_or(HeadError::Malformed("no version"))?;
-    let reason = range_of(base, response.reason.unwrap_or("").as_bytes());
+    // For a line without a reason phrase, or with bytes other than ASCII in it, httparse gives a
+    // static "" rather than a part of the head: the phrase goes on empty, which is allowed (RFC
+    // 9112 section 4: clients ignore it).
+    let reason = response
+        .reason
+        .filter(|reason| !reason.is_empty())
+        .map_or(0..0, |reason| range_of(base, reason.as_bytes()));
     let headers = response.headers;
     let fields = framing_fields(base, headers, false)?;
     let framing = if head || (100..200).contains(&status) || status == 204 || status == 304 {
@@ -1816,6 +1822,31 @@ mod tests {
             parse_response(&mut BytesMut::from(text.as_bytes()), false).map(|_| ()),
             Err(HeadError::TooLarge)
         );
+    }
+
+    #[test]
+    fn a_status_line_without_a_readable_reason_goes_on_with_an_empty_one() {
+        for (line, reason) in [
+            (&b"HTTP/1.1 200\r\n"[..], &b""[..]),
+            (b"HTTP/1.1 200 \r\n", b""),
+            (b"HTTP/1.1 404 Not \xffound\r\n", b""),
+            (b"HTTP/1.1 201 Made it\r\n", b"Made it"),
+        ] {
+            let mut buf = BytesMut::from(line);
+            buf.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            let head = parse_response(&mut buf, false).unwrap().unwrap();
+            let mut out = BytesMut::new();
+            head.write_downstream(
+                &mut out,
+                head.framing,
+                Persistence::KeepAlive,
+                &[],
+                &[],
+                &[],
+            );
+            let status_line = out[..].split(|&b| b == b'\r').next().unwrap();
+            assert_eq!(status_line, [&line[..12], b" ", reason].concat());
+        }
     }
 
     #[test]
