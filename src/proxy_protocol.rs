@@ -112,11 +112,11 @@ pub fn parse(
     }
     let result = ppp::HeaderResult::parse(buf);
     if result.is_incomplete() {
-        // ppp reports a v1 line with missing fields as "incomplete"; once the line has ended,
-        // no further bytes can complete it.
-        if buf.starts_with(b"PROXY") && buf.windows(2).any(|w| w == b"\r\n") {
+        // ppp reports a v1 line with missing fields, or ended by a bare LF, as "incomplete";
+        // once the line has ended, no further bytes can complete it.
+        if buf.starts_with(b"PROXY") && buf.contains(&b'\n') {
             return Err(ProxyProtocolError::Malformed(
-                "v1 header line is missing fields".into(),
+                "v1 header line is missing fields or not ended by CRLF".into(),
             ));
         }
         return Ok(None);
@@ -306,6 +306,20 @@ mod tests {
             whole.extend_from_slice(b"data");
             let got = parse(&whole, ProxyProtocolVersions::V1).unwrap().unwrap();
             assert_eq!(got.leftover, b"data");
+        }
+    }
+
+    #[test]
+    fn a_v1_line_ended_by_a_bare_lf_is_refused_however_it_arrives() {
+        // The line has ended: no later byte can make it a header, so it is refused at once
+        // rather than waited on, whatever follows it in the same read.
+        let line = &b"PROXY TCP4 19_\nPO5 19_\n0.2. 19181"[..];
+        for end in 15..=line.len() {
+            assert!(
+                parse(&line[..end], ProxyProtocolVersions::Any).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&line[..end])
+            );
         }
     }
 
