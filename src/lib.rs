@@ -31,4 +31,27 @@ pub mod upgrade;
 pub mod watch;
 
 pub use config::Config;
+
+/// Entry points for the fuzz targets in `fuzz/` (a crate of their own) to parsers of outside
+/// input that are not otherwise part of the library's interface. Nothing else should use them:
+/// they may change with the code they wrap.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::IpAddr;
+
+    /// The admin API's reading of a `PUT .../weight` body.
+    pub fn admin_weight(body: &[u8]) -> Result<u32, String> {
+        crate::admin::parse_weight(body)
+    }
+
+    /// The admin API's decoding of a backend address in a URL path segment.
+    pub fn admin_path_segment(segment: &str) -> String {
+        crate::admin::percent_decode(segment)
+    }
+
+    /// The Forwarded field sent to backends, extending a trusted peer's `existing` one.
+    pub fn forwarded_field(existing: Option<&[u8]>, ip: IpAddr, tls: bool, host: &[u8]) -> Vec<u8> {
+        crate::http::forwarded_field(existing, ip, tls, host)
+    }
+}
 pub use server::{Server, ServerError};

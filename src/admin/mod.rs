@@ -841,7 +841,7 @@ fn not_json<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
 
 /// `{"weight": N}` or a bare `N`, with N from 1 to [`MAX_WEIGHT`]; else why not, in words an
 /// operator at a terminal can act on.
-fn parse_weight(body: &[u8]) -> Result<u32, String> {
+pub(crate) fn parse_weight(body: &[u8]) -> Result<u32, String> {
     let shape = || {
         format!("the body must be {{\"weight\": N}} (or a bare N) with N from 1 to {MAX_WEIGHT}")
     };
@@ -903,7 +903,7 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Full<By
 }
 
 /// `%XX` escapes decoded (an IPv6 backend address may arrive as `%5B::1%5D:80`).
-fn percent_decode(segment: &str) -> String {
+pub(crate) fn percent_decode(segment: &str) -> String {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
