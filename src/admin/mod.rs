@@ -910,6 +910,8 @@ pub(crate) fn percent_decode(segment: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && let Some(hex) = segment.get(i + 1..i + 3)
+            // `from_str_radix` would take a sign too: `%+1` is no escape.
+            && hex.bytes().all(|b| b.is_ascii_hexdigit())
             && let Ok(byte) = u8::from_str_radix(hex, 16)
         {
             out.push(byte);
@@ -984,6 +986,8 @@ mod tests {
         assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
         assert_eq!(percent_decode("10.0.0.1:80"), "10.0.0.1:80");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        // Two hex digits make an escape; a sign is not one.
+        assert_eq!(percent_decode("%+1%-0%+f"), "%+1%-0%+f");
     }
 
     #[test]
