@@ -21,6 +21,8 @@ pub const MAX_HEADER_LEN: usize = 1024;
 
 /// How a v1 (text) header starts.
 const V1_SIGNATURE: &[u8] = b"PROXY ";
+/// How a v2 (binary) header starts.
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header line, CRLF included (the specification's worst case, TCP6 with full
 /// addresses and ports).
 const V1_MAX_LEN: usize = 107;
@@ -98,6 +100,17 @@ pub fn parse(
     buf: &[u8],
     accept: ProxyProtocolVersions,
 ) -> Result<Option<Received>, ProxyProtocolError> {
+    // Bytes that start neither signature are no header however many follow; ppp calls some of
+    // them incomplete, some not, depending on where the read stopped.
+    let starts = |signature: &[u8]| {
+        let n = buf.len().min(signature.len());
+        buf[..n] == signature[..n]
+    };
+    if !starts(V1_SIGNATURE) && !starts(V2_SIGNATURE) {
+        return Err(ProxyProtocolError::Malformed(
+            "no PROXY protocol signature".into(),
+        ));
+    }
     // A v1 header is one line. ppp parses a line that has not ended yet as if it had, and a
     // line cut right after the space before its last port reads as an empty (invalid) port:
     // hand it only whole lines, so that where TCP splits the header does not matter.
@@ -321,6 +334,27 @@ mod tests {
                 String::from_utf8_lossy(&line[..end])
             );
         }
+    }
+
+    #[test]
+    fn bytes_that_start_no_signature_are_refused_at_once() {
+        let garbage = &b"P TCP6 200 2001P"[..];
+        for end in 2..=garbage.len() {
+            assert!(
+                parse(&garbage[..end], ProxyProtocolVersions::Any).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&garbage[..end])
+            );
+        }
+        // A start of either signature is waited on.
+        assert!(matches!(
+            parse(b"PRO", ProxyProtocolVersions::Any),
+            Ok(None)
+        ));
+        assert!(matches!(
+            parse(b"\r\n\r\n\0", ProxyProtocolVersions::Any),
+            Ok(None)
+        ));
     }
 
     #[test]
