@@ -123,6 +123,15 @@ pub fn parse(
         }
         return Ok(None);
     }
+    // ppp reads a line ended by a bare LF one way or another depending on what follows it.
+    if buf.starts_with(V1_SIGNATURE)
+        && let Some(lf) = memchr::memchr(b'\n', buf)
+        && buf[..lf].last() != Some(&b'\r')
+    {
+        return Err(ProxyProtocolError::Malformed(
+            "v1 header line not ended by CRLF".into(),
+        ));
+    }
     let result = ppp::HeaderResult::parse(buf);
     if result.is_incomplete() {
         // ppp reports a v1 line with missing fields, or ended by a bare LF, as "incomplete";
@@ -326,13 +335,17 @@ mod tests {
     fn a_v1_line_ended_by_a_bare_lf_is_refused_however_it_arrives() {
         // The line has ended: no later byte can make it a header, so it is refused at once
         // rather than waited on, whatever follows it in the same read.
-        let line = &b"PROXY TCP4 19_\nPO5 19_\n0.2. 19181"[..];
-        for end in 15..=line.len() {
-            assert!(
-                parse(&line[..end], ProxyProtocolVersions::Any).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(&line[..end])
-            );
+        for (line, ended) in [
+            (&b"PROXY TCP4 19_\nPO5 19_\n0.2. 19181"[..], 15),
+            (b"PROXY TCP6 2003::5 ::1 1961 0 \n3:\x19\n\x19\0\0", 31),
+        ] {
+            for end in ended..=line.len() {
+                assert!(
+                    parse(&line[..end], ProxyProtocolVersions::Any).is_err(),
+                    "{:?}",
+                    String::from_utf8_lossy(&line[..end])
+                );
+            }
         }
     }
 
