@@ -43,6 +43,10 @@ fn read(bytes: &[u8], cuts: &[usize], accept: ProxyProtocolVersions) -> Result<O
             Err(_) => return Err(()),
         }
     }
+    // The listener reads again, and refuses a header that has reached the cap.
+    if buf.len() >= MAX_HEADER_LEN {
+        return Err(());
+    }
     Ok(None)
 }
 
