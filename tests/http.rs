@@ -973,6 +973,24 @@ async fn early_hints_reach_http11_clients_before_the_response() {
     assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
 }
 
+/// A status line without a reason phrase (`HTTP/1.1 200`, which RFC 9112 allows), or with one
+/// that is not ASCII, is passed on with an empty phrase, connection after connection.
+#[tokio::test]
+async fn status_lines_without_a_readable_reason_phrase_pass() {
+    for canned in [
+        &b"HTTP/1.1 200\r\ncontent-length: 2\r\n\r\nok"[..],
+        b"HTTP/1.1 200 \xc3\xa9t\xc3\xa9\r\ncontent-length: 2\r\n\r\nok",
+    ] {
+        let backend = canned_backend(canned).await;
+        let proxy = Proxy::start(&single_pool(&[backend.addr], "", ""));
+        let mut client = HttpClient::connect(proxy.addr("l7")).await;
+        for _ in 0..2 {
+            let reply = client.get("/", "").await;
+            assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_match_type_and_weighted_splits() {
     let names = [
