@@ -1081,7 +1081,7 @@ mod tests {
 
     /// A resolver on 127.0.0.1:0 that answers each of the first `n` queries it gets with
     /// `answer(query)`.
-    fn resolver(n: usize, answer: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
+    fn resolver(n: usize, answer: impl Fn(&[u8]) -> Vec<u8> + Send + 'static) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -1459,30 +1459,16 @@ mod tests {
         known: &'static [&'static str],
         failing: &'static [&'static str],
     ) -> SocketAddr {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let addr = socket.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0; 512];
-            for _ in 0..n {
-                let Ok((len, from)) = socket.recv_from(&mut buf) else {
-                    return;
-                };
-                let query = &buf[..len];
-                let is = |names: &[&str]| names.iter().any(|n| query[12..].starts_with(&name(n)));
-                let packet = if is(known) {
-                    knows(query)
-                } else if is(failing) {
-                    reply(query, 2, &[])
-                } else {
-                    reply(query, 3, &[])
-                };
-                let _ = socket.send_to(&packet, from);
+        resolver(n, move |query| {
+            let is = |names: &[&str]| names.iter().any(|n| query[12..].starts_with(&name(n)));
+            if is(known) {
+                knows(query)
+            } else if is(failing) {
+                reply(query, 2, &[])
+            } else {
+                reply(query, 3, &[])
             }
-        });
-        addr
+        })
     }
 
     #[test]
